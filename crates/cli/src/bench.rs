@@ -1,0 +1,161 @@
+//! `s3net bench fit` and `s3net bench deform`: medians after a warm-up, printed as JSON.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use s3net_eval::median;
+use s3net_imaging::{Image, ImageKind};
+use s3net_model::deform::{deform_conv2d, ConvGeometry};
+use s3net_model::DeviceSpec;
+use serde_json::json;
+use tch::{Kind, Tensor};
+
+use crate::fitargs::FitArgs;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Seconds per SGD step and per whole fit on a synthetic image.
+    Fit(FitBench),
+    /// Forward and forward+backward time of the deformable convolution.
+    Deform(DeformBench),
+}
+
+#[derive(Args, Debug)]
+pub struct FitBench {
+    /// Timed fits (after one warm-up fit).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Use an RGB image (default) or a grey one.
+    #[arg(long)]
+    pub grey: bool,
+    #[command(flatten)]
+    pub fit: FitArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DeformBench {
+    #[arg(long, default_value_t = 256)]
+    pub size: i64,
+    #[arg(long, default_value_t = 64)]
+    pub channels: i64,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Print only the JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Fit(b) => fit(b),
+        BenchCommand::Deform(b) => deform(b),
+    }
+}
+
+/// A deterministic test card: a dark disc with soft edges on a textured background.
+pub fn synthetic_image(size: u32, grey: bool) -> Image {
+    let c = if grey { 1 } else { 3 };
+    let n = (size * size) as usize;
+    let mut data = vec![0f32; n * c];
+    for y in 0..size {
+        for x in 0..size {
+            let (fx, fy) = (x as f32 / size as f32 - 0.5, y as f32 / size as f32 - 0.45);
+            let r = (fx * fx + fy * fy).sqrt();
+            let disc = 1.0 / (1.0 + ((r - 0.25) * 40.0).exp());
+            let tex = 0.05 * ((x as f32 * 0.3).sin() * (y as f32 * 0.2).cos());
+            for ch in 0..c {
+                let base = 0.8 - 0.1 * ch as f32;
+                data[ch * n + (y * size + x) as usize] = (base - 0.55 * disc + tex).clamp(0.0, 1.0);
+            }
+        }
+    }
+    Image { width: size, height: size, channels: c as u8, data, kind: if grey { ImageKind::Grey } else { ImageKind::Colour } }
+}
+
+fn fit(b: FitBench) -> Result<()> {
+    let mut opts = b.fit.options()?;
+    // Time every step: no early stop.
+    opts.min_labels = 0;
+    let device: DeviceSpec = b.fit.device()?;
+    let image = synthetic_image(opts.size as u32, b.grey);
+    let cancel = AtomicBool::new(false);
+    let mut per_iter = Vec::new();
+    let mut per_fit = Vec::new();
+    let mut dev_name = String::new();
+    for rep in 0..=b.repeats {
+        let t0 = Instant::now();
+        let r = s3net_model::segment(&image, &opts, device, &mut |_| {}, &cancel)?;
+        let secs = t0.elapsed().as_secs_f64();
+        dev_name = r.fit.device.clone();
+        if rep > 0 {
+            per_fit.push(secs);
+            per_iter.push(r.fit.fit_seconds / r.fit.iterations as f64);
+        }
+    }
+    let out = json!({
+        "device": dev_name,
+        "threads": tch::get_num_threads(),
+        "size": opts.size,
+        "features": opts.features,
+        "iterations": opts.iterations,
+        "preset": opts.preset,
+        "seconds_per_iteration_median": median(&per_iter),
+        "seconds_per_fit_median": median(&per_fit),
+        "fits_per_second": 1.0 / median(&per_fit),
+        "repeats": b.repeats,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn deform(b: DeformBench) -> Result<()> {
+    let dev = b.device.parse::<DeviceSpec>()?.resolve()?;
+    let (c, s) = (b.channels, b.size);
+    tch::manual_seed(0);
+    let o = (Kind::Float, dev);
+    let x = Tensor::randn([1, c, s, s], o).set_requires_grad(true);
+    let off = (Tensor::randn([1, 18, s, s], o) * 2.0).set_requires_grad(true);
+    let mask = Tensor::rand([1, 9, s, s], o).set_requires_grad(true);
+    let w = (Tensor::randn([c, c, 3, 3], o) * 0.05).set_requires_grad(true);
+    let bias = Tensor::zeros([c], o).set_requires_grad(true);
+    let sync = || {
+        if let tch::Device::Cuda(i) = dev {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut fwd = Vec::new();
+    let mut fb = Vec::new();
+    for rep in 0..=b.repeats {
+        sync();
+        let t0 = Instant::now();
+        let y = tch::no_grad(|| deform_conv2d(&x, &off, Some(&mask), &w, Some(&bias), ConvGeometry::same(3)))?;
+        sync();
+        let t_f = t0.elapsed().as_secs_f64() * 1e3;
+        drop(y);
+        let t1 = Instant::now();
+        let y = deform_conv2d(&x, &off, Some(&mask), &w, Some(&bias), ConvGeometry::same(3))?;
+        y.sum(Kind::Float).backward();
+        sync();
+        let t_fb = t1.elapsed().as_secs_f64() * 1e3;
+        if rep > 0 {
+            fwd.push(t_f);
+            fb.push(t_fb);
+        }
+    }
+    let out = json!({
+        "tensor_ops": { "forward_ms": median(&fwd), "forward_backward_ms": median(&fb) },
+        "device": format!("{dev:?}"),
+        "shape": { "input": [1, c, s, s], "kernel": [3, 3], "padding": 1 },
+        "threads": tch::get_num_threads(),
+        "repeats": b.repeats,
+    });
+    if !b.json {
+        eprintln!("deformable conv, medians of {} runs after a warm-up:", b.repeats);
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

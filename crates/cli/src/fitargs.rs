@@ -1,0 +1,112 @@
+//! Fit options shared by `segment`, `eval` and `bench`.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use s3net_imaging::Window;
+use s3net_model::options::{OffsetMode, SpatialLoss, Upsample};
+use s3net_model::{DeviceSpec, FitOptions, Preset};
+
+#[derive(Args, Debug, Clone)]
+pub struct FitArgs {
+    /// default | paper | reference
+    #[arg(long, default_value = "default")]
+    pub preset: String,
+    /// Maximum SGD steps.
+    #[arg(long)]
+    pub iterations: Option<usize>,
+    /// Early stop at this many labels (0 disables).
+    #[arg(long)]
+    pub min_labels: Option<usize>,
+    /// Side of the square grid the network runs on.
+    #[arg(long)]
+    pub size: Option<i64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// auto | cpu | cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Intensity window "CENTER,WIDTH" in the image's units (e.g. HU for CT).
+    #[arg(long, allow_hyphen_values = true)]
+    pub window: Option<String>,
+    /// Feature channels F (= clusters K).
+    #[arg(long)]
+    pub features: Option<i64>,
+    // Tuning knobs, hidden from --help's first screen but documented in the README.
+    #[arg(long, hide = true)]
+    pub lr: Option<f64>,
+    #[arg(long, hide = true)]
+    pub blocks: Option<usize>,
+    #[arg(long, hide = true)]
+    pub w_ce: Option<f64>,
+    #[arg(long, hide = true)]
+    pub w_affine: Option<f64>,
+    #[arg(long, hide = true)]
+    pub w_spatial: Option<f64>,
+    /// sobel | continuity
+    #[arg(long, hide = true)]
+    pub spatial: Option<String>,
+    #[arg(long, hide = true)]
+    pub grey_channels: Option<i64>,
+    /// logits | nearest
+    #[arg(long, hide = true)]
+    pub upsample: Option<String>,
+    /// predicted | free
+    #[arg(long, hide = true)]
+    pub offsets: Option<String>,
+    #[arg(long, hide = true)]
+    pub rot90: bool,
+}
+
+impl FitArgs {
+    /// The options of the preset with every given flag applied, validated.
+    pub fn options(&self) -> Result<FitOptions> {
+        let preset: Preset = self.preset.parse()?;
+        let mut o = FitOptions::preset(preset);
+        if let Some(v) = self.iterations { o.iterations = v; }
+        if let Some(v) = self.min_labels { o.min_labels = v; }
+        if let Some(v) = self.size { o.size = v; }
+        if let Some(v) = self.seed { o.seed = v; }
+        if let Some(v) = self.features { o.features = v; }
+        if let Some(v) = self.lr { o.lr = v; }
+        if let Some(v) = self.blocks { o.blocks = v; }
+        if let Some(v) = self.w_ce { o.weights.ce = v; }
+        if let Some(v) = self.w_affine { o.weights.affine = v; }
+        if let Some(v) = self.w_spatial { o.weights.spatial = v; }
+        if let Some(v) = self.grey_channels { o.grey_channels = v; }
+        if self.rot90 { o.affine.rot90 = true; }
+        if let Some(s) = &self.spatial {
+            o.spatial = match s.as_str() {
+                "sobel" => SpatialLoss::Sobel,
+                "continuity" => SpatialLoss::Continuity,
+                _ => anyhow::bail!("unknown --spatial '{s}': expected sobel or continuity"),
+            };
+        }
+        if let Some(s) = &self.upsample {
+            o.upsample = match s.as_str() {
+                "logits" => Upsample::Logits,
+                "nearest" => Upsample::Nearest,
+                _ => anyhow::bail!("unknown --upsample '{s}': expected logits or nearest"),
+            };
+        }
+        if let Some(s) = &self.offsets {
+            o.offsets = match s.as_str() {
+                "predicted" => OffsetMode::Predicted,
+                "free" => OffsetMode::Free,
+                _ => anyhow::bail!("unknown --offsets '{s}': expected predicted or free"),
+            };
+        }
+        o.validate()?;
+        Ok(o)
+    }
+
+    pub fn device(&self) -> Result<DeviceSpec> {
+        Ok(self.device.parse()?)
+    }
+
+    pub fn window(&self) -> Result<Option<Window>> {
+        self.window
+            .as_deref()
+            .map(|s| s.parse::<Window>().with_context(|| format!("bad --window '{s}' (expected CENTER,WIDTH, e.g. -600,1500)")))
+            .transpose()
+    }
+}

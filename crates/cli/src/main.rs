@@ -1,0 +1,45 @@
+//! `s3net`: segment images, evaluate against ground truth, benchmark.
+
+mod bench;
+mod eval;
+mod fitargs;
+mod segment;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "s3net", version, about = "Label-free segmentation of 2D medical images (S3-Net, per-image self-supervised fit)")]
+struct Cli {
+    /// libtorch CPU threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fit each image and write STEM.labels.png, STEM.mask.png and STEM.json.
+    Segment(segment::SegmentArgs),
+    /// Fit every image of a folder and score it against ground-truth masks.
+    Eval(eval::EvalArgs),
+    /// Timing benchmarks (per-iteration fit time, deformable-conv op).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        tch::set_num_threads(t.max(1));
+    }
+    let result = match cli.command {
+        Command::Segment(a) => segment::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,121 @@
+//! `s3net segment IMAGE... --out DIR`
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use s3net_imaging::{encode_labels_png, encode_mask_png, DecodeOptions, Image, Window};
+use s3net_model::{DeviceSpec, FitOptions, Progress, Segmentation};
+use serde_json::json;
+
+use crate::fitargs::FitArgs;
+
+#[derive(Args, Debug)]
+pub struct SegmentArgs {
+    /// Image files (PNG, JPEG, BMP, TIFF, DICOM; the format is read from the bytes).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Output folder (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub fit: FitArgs,
+}
+
+/// Reads and decodes an image file, with the path in every error.
+pub fn load_image(path: &Path, window: Option<Window>) -> Result<Image> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    s3net_imaging::load(&bytes, &DecodeOptions::default(), window).with_context(|| format!("cannot decode {}", path.display()))
+}
+
+/// A one-line progress display on stderr, only when stderr is a terminal.
+pub fn progress_printer(name: String) -> impl FnMut(&Progress) {
+    let tty = std::io::stderr().is_terminal();
+    move |p: &Progress| {
+        if tty {
+            let width = 30;
+            let done = p.iteration * width / p.max_iterations.max(1);
+            eprint!(
+                "\r{name} [{}{}] {}/{} labels {:>2} loss {:.3} ",
+                "#".repeat(done),
+                " ".repeat(width - done),
+                p.iteration,
+                p.max_iterations,
+                p.labels,
+                p.losses.total
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+/// Fits one image with progress display.
+pub fn segment_one(image: &Image, opts: &FitOptions, device: DeviceSpec, name: &str) -> Result<Segmentation> {
+    let cancel = AtomicBool::new(false);
+    let mut show = progress_printer(name.to_string());
+    let r = s3net_model::segment(image, opts, device, &mut show, &cancel);
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    Ok(r?)
+}
+
+pub fn run(a: SegmentArgs) -> Result<()> {
+    let opts = a.fit.options()?;
+    let device = a.fit.device()?;
+    let window = a.fit.window()?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    let mut failures = 0;
+    for path in &a.images {
+        match segment_file(path, &a.out, &opts, device, window) {
+            Ok(summary) => println!("{summary}"),
+            Err(e) => {
+                failures += 1;
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} of {} image(s) failed", a.images.len());
+    }
+    Ok(())
+}
+
+fn segment_file(path: &Path, out: &Path, opts: &FitOptions, device: DeviceSpec, window: Option<Window>) -> Result<String> {
+    let image = load_image(path, window)?;
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let seg = segment_one(&image, opts, device, &stem).with_context(|| format!("fit failed for {}", path.display()))?;
+    write_outputs(out, &stem, &image, &seg, opts)?;
+    Ok(format!(
+        "{}: {} labels, {} iterations, {:.2} s on {}",
+        path.display(),
+        seg.fit.n_labels,
+        seg.fit.iterations,
+        seg.fit.fit_seconds,
+        seg.fit.device
+    ))
+}
+
+/// Writes STEM.labels.png, STEM.mask.png and STEM.json.
+pub fn write_outputs(out: &Path, stem: &str, image: &Image, seg: &Segmentation, opts: &FitOptions) -> Result<()> {
+    let write = |name: String, bytes: &[u8]| {
+        let p = out.join(name);
+        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
+    };
+    write(format!("{stem}.labels.png"), &encode_labels_png(&seg.fit.labels))?;
+    write(format!("{stem}.mask.png"), &encode_mask_png(image.width, image.height, &seg.mask))?;
+    let report = json!({
+        "width": image.width,
+        "height": image.height,
+        "labels_used": seg.fit.n_labels,
+        "iterations": seg.fit.iterations,
+        "losses": seg.fit.losses,
+        "fit_seconds": seg.fit.fit_seconds,
+        "device": seg.fit.device,
+        "foreground_fraction": seg.mask.iter().filter(|&&m| m).count() as f64 / seg.mask.len().max(1) as f64,
+        "options": opts,
+    });
+    write(format!("{stem}.json"), serde_json::to_string_pretty(&report)?.as_bytes())
+}

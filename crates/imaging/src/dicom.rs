@@ -1,0 +1,352 @@
+//! DICOM Part 10 through `dicom-object` (parsing) and `dicom-pixeldata` (codecs).
+//!
+//! The crates are used only to parse the data set and to turn (possibly
+//! compressed) pixel data into raw native-endian samples; the interpretation of
+//! those samples (bits stored, sign, rescale, MONOCHROME1, colour layout) is done
+//! here, so that every case is checked and errors stay free of element values.
+
+use dicom_core::header::HasLength;
+use dicom_core::value::Value;
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::file::ReadPreamble;
+use dicom_object::{DefaultDicomObject, OpenFileOptions, ReadError};
+use dicom_pixeldata::{
+    PhotometricInterpretation, PixelDecoder, PixelRepresentation, PlanarConfiguration,
+};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+use crate::dicom_guard;
+use crate::{
+    check_dims, DecodeOptions, Decoded, DicomInfo, Format, ImageKind, ImagingError, Window,
+};
+
+const F: Format = Format::Dicom;
+
+fn malformed(reason: &str) -> ImagingError {
+    ImagingError::Malformed {
+        format: F,
+        reason: reason.to_string(),
+    }
+}
+
+fn unsupported(reason: String) -> ImagingError {
+    ImagingError::Unsupported { format: F, reason }
+}
+
+/// Keeps a UID only if it looks like one (digits and dots), so that nothing else
+/// from the file can reach a message.
+fn clean_uid(uid: &str) -> String {
+    let uid = uid.trim_end_matches(['\0', ' ']);
+    if !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        uid.to_string()
+    } else {
+        "(malformed UID)".to_string()
+    }
+}
+
+pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
+    let body = bytes
+        .get(128..)
+        .ok_or_else(|| malformed("shorter than the 128-byte preamble"))?;
+    dicom_guard::check_element_lengths(body)?;
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .from_reader(body)
+        .map_err(read_error)?;
+
+    let ts_uid = clean_uid(obj.meta().transfer_syntax());
+    let Some(pixel_element) = obj.element_opt(tags::PIXEL_DATA).ok().flatten() else {
+        return Err(ImagingError::NoPixelData);
+    };
+
+    let rows = required_u32(&obj, tags::ROWS, "Rows")?;
+    let cols = required_u32(&obj, tags::COLUMNS, "Columns")?;
+    check_dims(u64::from(cols), u64::from(rows), &opts.limits)?;
+    let frames = optional_u32(&obj, tags::NUMBER_OF_FRAMES)?
+        .unwrap_or(1)
+        .max(1);
+    if opts.frame >= frames {
+        return Err(ImagingError::FrameOutOfRange {
+            frame: opts.frame,
+            frames,
+        });
+    }
+    match TransferSyntaxRegistry.get(&ts_uid) {
+        Some(ts) if ts.can_decode_all() => {}
+        Some(ts) => {
+            return Err(ImagingError::UnsupportedTransferSyntax {
+                uid: ts_uid,
+                name: ts.name().to_string(),
+            })
+        }
+        None => {
+            return Err(ImagingError::UnsupportedTransferSyntax {
+                uid: ts_uid,
+                name: "unknown transfer syntax".into(),
+            })
+        }
+    }
+    if let Value::PixelSequence(seq) = pixel_element.value() {
+        dicom_guard::check_jpeg_fragments(seq.fragments(), rows, cols)?;
+    }
+    let (slope, intercept) = rescale(&obj)?;
+    let file_window = file_window(&obj);
+    let modality = obj
+        .element_opt(tags::MODALITY)
+        .ok()
+        .flatten()
+        .and_then(|e| {
+            e.to_str()
+                .ok()
+                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+        })
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 16
+                && s.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_' || b == b' ')
+        });
+
+    let pixels = obj.decode_pixel_data_frame(opts.frame).map_err(|_| {
+        malformed("the pixel data could not be decoded (corrupt, truncated or inconsistent with the image attributes)")
+    })?;
+
+    let (w, h) = (pixels.columns(), pixels.rows());
+    if (w, h) != (cols, rows) {
+        return Err(malformed("decoded pixel data does not match Rows/Columns"));
+    }
+    let spp = pixels.samples_per_pixel();
+    let bits_allocated = pixels.bits_allocated();
+    let bits_stored = pixels.bits_stored();
+    let high_bit = pixels.high_bit();
+    let signed = pixels.pixel_representation() == PixelRepresentation::Signed;
+    let planar = pixels.planar_configuration() == PlanarConfiguration::PixelFirst;
+    let pi = pixels.photometric_interpretation().clone();
+
+    let file_pi = match obj
+        .element_opt(tags::PHOTOMETRIC_INTERPRETATION)
+        .ok()
+        .flatten()
+        .and_then(|e| {
+            e.to_str()
+                .ok()
+                .map(|s| PhotometricInterpretation::from(s.trim_end_matches(['\0', ' '])))
+        }) {
+        Some(PhotometricInterpretation::Other(_)) | None => "unrecognised".to_string(),
+        Some(p) => p.as_str().to_string(),
+    };
+
+    // Sample layout.
+    let (bytes_per_sample, eff_bits, shift) = match bits_allocated {
+        // 1-bit data arrives expanded to one byte per pixel, 0 or 255.
+        1 => (1usize, 8u16, 0u16),
+        8 | 16 | 32 => {
+            if bits_stored == 0
+                || bits_stored > bits_allocated
+                || high_bit >= bits_allocated
+                || high_bit + 1 < bits_stored
+            {
+                return Err(malformed(
+                    "Bits Stored / High Bit are inconsistent with Bits Allocated",
+                ));
+            }
+            (
+                usize::from(bits_allocated / 8),
+                bits_stored,
+                high_bit + 1 - bits_stored,
+            )
+        }
+        other => {
+            return Err(unsupported(format!(
+                "Bits Allocated of {other} is not supported (1, 8, 16 or 32)"
+            )))
+        }
+    };
+    let channels: u8 = match (&pi, spp) {
+        (PhotometricInterpretation::Monochrome1 | PhotometricInterpretation::Monochrome2, 1) => 1,
+        (PhotometricInterpretation::Rgb | PhotometricInterpretation::YbrFull, 3) => 3,
+        (PhotometricInterpretation::Other(_), _) => {
+            return Err(unsupported(
+                "the photometric interpretation is not recognised".into(),
+            ))
+        }
+        (p, s) => {
+            return Err(unsupported(format!(
+                "photometric interpretation {} with {s} sample(s) per pixel is not supported \
+                 (supported: MONOCHROME1, MONOCHROME2, RGB, YBR_FULL)",
+                p.as_str()
+            )))
+        }
+    };
+
+    let px = w as usize * h as usize;
+    let n = px * usize::from(channels);
+    let raw = pixels.frame_data(0).map_err(|_| {
+        malformed("the pixel data is shorter than Rows × Columns × Samples per Pixel")
+    })?;
+    if raw.len() < n * bytes_per_sample {
+        return Err(malformed(
+            "the pixel data is shorter than Rows × Columns × Samples per Pixel",
+        ));
+    }
+    let read = |i: usize| -> f64 {
+        let o = i * bytes_per_sample;
+        let v: u32 = match bytes_per_sample {
+            1 => u32::from(raw[o]),
+            2 => u32::from(u16::from_ne_bytes([raw[o], raw[o + 1]])),
+            _ => u32::from_ne_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]),
+        };
+        let v = v >> shift;
+        let mask = if eff_bits >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << eff_bits) - 1
+        };
+        let v = v & mask;
+        if signed && (v >> (eff_bits - 1)) & 1 == 1 {
+            f64::from(v) - 2f64.powi(i32::from(eff_bits))
+        } else {
+            f64::from(v)
+        }
+    };
+
+    let mut window = None;
+    let samples: Vec<f32> = if channels == 1 {
+        let mut s: Vec<f32> = (0..px)
+            .map(|i| (read(i) * slope + intercept) as f32)
+            .collect();
+        window = file_window;
+        if pi == PhotometricInterpretation::Monochrome1 {
+            // Invert within the frame's own range, so values stay in the same units'
+            // span and higher means brighter, like every other image.
+            let (mn, mx) = s
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
+            if mn.is_finite() {
+                let sum = f64::from(mn) + f64::from(mx);
+                for v in &mut s {
+                    *v = (sum - f64::from(*v)) as f32;
+                }
+                window = window.map(|w| Window {
+                    center: sum - w.center,
+                    width: w.width,
+                });
+            }
+        }
+        s
+    } else {
+        let mut out = vec![0.0f32; n];
+        for i in 0..px {
+            let mut rgb = [0.0f64; 3];
+            for (c, value) in rgb.iter_mut().enumerate() {
+                *value = read(if planar { c * px + i } else { i * 3 + c });
+            }
+            if pi == PhotometricInterpretation::YbrFull {
+                rgb = ybr_full_to_rgb(rgb, eff_bits);
+            }
+            for c in 0..3 {
+                out[c * px + i] = rgb[c] as f32;
+            }
+        }
+        out
+    };
+
+    Ok(Decoded {
+        width: w,
+        height: h,
+        channels,
+        samples,
+        format: F,
+        bit_depth: if bits_allocated == 1 {
+            8
+        } else {
+            bits_allocated as u8
+        },
+        kind: if channels == 1 {
+            ImageKind::Grey
+        } else {
+            ImageKind::Colour
+        },
+        window,
+        dicom: Some(DicomInfo {
+            modality,
+            photometric: file_pi,
+            transfer_syntax: ts_uid,
+            frames,
+            bits_stored,
+        }),
+    })
+}
+
+/// YBR_FULL (JPEG-style full-range YCbCr) to RGB, clamped to the sample range.
+fn ybr_full_to_rgb([y, cb, cr]: [f64; 3], bits: u16) -> [f64; 3] {
+    let max = 2f64.powi(i32::from(bits)) - 1.0;
+    let mid = (max + 1.0) / 2.0;
+    let (cb, cr) = (cb - mid, cr - mid);
+    let r = y + 1.402 * cr;
+    let g = y - 0.344136 * cb - 0.714136 * cr;
+    let b = y + 1.772 * cb;
+    [r.clamp(0.0, max), g.clamp(0.0, max), b.clamp(0.0, max)]
+}
+
+fn read_error(e: ReadError) -> ImagingError {
+    match e {
+        ReadError::ReadUnrecognizedTransferSyntax { uid, .. } => {
+            ImagingError::UnsupportedTransferSyntax {
+                uid: clean_uid(&uid),
+                name: "unknown transfer syntax".into(),
+            }
+        }
+        ReadError::ReadUnsupportedTransferSyntax { uid, name, .. }
+        | ReadError::ReadUnsupportedTransferSyntaxWithSuggestion { uid, name, .. } => {
+            ImagingError::UnsupportedTransferSyntax {
+                uid: clean_uid(uid),
+                name: name.to_string(),
+            }
+        }
+        _ => malformed("the DICOM data set could not be parsed (corrupt or truncated file)"),
+    }
+}
+
+fn optional_u32(obj: &DefaultDicomObject, tag: Tag) -> Result<Option<u32>, ImagingError> {
+    match obj.element_opt(tag).ok().flatten() {
+        None => Ok(None),
+        Some(e) if e.is_empty() => Ok(None),
+        Some(e) => e
+            .to_int::<u32>()
+            .map(Some)
+            .map_err(|_| malformed("an image attribute holds an invalid number")),
+    }
+}
+
+fn required_u32(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<u32, ImagingError> {
+    optional_u32(obj, tag)?
+        .ok_or_else(|| malformed(&format!("the required attribute {name} is missing")))
+}
+
+fn first_f64(obj: &DefaultDicomObject, tag: Tag) -> Option<f64> {
+    let e = obj.element_opt(tag).ok().flatten()?;
+    e.to_multi_float64().ok()?.first().copied()
+}
+
+fn rescale(obj: &DefaultDicomObject) -> Result<(f64, f64), ImagingError> {
+    let slope = first_f64(obj, tags::RESCALE_SLOPE).unwrap_or(1.0);
+    let intercept = first_f64(obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0);
+    if !slope.is_finite() || !intercept.is_finite() || slope == 0.0 {
+        return Err(malformed(
+            "Rescale Slope/Intercept are not finite numbers with a non-zero slope",
+        ));
+    }
+    Ok((slope, intercept))
+}
+
+fn file_window(obj: &DefaultDicomObject) -> Option<Window> {
+    let center = first_f64(obj, tags::WINDOW_CENTER)?;
+    let width = first_f64(obj, tags::WINDOW_WIDTH)?;
+    Window::new(center, width).ok()
+}

@@ -1,0 +1,127 @@
+//! PNG, JPEG, BMP and TIFF through the `image` crate.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
+
+use crate::{check_dims, Decoded, Format, ImageKind, ImagingError, Limits};
+
+pub(crate) fn decode_raster(
+    bytes: &[u8],
+    format: Format,
+    limits: &Limits,
+) -> Result<Decoded, ImagingError> {
+    let image_format = match format {
+        Format::Png => ImageFormat::Png,
+        Format::Jpeg => ImageFormat::Jpeg,
+        Format::Bmp => ImageFormat::Bmp,
+        Format::Tiff => ImageFormat::Tiff,
+        Format::Dicom => {
+            return Err(ImagingError::Unsupported {
+                format,
+                reason: "DICOM is not a raster format".into(),
+            })
+        }
+    };
+    // PNG: the IHDR sits at a fixed offset, so the size check costs nothing and
+    // happens before the decoder even starts.
+    if format == Format::Png {
+        if let Some((w, h)) = png_ihdr_size(bytes) {
+            check_dims(u64::from(w), u64::from(h), limits)?;
+        }
+    }
+
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), image_format);
+    let mut image_limits = image::Limits::default();
+    // Room for the largest allowed RGBA16 buffer plus decoder scratch space; the
+    // per-side and pixel-count limits are checked below with clearer messages.
+    image_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(image_limits);
+
+    // Creating the decoder reads only the header.
+    let decoder = reader.into_decoder().map_err(|e| image_error(e, format))?;
+    let (width, height) = decoder.dimensions();
+    check_dims(u64::from(width), u64::from(height), limits)?;
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(e, format))?;
+
+    let (w, h) = (width as usize, height as usize);
+    let (channels, bit_depth, samples) = match &img {
+        DynamicImage::ImageLuma8(b) => (1, 8, planar(b.as_raw(), 1, w, h)),
+        DynamicImage::ImageLumaA8(b) => (1, 8, planar(b.as_raw(), 2, w, h)),
+        DynamicImage::ImageRgb8(b) => (3, 8, planar(b.as_raw(), 3, w, h)),
+        DynamicImage::ImageRgba8(b) => (3, 8, planar(b.as_raw(), 4, w, h)),
+        DynamicImage::ImageLuma16(b) => (1, 16, planar(b.as_raw(), 1, w, h)),
+        DynamicImage::ImageLumaA16(b) => (1, 16, planar(b.as_raw(), 2, w, h)),
+        DynamicImage::ImageRgb16(b) => (3, 16, planar(b.as_raw(), 3, w, h)),
+        DynamicImage::ImageRgba16(b) => (3, 16, planar(b.as_raw(), 4, w, h)),
+        DynamicImage::ImageRgb32F(b) => (3, 32, planar(b.as_raw(), 3, w, h)),
+        DynamicImage::ImageRgba32F(b) => (3, 32, planar(b.as_raw(), 4, w, h)),
+        other => (3, 16, planar(other.to_rgb16().as_raw(), 3, w, h)),
+    };
+    if samples.len() != channels as usize * w * h {
+        return Err(ImagingError::Malformed {
+            format,
+            reason: "the decoder returned fewer pixels than the header announced".into(),
+        });
+    }
+    Ok(Decoded {
+        width,
+        height,
+        channels,
+        samples,
+        format,
+        bit_depth,
+        kind: if channels == 1 {
+            ImageKind::Grey
+        } else {
+            ImageKind::Colour
+        },
+        window: None,
+        dicom: None,
+    })
+}
+
+/// Interleaved pixels with `n_in` channels → planar with 1 (from grey, grey+alpha)
+/// or 3 (from RGB, RGBA) channels; alpha is dropped.
+fn planar<T: Copy + Into<f32>>(raw: &[T], n_in: usize, w: usize, h: usize) -> Vec<f32> {
+    let n_out = if n_in >= 3 { 3 } else { 1 };
+    let px = w * h;
+    if raw.len() < px * n_in {
+        return Vec::new();
+    }
+    let mut out = vec![0.0f32; px * n_out];
+    for (i, p) in raw.chunks_exact(n_in).take(px).enumerate() {
+        for c in 0..n_out {
+            out[c * px + i] = p[c].into();
+        }
+    }
+    out
+}
+
+/// Width and height from a PNG's IHDR chunk, if the data is long enough to hold it.
+fn png_ihdr_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    let ihdr = bytes.get(8..24)?;
+    if &ihdr[4..8] != b"IHDR" {
+        return None;
+    }
+    let w = u32::from_be_bytes([ihdr[8], ihdr[9], ihdr[10], ihdr[11]]);
+    let h = u32::from_be_bytes([ihdr[12], ihdr[13], ihdr[14], ihdr[15]]);
+    Some((w, h))
+}
+
+fn image_error(e: ImageError, format: Format) -> ImagingError {
+    match e {
+        ImageError::Limits(l) => ImagingError::Unsupported {
+            format,
+            reason: format!("decoding would need more memory than allowed ({l})"),
+        },
+        ImageError::Unsupported(u) => ImagingError::Unsupported {
+            format,
+            reason: u.to_string(),
+        },
+        other => ImagingError::Malformed {
+            format,
+            reason: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,49 @@
+//! The loss terms of the joint objective λ1·L_ce + λ2·L_at + λ3·L_s. Each is a pure function of
+//! tensors that keeps its gradient path (the authors' spatial term had none).
+
+use tch::{Kind, Reduction, Tensor};
+
+/// Label value ignored by the cross-entropy terms (pixels a transform moved outside the image).
+pub const IGNORE: i64 = -100;
+
+/// Cross-entropy of the response map `(N, K, H, W)` against its own argmax. Returns the loss and
+/// the (detached) argmax target `(N, H, W)`.
+pub fn self_ce(response: &Tensor) -> (Tensor, Tensor) {
+    let target = response.detach().argmax(1, false);
+    let loss = response.cross_entropy_loss(&target, None::<Tensor>, Reduction::Mean, IGNORE, 0.0);
+    (loss, target)
+}
+
+/// Cross-entropy of `logits` against `target`, ignoring [`IGNORE`] pixels. Zero if every pixel
+/// is ignored.
+pub fn masked_ce(logits: &Tensor, target: &Tensor) -> Tensor {
+    let valid = target.ne(IGNORE).sum(Kind::Int64);
+    if i64::try_from(&valid).unwrap_or(0) == 0 {
+        return logits.sum(Kind::Float) * 0.0;
+    }
+    logits.cross_entropy_loss(target, None::<Tensor>, Reduction::Mean, IGNORE, 0.0)
+}
+
+/// Paper eq. 5: Sobel-x, Sobel-y and mixed (dx = dy = 1) responses X, Y, XY of the softmax
+/// map, then the mean L1 of X−Y, X−XY and Y−XY over pixels and channels.
+pub fn sobel_spatial(response: &Tensor) -> Tensor {
+    let p = response.softmax(1, Kind::Float);
+    let k = p.size()[1];
+    let dev = p.device();
+    let kern = |v: [f32; 9]| Tensor::from_slice(&v).to_device(dev).view([1, 1, 3, 3]).expand([k, 1, 3, 3], false).contiguous();
+    let sx = kern([-1., 0., 1., -2., 0., 2., -1., 0., 1.]);
+    let sy = kern([-1., -2., -1., 0., 0., 0., 1., 2., 1.]);
+    let sxy = kern([1., 0., -1., 0., 0., 0., -1., 0., 1.]);
+    let conv = |w: &Tensor| p.conv2d(w, None::<Tensor>, [1, 1], [1, 1], [1, 1], k);
+    let (x, y, xy) = (conv(&sx), conv(&sy), conv(&sxy));
+    (&x - &y).abs().mean(Kind::Float) + (&x - &xy).abs().mean(Kind::Float) + (&y - &xy).abs().mean(Kind::Float)
+}
+
+/// L1 of vertical and horizontal neighbour differences of the response map.
+pub fn continuity(response: &Tensor) -> Tensor {
+    let s = response.size();
+    let (h, w) = (s[2], s[3]);
+    let dy = response.narrow(2, 1, h - 1) - response.narrow(2, 0, h - 1);
+    let dx = response.narrow(3, 1, w - 1) - response.narrow(3, 0, w - 1);
+    dy.abs().mean(Kind::Float) + dx.abs().mean(Kind::Float)
+}

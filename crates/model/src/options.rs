@@ -1,0 +1,297 @@
+//! Fit options and the named presets.
+//!
+//! One plain struct holds every knob of a fit, so a job can record exactly what it applied.
+//! Presets fill it; callers then override single fields (iterations, seed, …).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Named starting points for [`FitOptions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// What measured best on the dev data (see README, "Choosing the default").
+    #[default]
+    Default,
+    /// The paper's text: λ = 1.2 / 0.3 / 0.3, lr 0.36, Sobel spatial term, random affine.
+    Paper,
+    /// The authors' public code: λ = 3.5 / 0.2 / 4, lr 0.2, a fixed 90° rotation, free per-pixel
+    /// deformable offsets (but with the affine and spatial terms computed properly).
+    Reference,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 3] = [Preset::Default, Preset::Paper, Preset::Reference];
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Preset::Default => "default",
+            Preset::Paper => "paper",
+            Preset::Reference => "reference",
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Preset {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Preset::ALL.into_iter().find(|p| p.as_str() == s.trim().to_ascii_lowercase()).ok_or_else(|| {
+            ModelError::InvalidArgument(format!(
+                "unknown preset '{s}': expected one of default, paper, reference"
+            ))
+        })
+    }
+}
+
+/// Which spatial-consistency term to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpatialLoss {
+    /// Paper eq. 5: L1 between the Sobel-x, Sobel-y and mixed-xy responses of the softmax map.
+    Sobel,
+    /// L1 of horizontal and vertical differences of the response map (Kim & Kanezaki 2020).
+    Continuity,
+}
+
+/// Where the deformable convolution's offsets and mask come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetMode {
+    /// Predicted from the features by a zero-initialised 3×3 conv (mask through a sigmoid).
+    Predicted,
+    /// The authors' free per-pixel parameters of shape (1, 2·9, S, S) and (1, 9, S, S).
+    Free,
+}
+
+/// How the S×S response map becomes a label map at the original resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Upsample {
+    /// Bilinear upsampling of the logits of the used clusters, argmax at full size.
+    Logits,
+    /// Nearest-neighbour upsampling of the S×S label map.
+    Nearest,
+}
+
+/// Ranges of the random affine transform of the affine-consistency term.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AffineRange {
+    /// Rotation drawn uniformly in ±degrees.
+    pub rotation_deg: f64,
+    /// Isotropic scale drawn uniformly in [min, max].
+    pub scale: (f64, f64),
+    /// Shear drawn uniformly in ±degrees.
+    pub shear_deg: f64,
+    /// Translation drawn uniformly in ±fraction of the image side.
+    pub translate: f64,
+    /// Use a fixed 90° rotation instead of random draws (the authors' setting).
+    pub rot90: bool,
+}
+
+/// Weights of the joint loss λ1·L_ce + λ2·L_at + λ3·L_s.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossWeights {
+    pub ce: f64,
+    pub affine: f64,
+    pub spatial: f64,
+}
+
+/// Everything a fit needs to know besides the image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitOptions {
+    pub preset: Preset,
+    /// Feature channels F, also the number of clusters K.
+    pub features: i64,
+    /// Number of I-LKA blocks.
+    pub blocks: usize,
+    /// Maximum SGD steps.
+    pub iterations: usize,
+    /// Early stop once at most this many labels are in use (after 5 steps); 0 disables it.
+    pub min_labels: usize,
+    /// Side of the square grid the network runs on.
+    pub size: i64,
+    pub seed: u64,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weights: LossWeights,
+    pub spatial: SpatialLoss,
+    pub affine: AffineRange,
+    pub offsets: OffsetMode,
+    /// Grey images feed 1 channel, or are repeated to 3.
+    pub grey_channels: i64,
+    pub upsample: Upsample,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self::preset(Preset::Default)
+    }
+}
+
+impl FitOptions {
+    /// The options of a named preset.
+    pub fn preset(preset: Preset) -> Self {
+        let random_affine = AffineRange {
+            rotation_deg: 30.0,
+            scale: (0.8, 1.2),
+            shear_deg: 10.0,
+            translate: 0.1,
+            rot90: false,
+        };
+        let base = FitOptions {
+            preset,
+            features: 64,
+            blocks: 2,
+            iterations: 50,
+            min_labels: 3,
+            size: 256,
+            seed: 0,
+            lr: 0.36,
+            momentum: 0.9,
+            weights: LossWeights { ce: 1.2, affine: 0.3, spatial: 0.3 },
+            spatial: SpatialLoss::Sobel,
+            affine: random_affine,
+            offsets: OffsetMode::Predicted,
+            grey_channels: 1,
+            upsample: Upsample::Logits,
+        };
+        match preset {
+            Preset::Paper => base,
+            Preset::Reference => FitOptions {
+                lr: 0.2,
+                weights: LossWeights { ce: 3.5, affine: 0.2, spatial: 4.0 },
+                affine: AffineRange { rot90: true, ..random_affine },
+                offsets: OffsetMode::Free,
+                grey_channels: 3,
+                ..base
+            },
+            Preset::Default => FitOptions {
+                lr: 0.1,
+                weights: LossWeights { ce: 1.0, affine: 0.5, spatial: 5.0 },
+                spatial: SpatialLoss::Continuity,
+                ..base
+            },
+        }
+    }
+
+    /// Rejects values that cannot work, with a message naming the field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::InvalidArgument(m));
+        if !(2..=256).contains(&self.features) {
+            return bad(format!("features must be in 2..=256, got {}", self.features));
+        }
+        if self.blocks > 8 {
+            return bad(format!("blocks must be at most 8, got {}", self.blocks));
+        }
+        if !(1..=1000).contains(&self.iterations) {
+            return bad(format!("iterations must be in 1..=1000, got {}", self.iterations));
+        }
+        if self.min_labels as i64 > self.features {
+            return bad(format!(
+                "min_labels ({}) cannot exceed the number of clusters ({})",
+                self.min_labels, self.features
+            ));
+        }
+        if !(16..=1024).contains(&self.size) {
+            return bad(format!("size must be in 16..=1024, got {}", self.size));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0) {
+            return bad(format!("lr must be in (0, 10], got {}", self.lr));
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return bad(format!("momentum must be in [0, 1), got {}", self.momentum));
+        }
+        let w = self.weights;
+        for (name, v) in [("ce", w.ce), ("affine", w.affine), ("spatial", w.spatial)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("loss weight {name} must be finite and >= 0, got {v}"));
+            }
+        }
+        let a = self.affine;
+        if !(a.scale.0 > 0.0 && a.scale.0 <= a.scale.1 && a.scale.1.is_finite()) {
+            return bad(format!("affine scale range must be 0 < min <= max, got {:?}", a.scale));
+        }
+        if !(a.rotation_deg.is_finite() && a.shear_deg.is_finite() && a.translate.is_finite()) {
+            return bad("affine ranges must be finite".into());
+        }
+        if self.grey_channels != 1 && self.grey_channels != 3 {
+            return bad(format!("grey_channels must be 1 or 3, got {}", self.grey_channels));
+        }
+        Ok(())
+    }
+}
+
+/// Where a fit runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum DeviceSpec {
+    /// The first CUDA device when one is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "auto" | "" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => t
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| {
+                    ModelError::InvalidArgument(format!(
+                        "unknown device '{s}': expected auto, cpu or cuda:N"
+                    ))
+                }),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Resolves to a libtorch device, failing clearly when the asked GPU does not exist.
+    pub fn resolve(&self) -> Result<tch::Device, ModelError> {
+        match *self {
+            DeviceSpec::Auto => Ok(tch::Device::cuda_if_available()),
+            DeviceSpec::Cpu => Ok(tch::Device::Cpu),
+            DeviceSpec::Cuda(i) => {
+                let n = tch::Cuda::device_count() as usize;
+                if i < n {
+                    Ok(tch::Device::Cuda(i))
+                } else {
+                    Err(ModelError::InvalidArgument(format!(
+                        "device cuda:{i} requested but {n} CUDA device(s) are available"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Number of CUDA devices libtorch sees (0 on a CPU-only machine).
+pub fn cuda_device_count() -> usize {
+    tch::Cuda::device_count().max(0) as usize
+}

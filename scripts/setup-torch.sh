@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent libtorch set-up: installs PyTorch 2.11.0 from PyPI into a fixed cache folder (once per
+# machine) and points the workspace's `.libtorch` link at it. Cargo reads LIBTORCH=.libtorch from
+# .cargo/config.toml; the binaries get an rpath to the real folder (see crates/*/build.rs).
+set -euo pipefail
+TORCH_VERSION=2.11.0
+CACHE="${S3NET_CACHE:-$HOME/.cache/s3net}"
+VENV="$CACHE/torch-$TORCH_VERSION"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PYTHON:-python3}"
+
+mkdir -p "$CACHE"
+stamp="$VENV/.s3net-ok"
+if [ ! -f "$stamp" ]; then
+  # One installer at a time per machine (CI and a developer shell may both run this).
+  exec 9>"$CACHE/.lock"
+  flock 9
+  if [ ! -f "$stamp" ]; then
+    echo "setup-torch: installing torch==$TORCH_VERSION into $VENV (about 5 GB, once per machine)" >&2
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+    got="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
+    if [ "$got" != "$TORCH_VERSION" ]; then
+      echo "setup-torch: expected torch $TORCH_VERSION, found $got" >&2; exit 1
+    fi
+    touch "$stamp"
+  fi
+fi
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+torch_dir="$site/torch"
+[ -f "$torch_dir/lib/libtorch_cpu.so" ] || { echo "setup-torch: $torch_dir/lib/libtorch_cpu.so missing" >&2; exit 1; }
+if [ "$(readlink "$ROOT/.libtorch" 2>/dev/null || true)" != "$torch_dir" ]; then
+  ln -sfn "$torch_dir" "$ROOT/.libtorch"
+fi
+echo "$VENV"
