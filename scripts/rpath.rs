@@ -1,10 +1,17 @@
-// Shared by the build scripts of crates that link libtorch: emit an rpath to the real libtorch
-// folder (the `.libtorch` link resolved), so binaries and tests run without LD_LIBRARY_PATH.
+// Shared by the build scripts of crates that link libtorch (`include!`d, so it is their `main`):
+// * an rpath to the real libtorch folder (the `.libtorch` link resolved), so binaries and tests
+//   run without LD_LIBRARY_PATH;
+// * libtorch_cuda linked with --no-as-needed when present: nothing references its symbols
+//   directly, so the linker would drop it and CUDA would silently be unavailable at run time.
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     if let Ok(dir) = std::env::var("LIBTORCH") {
         let lib = std::path::Path::new(&dir).join("lib");
         let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+        if lib.join("libtorch_cuda.so").exists() {
+            println!("cargo:rustc-link-arg=-L{}", lib.display());
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        }
     }
 }

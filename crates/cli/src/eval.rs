@@ -26,6 +26,13 @@ pub struct EvalArgs {
     /// Write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Also save each image's grid label map and grid intensity here (for rule tuning).
+    #[arg(long, hide = true)]
+    pub dump: Option<PathBuf>,
+    /// Skip fitting: re-score label maps saved earlier with --dump (tunes the foreground rule
+    /// without refitting).
+    #[arg(long, hide = true)]
+    pub from_dump: Option<PathBuf>,
     #[command(flatten)]
     pub fit: FitArgs,
 }
@@ -85,7 +92,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
             image.width,
             image.height
         );
-        let seg = segment_one(&image, &opts, device, name)?;
+        let seg = match &a.from_dump {
+            Some(dir) => dump::load(dir, name, &image)?,
+            None => segment_one(&image, &opts, device, name)?,
+        };
+        if let Some(dir) = &a.dump {
+            dump::save(dir, name, &seg)?;
+        }
         let gt_grid = resize_mask_nearest(mw, mh, &gt, s, s);
         let gl = &seg.fit.grid_labels.data;
         let grid = Protocols {
@@ -135,6 +148,45 @@ pub fn run(a: EvalArgs) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+mod dump {
+    //! Grid label maps and intensities saved as 16-bit PNGs, reloaded to re-run the foreground
+    //! rule alone.
+    use std::path::Path;
+
+    use anyhow::{Context, Result};
+    use s3net_imaging::{decode, encode_grey_png16, encode_labels_png, DecodeOptions, Image, LabelMap};
+    use s3net_model::{foreground, FitOutput, LossTerms, Segmentation};
+
+    pub fn save(dir: &Path, name: &str, seg: &Segmentation) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let g = &seg.fit.grid_labels;
+        std::fs::write(dir.join(format!("{name}.labels.png")), encode_labels_png(g))?;
+        let q: Vec<u16> = seg.fit.grid_intensity.iter().map(|&v| (v.clamp(0.0, 1.0) * 65535.0).round() as u16).collect();
+        std::fs::write(dir.join(format!("{name}.intensity.png")), encode_grey_png16(g.width, g.height, &q))?;
+        std::fs::write(dir.join(format!("{name}.auto.png")), s3net_imaging::encode_mask_png(g.width, g.height, &seg.grid_mask))?;
+        Ok(())
+    }
+
+    pub fn load(dir: &Path, name: &str, image: &Image) -> Result<Segmentation> {
+        let read = |suffix: &str| -> Result<s3net_imaging::Decoded> {
+            let p = dir.join(format!("{name}.{suffix}.png"));
+            let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            Ok(decode(&bytes, &DecodeOptions::default())?)
+        };
+        let l = read("labels")?;
+        let labels = LabelMap { width: l.width, height: l.height, data: l.samples.iter().map(|&v| v as u16).collect() };
+        let i = read("intensity")?;
+        let scale = if i.bit_depth > 8 { 65535.0 } else { 255.0 };
+        let intensity: Vec<f32> = i.samples.iter().map(|&v| v / scale).collect();
+        let grid_mask = foreground::select(&labels, &intensity, image.kind);
+        let mask = foreground::upsample_mask(&grid_mask, labels.width, labels.height, image.width, image.height);
+        let full = s3net_model::fit::nearest(&labels, image.width, image.height);
+        let n_labels = labels.data.iter().copied().max().map_or(0, |m| m as usize + 1);
+        let fit = FitOutput { labels: full, grid_labels: labels, grid_intensity: intensity, n_labels, iterations: 0, losses: LossTerms::default(), fit_seconds: 0.0, device: "dump".into() };
+        Ok(Segmentation { fit, mask, grid_mask })
+    }
 }
 
 /// Clusters with more than half their pixels inside the ground truth, united.

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use s3net_imaging::Window;
-use s3net_model::options::{OffsetMode, SpatialLoss, Upsample};
+use s3net_model::options::{Kernels, OffsetMode, SpatialLoss, Upsample};
 use s3net_model::{DeviceSpec, FitOptions, Preset};
 
 #[derive(Args, Debug, Clone)]
@@ -53,8 +53,12 @@ pub struct FitArgs {
     /// predicted | free
     #[arg(long, hide = true)]
     pub offsets: Option<String>,
+    /// Use the fixed 90° rotation (true) or random affine draws (false).
     #[arg(long, hide = true)]
-    pub rot90: bool,
+    pub rot90: Option<bool>,
+    /// fused | tensor_ops
+    #[arg(long, hide = true)]
+    pub kernels: Option<String>,
 }
 
 impl FitArgs {
@@ -73,7 +77,14 @@ impl FitArgs {
         if let Some(v) = self.w_affine { o.weights.affine = v; }
         if let Some(v) = self.w_spatial { o.weights.spatial = v; }
         if let Some(v) = self.grey_channels { o.grey_channels = v; }
-        if self.rot90 { o.affine.rot90 = true; }
+        if let Some(v) = self.rot90 { o.affine.rot90 = v; }
+        if let Some(s) = &self.kernels {
+            o.kernels = match s.as_str() {
+                "fused" => Kernels::Fused,
+                "tensor_ops" => Kernels::TensorOps,
+                _ => anyhow::bail!("unknown --kernels '{s}': expected fused or tensor_ops"),
+            };
+        }
         if let Some(s) = &self.spatial {
             o.spatial = match s.as_str() {
                 "sobel" => SpatialLoss::Sobel,

@@ -30,6 +30,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    s3net_model::tune_allocator();
     if let Some(t) = cli.threads {
         tch::set_num_threads(t.max(1));
     }

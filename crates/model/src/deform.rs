@@ -140,7 +140,7 @@ pub fn deform_conv2d(
         Some(m) => sampled * m.view([n, 1, k, ho, wo]),
         None => sampled,
     };
-    let out = weight.view([o, c * k]).matmul(&cols.view([n, c * k, ho * wo]));
+    let out = weight.reshape([o, c * k]).matmul(&cols.reshape([n, c * k, ho * wo]));
     let out = out.view([n, o, ho, wo]);
     Ok(match bias {
         Some(b) => out + b.view([1, o, 1, 1]),

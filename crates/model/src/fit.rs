@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 use crate::affine::{inside, warp, Affine};
 use crate::loss::{continuity, masked_ce, self_ce, sobel_spatial, IGNORE};
 use crate::net::S3Net;
-use crate::options::{FitOptions, SpatialLoss, Upsample};
+use crate::options::{FitOptions, Kernels, SpatialLoss, Upsample};
 use crate::rng::SplitMix64;
 use crate::ModelError;
 
@@ -84,11 +84,14 @@ pub fn fit(
     }
 }
 
+/// libtorch errors arrive as a panic message wrapping the C++ message and its backtrace; keep
+/// only the part a user can read.
 fn first_line(msg: &str) -> String {
-    // libtorch errors carry a C++ backtrace after the first lines; keep what a user can read.
     let msg = msg.trim();
-    let cut = msg.find("\nException raised from").unwrap_or(msg.len());
-    msg[..cut].lines().take(3).collect::<Vec<_>>().join(" ")
+    let msg = msg.split_once("Torch(\"").map_or(msg, |(_, rest)| rest);
+    let cut = msg.find("Exception raised from").unwrap_or(msg.len());
+    let msg = msg[..cut].replace("\\n", " ");
+    msg.trim().trim_end_matches("\")").trim().to_string()
 }
 
 fn check_image(image: &Image) -> Result<(), ModelError> {
@@ -122,11 +125,17 @@ pub fn prepare_input(image: &Image, opts: &FitOptions, device: Device) -> Tensor
         x.upsample_bilinear2d([s, s], false, None, None)
     };
     let x = x.clamp(0.0, 1.0);
-    if c == 1 && opts.grey_channels == 3 {
-        x.repeat([1, 3, 1, 1])
-    } else {
-        x
+    let x = if c == 1 && opts.grey_channels == 3 { x.repeat([1, 3, 1, 1]) } else { x };
+    match opts.kernels {
+        Kernels::Fused => x,
+        Kernels::TensorOps => channels_last(&x),
     }
+}
+
+/// The same tensor stored NHWC. With libtorch's own depthwise convolutions (oneDNN) the trunk
+/// runs about twice as fast on channels-last activations here; our fused kernels prefer NCHW.
+pub fn channels_last(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 fn fit_inner(
@@ -139,7 +148,7 @@ fn fit_inner(
     let start = Instant::now();
     let x = prepare_input(image, opts, device);
     let cin = x.size()[1];
-    let net = S3Net::new(opts.seed, device, cin, opts.features, opts.blocks, opts.offsets, opts.size);
+    let net = S3Net::new(opts.seed, device, cin, opts.features, opts.blocks, opts.offsets, opts.size, opts.kernels);
     let params = net.parameters();
     let mut velocity: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
     // A separate stream for the transforms, so that changing the affine ranges never changes
@@ -161,9 +170,11 @@ fn fit_inner(
             let t = Affine::draw(&mut rng, &opts.affine);
             let grid = t.grid(&x);
             let xt = warp(&x, &grid);
-            let feat = net.trunk(&Tensor::cat(&[&x, &xt], 0));
-            let response = net.response(&feat.narrow(0, 0, 1));
-            let aux_t = net.aux(&feat.narrow(0, 1, 1));
+            // Two batch-1 passes rather than one batch of 2: each pass keeps its working set
+            // inside the CPU's last-level cache (measured ~1.5x faster) and BatchNorm sees the
+            // statistics of one image, as in the authors' code.
+            let response = net.response(&net.trunk(&x));
+            let aux_t = net.aux(&net.trunk(&xt));
             (response, Some(aux_t), Some(grid))
         } else {
             (net.response(&net.trunk(&x)), None, None)

@@ -1,8 +1,391 @@
-//! Placeholder, replaced below.
+//! The ground-truth-free foreground rule: which clusters, and which of their connected
+//! components, are "the object".
+//!
+//! S3-Net returns clusters, not an object. Both target domains share one prior: the object is
+//! *darker than its surroundings and lies inside the field of view* — a pigmented lesion on
+//! skin, the air-filled lungs inside the body. So:
+//!
+//! 1. **Dark clusters.** A cluster is dark when its mean intensity lies below Otsu's threshold
+//!    of the image the network saw. Merging whole clusters keeps the network's boundaries.
+//! 2. **Components.** The union of the dark clusters is split into 8-connected components.
+//!    * Colour photographs (dermoscopy): dark corners of the lens vignette and hair touch the
+//!      border away from the centre; a lesion is central, but large lesions touch the border
+//!      too. Keep the largest component that reaches the central region, else the largest
+//!      component not touching the border.
+//!    * Grey scans (CT): the body is the largest bright region; the lungs are the dark
+//!      components inside its silhouette: the largest and any other at least a fifth of its
+//!      size (two lungs), dropping specks (trachea, bowel gas are small).
+//! 3. **Holes filled** (vessels in the lungs, bright spots in a lesion).
+//!
+//! Everything is a pure function of a label map and the intensity image on the same grid.
+
 use s3net_imaging::{ImageKind, LabelMap};
-pub fn select(labels: &LabelMap, _intensity: &[f32], _kind: ImageKind) -> Vec<bool> { labels.data.iter().map(|&l| l == 1).collect() }
-pub fn upsample_mask(m: &[bool], w: u32, h: u32, nw: u32, nh: u32) -> Vec<bool> {
-    let mut out = Vec::with_capacity((nw * nh) as usize);
-    for y in 0..nh as u64 { let sy = (y * h as u64 / nh as u64) as usize; for x in 0..nw as u64 { let sx = (x * w as u64 / nw as u64) as usize; out.push(m[sy * w as usize + sx]); } }
+
+/// Foreground on the label map's grid. `intensity` is the grey image (values in [0, 1]) on the
+/// same grid, row-major.
+pub fn select(labels: &LabelMap, intensity: &[f32], kind: ImageKind) -> Vec<bool> {
+    let (w, h) = (labels.width as usize, labels.height as usize);
+    assert_eq!(labels.data.len(), w * h);
+    assert_eq!(intensity.len(), w * h);
+    let candidate = dark_pieces(&labels.data, intensity, w, h);
+    let picked = match kind {
+        ImageKind::Colour => keep_central(&candidate, w, h),
+        ImageKind::Grey => keep_inner(&candidate, w, h),
+    };
+    fill_holes(&picked, w, h)
+}
+
+/// For each label, whether its mean intensity is below Otsu's threshold of the image.
+pub fn dark_clusters(labels: &[u16], intensity: &[f32]) -> Vec<bool> {
+    let n = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
+    let mut sum = vec![0f64; n];
+    let mut count = vec![0u64; n];
+    for (&l, &v) in labels.iter().zip(intensity) {
+        sum[l as usize] += v as f64;
+        count[l as usize] += 1;
+    }
+    let t = otsu(intensity) as f64;
+    (0..n).map(|i| count[i] > 0 && sum[i] / (count[i] as f64) < t).collect()
+}
+
+/// Pixels of the dark *pieces*: the parts of each cluster lying mostly below Otsu's threshold. Piece-wise rather than cluster-wise because one cluster often spans both
+/// an object and something unrelated of similar texture (the lungs and the air under the CT
+/// table), whose mean would blur the decision.
+///
+/// Pieces are grown from *cores* — pixels whose four neighbours share their label — so that a
+/// one-pixel rim of the same cluster cannot merge two regions into one piece: each rim pixel
+/// joins the nearest core of its label along its own cluster (a breadth-first flood from all
+/// cores at once). Clusters with no core at all form pieces of their own.
+pub fn dark_pieces(labels: &[u16], intensity: &[f32], w: usize, h: usize) -> Vec<bool> {
+    let t = otsu(intensity) as f64;
+    let idx = |x: usize, y: usize| y * w + x;
+    let neighbours = |p: usize| {
+        let (x, y) = (p % w, p / w);
+        let mut v = [usize::MAX; 4];
+        if x > 0 { v[0] = idx(x - 1, y); }
+        if x + 1 < w { v[1] = idx(x + 1, y); }
+        if y > 0 { v[2] = idx(x, y - 1); }
+        if y + 1 < h { v[3] = idx(x, y + 1); }
+        v
+    };
+    let core: Vec<bool> = (0..w * h)
+        .map(|p| neighbours(p).iter().all(|&q| q == usize::MAX || labels[q] == labels[p]))
+        .collect();
+    let mut piece = vec![u32::MAX; w * h];
+    let mut n_pieces = 0u32;
+    let mut stack = Vec::new();
+    // Core pieces: 4-connected cores of one label.
+    for start in 0..w * h {
+        if !core[start] || piece[start] != u32::MAX {
+            continue;
+        }
+        piece[start] = n_pieces;
+        stack.push(start);
+        while let Some(p) = stack.pop() {
+            for q in neighbours(p) {
+                if q != usize::MAX && core[q] && piece[q] == u32::MAX && labels[q] == labels[p] {
+                    piece[q] = n_pieces;
+                    stack.push(q);
+                }
+            }
+        }
+        n_pieces += 1;
+    }
+    // Rim pixels join the nearest core piece of their label.
+    let mut frontier: std::collections::VecDeque<usize> = (0..w * h).filter(|&p| piece[p] != u32::MAX).collect();
+    while let Some(p) = frontier.pop_front() {
+        for q in neighbours(p) {
+            if q != usize::MAX && piece[q] == u32::MAX && labels[q] == labels[p] {
+                piece[q] = piece[p];
+                frontier.push_back(q);
+            }
+        }
+    }
+    // Whatever is left (clusters too thin to have a core) forms pieces of its own.
+    for start in 0..w * h {
+        if piece[start] != u32::MAX {
+            continue;
+        }
+        piece[start] = n_pieces;
+        stack.push(start);
+        while let Some(p) = stack.pop() {
+            for q in neighbours(p) {
+                if q != usize::MAX && piece[q] == u32::MAX && labels[q] == labels[p] {
+                    piece[q] = n_pieces;
+                    stack.push(q);
+                }
+            }
+        }
+        n_pieces += 1;
+    }
+    // A piece is dark when most of its pixels are; a piece that is clearly mixed (a quarter to
+    // three quarters below the threshold: the clustering merged two tissues) is split per pixel.
+    let t = t as f32;
+    let mut below = vec![(0u64, 0u64); n_pieces as usize];
+    for (p, &i) in piece.iter().enumerate() {
+        below[i as usize].0 += (intensity[p] < t) as u64;
+        below[i as usize].1 += 1;
+    }
+    piece
+        .iter()
+        .zip(intensity)
+        .map(|(&i, &v)| {
+            let (b, n) = below[i as usize];
+            let frac = b as f64 / n as f64;
+            if frac >= 0.75 {
+                true
+            } else if frac <= 0.25 {
+                false
+            } else {
+                v < t
+            }
+        })
+        .collect()
+}
+
+/// Otsu's threshold of values in [0, 1] (256 bins).
+pub fn otsu(values: &[f32]) -> f32 {
+    let mut hist = [0u64; 256];
+    for &v in values {
+        hist[(v.clamp(0.0, 1.0) * 255.0).round() as usize] += 1;
+    }
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 0.5;
+    }
+    let sum_all: f64 = hist.iter().enumerate().map(|(i, &c)| i as f64 * c as f64).sum();
+    let (mut w0, mut sum0, mut best, mut best_t) = (0u64, 0f64, -1f64, 127usize);
+    for (t, &c) in hist.iter().enumerate() {
+        w0 += c;
+        sum0 += t as f64 * c as f64;
+        let w1 = total - w0;
+        if w0 == 0 || w1 == 0 {
+            continue;
+        }
+        let m0 = sum0 / w0 as f64;
+        let m1 = (sum_all - sum0) / w1 as f64;
+        let between = w0 as f64 * w1 as f64 * (m0 - m1) * (m0 - m1);
+        if between > best {
+            best = between;
+            best_t = t;
+        }
+    }
+    (best_t as f32 + 0.5) / 255.0
+}
+
+/// A connected component's statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Component {
+    pub area: usize,
+    pub touches_border: bool,
+    /// Pixels inside the central box (the middle half of each side).
+    pub central: usize,
+}
+
+/// 8-connected components of `mask`: a component id per pixel (`u32::MAX` for background) and
+/// the statistics of each component.
+pub fn components(mask: &[bool], w: usize, h: usize) -> (Vec<u32>, Vec<Component>) {
+    let mut id = vec![u32::MAX; w * h];
+    let mut comps = Vec::new();
+    let mut stack = Vec::new();
+    let central = |x: usize, y: usize| x >= w / 4 && x < w - w / 4 && y >= h / 4 && y < h - h / 4;
+    for start in 0..w * h {
+        if !mask[start] || id[start] != u32::MAX {
+            continue;
+        }
+        let cid = comps.len() as u32;
+        let mut c = Component::default();
+        id[start] = cid;
+        stack.push(start);
+        while let Some(p) = stack.pop() {
+            let (x, y) = (p % w, p / w);
+            c.area += 1;
+            c.touches_border |= x == 0 || y == 0 || x + 1 == w || y + 1 == h;
+            c.central += central(x, y) as usize;
+            for dy in -1i64..=1 {
+                for dx in -1i64..=1 {
+                    let (nx, ny) = (x as i64 + dx, y as i64 + dy);
+                    if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
+                        continue;
+                    }
+                    let q = ny as usize * w + nx as usize;
+                    if mask[q] && id[q] == u32::MAX {
+                        id[q] = cid;
+                        stack.push(q);
+                    }
+                }
+            }
+        }
+        comps.push(c);
+    }
+    (id, comps)
+}
+
+fn keep_ids(id: &[u32], keep: &[bool]) -> Vec<bool> {
+    id.iter().map(|&c| c != u32::MAX && keep[c as usize]).collect()
+}
+
+/// Colour photographs: the largest component reaching the central box, else the largest one
+/// off the border, else the largest.
+fn keep_central(candidate: &[bool], w: usize, h: usize) -> Vec<bool> {
+    let (id, comps) = components(candidate, w, h);
+    let largest_by = |ok: &dyn Fn(&Component) -> bool| {
+        comps.iter().enumerate().filter(|(_, c)| ok(c)).max_by_key(|(_, c)| c.area).map(|(i, _)| i)
+    };
+    let pick = largest_by(&|c| c.central > 0)
+        .or_else(|| largest_by(&|c| !c.touches_border))
+        .or_else(|| largest_by(&|_| true));
+    let mut keep = vec![false; comps.len()];
+    if let Some(i) = pick {
+        keep[i] = true;
+    }
+    keep_ids(&id, &keep)
+}
+
+/// Grey scans: the body is the largest bright component with its holes filled; the object is
+/// the dark area inside it — the largest component and any at least a fifth of its size (two
+/// lungs), dropping specks (trachea, bowel gas). Working inside the body silhouette rather than
+/// "off the border" matters: a one-pixel dark rim often joins the lungs to the outside air.
+fn keep_inner(candidate: &[bool], w: usize, h: usize) -> Vec<bool> {
+    let bright: Vec<bool> = candidate.iter().map(|&c| !c).collect();
+    let (bid, bcomps) = components(&bright, w, h);
+    let Some(body) = bcomps.iter().enumerate().max_by_key(|(_, c)| c.area).map(|(i, _)| i as u32) else {
+        return vec![false; w * h];
+    };
+    let body: Vec<bool> = bid.iter().map(|&c| c == body).collect();
+    let body = fill_holes(&body, w, h);
+    let inner: Vec<bool> = candidate.iter().zip(&body).map(|(&c, &b)| c && b).collect();
+    let (id, comps) = components(&inner, w, h);
+    let min_area = (w * h) / 500; // specks below 0.2 % of the image
+    let largest = comps.iter().map(|c| c.area).max().unwrap_or(0);
+    let keep: Vec<bool> = comps.iter().map(|c| c.area >= min_area && c.area * 5 >= largest).collect();
+    keep_ids(&id, &keep)
+}
+
+/// Fills background regions not connected (4-connectivity) to the image border.
+pub fn fill_holes(mask: &[bool], w: usize, h: usize) -> Vec<bool> {
+    let mut outside = vec![false; w * h];
+    let mut stack: Vec<usize> = Vec::new();
+    for x in 0..w {
+        stack.push(x);
+        stack.push((h - 1) * w + x);
+    }
+    for y in 0..h {
+        stack.push(y * w);
+        stack.push(y * w + w - 1);
+    }
+    while let Some(p) = stack.pop() {
+        if mask[p] || outside[p] {
+            continue;
+        }
+        outside[p] = true;
+        let (x, y) = (p % w, p / w);
+        if x > 0 {
+            stack.push(p - 1);
+        }
+        if x + 1 < w {
+            stack.push(p + 1);
+        }
+        if y > 0 {
+            stack.push(p - w);
+        }
+        if y + 1 < h {
+            stack.push(p + w);
+        }
+    }
+    outside.iter().map(|&o| !o).collect()
+}
+
+/// Resizes a mask by bilinear interpolation of its 0/1 values and a 0.5 threshold (PyTorch's
+/// align_corners = false mapping), so upsampled edges are smooth rather than blocky.
+pub fn upsample_mask(mask: &[bool], w: u32, h: u32, nw: u32, nh: u32) -> Vec<bool> {
+    let (w, h, nw, nh) = (w as usize, h as usize, nw as usize, nh as usize);
+    if (w, h) == (nw, nh) {
+        return mask.to_vec();
+    }
+    let src = |x: usize, y: usize| mask[y * w + x] as u8 as f32;
+    let coord = |o: usize, n_in: usize, n_out: usize| {
+        let c = ((o as f32 + 0.5) * n_in as f32 / n_out as f32 - 0.5).max(0.0);
+        let i0 = (c.floor() as usize).min(n_in - 1);
+        let i1 = (i0 + 1).min(n_in - 1);
+        (i0, i1, c - i0 as f32)
+    };
+    let cols: Vec<_> = (0..nw).map(|x| coord(x, w, nw)).collect();
+    let mut out = Vec::with_capacity(nw * nh);
+    for y in 0..nh {
+        let (y0, y1, fy) = coord(y, h, nh);
+        for &(x0, x1, fx) in &cols {
+            let top = src(x0, y0) * (1.0 - fx) + src(x1, y0) * fx;
+            let bot = src(x0, y1) * (1.0 - fx) + src(x1, y1) * fx;
+            out.push(top * (1.0 - fy) + bot * fy >= 0.5);
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disc(w: usize, h: usize, cx: f32, cy: f32, r: f32) -> Vec<bool> {
+        (0..w * h).map(|p| ((p % w) as f32 - cx).hypot((p / w) as f32 - cy) <= r).collect()
+    }
+
+    #[test]
+    fn otsu_splits_two_levels() {
+        let v: Vec<f32> = (0..100).map(|i| if i < 40 { 0.2 } else { 0.8 }).collect();
+        let t = otsu(&v);
+        assert!(t > 0.2 && t < 0.8, "{t}");
+    }
+
+    #[test]
+    fn fill_holes_fills_enclosed_background_only() {
+        let (w, h) = (7, 7);
+        let ring: Vec<bool> = (0..w * h).map(|p| { let (x, y) = (p % w, p / w); (1..6).contains(&x) && (1..6).contains(&y) && !(x == 3 && y == 3) }).collect();
+        let f = fill_holes(&ring, w, h);
+        assert!(f[3 * w + 3]);
+        assert!(!f[0]);
+        assert_eq!(f.iter().filter(|&&v| v).count(), 25);
+    }
+
+    #[test]
+    fn colour_rule_keeps_the_central_lesion_not_dark_corners() {
+        let (w, h) = (64, 64);
+        let lesion = disc(w, h, 30.0, 34.0, 12.0);
+        let corner = disc(w, h, 0.0, 0.0, 10.0);
+        let labels = LabelMap { width: w as u32, height: h as u32, data: (0..w * h).map(|p| if lesion[p] { 1 } else if corner[p] { 2 } else { 0 }).collect() };
+        let intensity: Vec<f32> = labels.data.iter().map(|&l| if l == 0 { 0.8 } else { 0.2 }).collect();
+        let m = select(&labels, &intensity, ImageKind::Colour);
+        assert_eq!(m, lesion);
+    }
+
+    #[test]
+    fn grey_rule_keeps_two_lungs_and_drops_outside_air_and_specks() {
+        let (w, h) = (64, 64);
+        let body = disc(w, h, 32.0, 32.0, 28.0);
+        let left = disc(w, h, 20.0, 32.0, 8.0);
+        let right = disc(w, h, 44.0, 32.0, 7.0);
+        let speck = disc(w, h, 32.0, 20.0, 1.0);
+        let data = (0..w * h)
+            .map(|p| if !body[p] || left[p] || right[p] || speck[p] { 0 } else { 1 })
+            .collect();
+        let labels = LabelMap { width: w as u32, height: h as u32, data };
+        let intensity: Vec<f32> = labels.data.iter().map(|&l| if l == 0 { 0.05 } else { 0.6 }).collect();
+        let m = select(&labels, &intensity, ImageKind::Grey);
+        let want: Vec<bool> = (0..w * h).map(|p| left[p] || right[p]).collect();
+        assert_eq!(m, want);
+    }
+
+    #[test]
+    fn upsample_mask_is_smooth_and_size_preserving() {
+        let m = vec![false, true, true, false];
+        let up = upsample_mask(&m, 2, 2, 4, 4);
+        assert_eq!(up.len(), 16);
+        assert_eq!(upsample_mask(&m, 2, 2, 2, 2), m);
+        let big = disc(32, 32, 16.0, 16.0, 10.0);
+        let up = upsample_mask(&big, 32, 32, 128, 128);
+        let frac_small = big.iter().filter(|&&v| v).count() as f64 / 1024.0;
+        let frac_big = up.iter().filter(|&&v| v).count() as f64 / 16384.0;
+        assert!((frac_small - frac_big).abs() < 0.02);
+    }
 }

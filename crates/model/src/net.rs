@@ -7,7 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::deform::{deform_conv2d, ConvGeometry};
-use crate::options::OffsetMode;
+use crate::options::{Kernels, OffsetMode};
 use crate::rng::SplitMix64;
 
 /// A convolution's weight and bias.
@@ -56,6 +56,18 @@ impl Conv {
         x.conv2d(&self.w, Some(&self.b), [1, 1], [self.padding, self.padding], [self.dilation, self.dilation], self.groups)
     }
 
+    /// Depthwise convs go through our C++ kernel on CPU when asked: libtorch's CPU depthwise
+    /// backward is 5–10× slower than the FLOPs warrant (see BENCHMARKS.md).
+    fn forward_with(&self, x: &Tensor, kernels: Kernels) -> Tensor {
+        let depthwise = self.groups > 1 && self.groups == self.w.size()[0];
+        if kernels == Kernels::Fused && depthwise && x.device() == Device::Cpu {
+            if let Ok(y) = s3net_ops::depthwise_conv2d(x, &self.w, Some(&self.b), self.padding, self.dilation) {
+                return y;
+            }
+        }
+        self.forward(x)
+    }
+
     fn params(&self) -> [&Tensor; 2] {
         [&self.w, &self.b]
     }
@@ -99,9 +111,9 @@ impl Ilka {
             mix: Conv::new(rng, dev, 3 * f, f, 1, 1),
         }
     }
-    fn forward(&self, u: &Tensor) -> Tensor {
-        let a = self.dw.forward(u);
-        let cat = Tensor::cat(&[self.d1.forward(&a), self.d2.forward(&a), self.d3.forward(&a)], 1);
+    fn forward(&self, u: &Tensor, k: Kernels) -> Tensor {
+        let a = self.dw.forward_with(u, k);
+        let cat = Tensor::cat(&[self.d1.forward_with(&a, k), self.d2.forward_with(&a, k), self.d3.forward_with(&a, k)], 1);
         u * self.mix.forward(&cat)
     }
     fn params(&self) -> Vec<&Tensor> {
@@ -118,9 +130,9 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, k: Kernels) -> Tensor {
         let y = self.pw1.forward(x).gelu("none");
-        let y = self.pw2.forward(&self.ilka.forward(&y));
+        let y = self.pw2.forward(&self.ilka.forward(&y, k));
         self.bn.forward(&(x + y))
     }
     fn params(&self) -> Vec<&Tensor> {
@@ -152,11 +164,13 @@ pub struct S3Net {
     dcn_bn: Bn,
     head: Conv,
     head_bn: Bn,
+    kernels: Kernels,
 }
 
 impl S3Net {
     /// Builds a freshly initialised network; every parameter requires grad.
-    pub fn new(seed: u64, dev: Device, cin: i64, f: i64, blocks: usize, offsets: OffsetMode, size: i64) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(seed: u64, dev: Device, cin: i64, f: i64, blocks: usize, offsets: OffsetMode, size: i64, kernels: Kernels) -> Self {
         let mut rng = SplitMix64::new(seed);
         let stem = Conv::new(&mut rng, dev, cin, f, 3, 1);
         let blocks = (0..blocks)
@@ -188,8 +202,17 @@ impl S3Net {
             dcn_bn: Bn::new(dev, f),
             head,
             head_bn: Bn::new(dev, f),
+            kernels,
         };
         for p in net.parameters() {
+            if p.dim() == 4 && kernels == Kernels::TensorOps {
+                // Conv weights in channels-last layout too, to match the activations.
+                let cl = crate::fit::channels_last(p);
+                tch::no_grad(|| {
+                    let mut p = p.shallow_clone();
+                    p.set_data(&cl);
+                });
+            }
             // Leaf tensors: make them trainable in place.
             let _ = p.set_requires_grad(true);
         }
@@ -221,7 +244,7 @@ impl S3Net {
     pub fn trunk(&self, x: &Tensor) -> Tensor {
         let mut h = self.stem_bn.forward(&self.stem.forward(x)).relu();
         for b in &self.blocks {
-            h = b.forward(&h);
+            h = b.forward(&h, self.kernels);
         }
         h
     }
@@ -243,8 +266,19 @@ impl S3Net {
                 (offset.expand([n, -1, -1, -1], false), mask.sigmoid().expand([n, -1, -1, -1], false))
             }
         };
-        let h = deform_conv2d(feat, &offset, Some(&mask), &self.dcn.w, Some(&self.dcn.b), ConvGeometry::same(3))
-            .expect("deform_conv2d shapes are fixed by construction");
+        let geo = ConvGeometry::same(3);
+        let fused = match self.kernels {
+            // The fused C++ op exists for CPU; on CUDA it declines and the tensor ops run.
+            Kernels::Fused if feat.device() == Device::Cpu => s3net_ops::deform_conv2d(
+                feat, &offset, Some(&mask), &self.dcn.w, Some(&self.dcn.b), geo.stride, geo.padding, geo.dilation,
+            )
+            .ok(),
+            _ => None,
+        };
+        let h = fused.unwrap_or_else(|| {
+            deform_conv2d(feat, &offset, Some(&mask), &self.dcn.w, Some(&self.dcn.b), geo)
+                .expect("deform_conv2d shapes are fixed by construction")
+        });
         let h = self.dcn_bn.forward(&h).relu();
         self.head_bn.forward(&self.head.forward(&h))
     }

@@ -82,6 +82,16 @@ pub enum Upsample {
     Nearest,
 }
 
+/// Which implementation runs the depthwise and deformable convolutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernels {
+    /// Our C++ kernels (crate `s3net-ops`) on CPU; libtorch's own depthwise conv on CUDA.
+    Fused,
+    /// libtorch tensor ops only: the test oracle and a fallback.
+    TensorOps,
+}
+
 /// Ranges of the random affine transform of the affine-consistency term.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AffineRange {
@@ -129,6 +139,7 @@ pub struct FitOptions {
     /// Grey images feed 1 channel, or are repeated to 3.
     pub grey_channels: i64,
     pub upsample: Upsample,
+    pub kernels: Kernels,
 }
 
 impl Default for FitOptions {
@@ -163,6 +174,7 @@ impl FitOptions {
             offsets: OffsetMode::Predicted,
             grey_channels: 1,
             upsample: Upsample::Logits,
+            kernels: Kernels::Fused,
         };
         match preset {
             Preset::Paper => base,

@@ -1,0 +1,769 @@
+// Fast CPU kernels for s3net: depthwise and deformable 2-D convolution, each a
+// torch::autograd::Function with its own forward and backward, exposed to Rust through a few
+// extern "C" functions that take and return `at::Tensor*` (tch's C_tensor) and never throw.
+//
+// Portability: this file is compiled with plain -O3 (no -march). The hot per-plane loops are
+// instantiated twice, once for baseline x86-64 and once with target("avx2,fma"), and picked at
+// run time with __builtin_cpu_supports. at::parallel_for expands to `#pragma omp parallel` in
+// this libtorch build (OpenMP backend), hence -fopenmp.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+#define S3_INLINE inline __attribute__((always_inline))
+#define S3_AVX2 __attribute__((target("avx2,fma")))
+
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  // S3OPS_NO_AVX2=1 forces the baseline x86-64 code path (to test it on AVX2 machines).
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("S3OPS_NO_AVX2") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
+// ============================================================================================
+// Depthwise convolution
+// ============================================================================================
+//
+// One plane: out[ho][wo] += sum_{i,j} w[i*k+j] * in[ho - p + i*d][wo - p + j*d] (zero outside).
+// `p` may be negative (used by the input gradient, a correlation with the flipped kernel).
+// Along W the row is split into an interior [a, b) where every tap is inside the row (no
+// checks, vectorised along wo) and two edge ranges handled with checks.
+
+template <typename T, int KC>
+S3_INLINE void dw_corr_plane_impl(const T* __restrict in, int64_t H, int64_t W,
+                                  const T* __restrict w, int64_t k, int64_t p, int64_t d,
+                                  T* __restrict out, int64_t Ho, int64_t Wo) {
+  if (KC > 0) k = KC;
+  const int64_t span = (k - 1) * d;
+  const int64_t a = std::min(std::max<int64_t>(p, 0), Wo);
+  const int64_t b = std::max(a, std::min(Wo, W + p - span));
+  for (int64_t ho = 0; ho < Ho; ++ho) {
+    T* __restrict orow = out + ho * Wo;
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t r = ho - p + i * d;
+      if (r < 0 || r >= H) continue;
+      const T* __restrict irow = in + r * W;
+      const T* __restrict wr = w + i * k;
+      auto edge = [&](int64_t wo) {
+        T acc = orow[wo];
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t c = wo - p + j * d;
+          if (c >= 0 && c < W) acc += wr[j] * irow[c];
+        }
+        orow[wo] = acc;
+      };
+      for (int64_t wo = 0; wo < a; ++wo) edge(wo);
+      for (int64_t wo = b; wo < Wo; ++wo) edge(wo);
+      if constexpr (KC > 0) {
+        T wl[KC];
+        for (int j = 0; j < KC; ++j) wl[j] = wr[j];
+        const T* __restrict base = irow - p;  // base[wo + j*d] is inside the row for wo in [a, b)
+        for (int64_t wo = a; wo < b; ++wo) {
+          T acc = orow[wo];
+          for (int j = 0; j < KC; ++j) acc += wl[j] * base[wo + j * d];
+          orow[wo] = acc;
+        }
+      } else {
+        for (int64_t j = 0; j < k; ++j) {
+          const T wj = wr[j];
+          const T* __restrict src = irow - p + j * d;
+          for (int64_t wo = a; wo < b; ++wo) orow[wo] += wj * src[wo];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+S3_INLINE void dw_corr_plane_k(const T* in, int64_t H, int64_t W, const T* w, int64_t k, int64_t p,
+                               int64_t d, T* out, int64_t Ho, int64_t Wo) {
+  switch (k) {
+    case 3: dw_corr_plane_impl<T, 3>(in, H, W, w, k, p, d, out, Ho, Wo); break;
+    case 5: dw_corr_plane_impl<T, 5>(in, H, W, w, k, p, d, out, Ho, Wo); break;
+    case 7: dw_corr_plane_impl<T, 7>(in, H, W, w, k, p, d, out, Ho, Wo); break;
+    default: dw_corr_plane_impl<T, 0>(in, H, W, w, k, p, d, out, Ho, Wo); break;
+  }
+}
+
+template <typename T>
+void dw_corr_plane_base(const T* in, int64_t H, int64_t W, const T* w, int64_t k, int64_t p,
+                        int64_t d, T* out, int64_t Ho, int64_t Wo) {
+  dw_corr_plane_k<T>(in, H, W, w, k, p, d, out, Ho, Wo);
+}
+template <typename T>
+S3_AVX2 void dw_corr_plane_avx2(const T* in, int64_t H, int64_t W, const T* w, int64_t k,
+                                int64_t p, int64_t d, T* out, int64_t Ho, int64_t Wo) {
+  dw_corr_plane_k<T>(in, H, W, w, k, p, d, out, Ho, Wo);
+}
+
+// Weight gradient of one plane: acc[i*k+j] += sum_{ho,wo} go[ho][wo] * in[ho-p+i*d][wo-p+j*d].
+// Row dot products in T (vectorised), accumulated across rows in double.
+template <typename T>
+S3_INLINE void dw_wgrad_plane_impl(const T* __restrict in, int64_t H, int64_t W,
+                                   const T* __restrict go, int64_t Ho, int64_t Wo, int64_t k,
+                                   int64_t p, int64_t d, double* __restrict acc) {
+  for (int64_t ho = 0; ho < Ho; ++ho) {
+    const T* __restrict g = go + ho * Wo;
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t r = ho - p + i * d;
+      if (r < 0 || r >= H) continue;
+      const T* __restrict irow = in + r * W;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t s = j * d - p;
+        const int64_t lo = std::max<int64_t>(0, -s);
+        const int64_t hi = std::min<int64_t>(Wo, W - s);
+        if (lo >= hi) continue;
+        const T* __restrict x = irow + s;
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t wo = lo; wo < hi; ++wo) sum += g[wo] * x[wo];
+        acc[i * k + j] += (double)sum;
+      }
+    }
+  }
+}
+
+template <typename T>
+void dw_wgrad_plane_base(const T* in, int64_t H, int64_t W, const T* go, int64_t Ho, int64_t Wo,
+                         int64_t k, int64_t p, int64_t d, double* acc) {
+  dw_wgrad_plane_impl<T>(in, H, W, go, Ho, Wo, k, p, d, acc);
+}
+template <typename T>
+S3_AVX2 void dw_wgrad_plane_avx2(const T* in, int64_t H, int64_t W, const T* go, int64_t Ho,
+                                 int64_t Wo, int64_t k, int64_t p, int64_t d, double* acc) {
+  dw_wgrad_plane_impl<T>(in, H, W, go, Ho, Wo, k, p, d, acc);
+}
+
+// out (N, C, Ho, Wo) = correlation of in (N, C, H, W) with per-channel kernels w (C, k*k),
+// padding p (any sign), dilation d; initialised with bias (C) when given.
+at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Tensor* bias,
+                        int64_t k, int64_t p, int64_t d, int64_t Ho, int64_t Wo) {
+  const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
+  auto out = at::empty({N, C, Ho, Wo}, in.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "s3net_depthwise", [&] {
+    using T = scalar_t;
+    const T* ip = in.data_ptr<T>();
+    const T* wp = w.data_ptr<T>();
+    const T* bp = bias ? bias->data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
+    auto fn = cpu_has_avx2() ? &dw_corr_plane_avx2<T> : &dw_corr_plane_base<T>;
+    at::parallel_for(0, N * C, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t nc = b0; nc < b1; ++nc) {
+        const int64_t c = nc % C;
+        T* o = op + nc * Ho * Wo;
+        std::fill(o, o + Ho * Wo, bp ? bp[c] : T(0));
+        fn(ip + nc * H * W, H, W, wp + c * k * k, k, p, d, o, Ho, Wo);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k, int64_t p,
+                          int64_t d) {
+  const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
+  const int64_t Ho = go.size(2), Wo = go.size(3);
+  auto gw = at::zeros({C, 1, k, k}, in.options());
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "s3net_depthwise_wgrad", [&] {
+    using T = scalar_t;
+    const T* ip = in.data_ptr<T>();
+    const T* gp = go.data_ptr<T>();
+    T* wp = gw.data_ptr<T>();
+    auto fn = cpu_has_avx2() ? &dw_wgrad_plane_avx2<T> : &dw_wgrad_plane_base<T>;
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<double> acc(k * k);
+      for (int64_t c = c0; c < c1; ++c) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t n = 0; n < N; ++n) {
+          fn(ip + (n * C + c) * H * W, H, W, gp + (n * C + c) * Ho * Wo, Ho, Wo, k, p, d,
+             acc.data());
+        }
+        for (int64_t t = 0; t < k * k; ++t) wp[c * k * k + t] = (T)acc[t];
+      }
+    });
+  });
+  return gw;
+}
+
+void dw_check(const at::Tensor& input, const at::Tensor& weight,
+              const std::optional<at::Tensor>& bias, int64_t pad, int64_t dil) {
+  TORCH_CHECK(input.dim() == 4, "depthwise_conv2d: input must be 4-D (N, C, H, W), got ",
+              input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "depthwise_conv2d: input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(input.device().is_cpu(), "depthwise_conv2d: the C++ kernel is CPU-only");
+  const int64_t C = input.size(1);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
+                  weight.size(2) == weight.size(3) && weight.size(2) >= 1,
+              "depthwise_conv2d: weight must be (C, 1, k, k) with C = ", C, ", got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
+              "depthwise_conv2d: weight dtype/device must match the input");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "depthwise_conv2d: bias must be (", C,
+                "), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type() && bias->device() == input.device(),
+                "depthwise_conv2d: bias dtype/device must match the input");
+  }
+  TORCH_CHECK(pad >= 0 && dil >= 1, "depthwise_conv2d: need padding >= 0 and dilation >= 1, got ",
+              pad, ", ", dil);
+  const int64_t k = weight.size(2);
+  const int64_t Ho = input.size(2) + 2 * pad - dil * (k - 1);
+  const int64_t Wo = input.size(3) + 2 * pad - dil * (k - 1);
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, "depthwise_conv2d: kernel ", k, "x", k, " dilation ", dil,
+              " padding ", pad, " does not fit a ", input.size(2), "x", input.size(3), " input");
+}
+
+struct DepthwiseFn : public torch::autograd::Function<DepthwiseFn> {
+  static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor weight,
+                            std::optional<at::Tensor> bias, int64_t pad, int64_t dil) {
+    const bool need_in = input.requires_grad(), need_w = weight.requires_grad();
+    const bool need_b = bias && bias->requires_grad();
+    auto x = input.contiguous();
+    auto w = weight.contiguous();
+    at::Tensor b;
+    if (bias) b = bias->contiguous();
+    const int64_t k = w.size(2);
+    const int64_t Ho = x.size(2) + 2 * pad - dil * (k - 1);
+    const int64_t Wo = x.size(3) + 2 * pad - dil * (k - 1);
+    auto out = dw_correlate(x, w, bias ? &b : nullptr, k, pad, dil, Ho, Wo);
+    // Save only what backward needs: the input for grad_weight, the weight for grad_input.
+    ctx->save_for_backward({need_w ? x : at::Tensor(), need_in ? w : at::Tensor()});
+    ctx->saved_data["pad"] = pad;
+    ctx->saved_data["dil"] = dil;
+    ctx->saved_data["k"] = k;
+    ctx->saved_data["H"] = x.size(2);
+    ctx->saved_data["W"] = x.size(3);
+    ctx->saved_data["need_in"] = need_in;
+    ctx->saved_data["need_w"] = need_w;
+    ctx->saved_data["need_b"] = need_b;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const int64_t p = ctx->saved_data["pad"].toInt(), d = ctx->saved_data["dil"].toInt();
+    const int64_t k = ctx->saved_data["k"].toInt();
+    const int64_t H = ctx->saved_data["H"].toInt(), W = ctx->saved_data["W"].toInt();
+    auto go = grads[0].contiguous();
+    at::Tensor gi, gw, gb;
+    if (ctx->saved_data["need_in"].toBool()) {
+      // grad_input = correlation of grad_out with the flipped kernel, padding (k-1)d - p.
+      auto wf = saved[1].flip({2, 3}).contiguous();
+      gi = dw_correlate(go, wf, nullptr, k, (k - 1) * d - p, d, H, W);
+    }
+    if (ctx->saved_data["need_w"].toBool()) gw = dw_weight_grad(saved[0], go, k, p, d);
+    if (ctx->saved_data["need_b"].toBool()) gb = go.sum({0, 2, 3});
+    return {gi, gw, gb, at::Tensor(), at::Tensor()};
+  }
+};
+
+
+// ============================================================================================
+// Deformable convolution (DCNv2), torchvision.ops.deform_conv2d semantics
+// ============================================================================================
+//
+// Work is split into tiles of `tl` consecutive output pixels of one image. Per tile:
+//  * geometry: for every tap kk and pixel t, the four bilinear corners (plane index and weight;
+//    a corner outside the image gets weight 0 and index 0) and, for backward, the derivative
+//    coefficients of the sample w.r.t. y and x;
+//  * forward: columns (tl, K*C) = mask * bilinear sample, then out[:, tile] = W2 (O, K*C) .
+//    cols^T (+ bias) with one libtorch GEMM;
+//  * backward: grad_W2 += go_tile . cols, gcols = go_tile^T . W2, then per (pixel, tap, c) the
+//    offset / mask gradients (accumulated per tile, written once) and the input gradient
+//    (scattered into a per-thread buffer, summed at the end: no races).
+
+struct DeformShape {
+  int64_t N, C, H, W, O, kh, kw, K, Ho, Wo, sh, sw, ph, pw, dh, dw;
+};
+
+template <typename T>
+struct DeformTile {
+  int64_t cap;                 // K * tile capacity; corner q of element e lives at q*cap + e
+  std::vector<int32_t> idx;    // 4*cap
+  std::vector<T> w;            // 4*cap bilinear weights (times mask in forward)
+  std::vector<T> cy, cx;       // 4*cap d(sample)/dy, d(sample)/dx coefficients (backward)
+  std::vector<T> m;            // cap: mask values (backward)
+  std::vector<T> gy, gx, gm;   // cap: per-tile offset / mask gradient accumulators
+  DeformTile(int64_t cap_, bool backward) : cap(cap_), idx(4 * cap_), w(4 * cap_) {
+    if (backward) {
+      cy.resize(4 * cap_);
+      cx.resize(4 * cap_);
+      m.resize(cap_);
+      gy.resize(cap_);
+      gx.resize(cap_);
+      gm.resize(cap_);
+    }
+  }
+};
+
+// Geometry of one tile. off_n: (2K, Ho*Wo) of image n; mask_n: (K, Ho*Wo) or null.
+template <typename T>
+void deform_geometry(const DeformShape& s, const T* off_n, const T* mask_n, int64_t p0,
+                     int64_t tl, bool backward, DeformTile<T>& b) {
+  const int64_t HWo = s.Ho * s.Wo, cap = b.cap;
+  const T Hf = (T)s.H, Wf = (T)s.W;
+  for (int64_t kk = 0; kk < s.K; ++kk) {
+    const int64_t i = kk / s.kw, j = kk % s.kw;
+    const T* offy = off_n + (2 * kk) * HWo + p0;
+    const T* offx = off_n + (2 * kk + 1) * HWo + p0;
+    const T* mk = mask_n ? mask_n + kk * HWo + p0 : nullptr;
+    int64_t ho = p0 / s.Wo, wo = p0 % s.Wo;
+    for (int64_t t = 0; t < tl; ++t) {
+      const int64_t e = kk * tl + t;
+      const T y = (T)(ho * s.sh - s.ph + i * s.dh) + offy[t];
+      const T x = (T)(wo * s.sw - s.pw + j * s.dw) + offx[t];
+      const T m = mk ? mk[t] : T(1);
+      int32_t i0 = 0, i1 = 0, i2 = 0, i3 = 0;
+      T w0 = 0, w1 = 0, w2 = 0, w3 = 0;
+      T cy0 = 0, cy1 = 0, cy2 = 0, cy3 = 0, cx0 = 0, cx1 = 0, cx2 = 0, cx3 = 0;
+      if (!(y <= -1 || y >= Hf || x <= -1 || x >= Wf)) {
+        const T yf = std::floor(y), xf = std::floor(x);
+        const int64_t yl = (int64_t)yf, xl = (int64_t)xf;
+        const T ly = y - yf, lx = x - xf, hy = 1 - ly, hx = 1 - lx;
+        const bool vy0 = yl >= 0, vy1 = yl + 1 <= s.H - 1;
+        const bool vx0 = xl >= 0, vx1 = xl + 1 <= s.W - 1;
+        if (vy0 && vx0) { i0 = (int32_t)(yl * s.W + xl);           w0 = hy * hx; cy0 = -hx; cx0 = -hy; }
+        if (vy0 && vx1) { i1 = (int32_t)(yl * s.W + xl + 1);       w1 = hy * lx; cy1 = -lx; cx1 = hy; }
+        if (vy1 && vx0) { i2 = (int32_t)((yl + 1) * s.W + xl);     w2 = ly * hx; cy2 = hx;  cx2 = -ly; }
+        if (vy1 && vx1) { i3 = (int32_t)((yl + 1) * s.W + xl + 1); w3 = ly * lx; cy3 = lx;  cx3 = ly; }
+      }
+      if (!backward) { w0 *= m; w1 *= m; w2 *= m; w3 *= m; }
+      b.idx[e] = i0; b.idx[cap + e] = i1; b.idx[2 * cap + e] = i2; b.idx[3 * cap + e] = i3;
+      b.w[e] = w0; b.w[cap + e] = w1; b.w[2 * cap + e] = w2; b.w[3 * cap + e] = w3;
+      if (backward) {
+        b.cy[e] = cy0; b.cy[cap + e] = cy1; b.cy[2 * cap + e] = cy2; b.cy[3 * cap + e] = cy3;
+        b.cx[e] = cx0; b.cx[cap + e] = cx1; b.cx[2 * cap + e] = cx2; b.cx[3 * cap + e] = cx3;
+        b.m[e] = m;
+      }
+      if (++wo == s.Wo) { wo = 0; ++ho; }
+    }
+  }
+}
+
+// The input is used channels-last, (N, H, W, C), so that a bilinear corner is a contiguous run
+// of C values: building the columns and scattering the input gradient are then plain vector
+// loops over c with no gathers, and the per-tap geometry is read once per pixel, not once per
+// channel. Columns are stored transposed, colsT (tl, K*C) with index t*K*C + kk*C + c, and the
+// weight is permuted to match, W2 (O, K*C) = weight.permute(0, 2, 3, 1).
+
+// colsT[t][kk*C + c] = (m ? m[e] : 1) * sum_q w[q][e] * x_n[idx[q][e]*C + c],  e = kk*tl + t.
+template <typename T>
+S3_INLINE void deform_cols_impl(const T* __restrict x_n, int64_t C, int64_t K, int64_t tl,
+                                int64_t cap, const int32_t* __restrict idx,
+                                const T* __restrict w, const T* __restrict m,
+                                T* __restrict colsT) {
+  const int64_t KC = K * C;
+  for (int64_t t = 0; t < tl; ++t) {
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const int64_t e = kk * tl + t;
+      const T s = m ? m[e] : T(1);
+      const T a0 = s * w[e], a1 = s * w[cap + e], a2 = s * w[2 * cap + e], a3 = s * w[3 * cap + e];
+      const T* __restrict p0 = x_n + (int64_t)idx[e] * C;
+      const T* __restrict p1 = x_n + (int64_t)idx[cap + e] * C;
+      const T* __restrict p2 = x_n + (int64_t)idx[2 * cap + e] * C;
+      const T* __restrict p3 = x_n + (int64_t)idx[3 * cap + e] * C;
+      T* __restrict dst = colsT + t * KC + kk * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] = a0 * p0[c] + a1 * p1[c] + a2 * p2[c] + a3 * p3[c];
+    }
+  }
+}
+
+template <typename T>
+void deform_cols_base(const T* x_n, int64_t C, int64_t K, int64_t tl, int64_t cap,
+                      const int32_t* idx, const T* w, const T* m, T* colsT) {
+  deform_cols_impl<T>(x_n, C, K, tl, cap, idx, w, m, colsT);
+}
+template <typename T>
+S3_AVX2 void deform_cols_avx2(const T* x_n, int64_t C, int64_t K, int64_t tl, int64_t cap,
+                              const int32_t* idx, const T* w, const T* m, T* colsT) {
+  deform_cols_impl<T>(x_n, C, K, tl, cap, idx, w, m, colsT);
+}
+
+// Backward through the sampling for one tile; gcolsT (tl, K*C) is the gradient of the columns.
+// coord: gm[e] = sample value . gcol, gy/gx[e] = mask * d(sample)/dy,dx . gcol (dots over c);
+// gi_n (may be null, channels-last): gi[idx_q*C + c] += mask * w_q * gcol[c].
+template <typename T>
+S3_INLINE void deform_bwd_impl(const T* __restrict x_n, int64_t C, int64_t K, int64_t tl,
+                               int64_t cap, const int32_t* __restrict idx,
+                               const T* __restrict w, const T* __restrict cy,
+                               const T* __restrict cx, const T* __restrict m,
+                               const T* __restrict gcolsT, bool coord, T* __restrict gy,
+                               T* __restrict gx, T* __restrict gm, T* gi_n) {
+  const int64_t KC = K * C;
+  for (int64_t t = 0; t < tl; ++t) {
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const int64_t e = kk * tl + t;
+      const T* __restrict g = gcolsT + t * KC + kk * C;
+      const int64_t o0 = (int64_t)idx[e] * C, o1 = (int64_t)idx[cap + e] * C;
+      const int64_t o2 = (int64_t)idx[2 * cap + e] * C, o3 = (int64_t)idx[3 * cap + e] * C;
+      if (coord) {
+        const T* __restrict p0 = x_n + o0;
+        const T* __restrict p1 = x_n + o1;
+        const T* __restrict p2 = x_n + o2;
+        const T* __restrict p3 = x_n + o3;
+        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t c = 0; c < C; ++c) {
+          s0 += g[c] * p0[c];
+          s1 += g[c] * p1[c];
+          s2 += g[c] * p2[c];
+          s3 += g[c] * p3[c];
+        }
+        const int64_t q1 = cap + e, q2 = 2 * cap + e, q3 = 3 * cap + e;
+        gm[e] = w[e] * s0 + w[q1] * s1 + w[q2] * s2 + w[q3] * s3;
+        gy[e] = m[e] * (cy[e] * s0 + cy[q1] * s1 + cy[q2] * s2 + cy[q3] * s3);
+        gx[e] = m[e] * (cx[e] * s0 + cx[q1] * s1 + cx[q2] * s2 + cx[q3] * s3);
+      }
+      if (gi_n) {
+        const T me = m[e];
+        // Separate loops: invalid corners all point at pixel 0 (with weight 0) and may alias.
+        const int64_t offs[4] = {o0, o1, o2, o3};
+        for (int q = 0; q < 4; ++q) {
+          const T a = me * w[q * cap + e];
+          if (a == T(0)) continue;
+          T* __restrict gp = gi_n + offs[q];
+          for (int64_t c = 0; c < C; ++c) gp[c] += a * g[c];
+        }
+      }
+    }
+  }
+}
+
+#define S3_DEFORM_BWD_ARGS                                                                   \
+  const T *x_n, int64_t C, int64_t K, int64_t tl, int64_t cap, const int32_t *idx, const T *w, \
+      const T *cy, const T *cx, const T *m, const T *gcolsT, bool coord, T *gy, T *gx, T *gm, \
+      T *gi_n
+#define S3_DEFORM_BWD_PASS x_n, C, K, tl, cap, idx, w, cy, cx, m, gcolsT, coord, gy, gx, gm, gi_n
+
+template <typename T>
+void deform_bwd_base(S3_DEFORM_BWD_ARGS) {
+  deform_bwd_impl<T>(S3_DEFORM_BWD_PASS);
+}
+template <typename T>
+S3_AVX2 void deform_bwd_avx2(S3_DEFORM_BWD_ARGS) {
+  deform_bwd_impl<T>(S3_DEFORM_BWD_PASS);
+}
+
+// Output pixels per tile: the column buffer (K*C x tile) about 512 KiB, and at least ~4 tiles
+// per thread when the batch allows it. S3OPS_DEFORM_TILE overrides (for tuning).
+int64_t deform_tile(const DeformShape& s, size_t elem) {
+  const int64_t CK = s.C * s.K;
+  int64_t t = (int64_t)(1 << 19) / std::max<int64_t>(1, CK * (int64_t)elem);
+  t = std::min<int64_t>(std::max<int64_t>(t, 64), 4096);
+  if (const char* env = std::getenv("S3OPS_DEFORM_TILE")) t = std::max<int64_t>(1, std::atoll(env));
+  const int64_t HWo = s.Ho * s.Wo;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per = (s.N * HWo + 4 * nt - 1) / (4 * nt);
+  t = std::min(t, std::max<int64_t>(per, 16));
+  return std::max<int64_t>(1, std::min(t, HWo));
+}
+
+// x_cl: channels-last contiguous (N, H, W, C); W2: (O, K*C).
+at::Tensor deform_forward(const DeformShape& s, const at::Tensor& x_cl, const at::Tensor& off,
+                          const at::Tensor& mask, const at::Tensor& W2,
+                          const at::Tensor& bias) {
+  const int64_t HW = s.H * s.W, HWo = s.Ho * s.Wo, CK = s.C * s.K;
+  auto out = at::empty({s.N, s.O, s.Ho, s.Wo}, x_cl.options());
+  if (out.numel() == 0) return out;
+  auto out3 = out.view({s.N, s.O, HWo});
+  at::Tensor b2 = bias.defined() ? bias.view({s.O, 1}) : at::Tensor();
+  const int64_t T_tile = deform_tile(s, x_cl.element_size());
+  const int64_t ntiles = (HWo + T_tile - 1) / T_tile;
+  AT_DISPATCH_FLOATING_TYPES(x_cl.scalar_type(), "s3net_deform_fwd", [&] {
+    using T = scalar_t;
+    const T* xp = x_cl.data_ptr<T>();
+    const T* op = off.data_ptr<T>();
+    const T* mp = mask.defined() ? mask.data_ptr<T>() : nullptr;
+    auto colsfn = cpu_has_avx2() ? &deform_cols_avx2<T> : &deform_cols_base<T>;
+    at::parallel_for(0, s.N * ntiles, 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad;
+      DeformTile<T> buf(s.K * T_tile, false);
+      auto cols_full = at::empty({T_tile * CK}, x_cl.options());
+      for (int64_t it = b0; it < b1; ++it) {
+        const int64_t n = it / ntiles, p0 = (it % ntiles) * T_tile;
+        const int64_t tl = std::min(T_tile, HWo - p0);
+        deform_geometry<T>(s, op + n * 2 * s.K * HWo, mp ? mp + n * s.K * HWo : nullptr, p0, tl,
+                           false, buf);
+        colsfn(xp + n * HW * s.C, s.C, s.K, tl, buf.cap, buf.idx.data(), buf.w.data(), nullptr,
+               cols_full.data_ptr<T>());
+        auto colsT = cols_full.narrow(0, 0, tl * CK).view({tl, CK});
+        auto ov = out3.select(0, n).narrow(1, p0, tl);
+        if (b2.defined()) {
+          at::addmm_out(ov, b2.expand({s.O, tl}), W2, colsT.t());
+        } else {
+          at::mm_out(ov, W2, colsT.t());
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Returns {grad_input, grad_offset, grad_mask, grad_W2 (O, K*C), grad_bias}; undefined where
+// not needed. grad_input is NCHW.
+std::vector<at::Tensor> deform_backward(const DeformShape& s, const at::Tensor& x_cl,
+                                        const at::Tensor& off, const at::Tensor& mask,
+                                        const at::Tensor& W2, const at::Tensor& go,
+                                        bool need_in, bool need_off, bool need_mask,
+                                        bool need_w, bool need_b) {
+  const int64_t HW = s.H * s.W, HWo = s.Ho * s.Wo, CK = s.C * s.K;
+  at::Tensor gi, goff, gmask, gw, gb;
+  need_mask = need_mask && mask.defined();
+  if (need_in) gi = at::zeros_like(x_cl);  // (N, H, W, C)
+  if (need_off) goff = at::zeros_like(off);
+  if (need_mask) gmask = at::zeros_like(mask);
+  if (need_w) gw = at::zeros({s.O, CK}, x_cl.options());
+  if (need_b) gb = go.sum({0, 2, 3});
+  const bool coord = need_off || need_mask;
+  if ((need_in || coord || need_w) && go.numel() > 0) {
+    auto go3 = go.view({s.N, s.O, HWo});
+    const int64_t T_tile = deform_tile(s, x_cl.element_size());
+    const int64_t ntiles = (HWo + T_tile - 1) / T_tile;
+    const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
+    std::vector<at::Tensor> gi_bufs(nthr), gw_bufs(nthr);
+    AT_DISPATCH_FLOATING_TYPES(x_cl.scalar_type(), "s3net_deform_bwd", [&] {
+      using T = scalar_t;
+      const T* xp = x_cl.data_ptr<T>();
+      const T* op = off.data_ptr<T>();
+      const T* mp = mask.defined() ? mask.data_ptr<T>() : nullptr;
+      T* goffp = need_off ? goff.data_ptr<T>() : nullptr;
+      T* gmaskp = need_mask ? gmask.data_ptr<T>() : nullptr;
+      const bool avx2 = cpu_has_avx2();
+      auto colsfn = avx2 ? &deform_cols_avx2<T> : &deform_cols_base<T>;
+      auto bwdfn = avx2 ? &deform_bwd_avx2<T> : &deform_bwd_base<T>;
+      at::parallel_for(0, s.N * ntiles, 1, [&](int64_t b0, int64_t b1) {
+        at::NoGradGuard no_grad;
+        const int64_t tid = at::get_thread_num();
+        TORCH_CHECK(tid >= 0 && tid < nthr, "deform_conv2d backward: unexpected thread id ", tid);
+        // Thread 0 accumulates straight into the results; the others into their own buffers.
+        at::Tensor gi_t, gw_t;
+        if (need_in) gi_t = tid == 0 ? gi : (gi_bufs[tid] = at::zeros_like(x_cl));
+        if (need_w) gw_t = tid == 0 ? gw : (gw_bufs[tid] = at::zeros({s.O, CK}, x_cl.options()));
+        T* gip = need_in ? gi_t.data_ptr<T>() : nullptr;
+        DeformTile<T> buf(s.K * T_tile, true);
+        auto cols_full = need_w ? at::empty({T_tile * CK}, x_cl.options()) : at::Tensor();
+        auto gcols_full = at::empty({T_tile * CK}, x_cl.options());
+        for (int64_t it = b0; it < b1; ++it) {
+          const int64_t n = it / ntiles, p0 = (it % ntiles) * T_tile;
+          const int64_t tl = std::min(T_tile, HWo - p0);
+          deform_geometry<T>(s, op + n * 2 * s.K * HWo, mp ? mp + n * s.K * HWo : nullptr, p0,
+                             tl, true, buf);
+          auto go_tile = go3.select(0, n).narrow(1, p0, tl);  // (O, tl), row stride HWo
+          const T* x_n = xp + n * HW * s.C;
+          if (need_w) {
+            colsfn(x_n, s.C, s.K, tl, buf.cap, buf.idx.data(), buf.w.data(), buf.m.data(),
+                   cols_full.data_ptr<T>());
+            gw_t.addmm_(go_tile, cols_full.narrow(0, 0, tl * CK).view({tl, CK}));
+          }
+          if (!(need_in || coord)) continue;
+          auto gcolsT = gcols_full.narrow(0, 0, tl * CK).view({tl, CK});
+          at::mm_out(gcolsT, go_tile.t(), W2);
+          bwdfn(x_n, s.C, s.K, tl, buf.cap, buf.idx.data(), buf.w.data(), buf.cy.data(),
+                buf.cx.data(), buf.m.data(), gcols_full.data_ptr<T>(), coord, buf.gy.data(),
+                buf.gx.data(), buf.gm.data(), gip ? gip + n * HW * s.C : nullptr);
+          if (!coord) continue;
+          for (int64_t kk = 0; kk < s.K; ++kk) {
+            const T* gy = buf.gy.data() + kk * tl;
+            const T* gx = buf.gx.data() + kk * tl;
+            const T* gm = buf.gm.data() + kk * tl;
+            if (goffp) {
+              std::copy(gy, gy + tl, goffp + (n * 2 * s.K + 2 * kk) * HWo + p0);
+              std::copy(gx, gx + tl, goffp + (n * 2 * s.K + 2 * kk + 1) * HWo + p0);
+            }
+            if (gmaskp) std::copy(gm, gm + tl, gmaskp + (n * s.K + kk) * HWo + p0);
+          }
+        }
+      });
+    });
+    for (int64_t t = 1; t < nthr; ++t) {
+      if (gi_bufs[t].defined()) gi.add_(gi_bufs[t]);
+      if (gw_bufs[t].defined()) gw.add_(gw_bufs[t]);
+    }
+  }
+  if (gi.defined()) gi = gi.permute({0, 3, 1, 2}).contiguous();
+  return {gi, goff, gmask, gw, gb};
+}
+DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
+                         const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const int64_t* g) {
+  const char* nm = "deform_conv2d: ";
+  TORCH_CHECK(x.dim() == 4, nm, "input must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, nm,
+              "input must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), nm, "no CUDA kernel built (the C++ kernel is CPU-only)");
+  auto same = [&](const at::Tensor& t, const char* what) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), nm, what, " dtype ", t.scalar_type(),
+                " differs from the input's ", x.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), nm, what, " is on ", t.device(), ", the input on ",
+                x.device());
+  };
+  same(off, "offset");
+  same(weight, "weight");
+  if (mask) same(*mask, "mask");
+  if (bias) same(*bias, "bias");
+  TORCH_CHECK(weight.dim() == 4, nm, "weight must be 4-D (O, C, kh, kw), got ", weight.sizes());
+  DeformShape s;
+  s.N = x.size(0); s.C = x.size(1); s.H = x.size(2); s.W = x.size(3);
+  s.O = weight.size(0); s.kh = weight.size(2); s.kw = weight.size(3); s.K = s.kh * s.kw;
+  s.sh = g[0]; s.sw = g[1]; s.ph = g[2]; s.pw = g[3]; s.dh = g[4]; s.dw = g[5];
+  TORCH_CHECK(weight.size(1) == s.C, nm, "weight has ", weight.size(1),
+              " input channels but the input has ", s.C);
+  TORCH_CHECK(s.kh >= 1 && s.kw >= 1, nm, "empty kernel");
+  TORCH_CHECK(s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && s.ph >= 0 && s.pw >= 0, nm,
+              "need stride >= 1, dilation >= 1, padding >= 0");
+  const int64_t eh = s.H + 2 * s.ph - (s.dh * (s.kh - 1) + 1);
+  const int64_t ew = s.W + 2 * s.pw - (s.dw * (s.kw - 1) + 1);
+  TORCH_CHECK(eh >= 0 && ew >= 0, nm, "kernel ", s.kh, "x", s.kw, " does not fit a ", s.H, "x",
+              s.W, " input");
+  s.Ho = eh / s.sh + 1;
+  s.Wo = ew / s.sw + 1;
+  TORCH_CHECK(s.H * s.W < (int64_t(1) << 31), nm, "input planes larger than 2^31 elements");
+  TORCH_CHECK(off.dim() == 4 && off.size(0) == s.N && off.size(1) == 2 * s.K &&
+                  off.size(2) == s.Ho && off.size(3) == s.Wo,
+              nm, "offset must be [", s.N, ", ", 2 * s.K, ", ", s.Ho, ", ", s.Wo, "], got ",
+              off.sizes());
+  if (mask) {
+    TORCH_CHECK(mask->dim() == 4 && mask->size(0) == s.N && mask->size(1) == s.K &&
+                    mask->size(2) == s.Ho && mask->size(3) == s.Wo,
+                nm, "mask must be [", s.N, ", ", s.K, ", ", s.Ho, ", ", s.Wo, "], got ",
+                mask->sizes());
+  }
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.O, nm, "bias must be [", s.O, "], got ",
+                bias->sizes());
+  }
+  return s;
+}
+
+struct DeformFn : public torch::autograd::Function<DeformFn> {
+  static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor offset,
+                            std::optional<at::Tensor> mask, at::Tensor weight,
+                            std::optional<at::Tensor> bias, int64_t sh, int64_t sw, int64_t ph,
+                            int64_t pw, int64_t dh, int64_t dw) {
+    const int64_t g[6] = {sh, sw, ph, pw, dh, dw};
+    DeformShape s = deform_check(input, offset, mask, weight, bias, g);
+    // Detached, contiguous copies: the kernels call libtorch ops from OpenMP worker threads,
+    // where grad mode is not the caller's.
+    auto x_cl = input.detach().permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
+    auto off = offset.detach().contiguous();
+    auto m = mask ? mask->detach().contiguous() : at::Tensor();
+    auto W2 = weight.detach().permute({0, 2, 3, 1}).reshape({s.O, s.K * s.C}).contiguous();
+    auto b = bias ? bias->detach().contiguous() : at::Tensor();
+    auto out = deform_forward(s, x_cl, off, m, W2, b);
+    ctx->save_for_backward({x_cl, off, m, W2});
+    ctx->saved_data["shape"] = std::vector<int64_t>{s.N, s.C, s.H, s.W, s.O, s.kh, s.kw};
+    ctx->saved_data["geometry"] = std::vector<int64_t>(g, g + 6);
+    ctx->saved_data["need_in"] = input.requires_grad();
+    ctx->saved_data["need_off"] = offset.requires_grad();
+    ctx->saved_data["need_mask"] = mask && mask->requires_grad();
+    ctx->saved_data["need_w"] = weight.requires_grad();
+    ctx->saved_data["need_b"] = bias && bias->requires_grad();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto sv = ctx->get_saved_variables();
+    auto g = ctx->saved_data["geometry"].toIntVector();
+    auto d = ctx->saved_data["shape"].toIntVector();
+    DeformShape s;
+    s.N = d[0]; s.C = d[1]; s.H = d[2]; s.W = d[3]; s.O = d[4]; s.kh = d[5]; s.kw = d[6];
+    s.K = s.kh * s.kw;
+    s.sh = g[0]; s.sw = g[1]; s.ph = g[2]; s.pw = g[3]; s.dh = g[4]; s.dw = g[5];
+    s.Ho = (s.H + 2 * s.ph - (s.dh * (s.kh - 1) + 1)) / s.sh + 1;
+    s.Wo = (s.W + 2 * s.pw - (s.dw * (s.kw - 1) + 1)) / s.sw + 1;
+    auto go = grads[0].detach().contiguous();
+    auto r = deform_backward(s, sv[0], sv[1], sv[2], sv[3], go,
+                             ctx->saved_data["need_in"].toBool(),
+                             ctx->saved_data["need_off"].toBool(),
+                             ctx->saved_data["need_mask"].toBool(),
+                             ctx->saved_data["need_w"].toBool(),
+                             ctx->saved_data["need_b"].toBool());
+    if (r[3].defined()) r[3] = r[3].view({s.O, s.kh, s.kw, s.C}).permute({0, 3, 1, 2}).contiguous();
+    return {r[0], r[1], r[2], r[3], r[4], at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+// ============================================================================================
+// C ABI
+
+// ============================================================================================
+
+namespace {
+char* dup_msg(const char* m) { return strdup(m ? m : "unknown error"); }
+}  // namespace
+
+#define S3_PROTECT(...)                                       \
+  try {                                                      \
+    __VA_ARGS__                                              \
+  } catch (const c10::Error& e) {                            \
+    *err = dup_msg(e.what_without_backtrace());              \
+    return 1;                                                \
+  } catch (const std::exception& e) {                        \
+    *err = dup_msg(e.what());                                \
+    return 1;                                                \
+  } catch (...) {                                            \
+    *err = dup_msg("unknown C++ exception");                 \
+    return 1;                                                \
+  }
+
+extern "C" {
+
+void s3ops_free_err(char* e) { free(e); }
+
+// Returns 0 and a new tensor in *out, or non-zero and a malloc'd message in *err.
+int s3ops_depthwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
+                           const at::Tensor* bias, int64_t pad, int64_t dil, at::Tensor** out,
+                           char** err) {
+  S3_PROTECT({
+    *out = nullptr;
+    *err = nullptr;
+    std::optional<at::Tensor> b;
+    if (bias) b = *bias;
+    dw_check(*input, *weight, b, pad, dil);
+    at::Tensor r = DepthwiseFn::apply(*input, *weight, b, pad, dil);
+    *out = new at::Tensor(std::move(r));
+    return 0;
+  })
+}
+
+int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const at::Tensor* mask,
+                        const at::Tensor* weight, const at::Tensor* bias, const int64_t* geometry,
+                        at::Tensor** out, char** err) {
+  S3_PROTECT({
+    *out = nullptr;
+    *err = nullptr;
+    std::optional<at::Tensor> m, b;
+    if (mask) m = *mask;
+    if (bias) b = *bias;
+    deform_check(*input, *offset, m, *weight, b, geometry);
+    at::Tensor r = DeformFn::apply(*input, *offset, m, *weight, b, geometry[0], geometry[1],
+                                   geometry[2], geometry[3], geometry[4], geometry[5]);
+    *out = new at::Tensor(std::move(r));
+    return 0;
+  })
+}
+
+}  // extern "C"

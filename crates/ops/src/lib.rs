@@ -1,0 +1,303 @@
+//! Fast CPU kernels for s3net, written in C++ against libtorch (`csrc/ops.cpp`).
+//!
+//! * [`depthwise_conv2d`] — stride-1 depthwise convolution with padding and dilation.
+//! * [`deform_conv2d`] — modulated deformable convolution (DCNv2) with exactly the semantics of
+//!   `torchvision.ops.deform_conv2d`.
+//!
+//! Each op is a `torch::autograd::Function` with its own backward, so gradients flow through it
+//! with tch's ordinary `backward()`. Every C++ exception is caught at the C boundary and comes
+//! back as an [`OpError`]; nothing here panics or aborts on bad arguments.
+
+use std::ffi::{c_char, c_void, CStr};
+
+use tch::{Device, Kind, Tensor};
+
+/// Error from a C++ kernel (or from argument validation).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OpError(pub String);
+
+extern "C" {
+    fn s3ops_free_err(e: *mut c_char);
+    fn s3ops_depthwise_conv2d(
+        input: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        pad: i64,
+        dil: i64,
+        out: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn s3ops_deform_conv2d(
+        input: *const c_void,
+        offset: *const c_void,
+        mask: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        geometry: *const i64,
+        out: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> i32;
+}
+
+fn ptr(t: Option<&Tensor>) -> *const c_void {
+    t.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void)
+}
+
+/// Turns the (status, out, err) triple of a C call into a `Result`.
+fn finish(rc: i32, out: *mut c_void, err: *mut c_char) -> Result<Tensor, OpError> {
+    if rc == 0 && !out.is_null() {
+        // SAFETY: `out` is a fresh `new at::Tensor(...)`, which tch owns (and deletes) from now on.
+        return Ok(unsafe { Tensor::from_ptr(out as *mut _) });
+    }
+    let msg = if err.is_null() {
+        "C++ kernel failed without a message".to_string()
+    } else {
+        // SAFETY: `err` is a NUL-terminated string from strdup, freed right after the copy.
+        let s = unsafe { CStr::from_ptr(err) }
+            .to_string_lossy()
+            .into_owned();
+        unsafe { s3ops_free_err(err) };
+        s
+    };
+    Err(OpError(msg))
+}
+
+fn check_float(
+    name: &str,
+    what: &str,
+    t: &Tensor,
+    kind: Kind,
+    device: Device,
+) -> Result<(), OpError> {
+    if !matches!(t.kind(), Kind::Float | Kind::Double) {
+        return Err(OpError(format!(
+            "{name}: {what} must be float32 or float64, got {:?}",
+            t.kind()
+        )));
+    }
+    if t.kind() != kind {
+        return Err(OpError(format!(
+            "{name}: {what} is {:?} but the input is {kind:?}",
+            t.kind()
+        )));
+    }
+    if t.device() != device {
+        return Err(OpError(format!(
+            "{name}: {what} is on {:?} but the input is on {device:?}",
+            t.device()
+        )));
+    }
+    Ok(())
+}
+
+/// Depthwise 2-D convolution, stride 1: `input (N, C, H, W)`, `weight (C, 1, k, k)`,
+/// `bias (C)`; output `(N, C, H + 2p − d(k−1), W + 2p − d(k−1))`.
+///
+/// float32 and float64. On CPU this runs the C++ kernel (with its own backward); on CUDA it
+/// calls libtorch's `conv2d(…, groups = C)`.
+pub fn depthwise_conv2d(
+    input: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: i64,
+    dilation: i64,
+) -> Result<Tensor, OpError> {
+    const NAME: &str = "depthwise_conv2d";
+    let (kind, device) = (input.kind(), input.device());
+    check_float(NAME, "input", input, kind, device)?;
+    check_float(NAME, "weight", weight, kind, device)?;
+    if let Some(b) = bias {
+        check_float(NAME, "bias", b, kind, device)?;
+    }
+    let [_, c, h, w] = input.size()[..] else {
+        return Err(OpError(format!(
+            "{NAME}: input must be 4-D (N, C, H, W), got {:?}",
+            input.size()
+        )));
+    };
+    let [wc, 1, k, k2] = weight.size()[..] else {
+        return Err(OpError(format!(
+            "{NAME}: weight must be (C, 1, k, k), got {:?}",
+            weight.size()
+        )));
+    };
+    if wc != c || k != k2 || k < 1 {
+        return Err(OpError(format!(
+            "{NAME}: weight must be ({c}, 1, k, k), got {:?}",
+            weight.size()
+        )));
+    }
+    if let Some(b) = bias {
+        if b.size() != [c] {
+            return Err(OpError(format!(
+                "{NAME}: bias must be [{c}], got {:?}",
+                b.size()
+            )));
+        }
+    }
+    if padding < 0 || dilation < 1 {
+        return Err(OpError(format!(
+            "{NAME}: need padding >= 0 and dilation >= 1, got {padding}, {dilation}"
+        )));
+    }
+    let span = dilation * (k - 1);
+    if h + 2 * padding - span < 1 || w + 2 * padding - span < 1 {
+        return Err(OpError(format!(
+            "{NAME}: kernel {k}x{k} with dilation {dilation} and padding {padding} does not fit a {h}x{w} input"
+        )));
+    }
+    if device.is_cuda() {
+        return input
+            .f_conv2d(
+                weight,
+                bias,
+                [1, 1],
+                [padding, padding],
+                [dilation, dilation],
+                c,
+            )
+            .map_err(|e| OpError(format!("{NAME}: {e}")));
+    }
+    if device != Device::Cpu {
+        return Err(OpError(format!("{NAME}: unsupported device {device:?}")));
+    }
+    let mut out = std::ptr::null_mut();
+    let mut err = std::ptr::null_mut();
+    // SAFETY: the tensor pointers are valid for the call; the C side copies what it keeps.
+    let rc = unsafe {
+        s3ops_depthwise_conv2d(
+            ptr(Some(input)),
+            ptr(Some(weight)),
+            ptr(bias),
+            padding,
+            dilation,
+            &mut out,
+            &mut err,
+        )
+    };
+    finish(rc, out, err)
+}
+
+/// Modulated deformable convolution with exactly `torchvision.ops.deform_conv2d`'s semantics.
+///
+/// * `input`  — `(N, C, H, W)`
+/// * `offset` — `(N, 2·kh·kw, Ho, Wo)`, interleaved `(dy, dx)` per tap `k = i·kw + j`
+/// * `mask`   — `(N, kh·kw, Ho, Wo)` or `None`
+/// * `weight` — `(O, C, kh, kw)`; `bias` — `(O)` or `None`
+///
+/// Returns `(N, O, Ho, Wo)` with `Ho = (H + 2·ph − (dh·(kh−1) + 1)) / sh + 1` (same for W).
+/// CPU only for now: CUDA tensors give an error (fall back to a tensor-op version).
+#[allow(clippy::too_many_arguments)]
+pub fn deform_conv2d(
+    input: &Tensor,
+    offset: &Tensor,
+    mask: Option<&Tensor>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: (i64, i64),
+    padding: (i64, i64),
+    dilation: (i64, i64),
+) -> Result<Tensor, OpError> {
+    const NAME: &str = "deform_conv2d";
+    let (kind, device) = (input.kind(), input.device());
+    check_float(NAME, "input", input, kind, device)?;
+    check_float(NAME, "offset", offset, kind, device)?;
+    check_float(NAME, "weight", weight, kind, device)?;
+    if let Some(m) = mask {
+        check_float(NAME, "mask", m, kind, device)?;
+    }
+    if let Some(b) = bias {
+        check_float(NAME, "bias", b, kind, device)?;
+    }
+    let [n, c, h, w] = input.size()[..] else {
+        return Err(OpError(format!(
+            "{NAME}: input must be 4-D (N, C, H, W), got {:?}",
+            input.size()
+        )));
+    };
+    let [o, wc, kh, kw] = weight.size()[..] else {
+        return Err(OpError(format!(
+            "{NAME}: weight must be 4-D (O, C, kh, kw), got {:?}",
+            weight.size()
+        )));
+    };
+    if wc != c {
+        return Err(OpError(format!(
+            "{NAME}: weight has {wc} input channels but the input has {c}"
+        )));
+    }
+    if kh < 1 || kw < 1 {
+        return Err(OpError(format!("{NAME}: empty kernel {kh}x{kw}")));
+    }
+    if stride.0 < 1
+        || stride.1 < 1
+        || dilation.0 < 1
+        || dilation.1 < 1
+        || padding.0 < 0
+        || padding.1 < 0
+    {
+        return Err(OpError(format!(
+            "{NAME}: need stride >= 1, dilation >= 1, padding >= 0; got {stride:?}, {dilation:?}, {padding:?}"
+        )));
+    }
+    let ho = (h + 2 * padding.0 - (dilation.0 * (kh - 1) + 1)) / stride.0 + 1;
+    let wo = (w + 2 * padding.1 - (dilation.1 * (kw - 1) + 1)) / stride.1 + 1;
+    if h + 2 * padding.0 - (dilation.0 * (kh - 1) + 1) < 0
+        || w + 2 * padding.1 - (dilation.1 * (kw - 1) + 1) < 0
+    {
+        return Err(OpError(format!(
+            "{NAME}: kernel {kh}x{kw} does not fit a {h}x{w} input"
+        )));
+    }
+    let k = kh * kw;
+    if offset.size() != [n, 2 * k, ho, wo] {
+        return Err(OpError(format!(
+            "{NAME}: offset must be {:?}, got {:?}",
+            [n, 2 * k, ho, wo],
+            offset.size()
+        )));
+    }
+    if let Some(m) = mask {
+        if m.size() != [n, k, ho, wo] {
+            return Err(OpError(format!(
+                "{NAME}: mask must be {:?}, got {:?}",
+                [n, k, ho, wo],
+                m.size()
+            )));
+        }
+    }
+    if let Some(b) = bias {
+        if b.size() != [o] {
+            return Err(OpError(format!(
+                "{NAME}: bias must be [{o}], got {:?}",
+                b.size()
+            )));
+        }
+    }
+    if device != Device::Cpu {
+        return Err(OpError(format!(
+            "{NAME}: no CUDA kernel built (device {device:?})"
+        )));
+    }
+    let geometry = [
+        stride.0, stride.1, padding.0, padding.1, dilation.0, dilation.1,
+    ];
+    let mut out = std::ptr::null_mut();
+    let mut err = std::ptr::null_mut();
+    // SAFETY: as in `depthwise_conv2d`.
+    let rc = unsafe {
+        s3ops_deform_conv2d(
+            ptr(Some(input)),
+            ptr(Some(offset)),
+            ptr(mask),
+            ptr(Some(weight)),
+            ptr(bias),
+            geometry.as_ptr(),
+            &mut out,
+            &mut err,
+        )
+    };
+    finish(rc, out, err)
+}

@@ -1,0 +1,236 @@
+//! depthwise_conv2d against libtorch's conv2d(groups = C): forward and every gradient, float64
+//! and float32, the network's four geometries and odd shapes; finite differences; error cases.
+
+use s3net_ops::depthwise_conv2d;
+use tch::{Device, Kind, Tensor};
+
+fn max_abs(t: &Tensor) -> f64 {
+    f64::try_from(t.abs().max().to_kind(Kind::Double)).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    max_abs(&(a - b))
+}
+
+/// Our op and libtorch's on identical leaves; forward and all three gradients compared with a
+/// tolerance relative to max(1, |reference|).
+fn compare(shape: [i64; 4], k: i64, p: i64, d: i64, kind: Kind, tol: f64, with_bias: bool) {
+    let opts = (kind, Device::Cpu);
+    let c = shape[1];
+    let x0 = Tensor::randn(shape, opts);
+    let w0 = Tensor::randn([c, 1, k, k], opts);
+    let b0 = Tensor::randn([c], opts);
+    let leaves = || {
+        (
+            x0.copy().set_requires_grad(true),
+            w0.copy().set_requires_grad(true),
+            b0.copy().set_requires_grad(true),
+        )
+    };
+    let (x1, w1, b1) = leaves();
+    let (x2, w2, b2) = leaves();
+    let y1 = depthwise_conv2d(&x1, &w1, with_bias.then_some(&b1), p, d).unwrap();
+    let y2 = x2.conv2d(&w2, with_bias.then_some(&b2), [1, 1], [p, p], [d, d], c);
+    let tag = format!("{shape:?} k={k} p={p} d={d} {kind:?} bias={with_bias}");
+    assert_eq!(y1.size(), y2.size(), "{tag}");
+    let scale = max_abs(&y2).max(1.0);
+    let e = max_abs_diff(&y1, &y2);
+    assert!(e <= tol * scale, "{tag}: forward differs by {e}");
+    let g = Tensor::randn(y2.size().as_slice(), opts);
+    (&y1 * &g).sum(kind).backward();
+    (&y2 * &g).sum(kind).backward();
+    let mut pairs = vec![("grad_input", &x1, &x2), ("grad_weight", &w1, &w2)];
+    if with_bias {
+        pairs.push(("grad_bias", &b1, &b2));
+    }
+    for (name, a, b) in pairs {
+        let (ga, gb) = (a.grad(), b.grad());
+        let scale = max_abs(&gb).max(1.0);
+        let e = max_abs_diff(&ga, &gb);
+        assert!(
+            e <= tol * scale,
+            "{tag}: {name} differs by {e} (scale {scale})"
+        );
+    }
+}
+
+const GEOMETRIES: [(i64, i64, i64); 4] = [(5, 2, 1), (3, 1, 1), (5, 4, 2), (7, 9, 3)];
+
+#[test]
+fn network_geometries_float64() {
+    tch::manual_seed(1);
+    for (k, p, d) in GEOMETRIES {
+        compare([1, 4, 32, 40], k, p, d, Kind::Double, 1e-10, true);
+        compare([2, 3, 33, 17], k, p, d, Kind::Double, 1e-10, false);
+    }
+}
+
+#[test]
+fn network_geometries_float32() {
+    tch::manual_seed(2);
+    for (k, p, d) in GEOMETRIES {
+        compare([1, 4, 32, 40], k, p, d, Kind::Float, 1e-4, true);
+        compare([2, 3, 33, 17], k, p, d, Kind::Float, 1e-4, false);
+    }
+}
+
+#[test]
+fn odd_shapes_float64() {
+    tch::manual_seed(3);
+    for (k, p, d) in GEOMETRIES {
+        // Images smaller than the kernel span, single rows/columns, H != W, N = 2.
+        for shape in [
+            [2, 2, 3, 5],
+            [1, 3, 1, 1],
+            [2, 1, 1, 9],
+            [1, 2, 8, 1],
+            [2, 5, 6, 11],
+        ] {
+            compare(shape, k, p, d, Kind::Double, 1e-10, true);
+        }
+    }
+    // Even kernels, no padding, padding larger than the span, other dilations.
+    for (k, p, d) in [
+        (2, 0, 1),
+        (4, 1, 1),
+        (4, 3, 2),
+        (1, 0, 1),
+        (1, 2, 1),
+        (3, 0, 1),
+        (6, 5, 2),
+        (9, 4, 1),
+        (3, 7, 1),
+    ] {
+        for shape in [[1, 3, 10, 12], [2, 2, 5, 4]] {
+            let span = d * (k - 1);
+            if shape[2] + 2 * p - span < 1 || shape[3] + 2 * p - span < 1 {
+                continue;
+            }
+            compare(shape, k, p, d, Kind::Double, 1e-10, true);
+        }
+    }
+}
+
+#[test]
+fn non_contiguous_input() {
+    tch::manual_seed(4);
+    let x = Tensor::randn([1, 16, 12, 12], (Kind::Double, Device::Cpu));
+    let xl = x.contiguous_format_like_channels_last();
+    let w = Tensor::randn([16, 1, 3, 3], (Kind::Double, Device::Cpu));
+    let a = depthwise_conv2d(&xl, &w, None, 1, 1).unwrap();
+    let b = x.conv2d::<Tensor>(&w, None, [1, 1], [1, 1], [1, 1], 16);
+    assert!(max_abs_diff(&a, &b) < 1e-10);
+}
+
+trait ChannelsLast {
+    fn contiguous_format_like_channels_last(&self) -> Tensor;
+}
+impl ChannelsLast for Tensor {
+    fn contiguous_format_like_channels_last(&self) -> Tensor {
+        // (N, H, W, C) storage viewed as (N, C, H, W).
+        self.permute([0, 2, 3, 1])
+            .contiguous()
+            .permute([0, 3, 1, 2])
+    }
+}
+
+/// Central differences of sum(out · g) against autograd, float64, every input element.
+#[test]
+fn gradients_match_finite_differences() {
+    tch::manual_seed(5);
+    let opts = (Kind::Double, Device::Cpu);
+    let (k, p, d) = (3, 2, 2);
+    let x = Tensor::randn([2, 2, 5, 6], opts).set_requires_grad(true);
+    let w = Tensor::randn([2, 1, k, k], opts).set_requires_grad(true);
+    let b = Tensor::randn([2], opts).set_requires_grad(true);
+    let f = |x: &Tensor, w: &Tensor, b: &Tensor| depthwise_conv2d(x, w, Some(b), p, d).unwrap();
+    let y = f(&x, &w, &b);
+    let g = Tensor::randn(y.size().as_slice(), opts);
+    (&y * &g).sum(Kind::Double).backward();
+    let inputs = [&x, &w, &b];
+    let eps = 1e-6;
+    for (which, t) in inputs.iter().enumerate() {
+        let analytic = t.grad();
+        for i in 0..t.numel() as i64 {
+            let eval = |delta: f64| -> f64 {
+                tch::no_grad(|| {
+                    let ts: Vec<Tensor> = inputs.iter().map(|t| t.detach().copy()).collect();
+                    let _ = ts[which].view([-1]).get(i).g_add_scalar_(delta);
+                    f64::try_from((&f(&ts[0], &ts[1], &ts[2]) * &g).sum(Kind::Double)).unwrap()
+                })
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            let a = f64::try_from(analytic.view([-1]).get(i)).unwrap();
+            assert!(
+                (numeric - a).abs() < 1e-6 * (1.0 + a.abs()),
+                "input {which}, element {i}: numeric {numeric} vs autograd {a}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_errors_not_panics() {
+    let o = (Kind::Float, Device::Cpu);
+    let x = Tensor::zeros([1, 4, 8, 8], o);
+    let w = Tensor::zeros([4, 1, 3, 3], o);
+    assert!(depthwise_conv2d(&x, &w, None, 1, 1).is_ok());
+    // Wrong shapes.
+    assert!(depthwise_conv2d(&Tensor::zeros([4, 8, 8], o), &w, None, 1, 1).is_err());
+    assert!(depthwise_conv2d(&x, &Tensor::zeros([3, 1, 3, 3], o), None, 1, 1).is_err());
+    assert!(depthwise_conv2d(&x, &Tensor::zeros([4, 2, 3, 3], o), None, 1, 1).is_err());
+    assert!(depthwise_conv2d(&x, &Tensor::zeros([4, 1, 3, 2], o), None, 1, 1).is_err());
+    assert!(depthwise_conv2d(&x, &w, Some(&Tensor::zeros([5], o)), 1, 1).is_err());
+    // Kernel span larger than the padded image; bad padding/dilation.
+    let e = depthwise_conv2d(&Tensor::zeros([1, 4, 2, 2], o), &w, None, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("does not fit"), "{e}");
+    assert!(depthwise_conv2d(&x, &w, None, -1, 1).is_err());
+    assert!(depthwise_conv2d(&x, &w, None, 1, 0).is_err());
+    // Wrong dtypes.
+    let xi = Tensor::zeros([1, 4, 8, 8], (Kind::Int, Device::Cpu));
+    let e = depthwise_conv2d(&xi, &w, None, 1, 1).unwrap_err();
+    assert!(e.to_string().contains("float"), "{e}");
+    assert!(depthwise_conv2d(&x, &w.to_kind(Kind::Double), None, 1, 1).is_err());
+    assert!(depthwise_conv2d(&x, &w.to_kind(Kind::Int64), None, 1, 1).is_err());
+    // Mismatched devices (only testable with a GPU).
+    if tch::Cuda::is_available() {
+        assert!(depthwise_conv2d(&x, &w.to_device(Device::Cuda(0)), None, 1, 1).is_err());
+    }
+}
+
+/// An empty batch goes through (no work for the kernel, output of the right shape).
+#[test]
+fn zero_sized_batches_work() {
+    let o = (Kind::Double, Device::Cpu);
+    let y = depthwise_conv2d(
+        &Tensor::zeros([0, 3, 8, 8], o),
+        &Tensor::zeros([3, 1, 3, 3], o),
+        None,
+        1,
+        1,
+    )
+    .unwrap();
+    assert_eq!(y.size(), [0, 3, 8, 8]);
+}
+
+#[test]
+fn cuda_matches_cpu_when_present() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    tch::manual_seed(6);
+    let x = Tensor::randn([1, 8, 20, 24], (Kind::Float, Device::Cpu));
+    let w = Tensor::randn([8, 1, 7, 7], (Kind::Float, Device::Cpu));
+    let a = depthwise_conv2d(&x, &w, None, 9, 3).unwrap();
+    let b = depthwise_conv2d(
+        &x.to_device(Device::Cuda(0)),
+        &w.to_device(Device::Cuda(0)),
+        None,
+        9,
+        3,
+    )
+    .unwrap();
+    assert!(max_abs_diff(&a, &b.to_device(Device::Cpu)) < 1e-3);
+}
