@@ -1,0 +1,128 @@
+//! The `s3net` binary end to end on real test images: outputs, reports and clear failures.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const FAST: [&str; 6] = ["--iterations", "2", "--size", "32", "--features", "8"];
+
+fn data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(rel)
+}
+
+fn s3net(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_s3net")).args(args).output().expect("run s3net")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("s3net-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[1..4], b"PNG", "{} is not a PNG", path.display());
+    (u32::from_be_bytes(b[16..20].try_into().unwrap()), u32::from_be_bytes(b[20..24].try_into().unwrap()))
+}
+
+#[test]
+fn segment_writes_labels_mask_and_report_at_original_size() {
+    let out = tmpdir("segment");
+    let cases = [("ph2/IMD002.png", "IMD002", (765, 572)), ("lung/ID_0000_Z_0142.png", "ID_0000_Z_0142", (512, 512)), ("dicom/CT_small.dcm", "CT_small", (128, 128))];
+    for (rel, stem, size) in cases {
+        let img = data(rel);
+        let mut args = vec!["segment", img.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu"];
+        args.extend(FAST);
+        let o = s3net(&args);
+        assert!(o.status.success(), "{rel}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(png_size(&out.join(format!("{stem}.labels.png"))), size);
+        assert_eq!(png_size(&out.join(format!("{stem}.mask.png"))), size);
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(format!("{stem}.json"))).unwrap()).unwrap();
+        assert_eq!(report["iterations"], 2);
+        assert!(report["labels_used"].as_u64().unwrap() >= 1);
+        assert_eq!(report["options"]["size"], 32);
+        assert!(report["losses"]["total"].as_f64().unwrap().is_finite());
+    }
+}
+
+#[test]
+fn eval_writes_a_report_with_all_three_protocols() {
+    let dir = tmpdir("eval");
+    let (images, masks) = (dir.join("images"), dir.join("masks"));
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::create_dir_all(&masks).unwrap();
+    std::fs::copy(data("ph2/IMD002.png"), images.join("IMD002.png")).unwrap();
+    std::fs::copy(data("ph2/IMD002.mask.png"), masks.join("IMD002.png")).unwrap();
+    let report = dir.join("report.json");
+    let mut args = vec!["eval", "--images", images.to_str().unwrap(), "--masks", masks.to_str().unwrap(), "--report", report.to_str().unwrap(), "--device", "cpu"];
+    args.extend(FAST);
+    let o = s3net(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    for p in ["paper", "oracle", "auto"] {
+        for m in ["dsc", "hm", "xor"] {
+            assert!(r["summary"][p][m].as_f64().is_some(), "summary.{p}.{m} missing");
+        }
+    }
+    assert!(r["summary"]["full_resolution"]["auto"]["dsc"].as_f64().is_some());
+    assert_eq!(r["images"].as_array().unwrap().len(), 1);
+    assert!(r["fit_seconds_median"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["iterations_median"], 2.0);
+}
+
+/// A PNG whose header claims `w × h` pixels, followed by a truncated IDAT.
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+    v.extend(13u32.to_be_bytes());
+    v.extend(&ihdr);
+    v.extend(crc32(&ihdr).to_be_bytes());
+    v.extend(100u32.to_be_bytes());
+    v.extend(b"IDAT\x78\x9c");
+    v
+}
+
+#[test]
+fn bad_inputs_fail_clearly_with_a_non_zero_exit() {
+    let dir = tmpdir("bad");
+    let out = dir.join("out");
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let huge = write("huge.png", &png_header(100_000, 100_000));
+    let zero = write("zero.png", &png_header(0, 0));
+    let noise = write("noise.bin", &(0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>());
+    let empty = write("empty.png", b"");
+    let missing = dir.join("missing.png");
+    let cases: [(&Path, &str); 5] = [(&huge, "100000"), (&zero, "zero"), (&noise, "format"), (&empty, "empty"), (&missing, "cannot read")];
+    for (path, word) in cases {
+        let o = s3net(&["segment", path.to_str().unwrap(), "--out", out.to_str().unwrap(), "--iterations", "1"]);
+        let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+        assert!(!o.status.success(), "{} should fail", path.display());
+        assert!(err.contains(word), "{}: stderr should mention '{word}': {err}", path.display());
+        assert!(!err.contains("panicked"), "{}: {err}", path.display());
+    }
+    let img = data("ph2/IMD002.png");
+    for (flag, value, word) in [("--window", "abc", "window"), ("--preset", "fast", "preset"), ("--device", "tpu", "device"), ("--iterations", "0", "iterations")] {
+        let o = s3net(&["segment", img.to_str().unwrap(), "--out", out.to_str().unwrap(), flag, value]);
+        let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+        assert!(!o.status.success(), "{flag} {value} should fail");
+        assert!(err.contains(word), "{flag} {value}: {err}");
+    }
+}

@@ -1,0 +1,182 @@
+//! The fit loop on tiny images: determinism, progress, cancellation, early stop, options,
+//! resolution of the outputs, and the fused kernels against the tensor-op oracle.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use s3net_imaging::{Image, ImageKind};
+use s3net_model::options::{Kernels, OffsetMode};
+use s3net_model::{fit, segment, DeviceSpec, FitOptions, ModelError, Preset, Progress};
+use tch::Device;
+
+/// A dark blob on a brighter textured background, `w × h`, RGB or grey.
+fn blob(w: u32, h: u32, grey: bool) -> Image {
+    let c = if grey { 1 } else { 3 };
+    let n = (w * h) as usize;
+    let mut data = vec![0f32; n * c];
+    for y in 0..h {
+        for x in 0..w {
+            let (fx, fy) = (x as f32 / w as f32 - 0.5, y as f32 / h as f32 - 0.5);
+            let inside = fx * fx + fy * fy < 0.06;
+            let v = if inside { 0.25 } else { 0.75 } + 0.05 * ((x * 7 + y * 3) % 5) as f32 / 5.0;
+            for ch in 0..c {
+                data[ch * n + (y * w + x) as usize] = v - 0.05 * ch as f32;
+            }
+        }
+    }
+    Image { width: w, height: h, channels: c as u8, data, kind: if grey { ImageKind::Grey } else { ImageKind::Colour } }
+}
+
+fn tiny(preset: Preset) -> FitOptions {
+    FitOptions { size: 32, features: 8, iterations: 4, min_labels: 0, ..FitOptions::preset(preset) }
+}
+
+fn no_progress() -> impl FnMut(&Progress) {
+    |_: &Progress| {}
+}
+
+#[test]
+fn same_seed_same_labels_on_cpu() {
+    let img = blob(40, 30, false);
+    let opts = tiny(Preset::Default);
+    let never = AtomicBool::new(false);
+    let a = fit(&img, &opts, Device::Cpu, &mut no_progress(), &never).unwrap();
+    let b = fit(&img, &opts, Device::Cpu, &mut no_progress(), &never).unwrap();
+    assert_eq!(a.labels, b.labels);
+    assert_eq!(a.grid_labels, b.grid_labels);
+    assert_eq!(a.losses, b.losses);
+}
+
+#[test]
+fn progress_is_reported_every_step_and_labels_come_back_at_original_size() {
+    let img = blob(40, 24, false);
+    let opts = tiny(Preset::Default);
+    let mut seen = Vec::new();
+    let out = fit(&img, &opts, Device::Cpu, &mut |p: &Progress| seen.push(*p), &AtomicBool::new(false)).unwrap();
+    assert_eq!(seen.iter().map(|p| p.iteration).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert!(seen.iter().all(|p| p.max_iterations == 4 && p.labels >= 1 && p.losses.total.is_finite()));
+    assert_eq!(out.iterations, 4);
+    assert_eq!((out.labels.width, out.labels.height), (40, 24));
+    assert_eq!(out.labels.data.len(), 40 * 24);
+    assert_eq!((out.grid_labels.width, out.grid_labels.height), (32, 32));
+    assert!(out.labels.data.iter().all(|&l| (l as usize) < out.n_labels.max(1)));
+    // Renumbered by decreasing pixel count on the grid.
+    let count = |l: u16| out.grid_labels.data.iter().filter(|&&v| v == l).count();
+    for l in 1..out.n_labels as u16 {
+        assert!(count(l - 1) >= count(l), "label {l} is larger than label {}", l - 1);
+    }
+    assert_eq!(out.device, "cpu");
+}
+
+#[test]
+fn cancellation_stops_before_the_next_step() {
+    let img = blob(32, 32, false);
+    let opts = FitOptions { iterations: 50, ..tiny(Preset::Default) };
+    let cancel = AtomicBool::new(true);
+    assert!(matches!(fit(&img, &opts, Device::Cpu, &mut no_progress(), &cancel), Err(ModelError::Cancelled)));
+    let cancel = AtomicBool::new(false);
+    let mut steps = 0;
+    let r = fit(&img, &opts, Device::Cpu, &mut |p: &Progress| {
+        steps = p.iteration;
+        if p.iteration == 2 {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    }, &cancel);
+    assert!(matches!(r, Err(ModelError::Cancelled)));
+    assert_eq!(steps, 2);
+}
+
+#[test]
+fn early_stop_after_five_steps_once_few_labels_remain() {
+    let img = blob(32, 32, false);
+    // With min_labels = K every step qualifies, so the fit stops at the 5-step minimum.
+    let opts = FitOptions { iterations: 20, min_labels: 8, ..tiny(Preset::Default) };
+    let out = fit(&img, &opts, Device::Cpu, &mut no_progress(), &AtomicBool::new(false)).unwrap();
+    assert_eq!(out.iterations, 5);
+    let opts = FitOptions { iterations: 7, min_labels: 0, ..opts };
+    let out = fit(&img, &opts, Device::Cpu, &mut no_progress(), &AtomicBool::new(false)).unwrap();
+    assert_eq!(out.iterations, 7);
+}
+
+#[test]
+fn every_preset_runs_on_grey_and_colour() {
+    for preset in Preset::ALL {
+        for grey in [false, true] {
+            let img = blob(36, 28, grey);
+            let seg = segment(&img, &tiny(preset), DeviceSpec::Cpu, &mut no_progress(), &AtomicBool::new(false))
+                .unwrap_or_else(|e| panic!("{preset} grey={grey}: {e}"));
+            assert_eq!(seg.mask.len(), 36 * 28);
+            assert_eq!(seg.grid_mask.len(), 32 * 32);
+        }
+    }
+    assert_eq!(FitOptions::preset(Preset::Reference).offsets, OffsetMode::Free);
+}
+
+#[test]
+fn the_foreground_of_a_dark_blob_is_the_blob() {
+    let img = blob(48, 48, false);
+    let opts = FitOptions { iterations: 10, ..tiny(Preset::Default) };
+    let seg = segment(&img, &opts, DeviceSpec::Cpu, &mut no_progress(), &AtomicBool::new(false)).unwrap();
+    let truth: Vec<bool> = (0..48 * 48)
+        .map(|p| {
+            let (fx, fy) = ((p % 48) as f32 / 48.0 - 0.5, (p / 48) as f32 / 48.0 - 0.5);
+            fx * fx + fy * fy < 0.06
+        })
+        .collect();
+    let s = s3net_eval_like_dice(&seg.mask, &truth);
+    assert!(s > 0.8, "dice {s}");
+}
+
+fn s3net_eval_like_dice(a: &[bool], b: &[bool]) -> f64 {
+    let inter = a.iter().zip(b).filter(|(x, y)| **x && **y).count() as f64;
+    2.0 * inter / (a.iter().filter(|&&x| x).count() + b.iter().filter(|&&x| x).count()) as f64
+}
+
+#[test]
+fn fused_kernels_agree_with_tensor_ops() {
+    let img = blob(32, 32, false);
+    for offsets in [OffsetMode::Predicted, OffsetMode::Free] {
+        let base = FitOptions { iterations: 2, offsets, ..tiny(Preset::Default) };
+        let mut la = Vec::new();
+        let mut lb = Vec::new();
+        fit(&img, &FitOptions { kernels: Kernels::Fused, ..base.clone() }, Device::Cpu, &mut |p: &Progress| la.push(p.losses), &AtomicBool::new(false)).unwrap();
+        fit(&img, &FitOptions { kernels: Kernels::TensorOps, ..base }, Device::Cpu, &mut |p: &Progress| lb.push(p.losses), &AtomicBool::new(false)).unwrap();
+        for (a, b) in la.iter().zip(&lb) {
+            assert!((a.total - b.total).abs() < 1e-3 * (1.0 + b.total.abs()), "{a:?} vs {b:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_options_and_images_are_invalid_arguments() {
+    let img = blob(16, 16, false);
+    let never = AtomicBool::new(false);
+    let check = |o: FitOptions, word: &str| {
+        let e = fit(&img, &o, Device::Cpu, &mut no_progress(), &never).unwrap_err();
+        assert!(matches!(e, ModelError::InvalidArgument(_)), "{e}");
+        assert!(e.to_string().contains(word), "'{e}' should mention {word}");
+    };
+    check(FitOptions { iterations: 0, ..tiny(Preset::Default) }, "iterations");
+    check(FitOptions { size: 4, ..tiny(Preset::Default) }, "size");
+    check(FitOptions { lr: f64::NAN, ..tiny(Preset::Default) }, "lr");
+    check(FitOptions { min_labels: 99, ..tiny(Preset::Default) }, "min_labels");
+    let broken = Image { data: vec![0.0; 5], ..blob(16, 16, false) };
+    let e = fit(&broken, &tiny(Preset::Default), Device::Cpu, &mut no_progress(), &never).unwrap_err();
+    assert!(e.to_string().contains("buffer"), "{e}");
+    let empty = Image { width: 0, height: 0, channels: 3, data: vec![], kind: ImageKind::Colour };
+    assert!(fit(&empty, &tiny(Preset::Default), Device::Cpu, &mut no_progress(), &never).is_err());
+    assert!("gpu7".parse::<DeviceSpec>().is_err());
+    assert!("fast".parse::<Preset>().unwrap_err().to_string().contains("default, paper, reference"));
+    assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+}
+
+#[test]
+fn cuda_fit_when_present() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let img = blob(40, 30, false);
+    let out = fit(&img, &tiny(Preset::Default), Device::Cuda(0), &mut no_progress(), &AtomicBool::new(false)).unwrap();
+    assert_eq!(out.device, "cuda:0");
+    assert_eq!(out.labels.data.len(), 40 * 30);
+}
