@@ -135,13 +135,18 @@ fn s3net_eval_like_dice(a: &[bool], b: &[bool]) -> f64 {
 fn fused_kernels_agree_with_tensor_ops() {
     let img = blob(32, 32, false);
     for offsets in [OffsetMode::Predicted, OffsetMode::Free] {
-        let base = FitOptions { iterations: 2, offsets, ..tiny(Preset::Default) };
+        // One step: the losses of the first forward pass are the same function of the same
+        // weights. (Later steps are not comparable: argmax targets flip on float noise.)
+        let base = FitOptions { iterations: 1, offsets, ..tiny(Preset::Default) };
         let mut la = Vec::new();
         let mut lb = Vec::new();
         fit(&img, &FitOptions { kernels: Kernels::Fused, ..base.clone() }, Device::Cpu, &mut |p: &Progress| la.push(p.losses), &AtomicBool::new(false)).unwrap();
         fit(&img, &FitOptions { kernels: Kernels::TensorOps, ..base }, Device::Cpu, &mut |p: &Progress| lb.push(p.losses), &AtomicBool::new(false)).unwrap();
+        assert_eq!(la.len(), 1);
         for (a, b) in la.iter().zip(&lb) {
-            assert!((a.total - b.total).abs() < 1e-3 * (1.0 + b.total.abs()), "{a:?} vs {b:?}");
+            for (x, y) in [(a.total, b.total), (a.ce, b.ce), (a.affine, b.affine), (a.spatial, b.spatial)] {
+                assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{offsets:?}: {a:?} vs {b:?}");
+            }
         }
     }
 }
