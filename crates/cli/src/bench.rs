@@ -17,7 +17,7 @@ use crate::fitargs::FitArgs;
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Seconds per SGD step and per whole fit on a synthetic image.
-    Fit(FitBench),
+    Fit(Box<FitBench>),
     /// Forward and forward+backward time of the deformable convolution.
     Deform(DeformBench),
 }
@@ -51,7 +51,7 @@ pub struct DeformBench {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Fit(b) => fit(b),
+        BenchCommand::Fit(b) => fit(*b),
         BenchCommand::Deform(b) => deform(b),
     }
 }
@@ -135,7 +135,7 @@ fn deform(b: DeformBench) -> Result<()> {
         for rep in 0..=b.repeats {
             sync();
             let t0 = Instant::now();
-            drop(tch::no_grad(|| op())?);
+            drop(tch::no_grad(op)?);
             sync();
             let t_f = t0.elapsed().as_secs_f64() * 1e3;
             let t1 = Instant::now();

@@ -26,6 +26,11 @@ enum Command {
     /// Timing benchmarks (per-iteration fit time, deformable-conv op).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run the gRPC service until SIGTERM/SIGINT (config: --config FILE, S3NET__SECTION__KEY, flags).
+    Serve(s3net_server::cli::ServeArgs),
+    /// Talk to a running service: segment, submit, watch, get, cancel, list, health.
+    #[command(subcommand)]
+    Client(s3net_server::cli::ClientCommand),
 }
 
 fn main() {
@@ -38,6 +43,8 @@ fn main() {
         Command::Segment(a) => segment::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(b) => bench::run(b),
+        Command::Serve(a) => s3net_server::cli::run_serve(a),
+        Command::Client(c) => s3net_server::cli::run_client(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,196 @@
+//! Service overhead benchmark: an in-process server on loopback and real gRPC clients.
+//!
+//! `cargo run --release -p s3net-server --example service_bench [-- --runs N --workers W --threads T --per-client J]`
+//!
+//! * round-trip latency p50/p99 of a 1-iteration job on a 64×64 image, and the part of it
+//!   that is not the fit (decode, queue, events, PNG encoding, transport);
+//! * throughput and peak memory with 8 and 32 concurrent clients on 256×256 images;
+//! * the cost of progress streaming (every step vs. none) on a 20-step fit.
+//!
+//! Prints a Markdown table. Peak memory is the process's VmHWM (server and clients together).
+
+use std::time::{Duration, Instant};
+
+use s3net_server::pb::{self, job_event::Event, segmenter_client::SegmenterClient};
+use s3net_server::{Config, Server};
+use tonic::transport::Channel;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn image(side: u32) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(side, side, |x, y| {
+        let (dx, dy) = (x as f64 - side as f64 / 2.0, y as f64 - side as f64 / 2.0);
+        let inside = dx * dx + dy * dy < (side as f64 / 3.0).powi(2);
+        image::Luma([if inside { 190 } else { 50 } + ((x * 7 + y * 13) % 23) as u8])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(img)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .expect("png");
+    out.into_inner()
+}
+
+fn options(iterations: u32) -> pb::Options {
+    pb::Options {
+        iterations: Some(iterations),
+        size: Some(64),
+        min_labels: Some(0),
+        device: "cpu".into(),
+        ..Default::default()
+    }
+}
+
+/// One Segment call: (round trip, fit seconds reported by the server, events received).
+async fn segment(
+    c: &mut SegmenterClient<Channel>,
+    img: Vec<u8>,
+    o: pb::Options,
+) -> (Duration, f64, usize) {
+    let t = Instant::now();
+    let mut s = c
+        .segment(pb::SegmentRequest {
+            image: img,
+            options: Some(o),
+        })
+        .await
+        .expect("segment")
+        .into_inner();
+    let (mut fit, mut n) = (0.0, 0);
+    while let Some(e) = s.message().await.expect("stream") {
+        n += 1;
+        match e.event {
+            Some(Event::Completed(c)) => {
+                fit = c
+                    .result
+                    .and_then(|r| r.timings)
+                    .map_or(0.0, |t| t.fit_seconds)
+            }
+            Some(Event::Failed(f)) => panic!("{}", f.message),
+            _ => {}
+        }
+    }
+    (t.elapsed(), fit, n)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+async fn start(workers: usize, progress_ms: u64) -> (Server, String) {
+    let mut c = Config::default();
+    c.workers.torch_threads = Some(arg("--threads", 1));
+    c.server.addr = "127.0.0.1:0".into();
+    c.server.progress_interval_ms = progress_ms;
+    c.workers.cpu_workers = Some(workers);
+    c.queue.capacity = 256;
+    let s = Server::start(&c).await.expect("server");
+    let url = format!("http://{}", s.local_addr());
+    (s, url)
+}
+
+async fn client(url: &str) -> SegmenterClient<Channel> {
+    SegmenterClient::new(
+        Channel::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect"),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    s3net_model::tune_allocator();
+    let runs = arg("--runs", 50);
+    let workers = arg("--workers", 1);
+    println!("| measurement | value |\n|---|---|");
+
+    // Latency of a 1-iteration job on 64×64.
+    let (server, url) = start(workers, 100).await;
+    let mut c = client(&url).await;
+    let img = image(64);
+    segment(&mut c, img.clone(), options(1)).await; // warm-up
+    let (mut rt, mut over) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (d, fit, _) = segment(&mut c, img.clone(), options(1)).await;
+        rt.push(d.as_secs_f64() * 1e3);
+        over.push((d.as_secs_f64() - fit) * 1e3);
+    }
+    println!(
+        "| round trip, 1 step, 64×64, p50 / p99 ({runs} runs) | {:.1} / {:.1} ms |",
+        pct(&mut rt, 0.5),
+        pct(&mut rt, 0.99)
+    );
+    println!(
+        "| of which not the fit, p50 / p99 | {:.1} / {:.1} ms |",
+        pct(&mut over, 0.5),
+        pct(&mut over, 0.99)
+    );
+    server.shutdown().await.expect("shutdown");
+
+    // Throughput with concurrent clients on 256×256.
+    for clients in [8usize, 32] {
+        let (server, url) = start(workers, 100).await;
+        let per_client = arg("--per-client", 1);
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let mut c = client(&url).await;
+                    for _ in 0..per_client {
+                        segment(&mut c, image(256), options(5)).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("client");
+        }
+        let jobs = clients * per_client;
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "| {clients} clients × {per_client} jobs, 256×256, 5 steps, {workers} worker(s) | {:.2} jobs/s, peak RSS {:.0} MiB |",
+            jobs as f64 / s,
+            peak_rss_mib()
+        );
+        server.shutdown().await.expect("shutdown");
+    }
+
+    // Progress streaming: every step vs. none, 20 steps.
+    for (label, ms) in [("every step", 0u64), ("none", 3_600_000)] {
+        let (server, url) = start(workers, ms).await;
+        let mut c = client(&url).await;
+        segment(&mut c, img.clone(), options(20)).await;
+        let (mut v, mut events) = (Vec::new(), 0);
+        for _ in 0..runs.min(20) {
+            let (d, _, n) = segment(&mut c, img.clone(), options(20)).await;
+            v.push(d.as_secs_f64() * 1e3);
+            events = n;
+        }
+        println!(
+            "| 20 steps, 64×64, progress {label} ({events} events), p50 | {:.1} ms |",
+            pct(&mut v, 0.5)
+        );
+        server.shutdown().await.expect("shutdown");
+    }
+}

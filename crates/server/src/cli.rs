@@ -1,0 +1,598 @@
+//! The `s3net serve` and `s3net client …` subcommands, for the `s3net` binary to mount.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
+
+use crate::config::Config;
+use crate::pb::{self, job_event::Event, segmenter_client::SegmenterClient};
+use crate::server::{init_logging, Server};
+
+/// `s3net serve`: run the gRPC service until SIGTERM or SIGINT.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys as in the README; S3NET__SECTION__KEY variables override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Listen address HOST:PORT [default: 127.0.0.1:50051].
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// CPU workers [default: 1 without CUDA, 0 with].
+    #[arg(long)]
+    pub cpu_workers: Option<usize>,
+    /// Workers per CUDA device [default: 2].
+    #[arg(long)]
+    pub gpu_workers_per_device: Option<usize>,
+    /// libtorch intra-op threads [default: cores / CPU workers].
+    #[arg(long)]
+    pub torch_threads: Option<usize>,
+    /// Jobs that may wait in the queue [default: 64].
+    #[arg(long)]
+    pub queue_capacity: Option<usize>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+impl ServeArgs {
+    /// The configuration: defaults, file, environment, then these flags.
+    pub fn config(&self) -> Result<Config> {
+        let mut o: Vec<(&str, String)> = Vec::new();
+        if let Some(v) = &self.addr {
+            o.push(("server.addr", v.clone()));
+        }
+        if let Some(v) = self.cpu_workers {
+            o.push(("workers.cpu_workers", v.to_string()));
+        }
+        if let Some(v) = self.gpu_workers_per_device {
+            o.push(("workers.gpu_workers_per_device", v.to_string()));
+        }
+        if let Some(v) = self.torch_threads {
+            o.push(("workers.torch_threads", v.to_string()));
+        }
+        if let Some(v) = self.queue_capacity {
+            o.push(("queue.capacity", v.to_string()));
+        }
+        if self.log_json {
+            o.push(("log.format", "json".into()));
+        }
+        Config::load(self.config.as_deref(), &o)
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT, then drains it; returns once it has stopped.
+pub fn run_serve(args: ServeArgs) -> Result<()> {
+    let cfg = args.config()?;
+    init_logging(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let server = Server::start(&cfg).await?;
+        shutdown_signal().await;
+        server.shutdown().await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// How to reach the server.
+#[derive(Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// Server URL (https:// for TLS).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Bearer token, when the server requires one [default: $S3NET_TOKEN].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// PEM CA bundle to verify the server with (TLS).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key (mutual TLS).
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+/// Fit options sent with a request; unset ones take the server-side preset values.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RemoteFitArgs {
+    /// default | paper | reference
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Maximum SGD steps.
+    #[arg(long)]
+    pub iterations: Option<u32>,
+    /// Early stop at this many labels (0 disables).
+    #[arg(long)]
+    pub min_labels: Option<u32>,
+    /// Side of the square grid the network runs on.
+    #[arg(long)]
+    pub size: Option<u32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// auto | cpu | cuda:N
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Intensity window "CENTER,WIDTH" in the image's units (e.g. HU for CT).
+    #[arg(long, allow_hyphen_values = true)]
+    pub window: Option<String>,
+    /// Feature channels F (= clusters K).
+    #[arg(long)]
+    pub features: Option<u32>,
+    /// Queue priority (higher runs first).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub priority: i32,
+    /// Frame of a multi-frame DICOM.
+    #[arg(long, default_value_t = 0)]
+    pub frame: u32,
+}
+
+impl RemoteFitArgs {
+    pub fn options(&self) -> Result<pb::Options> {
+        let window = self
+            .window
+            .as_deref()
+            .map(|s| {
+                s.parse::<s3net_imaging::Window>()
+                    .with_context(|| format!("bad --window '{s}' (expected CENTER,WIDTH)"))
+            })
+            .transpose()?
+            .map(|w| pb::Window {
+                center: w.center,
+                width: w.width,
+            });
+        Ok(pb::Options {
+            preset: self.preset.clone().unwrap_or_default(),
+            iterations: self.iterations,
+            min_labels: self.min_labels,
+            size: self.size,
+            seed: self.seed,
+            device: self.device.clone().unwrap_or_default(),
+            window,
+            priority: self.priority,
+            features: self.features,
+            frame: self.frame,
+        })
+    }
+}
+
+/// `s3net client …`
+#[derive(Subcommand, Debug, Clone)]
+pub enum ClientCommand {
+    /// Segment one image remotely and write STEM.labels.png, STEM.mask.png and STEM.json.
+    Segment {
+        #[command(flatten)]
+        conn: ConnectArgs,
+        /// Image file (PNG, JPEG, BMP, TIFF, DICOM).
+        file: PathBuf,
+        /// Output folder (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Upload in chunks (SegmentUpload) instead of one message.
+        #[arg(long)]
+        upload: bool,
+        #[command(flatten)]
+        fit: RemoteFitArgs,
+    },
+    /// Queue an image as an asynchronous job and print its id.
+    Submit {
+        #[command(flatten)]
+        conn: ConnectArgs,
+        file: PathBuf,
+        /// Idempotency key: resubmitting with it returns the same job.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        fit: RemoteFitArgs,
+    },
+    /// Follow a job's events until it finishes.
+    Watch {
+        #[command(flatten)]
+        conn: ConnectArgs,
+        job_id: String,
+    },
+    /// Print a job's state; with --out, write its result files (JOB_ID.labels.png, …).
+    Get {
+        #[command(flatten)]
+        conn: ConnectArgs,
+        job_id: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Cancel a job.
+    Cancel {
+        #[command(flatten)]
+        conn: ConnectArgs,
+        job_id: String,
+    },
+    /// List the jobs the server knows.
+    List {
+        #[command(flatten)]
+        conn: ConnectArgs,
+    },
+    /// Check grpc.health.v1 (exits non-zero unless SERVING).
+    Health {
+        #[command(flatten)]
+        conn: ConnectArgs,
+        /// Service name; empty for the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+}
+
+/// Adds the bearer token to every request.
+#[derive(Clone)]
+pub struct TokenInterceptor(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A Segmenter client with the token interceptor.
+pub type Client = SegmenterClient<InterceptedService<Channel, TokenInterceptor>>;
+
+impl ConnectArgs {
+    pub async fn channel(&self) -> Result<Channel> {
+        let mut ep = Endpoint::from_shared(self.addr.clone())
+            .with_context(|| format!("bad --addr '{}'", self.addr))?;
+        if self.ca.is_some() || self.cert.is_some() || self.addr.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_enabled_roots();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(c), Some(k)) = (&self.cert, &self.key) {
+                tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
+            }
+            ep = ep.tls_config(tls)?;
+        }
+        ep.connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.addr))
+    }
+
+    pub async fn client(&self) -> Result<Client> {
+        let token = match self
+            .token
+            .clone()
+            .or_else(|| std::env::var("S3NET_TOKEN").ok())
+        {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .context("the token is not valid header text")?,
+            ),
+            None => None,
+        };
+        Ok(
+            SegmenterClient::with_interceptor(self.channel().await?, TokenInterceptor(token))
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20),
+        )
+    }
+}
+
+fn read(p: &Path) -> Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+}
+
+/// A gRPC status as the error the CLI prints: `InvalidArgument: message`.
+pub fn status_error(s: Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn code_name(code: i32) -> String {
+    format!("{:?}", tonic::Code::from_i32(code))
+}
+
+/// Runs one client command.
+pub fn run_client(cmd: ClientCommand) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(client_main(cmd))
+}
+
+async fn client_main(cmd: ClientCommand) -> Result<()> {
+    match cmd {
+        ClientCommand::Segment {
+            conn,
+            file,
+            out,
+            upload,
+            fit,
+        } => {
+            let image = read(&file)?;
+            let options = fit.options()?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let stem = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into());
+            let mut client = conn.client().await?;
+            let stream = if upload || image.len() > 48 << 20 {
+                let mut chunks = vec![pb::UploadChunk {
+                    part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
+                        options: Some(options),
+                        total_bytes: image.len() as u64,
+                    })),
+                }];
+                chunks.extend(image.chunks(1 << 20).map(|c| pb::UploadChunk {
+                    part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
+                }));
+                client.segment_upload(tokio_stream::iter(chunks)).await
+            } else {
+                client
+                    .segment(pb::SegmentRequest {
+                        image,
+                        options: Some(options),
+                    })
+                    .await
+            };
+            let result = follow_events(stream.map_err(status_error)?.into_inner(), true).await?;
+            write_result(&out, &stem, &result)?;
+            println!(
+                "{}: {} labels, {} iterations, {:.2} s on {}",
+                file.display(),
+                result.labels_used,
+                result.iterations,
+                result.timings.map(|t| t.fit_seconds).unwrap_or(0.0),
+                result.device
+            );
+            Ok(())
+        }
+        ClientCommand::Submit {
+            conn,
+            file,
+            idempotency_key,
+            fit,
+        } => {
+            let r = conn
+                .client()
+                .await?
+                .submit_job(pb::SubmitJobRequest {
+                    image: read(&file)?,
+                    options: Some(fit.options()?),
+                    idempotency_key: idempotency_key.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", r.job_id);
+            Ok(())
+        }
+        ClientCommand::Watch { conn, job_id } => {
+            let s = conn
+                .client()
+                .await?
+                .watch_job(pb::WatchJobRequest { job_id })
+                .await
+                .map_err(status_error)?;
+            follow_events(s.into_inner(), false).await.map(|_| ())
+        }
+        ClientCommand::Get { conn, job_id, out } => {
+            let j = conn
+                .client()
+                .await?
+                .get_job(pb::GetJobRequest {
+                    job_id: job_id.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_job(&j);
+            if let (Some(out), Some(r)) = (out, &j.result) {
+                std::fs::create_dir_all(&out)
+                    .with_context(|| format!("cannot create {}", out.display()))?;
+                write_result(&out, &job_id, r)?;
+            }
+            Ok(())
+        }
+        ClientCommand::Cancel { conn, job_id } => {
+            let r = conn
+                .client()
+                .await?
+                .cancel_job(pb::CancelJobRequest { job_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", state_name(r.state));
+            Ok(())
+        }
+        ClientCommand::List { conn } => {
+            let r = conn
+                .client()
+                .await?
+                .list_jobs(pb::ListJobsRequest::default())
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            r.jobs.iter().for_each(print_job);
+            Ok(())
+        }
+        ClientCommand::Health { conn, service } => {
+            use tonic_health::pb::{
+                health_check_response::ServingStatus, health_client::HealthClient,
+                HealthCheckRequest,
+            };
+            let mut h = HealthClient::new(conn.channel().await?);
+            let r = h
+                .check(HealthCheckRequest { service })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
+            println!("{}", status.as_str_name());
+            anyhow::ensure!(status == ServingStatus::Serving, "server is not serving");
+            Ok(())
+        }
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    pb::JobState::try_from(s)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+}
+
+fn print_job(j: &pb::Job) {
+    let mut line = format!(
+        "{} {} {}x{}",
+        j.job_id,
+        state_name(j.state),
+        j.width,
+        j.height
+    );
+    if let Some(p) = &j.progress {
+        line += &format!(" step {}/{}", p.iteration, p.max_iterations);
+    }
+    if let Some(f) = &j.failure {
+        line += &format!(" {}: {}", code_name(f.code), f.message);
+    }
+    if let Some(c) = &j.cancellation {
+        line += &format!(" ({})", c.reason);
+    }
+    println!("{line}");
+}
+
+/// Shows a job's events on stderr and returns its result, or its failure as an error.
+pub async fn follow_events(
+    mut s: tonic::Streaming<pb::JobEvent>,
+    quiet_progress: bool,
+) -> Result<pb::SegmentationResult> {
+    let tty = std::io::stderr().is_terminal();
+    while let Some(ev) = s.message().await.map_err(status_error)? {
+        match ev.event {
+            Some(Event::Queued(q)) => {
+                eprintln!("job {} queued at position {}", ev.job_id, q.position)
+            }
+            Some(Event::Started(st)) => {
+                eprintln!("job {} started on {} ({})", ev.job_id, st.worker, st.device)
+            }
+            Some(Event::Progress(p)) => {
+                let loss = p.losses.map(|l| l.total).unwrap_or(0.0);
+                if tty {
+                    eprint!(
+                        "\rstep {}/{} labels {:>2} loss {:.3} ",
+                        p.iteration, p.max_iterations, p.labels, loss
+                    );
+                    let _ = std::io::stderr().flush();
+                } else if !quiet_progress {
+                    eprintln!(
+                        "step {}/{} labels {} loss {:.3}",
+                        p.iteration, p.max_iterations, p.labels, loss
+                    );
+                }
+            }
+            Some(Event::Completed(c)) => {
+                if tty {
+                    eprintln!();
+                }
+                return c.result.context("Completed event without a result");
+            }
+            Some(Event::Failed(f)) => anyhow::bail!("{}: {}", code_name(f.code), f.message),
+            Some(Event::Cancelled(c)) => anyhow::bail!("Cancelled: {}", c.reason),
+            None => {}
+        }
+    }
+    anyhow::bail!("Unavailable: the event stream ended without an outcome")
+}
+
+/// Writes STEM.labels.png, STEM.mask.png and STEM.json, as `s3net segment` does.
+pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Result<()> {
+    let write = |name: String, bytes: &[u8]| {
+        let p = out.join(name);
+        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
+    };
+    write(format!("{stem}.labels.png"), &r.labels_png)?;
+    write(format!("{stem}.mask.png"), &r.mask_png)?;
+    let l = r.losses.unwrap_or_default();
+    let t = r.timings.unwrap_or_default();
+    let options: serde_json::Value = r
+        .options
+        .as_ref()
+        .and_then(|o| serde_json::from_str(&o.options_json).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let clusters: Vec<_> = r
+        .clusters
+        .iter()
+        .map(|c| {
+            let b = c.bbox.unwrap_or_default();
+            json!({"label": c.label, "pixels": c.pixel_count, "bbox": [b.x, b.y, b.width, b.height], "mean_intensity": c.mean_intensity})
+        })
+        .collect();
+    let report = json!({
+        "width": r.width,
+        "height": r.height,
+        "labels_used": r.labels_used,
+        "iterations": r.iterations,
+        "losses": {"total": l.total, "ce": l.ce, "affine": l.affine, "spatial": l.spatial},
+        "fit_seconds": t.fit_seconds,
+        "device": r.device,
+        "foreground_fraction": r.foreground_fraction,
+        "options": options,
+        "clusters": clusters,
+        "timings": {"queued_seconds": t.queued_seconds, "fit_seconds": t.fit_seconds, "total_seconds": t.total_seconds},
+    });
+    write(
+        format!("{stem}.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )
+}
+
+/// Waits up to `timeout` for a server to answer health checks (for scripts and tests).
+pub async fn wait_serving(conn: &ConnectArgs, timeout: Duration) -> Result<()> {
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        let ok = async {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(conn.channel().await?);
+            let r = h
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+            anyhow::Ok(r.into_inner().status == 1)
+        }
+        .await;
+        if matches!(ok, Ok(true)) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < until,
+            "server at {} not serving after {timeout:?}",
+            conn.addr
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

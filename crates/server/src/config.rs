@@ -1,0 +1,171 @@
+//! The server's configuration: one typed struct, from defaults, an optional TOML file,
+//! `S3NET__SECTION__KEY` environment variables and command-line flags, in that order of
+//! increasing precedence.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Everything `s3net serve` can be told. `Config::default()` is the embedded default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub queue: QueueConfig,
+    pub workers: WorkersConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address. Loopback by default: exposing the service is a deliberate choice.
+    pub addr: String,
+    /// Largest gRPC message accepted or sent, in bytes (tonic's own default is 4 MiB, too
+    /// small for a CT slice with its DICOM header or a dermoscopy photo).
+    pub max_message_bytes: usize,
+    /// Largest image accepted by SegmentUpload (sum of its chunks), in bytes.
+    pub max_upload_bytes: usize,
+    /// Minimum time between two Progress events of one job, in milliseconds (0: every step).
+    pub progress_interval_ms: u64,
+    /// On SIGTERM/SIGINT, how long running jobs may go on before they are cancelled.
+    pub shutdown_grace_s: u64,
+    /// When set, every Segmenter call must carry `authorization: Bearer <token>`.
+    pub auth_token: Option<String>,
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: "127.0.0.1:50051".into(),
+            max_message_bytes: 64 << 20,
+            max_upload_bytes: 256 << 20,
+            progress_interval_ms: 100,
+            shutdown_grace_s: 30,
+            auth_token: None,
+            tls: None,
+        }
+    }
+}
+
+/// TLS with the server's certificate; mutual TLS when `client_ca` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert: PathBuf,
+    /// PEM private key of the server.
+    pub key: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Which queue and job store: only "memory" (in-process) for now.
+    pub backend: String,
+    /// Jobs that may wait for a worker; one more is RESOURCE_EXHAUSTED.
+    pub capacity: usize,
+    /// How long finished jobs (and their results) are kept, in seconds.
+    pub retention_s: u64,
+    /// Memory budget for kept results, in bytes; the oldest are evicted first when exceeded.
+    pub retention_bytes: usize,
+    /// Memory budget for the decoded images of queued jobs (4 bytes per sample), in bytes;
+    /// beyond it new work is RESOURCE_EXHAUSTED like a full queue.
+    pub max_queued_bytes: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            backend: "memory".into(),
+            capacity: 64,
+            retention_s: 600,
+            retention_bytes: 256 << 20,
+            max_queued_bytes: 2 << 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// CPU workers. Unset: 1 when no CUDA device is present, else 0.
+    pub cpu_workers: Option<usize>,
+    /// Workers per CUDA device (unset: 2). Ignored without CUDA.
+    pub gpu_workers_per_device: Option<usize>,
+    /// libtorch intra-op threads (process-wide). Unset: the CPU cores divided among the CPU workers.
+    pub torch_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// "text" or "json".
+    pub format: String,
+    /// A tracing `EnvFilter` directive; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            filter: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (if given, it must exist), then `S3NET__…` variables, then
+    /// `overrides` (dotted keys, e.g. `("server.addr", "0.0.0.0:50051")`).
+    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Config> {
+        // Missing keys take the serde defaults above.
+        let mut b = config::Config::builder();
+        if let Some(f) = file {
+            anyhow::ensure!(f.exists(), "config file {} does not exist", f.display());
+            b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
+        }
+        b = b.add_source(
+            config::Environment::with_prefix("S3NET")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        for (k, v) in overrides {
+            b = b.set_override(*k, v.clone())?;
+        }
+        let c: Config = b
+            .build()?
+            .try_deserialize()
+            .context("invalid configuration")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Rejects settings that cannot work, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.queue.backend == "memory",
+            "queue.backend: only \"memory\" is available, got {:?}",
+            self.queue.backend
+        );
+        anyhow::ensure!(
+            self.server.max_message_bytes >= 1024,
+            "server.max_message_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            matches!(self.log.format.as_str(), "text" | "json"),
+            "log.format must be \"text\" or \"json\""
+        );
+        anyhow::ensure!(
+            self.workers.torch_threads != Some(0),
+            "workers.torch_threads must be at least 1"
+        );
+        Ok(())
+    }
+}

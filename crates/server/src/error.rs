@@ -1,0 +1,132 @@
+//! The service's errors and their one mapping to gRPC status codes.
+
+use s3net_imaging::ImagingError;
+use s3net_model::ModelError;
+use tonic::{Code, Status};
+
+/// Everything an RPC or a job can fail with.
+///
+/// Each variant maps to exactly one gRPC code in [`ServiceError::code`]; the same code goes
+/// into a job's `Failed` event, so a streamed failure and a unary one read alike.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The image could not be decoded (its message never carries patient data).
+    #[error("{0}")]
+    Imaging(#[from] ImagingError),
+    /// The engine refused or failed the fit.
+    #[error("{0}")]
+    Model(#[from] ModelError),
+    /// A request field is malformed or out of range.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The queue holds `capacity` jobs (or its memory budget of images) already.
+    #[error("queue is full ({waiting} jobs waiting or its memory budget used); retry in about {retry_after_s} s")]
+    QueueFull { waiting: usize, retry_after_s: u64 },
+    /// The server is shutting down and takes no new work.
+    #[error("server is shutting down; retry on another replica")]
+    Draining,
+    /// No such job id.
+    #[error("unknown job '{0}'")]
+    NotFound(String),
+    /// The job existed but its result was evicted.
+    #[error("job '{id}' expired: finished results are kept for {retention_s} s (or less under memory pressure)")]
+    Expired { id: String, retention_s: u64 },
+    /// An idempotency key reused with a different image or options.
+    #[error("idempotency key '{key}' is already used by job '{job_id}' with a different image or options")]
+    AlreadyExists { key: String, job_id: String },
+    /// The job was cancelled; the reason says by whom.
+    #[error("job cancelled: {0}")]
+    Cancelled(String),
+    /// A bug or an unexpected failure (e.g. a panic in a worker).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// The gRPC code of this error: the one place that decides it.
+    pub fn code(&self) -> Code {
+        match self {
+            ServiceError::Imaging(_) | ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::Model(m) => match m {
+                ModelError::InvalidArgument(_) => Code::InvalidArgument,
+                ModelError::Cancelled => Code::Cancelled,
+                ModelError::Diverged { .. } => Code::Aborted,
+                ModelError::Torch(_) => Code::Internal,
+            },
+            ServiceError::QueueFull { .. } => Code::ResourceExhausted,
+            ServiceError::Draining => Code::Unavailable,
+            ServiceError::NotFound(_) | ServiceError::Expired { .. } => Code::NotFound,
+            ServiceError::AlreadyExists { .. } => Code::AlreadyExists,
+            ServiceError::Cancelled(_) => Code::Cancelled,
+            ServiceError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Status {
+        let mut status = Status::new(e.code(), e.to_string());
+        if let ServiceError::QueueFull { retry_after_s, .. } = e {
+            if let Ok(v) = retry_after_s.to_string().parse() {
+                status.metadata_mut().insert("retry-after", v);
+            }
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_code() {
+        let cases: Vec<(ServiceError, Code)> = vec![
+            (ImagingError::EmptyInput.into(), Code::InvalidArgument),
+            (
+                ModelError::InvalidArgument("x".into()).into(),
+                Code::InvalidArgument,
+            ),
+            (ModelError::Cancelled.into(), Code::Cancelled),
+            (
+                ModelError::Torch("CUDA out of memory".into()).into(),
+                Code::Internal,
+            ),
+            (
+                ServiceError::QueueFull {
+                    waiting: 3,
+                    retry_after_s: 7,
+                },
+                Code::ResourceExhausted,
+            ),
+            (ServiceError::Draining, Code::Unavailable),
+            (ServiceError::NotFound("j".into()), Code::NotFound),
+            (
+                ServiceError::Expired {
+                    id: "j".into(),
+                    retention_s: 1,
+                },
+                Code::NotFound,
+            ),
+            (
+                ServiceError::AlreadyExists {
+                    key: "k".into(),
+                    job_id: "j".into(),
+                },
+                Code::AlreadyExists,
+            ),
+        ];
+        for (e, code) in cases {
+            let msg = e.to_string();
+            let s = Status::from(e);
+            assert_eq!(s.code(), code, "{msg}");
+            assert_eq!(s.message(), msg);
+        }
+        let s = Status::from(ServiceError::QueueFull {
+            waiting: 3,
+            retry_after_s: 7,
+        });
+        assert_eq!(s.metadata().get("retry-after").unwrap(), "7");
+        assert!(s.message().contains("retry in about 7 s"));
+    }
+}

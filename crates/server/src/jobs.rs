@@ -1,0 +1,790 @@
+//! The job queue and job store, behind one small trait.
+//!
+//! [`JobQueue`] is everything the RPC layer and the workers need from "where jobs live": submit
+//! (with capacity and idempotency), take the next job for a device, publish events, watch, get,
+//! cancel, list, drain. [`MemoryQueue`] keeps it all in this process; a shared backend (so that
+//! many replicas serve one queue) implements the same trait.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use s3net_imaging::Image;
+use s3net_model::{DeviceSpec, FitOptions};
+use tokio::sync::broadcast;
+
+use crate::error::ServiceError;
+use crate::pb::{self, job_event::Event, JobState};
+
+/// A decoded image and everything needed to fit it.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub image: Arc<Image>,
+    pub options: FitOptions,
+    /// The requested device; a worker only takes jobs its own device satisfies.
+    pub device: DeviceSpec,
+    pub priority: i32,
+    /// What the result reports as applied.
+    pub applied: pb::AppliedOptions,
+    /// Idempotency key and a fingerprint of the image and options.
+    pub idempotency: Option<(String, [u8; 32])>,
+}
+
+/// The answer to [`JobQueue::submit`].
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub id: String,
+    /// The idempotency key matched an existing job.
+    pub existing: bool,
+    pub state: JobState,
+    pub position: u32,
+}
+
+/// A job handed to a worker.
+#[derive(Debug)]
+pub struct Claimed {
+    pub id: String,
+    pub job: NewJob,
+    /// Raised by cancellation; the fit checks it before every step.
+    pub cancel: Arc<AtomicBool>,
+    /// How long it waited in the queue.
+    pub queued_for: Duration,
+    pub submitted: Instant,
+}
+
+/// What [`JobQueue::take`] found.
+#[derive(Debug)]
+pub enum Take {
+    Job(Box<Claimed>),
+    /// Nothing for this device within the timeout.
+    Idle,
+    /// The queue is closed: the worker should exit.
+    Closed,
+}
+
+/// A job's events so far, and a receiver for the ones to come (no gap, no duplicate between them).
+#[derive(Debug)]
+pub struct Watch {
+    pub replay: Vec<pb::JobEvent>,
+    /// `None` when the job has already finished (the replay then ends with its outcome).
+    pub live: Option<broadcast::Receiver<pb::JobEvent>>,
+}
+
+/// Where jobs wait, run and are kept. Methods never block the async runtime for long, except
+/// [`JobQueue::take`], which only worker threads call.
+pub trait JobQueue: Send + Sync + 'static {
+    /// Queues a job, or returns the job its idempotency key already names.
+    fn submit(&self, job: NewJob) -> Result<Submitted, ServiceError>;
+    /// The next job a worker on `device` can run, by priority then arrival; waits up to `timeout`.
+    fn take(&self, device: DeviceSpec, timeout: Duration) -> Take;
+    /// Records and broadcasts an event of a running job (Started, Progress, or its outcome).
+    /// A `Cancelled` outcome with an empty reason gets the reason the cancellation gave.
+    fn publish(&self, id: &str, event: Event);
+    fn watch(&self, id: &str) -> Result<Watch, ServiceError>;
+    fn get(&self, id: &str) -> Result<pb::Job, ServiceError>;
+    /// Cancels a queued job now or flags a running one; returns the state after the call.
+    fn cancel(&self, id: &str, reason: &str) -> Result<JobState, ServiceError>;
+    /// Newest first, results without their images.
+    fn list(&self, state: Option<JobState>, limit: usize) -> Vec<pb::Job>;
+    /// Refuses new work from now on ([`ServiceError::Draining`]).
+    fn drain(&self);
+    /// Cancels every queued and running job.
+    fn cancel_all(&self, reason: &str);
+    /// Queued plus running jobs.
+    fn active(&self) -> usize;
+    /// Wakes the workers and makes [`JobQueue::take`] return [`Take::Closed`].
+    fn close(&self);
+}
+
+/// Limits of the in-process queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub capacity: usize,
+    pub retention: Duration,
+    pub retention_bytes: usize,
+    /// Memory budget for the decoded images of queued jobs, in bytes; a job that would exceed
+    /// it is refused like a full queue (unless the queue is empty).
+    pub queued_bytes: usize,
+    /// Number of workers, to estimate the retry hint.
+    pub workers: usize,
+}
+
+/// The in-process [`JobQueue`]: one mutex, one condition variable for the workers.
+pub struct MemoryQueue {
+    inner: Mutex<Inner>,
+    wake: Condvar,
+    limits: QueueLimits,
+}
+
+struct Entry {
+    state: JobState,
+    priority: i32,
+    seq: u64,
+    /// Present while queued; moved to the worker on take.
+    job: Option<NewJob>,
+    device: DeviceSpec,
+    cancel: Arc<AtomicBool>,
+    cancel_reason: Option<String>,
+    key: Option<(String, [u8; 32])>,
+    width: u32,
+    height: u32,
+    submitted: Instant,
+    submitted_at: f64,
+    started_at: f64,
+    finished_at: f64,
+    finished: Option<Instant>,
+    started: Option<pb::Started>,
+    progress: Option<pb::Progress>,
+    outcome: Option<Event>,
+    result_bytes: usize,
+    tx: Option<broadcast::Sender<pb::JobEvent>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: HashMap<String, Entry>,
+    /// Queued ids, best first: priority descending, then arrival.
+    queue: Vec<String>,
+    keys: HashMap<String, String>,
+    /// Finished ids, oldest first.
+    finished: VecDeque<String>,
+    retained_bytes: usize,
+    /// Decoded image bytes held by queued jobs.
+    queued_bytes: usize,
+    expired: HashSet<String>,
+    expired_order: VecDeque<String>,
+    seq: u64,
+    running: usize,
+    draining: bool,
+    closed: bool,
+    /// Moving average of fit durations, for the retry hint.
+    mean_fit_s: f64,
+}
+
+const EXPIRED_MEMORY: usize = 100_000;
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn event(id: &str, e: Event) -> pb::JobEvent {
+    pb::JobEvent {
+        job_id: id.to_string(),
+        event: Some(e),
+    }
+}
+
+/// Whether an event ends a job's stream.
+pub fn is_outcome(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::Completed(_) | Event::Failed(_) | Event::Cancelled(_)
+    )
+}
+
+fn device_serves(worker: DeviceSpec, wanted: DeviceSpec) -> bool {
+    wanted == DeviceSpec::Auto || wanted == worker
+}
+
+impl MemoryQueue {
+    pub fn new(limits: QueueLimits) -> Self {
+        MemoryQueue {
+            inner: Mutex::new(Inner {
+                mean_fit_s: 1.0,
+                ..Default::default()
+            }),
+            wake: Condvar::new(),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps inconsistent in a way that
+        // matters more than refusing all further work would.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn evict(&self, inner: &mut Inner) {
+        let now = Instant::now();
+        while let Some(id) = inner.finished.front().cloned() {
+            let old = inner
+                .jobs
+                .get(&id)
+                .and_then(|e| e.finished)
+                .is_none_or(|t| now.duration_since(t) >= self.limits.retention);
+            if !old && inner.retained_bytes <= self.limits.retention_bytes {
+                break;
+            }
+            inner.finished.pop_front();
+            if let Some(e) = inner.jobs.remove(&id) {
+                inner.retained_bytes = inner.retained_bytes.saturating_sub(e.result_bytes);
+                if let Some((k, _)) = e.key {
+                    if inner.keys.get(&k) == Some(&id) {
+                        inner.keys.remove(&k);
+                    }
+                }
+            }
+            inner.expired.insert(id.clone());
+            inner.expired_order.push_back(id);
+            if inner.expired_order.len() > EXPIRED_MEMORY {
+                if let Some(old) = inner.expired_order.pop_front() {
+                    inner.expired.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn missing(&self, inner: &Inner, id: &str) -> ServiceError {
+        if inner.expired.contains(id) {
+            ServiceError::Expired {
+                id: id.to_string(),
+                retention_s: self.limits.retention.as_secs(),
+            }
+        } else {
+            ServiceError::NotFound(id.to_string())
+        }
+    }
+
+    /// Sets the outcome of a job, broadcasts it and closes its channel.
+    fn finish(&self, inner: &mut Inner, id: &str, outcome: Event) {
+        let Some(e) = inner.jobs.get_mut(id) else {
+            return;
+        };
+        if e.outcome.is_some() {
+            return;
+        }
+        let was_running = e.state == JobState::Running;
+        let outcome = match outcome {
+            Event::Cancelled(c) if c.reason.is_empty() => Event::Cancelled(pb::Cancelled {
+                reason: e
+                    .cancel_reason
+                    .clone()
+                    .unwrap_or_else(|| "cancelled".into()),
+            }),
+            o => o,
+        };
+        e.state = match &outcome {
+            Event::Completed(_) => JobState::Completed,
+            Event::Failed(_) => JobState::Failed,
+            _ => JobState::Cancelled,
+        };
+        let fit_s = match &outcome {
+            Event::Completed(c) => c
+                .result
+                .as_ref()
+                .and_then(|r| r.timings)
+                .map(|t| t.fit_seconds),
+            _ => None,
+        };
+        e.result_bytes = outcome_size(&outcome);
+        e.finished = Some(Instant::now());
+        e.finished_at = unix_now();
+        e.job = None;
+        if let Some(tx) = e.tx.take() {
+            let _ = tx.send(event(id, outcome.clone()));
+        }
+        e.outcome = Some(outcome);
+        let bytes = e.result_bytes;
+        if was_running {
+            inner.running = inner.running.saturating_sub(1);
+        }
+        if let Some(s) = fit_s {
+            inner.mean_fit_s = 0.8 * inner.mean_fit_s + 0.2 * s;
+        }
+        inner.retained_bytes += bytes;
+        inner.finished.push_back(id.to_string());
+        self.evict(inner);
+    }
+
+    fn snapshot(inner: &Inner, id: &str, e: &Entry) -> pb::Job {
+        let mut job = pb::Job {
+            job_id: id.to_string(),
+            state: e.state as i32,
+            queue_position: inner.queue.iter().position(|q| q == id).unwrap_or(0) as u32,
+            submitted_at: e.submitted_at,
+            started_at: e.started_at,
+            finished_at: e.finished_at,
+            width: e.width,
+            height: e.height,
+            progress: e.progress,
+            ..Default::default()
+        };
+        match &e.outcome {
+            Some(Event::Completed(c)) => job.result = c.result.clone(),
+            Some(Event::Failed(f)) => job.failure = Some(f.clone()),
+            Some(Event::Cancelled(c)) => job.cancellation = Some(c.clone()),
+            _ => {}
+        }
+        job
+    }
+}
+
+fn image_bytes(job: &NewJob) -> usize {
+    job.image.data.len() * std::mem::size_of::<f32>()
+}
+
+fn outcome_size(e: &Event) -> usize {
+    match e {
+        Event::Completed(c) => c.encoded_len(),
+        _ => 256,
+    }
+}
+
+fn job_id(seq: u64) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(seq.to_le_bytes());
+    h.update(unix_now().to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    let d = h.finalize();
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl JobQueue for MemoryQueue {
+    fn submit(&self, job: NewJob) -> Result<Submitted, ServiceError> {
+        let mut inner = self.lock();
+        if inner.draining || inner.closed {
+            return Err(ServiceError::Draining);
+        }
+        self.evict(&mut inner);
+        if let Some((key, fp)) = &job.idempotency {
+            if let Some(id) = inner.keys.get(key) {
+                let e = &inner.jobs[id];
+                if e.key.as_ref().map(|k| &k.1) != Some(fp) {
+                    return Err(ServiceError::AlreadyExists {
+                        key: key.clone(),
+                        job_id: id.clone(),
+                    });
+                }
+                let position = inner.queue.iter().position(|q| q == id).unwrap_or(0) as u32;
+                return Ok(Submitted {
+                    id: id.clone(),
+                    existing: true,
+                    state: e.state,
+                    position,
+                });
+            }
+        }
+        let bytes = image_bytes(&job);
+        let over_budget =
+            !inner.queue.is_empty() && inner.queued_bytes + bytes > self.limits.queued_bytes;
+        if inner.queue.len() >= self.limits.capacity || over_budget {
+            let per_worker =
+                (inner.queue.len() + inner.running) as f64 / self.limits.workers.max(1) as f64;
+            let retry_after_s = (per_worker * inner.mean_fit_s).ceil().max(1.0) as u64;
+            return Err(ServiceError::QueueFull {
+                waiting: inner.queue.len(),
+                retry_after_s,
+            });
+        }
+        inner.seq += 1;
+        let seq = inner.seq;
+        let mut id = job_id(seq);
+        while inner.jobs.contains_key(&id) || inner.expired.contains(&id) {
+            id = job_id(seq ^ rand_bits());
+        }
+        let (tx, _) = broadcast::channel(64);
+        let position = inner
+            .queue
+            .iter()
+            .position(|q| inner.jobs.get(q).is_some_and(|e| e.priority < job.priority))
+            .unwrap_or(inner.queue.len());
+        inner.queue.insert(position, id.clone());
+        inner.queued_bytes += bytes;
+        if let Some((key, _)) = &job.idempotency {
+            inner.keys.insert(key.clone(), id.clone());
+        }
+        let entry = Entry {
+            state: JobState::Queued,
+            priority: job.priority,
+            seq,
+            device: job.device,
+            cancel: Arc::new(AtomicBool::new(false)),
+            cancel_reason: None,
+            key: job.idempotency.clone(),
+            width: job.image.width,
+            height: job.image.height,
+            submitted: Instant::now(),
+            submitted_at: unix_now(),
+            started_at: 0.0,
+            finished_at: 0.0,
+            finished: None,
+            started: None,
+            progress: None,
+            outcome: None,
+            result_bytes: 0,
+            tx: Some(tx),
+            job: Some(job),
+        };
+        inner.jobs.insert(id.clone(), entry);
+        drop(inner);
+        self.wake.notify_all();
+        Ok(Submitted {
+            id,
+            existing: false,
+            state: JobState::Queued,
+            position: position as u32,
+        })
+    }
+
+    fn take(&self, device: DeviceSpec, timeout: Duration) -> Take {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.lock();
+        loop {
+            if inner.closed {
+                return Take::Closed;
+            }
+            let found = inner.queue.iter().position(|id| {
+                inner
+                    .jobs
+                    .get(id)
+                    .is_some_and(|e| device_serves(device, e.device))
+            });
+            if let Some(i) = found {
+                let id = inner.queue.remove(i);
+                let Some(e) = inner.jobs.get_mut(&id) else {
+                    continue;
+                };
+                let Some(job) = e.job.take() else { continue };
+                e.state = JobState::Running;
+                e.started_at = unix_now();
+                let claimed = Claimed {
+                    id,
+                    cancel: e.cancel.clone(),
+                    queued_for: e.submitted.elapsed(),
+                    submitted: e.submitted,
+                    job,
+                };
+                inner.running += 1;
+                inner.queued_bytes = inner.queued_bytes.saturating_sub(image_bytes(&claimed.job));
+                return Take::Job(Box::new(claimed));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Take::Idle;
+            }
+            inner = self
+                .wake
+                .wait_timeout(inner, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    fn publish(&self, id: &str, ev: Event) {
+        let mut inner = self.lock();
+        if is_outcome(&ev) {
+            self.finish(&mut inner, id, ev);
+            return;
+        }
+        let Some(e) = inner.jobs.get_mut(id) else {
+            return;
+        };
+        if e.outcome.is_some() {
+            return;
+        }
+        match &ev {
+            Event::Started(s) => e.started = Some(s.clone()),
+            Event::Progress(p) => e.progress = Some(*p),
+            _ => {}
+        }
+        if let Some(tx) = &e.tx {
+            let _ = tx.send(event(id, ev));
+        }
+    }
+
+    fn watch(&self, id: &str) -> Result<Watch, ServiceError> {
+        let inner = self.lock();
+        let Some(e) = inner.jobs.get(id) else {
+            return Err(self.missing(&inner, id));
+        };
+        let mut replay = Vec::new();
+        if e.state == JobState::Queued {
+            let position = inner.queue.iter().position(|q| q == id).unwrap_or(0) as u32;
+            replay.push(event(id, Event::Queued(pb::Queued { position })));
+        }
+        if let Some(s) = &e.started {
+            replay.push(event(id, Event::Started(s.clone())));
+        }
+        if let Some(p) = e.progress {
+            replay.push(event(id, Event::Progress(p)));
+        }
+        if let Some(o) = &e.outcome {
+            replay.push(event(id, o.clone()));
+        }
+        Ok(Watch {
+            replay,
+            live: e.tx.as_ref().map(|tx| tx.subscribe()),
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<pb::Job, ServiceError> {
+        let mut inner = self.lock();
+        self.evict(&mut inner);
+        match inner.jobs.get(id) {
+            Some(e) => Ok(Self::snapshot(&inner, id, e)),
+            None => Err(self.missing(&inner, id)),
+        }
+    }
+
+    fn cancel(&self, id: &str, reason: &str) -> Result<JobState, ServiceError> {
+        let mut inner = self.lock();
+        let Some(e) = inner.jobs.get_mut(id) else {
+            return Err(self.missing(&inner, id));
+        };
+        match e.state {
+            JobState::Queued => {
+                let bytes = e.job.as_ref().map_or(0, image_bytes);
+                inner.queued_bytes = inner.queued_bytes.saturating_sub(bytes);
+                inner.queue.retain(|q| q != id);
+                self.finish(
+                    &mut inner,
+                    id,
+                    Event::Cancelled(pb::Cancelled {
+                        reason: reason.to_string(),
+                    }),
+                );
+                Ok(JobState::Cancelled)
+            }
+            JobState::Running => {
+                if e.cancel_reason.is_none() {
+                    e.cancel_reason = Some(reason.to_string());
+                }
+                e.cancel.store(true, Ordering::SeqCst);
+                Ok(JobState::Running)
+            }
+            s => Ok(s),
+        }
+    }
+
+    fn list(&self, state: Option<JobState>, limit: usize) -> Vec<pb::Job> {
+        let mut inner = self.lock();
+        self.evict(&mut inner);
+        let mut v: Vec<(&String, &Entry)> = inner
+            .jobs
+            .iter()
+            .filter(|(_, e)| state.is_none_or(|s| e.state == s))
+            .collect();
+        v.sort_by_key(|(_, e)| std::cmp::Reverse(e.seq));
+        v.into_iter()
+            .take(limit)
+            .map(|(id, e)| {
+                let mut j = Self::snapshot(&inner, id, e);
+                if let Some(r) = &mut j.result {
+                    r.labels_png.clear();
+                    r.mask_png.clear();
+                }
+                j
+            })
+            .collect()
+    }
+
+    fn drain(&self) {
+        self.lock().draining = true;
+    }
+
+    fn cancel_all(&self, reason: &str) {
+        let ids: Vec<String> = {
+            let inner = self.lock();
+            inner
+                .jobs
+                .iter()
+                .filter(|(_, e)| e.outcome.is_none())
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in ids {
+            let _ = self.cancel(&id, reason);
+        }
+    }
+
+    fn active(&self) -> usize {
+        let inner = self.lock();
+        inner.queue.len() + inner.running
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_all();
+    }
+}
+
+fn rand_bits() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(7)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use s3net_imaging::ImageKind;
+
+    fn job(priority: i32, device: DeviceSpec, key: Option<&str>) -> NewJob {
+        let image = Image {
+            width: 4,
+            height: 4,
+            channels: 1,
+            data: vec![0.5; 16],
+            kind: ImageKind::Grey,
+        };
+        NewJob {
+            image: Arc::new(image),
+            options: FitOptions::default(),
+            device,
+            priority,
+            applied: pb::AppliedOptions::default(),
+            idempotency: key.map(|k| (k.to_string(), [7; 32])),
+        }
+    }
+
+    fn queue(retention: Duration, retention_bytes: usize) -> MemoryQueue {
+        MemoryQueue::new(QueueLimits {
+            capacity: 8,
+            retention,
+            retention_bytes,
+            queued_bytes: 1 << 20,
+            workers: 1,
+        })
+    }
+
+    fn complete(q: &MemoryQueue, id: &str, png_bytes: usize) {
+        let result = pb::SegmentationResult {
+            labels_png: vec![1; png_bytes],
+            ..Default::default()
+        };
+        q.publish(
+            id,
+            Event::Completed(pb::Completed {
+                result: Some(result),
+            }),
+        );
+    }
+
+    fn take_id(q: &MemoryQueue, device: DeviceSpec) -> Option<String> {
+        match q.take(device, Duration::ZERO) {
+            Take::Job(c) => Some(c.id),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn priority_then_arrival_and_device_routing() {
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        let a = q.submit(job(0, DeviceSpec::Auto, None)).unwrap().id;
+        let gpu = q.submit(job(9, DeviceSpec::Cuda(0), None)).unwrap().id;
+        let b = q.submit(job(0, DeviceSpec::Cpu, None)).unwrap().id;
+        let c = q.submit(job(3, DeviceSpec::Auto, None)).unwrap();
+        assert_eq!(c.position, 1, "after the priority-9 job");
+        // A CPU worker skips the CUDA job.
+        assert_eq!(take_id(&q, DeviceSpec::Cpu).as_deref(), Some(c.id.as_str()));
+        assert_eq!(take_id(&q, DeviceSpec::Cpu).as_deref(), Some(a.as_str()));
+        assert_eq!(
+            take_id(&q, DeviceSpec::Cuda(0)).as_deref(),
+            Some(gpu.as_str())
+        );
+        assert_eq!(
+            take_id(&q, DeviceSpec::Cuda(0)),
+            None,
+            "the CPU-only job stays for a CPU worker"
+        );
+        assert_eq!(take_id(&q, DeviceSpec::Cpu).as_deref(), Some(b.as_str()));
+        assert_eq!(q.active(), 4);
+        q.close();
+        assert!(matches!(
+            q.take(DeviceSpec::Cpu, Duration::from_secs(5)),
+            Take::Closed
+        ));
+    }
+
+    #[test]
+    fn memory_budget_evicts_the_oldest_results_first() {
+        let q = queue(Duration::from_secs(3600), 2500);
+        let ids: Vec<String> = (0..3)
+            .map(|_| q.submit(job(0, DeviceSpec::Auto, Some("k"))).unwrap().id)
+            .collect();
+        assert!(
+            ids.iter().all(|i| i == &ids[0]),
+            "same key, same fingerprint: one job"
+        );
+        let second = q.submit(job(0, DeviceSpec::Auto, None)).unwrap().id;
+        assert_eq!(
+            take_id(&q, DeviceSpec::Cpu).as_deref(),
+            Some(ids[0].as_str())
+        );
+        assert_eq!(
+            take_id(&q, DeviceSpec::Cpu).as_deref(),
+            Some(second.as_str())
+        );
+        complete(&q, &ids[0], 1000);
+        complete(&q, &second, 1000);
+        assert_eq!(q.get(&ids[0]).unwrap().state, JobState::Completed as i32);
+        let third = q.submit(job(0, DeviceSpec::Auto, None)).unwrap().id;
+        take_id(&q, DeviceSpec::Cpu);
+        complete(&q, &third, 1000);
+        // 3 × ~1000 bytes > 2500: the first result went.
+        let err = q.get(&ids[0]).unwrap_err();
+        assert!(matches!(err, ServiceError::Expired { .. }), "{err:?}");
+        assert!(err.to_string().contains("expired"));
+        assert!(q.get(&second).is_ok() && q.get(&third).is_ok());
+        assert!(matches!(
+            q.get("nope").unwrap_err(),
+            ServiceError::NotFound(_)
+        ));
+        // The key went with its job.
+        assert_ne!(
+            q.submit(job(0, DeviceSpec::Auto, Some("k"))).unwrap().id,
+            ids[0]
+        );
+    }
+
+    #[test]
+    fn watch_replays_without_gaps_and_ends_with_the_outcome() {
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        let id = q.submit(job(0, DeviceSpec::Auto, None)).unwrap().id;
+        let w = q.watch(&id).unwrap();
+        assert!(matches!(
+            w.replay[..],
+            [pb::JobEvent {
+                event: Some(Event::Queued(_)),
+                ..
+            }]
+        ));
+        let mut live = w.live.unwrap();
+        take_id(&q, DeviceSpec::Cpu);
+        q.publish(
+            &id,
+            Event::Started(pb::Started {
+                worker: "w".into(),
+                device: "cpu".into(),
+            }),
+        );
+        q.publish(
+            &id,
+            Event::Progress(pb::Progress {
+                iteration: 1,
+                ..Default::default()
+            }),
+        );
+        assert_eq!(q.cancel(&id, "test").unwrap(), JobState::Running);
+        q.publish(&id, Event::Cancelled(pb::Cancelled::default()));
+        let mut got = Vec::new();
+        while let Ok(e) = live.try_recv() {
+            got.push(e.event.unwrap());
+        }
+        assert!(
+            matches!(got[..], [Event::Started(_), Event::Progress(_), Event::Cancelled(ref c)] if c.reason == "test"),
+            "{got:?}"
+        );
+        let late = q.watch(&id).unwrap();
+        assert!(late.live.is_none());
+        assert_eq!(late.replay.len(), 3);
+        assert_eq!(q.active(), 0);
+    }
+}

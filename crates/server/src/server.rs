@@ -1,0 +1,237 @@
+//! Starting and stopping the service: workers, queue, tonic server, health, reflection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tracing::info;
+
+use crate::config::Config;
+use crate::jobs::{JobQueue, MemoryQueue, QueueLimits};
+use crate::pb::segmenter_server::SegmenterServer;
+use crate::service::SegmenterService;
+use crate::worker::{self, WorkerSlot};
+
+/// A running server. Dropping it does not stop it; call [`Server::shutdown`].
+pub struct Server {
+    addr: SocketAddr,
+    queue: Arc<dyn JobQueue>,
+    health: HealthReporter,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    slots: Vec<WorkerSlot>,
+    stop: oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: Duration,
+}
+
+/// The bearer-token check: a no-op unless a token is configured.
+#[derive(Clone)]
+pub struct BearerAuth {
+    expected: Option<Arc<str>>,
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.expected else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(req),
+            _ => Err(Status::unauthenticated("missing or wrong bearer token")),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Sets up logging from the config (text or JSON; `RUST_LOG` overrides the filter).
+pub fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if cfg.log.format == "json" {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+impl Server {
+    /// Binds `cfg.server.addr` (port 0 picks a free one), starts the workers and serves.
+    pub async fn start(cfg: &Config) -> Result<Server> {
+        cfg.validate()?;
+        let cuda = s3net_model::cuda_device_count();
+        let slots = worker::plan(
+            cfg.workers.cpu_workers,
+            cfg.workers.gpu_workers_per_device,
+            cuda,
+        );
+        anyhow::ensure!(
+            !slots.is_empty(),
+            "no workers configured (workers.cpu_workers = 0 and no CUDA device)"
+        );
+        let cpu_workers = slots
+            .iter()
+            .filter(|s| s.device == s3net_model::DeviceSpec::Cpu)
+            .count()
+            .max(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let threads = cfg
+            .workers
+            .torch_threads
+            .unwrap_or((cores / cpu_workers).max(1));
+        tch::set_num_threads(threads as i32);
+
+        let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::new(QueueLimits {
+            capacity: cfg.queue.capacity,
+            retention: Duration::from_secs(cfg.queue.retention_s),
+            retention_bytes: cfg.queue.retention_bytes,
+            queued_bytes: cfg.queue.max_queued_bytes,
+            workers: slots.len(),
+        }));
+        let workers = worker::spawn(
+            queue.clone(),
+            &slots,
+            Duration::from_millis(cfg.server.progress_interval_ms),
+        );
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<SegmenterServer<SegmenterService>>()
+            .await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("cannot build the reflection service")?;
+
+        let devices = slots.iter().map(|s| s.device).collect();
+        let max = cfg.server.max_message_bytes;
+        let segmenter = SegmenterServer::new(SegmenterService::new(
+            queue.clone(),
+            devices,
+            cfg.server.max_upload_bytes,
+        ))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+        let auth = BearerAuth {
+            expected: cfg.server.auth_token.as_deref().map(Arc::from),
+        };
+        let segmenter = InterceptedService::new(segmenter, auth);
+
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &cfg.server.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let mut t = ServerTlsConfig::new()
+                .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+            if let Some(ca) = &tls.client_ca {
+                t = t.client_ca_root(Certificate::from_pem(read(ca)?));
+            }
+            builder = builder.tls_config(t).context("invalid TLS configuration")?;
+        }
+        let listener = tokio::net::TcpListener::bind(&cfg.server.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.server.addr))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let router = builder
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(segmenter);
+        let serving = tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let names: Vec<&str> = slots.iter().map(|s| s.name.as_str()).collect();
+        info!(%addr, workers = ?names, torch_threads = threads, "s3net serving");
+        Ok(Server {
+            addr,
+            queue,
+            health,
+            workers,
+            slots,
+            stop,
+            serving,
+            grace: Duration::from_secs(cfg.server.shutdown_grace_s),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The workers this server runs.
+    pub fn workers(&self) -> &[WorkerSlot] {
+        &self.slots
+    }
+
+    /// Drains and stops: health NOT_SERVING and new work UNAVAILABLE at once, then running and
+    /// queued jobs get the grace period, then the rest is cancelled and the server stops.
+    pub async fn shutdown(self) -> Result<()> {
+        info!(
+            grace_s = self.grace.as_secs_f64(),
+            active = self.queue.active(),
+            "draining"
+        );
+        self.health
+            .set_not_serving::<SegmenterServer<SegmenterService>>()
+            .await;
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        self.queue.drain();
+        let until = Instant::now() + self.grace;
+        while self.queue.active() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.queue.active() > 0 {
+            info!(
+                active = self.queue.active(),
+                "grace period over; cancelling"
+            );
+            self.queue.cancel_all("server shutting down");
+        }
+        // Cancelled fits stop at their next iteration.
+        while self.queue.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.queue.close();
+        let workers = self.workers;
+        tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())))
+            .await?;
+        // Let the event streams deliver their outcome before the connections close.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = self.stop.send(());
+        match tokio::time::timeout(Duration::from_secs(5), self.serving).await {
+            Ok(r) => r?.context("server error")?,
+            Err(_) => info!("connections still open after 5 s; stopping anyway"),
+        }
+        info!("stopped");
+        Ok(())
+    }
+}

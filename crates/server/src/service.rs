@@ -1,0 +1,488 @@
+//! The `s3net.v1.Segmenter` RPCs: request checking, decoding, and event streams over a
+//! [`JobQueue`]. No fitting happens here; the workers do it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use s3net_imaging::{DecodeOptions, Window};
+use s3net_model::{DeviceSpec, FitOptions, Preset};
+use sha2::Digest;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, info_span, Instrument};
+
+use crate::error::ServiceError;
+use crate::jobs::{is_outcome, JobQueue, NewJob, Watch};
+use crate::pb::{self, job_event::Event, segmenter_server::Segmenter, JobState};
+
+/// A stream of job events as tonic sends it.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+/// The Segmenter service: validates and decodes requests, queues jobs, streams their events.
+pub struct SegmenterService {
+    queue: Arc<dyn JobQueue>,
+    /// The devices the workers run on: a job asking for another one is refused up front.
+    devices: Vec<DeviceSpec>,
+    max_upload_bytes: usize,
+}
+
+impl SegmenterService {
+    pub fn new(
+        queue: Arc<dyn JobQueue>,
+        devices: Vec<DeviceSpec>,
+        max_upload_bytes: usize,
+    ) -> Self {
+        SegmenterService {
+            queue,
+            devices,
+            max_upload_bytes,
+        }
+    }
+
+    /// Checks the options, decodes the image (on the blocking pool: it is CPU work) and builds the job.
+    async fn prepare(
+        &self,
+        image: Vec<u8>,
+        options: Option<pb::Options>,
+        key: &str,
+    ) -> Result<NewJob, ServiceError> {
+        let o = options.unwrap_or_default();
+        let fit = fit_options(&o)?;
+        let device: DeviceSpec = o.device.parse()?;
+        if !self
+            .devices
+            .iter()
+            .any(|&d| device == DeviceSpec::Auto || d == device)
+        {
+            let have: Vec<String> = self.devices.iter().map(|d| d.to_string()).collect();
+            return Err(ServiceError::InvalidArgument(format!(
+                "device {device} requested but this server's workers run on: {}",
+                if have.is_empty() {
+                    "nothing".into()
+                } else {
+                    have.join(", ")
+                }
+            )));
+        }
+        let window = o
+            .window
+            .map(|w| Window::new(w.center, w.width))
+            .transpose()?;
+        let idempotency = (!key.is_empty()).then(|| {
+            let mut h = sha2::Sha256::new();
+            h.update(&image);
+            h.update(serde_json::to_vec(&fit).unwrap_or_default());
+            h.update(format!("{device}|{window:?}|{}|{}", o.frame, o.priority));
+            (key.to_string(), <[u8; 32]>::from(h.finalize()))
+        });
+        let decode = DecodeOptions {
+            frame: o.frame,
+            ..Default::default()
+        };
+        let (image, applied_window) = tokio::task::spawn_blocking(move || {
+            let d = s3net_imaging::decode(&image, &decode)?;
+            let applied = window.or(d.window.filter(Window::is_valid));
+            Ok::<_, ServiceError>((s3net_imaging::normalize(&d, window), applied))
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;
+        let applied = pb::AppliedOptions {
+            preset: fit.preset.to_string(),
+            iterations: fit.iterations as u32,
+            min_labels: fit.min_labels as u32,
+            size: fit.size as u32,
+            seed: fit.seed,
+            features: fit.features as u32,
+            device: device.to_string(),
+            window: applied_window.map(|w| pb::Window {
+                center: w.center,
+                width: w.width,
+            }),
+            priority: o.priority,
+            options_json: serde_json::to_string(&fit).unwrap_or_default(),
+        };
+        Ok(NewJob {
+            image: Arc::new(image),
+            options: fit,
+            device,
+            priority: o.priority,
+            applied,
+            idempotency,
+        })
+    }
+
+    /// Queues a job for a streaming call and follows it; the job is this call's to cancel.
+    async fn run_owned(
+        &self,
+        image: Vec<u8>,
+        options: Option<pb::Options>,
+        deadline: Option<Duration>,
+    ) -> Result<EventStream, ServiceError> {
+        let job = self.prepare(image, options, "").await?;
+        let sub = self.queue.submit(job)?;
+        tracing::Span::current().record("job_id", sub.id.as_str());
+        info!(job_id = %sub.id, position = sub.position, "job queued");
+        let mut watch = self.queue.watch(&sub.id)?;
+        // A worker may have taken the job already: the caller still sees it was queued first.
+        if !matches!(
+            watch.replay.first().and_then(|e| e.event.as_ref()),
+            Some(Event::Queued(_))
+        ) {
+            let queued = Event::Queued(pb::Queued {
+                position: sub.position,
+            });
+            watch.replay.insert(
+                0,
+                pb::JobEvent {
+                    job_id: sub.id.clone(),
+                    event: Some(queued),
+                },
+            );
+        }
+        Ok(follow(self.queue.clone(), sub.id, watch, true, deadline))
+    }
+}
+
+/// The options of the request's preset with its fields applied, validated.
+fn fit_options(o: &pb::Options) -> Result<FitOptions, ServiceError> {
+    let preset: Preset = if o.preset.trim().is_empty() {
+        Preset::Default
+    } else {
+        o.preset.parse()?
+    };
+    let mut f = FitOptions::preset(preset);
+    if let Some(v) = o.iterations {
+        f.iterations = v as usize;
+    }
+    if let Some(v) = o.min_labels {
+        f.min_labels = v as usize;
+    }
+    if let Some(v) = o.size {
+        f.size = v as i64;
+    }
+    if let Some(v) = o.seed {
+        f.seed = v;
+    }
+    if let Some(v) = o.features {
+        f.features = v as i64;
+    }
+    f.validate()?;
+    Ok(f)
+}
+
+/// Streams a job's events to a client: the replay, then the live events until the outcome.
+///
+/// For an `owned` job (Segment, SegmentUpload) the client going away or the deadline passing
+/// cancels the job; a watcher (WatchJob) leaving changes nothing.
+fn follow(
+    queue: Arc<dyn JobQueue>,
+    id: String,
+    watch: Watch,
+    owned: bool,
+    deadline: Option<Duration>,
+) -> EventStream {
+    let (tx, rx) = mpsc::channel::<Result<pb::JobEvent, Status>>(16);
+    tokio::spawn(async move {
+        let gone = |reason: &str| {
+            if owned {
+                let _ = queue.cancel(&id, reason);
+            }
+        };
+        for ev in watch.replay {
+            let end = ev.event.as_ref().is_some_and(is_outcome);
+            if tx.send(Ok(ev)).await.is_err() {
+                return gone("client disconnected");
+            }
+            if end {
+                return;
+            }
+        }
+        let Some(mut live) = watch.live else { return };
+        let sleep = tokio::time::sleep(deadline.unwrap_or(Duration::from_secs(u32::MAX as u64)));
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                r = live.recv() => match r {
+                    Ok(ev) => {
+                        let end = ev.event.as_ref().is_some_and(is_outcome);
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return gone("client disconnected");
+                        }
+                        if end {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        // The outcome was sent while we lagged: read it from the store.
+                        if let Some(ev) = queue.get(&id).ok().and_then(|j| outcome_event(&j)) {
+                            let _ = tx.send(Ok(ev)).await;
+                        }
+                        return;
+                    }
+                },
+                _ = tx.closed() => return gone("client disconnected"),
+                _ = &mut sleep, if deadline.is_some() => {
+                    gone("deadline exceeded");
+                    let _ = tx.send(Err(Status::deadline_exceeded("deadline exceeded; the job was cancelled"))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+fn outcome_event(j: &pb::Job) -> Option<pb::JobEvent> {
+    let e = match JobState::try_from(j.state).ok()? {
+        JobState::Completed => Event::Completed(pb::Completed {
+            result: j.result.clone(),
+        }),
+        JobState::Failed => Event::Failed(j.failure.clone().unwrap_or_default()),
+        JobState::Cancelled => Event::Cancelled(j.cancellation.clone().unwrap_or_default()),
+        _ => return None,
+    };
+    Some(pb::JobEvent {
+        job_id: j.job_id.clone(),
+        event: Some(e),
+    })
+}
+
+/// The `grpc-timeout` header as a duration (e.g. `"250m"` = 250 ms).
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl Segmenter for SegmenterService {
+    type SegmentStream = EventStream;
+    type SegmentUploadStream = EventStream;
+    type WatchJobStream = EventStream;
+
+    async fn segment(
+        &self,
+        req: Request<pb::SegmentRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let deadline = grpc_timeout(req.metadata());
+        let r = req.into_inner();
+        let span = info_span!(
+            "rpc",
+            method = "Segment",
+            bytes = r.image.len(),
+            job_id = tracing::field::Empty
+        );
+        let stream = self
+            .run_owned(r.image, r.options, deadline)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn segment_upload(
+        &self,
+        req: Request<Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<EventStream>, Status> {
+        use pb::upload_chunk::Part;
+        let deadline = grpc_timeout(req.metadata());
+        let mut chunks = req.into_inner();
+        let span = info_span!(
+            "rpc",
+            method = "SegmentUpload",
+            bytes = tracing::field::Empty,
+            job_id = tracing::field::Empty
+        );
+        let stream = async {
+            let header = match chunks.next().await {
+                Some(Ok(pb::UploadChunk {
+                    part: Some(Part::Header(h)),
+                })) => h,
+                Some(Err(s)) => return Err(s),
+                _ => {
+                    return Err(ServiceError::InvalidArgument(
+                        "the first UploadChunk must carry the header".into(),
+                    )
+                    .into())
+                }
+            };
+            let too_big = |n: u64| {
+                ServiceError::InvalidArgument(format!(
+                    "upload of {n} bytes exceeds the server's limit of {} bytes",
+                    self.max_upload_bytes
+                ))
+            };
+            if header.total_bytes > self.max_upload_bytes as u64 {
+                return Err(too_big(header.total_bytes).into());
+            }
+            let mut image = Vec::with_capacity(header.total_bytes as usize);
+            while let Some(chunk) = chunks.next().await {
+                match chunk?.part {
+                    Some(Part::Data(d)) => {
+                        if image.len() + d.len() > self.max_upload_bytes {
+                            return Err(too_big((image.len() + d.len()) as u64).into());
+                        }
+                        image.extend_from_slice(&d);
+                    }
+                    Some(Part::Header(_)) => {
+                        return Err(ServiceError::InvalidArgument(
+                            "only the first UploadChunk may carry a header".into(),
+                        )
+                        .into())
+                    }
+                    None => {}
+                }
+            }
+            tracing::Span::current().record("bytes", image.len());
+            Ok(self.run_owned(image, header.options, deadline).await?)
+        }
+        .instrument(span)
+        .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let r = req.into_inner();
+        let span = info_span!(
+            "rpc",
+            method = "SubmitJob",
+            bytes = r.image.len(),
+            job_id = tracing::field::Empty
+        );
+        async {
+            let job = self.prepare(r.image, r.options, &r.idempotency_key).await?;
+            let sub = self.queue.submit(job)?;
+            tracing::Span::current().record("job_id", sub.id.as_str());
+            info!(
+                existing = sub.existing,
+                position = sub.position,
+                "job submitted"
+            );
+            Ok(Response::new(pb::SubmitJobResponse {
+                job_id: sub.id,
+                existing: sub.existing,
+                state: sub.state as i32,
+                queue_position: sub.position,
+            }))
+        }
+        .instrument(span)
+        .await
+        .map_err(|e: ServiceError| e.into())
+    }
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let id = req.into_inner().job_id;
+        let _span = info_span!("rpc", method = "WatchJob", job_id = %id).entered();
+        let watch = self.queue.watch(&id)?;
+        Ok(Response::new(follow(
+            self.queue.clone(),
+            id,
+            watch,
+            false,
+            None,
+        )))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = req.into_inner().job_id;
+        let _span = info_span!("rpc", method = "GetJob", job_id = %id).entered();
+        Ok(Response::new(self.queue.get(&id)?))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let id = req.into_inner().job_id;
+        let _span = info_span!("rpc", method = "CancelJob", job_id = %id).entered();
+        let state = self.queue.cancel(&id, "cancelled by CancelJob")?;
+        info!(job_id = %id, "cancel requested");
+        Ok(Response::new(pb::CancelJobResponse {
+            state: state as i32,
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = req.into_inner();
+        let state = match JobState::try_from(r.state) {
+            Ok(JobState::Unspecified) => None,
+            Ok(s) => Some(s),
+            Err(_) => {
+                return Err(
+                    ServiceError::InvalidArgument(format!("unknown job state {}", r.state)).into(),
+                )
+            }
+        };
+        let limit = if r.limit == 0 { 100 } else { r.limit as usize };
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: self.queue.list(state, limit),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header() {
+        let t = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(t("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(t("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(t("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(t("x"), None);
+        assert_eq!(t("10"), None);
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn options_apply_over_the_preset() {
+        let o = pb::Options {
+            preset: "paper".into(),
+            iterations: Some(7),
+            size: Some(64),
+            features: Some(12),
+            ..Default::default()
+        };
+        let f = fit_options(&o).unwrap();
+        assert_eq!(
+            (f.preset, f.iterations, f.size, f.features),
+            (Preset::Paper, 7, 64, 12)
+        );
+        assert_eq!(f.lr, FitOptions::preset(Preset::Paper).lr);
+        let e = fit_options(&pb::Options {
+            size: Some(8),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("size must be in 16..=1024"), "{e}");
+    }
+}

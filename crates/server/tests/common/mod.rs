@@ -1,0 +1,169 @@
+//! A real server on an ephemeral loopback port and a real tonic client, tiny images and fits.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use s3net_server::pb::{self, job_event::Event, segmenter_client::SegmenterClient};
+use s3net_server::{Config, Server};
+use tonic::transport::Channel;
+
+pub type Client = SegmenterClient<Channel>;
+
+/// A test configuration: one CPU worker with one libtorch thread, every progress step streamed.
+pub fn config() -> Config {
+    let mut c = Config::default();
+    c.server.addr = "127.0.0.1:0".into();
+    c.server.progress_interval_ms = 0;
+    c.server.shutdown_grace_s = 1;
+    c.workers.cpu_workers = Some(1);
+    c.workers.torch_threads = Some(1);
+    c
+}
+
+pub async fn start(c: Config) -> (Server, String) {
+    let server = Server::start(&c).await.expect("server starts");
+    let url = format!("http://{}", server.local_addr());
+    (server, url)
+}
+
+pub async fn client(url: &str) -> Client {
+    let ch = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    SegmenterClient::new(ch)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// Fast fit options: 3 steps on a 32×32 grid with 8 clusters.
+pub fn quick() -> pb::Options {
+    pb::Options {
+        iterations: Some(3),
+        size: Some(32),
+        features: Some(8),
+        min_labels: Some(0),
+        device: "cpu".into(),
+        ..Default::default()
+    }
+}
+
+/// A fit long enough to be cancelled while it runs (seconds), still 8 clusters on 32×32.
+pub fn slow() -> pb::Options {
+    pb::Options {
+        iterations: Some(1000),
+        size: Some(64),
+        ..quick()
+    }
+}
+
+/// A grey disk on a darker background, with some texture.
+pub fn disk(w: u32, h: u32) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(w, h, |x, y| {
+        let (dx, dy) = (x as f64 - w as f64 / 2.0, y as f64 - h as f64 / 2.0);
+        let r = (w.min(h) as f64) / 3.0;
+        let base = if dx * dx + dy * dy < r * r { 200 } else { 40 };
+        image::Luma([base + ((x * 7 + y * 13) % 17) as u8])
+    });
+    encode(
+        image::DynamicImage::ImageLuma8(img),
+        image::ImageFormat::Png,
+    )
+}
+
+pub fn encode(img: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).expect("encode");
+    out.into_inner()
+}
+
+pub fn data(rel: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data")
+        .join(rel);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Runs Segment and collects every event (panics on a status error).
+pub async fn segment_events(c: &mut Client, image: Vec<u8>, options: pb::Options) -> Vec<Event> {
+    let mut s = c
+        .segment(pb::SegmentRequest {
+            image,
+            options: Some(options),
+        })
+        .await
+        .expect("segment accepted")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = s.message().await.expect("stream") {
+        events.push(e.event.expect("event set"));
+    }
+    events
+}
+
+pub fn completed(events: &[Event]) -> pb::SegmentationResult {
+    match events.last() {
+        Some(Event::Completed(c)) => c.result.clone().expect("result"),
+        other => panic!("expected Completed last, got {other:?}"),
+    }
+}
+
+/// Submits and waits until the job runs (its first Progress event), returning its id.
+pub async fn submit_running(c: &mut Client, image: Vec<u8>, options: pb::Options) -> String {
+    let id = c
+        .submit_job(pb::SubmitJobRequest {
+            image,
+            options: Some(options),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id;
+    let mut w = c
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .expect("watch")
+        .into_inner();
+    while let Some(e) = w.message().await.expect("watch stream") {
+        if matches!(e.event, Some(Event::Progress(_))) {
+            return id;
+        }
+    }
+    panic!("job {id} ended before running");
+}
+
+/// Polls GetJob until the job reaches a final state.
+pub async fn wait_final(c: &mut Client, id: &str, timeout: Duration) -> pb::Job {
+    let until = Instant::now() + timeout;
+    loop {
+        let j = c
+            .get_job(pb::GetJobRequest { job_id: id.into() })
+            .await
+            .expect("get")
+            .into_inner();
+        if j.state >= pb::JobState::Completed as i32 {
+            return j;
+        }
+        assert!(
+            Instant::now() < until,
+            "job {id} still in state {} after {timeout:?}",
+            j.state
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Segments a tiny image and checks it completes: proves a worker is free.
+pub async fn quick_job_completes(c: &mut Client) {
+    let t = Instant::now();
+    let r = completed(&segment_events(c, disk(24, 20), quick()).await);
+    assert_eq!((r.width, r.height), (24, 20));
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "quick job took {:?}",
+        t.elapsed()
+    );
+}

@@ -1,0 +1,170 @@
+//! Configuration layering: defaults < TOML file < S3NET__… environment < flags.
+
+use s3net_server::cli::ServeArgs;
+use s3net_server::Config;
+
+/// Tests that read the environment hold this, since one of them sets S3NET__… variables.
+static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn defaults_file_env_and_flags_layer_in_order() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Config::load(None, &[]).unwrap();
+    assert_eq!(c, Config::default());
+    assert_eq!(c.server.addr, "127.0.0.1:50051");
+    assert_eq!(c.server.max_message_bytes, 64 << 20);
+    assert_eq!(c.queue.backend, "memory");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s3net.toml");
+    std::fs::write(
+        &file,
+        "[server]\naddr = \"0.0.0.0:6000\"\nshutdown_grace_s = 5\n[queue]\ncapacity = 9\n[workers]\ncpu_workers = 3\n",
+    )
+    .unwrap();
+    std::env::set_var("S3NET__QUEUE__CAPACITY", "11");
+    std::env::set_var("S3NET__SERVER__AUTH_TOKEN", "tok");
+    let args = ServeArgs {
+        config: Some(file.clone()),
+        torch_threads: Some(2),
+        ..Default::default()
+    };
+    let c = args.config().unwrap();
+    assert_eq!(c.server.addr, "0.0.0.0:6000");
+    assert_eq!(c.server.shutdown_grace_s, 5);
+    assert_eq!(c.queue.capacity, 11, "environment beats the file");
+    assert_eq!(c.server.auth_token.as_deref(), Some("tok"));
+    assert_eq!(c.workers.cpu_workers, Some(3));
+    assert_eq!(c.workers.torch_threads, Some(2));
+    let args = ServeArgs {
+        config: Some(file),
+        addr: Some("127.0.0.1:7000".into()),
+        queue_capacity: Some(2),
+        ..Default::default()
+    };
+    let c = args.config().unwrap();
+    assert_eq!(
+        (c.server.addr.as_str(), c.queue.capacity),
+        ("127.0.0.1:7000", 2),
+        "flags beat everything"
+    );
+    std::env::remove_var("S3NET__QUEUE__CAPACITY");
+    std::env::remove_var("S3NET__SERVER__AUTH_TOKEN");
+
+    std::fs::write(dir.path().join("bad.toml"), "[server]\nadress = \"x\"\n").unwrap();
+    let err = Config::load(Some(&dir.path().join("bad.toml")), &[]).unwrap_err();
+    assert!(format!("{err:#}").contains("adress"), "{err:#}");
+    assert!(Config::load(Some(&dir.path().join("missing.toml")), &[]).is_err());
+}
+
+/// The subcommands as the `s3net` binary mounts them (with its global `--threads`).
+#[derive(clap::Parser)]
+#[command(name = "s3net")]
+struct Cli {
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    Serve(ServeArgs),
+    #[command(subcommand)]
+    Client(s3net_server::cli::ClientCommand),
+}
+
+#[test]
+fn command_line_definitions_are_consistent() {
+    use clap::{CommandFactory, Parser};
+    use s3net_server::cli::ClientCommand;
+    Cli::command().debug_assert();
+    let cli = Cli::try_parse_from([
+        "s3net",
+        "client",
+        "segment",
+        "--addr",
+        "http://10.0.0.1:50051",
+        "ct.dcm",
+        "--out",
+        "out",
+        "--iterations",
+        "3",
+        "--window",
+        "-600,1500",
+        "--device",
+        "cpu",
+        "--priority",
+        "-2",
+    ])
+    .unwrap();
+    let Command::Client(ClientCommand::Segment {
+        conn, file, fit, ..
+    }) = cli.command
+    else {
+        panic!()
+    };
+    assert_eq!(conn.addr, "http://10.0.0.1:50051");
+    assert_eq!(file.to_str(), Some("ct.dcm"));
+    let o = fit.options().unwrap();
+    assert_eq!(
+        (o.iterations, o.priority, o.device.as_str()),
+        (Some(3), -2, "cpu")
+    );
+    assert_eq!(
+        o.window.map(|w| (w.center, w.width)),
+        Some((-600.0, 1500.0))
+    );
+    let cli = Cli::try_parse_from([
+        "s3net",
+        "serve",
+        "--addr",
+        "0.0.0.0:1",
+        "--cpu-workers",
+        "2",
+    ])
+    .unwrap();
+    let Command::Serve(a) = cli.command else {
+        panic!()
+    };
+    assert_eq!(
+        (a.addr.as_deref(), a.cpu_workers),
+        (Some("0.0.0.0:1"), Some(2))
+    );
+    for args in [
+        &[
+            "s3net",
+            "client",
+            "submit",
+            "a.png",
+            "--idempotency-key",
+            "k",
+        ][..],
+        &["s3net", "client", "watch", "abc"],
+        &["s3net", "client", "get", "abc", "--out", "d"],
+        &["s3net", "client", "cancel", "abc"],
+        &["s3net", "client", "list"],
+        &[
+            "s3net",
+            "client",
+            "health",
+            "--addr",
+            "https://h:1",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+        ],
+    ] {
+        Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+}
+
+#[test]
+fn the_example_config_is_the_default() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    assert_eq!(Config::load(Some(&file), &[]).unwrap(), Config::default());
+}

@@ -1,0 +1,84 @@
+//! `run_serve` as a real process: configured from S3NET__… variables, stopped by SIGTERM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use s3net_server::cli::{run_serve, wait_serving, ConnectArgs, ServeArgs};
+use s3net_server::pb::{self, job_event::Event};
+
+/// The server process of `sigterm_drains_and_exits_zero` (this test binary, run again).
+#[test]
+#[ignore = "started as a child process by sigterm_drains_and_exits_zero"]
+fn serve_child() {
+    if std::env::var_os("S3NET_SERVE_CHILD").is_some() {
+        let r = run_serve(ServeArgs::default());
+        if let Err(e) = &r {
+            eprintln!("serve failed: {e:#}");
+        }
+        std::process::exit(if r.is_ok() { 0 } else { 3 });
+    }
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["serve_child", "--exact", "--ignored", "--nocapture"])
+        .env("S3NET_SERVE_CHILD", "1")
+        .env("S3NET__SERVER__ADDR", format!("127.0.0.1:{port}"))
+        .env("S3NET__SERVER__SHUTDOWN_GRACE_S", "1")
+        .env("S3NET__WORKERS__CPU_WORKERS", "1")
+        .env("S3NET__WORKERS__TORCH_THREADS", "1")
+        .env("S3NET__LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let conn = ConnectArgs {
+        addr: url.clone(),
+        token: None,
+        ca: None,
+        cert: None,
+        key: None,
+    };
+    rt.block_on(wait_serving(&conn, Duration::from_secs(60)))
+        .unwrap();
+    let mut c = rt.block_on(client(&url));
+    let id = rt.block_on(submit_running(&mut c, disk(48, 48), slow()));
+    let mut w = rt
+        .block_on(c.watch_job(pb::WatchJobRequest { job_id: id.clone() }))
+        .unwrap()
+        .into_inner();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut last = None;
+    while let Ok(Some(e)) = rt.block_on(w.message()) {
+        last = e.event;
+    }
+    match last {
+        Some(Event::Cancelled(c)) => assert_eq!(c.reason, "server shutting down"),
+        other => panic!("{other:?}"),
+    }
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{log}", out.status);
+    // JSON lines with the job's span fields.
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with('{') && l.contains(&id) && l.contains("job cancelled")),
+        "{log}"
+    );
+    assert!(log.contains("\"stopped\""), "{log}");
+}

@@ -1,0 +1,1159 @@
+//! End-to-end tests of the gRPC service: real server on 127.0.0.1:0, real tonic client.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use s3net_server::pb::{self, job_event::Event, JobState};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_for_each_format() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let grey =
+        image::DynamicImage::ImageLuma8(image::load_from_memory(&disk(40, 30)).unwrap().to_luma8());
+    let rgb = image::DynamicImage::ImageRgb8(grey.to_rgb8());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("png", disk(40, 30)),
+        ("jpeg", encode(rgb.clone(), image::ImageFormat::Jpeg)),
+        ("bmp", encode(rgb.clone(), image::ImageFormat::Bmp)),
+        ("tiff", encode(grey.clone(), image::ImageFormat::Tiff)),
+        ("ph2", data("ph2/IMD002.png")),
+        ("lung16", data("lung/ID_0000_Z_0142.png")),
+        ("ct", data("dicom/CT_small.dcm")),
+        ("mr", data("dicom/MR_small.dcm")),
+        ("rgb-jpeg-dicom", data("dicom/SC_rgb_jpeg_dcmtk.dcm")),
+    ];
+    for (name, bytes) in cases {
+        let want = s3net_imaging::decode(&bytes, &Default::default()).unwrap();
+        let r = completed(&segment_events(&mut c, bytes, quick()).await);
+        assert_eq!((r.width, r.height), (want.width, want.height), "{name}");
+        let labels = s3net_imaging::decode(&r.labels_png, &Default::default()).unwrap();
+        assert_eq!(
+            (labels.width, labels.height),
+            (want.width, want.height),
+            "{name}"
+        );
+        let (mw, mh, mask) = s3net_imaging::decode_mask(&r.mask_png).unwrap();
+        assert_eq!((mw, mh), (want.width, want.height), "{name}");
+        let fg = mask.iter().filter(|&&m| m).count() as f64 / mask.len() as f64;
+        assert!((fg - r.foreground_fraction).abs() < 1e-9, "{name}");
+        assert!(
+            r.labels_used >= 1 && r.labels_used <= 8,
+            "{name}: {} labels",
+            r.labels_used
+        );
+        assert_eq!(r.clusters.len() as u32, r.labels_used, "{name}");
+        let pixels: u64 = r.clusters.iter().map(|c| c.pixel_count).sum();
+        assert_eq!(pixels, want.width as u64 * want.height as u64, "{name}");
+        for cl in &r.clusters {
+            let b = cl.bbox.unwrap();
+            assert!(
+                b.x + b.width <= want.width && b.y + b.height <= want.height,
+                "{name}"
+            );
+            assert!((0.0..=1.0).contains(&cl.mean_intensity), "{name}");
+        }
+        let o = r.options.unwrap();
+        assert_eq!(
+            (o.iterations, o.size, o.features, o.preset.as_str()),
+            (3, 32, 8, "default"),
+            "{name}"
+        );
+        assert!(r.iterations >= 1 && r.iterations <= 3);
+        let t = r.timings.unwrap();
+        assert!(
+            t.total_seconds >= t.fit_seconds && t.fit_seconds > 0.0,
+            "{name}"
+        );
+        assert_eq!(r.device, "cpu");
+        // The file's own window (DICOM), when it has one, is the one applied and reported.
+        let want_window = want
+            .window
+            .filter(|w| w.is_valid())
+            .map(|w| (w.center, w.width));
+        assert_eq!(o.window.map(|w| (w.center, w.width)), want_window, "{name}");
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_in_order() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let events = segment_events(
+        &mut c,
+        disk(32, 32),
+        pb::Options {
+            iterations: Some(4),
+            ..quick()
+        },
+    )
+    .await;
+    assert!(matches!(events[0], Event::Queued(_)), "{events:?}");
+    assert!(
+        matches!(&events[1], Event::Started(s) if s.worker == "cpu-0" && s.device == "cpu"),
+        "{events:?}"
+    );
+    let steps: Vec<u32> = events[2..events.len() - 1]
+        .iter()
+        .map(|e| match e {
+            Event::Progress(p) => {
+                assert_eq!(p.max_iterations, 4);
+                assert!(p.losses.unwrap().total.is_finite());
+                p.iteration
+            }
+            other => panic!("expected Progress, got {other:?}"),
+        })
+        .collect();
+    assert!(
+        !steps.is_empty() && steps.windows(2).all(|w| w[0] < w[1]),
+        "{steps:?}"
+    );
+    completed(&events);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_upload_in_chunks() {
+    use pb::upload_chunk::Part;
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let image = data("dicom/CT_small.dcm");
+    let mut chunks = vec![pb::UploadChunk {
+        part: Some(Part::Header(pb::UploadHeader {
+            options: Some(quick()),
+            total_bytes: image.len() as u64,
+        })),
+    }];
+    chunks.extend(image.chunks(1000).map(|b| pb::UploadChunk {
+        part: Some(Part::Data(b.to_vec())),
+    }));
+    let mut s = c
+        .segment_upload(tokio_stream::iter(chunks))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(e) = s.message().await.unwrap() {
+        last = e.event;
+    }
+    let Some(Event::Completed(done)) = last else {
+        panic!("{last:?}")
+    };
+    assert_eq!(done.result.unwrap().width, 128);
+
+    // Data before the header is refused.
+    let bad = vec![pb::UploadChunk {
+        part: Some(Part::Data(image[..100].to_vec())),
+    }];
+    let err = c.segment_upload(tokio_stream::iter(bad)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("header"), "{}", err.message());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_job_joining_late_replays_then_follows() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    // Join a running job: the replay starts with Started and the stream ends with the outcome.
+    let id = submit_running(
+        &mut c,
+        disk(32, 32),
+        pb::Options {
+            iterations: Some(60),
+            ..slow()
+        },
+    )
+    .await;
+    let mut w = c
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = w.message().await.unwrap() {
+        assert_eq!(e.job_id, id);
+        events.push(e.event.unwrap());
+    }
+    assert!(matches!(events[0], Event::Started(_)), "{:?}", events[0]);
+    assert!(matches!(events[1], Event::Progress(_)));
+    let r = completed(&events);
+    assert_eq!(r.width, 32);
+
+    // Join a finished job: the replay alone, ending with Completed.
+    let mut w = c
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = w.message().await.unwrap() {
+        events.push(e.event.unwrap());
+    }
+    assert_eq!(events.len(), 3, "{events:?}");
+    completed(&events);
+
+    let j = c
+        .get_job(pb::GetJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(j.state, JobState::Completed as i32);
+    assert_eq!(j.result.unwrap().width, 32);
+    let list = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list
+        .jobs
+        .iter()
+        .any(|j| j.job_id == id && j.result.as_ref().is_some_and(|r| r.labels_png.is_empty())));
+    let err = c
+        .get_job(pb::GetJobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("unknown job"), "{}", err.message());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let submit = |image: Vec<u8>, key: &str| pb::SubmitJobRequest {
+        image,
+        options: Some(quick()),
+        idempotency_key: key.into(),
+    };
+    let a = c
+        .submit_job(submit(disk(30, 30), "k1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!a.existing);
+    let b = c
+        .submit_job(submit(disk(30, 30), "k1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(b.existing);
+    assert_eq!(a.job_id, b.job_id);
+    let err = c.submit_job(submit(disk(31, 30), "k1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains(&a.job_id), "{}", err.message());
+    // Another key is another job.
+    let d = c
+        .submit_job(submit(disk(30, 30), "k2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(d.job_id, a.job_id);
+    // A finished job still answers to its key.
+    wait_final(&mut c, &a.job_id, Duration::from_secs(30)).await;
+    let e = c
+        .submit_job(submit(disk(30, 30), "k1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (e.job_id.as_str(), e.existing, e.state),
+        (a.job_id.as_str(), true, JobState::Completed as i32)
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_job_frees_the_worker() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let id = submit_running(&mut c, disk(48, 48), slow()).await;
+    let t = Instant::now();
+    let state = c
+        .cancel_job(pb::CancelJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .state;
+    assert_eq!(state, JobState::Running as i32);
+    let j = wait_final(&mut c, &id, Duration::from_secs(10)).await;
+    assert_eq!(j.state, JobState::Cancelled as i32);
+    assert_eq!(j.cancellation.unwrap().reason, "cancelled by CancelJob");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // Watching the cancelled job ends with Cancelled.
+    let mut w = c
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(e) = w.message().await.unwrap() {
+        last = e.event;
+    }
+    assert!(matches!(last, Some(Event::Cancelled(_))), "{last:?}");
+    quick_job_completes(&mut c).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_frees_the_worker() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let mut s = c
+        .segment(pb::SegmentRequest {
+            image: disk(48, 48),
+            options: Some(slow()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = loop {
+        let e = s.message().await.unwrap().expect("event");
+        if matches!(e.event, Some(Event::Progress(_))) {
+            break e.job_id;
+        }
+    };
+    drop(s);
+    let j = wait_final(&mut c, &id, Duration::from_secs(10)).await;
+    assert_eq!(j.state, JobState::Cancelled as i32);
+    assert_eq!(j.cancellation.unwrap().reason, "client disconnected");
+    quick_job_completes(&mut c).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_while_queued_cancels_the_job() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let running = submit_running(&mut c, disk(48, 48), slow()).await;
+    let mut s = c
+        .segment(pb::SegmentRequest {
+            image: disk(32, 32),
+            options: Some(quick()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = s.message().await.unwrap().unwrap();
+    assert!(
+        matches!(e.event, Some(Event::Queued(pb::Queued { position: 0 }))),
+        "{e:?}"
+    );
+    drop(s);
+    let j = wait_final(&mut c, &e.job_id, Duration::from_secs(10)).await;
+    assert_eq!(
+        (j.state, j.started_at),
+        (JobState::Cancelled as i32, 0.0),
+        "cancelled before it ran"
+    );
+    assert_eq!(j.cancellation.unwrap().reason, "client disconnected");
+    c.cancel_job(pb::CancelJobRequest { job_id: running })
+        .await
+        .unwrap();
+    quick_job_completes(&mut c).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_frees_the_worker() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let mut req = tonic::Request::new(pb::SegmentRequest {
+        image: disk(48, 48),
+        options: Some(slow()),
+    });
+    req.set_timeout(Duration::from_millis(700));
+    let t = Instant::now();
+    let mut s = c.segment(req).await.unwrap().into_inner();
+    let mut id = String::new();
+    let err = loop {
+        match s.message().await {
+            Ok(Some(e)) => id = e.job_id,
+            Ok(None) => panic!("stream ended without the deadline"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let j = wait_final(&mut c, &id, Duration::from_secs(10)).await;
+    assert_eq!(j.state, JobState::Cancelled as i32);
+    quick_job_completes(&mut c).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_resource_exhausted_at_once() {
+    let mut cfg = config();
+    cfg.queue.capacity = 1;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let running = submit_running(&mut c, disk(48, 48), slow()).await;
+    let submit = || pb::SubmitJobRequest {
+        image: disk(32, 32),
+        options: Some(quick()),
+        idempotency_key: String::new(),
+    };
+    let queued = c.submit_job(submit()).await.unwrap().into_inner();
+    assert_eq!(
+        (queued.state, queued.queue_position),
+        (JobState::Queued as i32, 0)
+    );
+    let t = Instant::now();
+    let err = c.submit_job(submit()).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("retry in"), "{}", err.message());
+    let retry: u64 = err
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    // Segment is refused the same way.
+    let err = c
+        .segment(pb::SegmentRequest {
+            image: disk(32, 32),
+            options: Some(quick()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    // Cancelling the queued job makes room; cancelling the running one lets it run.
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: queued.job_id.clone(),
+    })
+    .await
+    .unwrap();
+    let j = c
+        .get_job(pb::GetJobRequest {
+            job_id: queued.job_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(j.state, JobState::Cancelled as i32);
+    c.cancel_job(pb::CancelJobRequest { job_id: running })
+        .await
+        .unwrap();
+    quick_job_completes(&mut c).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_are_invalid_argument_while_a_job_carries_on() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let id = submit_running(
+        &mut c,
+        disk(32, 32),
+        pb::Options {
+            iterations: Some(80),
+            ..slow()
+        },
+    )
+    .await;
+
+    let png = disk(32, 32);
+    let mut huge = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(100_000u32.to_be_bytes());
+    ihdr.extend(100_000u32.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]);
+    huge.extend(13u32.to_be_bytes());
+    huge.extend(&ihdr);
+    huge.extend(crc32(&ihdr).to_be_bytes());
+    huge.extend([0u8; 64]);
+    let ct = data("dicom/CT_small.dcm");
+    let at = ct
+        .windows(4)
+        .rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00])
+        .unwrap();
+    let mut noise = vec![0u8; 5000];
+    let mut x = 12345u32;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    let cases: Vec<(&str, Vec<u8>, pb::Options, &str)> = vec![
+        ("empty", vec![], quick(), "empty"),
+        (
+            "truncated png",
+            png[..png.len() / 2].to_vec(),
+            quick(),
+            "png",
+        ),
+        ("huge png", huge, quick(), "100000×100000"),
+        ("random bytes", noise, quick(), "unrecognised image format"),
+        (
+            "dicom without pixels",
+            ct[..at].to_vec(),
+            quick(),
+            "no pixel data",
+        ),
+        (
+            "unknown preset",
+            png.clone(),
+            pb::Options {
+                preset: "fastest".into(),
+                ..quick()
+            },
+            "unknown preset 'fastest'",
+        ),
+        (
+            "zero iterations",
+            png.clone(),
+            pb::Options {
+                iterations: Some(0),
+                ..quick()
+            },
+            "iterations must be",
+        ),
+        (
+            "bad window",
+            png.clone(),
+            pb::Options {
+                window: Some(pb::Window {
+                    center: 0.0,
+                    width: -1.0,
+                }),
+                ..quick()
+            },
+            "width",
+        ),
+        (
+            "unknown device",
+            png.clone(),
+            pb::Options {
+                device: "tpu".into(),
+                ..quick()
+            },
+            "unknown device",
+        ),
+        (
+            "absent gpu",
+            png.clone(),
+            pb::Options {
+                device: "cuda:7".into(),
+                ..quick()
+            },
+            "cuda:7",
+        ),
+        (
+            "frame out of range",
+            data("dicom/CT_small.dcm"),
+            pb::Options {
+                frame: 3,
+                ..quick()
+            },
+            "frame 3",
+        ),
+    ];
+    for (name, image, options, needle) in cases {
+        let err = c
+            .segment(pb::SegmentRequest {
+                image: image.clone(),
+                options: Some(options.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        assert!(
+            err.message().contains(needle),
+            "{name}: {:?} lacks {needle:?}",
+            err.message()
+        );
+        let err = c
+            .submit_job(pb::SubmitJobRequest {
+                image,
+                options: Some(options),
+                idempotency_key: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{name} (submit): {err:?}"
+        );
+    }
+    let j = wait_final(&mut c, &id, Duration::from_secs(60)).await;
+    assert_eq!(j.state, JobState::Completed as i32);
+    server.shutdown().await.unwrap();
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_clients_get_their_own_results() {
+    let mut cfg = config();
+    cfg.workers.cpu_workers = Some(2);
+    let (server, url) = start(cfg).await;
+    let tasks: Vec<_> = (0..32u32)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut c = client(&url).await;
+                let (w, h) = (20 + i, 52 - i);
+                let events = segment_events(
+                    &mut c,
+                    disk(w, h),
+                    pb::Options {
+                        iterations: Some(2),
+                        seed: Some(i as u64),
+                        ..quick()
+                    },
+                )
+                .await;
+                let r = completed(&events);
+                assert_eq!((r.width, r.height), (w, h), "client {i}");
+                assert_eq!(r.options.unwrap().seed, i as u64);
+                let id = match &events[0] {
+                    Event::Queued(_) => "queued",
+                    _ => "",
+                };
+                assert_eq!(id, "queued");
+                r.width
+            })
+        })
+        .collect();
+    let mut widths = Vec::new();
+    for t in tasks {
+        widths.push(t.await.unwrap());
+    }
+    widths.sort();
+    assert_eq!(widths, (20..52).collect::<Vec<_>>());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_drains_then_cancels() {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let mut cfg = config();
+    cfg.server.shutdown_grace_s = 1;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let ch = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(ch);
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    assert_eq!(
+        health.check(check("")).await.unwrap().into_inner().status,
+        1
+    );
+    assert_eq!(
+        health
+            .check(check("s3net.v1.Segmenter"))
+            .await
+            .unwrap()
+            .into_inner()
+            .status,
+        1
+    );
+
+    let id = submit_running(&mut c, disk(48, 48), slow()).await;
+    let mut w = c
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let t = Instant::now();
+    let stopping = tokio::spawn(server.shutdown());
+    // NOT_SERVING and UNAVAILABLE while the running job has its grace period.
+    loop {
+        if health.check(check("")).await.unwrap().into_inner().status == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        health
+            .check(check("s3net.v1.Segmenter"))
+            .await
+            .unwrap()
+            .into_inner()
+            .status,
+        2
+    );
+    let err = c
+        .submit_job(pb::SubmitJobRequest {
+            image: disk(32, 32),
+            options: Some(quick()),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let mut last = None;
+    while let Ok(Some(e)) = w.message().await {
+        last = e.event;
+    }
+    match last {
+        Some(Event::Cancelled(c)) => assert_eq!(c.reason, "server shutting down"),
+        other => panic!("{other:?}"),
+    }
+    stopping.await.unwrap().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+            .await
+            .is_err(),
+        "still listening"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_expire() {
+    let mut cfg = config();
+    cfg.queue.retention_s = 0;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let id = c
+        .submit_job(pb::SubmitJobRequest {
+            image: disk(32, 32),
+            options: Some(quick()),
+            idempotency_key: "x".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let until = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        match c.get_job(pb::GetJobRequest { job_id: id.clone() }).await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(Instant::now() < until);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("expired"), "{}", err.message());
+    // The key was forgotten with the job.
+    let again = c
+        .submit_job(pb::SubmitJobRequest {
+            image: disk(33, 32),
+            options: Some(quick()),
+            idempotency_key: "x".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.existing);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_is_checked_when_configured() {
+    let mut cfg = config();
+    cfg.server.auth_token = Some("s3cret".into());
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let err = c
+        .get_job(pb::GetJobRequest { job_id: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut req = tonic::Request::new(pb::GetJobRequest { job_id: "x".into() });
+    req.metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    assert_eq!(c.get_job(req).await.unwrap_err().code(), Code::NotFound);
+    server.shutdown().await.unwrap();
+}
+
+#[test]
+fn cli_client_segment_writes_the_three_files() {
+    use s3net_server::cli::{run_client, ClientCommand, ConnectArgs, RemoteFitArgs};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (server, url) = rt.block_on(start(config()));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("scan.png");
+    std::fs::write(&file, disk(36, 28)).unwrap();
+    let conn = ConnectArgs {
+        addr: url.clone(),
+        token: None,
+        ca: None,
+        cert: None,
+        key: None,
+    };
+    let fit = RemoteFitArgs {
+        iterations: Some(3),
+        size: Some(32),
+        features: Some(8),
+        device: Some("cpu".into()),
+        ..Default::default()
+    };
+    let out = dir.path().join("out");
+    let cmd = ClientCommand::Segment {
+        conn: conn.clone(),
+        file: file.clone(),
+        out: out.clone(),
+        upload: false,
+        fit: fit.clone(),
+    };
+    // run_client builds its own runtime, so it runs on a plain thread.
+    std::thread::spawn(move || run_client(cmd))
+        .join()
+        .unwrap()
+        .unwrap();
+    for f in ["scan.labels.png", "scan.mask.png", "scan.json"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("scan.json")).unwrap()).unwrap();
+    assert_eq!(
+        (report["width"].as_u64(), report["height"].as_u64()),
+        (Some(36), Some(28))
+    );
+    assert_eq!(report["options"]["iterations"].as_u64(), Some(3));
+
+    // Chunked upload gives the same files.
+    let out2 = dir.path().join("out2");
+    let cmd = ClientCommand::Segment {
+        conn: conn.clone(),
+        file: file.clone(),
+        out: out2.clone(),
+        upload: true,
+        fit: fit.clone(),
+    };
+    std::thread::spawn(move || run_client(cmd))
+        .join()
+        .unwrap()
+        .unwrap();
+    assert!(out2.join("scan.mask.png").exists());
+
+    // A failure reads "Code: message".
+    let bad = dir.path().join("bad.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let cmd = ClientCommand::Segment {
+        conn: conn.clone(),
+        file: bad,
+        out: out.clone(),
+        upload: false,
+        fit,
+    };
+    let err = std::thread::spawn(move || run_client(cmd))
+        .join()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("InvalidArgument: unrecognised image format"),
+        "{err}"
+    );
+
+    let cmd = ClientCommand::Health {
+        conn,
+        service: String::new(),
+    };
+    std::thread::spawn(move || run_client(cmd))
+        .join()
+        .unwrap()
+        .unwrap();
+    rt.block_on(server.shutdown()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_runs_first() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let running = submit_running(&mut c, disk(48, 48), slow()).await;
+    let submit = |priority| pb::SubmitJobRequest {
+        image: disk(32, 32),
+        options: Some(pb::Options {
+            priority,
+            ..quick()
+        }),
+        idempotency_key: String::new(),
+    };
+    let low = c.submit_job(submit(0)).await.unwrap().into_inner();
+    let high = c.submit_job(submit(5)).await.unwrap().into_inner();
+    assert_eq!((low.queue_position, high.queue_position), (0, 0));
+    let low_now = c
+        .get_job(pb::GetJobRequest {
+            job_id: low.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(low_now.queue_position, 1);
+    let listed = c
+        .list_jobs(pb::ListJobsRequest {
+            state: JobState::Queued as i32,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.jobs.len(), 2);
+    c.cancel_job(pb::CancelJobRequest { job_id: running })
+        .await
+        .unwrap();
+    let low = wait_final(&mut c, &low.job_id, Duration::from_secs(30)).await;
+    let high = wait_final(&mut c, &high.job_id, Duration::from_secs(30)).await;
+    assert!(
+        high.started_at < low.started_at,
+        "high {} low {}",
+        high.started_at,
+        low.started_at
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_throttled() {
+    let mut cfg = config();
+    cfg.server.progress_interval_ms = 60_000;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let events = segment_events(
+        &mut c,
+        disk(32, 32),
+        pb::Options {
+            iterations: Some(6),
+            ..quick()
+        },
+    )
+    .await;
+    let steps: Vec<u32> = events
+        .iter()
+        .filter_map(|e| {
+            if let Event::Progress(p) = e {
+                Some(p.iteration)
+            } else {
+                None
+            }
+        })
+        .collect();
+    // Only the first and the last step get through a long interval.
+    assert_eq!(steps, vec![1, 6]);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use s3net_server::cli::ConnectArgs;
+    use s3net_server::config::TlsConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+    let (client_cert, client_key) = leaf(vec!["client".into()]);
+    let mut cfg = config();
+    cfg.server.tls = Some(TlsConfig {
+        cert: write("server.pem", server_cert),
+        key: write("server.key", server_key),
+        client_ca: Some(write("ca.pem", ca.pem())),
+    });
+    let (server, url) = start(cfg).await;
+    let https = url.replace("http://", "https://");
+    let conn = ConnectArgs {
+        addr: https.clone(),
+        token: None,
+        ca: Some(dir.path().join("ca.pem")),
+        cert: Some(write("client.pem", client_cert)),
+        key: Some(write("client.key", client_key)),
+    };
+    let mut c = conn.client().await.unwrap();
+    let err = c
+        .get_job(pb::GetJobRequest { job_id: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let mut s = c
+        .segment(pb::SegmentRequest {
+            image: disk(32, 32),
+            options: Some(quick()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(e) = s.message().await.unwrap() {
+        last = e.event;
+    }
+    assert!(matches!(last, Some(Event::Completed(_))), "{last:?}");
+    // Without a client certificate the handshake or the call fails.
+    let anonymous = ConnectArgs {
+        cert: None,
+        key: None,
+        ..conn.clone()
+    };
+    let refused = async {
+        anonymous
+            .client()
+            .await?
+            .get_job(pb::GetJobRequest { job_id: "x".into() })
+            .await
+            .map_err(anyhow::Error::from)
+    }
+    .await;
+    assert!(refused.is_err());
+    // Plain text is refused too.
+    let plain = ConnectArgs {
+        addr: url.clone(),
+        ca: None,
+        cert: None,
+        key: None,
+        ..conn.clone()
+    };
+    let refused = async {
+        plain
+            .client()
+            .await?
+            .get_job(pb::GetJobRequest { job_id: "x".into() })
+            .await
+            .map_err(anyhow::Error::from)
+    }
+    .await;
+    assert!(refused.is_err());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let (server, url) = start(config()).await;
+    let ch = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut r = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut s = r
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = s.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["s3net.v1.Segmenter", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{names:?}");
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_over_four_mib_fit_in_one_message() {
+    // 1200×1200 RGB BMP ≈ 4.3 MB: over tonic's 4 MiB default, under the 64 MiB default here.
+    let big = image::RgbImage::from_fn(1200, 1200, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
+    let bmp = encode(image::DynamicImage::ImageRgb8(big), image::ImageFormat::Bmp);
+    assert!(bmp.len() > 4 << 20);
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let r = completed(
+        &segment_events(
+            &mut c,
+            bmp.clone(),
+            pb::Options {
+                iterations: Some(2),
+                ..quick()
+            },
+        )
+        .await,
+    );
+    assert_eq!((r.width, r.height), (1200, 1200));
+    server.shutdown().await.unwrap();
+
+    // A smaller configured limit refuses it.
+    let mut cfg = config();
+    cfg.server.max_message_bytes = 1 << 20;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let err = c
+        .segment(pb::SegmentRequest {
+            image: bmp,
+            options: Some(quick()),
+        })
+        .await
+        .unwrap_err();
+    // tonic's own answer to an oversized message.
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_image_memory_is_bounded() {
+    let mut cfg = config();
+    cfg.queue.max_queued_bytes = 10_000;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let running = submit_running(&mut c, disk(48, 48), slow()).await;
+    let submit = |w| pb::SubmitJobRequest {
+        image: disk(w, w),
+        options: Some(quick()),
+        idempotency_key: String::new(),
+    };
+    // 32×32 grey = 4 KiB of f32 samples: fits; another 40×40 (6.4 KB) would not.
+    c.submit_job(submit(32)).await.unwrap();
+    let err = c.submit_job(submit(40)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.metadata().get("retry-after").is_some());
+    c.cancel_job(pb::CancelJobRequest { job_id: running })
+        .await
+        .unwrap();
+    server.shutdown().await.unwrap();
+}
