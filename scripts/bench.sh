@@ -18,6 +18,8 @@ echo "bench: torchvision deform_conv2d (CPU)" >&2
 echo "bench: fit step, default preset, 256², F=64, every loss on (CPU)" >&2
 $BIN bench fit --device cpu --iterations 10 --repeats 3 > $OUT/fit-cpu.json
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --kernels tensor_ops > $OUT/fit-cpu-tensor-ops.json
+echo "bench: service overhead (loopback gRPC)" >&2
+cargo run --release --locked -q -p s3net-server --example service_bench > $OUT/service.md
 cuda=0
 if $BIN bench deform --device cuda --repeats 10 --json > $OUT/deform-cuda.json 2>/dev/null; then
   cuda=1
@@ -42,7 +44,7 @@ for name, r in [("s3net fused C++ kernel", d.get("fused", {})), ("s3net tensor o
     ratio = fb(tvd) / fb(r) if fb(r) == fb(r) and fb(tvd) == fb(tvd) else float("nan")
     lines.append(f"| {name} | {fw(r):.1f} | {fb(r):.1f} | {ratio:.1f}× faster |" if name[0] == "s" else f"| {name} | {fw(r):.1f} | {fb(r):.1f} | 1.0× |")
 lines += ["", "## One fit step at 256², F = K = 64, default preset, every loss term on (CPU)", "",
-  "| kernels | seconds per iteration | seconds per 10-step fit |", "|---|---|---|",
+  "| kernels | seconds per step (median) | seconds per 10-step fit, set-up and read-out included |", "|---|---|---|",
   f"| fused (default) | {f['seconds_per_iteration_median']:.3f} | {f['seconds_per_fit_median']:.2f} |",
   f"| tensor ops | {ft['seconds_per_iteration_median']:.3f} | {ft['seconds_per_fit_median']:.2f} |"]
 if cuda:
@@ -50,6 +52,7 @@ if cuda:
     lines += ["", f"## CUDA ({fc['device']})", "",
       f"- deformable conv (tensor ops): forward {fw(dc['tensor_ops']):.2f} ms, forward+backward {fb(dc['tensor_ops']):.2f} ms",
       f"- 50-step fit at 256², F = 64: {fc['seconds_per_fit_median']:.3f} s ({fc['seconds_per_iteration_median']*1e3:.1f} ms per step)"]
+lines += ["", "## Service overhead (in-process server on loopback, real gRPC clients, CPU)", "", open("bench-out/service.md").read().strip()]
 lines += ["", "Raw JSON: `bench-out/`.", ""]
 open("BENCHMARKS.md", "w").write("\n".join(lines))
 print("\n".join(lines))
