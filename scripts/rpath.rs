@@ -1,9 +1,9 @@
-// Shared by the build scripts of crates that link libtorch (`include!`d, so it is their `main`):
+// Shared by the build scripts of every crate that links libtorch (`include!`d, then called):
 // * an rpath to the real libtorch folder (the `.libtorch` link resolved), so binaries and tests
 //   run without LD_LIBRARY_PATH;
 // * libtorch_cuda linked with --no-as-needed when present: nothing references its symbols
 //   directly, so the linker would drop it and CUDA would silently be unavailable at run time.
-fn main() {
+fn libtorch_link_args() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     if let Ok(dir) = std::env::var("LIBTORCH") {
         let lib = std::path::Path::new(&dir).join("lib");

@@ -1,2 +1,6 @@
-// Give this crate's test binaries an rpath to libtorch so they run without LD_LIBRARY_PATH.
+// Give this crate's binaries and test binaries an rpath to libtorch (scripts/rpath.rs).
 include!("../../scripts/rpath.rs");
+
+fn main() {
+    libtorch_link_args();
+}

@@ -6,26 +6,12 @@
 //! `#pragma omp parallel` in this libtorch build (ATen's parallel backend is OpenMP); the OpenMP
 //! runtime is libtorch's own `libgomp.so.1` at run time (found through the rpath below).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-/// Same as scripts/rpath.rs (which cannot be `include!`d next to this `main`): an rpath to the
-/// real libtorch folder so test binaries run without LD_LIBRARY_PATH, and libtorch_cuda kept.
-fn emit_rpath() {
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    if let Ok(dir) = std::env::var("LIBTORCH") {
-        let lib = Path::new(&dir).join("lib");
-        let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-        // As scripts/rpath.rs: keep libtorch_cuda linked (nothing references it directly).
-        if lib.join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-L{}", lib.display());
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
-        }
-    }
-}
+include!("../../scripts/rpath.rs");
 
 fn main() {
-    emit_rpath();
+    libtorch_link_args();
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
     let libtorch = std::env::var("LIBTORCH")
         .expect("LIBTORCH must point at libtorch (see .cargo/config.toml)");

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    libtorch_rpath();
+    libtorch_link_args();
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // prost-build runs the protoc named by PROTOC.
     std::env::set_var("PROTOC", protoc);
@@ -18,20 +18,4 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-// The body of scripts/rpath.rs (which other crates `include!` as their `main`):
-// * an rpath to the real libtorch folder (the `.libtorch` link resolved), so binaries and tests
-//   run without LD_LIBRARY_PATH;
-// * libtorch_cuda linked with --no-as-needed when present: nothing references its symbols
-//   directly, so the linker would drop it and CUDA would silently be unavailable at run time.
-fn libtorch_rpath() {
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    if let Ok(dir) = std::env::var("LIBTORCH") {
-        let lib = std::path::Path::new(&dir).join("lib");
-        let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-        if lib.join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-L{}", lib.display());
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
-        }
-    }
-}
+include!("../../scripts/rpath.rs");
