@@ -38,7 +38,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn golden() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/deform_golden.json");
+    // One golden file for both implementations (tools/make_deform_golden.py writes it).
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../model/tests/data/deform_golden.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
