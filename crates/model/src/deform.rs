@@ -41,12 +41,6 @@ impl ConvGeometry {
     pub fn same(k: i64) -> Self {
         Self { stride: (1, 1), padding: (k / 2, k / 2), dilation: (1, 1) }
     }
-
-    fn out_size(&self, h: i64, w: i64, kh: i64, kw: i64) -> (i64, i64) {
-        let ho = (h + 2 * self.padding.0 - (self.dilation.0 * (kh - 1) + 1)) / self.stride.0 + 1;
-        let wo = (w + 2 * self.padding.1 - (self.dilation.1 * (kw - 1) + 1)) / self.stride.1 + 1;
-        (ho, wo)
-    }
 }
 
 /// Modulated deformable convolution with torchvision's semantics.
@@ -56,7 +50,8 @@ impl ConvGeometry {
 /// * `mask`   — `(N, kh·kw, Ho, Wo)` or `None` (all ones: DCNv1)
 /// * `weight` — `(O, C, kh, kw)`; `bias` — `(O)` or `None`
 ///
-/// Returns `(N, O, Ho, Wo)`. Shapes are checked and reported as [`ModelError::InvalidArgument`].
+/// Returns `(N, O, Ho, Wo)`. Arguments are checked by `s3net_ops::check_deform_args` (the same
+/// rules as the fused kernel) and reported as [`ModelError::InvalidArgument`].
 /// Offset groups and weight groups other than 1 are not supported (the network uses neither).
 pub fn deform_conv2d(
     input: &Tensor,
@@ -66,43 +61,12 @@ pub fn deform_conv2d(
     bias: Option<&Tensor>,
     geometry: ConvGeometry,
 ) -> Result<Tensor, ModelError> {
-    let bad = |msg: String| Err(ModelError::InvalidArgument(format!("deform_conv2d: {msg}")));
-    let (n, c, h, w) = match input.size()[..] {
-        [n, c, h, w] => (n, c, h, w),
-        ref s => return bad(format!("input must be 4-D (N, C, H, W), got {s:?}")),
-    };
-    let (o, wc, kh, kw) = match weight.size()[..] {
-        [o, wc, kh, kw] => (o, wc, kh, kw),
-        ref s => return bad(format!("weight must be 4-D (O, C, kh, kw), got {s:?}")),
-    };
-    if wc != c {
-        return bad(format!("weight has {wc} input channels but the input has {c}"));
-    }
     let g = geometry;
-    if g.stride.0 < 1 || g.stride.1 < 1 || g.dilation.0 < 1 || g.dilation.1 < 1 {
-        return bad(format!("stride and dilation must be >= 1, got {g:?}"));
-    }
-    if g.padding.0 < 0 || g.padding.1 < 0 {
-        return bad(format!("padding must be >= 0, got {:?}", g.padding));
-    }
-    let (ho, wo) = g.out_size(h, w, kh, kw);
-    if ho < 1 || wo < 1 {
-        return bad(format!("kernel {kh}x{kw} does not fit a {h}x{w} input with {g:?}"));
-    }
+    let (ho, wo) = s3net_ops::check_deform_args(input, offset, mask, weight, bias, g.stride, g.padding, g.dilation)
+        .map_err(|e| ModelError::InvalidArgument(e.0))?;
+    let (n, c, h, w) = input.size4()?;
+    let (o, _, kh, kw) = weight.size4()?;
     let k = kh * kw;
-    if offset.size() != [n, 2 * k, ho, wo] {
-        return bad(format!("offset must be {:?}, got {:?}", [n, 2 * k, ho, wo], offset.size()));
-    }
-    if let Some(m) = mask {
-        if m.size() != [n, k, ho, wo] {
-            return bad(format!("mask must be {:?}, got {:?}", [n, k, ho, wo], m.size()));
-        }
-    }
-    if let Some(b) = bias {
-        if b.size() != [o] {
-            return bad(format!("bias must be [{o}], got {:?}", b.size()));
-        }
-    }
 
     // grid_sampler maps normalised [-1, 1] onto [0, size-1]; a side of length 1 would divide by
     // zero. Zero-padding the bottom/right edge changes nothing: outside samples read zero anyway.

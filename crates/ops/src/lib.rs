@@ -201,6 +201,49 @@ pub fn deform_conv2d(
     dilation: (i64, i64),
 ) -> Result<Tensor, OpError> {
     const NAME: &str = "deform_conv2d";
+    check_deform_args(input, offset, mask, weight, bias, stride, padding, dilation)?;
+    let device = input.device();
+    if device != Device::Cpu {
+        return Err(OpError(format!(
+            "{NAME}: no CUDA kernel built (device {device:?})"
+        )));
+    }
+    let geometry = [
+        stride.0, stride.1, padding.0, padding.1, dilation.0, dilation.1,
+    ];
+    let mut out = std::ptr::null_mut();
+    let mut err = std::ptr::null_mut();
+    // SAFETY: as in `depthwise_conv2d`.
+    let rc = unsafe {
+        s3ops_deform_conv2d(
+            ptr(Some(input)),
+            ptr(Some(offset)),
+            ptr(mask),
+            ptr(Some(weight)),
+            ptr(bias),
+            geometry.as_ptr(),
+            &mut out,
+            &mut err,
+        )
+    };
+    finish(rc, out, err)
+}
+
+/// Validates the arguments of a deformable convolution (dtypes, devices, shapes, geometry) and
+/// returns the output size `(Ho, Wo)`. Shared by the fused kernel and the engine's tensor-op
+/// version, so both reject the same inputs with the same messages.
+#[allow(clippy::too_many_arguments)]
+pub fn check_deform_args(
+    input: &Tensor,
+    offset: &Tensor,
+    mask: Option<&Tensor>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: (i64, i64),
+    padding: (i64, i64),
+    dilation: (i64, i64),
+) -> Result<(i64, i64), OpError> {
+    const NAME: &str = "deform_conv2d";
     let (kind, device) = (input.kind(), input.device());
     check_float(NAME, "input", input, kind, device)?;
     check_float(NAME, "offset", offset, kind, device)?;
@@ -276,28 +319,5 @@ pub fn deform_conv2d(
             )));
         }
     }
-    if device != Device::Cpu {
-        return Err(OpError(format!(
-            "{NAME}: no CUDA kernel built (device {device:?})"
-        )));
-    }
-    let geometry = [
-        stride.0, stride.1, padding.0, padding.1, dilation.0, dilation.1,
-    ];
-    let mut out = std::ptr::null_mut();
-    let mut err = std::ptr::null_mut();
-    // SAFETY: as in `depthwise_conv2d`.
-    let rc = unsafe {
-        s3ops_deform_conv2d(
-            ptr(Some(input)),
-            ptr(Some(offset)),
-            ptr(mask),
-            ptr(Some(weight)),
-            ptr(bias),
-            geometry.as_ptr(),
-            &mut out,
-            &mut err,
-        )
-    };
-    finish(rc, out, err)
+    Ok((ho, wo))
 }
