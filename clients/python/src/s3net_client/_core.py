@@ -1,0 +1,261 @@
+"""What the sync and asyncio clients share: connection settings, requests, the retry policy
+and the handling of a job's event stream. Only the waiting differs between the two."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import grpc
+
+from . import _convert
+from ._pb import s3net_pb2 as pb
+from .errors import S3NetError, Unavailable
+from .images import prepare
+from .results import (
+    Cancelled,
+    Completed,
+    Failed,
+    JobEvent,
+    Progress,
+    Queued,
+    SegmentationResult,
+    Started,
+)
+
+PemSource = Union[str, "os.PathLike[str]", bytes, None]
+ProgressArg = Union[bool, Callable[[JobEvent], Any], None]
+
+#: Codes after which nothing happened on the server, so the call can simply be made again.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Larger than the server's own 64 MiB default so the server's limit is the one that speaks.
+_MAX_MESSAGE = 256 << 20
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<client default>"
+
+
+#: Marks a per-call argument that was not given (``timeout=None`` means "no deadline").
+UNSET: Any = _Unset()
+
+
+def _pem(source: PemSource, what: str) -> Optional[bytes]:
+    if source is None or isinstance(source, bytes):
+        return source
+    path = Path(source)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {path}: {e.strerror}") from None
+
+
+@dataclass
+class Settings:
+    """Everything a client is constructed with, checked once."""
+
+    target: str
+    tls: bool
+    credentials: Optional[grpc.ChannelCredentials]
+    channel_options: List[Tuple[str, Any]]
+    metadata: Tuple[Tuple[str, str], ...]
+    timeout: Optional[float]
+    retries: int
+    backoff: float
+    max_backoff: float
+    upload_threshold: int
+    chunk_size: int
+
+    @classmethod
+    def build(
+        cls,
+        target: str,
+        *,
+        token: Optional[str],
+        tls: Optional[bool],
+        ca: PemSource,
+        cert: PemSource,
+        key: PemSource,
+        server_name: Optional[str],
+        timeout: Optional[float],
+        retries: int,
+        backoff: float,
+        max_backoff: float,
+        upload_threshold: int,
+        chunk_size: int,
+    ) -> "Settings":
+        address = target
+        scheme_tls = None
+        for scheme, secure in (("https://", True), ("http://", False)):
+            if address.startswith(scheme):
+                address, scheme_tls = address[len(scheme) :], secure
+        address = address.rstrip("/")
+        if not address:
+            raise ValueError(f"no server address in {target!r}")
+        if (cert is None) != (key is None):
+            raise ValueError("mutual TLS needs both cert= and key=")
+        use_tls = bool(
+            tls if tls is not None else (scheme_tls or ca is not None or cert is not None)
+        )
+        if tls is False and (ca is not None or cert is not None):
+            raise ValueError("tls=False contradicts ca=/cert=/key=")
+        credentials = None
+        if use_tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(ca, "CA bundle"),
+                private_key=_pem(key, "client key"),
+                certificate_chain=_pem(cert, "client certificate"),
+            )
+        options: List[Tuple[str, Any]] = [
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        metadata: Tuple[Tuple[str, str], ...] = ()
+        if token:
+            metadata = (("authorization", f"Bearer {token}"),)
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be > 0")
+        return cls(
+            target=address,
+            tls=use_tls,
+            credentials=credentials,
+            channel_options=options,
+            metadata=metadata,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            upload_threshold=upload_threshold,
+            chunk_size=chunk_size,
+        )
+
+    def deadline(self, timeout: Any) -> Optional[float]:
+        """The call's absolute deadline (time.monotonic) covering all its attempts."""
+        t = self.timeout if timeout is UNSET else timeout
+        return None if t is None else time.monotonic() + t
+
+    def retry_delay(
+        self, attempt: int, err: S3NetError, deadline: Optional[float]
+    ) -> Optional[float]:
+        """Seconds to wait before attempt ``attempt + 1``, or None to give up.
+
+        Exponential backoff with jitter, but never sooner than the server's ``retry-after``
+        hint (the queue will not have room before then), and never past the deadline.
+        """
+        if err.code not in RETRYABLE or attempt >= self.retries:
+            return None
+        delay = min(self.max_backoff, self.backoff * (2**attempt)) * random.uniform(0.5, 1.0)
+        if err.retry_after is not None:
+            delay = max(delay, err.retry_after)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+
+def remaining(deadline: Optional[float]) -> Optional[float]:
+    """The time left for the next attempt (gRPC wants a relative timeout)."""
+    if deadline is None:
+        return None
+    return max(0.001, deadline - time.monotonic())
+
+
+@dataclass
+class Upload:
+    """A prepared segment/submit request: the image bytes and the options message."""
+
+    image: bytes
+    stem: Optional[str]
+    options: pb.Options
+
+    @classmethod
+    def of(cls, image: Any, options: Dict[str, Any]) -> "Upload":
+        _convert.check_option_names(options)
+        data, stem, options = prepare(image, options)
+        return cls(image=data, stem=stem, options=_convert.options_to_pb(options))
+
+    def chunked(self, settings: Settings, upload: Optional[bool]) -> bool:
+        return upload if upload is not None else len(self.image) > settings.upload_threshold
+
+    def request(self) -> pb.SegmentRequest:
+        return pb.SegmentRequest(image=self.image, options=self.options)
+
+    def chunks(self, chunk_size: int) -> Iterator[pb.UploadChunk]:
+        """The SegmentUpload stream: the header, then the bytes in chunk_size pieces."""
+        yield pb.UploadChunk(
+            header=pb.UploadHeader(options=self.options, total_bytes=len(self.image))
+        )
+        view = memoryview(self.image)
+        for start in range(0, len(view), chunk_size):
+            yield pb.UploadChunk(data=bytes(view[start : start + chunk_size]))
+
+
+class Follower:
+    """Consumes one job's event stream: shows progress, returns the result, raises failures."""
+
+    def __init__(self, progress: ProgressArg, label: Optional[str] = None) -> None:
+        self.callback: Optional[Callable[[JobEvent], Any]] = None
+        self.bar = None
+        if callable(progress):
+            self.callback = progress
+        elif progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=None, unit="step", desc=label or "s3net", leave=True, file=sys.stderr
+            )
+        self.label = label
+        self.events = 0
+
+    def feed(self, message: pb.JobEvent) -> Optional[SegmentationResult]:
+        """Handles one event; the result once Completed arrives; raises on Failed/Cancelled."""
+        self.events += 1
+        event = _convert.event_from_pb(message)
+        if event is None:
+            return None
+        if self.bar is not None:
+            self._show(event)
+        if self.callback is not None:
+            self.callback(event)
+        if isinstance(event, Completed):
+            self.close()
+            return event.result
+        if isinstance(event, (Failed, Cancelled)):
+            self.close()
+            raise event.error()
+        return None
+
+    def _show(self, event: JobEvent) -> None:
+        bar = self.bar
+        name = self.label or event.job_id
+        if isinstance(event, Queued):
+            bar.set_description(f"{name} queued #{event.position}")
+        elif isinstance(event, Started):
+            bar.set_description(f"{name} on {event.device}")
+        elif isinstance(event, Progress):
+            if bar.total != event.max_iterations:
+                bar.total = event.max_iterations
+            bar.update(event.iteration - bar.n)
+            bar.set_postfix(loss=f"{event.losses.total:.3f}", labels=event.labels)
+        elif isinstance(event, Completed):
+            r = event.result
+            bar.total = bar.n = r.iterations
+            bar.set_postfix(labels=r.labels_used, fit=f"{r.timings.fit_seconds:.2f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    @staticmethod
+    def no_outcome() -> S3NetError:
+        return Unavailable("the event stream ended without an outcome")

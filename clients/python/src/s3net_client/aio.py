@@ -1,0 +1,237 @@
+"""The asyncio client: the same API as ``Client``, on ``grpc.aio``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional
+
+import grpc
+import grpc.aio
+
+from . import _convert
+from ._core import (
+    UNSET,
+    Follower,
+    PemSource,
+    ProgressArg,
+    Settings,
+    Upload,
+    remaining,
+)
+from ._pb import s3net_pb2 as pb
+from ._pb.s3net_pb2_grpc import SegmenterStub
+from .errors import from_rpc_error
+from .images import ImageInput
+from .results import Job, JobEvent, JobState, SegmentationResult, Submitted
+
+
+class AsyncClient:
+    """``Client`` for asyncio programs: every method is a coroutine, ``watch`` an async
+    iterator. Same arguments, retries, deadlines and exceptions as ``Client``.
+
+    Create and use it inside one running event loop, and close it with ``await
+    client.close()`` or ``async with``. Cancelling a ``segment`` task cancels the job.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        token: Optional[str] = None,
+        tls: Optional[bool] = None,
+        ca: PemSource = None,
+        cert: PemSource = None,
+        key: PemSource = None,
+        server_name: Optional[str] = None,
+        timeout: Optional[float] = None,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        upload_threshold: int = 32 << 20,
+        chunk_size: int = 1 << 20,
+    ) -> None:
+        self._settings = s = Settings.build(
+            target,
+            token=token,
+            tls=tls,
+            ca=ca,
+            cert=cert,
+            key=key,
+            server_name=server_name,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            upload_threshold=upload_threshold,
+            chunk_size=chunk_size,
+        )
+        if s.credentials is not None:
+            self._channel = grpc.aio.secure_channel(
+                s.target, s.credentials, options=s.channel_options
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(s.target, options=s.channel_options)
+        self._stub = SegmenterStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self._settings.target!r}, tls={self._settings.tls})"
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def segment(
+        self,
+        image: ImageInput,
+        *,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = UNSET,
+        upload: Optional[bool] = None,
+        **options: Any,
+    ) -> SegmentationResult:
+        """See ``Client.segment``."""
+        up = Upload.of(image, options)
+        s = self._settings
+        if up.chunked(s, upload):
+
+            def start(timeout: Optional[float]) -> Any:
+                return self._stub.SegmentUpload(
+                    up.chunks(s.chunk_size), timeout=timeout, metadata=s.metadata
+                )
+
+        else:
+            request = up.request()
+
+            def start(timeout: Optional[float]) -> Any:
+                return self._stub.Segment(request, timeout=timeout, metadata=s.metadata)
+
+        return await self._follow(start, Follower(progress, up.stem), s.deadline(timeout))
+
+    async def submit(
+        self,
+        image: ImageInput,
+        *,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = UNSET,
+        **options: Any,
+    ) -> Submitted:
+        """See ``Client.submit``."""
+        up = Upload.of(image, options)
+        request = pb.SubmitJobRequest(
+            image=up.image, options=up.options, idempotency_key=idempotency_key or ""
+        )
+        m = await self._unary(self._stub.SubmitJob, request, timeout)
+        return _convert.submitted_from_pb(m)
+
+    async def watch(
+        self, job_id: str, *, timeout: Optional[float] = UNSET
+    ) -> AsyncIterator[JobEvent]:
+        """See ``Client.watch``."""
+        s = self._settings
+        deadline = s.deadline(timeout)
+        request = pb.WatchJobRequest(job_id=job_id)
+        attempt = 0
+        while True:
+            call = self._stub.WatchJob(request, timeout=remaining(deadline), metadata=s.metadata)
+            seen = 0
+            try:
+                async for message in call:
+                    seen += 1
+                    event = _convert.event_from_pb(message)
+                    if event is not None:
+                        yield event
+                return
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                delay = None if seen else s.retry_delay(attempt, err, deadline)
+                if delay is None:
+                    raise err from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def wait(
+        self, job_id: str, *, progress: ProgressArg = False, timeout: Optional[float] = UNSET
+    ) -> SegmentationResult:
+        """See ``Client.wait``."""
+        s = self._settings
+        request = pb.WatchJobRequest(job_id=job_id)
+
+        def start(t: Optional[float]) -> Any:
+            return self._stub.WatchJob(request, timeout=t, metadata=s.metadata)
+
+        return await self._follow(start, Follower(progress, job_id), s.deadline(timeout))
+
+    async def get(self, job_id: str, *, timeout: Optional[float] = UNSET) -> Job:
+        """See ``Client.get``."""
+        m = await self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout)
+        return _convert.job_from_pb(m)
+
+    async def cancel(self, job_id: str, *, timeout: Optional[float] = UNSET) -> JobState:
+        """See ``Client.cancel``."""
+        m = await self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout)
+        return _convert.state_from_pb(m.state)
+
+    async def list_jobs(
+        self,
+        state: Any = None,
+        *,
+        limit: int = 0,
+        timeout: Optional[float] = UNSET,
+    ) -> List[Job]:
+        """See ``Client.list_jobs``."""
+        request = pb.ListJobsRequest(state=_convert.state_to_pb(state), limit=limit)
+        m = await self._unary(self._stub.ListJobs, request, timeout)
+        return [_convert.job_from_pb(j) for j in m.jobs]
+
+    async def _unary(
+        self, method: Callable[..., Awaitable[Any]], request: Any, timeout: Any
+    ) -> Any:
+        s = self._settings
+        deadline = s.deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=remaining(deadline), metadata=s.metadata)
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                delay = s.retry_delay(attempt, err, deadline)
+                if delay is None:
+                    raise err from None
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _follow(
+        self,
+        start: Callable[[Optional[float]], Any],
+        follower: Follower,
+        deadline: Optional[float],
+    ) -> SegmentationResult:
+        s = self._settings
+        attempt = 0
+        try:
+            while True:
+                call = start(remaining(deadline))
+                try:
+                    async for message in call:
+                        result = follower.feed(message)
+                        if result is not None:
+                            return result
+                    raise follower.no_outcome()
+                except grpc.RpcError as e:
+                    err = from_rpc_error(e)
+                    delay = None if follower.events else s.retry_delay(attempt, err, deadline)
+                    if delay is None:
+                        raise err from None
+                finally:
+                    call.cancel()
+                await asyncio.sleep(delay)
+                attempt += 1
+        finally:
+            follower.close()

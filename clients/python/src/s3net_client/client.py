@@ -1,0 +1,268 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, List, Optional, TypeVar
+
+import grpc
+
+from . import _convert
+from ._core import (
+    UNSET,
+    Follower,
+    PemSource,
+    ProgressArg,
+    Settings,
+    Upload,
+    remaining,
+)
+from ._pb import s3net_pb2 as pb
+from ._pb.s3net_pb2_grpc import SegmenterStub
+from .errors import from_rpc_error
+from .images import ImageInput
+from .results import Job, JobEvent, JobState, SegmentationResult, Submitted
+
+T = TypeVar("T")
+
+
+class Client:
+    """A connection to an s3net server.
+
+    ``target`` is ``host:port``; an ``https://`` prefix (or ``tls=True``, or any of ``ca``,
+    ``cert``, ``key``) turns TLS on, with the system's roots unless ``ca`` (a PEM path or
+    bytes) is given; ``cert`` and ``key`` add a client certificate for mutual TLS, and
+    ``server_name`` overrides the name checked against the server's certificate. ``token``
+    is sent as ``authorization: Bearer …`` on every call.
+
+    ``timeout`` is the default deadline of a call in seconds (None: none), covering its
+    retries; every method takes its own ``timeout=`` too. Calls that fail with UNAVAILABLE or
+    RESOURCE_EXHAUSTED before the server did anything are retried up to ``retries`` times,
+    ``backoff`` seconds doubling up to ``max_backoff``, but never sooner than the server's
+    ``retry-after`` hint. Images larger than ``upload_threshold`` bytes go through the
+    chunked SegmentUpload call in ``chunk_size`` pieces.
+
+    One client is safe to share between threads; close it (or use ``with``) when done.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        token: Optional[str] = None,
+        tls: Optional[bool] = None,
+        ca: PemSource = None,
+        cert: PemSource = None,
+        key: PemSource = None,
+        server_name: Optional[str] = None,
+        timeout: Optional[float] = None,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        upload_threshold: int = 32 << 20,
+        chunk_size: int = 1 << 20,
+    ) -> None:
+        self._settings = s = Settings.build(
+            target,
+            token=token,
+            tls=tls,
+            ca=ca,
+            cert=cert,
+            key=key,
+            server_name=server_name,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            upload_threshold=upload_threshold,
+            chunk_size=chunk_size,
+        )
+        if s.credentials is not None:
+            self._channel = grpc.secure_channel(s.target, s.credentials, options=s.channel_options)
+        else:
+            self._channel = grpc.insecure_channel(s.target, options=s.channel_options)
+        self._stub = SegmenterStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"Client({self._settings.target!r}, tls={self._settings.tls})"
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # -- segmentation -------------------------------------------------------------------------
+
+    def segment(
+        self,
+        image: ImageInput,
+        *,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = UNSET,
+        upload: Optional[bool] = None,
+        **options: Any,
+    ) -> SegmentationResult:
+        """Segments one image and returns its result once the fit is done.
+
+        ``image``: a file path (PNG, JPEG, BMP, TIFF, DICOM), the encoded bytes, or a numpy
+        array (see ``s3net_client.images``). ``options``: the proto's Options fields —
+        ``preset``, ``iterations``, ``min_labels``, ``size``, ``seed``, ``device``,
+        ``window=(center, width)``, ``priority``, ``features``, ``frame``; unset ones take
+        the server's preset values. ``progress=True`` shows a tqdm bar; a callable gets
+        every JobEvent. ``upload`` forces (True) or forbids (False) the chunked upload.
+
+        Raises S3NetError (InvalidArgument, ResourceExhausted, …) when the server refuses or
+        the job fails. Interrupting the call (an exception, Ctrl-C, the deadline) cancels
+        the job on the server.
+        """
+        up = Upload.of(image, options)
+        s = self._settings
+        if up.chunked(s, upload):
+
+            def start(timeout: Optional[float]) -> Any:
+                return self._stub.SegmentUpload(
+                    up.chunks(s.chunk_size), timeout=timeout, metadata=s.metadata
+                )
+
+        else:
+            request = up.request()
+
+            def start(timeout: Optional[float]) -> Any:
+                return self._stub.Segment(request, timeout=timeout, metadata=s.metadata)
+
+        return self._follow(start, Follower(progress, up.stem), s.deadline(timeout))
+
+    # -- asynchronous jobs ----------------------------------------------------------------
+
+    def submit(
+        self,
+        image: ImageInput,
+        *,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = UNSET,
+        **options: Any,
+    ) -> Submitted:
+        """Queues a job and returns its id at once; the job outlives this client.
+
+        With ``idempotency_key``, submitting the same image and options again returns the
+        same job (``existing=True``), which also makes retried submits safe.
+        """
+        up = Upload.of(image, options)
+        request = pb.SubmitJobRequest(
+            image=up.image, options=up.options, idempotency_key=idempotency_key or ""
+        )
+        return _convert.submitted_from_pb(self._unary(self._stub.SubmitJob, request, timeout))
+
+    def watch(self, job_id: str, *, timeout: Optional[float] = UNSET) -> Iterator[JobEvent]:
+        """Yields a job's events: its state so far, then live ones up to the outcome event
+        (Completed, Failed or Cancelled). Stopping early does not cancel the job."""
+        s = self._settings
+        deadline = s.deadline(timeout)
+        request = pb.WatchJobRequest(job_id=job_id)
+        attempt = 0
+        while True:
+            call = self._stub.WatchJob(request, timeout=remaining(deadline), metadata=s.metadata)
+            seen = 0
+            try:
+                for message in call:
+                    seen += 1
+                    event = _convert.event_from_pb(message)
+                    if event is not None:
+                        yield event
+                return
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                delay = None if seen else s.retry_delay(attempt, err, deadline)
+                if delay is None:
+                    raise err from None
+            finally:
+                call.cancel()
+            time.sleep(delay)
+            attempt += 1
+
+    def wait(
+        self, job_id: str, *, progress: ProgressArg = False, timeout: Optional[float] = UNSET
+    ) -> SegmentationResult:
+        """Follows a submitted job to its result, like ``segment`` does (raises on failure)."""
+        s = self._settings
+        request = pb.WatchJobRequest(job_id=job_id)
+
+        def start(t: Optional[float]) -> Any:
+            return self._stub.WatchJob(request, timeout=t, metadata=s.metadata)
+
+        return self._follow(start, Follower(progress, job_id), s.deadline(timeout))
+
+    def get(self, job_id: str, *, timeout: Optional[float] = UNSET) -> Job:
+        """The job's state, with its result once completed (NotFound once it expired)."""
+        m = self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout)
+        return _convert.job_from_pb(m)
+
+    def cancel(self, job_id: str, *, timeout: Optional[float] = UNSET) -> JobState:
+        """Cancels a queued job at once, a running one at its next step; returns the state
+        (a finished job is left as it is)."""
+        m = self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout)
+        return _convert.state_from_pb(m.state)
+
+    def list_jobs(
+        self,
+        state: Any = None,
+        *,
+        limit: int = 0,
+        timeout: Optional[float] = UNSET,
+    ) -> List[Job]:
+        """Jobs the server knows (newest first, without result images), optionally only
+        those in ``state`` (a JobState or its name); ``limit`` 0 means the server's 100."""
+        request = pb.ListJobsRequest(state=_convert.state_to_pb(state), limit=limit)
+        m = self._unary(self._stub.ListJobs, request, timeout)
+        return [_convert.job_from_pb(j) for j in m.jobs]
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _unary(self, method: Callable[..., T], request: Any, timeout: Any) -> T:
+        s = self._settings
+        deadline = s.deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=remaining(deadline), metadata=s.metadata)
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                delay = s.retry_delay(attempt, err, deadline)
+                if delay is None:
+                    raise err from None
+            time.sleep(delay)
+            attempt += 1
+
+    def _follow(
+        self,
+        start: Callable[[Optional[float]], Any],
+        follower: Follower,
+        deadline: Optional[float],
+    ) -> SegmentationResult:
+        s = self._settings
+        attempt = 0
+        try:
+            while True:
+                call = start(remaining(deadline))
+                try:
+                    for message in call:
+                        result = follower.feed(message)
+                        if result is not None:
+                            return result
+                    raise follower.no_outcome()
+                except grpc.RpcError as e:
+                    err = from_rpc_error(e)
+                    # Once an event arrived the job exists: running it again is not a retry.
+                    delay = None if follower.events else s.retry_delay(attempt, err, deadline)
+                    if delay is None:
+                        raise err from None
+                finally:
+                    call.cancel()  # a no-op after the outcome; cancels the job otherwise
+                time.sleep(delay)
+                attempt += 1
+        finally:
+            follower.close()

@@ -1,0 +1,115 @@
+"""Turning what a caller has — a file, encoded bytes or a numpy array — into the bytes the
+service decodes.
+
+Files and bytes are sent untouched: the server reads the format from the bytes (PNG, JPEG,
+BMP, TIFF, DICOM), so a DICOM keeps its rescale and window tags. Arrays are written as PNG
+without loss: uint8 as 8-bit, uint16 as 16-bit, so the server's windowing sees the original
+values. Floats have no lossless PNG form; they are taken as intensities already in [0, 1]
+(the server's own working range) and written as 16-bit, or windowed here first when the
+call gives a ``window``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour types by channel count: grey, grey+alpha, RGB, RGBA.
+_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
+
+
+def prepare(image: Any, options: Dict[str, Any]) -> Tuple[bytes, Optional[str], Dict[str, Any]]:
+    """The encoded image, the file's stem (None unless a path was given) and the options to
+    send (a float array's window is applied here, so it is not sent)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        return path.read_bytes(), path.stem, options
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image), None, options
+    if isinstance(image, np.ndarray) or hasattr(image, "__array_interface__"):
+        array = np.asarray(image)
+        window = options.get("window")
+        if window is not None and array.dtype.kind == "f":
+            from ._convert import window_tuple
+
+            array = apply_window(array, *window_tuple(window))
+            options = {k: v for k, v in options.items() if k != "window"}
+        return encode_png(array), None, options
+    raise TypeError(
+        f"cannot segment a {type(image).__name__}: pass a file path, encoded image bytes "
+        "or a numpy array"
+    )
+
+
+def apply_window(array: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Maps ``center ± width/2`` linearly onto [0, 1], clipping outside (as the server does)."""
+    if not width > 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    a = np.asarray(array, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError("the float array holds NaN or infinite values")
+    return np.clip((a - (center - width / 2.0)) / width, 0.0, 1.0)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """A lossless PNG of an H×W, H×W×1, H×W×2 (grey+alpha), H×W×3 (RGB) or H×W×4 (RGBA)
+    array: uint8 → 8-bit, uint16 → 16-bit, float in [0, 1] → 16-bit."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in _COLOUR_TYPE):
+        raise ValueError(
+            f"unsupported array shape {a.shape}: expected H×W (grey) or H×W×C with C = 3 "
+            "(RGB), 4 (RGBA) or 2 (grey+alpha)"
+        )
+    height, width = a.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"the array is empty (shape {a.shape})")
+    channels = 1 if a.ndim == 2 else a.shape[2]
+
+    if a.dtype == np.uint8:
+        depth, samples = 8, a
+    elif a.dtype == np.uint16:
+        depth, samples = 16, a.astype(">u2", copy=False)
+    elif a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise ValueError("the float array holds NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"float arrays must hold intensities in [0, 1] (this one spans {lo:g}..{hi:g}); "
+                "pass window=(center, width) to map native units such as HU, or scale it"
+            )
+        depth, samples = 16, np.rint(a.astype(np.float64) * 65535.0).astype(">u2")
+    else:
+        raise ValueError(
+            f"unsupported array dtype {a.dtype}: pass uint8, uint16, or float in [0, 1] "
+            "(e.g. CT in HU: (hu + 1024).astype(np.uint16), or a float array with a window)"
+        )
+
+    # Each row: filter byte 0 (none), then the row's samples, big-endian for 16-bit.
+    row_bytes = width * channels * depth // 8
+    rows = np.zeros((height, 1 + row_bytes), dtype=np.uint8)
+    rows[:, 1:] = np.ascontiguousarray(samples).view(np.uint8).reshape(height, row_bytes)
+    header = struct.pack(">IIBBBBB", width, height, depth, _COLOUR_TYPE[channels], 0, 0, 0)
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)),
+            _chunk(b"IEND", b""),
+        )
+    )
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)

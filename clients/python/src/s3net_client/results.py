@@ -1,0 +1,276 @@
+"""Plain Python values for what the service returns: results, jobs and job events.
+
+The protobuf messages stay inside the client; callers get frozen dataclasses with numpy
+arrays, so a result can be kept, compared and pickled without the generated code.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import grpc
+import numpy as np
+
+from .errors import Cancelled as _CancelledError
+from .errors import S3NetError, make_error
+
+__all__ = [
+    "Window",
+    "Losses",
+    "Timings",
+    "BoundingBox",
+    "ClusterStats",
+    "AppliedOptions",
+    "SegmentationResult",
+    "JobState",
+    "Job",
+    "Submitted",
+    "JobEvent",
+    "Queued",
+    "Started",
+    "Progress",
+    "Completed",
+    "Failed",
+    "Cancelled",
+]
+
+
+@dataclass(frozen=True)
+class Window:
+    """A linear display window in the image's native units (HU for CT)."""
+
+    center: float
+    width: float
+
+
+@dataclass(frozen=True)
+class Losses:
+    """The weighted loss terms of one step; ``total = ce + affine + spatial``."""
+
+    total: float
+    ce: float
+    affine: float
+    spatial: float
+
+
+@dataclass(frozen=True)
+class Timings:
+    queued_seconds: float
+    fit_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class BoundingBox:
+    """Columns ``x .. x+width`` and rows ``y .. y+height`` (end exclusive)."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ClusterStats:
+    label: int
+    pixel_count: int
+    bbox: BoundingBox
+    #: Mean of the normalised input (0..1) over the cluster's pixels.
+    mean_intensity: float
+
+
+@dataclass(frozen=True)
+class AppliedOptions:
+    """The options the fit actually used (request values, else the preset's)."""
+
+    preset: str
+    iterations: int
+    min_labels: int
+    size: int
+    seed: int
+    features: int
+    device: str
+    #: The window applied (request or DICOM file), None when none was.
+    window: Optional[Window]
+    priority: int
+    #: Every fit option, tuning knobs included, as `s3net segment` records them.
+    all: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationResult:
+    """One finished segmentation, at the input image's own resolution.
+
+    ``labels`` is an H×W integer array (uint8, or uint16 beyond 255 clusters) with clusters
+    numbered by decreasing pixel count; ``mask`` is the H×W boolean foreground mask. The PNGs
+    they were decoded from are kept in ``labels_png`` and ``mask_png``.
+    """
+
+    job_id: str
+    labels: np.ndarray
+    mask: np.ndarray
+    labels_png: bytes
+    mask_png: bytes
+    width: int
+    height: int
+    labels_used: int
+    clusters: List[ClusterStats]
+    iterations: int
+    losses: Losses
+    timings: Timings
+    options: AppliedOptions
+    device: str
+    foreground_fraction: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The report `s3net segment` writes as STEM.json (everything but the images)."""
+        return {
+            "width": self.width,
+            "height": self.height,
+            "labels_used": self.labels_used,
+            "iterations": self.iterations,
+            "losses": vars(self.losses).copy(),
+            "fit_seconds": self.timings.fit_seconds,
+            "device": self.device,
+            "foreground_fraction": self.foreground_fraction,
+            "options": self.options.all or None,
+            "clusters": [
+                {
+                    "label": c.label,
+                    "pixels": c.pixel_count,
+                    "bbox": [c.bbox.x, c.bbox.y, c.bbox.width, c.bbox.height],
+                    "mean_intensity": c.mean_intensity,
+                }
+                for c in self.clusters
+            ],
+            "timings": vars(self.timings).copy(),
+        }
+
+    def save(self, out_dir: Union[str, Path], stem: str) -> Tuple[Path, Path, Path]:
+        """Writes STEM.labels.png, STEM.mask.png and STEM.json into ``out_dir`` (created if
+        missing), the same three files as ``s3net segment``; returns their paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        labels, mask, report = (
+            out / f"{stem}.labels.png",
+            out / f"{stem}.mask.png",
+            out / f"{stem}.json",
+        )
+        labels.write_bytes(self.labels_png)
+        mask.write_bytes(self.mask_png)
+        report.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return labels, mask, report
+
+
+class JobState(enum.IntEnum):
+    UNSPECIFIED = 0
+    QUEUED = 1
+    RUNNING = 2
+    COMPLETED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What ``submit`` returns: the job id and where the job stands."""
+
+    job_id: str
+    #: True when an idempotency key matched an existing job.
+    existing: bool
+    state: JobState
+    queue_position: int
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One event of a job; a stream of them ends with Completed, Failed or Cancelled."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Queued(JobEvent):
+    #: 0-based position in the queue (0 = next to run).
+    position: int
+
+
+@dataclass(frozen=True)
+class Started(JobEvent):
+    worker: str
+    device: str
+
+
+@dataclass(frozen=True)
+class Progress(JobEvent):
+    #: 1-based step just finished.
+    iteration: int
+    max_iterations: int
+    losses: Losses
+    #: Clusters in use after this step.
+    labels: int
+    elapsed_seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class Completed(JobEvent):
+    result: SegmentationResult
+
+
+@dataclass(frozen=True)
+class Failed(JobEvent):
+    code: grpc.StatusCode
+    message: str
+
+    def error(self) -> S3NetError:
+        """The exception a segment call raises for this failure."""
+        return make_error(self.code, self.message, job_id=self.job_id)
+
+
+@dataclass(frozen=True)
+class Cancelled(JobEvent):
+    #: "cancelled by CancelJob", "client disconnected", "deadline exceeded", …
+    reason: str
+
+    def error(self) -> S3NetError:
+        return _CancelledError(self.reason, job_id=self.job_id)
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """A job as GetJob and ListJobs report it (ListJobs leaves ``result`` out)."""
+
+    job_id: str
+    state: JobState
+    queue_position: int
+    result: Optional[SegmentationResult]
+    #: Set when the job failed.
+    failure: Optional[Failed]
+    #: Set when the job was cancelled.
+    cancellation: Optional[Cancelled]
+    #: Seconds since the Unix epoch; 0 when not reached yet.
+    submitted_at: float
+    started_at: float
+    finished_at: float
+    width: int
+    height: int
+    progress: Optional[Progress]
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """A grey PNG as a 2-D array (uint8, or uint16 for 16-bit files)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return np.asarray(img).astype(np.uint16)
+        return np.asarray(img.convert("L")) if img.mode != "L" else np.asarray(img)
