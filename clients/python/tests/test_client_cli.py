@@ -1,0 +1,105 @@
+"""The `s3net-client` command, checked against the Rust `s3net client` on the same server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pyclient_support import BIN, DATA, REPO
+
+CT = DATA / "dicom" / "CT_small.dcm"
+FIT = ["--size", "64", "--iterations", "2", "--seed", "7"]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "clients" / "python" / "src")}
+    env.pop("S3NET_TOKEN", None)
+    p = subprocess.run(
+        [sys.executable, "-m", "s3net_client.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_segment_writes_what_s3net_client_writes(server, tmp_path: Path) -> None:
+    py_out, rust_out = tmp_path / "py", tmp_path / "rust"
+    p = run("segment", str(CT), "--out", str(py_out), "--addr", server.addr, *FIT)
+    assert "CT_small.dcm: " in p.stdout and "iterations" in p.stdout
+    assert "queued" in p.stderr and "started" in p.stderr  # milestones when not a terminal
+    subprocess.run(
+        [
+            str(BIN),
+            "client",
+            "segment",
+            "--addr",
+            f"http://{server.addr}",
+            str(CT),
+            "--out",
+            str(rust_out),
+            *FIT,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    names = sorted(f.name for f in py_out.iterdir())
+    assert names == ["CT_small.json", "CT_small.labels.png", "CT_small.mask.png"]
+    assert names == sorted(f.name for f in rust_out.iterdir())
+    py_json = json.loads((py_out / "CT_small.json").read_text())
+    rust_json = json.loads((rust_out / "CT_small.json").read_text())
+    assert py_json.keys() == rust_json.keys()
+    assert py_json["clusters"][0].keys() == rust_json["clusters"][0].keys()
+    assert py_json["options"] == rust_json["options"]
+    for kind in ("labels", "mask"):
+        a = np.asarray(Image.open(py_out / f"CT_small.{kind}.png"))
+        b = np.asarray(Image.open(rust_out / f"CT_small.{kind}.png"))
+        np.testing.assert_array_equal(a, b)  # same seed, same fit
+
+
+def test_job_commands(server, tmp_path: Path) -> None:
+    addr = ["--addr", server.addr]
+    job_id = run("submit", str(CT), *addr, *FIT).stdout.strip()
+    assert len(job_id) >= 8
+    watched = run("watch", job_id, *addr).stdout
+    assert f"job {job_id} completed" in watched
+    got = run("get", job_id, "--out", str(tmp_path), *addr).stdout
+    assert got.startswith(f"{job_id} COMPLETED 128x128")
+    assert (tmp_path / f"{job_id}.mask.png").exists()
+    assert run("cancel", job_id, *addr).stdout.strip() == "COMPLETED"
+    assert job_id in run("list", "--state", "completed", *addr).stdout
+
+
+def test_failures_exit_1_with_the_code(server, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    p = run("segment", str(empty), "--out", str(tmp_path), "--addr", server.addr, check=False)
+    assert p.returncode == 1 and p.stderr.strip().startswith("INVALID_ARGUMENT: ")
+    p = run("get", "0000000000000000", "--addr", server.addr, check=False)
+    assert p.returncode == 1 and "NOT_FOUND" in p.stderr
+    p = run(
+        "segment",
+        str(tmp_path / "missing.png"),
+        "--out",
+        str(tmp_path),
+        "--addr",
+        server.addr,
+        check=False,
+    )
+    assert p.returncode == 1 and "missing.png" in p.stderr
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "s3net-client"
+    p = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "segment" in p.stdout

@@ -1,0 +1,99 @@
+"""Retries: a full queue (RESOURCE_EXHAUSTED) is retried no sooner than the server's
+retry-after hint; an unreachable server (UNAVAILABLE) with exponential backoff."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+
+from pyclient_support import DATA, FAST, SLOW, start_server, wait_until
+from s3net_client import Client, JobState, ResourceExhausted, Unavailable
+
+CT = DATA / "dicom" / "CT_small.dcm"
+
+
+@pytest.fixture(scope="module")
+def tiny_queue():
+    """One worker and room for one waiting job: the third job finds the queue full."""
+    s = start_server("--cpu-workers", "1", "--queue-capacity", "1")
+    yield s
+    s.stop()
+
+
+def test_queue_full_is_retried_after_the_hint(tiny_queue) -> None:
+    with Client(tiny_queue.addr, timeout=120, retries=0) as client:
+        running = client.submit(CT, **SLOW)
+        wait_until(lambda: client.get(running.job_id).state == JobState.RUNNING)
+        waiting = client.submit(CT, **SLOW)
+        assert waiting.state == JobState.QUEUED
+
+        # Without retries the refusal surfaces, with the server's hint.
+        with pytest.raises(ResourceExhausted) as e:
+            client.segment(CT, **FAST)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in e.value.details
+        hint = e.value.retry_after
+        assert hint is not None and hint >= 1
+        with pytest.raises(ResourceExhausted):
+            client.submit(CT, **FAST)
+
+        # Free the queue a little after the refusal; the retrying call must then get in,
+        # and not before the hint has passed.
+        def free() -> None:
+            time.sleep(0.3)
+            client.cancel(waiting.job_id)
+            client.cancel(running.job_id)
+
+        with Client(tiny_queue.addr, timeout=120, retries=5, backoff=0.05) as patient:
+            freer = threading.Thread(target=free)
+            t0 = time.monotonic()
+            freer.start()
+            r = patient.segment(CT, **FAST)
+            elapsed = time.monotonic() - t0
+            freer.join()
+        assert r.labels.shape == (128, 128)
+        assert elapsed >= 0.9 * hint, f"retried after {elapsed:.2f} s, before the {hint} s hint"
+
+
+def test_retries_stop_at_the_deadline(tiny_queue) -> None:
+    with Client(tiny_queue.addr, retries=0) as client:
+        running = client.submit(CT, **SLOW)
+        waiting = client.submit(CT, **SLOW)
+        try:
+            with Client(tiny_queue.addr, retries=10) as patient:
+                t0 = time.monotonic()
+                # The hint (>= 1 s, growing with the queue) does not fit in a 0.5 s deadline:
+                # the client gives up at once instead of sleeping past it.
+                with pytest.raises(ResourceExhausted):
+                    patient.segment(CT, timeout=0.5, **FAST)
+                assert time.monotonic() - t0 < 0.5
+        finally:
+            client.cancel(waiting.job_id)
+            client.cancel(running.job_id)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_is_retried_with_backoff() -> None:
+    port = _closed_port()
+    with Client(f"127.0.0.1:{port}", retries=3, backoff=0.2, max_backoff=0.4) as client:
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable) as e:
+            client.list_jobs(timeout=30)
+        elapsed = time.monotonic() - t0
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    # Three waits of 0.2, 0.4 and 0.4 s, each scaled by a jitter in [0.5, 1].
+    assert 0.5 <= elapsed < 10
+    with Client(f"127.0.0.1:{port}", retries=0) as client:
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable):
+            client.segment(CT, **FAST)
+        assert time.monotonic() - t0 < 5

@@ -1,0 +1,210 @@
+"""segment() against the real server, for every kind of input the client accepts."""
+
+from __future__ import annotations
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from pyclient_support import DATA, FAST, SLOW, wait_until
+from s3net_client import (
+    Client,
+    DeadlineExceeded,
+    InvalidArgument,
+    JobState,
+    NotFound,
+    S3NetError,
+    SegmentationResult,
+    events,
+)
+
+PH2 = DATA / "ph2" / "IMD002.png"
+LUNG = DATA / "lung" / "ID_0000_Z_0142.png"
+
+
+def check_result(r: SegmentationResult, height: int, width: int, iterations: int = 2) -> None:
+    """The result is complete and self-consistent, at the input's own size."""
+    assert (r.height, r.width) == (height, width)
+    assert r.labels.shape == (height, width) and r.labels.dtype in (np.uint8, np.uint16)
+    assert r.mask.shape == (height, width) and r.mask.dtype == np.bool_
+    assert r.iterations == iterations
+    # Stats describe the returned label map (labels_used is checked apart: see below).
+    assert [c.label for c in r.clusters] == np.unique(r.labels).tolist()
+    assert r.labels_used >= len(r.clusters)
+    assert sum(c.pixel_count for c in r.clusters) == height * width
+    for c in r.clusters:
+        assert c.pixel_count == int((r.labels == c.label).sum())
+        assert 0.0 <= c.mean_intensity <= 1.0
+        assert c.bbox.x + c.bbox.width <= width and c.bbox.y + c.bbox.height <= height
+    assert r.mask.mean() == pytest.approx(r.foreground_fraction, abs=1e-6)
+    assert np.isfinite([r.losses.total, r.losses.ce, r.losses.affine, r.losses.spatial]).all()
+    assert r.timings.fit_seconds > 0 and r.timings.total_seconds >= r.timings.fit_seconds
+    assert r.options.size == 64 and r.options.iterations == iterations and r.options.seed == 7
+    assert r.options.all["size"] == 64
+    assert r.device == "cpu" and r.job_id
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="server bug: labels_used counts the clusters on the fit grid; upsampling to the "
+    "image's size can drop small ones, so the label map may hold fewer (crates/model fit.rs)",
+)
+def test_labels_used_matches_the_label_map(client: Client) -> None:
+    r = client.segment(DATA / "dicom" / "CT_small.dcm", **FAST)
+    assert r.labels_used == len(r.clusters) == int(r.labels.max()) + 1
+
+
+def test_png_path(client: Client) -> None:
+    with Image.open(PH2) as img:
+        w, h = img.size
+    check_result(client.segment(PH2, **FAST), h, w)
+    # str paths work as well as Path objects
+    check_result(client.segment(str(PH2), **FAST), h, w)
+
+
+def test_16bit_png_path(client: Client) -> None:
+    with Image.open(LUNG) as img:
+        assert img.mode.startswith("I")  # the sample really is 16-bit
+        w, h = img.size
+    check_result(client.segment(LUNG, **FAST), h, w)
+
+
+def test_jpeg_and_tiff(client: Client, tmp_path) -> None:
+    with Image.open(PH2) as img:
+        rgb = img.convert("RGB")
+    for name in ("IMD002.jpg", "IMD002.tif"):
+        path = tmp_path / name
+        rgb.save(path)
+        check_result(client.segment(path, **FAST), rgb.height, rgb.width)
+
+
+def test_dicom(client: Client) -> None:
+    r = client.segment(DATA / "dicom" / "CT_small.dcm", **FAST)
+    check_result(r, 128, 128)
+
+
+def test_bytes(client: Client) -> None:
+    data = PH2.read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+    check_result(client.segment(data, **FAST), h, w)
+    check_result(client.segment(bytearray(data), **FAST), h, w)
+
+
+def test_numpy_arrays(client: Client) -> None:
+    with Image.open(PH2) as img:
+        rgb = np.asarray(img.convert("RGB"))
+        grey = np.asarray(img.convert("L"))
+    h, w = grey.shape
+    check_result(client.segment(rgb, **FAST), h, w)
+    check_result(client.segment(grey, **FAST), h, w)
+    check_result(client.segment(grey[:, :, None], **FAST), h, w)
+
+
+def test_arrays_are_sent_losslessly(client: Client) -> None:
+    """A uint16 array and the same values as floats in [0, 1] give the very fit the 16-bit
+    file gives: nothing was lost on the way (the fit is deterministic for a seed on CPU)."""
+    with Image.open(LUNG) as img:
+        u16 = np.asarray(img).astype(np.uint16)
+    h, w = u16.shape
+    from_file = client.segment(LUNG, **FAST)
+    from_u16 = client.segment(u16, **FAST)
+    from_float = client.segment(u16 / 65535.0, **FAST)
+    for r in (from_u16, from_float):
+        check_result(r, h, w)
+        np.testing.assert_array_equal(r.labels, from_file.labels)
+        np.testing.assert_array_equal(r.mask, from_file.mask)
+
+
+def test_float_array_with_window(client: Client) -> None:
+    with Image.open(LUNG) as img:
+        hu = np.asarray(img).astype(np.float32) - 1024.0  # the sample stores HU + 1024
+    r = client.segment(hu, window=(-600.0, 1500.0), **FAST)
+    check_result(r, *hu.shape)
+    # The window was applied by the client, so the server saw plain [0, 1] intensities.
+    assert r.options.window is None
+
+
+def test_window_on_integer_images_goes_to_the_server(client: Client) -> None:
+    r = client.segment(LUNG, window=(424.0, 1500.0), **FAST)
+    assert (r.options.window.center, r.options.window.width) == (424.0, 1500.0)
+
+
+def test_unsupported_arrays_are_value_errors(client: Client) -> None:
+    with pytest.raises(ValueError, match="dtype int16"):
+        client.segment(np.zeros((8, 8), np.int16))
+    with pytest.raises(ValueError, match="shape"):
+        client.segment(np.zeros((8, 8, 5), np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        client.segment(np.zeros(8, np.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        client.segment(np.full((8, 8), 2.0))
+    with pytest.raises(ValueError, match="NaN"):
+        client.segment(np.full((8, 8), np.nan))
+    with pytest.raises(TypeError, match="numpy array"):
+        client.segment(12345)
+    with pytest.raises(TypeError, match="unknown option"):
+        client.segment(PH2, iteration=3)
+    with pytest.raises(ValueError, match="iterations"):
+        client.segment(PH2, iterations=-1)
+
+
+def test_chunked_upload(server, client: Client) -> None:
+    single = client.segment(PH2, **FAST)
+    forced = client.segment(PH2, upload=True, **FAST)
+    # Above the threshold the client switches to SegmentUpload by itself.
+    with Client(server.addr, upload_threshold=64 << 10, chunk_size=100_000) as small:
+        automatic = small.segment(PH2, **FAST)
+    for r in (forced, automatic):
+        np.testing.assert_array_equal(r.labels, single.labels)
+        assert r.clusters == single.clusters
+
+
+def test_progress_callback(client: Client) -> None:
+    seen = []
+    r = client.segment(PH2, progress=seen.append, size=64, iterations=3, seed=7)
+    kinds = [type(e) for e in seen]
+    assert kinds[0] is events.Queued and kinds[1] is events.Started
+    assert kinds[-1] is events.Completed and seen[-1].result is r
+    steps = [e for e in seen if isinstance(e, events.Progress)]
+    # progress_interval_ms = 0 in the test server: one event per step.
+    assert [p.iteration for p in steps] == [1, 2, 3]
+    assert all(p.max_iterations == 3 and p.labels > 0 for p in steps)
+    assert {e.job_id for e in seen} == {r.job_id}
+
+
+def test_progress_bar(client: Client, capsys) -> None:
+    client.segment(PH2, progress=True, size=64, iterations=3, seed=7)
+    err = capsys.readouterr().err
+    assert "IMD002" in err and "3/3" in err
+
+
+def test_errors_carry_code_and_message(client: Client) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        client.segment(b"")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "empty" in e.value.details
+    assert str(e.value).startswith("INVALID_ARGUMENT: ")
+    with pytest.raises(InvalidArgument, match="format"):
+        client.segment(b"definitely not an image")
+    with pytest.raises(InvalidArgument, match="size") as e:
+        client.segment(PH2, size=5)
+    assert isinstance(e.value, S3NetError)
+    with pytest.raises(InvalidArgument, match="preset"):
+        client.segment(PH2, preset="nonsense")
+    with pytest.raises(NotFound) as e:
+        client.get("no-such-job")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and e.value.details
+
+
+def test_deadline_cancels_the_job(client: Client) -> None:
+    seen = []
+    with pytest.raises(DeadlineExceeded) as e:
+        client.segment(PH2, progress=seen.append, timeout=1.5, **SLOW)
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    job_id = seen[0].job_id
+    job = wait_until(lambda: (j := client.get(job_id)).state.finished and j)
+    assert job.state == JobState.CANCELLED

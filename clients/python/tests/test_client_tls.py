@@ -1,0 +1,192 @@
+"""TLS, mutual TLS and the bearer token against a server that requires all three.
+
+The certificates are made here with `cryptography`: a CA, a server certificate for
+127.0.0.1/localhost and a client certificate, all signed by that CA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+from typing import Dict
+
+import grpc
+import pytest
+
+from pyclient_support import DATA, FAST, start_server
+from s3net_client import AsyncClient, Client, S3NetError, Unauthenticated, Unavailable
+
+TOKEN = "s3cr3t-test-token"
+
+
+def _make_pki(folder: Path) -> Dict[str, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key, path: Path) -> Path:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return path
+
+    def write_cert(cert, path: Path) -> Path:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("s3net test CA"))
+        .issuer_name(name("s3net test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(cn: str, usage, sans=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return key, b.sign(ca_key, hashes.SHA256())
+
+    server_key, server_cert = leaf(
+        "localhost",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    client_key, client_cert = leaf("s3net test client", ExtendedKeyUsageOID.CLIENT_AUTH)
+    return {
+        "ca": write_cert(ca, folder / "ca.pem"),
+        "server_cert": write_cert(server_cert, folder / "server.pem"),
+        "server_key": write_key(server_key, folder / "server.key"),
+        "client_cert": write_cert(client_cert, folder / "client.pem"),
+        "client_key": write_key(client_key, folder / "client.key"),
+    }
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    pki = _make_pki(tmp_path_factory.mktemp("pki"))
+    s = start_server(
+        "--cpu-workers",
+        "1",
+        env={
+            "S3NET__SERVER__TLS__CERT": str(pki["server_cert"]),
+            "S3NET__SERVER__TLS__KEY": str(pki["server_key"]),
+            "S3NET__SERVER__TLS__CLIENT_CA": str(pki["ca"]),
+            "S3NET__SERVER__AUTH_TOKEN": TOKEN,
+        },
+    )
+    yield s, pki
+    s.stop()
+
+
+def _client(secure, cls=Client, **overrides):
+    s, pki = secure
+    kwargs = dict(
+        ca=pki["ca"],
+        cert=pki["client_cert"],
+        key=pki["client_key"],
+        token=TOKEN,
+        timeout=60,
+        retries=0,
+    )
+    kwargs.update(overrides)
+    return cls(s.addr, **kwargs)
+
+
+def test_mtls_with_token(secure) -> None:
+    with _client(secure) as client:
+        r = client.segment(DATA / "dicom" / "CT_small.dcm", **FAST)
+        assert r.labels.shape == (128, 128)
+        sub = client.submit(DATA / "dicom" / "CT_small.dcm", **FAST)
+        assert client.wait(sub.job_id).job_id == sub.job_id
+    # PEM bytes work as well as paths, and "localhost" matches the certificate's DNS name.
+    s, pki = secure
+    port = s.addr.rsplit(":", 1)[1]
+    with Client(
+        f"https://localhost:{port}",
+        ca=pki["ca"].read_bytes(),
+        cert=pki["client_cert"].read_bytes(),
+        key=pki["client_key"].read_bytes(),
+        token=TOKEN,
+        retries=0,
+    ) as client:
+        assert client.get(sub.job_id).result is not None
+
+
+def test_wrong_or_missing_token(secure) -> None:
+    for token in ("wrong", None):
+        with _client(secure, token=token) as client:
+            with pytest.raises(Unauthenticated) as e:
+                client.segment(DATA / "dicom" / "CT_small.dcm", **FAST)
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "token" in e.value.details
+            with pytest.raises(Unauthenticated):
+                client.list_jobs()
+
+
+def test_without_client_certificate_or_trust(secure) -> None:
+    # No client certificate: the server ends the handshake.
+    with _client(secure, cert=None, key=None) as client:
+        with pytest.raises(S3NetError) as e:
+            client.list_jobs(timeout=10)
+        assert e.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    # The system roots do not trust the test CA.
+    s, _ = secure
+    with Client(f"https://{s.addr}", token=TOKEN, retries=0) as client:
+        with pytest.raises(Unavailable):
+            client.list_jobs(timeout=10)
+
+
+def test_async_client_over_mtls(secure) -> None:
+    import asyncio
+
+    async def main() -> None:
+        async with _client(secure, cls=AsyncClient) as client:
+            r = await client.segment(DATA / "dicom" / "CT_small.dcm", **FAST)
+            assert r.mask.shape == (128, 128)
+        async with _client(secure, cls=AsyncClient, token="wrong") as client:
+            with pytest.raises(Unauthenticated):
+                await client.list_jobs()
+
+    asyncio.run(main())
+
+
+def test_tls_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="both cert= and key="):
+        Client("localhost:1", cert=b"x")
+    with pytest.raises(ValueError, match="cannot read the CA bundle"):
+        Client("localhost:1", ca="/nonexistent/ca.pem")
+    with pytest.raises(ValueError, match="contradicts"):
+        Client("localhost:1", tls=False, ca=b"x")
