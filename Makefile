@@ -5,11 +5,16 @@
 CARGO ?= cargo
 BIN := target/release/s3net
 SHARED ?= ../shared/data
+# The Python test venv (scripts/setup-python.sh): the client and the pinned test requirements.
+PY ?= $(or $(S3NET_CACHE),$(HOME)/.cache/s3net)/py
 
-.PHONY: setup build run test bench eval golden clean-cache
+.PHONY: setup setup-python build run test bench eval golden clean-cache
 
 setup:
 	@bash scripts/setup-torch.sh >/dev/null
+
+setup-python:
+	@bash scripts/setup-python.sh >/dev/null
 
 build: setup
 	$(CARGO) build --release --locked -p s3net-cli
@@ -18,9 +23,12 @@ build: setup
 run: build
 	$(BIN) serve
 
-## All tests (release profile: libtorch code is far too slow unoptimised).
-test: setup
+## All tests (release profile: libtorch code is far too slow unoptimised), then the Python
+## client's and the deployment's pytest suites against the release binary (folders that exist).
+test: setup setup-python
 	$(CARGO) test --release --locked --workspace
+	$(CARGO) build --release --locked -p s3net-cli
+	PYTHONDONTWRITEBYTECODE=1 $(PY)/bin/python -m pytest -q -p no:cacheprovider $(wildcard clients/python/tests deploy/tests)
 
 ## Benchmarks → BENCHMARKS.md (machine and date included).
 bench: build
