@@ -203,7 +203,7 @@ def test_errors_carry_code_and_message(client: Client) -> None:
 def test_deadline_cancels_the_job(client: Client) -> None:
     seen = []
     with pytest.raises(DeadlineExceeded) as e:
-        client.segment(PH2, progress=seen.append, timeout=1.5, **SLOW)
+        client.segment(PH2, progress=seen.append, timeout=2.0, **SLOW)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     job_id = seen[0].job_id
     job = wait_until(lambda: (j := client.get(job_id)).state.finished and j)

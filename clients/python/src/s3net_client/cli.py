@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--features", type=int, help="feature channels = clusters")
     f.add_argument("--frame", type=int, help="frame of a multi-frame DICOM (0-based)")
 
-    p = argparse.ArgumentParser(prog="s3net-client", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="s3net-client", description="Segment images with an s3net server (the Python client)."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser(
         "segment",
