@@ -4,6 +4,9 @@
 # .cargo/config.toml; the binaries get an rpath to the real folder (see crates/*/build.rs).
 set -euo pipefail
 TORCH_VERSION=2.11.0
+# nvcc for the CUDA kernels of crates/ops, matching the CUDA 13.0 runtime the torch wheel ships
+# (nvvm and crt pinned too: left free, pip picks newer ones whose PTX this ptxas rejects).
+NVCC_PKGS="nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88"
 CACHE="${S3NET_CACHE:-$HOME/.cache/s3net}"
 VENV="$CACHE/torch-$TORCH_VERSION"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,6 +27,17 @@ if [ ! -f "$stamp" ]; then
       echo "setup-torch: expected torch $TORCH_VERSION, found $got" >&2; exit 1
     fi
     touch "$stamp"
+  fi
+fi
+nvcc_stamp="$VENV/.s3net-nvcc-ok"
+if [ ! -f "$nvcc_stamp" ] && [ -z "${S3OPS_NO_CUDA:-}" ]; then
+  exec 9>"$CACHE/.lock"
+  flock 9
+  if [ ! -f "$nvcc_stamp" ]; then
+    echo "setup-torch: installing nvcc ($NVCC_PKGS) into $VENV" >&2
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check $NVCC_PKGS
+    touch "$nvcc_stamp"
   fi
 fi
 site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

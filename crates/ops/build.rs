@@ -1,23 +1,92 @@
-//! Compiles `csrc/ops.cpp` against the libtorch headers and links it into this crate.
+//! Compiles `csrc/ops.cpp` against the libtorch headers and links it into this crate, and, when
+//! a CUDA compiler is found, `csrc/deform_cuda.cu` with nvcc for sm_80 and sm_90 (plus PTX for
+//! newer GPUs).
 //!
 //! Flags are deliberately portable: `-O3` without `-march`, so the library runs on any x86-64.
 //! The hot loops get AVX2/FMA clones selected at run time inside the C++ (`__builtin_cpu_supports`).
 //! `-fopenmp` is required because `at::parallel_for` is an inline template that expands to
 //! `#pragma omp parallel` in this libtorch build (ATen's parallel backend is OpenMP); the OpenMP
 //! runtime is libtorch's own `libgomp.so.1` at run time (found through the rpath below).
+//!
+//! nvcc is looked up in `$S3OPS_NVCC`, then next to the PyPI torch (`nvidia/cu13/bin/nvcc`, from
+//! the `nvidia-cuda-nvcc` wheel that `scripts/setup-torch.sh` installs), then `$CUDA_HOME/bin`
+//! and `PATH`. `S3OPS_NO_CUDA=1` builds the CPU kernels only. Without nvcc the crate still
+//! builds; the fused op then declines CUDA tensors with a clear error and the engine falls back
+//! to its tensor-op implementation there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 include!("../../scripts/rpath.rs");
+
+/// The CUDA toolkit pieces: nvcc, and the include / lib folders of the CUDA runtime that
+/// libtorch itself loads (so the kernels and libtorch share one runtime).
+struct Cuda {
+    nvcc: PathBuf,
+    include: PathBuf,
+    lib: PathBuf,
+}
+
+fn find_cuda(libtorch: &Path) -> Option<Cuda> {
+    println!("cargo:rerun-if-env-changed=S3OPS_NO_CUDA");
+    println!("cargo:rerun-if-env-changed=S3OPS_NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    if std::env::var_os("S3OPS_NO_CUDA").is_some_and(|v| v != "0") {
+        return None;
+    }
+    // The PyPI layout: site-packages/torch (= libtorch) beside site-packages/nvidia/cu13.
+    let wheel = libtorch.parent().map(|p| p.join("nvidia/cu13"));
+    let runtime = wheel.clone().filter(|w| w.join("include/cuda_runtime_api.h").exists());
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(v) = std::env::var_os("S3OPS_NVCC") {
+        candidates.push(PathBuf::from(v));
+    }
+    if let Some(w) = &wheel {
+        candidates.push(w.join("bin/nvcc"));
+    }
+    if let Some(h) = std::env::var_os("CUDA_HOME") {
+        candidates.push(PathBuf::from(h).join("bin/nvcc"));
+    }
+    candidates.push(PathBuf::from("nvcc"));
+    let nvcc = candidates.into_iter().find(|c| {
+        Command::new(c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+    })?;
+    // Headers and runtime: those of the torch wheel when present, else the toolkit's own.
+    let root = match runtime {
+        Some(r) => r,
+        None => nvcc.canonicalize().ok()?.parent()?.parent()?.to_path_buf(),
+    };
+    let lib = [root.join("lib"), root.join("lib64")].into_iter().find(|l| l.exists())?;
+    Some(Cuda { nvcc, include: root.join("include"), lib })
+}
+
+fn compile_cuda(cuda: &Cuda, out: &Path) -> PathBuf {
+    let obj = out.join("deform_cuda.o");
+    let status = Command::new(&cuda.nvcc)
+        .args(["-c", "csrc/deform_cuda.cu", "-o"])
+        .arg(&obj)
+        .args(["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-w"])
+        .args(["-gencode", "arch=compute_80,code=sm_80"])
+        .args(["-gencode", "arch=compute_90,code=sm_90"])
+        .args(["-gencode", "arch=compute_90,code=compute_90"])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cuda.nvcc.display()));
+    assert!(status.success(), "nvcc failed on csrc/deform_cuda.cu");
+    obj
+}
 
 fn main() {
     libtorch_link_args();
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
+    println!("cargo:rerun-if-changed=csrc/deform_cuda.cu");
+    println!("cargo:rerun-if-changed=csrc/deform_dims.h");
     let libtorch = std::env::var("LIBTORCH")
         .expect("LIBTORCH must point at libtorch (see .cargo/config.toml)");
     let libtorch = std::fs::canonicalize(&libtorch).unwrap_or_else(|_| PathBuf::from(&libtorch));
     let include = libtorch.join("include");
-    cc::Build::new()
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .file("csrc/ops.cpp")
         .include(&include)
@@ -28,12 +97,24 @@ fn main() {
         .flag("-fPIC")
         .flag("-w")
         .opt_level(3)
-        .debug(false)
-        .compile("s3net_ops");
+        .debug(false);
+    let cuda = find_cuda(&libtorch).filter(|_| libtorch.join("lib/libc10_cuda.so").exists());
+    if let Some(cuda) = &cuda {
+        build.define("S3OPS_CUDA", "1").include(&cuda.include).object(compile_cuda(cuda, &out));
+    }
+    build.compile("s3net_ops");
     // OpenMP runtime: resolved at run time to libtorch's bundled libgomp.so.1 (same soname).
     println!("cargo:rustc-link-lib=dylib=gomp");
-    println!(
-        "cargo:rustc-link-search=native={}",
-        libtorch.join("lib").display()
-    );
+    println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
+    if let Some(cuda) = &cuda {
+        // libtorch's own CUDA runtime and stream API; the rpath to both folders comes from
+        // scripts/rpath.rs in every binary's build script.
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!("cargo:rustc-link-search=native={}", cuda.lib.display());
+        if cuda.lib.join("libcudart.so").exists() {
+            println!("cargo:rustc-link-lib=dylib=cudart");
+        } else {
+            println!("cargo:rustc-link-lib=dylib:+verbatim=libcudart.so.13");
+        }
+    }
 }

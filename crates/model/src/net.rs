@@ -268,8 +268,9 @@ impl S3Net {
         };
         let geo = ConvGeometry::same(3);
         let fused = match self.kernels {
-            // The fused C++ op exists for CPU; on CUDA it declines and the tensor ops run.
-            Kernels::Fused if feat.device() == Device::Cpu => s3net_ops::deform_conv2d(
+            // The fused op runs on CPU, and on CUDA when this build carries its CUDA kernel;
+            // otherwise (or if it declines) the tensor ops run.
+            Kernels::Fused if feat.device() == Device::Cpu || s3net_ops::cuda_compiled() => s3net_ops::deform_conv2d(
                 feat, &offset, Some(&mask), &self.dcn.w, Some(&self.dcn.b), geo.stride, geo.padding, geo.dilation,
             )
             .ok(),

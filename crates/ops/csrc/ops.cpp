@@ -11,6 +11,13 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#ifdef S3OPS_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "deform_dims.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -292,9 +299,7 @@ struct DepthwiseFn : public torch::autograd::Function<DepthwiseFn> {
 //    offset / mask gradients (accumulated per tile, written once) and the input gradient
 //    (scattered into a per-thread buffer, summed at the end: no races).
 
-struct DeformShape {
-  int64_t N, C, H, W, O, kh, kw, K, Ho, Wo, sh, sw, ph, pw, dh, dw;
-};
+using DeformShape = S3DeformDims;
 
 template <typename T>
 struct DeformTile {
@@ -610,7 +615,13 @@ DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
   TORCH_CHECK(x.dim() == 4, nm, "input must be 4-D (N, C, H, W), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, nm,
               "input must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), nm, "no CUDA kernel built (the C++ kernel is CPU-only)");
+#ifdef S3OPS_CUDA
+  TORCH_CHECK(x.device().is_cpu() || x.device().is_cuda(), nm, "input on ", x.device(),
+              ": only CPU and CUDA kernels exist");
+#else
+  TORCH_CHECK(x.device().is_cpu(), nm, "input on ", x.device(),
+              ": this build has no CUDA kernel (nvcc was not found when it was compiled)");
+#endif
   auto same = [&](const at::Tensor& t, const char* what) {
     TORCH_CHECK(t.scalar_type() == x.scalar_type(), nm, what, " dtype ", t.scalar_type(),
                 " differs from the input's ", x.scalar_type());
@@ -655,6 +666,115 @@ DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
   return s;
 }
 
+#ifdef S3OPS_CUDA
+// --------------------------------------------------------------------------------------------
+// CUDA: the gathers run in deform_cuda.cu, the GEMMs in libtorch (cuBLAS), all on the caller's
+// current stream. x is NCHW here (contiguous), W2 (O, K*C) as on the CPU.
+// --------------------------------------------------------------------------------------------
+}  // namespace
+extern "C" {
+int s3ops_cuda_deform_im2col(int dtype, const S3DeformDims* d, const void* x, const void* off,
+                             const void* mask, void* cols, void* stream);
+int s3ops_cuda_deform_col2im(int dtype, const S3DeformDims* d, const void* x, const void* off,
+                             const void* mask, const void* gcols, void* gi, void* goff,
+                             void* gmask, void* stream);
+const char* s3ops_cuda_error_string(int code);
+}
+namespace {
+
+void cuda_check(int rc, const char* what) {
+  TORCH_CHECK(rc == 0, "deform_conv2d: CUDA ", what, " kernel failed: ", s3ops_cuda_error_string(rc));
+}
+
+// Images per chunk, so that the column buffer (K*C x Ho*Wo per image) stays under ~256 MiB.
+int64_t cuda_chunk(const DeformShape& s, size_t elem) {
+  const int64_t per = std::max<int64_t>(1, s.K * s.C * s.Ho * s.Wo * (int64_t)elem);
+  return std::max<int64_t>(1, std::min<int64_t>(s.N, (int64_t(256) << 20) / per));
+}
+
+// The same shape restricted to images [n0, n0 + nb): pointers are offset by the caller.
+DeformShape sub(const DeformShape& s, int64_t nb) {
+  DeformShape r = s;
+  r.N = nb;
+  return r;
+}
+
+void* ptr_or_null(const at::Tensor& t, int64_t n0, int64_t per_image) {
+  if (!t.defined()) return nullptr;
+  return (char*)t.data_ptr() + n0 * per_image * (int64_t)t.element_size();
+}
+
+at::Tensor cuda_cols(const DeformShape& s, const at::Tensor& x, const at::Tensor& off,
+                     const at::Tensor& mask, int64_t n0, int64_t nb, cudaStream_t st) {
+  const int64_t HWo = s.Ho * s.Wo;
+  auto cols = at::empty({nb, s.K * s.C, HWo}, x.options());
+  const DeformShape d = sub(s, nb);
+  const int dtype = x.scalar_type() == at::kDouble ? 1 : 0;
+  cuda_check(s3ops_cuda_deform_im2col(dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
+                                      ptr_or_null(off, n0, 2 * s.K * HWo),
+                                      ptr_or_null(mask, n0, s.K * HWo), cols.data_ptr(), st),
+             "im2col");
+  return cols;
+}
+
+at::Tensor deform_forward_cuda(const DeformShape& s, const at::Tensor& x, const at::Tensor& off,
+                               const at::Tensor& mask, const at::Tensor& W2,
+                               const at::Tensor& bias) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t st = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int64_t HWo = s.Ho * s.Wo;
+  auto out = at::empty({s.N, s.O, HWo}, x.options());
+  const int64_t chunk = cuda_chunk(s, x.element_size());
+  for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
+    const int64_t nb = std::min(chunk, s.N - n0);
+    auto cols = cuda_cols(s, x, off, mask, n0, nb, st);
+    auto o = out.narrow(0, n0, nb);
+    at::matmul_out(o, W2, cols);  // (O, KC) x (nb, KC, HWo) -> (nb, O, HWo)
+  }
+  if (bias.defined()) out.add_(bias.view({1, s.O, 1}));
+  return out.view({s.N, s.O, s.Ho, s.Wo});
+}
+
+std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Tensor& x,
+                                             const at::Tensor& off, const at::Tensor& mask,
+                                             const at::Tensor& W2, const at::Tensor& go,
+                                             bool need_in, bool need_off, bool need_mask,
+                                             bool need_w, bool need_b) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t st = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int64_t HWo = s.Ho * s.Wo, CK = s.C * s.K;
+  need_mask = need_mask && mask.defined();
+  at::Tensor gi, goff, gmask, gw, gb;
+  if (need_in) gi = at::zeros_like(x);
+  if (need_off) goff = at::zeros_like(off);
+  if (need_mask) gmask = at::zeros_like(mask);
+  if (need_w) gw = at::zeros({s.O, CK}, x.options());
+  if (need_b) gb = go.sum({0, 2, 3});
+  const int dtype = x.scalar_type() == at::kDouble ? 1 : 0;
+  auto go3 = go.view({s.N, s.O, HWo});
+  const int64_t chunk = cuda_chunk(s, x.element_size());
+  for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
+    const int64_t nb = std::min(chunk, s.N - n0);
+    auto g = go3.narrow(0, n0, nb);
+    if (need_w) {
+      auto cols = cuda_cols(s, x, off, mask, n0, nb, st);
+      gw.add_(at::matmul(g, cols.transpose(1, 2)).sum(0));
+    }
+    if (need_in || need_off || need_mask) {
+      auto gcols = at::matmul(W2.t(), g).contiguous();  // (nb, KC, HWo)
+      const DeformShape d = sub(s, nb);
+      cuda_check(s3ops_cuda_deform_col2im(
+                     dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
+                     ptr_or_null(off, n0, 2 * s.K * HWo), ptr_or_null(mask, n0, s.K * HWo),
+                     gcols.data_ptr(), ptr_or_null(gi, n0, s.C * s.H * s.W),
+                     ptr_or_null(goff, n0, 2 * s.K * HWo), ptr_or_null(gmask, n0, s.K * HWo), st),
+                 "col2im");
+    }
+  }
+  return {gi, goff, gmask, gw, gb};
+}
+#endif  // S3OPS_CUDA
+
 struct DeformFn : public torch::autograd::Function<DeformFn> {
   static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor offset,
                             std::optional<at::Tensor> mask, at::Tensor weight,
@@ -663,14 +783,24 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
     const int64_t g[6] = {sh, sw, ph, pw, dh, dw};
     DeformShape s = deform_check(input, offset, mask, weight, bias, g);
     // Detached, contiguous copies: the kernels call libtorch ops from OpenMP worker threads,
-    // where grad mode is not the caller's.
-    auto x_cl = input.detach().permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
+    // where grad mode is not the caller's. The CPU kernel reads the input channels-last, the
+    // CUDA kernel NCHW.
+    const bool cuda = input.device().is_cuda();
+    auto x_k = cuda ? input.detach().contiguous()
+                    : input.detach().permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
     auto off = offset.detach().contiguous();
     auto m = mask ? mask->detach().contiguous() : at::Tensor();
     auto W2 = weight.detach().permute({0, 2, 3, 1}).reshape({s.O, s.K * s.C}).contiguous();
     auto b = bias ? bias->detach().contiguous() : at::Tensor();
-    auto out = deform_forward(s, x_cl, off, m, W2, b);
-    ctx->save_for_backward({x_cl, off, m, W2});
+    at::Tensor out;
+#ifdef S3OPS_CUDA
+    if (cuda) {
+      at::NoGradGuard no_grad;
+      out = deform_forward_cuda(s, x_k, off, m, W2, b);
+    }
+#endif
+    if (!cuda) out = deform_forward(s, x_k, off, m, W2, b);
+    ctx->save_for_backward({x_k, off, m, W2});
     ctx->saved_data["shape"] = std::vector<int64_t>{s.N, s.C, s.H, s.W, s.O, s.kh, s.kw};
     ctx->saved_data["geometry"] = std::vector<int64_t>(g, g + 6);
     ctx->saved_data["need_in"] = input.requires_grad();
@@ -692,12 +822,23 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
     s.Ho = (s.H + 2 * s.ph - (s.dh * (s.kh - 1) + 1)) / s.sh + 1;
     s.Wo = (s.W + 2 * s.pw - (s.dw * (s.kw - 1) + 1)) / s.sw + 1;
     auto go = grads[0].detach().contiguous();
-    auto r = deform_backward(s, sv[0], sv[1], sv[2], sv[3], go,
-                             ctx->saved_data["need_in"].toBool(),
-                             ctx->saved_data["need_off"].toBool(),
-                             ctx->saved_data["need_mask"].toBool(),
-                             ctx->saved_data["need_w"].toBool(),
-                             ctx->saved_data["need_b"].toBool());
+    const bool need_in = ctx->saved_data["need_in"].toBool();
+    const bool need_off = ctx->saved_data["need_off"].toBool();
+    const bool need_mask = ctx->saved_data["need_mask"].toBool();
+    const bool need_w = ctx->saved_data["need_w"].toBool();
+    const bool need_b = ctx->saved_data["need_b"].toBool();
+    std::vector<at::Tensor> r;
+#ifdef S3OPS_CUDA
+    if (go.device().is_cuda()) {
+      at::NoGradGuard no_grad;
+      r = deform_backward_cuda(s, sv[0], sv[1], sv[2], sv[3], go, need_in, need_off, need_mask,
+                               need_w, need_b);
+    }
+#endif
+    if (r.empty()) {
+      r = deform_backward(s, sv[0], sv[1], sv[2], sv[3], go, need_in, need_off, need_mask,
+                          need_w, need_b);
+    }
     if (r[3].defined()) r[3] = r[3].view({s.O, s.kh, s.kw, s.C}).permute({0, 3, 1, 2}).contiguous();
     return {r[0], r[1], r[2], r[3], r[4], at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
@@ -763,6 +904,35 @@ int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const
                                    geometry[2], geometry[3], geometry[4], geometry[5]);
     *out = new at::Tensor(std::move(r));
     return 0;
+  })
+}
+
+// 1 when this build carries the CUDA kernels (nvcc was found at build time), else 0.
+int s3ops_cuda_compiled() {
+#ifdef S3OPS_CUDA
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Makes the calling thread's current CUDA stream on `device` a stream of libtorch's pool
+// (`pool` != 0) or the device's default stream (`pool` == 0). Concurrent fits on one GPU then
+// queue their kernels on different streams instead of serialising on one.
+int s3ops_cuda_set_stream(int64_t device, int pool, char** err) {
+  S3_PROTECT({
+    *err = nullptr;
+#ifdef S3OPS_CUDA
+    const auto idx = static_cast<c10::DeviceIndex>(device);
+    c10::cuda::setCurrentCUDAStream(pool ? c10::cuda::getStreamFromPool(false, idx)
+                                         : c10::cuda::getDefaultCUDAStream(idx));
+    return 0;
+#else
+    (void)device;
+    (void)pool;
+    *err = dup_msg("this build of s3net-ops has no CUDA support");
+    return 1;
+#endif
   })
 }
 

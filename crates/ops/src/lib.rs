@@ -1,8 +1,12 @@
-//! Fast CPU kernels for s3net, written in C++ against libtorch (`csrc/ops.cpp`).
+//! Fast kernels for s3net, written in C++ against libtorch (`csrc/ops.cpp`) and CUDA
+//! (`csrc/deform_cuda.cu`, built when nvcc is found; see `build.rs`).
 //!
-//! * [`depthwise_conv2d`] — stride-1 depthwise convolution with padding and dilation.
+//! * [`depthwise_conv2d`] — stride-1 depthwise convolution with padding and dilation (CPU
+//!   kernel; libtorch's cuDNN path on CUDA).
 //! * [`deform_conv2d`] — modulated deformable convolution (DCNv2) with exactly the semantics of
-//!   `torchvision.ops.deform_conv2d`.
+//!   `torchvision.ops.deform_conv2d`, on CPU and (when [`cuda_compiled`]) CUDA.
+//! * [`use_pool_stream`] / [`use_default_stream`] — per-thread CUDA streams, so concurrent
+//!   fits on one GPU overlap.
 //!
 //! Each op is a `torch::autograd::Function` with its own backward, so gradients flow through it
 //! with tch's ordinary `backward()`. Every C++ exception is caught at the C boundary and comes
@@ -39,6 +43,44 @@ extern "C" {
         out: *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> i32;
+    fn s3ops_cuda_compiled() -> i32;
+    fn s3ops_cuda_set_stream(device: i64, pool: i32, err: *mut *mut c_char) -> i32;
+}
+
+/// Whether this build carries the CUDA kernels (nvcc was found when it was compiled).
+pub fn cuda_compiled() -> bool {
+    // SAFETY: no arguments, no state.
+    unsafe { s3ops_cuda_compiled() != 0 }
+}
+
+fn set_stream(device: usize, pool: bool) -> Result<(), OpError> {
+    let mut err = std::ptr::null_mut();
+    // SAFETY: plain values in, an owned message out on failure.
+    let rc = unsafe { s3ops_cuda_set_stream(device as i64, pool as i32, &mut err) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let msg = if err.is_null() {
+        "setting the CUDA stream failed".to_string()
+    } else {
+        // SAFETY: NUL-terminated string from strdup, freed right after the copy.
+        let s = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+        unsafe { s3ops_free_err(err) };
+        s
+    };
+    Err(OpError(msg))
+}
+
+/// Makes the calling thread queue its CUDA work on `cuda:device` on a stream of libtorch's
+/// pool rather than the device's default stream. libtorch keeps the current stream per thread,
+/// so fits running on different threads of one GPU then overlap instead of serialising.
+pub fn use_pool_stream(device: usize) -> Result<(), OpError> {
+    set_stream(device, true)
+}
+
+/// Puts the calling thread back on the default stream of `cuda:device`.
+pub fn use_default_stream(device: usize) -> Result<(), OpError> {
+    set_stream(device, false)
 }
 
 fn ptr(t: Option<&Tensor>) -> *const c_void {
@@ -188,7 +230,8 @@ pub fn depthwise_conv2d(
 /// * `weight` — `(O, C, kh, kw)`; `bias` — `(O)` or `None`
 ///
 /// Returns `(N, O, Ho, Wo)` with `Ho = (H + 2·ph − (dh·(kh−1) + 1)) / sh + 1` (same for W).
-/// CPU only for now: CUDA tensors give an error (fall back to a tensor-op version).
+/// CPU always; CUDA when [`cuda_compiled`] (otherwise CUDA tensors give an error and callers
+/// fall back to a tensor-op version).
 #[allow(clippy::too_many_arguments)]
 pub fn deform_conv2d(
     input: &Tensor,
@@ -203,10 +246,13 @@ pub fn deform_conv2d(
     const NAME: &str = "deform_conv2d";
     check_deform_args(input, offset, mask, weight, bias, stride, padding, dilation)?;
     let device = input.device();
-    if device != Device::Cpu {
+    if device.is_cuda() && !cuda_compiled() {
         return Err(OpError(format!(
-            "{NAME}: no CUDA kernel built (device {device:?})"
+            "{NAME}: this build has no CUDA kernel (nvcc was not found when it was compiled)"
         )));
+    }
+    if device != Device::Cpu && !device.is_cuda() {
+        return Err(OpError(format!("{NAME}: unsupported device {device:?}")));
     }
     let geometry = [
         stride.0, stride.1, padding.0, padding.1, dilation.0, dilation.1,
