@@ -30,6 +30,10 @@ pub struct FitBench {
     /// Use an RGB image (default) or a grey one.
     #[arg(long)]
     pub grey: bool,
+    /// Also measure throughput with this many fits running at once (one thread each, as the
+    /// server's workers do), e.g. `--concurrency 1,4,8`. Each thread runs `--repeats` fits.
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
     #[command(flatten)]
     pub fit: FitArgs,
 }
@@ -99,6 +103,10 @@ fn fit(b: FitBench) -> Result<()> {
             per_iter.extend(marks.windows(2).map(|w| w[1] - w[0]));
         }
     }
+    let mut throughput = Vec::new();
+    for &n in &b.concurrency {
+        throughput.push(concurrent(&image, &opts, device, n.max(1), b.repeats.max(1))?);
+    }
     let out = json!({
         "device": dev_name,
         "threads": tch::get_num_threads(),
@@ -110,9 +118,50 @@ fn fit(b: FitBench) -> Result<()> {
         "seconds_per_fit_median": median(&per_fit),
         "fits_per_second": 1.0 / median(&per_fit),
         "repeats": b.repeats,
+        "concurrent": throughput,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// `n` threads each run `repeats` fits of the same image at once (after one warm-up fit each);
+/// images per second = all fits / wall time.
+fn concurrent(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, repeats: usize) -> Result<serde_json::Value> {
+    let barrier = std::sync::Barrier::new(n + 1);
+    let cancel = AtomicBool::new(false);
+    let (wall, per_fit) = std::thread::scope(|scope| -> Result<(f64, Vec<f64>)> {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                scope.spawn(|| -> Result<Vec<f64>> {
+                    let warm = s3net_model::segment(image, opts, device, &mut |_| {}, &cancel);
+                    // Wait even after a failure, or the other threads would wait forever.
+                    barrier.wait();
+                    warm?;
+                    let mut secs = Vec::new();
+                    for _ in 0..repeats {
+                        let t0 = Instant::now();
+                        s3net_model::segment(image, opts, device, &mut |_| {}, &cancel)?;
+                        secs.push(t0.elapsed().as_secs_f64());
+                    }
+                    Ok(secs)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let t0 = Instant::now();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().map_err(|_| anyhow::anyhow!("a bench thread panicked"))??);
+        }
+        Ok((t0.elapsed().as_secs_f64(), all))
+    })?;
+    Ok(json!({
+        "fits_at_once": n,
+        "fits": n * repeats,
+        "wall_seconds": wall,
+        "images_per_second": (n * repeats) as f64 / wall,
+        "seconds_per_fit_median": median(&per_fit),
+    }))
 }
 
 fn deform(b: DeformBench) -> Result<()> {
@@ -154,13 +203,14 @@ fn deform(b: DeformBench) -> Result<()> {
     };
     let fused_result = match time(&fused) {
         Ok(v) => v,
-        // The fused op has no CUDA kernel yet: report why instead of a number.
+        // A build without the CUDA kernel: report why instead of a number.
         Err(e) => json!({ "unavailable": e.to_string() }),
     };
     let out = json!({
         "fused": fused_result,
         "tensor_ops": time(&tensor_ops)?,
         "device": format!("{dev:?}"),
+        "fused_cuda_kernel_built": s3net_ops::cuda_compiled(),
         "shape": { "input": [1, c, s, s], "kernel": [3, 3], "padding": 1 },
         "threads": tch::get_num_threads(),
         "repeats": b.repeats,

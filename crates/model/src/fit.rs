@@ -42,9 +42,11 @@ pub struct Progress {
 /// The result of a fit.
 #[derive(Debug, Clone)]
 pub struct FitOutput {
-    /// Labels at the original resolution, renumbered 0..n−1 by decreasing pixel count.
+    /// Labels at the original resolution, renumbered 0..n−1 by decreasing pixel count; every
+    /// label below `n_labels` occurs.
     pub labels: LabelMap,
-    /// The same clusters on the S×S grid the network ran on (same numbering).
+    /// The same clusters on the S×S grid the network ran on (same numbering; a cluster too
+    /// small to survive the resize to the original size appears here only, numbered ≥ n_labels).
     pub grid_labels: LabelMap,
     /// The input as the network saw it: S×S, grey (channel mean), in [0, 1].
     pub grid_intensity: Vec<f32>,
@@ -146,6 +148,9 @@ fn fit_inner(
     cancel: &AtomicBool,
 ) -> Result<FitOutput, ModelError> {
     let start = Instant::now();
+    if let Device::Cuda(i) = device {
+        own_stream(i);
+    }
     let x = prepare_input(image, opts, device);
     let cin = x.size()[1];
     let net = S3Net::new(opts.seed, device, cin, opts.features, opts.blocks, opts.offsets, opts.size, opts.kernels);
@@ -262,6 +267,24 @@ fn fit_inner(
     })
 }
 
+thread_local! {
+    /// CUDA devices on which this thread already queues on a stream of its own.
+    static OWN_STREAM: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Gives the calling thread a CUDA stream of its own on `device`, once: concurrent fits on
+/// one GPU (one per worker thread) then overlap rather than serialise on the default stream.
+/// Once per thread, not per fit, because libtorch's caching allocator reuses freed memory only
+/// on the stream that freed it.
+fn own_stream(device: usize) {
+    OWN_STREAM.with(|set| {
+        let mut set = set.borrow_mut();
+        if !set.contains(&device) && s3net_ops::use_pool_stream(device).is_ok() {
+            set.push(device);
+        }
+    });
+}
+
 fn device_name(d: Device) -> String {
     match d {
         Device::Cuda(i) => format!("cuda:{i}"),
@@ -276,41 +299,51 @@ fn count_labels(target: &Tensor, k: i64) -> usize {
     i64::try_from(counts.gt(0).sum(Kind::Int64)).unwrap_or(0) as usize
 }
 
-/// Grid and full-resolution label maps, renumbered by decreasing pixel count on the grid.
+/// Grid and full-resolution label maps and the number of labels in the full-resolution map.
+///
+/// Labels are numbered by decreasing pixel count on the grid, clusters present at full
+/// resolution first: a tiny cluster can vanish when the logits are upsampled, and the returned
+/// map must hold exactly labels 0..n−1. Such a cluster keeps a number ≥ n on the grid only.
 fn read_labels(response: &Tensor, target: &Tensor, image: &Image, opts: &FitOptions) -> (LabelMap, LabelMap, usize) {
     let k = opts.features;
     let counts = Vec::<i64>::try_from(target.flatten(0, -1).bincount(None::<Tensor>, k).to_device(Device::Cpu))
         .unwrap_or_default();
     let mut used: Vec<i64> = (0..k).filter(|&i| counts.get(i as usize).copied().unwrap_or(0) > 0).collect();
     used.sort_by_key(|&i| std::cmp::Reverse(counts[i as usize]));
-    let n = used.len();
-    // Map each raw cluster index to its rank.
-    let mut rank = vec![0u16; k as usize];
-    for (r, &i) in used.iter().enumerate() {
-        rank[i as usize] = r as u16;
-    }
-    let to_map = |t: &Tensor, w: u32, h: u32| {
-        let raw = Vec::<i64>::try_from(t.flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
-        LabelMap { width: w, height: h, data: raw.iter().map(|&i| rank[i as usize]).collect() }
-    };
+    let raw_grid = Vec::<i64>::try_from(target.flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
     let s = opts.size as u32;
-    let grid = to_map(target, s, s);
 
     let (w0, h0) = (image.width as i64, image.height as i64);
+    let same_size = w0 == opts.size && h0 == opts.size;
     // Logit upsampling holds n_used × H × W floats; beyond ~64M values fall back to nearest.
-    let logits_ok = opts.upsample == Upsample::Logits && (n as i64) * h0 * w0 <= 64 << 20;
-    let full = if w0 == opts.size && h0 == opts.size {
-        grid.clone()
+    let logits_ok = opts.upsample == Upsample::Logits && (used.len() as i64) * h0 * w0 <= 64 << 20;
+    // Full-resolution map as raw cluster indices.
+    let raw_full: Vec<i64> = if same_size {
+        raw_grid.clone()
     } else if logits_ok {
         let idx = Tensor::from_slice(&used).to_device(response.device());
         let sel = response.index_select(1, &idx);
         let up = sel.upsample_bilinear2d([h0, w0], false, None, None).argmax(1, false);
-        // `up` indexes into `used`, which is already ordered by rank.
-        let raw = Vec::<i64>::try_from(up.flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
-        LabelMap { width: w0 as u32, height: h0 as u32, data: raw.iter().map(|&i| i as u16).collect() }
+        // `up` indexes into `used`.
+        let up = Vec::<i64>::try_from(up.flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
+        up.iter().map(|&i| used[i as usize]).collect()
     } else {
-        nearest(&grid, w0 as u32, h0 as u32)
+        let g = LabelMap { width: s, height: s, data: raw_grid.iter().map(|&i| i as u16).collect() };
+        nearest(&g, w0 as u32, h0 as u32).data.iter().map(|&i| i as i64).collect()
     };
+    let mut present = vec![false; k as usize];
+    for &i in &raw_full {
+        present[i as usize] = true;
+    }
+    // Present clusters first (stable: by grid count within each group).
+    used.sort_by_key(|&i| !present[i as usize]);
+    let n = used.iter().filter(|&&i| present[i as usize]).count();
+    let mut rank = vec![0u16; k as usize];
+    for (r, &i) in used.iter().enumerate() {
+        rank[i as usize] = r as u16;
+    }
+    let grid = LabelMap { width: s, height: s, data: raw_grid.iter().map(|&i| rank[i as usize]).collect() };
+    let full = LabelMap { width: w0 as u32, height: h0 as u32, data: raw_full.iter().map(|&i| rank[i as usize]).collect() };
     (grid, full, n)
 }
 
@@ -325,4 +358,38 @@ pub fn nearest(m: &LabelMap, w: u32, h: u32) -> LabelMap {
         }
     }
     LabelMap { width: w, height: h, data }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use s3net_imaging::ImageKind;
+
+    /// A one-pixel cluster on a 4×4 grid vanishes when the logits are resized to the 2×2
+    /// image: the label count and numbering follow the returned map, not the grid.
+    #[test]
+    fn clusters_lost_in_the_resize_are_not_counted() {
+        let mut opts = FitOptions::default();
+        opts.size = 4;
+        opts.features = 3;
+        let mut r = vec![0f32; 3 * 16];
+        for y in 0..4 {
+            for x in 0..4 {
+                r[if x < 2 { 0 } else { 16 } + y * 4 + x] = 1.0;
+            }
+        }
+        r[2 * 16] = 1.01; // cluster 2 wins pixel (0, 0) only
+        let response = Tensor::from_slice(&r).view([1, 3, 4, 4]);
+        let target = response.argmax(1, false);
+        let image = Image { width: 2, height: 2, channels: 1, data: vec![0.5; 4], kind: ImageKind::Grey };
+        let (grid, full, n) = read_labels(&response, &target, &image, &opts);
+        assert_eq!(n, 2);
+        let mut seen: Vec<u16> = full.data.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, vec![0, 1]);
+        // On the grid the lost cluster keeps a number of its own, after the present ones.
+        assert_eq!(grid.data[0], 2);
+        assert_eq!(grid.data[1], full.data[0]);
+    }
 }
