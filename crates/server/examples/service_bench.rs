@@ -99,6 +99,7 @@ async fn start(workers: usize, progress_ms: u64) -> (Server, String) {
     let mut c = Config::default();
     c.workers.torch_threads = Some(arg("--threads", 1));
     c.server.addr = "127.0.0.1:0".into();
+    c.metrics.listen = String::new();
     c.server.progress_interval_ms = progress_ms;
     c.workers.cpu_workers = Some(workers);
     c.queue.capacity = 256;

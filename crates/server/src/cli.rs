@@ -14,7 +14,8 @@ use tonic::{Request, Status};
 
 use crate::config::Config;
 use crate::pb::{self, job_event::Event, segmenter_client::SegmenterClient};
-use crate::server::{init_logging, Server};
+use crate::server::Server;
+use crate::telemetry::Telemetry;
 
 /// `s3net serve`: run the gRPC service until SIGTERM or SIGINT.
 #[derive(Args, Debug, Clone, Default)]
@@ -40,6 +41,12 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+    /// Prometheus endpoint HOST:PORT, "" to disable [default: 127.0.0.1:9464].
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Export traces to this OTLP/gRPC collector, e.g. http://otel-collector:4317 [default: off].
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl ServeArgs {
@@ -64,21 +71,36 @@ impl ServeArgs {
         if self.log_json {
             o.push(("log.format", "json".into()));
         }
+        if let Some(v) = &self.metrics_listen {
+            o.push(("metrics.listen", v.clone()));
+        }
+        if let Some(v) = &self.otlp_endpoint {
+            o.push(("telemetry.otlp_endpoint", v.clone()));
+        }
         Config::load(self.config.as_deref(), &o)
     }
 }
 
-/// Runs the server until SIGTERM/SIGINT, then drains it; returns once it has stopped.
+/// Runs the server until SIGTERM/SIGINT, then drains it and flushes the traces; returns once
+/// it has stopped.
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let cfg = args.config()?;
-    init_logging(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let server = Server::start(&cfg).await?;
-        shutdown_signal().await;
-        server.shutdown().await
+        let telemetry = Telemetry::init(&cfg)?;
+        let served = async {
+            let server = Server::start(&cfg).await?;
+            shutdown_signal().await;
+            server.shutdown().await
+        }
+        .await;
+        if let Err(e) = &served {
+            tracing::error!("{e:#}");
+        }
+        telemetry.shutdown().await;
+        served
     })
 }
 

@@ -15,6 +15,8 @@ pub struct Config {
     pub queue: QueueConfig,
     pub workers: WorkersConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,6 +122,81 @@ impl Default for LogConfig {
     }
 }
 
+/// The Prometheus endpoint. It has its own port so that scraping never competes with (or needs
+/// the credentials of) the gRPC listener, and so that it can stay on an internal interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// HOST:PORT of `GET /metrics` (Prometheus text format); empty disables the endpoint.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// Distributed tracing. Off unless an endpoint is set: then no exporter and no background
+/// thread exist at all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector, e.g. `http://otel-collector:4317` (`https://` for TLS with the
+    /// system's roots). Unset or empty: no trace export.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Fraction of new traces recorded, 0.0 to 1.0; a caller's sampled `traceparent` is
+    /// always followed.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "s3net".into(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// The collector to export to: `None` when unset or blank (so that an empty
+    /// `S3NET__TELEMETRY__OTLP_ENDPOINT` switches export off).
+    pub fn endpoint(&self) -> Option<&str> {
+        self.otlp_endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+    }
+}
+
+impl MetricsConfig {
+    /// The endpoint's address, `None` when disabled.
+    pub fn listen(&self) -> Option<&str> {
+        Some(self.listen.trim()).filter(|l| !l.is_empty())
+    }
+}
+
+/// Whether `s` looks like HOST:PORT (`[v6]:PORT` included); names are resolved at bind time.
+fn is_host_port(s: &str) -> bool {
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok()
+                && !host.is_empty()
+                && !host.contains([':', '/', ' ', '[', ']'])
+        }
+        None => false,
+    }
+}
+
 impl Config {
     /// Defaults, then `file` (if given, it must exist), then `S3NET__…` variables, then
     /// `overrides` (dotted keys, e.g. `("server.addr", "0.0.0.0:50051")`).
@@ -165,6 +242,34 @@ impl Config {
         anyhow::ensure!(
             self.workers.torch_threads != Some(0),
             "workers.torch_threads must be at least 1"
+        );
+        if let Some(l) = self.metrics.listen() {
+            anyhow::ensure!(
+                is_host_port(l),
+                "metrics.listen must be HOST:PORT (or empty to disable), got {l:?}"
+            );
+        }
+        if let Some(e) = self.telemetry.endpoint() {
+            let ok = e
+                .parse::<tonic::codegen::http::Uri>()
+                .ok()
+                .filter(|u| matches!(u.scheme_str(), Some("http" | "https")))
+                .and_then(|u| u.host().map(|h| !h.is_empty()))
+                .unwrap_or(false);
+            anyhow::ensure!(
+                ok,
+                "telemetry.otlp_endpoint must be an http:// or https:// URL such as \
+                 \"http://otel-collector:4317\", got {e:?}"
+            );
+        }
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.telemetry.sample_ratio),
+            "telemetry.sample_ratio must be between 0.0 and 1.0, got {}",
+            self.telemetry.sample_ratio
+        );
+        anyhow::ensure!(
+            !self.telemetry.service_name.trim().is_empty(),
+            "telemetry.service_name must not be empty"
         );
         Ok(())
     }

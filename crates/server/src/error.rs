@@ -63,6 +63,35 @@ impl ServiceError {
     }
 }
 
+impl ServiceError {
+    /// Why a request was refused, as `s3net_rejected_total{reason}` counts it: the gRPC code's
+    /// name in snake case, except `queue_full` (RESOURCE_EXHAUSTED) and `draining`
+    /// (UNAVAILABLE), which say what to do about it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ServiceError::QueueFull { .. } => "queue_full",
+            ServiceError::Draining => "draining",
+            e => code_reason(e.code()),
+        }
+    }
+}
+
+/// The `reason` label of a refused request with this gRPC code (see [`ServiceError::reason`]).
+pub fn code_reason(code: Code) -> &'static str {
+    match code {
+        Code::InvalidArgument => "invalid_argument",
+        Code::ResourceExhausted => "queue_full",
+        Code::Unavailable => "draining",
+        Code::Unauthenticated => "unauthenticated",
+        Code::AlreadyExists => "already_exists",
+        Code::NotFound => "not_found",
+        Code::Cancelled => "cancelled",
+        Code::Aborted => "aborted",
+        Code::Internal => "internal",
+        _ => "other",
+    }
+}
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         let mut status = Status::new(e.code(), e.to_string());
@@ -127,6 +156,15 @@ mod tests {
             retry_after_s: 7,
         });
         assert_eq!(s.metadata().get("retry-after").unwrap(), "7");
+        assert_eq!(ServiceError::Draining.reason(), "draining");
+        assert_eq!(
+            ServiceError::InvalidArgument("x".into()).reason(),
+            "invalid_argument"
+        );
+        assert_eq!(
+            ServiceError::from(ImagingError::EmptyInput).reason(),
+            "invalid_argument"
+        );
         assert!(s.message().contains("retry in about 7 s"));
     }
 }

@@ -16,7 +16,9 @@ use s3net_model::{DeviceSpec, FitOptions};
 use tokio::sync::broadcast;
 
 use crate::error::ServiceError;
+use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event, JobState};
+use crate::telemetry::TraceContext;
 
 /// A decoded image and everything needed to fit it.
 #[derive(Debug, Clone)]
@@ -30,6 +32,8 @@ pub struct NewJob {
     pub applied: pb::AppliedOptions,
     /// Idempotency key and a fingerprint of the image and options.
     pub idempotency: Option<(String, [u8; 32])>,
+    /// The trace context of the RPC that created the job: its span's parent.
+    pub trace: TraceContext,
 }
 
 /// The answer to [`JobQueue::submit`].
@@ -70,6 +74,15 @@ pub struct Watch {
     pub replay: Vec<pb::JobEvent>,
     /// `None` when the job has already finished (the replay then ends with its outcome).
     pub live: Option<broadcast::Receiver<pb::JobEvent>>,
+    /// The trace context of the RPC that created the job, for the watcher's span to link to.
+    pub trace: TraceContext,
+}
+
+/// How many jobs wait and run right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub queued: usize,
+    pub running: usize,
 }
 
 /// Where jobs wait, run and are kept. Methods never block the async runtime for long, except
@@ -94,6 +107,8 @@ pub trait JobQueue: Send + Sync + 'static {
     fn cancel_all(&self, reason: &str);
     /// Queued plus running jobs.
     fn active(&self) -> usize;
+    /// Queued and running jobs, separately (for the metrics).
+    fn stats(&self) -> QueueStats;
     /// Wakes the workers and makes [`JobQueue::take`] return [`Take::Closed`].
     fn close(&self);
 }
@@ -116,6 +131,7 @@ pub struct MemoryQueue {
     inner: Mutex<Inner>,
     wake: Condvar,
     limits: QueueLimits,
+    metrics: Arc<Metrics>,
 }
 
 struct Entry {
@@ -128,6 +144,7 @@ struct Entry {
     cancel: Arc<AtomicBool>,
     cancel_reason: Option<String>,
     key: Option<(String, [u8; 32])>,
+    trace: TraceContext,
     width: u32,
     height: u32,
     submitted: Instant,
@@ -193,6 +210,11 @@ fn device_serves(worker: DeviceSpec, wanted: DeviceSpec) -> bool {
 
 impl MemoryQueue {
     pub fn new(limits: QueueLimits) -> Self {
+        Self::with_metrics(limits, Arc::new(Metrics::default()))
+    }
+
+    /// A queue that counts outcomes and queue waits into `metrics` (the server's).
+    pub fn with_metrics(limits: QueueLimits, metrics: Arc<Metrics>) -> Self {
         MemoryQueue {
             inner: Mutex::new(Inner {
                 mean_fit_s: 1.0,
@@ -200,6 +222,7 @@ impl MemoryQueue {
             }),
             wake: Condvar::new(),
             limits,
+            metrics,
         }
     }
 
@@ -273,6 +296,11 @@ impl MemoryQueue {
             Event::Failed(_) => JobState::Failed,
             _ => JobState::Cancelled,
         };
+        self.metrics.job_finished(match e.state {
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            _ => "cancelled",
+        });
         let fit_s = match &outcome {
             Event::Completed(c) => c
                 .result
@@ -407,6 +435,7 @@ impl JobQueue for MemoryQueue {
             cancel: Arc::new(AtomicBool::new(false)),
             cancel_reason: None,
             key: job.idempotency.clone(),
+            trace: job.trace.clone(),
             width: job.image.width,
             height: job.image.height,
             submitted: Instant::now(),
@@ -462,6 +491,7 @@ impl JobQueue for MemoryQueue {
                 };
                 inner.running += 1;
                 inner.queued_bytes = inner.queued_bytes.saturating_sub(image_bytes(&claimed.job));
+                self.metrics.job_taken(claimed.queued_for);
                 return Take::Job(Box::new(claimed));
             }
             let now = Instant::now();
@@ -520,6 +550,7 @@ impl JobQueue for MemoryQueue {
         Ok(Watch {
             replay,
             live: e.tx.as_ref().map(|tx| tx.subscribe()),
+            trace: e.trace.clone(),
         })
     }
 
@@ -542,6 +573,8 @@ impl JobQueue for MemoryQueue {
                 let bytes = e.job.as_ref().map_or(0, image_bytes);
                 inner.queued_bytes = inner.queued_bytes.saturating_sub(bytes);
                 inner.queue.retain(|q| q != id);
+                // Its one outcome line (a job that ran gets it from its worker).
+                tracing::info!(job_id = %id, reason, "job cancelled while queued");
                 self.finish(
                     &mut inner,
                     id,
@@ -608,6 +641,14 @@ impl JobQueue for MemoryQueue {
         inner.queue.len() + inner.running
     }
 
+    fn stats(&self) -> QueueStats {
+        let inner = self.lock();
+        QueueStats {
+            queued: inner.queue.len(),
+            running: inner.running,
+        }
+    }
+
     fn close(&self) {
         self.lock().closed = true;
         self.wake.notify_all();
@@ -641,6 +682,7 @@ mod tests {
             priority,
             applied: pb::AppliedOptions::default(),
             idempotency: key.map(|k| (k.to_string(), [7; 32])),
+            trace: TraceContext::default(),
         }
     }
 

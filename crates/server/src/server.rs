@@ -1,4 +1,5 @@
-//! Starting and stopping the service: workers, queue, tonic server, health, reflection.
+//! Starting and stopping the service: workers, queue, tonic server, health, reflection, and
+//! the metrics endpoint.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::jobs::{JobQueue, MemoryQueue, QueueLimits};
+use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::pb::segmenter_server::SegmenterServer;
 use crate::service::SegmenterService;
 use crate::worker::{self, WorkerSlot};
@@ -30,12 +32,14 @@ pub struct Server {
     stop: oneshot::Sender<()>,
     serving: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
+    metrics: Option<MetricsEndpoint>,
 }
 
 /// The bearer-token check: a no-op unless a token is configured.
 #[derive(Clone)]
 pub struct BearerAuth {
     expected: Option<Arc<str>>,
+    metrics: Arc<Metrics>,
 }
 
 impl tonic::service::Interceptor for BearerAuth {
@@ -50,29 +54,16 @@ impl tonic::service::Interceptor for BearerAuth {
             .and_then(|v| v.strip_prefix("Bearer "));
         match given {
             Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(req),
-            _ => Err(Status::unauthenticated("missing or wrong bearer token")),
+            _ => {
+                self.metrics.rejected("unauthenticated");
+                Err(Status::unauthenticated("missing or wrong bearer token"))
+            }
         }
     }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Sets up logging from the config (text or JSON; `RUST_LOG` overrides the filter).
-pub fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
-    // Colour only for a person at a terminal; log files and collectors get plain text.
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = if cfg.log.format == "json" {
-        b.json().try_init()
-    } else {
-        b.try_init()
-    };
 }
 
 impl Server {
@@ -103,17 +94,28 @@ impl Server {
             .unwrap_or((cores / cpu_workers).max(1));
         tch::set_num_threads(threads as i32);
 
-        let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::new(QueueLimits {
-            capacity: cfg.queue.capacity,
-            retention: Duration::from_secs(cfg.queue.retention_s),
-            retention_bytes: cfg.queue.retention_bytes,
-            queued_bytes: cfg.queue.max_queued_bytes,
-            workers: slots.len(),
-        }));
+        let devices: Vec<_> = slots.iter().map(|s| s.device).collect();
+        let metrics = Arc::new(Metrics::new(cfg.queue.capacity, &devices));
+        let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::with_metrics(
+            QueueLimits {
+                capacity: cfg.queue.capacity,
+                retention: Duration::from_secs(cfg.queue.retention_s),
+                retention_bytes: cfg.queue.retention_bytes,
+                queued_bytes: cfg.queue.max_queued_bytes,
+                workers: slots.len(),
+            },
+            metrics.clone(),
+        ));
+        // Bound before the workers start, so that a taken port fails fast and cleanly.
+        let metrics_endpoint = match cfg.metrics.listen() {
+            Some(l) => Some(MetricsEndpoint::start(l, metrics.clone(), queue.clone()).await?),
+            None => None,
+        };
         let workers = worker::spawn(
             queue.clone(),
             &slots,
             Duration::from_millis(cfg.server.progress_interval_ms),
+            metrics.clone(),
         );
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -127,17 +129,18 @@ impl Server {
             .build_v1()
             .context("cannot build the reflection service")?;
 
-        let devices = slots.iter().map(|s| s.device).collect();
         let max = cfg.server.max_message_bytes;
         let segmenter = SegmenterServer::new(SegmenterService::new(
             queue.clone(),
             devices,
             cfg.server.max_upload_bytes,
+            metrics.clone(),
         ))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
         let auth = BearerAuth {
             expected: cfg.server.auth_token.as_deref().map(Arc::from),
+            metrics,
         };
         let segmenter = InterceptedService::new(segmenter, auth);
 
@@ -179,7 +182,13 @@ impl Server {
             stop,
             serving,
             grace: Duration::from_secs(cfg.server.shutdown_grace_s),
+            metrics: metrics_endpoint,
         })
+    }
+
+    /// The address of the `/metrics` endpoint, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsEndpoint::local_addr)
     }
 
     /// The address actually bound.
@@ -232,6 +241,10 @@ impl Server {
         match tokio::time::timeout(Duration::from_secs(5), self.serving).await {
             Ok(r) => r?.context("server error")?,
             Err(_) => info!("connections still open after 5 s; stopping anyway"),
+        }
+        // Scrapable until the end, so that the last outcomes are seen.
+        if let Some(m) = self.metrics {
+            m.stop().await;
         }
         info!("stopped");
         Ok(())

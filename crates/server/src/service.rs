@@ -12,11 +12,37 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, info_span, Instrument};
+use tracing::{info, Instrument};
 
 use crate::error::ServiceError;
 use crate::jobs::{is_outcome, JobQueue, NewJob, Watch};
+use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event, segmenter_server::Segmenter, JobState};
+use crate::telemetry::{record_status, TraceContext};
+
+/// The span of one Segmenter RPC: named `s3net.v1.Segmenter/<Method>` for OpenTelemetry, with
+/// the caller's `traceparent` as its parent and the gRPC semantic-convention attributes.
+/// Extra fields (`job_id`, `bytes`) follow the request.
+macro_rules! rpc_span {
+    ($method:literal, $req:expr $(, $($fields:tt)*)?) => {{
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = concat!("s3net.v1.Segmenter/", $method),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.grpc.status_code = tracing::field::Empty,
+            $($($fields)*)?
+        );
+        crate::telemetry::set_remote_parent(&span, $req.metadata());
+        {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            span.set_attribute("rpc.system", "grpc");
+            span.set_attribute("rpc.service", "s3net.v1.Segmenter");
+            span.set_attribute("rpc.method", $method);
+        }
+        span
+    }};
+}
 
 /// A stream of job events as tonic sends it.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
@@ -27,6 +53,7 @@ pub struct SegmenterService {
     /// The devices the workers run on: a job asking for another one is refused up front.
     devices: Vec<DeviceSpec>,
     max_upload_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl SegmenterService {
@@ -34,12 +61,20 @@ impl SegmenterService {
         queue: Arc<dyn JobQueue>,
         devices: Vec<DeviceSpec>,
         max_upload_bytes: usize,
+        metrics: Arc<Metrics>,
     ) -> Self {
         SegmenterService {
             queue,
             devices,
             max_upload_bytes,
+            metrics,
         }
+    }
+
+    /// A request refused before it became a job: counted by reason, then its status.
+    fn refuse(&self, e: ServiceError) -> Status {
+        self.metrics.rejected(e.reason());
+        e.into()
     }
 
     /// Checks the options, decodes the image (on the blocking pool: it is CPU work) and builds the job.
@@ -111,15 +146,19 @@ impl SegmenterService {
             priority: o.priority,
             applied,
             idempotency,
+            trace: TraceContext::current(),
         })
     }
 
     /// Queues a job for a streaming call and follows it; the job is this call's to cancel.
+    ///
+    /// `span` is the RPC's: it follows the stream, so it lasts as long as the call.
     async fn run_owned(
         &self,
         image: Vec<u8>,
         options: Option<pb::Options>,
         deadline: Option<Duration>,
+        span: tracing::Span,
     ) -> Result<EventStream, ServiceError> {
         let job = self.prepare(image, options, "").await?;
         let sub = self.queue.submit(job)?;
@@ -142,7 +181,14 @@ impl SegmenterService {
                 },
             );
         }
-        Ok(follow(self.queue.clone(), sub.id, watch, true, deadline))
+        Ok(follow(
+            self.queue.clone(),
+            sub.id,
+            watch,
+            true,
+            deadline,
+            span,
+        ))
     }
 }
 
@@ -176,13 +222,15 @@ fn fit_options(o: &pb::Options) -> Result<FitOptions, ServiceError> {
 /// Streams a job's events to a client: the replay, then the live events until the outcome.
 ///
 /// For an `owned` job (Segment, SegmentUpload) the client going away or the deadline passing
-/// cancels the job; a watcher (WatchJob) leaving changes nothing.
+/// cancels the job; a watcher (WatchJob) leaving changes nothing. The stream runs in the RPC's
+/// `span`, which ends with it.
 fn follow(
     queue: Arc<dyn JobQueue>,
     id: String,
     watch: Watch,
     owned: bool,
     deadline: Option<Duration>,
+    span: tracing::Span,
 ) -> EventStream {
     let (tx, rx) = mpsc::channel::<Result<pb::JobEvent, Status>>(16);
     tokio::spawn(async move {
@@ -227,12 +275,14 @@ fn follow(
                 _ = tx.closed() => return gone("client disconnected"),
                 _ = &mut sleep, if deadline.is_some() => {
                     gone("deadline exceeded");
-                    let _ = tx.send(Err(Status::deadline_exceeded("deadline exceeded; the job was cancelled"))).await;
+                    let status = Status::deadline_exceeded("deadline exceeded; the job was cancelled");
+                    record_status(&tracing::Span::current(), &status);
+                    let _ = tx.send(Err(status)).await;
                     return;
                 }
             }
         }
-    });
+    }.instrument(span));
     Box::pin(ReceiverStream::new(rx))
 }
 
@@ -278,18 +328,25 @@ impl Segmenter for SegmenterService {
         req: Request<pb::SegmentRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let deadline = grpc_timeout(req.metadata());
-        let r = req.into_inner();
-        let span = info_span!(
-            "rpc",
-            method = "Segment",
-            bytes = r.image.len(),
+        let span = rpc_span!(
+            "Segment",
+            req,
+            bytes = req.get_ref().image.len() as i64,
             job_id = tracing::field::Empty
         );
-        let stream = self
-            .run_owned(r.image, r.options, deadline)
-            .instrument(span)
-            .await?;
-        Ok(Response::new(stream))
+        let r = req.into_inner();
+        match self
+            .run_owned(r.image, r.options, deadline, span.clone())
+            .instrument(span.clone())
+            .await
+        {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(e) => {
+                let status = self.refuse(e);
+                record_status(&span, &status);
+                Err(status)
+            }
+        }
     }
 
     async fn segment_upload(
@@ -298,24 +355,24 @@ impl Segmenter for SegmenterService {
     ) -> Result<Response<EventStream>, Status> {
         use pb::upload_chunk::Part;
         let deadline = grpc_timeout(req.metadata());
-        let mut chunks = req.into_inner();
-        let span = info_span!(
-            "rpc",
-            method = "SegmentUpload",
+        let span = rpc_span!(
+            "SegmentUpload",
+            req,
             bytes = tracing::field::Empty,
             job_id = tracing::field::Empty
         );
+        let mut chunks = req.into_inner();
         let stream = async {
             let header = match chunks.next().await {
                 Some(Ok(pb::UploadChunk {
                     part: Some(Part::Header(h)),
                 })) => h,
+                // The client's stream failed: not a refusal of ours.
                 Some(Err(s)) => return Err(s),
                 _ => {
-                    return Err(ServiceError::InvalidArgument(
+                    return Err(self.refuse(ServiceError::InvalidArgument(
                         "the first UploadChunk must carry the header".into(),
-                    )
-                    .into())
+                    )))
                 }
             };
             let too_big = |n: u64| {
@@ -325,31 +382,33 @@ impl Segmenter for SegmenterService {
                 ))
             };
             if header.total_bytes > self.max_upload_bytes as u64 {
-                return Err(too_big(header.total_bytes).into());
+                return Err(self.refuse(too_big(header.total_bytes)));
             }
             let mut image = Vec::with_capacity(header.total_bytes as usize);
             while let Some(chunk) = chunks.next().await {
                 match chunk?.part {
                     Some(Part::Data(d)) => {
                         if image.len() + d.len() > self.max_upload_bytes {
-                            return Err(too_big((image.len() + d.len()) as u64).into());
+                            return Err(self.refuse(too_big((image.len() + d.len()) as u64)));
                         }
                         image.extend_from_slice(&d);
                     }
                     Some(Part::Header(_)) => {
-                        return Err(ServiceError::InvalidArgument(
+                        return Err(self.refuse(ServiceError::InvalidArgument(
                             "only the first UploadChunk may carry a header".into(),
-                        )
-                        .into())
+                        )))
                     }
                     None => {}
                 }
             }
-            tracing::Span::current().record("bytes", image.len());
-            Ok(self.run_owned(image, header.options, deadline).await?)
+            tracing::Span::current().record("bytes", image.len() as i64);
+            self.run_owned(image, header.options, deadline, tracing::Span::current())
+                .await
+                .map_err(|e| self.refuse(e))
         }
-        .instrument(span)
-        .await?;
+        .instrument(span.clone())
+        .await
+        .inspect_err(|s| record_status(&span, s))?;
         Ok(Response::new(stream))
     }
 
@@ -357,13 +416,13 @@ impl Segmenter for SegmenterService {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let r = req.into_inner();
-        let span = info_span!(
-            "rpc",
-            method = "SubmitJob",
-            bytes = r.image.len(),
+        let span = rpc_span!(
+            "SubmitJob",
+            req,
+            bytes = req.get_ref().image.len() as i64,
             job_id = tracing::field::Empty
         );
+        let r = req.into_inner();
         async {
             let job = self.prepare(r.image, r.options, &r.idempotency_key).await?;
             let sub = self.queue.submit(job)?;
@@ -380,30 +439,42 @@ impl Segmenter for SegmenterService {
                 queue_position: sub.position,
             }))
         }
-        .instrument(span)
+        .instrument(span.clone())
         .await
-        .map_err(|e: ServiceError| e.into())
+        .map_err(|e: ServiceError| {
+            let status = self.refuse(e);
+            record_status(&span, &status);
+            status
+        })
     }
 
     async fn watch_job(
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let span = rpc_span!("WatchJob", req, job_id = %req.get_ref().job_id);
         let id = req.into_inner().job_id;
-        let _span = info_span!("rpc", method = "WatchJob", job_id = %id).entered();
-        let watch = self.queue.watch(&id)?;
+        let watch = self.queue.watch(&id).map_err(|e| {
+            let status = Status::from(e);
+            record_status(&span, &status);
+            status
+        })?;
+        // Its own trace (the watcher's), linked to the one that created the job.
+        watch.trace.link_from(&span);
         Ok(Response::new(follow(
             self.queue.clone(),
             id,
             watch,
             false,
             None,
+            span,
         )))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let span = rpc_span!("GetJob", req, job_id = %req.get_ref().job_id);
+        let _in = span.enter();
         let id = req.into_inner().job_id;
-        let _span = info_span!("rpc", method = "GetJob", job_id = %id).entered();
         Ok(Response::new(self.queue.get(&id)?))
     }
 
@@ -411,8 +482,9 @@ impl Segmenter for SegmenterService {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let span = rpc_span!("CancelJob", req, job_id = %req.get_ref().job_id);
+        let _in = span.enter();
         let id = req.into_inner().job_id;
-        let _span = info_span!("rpc", method = "CancelJob", job_id = %id).entered();
         let state = self.queue.cancel(&id, "cancelled by CancelJob")?;
         info!(job_id = %id, "cancel requested");
         Ok(Response::new(pb::CancelJobResponse {

@@ -12,6 +12,7 @@ use tracing::{info, info_span, warn};
 
 use crate::error::ServiceError;
 use crate::jobs::{Claimed, JobQueue, Take};
+use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event};
 
 /// One worker: a name for events and logs, and the device it runs fits on.
@@ -51,16 +52,17 @@ pub fn spawn(
     queue: Arc<dyn JobQueue>,
     slots: &[WorkerSlot],
     progress_interval: Duration,
+    metrics: Arc<Metrics>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     slots
         .iter()
         .map(|slot| {
-            let (queue, slot) = (queue.clone(), slot.clone());
+            let (queue, slot, metrics) = (queue.clone(), slot.clone(), metrics.clone());
             std::thread::Builder::new()
                 .name(format!("s3net-{}", slot.name))
                 .spawn(move || loop {
                     match queue.take(slot.device, Duration::from_secs(1)) {
-                        Take::Job(job) => run(&*queue, &slot, *job, progress_interval),
+                        Take::Job(job) => run(&*queue, &slot, *job, progress_interval, &metrics),
                         Take::Idle => continue,
                         Take::Closed => break,
                     }
@@ -70,19 +72,57 @@ pub fn spawn(
         .collect()
 }
 
-fn run(queue: &dyn JobQueue, slot: &WorkerSlot, c: Claimed, progress_interval: Duration) {
+/// Runs one job in its span (a child of the RPC that created it), then publishes its outcome
+/// once the span has ended, so that a trace shows the job finished when the caller hears it.
+fn run(
+    queue: &dyn JobQueue,
+    slot: &WorkerSlot,
+    c: Claimed,
+    progress_interval: Duration,
+    metrics: &Metrics,
+) {
     let img = &c.job.image;
+    let o = &c.job.options;
+    // Identifiers, sizes, counts and the outcome: never anything read from the image.
+    // Integers as i64: OpenTelemetry has no unsigned attribute (u64 would become text).
     let span = info_span!(
         "job",
         job_id = %c.id,
         worker = %slot.name,
-        width = img.width,
-        height = img.height,
+        device = %slot.device,
+        width = img.width as i64,
+        height = img.height as i64,
+        channels = img.channels as i64,
+        preset = %o.preset,
+        size = o.size,
+        max_iterations = o.iterations as i64,
+        priority = c.job.priority,
+        queued_s = c.queued_for.as_secs_f64(),
         iterations = tracing::field::Empty,
+        labels = tracing::field::Empty,
+        fit_s = tracing::field::Empty,
         outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
-    let _enter = span.enter();
-    info!(queued_s = c.queued_for.as_secs_f64(), "job started");
+    c.job.trace.set_parent_of(&span);
+    let busy = metrics.worker_busy(slot.device);
+    let event = span.in_scope(|| fit(queue, slot, &c, progress_interval, metrics, &span));
+    // Metrics and trace are complete by the time a client hears the outcome.
+    drop(busy);
+    drop(span);
+    queue.publish(&c.id, event);
+}
+
+fn fit(
+    queue: &dyn JobQueue,
+    slot: &WorkerSlot,
+    c: &Claimed,
+    progress_interval: Duration,
+    metrics: &Metrics,
+    span: &tracing::Span,
+) -> Event {
+    let img = &c.job.image;
+    info!("job started");
     queue.publish(
         &c.id,
         Event::Started(pb::Started {
@@ -110,11 +150,14 @@ fn run(queue: &dyn JobQueue, slot: &WorkerSlot, c: Claimed, progress_interval: D
             &c.cancel,
         )
     }));
-    let event = match outcome {
+    match outcome {
         Ok(Ok(seg)) => {
-            span.record("iterations", seg.fit.iterations);
-            span.record("outcome", "completed");
             let fit_s = started.elapsed().as_secs_f64();
+            span.record("iterations", seg.fit.iterations as i64);
+            span.record("labels", seg.fit.n_labels as i64);
+            span.record("fit_s", fit_s);
+            span.record("outcome", "completed");
+            metrics.fit_completed(fit_s, seg.fit.iterations);
             let mut r = result(img, &seg, c.job.applied.clone());
             r.timings = Some(pb::Timings {
                 queued_seconds: c.queued_for.as_secs_f64(),
@@ -131,14 +174,14 @@ fn run(queue: &dyn JobQueue, slot: &WorkerSlot, c: Claimed, progress_interval: D
                 reason: String::new(),
             })
         }
-        Ok(Err(e)) => failed(&span, ServiceError::from(e)),
-        Err(_) => failed(&span, ServiceError::Internal("the fit panicked".into())),
-    };
-    queue.publish(&c.id, event);
+        Ok(Err(e)) => failed(span, ServiceError::from(e)),
+        Err(_) => failed(span, ServiceError::Internal("the fit panicked".into())),
+    }
 }
 
 fn failed(span: &tracing::Span, e: ServiceError) -> Event {
     span.record("outcome", "failed");
+    span.record("otel.status_code", "error");
     warn!(error = %e, "job failed");
     Event::Failed(pb::Failed {
         code: e.code() as i32,

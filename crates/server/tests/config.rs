@@ -131,6 +131,22 @@ fn command_line_definitions_are_consistent() {
         (a.addr.as_deref(), a.cpu_workers),
         (Some("0.0.0.0:1"), Some(2))
     );
+    let cli = Cli::try_parse_from([
+        "s3net",
+        "serve",
+        "--metrics-listen",
+        "",
+        "--otlp-endpoint",
+        "http://otel-collector:4317",
+    ])
+    .unwrap();
+    let Command::Serve(a) = cli.command else {
+        panic!()
+    };
+    assert_eq!(
+        (a.metrics_listen.as_deref(), a.otlp_endpoint.as_deref()),
+        (Some(""), Some("http://otel-collector:4317"))
+    );
     for args in [
         &[
             "s3net",
@@ -167,4 +183,66 @@ fn the_example_config_is_the_default() {
     let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     assert_eq!(Config::load(Some(&file), &[]).unwrap(), Config::default());
+}
+
+#[test]
+fn observability_keys_layer_and_are_checked() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Config::default();
+    assert_eq!(c.metrics.listen(), Some("127.0.0.1:9464"));
+    assert_eq!(c.telemetry.endpoint(), None);
+    assert_eq!(
+        (c.telemetry.service_name.as_str(), c.telemetry.sample_ratio),
+        ("s3net", 1.0)
+    );
+
+    std::env::set_var("S3NET__METRICS__LISTEN", "0.0.0.0:9100");
+    std::env::set_var(
+        "S3NET__TELEMETRY__OTLP_ENDPOINT",
+        "http://otel-collector:4317",
+    );
+    std::env::set_var("S3NET__TELEMETRY__SAMPLE_RATIO", "0.25");
+    let c = Config::load(None, &[]);
+    std::env::remove_var("S3NET__METRICS__LISTEN");
+    std::env::remove_var("S3NET__TELEMETRY__OTLP_ENDPOINT");
+    std::env::remove_var("S3NET__TELEMETRY__SAMPLE_RATIO");
+    let c = c.unwrap();
+    assert_eq!(c.metrics.listen(), Some("0.0.0.0:9100"));
+    assert_eq!(c.telemetry.endpoint(), Some("http://otel-collector:4317"));
+    assert_eq!(c.telemetry.sample_ratio, 0.25);
+
+    // The flags, and "" switching each off.
+    let args = ServeArgs {
+        metrics_listen: Some(String::new()),
+        otlp_endpoint: Some("https://collector.example:4317".into()),
+        ..Default::default()
+    };
+    let c = args.config().unwrap();
+    assert_eq!(c.metrics.listen(), None);
+    assert_eq!(
+        c.telemetry.endpoint(),
+        Some("https://collector.example:4317")
+    );
+    let c = Config::load(None, &[("telemetry.otlp_endpoint", String::new())]).unwrap();
+    assert_eq!(c.telemetry.endpoint(), None);
+    for ok in ["localhost:9464", "[::1]:9464", "metrics.internal:1"] {
+        Config::load(None, &[("metrics.listen", ok.into())])
+            .unwrap_or_else(|e| panic!("{ok}: {e:#}"));
+    }
+
+    // Bad values name their key.
+    for (key, bad) in [
+        ("metrics.listen", "9464"),
+        ("metrics.listen", "localhost:http"),
+        ("metrics.listen", "0.0.0.0:99999"),
+        ("telemetry.otlp_endpoint", "otel-collector:4317"),
+        ("telemetry.otlp_endpoint", "ftp://otel-collector:4317"),
+        ("telemetry.sample_ratio", "1.5"),
+        ("telemetry.sample_ratio", "-0.1"),
+        ("telemetry.service_name", " "),
+    ] {
+        let err = Config::load(None, &[(key, bad.to_string())])
+            .expect_err(&format!("{key} = {bad:?} accepted"));
+        assert!(format!("{err:#}").contains(key), "{key} = {bad:?}: {err:#}");
+    }
 }

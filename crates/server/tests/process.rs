@@ -37,6 +37,7 @@ fn sigterm_drains_and_exits_zero() {
         .env("S3NET__WORKERS__CPU_WORKERS", "1")
         .env("S3NET__WORKERS__TORCH_THREADS", "1")
         .env("S3NET__LOG__FORMAT", "json")
+        .env("S3NET__METRICS__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -18,6 +18,8 @@ pub fn config() -> Config {
     c.server.shutdown_grace_s = 1;
     c.workers.cpu_workers = Some(1);
     c.workers.torch_threads = Some(1);
+    // Many servers run at once in a test binary: each gets its own metrics port.
+    c.metrics.listen = "127.0.0.1:0".into();
     c
 }
 

@@ -1,0 +1,461 @@
+//! Prometheus metrics: what an operator needs to size and scale the service (queue depth and
+//! waits, fit durations, busy workers, refusals, GPU memory), served as text on their own port.
+//!
+//! Every number is updated where the thing happens (the queue, the workers, the RPC layer);
+//! the gauges that describe a state (queue depth, GPU memory) are read when scraped, so they
+//! are never stale. One [`Metrics`] per [`crate::Server`], not a global registry: several
+//! servers in one process (the tests) keep separate counts.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use s3net_model::DeviceSpec;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tracing::{debug, info};
+
+use crate::jobs::JobQueue;
+
+/// Job outcomes as counted by `s3net_jobs_total{outcome}`.
+pub const OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
+
+/// Refusal reasons as counted by `s3net_rejected_total{reason}`.
+pub const REJECT_REASONS: [&str; 5] = [
+    "invalid_argument",
+    "queue_full",
+    "draining",
+    "unauthenticated",
+    "already_exists",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabel {
+    device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: String,
+}
+
+/// The service's metrics, all named `s3net_…`.
+pub struct Metrics {
+    registry: Registry,
+    queue_depth: Gauge,
+    jobs: Family<OutcomeLabel, Counter>,
+    queue_wait: Histogram,
+    fit_seconds: Histogram,
+    fit_iterations: Histogram,
+    workers_active: Family<DeviceLabel, Gauge>,
+    rejected: Family<ReasonLabel, Counter>,
+    gpu_used: Family<DeviceLabel, Gauge>,
+    gpu_total: Family<DeviceLabel, Gauge>,
+    gpu: Option<GpuMemory>,
+}
+
+impl Default for Metrics {
+    /// Metrics for a server without workers or GPUs (a queue used on its own).
+    fn default() -> Self {
+        Metrics::new(0, &[])
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; `workers` are the devices of the worker threads (one entry per
+    /// thread). GPU memory is reported only when a worker runs on CUDA and NVML loads.
+    pub fn new(capacity: usize, workers: &[DeviceSpec]) -> Metrics {
+        let mut registry = Registry::with_prefix("s3net");
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Jobs waiting for a worker",
+            queue_depth.clone(),
+        );
+        let queue_capacity = Gauge::<i64>::default();
+        queue_capacity.set(capacity as i64);
+        registry.register(
+            "queue_capacity",
+            "Jobs that may wait before new work is refused (queue.capacity)",
+            queue_capacity,
+        );
+        let jobs = Family::<OutcomeLabel, Counter>::default();
+        for o in OUTCOMES {
+            let _ = jobs.get_or_create(&OutcomeLabel { outcome: o.into() });
+        }
+        registry.register("jobs", "Finished jobs by outcome", jobs.clone());
+        // 10 ms … ~45 min: a free worker answers at once, a long queue in minutes.
+        let queue_wait = Histogram::new(exponential_buckets(0.01, 2.5, 14));
+        registry.register(
+            "queue_wait_seconds",
+            "Time jobs waited in the queue before a worker took them",
+            queue_wait.clone(),
+        );
+        // 50 ms … ~1.5 h: a tiny CPU fit up to a large image with the paper's settings.
+        let fit_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 17));
+        registry.register(
+            "fit_seconds",
+            "Duration of completed fits",
+            fit_seconds.clone(),
+        );
+        let fit_iterations = Histogram::new([
+            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 300.0, 500.0, 1000.0,
+        ]);
+        registry.register(
+            "fit_iterations",
+            "SGD steps of completed fits (early stops end below the maximum)",
+            fit_iterations.clone(),
+        );
+        let workers_active = Family::<DeviceLabel, Gauge>::default();
+        let workers_total = Family::<DeviceLabel, Gauge>::default();
+        for d in workers {
+            let l = DeviceLabel {
+                device: d.to_string(),
+            };
+            workers_total.get_or_create(&l).inc();
+            let _ = workers_active.get_or_create(&l);
+        }
+        registry.register(
+            "workers_active",
+            "Workers running a fit, per device",
+            workers_active.clone(),
+        );
+        registry.register(
+            "workers",
+            "Configured worker threads, per device",
+            workers_total.clone(),
+        );
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        for r in REJECT_REASONS {
+            let _ = rejected.get_or_create(&ReasonLabel { reason: r.into() });
+        }
+        registry.register(
+            "rejected",
+            "Requests refused before a job was queued, by reason",
+            rejected.clone(),
+        );
+        let gpu = GpuMemory::open(workers);
+        let gpu_used = Family::<DeviceLabel, Gauge>::default();
+        let gpu_total = Family::<DeviceLabel, Gauge>::default();
+        if gpu.is_some() {
+            registry.register(
+                "gpu_memory_used_bytes",
+                "GPU memory in use on the device (all processes), from NVML",
+                gpu_used.clone(),
+            );
+            registry.register(
+                "gpu_memory_total_bytes",
+                "GPU memory installed on the device, from NVML",
+                gpu_total.clone(),
+            );
+        }
+        let build = Family::<VersionLabel, Gauge>::default();
+        build
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the version of the running s3net",
+            build,
+        );
+        Metrics {
+            registry,
+            queue_depth,
+            jobs,
+            queue_wait,
+            fit_seconds,
+            fit_iterations,
+            workers_active,
+            rejected,
+            gpu_used,
+            gpu_total,
+            gpu,
+        }
+    }
+
+    /// A job reached its outcome (`completed`, `failed` or `cancelled`).
+    pub fn job_finished(&self, outcome: &str) {
+        self.jobs
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// A worker took a job that waited `wait`.
+    pub fn job_taken(&self, wait: Duration) {
+        self.queue_wait.observe(wait.as_secs_f64());
+    }
+
+    /// A fit completed.
+    pub fn fit_completed(&self, seconds: f64, iterations: usize) {
+        self.fit_seconds.observe(seconds);
+        self.fit_iterations.observe(iterations as f64);
+    }
+
+    /// Marks a worker on `device` busy until the returned guard drops (also on a panic).
+    pub fn worker_busy(&self, device: DeviceSpec) -> BusyWorker {
+        let g = self.workers_active.get_or_create(&DeviceLabel {
+            device: device.to_string(),
+        });
+        g.inc();
+        BusyWorker(g.clone())
+    }
+
+    /// A request was refused before it became a job; `reason` is one of [`REJECT_REASONS`]
+    /// (see `ServiceError::reason`).
+    pub fn rejected(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// The exposition, after reading the state gauges. `openmetrics` picks the OpenMetrics
+    /// text format, else the Prometheus text format 0.0.4.
+    pub fn render(&self, queue: &dyn JobQueue, openmetrics: bool) -> String {
+        self.queue_depth.set(queue.stats().queued as i64);
+        if let Some(gpu) = &self.gpu {
+            for (device, mem) in gpu.read() {
+                let l = DeviceLabel { device };
+                match mem {
+                    Some((used, total)) => {
+                        self.gpu_used.get_or_create(&l).set(used as i64);
+                        self.gpu_total.get_or_create(&l).set(total as i64);
+                    }
+                    // A device NVML stopped answering for: no stale value.
+                    None => {
+                        self.gpu_used.remove(&l);
+                        self.gpu_total.remove(&l);
+                    }
+                }
+            }
+        }
+        let mut out = String::with_capacity(8 << 10);
+        let r = if openmetrics {
+            prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        } else {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        };
+        // Writing to a String cannot fail.
+        debug_assert!(r.is_ok());
+        out
+    }
+}
+
+/// Decrements `s3net_workers_active` when the fit is over.
+pub struct BusyWorker(Gauge);
+
+impl Drop for BusyWorker {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// GPU memory through NVML, loaded at run time: no NVIDIA driver, no metric, no error.
+struct GpuMemory {
+    nvml: nvml_wrapper::Nvml,
+    /// `cuda:N` as libtorch numbers it, and how NVML finds that device.
+    devices: Vec<(String, NvmlDevice)>,
+}
+
+enum NvmlDevice {
+    Index(u32),
+    Uuid(String),
+}
+
+impl GpuMemory {
+    fn open(workers: &[DeviceSpec]) -> Option<GpuMemory> {
+        let mut cuda: Vec<usize> = workers
+            .iter()
+            .filter_map(|d| match d {
+                DeviceSpec::Cuda(i) => Some(*i),
+                _ => None,
+            })
+            .collect();
+        if cuda.is_empty() {
+            return None;
+        }
+        cuda.sort_unstable();
+        cuda.dedup();
+        let nvml = match nvml_wrapper::Nvml::init() {
+            Ok(n) => n,
+            Err(e) => {
+                info!(error = %e, "NVML not available; no GPU memory metric");
+                return None;
+            }
+        };
+        // CUDA numbers the devices it may see; NVML sees them all. CUDA_VISIBLE_DEVICES maps
+        // one to the other (by index or UUID). Without it, both use the same order when
+        // CUDA_DEVICE_ORDER=PCI_BUS_ID (advisable on hosts with mixed GPU models).
+        let visible: Option<Vec<String>> = std::env::var("CUDA_VISIBLE_DEVICES")
+            .ok()
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+        let devices = cuda
+            .into_iter()
+            .filter_map(|i| {
+                let how = match &visible {
+                    None => NvmlDevice::Index(i as u32),
+                    Some(v) => {
+                        let s = v.get(i)?;
+                        match s.parse::<u32>() {
+                            Ok(n) => NvmlDevice::Index(n),
+                            Err(_) if s.starts_with("GPU-") || s.starts_with("MIG-") => {
+                                NvmlDevice::Uuid(s.clone())
+                            }
+                            Err(_) => return None,
+                        }
+                    }
+                };
+                Some((format!("cuda:{i}"), how))
+            })
+            .collect();
+        Some(GpuMemory { nvml, devices })
+    }
+
+    /// (device label, Some((used, total)) or None when NVML fails for it).
+    fn read(&self) -> Vec<(String, Option<(u64, u64)>)> {
+        self.devices
+            .iter()
+            .map(|(label, how)| {
+                let dev = match how {
+                    NvmlDevice::Index(n) => self.nvml.device_by_index(*n),
+                    NvmlDevice::Uuid(u) => self.nvml.device_by_uuid(u.as_str()),
+                };
+                let mem = dev
+                    .and_then(|d| d.memory_info())
+                    .map(|m| (m.used, m.total))
+                    .map_err(|e| debug!(device = %label, error = %e, "NVML memory query failed"))
+                    .ok();
+                (label.clone(), mem)
+            })
+            .collect()
+    }
+}
+
+/// The running `/metrics` endpoint; [`MetricsEndpoint::stop`] closes it.
+pub struct MetricsEndpoint {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsEndpoint {
+    /// Binds `listen` and serves `GET /metrics` over HTTP/1.1 (hyper, which tonic already
+    /// brings) until stopped.
+    pub async fn start(
+        listen: &str,
+        metrics: Arc<Metrics>,
+        queue: Arc<dyn JobQueue>,
+    ) -> anyhow::Result<MetricsEndpoint> {
+        use anyhow::Context;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (metrics.listen)"))?;
+        let addr = listener.local_addr()?;
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            // Dropping the set at the end aborts the connections still open.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                    r = listener.accept() => {
+                        let Ok((stream, _)) = r else { continue };
+                        let (metrics, queue) = (metrics.clone(), queue.clone());
+                        conns.spawn(async move {
+                            let svc = hyper::service::service_fn(move |req| {
+                                let reply = respond(&req, &metrics, &*queue);
+                                async move { Ok::<_, Infallible>(reply) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .timer(hyper_util::rt::TokioTimer::new())
+                                .header_read_timeout(Duration::from_secs(10))
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                }
+            }
+        });
+        info!(%addr, "metrics on http://{addr}/metrics");
+        Ok(MetricsEndpoint { addr, stop, task })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and closes open connections.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+fn respond<B>(req: &Request<B>, metrics: &Metrics, queue: &dyn JobQueue) -> Response<Full<Bytes>> {
+    let reply = |code: StatusCode, text: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+        *r.status_mut() = code;
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "not found; metrics are at /metrics\n",
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "only GET /metrics\n");
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let openmetrics = req
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let body = metrics.render(queue, openmetrics);
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(if openmetrics {
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        } else {
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+        }),
+    );
+    r
+}

@@ -1,0 +1,259 @@
+//! The Prometheus endpoint, scraped over real HTTP while a real server runs real jobs: one
+//! completed, one cancelled while it runs, one refused as invalid, one refused as queue full.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use s3net_server::pb::{self, JobState};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+/// One HTTP/1.1 request; returns (status line and headers, body).
+async fn http(addr: SocketAddr, request: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("response within 10 s")
+        .unwrap();
+    let text = String::from_utf8(out).expect("UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    (head.to_string(), body.to_string())
+}
+
+async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (head, body) = http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    parse(&body)
+}
+
+/// Prometheus text format: `name{labels} value` per sample, comments skipped.
+fn parse(body: &str) -> HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {l:?}"));
+            let v = value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            (series.to_string(), v)
+        })
+        .collect()
+}
+
+fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
+    *m.get(series).unwrap_or_else(|| {
+        let mut names: Vec<_> = m.keys().collect();
+        names.sort();
+        panic!("no {series}; have {names:?}")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    let mut cfg = config();
+    cfg.queue.capacity = 1;
+    let (server, url) = start(cfg).await;
+    let addr = server.metrics_addr().expect("metrics enabled");
+    let mut c = client(&url).await;
+
+    let m = scrape(addr).await;
+    assert_eq!(value(&m, "s3net_queue_capacity"), 1.0);
+    assert_eq!(value(&m, "s3net_queue_depth"), 0.0);
+    assert_eq!(value(&m, "s3net_workers{device=\"cpu\"}"), 1.0);
+    assert_eq!(value(&m, "s3net_workers_active{device=\"cpu\"}"), 0.0);
+    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"completed\"}"), 0.0);
+    let version = format!(
+        "s3net_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(value(&m, &version), 1.0);
+    // This machine's workers run on the CPU: no GPU, no GPU metric.
+    assert!(server
+        .workers()
+        .iter()
+        .all(|w| w.device == s3net_model::DeviceSpec::Cpu));
+    assert!(!m.keys().any(|k| k.starts_with("s3net_gpu_memory")));
+
+    // 1. Completed.
+    let first = completed(&segment_events(&mut c, disk(32, 32), quick()).await);
+    // 2. A long job runs; a second waits (the queue's one place); a third is refused.
+    let running = submit_running(&mut c, disk(48, 48), slow()).await;
+    let waiting = c
+        .submit_job(pb::SubmitJobRequest {
+            image: disk(32, 32),
+            options: Some(quick()),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let full = c
+        .submit_job(pb::SubmitJobRequest {
+            image: disk(32, 32),
+            options: Some(quick()),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted);
+    // 3. Refused as invalid.
+    let bad = c
+        .segment(pb::SegmentRequest {
+            image: b"not an image".to_vec(),
+            options: Some(quick()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let m = scrape(addr).await;
+    assert_eq!(value(&m, "s3net_queue_depth"), 1.0);
+    assert_eq!(value(&m, "s3net_workers_active{device=\"cpu\"}"), 1.0);
+    assert_eq!(
+        value(&m, "s3net_rejected_total{reason=\"queue_full\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "s3net_rejected_total{reason=\"invalid_argument\"}"),
+        1.0
+    );
+    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"completed\"}"), 1.0);
+    assert_eq!(value(&m, "s3net_queue_wait_seconds_count"), 2.0);
+
+    // 4. Cancelled while running; then the waiting job runs and completes.
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: running.clone(),
+    })
+    .await
+    .unwrap();
+    let j = wait_final(&mut c, &running, Duration::from_secs(60)).await;
+    assert_eq!(j.state, JobState::Cancelled as i32);
+    let j = wait_final(&mut c, &waiting, Duration::from_secs(60)).await;
+    assert_eq!(j.state, JobState::Completed as i32);
+    let second = j.result.unwrap();
+
+    let m = scrape(addr).await;
+    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"completed\"}"), 2.0);
+    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"cancelled\"}"), 1.0);
+    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"failed\"}"), 0.0);
+    assert_eq!(
+        value(&m, "s3net_rejected_total{reason=\"queue_full\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "s3net_rejected_total{reason=\"invalid_argument\"}"),
+        1.0
+    );
+    assert_eq!(value(&m, "s3net_queue_depth"), 0.0);
+    assert_eq!(value(&m, "s3net_workers_active{device=\"cpu\"}"), 0.0);
+    // Every job a worker took waited some time; completed fits only are timed and counted.
+    assert_eq!(value(&m, "s3net_queue_wait_seconds_count"), 3.0);
+    assert_eq!(value(&m, "s3net_fit_seconds_count"), 2.0);
+    let fit_s = first.timings.unwrap().fit_seconds + second.timings.unwrap().fit_seconds;
+    assert!((value(&m, "s3net_fit_seconds_sum") - fit_s).abs() < 0.05 * fit_s + 0.01);
+    assert_eq!(value(&m, "s3net_fit_iterations_count"), 2.0);
+    assert_eq!(
+        value(&m, "s3net_fit_iterations_sum"),
+        (first.iterations + second.iterations) as f64
+    );
+    assert_eq!(
+        value(&m, "s3net_fit_iterations_bucket{le=\"+Inf\"}"),
+        2.0,
+        "histograms have their buckets"
+    );
+
+    // The endpoint itself: OpenMetrics on request, 404 elsewhere, GET only.
+    let (head, body) = http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: t\r\nAccept: application/openmetrics-text; version=1.0.0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"));
+    assert!(body.contains("s3net_jobs_total{outcome=\"completed\"} 2"));
+    let (head, _) = http(
+        addr,
+        "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let (head, _) = http(
+        addr,
+        "POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    let (head, _) = http(addr, "nonsense\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    // Still serving after all that.
+    assert_eq!(scrape(addr).await.len(), m.len());
+
+    server.shutdown().await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the endpoint closes with the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_without_the_token_are_counted() {
+    let mut cfg = config();
+    cfg.server.auth_token = Some("secret".into());
+    let (server, url) = start(cfg).await;
+    let addr = server.metrics_addr().unwrap();
+    let mut c = client(&url).await;
+    let e = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let m = scrape(addr).await;
+    assert_eq!(
+        value(&m, "s3net_rejected_total{reason=\"unauthenticated\"}"),
+        1.0
+    );
+    assert_eq!(value(&m, "s3net_rejected_total{reason=\"draining\"}"), 0.0);
+    server.shutdown().await.unwrap();
+
+    // Disabled: no endpoint at all.
+    let mut cfg = config();
+    cfg.metrics.listen = String::new();
+    let (server, _) = start(cfg).await;
+    assert_eq!(server.metrics_addr(), None);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_port_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config();
+    cfg.metrics.listen = taken.local_addr().unwrap().to_string();
+    let err = s3net_server::Server::start(&cfg)
+        .await
+        .err()
+        .expect("the port is taken");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("metrics.listen"), "{msg}");
+}
