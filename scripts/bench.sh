@@ -15,21 +15,23 @@ if ! "$VENV/bin/python" -c 'import torchvision' 2>/dev/null; then
 fi
 echo "bench: torchvision deform_conv2d (CPU)" >&2
 "$VENV/bin/python" tools/time_torchvision_deform.py --repeats 3 --threads "$(nproc)" > $OUT/deform-torchvision.json 2>/dev/null || echo '{}' > $OUT/deform-torchvision.json
-echo "bench: fit step, default preset, 256², F=64, every loss on (CPU)" >&2
+echo "bench: fit step, default preset (F=32), and F=64, 256², every loss on (CPU)" >&2
 $BIN bench fit --device cpu --iterations 10 --repeats 3 > $OUT/fit-cpu.json
+$BIN bench fit --device cpu --iterations 10 --repeats 3 --features 64 > $OUT/fit-cpu-f64.json
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --kernels tensor_ops > $OUT/fit-cpu-tensor-ops.json
 echo "bench: service overhead (loopback gRPC)" >&2
 cargo run --release --locked -q -p s3net-server --example service_bench > $OUT/service.md
 cuda=0
 if $BIN bench deform --device cuda --repeats 10 --json > $OUT/deform-cuda.json 2>/dev/null; then
   cuda=1
-  $BIN bench fit --device cuda --iterations 50 --repeats 5 > $OUT/fit-cuda.json
+  $BIN bench fit --device cuda --iterations 50 --repeats 5 --concurrency 1,4,8,16 > $OUT/fit-cuda.json
 fi
 python3 - "$cpu" "$cuda" <<'PY'
 import json, sys, datetime
 cpu, cuda = sys.argv[1], sys.argv[2] == "1"
 j = lambda p: json.load(open(f"bench-out/{p}"))
 d, tv, f, ft = j("deform-cpu.json"), j("deform-torchvision.json"), j("fit-cpu.json"), j("fit-cpu-tensor-ops.json")
+f64 = j("fit-cpu-f64.json")
 fb = lambda r: r.get("forward_backward_ms", float("nan"))
 fw = lambda r: r.get("forward_ms", float("nan"))
 tvd = tv.get("torchvision", {})
@@ -43,16 +45,22 @@ lines = [
 for name, r in [("s3net fused C++ kernel", d.get("fused", {})), ("s3net tensor ops (grid_sampler + GEMM)", d["tensor_ops"]), ("torchvision 0.26.0 `deform_conv2d`", tvd)]:
     ratio = fb(tvd) / fb(r) if fb(r) == fb(r) and fb(tvd) == fb(tvd) else float("nan")
     lines.append(f"| {name} | {fw(r):.1f} | {fb(r):.1f} | {ratio:.1f}× faster |" if name[0] == "s" else f"| {name} | {fw(r):.1f} | {fb(r):.1f} | 1.0× |")
-lines += ["", "## One fit step at 256², F = K = 64, default preset, every loss term on (CPU)", "",
-  "| kernels | seconds per step (median) | seconds per 10-step fit, set-up and read-out included |", "|---|---|---|",
-  f"| fused (default) | {f['seconds_per_iteration_median']:.3f} | {f['seconds_per_fit_median']:.2f} |",
-  f"| tensor ops | {ft['seconds_per_iteration_median']:.3f} | {ft['seconds_per_fit_median']:.2f} |"]
+lines += ["", "## One fit step at 256², default preset, every loss term on (CPU)", "",
+  "| features F = K, kernels | seconds per step (median) | seconds per 10-step fit, set-up and read-out included |", "|---|---|---|",
+  f"| {f['features']}, fused (default) | {f['seconds_per_iteration_median']:.3f} | {f['seconds_per_fit_median']:.2f} |",
+  f"| {f64['features']}, fused | {f64['seconds_per_iteration_median']:.3f} | {f64['seconds_per_fit_median']:.2f} |",
+  f"| {ft['features']}, tensor ops | {ft['seconds_per_iteration_median']:.3f} | {ft['seconds_per_fit_median']:.2f} |"]
 if cuda:
     dc, fc = j("deform-cuda.json"), j("fit-cuda.json")
     lines += ["", f"## CUDA ({fc['device']})", "",
-      f"- deformable conv (tensor ops): forward {fw(dc['tensor_ops']):.2f} ms, forward+backward {fb(dc['tensor_ops']):.2f} ms",
-      f"- 50-step fit at 256², F = 64: {fc['seconds_per_fit_median']:.3f} s ({fc['seconds_per_iteration_median']*1e3:.1f} ms per step)"]
+      f"- deformable conv, fused CUDA kernel: forward {fw(dc.get('fused', {})):.2f} ms, forward+backward {fb(dc.get('fused', {})):.2f} ms; tensor ops: {fw(dc['tensor_ops']):.2f} / {fb(dc['tensor_ops']):.2f} ms",
+      f"- 50-step fit at 256², F = {fc['features']}: {fc['seconds_per_fit_median']:.3f} s ({fc['seconds_per_iteration_median']*1e3:.1f} ms per step)"]
+    for c in fc.get("concurrent", []):
+        lines.append(f"- {c['fits_at_once']} fits at once: {c['images_per_second']:.2f} images/s ({c['seconds_per_fit_median']:.2f} s per fit)")
 lines += ["", "## Service overhead (in-process server on loopback, real gRPC clients, CPU)", "", open("bench-out/service.md").read().strip()]
+import glob
+for g in sorted(glob.glob("docs/gpu-checks/*/summary.md")):
+    lines += ["", open(g).read().strip()]
 lines += ["", "Raw JSON: `bench-out/`.", ""]
 open("BENCHMARKS.md", "w").write("\n".join(lines))
 print("\n".join(lines))
