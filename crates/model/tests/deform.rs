@@ -2,57 +2,19 @@
 //! gradients against finite differences in float64.
 
 use s3net_model::deform::{deform_conv2d, ConvGeometry};
-use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-fn tensor(v: &Value) -> Option<Tensor> {
-    if v.is_null() {
-        return None;
-    }
-    let shape: Vec<i64> = v["shape"].as_array()?.iter().map(|x| x.as_i64().unwrap()).collect();
-    let data: Vec<f64> = v["data"].as_array()?.iter().map(|x| x.as_f64().unwrap()).collect();
-    Some(Tensor::from_slice(&data).view(shape.as_slice()))
-}
+#[path = "../../../tests/support/torch_checks.rs"]
+mod checks;
+use checks::{check_finite_differences, Forward, Geo};
 
-fn pair(v: &Value) -> (i64, i64) {
-    (v[0].as_i64().unwrap(), v[1].as_i64().unwrap())
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    f64::try_from((a - b).abs().max()).unwrap()
-}
-
-fn golden() -> Value {
-    // DEFORM_GOLDEN lets a test binary built here run on another machine (the GPU check).
-    let path = std::env::var("DEFORM_GOLDEN")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/deform_golden.json").to_string());
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+fn tensor_ops(x: &Tensor, off: &Tensor, mask: Option<&Tensor>, w: &Tensor, b: Option<&Tensor>, g: Geo) -> Tensor {
+    let geo = ConvGeometry { stride: g.0, padding: g.1, dilation: g.2 };
+    deform_conv2d(x, off, mask, w, b, geo).unwrap()
 }
 
 fn check_against_golden(device: Device, kind: Kind, tol: f64) {
-    let g = golden();
-    for case in g["cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
-        let leaf = |k: &str| tensor(&case[k]).map(|t| t.to_kind(kind).to_device(device).set_requires_grad(true));
-        let (x, off, mask, w, b) = (leaf("input").unwrap(), leaf("offset").unwrap(), leaf("mask"), leaf("weight").unwrap(), leaf("bias"));
-        let geo = ConvGeometry { stride: pair(&case["stride"]), padding: pair(&case["padding"]), dilation: pair(&case["dilation"]) };
-        let y = deform_conv2d(&x, &off, mask.as_ref(), &w, b.as_ref(), geo).unwrap();
-        let want = tensor(&case["output"]).unwrap().to_kind(kind).to_device(device);
-        let d = max_abs_diff(&y, &want);
-        assert!(d < tol, "{name}: forward differs by {d}");
-        let go = tensor(&case["grad_output"]).unwrap().to_kind(kind).to_device(device);
-        (&y * &go).sum(kind).backward();
-        let grads: [(&str, Option<&Tensor>); 5] =
-            [("grad_input", Some(&x)), ("grad_offset", Some(&off)), ("grad_mask", mask.as_ref()), ("grad_weight", Some(&w)), ("grad_bias", b.as_ref())];
-        for (key, t) in grads {
-            let Some(t) = t else { continue };
-            let want = tensor(&case[key]).unwrap().to_kind(kind).to_device(device);
-            let d = max_abs_diff(&t.grad(), &want);
-            let scale = f64::try_from(want.abs().max()).unwrap().max(1.0);
-            assert!(d < tol * scale, "{name}: {key} differs by {d} (scale {scale})");
-        }
-    }
+    checks::check_against_golden(&tensor_ops, device, kind, tol, Forward::Absolute);
 }
 
 #[test]
@@ -87,32 +49,12 @@ fn gradients_match_finite_differences() {
     let mask = Tensor::rand([1, 9, ho, wo], opts).set_requires_grad(true);
     let w = Tensor::randn([2, 2, 3, 3], opts).set_requires_grad(true);
     let b = Tensor::randn([2], opts).set_requires_grad(true);
-    let f = |x: &Tensor, off: &Tensor, mask: &Tensor, w: &Tensor, b: &Tensor| deform_conv2d(x, off, Some(mask), w, Some(b), geo).unwrap();
-    let y = f(&x, &off, &mask, &w, &b);
+    let f = |t: &[Tensor]| deform_conv2d(&t[0], &t[1], Some(&t[2]), &t[3], Some(&t[4]), geo).unwrap();
+    let y = f(&[&x, &off, &mask, &w, &b].map(|t| t.shallow_clone()));
     assert_eq!(y.size(), [1, 2, ho, wo]);
     let g = Tensor::randn(y.size().as_slice(), opts);
     (&y * &g).sum(Kind::Double).backward();
-    let eps = 1e-6;
-    let inputs = [&x, &off, &mask, &w, &b];
-    for (which, t) in inputs.iter().enumerate() {
-        let analytic = t.grad();
-        let n = t.numel() as i64;
-        for i in 0..n {
-            let eval = |delta: f64| -> f64 {
-                tch::no_grad(|| {
-                    let mut ts: Vec<Tensor> = inputs.iter().map(|t| t.detach().copy()).collect();
-                    let flat = ts[which].view([-1]);
-                    let _ = flat.get(i).g_add_scalar_(delta);
-                    let y = f(&ts[0], &ts[1], &ts[2], &ts[3], &ts[4]);
-                    let _ = &mut ts;
-                    f64::try_from((&y * &g).sum(Kind::Double)).unwrap()
-                })
-            };
-            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            let a = f64::try_from(analytic.view([-1]).get(i)).unwrap();
-            assert!((numeric - a).abs() < 1e-5 * (1.0 + a.abs()), "input {which}, element {i}: numeric {numeric} vs autograd {a}");
-        }
-    }
+    check_finite_differences(&[&x, &off, &mask, &w, &b], &g, 1e-5, &f);
 }
 
 #[test]

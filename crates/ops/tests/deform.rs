@@ -2,48 +2,14 @@
 //! tensor-op reference on larger multi-tile cases, finite differences in float64, error cases.
 
 use s3net_ops::deform_conv2d;
-use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-type Geo = ((i64, i64), (i64, i64), (i64, i64));
+#[path = "../../../tests/support/torch_checks.rs"]
+mod checks;
+use checks::{check_finite_differences, max_abs, max_abs_diff, Forward, Geo};
 
-fn tensor(v: &Value) -> Option<Tensor> {
-    if v.is_null() {
-        return None;
-    }
-    let shape: Vec<i64> = v["shape"]
-        .as_array()?
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
-    let data: Vec<f64> = v["data"]
-        .as_array()?
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
-    Some(Tensor::from_slice(&data).view(shape.as_slice()))
-}
-
-fn pair(v: &Value) -> (i64, i64) {
-    (v[0].as_i64().unwrap(), v[1].as_i64().unwrap())
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    f64::try_from(t.abs().max().to_kind(Kind::Double)).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    max_abs(&(a.to_kind(Kind::Double) - b.to_kind(Kind::Double)))
-}
-
-fn golden() -> Value {
-    // One golden file for both implementations (tools/make_deform_golden.py writes it).
-    // DEFORM_GOLDEN points elsewhere when the test binary runs on another machine (GPU checks).
-    let path = std::env::var("DEFORM_GOLDEN").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../model/tests/data/deform_golden.json").into()
-    });
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+fn fused(x: &Tensor, off: &Tensor, mask: Option<&Tensor>, w: &Tensor, b: Option<&Tensor>, g: Geo) -> Tensor {
+    deform_conv2d(x, off, mask, w, b, g.0, g.1, g.2).unwrap()
 }
 
 /// The CUDA device to test on, or None (with a message) where there is none or this build has
@@ -61,49 +27,7 @@ fn cuda() -> Option<Device> {
 }
 
 fn check_against_golden(device: Device, kind: Kind, tol: f64) {
-    let g = golden();
-    for case in g["cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
-        let leaf = |k: &str| {
-            tensor(&case[k]).map(|t| t.to_kind(kind).to_device(device).set_requires_grad(true))
-        };
-        let (x, off, mask, w, b) = (
-            leaf("input").unwrap(),
-            leaf("offset").unwrap(),
-            leaf("mask"),
-            leaf("weight").unwrap(),
-            leaf("bias"),
-        );
-        let (s, p, d) = (
-            pair(&case["stride"]),
-            pair(&case["padding"]),
-            pair(&case["dilation"]),
-        );
-        let y = deform_conv2d(&x, &off, mask.as_ref(), &w, b.as_ref(), s, p, d).unwrap();
-        let want = tensor(&case["output"]).unwrap();
-        let scale = max_abs(&want).max(1.0);
-        let e = max_abs_diff(&y.to_device(Device::Cpu), &want);
-        assert!(e < tol * scale, "{name}: forward differs by {e}");
-        let go = tensor(&case["grad_output"]).unwrap().to_kind(kind).to_device(device);
-        (&y * &go).sum(kind).backward();
-        let grads: [(&str, Option<&Tensor>); 5] = [
-            ("grad_input", Some(&x)),
-            ("grad_offset", Some(&off)),
-            ("grad_mask", mask.as_ref()),
-            ("grad_weight", Some(&w)),
-            ("grad_bias", b.as_ref()),
-        ];
-        for (key, t) in grads {
-            let Some(t) = t else { continue };
-            let want = tensor(&case[key]).unwrap();
-            let e = max_abs_diff(&t.grad().to_device(Device::Cpu), &want);
-            let scale = max_abs(&want).max(1.0);
-            assert!(
-                e < tol * scale,
-                "{name}: {key} differs by {e} (scale {scale})"
-            );
-        }
-    }
+    checks::check_against_golden(&fused, device, kind, tol, Forward::Relative);
 }
 
 #[test]
@@ -352,34 +276,12 @@ fn finite_differences(device: Device) {
     let mask = Tensor::rand([1, 9, ho, wo], opts).set_requires_grad(true);
     let w = Tensor::randn([2, 2, 3, 3], opts).set_requires_grad(true);
     let b = Tensor::randn([2], opts).set_requires_grad(true);
-    let f = |x: &Tensor, off: &Tensor, mask: &Tensor, w: &Tensor, b: &Tensor| {
-        deform_conv2d(x, off, Some(mask), w, Some(b), g.0, g.1, g.2).unwrap()
-    };
-    let y = f(&x, &off, &mask, &w, &b);
+    let f = |t: &[Tensor]| fused(&t[0], &t[1], Some(&t[2]), &t[3], Some(&t[4]), g);
+    let y = f(&[&x, &off, &mask, &w, &b].map(|t| t.shallow_clone()));
     assert_eq!(y.size(), [1, 2, ho, wo]);
     let go = Tensor::randn(y.size().as_slice(), opts);
     (&y * &go).sum(Kind::Double).backward();
-    let eps = 1e-6;
-    let inputs = [&x, &off, &mask, &w, &b];
-    for (which, t) in inputs.iter().enumerate() {
-        let analytic = t.grad();
-        for i in 0..t.numel() as i64 {
-            let eval = |delta: f64| -> f64 {
-                tch::no_grad(|| {
-                    let ts: Vec<Tensor> = inputs.iter().map(|t| t.detach().copy()).collect();
-                    let _ = ts[which].view([-1]).get(i).g_add_scalar_(delta);
-                    let y = f(&ts[0], &ts[1], &ts[2], &ts[3], &ts[4]);
-                    f64::try_from((&y * &go).sum(Kind::Double)).unwrap()
-                })
-            };
-            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            let a = f64::try_from(analytic.view([-1]).get(i)).unwrap();
-            assert!(
-                (numeric - a).abs() < 1e-5 * (1.0 + a.abs()),
-                "input {which}, element {i}: numeric {numeric} vs autograd {a}"
-            );
-        }
-    }
+    check_finite_differences(&[&x, &off, &mask, &w, &b], &go, 1e-5, &f);
 }
 
 /// Only the inputs that require grad get one; the rest stay undefined.

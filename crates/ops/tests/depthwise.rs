@@ -4,14 +4,9 @@
 use s3net_ops::depthwise_conv2d;
 use tch::{Device, Kind, Tensor};
 
-fn max_abs(t: &Tensor) -> f64 {
-    f64::try_from(t.abs().max().to_kind(Kind::Double)).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    max_abs(&(a - b))
-}
+#[path = "../../../tests/support/torch_checks.rs"]
+mod checks;
+use checks::{check_finite_differences, max_abs, max_abs_diff};
 
 /// Our op and libtorch's on identical leaves; forward and all three gradients compared with a
 /// tolerance relative to max(1, |reference|).
@@ -144,30 +139,11 @@ fn gradients_match_finite_differences() {
     let x = Tensor::randn([2, 2, 5, 6], opts).set_requires_grad(true);
     let w = Tensor::randn([2, 1, k, k], opts).set_requires_grad(true);
     let b = Tensor::randn([2], opts).set_requires_grad(true);
-    let f = |x: &Tensor, w: &Tensor, b: &Tensor| depthwise_conv2d(x, w, Some(b), p, d).unwrap();
-    let y = f(&x, &w, &b);
+    let f = |t: &[Tensor]| depthwise_conv2d(&t[0], &t[1], Some(&t[2]), p, d).unwrap();
+    let y = f(&[&x, &w, &b].map(|t| t.shallow_clone()));
     let g = Tensor::randn(y.size().as_slice(), opts);
     (&y * &g).sum(Kind::Double).backward();
-    let inputs = [&x, &w, &b];
-    let eps = 1e-6;
-    for (which, t) in inputs.iter().enumerate() {
-        let analytic = t.grad();
-        for i in 0..t.numel() as i64 {
-            let eval = |delta: f64| -> f64 {
-                tch::no_grad(|| {
-                    let ts: Vec<Tensor> = inputs.iter().map(|t| t.detach().copy()).collect();
-                    let _ = ts[which].view([-1]).get(i).g_add_scalar_(delta);
-                    f64::try_from((&f(&ts[0], &ts[1], &ts[2]) * &g).sum(Kind::Double)).unwrap()
-                })
-            };
-            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            let a = f64::try_from(analytic.view([-1]).get(i)).unwrap();
-            assert!(
-                (numeric - a).abs() < 1e-6 * (1.0 + a.abs()),
-                "input {which}, element {i}: numeric {numeric} vs autograd {a}"
-            );
-        }
-    }
+    check_finite_differences(&[&x, &w, &b], &g, 1e-6, &f);
 }
 
 #[test]

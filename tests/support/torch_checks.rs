@@ -1,0 +1,110 @@
+//! Checks shared by the convolution tests of `s3net-model` and `s3net-ops` (pulled in with
+//! `#[path = "../../../tests/support/torch_checks.rs"] mod checks;`): the torchvision golden
+//! file, comparisons in float64 on the CPU, and gradients against central differences.
+#![allow(dead_code)] // each test file uses a different part
+
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+/// Stride, padding, dilation.
+pub type Geo = ((i64, i64), (i64, i64), (i64, i64));
+
+/// `deform_conv2d(input, offset, mask, weight, bias, geometry)` under test.
+pub type DeformFn<'a> = &'a dyn Fn(&Tensor, &Tensor, Option<&Tensor>, &Tensor, Option<&Tensor>, Geo) -> Tensor;
+
+pub fn max_abs(t: &Tensor) -> f64 {
+    f64::try_from(t.abs().max().to_kind(Kind::Double)).unwrap()
+}
+
+/// Largest elementwise difference, computed in float64 on the CPU whatever the operands.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+    max_abs(&(cpu(a) - cpu(b)))
+}
+
+/// A tensor of the golden file (`{"shape": [...], "data": [...]}`, float64), or None for null.
+pub fn tensor(v: &Value) -> Option<Tensor> {
+    if v.is_null() {
+        return None;
+    }
+    let shape: Vec<i64> = v["shape"].as_array()?.iter().map(|x| x.as_i64().unwrap()).collect();
+    let data: Vec<f64> = v["data"].as_array()?.iter().map(|x| x.as_f64().unwrap()).collect();
+    Some(Tensor::from_slice(&data).view(shape.as_slice()))
+}
+
+pub fn pair(v: &Value) -> (i64, i64) {
+    (v[0].as_i64().unwrap(), v[1].as_i64().unwrap())
+}
+
+/// The torchvision golden values (`tools/make_deform_golden.py`). DEFORM_GOLDEN points elsewhere
+/// when a test binary built here runs on another machine (the GPU check).
+pub fn golden() -> Value {
+    let path = std::env::var("DEFORM_GOLDEN").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../model/tests/data/deform_golden.json").into()
+    });
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// How the forward difference is bounded: by `tol`, or by `tol · max(1, |expected|)`.
+#[derive(Clone, Copy)]
+pub enum Forward {
+    Absolute,
+    Relative,
+}
+
+/// Every golden case on `device` in `kind`: the forward and the five gradients; gradients
+/// within `tol · max(1, |expected|)`.
+pub fn check_against_golden(conv: DeformFn, device: Device, kind: Kind, tol: f64, forward: Forward) {
+    let g = golden();
+    for case in g["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let leaf = |k: &str| tensor(&case[k]).map(|t| t.to_kind(kind).to_device(device).set_requires_grad(true));
+        let (x, off, mask, w, b) = (leaf("input").unwrap(), leaf("offset").unwrap(), leaf("mask"), leaf("weight").unwrap(), leaf("bias"));
+        let geo = (pair(&case["stride"]), pair(&case["padding"]), pair(&case["dilation"]));
+        let y = conv(&x, &off, mask.as_ref(), &w, b.as_ref(), geo);
+        let want = tensor(&case["output"]).unwrap();
+        let bound = match forward {
+            Forward::Absolute => tol,
+            Forward::Relative => tol * max_abs(&want).max(1.0),
+        };
+        let e = max_abs_diff(&y, &want);
+        assert!(e < bound, "{name}: forward differs by {e}");
+        let go = tensor(&case["grad_output"]).unwrap().to_kind(kind).to_device(device);
+        (&y * &go).sum(kind).backward();
+        let grads: [(&str, Option<&Tensor>); 5] =
+            [("grad_input", Some(&x)), ("grad_offset", Some(&off)), ("grad_mask", mask.as_ref()), ("grad_weight", Some(&w)), ("grad_bias", b.as_ref())];
+        for (key, t) in grads {
+            let Some(t) = t else { continue };
+            let want = tensor(&case[key]).unwrap();
+            let e = max_abs_diff(&t.grad(), &want);
+            let scale = max_abs(&want).max(1.0);
+            assert!(e < tol * scale, "{name}: {key} differs by {e} (scale {scale})");
+        }
+    }
+}
+
+/// Central differences (step 1e-6) of sum(f(inputs) · go) against the autograd gradients of the
+/// leaves `inputs` (float64, already backpropagated with `go`), for every element of every
+/// input: |numeric − analytic| < tol · (1 + |analytic|).
+pub fn check_finite_differences(inputs: &[&Tensor], go: &Tensor, tol: f64, f: &dyn Fn(&[Tensor]) -> Tensor) {
+    let eps = 1e-6;
+    for (which, t) in inputs.iter().enumerate() {
+        let analytic = t.grad();
+        for i in 0..t.numel() as i64 {
+            let eval = |delta: f64| -> f64 {
+                tch::no_grad(|| {
+                    let ts: Vec<Tensor> = inputs.iter().map(|t| t.detach().copy()).collect();
+                    let _ = ts[which].view([-1]).get(i).g_add_scalar_(delta);
+                    f64::try_from((&f(&ts) * go).sum(Kind::Double)).unwrap()
+                })
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            let a = f64::try_from(analytic.view([-1]).get(i)).unwrap();
+            assert!(
+                (numeric - a).abs() < tol * (1.0 + a.abs()),
+                "input {which}, element {i}: numeric {numeric} vs autograd {a}"
+            );
+        }
+    }
+}
