@@ -60,15 +60,7 @@ fn set_stream(device: usize, pool: bool) -> Result<(), OpError> {
     if rc == 0 {
         return Ok(());
     }
-    let msg = if err.is_null() {
-        "setting the CUDA stream failed".to_string()
-    } else {
-        // SAFETY: NUL-terminated string from strdup, freed right after the copy.
-        let s = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
-        unsafe { s3ops_free_err(err) };
-        s
-    };
-    Err(OpError(msg))
+    Err(take_error(err, "setting the CUDA stream failed"))
 }
 
 /// Makes the calling thread queue its CUDA work on `cuda:device` on a stream of libtorch's
@@ -93,17 +85,18 @@ fn finish(rc: i32, out: *mut c_void, err: *mut c_char) -> Result<Tensor, OpError
         // SAFETY: `out` is a fresh `new at::Tensor(...)`, which tch owns (and deletes) from now on.
         return Ok(unsafe { Tensor::from_ptr(out as *mut _) });
     }
-    let msg = if err.is_null() {
-        "C++ kernel failed without a message".to_string()
-    } else {
-        // SAFETY: `err` is a NUL-terminated string from strdup, freed right after the copy.
-        let s = unsafe { CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned();
-        unsafe { s3ops_free_err(err) };
-        s
-    };
-    Err(OpError(msg))
+    Err(take_error(err, "C++ kernel failed without a message"))
+}
+
+/// The C side's error message (a strdup'd string, freed here), or `fallback` when it gave none.
+fn take_error(err: *mut c_char, fallback: &str) -> OpError {
+    if err.is_null() {
+        return OpError(fallback.to_string());
+    }
+    // SAFETY: `err` is a NUL-terminated string from strdup, freed right after the copy.
+    let s = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { s3ops_free_err(err) };
+    OpError(s)
 }
 
 fn check_float(
