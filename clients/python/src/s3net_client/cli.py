@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ._convert import OPTION_NAMES
 from .client import Client
 from .errors import S3NetError
 from .results import Cancelled, Completed, Failed, Job, JobEvent, Progress, Queued, Started
@@ -89,22 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_FIT = (
-    "preset",
-    "iterations",
-    "min_labels",
-    "size",
-    "seed",
-    "device",
-    "window",
-    "priority",
-    "features",
-    "frame",
-)
-
-
 def _fit_options(a: argparse.Namespace) -> Dict[str, Any]:
-    return {k: getattr(a, k) for k in _FIT if getattr(a, k) is not None}
+    return {k: getattr(a, k) for k in OPTION_NAMES if getattr(a, k) is not None}
 
 
 def _describe(ev: JobEvent) -> Optional[str]:
