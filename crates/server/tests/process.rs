@@ -6,29 +6,19 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use s3net_server::cli::{run_serve, wait_serving, ConnectArgs, ServeArgs};
+use s3net_server::cli::wait_serving;
 use s3net_server::pb::{self, job_event::Event};
 
 /// The server process of `sigterm_drains_and_exits_zero` (this test binary, run again).
 #[test]
 #[ignore = "started as a child process by sigterm_drains_and_exits_zero"]
 fn serve_child() {
-    if std::env::var_os("S3NET_SERVE_CHILD").is_some() {
-        let r = run_serve(ServeArgs::default());
-        if let Err(e) = &r {
-            eprintln!("serve failed: {e:#}");
-        }
-        std::process::exit(if r.is_ok() { 0 } else { 3 });
-    }
+    serve_if_child();
 }
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["serve_child", "--exact", "--ignored", "--nocapture"])
         .env("S3NET_SERVE_CHILD", "1")
@@ -44,13 +34,7 @@ fn sigterm_drains_and_exits_zero() {
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let conn = ConnectArgs {
-        addr: url.clone(),
-        token: None,
-        ca: None,
-        cert: None,
-        key: None,
-    };
+    let conn = plain_conn(&url);
     rt.block_on(wait_serving(&conn, Duration::from_secs(60)))
         .unwrap();
     let mut c = rt.block_on(client(&url));

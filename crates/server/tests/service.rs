@@ -796,19 +796,13 @@ async fn bearer_token_is_checked_when_configured() {
 
 #[test]
 fn cli_client_segment_writes_the_three_files() {
-    use s3net_server::cli::{run_client, ClientCommand, ConnectArgs, RemoteFitArgs};
+    use s3net_server::cli::{run_client, ClientCommand, RemoteFitArgs};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (server, url) = rt.block_on(start(config()));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("scan.png");
     std::fs::write(&file, disk(36, 28)).unwrap();
-    let conn = ConnectArgs {
-        addr: url.clone(),
-        token: None,
-        ca: None,
-        cert: None,
-        key: None,
-    };
+    let conn = plain_conn(&url);
     let fit = RemoteFitArgs {
         iterations: Some(3),
         size: Some(32),

@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, Span};
-use s3net_server::cli::{run_serve, wait_serving, ConnectArgs, ServeArgs};
+use s3net_server::cli::wait_serving;
 use s3net_server::pb::{self, job_event::Event};
 use s3net_server::telemetry::Telemetry;
 use tonic::{Request, Response, Status};
@@ -46,22 +46,9 @@ impl TraceService for Receiver {
 #[test]
 #[ignore = "started as a child process by spans_reach_the_collector"]
 fn serve_child() {
-    if std::env::var_os("S3NET_SERVE_CHILD").is_some() {
-        let r = run_serve(ServeArgs::default());
-        if let Err(e) = &r {
-            eprintln!("serve failed: {e:#}");
-        }
-        std::process::exit(if r.is_ok() { 0 } else { 3 });
-    }
+    serve_if_child();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn with_traceparent<T>(msg: T, trace: &str, parent: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -167,13 +154,7 @@ fn spans_reach_the_collector() {
     }
     let child = cmd.spawn().unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    let conn = ConnectArgs {
-        addr: url.clone(),
-        token: None,
-        ca: None,
-        cert: None,
-        key: None,
-    };
+    let conn = plain_conn(&url);
     rt.block_on(wait_serving(&conn, Duration::from_secs(60)))
         .unwrap();
     let dicom = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))

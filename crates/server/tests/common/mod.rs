@@ -10,6 +10,39 @@ use tonic::transport::Channel;
 
 pub type Client = SegmenterClient<Channel>;
 
+/// A free loopback port (bound, read, released) for a server started as a child process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Plain-text connection settings for `url`: no token, no TLS.
+pub fn plain_conn(url: &str) -> s3net_server::cli::ConnectArgs {
+    s3net_server::cli::ConnectArgs {
+        addr: url.to_string(),
+        token: None,
+        ca: None,
+        cert: None,
+        key: None,
+    }
+}
+
+/// The body of a test binary's `serve_child` test: when started as a child process with
+/// S3NET_SERVE_CHILD set, run `s3net serve` from the environment's configuration and exit
+/// with 0 (clean shutdown) or 3.
+pub fn serve_if_child() {
+    if std::env::var_os("S3NET_SERVE_CHILD").is_some() {
+        let r = s3net_server::cli::run_serve(s3net_server::cli::ServeArgs::default());
+        if let Err(e) = &r {
+            eprintln!("serve failed: {e:#}");
+        }
+        std::process::exit(if r.is_ok() { 0 } else { 3 });
+    }
+}
+
 /// A test configuration: one CPU worker with one libtorch thread, every progress step streamed.
 pub fn config() -> Config {
     let mut c = Config::default();
