@@ -369,9 +369,7 @@ mod tests {
     /// image: the label count and numbering follow the returned map, not the grid.
     #[test]
     fn clusters_lost_in_the_resize_are_not_counted() {
-        let mut opts = FitOptions::default();
-        opts.size = 4;
-        opts.features = 3;
+        let opts = FitOptions { size: 4, features: 3, ..FitOptions::default() };
         let mut r = vec![0f32; 3 * 16];
         for y in 0..4 {
             for x in 0..4 {
