@@ -49,10 +49,11 @@ impl ConvGeometry {
 /// * `offset` — `(N, 2·kh·kw, Ho, Wo)`, interleaved `(dy, dx)` per tap
 /// * `mask`   — `(N, kh·kw, Ho, Wo)` or `None` (all ones: DCNv1)
 /// * `weight` — `(O, C, kh, kw)`; `bias` — `(O)` or `None`
+/// * or per image: `weight` — `(N, O, C, kh, kw)`, `bias` — `(N, O)` (N independent networks)
 ///
 /// Returns `(N, O, Ho, Wo)`. Arguments are checked by `s3net_ops::check_deform_args` (the same
 /// rules as the fused kernel) and reported as [`ModelError::InvalidArgument`].
-/// Offset groups and weight groups other than 1 are not supported (the network uses neither).
+/// Offset groups and weight groups are not supported (the network uses neither).
 pub fn deform_conv2d(
     input: &Tensor,
     offset: &Tensor,
@@ -65,7 +66,9 @@ pub fn deform_conv2d(
     let (ho, wo) = s3net_ops::check_deform_args(input, offset, mask, weight, bias, g.stride, g.padding, g.dilation)
         .map_err(|e| ModelError::InvalidArgument(e.0))?;
     let (n, c, h, w) = input.size4()?;
-    let (o, _, kh, kw) = weight.size4()?;
+    let per_image = weight.dim() == 5;
+    let ws = weight.size();
+    let (o, kh, kw) = (ws[ws.len() - 4], ws[ws.len() - 2], ws[ws.len() - 1]);
     let k = kh * kw;
 
     // grid_sampler maps normalised [-1, 1] onto [0, size-1]; a side of length 1 would divide by
@@ -104,10 +107,12 @@ pub fn deform_conv2d(
         Some(m) => sampled * m.view([n, 1, k, ho, wo]),
         None => sampled,
     };
-    let out = weight.reshape([o, c * k]).matmul(&cols.reshape([n, c * k, ho * wo]));
+    // (O, C·K) or (N, O, C·K), broadcast against (N, C·K, Ho·Wo).
+    let w2 = if per_image { weight.reshape([n, o, c * k]) } else { weight.reshape([o, c * k]) };
+    let out = w2.matmul(&cols.reshape([n, c * k, ho * wo]));
     let out = out.view([n, o, ho, wo]);
     Ok(match bias {
-        Some(b) => out + b.view([1, o, 1, 1]),
+        Some(b) => out + b.view([if per_image { n } else { 1 }, o, 1, 1]),
         None => out,
     })
 }

@@ -483,7 +483,7 @@ int64_t deform_tile(const DeformShape& s, size_t elem) {
   return std::max<int64_t>(1, std::min(t, HWo));
 }
 
-// x_cl: channels-last contiguous (N, H, W, C); W2: (O, K*C).
+// x_cl: channels-last contiguous (N, H, W, C); W2: (O, K*C), or (N, O, K*C) per image.
 at::Tensor deform_forward(const DeformShape& s, const at::Tensor& x_cl, const at::Tensor& off,
                           const at::Tensor& mask, const at::Tensor& W2,
                           const at::Tensor& bias) {
@@ -491,7 +491,9 @@ at::Tensor deform_forward(const DeformShape& s, const at::Tensor& x_cl, const at
   auto out = at::empty({s.N, s.O, s.Ho, s.Wo}, x_cl.options());
   if (out.numel() == 0) return out;
   auto out3 = out.view({s.N, s.O, HWo});
-  at::Tensor b2 = bias.defined() ? bias.view({s.O, 1}) : at::Tensor();
+  // Shared weights: W2 (O, K*C), bias (O). Per-image weights: W2 (N, O, K*C), bias (N, O).
+  const bool per_image = W2.dim() == 3;
+  at::Tensor b2 = bias.defined() ? bias.view({per_image ? s.N : 1, s.O, 1}) : at::Tensor();
   const int64_t T_tile = deform_tile(s, x_cl.element_size());
   const int64_t ntiles = (HWo + T_tile - 1) / T_tile;
   AT_DISPATCH_FLOATING_TYPES(x_cl.scalar_type(), "s3net_deform_fwd", [&] {
@@ -513,10 +515,11 @@ at::Tensor deform_forward(const DeformShape& s, const at::Tensor& x_cl, const at
                cols_full.data_ptr<T>());
         auto colsT = cols_full.narrow(0, 0, tl * CK).view({tl, CK});
         auto ov = out3.select(0, n).narrow(1, p0, tl);
+        const auto Wn = per_image ? W2.select(0, n) : W2;
         if (b2.defined()) {
-          at::addmm_out(ov, b2.expand({s.O, tl}), W2, colsT.t());
+          at::addmm_out(ov, b2.select(0, per_image ? n : 0).expand({s.O, tl}), Wn, colsT.t());
         } else {
-          at::mm_out(ov, W2, colsT.t());
+          at::mm_out(ov, Wn, colsT.t());
         }
       }
     });
@@ -524,7 +527,7 @@ at::Tensor deform_forward(const DeformShape& s, const at::Tensor& x_cl, const at
   return out;
 }
 
-// Returns {grad_input, grad_offset, grad_mask, grad_W2 (O, K*C), grad_bias}; undefined where
+// Returns {grad_input, grad_offset, grad_mask, grad_W2 (shaped like W2), grad_bias}; undefined where
 // not needed. grad_input is NCHW.
 std::vector<at::Tensor> deform_backward(const DeformShape& s, const at::Tensor& x_cl,
                                         const at::Tensor& off, const at::Tensor& mask,
@@ -537,8 +540,9 @@ std::vector<at::Tensor> deform_backward(const DeformShape& s, const at::Tensor& 
   if (need_in) gi = at::zeros_like(x_cl);  // (N, H, W, C)
   if (need_off) goff = at::zeros_like(off);
   if (need_mask) gmask = at::zeros_like(mask);
-  if (need_w) gw = at::zeros({s.O, CK}, x_cl.options());
-  if (need_b) gb = go.sum({0, 2, 3});
+  const bool per_image = W2.dim() == 3;
+  if (need_w) gw = at::zeros_like(W2);
+  if (need_b) gb = per_image ? go.sum({2, 3}) : go.sum({0, 2, 3});
   const bool coord = need_off || need_mask;
   if ((need_in || coord || need_w) && go.numel() > 0) {
     auto go3 = go.view({s.N, s.O, HWo});
@@ -563,7 +567,7 @@ std::vector<at::Tensor> deform_backward(const DeformShape& s, const at::Tensor& 
         // Thread 0 accumulates straight into the results; the others into their own buffers.
         at::Tensor gi_t, gw_t;
         if (need_in) gi_t = tid == 0 ? gi : (gi_bufs[tid] = at::zeros_like(x_cl));
-        if (need_w) gw_t = tid == 0 ? gw : (gw_bufs[tid] = at::zeros({s.O, CK}, x_cl.options()));
+        if (need_w) gw_t = tid == 0 ? gw : (gw_bufs[tid] = at::zeros_like(W2));
         T* gip = need_in ? gi_t.data_ptr<T>() : nullptr;
         DeformTile<T> buf(s.K * T_tile, true);
         auto cols_full = need_w ? at::empty({T_tile * CK}, x_cl.options()) : at::Tensor();
@@ -578,11 +582,12 @@ std::vector<at::Tensor> deform_backward(const DeformShape& s, const at::Tensor& 
           if (need_w) {
             colsfn(x_n, s.C, s.K, tl, buf.cap, buf.idx.data(), buf.w.data(), buf.m.data(),
                    cols_full.data_ptr<T>());
-            gw_t.addmm_(go_tile, cols_full.narrow(0, 0, tl * CK).view({tl, CK}));
+            (per_image ? gw_t.select(0, n) : gw_t)
+                .addmm_(go_tile, cols_full.narrow(0, 0, tl * CK).view({tl, CK}));
           }
           if (!(need_in || coord)) continue;
           auto gcolsT = gcols_full.narrow(0, 0, tl * CK).view({tl, CK});
-          at::mm_out(gcolsT, go_tile.t(), W2);
+          at::mm_out(gcolsT, go_tile.t(), per_image ? W2.select(0, n) : W2);
           bwdfn(x_n, s.C, s.K, tl, buf.cap, buf.idx.data(), buf.w.data(), buf.cy.data(),
                 buf.cx.data(), buf.m.data(), gcols_full.data_ptr<T>(), coord, buf.gy.data(),
                 buf.gx.data(), buf.gm.data(), gip ? gip + n * HW * s.C : nullptr);
@@ -632,12 +637,20 @@ DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
   same(weight, "weight");
   if (mask) same(*mask, "mask");
   if (bias) same(*bias, "bias");
-  TORCH_CHECK(weight.dim() == 4, nm, "weight must be 4-D (O, C, kh, kw), got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 4 || weight.dim() == 5, nm,
+              "weight must be (O, C, kh, kw), or (N, O, C, kh, kw) for per-image weights, got ",
+              weight.sizes());
+  // A 5-D weight holds one (O, C, kh, kw) kernel per image: N independent convolutions in one
+  // call (the engine's batch of separately trained networks).
+  const int64_t w0 = weight.dim() - 4;
   DeformShape s;
   s.N = x.size(0); s.C = x.size(1); s.H = x.size(2); s.W = x.size(3);
-  s.O = weight.size(0); s.kh = weight.size(2); s.kw = weight.size(3); s.K = s.kh * s.kw;
+  s.O = weight.size(w0); s.kh = weight.size(w0 + 2); s.kw = weight.size(w0 + 3);
+  s.K = s.kh * s.kw;
+  TORCH_CHECK(w0 == 0 || weight.size(0) == s.N, nm, "per-image weight has ", weight.size(0),
+              " kernels but the input has ", s.N, " images");
   s.sh = g[0]; s.sw = g[1]; s.ph = g[2]; s.pw = g[3]; s.dh = g[4]; s.dw = g[5];
-  TORCH_CHECK(weight.size(1) == s.C, nm, "weight has ", weight.size(1),
+  TORCH_CHECK(weight.size(w0 + 1) == s.C, nm, "weight has ", weight.size(w0 + 1),
               " input channels but the input has ", s.C);
   TORCH_CHECK(s.kh >= 1 && s.kw >= 1, nm, "empty kernel");
   TORCH_CHECK(s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && s.ph >= 0 && s.pw >= 0, nm,
@@ -659,9 +672,13 @@ DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
                 nm, "mask must be [", s.N, ", ", s.K, ", ", s.Ho, ", ", s.Wo, "], got ",
                 mask->sizes());
   }
-  if (bias) {
+  if (bias && w0 == 0) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.O, nm, "bias must be [", s.O, "], got ",
                 bias->sizes());
+  }
+  if (bias && w0 == 1) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == s.N && bias->size(1) == s.O, nm,
+                "per-image bias must be [", s.N, ", ", s.O, "], got ", bias->sizes());
   }
   return s;
 }
@@ -729,9 +746,13 @@ at::Tensor deform_forward_cuda(const DeformShape& s, const at::Tensor& x, const 
     const int64_t nb = std::min(chunk, s.N - n0);
     auto cols = cuda_cols(s, x, off, mask, n0, nb, st);
     auto o = out.narrow(0, n0, nb);
-    at::matmul_out(o, W2, cols);  // (O, KC) x (nb, KC, HWo) -> (nb, O, HWo)
+    if (W2.dim() == 3) {
+      at::bmm_out(o, W2.narrow(0, n0, nb), cols);  // per image: (nb, O, KC) x (nb, KC, HWo)
+    } else {
+      at::matmul_out(o, W2, cols);  // (O, KC) x (nb, KC, HWo) -> (nb, O, HWo)
+    }
   }
-  if (bias.defined()) out.add_(bias.view({1, s.O, 1}));
+  if (bias.defined()) out.add_(bias.view({W2.dim() == 3 ? s.N : 1, s.O, 1}));
   return out.view({s.N, s.O, s.Ho, s.Wo});
 }
 
@@ -748,8 +769,9 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
   if (need_in) gi = at::zeros_like(x);
   if (need_off) goff = at::zeros_like(off);
   if (need_mask) gmask = at::zeros_like(mask);
-  if (need_w) gw = at::zeros({s.O, CK}, x.options());
-  if (need_b) gb = go.sum({0, 2, 3});
+  const bool per_image = W2.dim() == 3;
+  if (need_w) gw = at::zeros_like(W2);
+  if (need_b) gb = per_image ? go.sum({2, 3}) : go.sum({0, 2, 3});
   const int dtype = x.scalar_type() == at::kDouble ? 1 : 0;
   auto go3 = go.view({s.N, s.O, HWo});
   const int64_t chunk = cuda_chunk(s, x.element_size());
@@ -758,10 +780,16 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
     auto g = go3.narrow(0, n0, nb);
     if (need_w) {
       auto cols = cuda_cols(s, x, off, mask, n0, nb, st);
-      gw.add_(at::matmul(g, cols.transpose(1, 2)).sum(0));
+      auto gwb = at::matmul(g, cols.transpose(1, 2));  // (nb, O, KC)
+      if (per_image) {
+        gw.narrow(0, n0, nb).copy_(gwb);
+      } else {
+        gw.add_(gwb.sum(0));
+      }
     }
     if (need_in || need_off || need_mask) {
-      auto gcols = at::matmul(W2.t(), g).contiguous();  // (nb, KC, HWo)
+      auto Wt = per_image ? W2.narrow(0, n0, nb).transpose(1, 2) : W2.t();
+      auto gcols = at::matmul(Wt, g).contiguous();  // (nb, KC, HWo)
       const DeformShape d = sub(s, nb);
       cuda_check(s3ops_cuda_deform_col2im(
                      dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
@@ -790,7 +818,10 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
                     : input.detach().permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
     auto off = offset.detach().contiguous();
     auto m = mask ? mask->detach().contiguous() : at::Tensor();
-    auto W2 = weight.detach().permute({0, 2, 3, 1}).reshape({s.O, s.K * s.C}).contiguous();
+    // (O, K*C), or (N, O, K*C) for per-image weights: tap-major, channel-minor rows.
+    auto W2 = weight.dim() == 5
+                  ? weight.detach().permute({0, 1, 3, 4, 2}).reshape({s.N, s.O, s.K * s.C}).contiguous()
+                  : weight.detach().permute({0, 2, 3, 1}).reshape({s.O, s.K * s.C}).contiguous();
     auto b = bias ? bias->detach().contiguous() : at::Tensor();
     at::Tensor out;
 #ifdef S3OPS_CUDA
@@ -839,7 +870,11 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
       r = deform_backward(s, sv[0], sv[1], sv[2], sv[3], go, need_in, need_off, need_mask,
                           need_w, need_b);
     }
-    if (r[3].defined()) r[3] = r[3].view({s.O, s.kh, s.kw, s.C}).permute({0, 3, 1, 2}).contiguous();
+    if (r[3].defined() && sv[3].dim() == 3) {
+      r[3] = r[3].view({s.N, s.O, s.kh, s.kw, s.C}).permute({0, 1, 4, 2, 3}).contiguous();
+    } else if (r[3].defined()) {
+      r[3] = r[3].view({s.O, s.kh, s.kw, s.C}).permute({0, 3, 1, 2}).contiguous();
+    }
     return {r[0], r[1], r[2], r[3], r[4], at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -903,6 +938,35 @@ int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const
     at::Tensor r = DeformFn::apply(*input, *offset, m, *weight, b, geometry[0], geometry[1],
                                    geometry[2], geometry[3], geometry[4], geometry[5]);
     *out = new at::Tensor(std::move(r));
+    return 0;
+  })
+}
+
+// One step of momentum SGD (PyTorch's, without dampening or weight decay) over n parameters:
+// v = momentum * v + grad; p -= lr * v; then every gradient is zeroed for the next backward.
+// Parameters without a gradient are skipped. Why here: a network has ~60 parameter tensors and
+// the per-tensor loop costs ~300 small kernel launches per step, which dominate a GPU step;
+// the _foreach_ ops do the same arithmetic, element for element, in a handful of launches.
+int s3ops_sgd_step(const at::Tensor* const* params, const at::Tensor* const* velocity, int64_t n,
+                   double lr, double momentum, char** err) {
+  S3_PROTECT({
+    *err = nullptr;
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> p, v, g;
+    for (int64_t i = 0; i < n; ++i) {
+      const at::Tensor& grad = params[i]->grad();
+      if (!grad.defined()) continue;
+      TORCH_CHECK(velocity[i]->sizes() == params[i]->sizes(), "sgd_step: velocity ", i,
+                  " has shape ", velocity[i]->sizes(), ", its parameter ", params[i]->sizes());
+      p.push_back(*params[i]);
+      v.push_back(*velocity[i]);
+      g.push_back(grad);
+    }
+    if (p.empty()) return 0;
+    at::_foreach_mul_(v, momentum);
+    at::_foreach_add_(v, g);
+    at::_foreach_sub_(p, at::_foreach_mul(v, lr));
+    at::_foreach_zero_(g);
     return 0;
   })
 }
