@@ -108,3 +108,41 @@ pub fn check_finite_differences(inputs: &[&Tensor], go: &Tensor, tol: f64, f: &d
         }
     }
 }
+
+/// Per-image weights (N, O, C, kh, kw): the same as N separate calls, each image with its own
+/// kernel, forward and every gradient. The engine trains N networks in one batch this way.
+pub fn check_per_image_weights(conv: DeformFn, device: Device, kind: Kind, tol: f64) {
+    tch::manual_seed(11);
+    let o = (kind, device);
+    let (n, c, oc, h, w) = (3, 4, 5, 9, 11);
+    let leaf = |t: Tensor| t.set_requires_grad(true);
+    let x = leaf(Tensor::randn([n, c, h, w], o));
+    let off = leaf(Tensor::randn([n, 18, h, w], o) * 1.5);
+    let m = leaf(Tensor::rand([n, 9, h, w], o));
+    let wt = leaf(Tensor::randn([n, oc, c, 3, 3], o) * 0.3);
+    let b = leaf(Tensor::randn([n, oc], o));
+    let go = Tensor::randn([n, oc, h, w], o);
+    let g = ((1, 1), (1, 1), (1, 1));
+    let y = conv(&x, &off, Some(&m), &wt, Some(&b), g);
+    (&y * &go).sum(kind).backward();
+    for i in 0..n {
+        let pick = |t: &Tensor| t.detach().narrow(0, i, 1).copy().set_requires_grad(true);
+        let (xi, offi, mi) = (pick(&x), pick(&off), pick(&m));
+        let wi = wt.detach().select(0, i).copy().set_requires_grad(true);
+        let bi = b.detach().select(0, i).copy().set_requires_grad(true);
+        let yi = conv(&xi, &offi, Some(&mi), &wi, Some(&bi), g);
+        (&yi * go.narrow(0, i, 1)).sum(kind).backward();
+        let pairs = [
+            ("output", y.narrow(0, i, 1), yi),
+            ("input", x.grad().narrow(0, i, 1), xi.grad()),
+            ("offset", off.grad().narrow(0, i, 1), offi.grad()),
+            ("mask", m.grad().narrow(0, i, 1), mi.grad()),
+            ("weight", wt.grad().select(0, i), wi.grad()),
+            ("bias", b.grad().select(0, i), bi.grad()),
+        ];
+        for (name, a, e) in pairs {
+            let d = max_abs_diff(&a, &e);
+            assert!(d <= tol * max_abs(&e).max(1.0), "image {i} {name}: differs by {d}");
+        }
+    }
+}

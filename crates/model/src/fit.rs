@@ -2,9 +2,11 @@
 //! clustering settles, then read the clusters off at the image's own resolution.
 //!
 //! The loop knows nothing of gRPC or files: it takes an [`Image`], options, a progress callback
-//! and a cancellation flag, and returns label maps.
+//! and a cancellation flag, and returns label maps. [`fit`] trains one image; a [`Batch`]
+//! trains many at once in one stack of networks, each job as if alone.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use s3net_imaging::{Image, LabelMap};
@@ -12,8 +14,8 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::affine::{inside, warp, Affine};
-use crate::loss::{continuity, masked_ce, self_ce, sobel_spatial, IGNORE};
-use crate::net::S3Net;
+use crate::loss::{continuity_each, masked_ce_each, self_ce_each, sobel_spatial_each, IGNORE};
+use crate::net::{select_models, S3Net};
 use crate::options::{FitOptions, Kernels, SpatialLoss, Upsample};
 use crate::rng::SplitMix64;
 use crate::ModelError;
@@ -63,6 +65,8 @@ pub struct FitOutput {
 /// `progress` is called after every step; `cancel` is checked before every step and makes the
 /// fit return [`ModelError::Cancelled`]. Errors raised inside libtorch (including CUDA out of
 /// memory) come back as [`ModelError::Torch`]; they never unwind into the caller.
+///
+/// This is a [`Batch`] of one: the same loop trains one network or many.
 pub fn fit(
     image: &Image,
     opts: &FitOptions,
@@ -70,10 +74,24 @@ pub fn fit(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> Result<FitOutput, ModelError> {
-    opts.validate()?;
-    check_image(image)?;
-    let run = std::panic::AssertUnwindSafe(|| fit_inner(image, opts, device, progress, cancel));
-    match std::panic::catch_unwind(run) {
+    let mut batch = Batch::new(device);
+    let job = FitJob {
+        image: Arc::new(image.clone()),
+        opts: opts.clone(),
+        progress: Box::new(|p: &Progress| progress(p)),
+        cancel: Box::new(|| cancel.load(Ordering::Relaxed)),
+    };
+    batch.add((), job).map_err(|(_, e)| e)?;
+    loop {
+        if let Some((_, r)) = batch.step().pop() {
+            return r;
+        }
+    }
+}
+
+/// Runs `f`, turning a libtorch panic into [`ModelError::Torch`] with its first readable line.
+fn catch_torch<R>(f: impl FnOnce() -> Result<R, ModelError>) -> Result<R, ModelError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {
             let msg = payload
@@ -140,129 +158,309 @@ pub fn channels_last(x: &Tensor) -> Tensor {
     x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
-fn fit_inner(
-    image: &Image,
-    opts: &FitOptions,
-    device: Device,
-    progress: &mut dyn FnMut(&Progress),
-    cancel: &AtomicBool,
-) -> Result<FitOutput, ModelError> {
-    let start = Instant::now();
-    if let Device::Cuda(i) = device {
-        own_stream(i);
-    }
-    let x = prepare_input(image, opts, device);
-    let cin = x.size()[1];
-    let net = S3Net::new(opts.seed, device, cin, opts.features, opts.blocks, opts.offsets, opts.size, opts.kernels);
-    let params = net.parameters();
-    let mut velocity: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
-    // A separate stream for the transforms, so that changing the affine ranges never changes
-    // the initial weights of the same seed.
-    let mut rng = SplitMix64::new(opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(1));
-    let w = opts.weights;
-    let use_affine = w.affine > 0.0;
+/// One image to fit, as handed to a [`Batch`].
+pub struct FitJob<'a> {
+    pub image: Arc<Image>,
+    pub opts: FitOptions,
+    /// Called after every step of this job.
+    pub progress: Box<dyn FnMut(&Progress) + 'a>,
+    /// Polled before every step; `true` takes this job (alone) out with [`ModelError::Cancelled`].
+    pub cancel: Box<dyn Fn() -> bool + 'a>,
+}
 
-    let mut last_target = Tensor::new();
-    let mut last_response = Tensor::new();
-    let mut losses = LossTerms::default();
-    let mut iterations = 0;
-    let mut labels_used = 0;
-    for it in 0..opts.iterations {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(ModelError::Cancelled);
+/// A job inside a batch: its network is block `j` of the stack when it sits at `slots[j]`.
+struct Slot<'a, T> {
+    tag: T,
+    job: FitJob<'a>,
+    /// The prepared input, `(1, C, S, S)`.
+    x: Tensor,
+    /// The job's own stream of random transforms.
+    rng: SplitMix64,
+    iterations: usize,
+    start: Instant,
+}
+
+/// Several fits trained as one: M networks of the same shape stacked into one (see
+/// [`S3Net::stack`]), one forward, one backward and one SGD step for all of them per step.
+///
+/// Why: a single 256² fit leaves a GPU mostly idle (its step is a few hundred small kernel
+/// launches), so M fits in one stack cost little more per step than one. Each job keeps its
+/// own weights, seed, transforms, iteration budget, early stop, progress and cancellation, and
+/// gets the same result as fitted alone (up to floating-point summation order on a GPU). Jobs
+/// join between steps ([`add`](Self::add)) and leave as soon as they finish, so a worker can
+/// keep the stack full from its queue.
+///
+/// `T` is the caller's handle for a job; it comes back with the job's outcome.
+pub struct Batch<'a, T> {
+    device: Device,
+    slots: Vec<Slot<'a, T>>,
+    net: Option<S3Net>,
+    velocity: Vec<Tensor>,
+    /// The slots' inputs side by side, `(1, M·C, S, S)`; rebuilt when the membership changes.
+    inputs: Option<Tensor>,
+}
+
+/// What [`Batch::step`] computed, for every job of the stack.
+struct StepOut {
+    /// `(M, K, S, S)` detached.
+    response: Tensor,
+    /// `(M, S, S)` argmax.
+    target: Tensor,
+    /// Per job: total, ce, affine, spatial, labels in use.
+    stats: Vec<[f32; 5]>,
+}
+
+impl<'a, T> Batch<'a, T> {
+    /// An empty batch on `device`.
+    pub fn new(device: Device) -> Self {
+        Batch { device, slots: Vec::new(), net: None, velocity: Vec::new(), inputs: None }
+    }
+
+    /// Jobs in the batch.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Whether a job with these options and this image can join: an empty batch takes any; a
+    /// running one takes jobs whose networks have the same shape and whose training differs
+    /// only in seed, iteration budget, early stop and upsampling.
+    pub fn accepts(&self, opts: &FitOptions, image: &Image) -> bool {
+        self.slots.first().is_none_or(|s| batch_key(&s.job.opts, &s.job.image) == batch_key(opts, image))
+    }
+
+    /// Adds a job; it trains from the next [`step`](Self::step). Invalid options or images, a
+    /// job that does not fit this batch (see [`accepts`](Self::accepts)) and libtorch failures
+    /// (e.g. out of memory) give the job back with the reason; the batch is unchanged.
+    pub fn add(&mut self, tag: T, job: FitJob<'a>) -> Result<(), (T, ModelError)> {
+        if let Err(e) = job.opts.validate().and_then(|_| check_image(&job.image)) {
+            return Err((tag, e));
         }
+        if !self.accepts(&job.opts, &job.image) {
+            let e = ModelError::InvalidArgument("job options differ from the batch's".into());
+            return Err((tag, e));
+        }
+        let device = self.device;
+        let joined = catch_torch(|| {
+            let o = &job.opts;
+            let x = prepare_input(&job.image, o, device);
+            let net = S3Net::new(o.seed, device, x.size()[1], o.features, o.blocks, o.offsets, o.size, o.kernels);
+            let fresh: Vec<Tensor> = net.parameters().iter().map(|p| p.zeros_like()).collect();
+            let (net, velocity) = match self.net.take() {
+                None => (net, fresh),
+                Some(old) => {
+                    let v = tch::no_grad(|| self.velocity.iter().zip(&fresh).map(|(a, b)| Tensor::cat(&[a, b], 0)).collect());
+                    (S3Net::stack(vec![old, net]), v)
+                }
+            };
+            Ok((x, net, velocity))
+        });
+        let (x, net, velocity) = match joined {
+            Ok(j) => j,
+            Err(e) => return Err((tag, e)),
+        };
+        self.net = Some(net);
+        self.velocity = velocity;
+        self.inputs = None;
+        // A separate stream for the transforms, so that changing the affine ranges never
+        // changes the initial weights of the same seed.
+        let rng = SplitMix64::new(job.opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(1));
+        self.slots.push(Slot { tag, job, x, rng, iterations: 0, start: Instant::now() });
+        Ok(())
+    }
+
+    /// One SGD step of every job. Returns the jobs that ended with it — finished, early-stopped,
+    /// diverged or cancelled — and removes them from the batch. A libtorch failure ends every
+    /// job of the batch with that error.
+    pub fn step(&mut self) -> Vec<(T, Result<FitOutput, ModelError>)> {
+        let mut ended = Vec::new();
+        let cancelled: Vec<usize> = (0..self.slots.len()).filter(|&j| (self.slots[j].job.cancel)()).collect();
+        for (tag, _) in self.remove(&cancelled) {
+            ended.push((tag, Err(ModelError::Cancelled)));
+        }
+        if self.slots.is_empty() {
+            return ended;
+        }
+        let out = match catch_torch(|| self.train_step()) {
+            Ok(out) => out,
+            Err(e) => {
+                let all: Vec<usize> = (0..self.slots.len()).collect();
+                for (tag, _) in self.remove(&all) {
+                    ended.push((tag, Err(ModelError::Torch(e.to_string()))));
+                }
+                return ended;
+            }
+        };
+        let mut finished: Vec<(usize, Result<FitOutput, ModelError>)> = Vec::new();
+        for (j, slot) in self.slots.iter_mut().enumerate() {
+            let [total, ce, affine, spatial, labels] = out.stats[j].map(f64::from);
+            let losses = LossTerms { total, ce, affine, spatial };
+            let labels = labels as usize;
+            slot.iterations += 1;
+            let o = &slot.job.opts;
+            (slot.job.progress)(&Progress {
+                iteration: slot.iterations,
+                max_iterations: o.iterations,
+                losses,
+                labels,
+                elapsed: slot.start.elapsed(),
+            });
+            let outcome = if !total.is_finite() {
+                Some(Err(ModelError::Diverged { iteration: slot.iterations }))
+            } else if slot.iterations >= o.iterations || (o.min_labels > 0 && slot.iterations >= 5 && labels <= o.min_labels) {
+                Some(catch_torch(|| output(slot, &out, j, losses, self.device)))
+            } else {
+                None
+            };
+            if let Some(r) = outcome {
+                finished.push((j, r));
+            }
+        }
+        let which: Vec<usize> = finished.iter().map(|(j, _)| *j).collect();
+        let removed = self.remove(&which);
+        for ((tag, _), (_, r)) in removed.into_iter().zip(finished) {
+            ended.push((tag, r));
+        }
+        ended
+    }
+
+    /// Takes the slots at `which` (ascending) out of the batch and their networks out of the
+    /// stack.
+    fn remove(&mut self, which: &[usize]) -> Vec<(T, FitJob<'a>)> {
+        if which.is_empty() {
+            return Vec::new();
+        }
+        let keep: Vec<i64> = (0..self.slots.len()).filter(|j| !which.contains(j)).map(|j| j as i64).collect();
+        let m = self.slots.len() as i64;
+        if keep.is_empty() {
+            self.net = None;
+            self.velocity.clear();
+        } else if let Some(net) = self.net.as_mut() {
+            net.retain(&keep);
+            self.velocity = self.velocity.iter().map(|v| select_models(v, m, &keep)).collect();
+        }
+        self.inputs = None;
+        let mut out = Vec::new();
+        for &j in which.iter().rev() {
+            let s = self.slots.remove(j);
+            out.push((s.tag, s.job));
+        }
+        out.reverse();
+        out
+    }
+
+    fn train_step(&mut self) -> Result<StepOut, ModelError> {
+        let device = self.device;
+        if let Device::Cuda(i) = device {
+            own_stream(i);
+        }
+        let net = self.net.as_ref().ok_or_else(|| ModelError::Torch("batch has no network".into()))?;
+        let m = self.slots.len() as i64;
+        let x = match &self.inputs {
+            Some(x) => x.shallow_clone(),
+            None => {
+                let x = Tensor::cat(&self.slots.iter().map(|s| s.x.shallow_clone()).collect::<Vec<_>>(), 1);
+                self.inputs = Some(x.shallow_clone());
+                x
+            }
+        };
+        // Every job of a batch shares these (see `batch_key`).
+        let opts = self.slots[0].job.opts.clone();
+        let (k, size) = (opts.features, opts.size);
+        let c = x.size()[1] / m;
+        let w = opts.weights;
+        let use_affine = w.affine > 0.0;
+
         let (response, aux_t, grid) = if use_affine {
-            let t = Affine::draw(&mut rng, &opts.affine);
-            let grid = t.grid(&x);
-            let xt = warp(&x, &grid);
-            // Two batch-1 passes rather than one batch of 2: each pass keeps its working set
-            // inside the CPU's last-level cache (measured ~1.5x faster) and BatchNorm sees the
-            // statistics of one image, as in the authors' code.
-            let response = net.response(&net.trunk(&x));
-            let aux_t = net.aux(&net.trunk(&xt));
+            let grids: Vec<Tensor> = self
+                .slots
+                .iter_mut()
+                .map(|s| Affine::draw(&mut s.rng, &s.job.opts.affine).grid(&s.x))
+                .collect();
+            let grid = Tensor::cat(&grids, 0);
+            let xt = warp(&x.view([m, c, size, size]), &grid).view([1, m * c, size, size]);
+            let (response, aux_t) = if device.is_cuda() {
+                // On a GPU, one pass over the image and its transformed copy as a batch of two
+                // (BatchNorm still normalises each on its own): half the kernel launches.
+                let f = net.trunk(&Tensor::cat(&[&x, &xt], 0));
+                (net.response(&f.narrow(0, 0, 1)), net.aux(&f.narrow(0, 1, 1)))
+            } else {
+                // Two batch-1 passes rather than one batch of 2: each pass keeps its working
+                // set inside the CPU's last-level cache (measured ~1.5x faster).
+                (net.response(&net.trunk(&x)), net.aux(&net.trunk(&xt)))
+            };
             (response, Some(aux_t), Some(grid))
         } else {
             (net.response(&net.trunk(&x)), None, None)
         };
 
-        let (l_ce, target) = self_ce(&response);
+        let r = response.view([m, k, size, size]);
+        let (l_ce, target) = self_ce_each(&r);
+        let zeros = || Tensor::zeros([m], (Kind::Float, device));
         let l_sp = if w.spatial > 0.0 {
             match opts.spatial {
-                SpatialLoss::Sobel => sobel_spatial(&response),
-                SpatialLoss::Continuity => continuity(&response),
+                SpatialLoss::Sobel => sobel_spatial_each(&r),
+                SpatialLoss::Continuity => continuity_each(&r),
             }
         } else {
-            Tensor::zeros([], (Kind::Float, device))
+            zeros()
         };
         let l_at = match (aux_t, grid) {
             (Some(aux_t), Some(grid)) => {
                 // Target: the clustering of x, moved by the same transform, argmax after the warp.
-                let moved = warp(&response.detach(), &grid).argmax(1, false);
+                let moved = warp(&r.detach(), &grid).argmax(1, false);
                 let target_t = moved.where_self(&inside(&grid), &Tensor::full([], IGNORE, (Kind::Int64, device)));
-                masked_ce(&aux_t, &target_t)
+                masked_ce_each(&aux_t.view([m, k, size, size]), &target_t)
             }
-            _ => Tensor::zeros([], (Kind::Float, device)),
+            _ => zeros(),
         };
+        // Per job; their sum trains each network on its own loss alone.
         let total = &l_ce * w.ce + &l_at * w.affine + &l_sp * w.spatial;
+        total.sum(Kind::Float).backward();
+        s3net_ops::sgd_step(&net.parameters(), &self.velocity, opts.lr, opts.momentum)
+            .map_err(|e| ModelError::Torch(e.0))?;
 
-        for p in &params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
-        total.backward();
-        tch::no_grad(|| {
-            for (p, v) in params.iter().zip(velocity.iter_mut()) {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let _ = v.g_mul_scalar_(opts.momentum).g_add_(&g);
-                let mut p = p.shallow_clone();
-                let _ = p.g_sub_(&(&*v * opts.lr));
-            }
-        });
-
-        labels_used = count_labels(&target, opts.features);
-        losses = LossTerms {
-            total: f64::try_from(&total).unwrap_or(f64::NAN),
-            ce: f64::try_from(&l_ce).unwrap_or(f64::NAN),
-            affine: f64::try_from(&l_at).unwrap_or(f64::NAN),
-            spatial: f64::try_from(&l_sp).unwrap_or(f64::NAN),
-        };
-        iterations = it + 1;
-        progress(&Progress {
-            iteration: iterations,
-            max_iterations: opts.iterations,
-            losses,
-            labels: labels_used,
-            elapsed: start.elapsed(),
-        });
-        last_target = target;
-        last_response = response.detach();
-        if !losses.total.is_finite() {
-            return Err(ModelError::Diverged { iteration: iterations });
-        }
-        if opts.min_labels > 0 && iterations >= 5 && labels_used <= opts.min_labels {
-            break;
-        }
+        let labels = labels_in_use(&target, k);
+        let stats = Tensor::stack(&[&total, &l_ce, &l_at, &l_sp, &labels.to_kind(Kind::Float)], 1).detach();
+        let flat = Vec::<f32>::try_from(stats.flatten(0, -1).to_device(Device::Cpu))?;
+        let stats = flat.chunks_exact(5).map(|c| [c[0], c[1], c[2], c[3], c[4]]).collect();
+        Ok(StepOut { response: r.detach(), target, stats })
     }
+}
 
-    let (grid_labels, labels, n) = read_labels(&last_response, &last_target, image, opts);
-    let grid_intensity = Vec::<f32>::try_from(
-        x.mean_dim(1, false, Kind::Float).flatten(0, -1).to_device(Device::Cpu),
-    )
-    .map_err(|e| ModelError::Torch(e.to_string()))?;
-    let _ = labels_used;
+/// What two jobs must share to train in one stack: everything but the seed, the iteration
+/// budget, the early stop and the upsampling; and the network's input channels.
+fn batch_key(opts: &FitOptions, image: &Image) -> (FitOptions, i64) {
+    let o = FitOptions { seed: 0, iterations: 1, min_labels: 0, upsample: Upsample::Logits, ..opts.clone() };
+    let c = image.channels as i64;
+    (o, if c == 1 { opts.grey_channels } else { c })
+}
+
+/// Clusters in use per image of the `(M, S, S)` argmax map: `(M,)` int64.
+fn labels_in_use(target: &Tensor, k: i64) -> Tensor {
+    let m = target.size()[0];
+    let shift = (Tensor::arange(m, (Kind::Int64, target.device())) * k).view([m, 1, 1]);
+    let counts = (target + shift).flatten(0, -1).bincount(None::<Tensor>, m * k).view([m, k]);
+    counts.gt(0).sum_dim_intlist([1].as_slice(), false, Kind::Int64)
+}
+
+/// The result of slot `j` from the step that finished it.
+fn output<T>(slot: &Slot<'_, T>, out: &StepOut, j: usize, losses: LossTerms, device: Device) -> Result<FitOutput, ModelError> {
+    let j = j as i64;
+    let (image, opts) = (&*slot.job.image, &slot.job.opts);
+    let (grid_labels, labels, n) = read_labels(&out.response.narrow(0, j, 1), &out.target.narrow(0, j, 1), image, opts);
+    let grid_intensity = Vec::<f32>::try_from(slot.x.mean_dim(1, false, Kind::Float).flatten(0, -1).to_device(Device::Cpu))?;
     Ok(FitOutput {
         labels,
         grid_labels,
         grid_intensity,
         n_labels: n,
-        iterations,
+        iterations: slot.iterations,
         losses,
-        fit_seconds: start.elapsed().as_secs_f64(),
+        fit_seconds: slot.start.elapsed().as_secs_f64(),
         device: device_name(device),
     })
 }
@@ -292,11 +490,6 @@ fn device_name(d: Device) -> String {
         Device::Vulkan => "vulkan".into(),
         _ => "cpu".into(),
     }
-}
-
-fn count_labels(target: &Tensor, k: i64) -> usize {
-    let counts = target.flatten(0, -1).bincount(None::<Tensor>, k);
-    i64::try_from(counts.gt(0).sum(Kind::Int64)).unwrap_or(0) as usize
 }
 
 /// Grid and full-resolution label maps and the number of labels in the full-resolution map.

@@ -8,7 +8,7 @@
 //!
 //! * [`deform`] — the modulated deformable convolution (torchvision semantics)
 //! * [`net`] — the network; [`loss`] — the loss terms; [`affine`] — random transforms
-//! * [`fit`] — the training loop; [`foreground`] — the ground-truth-free foreground rule
+//! * [`fit`] — the training loop, for one image or a [`Batch`] of many; [`foreground`] — the ground-truth-free foreground rule
 //! * [`options`] — every knob, and the presets
 
 pub mod affine;
@@ -22,7 +22,7 @@ pub mod rng;
 
 use std::sync::atomic::AtomicBool;
 
-pub use fit::{fit, FitOutput, LossTerms, Progress};
+pub use fit::{fit, Batch, FitJob, FitOutput, LossTerms, Progress};
 pub use options::{cuda_device_count, DeviceSpec, FitOptions, Preset};
 pub use s3net_imaging::{Image, ImageKind, LabelMap};
 
@@ -86,7 +86,15 @@ pub fn segment(
 ) -> Result<Segmentation, ModelError> {
     let dev = device.resolve()?;
     let fit = fit(image, opts, dev, progress, cancel)?;
-    let grid_mask = foreground::select(&fit.grid_labels, &fit.grid_intensity, image.kind);
-    let mask = foreground::upsample_mask(&grid_mask, fit.grid_labels.width, fit.grid_labels.height, image.width, image.height);
-    Ok(Segmentation { fit, mask, grid_mask })
+    Ok(Segmentation::of(image, fit))
+}
+
+impl Segmentation {
+    /// The foreground of a finished fit of `image` (e.g. one that came out of a [`Batch`]).
+    pub fn of(image: &Image, fit: FitOutput) -> Segmentation {
+        let grid_mask = foreground::select(&fit.grid_labels, &fit.grid_intensity, image.kind);
+        let (gw, gh) = (fit.grid_labels.width, fit.grid_labels.height);
+        let mask = foreground::upsample_mask(&grid_mask, gw, gh, image.width, image.height);
+        Segmentation { fit, mask, grid_mask }
+    }
 }

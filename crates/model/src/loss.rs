@@ -47,3 +47,53 @@ pub fn continuity(response: &Tensor) -> Tensor {
     let dx = response.narrow(3, 1, w - 1) - response.narrow(3, 0, w - 1);
     dy.abs().mean(Kind::Float) + dx.abs().mean(Kind::Float)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Per image of a batch. A batch of N images (one per stacked network) needs each image's own
+// loss value, to report it and to weight nothing across jobs. For N = 1 these run exactly the
+// single-image functions above, operation for operation, so a fit alone gives bit-for-bit the
+// results it always gave (and that the README's accuracy figures were measured with).
+// ---------------------------------------------------------------------------------------------
+
+/// [`self_ce`] per image: `(N,)` losses and the `(N, H, W)` argmax target.
+pub fn self_ce_each(response: &Tensor) -> (Tensor, Tensor) {
+    if response.size()[0] == 1 {
+        let (loss, target) = self_ce(response);
+        return (loss.reshape([1]), target);
+    }
+    let target = response.detach().argmax(1, false);
+    let ce = response.cross_entropy_loss(&target, None::<Tensor>, Reduction::None, IGNORE, 0.0);
+    (ce.mean_dim([1, 2].as_slice(), false, Kind::Float), target)
+}
+
+/// [`masked_ce`] per image: `(N,)`; an image whose pixels are all ignored contributes zero.
+pub fn masked_ce_each(logits: &Tensor, target: &Tensor) -> Tensor {
+    if logits.size()[0] == 1 {
+        return masked_ce(logits, target).reshape([1]);
+    }
+    let ce = logits.cross_entropy_loss(target, None::<Tensor>, Reduction::None, IGNORE, 0.0);
+    let valid = target.ne(IGNORE).sum_dim_intlist([1, 2].as_slice(), false, Kind::Float).clamp_min(1.0);
+    ce.sum_dim_intlist([1, 2].as_slice(), false, Kind::Float) / valid
+}
+
+/// [`continuity`] per image: `(N,)`.
+pub fn continuity_each(response: &Tensor) -> Tensor {
+    if response.size()[0] == 1 {
+        return continuity(response).reshape([1]);
+    }
+    let s = response.size();
+    let (h, w) = (s[2], s[3]);
+    let dy = response.narrow(2, 1, h - 1) - response.narrow(2, 0, h - 1);
+    let dx = response.narrow(3, 1, w - 1) - response.narrow(3, 0, w - 1);
+    let per = |t: Tensor| t.abs().mean_dim([1, 2, 3].as_slice(), false, Kind::Float);
+    per(dy) + per(dx)
+}
+
+/// [`sobel_spatial`] per image: `(N,)`.
+pub fn sobel_spatial_each(response: &Tensor) -> Tensor {
+    let n = response.size()[0];
+    if n == 1 {
+        return sobel_spatial(response).reshape([1]);
+    }
+    Tensor::cat(&(0..n).map(|i| sobel_spatial(&response.narrow(0, i, 1)).reshape([1])).collect::<Vec<_>>(), 0)
+}

@@ -3,6 +3,14 @@
 //! Parameters are plain tensors initialised from our own seeded generator rather than
 //! libtorch's global one: several fits run at once in one process, and each must be
 //! reproducible from its seed alone.
+//!
+//! **Stacks of networks.** [`S3Net::stack`] joins M independently initialised networks into
+//! one that trains all M at once: every parameter is concatenated along its first dimension,
+//! the images ride side by side along the channel axis, `(1, M·C, S, S)`, and every
+//! convolution runs with M times its groups, so no channel of one network ever sees another's.
+//! BatchNorm normalises each channel on its own, hence each network exactly as alone. The
+//! deformable conv views the features as M images with one kernel each. On a GPU one step of
+//! M networks then costs about the kernel launches of one: what makes batching jobs pay.
 
 use tch::{Device, Kind, Tensor};
 
@@ -10,12 +18,13 @@ use crate::deform::{deform_conv2d, ConvGeometry};
 use crate::options::{Kernels, OffsetMode};
 use crate::rng::SplitMix64;
 
-/// A convolution's weight and bias.
+/// A convolution's weight and bias (of all stacked networks).
 struct Conv {
     w: Tensor,
     b: Tensor,
     padding: i64,
     dilation: i64,
+    /// Groups of one network; a stack of M runs with M times as many.
     groups: i64,
 }
 
@@ -52,24 +61,28 @@ impl Conv {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.w, Some(&self.b), [1, 1], [self.padding, self.padding], [self.dilation, self.dilation], self.groups)
+    fn forward(&self, x: &Tensor, models: i64) -> Tensor {
+        let (p, d) = ([self.padding, self.padding], [self.dilation, self.dilation]);
+        x.conv2d(&self.w, Some(&self.b), [1, 1], p, d, self.groups * models)
     }
 
     /// Depthwise convs go through our C++ kernel on CPU when asked: libtorch's CPU depthwise
     /// backward is 5–10× slower than the FLOPs warrant (see BENCHMARKS.md).
-    fn forward_with(&self, x: &Tensor, kernels: Kernels) -> Tensor {
-        let depthwise = self.groups > 1 && self.groups == self.w.size()[0];
+    fn forward_with(&self, x: &Tensor, kernels: Kernels, models: i64) -> Tensor {
+        let depthwise = self.groups > 1 && self.groups * models == self.w.size()[0];
         if kernels == Kernels::Fused && depthwise && x.device() == Device::Cpu {
             if let Ok(y) = s3net_ops::depthwise_conv2d(x, &self.w, Some(&self.b), self.padding, self.dilation) {
                 return y;
             }
         }
-        self.forward(x)
+        self.forward(x, models)
     }
 
     fn params(&self) -> [&Tensor; 2] {
         [&self.w, &self.b]
+    }
+    fn params_mut(&mut self) -> [&mut Tensor; 2] {
+        [&mut self.w, &mut self.b]
     }
 }
 
@@ -83,11 +96,22 @@ impl Bn {
     fn new(dev: Device, ch: i64) -> Self {
         Bn { gamma: Tensor::ones([ch], (Kind::Float, dev)), beta: Tensor::zeros([ch], (Kind::Float, dev)) }
     }
+    /// Statistics per image: a batch of N is normalised as N separate images (the GPU runs an
+    /// image and its transformed copy as one batch, and each must see its own statistics).
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.batch_norm(Some(&self.gamma), Some(&self.beta), None, None, true, 0.1, 1e-5, true)
+        let n = x.size()[0];
+        if n == 1 {
+            return x.batch_norm(Some(&self.gamma), Some(&self.beta), None, None, true, 0.1, 1e-5, true);
+        }
+        let (g, b) = (self.gamma.repeat([n]), self.beta.repeat([n]));
+        let y = x.flatten(0, 1).unsqueeze(0);
+        y.batch_norm(Some(&g), Some(&b), None, None, true, 0.1, 1e-5, true).view(x.size().as_slice())
     }
     fn params(&self) -> [&Tensor; 2] {
         [&self.gamma, &self.beta]
+    }
+    fn params_mut(&mut self) -> [&mut Tensor; 2] {
+        [&mut self.gamma, &mut self.beta]
     }
 }
 
@@ -111,14 +135,35 @@ impl Ilka {
             mix: Conv::new(rng, dev, 3 * f, f, 1, 1),
         }
     }
-    fn forward(&self, u: &Tensor, k: Kernels) -> Tensor {
-        let a = self.dw.forward_with(u, k);
-        let cat = Tensor::cat(&[self.d1.forward_with(&a, k), self.d2.forward_with(&a, k), self.d3.forward_with(&a, k)], 1);
-        u * self.mix.forward(&cat)
+    fn forward(&self, u: &Tensor, k: Kernels, m: i64) -> Tensor {
+        let a = self.dw.forward_with(u, k, m);
+        let branches = [self.d1.forward_with(&a, k, m), self.d2.forward_with(&a, k, m), self.d3.forward_with(&a, k, m)];
+        u * self.mix.forward(&cat_per_model(&branches, m), m)
     }
     fn params(&self) -> Vec<&Tensor> {
-        [&self.dw, &self.d1, &self.d2, &self.d3, &self.mix].iter().flat_map(|c| c.params()).collect()
+        [&self.dw, &self.d1, &self.d2, &self.d3, &self.mix].into_iter().flat_map(|c| c.params()).collect()
     }
+    fn params_mut(&mut self) -> Vec<&mut Tensor> {
+        [&mut self.dw, &mut self.d1, &mut self.d2, &mut self.d3, &mut self.mix].into_iter().flat_map(|c| c.params_mut()).collect()
+    }
+}
+
+/// Concatenates per-network channel blocks: with M stacked networks each tensor is
+/// `(N, M·c, H, W)` and network j's blocks must end up together, `(N, M·Σc, H, W)`.
+fn cat_per_model(parts: &[Tensor], models: i64) -> Tensor {
+    if models == 1 {
+        return Tensor::cat(parts, 1);
+    }
+    let split: Vec<Tensor> = parts
+        .iter()
+        .map(|t| {
+            let s = t.size();
+            t.view([s[0], models, s[1] / models, s[2], s[3]])
+        })
+        .collect();
+    let c = Tensor::cat(&split, 2);
+    let s = c.size();
+    c.view([s[0], s[1] * s[2], s[3], s[4]])
 }
 
 /// `[1×1 → GELU → I-LKA → 1×1] + residual`, then BatchNorm.
@@ -130,9 +175,9 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, k: Kernels) -> Tensor {
-        let y = self.pw1.forward(x).gelu("none");
-        let y = self.pw2.forward(&self.ilka.forward(&y, k));
+    fn forward(&self, x: &Tensor, k: Kernels, m: i64) -> Tensor {
+        let y = self.pw1.forward(x, m).gelu("none");
+        let y = self.pw2.forward(&self.ilka.forward(&y, k, m), m);
         self.bn.forward(&(x + y))
     }
     fn params(&self) -> Vec<&Tensor> {
@@ -142,17 +187,25 @@ impl Block {
         v.extend(self.bn.params());
         v
     }
+    fn params_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v: Vec<&mut Tensor> = self.pw1.params_mut().into();
+        v.extend(self.ilka.params_mut());
+        v.extend(self.pw2.params_mut());
+        v.extend(self.bn.params_mut());
+        v
+    }
 }
 
 /// Offsets and mask of the deformable conv.
 enum Offsets {
     /// Zero-initialised conv 3×3 on the features → 2·9 offsets + 9 mask logits.
     Predicted(Conv),
-    /// Free parameters (1, 18, S, S) and (1, 9, S, S) — the authors' variant.
+    /// Free parameters (1, 18, S, S) and (1, 9, S, S) — the authors' variant — per network.
     Free { offset: Tensor, mask: Tensor },
 }
 
-/// The whole network. `features` is both the feature width F and the cluster count K.
+/// The whole network, or a stack of M networks of the same shape trained side by side.
+/// `features` is both the feature width F and the cluster count K.
 pub struct S3Net {
     stem: Conv,
     stem_bn: Bn,
@@ -165,6 +218,9 @@ pub struct S3Net {
     head: Conv,
     head_bn: Bn,
     kernels: Kernels,
+    /// Networks in this stack (1 for a plain network).
+    models: i64,
+    features: i64,
 }
 
 impl S3Net {
@@ -203,23 +259,77 @@ impl S3Net {
             head,
             head_bn: Bn::new(dev, f),
             kernels,
+            models: 1,
+            features: f,
         };
-        for p in net.parameters() {
-            if p.dim() == 4 && kernels == Kernels::TensorOps {
-                // Conv weights in channels-last layout too, to match the activations.
+        net.make_trainable();
+        net
+    }
+
+    /// Readies every parameter for training: channels-last conv weights with the tensor-op
+    /// kernels (to match the activations), and `requires_grad` on each leaf.
+    fn make_trainable(&self) {
+        for p in self.parameters() {
+            if p.dim() == 4 && self.kernels == Kernels::TensorOps {
                 let cl = crate::fit::channels_last(p);
                 tch::no_grad(|| {
                     let mut p = p.shallow_clone();
                     p.set_data(&cl);
                 });
             }
-            // Leaf tensors: make them trainable in place.
             let _ = p.set_requires_grad(true);
         }
-        net
     }
 
-    /// Every trainable tensor, in a fixed order.
+    /// Joins networks of one shape (same F, blocks, offsets, size, kernels, input channels)
+    /// into a stack that trains them all at once, network j keeping its own weights. The
+    /// parameters are new leaves holding copies; the inputs are left as they were.
+    pub fn stack(nets: Vec<S3Net>) -> S3Net {
+        let mut nets = nets.into_iter();
+        let Some(mut first) = nets.next() else { panic!("S3Net::stack needs at least one network") };
+        let rest: Vec<S3Net> = nets.collect();
+        if rest.is_empty() {
+            return first;
+        }
+        let models = first.models + rest.iter().map(|n| n.models).sum::<i64>();
+        let lists: Vec<Vec<&Tensor>> = rest.iter().map(|n| n.parameters()).collect();
+        let joined: Vec<Tensor> = first
+            .parameters()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut parts = vec![p.detach()];
+                parts.extend(lists.iter().map(|l| l[i].detach()));
+                tch::no_grad(|| Tensor::cat(&parts, 0))
+            })
+            .collect();
+        for (slot, t) in first.parameters_mut().into_iter().zip(joined) {
+            *slot = t;
+        }
+        first.models = models;
+        first.make_trainable();
+        first
+    }
+
+    /// Keeps only the networks at `keep` (indices into this stack, in the order given) and
+    /// drops the rest, e.g. the ones whose fit has finished. Parameters become new leaves.
+    pub fn retain(&mut self, keep: &[i64]) {
+        let models = self.models;
+        let picked: Vec<Tensor> = self.parameters().iter().map(|p| select_models(p, models, keep)).collect();
+        for (slot, t) in self.parameters_mut().into_iter().zip(picked) {
+            *slot = t;
+        }
+        self.models = keep.len() as i64;
+        self.make_trainable();
+    }
+
+    /// Networks in this stack.
+    pub fn models(&self) -> i64 {
+        self.models
+    }
+
+    /// Every trainable tensor, in a fixed order; with M networks each one's first dimension
+    /// holds M equal blocks, network j's at block j.
     pub fn parameters(&self) -> Vec<&Tensor> {
         let mut v: Vec<&Tensor> = Vec::new();
         v.extend(self.stem.params());
@@ -240,47 +350,103 @@ impl S3Net {
         v
     }
 
-    /// Stem and attention blocks: the shared trunk, `(N, C, S, S) → (N, F, S, S)`.
+    /// The same tensors as [`parameters`](Self::parameters), in the same order, to replace.
+    fn parameters_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v: Vec<&mut Tensor> = Vec::new();
+        v.extend(self.stem.params_mut());
+        v.extend(self.stem_bn.params_mut());
+        for b in &mut self.blocks {
+            v.extend(b.params_mut());
+        }
+        v.extend(self.aux.params_mut());
+        v.extend(self.aux_bn.params_mut());
+        match &mut self.offsets {
+            Offsets::Predicted(c) => v.extend(c.params_mut()),
+            Offsets::Free { offset, mask } => v.extend([offset, mask]),
+        }
+        v.extend(self.dcn.params_mut());
+        v.extend(self.dcn_bn.params_mut());
+        v.extend(self.head.params_mut());
+        v.extend(self.head_bn.params_mut());
+        v
+    }
+
+    /// Stem and attention blocks: the shared trunk, `(N, M·C, S, S) → (N, M·F, S, S)` for a
+    /// stack of M networks (network j reads channels `j·C..(j+1)·C`).
     pub fn trunk(&self, x: &Tensor) -> Tensor {
-        let mut h = self.stem_bn.forward(&self.stem.forward(x)).relu();
+        let m = self.models;
+        let mut h = self.stem_bn.forward(&self.stem.forward(x, m)).relu();
         for b in &self.blocks {
-            h = b.forward(&h, self.kernels);
+            h = b.forward(&h, self.kernels, m);
         }
         h
     }
 
     /// The auxiliary head used by the affine-consistency term.
     pub fn aux(&self, feat: &Tensor) -> Tensor {
-        self.aux_bn.forward(&self.aux.forward(feat))
+        self.aux_bn.forward(&self.aux.forward(feat, self.models))
     }
 
-    /// Deformable conv and the final 1×1: the response map `(N, K, S, S)`.
+    /// Deformable conv and the final 1×1: the response map `(N, M·K, S, S)`.
     pub fn response(&self, feat: &Tensor) -> Tensor {
+        let (m, f) = (self.models, self.features);
+        let size = feat.size();
+        let (n, s) = (size[0], (size[2], size[3]));
+        // The deformable conv sees N·M images of F channels, image n·M + j belonging to
+        // network j, each with network j's offsets and kernel.
+        let images = if m == 1 { feat.shallow_clone() } else { feat.reshape([n * m, f, s.0, s.1]) };
         let (offset, mask) = match &self.offsets {
             Offsets::Predicted(c) => {
-                let om = c.forward(feat);
+                let om = c.forward(feat, m).reshape([n * m, 27, s.0, s.1]);
                 (om.narrow(1, 0, 18), om.narrow(1, 18, 9).sigmoid())
             }
-            Offsets::Free { offset, mask } => {
-                let n = feat.size()[0];
-                (offset.expand([n, -1, -1, -1], false), mask.sigmoid().expand([n, -1, -1, -1], false))
-            }
+            Offsets::Free { offset, mask } => (repeat_batch(offset, n), repeat_batch(&mask.sigmoid(), n)),
+        };
+        let (w, b) = if m == 1 {
+            (self.dcn.w.shallow_clone(), self.dcn.b.shallow_clone())
+        } else {
+            let ws = self.dcn.w.size();
+            let w = self.dcn.w.reshape([m, f, ws[1], ws[2], ws[3]]);
+            (repeat_batch(&w, n), repeat_batch(&self.dcn.b.view([m, f]), n))
         };
         let geo = ConvGeometry::same(3);
         let fused = match self.kernels {
             // The fused op runs on CPU, and on CUDA when this build carries its CUDA kernel;
             // otherwise (or if it declines) the tensor ops run.
-            Kernels::Fused if feat.device() == Device::Cpu || s3net_ops::cuda_compiled() => s3net_ops::deform_conv2d(
-                feat, &offset, Some(&mask), &self.dcn.w, Some(&self.dcn.b), geo.stride, geo.padding, geo.dilation,
-            )
-            .ok(),
+            Kernels::Fused if feat.device() == Device::Cpu || s3net_ops::cuda_compiled() => {
+                s3net_ops::deform_conv2d(&images, &offset, Some(&mask), &w, Some(&b), geo.stride, geo.padding, geo.dilation)
+                    .ok()
+            }
             _ => None,
         };
         let h = fused.unwrap_or_else(|| {
-            deform_conv2d(feat, &offset, Some(&mask), &self.dcn.w, Some(&self.dcn.b), geo)
+            deform_conv2d(&images, &offset, Some(&mask), &w, Some(&b), geo)
                 .expect("deform_conv2d shapes are fixed by construction")
         });
+        let h = if m == 1 { h } else { h.reshape([n, m * f, s.0, s.1]) };
         let h = self.dcn_bn.forward(&h).relu();
-        self.head_bn.forward(&self.head.forward(&h))
+        self.head_bn.forward(&self.head.forward(&h, m))
     }
+}
+
+/// `t` repeated `n` times along its first dimension (a view when `n` is 1).
+fn repeat_batch(t: &Tensor, n: i64) -> Tensor {
+    if n == 1 {
+        return t.shallow_clone();
+    }
+    let mut reps = vec![1; t.dim()];
+    reps[0] = n;
+    t.repeat(reps)
+}
+
+/// The blocks of networks `keep` from a parameter stacked over `models` networks.
+pub(crate) fn select_models(p: &Tensor, models: i64, keep: &[i64]) -> Tensor {
+    tch::no_grad(|| {
+        let size = p.size();
+        let per = size[0] / models;
+        let idx = Tensor::from_slice(keep).to_device(p.device());
+        let mut out = size.clone();
+        out[0] = per * keep.len() as i64;
+        p.detach().reshape([models, -1]).index_select(0, &idx).reshape(out.as_slice())
+    })
 }

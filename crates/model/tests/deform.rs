@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 #[path = "../../../tests/support/torch_checks.rs"]
 mod checks;
-use checks::{check_finite_differences, Forward, Geo};
+use checks::{check_finite_differences, check_per_image_weights, Forward, Geo};
 
 fn tensor_ops(x: &Tensor, off: &Tensor, mask: Option<&Tensor>, w: &Tensor, b: Option<&Tensor>, g: Geo) -> Tensor {
     let geo = ConvGeometry { stride: g.0, padding: g.1, dilation: g.2 };
@@ -15,6 +15,13 @@ fn tensor_ops(x: &Tensor, off: &Tensor, mask: Option<&Tensor>, w: &Tensor, b: Op
 
 fn check_against_golden(device: Device, kind: Kind, tol: f64) {
     checks::check_against_golden(&tensor_ops, device, kind, tol, Forward::Absolute);
+}
+
+/// Per-image kernels (one network per image of a batch) equal separate calls.
+#[test]
+fn per_image_weights_match_separate_calls() {
+    check_per_image_weights(&tensor_ops, Device::Cpu, Kind::Double, 1e-12);
+    check_per_image_weights(&tensor_ops, Device::Cpu, Kind::Float, 1e-5);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 #[path = "../../../tests/support/torch_checks.rs"]
 mod checks;
-use checks::{check_finite_differences, max_abs, max_abs_diff, Forward, Geo};
+use checks::{check_finite_differences, check_per_image_weights, max_abs, max_abs_diff, Forward, Geo};
 
 fn fused(x: &Tensor, off: &Tensor, mask: Option<&Tensor>, w: &Tensor, b: Option<&Tensor>, g: Geo) -> Tensor {
     deform_conv2d(x, off, mask, w, b, g.0, g.1, g.2).unwrap()
@@ -284,54 +284,17 @@ fn finite_differences(device: Device) {
     check_finite_differences(&[&x, &off, &mask, &w, &b], &go, 1e-5, &f);
 }
 
-/// Per-image weights (N, O, C, kh, kw): the same as N separate calls, each image with its own
-/// kernel, forward and every gradient. The engine trains N networks in one batch this way.
-fn per_image_weights_match_separate_calls(device: Device, kind: Kind, tol: f64) {
-    tch::manual_seed(11);
-    let o = (kind, device);
-    let (n, c, oc, h, w) = (3, 4, 5, 9, 11);
-    let leaf = |t: Tensor| t.set_requires_grad(true);
-    let x = leaf(Tensor::randn([n, c, h, w], o));
-    let off = leaf(Tensor::randn([n, 18, h, w], o) * 1.5);
-    let m = leaf(Tensor::rand([n, 9, h, w], o));
-    let wt = leaf(Tensor::randn([n, oc, c, 3, 3], o) * 0.3);
-    let b = leaf(Tensor::randn([n, oc], o));
-    let go = Tensor::randn([n, oc, h, w], o);
-    let y = deform_conv2d(&x, &off, Some(&m), &wt, Some(&b), (1, 1), (1, 1), (1, 1)).unwrap();
-    (&y * &go).sum(kind).backward();
-    for i in 0..n {
-        let pick = |t: &Tensor| t.detach().narrow(0, i, 1).copy().set_requires_grad(true);
-        let (xi, offi, mi) = (pick(&x), pick(&off), pick(&m));
-        let wi = wt.detach().select(0, i).copy().set_requires_grad(true);
-        let bi = b.detach().select(0, i).copy().set_requires_grad(true);
-        let yi = deform_conv2d(&xi, &offi, Some(&mi), &wi, Some(&bi), (1, 1), (1, 1), (1, 1)).unwrap();
-        (&yi * go.narrow(0, i, 1)).sum(kind).backward();
-        let pairs = [
-            ("output", y.narrow(0, i, 1), yi),
-            ("input", x.grad().narrow(0, i, 1), xi.grad()),
-            ("offset", off.grad().narrow(0, i, 1), offi.grad()),
-            ("mask", m.grad().narrow(0, i, 1), mi.grad()),
-            ("weight", wt.grad().select(0, i), wi.grad()),
-            ("bias", b.grad().select(0, i), bi.grad()),
-        ];
-        for (name, a, e) in pairs {
-            let d = max_abs_diff(&a, &e);
-            assert!(d <= tol * max_abs(&e).max(1.0), "image {i} {name}: differs by {d}");
-        }
-    }
-}
-
 #[test]
 fn per_image_weights_match_separate_calls_cpu() {
-    per_image_weights_match_separate_calls(Device::Cpu, Kind::Double, 1e-12);
-    per_image_weights_match_separate_calls(Device::Cpu, Kind::Float, 1e-5);
+    check_per_image_weights(&fused, Device::Cpu, Kind::Double, 1e-12);
+    check_per_image_weights(&fused, Device::Cpu, Kind::Float, 1e-5);
 }
 
 #[test]
 fn cuda_per_image_weights_match_separate_calls() {
     if let Some(d) = cuda() {
-        per_image_weights_match_separate_calls(d, Kind::Double, 1e-12);
-        per_image_weights_match_separate_calls(d, Kind::Float, 1e-5);
+        check_per_image_weights(&fused, d, Kind::Double, 1e-12);
+        check_per_image_weights(&fused, d, Kind::Float, 1e-5);
     }
 }
 

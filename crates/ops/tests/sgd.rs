@@ -14,7 +14,7 @@ fn matches_the_loop(device: Device) {
     let vb: Vec<Tensor> = b.iter().map(|p| p.zeros_like()).collect();
     let (lr, momentum) = (0.2, 0.9);
     // A loss that leaves the last parameter without a gradient: it must be skipped.
-    let loss = |p: &[Tensor]| (p[0].pow_tensor_scalar(2).sum(Kind::Float) + p[1].sin().sum(Kind::Float) + p[2].exp().mean(Kind::Float));
+    let loss = |p: &[Tensor]| p[0].pow_tensor_scalar(2).sum(Kind::Float) + p[1].sin().sum(Kind::Float) + p[2].exp().mean(Kind::Float);
     for _ in 0..3 {
         for p in &a {
             let mut g = p.grad();

@@ -1,0 +1,191 @@
+//! A batch of fits trains each job as if it were alone: same losses at every step, same labels,
+//! its own iteration budget, early stop and cancellation; jobs can join between steps.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use s3net_imaging::{Image, ImageKind};
+use s3net_model::{fit, Batch, FitJob, FitOptions, FitOutput, LossTerms, ModelError, Preset, Progress};
+use tch::Device;
+
+/// A dark disc at (cx, cy) on a textured background.
+fn disc(w: u32, h: u32, c: u8, cx: f32, cy: f32) -> Image {
+    let n = (w * h) as usize;
+    let mut data = vec![0f32; n * c as usize];
+    for y in 0..h {
+        for x in 0..w {
+            let (fx, fy) = (x as f32 / w as f32 - cx, y as f32 / h as f32 - cy);
+            let v = if fx * fx + fy * fy < 0.05 { 0.3 } else { 0.7 } + 0.06 * ((x * 5 + y * 3) % 7) as f32 / 7.0;
+            for ch in 0..c as usize {
+                data[ch * n + (y * w + x) as usize] = v - 0.04 * ch as f32;
+            }
+        }
+    }
+    let kind = if c == 1 { ImageKind::Grey } else { ImageKind::Colour };
+    Image { width: w, height: h, channels: c, data, kind }
+}
+
+fn opts(preset: Preset, seed: u64, iterations: usize) -> FitOptions {
+    FitOptions { size: 32, features: 8, iterations, min_labels: 0, seed, ..FitOptions::preset(preset) }
+}
+
+/// The fit alone, with the losses of every step.
+fn alone(img: &Image, o: &FitOptions, device: Device) -> (Vec<LossTerms>, FitOutput) {
+    let mut steps = Vec::new();
+    let out = fit(img, o, device, &mut |p: &Progress| steps.push(p.losses), &AtomicBool::new(false)).unwrap();
+    (steps, out)
+}
+
+type Outcome = (Vec<LossTerms>, Result<FitOutput, ModelError>);
+
+/// Runs `jobs` in one batch (job i joins before step `join[i]`), cancelling job `cancel_at.0`
+/// before step `cancel_at.1`. Returns each job's per-step losses and outcome.
+fn batched(jobs: &[(Image, FitOptions)], join: &[usize], cancel_at: Option<(usize, usize)>, device: Device) -> Vec<Outcome> {
+    let flags: Vec<Arc<AtomicBool>> = jobs.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let (tx, rx) = mpsc::channel::<(usize, LossTerms)>();
+    let mut results: Vec<Option<Result<FitOutput, ModelError>>> = jobs.iter().map(|_| None).collect();
+    let mut batch: Batch<usize> = Batch::new(device);
+    let mut step = 0;
+    while results.iter().any(Option::is_none) {
+        for (i, (img, o)) in jobs.iter().enumerate() {
+            if join[i] == step {
+                let (tx, flag) = (tx.clone(), flags[i].clone());
+                let job = FitJob {
+                    image: Arc::new(img.clone()),
+                    opts: o.clone(),
+                    progress: Box::new(move |p: &Progress| tx.send((i, p.losses)).unwrap()),
+                    cancel: Box::new(move || flag.load(Ordering::Relaxed)),
+                };
+                batch.add(i, job).map_err(|(_, e)| e).unwrap();
+            }
+        }
+        if let Some((j, s)) = cancel_at {
+            if s == step {
+                flags[j].store(true, Ordering::Relaxed);
+            }
+        }
+        for (i, r) in batch.step() {
+            results[i] = Some(r);
+        }
+        step += 1;
+        assert!(step < 100, "the batch never finished");
+    }
+    assert!(batch.is_empty());
+    drop(tx);
+    let mut steps: Vec<Vec<LossTerms>> = jobs.iter().map(|_| Vec::new()).collect();
+    for (i, l) in rx.iter() {
+        steps[i].push(l);
+    }
+    steps.into_iter().zip(results).map(|(s, r)| (s, r.unwrap())).collect()
+}
+
+/// Same steps, losses within `tol` (relative) at every step, and at least 99 % equal labels.
+/// Not bit for bit: grouped convolutions may sum in another order than plain ones.
+fn assert_same_fit(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome, tol: f64) {
+    let out = b.1.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(a.0.len(), b.0.len(), "{name}: steps");
+    assert_eq!(a.1.iterations, out.iterations, "{name}: iterations");
+    for (s, (x, y)) in a.0.iter().zip(&b.0).enumerate() {
+        for (u, v) in [(x.total, y.total), (x.ce, y.ce), (x.affine, y.affine), (x.spatial, y.spatial)] {
+            assert!((u - v).abs() <= tol * (1.0 + u.abs()), "{name} step {}: alone {x:?}, batched {y:?}", s + 1);
+        }
+    }
+    let same = a.1.labels.data.iter().zip(&out.labels.data).filter(|(p, q)| p == q).count();
+    let frac = same as f64 / a.1.labels.data.len() as f64;
+    assert!(frac >= 0.99, "{name}: only {:.1} % of the labels agree", 100.0 * frac);
+    assert_eq!((out.labels.width, out.labels.height), (a.1.labels.width, a.1.labels.height));
+}
+
+/// Three different images, seeds and budgets in one batch (the default preset: free offsets,
+/// 90° rotation, continuity; and the paper's: predicted offsets, random affines, Sobel).
+fn each_job_as_if_alone(preset: Preset, device: Device, tol: f64) {
+    let jobs = vec![
+        (disc(40, 30, 3, 0.5, 0.5), opts(preset, 1, 4)),
+        (disc(32, 32, 3, 0.3, 0.6), opts(preset, 2, 2)),
+        (disc(50, 20, 3, 0.6, 0.4), opts(preset, 3, 6)),
+    ];
+    let got = batched(&jobs, &[0, 0, 0], None, device);
+    for (i, (img, o)) in jobs.iter().enumerate() {
+        assert_same_fit(&format!("{preset} job {i}"), &alone(img, o, device), &got[i], tol);
+    }
+}
+
+#[test]
+fn each_job_as_if_alone_default_preset() {
+    each_job_as_if_alone(Preset::Default, Device::Cpu, 1e-4);
+}
+
+#[test]
+fn each_job_as_if_alone_paper_preset() {
+    each_job_as_if_alone(Preset::Paper, Device::Cpu, 1e-4);
+}
+
+#[test]
+fn cuda_each_job_as_if_alone() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    each_job_as_if_alone(Preset::Default, Device::Cuda(0), 1e-3);
+    each_job_as_if_alone(Preset::Paper, Device::Cuda(0), 1e-3);
+}
+
+/// A job that joins a running batch, and a job cancelled in the middle: the others are not
+/// disturbed, the cancelled one ends with `Cancelled` after the steps it ran.
+#[test]
+fn joining_and_cancelling_leave_the_others_undisturbed() {
+    let jobs = vec![
+        (disc(40, 30, 3, 0.5, 0.5), opts(Preset::Default, 7, 5)),
+        (disc(36, 36, 3, 0.4, 0.5), opts(Preset::Default, 8, 5)),
+        (disc(30, 40, 3, 0.5, 0.3), opts(Preset::Default, 9, 4)),
+    ];
+    let got = batched(&jobs, &[0, 0, 2], Some((1, 3)), Device::Cpu);
+    assert!(matches!(got[1].1, Err(ModelError::Cancelled)), "{:?}", got[1].1.as_ref().err());
+    assert_eq!(got[1].0.len(), 3, "the cancelled job ran steps 1-3 only");
+    for i in [0, 2] {
+        assert_same_fit(&format!("job {i}"), &alone(&jobs[i].0, &jobs[i].1, Device::Cpu), &got[i], 1e-4);
+    }
+}
+
+/// Grey images (fed as 3 channels by default) batch with colour ones; early stop per job.
+/// The flat grey image has exact ties in its argmax maps, which rounding differences of the
+/// grouped convolutions flip from step 3 on: hence the looser loss tolerance here.
+#[test]
+fn grey_and_colour_together_and_early_stop_per_job() {
+    let mut stop = opts(Preset::Default, 4, 30);
+    stop.min_labels = 7; // 8 clusters: stops at step 5 once at most 7 remain
+    let jobs = vec![(disc(32, 32, 1, 0.5, 0.5), opts(Preset::Default, 5, 6)), (disc(32, 32, 3, 0.5, 0.5), stop)];
+    let got = batched(&jobs, &[0, 0], None, Device::Cpu);
+    for (i, (img, o)) in jobs.iter().enumerate() {
+        assert_same_fit(&format!("job {i}"), &alone(img, o, Device::Cpu), &got[i], 1e-2);
+    }
+    assert!(got[1].0.len() < 30, "job 1 should stop early");
+}
+
+/// Jobs whose networks differ cannot join; bad jobs are refused with the reason; the batch
+/// goes on unharmed.
+#[test]
+fn incompatible_and_invalid_jobs_are_refused() {
+    let img = Arc::new(disc(32, 32, 3, 0.5, 0.5));
+    let job = |o: FitOptions, image: Arc<Image>| FitJob { image, opts: o, progress: Box::new(|_: &Progress| {}), cancel: Box::new(|| false) };
+    let mut batch: Batch<u32> = Batch::new(Device::Cpu);
+    batch.add(0, job(opts(Preset::Default, 1, 2), img.clone())).map_err(|(_, e)| e).unwrap();
+    let wide = FitOptions { features: 16, ..opts(Preset::Default, 2, 2) };
+    assert!(!batch.accepts(&wide, &img));
+    let (tag, e) = batch.add(1, job(wide, img.clone())).unwrap_err();
+    assert_eq!(tag, 1);
+    assert!(matches!(e, ModelError::InvalidArgument(_)), "{e}");
+    let (tag, e) = batch.add(2, job(FitOptions { iterations: 0, ..opts(Preset::Default, 3, 2) }, img.clone())).unwrap_err();
+    assert_eq!(tag, 2);
+    assert!(e.to_string().contains("iterations"), "{e}");
+    let broken = Arc::new(Image { data: vec![0.0; 3], ..disc(32, 32, 3, 0.5, 0.5) });
+    assert!(batch.add(3, job(opts(Preset::Default, 4, 2), broken)).is_err());
+    assert_eq!(batch.len(), 1);
+    let mut ended = Vec::new();
+    while !batch.is_empty() {
+        ended.extend(batch.step());
+    }
+    assert_eq!(ended.len(), 1);
+    assert!(ended[0].1.is_ok());
+}
