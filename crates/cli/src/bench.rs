@@ -34,6 +34,14 @@ pub struct FitBench {
     /// server's workers do), e.g. `--concurrency 1,4,8`. Each thread runs `--repeats` fits.
     #[arg(long, value_delimiter = ',')]
     pub concurrency: Vec<usize>,
+    /// Also measure throughput with this many fits trained as one batch (a stack of networks,
+    /// as a server worker with `batch = N` does), e.g. `--batch 8,16,32`. Each batch size runs
+    /// `--repeats` batches after a warm-up one, on `--batch-workers` threads at once.
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Threads each running their own batches, for `--batch`.
+    #[arg(long, default_value_t = 1)]
+    pub batch_workers: usize,
     #[command(flatten)]
     pub fit: FitArgs,
 }
@@ -107,6 +115,10 @@ fn fit(b: FitBench) -> Result<()> {
     for &n in &b.concurrency {
         throughput.push(concurrent(&image, &opts, device, n.max(1), b.repeats.max(1))?);
     }
+    let mut batched = Vec::new();
+    for &n in &b.batch {
+        batched.push(batch(&image, &opts, device, n.max(1), b.batch_workers.max(1), b.repeats.max(1))?);
+    }
     let out = json!({
         "device": dev_name,
         "threads": tch::get_num_threads(),
@@ -119,6 +131,7 @@ fn fit(b: FitBench) -> Result<()> {
         "fits_per_second": 1.0 / median(&per_fit),
         "repeats": b.repeats,
         "concurrent": throughput,
+        "batched": batched,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
@@ -161,6 +174,70 @@ fn concurrent(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec,
         "wall_seconds": wall,
         "images_per_second": (n * repeats) as f64 / wall,
         "seconds_per_fit_median": median(&per_fit),
+    }))
+}
+
+/// `workers` threads each train `repeats` batches of `n` fits of the image (seeds 0..n), after
+/// one warm-up batch each; images per second = all fits / wall time.
+fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, workers: usize, repeats: usize) -> Result<serde_json::Value> {
+    let dev = device.resolve()?;
+    let image = std::sync::Arc::new(image.clone());
+    // One batch to the end: the seconds of each of its steps.
+    let run = |seed0: u64| -> Result<Vec<f64>> {
+        let mut b: s3net_model::Batch<usize> = s3net_model::Batch::new(dev);
+        for i in 0..n {
+            let job = s3net_model::FitJob {
+                image: image.clone(),
+                opts: s3net_model::FitOptions { seed: seed0 + i as u64, ..opts.clone() },
+                progress: Box::new(|_| {}),
+                cancel: Box::new(|| false),
+            };
+            b.add(i, job).map_err(|(_, e)| e)?;
+        }
+        let mut steps = Vec::new();
+        while !b.is_empty() {
+            let t0 = Instant::now();
+            for (_, r) in b.step() {
+                r?;
+            }
+            steps.push(t0.elapsed().as_secs_f64());
+        }
+        Ok(steps)
+    };
+    let barrier = std::sync::Barrier::new(workers + 1);
+    let (wall, steps) = std::thread::scope(|scope| -> Result<(f64, Vec<f64>)> {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (run, barrier) = (&run, &barrier);
+                scope.spawn(move || -> Result<Vec<f64>> {
+                    let warm = run(1000 * w as u64);
+                    barrier.wait();
+                    warm?;
+                    let mut steps = Vec::new();
+                    for r in 0..repeats {
+                        steps.extend(run((1000 * w + 100 * (r + 1)) as u64)?);
+                    }
+                    Ok(steps)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let t0 = Instant::now();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().map_err(|_| anyhow::anyhow!("a bench thread panicked"))??);
+        }
+        Ok((t0.elapsed().as_secs_f64(), all))
+    })?;
+    let fits = n * workers * repeats;
+    Ok(json!({
+        "batch": n,
+        "workers": workers,
+        "fits": fits,
+        "wall_seconds": wall,
+        "images_per_second": fits as f64 / wall,
+        "seconds_per_step_median": median(&steps),
+        "seconds_per_batch": wall / (workers * repeats) as f64,
     }))
 }
 

@@ -33,9 +33,17 @@ impl Affine {
 
     /// The sampling grid `(1, S, S, 2)` for an `S × S` image on `x`'s device.
     pub fn grid(&self, like: &Tensor) -> Tensor {
+        Affine::grids(&[*self], like)
+    }
+
+    /// The sampling grids `(M, S, S, 2)` of M transforms at once (one copy to the device, one
+    /// kernel), for `S × S` images on `like`'s device.
+    pub fn grids(ts: &[Affine], like: &Tensor) -> Tensor {
         let size = like.size();
-        let theta = Tensor::from_slice(&self.0).to_kind(Kind::Float).to_device(like.device()).view([1, 2, 3]);
-        Tensor::affine_grid_generator(&theta, [1, size[1], size[2], size[3]], false)
+        let m = ts.len() as i64;
+        let flat: Vec<f64> = ts.iter().flat_map(|t| t.0).collect();
+        let theta = Tensor::from_slice(&flat).to_kind(Kind::Float).to_device(like.device()).view([m, 2, 3]);
+        Tensor::affine_grid_generator(&theta, [m, size[1], size[2], size[3]], false)
     }
 }
 

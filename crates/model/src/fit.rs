@@ -198,6 +198,9 @@ pub struct Batch<'a, T> {
     velocity: Vec<Tensor>,
     /// The slots' inputs side by side, `(1, M·C, S, S)`; rebuilt when the membership changes.
     inputs: Option<Tensor>,
+    /// The last step's transforms and their grids: a fixed transform (the default 90°
+    /// rotation) needs its grid built once, not every step.
+    grids: Option<(Vec<Affine>, Tensor)>,
 }
 
 /// What [`Batch::step`] computed, for every job of the stack.
@@ -213,7 +216,7 @@ struct StepOut {
 impl<'a, T> Batch<'a, T> {
     /// An empty batch on `device`.
     pub fn new(device: Device) -> Self {
-        Batch { device, slots: Vec::new(), net: None, velocity: Vec::new(), inputs: None }
+        Batch { device, slots: Vec::new(), net: None, velocity: Vec::new(), inputs: None, grids: None }
     }
 
     /// Jobs in the batch.
@@ -375,12 +378,15 @@ impl<'a, T> Batch<'a, T> {
         let use_affine = w.affine > 0.0;
 
         let (response, aux_t, grid) = if use_affine {
-            let grids: Vec<Tensor> = self
-                .slots
-                .iter_mut()
-                .map(|s| Affine::draw(&mut s.rng, &s.job.opts.affine).grid(&s.x))
-                .collect();
-            let grid = Tensor::cat(&grids, 0);
+            let ts: Vec<Affine> = self.slots.iter_mut().map(|s| Affine::draw(&mut s.rng, &s.job.opts.affine)).collect();
+            let grid = match &self.grids {
+                Some((last, g)) if *last == ts => g.shallow_clone(),
+                _ => {
+                    let g = Affine::grids(&ts, &self.slots[0].x);
+                    self.grids = Some((ts, g.shallow_clone()));
+                    g
+                }
+            };
             let xt = warp(&x.view([m, c, size, size]), &grid).view([1, m * c, size, size]);
             let (response, aux_t) = if device.is_cuda() {
                 // On a GPU, one pass over the image and its transformed copy as a batch of two
@@ -439,12 +445,14 @@ fn batch_key(opts: &FitOptions, image: &Image) -> (FitOptions, i64) {
     (o, if c == 1 { opts.grey_channels } else { c })
 }
 
-/// Clusters in use per image of the `(M, S, S)` argmax map: `(M,)` int64.
+/// Clusters in use per image of the `(M, S, S)` argmax map: `(M,)` int64. A scatter rather than
+/// `bincount`, which on CUDA reads the maximum back to the host (a sync per step).
 fn labels_in_use(target: &Tensor, k: i64) -> Tensor {
     let m = target.size()[0];
     let shift = (Tensor::arange(m, (Kind::Int64, target.device())) * k).view([m, 1, 1]);
-    let counts = (target + shift).flatten(0, -1).bincount(None::<Tensor>, m * k).view([m, k]);
-    counts.gt(0).sum_dim_intlist([1].as_slice(), false, Kind::Int64)
+    let idx = (target + shift).flatten(0, -1);
+    let counts = Tensor::zeros([m * k], (Kind::Int64, target.device())).scatter_add(0, &idx, &idx.ones_like());
+    counts.view([m, k]).gt(0).sum_dim_intlist([1].as_slice(), false, Kind::Int64)
 }
 
 /// The result of slot `j` from the step that finished it.
