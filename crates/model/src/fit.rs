@@ -198,9 +198,9 @@ pub struct Batch<'a, T> {
     velocity: Vec<Tensor>,
     /// The slots' inputs side by side, `(1, M·C, S, S)`; rebuilt when the membership changes.
     inputs: Option<Tensor>,
-    /// The last step's transforms and their grids: a fixed transform (the default 90°
+    /// The last step's transforms, grid side and grids: a fixed transform (the default 90°
     /// rotation) needs its grid built once, not every step.
-    grids: Option<(Vec<Affine>, Tensor)>,
+    grids: Option<(Vec<Affine>, i64, Tensor)>,
 }
 
 /// What [`Batch::step`] computed, for every job of the stack.
@@ -330,6 +330,13 @@ impl<'a, T> Batch<'a, T> {
         ended
     }
 
+    /// Takes every job out of the batch, unfinished, and hands back their handles (e.g. to fail
+    /// them after a panic outside libtorch).
+    pub fn drain(&mut self) -> Vec<T> {
+        let all: Vec<usize> = (0..self.slots.len()).collect();
+        self.remove(&all).into_iter().map(|(tag, _)| tag).collect()
+    }
+
     /// Takes the slots at `which` (ascending) out of the batch and their networks out of the
     /// stack.
     fn remove(&mut self, which: &[usize]) -> Vec<(T, FitJob<'a>)> {
@@ -380,10 +387,10 @@ impl<'a, T> Batch<'a, T> {
         let (response, aux_t, grid) = if use_affine {
             let ts: Vec<Affine> = self.slots.iter_mut().map(|s| Affine::draw(&mut s.rng, &s.job.opts.affine)).collect();
             let grid = match &self.grids {
-                Some((last, g)) if *last == ts => g.shallow_clone(),
+                Some((last, s, g)) if *last == ts && *s == size => g.shallow_clone(),
                 _ => {
                     let g = Affine::grids(&ts, &self.slots[0].x);
-                    self.grids = Some((ts, g.shallow_clone()));
+                    self.grids = Some((ts, size, g.shallow_clone()));
                     g
                 }
             };

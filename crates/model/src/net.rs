@@ -62,14 +62,6 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor, models: i64) -> Tensor {
-        let ws = self.w.size();
-        if models > 1 && self.groups == 1 && ws[2] == 1 && ws[3] == 1 && x.device().is_cuda() && pointwise_as_matmul() {
-            // A stack's 1×1 convs as one batched GEMM: (M, O, C) × (N, M, C, H·W).
-            let xs = x.size();
-            let (cin, cout) = (xs[1] / models, ws[0] / models);
-            let y = self.w.view([models, cout, cin]).matmul(&x.view([xs[0], models, cin, xs[2] * xs[3]]));
-            return (y + self.b.view([1, models, cout, 1])).view([xs[0], models * cout, xs[2], xs[3]]);
-        }
         let (p, d) = ([self.padding, self.padding], [self.dilation, self.dilation]);
         x.conv2d(&self.w, Some(&self.b), [1, 1], p, d, self.groups * models)
     }
@@ -435,13 +427,6 @@ impl S3Net {
         let h = self.dcn_bn.forward(&h).relu();
         self.head_bn.forward(&self.head.forward(&h, m))
     }
-}
-
-/// Whether a stack's 1×1 convolutions run as batched GEMMs on CUDA (`S3NET_POINTWISE=matmul`)
-/// rather than as grouped cuDNN convolutions (the default).
-fn pointwise_as_matmul() -> bool {
-    static MATMUL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *MATMUL.get_or_init(|| std::env::var("S3NET_POINTWISE").is_ok_and(|v| v == "matmul"))
 }
 
 /// `t` repeated `n` times along its first dimension (a view when `n` is 1).

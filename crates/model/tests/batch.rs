@@ -80,26 +80,42 @@ fn batched(jobs: &[(Image, FitOptions)], join: &[usize], cancel_at: Option<(usiz
     steps.into_iter().zip(results).map(|(s, r)| (s, r.unwrap())).collect()
 }
 
-/// Same steps, losses within `tol` (relative) at every step, and at least 99 % equal labels.
-/// Not bit for bit: grouped convolutions may sum in another order than plain ones.
-fn assert_same_fit(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome, tol: f64) {
+/// How close a batched fit must stay to the same fit alone. Not bit for bit: grouped
+/// convolutions may sum in another order than plain ones, and once a near-tie in an argmax
+/// flips, the two trajectories part a little.
+#[derive(Clone, Copy)]
+struct Tol {
+    /// Relative, on the losses of the first step (same weights, same input).
+    first: f64,
+    /// Relative, on the losses of every later step.
+    later: f64,
+    /// Fraction of equal labels at the end.
+    labels: f64,
+}
+
+/// Float32 on the CPU: the same up to rounding all along.
+const CPU: Tol = Tol { first: 1e-4, later: 1e-4, labels: 0.99 };
+
+/// Same number of steps, losses within `tol` at every step, mostly equal labels.
+fn assert_same_fit(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome, tol: Tol) {
     let out = b.1.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(a.0.len(), b.0.len(), "{name}: steps");
     assert_eq!(a.1.iterations, out.iterations, "{name}: iterations");
     for (s, (x, y)) in a.0.iter().zip(&b.0).enumerate() {
+        let t = if s == 0 { tol.first } else { tol.later };
         for (u, v) in [(x.total, y.total), (x.ce, y.ce), (x.affine, y.affine), (x.spatial, y.spatial)] {
-            assert!((u - v).abs() <= tol * (1.0 + u.abs()), "{name} step {}: alone {x:?}, batched {y:?}", s + 1);
+            assert!((u - v).abs() <= t * (1.0 + u.abs()), "{name} step {}: alone {x:?}, batched {y:?}", s + 1);
         }
     }
     let same = a.1.labels.data.iter().zip(&out.labels.data).filter(|(p, q)| p == q).count();
     let frac = same as f64 / a.1.labels.data.len() as f64;
-    assert!(frac >= 0.99, "{name}: only {:.1} % of the labels agree", 100.0 * frac);
+    assert!(frac >= tol.labels, "{name}: only {:.1} % of the labels agree", 100.0 * frac);
     assert_eq!((out.labels.width, out.labels.height), (a.1.labels.width, a.1.labels.height));
 }
 
 /// Three different images, seeds and budgets in one batch (the default preset: free offsets,
 /// 90° rotation, continuity; and the paper's: predicted offsets, random affines, Sobel).
-fn each_job_as_if_alone(preset: Preset, device: Device, tol: f64) {
+fn each_job_as_if_alone(preset: Preset, device: Device, tol: Tol) {
     let jobs = vec![
         (disc(40, 30, 3, 0.5, 0.5), opts(preset, 1, 4)),
         (disc(32, 32, 3, 0.3, 0.6), opts(preset, 2, 2)),
@@ -113,12 +129,12 @@ fn each_job_as_if_alone(preset: Preset, device: Device, tol: f64) {
 
 #[test]
 fn each_job_as_if_alone_default_preset() {
-    each_job_as_if_alone(Preset::Default, Device::Cpu, 1e-4);
+    each_job_as_if_alone(Preset::Default, Device::Cpu, CPU);
 }
 
 #[test]
 fn each_job_as_if_alone_paper_preset() {
-    each_job_as_if_alone(Preset::Paper, Device::Cpu, 1e-4);
+    each_job_as_if_alone(Preset::Paper, Device::Cpu, CPU);
 }
 
 #[test]
@@ -127,8 +143,12 @@ fn cuda_each_job_as_if_alone() {
         eprintln!("skipped: no CUDA device");
         return;
     }
-    each_job_as_if_alone(Preset::Default, Device::Cuda(0), 1e-3);
-    each_job_as_if_alone(Preset::Paper, Device::Cuda(0), 1e-3);
+    // cuDNN convolutions run in TF32 by default and pick their algorithm by shape: grouped and
+    // plain ones round differently (~1e-3), and the paper preset's random affines and Sobel
+    // term turn that into argmax flips from the third step on (measured on an H200: 0.7 %).
+    let gpu = Tol { first: 1e-3, later: 3e-2, labels: 0.95 };
+    each_job_as_if_alone(Preset::Default, Device::Cuda(0), gpu);
+    each_job_as_if_alone(Preset::Paper, Device::Cuda(0), gpu);
 }
 
 /// A job that joins a running batch, and a job cancelled in the middle: the others are not
@@ -144,7 +164,7 @@ fn joining_and_cancelling_leave_the_others_undisturbed() {
     assert!(matches!(got[1].1, Err(ModelError::Cancelled)), "{:?}", got[1].1.as_ref().err());
     assert_eq!(got[1].0.len(), 3, "the cancelled job ran steps 1-3 only");
     for i in [0, 2] {
-        assert_same_fit(&format!("job {i}"), &alone(&jobs[i].0, &jobs[i].1, Device::Cpu), &got[i], 1e-4);
+        assert_same_fit(&format!("job {i}"), &alone(&jobs[i].0, &jobs[i].1, Device::Cpu), &got[i], CPU);
     }
 }
 
@@ -158,7 +178,7 @@ fn grey_and_colour_together_and_early_stop_per_job() {
     let jobs = vec![(disc(32, 32, 1, 0.5, 0.5), opts(Preset::Default, 5, 6)), (disc(32, 32, 3, 0.5, 0.5), stop)];
     let got = batched(&jobs, &[0, 0], None, Device::Cpu);
     for (i, (img, o)) in jobs.iter().enumerate() {
-        assert_same_fit(&format!("job {i}"), &alone(img, o, Device::Cpu), &got[i], 1e-2);
+        assert_same_fit(&format!("job {i}"), &alone(img, o, Device::Cpu), &got[i], Tol { later: 1e-2, ..CPU });
     }
     assert!(got[1].0.len() < 30, "job 1 should stop early");
 }
@@ -188,4 +208,25 @@ fn incompatible_and_invalid_jobs_are_refused() {
     }
     assert_eq!(ended.len(), 1);
     assert!(ended[0].1.is_ok());
+}
+
+/// A worker keeps one batch for its whole life: once empty, it takes jobs of another shape
+/// (another grid size here), and they fit as they would alone.
+#[test]
+fn an_emptied_batch_takes_jobs_of_another_shape() {
+    let mut batch: Batch<usize> = Batch::new(Device::Cpu);
+    for (i, size) in [32, 48, 32].into_iter().enumerate() {
+        let img = disc(40, 30, 3, 0.5, 0.5);
+        let o = FitOptions { size, ..opts(Preset::Default, i as u64, 3) };
+        let job = FitJob { image: Arc::new(img.clone()), opts: o.clone(), progress: Box::new(|_: &Progress| {}), cancel: Box::new(|| false) };
+        batch.add(i, job).map_err(|(_, e)| e).unwrap();
+        let mut ended = Vec::new();
+        while !batch.is_empty() {
+            ended.extend(batch.step());
+        }
+        let out = ended.pop().unwrap().1.unwrap();
+        let (_, want) = alone(&img, &o, Device::Cpu);
+        assert_eq!(out.grid_labels.width, size as u32);
+        assert_eq!(out.labels, want.labels, "size {size}");
+    }
 }

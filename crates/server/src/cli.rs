@@ -32,6 +32,12 @@ pub struct ServeArgs {
     /// Workers per CUDA device [default: 2].
     #[arg(long)]
     pub gpu_workers_per_device: Option<usize>,
+    /// Jobs a CPU worker trains together [default: 1].
+    #[arg(long)]
+    pub cpu_batch: Option<usize>,
+    /// Jobs a GPU worker trains together [default: 16].
+    #[arg(long)]
+    pub gpu_batch: Option<usize>,
     /// libtorch intra-op threads [default: cores / CPU workers].
     #[arg(long)]
     pub torch_threads: Option<usize>,
@@ -61,6 +67,12 @@ impl ServeArgs {
         }
         if let Some(v) = self.gpu_workers_per_device {
             o.push(("workers.gpu_workers_per_device", v.to_string()));
+        }
+        if let Some(v) = self.cpu_batch {
+            o.push(("workers.cpu_batch", v.to_string()));
+        }
+        if let Some(v) = self.gpu_batch {
+            o.push(("workers.gpu_batch", v.to_string()));
         }
         if let Some(v) = self.torch_threads {
             o.push(("workers.torch_threads", v.to_string()));

@@ -100,6 +100,12 @@ pub struct WorkersConfig {
     pub cpu_workers: Option<usize>,
     /// Workers per CUDA device (unset: 2). Ignored without CUDA.
     pub gpu_workers_per_device: Option<usize>,
+    /// Jobs a CPU worker trains together as one batch (unset: 1). A CPU is busy with one fit
+    /// already, so batching buys it little.
+    pub cpu_batch: Option<usize>,
+    /// Jobs a GPU worker trains together as one batch (unset: 16): one stack of networks, one
+    /// step for all. Only queued jobs with the same network shape join; a lone job runs alone.
+    pub gpu_batch: Option<usize>,
     /// libtorch intra-op threads (process-wide). Unset: the CPU cores divided among the CPU workers.
     pub torch_threads: Option<usize>,
 }
@@ -242,6 +248,10 @@ impl Config {
         anyhow::ensure!(
             self.workers.torch_threads != Some(0),
             "workers.torch_threads must be at least 1"
+        );
+        anyhow::ensure!(
+            self.workers.cpu_batch != Some(0) && self.workers.gpu_batch != Some(0),
+            "workers.cpu_batch and workers.gpu_batch must be at least 1"
         );
         if let Some(l) = self.metrics.listen() {
             anyhow::ensure!(

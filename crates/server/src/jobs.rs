@@ -91,7 +91,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Queues a job, or returns the job its idempotency key already names.
     fn submit(&self, job: NewJob) -> Result<Submitted, ServiceError>;
     /// The next job a worker on `device` can run, by priority then arrival; waits up to `timeout`.
-    fn take(&self, device: DeviceSpec, timeout: Duration) -> Take;
+    /// `accept` is asked about that next job only: when it says no, nothing is taken (a job
+    /// behind it is never taken first, so no job waits behind later ones for long).
+    fn take(&self, device: DeviceSpec, timeout: Duration, accept: &dyn Fn(&NewJob) -> bool) -> Take;
     /// Records and broadcasts an event of a running job (Started, Progress, or its outcome).
     /// A `Cancelled` outcome with an empty reason gets the reason the cancellation gave.
     fn publish(&self, id: &str, event: Event);
@@ -461,19 +463,25 @@ impl JobQueue for MemoryQueue {
         })
     }
 
-    fn take(&self, device: DeviceSpec, timeout: Duration) -> Take {
+    fn take(&self, device: DeviceSpec, timeout: Duration, accept: &dyn Fn(&NewJob) -> bool) -> Take {
         let deadline = Instant::now() + timeout;
         let mut inner = self.lock();
         loop {
             if inner.closed {
                 return Take::Closed;
             }
-            let found = inner.queue.iter().position(|id| {
-                inner
-                    .jobs
-                    .get(id)
-                    .is_some_and(|e| device_serves(device, e.device))
-            });
+            let found = inner
+                .queue
+                .iter()
+                .position(|id| {
+                    inner
+                        .jobs
+                        .get(id)
+                        .is_some_and(|e| device_serves(device, e.device))
+                })
+                .filter(|&i| {
+                    inner.jobs.get(&inner.queue[i]).and_then(|e| e.job.as_ref()).is_some_and(accept)
+                });
             if let Some(i) = found {
                 let id = inner.queue.remove(i);
                 let Some(e) = inner.jobs.get_mut(&id) else {
@@ -710,7 +718,7 @@ mod tests {
     }
 
     fn take_id(q: &MemoryQueue, device: DeviceSpec) -> Option<String> {
-        match q.take(device, Duration::ZERO) {
+        match q.take(device, Duration::ZERO, &|_| true) {
             Take::Job(c) => Some(c.id),
             _ => None,
         }
@@ -740,9 +748,25 @@ mod tests {
         assert_eq!(q.active(), 4);
         q.close();
         assert!(matches!(
-            q.take(DeviceSpec::Cpu, Duration::from_secs(5)),
+            q.take(DeviceSpec::Cpu, Duration::from_secs(5), &|_| true),
             Take::Closed
         ));
+    }
+
+    /// A batching worker asks whether the next job fits its batch: when not, nothing is
+    /// taken, not even a later job that would fit (it must not overtake the first).
+    #[test]
+    fn take_asks_about_the_next_job_only() {
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        let first = q.submit(job(0, DeviceSpec::Auto, None)).unwrap().id;
+        let _second = q.submit(job(0, DeviceSpec::Auto, None)).unwrap().id;
+        let never = |_: &NewJob| false;
+        assert!(matches!(q.take(DeviceSpec::Cpu, Duration::ZERO, &never), Take::Idle));
+        match q.take(DeviceSpec::Cpu, Duration::ZERO, &|_| true) {
+            Take::Job(c) => assert_eq!(c.id, first),
+            other => panic!("expected the first job, got {other:?}"),
+        }
+        assert_eq!(q.stats().queued, 1);
     }
 
     #[test]

@@ -75,6 +75,8 @@ impl Server {
             cfg.workers.cpu_workers,
             cfg.workers.gpu_workers_per_device,
             cuda,
+            cfg.workers.cpu_batch.unwrap_or(1),
+            cfg.workers.gpu_batch.unwrap_or(16),
         );
         anyhow::ensure!(
             !slots.is_empty(),

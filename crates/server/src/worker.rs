@@ -1,25 +1,31 @@
 //! Worker threads: each takes jobs for its device from the queue and runs the engine.
 //!
 //! Fits are blocking and CPU/GPU heavy, so they run on plain OS threads, never on the async
-//! runtime; the number of threads is the concurrency bound.
+//! runtime. Each worker trains up to `batch` jobs together as one `s3net_model::Batch`; the
+//! concurrency bound is workers × batch.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use s3net_imaging::{encode_labels_png, encode_mask_png, Image};
-use s3net_model::{DeviceSpec, ModelError, Progress, Segmentation};
+use s3net_model::{Batch, DeviceSpec, FitJob, FitOutput, ModelError, Progress, Segmentation};
 use tracing::{info, info_span, warn};
 
 use crate::error::ServiceError;
-use crate::jobs::{Claimed, JobQueue, Take};
+use crate::jobs::{Claimed, JobQueue, NewJob, Take};
 use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event};
 
-/// One worker: a name for events and logs, and the device it runs fits on.
+/// One worker: a name for events and logs, the device it runs fits on, and how many jobs it
+/// trains together.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerSlot {
     pub name: String,
     pub device: DeviceSpec,
+    /// Jobs trained as one batch (a stack of networks, see `s3net_model::Batch`); 1 runs one
+    /// job at a time.
+    pub batch: usize,
 }
 
 /// The worker slots for a machine with `cuda_devices` GPUs.
@@ -27,6 +33,8 @@ pub fn plan(
     cpu_workers: Option<usize>,
     gpu_per_device: Option<usize>,
     cuda_devices: usize,
+    cpu_batch: usize,
+    gpu_batch: usize,
 ) -> Vec<WorkerSlot> {
     let mut slots = Vec::new();
     for d in 0..cuda_devices {
@@ -34,6 +42,7 @@ pub fn plan(
             slots.push(WorkerSlot {
                 name: format!("cuda:{d}-{i}"),
                 device: DeviceSpec::Cuda(d),
+                batch: gpu_batch.max(1),
             });
         }
     }
@@ -42,12 +51,13 @@ pub fn plan(
         slots.push(WorkerSlot {
             name: format!("cpu-{i}"),
             device: DeviceSpec::Cpu,
+            batch: cpu_batch.max(1),
         });
     }
     slots
 }
 
-/// Starts one thread per slot; they exit once the queue is closed.
+/// Starts one thread per slot; they exit once the queue is closed and their jobs are done.
 pub fn spawn(
     queue: Arc<dyn JobQueue>,
     slots: &[WorkerSlot],
@@ -60,31 +70,87 @@ pub fn spawn(
             let (queue, slot, metrics) = (queue.clone(), slot.clone(), metrics.clone());
             std::thread::Builder::new()
                 .name(format!("s3net-{}", slot.name))
-                .spawn(move || loop {
-                    match queue.take(slot.device, Duration::from_secs(1)) {
-                        Take::Job(job) => run(&*queue, &slot, *job, progress_interval, &metrics),
-                        Take::Idle => continue,
-                        Take::Closed => break,
-                    }
-                })
+                .spawn(move || serve(&queue, &slot, progress_interval, &metrics))
                 .expect("cannot spawn a worker thread")
         })
         .collect()
 }
 
-/// Runs one job in its span (a child of the RPC that created it), then publishes its outcome
-/// once the span has ended, so that a trace shows the job finished when the caller hears it.
-fn run(
-    queue: &dyn JobQueue,
-    slot: &WorkerSlot,
-    c: Claimed,
-    progress_interval: Duration,
-    metrics: &Metrics,
-) {
-    let img = &c.job.image;
-    let o = &c.job.options;
-    // Identifiers, sizes, counts and the outcome: never anything read from the image.
-    // Integers as i64: OpenTelemetry has no unsigned attribute (u64 would become text).
+/// A job in a worker's batch, with what its outcome needs.
+struct Running {
+    claimed: Claimed,
+    /// The job's span, a child of the RPC that created it; it ends when the job does.
+    span: tracing::Span,
+    started: Instant,
+}
+
+/// The worker loop: keep up to `slot.batch` jobs training together, taking queued jobs that
+/// fit the batch between steps (continuous batching), and publish each job's outcome as soon
+/// as it ends. An idle worker waits for the next job; a busy one never waits for more.
+fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Duration, metrics: &Metrics) {
+    let device = match slot.device.resolve() {
+        Ok(d) => d,
+        Err(e) => return refuse_all(queue, slot, &e.to_string(), metrics),
+    };
+    let mut batch: Batch<'static, Running> = Batch::new(device);
+    let mut busy = None;
+    let mut closed = false;
+    loop {
+        while !closed && batch.len() < slot.batch {
+            let wait = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
+            let fits = |j: &NewJob| batch.accepts(&j.options, &j.image);
+            match queue.take(slot.device, wait, &fits) {
+                Take::Job(c) => admit(queue, slot, &mut batch, *c, progress_interval, metrics),
+                Take::Idle => break,
+                Take::Closed => closed = true,
+            }
+        }
+        if batch.is_empty() {
+            busy = None;
+            if closed {
+                return;
+            }
+            continue;
+        }
+        busy.get_or_insert_with(|| metrics.worker_busy(slot.device));
+        let ended: Vec<(Running, Result<FitOutput, ServiceError>)> =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.step())) {
+                Ok(ended) => ended.into_iter().map(|(r, o)| (r, o.map_err(ServiceError::from))).collect(),
+                Err(_) => {
+                    let e = || Err(ServiceError::Internal("the fit panicked".into()));
+                    batch.drain().into_iter().map(|r| (r, e())).collect()
+                }
+            };
+        // The gauge is current by the time a client hears an outcome.
+        if batch.is_empty() {
+            busy = None;
+        }
+        for (running, outcome) in ended {
+            finish(&**queue, running, outcome, metrics);
+        }
+    }
+}
+
+/// A worker whose device does not exist fails every job it takes, saying why.
+fn refuse_all(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, why: &str, metrics: &Metrics) {
+    warn!(worker = %slot.name, error = why, "worker cannot use its device");
+    loop {
+        match queue.take(slot.device, Duration::from_secs(1), &|_| true) {
+            Take::Job(c) => {
+                let running = Running { span: job_span(slot, &c), claimed: *c, started: Instant::now() };
+                let e = ServiceError::from(ModelError::InvalidArgument(why.to_string()));
+                finish(&**queue, running, Err(e), metrics);
+            }
+            Take::Idle => continue,
+            Take::Closed => return,
+        }
+    }
+}
+
+/// The job's span: identifiers, sizes, counts and the outcome, never anything read from the
+/// image. Integers as i64: OpenTelemetry has no unsigned attribute (u64 would become text).
+fn job_span(slot: &WorkerSlot, c: &Claimed) -> tracing::Span {
+    let (img, o) = (&c.job.image, &c.job.options);
     let span = info_span!(
         "job",
         job_id = %c.id,
@@ -98,6 +164,7 @@ fn run(
         max_iterations = o.iterations as i64,
         priority = c.job.priority,
         queued_s = c.queued_for.as_secs_f64(),
+        batch_jobs = tracing::field::Empty,
         iterations = tracing::field::Empty,
         labels = tracing::field::Empty,
         fit_s = tracing::field::Empty,
@@ -105,24 +172,22 @@ fn run(
         otel.status_code = tracing::field::Empty,
     );
     c.job.trace.set_parent_of(&span);
-    let busy = metrics.worker_busy(slot.device);
-    let event = span.in_scope(|| fit(queue, slot, &c, progress_interval, metrics, &span));
-    // Metrics and trace are complete by the time a client hears the outcome.
-    drop(busy);
-    drop(span);
-    queue.publish(&c.id, event);
+    span
 }
 
-fn fit(
-    queue: &dyn JobQueue,
+/// Starts a claimed job: its span and Started event, then into the batch (or straight to
+/// its failure when the engine refuses it).
+fn admit(
+    queue: &Arc<dyn JobQueue>,
     slot: &WorkerSlot,
-    c: &Claimed,
+    batch: &mut Batch<'static, Running>,
+    c: Claimed,
     progress_interval: Duration,
     metrics: &Metrics,
-    span: &tracing::Span,
-) -> Event {
-    let img = &c.job.image;
-    info!("job started");
+) {
+    let span = job_span(slot, &c);
+    span.record("batch_jobs", (batch.len() + 1) as i64);
+    span.in_scope(|| info!("job started"));
     queue.publish(
         &c.id,
         Event::Started(pb::Started {
@@ -130,53 +195,61 @@ fn fit(
             device: slot.device.to_string(),
         }),
     );
-
+    let (q, id, flag) = (queue.clone(), c.id.clone(), c.cancel.clone());
     let mut last: Option<Instant> = None;
-    let mut on_progress = |p: &Progress| {
-        let due = last.is_none_or(|t| t.elapsed() >= progress_interval)
-            || p.iteration >= p.max_iterations;
-        if due {
-            last = Some(Instant::now());
-            queue.publish(&c.id, Event::Progress(progress(p)));
-        }
+    let job = FitJob {
+        image: c.job.image.clone(),
+        opts: c.job.options.clone(),
+        progress: Box::new(move |p: &Progress| {
+            let due = last.is_none_or(|t| t.elapsed() >= progress_interval) || p.iteration >= p.max_iterations;
+            if due {
+                last = Some(Instant::now());
+                q.publish(&id, Event::Progress(progress(p)));
+            }
+        }),
+        cancel: Box::new(move || flag.load(Ordering::Relaxed)),
     };
-    let started = Instant::now();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        s3net_model::segment(
-            img,
-            &c.job.options,
-            slot.device,
-            &mut on_progress,
-            &c.cancel,
-        )
-    }));
-    match outcome {
-        Ok(Ok(seg)) => {
-            let fit_s = started.elapsed().as_secs_f64();
+    let running = Running { claimed: c, span, started: Instant::now() };
+    if let Err((running, e)) = batch.add(running, job) {
+        finish(&**queue, running, Err(e.into()), metrics);
+    }
+}
+
+/// Records a job's outcome in its span and the metrics, ends the span, then publishes the
+/// outcome: a trace shows the job finished when the caller hears it.
+fn finish(queue: &dyn JobQueue, r: Running, outcome: Result<FitOutput, ServiceError>, metrics: &Metrics) {
+    let (c, span) = (&r.claimed, &r.span);
+    let img = &c.job.image;
+    let event = span.in_scope(|| match outcome {
+        Ok(fit) => {
+            let seg = Segmentation::of(img, fit);
+            let fit_s = r.started.elapsed().as_secs_f64();
             span.record("iterations", seg.fit.iterations as i64);
             span.record("labels", seg.fit.n_labels as i64);
             span.record("fit_s", fit_s);
             span.record("outcome", "completed");
             metrics.fit_completed(fit_s, seg.fit.iterations);
-            let mut r = result(img, &seg, c.job.applied.clone());
-            r.timings = Some(pb::Timings {
+            let mut res = result(img, &seg, c.job.applied.clone());
+            res.timings = Some(pb::Timings {
                 queued_seconds: c.queued_for.as_secs_f64(),
                 fit_seconds: fit_s,
                 total_seconds: c.submitted.elapsed().as_secs_f64(),
             });
             info!(labels = seg.fit.n_labels, fit_s, "job completed");
-            Event::Completed(pb::Completed { result: Some(r) })
+            Event::Completed(pb::Completed { result: Some(res) })
         }
-        Ok(Err(ModelError::Cancelled)) => {
+        Err(ServiceError::Model(ModelError::Cancelled)) => {
             span.record("outcome", "cancelled");
             info!("job cancelled");
             Event::Cancelled(pb::Cancelled {
                 reason: String::new(),
             })
         }
-        Ok(Err(e)) => failed(span, ServiceError::from(e)),
-        Err(_) => failed(span, ServiceError::Internal("the fit panicked".into())),
-    }
+        Err(e) => failed(span, e),
+    });
+    let id = r.claimed.id.clone();
+    drop(r);
+    queue.publish(&id, event);
 }
 
 fn failed(span: &tracing::Span, e: ServiceError) -> Event {
@@ -286,14 +359,16 @@ mod tests {
     #[test]
     fn worker_plan_per_device() {
         let names = |v: Vec<WorkerSlot>| v.into_iter().map(|s| s.name).collect::<Vec<_>>();
-        assert_eq!(names(plan(None, None, 0)), ["cpu-0"]);
+        assert_eq!(names(plan(None, None, 0, 1, 16)), ["cpu-0"]);
         assert_eq!(
-            names(plan(None, None, 2)),
+            names(plan(None, None, 2, 1, 16)),
             ["cuda:0-0", "cuda:0-1", "cuda:1-0", "cuda:1-1"]
         );
-        assert_eq!(names(plan(Some(1), Some(1), 1)), ["cuda:0-0", "cpu-0"]);
+        let mixed = plan(Some(1), Some(1), 1, 2, 16);
+        assert_eq!(names(mixed.clone()), ["cuda:0-0", "cpu-0"]);
+        assert_eq!(mixed.iter().map(|s| s.batch).collect::<Vec<_>>(), [16, 2]);
         assert_eq!(
-            plan(Some(2), Some(3), 0)
+            plan(Some(2), Some(3), 0, 0, 0)
                 .iter()
                 .filter(|s| s.device == DeviceSpec::Cpu)
                 .count(),

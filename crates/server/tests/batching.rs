@@ -1,0 +1,102 @@
+//! A worker with `batch > 1` trains queued jobs together (continuous batching): they run at
+//! the same time on one worker, each gets the result it would get alone, a job of another
+//! network shape waits for the batch to drain (and is not overtaken), cancelling one job of a
+//! batch leaves the others alone.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use s3net_server::pb::{self, JobState};
+
+async fn submit(c: &mut Client, image: Vec<u8>, options: pb::Options) -> String {
+    c.submit_job(pb::SubmitJobRequest {
+        image,
+        options: Some(options),
+        idempotency_key: String::new(),
+    })
+    .await
+    .expect("submit")
+    .into_inner()
+    .job_id
+}
+
+/// Labels of a result as 16-bit values.
+fn labels(r: &pb::SegmentationResult) -> Vec<u16> {
+    image::load_from_memory(&r.labels_png)
+        .expect("labels PNG")
+        .to_luma16()
+        .into_raw()
+}
+
+fn job_options(seed: u64) -> pb::Options {
+    pb::Options {
+        iterations: Some(6),
+        seed: Some(seed),
+        ..quick()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_train_together_each_as_if_alone() {
+    let mut cfg = config();
+    cfg.workers.cpu_batch = Some(4);
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    // Four jobs of one network shape, a long one of the same shape, then another shape.
+    let sizes = [(40, 30), (32, 32), (28, 44), (36, 36)];
+    let mut ids = Vec::new();
+    for (i, &(w, h)) in sizes.iter().enumerate() {
+        ids.push(submit(&mut c, disk(w, h), job_options(i as u64)).await);
+    }
+    let long = submit(&mut c, disk(32, 32), pb::Options { iterations: Some(1000), ..job_options(9) }).await;
+    let other = submit(&mut c, disk(30, 30), pb::Options { features: Some(6), ..job_options(5) }).await;
+
+    let mut jobs = Vec::new();
+    for id in &ids {
+        jobs.push(wait_final(&mut c, id, Duration::from_secs(60)).await);
+    }
+    for j in &jobs {
+        assert_eq!(j.state, JobState::Completed as i32, "{:?}", j.failure);
+    }
+    // One worker, yet every job started before any finished: they trained together.
+    let first_end = jobs.iter().map(|j| j.finished_at).fold(f64::INFINITY, f64::min);
+    assert!(jobs.iter().all(|j| j.started_at < first_end), "jobs ran one after another");
+
+    // The long job shares the batch; cancelling it leaves the rest undisturbed.
+    let l = c.get_job(pb::GetJobRequest { job_id: long.clone() }).await.unwrap().into_inner();
+    assert_eq!(l.state, JobState::Running as i32);
+    c.cancel_job(pb::CancelJobRequest { job_id: long.clone() }).await.unwrap();
+    let l = wait_final(&mut c, &long, Duration::from_secs(30)).await;
+    assert_eq!(l.state, JobState::Cancelled as i32);
+
+    // The job of another shape waited for the batch to drain, then ran.
+    let o = wait_final(&mut c, &other, Duration::from_secs(60)).await;
+    assert_eq!(o.state, JobState::Completed as i32, "{:?}", o.failure);
+    assert!(o.started_at >= l.finished_at - 1e-3, "ran inside a batch of another shape");
+    assert_eq!(o.result.as_ref().unwrap().options.as_ref().unwrap().features, 6);
+
+    // Each batched result is the one the job gets alone (a one-job-at-a-time server).
+    let (alone_server, alone_url) = start(config()).await;
+    let mut a = client(&alone_url).await;
+    for (i, (&(w, h), j)) in sizes.iter().zip(&jobs).enumerate() {
+        let alone = completed(&segment_events(&mut a, disk(w, h), job_options(i as u64)).await);
+        let batched = j.result.as_ref().unwrap();
+        assert_eq!((batched.width, batched.height), (w, h));
+        assert_eq!(batched.iterations, alone.iterations, "job {i}");
+        let (x, y) = (labels(batched), labels(&alone));
+        let same = x.iter().zip(&y).filter(|(p, q)| p == q).count() as f64 / x.len() as f64;
+        assert!(same >= 0.98, "job {i}: only {:.1} % of the labels agree", 100.0 * same);
+    }
+    alone_server.shutdown().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[test]
+fn batch_of_zero_is_a_configuration_error() {
+    let mut cfg = config();
+    cfg.workers.gpu_batch = Some(0);
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("workers.cpu_batch and workers.gpu_batch must be at least 1"), "{e}");
+}
