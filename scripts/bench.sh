@@ -25,6 +25,7 @@ cuda=0
 if $BIN bench deform --device cuda --repeats 10 --json > $OUT/deform-cuda.json 2>/dev/null; then
   cuda=1
   $BIN bench fit --device cuda --iterations 50 --repeats 5 --concurrency 1,4,8,16 > $OUT/fit-cuda.json
+  $BIN bench fit --device cuda --iterations 50 --repeats 1 --batch 8,16,32 > $OUT/fit-cuda-batch.json
 fi
 python3 - "$cpu" "$cuda" <<'PY'
 import json, sys, datetime
@@ -57,6 +58,8 @@ if cuda:
       f"- 50-step fit at 256², F = {fc['features']}: {fc['seconds_per_fit_median']:.3f} s ({fc['seconds_per_iteration_median']*1e3:.1f} ms per step)"]
     for c in fc.get("concurrent", []):
         lines.append(f"- {c['fits_at_once']} fits at once: {c['images_per_second']:.2f} images/s ({c['seconds_per_fit_median']:.2f} s per fit)")
+    for b in j("fit-cuda-batch.json").get("batched", []):
+        lines.append(f"- {b['batch']} fits as one batch: {b['images_per_second']:.2f} images/s ({b['seconds_per_step_median']*1e3:.0f} ms per step)")
 lines += ["", "## Service overhead (in-process server on loopback, real gRPC clients, CPU)", "", open("bench-out/service.md").read().strip()]
 import glob
 for g in sorted(glob.glob("docs/gpu-checks/*/summary.md")):
