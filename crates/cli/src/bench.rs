@@ -137,26 +137,25 @@ fn fit(b: FitBench) -> Result<()> {
     Ok(())
 }
 
-/// `n` threads each run `repeats` fits of the same image at once (after one warm-up fit each);
-/// images per second = all fits / wall time.
-fn concurrent(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, repeats: usize) -> Result<serde_json::Value> {
-    let barrier = std::sync::Barrier::new(n + 1);
-    let cancel = AtomicBool::new(false);
-    let (wall, per_fit) = std::thread::scope(|scope| -> Result<(f64, Vec<f64>)> {
-        let handles: Vec<_> = (0..n)
-            .map(|_| {
-                scope.spawn(|| -> Result<Vec<f64>> {
-                    let warm = s3net_model::segment(image, opts, device, &mut |_| {}, &cancel);
+/// Runs `job(thread, round)` on `threads` threads at once: each thread first runs round 0 as a
+/// warm-up, then all start together on rounds 1..=repeats. Returns the wall time of the timed
+/// rounds and every sample they returned.
+fn on_threads(threads: usize, repeats: usize, job: &(dyn Fn(usize, usize) -> Result<Vec<f64>> + Sync)) -> Result<(f64, Vec<f64>)> {
+    let barrier = std::sync::Barrier::new(threads + 1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                scope.spawn(move || -> Result<Vec<f64>> {
+                    let warm = job(t, 0);
                     // Wait even after a failure, or the other threads would wait forever.
                     barrier.wait();
                     warm?;
-                    let mut secs = Vec::new();
-                    for _ in 0..repeats {
-                        let t0 = Instant::now();
-                        s3net_model::segment(image, opts, device, &mut |_| {}, &cancel)?;
-                        secs.push(t0.elapsed().as_secs_f64());
+                    let mut samples = Vec::new();
+                    for r in 1..=repeats {
+                        samples.extend(job(t, r)?);
                     }
-                    Ok(secs)
+                    Ok(samples)
                 })
             })
             .collect();
@@ -167,6 +166,17 @@ fn concurrent(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec,
             all.extend(h.join().map_err(|_| anyhow::anyhow!("a bench thread panicked"))??);
         }
         Ok((t0.elapsed().as_secs_f64(), all))
+    })
+}
+
+/// `n` threads each run `repeats` fits of the same image at once (after one warm-up fit each);
+/// images per second = all fits / wall time.
+fn concurrent(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, repeats: usize) -> Result<serde_json::Value> {
+    let cancel = AtomicBool::new(false);
+    let (wall, per_fit) = on_threads(n, repeats, &|_, _| {
+        let t0 = Instant::now();
+        s3net_model::segment(image, opts, device, &mut |_| {}, &cancel)?;
+        Ok(vec![t0.elapsed().as_secs_f64()])
     })?;
     Ok(json!({
         "fits_at_once": n,
@@ -183,12 +193,12 @@ fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: u
     let dev = device.resolve()?;
     let image = std::sync::Arc::new(image.clone());
     // One batch to the end: the seconds of each of its steps.
-    let run = |seed0: u64| -> Result<Vec<f64>> {
+    let (wall, steps) = on_threads(workers, repeats, &|w, r| {
         let mut b: s3net_model::Batch<usize> = s3net_model::Batch::new(dev);
         for i in 0..n {
             let job = s3net_model::FitJob {
                 image: image.clone(),
-                opts: s3net_model::FitOptions { seed: seed0 + i as u64, ..opts.clone() },
+                opts: s3net_model::FitOptions { seed: (1000 * w + 100 * r + i) as u64, ..opts.clone() },
                 progress: Box::new(|_| {}),
                 cancel: Box::new(|| false),
             };
@@ -203,31 +213,6 @@ fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: u
             steps.push(t0.elapsed().as_secs_f64());
         }
         Ok(steps)
-    };
-    let barrier = std::sync::Barrier::new(workers + 1);
-    let (wall, steps) = std::thread::scope(|scope| -> Result<(f64, Vec<f64>)> {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                let (run, barrier) = (&run, &barrier);
-                scope.spawn(move || -> Result<Vec<f64>> {
-                    let warm = run(1000 * w as u64);
-                    barrier.wait();
-                    warm?;
-                    let mut steps = Vec::new();
-                    for r in 0..repeats {
-                        steps.extend(run((1000 * w + 100 * (r + 1)) as u64)?);
-                    }
-                    Ok(steps)
-                })
-            })
-            .collect();
-        barrier.wait();
-        let t0 = Instant::now();
-        let mut all = Vec::new();
-        for h in handles {
-            all.extend(h.join().map_err(|_| anyhow::anyhow!("a bench thread panicked"))??);
-        }
-        Ok((t0.elapsed().as_secs_f64(), all))
     })?;
     let fits = n * workers * repeats;
     Ok(json!({

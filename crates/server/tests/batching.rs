@@ -10,18 +10,6 @@ use std::time::Duration;
 use common::*;
 use s3net_server::pb::{self, JobState};
 
-async fn submit(c: &mut Client, image: Vec<u8>, options: pb::Options) -> String {
-    c.submit_job(pb::SubmitJobRequest {
-        image,
-        options: Some(options),
-        idempotency_key: String::new(),
-    })
-    .await
-    .expect("submit")
-    .into_inner()
-    .job_id
-}
-
 /// Labels of a result as 16-bit values.
 fn labels(r: &pb::SegmentationResult) -> Vec<u16> {
     image::load_from_memory(&r.labels_png)

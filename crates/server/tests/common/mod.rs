@@ -145,18 +145,22 @@ pub fn completed(events: &[Event]) -> pb::SegmentationResult {
     }
 }
 
+/// Submits a job (no idempotency key) and returns its id.
+pub async fn submit(c: &mut Client, image: Vec<u8>, options: pb::Options) -> String {
+    c.submit_job(pb::SubmitJobRequest {
+        image,
+        options: Some(options),
+        idempotency_key: String::new(),
+    })
+    .await
+    .expect("submit")
+    .into_inner()
+    .job_id
+}
+
 /// Submits and waits until the job runs (its first Progress event), returning its id.
 pub async fn submit_running(c: &mut Client, image: Vec<u8>, options: pb::Options) -> String {
-    let id = c
-        .submit_job(pb::SubmitJobRequest {
-            image,
-            options: Some(options),
-            idempotency_key: String::new(),
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job_id;
+    let id = submit(c, image, options).await;
     let mut w = c
         .watch_job(pb::WatchJobRequest { job_id: id.clone() })
         .await
