@@ -394,7 +394,7 @@ impl<'a, T> Batch<'a, T> {
                     g
                 }
             };
-            let xt = warp(&x.view([m, c, size, size]), &grid).view([1, m * c, size, size]);
+            let xt = warp(&x.reshape([m, c, size, size]), &grid).reshape([1, m * c, size, size]);
             let (response, aux_t) = if device.is_cuda() {
                 // On a GPU, one pass over the image and its transformed copy as a batch of two
                 // (BatchNorm still normalises each on its own): half the kernel launches.
@@ -410,7 +410,7 @@ impl<'a, T> Batch<'a, T> {
             (net.response(&net.trunk(&x)), None, None)
         };
 
-        let r = response.view([m, k, size, size]);
+        let r = response.reshape([m, k, size, size]);
         let (l_ce, target) = self_ce_each(&r);
         let zeros = || Tensor::zeros([m], (Kind::Float, device));
         let l_sp = if w.spatial > 0.0 {
@@ -426,7 +426,7 @@ impl<'a, T> Batch<'a, T> {
                 // Target: the clustering of x, moved by the same transform, argmax after the warp.
                 let moved = warp(&r.detach(), &grid).argmax(1, false);
                 let target_t = moved.where_self(&inside(&grid), &Tensor::full([], IGNORE, (Kind::Int64, device)));
-                masked_ce_each(&aux_t.view([m, k, size, size]), &target_t)
+                masked_ce_each(&aux_t.reshape([m, k, size, size]), &target_t)
             }
             _ => zeros(),
         };

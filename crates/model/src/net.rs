@@ -10,7 +10,8 @@
 //! convolution runs with M times its groups, so no channel of one network ever sees another's.
 //! BatchNorm normalises each channel on its own, hence each network exactly as alone. The
 //! deformable conv views the features as M images with one kernel each. On a GPU one step of
-//! M networks then costs about the kernel launches of one: what makes batching jobs pay.
+//! M networks then costs the kernel launches of one (its arithmetic still grows with M: see
+//! the README, "Batching jobs").
 
 use tch::{Device, Kind, Tensor};
 
@@ -69,7 +70,7 @@ impl Conv {
             // (H200, `s3net bench fit --batch`).
             let xs = x.size();
             let (cin, cout) = (xs[1] / models, ws[0] / models);
-            let y = self.w.view([models, cout, cin]).matmul(&x.view([xs[0], models, cin, xs[2] * xs[3]]));
+            let y = self.w.reshape([models, cout, cin]).matmul(&x.reshape([xs[0], models, cin, xs[2] * xs[3]]));
             return (y + self.b.view([1, models, cout, 1])).view([xs[0], models * cout, xs[2], xs[3]]);
         }
         let (p, d) = ([self.padding, self.padding], [self.dilation, self.dilation]);
@@ -168,12 +169,12 @@ fn cat_per_model(parts: &[Tensor], models: i64) -> Tensor {
         .iter()
         .map(|t| {
             let s = t.size();
-            t.view([s[0], models, s[1] / models, s[2], s[3]])
+            t.reshape([s[0], models, s[1] / models, s[2], s[3]])
         })
         .collect();
     let c = Tensor::cat(&split, 2);
     let s = c.size();
-    c.view([s[0], s[1] * s[2], s[3], s[4]])
+    c.reshape([s[0], s[1] * s[2], s[3], s[4]])
 }
 
 /// `[1×1 → GELU → I-LKA → 1×1] + residual`, then BatchNorm.

@@ -137,6 +137,22 @@ fn each_job_as_if_alone_paper_preset() {
     each_job_as_if_alone(Preset::Paper, Device::Cpu, CPU);
 }
 
+/// The tensor-op kernels (channels-last activations on the CPU) batch as well.
+#[test]
+fn each_job_as_if_alone_tensor_ops() {
+    let jobs: Vec<(Image, FitOptions)> = [(1, 4), (2, 3)]
+        .into_iter()
+        .map(|(seed, its)| {
+            let o = FitOptions { kernels: s3net_model::options::Kernels::TensorOps, ..opts(Preset::Default, seed, its) };
+            (disc(36, 30, 3, 0.4 + 0.1 * seed as f32, 0.5), o)
+        })
+        .collect();
+    let got = batched(&jobs, &[0, 0], None, Device::Cpu);
+    for (i, (img, o)) in jobs.iter().enumerate() {
+        assert_same_fit(&format!("tensor ops job {i}"), &alone(img, o, Device::Cpu), &got[i], CPU);
+    }
+}
+
 #[test]
 fn cuda_each_job_as_if_alone() {
     if !tch::Cuda::is_available() {
