@@ -69,6 +69,7 @@ pub struct Metrics {
     fit_seconds: Histogram,
     fit_iterations: Histogram,
     workers_active: Family<DeviceLabel, Gauge>,
+    jobs_training: Family<DeviceLabel, Gauge>,
     rejected: Family<ReasonLabel, Counter>,
     gpu_used: Family<DeviceLabel, Gauge>,
     gpu_total: Family<DeviceLabel, Gauge>,
@@ -129,13 +130,20 @@ impl Metrics {
         );
         let workers_active = Family::<DeviceLabel, Gauge>::default();
         let workers_total = Family::<DeviceLabel, Gauge>::default();
+        let jobs_training = Family::<DeviceLabel, Gauge>::default();
         for d in workers {
             let l = DeviceLabel {
                 device: d.to_string(),
             };
             workers_total.get_or_create(&l).inc();
             let _ = workers_active.get_or_create(&l);
+            let _ = jobs_training.get_or_create(&l);
         }
+        registry.register(
+            "jobs_training",
+            "Jobs being fitted now, per device (a worker trains up to workers.*_batch at once)",
+            jobs_training.clone(),
+        );
         registry.register(
             "workers_active",
             "Workers running a fit, per device",
@@ -189,6 +197,7 @@ impl Metrics {
             fit_seconds,
             fit_iterations,
             workers_active,
+            jobs_training,
             rejected,
             gpu_used,
             gpu_total,
@@ -214,6 +223,14 @@ impl Metrics {
     pub fn fit_completed(&self, seconds: f64, iterations: usize) {
         self.fit_seconds.observe(seconds);
         self.fit_iterations.observe(iterations as f64);
+    }
+
+    /// A worker on `device` now trains `delta` more (or fewer) jobs.
+    pub fn jobs_training(&self, device: DeviceSpec, delta: i64) {
+        let l = DeviceLabel {
+            device: device.to_string(),
+        };
+        self.jobs_training.get_or_create(&l).inc_by(delta);
     }
 
     /// Marks a worker on `device` busy until the returned guard drops (also on a panic).

@@ -95,6 +95,12 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
     let mut batch: Batch<'static, Running> = Batch::new(device);
     let mut busy = None;
     let mut closed = false;
+    // This worker's share of s3net_jobs_training.
+    let mut training = 0i64;
+    let mut report = |len: usize| {
+        metrics.jobs_training(slot.device, len as i64 - training);
+        training = len as i64;
+    };
     loop {
         while !closed && batch.len() < slot.batch {
             let wait = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
@@ -113,6 +119,7 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
             continue;
         }
         busy.get_or_insert_with(|| metrics.worker_busy(slot.device));
+        report(batch.len());
         let ended: Vec<(Running, Result<FitOutput, ServiceError>)> =
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.step())) {
                 Ok(ended) => ended.into_iter().map(|(r, o)| (r, o.map_err(ServiceError::from))).collect(),
@@ -121,7 +128,8 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
                     batch.drain().into_iter().map(|r| (r, e())).collect()
                 }
             };
-        // The gauge is current by the time a client hears an outcome.
+        // The gauges are current by the time a client hears an outcome.
+        report(batch.len());
         if batch.is_empty() {
             busy = None;
         }

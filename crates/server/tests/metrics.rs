@@ -127,6 +127,7 @@ async fn metrics_count_what_happened() {
     let m = scrape(addr).await;
     assert_eq!(value(&m, "s3net_queue_depth"), 1.0);
     assert_eq!(value(&m, "s3net_workers_active{device=\"cpu\"}"), 1.0);
+    assert_eq!(value(&m, "s3net_jobs_training{device=\"cpu\"}"), 1.0);
     assert_eq!(
         value(&m, "s3net_rejected_total{reason=\"queue_full\"}"),
         1.0
@@ -164,6 +165,7 @@ async fn metrics_count_what_happened() {
     );
     assert_eq!(value(&m, "s3net_queue_depth"), 0.0);
     assert_eq!(value(&m, "s3net_workers_active{device=\"cpu\"}"), 0.0);
+    assert_eq!(value(&m, "s3net_jobs_training{device=\"cpu\"}"), 0.0);
     // Every job a worker took waited some time; completed fits only are timed and counted.
     assert_eq!(value(&m, "s3net_queue_wait_seconds_count"), 3.0);
     assert_eq!(value(&m, "s3net_fit_seconds_count"), 2.0);
