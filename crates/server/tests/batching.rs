@@ -1,7 +1,7 @@
-//! A worker with `batch > 1` trains queued jobs together (continuous batching): they run at
-//! the same time on one worker, each gets the result it would get alone, a job of another
-//! network shape waits for the batch to drain (and is not overtaken), cancelling one job of a
-//! batch leaves the others alone.
+//! A worker with `batch > 1` trains queued jobs together (continuous batching): they join a
+//! running job on the one worker, each gets the result it would get alone, a job of another
+//! network shape waits for the batch to drain, cancelling one job of a batch leaves the others
+//! alone.
 
 mod common;
 
@@ -29,16 +29,17 @@ fn job_options(seed: u64) -> pb::Options {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_jobs_train_together_each_as_if_alone() {
     let mut cfg = config();
-    cfg.workers.cpu_batch = Some(4);
+    cfg.workers.cpu_batch = Some(5);
     let (server, url) = start(cfg).await;
     let mut c = client(&url).await;
-    // Four jobs of one network shape, a long one of the same shape, then another shape.
+    // A long job runs on the only worker; four jobs of its network shape join its batch, then
+    // a job of another shape queues behind them.
+    let long = submit_running(&mut c, disk(32, 32), pb::Options { iterations: Some(1000), ..job_options(9) }).await;
     let sizes = [(40, 30), (32, 32), (28, 44), (36, 36)];
     let mut ids = Vec::new();
     for (i, &(w, h)) in sizes.iter().enumerate() {
         ids.push(submit(&mut c, disk(w, h), job_options(i as u64)).await);
     }
-    let long = submit(&mut c, disk(32, 32), pb::Options { iterations: Some(1000), ..job_options(9) }).await;
     let other = submit(&mut c, disk(30, 30), pb::Options { features: Some(6), ..job_options(5) }).await;
 
     let mut jobs = Vec::new();
@@ -48,18 +49,18 @@ async fn queued_jobs_train_together_each_as_if_alone() {
     for j in &jobs {
         assert_eq!(j.state, JobState::Completed as i32, "{:?}", j.failure);
     }
-    // One worker, yet every job started before any finished: they trained together.
-    let first_end = jobs.iter().map(|j| j.finished_at).fold(f64::INFINITY, f64::min);
-    assert!(jobs.iter().all(|j| j.started_at < first_end), "jobs ran one after another");
-
-    // The long job shares the batch; cancelling it leaves the rest undisturbed.
+    // One worker, and the long job still runs: the four ran in its batch, beside it.
     let l = c.get_job(pb::GetJobRequest { job_id: long.clone() }).await.unwrap().into_inner();
-    assert_eq!(l.state, JobState::Running as i32);
+    assert_eq!(l.state, JobState::Running as i32, "the long job should still be running");
+    assert!(jobs.iter().all(|j| j.started_at >= l.started_at));
+    // The job of another shape is not taken into the batch, nor does a later job overtake it.
+    let o = c.get_job(pb::GetJobRequest { job_id: other.clone() }).await.unwrap().into_inner();
+    assert_eq!(o.state, JobState::Queued as i32, "another shape must wait for the batch to drain");
+
+    // Cancelling the long job leaves the batch empty; then the other shape runs.
     c.cancel_job(pb::CancelJobRequest { job_id: long.clone() }).await.unwrap();
     let l = wait_final(&mut c, &long, Duration::from_secs(30)).await;
     assert_eq!(l.state, JobState::Cancelled as i32);
-
-    // The job of another shape waited for the batch to drain, then ran.
     let o = wait_final(&mut c, &other, Duration::from_secs(60)).await;
     assert_eq!(o.state, JobState::Completed as i32, "{:?}", o.failure);
     assert!(o.started_at >= l.finished_at - 1e-3, "ran inside a batch of another shape");
