@@ -214,8 +214,12 @@ struct StepOut {
 }
 
 impl<'a, T> Batch<'a, T> {
-    /// An empty batch on `device`.
+    /// An empty batch on `device`. A batch stays on the thread that made it (it is not
+    /// `Send`), so that thread gets its own CUDA stream here, once.
     pub fn new(device: Device) -> Self {
+        if let Device::Cuda(i) = device {
+            own_stream(i);
+        }
         Batch { device, slots: Vec::new(), net: None, velocity: Vec::new(), inputs: None, grids: None }
     }
 
@@ -256,7 +260,7 @@ impl<'a, T> Batch<'a, T> {
                 None => (net, fresh),
                 Some(old) => {
                     let v = tch::no_grad(|| self.velocity.iter().zip(&fresh).map(|(a, b)| Tensor::cat(&[a, b], 0)).collect());
-                    (S3Net::stack(vec![old, net]), v)
+                    (old.stack(net), v)
                 }
             };
             Ok((x, net, velocity))
@@ -364,9 +368,6 @@ impl<'a, T> Batch<'a, T> {
 
     fn train_step(&mut self) -> Result<StepOut, ModelError> {
         let device = self.device;
-        if let Device::Cuda(i) = device {
-            own_stream(i);
-        }
         let net = self.net.as_ref().ok_or_else(|| ModelError::Torch("batch has no network".into()))?;
         let m = self.slots.len() as i64;
         let x = match &self.inputs {

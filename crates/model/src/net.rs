@@ -4,8 +4,8 @@
 //! libtorch's global one: several fits run at once in one process, and each must be
 //! reproducible from its seed alone.
 //!
-//! **Stacks of networks.** [`S3Net::stack`] joins M independently initialised networks into
-//! one that trains all M at once: every parameter is concatenated along its first dimension,
+//! **Stacks of networks.** [`S3Net::stack`] joins independently initialised networks into
+//! one that trains all M of them at once: every parameter is concatenated along its first dimension,
 //! the images ride side by side along the channel axis, `(1, M·C, S, S)`, and every
 //! convolution runs with M times its groups, so no channel of one network ever sees another's.
 //! BatchNorm normalises each channel on its own, hence each network exactly as alone. The
@@ -292,34 +292,22 @@ impl S3Net {
         }
     }
 
-    /// Joins networks of one shape (same F, blocks, offsets, size, kernels, input channels)
-    /// into a stack that trains them all at once, network j keeping its own weights. The
-    /// parameters are new leaves holding copies; the inputs are left as they were.
-    pub fn stack(nets: Vec<S3Net>) -> S3Net {
-        let mut nets = nets.into_iter();
-        let Some(mut first) = nets.next() else { panic!("S3Net::stack needs at least one network") };
-        let rest: Vec<S3Net> = nets.collect();
-        if rest.is_empty() {
-            return first;
-        }
-        let models = first.models + rest.iter().map(|n| n.models).sum::<i64>();
-        let lists: Vec<Vec<&Tensor>> = rest.iter().map(|n| n.parameters()).collect();
-        let joined: Vec<Tensor> = first
+    /// Appends the networks of `other` (same F, blocks, offsets, size, kernels and input
+    /// channels) to this stack, which then trains them all at once, each keeping its own
+    /// weights. The parameters become new leaves holding copies.
+    pub fn stack(mut self, other: S3Net) -> S3Net {
+        let joined: Vec<Tensor> = self
             .parameters()
             .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let mut parts = vec![p.detach()];
-                parts.extend(lists.iter().map(|l| l[i].detach()));
-                tch::no_grad(|| Tensor::cat(&parts, 0))
-            })
+            .zip(other.parameters())
+            .map(|(a, b)| tch::no_grad(|| Tensor::cat(&[a.detach(), b.detach()], 0)))
             .collect();
-        for (slot, t) in first.parameters_mut().into_iter().zip(joined) {
+        for (slot, t) in self.parameters_mut().into_iter().zip(joined) {
             *slot = t;
         }
-        first.models = models;
-        first.make_trainable();
-        first
+        self.models += other.models;
+        self.make_trainable();
+        self
     }
 
     /// Keeps only the networks at `keep` (indices into this stack, in the order given) and
