@@ -66,10 +66,7 @@ fn set_stream(device: usize, pool: bool) -> Result<(), OpError> {
     let mut err = std::ptr::null_mut();
     // SAFETY: plain values in, an owned message out on failure.
     let rc = unsafe { s3ops_cuda_set_stream(device as i64, pool as i32, &mut err) };
-    if rc == 0 {
-        return Ok(());
-    }
-    Err(take_error(err, "setting the CUDA stream failed"))
+    status(rc, err, "setting the CUDA stream failed")
 }
 
 /// Makes the calling thread queue its CUDA work on `cuda:device` on a stream of libtorch's
@@ -86,6 +83,14 @@ pub fn use_default_stream(device: usize) -> Result<(), OpError> {
 
 fn ptr(t: Option<&Tensor>) -> *const c_void {
     t.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void)
+}
+
+/// Turns the (status, err) pair of a C call that returns nothing into a `Result`.
+fn status(rc: i32, err: *mut c_char, fallback: &str) -> Result<(), OpError> {
+    if rc == 0 {
+        return Ok(());
+    }
+    Err(take_error(err, fallback))
 }
 
 /// Turns the (status, out, err) triple of a C call into a `Result`.
@@ -300,10 +305,7 @@ pub fn sgd_step(params: &[&Tensor], velocity: &[Tensor], lr: f64, momentum: f64)
     let mut err = std::ptr::null_mut();
     // SAFETY: both pointer arrays hold `len` valid tensors for the duration of the call.
     let rc = unsafe { s3ops_sgd_step(p.as_ptr(), v.as_ptr(), p.len() as i64, lr, momentum, &mut err) };
-    if rc == 0 {
-        return Ok(());
-    }
-    Err(take_error(err, "sgd_step failed"))
+    status(rc, err, "sgd_step failed")
 }
 
 /// Validates the arguments of a deformable convolution (dtypes, devices, shapes, geometry) and
