@@ -65,6 +65,13 @@ fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
     })
 }
 
+/// Each series has its expected value (named in the failure).
+fn assert_series(m: &HashMap<String, f64>, expected: &[(&str, f64)]) {
+    for &(series, want) in expected {
+        assert_eq!(value(m, series), want, "{series}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened() {
     let mut cfg = config();
@@ -95,22 +102,8 @@ async fn metrics_count_what_happened() {
     let first = completed(&segment_events(&mut c, disk(32, 32), quick()).await);
     // 2. A long job runs; a second waits (the queue's one place); a third is refused.
     let running = submit_running(&mut c, disk(48, 48), slow()).await;
-    let waiting = c
-        .submit_job(pb::SubmitJobRequest {
-            image: disk(32, 32),
-            options: Some(quick()),
-            idempotency_key: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
-    let full = c
-        .submit_job(pb::SubmitJobRequest {
-            image: disk(32, 32),
-            options: Some(quick()),
-            idempotency_key: String::new(),
-        })
+    let waiting = submit(&mut c, disk(32, 32), quick()).await;
+    let full = try_submit(&mut c, disk(32, 32), quick())
         .await
         .unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted);
@@ -125,19 +118,18 @@ async fn metrics_count_what_happened() {
     assert_eq!(bad.code(), Code::InvalidArgument);
 
     let m = scrape(addr).await;
-    assert_eq!(value(&m, "s3net_queue_depth"), 1.0);
-    assert_eq!(value(&m, "s3net_workers_active{device=\"cpu\"}"), 1.0);
-    assert_eq!(value(&m, "s3net_jobs_training{device=\"cpu\"}"), 1.0);
-    assert_eq!(
-        value(&m, "s3net_rejected_total{reason=\"queue_full\"}"),
-        1.0
+    assert_series(
+        &m,
+        &[
+            ("s3net_queue_depth", 1.0),
+            ("s3net_workers_active{device=\"cpu\"}", 1.0),
+            ("s3net_jobs_training{device=\"cpu\"}", 1.0),
+            ("s3net_rejected_total{reason=\"queue_full\"}", 1.0),
+            ("s3net_rejected_total{reason=\"invalid_argument\"}", 1.0),
+            ("s3net_jobs_total{outcome=\"completed\"}", 1.0),
+            ("s3net_queue_wait_seconds_count", 2.0),
+        ],
     );
-    assert_eq!(
-        value(&m, "s3net_rejected_total{reason=\"invalid_argument\"}"),
-        1.0
-    );
-    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"completed\"}"), 1.0);
-    assert_eq!(value(&m, "s3net_queue_wait_seconds_count"), 2.0);
 
     // 4. Cancelled while running; then the waiting job runs and completes.
     c.cancel_job(pb::CancelJobRequest {
@@ -152,23 +144,22 @@ async fn metrics_count_what_happened() {
     let second = j.result.unwrap();
 
     let m = scrape(addr).await;
-    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"completed\"}"), 2.0);
-    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"cancelled\"}"), 1.0);
-    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"failed\"}"), 0.0);
-    assert_eq!(
-        value(&m, "s3net_rejected_total{reason=\"queue_full\"}"),
-        1.0
-    );
-    assert_eq!(
-        value(&m, "s3net_rejected_total{reason=\"invalid_argument\"}"),
-        1.0
-    );
-    assert_eq!(value(&m, "s3net_queue_depth"), 0.0);
-    assert_eq!(value(&m, "s3net_workers_active{device=\"cpu\"}"), 0.0);
-    assert_eq!(value(&m, "s3net_jobs_training{device=\"cpu\"}"), 0.0);
     // Every job a worker took waited some time; completed fits only are timed and counted.
-    assert_eq!(value(&m, "s3net_queue_wait_seconds_count"), 3.0);
-    assert_eq!(value(&m, "s3net_fit_seconds_count"), 2.0);
+    assert_series(
+        &m,
+        &[
+            ("s3net_jobs_total{outcome=\"completed\"}", 2.0),
+            ("s3net_jobs_total{outcome=\"cancelled\"}", 1.0),
+            ("s3net_jobs_total{outcome=\"failed\"}", 0.0),
+            ("s3net_rejected_total{reason=\"queue_full\"}", 1.0),
+            ("s3net_rejected_total{reason=\"invalid_argument\"}", 1.0),
+            ("s3net_queue_depth", 0.0),
+            ("s3net_workers_active{device=\"cpu\"}", 0.0),
+            ("s3net_jobs_training{device=\"cpu\"}", 0.0),
+            ("s3net_queue_wait_seconds_count", 3.0),
+            ("s3net_fit_seconds_count", 2.0),
+        ],
+    );
     let fit_s = first.timings.unwrap().fit_seconds + second.timings.unwrap().fit_seconds;
     assert!((value(&m, "s3net_fit_seconds_sum") - fit_s).abs() < 0.05 * fit_s + 0.01);
     assert_eq!(value(&m, "s3net_fit_iterations_count"), 2.0);

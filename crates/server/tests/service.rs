@@ -577,14 +577,7 @@ async fn bad_inputs_are_invalid_argument_while_a_job_carries_on() {
             "{name}: {:?} lacks {needle:?}",
             err.message()
         );
-        let err = c
-            .submit_job(pb::SubmitJobRequest {
-                image,
-                options: Some(options),
-                idempotency_key: String::new(),
-            })
-            .await
-            .unwrap_err();
+        let err = try_submit(&mut c, image, options).await.unwrap_err();
         assert_eq!(
             err.code(),
             Code::InvalidArgument,
@@ -707,12 +700,7 @@ async fn graceful_shutdown_drains_then_cancels() {
             .status,
         2
     );
-    let err = c
-        .submit_job(pb::SubmitJobRequest {
-            image: disk(32, 32),
-            options: Some(quick()),
-            idempotency_key: String::new(),
-        })
+    let err = try_submit(&mut c, disk(32, 32), quick())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");

@@ -145,17 +145,25 @@ pub fn completed(events: &[Event]) -> pb::SegmentationResult {
     }
 }
 
+/// Submits a job (no idempotency key): its id, or the status that refused it.
+pub async fn try_submit(
+    c: &mut Client,
+    image: Vec<u8>,
+    options: pb::Options,
+) -> Result<String, tonic::Status> {
+    let r = c
+        .submit_job(pb::SubmitJobRequest {
+            image,
+            options: Some(options),
+            idempotency_key: String::new(),
+        })
+        .await?;
+    Ok(r.into_inner().job_id)
+}
+
 /// Submits a job (no idempotency key) and returns its id.
 pub async fn submit(c: &mut Client, image: Vec<u8>, options: pb::Options) -> String {
-    c.submit_job(pb::SubmitJobRequest {
-        image,
-        options: Some(options),
-        idempotency_key: String::new(),
-    })
-    .await
-    .expect("submit")
-    .into_inner()
-    .job_id
+    try_submit(c, image, options).await.expect("submit")
 }
 
 /// Submits and waits until the job runs (its first Progress event), returning its id.
