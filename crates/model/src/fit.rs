@@ -256,21 +256,24 @@ impl<'a, T> Batch<'a, T> {
             let x = prepare_input(&job.image, o, device);
             let net = S3Net::new(o.seed, device, x.size()[1], o.features, o.blocks, o.offsets, o.size, o.kernels);
             let fresh: Vec<Tensor> = net.parameters().iter().map(|p| p.zeros_like()).collect();
-            let (net, velocity) = match self.net.take() {
-                None => (net, fresh),
+            // Everything that can fail comes before the batch changes.
+            match self.net.as_mut() {
+                None => {
+                    self.net = Some(net);
+                    self.velocity = fresh;
+                }
                 Some(old) => {
                     let v = tch::no_grad(|| self.velocity.iter().zip(&fresh).map(|(a, b)| Tensor::cat(&[a, b], 0)).collect());
-                    (old.stack(net), v)
+                    old.stack(net);
+                    self.velocity = v;
                 }
-            };
-            Ok((x, net, velocity))
+            }
+            Ok(x)
         });
-        let (x, net, velocity) = match joined {
-            Ok(j) => j,
+        let x = match joined {
+            Ok(x) => x,
             Err(e) => return Err((tag, e)),
         };
-        self.net = Some(net);
-        self.velocity = velocity;
         self.inputs = None;
         // A separate stream for the transforms, so that changing the affine ranges never
         // changes the initial weights of the same seed.
@@ -294,9 +297,14 @@ impl<'a, T> Batch<'a, T> {
         let out = match catch_torch(|| self.train_step()) {
             Ok(out) => out,
             Err(e) => {
+                // The same failure for every job, without wrapping its message twice.
+                let msg = match e {
+                    ModelError::Torch(m) => m,
+                    other => other.to_string(),
+                };
                 let all: Vec<usize> = (0..self.slots.len()).collect();
                 for (tag, _) in self.remove(&all) {
-                    ended.push((tag, Err(ModelError::Torch(e.to_string()))));
+                    ended.push((tag, Err(ModelError::Torch(msg.clone()))));
                 }
                 return ended;
             }

@@ -294,8 +294,9 @@ impl S3Net {
 
     /// Appends the networks of `other` (same F, blocks, offsets, size, kernels and input
     /// channels) to this stack, which then trains them all at once, each keeping its own
-    /// weights. The parameters become new leaves holding copies.
-    pub fn stack(mut self, other: S3Net) -> S3Net {
+    /// weights. The parameters become new leaves holding copies. The copies are made before
+    /// anything changes, so a libtorch failure (out of memory) leaves this stack as it was.
+    pub fn stack(&mut self, other: S3Net) {
         let joined: Vec<Tensor> = self
             .parameters()
             .iter()
@@ -307,7 +308,6 @@ impl S3Net {
         }
         self.models += other.models;
         self.make_trainable();
-        self
     }
 
     /// Keeps only the networks at `keep` (indices into this stack, in the order given) and
