@@ -112,7 +112,6 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
             }
         }
         if batch.is_empty() {
-            busy = None;
             if closed {
                 return;
             }
