@@ -1,6 +1,6 @@
 //! Compiles `csrc/ops.cpp` against the libtorch headers and links it into this crate, and, when
-//! a CUDA compiler is found, `csrc/deform_cuda.cu` with nvcc for sm_80 and sm_90 (plus PTX for
-//! newer GPUs).
+//! a CUDA compiler is found, the CUDA kernels (`csrc/*_cuda.cu`) with nvcc for sm_80 and sm_90
+//! (plus PTX for newer GPUs).
 //!
 //! Flags are deliberately portable: `-O3` without `-march`, so the library runs on any x86-64.
 //! The hot loops get AVX2/FMA clones selected at run time inside the C++ (`__builtin_cpu_supports`).
@@ -60,26 +60,37 @@ fn find_cuda(libtorch: &Path) -> Option<Cuda> {
     Some(Cuda { nvcc, include: root.join("include"), lib })
 }
 
-fn compile_cuda(cuda: &Cuda, out: &Path) -> PathBuf {
-    let obj = out.join("deform_cuda.o");
-    let status = Command::new(&cuda.nvcc)
-        .args(["-c", "csrc/deform_cuda.cu", "-o"])
-        .arg(&obj)
-        .args(["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-w"])
-        .args(["-gencode", "arch=compute_80,code=sm_80"])
-        .args(["-gencode", "arch=compute_90,code=sm_90"])
-        .args(["-gencode", "arch=compute_90,code=compute_90"])
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cuda.nvcc.display()));
-    assert!(status.success(), "nvcc failed on csrc/deform_cuda.cu");
-    obj
+/// Compiles each CUDA source to an object file linked into the crate's library.
+fn compile_cuda(cuda: &Cuda, out: &Path) -> Vec<PathBuf> {
+    CUDA_SOURCES
+        .iter()
+        .map(|src| {
+            let stem = Path::new(src).file_stem().expect("a file name").to_string_lossy();
+            let obj = out.join(format!("{stem}.o"));
+            let status = Command::new(&cuda.nvcc)
+                .args(["-c", src, "-o"])
+                .arg(&obj)
+                .args(["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-w"])
+                .args(["-gencode", "arch=compute_80,code=sm_80"])
+                .args(["-gencode", "arch=compute_90,code=sm_90"])
+                .args(["-gencode", "arch=compute_90,code=compute_90"])
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", cuda.nvcc.display()));
+            assert!(status.success(), "nvcc failed on {src}");
+            obj
+        })
+        .collect()
 }
+
+const CUDA_SOURCES: [&str; 2] = ["csrc/deform_cuda.cu", "csrc/depthwise_cuda.cu"];
 
 fn main() {
     libtorch_link_args();
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
-    println!("cargo:rerun-if-changed=csrc/deform_cuda.cu");
-    println!("cargo:rerun-if-changed=csrc/deform_dims.h");
+    println!("cargo:rerun-if-changed=csrc/kernel_dims.h");
+    for src in CUDA_SOURCES {
+        println!("cargo:rerun-if-changed={src}");
+    }
     let libtorch = std::env::var("LIBTORCH")
         .expect("LIBTORCH must point at libtorch (see .cargo/config.toml)");
     let libtorch = std::fs::canonicalize(&libtorch).unwrap_or_else(|_| PathBuf::from(&libtorch));
@@ -100,7 +111,7 @@ fn main() {
         .debug(false);
     let cuda = find_cuda(&libtorch).filter(|_| libtorch.join("lib/libc10_cuda.so").exists());
     if let Some(cuda) = &cuda {
-        build.define("S3OPS_CUDA", "1").include(&cuda.include).object(compile_cuda(cuda, &out));
+        build.define("S3OPS_CUDA", "1").include(&cuda.include).objects(compile_cuda(cuda, &out));
     }
     build.compile("s3net_ops");
     // OpenMP runtime: resolved at run time to libtorch's bundled libgomp.so.1 (same soname).

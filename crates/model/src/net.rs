@@ -77,11 +77,13 @@ impl Conv {
         x.conv2d(&self.w, Some(&self.b), [1, 1], p, d, self.groups * models)
     }
 
-    /// Depthwise convs go through our C++ kernel on CPU when asked: libtorch's CPU depthwise
-    /// backward is 5–10× slower than the FLOPs warrant (see BENCHMARKS.md).
+    /// Depthwise convs go through our own kernels when asked: libtorch's CPU depthwise
+    /// backward is 5–10× slower than the FLOPs warrant, and its CUDA kernels ran an order of
+    /// magnitude below the memory bandwidth at these shapes (see BENCHMARKS.md).
     fn forward_with(&self, x: &Tensor, kernels: Kernels, models: i64) -> Tensor {
         let depthwise = self.groups > 1 && self.groups * models == self.w.size()[0];
-        if kernels == Kernels::Fused && depthwise && x.device() == Device::Cpu {
+        let ours = x.device() == Device::Cpu || s3net_ops::cuda_compiled();
+        if kernels == Kernels::Fused && depthwise && ours {
             if let Ok(y) = s3net_ops::depthwise_conv2d(x, &self.w, Some(&self.b), self.padding, self.dilation) {
                 return y;
             }

@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include "deform_dims.h"
+#include "kernel_dims.h"
 
 namespace {
 

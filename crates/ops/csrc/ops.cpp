@@ -16,7 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-#include "deform_dims.h"
+#include "kernel_dims.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -159,6 +159,41 @@ S3_AVX2 void dw_wgrad_plane_avx2(const T* in, int64_t H, int64_t W, const T* go,
   dw_wgrad_plane_impl<T>(in, H, W, go, Ho, Wo, k, p, d, acc);
 }
 
+#ifdef S3OPS_CUDA
+}  // namespace
+extern "C" {
+int64_t s3ops_cuda_dw_tiles(const S3DepthwiseDims* d);
+int64_t s3ops_cuda_dw_shared_bytes(const S3DepthwiseDims* d, int64_t elem);
+int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in, const void* w,
+                            const void* bias, void* out, void* stream);
+int s3ops_cuda_dw_weight_grad(int dtype, const S3DepthwiseDims* d, const void* in,
+                              const void* go, void* partial, void* stream);
+const char* s3ops_cuda_error_string(int code);
+}
+namespace {
+
+S3DepthwiseDims dw_dims(const at::Tensor& in, int64_t k, int64_t p, int64_t d, int64_t Ho,
+                        int64_t Wo) {
+  return {in.size(0), in.size(1), in.size(2), in.size(3), k, p, d, Ho, Wo};
+}
+
+// Whether the CUDA kernels take this geometry: a block keeps its dilated input tile in shared
+// memory, at most 48 KiB without opting in. Larger spans go to libtorch (s3ops_depthwise_conv2d).
+bool dw_cuda_fits(const at::Tensor& in, int64_t k, int64_t d) {
+  const S3DepthwiseDims dims = dw_dims(in, k, 0, d, 1, 1);
+  return s3ops_cuda_dw_shared_bytes(&dims, (int64_t)in.element_size()) <= (int64_t(48) << 10);
+}
+
+cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void dw_cuda_check(int rc, const char* what) {
+  TORCH_CHECK(rc == 0, "depthwise_conv2d: CUDA ", what, " kernel failed: ",
+              s3ops_cuda_error_string(rc));
+}
+#endif
+
 // out (N, C, Ho, Wo) = correlation of in (N, C, H, W) with per-channel kernels w (C, k*k),
 // padding p (any sign), dilation d; initialised with bias (C) when given.
 at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Tensor* bias,
@@ -166,6 +201,18 @@ at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Ten
   const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
   auto out = at::empty({N, C, Ho, Wo}, in.options());
   if (out.numel() == 0) return out;
+#ifdef S3OPS_CUDA
+  if (in.is_cuda()) {
+    c10::cuda::CUDAGuard guard(in.device());
+    const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
+    dw_cuda_check(s3ops_cuda_dw_correlate(in.scalar_type() == at::kDouble ? 1 : 0, &dims,
+                                          in.data_ptr(), w.data_ptr(),
+                                          bias ? bias->data_ptr() : nullptr, out.data_ptr(),
+                                          current_stream(in)),
+                  "correlate");
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "s3net_depthwise", [&] {
     using T = scalar_t;
     const T* ip = in.data_ptr<T>();
@@ -189,6 +236,21 @@ at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k,
                           int64_t d) {
   const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
   const int64_t Ho = go.size(2), Wo = go.size(3);
+#ifdef S3OPS_CUDA
+  if (in.is_cuda()) {
+    // One partial sum per (plane, tile, tap), summed here: deterministic, no atomics.
+    c10::cuda::CUDAGuard guard(in.device());
+    const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
+    const int64_t tiles = s3ops_cuda_dw_tiles(&dims);
+    auto partial = at::empty({N, C, tiles, k * k}, in.options());
+    if (partial.numel() == 0) return at::zeros({C, 1, k, k}, in.options());
+    dw_cuda_check(s3ops_cuda_dw_weight_grad(in.scalar_type() == at::kDouble ? 1 : 0, &dims,
+                                            in.data_ptr(), go.data_ptr(), partial.data_ptr(),
+                                            current_stream(in)),
+                  "weight-gradient");
+    return partial.sum(at::IntArrayRef{0, 2}).view({C, 1, k, k});
+  }
+#endif
   auto gw = at::zeros({C, 1, k, k}, in.options());
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "s3net_depthwise_wgrad", [&] {
     using T = scalar_t;
@@ -217,7 +279,13 @@ void dw_check(const at::Tensor& input, const at::Tensor& weight,
               input.sizes());
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "depthwise_conv2d: input must be float32 or float64, got ", input.scalar_type());
-  TORCH_CHECK(input.device().is_cpu(), "depthwise_conv2d: the C++ kernel is CPU-only");
+#ifdef S3OPS_CUDA
+  TORCH_CHECK(input.device().is_cpu() || input.device().is_cuda(), "depthwise_conv2d: input on ",
+              input.device(), ": only CPU and CUDA kernels exist");
+#else
+  TORCH_CHECK(input.device().is_cpu(), "depthwise_conv2d: input on ", input.device(),
+              ": this build has no CUDA kernel (nvcc was not found when it was compiled)");
+#endif
   const int64_t C = input.size(1);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
                   weight.size(2) == weight.size(3) && weight.size(2) >= 1,
@@ -695,7 +763,6 @@ int s3ops_cuda_deform_im2col(int dtype, const S3DeformDims* d, const void* x, co
 int s3ops_cuda_deform_col2im(int dtype, const S3DeformDims* d, const void* x, const void* off,
                              const void* mask, const void* gcols, void* gi, void* goff,
                              void* gmask, void* stream);
-const char* s3ops_cuda_error_string(int code);
 }
 namespace {
 
@@ -738,7 +805,7 @@ at::Tensor deform_forward_cuda(const DeformShape& s, const at::Tensor& x, const 
                                const at::Tensor& mask, const at::Tensor& W2,
                                const at::Tensor& bias) {
   c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t st = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cudaStream_t st = current_stream(x);
   const int64_t HWo = s.Ho * s.Wo;
   auto out = at::empty({s.N, s.O, HWo}, x.options());
   const int64_t chunk = cuda_chunk(s, x.element_size());
@@ -762,7 +829,7 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
                                              bool need_in, bool need_off, bool need_mask,
                                              bool need_w, bool need_b) {
   c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t st = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cudaStream_t st = current_stream(x);
   const int64_t HWo = s.Ho * s.Wo, CK = s.C * s.K;
   need_mask = need_mask && mask.defined();
   at::Tensor gi, goff, gmask, gw, gb;
@@ -919,7 +986,14 @@ int s3ops_depthwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
     std::optional<at::Tensor> b;
     if (bias) b = *bias;
     dw_check(*input, *weight, b, pad, dil);
-    at::Tensor r = DepthwiseFn::apply(*input, *weight, b, pad, dil);
+    at::Tensor r;
+#ifdef S3OPS_CUDA
+    // A dilated kernel too wide for a block's shared memory: libtorch's convolution instead.
+    if (input->is_cuda() && !dw_cuda_fits(*input, weight->size(2), dil)) {
+      r = at::conv2d(*input, *weight, b, 1, pad, dil, input->size(1));
+    }
+#endif
+    if (!r.defined()) r = DepthwiseFn::apply(*input, *weight, b, pad, dil);
     *out = new at::Tensor(std::move(r));
     return 0;
   })

@@ -1,8 +1,8 @@
 //! Fast kernels for s3net, written in C++ against libtorch (`csrc/ops.cpp`) and CUDA
 //! (`csrc/deform_cuda.cu`, built when nvcc is found; see `build.rs`).
 //!
-//! * [`depthwise_conv2d`] — stride-1 depthwise convolution with padding and dilation (CPU
-//!   kernel; libtorch's cuDNN path on CUDA).
+//! * [`depthwise_conv2d`] — stride-1 depthwise convolution with padding and dilation, on CPU
+//!   and (when [`cuda_compiled`]) CUDA.
 //! * [`deform_conv2d`] — modulated deformable convolution (DCNv2) with exactly the semantics of
 //!   `torchvision.ops.deform_conv2d`, on CPU and (when [`cuda_compiled`]) CUDA.
 //! * [`sgd_step`] — momentum SGD over all parameters in a few multi-tensor launches.
@@ -144,8 +144,10 @@ fn check_float(
 /// Depthwise 2-D convolution, stride 1: `input (N, C, H, W)`, `weight (C, 1, k, k)`,
 /// `bias (C)`; output `(N, C, H + 2p − d(k−1), W + 2p − d(k−1))`.
 ///
-/// float32 and float64. On CPU this runs the C++ kernel (with its own backward); on CUDA it
-/// calls libtorch's `conv2d(…, groups = C)`.
+/// float32 and float64. On CPU this runs the C++ kernel, on CUDA (when [`cuda_compiled`]) the
+/// CUDA kernel, each with its own backward. A CUDA build without nvcc, or a dilated kernel too
+/// wide for one block's shared memory (span (k−1)·d beyond about 75 in float32), calls
+/// libtorch's `conv2d(…, groups = C)` instead.
 pub fn depthwise_conv2d(
     input: &Tensor,
     weight: &Tensor,
@@ -197,7 +199,7 @@ pub fn depthwise_conv2d(
             "{NAME}: kernel {k}x{k} with dilation {dilation} and padding {padding} does not fit a {h}x{w} input"
         )));
     }
-    if device.is_cuda() {
+    if device.is_cuda() && !cuda_compiled() {
         return input
             .f_conv2d(
                 weight,
@@ -209,7 +211,7 @@ pub fn depthwise_conv2d(
             )
             .map_err(|e| OpError(format!("{NAME}: {e}")));
     }
-    if device != Device::Cpu {
+    if device != Device::Cpu && !device.is_cuda() {
         return Err(OpError(format!("{NAME}: unsupported device {device:?}")));
     }
     let mut out = std::ptr::null_mut();

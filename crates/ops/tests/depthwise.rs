@@ -11,30 +11,38 @@ use checks::{check_finite_differences, max_abs, max_abs_diff};
 /// Our op and libtorch's on identical leaves; forward and all three gradients compared with a
 /// tolerance relative to max(1, |reference|).
 fn compare(shape: [i64; 4], k: i64, p: i64, d: i64, kind: Kind, tol: f64, with_bias: bool) {
-    let opts = (kind, Device::Cpu);
+    compare_on(Device::Cpu, shape, k, p, d, kind, tol, with_bias)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compare_on(dev: Device, shape: [i64; 4], k: i64, p: i64, d: i64, kind: Kind, tol: f64, with_bias: bool) {
+    let opts = (kind, dev);
     let c = shape[1];
     let x0 = Tensor::randn(shape, opts);
     let w0 = Tensor::randn([c, 1, k, k], opts);
     let b0 = Tensor::randn([c], opts);
-    let leaves = || {
+    // On a GPU the reference runs in float64: libtorch's float32 CUDA convolutions may round
+    // through TF32, far coarser than our kernel.
+    let ref_kind = if dev.is_cuda() { Kind::Double } else { kind };
+    let leaves = |kind: Kind| {
         (
-            x0.copy().set_requires_grad(true),
-            w0.copy().set_requires_grad(true),
-            b0.copy().set_requires_grad(true),
+            x0.to_kind(kind).copy().set_requires_grad(true),
+            w0.to_kind(kind).copy().set_requires_grad(true),
+            b0.to_kind(kind).copy().set_requires_grad(true),
         )
     };
-    let (x1, w1, b1) = leaves();
-    let (x2, w2, b2) = leaves();
+    let (x1, w1, b1) = leaves(kind);
+    let (x2, w2, b2) = leaves(ref_kind);
     let y1 = depthwise_conv2d(&x1, &w1, with_bias.then_some(&b1), p, d).unwrap();
     let y2 = x2.conv2d(&w2, with_bias.then_some(&b2), [1, 1], [p, p], [d, d], c);
-    let tag = format!("{shape:?} k={k} p={p} d={d} {kind:?} bias={with_bias}");
+    let tag = format!("{dev:?} {shape:?} k={k} p={p} d={d} {kind:?} bias={with_bias}");
     assert_eq!(y1.size(), y2.size(), "{tag}");
     let scale = max_abs(&y2).max(1.0);
     let e = max_abs_diff(&y1, &y2);
     assert!(e <= tol * scale, "{tag}: forward differs by {e}");
     let g = Tensor::randn(y2.size().as_slice(), opts);
     (&y1 * &g).sum(kind).backward();
-    (&y2 * &g).sum(kind).backward();
+    (&y2 * &g.to_kind(ref_kind)).sum(ref_kind).backward();
     let mut pairs = vec![("grad_input", &x1, &x2), ("grad_weight", &w1, &w2)];
     if with_bias {
         pairs.push(("grad_bias", &b1, &b2));
@@ -188,6 +196,38 @@ fn zero_sized_batches_work() {
     )
     .unwrap();
     assert_eq!(y.size(), [0, 3, 8, 8]);
+}
+
+/// The CUDA kernels against libtorch's CUDA conv2d, forward and every gradient: the network's
+/// geometries at its real size (a stack of 4 networks, image and rotated copy), odd shapes
+/// (planes smaller than a tile or than the kernel span, padding that makes the input
+/// gradient's negative), a kernel size without a compiled specialisation, and a span too wide
+/// for shared memory (libtorch's path).
+#[test]
+fn cuda_matches_libtorch_when_present() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let cuda = Device::Cuda(0);
+    tch::manual_seed(7);
+    for (k, p, d) in GEOMETRIES {
+        compare_on(cuda, [2, 128, 256, 256], k, p, d, Kind::Float, 1e-4, true);
+        compare_on(cuda, [2, 3, 33, 70], k, p, d, Kind::Double, 1e-10, false);
+        for shape in [[2, 2, 3, 5], [1, 3, 1, 1], [2, 1, 1, 9], [1, 2, 8, 1], [2, 5, 6, 11]] {
+            compare_on(cuda, shape, k, p, d, Kind::Double, 1e-10, true);
+        }
+    }
+    for (k, p, d) in [(1, 2, 1), (2, 0, 1), (4, 3, 2), (9, 16, 4), (3, 7, 1), (7, 45, 15)] {
+        for shape in [[1, 3, 40, 36], [2, 2, 5, 4]] {
+            let span = d * (k - 1);
+            if shape[2] + 2 * p - span < 1 || shape[3] + 2 * p - span < 1 {
+                continue;
+            }
+            compare_on(cuda, shape, k, p, d, Kind::Double, 1e-10, true);
+            compare_on(cuda, shape, k, p, d, Kind::Float, 1e-4, true);
+        }
+    }
 }
 
 #[test]
