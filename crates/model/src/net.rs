@@ -77,14 +77,25 @@ impl Conv {
         x.conv2d(&self.w, Some(&self.b), [1, 1], p, d, self.groups * models)
     }
 
-    /// Depthwise convs go through our own kernels when asked: libtorch's CPU depthwise
-    /// backward is 5–10× slower than the FLOPs warrant, and its CUDA kernels ran an order of
-    /// magnitude below the memory bandwidth at these shapes (see BENCHMARKS.md).
+    /// Depthwise convs, and the 1×1 convs of a stack on a GPU, go through our own ops when
+    /// asked: libtorch's CPU depthwise backward is 5–10× slower than the FLOPs warrant, its CUDA
+    /// depthwise kernels ran an order of magnitude below the memory bandwidth at these shapes,
+    /// and cuBLAS ran a stack's 1×1 weight gradients as one long reduction per network (see
+    /// BENCHMARKS.md; a lone network's 1×1 convs are cuDNN's, which does well).
+    /// If an op declines (a build without its kernel), libtorch's convolution runs instead.
     fn forward_with(&self, x: &Tensor, kernels: Kernels, models: i64) -> Tensor {
-        let depthwise = self.groups > 1 && self.groups * models == self.w.size()[0];
-        let ours = x.device() == Device::Cpu || s3net_ops::cuda_compiled();
-        if kernels == Kernels::Fused && depthwise && ours {
-            if let Ok(y) = s3net_ops::depthwise_conv2d(x, &self.w, Some(&self.b), self.padding, self.dilation) {
+        if kernels == Kernels::Fused {
+            let ws = self.w.size();
+            let depthwise = self.groups > 1 && self.groups * models == ws[0];
+            let pointwise = self.groups == 1 && ws[2] == 1 && ws[3] == 1;
+            let ours = if depthwise && (x.device() == Device::Cpu || s3net_ops::cuda_compiled()) {
+                Some(s3net_ops::depthwise_conv2d(x, &self.w, Some(&self.b), self.padding, self.dilation))
+            } else if pointwise && models > 1 && x.device().is_cuda() {
+                Some(s3net_ops::pointwise_conv2d(x, &self.w, Some(&self.b), models))
+            } else {
+                None
+            };
+            if let Some(Ok(y)) = ours {
                 return y;
             }
         }
@@ -151,7 +162,7 @@ impl Ilka {
     fn forward(&self, u: &Tensor, k: Kernels, m: i64) -> Tensor {
         let a = self.dw.forward_with(u, k, m);
         let branches = [self.d1.forward_with(&a, k, m), self.d2.forward_with(&a, k, m), self.d3.forward_with(&a, k, m)];
-        u * self.mix.forward(&cat_per_model(&branches, m), m)
+        u * self.mix.forward_with(&cat_per_model(&branches, m), k, m)
     }
     fn params(&self) -> Vec<&Tensor> {
         [&self.dw, &self.d1, &self.d2, &self.d3, &self.mix].into_iter().flat_map(|c| c.params()).collect()
@@ -189,8 +200,8 @@ struct Block {
 
 impl Block {
     fn forward(&self, x: &Tensor, k: Kernels, m: i64) -> Tensor {
-        let y = self.pw1.forward(x, m).gelu("none");
-        let y = self.pw2.forward(&self.ilka.forward(&y, k, m), m);
+        let y = self.pw1.forward_with(x, k, m).gelu("none");
+        let y = self.pw2.forward_with(&self.ilka.forward(&y, k, m), k, m);
         self.bn.forward(&(x + y))
     }
     fn params(&self) -> Vec<&Tensor> {
@@ -385,7 +396,7 @@ impl S3Net {
 
     /// The auxiliary head used by the affine-consistency term.
     pub fn aux(&self, feat: &Tensor) -> Tensor {
-        self.aux_bn.forward(&self.aux.forward(feat, self.models))
+        self.aux_bn.forward(&self.aux.forward_with(feat, self.kernels, self.models))
     }
 
     /// Deformable conv and the final 1×1: the response map `(N, M·K, S, S)`.
@@ -426,7 +437,7 @@ impl S3Net {
         });
         let h = if m == 1 { h } else { h.reshape([n, m * f, s.0, s.1]) };
         let h = self.dcn_bn.forward(&h).relu();
-        self.head_bn.forward(&self.head.forward(&h, m))
+        self.head_bn.forward(&self.head.forward_with(&h, self.kernels, m))
     }
 }
 

@@ -354,6 +354,99 @@ struct DepthwiseFn : public torch::autograd::Function<DepthwiseFn> {
 
 
 // ============================================================================================
+// Stacked 1×1 convolutions
+// ============================================================================================
+//
+// M independent 1×1 convolutions over (N, M·C, H, W), network j reading channels j·C..(j+1)·C:
+// forward y = W_j · x_j (+ b) as one batched GEMM. The point is the weight gradient,
+// Σ_pixels go · xᵀ: a GEMM with a tiny (O × C) result and a reduction over N·H·W, which cuBLAS
+// ran as one 32×32 tile per network looping over all 65 536 pixels — a third of a batched
+// step on an H100 (ncu, docs/gpu-checks/2026-11-26-h100). Splitting the reduction into chunks
+// of pixels gives the GPU N·M·chunks independent products in one launch.
+
+// Length of the chunks the reduction over K pixels is cut into: a divisor of K near 1024, so
+// the chunks tile it exactly; K itself (no split) for small planes or when no divisor fits.
+int64_t reduction_chunk(int64_t K) {
+  if (K <= 8192) return K;
+  for (int64_t L = 1024; L >= 256; --L) {
+    if (K % L == 0) return L;
+  }
+  for (int64_t L = 1025; L <= 4096; ++L) {
+    if (K % L == 0) return L;
+  }
+  return K;
+}
+
+// (B, P, Q) = Σ over K of a (B, P, K) · b (B, Q, K)ᵀ for contiguous a and b. The K axis is cut
+// into S chunks that become S times as many products in ONE batched GEMM, (B·S, P, L) ·
+// (B·S, L, Q): one launch keeps the whole GPU busy (S launches of B products would each still
+// run B tiles), at the price of copying a and b into that layout. The S partial products are
+// summed at the end: deterministic, no atomics.
+at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t B = a.size(0), P = a.size(1), K = a.size(2), Q = b.size(1);
+  const int64_t L = reduction_chunk(K), S = K / L;
+  if (S == 1) return at::bmm(a, b.transpose(1, 2));
+  auto a2 = a.view({B, P, S, L}).transpose(1, 2).reshape({B * S, P, L});
+  auto b2 = b.view({B, Q, S, L}).transpose(1, 2).reshape({B * S, Q, L});
+  return at::bmm(a2, b2.transpose(1, 2)).view({B, S, P, Q}).sum(1);
+}
+
+struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
+  static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor weight,
+                            std::optional<at::Tensor> bias, int64_t models) {
+    const int64_t N = input.size(0), M = models, C = input.size(1) / M;
+    const int64_t H = input.size(2), W = input.size(3), O = weight.size(0) / M;
+    auto x = input.contiguous().view({N, M, C, H * W});
+    auto w = weight.contiguous().view({M, O, C});
+    auto y = at::matmul(w, x);  // (N, M, O, HW)
+    if (bias) y.add_(bias->view({1, M, O, 1}));
+    ctx->save_for_backward({weight.requires_grad() ? x : at::Tensor(),
+                            input.requires_grad() ? w : at::Tensor()});
+    ctx->saved_data["shape"] = std::vector<int64_t>{N, M, C, O, H, W};
+    ctx->saved_data["need_b"] = bias && bias->requires_grad();
+    return y.view({N, M * O, H, W});
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto sv = ctx->get_saved_variables();
+    auto d = ctx->saved_data["shape"].toIntVector();
+    const int64_t N = d[0], M = d[1], C = d[2], O = d[3], H = d[4], W = d[5], HW = H * W;
+    auto go = grads[0].contiguous().view({N, M, O, HW});
+    at::Tensor gi, gw, gb;
+    if (sv[1].defined()) gi = at::matmul(sv[1].transpose(1, 2), go).view({N, M * C, H, W});
+    if (sv[0].defined()) {
+      // Per (image, network): go (O, HW) · x (C, HW)ᵀ, then summed over the images.
+      auto g = gemm_nt_split_k(go.view({N * M, O, HW}), sv[0].view({N * M, C, HW}));
+      gw = g.view({N, M * O, C}).sum(0).view({M * O, C, 1, 1});
+    }
+    if (ctx->saved_data["need_b"].toBool()) gb = go.sum(at::IntArrayRef{0, 3}).view({M * O});
+    return {gi, gw, gb, at::Tensor()};
+  }
+};
+
+void pointwise_check(const at::Tensor& x, const at::Tensor& w,
+                     const std::optional<at::Tensor>& b, int64_t models) {
+  const char* nm = "pointwise_conv2d: ";
+  TORCH_CHECK(models >= 1, nm, "need at least one network, got ", models);
+  TORCH_CHECK(x.dim() == 4 && x.size(1) % models == 0, nm,
+              "input must be (N, M·C, H, W) with M = ", models, ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, nm,
+              "input must be float32 or float64, got ", x.scalar_type());
+  const int64_t C = x.size(1) / models;
+  TORCH_CHECK(w.dim() == 4 && w.size(0) % models == 0 && w.size(1) == C && w.size(2) == 1 &&
+                  w.size(3) == 1,
+              nm, "weight must be (M·O, ", C, ", 1, 1) with M = ", models, ", got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), nm,
+              "weight dtype/device must match the input");
+  if (b) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0), nm, "bias must be [", w.size(0),
+                "], got ", b->sizes());
+    TORCH_CHECK(b->scalar_type() == x.scalar_type() && b->device() == x.device(), nm,
+                "bias dtype/device must match the input");
+  }
+}
+
+// ============================================================================================
 // Deformable convolution (DCNv2), torchvision.ops.deform_conv2d semantics
 // ============================================================================================
 //
@@ -994,6 +1087,20 @@ int s3ops_depthwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
     }
 #endif
     if (!r.defined()) r = DepthwiseFn::apply(*input, *weight, b, pad, dil);
+    *out = new at::Tensor(std::move(r));
+    return 0;
+  })
+}
+
+int s3ops_pointwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
+                           const at::Tensor* bias, int64_t models, at::Tensor** out, char** err) {
+  S3_PROTECT({
+    *out = nullptr;
+    *err = nullptr;
+    std::optional<at::Tensor> b;
+    if (bias) b = *bias;
+    pointwise_check(*input, *weight, b, models);
+    at::Tensor r = PointwiseFn::apply(*input, *weight, b, models);
     *out = new at::Tensor(std::move(r));
     return 0;
   })
