@@ -177,11 +177,16 @@ S3DepthwiseDims dw_dims(const at::Tensor& in, int64_t k, int64_t p, int64_t d, i
   return {in.size(0), in.size(1), in.size(2), in.size(3), k, p, d, Ho, Wo};
 }
 
-// Whether the CUDA kernels take this geometry: a block keeps its dilated input tile in shared
-// memory, at most 48 KiB without opting in. Larger spans go to libtorch (s3ops_depthwise_conv2d).
-bool dw_cuda_fits(const at::Tensor& in, int64_t k, int64_t d) {
-  const S3DepthwiseDims dims = dw_dims(in, k, 0, d, 1, 1);
-  return s3ops_cuda_dw_shared_bytes(&dims, (int64_t)in.element_size()) <= (int64_t(48) << 10);
+// Whether the CUDA kernels take this shape: a block keeps its dilated input tile in shared
+// memory, at most 48 KiB without opting in, and the blocks (one per plane and 32×32 tile of
+// the input-sized gradient or the output) must fit a 1-D grid. Others go to libtorch
+// (s3ops_depthwise_conv2d).
+bool dw_cuda_fits(const at::Tensor& in, int64_t k, int64_t p, int64_t d) {
+  const int64_t grow = std::max<int64_t>(0, 2 * p - d * (k - 1));  // output larger than input
+  const S3DepthwiseDims dims = dw_dims(in, k, p, d, in.size(2) + grow, in.size(3) + grow);
+  const int64_t blocks = in.size(0) * in.size(1) * s3ops_cuda_dw_tiles(&dims);
+  return s3ops_cuda_dw_shared_bytes(&dims, (int64_t)in.element_size()) <= (int64_t(48) << 10) &&
+         blocks < (int64_t(1) << 31);
 }
 
 cudaStream_t current_stream(const at::Tensor& t) {
@@ -1081,8 +1086,9 @@ int s3ops_depthwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
     dw_check(*input, *weight, b, pad, dil);
     at::Tensor r;
 #ifdef S3OPS_CUDA
-    // A dilated kernel too wide for a block's shared memory: libtorch's convolution instead.
-    if (input->is_cuda() && !dw_cuda_fits(*input, weight->size(2), dil)) {
+    // A dilated kernel too wide for a block's shared memory, or too many blocks: libtorch's
+    // convolution instead.
+    if (input->is_cuda() && !dw_cuda_fits(*input, weight->size(2), pad, dil)) {
       r = at::conv2d(*input, *weight, b, 1, pad, dil, input->size(1));
     }
 #endif
