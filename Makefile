@@ -8,7 +8,7 @@ SHARED ?= ../shared/data
 # The Python test venv (scripts/setup-python.sh): the client and the pinned test requirements.
 PY ?= $(or $(S3NET_CACHE),$(HOME)/.cache/s3net)/py
 
-.PHONY: setup setup-python build run test bench eval golden clean-cache
+.PHONY: setup setup-python build run test bench eval golden gpu-bundle clean-cache
 
 setup:
 	@bash scripts/setup-torch.sh >/dev/null
@@ -29,6 +29,10 @@ test: setup setup-python
 	$(CARGO) test --release --locked --workspace
 	$(CARGO) build --release --locked -p s3net-cli
 	PYTHONDONTWRITEBYTECODE=1 $(PY)/bin/python -m pytest -q -p no:cacheprovider $(wildcard clients/python/tests deploy/tests)
+
+## What a GPU check carries to a machine with a GPU but no Rust → .gpu/ (README, "GPU checks").
+gpu-bundle: setup
+	SHARED=$(SHARED) bash scripts/gpu-bundle.sh
 
 ## Benchmarks → BENCHMARKS.md (machine and date included).
 bench: build

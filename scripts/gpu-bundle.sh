@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Packs what a GPU check carries to a machine that has a GPU and PyTorch 2.11.0 but no Rust
+# (the lent check machines): the release binary, the test binaries with CUDA cases, the
+# torchvision golden file, the dev images and scripts/gpu-check.sh, stripped, into .gpu/
+# (about 50 MB). Run there: `bash .gpu/gpu-check.sh` (see README, "GPU checks").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared/data}
+out=.gpu
+mkdir -p "$out/golden"
+cargo build --release --locked -p s3net-cli
+cp target/release/s3net "$out/s3net"
+# The test binaries of the crates with CUDA cases, named <crate>-<test>-test.
+cargo test --release --locked -p s3net-ops -p s3net-model --no-run --message-format=json 2>/dev/null |
+  python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    if "test" not in t["kind"]:
+        continue
+    crate = m["package_id"].split("#")[-1].split("@")[0].split("/")[-1].replace("s3net-", "")
+    name = crate + "-" + t["name"].replace("s3net_", "") + "-test"
+    shutil.copy(m["executable"], sys.argv[1] + "/" + name)
+    print(name)
+' "$out"
+strip "$out/s3net" "$out"/*-test
+cp crates/model/tests/data/deform_golden.json "$out/golden/"
+cp scripts/gpu-check.sh "$out/"
+for d in ph2-dev lung-dev; do
+  if [ -d "$out/$d" ]; then continue; fi
+  if [ -d "$SHARED/$d" ]; then
+    cp -r "$SHARED/$d" "$out/$d"
+  else
+    echo "note: no $SHARED/$d; the check's server and eval steps need $out/$d (images/, masks/)" >&2
+  fi
+done
+du -sh "$out"

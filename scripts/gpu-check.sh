@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The GPU check, run on a machine with an NVIDIA GPU and PyTorch 2.11.0 in its python3 but no
+# Rust, from the folder scripts/gpu-bundle.sh filled (.gpu/): the CUDA test cases, the fit and
+# deformable-conv benchmarks, the server with 40 PH2 jobs and its metrics, accuracy on the dev
+# data on the GPU, and (PROFILE=1) a per-kernel profile of a batched step with ncu.
+#
+# Results go to $OUT (default ./gpu-check-out): cuda-tests.txt, bench.txt, server.txt,
+# eval-*.json, ncu-*.txt, and a short digest on stdout. Steps: STEPS="tests bench server eval"
+# (the default) plus "profile" with PROFILE=1.
+set -u
+cd "$(dirname "$0")"
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-tests bench server eval}
+[ "${PROFILE:-0}" = 1 ] && STEPS="$STEPS profile"
+SP=$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')
+export LD_LIBRARY_PATH=$SP/torch/lib:$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+export DEFORM_GOLDEN=golden/deform_golden.json
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if has tests; then
+  T=$OUT/cuda-tests.txt; : > "$T"
+  for t in ./*-test; do
+    # Every test of the binaries whose name says cuda, plus all of ops-depthwise/pointwise
+    # (their CUDA cases compare against libtorch and skip nothing on a GPU).
+    case $t in
+      *depthwise-test|*pointwise-test) filter=() ;;
+      *) filter=(cuda) ;;
+    esac
+    echo "### $t ${filter[*]}" >> "$T"
+    timeout 120 "$t" --test-threads 1 "${filter[@]}" >> "$T" 2>&1
+    echo "rc=$?" >> "$T"
+  done
+  grep -E "^###|test result|rc=|panicked" "$T"
+fi
+
+if has bench; then
+  B=$OUT/bench.txt; : > "$B"
+  run() { echo "### $*" >> "$B"; timeout 120 "$@" >> "$B" 2>&1; echo "rc=$?" >> "$B"; }
+  run ./s3net bench fit --device cuda --repeats 5
+  run ./s3net bench fit --device cuda --repeats 1 --batch 16,32,64
+  run ./s3net bench deform --size 256 --channels 32 --device cuda --json
+  grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|forward|rc=" "$B"
+fi
+
+if has server; then
+  # 40 PH2 jobs (20 images x 2 seeds), default options, submitted at once by 40 clients; wall
+  # time from the first submit to the last outcome, then the metrics. JOB_IMAGES and JOB_ARGS
+  # change the jobs (e.g. a quick try on a CPU: JOB_IMAGES=ph2-dev/images/IMD002.png
+  # JOB_ARGS="--iterations 2").
+  S=$OUT/server.txt; : > "$S"
+  work=$(mktemp -d)
+  ./s3net serve --addr 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 ${SERVE_ARGS:-} > "$OUT/serve-log.txt" 2>&1 &
+  pid=$!
+  for _ in $(seq 60); do ./s3net client health > /dev/null 2>&1 && break; sleep 0.5; done
+  t0=$(date +%s.%N); n=0; subs=()
+  for seed in 1 2; do
+    for f in ${JOB_IMAGES:-ph2-dev/images/*}; do
+      n=$((n + 1)); ./s3net client submit "$f" --seed $seed ${JOB_ARGS:-} > "$work/id-$n" 2>> "$S" & subs+=($!)
+    done
+  done
+  wait "${subs[@]}"
+  watchers=()
+  for id in $(cat "$work"/id-*); do
+    (timeout 180 ./s3net client watch "$id" > /dev/null 2>&1 && touch "$work/ok-$id") & watchers+=($!)
+  done
+  wait "${watchers[@]}"
+  t1=$(date +%s.%N)
+  ok=$(ls "$work"/ok-* 2> /dev/null | wc -l)
+  python3 -c "print('jobs', $n, 'completed', $ok, 'wall_s', round($t1 - $t0, 2), 'images_per_s', round($n / ($t1 - $t0), 2))" >> "$S"
+  python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())" |
+    grep -E "^s3net_(gpu_memory|workers|fit_seconds_(count|sum)|jobs_total)" >> "$S"
+  kill -TERM $pid; wait $pid; echo "serve rc=$?" >> "$S"
+  rm -rf "$work"
+  cat "$S"
+fi
+
+if has eval; then
+  for d in ph2-dev lung-dev; do
+    timeout 300 ./s3net eval --device cuda --images $d/images --masks $d/masks \
+      --report "$OUT/eval-$d.json" > "$OUT/eval-$d.txt" 2>&1
+    echo "eval $d rc=$?: $(grep '^mean' "$OUT/eval-$d.txt")"
+  done
+fi
+
+if has profile; then
+  # Kernels of a 16-network batch's steps: skip the lone-fit part of the bench (2 fits of 50
+  # steps) and the batch's first steps, then time 1200 launches.
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)
+  timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --clock-control none --cache-control none \
+    --launch-skip "${PROFILE_SKIP:-40000}" --launch-count 1200 \
+    ./s3net bench fit --device cuda --repeats 1 --batch 16 > "$OUT/ncu-batch16.csv" 2> "$OUT/ncu.err"
+  python3 - "$OUT/ncu-batch16.csv" > "$OUT/ncu-batch16.txt" << 'PY'
+import csv, collections, sys
+rows = list(csv.reader(open(sys.argv[1])))
+hdr = next(i for i, r in enumerate(rows) if 'Kernel Name' in r)
+h = rows[hdr]
+ki, vi, ui = h.index('Kernel Name'), h.index('Metric Value'), h.index('Metric Unit')
+scale = {'ns': 1e-3, 'nsecond': 1e-3, 'us': 1.0, 'usecond': 1.0, 'ms': 1e3, 'msecond': 1e3}
+tot, cnt = collections.Counter(), collections.Counter()
+for r in rows[hdr + 1:]:
+    if len(r) > vi:
+        name = r[ki][:100]
+        tot[name] += float(r[vi].replace(',', '')) * scale[r[ui]]
+        cnt[name] += 1
+s = sum(tot.values())
+print(f'# {sum(cnt.values())} launches, {s / 1e3:.1f} ms of GPU time')
+for n, v in tot.most_common(40):
+    print(f'{v / s * 100:5.1f}% {v:9.0f} us  n={cnt[n]:4d}  {n}')
+PY
+  head -20 "$OUT/ncu-batch16.txt"
+fi
