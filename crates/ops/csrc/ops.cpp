@@ -1,6 +1,7 @@
-// Fast CPU kernels for s3net: depthwise and deformable 2-D convolution, each a
-// torch::autograd::Function with its own forward and backward, exposed to Rust through a few
-// extern "C" functions that take and return `at::Tensor*` (tch's C_tensor) and never throw.
+// The ops of s3net: depthwise and deformable 2-D convolution (CPU kernels here, CUDA kernels in
+// the .cu files) and a stack's 1×1 convolutions, each a torch::autograd::Function with its own
+// forward and backward, exposed to Rust through a few extern "C" functions that take and return
+// `at::Tensor*` (tch's C_tensor) and never throw.
 //
 // Portability: this file is compiled with plain -O3 (no -march). The hot per-plane loops are
 // instantiated twice, once for baseline x86-64 and once with target("avx2,fma"), and picked at
