@@ -123,6 +123,19 @@ fn take_error(err: *mut c_char, fallback: &str) -> OpError {
     OpError(s)
 }
 
+/// Checks the input and every operand given (`None` skipped) with [`check_float`] against the
+/// input's dtype and device, in order.
+fn check_floats(name: &str, input: &Tensor, operands: &[(&str, Option<&Tensor>)]) -> Result<(), OpError> {
+    let (kind, device) = (input.kind(), input.device());
+    check_float(name, "input", input, kind, device)?;
+    for (what, t) in operands {
+        if let Some(t) = t {
+            check_float(name, what, t, kind, device)?;
+        }
+    }
+    Ok(())
+}
+
 fn check_float(
     name: &str,
     what: &str,
@@ -166,12 +179,8 @@ pub fn depthwise_conv2d(
     dilation: i64,
 ) -> Result<Tensor, OpError> {
     const NAME: &str = "depthwise_conv2d";
-    let (kind, device) = (input.kind(), input.device());
-    check_float(NAME, "input", input, kind, device)?;
-    check_float(NAME, "weight", weight, kind, device)?;
-    if let Some(b) = bias {
-        check_float(NAME, "bias", b, kind, device)?;
-    }
+    check_floats(NAME, input, &[("weight", Some(weight)), ("bias", bias)])?;
+    let device = input.device();
     let [_, c, h, w] = input.size()[..] else {
         return Err(OpError(format!(
             "{NAME}: input must be 4-D (N, C, H, W), got {:?}",
@@ -250,12 +259,7 @@ pub fn depthwise_conv2d(
 /// reduction; as one GEMM per network cuBLAS spent a third of a 16-network step on them.
 pub fn pointwise_conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, models: i64) -> Result<Tensor, OpError> {
     const NAME: &str = "pointwise_conv2d";
-    let (kind, device) = (input.kind(), input.device());
-    check_float(NAME, "input", input, kind, device)?;
-    check_float(NAME, "weight", weight, kind, device)?;
-    if let Some(b) = bias {
-        check_float(NAME, "bias", b, kind, device)?;
-    }
+    check_floats(NAME, input, &[("weight", Some(weight)), ("bias", bias)])?;
     let mut out = std::ptr::null_mut();
     let mut err = std::ptr::null_mut();
     // SAFETY: the tensor pointers are valid for the call; the C side checks shapes and copies
@@ -358,16 +362,7 @@ pub fn check_deform_args(
     dilation: (i64, i64),
 ) -> Result<(i64, i64), OpError> {
     const NAME: &str = "deform_conv2d";
-    let (kind, device) = (input.kind(), input.device());
-    check_float(NAME, "input", input, kind, device)?;
-    check_float(NAME, "offset", offset, kind, device)?;
-    check_float(NAME, "weight", weight, kind, device)?;
-    if let Some(m) = mask {
-        check_float(NAME, "mask", m, kind, device)?;
-    }
-    if let Some(b) = bias {
-        check_float(NAME, "bias", b, kind, device)?;
-    }
+    check_floats(NAME, input, &[("offset", Some(offset)), ("weight", Some(weight)), ("mask", mask), ("bias", bias)])?;
     let [n, c, h, w] = input.size()[..] else {
         return Err(OpError(format!(
             "{NAME}: input must be 4-D (N, C, H, W), got {:?}",
