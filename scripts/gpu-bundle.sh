@@ -21,7 +21,7 @@ for line in sys.stdin:
     t = m["target"]
     if "test" not in t["kind"]:
         continue
-    crate = m["package_id"].split("#")[-1].split("@")[0].split("/")[-1].replace("s3net-", "")
+    crate = m["manifest_path"].split("/")[-2]  # crates/<crate>/Cargo.toml
     name = crate + "-" + t["name"].replace("s3net_", "") + "-test"
     shutil.copy(m["executable"], sys.argv[1] + "/" + name)
     print(name)
