@@ -118,9 +118,10 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=gomp");
     println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
     if let Some(cuda) = &cuda {
-        // libtorch's own CUDA runtime and stream API; the rpath to both folders comes from
-        // scripts/rpath.rs in every binary's build script.
+        // libtorch's own CUDA runtime, stream API and graphs; the rpath to both folders comes
+        // from scripts/rpath.rs in every binary's build script.
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-search=native={}", cuda.lib.display());
         if cuda.lib.join("libcudart.so").exists() {
             println!("cargo:rustc-link-lib=dylib=cudart");

@@ -10,6 +10,8 @@
 //! * [`sgd_step`] — momentum SGD over all parameters in a few multi-tensor launches.
 //! * [`use_pool_stream`] / [`use_default_stream`] — per-thread CUDA streams, so concurrent
 //!   fits on one GPU overlap.
+//! * [`HostCopy`] — a copy to the host that does not wait for work queued after it.
+//! * [`CudaGraph`] — capture a step's kernels once, replay them with one call.
 //!
 //! Each op is a `torch::autograd::Function` with its own backward, so gradients flow through it
 //! with tch's ordinary `backward()`. Every C++ exception is caught at the C boundary and comes
@@ -64,6 +66,14 @@ extern "C" {
     ) -> i32;
     fn s3ops_cuda_compiled() -> i32;
     fn s3ops_cuda_set_stream(device: i64, pool: i32, err: *mut *mut c_char) -> i32;
+    fn s3ops_host_copy_start(src: *const c_void, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
+    fn s3ops_host_copy_wait(handle: *mut c_void, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
+    fn s3ops_host_copy_free(handle: *mut c_void);
+    fn s3ops_graph_begin(device: i64, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
+    fn s3ops_graph_end(handle: *mut c_void, err: *mut *mut c_char) -> i32;
+    fn s3ops_graph_abort(handle: *mut c_void);
+    fn s3ops_graph_replay(handle: *mut c_void, err: *mut *mut c_char) -> i32;
+    fn s3ops_graph_free(handle: *mut c_void);
 }
 
 /// Whether this build carries the CUDA kernels (nvcc was found when it was compiled).
@@ -89,6 +99,114 @@ pub fn use_pool_stream(device: usize) -> Result<(), OpError> {
 /// Puts the calling thread back on the default stream of `cuda:device`.
 pub fn use_default_stream(device: usize) -> Result<(), OpError> {
     set_stream(device, false)
+}
+
+/// A copy of a tensor to host memory, queued on the current CUDA stream when the tensor is on a
+/// GPU, to be collected later with [`wait`](Self::wait).
+///
+/// Why: a fit reads every step's losses and label counts back to decide whether a job has
+/// ended, and a plain copy (`to_device(Cpu)`) waits for *everything* queued on the stream. A
+/// copy started right after a step and collected after the next step has been queued lets the
+/// GPU run that next step while the host reads this one, instead of idling while the host
+/// queues a few hundred kernels. For a CPU tensor the copy is made at once.
+pub struct HostCopy(*mut c_void);
+
+impl HostCopy {
+    /// Starts copying `t` (any device, any layout) to host memory.
+    pub fn start(t: &Tensor) -> Result<HostCopy, OpError> {
+        let (mut out, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: a valid tensor in; an owned handle or an owned message out.
+        let rc = unsafe { s3ops_host_copy_start(t.as_ptr() as *const c_void, &mut out, &mut err) };
+        if rc != 0 || out.is_null() {
+            return Err(take_error(err, "starting a copy to the host failed"));
+        }
+        Ok(HostCopy(out))
+    }
+
+    /// Waits until the copy has landed and returns it as a CPU tensor.
+    pub fn wait(self) -> Result<Tensor, OpError> {
+        let (mut out, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: `self.0` is a live handle from `start`; it is freed by `Drop` afterwards.
+        let rc = unsafe { s3ops_host_copy_wait(self.0, &mut out, &mut err) };
+        finish(rc, out, err)
+    }
+}
+
+impl Drop for HostCopy {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `start` and is freed exactly once, here.
+        unsafe { s3ops_host_copy_free(self.0) }
+    }
+}
+
+/// A CUDA graph: the kernels one closure queued on the calling thread's current stream,
+/// recorded once and then replayed with one call.
+///
+/// Why: a step of a lone 256² fit is a few hundred small kernels, and on an H100 queueing them
+/// one by one (libtorch's dispatch, autograd, the launch itself) takes the host longer than the
+/// GPU needs to run them. A replay queues the whole step at once.
+///
+/// What the closure queues must not synchronise with the host (no reading values back), and
+/// every tensor it reads or writes must stay alive and in place while the graph lives: a replay
+/// reads and writes the same memory as the capture did. Tensors the closure creates live in the
+/// graph's own memory pool and are overwritten by each replay.
+pub struct CudaGraph(*mut c_void);
+
+impl CudaGraph {
+    /// Captures what `body` queues on `cuda:device` (the calling thread's current stream there,
+    /// which must not be the default stream) without running it: call [`replay`](Self::replay)
+    /// to run it, the first time included. If `body` fails or panics, or the capture is
+    /// invalid, the capture is abandoned, the thread can carry on as before, and the error
+    /// comes back (a panic is resumed).
+    pub fn capture<R, E: From<OpError>>(device: usize, body: impl FnOnce() -> Result<R, E>) -> Result<(CudaGraph, R), E> {
+        let (mut handle, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: plain values in; an owned handle or an owned message out.
+        let rc = unsafe { s3ops_graph_begin(device as i64, &mut handle, &mut err) };
+        if rc != 0 || handle.is_null() {
+            return Err(take_error(err, "starting a CUDA graph capture failed").into());
+        }
+        let graph = CudaGraph(handle);
+        let abort = |g: &CudaGraph| {
+            // SAFETY: a live handle whose capture has begun and not ended.
+            unsafe { s3ops_graph_abort(g.0) }
+        };
+        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                abort(&graph);
+                return Err(e);
+            }
+            Err(payload) => {
+                abort(&graph);
+                drop(graph);
+                std::panic::resume_unwind(payload);
+            }
+        };
+        let mut err = std::ptr::null_mut();
+        // SAFETY: a live handle whose capture has begun.
+        let rc = unsafe { s3ops_graph_end(graph.0, &mut err) };
+        if rc != 0 {
+            let e = take_error(err, "ending a CUDA graph capture failed");
+            abort(&graph);
+            return Err(e.into());
+        }
+        Ok((graph, r))
+    }
+
+    /// Queues the captured work on the stream it was captured on.
+    pub fn replay(&self) -> Result<(), OpError> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: a live handle whose capture ended successfully.
+        let rc = unsafe { s3ops_graph_replay(self.0, &mut err) };
+        status(rc, err, "replaying a CUDA graph failed")
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `s3ops_graph_begin` and is freed exactly once, here.
+        unsafe { s3ops_graph_free(self.0) }
+    }
 }
 
 fn ptr(t: Option<&Tensor>) -> *const c_void {
