@@ -94,23 +94,20 @@ fn fit(b: FitBench) -> Result<()> {
     opts.min_labels = 0;
     let device: DeviceSpec = b.fit.device()?;
     let image = synthetic_image(opts.size as u32, b.grey);
-    let cancel = AtomicBool::new(false);
-    let mut per_iter = Vec::new();
-    let mut per_fit = Vec::new();
-    let mut dev_name = String::new();
-    for rep in 0..=b.repeats {
-        // Step time = the gap between consecutive progress reports, so set-up (weights, input
-        // resize) and read-out (labels at full size, foreground) are not counted as steps.
-        let mut marks = Vec::new();
-        let t0 = Instant::now();
-        let r = s3net_model::segment(&image, &opts, device, &mut |p| marks.push(p.elapsed.as_secs_f64()), &cancel)?;
-        let secs = t0.elapsed().as_secs_f64();
-        dev_name = r.fit.device.clone();
-        if rep > 0 {
-            per_fit.push(secs);
-            per_iter.extend(marks.windows(2).map(|w| w[1] - w[0]));
-        }
-    }
+    let (per_fit, per_iter, dev_name) = lone_fits(&image, &opts, device, b.repeats)?;
+    // On a GPU, the same fits with every kernel queued one by one, for the ratio in one run.
+    let eager = if device.resolve()?.is_cuda() {
+        s3net_model::set_cuda_graphs(false);
+        let r = lone_fits(&image, &opts, device, b.repeats);
+        s3net_model::set_cuda_graphs(true);
+        let (per_fit, per_iter, _) = r?;
+        json!({
+            "seconds_per_iteration_median": median(&per_iter),
+            "seconds_per_fit_median": median(&per_fit),
+        })
+    } else {
+        serde_json::Value::Null
+    };
     let mut throughput = Vec::new();
     for &n in &b.concurrency {
         throughput.push(concurrent(&image, &opts, device, n.max(1), b.repeats.max(1))?);
@@ -129,12 +126,34 @@ fn fit(b: FitBench) -> Result<()> {
         "seconds_per_iteration_median": median(&per_iter),
         "seconds_per_fit_median": median(&per_fit),
         "fits_per_second": 1.0 / median(&per_fit),
+        "without_cuda_graphs": eager,
         "repeats": b.repeats,
         "concurrent": throughput,
         "batched": batched,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// One warm-up fit, then `repeats` timed ones of the image, one after another: the seconds of
+/// each fit (segmentation included), of each step, and the device's name.
+fn lone_fits(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, repeats: usize) -> Result<(Vec<f64>, Vec<f64>, String)> {
+    let cancel = AtomicBool::new(false);
+    let (mut per_fit, mut per_iter, mut dev_name) = (Vec::new(), Vec::new(), String::new());
+    for rep in 0..=repeats {
+        // Step time = the gap between consecutive progress reports, so set-up (weights, input
+        // resize) and read-out (labels at full size, foreground) are not counted as steps.
+        let mut marks = Vec::new();
+        let t0 = Instant::now();
+        let r = s3net_model::segment(image, opts, device, &mut |p| marks.push(p.elapsed.as_secs_f64()), &cancel)?;
+        let secs = t0.elapsed().as_secs_f64();
+        dev_name = r.fit.device.clone();
+        if rep > 0 {
+            per_fit.push(secs);
+            per_iter.extend(marks.windows(2).map(|w| w[1] - w[0]));
+        }
+    }
+    Ok((per_fit, per_iter, dev_name))
 }
 
 /// Runs `job(thread, round)` on `threads` threads at once: each thread first runs round 0 as a

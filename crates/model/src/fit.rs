@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use s3net_imaging::{Image, LabelMap};
+use s3net_ops::{CudaGraph, HostCopy};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -176,7 +177,12 @@ struct Slot<'a, T> {
     x: Tensor,
     /// The job's own stream of random transforms.
     rng: SplitMix64,
+    /// Steps whose results were read.
     iterations: usize,
+    /// Steps queued, read or not.
+    launched: usize,
+    /// Unique within the batch: names the slot in a [`Launched`] step after others left.
+    id: u64,
     start: Instant,
 }
 
@@ -201,10 +207,43 @@ pub struct Batch<'a, T> {
     /// The last step's transforms, grid side and grids: a fixed transform (the default 90°
     /// rotation) needs its grid built once, not every step.
     grids: Option<(Vec<Affine>, i64, Tensor)>,
+    /// A step queued but not read yet (see [`set_pipelined`](Self::set_pipelined)).
+    pending: Option<Launched>,
+    pipelined: bool,
+    next_id: u64,
+    /// The captured step of the current stack, if any (see `run_step`).
+    graph: Option<StepGraph>,
+    /// Eager steps since the stack or its transforms last changed.
+    steady: usize,
+    cuda_graphs: bool,
 }
 
-/// What [`Batch::step`] computed, for every job of the stack.
+/// A step queued on the device whose statistics have not been read back yet.
+struct Launched {
+    /// The slots it trained, by [`Slot::id`], in stack order.
+    ids: Vec<u64>,
+    /// `(M, K, S, S)` detached.
+    response: Tensor,
+    /// `(M, S, S)` argmax.
+    target: Tensor,
+    /// `(M, 5)` on its way to the host: total, ce, affine, spatial, labels in use.
+    stats: HostCopy,
+}
+
+impl Launched {
+    /// Waits for this step's statistics (and only for them: a step queued after it keeps
+    /// running).
+    fn read(self) -> Result<StepOut, ModelError> {
+        let stats = self.stats.wait()?;
+        let flat = Vec::<f32>::try_from(stats.flatten(0, -1))?;
+        let stats = flat.chunks_exact(5).map(|c| [c[0], c[1], c[2], c[3], c[4]]).collect();
+        Ok(StepOut { ids: self.ids, response: self.response, target: self.target, stats })
+    }
+}
+
+/// What one step computed, for every job of the stack it trained.
 struct StepOut {
+    ids: Vec<u64>,
     /// `(M, K, S, S)` detached.
     response: Tensor,
     /// `(M, S, S)` argmax.
@@ -214,13 +253,55 @@ struct StepOut {
 }
 
 impl<'a, T> Batch<'a, T> {
-    /// An empty batch on `device`. A batch stays on the thread that made it (it is not
-    /// `Send`), so that thread gets its own CUDA stream here, once.
+    /// An empty batch on `device`, pipelined on a GPU (see [`set_pipelined`](Self::set_pipelined)).
+    /// A batch stays on the thread that made it (it is not `Send`), so that thread gets its own
+    /// CUDA stream here, once.
     pub fn new(device: Device) -> Self {
         if let Device::Cuda(i) = device {
             own_stream(i);
         }
-        Batch { device, slots: Vec::new(), net: None, velocity: Vec::new(), inputs: None, grids: None }
+        Batch {
+            device,
+            slots: Vec::new(),
+            net: None,
+            velocity: Vec::new(),
+            inputs: None,
+            grids: None,
+            pending: None,
+            pipelined: device.is_cuda(),
+            next_id: 0,
+            graph: None,
+            steady: 0,
+            cuda_graphs: device.is_cuda() && CUDA_GRAPHS.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether small stacks on a GPU run their steps as CUDA graph replays once they are steady
+    /// (default: on for a GPU unless [`set_cuda_graphs`] turned it off; see `run_step`).
+    /// Results are the same up to floating-point summation order.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on && self.device.is_cuda();
+        if !self.cuda_graphs {
+            self.forget_graph();
+        }
+    }
+
+    /// Whether [`step`](Self::step) queues the following step before it reads the results of
+    /// its own. Results are the same either way; only the timing differs.
+    ///
+    /// Why: the host must read every step's losses and label counts to know whether a job has
+    /// ended, and on a GPU the host then spends a few milliseconds queueing the next step's
+    /// few hundred kernels while the GPU idles: a third of a lone fit's time on an H100.
+    /// Queued one step ahead, the GPU always has work. The price is one step computed in vain
+    /// when a job stops early. On the CPU, where a step runs while it is queued, that step is
+    /// all there is to it, so the default is off there.
+    pub fn set_pipelined(&mut self, on: bool) {
+        self.pipelined = on;
+    }
+
+    /// Whether the current stack's steps run as replays of a CUDA graph.
+    pub fn replays_graph(&self) -> bool {
+        self.graph.is_some()
     }
 
     /// Jobs in the batch.
@@ -252,6 +333,7 @@ impl<'a, T> Batch<'a, T> {
         }
         let device = self.device;
         let joined = catch_torch(|| {
+            let _shared = gate_shared(device);
             let o = &job.opts;
             let x = prepare_input(&job.image, o, device);
             let net = S3Net::new(o.seed, device, x.size()[1], o.features, o.blocks, o.offsets, o.size, o.kernels);
@@ -275,16 +357,21 @@ impl<'a, T> Batch<'a, T> {
             Err(e) => return Err((tag, e)),
         };
         self.inputs = None;
+        self.forget_graph();
         // A separate stream for the transforms, so that changing the affine ranges never
         // changes the initial weights of the same seed.
         let rng = SplitMix64::new(job.opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(1));
-        self.slots.push(Slot { tag, job, x, rng, iterations: 0, start: Instant::now() });
+        let id = self.next_id;
+        self.next_id += 1;
+        self.slots.push(Slot { tag, job, x, rng, iterations: 0, launched: 0, id, start: Instant::now() });
         Ok(())
     }
 
-    /// One SGD step of every job. Returns the jobs that ended with it — finished, early-stopped,
-    /// diverged or cancelled — and removes them from the batch. A libtorch failure ends every
-    /// job of the batch with that error.
+    /// One SGD step of every job: its progress is reported, and the jobs that ended with it —
+    /// finished, early-stopped, diverged or cancelled — are returned and removed from the
+    /// batch. When pipelined, the step read here is the one queued by the previous call, and
+    /// this call queues the next. A libtorch failure ends every job of the batch with that
+    /// error.
     pub fn step(&mut self) -> Vec<(T, Result<FitOutput, ModelError>)> {
         let mut ended = Vec::new();
         let cancelled: Vec<usize> = (0..self.slots.len()).filter(|&j| (self.slots[j].job.cancel)()).collect();
@@ -294,9 +381,22 @@ impl<'a, T> Batch<'a, T> {
         if self.slots.is_empty() {
             return ended;
         }
-        let out = match catch_torch(|| self.train_step()) {
+        let read = catch_torch(|| {
+            let current = match self.pending.take() {
+                Some(p) => p,
+                None => self.launch()?,
+            };
+            // The next step goes in the queue before this one is read, unless every job is
+            // known to end with this one.
+            if self.pipelined && self.slots.iter().any(|s| s.launched < s.job.opts.iterations) {
+                self.pending = Some(self.launch()?);
+            }
+            current.read()
+        });
+        let out = match read {
             Ok(out) => out,
             Err(e) => {
+                self.pending = None;
                 // The same failure for every job, without wrapping its message twice.
                 let msg = match e {
                     ModelError::Torch(m) => m,
@@ -310,7 +410,10 @@ impl<'a, T> Batch<'a, T> {
             }
         };
         let mut finished: Vec<(usize, Result<FitOutput, ModelError>)> = Vec::new();
-        for (j, slot) in self.slots.iter_mut().enumerate() {
+        for (j, id) in out.ids.iter().enumerate() {
+            // A job cancelled since the step was queued is gone already.
+            let Some(pos) = self.slots.iter().position(|s| s.id == *id) else { continue };
+            let slot = &mut self.slots[pos];
             let [total, ce, affine, spatial, labels] = out.stats[j].map(f64::from);
             let losses = LossTerms { total, ce, affine, spatial };
             let labels = labels as usize;
@@ -326,14 +429,18 @@ impl<'a, T> Batch<'a, T> {
             let outcome = if !total.is_finite() {
                 Some(Err(ModelError::Diverged { iteration: slot.iterations }))
             } else if slot.iterations >= o.iterations || (o.min_labels > 0 && slot.iterations >= 5 && labels <= o.min_labels) {
-                Some(catch_torch(|| output(slot, &out, j, losses, self.device)))
+                Some(catch_torch(|| {
+                    let _shared = gate_shared(self.device);
+                    output(slot, &out, j, losses, self.device)
+                }))
             } else {
                 None
             };
             if let Some(r) = outcome {
-                finished.push((j, r));
+                finished.push((pos, r));
             }
         }
+        finished.sort_by_key(|(pos, _)| *pos);
         let which: Vec<usize> = finished.iter().map(|(j, _)| *j).collect();
         let removed = self.remove(&which);
         for ((tag, _), (_, r)) in removed.into_iter().zip(finished) {
@@ -360,11 +467,14 @@ impl<'a, T> Batch<'a, T> {
         if keep.is_empty() {
             self.net = None;
             self.velocity.clear();
+            self.pending = None;
         } else if let Some(net) = self.net.as_mut() {
+            let _shared = gate_shared(self.device);
             net.retain(&keep);
             self.velocity = self.velocity.iter().map(|v| select_models(v, m, &keep)).collect();
         }
         self.inputs = None;
+        self.forget_graph();
         let mut out = Vec::new();
         for &j in which.iter().rev() {
             let s = self.slots.remove(j);
@@ -374,9 +484,9 @@ impl<'a, T> Batch<'a, T> {
         out
     }
 
-    fn train_step(&mut self) -> Result<StepOut, ModelError> {
-        let device = self.device;
-        let net = self.net.as_ref().ok_or_else(|| ModelError::Torch("batch has no network".into()))?;
+    /// Queues one SGD step of every job in the stack and starts copying its statistics to the
+    /// host; nothing here waits for the device.
+    fn launch(&mut self) -> Result<Launched, ModelError> {
         let m = self.slots.len() as i64;
         let x = match &self.inputs {
             Some(x) => x.shallow_clone(),
@@ -388,69 +498,186 @@ impl<'a, T> Batch<'a, T> {
         };
         // Every job of a batch shares these (see `batch_key`).
         let opts = self.slots[0].job.opts.clone();
-        let (k, size) = (opts.features, opts.size);
-        let c = x.size()[1] / m;
-        let w = opts.weights;
-        let use_affine = w.affine > 0.0;
-
-        let (response, aux_t, grid) = if use_affine {
+        let grid = if opts.weights.affine > 0.0 {
+            // Drawn for every job at every step, so that a job's transforms do not depend on
+            // how its steps run.
             let ts: Vec<Affine> = self.slots.iter_mut().map(|s| Affine::draw(&mut s.rng, &s.job.opts.affine)).collect();
-            let grid = match &self.grids {
-                Some((last, s, g)) if *last == ts && *s == size => g.shallow_clone(),
+            match &self.grids {
+                Some((last, s, g)) if *last == ts && *s == opts.size => Some(g.shallow_clone()),
                 _ => {
                     let g = Affine::grids(&ts, &self.slots[0].x);
-                    self.grids = Some((ts, size, g.shallow_clone()));
-                    g
+                    self.grids = Some((ts, opts.size, g.shallow_clone()));
+                    // The graph read the old grid.
+                    self.forget_graph();
+                    Some(g)
                 }
-            };
-            let xt = warp(&x.reshape([m, c, size, size]), &grid).reshape([1, m * c, size, size]);
-            let (response, aux_t) = if device.is_cuda() {
+            }
+        } else {
+            None
+        };
+        let ([response, target], stats) = self.run_step(&x, grid.as_ref(), &opts, m)?;
+        let ids = self.slots.iter_mut().map(|s| {
+            s.launched += 1;
+            s.id
+        });
+        Ok(Launched { ids: ids.collect(), response, target, stats })
+    }
+
+    /// Runs (queues) the step's tensor work: eagerly, or as a replay of a CUDA graph of it.
+    ///
+    /// On a GPU a stack of up to [`GRAPH_MAX_MODELS`] networks whose membership and transforms
+    /// have not changed for [`GRAPH_AFTER_STEPS`] steps is captured into a graph (the eager
+    /// steps before warm libtorch up: gradients allocated, cuDNN and cuBLAS set up), and each
+    /// step from then on is one replay. The replay writes the same output tensors every time,
+    /// so the response and target are copied out for the step that reads them later. Larger
+    /// stacks keep the GPU busy without one (and would hold twice their memory). A capture that
+    /// fails is logged and the batch stays eager.
+    fn run_step(&mut self, x: &Tensor, grid: Option<&Tensor>, opts: &FitOptions, m: i64) -> Result<([Tensor; 2], HostCopy), ModelError> {
+        let net = self.net.as_ref().ok_or_else(|| ModelError::Torch("batch has no network".into()))?;
+        let replay = |g: &StepGraph| -> Result<([Tensor; 2], HostCopy), ModelError> {
+            g.graph.replay()?;
+            let [r, t, s] = &g.out;
+            Ok(([r.copy(), t.copy()], HostCopy::start(s)?))
+        };
+        if let Some(g) = &self.graph {
+            let _shared = gate_shared(self.device);
+            return replay(g);
+        }
+        let device = self.device;
+        if let (Device::Cuda(index), true) = (device, self.cuda_graphs) {
+            if m <= GRAPH_MAX_MODELS && self.steady >= GRAPH_AFTER_STEPS {
+                let _alone = GPU_GATE.write().unwrap_or_else(|p| p.into_inner());
+                let velocity = &self.velocity;
+                match CudaGraph::capture(index, || step_tensors(net, velocity, x, grid, opts, m, device)) {
+                    Ok((graph, out)) => {
+                        let g = StepGraph { out, graph };
+                        let r = replay(&g);
+                        self.graph = Some(g);
+                        return r;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "CUDA graph capture failed; this batch goes on without graphs");
+                        self.cuda_graphs = false;
+                    }
+                }
+            }
+        }
+        self.steady += 1;
+        let _shared = gate_shared(device);
+        let [r, t, s] = step_tensors(net, &self.velocity, x, grid, opts, m, device)?;
+        Ok(([r, t], HostCopy::start(&s)?))
+    }
+
+    /// Drops the CUDA graph (the stack or its inputs changed) and restarts the count of steady
+    /// steps.
+    fn forget_graph(&mut self) {
+        if self.graph.is_some() {
+            let _shared = gate_shared(self.device);
+            self.graph = None;
+        }
+        self.steady = 0;
+    }
+}
+
+static CUDA_GRAPHS: AtomicBool = AtomicBool::new(true);
+
+/// Keeps every other fit's GPU work out of the way while one captures a CUDA graph: batches
+/// queue their steps, and add, drop and read out jobs, holding it shared; a capture holds it
+/// alone. Never taken twice by one thread.
+///
+/// Why: all fits of a process share libtorch's autograd thread for the device, which runs the
+/// captured backward as well as other workers' backward passes, and a call another thread
+/// makes meanwhile can invalidate the capture (seen with two GPU workers: one capture in ~40
+/// failed, and the CUDA error it left on the autograd thread then failed that batch's eager
+/// step). Captures are rare (once per new stack), steps hold it for the milliseconds their
+/// queueing takes.
+static GPU_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// The gate held shared, for work on `device`; CPU work passes freely.
+fn gate_shared(device: Device) -> Option<std::sync::RwLockReadGuard<'static, ()>> {
+    device.is_cuda().then(|| GPU_GATE.read().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Whether batches made from now on (every fit runs in one) replay the steps of small steady
+/// stacks on a GPU as CUDA graphs; on by default. Off is for comparison and as an operator's
+/// way out (`workers.cuda_graphs`); results are the same either way.
+pub fn set_cuda_graphs(on: bool) {
+    CUDA_GRAPHS.store(on, Ordering::Relaxed);
+}
+
+/// Stacks up to this many networks are captured into CUDA graphs (see `Batch::run_step`).
+const GRAPH_MAX_MODELS: i64 = 4;
+/// Eager steps of an unchanged stack before its capture.
+const GRAPH_AFTER_STEPS: usize = 2;
+
+/// A captured step and the tensors each replay rewrites: response, target, statistics.
+struct StepGraph {
+    out: [Tensor; 3],
+    graph: CudaGraph,
+}
+
+/// One training step of a stack of `m` networks on the inputs `x` `(1, M·C, S, S)`: forward,
+/// the three loss terms per network, backward and the SGD update. Returns the detached
+/// response `(M, K, S, S)`, its argmax `(M, S, S)` and per network `(M, 5)`: total, ce, affine,
+/// spatial, labels in use. `grid` is the affine term's transforms (None without that term).
+/// It never reads a value back to the host, so that it can be captured into a CUDA graph.
+fn step_tensors(
+    net: &S3Net,
+    velocity: &[Tensor],
+    x: &Tensor,
+    grid: Option<&Tensor>,
+    opts: &FitOptions,
+    m: i64,
+    device: Device,
+) -> Result<[Tensor; 3], ModelError> {
+    let (k, size) = (opts.features, opts.size);
+    let c = x.size()[1] / m;
+    let w = opts.weights;
+    let (response, aux_t) = match grid {
+        Some(grid) => {
+            let xt = warp(&x.reshape([m, c, size, size]), grid).reshape([1, m * c, size, size]);
+            if device.is_cuda() {
                 // On a GPU, one pass over the image and its transformed copy as a batch of two
                 // (BatchNorm still normalises each on its own): half the kernel launches.
-                let f = net.trunk(&Tensor::cat(&[&x, &xt], 0));
-                (net.response(&f.narrow(0, 0, 1)), net.aux(&f.narrow(0, 1, 1)))
+                let f = net.trunk(&Tensor::cat(&[x, &xt], 0));
+                (net.response(&f.narrow(0, 0, 1)), Some(net.aux(&f.narrow(0, 1, 1))))
             } else {
                 // Two batch-1 passes rather than one batch of 2: each pass keeps its working
                 // set inside the CPU's last-level cache (measured ~1.5x faster).
-                (net.response(&net.trunk(&x)), net.aux(&net.trunk(&xt)))
-            };
-            (response, Some(aux_t), Some(grid))
-        } else {
-            (net.response(&net.trunk(&x)), None, None)
-        };
-
-        let r = response.reshape([m, k, size, size]);
-        let (l_ce, target) = self_ce_each(&r);
-        let zeros = || Tensor::zeros([m], (Kind::Float, device));
-        let l_sp = if w.spatial > 0.0 {
-            match opts.spatial {
-                SpatialLoss::Sobel => sobel_spatial_each(&r),
-                SpatialLoss::Continuity => continuity_each(&r),
+                (net.response(&net.trunk(x)), Some(net.aux(&net.trunk(&xt))))
             }
-        } else {
-            zeros()
-        };
-        let l_at = match (aux_t, grid) {
-            (Some(aux_t), Some(grid)) => {
-                // Target: the clustering of x, moved by the same transform, argmax after the warp.
-                let moved = warp(&r.detach(), &grid).argmax(1, false);
-                let target_t = moved.where_self(&inside(&grid), &Tensor::full([], IGNORE, (Kind::Int64, device)));
-                masked_ce_each(&aux_t.reshape([m, k, size, size]), &target_t)
-            }
-            _ => zeros(),
-        };
-        // Per job; their sum trains each network on its own loss alone.
-        let total = &l_ce * w.ce + &l_at * w.affine + &l_sp * w.spatial;
-        total.sum(Kind::Float).backward();
-        s3net_ops::sgd_step(&net.parameters(), &self.velocity, opts.lr, opts.momentum)
-            .map_err(|e| ModelError::Torch(e.0))?;
+        }
+        None => (net.response(&net.trunk(x)), None),
+    };
 
-        let labels = labels_in_use(&target, k);
-        let stats = Tensor::stack(&[&total, &l_ce, &l_at, &l_sp, &labels.to_kind(Kind::Float)], 1).detach();
-        let flat = Vec::<f32>::try_from(stats.flatten(0, -1).to_device(Device::Cpu))?;
-        let stats = flat.chunks_exact(5).map(|c| [c[0], c[1], c[2], c[3], c[4]]).collect();
-        Ok(StepOut { response: r.detach(), target, stats })
-    }
+    let r = response.reshape([m, k, size, size]);
+    let (l_ce, target) = self_ce_each(&r);
+    let zeros = || Tensor::zeros([m], (Kind::Float, device));
+    let l_sp = if w.spatial > 0.0 {
+        match opts.spatial {
+            SpatialLoss::Sobel => sobel_spatial_each(&r),
+            SpatialLoss::Continuity => continuity_each(&r),
+        }
+    } else {
+        zeros()
+    };
+    let l_at = match (aux_t, grid) {
+        (Some(aux_t), Some(grid)) => {
+            // Target: the clustering of x, moved by the same transform, argmax after the warp.
+            let moved = warp(&r.detach(), grid).argmax(1, false);
+            let target_t = moved.where_self(&inside(grid), &Tensor::full([], IGNORE, (Kind::Int64, device)));
+            masked_ce_each(&aux_t.reshape([m, k, size, size]), &target_t)
+        }
+        _ => zeros(),
+    };
+    // Per job; their sum trains each network on its own loss alone.
+    let total = &l_ce * w.ce + &l_at * w.affine + &l_sp * w.spatial;
+    total.sum(Kind::Float).backward();
+    s3net_ops::sgd_step(&net.parameters(), velocity, opts.lr, opts.momentum)?;
+
+    let labels = labels_in_use(&target, k);
+    let stats = Tensor::stack(&[&total, &l_ce, &l_at, &l_sp, &labels.to_kind(Kind::Float)], 1).detach();
+    Ok([r.detach(), target, stats])
 }
 
 /// What two jobs must share to train in one stack: everything but the seed, the iteration

@@ -22,7 +22,7 @@ pub mod rng;
 
 use std::sync::atomic::AtomicBool;
 
-pub use fit::{fit, Batch, FitJob, FitOutput, LossTerms, Progress};
+pub use fit::{fit, set_cuda_graphs, Batch, FitJob, FitOutput, LossTerms, Progress};
 pub use options::{cuda_device_count, DeviceSpec, FitOptions, Preset};
 pub use s3net_imaging::{Image, ImageKind, LabelMap};
 
@@ -41,6 +41,12 @@ pub enum ModelError {
     /// libtorch raised an error (CUDA out of memory, a kernel failure, …).
     #[error("libtorch error: {0}")]
     Torch(String),
+}
+
+impl From<s3net_ops::OpError> for ModelError {
+    fn from(e: s3net_ops::OpError) -> Self {
+        ModelError::Torch(e.0)
+    }
 }
 
 impl From<tch::TchError> for ModelError {

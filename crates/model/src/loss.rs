@@ -67,8 +67,12 @@ pub fn self_ce_each(response: &Tensor) -> (Tensor, Tensor) {
 }
 
 /// [`masked_ce`] per image: `(N,)`; an image whose pixels are all ignored contributes zero.
+///
+/// A lone image on the CPU goes through [`masked_ce`] (bit for bit as always). On a GPU every
+/// image takes the per-image form, because `masked_ce`'s test for "all ignored" reads a count
+/// back to the host, which stalls the queue in the middle of every step.
 pub fn masked_ce_each(logits: &Tensor, target: &Tensor) -> Tensor {
-    if logits.size()[0] == 1 {
+    if logits.size()[0] == 1 && !logits.device().is_cuda() {
         return masked_ce(logits, target).reshape([1]);
     }
     let ce = logits.cross_entropy_loss(target, None::<Tensor>, Reduction::None, IGNORE, 0.0);

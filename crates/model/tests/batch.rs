@@ -40,12 +40,22 @@ fn alone(img: &Image, o: &FitOptions, device: Device) -> (Vec<LossTerms>, FitOut
 type Outcome = (Vec<LossTerms>, Result<FitOutput, ModelError>);
 
 /// Runs `jobs` in one batch (job i joins before step `join[i]`), cancelling job `cancel_at.0`
-/// before step `cancel_at.1`. Returns each job's per-step losses and outcome.
-fn batched(jobs: &[(Image, FitOptions)], join: &[usize], cancel_at: Option<(usize, usize)>, device: Device) -> Vec<Outcome> {
+/// before step `cancel_at.1`; pipelined as `pipelined` says, or as the device's default.
+/// Returns each job's per-step losses and outcome.
+fn batched(
+    jobs: &[(Image, FitOptions)],
+    join: &[usize],
+    cancel_at: Option<(usize, usize)>,
+    device: Device,
+    pipelined: Option<bool>,
+) -> Vec<Outcome> {
     let flags: Vec<Arc<AtomicBool>> = jobs.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
     let (tx, rx) = mpsc::channel::<(usize, LossTerms)>();
     let mut results: Vec<Option<Result<FitOutput, ModelError>>> = jobs.iter().map(|_| None).collect();
     let mut batch: Batch<usize> = Batch::new(device);
+    if let Some(on) = pipelined {
+        batch.set_pipelined(on);
+    }
     let mut step = 0;
     while results.iter().any(Option::is_none) {
         for (i, (img, o)) in jobs.iter().enumerate() {
@@ -115,13 +125,13 @@ fn assert_same_fit(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome, tol
 
 /// Three different images, seeds and budgets in one batch (the default preset: free offsets,
 /// 90° rotation, continuity; and the paper's: predicted offsets, random affines, Sobel).
-fn each_job_as_if_alone(preset: Preset, device: Device, tol: Tol) {
+fn each_job_as_if_alone(preset: Preset, device: Device, tol: Tol, pipelined: Option<bool>) {
     let jobs = vec![
         (disc(40, 30, 3, 0.5, 0.5), opts(preset, 1, 4)),
         (disc(32, 32, 3, 0.3, 0.6), opts(preset, 2, 2)),
         (disc(50, 20, 3, 0.6, 0.4), opts(preset, 3, 6)),
     ];
-    let got = batched(&jobs, &[0, 0, 0], None, device);
+    let got = batched(&jobs, &[0, 0, 0], None, device, pipelined);
     for (i, (img, o)) in jobs.iter().enumerate() {
         assert_same_fit(&format!("{preset} job {i}"), &alone(img, o, device), &got[i], tol);
     }
@@ -129,12 +139,20 @@ fn each_job_as_if_alone(preset: Preset, device: Device, tol: Tol) {
 
 #[test]
 fn each_job_as_if_alone_default_preset() {
-    each_job_as_if_alone(Preset::Default, Device::Cpu, CPU);
+    each_job_as_if_alone(Preset::Default, Device::Cpu, CPU, None);
+}
+
+/// Pipelined (the next step queued before this one is read, the GPU's default) the results
+/// are the same; on the CPU the mode can be tested without a GPU.
+#[test]
+fn each_job_as_if_alone_pipelined() {
+    each_job_as_if_alone(Preset::Default, Device::Cpu, CPU, Some(true));
+    each_job_as_if_alone(Preset::Paper, Device::Cpu, CPU, Some(true));
 }
 
 #[test]
 fn each_job_as_if_alone_paper_preset() {
-    each_job_as_if_alone(Preset::Paper, Device::Cpu, CPU);
+    each_job_as_if_alone(Preset::Paper, Device::Cpu, CPU, None);
 }
 
 /// The tensor-op kernels (channels-last activations on the CPU) batch as well.
@@ -147,7 +165,7 @@ fn each_job_as_if_alone_tensor_ops() {
             (disc(36, 30, 3, 0.4 + 0.1 * seed as f32, 0.5), o)
         })
         .collect();
-    let got = batched(&jobs, &[0, 0], None, Device::Cpu);
+    let got = batched(&jobs, &[0, 0], None, Device::Cpu, None);
     for (i, (img, o)) in jobs.iter().enumerate() {
         assert_same_fit(&format!("tensor ops job {i}"), &alone(img, o, Device::Cpu), &got[i], CPU);
     }
@@ -163,12 +181,67 @@ fn cuda_each_job_as_if_alone() {
     // plain ones round differently (~1e-3), and the paper preset's random affines and Sobel
     // term turn that into argmax flips from the third step on (measured on an H200: 0.7 %).
     let gpu = Tol { first: 1e-3, later: 3e-2, labels: 0.95 };
-    each_job_as_if_alone(Preset::Default, Device::Cuda(0), gpu);
-    each_job_as_if_alone(Preset::Paper, Device::Cuda(0), gpu);
+    for pipelined in [None, Some(false)] {
+        each_job_as_if_alone(Preset::Default, Device::Cuda(0), gpu, pipelined);
+        each_job_as_if_alone(Preset::Paper, Device::Cuda(0), gpu, pipelined);
+    }
+}
+
+/// On a GPU a small steady stack runs its steps as CUDA graph replays (from step 3): the same
+/// losses and labels as eager steps, for a lone job and for a stack that loses a member
+/// (the graph is dropped and a new one captured).
+#[test]
+fn cuda_graph_replays_match_eager_steps() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let dev = Device::Cuda(0);
+    let run = |jobs: &[(Image, FitOptions)], graphs: bool| {
+        let mut batch: Batch<usize> = Batch::new(dev);
+        batch.set_cuda_graphs(graphs);
+        let mut steps: Vec<Vec<LossTerms>> = vec![Vec::new(); jobs.len()];
+        let (tx, rx) = mpsc::channel::<(usize, LossTerms)>();
+        for (i, (img, o)) in jobs.iter().enumerate() {
+            let tx = tx.clone();
+            let job = FitJob {
+                image: Arc::new(img.clone()),
+                opts: o.clone(),
+                progress: Box::new(move |p: &Progress| tx.send((i, p.losses)).unwrap()),
+                cancel: Box::new(|| false),
+            };
+            batch.add(i, job).map_err(|(_, e)| e).unwrap();
+        }
+        let (mut outs, mut replayed) = (Vec::new(), false);
+        while !batch.is_empty() {
+            outs.extend(batch.step());
+            replayed |= batch.replays_graph();
+        }
+        drop(tx);
+        for (i, l) in rx.iter() {
+            steps[i].push(l);
+        }
+        outs.sort_by_key(|(i, _)| *i);
+        (steps, outs.into_iter().map(|(_, r)| r.unwrap()).collect::<Vec<_>>(), replayed)
+    };
+    let lone = vec![(disc(40, 30, 3, 0.5, 0.5), opts(Preset::Default, 1, 12))];
+    let pair = vec![(disc(40, 30, 3, 0.5, 0.5), opts(Preset::Default, 1, 12)), (disc(32, 32, 3, 0.3, 0.6), opts(Preset::Default, 2, 5))];
+    for jobs in [lone, pair] {
+        let (eager, graphed) = (run(&jobs, false), run(&jobs, true));
+        assert!(!eager.2 && graphed.2, "graphs used: eager run {}, graph run {}", eager.2, graphed.2);
+        for i in 0..jobs.len() {
+            // The same kernels in the same order; cuDNN's weight gradients may still add in
+            // another order from run to run (atomics).
+            let tol = Tol { first: 1e-4, later: 1e-3, labels: 0.99 };
+            assert_same_fit(&format!("{} jobs, job {i}", jobs.len()), &(eager.0[i].clone(), eager.1[i].clone()), &(graphed.0[i].clone(), Ok(graphed.1[i].clone())), tol);
+        }
+    }
 }
 
 /// A job that joins a running batch, and a job cancelled in the middle: the others are not
 /// disturbed, the cancelled one ends with `Cancelled` after the steps it ran.
+/// Pipelined too: a job that joins while a step is in flight starts with the next one, and a
+/// cancelled job's in-flight step is dropped unread.
 #[test]
 fn joining_and_cancelling_leave_the_others_undisturbed() {
     let jobs = vec![
@@ -176,11 +249,14 @@ fn joining_and_cancelling_leave_the_others_undisturbed() {
         (disc(36, 36, 3, 0.4, 0.5), opts(Preset::Default, 8, 5)),
         (disc(30, 40, 3, 0.5, 0.3), opts(Preset::Default, 9, 4)),
     ];
-    let got = batched(&jobs, &[0, 0, 2], Some((1, 3)), Device::Cpu);
-    assert!(matches!(got[1].1, Err(ModelError::Cancelled)), "{:?}", got[1].1.as_ref().err());
-    assert_eq!(got[1].0.len(), 3, "the cancelled job ran steps 1-3 only");
-    for i in [0, 2] {
-        assert_same_fit(&format!("job {i}"), &alone(&jobs[i].0, &jobs[i].1, Device::Cpu), &got[i], CPU);
+    for pipelined in [false, true] {
+        let got = batched(&jobs, &[0, 0, 2], Some((1, 3)), Device::Cpu, Some(pipelined));
+        assert!(matches!(got[1].1, Err(ModelError::Cancelled)), "{:?}", got[1].1.as_ref().err());
+        assert_eq!(got[1].0.len(), 3, "the cancelled job reported steps 1-3 only (pipelined: {pipelined})");
+        for i in [0, 2] {
+            let name = format!("job {i}, pipelined: {pipelined}");
+            assert_same_fit(&name, &alone(&jobs[i].0, &jobs[i].1, Device::Cpu), &got[i], CPU);
+        }
     }
 }
 
@@ -192,11 +268,14 @@ fn grey_and_colour_together_and_early_stop_per_job() {
     let mut stop = opts(Preset::Default, 4, 30);
     stop.min_labels = 7; // 8 clusters: stops at step 5 once at most 7 remain
     let jobs = vec![(disc(32, 32, 1, 0.5, 0.5), opts(Preset::Default, 5, 6)), (disc(32, 32, 3, 0.5, 0.5), stop)];
-    let got = batched(&jobs, &[0, 0], None, Device::Cpu);
-    for (i, (img, o)) in jobs.iter().enumerate() {
-        assert_same_fit(&format!("job {i}"), &alone(img, o, Device::Cpu), &got[i], Tol { later: 1e-2, ..CPU });
+    for pipelined in [false, true] {
+        let got = batched(&jobs, &[0, 0], None, Device::Cpu, Some(pipelined));
+        for (i, (img, o)) in jobs.iter().enumerate() {
+            let name = format!("job {i}, pipelined: {pipelined}");
+            assert_same_fit(&name, &alone(img, o, Device::Cpu), &got[i], Tol { later: 1e-2, ..CPU });
+        }
+        assert!(got[1].0.len() < 30, "job 1 should stop early");
     }
-    assert!(got[1].0.len() < 30, "job 1 should stop early");
 }
 
 /// Jobs whose networks differ cannot join; bad jobs are refused with the reason; the batch

@@ -106,6 +106,10 @@ pub struct WorkersConfig {
     /// Jobs a GPU worker trains together as one batch (unset: 16): one stack of networks, one
     /// step for all. Only queued jobs with the same network shape join; a lone job runs alone.
     pub gpu_batch: Option<usize>,
+    /// Whether GPU workers replay a lone job's (or a stack of up to 4 jobs') steps as CUDA
+    /// graphs once the stack is steady (unset: true; process-wide, see
+    /// `s3net_model::set_cuda_graphs`). Off queues every kernel one by one; same results.
+    pub cuda_graphs: Option<bool>,
     /// libtorch intra-op threads (process-wide). Unset: the CPU cores divided among the CPU workers.
     pub torch_threads: Option<usize>,
 }

@@ -78,6 +78,7 @@ impl Server {
             cfg.workers.cpu_batch.unwrap_or(1),
             cfg.workers.gpu_batch.unwrap_or(16),
         );
+        s3net_model::set_cuda_graphs(cfg.workers.cuda_graphs.unwrap_or(true));
         anyhow::ensure!(
             !slots.is_empty(),
             "no workers configured (workers.cpu_workers = 0 and no CUDA device)"

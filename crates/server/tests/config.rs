@@ -24,6 +24,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     .unwrap();
     std::env::set_var("S3NET__QUEUE__CAPACITY", "11");
     std::env::set_var("S3NET__SERVER__AUTH_TOKEN", "tok");
+    std::env::set_var("S3NET__WORKERS__CUDA_GRAPHS", "false");
     let args = ServeArgs {
         config: Some(file.clone()),
         torch_threads: Some(2),
@@ -36,6 +37,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     assert_eq!(c.server.auth_token.as_deref(), Some("tok"));
     assert_eq!(c.workers.cpu_workers, Some(3));
     assert_eq!(c.workers.torch_threads, Some(2));
+    assert_eq!(c.workers.cuda_graphs, Some(false));
     let args = ServeArgs {
         config: Some(file),
         addr: Some("127.0.0.1:7000".into()),
@@ -50,6 +52,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     );
     std::env::remove_var("S3NET__QUEUE__CAPACITY");
     std::env::remove_var("S3NET__SERVER__AUTH_TOKEN");
+    std::env::remove_var("S3NET__WORKERS__CUDA_GRAPHS");
 
     std::fs::write(dir.path().join("bad.toml"), "[server]\nadress = \"x\"\n").unwrap();
     let err = Config::load(Some(&dir.path().join("bad.toml")), &[]).unwrap_err();
