@@ -4,14 +4,16 @@
 # deformable-conv benchmarks, the server with 40 PH2 jobs and its metrics, accuracy on the dev
 # data on the GPU, and (PROFILE=1) a per-kernel profile of a batched step with ncu.
 #
-# Results go to $OUT (default ./gpu-check-out): cuda-tests.txt, bench.txt, server.txt,
-# eval-*.json, ncu-*.txt, and a short digest on stdout. Steps: STEPS="tests bench server eval"
-# (the default) plus "profile" with PROFILE=1.
+# Results go to $OUT (default ./gpu-check-out): cuda-tests.txt, bench.txt, server*.txt,
+# eval-*.json, ncu-*.txt, and a short digest on stdout. Steps: STEPS="tests bench server eval
+# tf32" (the default) plus "profile" with PROFILE=1. "tf32" repeats the fit benches and the
+# eval with cuBLAS's matmuls in TF32 (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions
+# run in TF32 by default either way), to weigh speed against accuracy.
 set -u
 cd "$(dirname "$0")"
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-tests bench server eval}
+STEPS=${STEPS:-tests bench server eval tf32}
 [ "${PROFILE:-0}" = 1 ] && STEPS="$STEPS profile"
 SP=$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')
 export LD_LIBRARY_PATH=$SP/torch/lib:$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
@@ -39,49 +41,73 @@ if has bench; then
   B=$OUT/bench.txt; : > "$B"
   run() { echo "### $*" >> "$B"; timeout 120 "$@" >> "$B" 2>&1; echo "rc=$?" >> "$B"; }
   run ./s3net bench fit --device cuda --repeats 5
-  run ./s3net bench fit --device cuda --repeats 1 --batch 16,32,64
+  run ./s3net bench fit --device cuda --repeats 2 --batch 4,16,32 --concurrency 2,4
   run ./s3net bench deform --size 256 --channels 32 --device cuda --json
-  grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|forward|rc=" "$B"
+  grep -E "###|seconds_per_fit_median|without_cuda_graphs|\"batch\"|fits_at_once|images_per_second|seconds_per_step|forward|rc=" "$B"
 fi
 
-if has server; then
+serve_jobs() {  # tag, then extra `s3net serve` flags
   # 40 PH2 jobs (20 images x 2 seeds), default options, submitted at once by 40 clients; wall
-  # time from the first submit to the last outcome, then the metrics. JOB_IMAGES and JOB_ARGS
-  # change the jobs (e.g. a quick try on a CPU: JOB_IMAGES=ph2-dev/images/IMD002.png
-  # JOB_ARGS="--iterations 2").
-  S=$OUT/server.txt; : > "$S"
-  work=$(mktemp -d)
-  ./s3net serve --addr 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 ${SERVE_ARGS:-} > "$OUT/serve-log.txt" 2>&1 &
-  pid=$!
+  # time from the first submit to the last outcome, then the metrics and any job failure from
+  # the server's log. JOB_IMAGES and JOB_ARGS change the jobs (e.g. a quick try on a CPU:
+  # JOB_IMAGES=ph2-dev/images/IMD002.png JOB_ARGS="--iterations 2").
+  local tag=$1; shift
+  local S=$OUT/server$tag.txt log=$OUT/serve-log$tag.txt work
+  : > "$S"; work=$(mktemp -d)
+  ./s3net serve --addr 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 "$@" > "$log" 2>&1 &
+  local pid=$!
   for _ in $(seq 60); do ./s3net client health > /dev/null 2>&1 && break; sleep 0.5; done
-  t0=$(date +%s.%N); n=0; subs=()
+  local t0 t1 n=0 ok subs=() watchers=()
+  t0=$(date +%s.%N)
   for seed in 1 2; do
     for f in ${JOB_IMAGES:-ph2-dev/images/*}; do
       n=$((n + 1)); ./s3net client submit "$f" --seed $seed ${JOB_ARGS:-} > "$work/id-$n" 2>> "$S" & subs+=($!)
     done
   done
   wait "${subs[@]}"
-  watchers=()
   for id in $(cat "$work"/id-*); do
     (timeout 180 ./s3net client watch "$id" > /dev/null 2>&1 && touch "$work/ok-$id") & watchers+=($!)
   done
   wait "${watchers[@]}"
   t1=$(date +%s.%N)
   ok=$(ls "$work"/ok-* 2> /dev/null | wc -l)
+  echo "### serve $*" >> "$S"
   python3 -c "print('jobs', $n, 'completed', $ok, 'wall_s', round($t1 - $t0, 2), 'images_per_s', round($n / ($t1 - $t0), 2))" >> "$S"
   python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())" |
     grep -E "^s3net_(gpu_memory|workers|fit_seconds_(count|sum)|jobs_total)" >> "$S"
   kill -TERM $pid; wait $pid; echo "serve rc=$?" >> "$S"
+  grep -E "WARN|ERROR" "$log" | cut -c1-400 | head -5 >> "$S"
   rm -rf "$work"
   cat "$S"
+}
+
+if has server; then
+  # The defaults (2 GPU workers, gpu_batch 16), then stacks of at most 4 jobs (each one a CUDA
+  # graph once steady) twice: two workers capturing and replaying side by side.
+  serve_jobs "" ${SERVE_ARGS:-}
+  serve_jobs -b4 --gpu-batch 4
+  serve_jobs -b4-again --gpu-batch 4
 fi
 
-if has eval; then
+evaluate() {  # tag
   for d in ph2-dev lung-dev; do
     timeout 300 ./s3net eval --device cuda --images $d/images --masks $d/masks \
-      --report "$OUT/eval-$d.json" > "$OUT/eval-$d.txt" 2>&1
-    echo "eval $d rc=$?: $(grep '^mean' "$OUT/eval-$d.txt")"
+      --report "$OUT/eval$1-$d.json" > "$OUT/eval$1-$d.txt" 2>&1
+    echo "eval$1 $d rc=$?: $(grep '^mean' "$OUT/eval$1-$d.txt")"
   done
+}
+has eval && evaluate ""
+
+if has tf32; then
+  export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
+  B=$OUT/bench-tf32.txt; : > "$B"
+  for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2"; do
+    echo "### tf32 bench fit $args" >> "$B"
+    timeout 120 ./s3net bench fit --device cuda $args >> "$B" 2>&1; echo "rc=$?" >> "$B"
+  done
+  grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|rc=" "$B"
+  evaluate -tf32
+  unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE
 fi
 
 if has profile; then
