@@ -1301,21 +1301,32 @@ int s3ops_graph_begin(int64_t device, void** out, char** err) {
   })
 }
 
-// Ends the capture and readies the graph for replay.
-int s3ops_graph_end(void* handle, char** err) {
+}  // extern "C"
+
+// Runs `f` on the graph on its device, for the C calls that end a capture or replay one.
+template <typename F>
+int on_graph(void* handle, char** err, F f) {
   S3_PROTECT({
     *err = nullptr;
 #ifdef S3OPS_CUDA
     auto* g = static_cast<S3Graph*>(handle);
     c10::cuda::CUDAGuard guard(g->device);
-    g->graph.capture_end();
+    f(g->graph);
     return 0;
 #else
     (void)handle;
+    (void)f;
     *err = dup_msg("this build of s3net-ops has no CUDA support");
     return 1;
 #endif
   })
+}
+
+extern "C" {
+
+// Ends the capture and readies the graph for replay.
+int s3ops_graph_end(void* handle, char** err) {
+  return on_graph(handle, err, [](auto& graph) { graph.capture_end(); });
 }
 
 // After the captured work failed (an op threw, or synchronised and so invalidated the capture):
@@ -1352,19 +1363,7 @@ void s3ops_graph_abort(void* handle) {
 }
 
 int s3ops_graph_replay(void* handle, char** err) {
-  S3_PROTECT({
-    *err = nullptr;
-#ifdef S3OPS_CUDA
-    auto* g = static_cast<S3Graph*>(handle);
-    c10::cuda::CUDAGuard guard(g->device);
-    g->graph.replay();
-    return 0;
-#else
-    (void)handle;
-    *err = dup_msg("this build of s3net-ops has no CUDA support");
-    return 1;
-#endif
-  })
+  return on_graph(handle, err, [](auto& graph) { graph.replay(); });
 }
 
 void s3ops_graph_free(void* handle) { delete static_cast<S3Graph*>(handle); }
