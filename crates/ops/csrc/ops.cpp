@@ -1259,7 +1259,8 @@ void s3ops_host_copy_free(void* handle) { delete static_cast<S3HostCopy*>(handle
 // tensors must stay where they are while the graph lives.
 struct S3Graph {
 #ifdef S3OPS_CUDA
-  at::cuda::CUDAGraph graph;
+  // Behind a pointer so that the destructor below can destroy it (once) before emptying its pool.
+  std::unique_ptr<at::cuda::CUDAGraph> graph = std::make_unique<at::cuda::CUDAGraph>();
   at::cuda::MempoolId_t pool{0, 0};
   c10::DeviceIndex device = 0;
 
@@ -1290,7 +1291,7 @@ int s3ops_graph_begin(int64_t device, void** out, char** err) {
     g->device = static_cast<c10::DeviceIndex>(device);
     c10::cuda::CUDAGuard guard(g->device);
     g->pool = at::cuda::graph_pool_handle();
-    g->graph.capture_begin(g->pool, cudaStreamCaptureModeThreadLocal);
+    g->graph->capture_begin(g->pool, cudaStreamCaptureModeThreadLocal);
     *out = g.release();
     return 0;
 #else
@@ -1311,7 +1312,7 @@ int on_graph(void* handle, char** err, F f) {
 #ifdef S3OPS_CUDA
     auto* g = static_cast<S3Graph*>(handle);
     c10::cuda::CUDAGuard guard(g->device);
-    f(g->graph);
+    f(*g->graph);
     return 0;
 #else
     (void)handle;
@@ -1337,7 +1338,7 @@ void s3ops_graph_abort(void* handle) {
   auto* g = static_cast<S3Graph*>(handle);
   c10::cuda::CUDAGuard guard(g->device);
   try {
-    g->graph.capture_end();
+    g->graph->capture_end();
   } catch (...) {
     try {
       c10::cuda::CUDACachingAllocator::endAllocateToPool(g->device, g->pool);
