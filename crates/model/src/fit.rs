@@ -196,6 +196,11 @@ struct Slot<'a, T> {
 /// join between steps ([`add`](Self::add)) and leave as soon as they finish, so a worker can
 /// keep the stack full from its queue.
 ///
+/// On a GPU the host is what limits a small stack, so there each step is queued before the
+/// previous one's results are read ([`set_pipelined`](Self::set_pipelined)), and a stack of up
+/// to 4 that stays unchanged replays its step as a CUDA graph
+/// ([`set_cuda_graphs`](Self::set_cuda_graphs)).
+///
 /// `T` is the caller's handle for a job; it comes back with the job's outcome.
 pub struct Batch<'a, T> {
     device: Device,
