@@ -6,6 +6,27 @@
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
+/// The GPU for a test's CUDA cases, or None (saying so) where there is none: CUDA cases skip
+/// rather than fail on machines without a GPU.
+pub fn cuda_device() -> Option<Device> {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: CUDA cases skipped");
+        return None;
+    }
+    Some(Device::Cuda(0))
+}
+
+/// [`cuda_device`] where this build also carries s3net-ops' CUDA kernels (nvcc was found when
+/// it was compiled), or None, saying which is missing.
+pub fn cuda_with_kernels() -> Option<Device> {
+    let device = cuda_device()?;
+    if !s3net_ops::cuda_compiled() {
+        eprintln!("CUDA device present but this build has no CUDA kernel: CUDA cases skipped");
+        return None;
+    }
+    Some(device)
+}
+
 /// Stride, padding, dilation.
 pub type Geo = ((i64, i64), (i64, i64), (i64, i64));
 

@@ -9,6 +9,9 @@ use s3net_imaging::{Image, ImageKind};
 use s3net_model::{fit, Batch, FitJob, FitOptions, FitOutput, LossTerms, ModelError, Preset, Progress};
 use tch::Device;
 
+#[path = "../../../tests/support/torch_checks.rs"]
+mod checks;
+
 /// A dark disc at (cx, cy) on a textured background.
 fn disc(w: u32, h: u32, c: u8, cx: f32, cy: f32) -> Image {
     let n = (w * h) as usize;
@@ -173,17 +176,14 @@ fn each_job_as_if_alone_tensor_ops() {
 
 #[test]
 fn cuda_each_job_as_if_alone() {
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
-        return;
-    }
+    let Some(cuda) = checks::cuda_device() else { return };
     // cuDNN convolutions run in TF32 by default and pick their algorithm by shape: grouped and
     // plain ones round differently (~1e-3), and the paper preset's random affines and Sobel
     // term turn that into argmax flips from the third step on (measured on an H200: 0.7 %).
     let gpu = Tol { first: 1e-3, later: 3e-2, labels: 0.95 };
     for pipelined in [None, Some(false)] {
-        each_job_as_if_alone(Preset::Default, Device::Cuda(0), gpu, pipelined);
-        each_job_as_if_alone(Preset::Paper, Device::Cuda(0), gpu, pipelined);
+        each_job_as_if_alone(Preset::Default, cuda, gpu, pipelined);
+        each_job_as_if_alone(Preset::Paper, cuda, gpu, pipelined);
     }
 }
 
@@ -192,11 +192,7 @@ fn cuda_each_job_as_if_alone() {
 /// (the graph is dropped and a new one captured).
 #[test]
 fn cuda_graph_replays_match_eager_steps() {
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
-        return;
-    }
-    let dev = Device::Cuda(0);
+    let Some(dev) = checks::cuda_device() else { return };
     let run = |jobs: &[(Image, FitOptions)], graphs: bool| {
         let mut batch: Batch<usize> = Batch::new(dev);
         batch.set_cuda_graphs(graphs);

@@ -36,12 +36,9 @@ fn matches_torchvision_float32_cpu() {
 
 #[test]
 fn matches_torchvision_on_cuda_when_present() {
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
-        return;
-    }
-    check_against_golden(Device::Cuda(0), Kind::Double, 1e-9);
-    check_against_golden(Device::Cuda(0), Kind::Float, 2e-4);
+    let Some(cuda) = checks::cuda_device() else { return };
+    check_against_golden(cuda, Kind::Double, 1e-9);
+    check_against_golden(cuda, Kind::Float, 2e-4);
 }
 
 /// Central differences of sum(out · g) against autograd, every input, float64.

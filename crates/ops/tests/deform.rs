@@ -12,20 +12,6 @@ fn fused(x: &Tensor, off: &Tensor, mask: Option<&Tensor>, w: &Tensor, b: Option<
     deform_conv2d(x, off, mask, w, b, g.0, g.1, g.2).unwrap()
 }
 
-/// The CUDA device to test on, or None (with a message) where there is none or this build has
-/// no CUDA kernel.
-fn cuda() -> Option<Device> {
-    if !tch::Cuda::is_available() {
-        eprintln!("no CUDA device: CUDA cases skipped");
-        return None;
-    }
-    if !s3net_ops::cuda_compiled() {
-        eprintln!("CUDA device present but this build has no CUDA kernel: CUDA cases skipped");
-        return None;
-    }
-    Some(Device::Cuda(0))
-}
-
 fn check_against_golden(device: Device, kind: Kind, tol: f64) {
     checks::check_against_golden(&fused, device, kind, tol, Forward::Relative);
 }
@@ -42,14 +28,14 @@ fn matches_torchvision_float32() {
 
 #[test]
 fn cuda_matches_torchvision_float64() {
-    if let Some(d) = cuda() {
+    if let Some(d) = checks::cuda_with_kernels() {
         check_against_golden(d, Kind::Double, 1e-9);
     }
 }
 
 #[test]
 fn cuda_matches_torchvision_float32() {
-    if let Some(d) = cuda() {
+    if let Some(d) = checks::cuda_with_kernels() {
         // TF32 is off for float32 matmuls in libtorch by default, so float32 tolerances hold.
         check_against_golden(d, Kind::Float, 2e-4);
     }
@@ -226,7 +212,7 @@ fn matches_reference_on_larger_cases_float32() {
 
 #[test]
 fn cuda_matches_reference_on_larger_cases() {
-    if let Some(d) = cuda() {
+    if let Some(d) = checks::cuda_with_kernels() {
         compare_with_reference(d, Kind::Double, 1e-9);
         compare_with_reference(d, Kind::Float, 2e-4);
     }
@@ -238,7 +224,7 @@ fn cuda_matches_reference_on_larger_cases() {
 /// gradient's reduction over pixels is split into chunks on the GPU.
 #[test]
 fn cuda_matches_cpu_at_network_size() {
-    let Some(dev) = cuda() else { return };
+    let Some(dev) = checks::cuda_with_kernels() else { return };
     compare_with_cpu_at(dev, 1, 64, false);
     compare_with_cpu_at(dev, 3, 16, true);
 }
@@ -278,7 +264,7 @@ fn gradients_match_finite_differences() {
 
 #[test]
 fn cuda_gradients_match_finite_differences() {
-    if let Some(d) = cuda() {
+    if let Some(d) = checks::cuda_with_kernels() {
         finite_differences(d);
     }
 }
@@ -309,7 +295,7 @@ fn per_image_weights_match_separate_calls_cpu() {
 
 #[test]
 fn cuda_per_image_weights_match_separate_calls() {
-    if let Some(d) = cuda() {
+    if let Some(d) = checks::cuda_with_kernels() {
         check_per_image_weights(&fused, d, Kind::Double, 1e-12);
         check_per_image_weights(&fused, d, Kind::Float, 1e-5);
     }

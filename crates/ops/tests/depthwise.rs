@@ -205,11 +205,7 @@ fn zero_sized_batches_work() {
 /// for shared memory (libtorch's path).
 #[test]
 fn cuda_matches_libtorch_when_present() {
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
-        return;
-    }
-    let cuda = Device::Cuda(0);
+    let Some(cuda) = checks::cuda_device() else { return };
     tch::manual_seed(7);
     for (k, p, d) in GEOMETRIES {
         compare_on(cuda, [2, 128, 256, 256], k, p, d, Kind::Float, 1e-4, true);
@@ -232,21 +228,11 @@ fn cuda_matches_libtorch_when_present() {
 
 #[test]
 fn cuda_matches_cpu_when_present() {
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
-        return;
-    }
+    let Some(cuda) = checks::cuda_device() else { return };
     tch::manual_seed(6);
     let x = Tensor::randn([1, 8, 20, 24], (Kind::Float, Device::Cpu));
     let w = Tensor::randn([8, 1, 7, 7], (Kind::Float, Device::Cpu));
     let a = depthwise_conv2d(&x, &w, None, 9, 3).unwrap();
-    let b = depthwise_conv2d(
-        &x.to_device(Device::Cuda(0)),
-        &w.to_device(Device::Cuda(0)),
-        None,
-        9,
-        3,
-    )
-    .unwrap();
+    let b = depthwise_conv2d(&x.to_device(cuda), &w.to_device(cuda), None, 9, 3).unwrap();
     assert!(max_abs_diff(&a, &b.to_device(Device::Cpu)) < 1e-3);
 }

@@ -4,11 +4,11 @@
 use s3net_ops::{CudaGraph, OpError};
 use tch::{Device, Kind, Tensor};
 
+#[path = "../../../tests/support/torch_checks.rs"]
+mod checks;
+
 fn cuda() -> Option<usize> {
-    if !tch::Cuda::is_available() || !s3net_ops::cuda_compiled() {
-        eprintln!("skipped: no CUDA device or no CUDA in this build");
-        return None;
-    }
+    checks::cuda_with_kernels()?;
     // Captures need a stream other than the default one.
     s3net_ops::use_pool_stream(0).unwrap();
     Some(0)

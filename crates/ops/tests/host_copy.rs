@@ -4,6 +4,9 @@
 use s3net_ops::HostCopy;
 use tch::{Device, Kind, Tensor};
 
+#[path = "../../../tests/support/torch_checks.rs"]
+mod checks;
+
 fn snapshot_survives_later_work(device: Device) {
     let t = Tensor::arange(12, (Kind::Float, device)).view([3, 4]);
     let copy = HostCopy::start(&t.transpose(0, 1)).unwrap();
@@ -27,11 +30,9 @@ fn cpu_copy_is_a_snapshot() {
 
 #[test]
 fn cuda_copy_is_a_snapshot() {
-    if !tch::Cuda::is_available() || !s3net_ops::cuda_compiled() {
-        eprintln!("skipped: no CUDA device or no CUDA in this build");
-        return;
+    if let Some(cuda) = checks::cuda_with_kernels() {
+        snapshot_survives_later_work(cuda);
     }
-    snapshot_survives_later_work(Device::Cuda(0));
 }
 
 /// A copy that is never waited for is freed cleanly.
@@ -39,7 +40,7 @@ fn cuda_copy_is_a_snapshot() {
 fn dropped_copy_is_freed() {
     let t = Tensor::ones([1000], (Kind::Float, Device::Cpu));
     drop(HostCopy::start(&t).unwrap());
-    if tch::Cuda::is_available() && s3net_ops::cuda_compiled() {
-        drop(HostCopy::start(&t.to_device(Device::Cuda(0))).unwrap());
+    if let Some(cuda) = checks::cuda_with_kernels() {
+        drop(HostCopy::start(&t.to_device(cuda)).unwrap());
     }
 }

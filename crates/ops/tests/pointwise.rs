@@ -61,14 +61,11 @@ fn matches_grouped_conv_on_cpu() {
 
 #[test]
 fn matches_grouped_conv_on_cuda_when_present() {
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
-        return;
-    }
+    let Some(cuda) = checks::cuda_device() else { return };
     tch::manual_seed(12);
-    shapes(Device::Cuda(0));
+    shapes(cuda);
     // The network's size: 16 networks of F = 32, image and rotated copy.
-    compare(Device::Cuda(0), 2, 16, 32, 32, 256, 256, Kind::Float, 1e-4);
+    compare(cuda, 2, 16, 32, 32, 256, 256, Kind::Float, 1e-4);
 }
 
 #[test]
