@@ -178,7 +178,7 @@ mod tests {
         assert!((p.dsc - 80.0).abs() < 1e-9);
         let far: Vec<u16> = (0..10).map(|i| if (3..7).contains(&i) || i == 9 { 1 } else { 0 }).collect();
         let gt_small: Vec<bool> = (0..10).map(|i| i == 3).collect();
-        let labels_far: Vec<u16> = far.iter().copied().collect();
+        let labels_far: Vec<u16> = far.to_vec();
         let p = paper_protocol(&labels_far, &gt_small, w, h);
         let o = oracle_protocol(&labels_far, &gt_small).0;
         assert!(p.dsc > o.dsc);
