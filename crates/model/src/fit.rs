@@ -199,7 +199,9 @@ struct Slot<'a, T> {
 /// On a GPU the host is what limits a small stack, so there each step is queued before the
 /// previous one's results are read ([`set_pipelined`](Self::set_pipelined)), and a stack of up
 /// to 4 that stays unchanged replays its step as a CUDA graph
-/// ([`set_cuda_graphs`](Self::set_cuda_graphs)).
+/// ([`set_cuda_graphs`](Self::set_cuda_graphs)). A batch holds
+/// [`CudaGraph::outside_capture`] while it queues steps and adds, drops or reads out jobs, so
+/// that no other batch's capture runs meanwhile.
 ///
 /// `T` is the caller's handle for a job; it comes back with the job's outcome.
 pub struct Batch<'a, T> {
@@ -338,7 +340,7 @@ impl<'a, T> Batch<'a, T> {
         }
         let device = self.device;
         let joined = catch_torch(|| {
-            let _shared = gate_shared(device);
+            let _shared = CudaGraph::outside_capture(device);
             let o = &job.opts;
             let x = prepare_input(&job.image, o, device);
             let net = S3Net::new(o.seed, device, x.size()[1], o.features, o.blocks, o.offsets, o.size, o.kernels);
@@ -435,7 +437,7 @@ impl<'a, T> Batch<'a, T> {
                 Some(Err(ModelError::Diverged { iteration: slot.iterations }))
             } else if slot.iterations >= o.iterations || (o.min_labels > 0 && slot.iterations >= 5 && labels <= o.min_labels) {
                 Some(catch_torch(|| {
-                    let _shared = gate_shared(self.device);
+                    let _shared = CudaGraph::outside_capture(self.device);
                     output(slot, &out, j, losses, self.device)
                 }))
             } else {
@@ -474,7 +476,7 @@ impl<'a, T> Batch<'a, T> {
             self.velocity.clear();
             self.pending = None;
         } else if let Some(net) = self.net.as_mut() {
-            let _shared = gate_shared(self.device);
+            let _shared = CudaGraph::outside_capture(self.device);
             net.retain(&keep);
             self.velocity = self.velocity.iter().map(|v| select_models(v, m, &keep)).collect();
         }
@@ -539,19 +541,18 @@ impl<'a, T> Batch<'a, T> {
     /// fails is logged and the batch stays eager.
     fn run_step(&mut self, x: &Tensor, grid: Option<&Tensor>, opts: &FitOptions, m: i64) -> Result<([Tensor; 2], HostCopy), ModelError> {
         let net = self.net.as_ref().ok_or_else(|| ModelError::Torch("batch has no network".into()))?;
+        let device = self.device;
         let replay = |g: &StepGraph| -> Result<([Tensor; 2], HostCopy), ModelError> {
+            let _shared = CudaGraph::outside_capture(device);
             g.graph.replay()?;
             let [r, t, s] = &g.out;
             Ok(([r.copy(), t.copy()], HostCopy::start(s)?))
         };
         if let Some(g) = &self.graph {
-            let _shared = gate_shared(self.device);
             return replay(g);
         }
-        let device = self.device;
         if let (Device::Cuda(index), true) = (device, self.cuda_graphs) {
             if m <= GRAPH_MAX_MODELS && self.steady >= GRAPH_AFTER_STEPS {
-                let _alone = GPU_GATE.write().unwrap_or_else(|p| p.into_inner());
                 let velocity = &self.velocity;
                 match CudaGraph::capture(index, || step_tensors(net, velocity, x, grid, opts, m, device)) {
                     Ok((graph, out)) => {
@@ -568,7 +569,7 @@ impl<'a, T> Batch<'a, T> {
             }
         }
         self.steady += 1;
-        let _shared = gate_shared(device);
+        let _shared = CudaGraph::outside_capture(device);
         let [r, t, s] = step_tensors(net, &self.velocity, x, grid, opts, m, device)?;
         Ok(([r, t], HostCopy::start(&s)?))
     }
@@ -577,7 +578,7 @@ impl<'a, T> Batch<'a, T> {
     /// steps.
     fn forget_graph(&mut self) {
         if self.graph.is_some() {
-            let _shared = gate_shared(self.device);
+            let _shared = CudaGraph::outside_capture(self.device);
             self.graph = None;
         }
         self.steady = 0;
@@ -585,23 +586,6 @@ impl<'a, T> Batch<'a, T> {
 }
 
 static CUDA_GRAPHS: AtomicBool = AtomicBool::new(true);
-
-/// Keeps every other fit's GPU work out of the way while one captures a CUDA graph: batches
-/// queue their steps, and add, drop and read out jobs, holding it shared; a capture holds it
-/// alone. Never taken twice by one thread.
-///
-/// Why: all fits of a process share libtorch's autograd thread for the device, which runs the
-/// captured backward as well as other workers' backward passes, and a call another thread
-/// makes meanwhile can invalidate the capture (seen with two GPU workers: one capture in ~40
-/// failed, and the CUDA error it left on the autograd thread then failed that batch's eager
-/// step). Captures are rare (once per new stack), steps hold it for the milliseconds their
-/// queueing takes.
-static GPU_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-/// The gate held shared, for work on `device`; CPU work passes freely.
-fn gate_shared(device: Device) -> Option<std::sync::RwLockReadGuard<'static, ()>> {
-    device.is_cuda().then(|| GPU_GATE.read().unwrap_or_else(|p| p.into_inner()))
-}
 
 /// Whether batches made from now on (every fit runs in one) replay the steps of small steady
 /// stacks on a GPU as CUDA graphs; on by default. Off is for comparison and as an operator's

@@ -18,6 +18,7 @@
 //! back as an [`OpError`]; nothing here panics or aborts on bad arguments.
 
 use std::ffi::{c_char, c_void, CStr};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use tch::{Device, Kind, Tensor};
 
@@ -117,10 +118,7 @@ impl HostCopy {
         let (mut out, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
         // SAFETY: a valid tensor in; an owned handle or an owned message out.
         let rc = unsafe { s3ops_host_copy_start(t.as_ptr() as *const c_void, &mut out, &mut err) };
-        if rc != 0 || out.is_null() {
-            return Err(take_error(err, "starting a copy to the host failed"));
-        }
-        Ok(HostCopy(out))
+        owned(rc, out, err, "starting a copy to the host failed").map(HostCopy)
     }
 
     /// Waits until the copy has landed and returns it as a CPU tensor.
@@ -152,20 +150,36 @@ impl Drop for HostCopy {
 /// graph's own memory pool and are overwritten by each replay.
 pub struct CudaGraph(*mut c_void);
 
+/// Held exclusively by a capture, shared by everything else that queues GPU work (see
+/// [`CudaGraph::outside_capture`]).
+static CAPTURE_GATE: RwLock<()> = RwLock::new(());
+
 impl CudaGraph {
+    /// A guard to hold while queueing work on `device` (None on the CPU) in a process that may
+    /// capture graphs: no capture runs while one is held, and a capture waits for them all.
+    /// Never hold it across [`capture`](Self::capture), which would wait for itself.
+    ///
+    /// Why: all threads share libtorch's autograd thread for a device, which runs a captured
+    /// backward pass next to other threads' backward passes, and work another thread queues
+    /// meanwhile can invalidate the capture (seen with two GPU workers: one capture in ~40
+    /// failed). Captures are rare, and steps hold the guard for the milliseconds their queueing
+    /// takes.
+    pub fn outside_capture(device: Device) -> Option<RwLockReadGuard<'static, ()>> {
+        device.is_cuda().then(|| CAPTURE_GATE.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Captures what `body` queues on `cuda:device` (the calling thread's current stream there,
     /// which must not be the default stream) without running it: call [`replay`](Self::replay)
     /// to run it, the first time included. If `body` fails or panics, or the capture is
     /// invalid, the capture is abandoned, the thread can carry on as before, and the error
-    /// comes back (a panic is resumed).
+    /// comes back (a panic is resumed). Other threads' work waits meanwhile (see
+    /// [`outside_capture`](Self::outside_capture)).
     pub fn capture<R, E: From<OpError>>(device: usize, body: impl FnOnce() -> Result<R, E>) -> Result<(CudaGraph, R), E> {
+        let _alone = CAPTURE_GATE.write().unwrap_or_else(|p| p.into_inner());
         let (mut handle, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
         // SAFETY: plain values in; an owned handle or an owned message out.
         let rc = unsafe { s3ops_graph_begin(device as i64, &mut handle, &mut err) };
-        if rc != 0 || handle.is_null() {
-            return Err(take_error(err, "starting a CUDA graph capture failed").into());
-        }
-        let graph = CudaGraph(handle);
+        let graph = CudaGraph(owned(rc, handle, err, "starting a CUDA graph capture failed")?);
         let abort = |g: &CudaGraph| {
             // SAFETY: a live handle whose capture has begun and not ended.
             unsafe { s3ops_graph_abort(g.0) }
@@ -223,11 +237,17 @@ fn status(rc: i32, err: *mut c_char, fallback: &str) -> Result<(), OpError> {
 
 /// Turns the (status, out, err) triple of a C call into a `Result`.
 fn finish(rc: i32, out: *mut c_void, err: *mut c_char) -> Result<Tensor, OpError> {
+    let out = owned(rc, out, err, "C++ kernel failed without a message")?;
+    // SAFETY: `out` is a fresh `new at::Tensor(...)`, which tch owns (and deletes) from now on.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
+/// The object a C call handed over in `out` (a tensor, a copy, a graph), or its error.
+fn owned(rc: i32, out: *mut c_void, err: *mut c_char, fallback: &str) -> Result<*mut c_void, OpError> {
     if rc == 0 && !out.is_null() {
-        // SAFETY: `out` is a fresh `new at::Tensor(...)`, which tch owns (and deletes) from now on.
-        return Ok(unsafe { Tensor::from_ptr(out as *mut _) });
+        return Ok(out);
     }
-    Err(take_error(err, "C++ kernel failed without a message"))
+    Err(take_error(err, fallback))
 }
 
 /// The C side's error message (a strdup'd string, freed here), or `fallback` when it gave none.
