@@ -197,9 +197,9 @@ cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
-void dw_cuda_check(int rc, const char* what) {
-  TORCH_CHECK(rc == 0, "depthwise_conv2d: CUDA ", what, " kernel failed: ",
-              s3ops_cuda_error_string(rc));
+// Turns a CUDA kernel launcher's status into an exception naming the op and the kernel.
+void kernel_check(const char* op, int rc, const char* what) {
+  TORCH_CHECK(rc == 0, op, ": CUDA ", what, " kernel failed: ", s3ops_cuda_error_string(rc));
 }
 #endif
 
@@ -214,11 +214,11 @@ at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Ten
   if (in.is_cuda()) {
     c10::cuda::CUDAGuard guard(in.device());
     const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
-    dw_cuda_check(s3ops_cuda_dw_correlate(in.scalar_type() == at::kDouble ? 1 : 0, &dims,
-                                          in.data_ptr(), w.data_ptr(),
-                                          bias ? bias->data_ptr() : nullptr, out.data_ptr(),
-                                          current_stream(in)),
-                  "correlate");
+    const int rc = s3ops_cuda_dw_correlate(in.scalar_type() == at::kDouble ? 1 : 0, &dims,
+                                           in.data_ptr(), w.data_ptr(),
+                                           bias ? bias->data_ptr() : nullptr, out.data_ptr(),
+                                           current_stream(in));
+    kernel_check("depthwise_conv2d", rc, "correlate");
     return out;
   }
 #endif
@@ -253,10 +253,10 @@ at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k,
     const int64_t tiles = s3ops_cuda_dw_tiles(&dims);
     auto partial = at::empty({N, C, tiles, k * k}, in.options());
     if (partial.numel() == 0) return at::zeros({C, 1, k, k}, in.options());
-    dw_cuda_check(s3ops_cuda_dw_weight_grad(in.scalar_type() == at::kDouble ? 1 : 0, &dims,
-                                            in.data_ptr(), go.data_ptr(), partial.data_ptr(),
-                                            current_stream(in)),
-                  "weight-gradient");
+    const int rc = s3ops_cuda_dw_weight_grad(in.scalar_type() == at::kDouble ? 1 : 0, &dims,
+                                             in.data_ptr(), go.data_ptr(), partial.data_ptr(),
+                                             current_stream(in));
+    kernel_check("depthwise_conv2d", rc, "weight-gradient");
     return partial.sum(at::IntArrayRef{0, 2}).view({C, 1, k, k});
   }
 #endif
@@ -868,9 +868,6 @@ int s3ops_cuda_deform_col2im(int dtype, const S3DeformDims* d, const void* x, co
 }
 namespace {
 
-void cuda_check(int rc, const char* what) {
-  TORCH_CHECK(rc == 0, "deform_conv2d: CUDA ", what, " kernel failed: ", s3ops_cuda_error_string(rc));
-}
 
 // Images per chunk, so that the column buffer (K*C x Ho*Wo per image) stays under ~256 MiB.
 int64_t cuda_chunk(const DeformShape& s, size_t elem) {
@@ -896,10 +893,10 @@ at::Tensor cuda_cols(const DeformShape& s, const at::Tensor& x, const at::Tensor
   auto cols = at::empty({nb, s.K * s.C, HWo}, x.options());
   const DeformShape d = sub(s, nb);
   const int dtype = x.scalar_type() == at::kDouble ? 1 : 0;
-  cuda_check(s3ops_cuda_deform_im2col(dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
-                                      ptr_or_null(off, n0, 2 * s.K * HWo),
-                                      ptr_or_null(mask, n0, s.K * HWo), cols.data_ptr(), st),
-             "im2col");
+  const int rc = s3ops_cuda_deform_im2col(dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
+                                          ptr_or_null(off, n0, 2 * s.K * HWo),
+                                          ptr_or_null(mask, n0, s.K * HWo), cols.data_ptr(), st);
+  kernel_check("deform_conv2d", rc, "im2col");
   return cols;
 }
 
@@ -963,12 +960,11 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
       auto Wt = per_image ? W2.narrow(0, n0, nb).transpose(1, 2) : W2.t();
       auto gcols = at::matmul(Wt, g).contiguous();  // (nb, KC, HWo)
       const DeformShape d = sub(s, nb);
-      cuda_check(s3ops_cuda_deform_col2im(
-                     dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
-                     ptr_or_null(off, n0, 2 * s.K * HWo), ptr_or_null(mask, n0, s.K * HWo),
-                     gcols.data_ptr(), ptr_or_null(gi, n0, s.C * s.H * s.W),
-                     ptr_or_null(goff, n0, 2 * s.K * HWo), ptr_or_null(gmask, n0, s.K * HWo), st),
-                 "col2im");
+      const int rc = s3ops_cuda_deform_col2im(
+          dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W), ptr_or_null(off, n0, 2 * s.K * HWo),
+          ptr_or_null(mask, n0, s.K * HWo), gcols.data_ptr(), ptr_or_null(gi, n0, s.C * s.H * s.W),
+          ptr_or_null(goff, n0, 2 * s.K * HWo), ptr_or_null(gmask, n0, s.K * HWo), st);
+      kernel_check("deform_conv2d", rc, "col2im");
     }
   }
   return {gi, goff, gmask, gw, gb};
