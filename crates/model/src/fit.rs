@@ -239,24 +239,12 @@ struct Launched {
 
 impl Launched {
     /// Waits for this step's statistics (and only for them: a step queued after it keeps
-    /// running).
-    fn read(self) -> Result<StepOut, ModelError> {
+    /// running): per job total, ce, affine, spatial, labels in use.
+    fn read(&self) -> Result<Vec<[f32; 5]>, ModelError> {
         let stats = self.stats.wait()?;
         let flat = Vec::<f32>::try_from(stats.flatten(0, -1))?;
-        let stats = flat.chunks_exact(5).map(|c| [c[0], c[1], c[2], c[3], c[4]]).collect();
-        Ok(StepOut { ids: self.ids, response: self.response, target: self.target, stats })
+        Ok(flat.chunks_exact(5).map(|c| [c[0], c[1], c[2], c[3], c[4]]).collect())
     }
-}
-
-/// What one step computed, for every job of the stack it trained.
-struct StepOut {
-    ids: Vec<u64>,
-    /// `(M, K, S, S)` detached.
-    response: Tensor,
-    /// `(M, S, S)` argmax.
-    target: Tensor,
-    /// Per job: total, ce, affine, spatial, labels in use.
-    stats: Vec<[f32; 5]>,
 }
 
 impl<'a, T> Batch<'a, T> {
@@ -398,10 +386,11 @@ impl<'a, T> Batch<'a, T> {
             if self.pipelined && self.slots.iter().any(|s| s.launched < s.job.opts.iterations) {
                 self.pending = Some(self.launch()?);
             }
-            current.read()
+            let stats = current.read()?;
+            Ok((current, stats))
         });
-        let out = match read {
-            Ok(out) => out,
+        let (out, stats) = match read {
+            Ok(read) => read,
             Err(e) => {
                 self.pending = None;
                 // The same failure for every job, without wrapping its message twice.
@@ -421,7 +410,7 @@ impl<'a, T> Batch<'a, T> {
             // A job cancelled since the step was queued is gone already.
             let Some(pos) = self.slots.iter().position(|s| s.id == *id) else { continue };
             let slot = &mut self.slots[pos];
-            let [total, ce, affine, spatial, labels] = out.stats[j].map(f64::from);
+            let [total, ce, affine, spatial, labels] = stats[j].map(f64::from);
             let losses = LossTerms { total, ce, affine, spatial };
             let labels = labels as usize;
             slot.iterations += 1;
@@ -688,7 +677,7 @@ fn labels_in_use(target: &Tensor, k: i64) -> Tensor {
 }
 
 /// The result of slot `j` from the step that finished it.
-fn output<T>(slot: &Slot<'_, T>, out: &StepOut, j: usize, losses: LossTerms, device: Device) -> Result<FitOutput, ModelError> {
+fn output<T>(slot: &Slot<'_, T>, out: &Launched, j: usize, losses: LossTerms, device: Device) -> Result<FitOutput, ModelError> {
     let j = j as i64;
     let (image, opts) = (&*slot.job.image, &slot.job.opts);
     let (grid_labels, labels, n) = read_labels(&out.response.narrow(0, j, 1), &out.target.narrow(0, j, 1), image, opts);

@@ -122,9 +122,9 @@ impl HostCopy {
     }
 
     /// Waits until the copy has landed and returns it as a CPU tensor.
-    pub fn wait(self) -> Result<Tensor, OpError> {
+    pub fn wait(&self) -> Result<Tensor, OpError> {
         let (mut out, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: `self.0` is a live handle from `start`; it is freed by `Drop` afterwards.
+        // SAFETY: `self.0` is a live handle from `start`, freed only by `Drop`.
         let rc = unsafe { s3ops_host_copy_wait(self.0, &mut out, &mut err) };
         finish(rc, out, err)
     }
