@@ -5,6 +5,7 @@
 //! and a cancellation flag, and returns label maps. [`fit`] trains one image; a [`Batch`]
 //! trains many at once in one stack of networks, each job as if alone.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,6 +187,20 @@ struct Slot<'a, T> {
     start: Instant,
 }
 
+/// A job waiting to start over after the stack it trained in failed.
+struct Restart<'a, T> {
+    tag: T,
+    job: FitJob<'a>,
+}
+
+/// The most networks a batch stacks after a stack of `failed` failed: half of that at first,
+/// one more for every job that completes since, never `failed` again.
+#[derive(Debug, Clone, Copy)]
+struct StackLimit {
+    now: usize,
+    failed: usize,
+}
+
 /// Several fits trained as one: M networks of the same shape stacked into one (see
 /// [`S3Net::stack`]), one forward, one backward and one SGD step for all of them per step.
 ///
@@ -203,10 +218,20 @@ struct Slot<'a, T> {
 /// [`CudaGraph::outside_capture`] while it queues steps and adds, drops or reads out jobs, so
 /// that no other batch's capture runs meanwhile.
 ///
+/// A libtorch failure of a stack of several jobs (out of GPU memory, typically, once the stack
+/// has grown) fails none of them: they start over from their seeds in stacks of at most half
+/// as many (see [`limit`](Self::limit)), so each ends as if it had been fitted alone. Only a
+/// job that fails on its own fails.
+///
 /// `T` is the caller's handle for a job; it comes back with the job's outcome.
 pub struct Batch<'a, T> {
     device: Device,
     slots: Vec<Slot<'a, T>>,
+    /// Jobs of a failed stack, in order, waiting for room under `limit` to start over.
+    restarting: VecDeque<Restart<'a, T>>,
+    limit: Option<StackLimit>,
+    /// Jobs started over since this batch was made.
+    restarts: u64,
     net: Option<S3Net>,
     velocity: Vec<Tensor>,
     /// The slots' inputs side by side, `(1, M·C, S, S)`; rebuilt when the membership changes.
@@ -258,6 +283,9 @@ impl<'a, T> Batch<'a, T> {
         Batch {
             device,
             slots: Vec::new(),
+            restarting: VecDeque::new(),
+            limit: None,
+            restarts: 0,
             net: None,
             velocity: Vec::new(),
             inputs: None,
@@ -299,20 +327,36 @@ impl<'a, T> Batch<'a, T> {
         self.graph.is_some()
     }
 
-    /// Jobs in the batch.
+    /// Jobs in the batch: training, or waiting to start over after a failed stack.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.slots.len() + self.restarting.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.slots.is_empty() && self.restarting.is_empty()
+    }
+
+    /// The most jobs the batch stacks at once since a stack failed; `None` if none has. A caller
+    /// that keeps the batch full should not add jobs beyond it: they would wait inside.
+    ///
+    /// Why: a stack's memory grows with its size, and a stack that ran out of it would again.
+    /// The limit starts at half the failed size and grows by one with every job that completes,
+    /// up to one below the failed size, so a worker finds the largest stack that fits.
+    pub fn limit(&self) -> Option<usize> {
+        self.limit.map(|l| l.now)
+    }
+
+    /// Jobs started over after their stack failed, since this batch was made.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
     }
 
     /// Whether a job with these options and this image can join: an empty batch takes any; a
     /// running one takes jobs whose networks have the same shape and whose training differs
     /// only in seed, iteration budget, early stop and upsampling.
     pub fn accepts(&self, opts: &FitOptions, image: &Image) -> bool {
-        self.slots.first().is_none_or(|s| batch_key(&s.job.opts, &s.job.image) == batch_key(opts, image))
+        let member = self.slots.first().map(|s| &s.job).or(self.restarting.front().map(|r| &r.job));
+        member.is_none_or(|j| batch_key(&j.opts, &j.image) == batch_key(opts, image))
     }
 
     /// Adds a job; it trains from the next [`step`](Self::step). Invalid options or images, a
@@ -365,13 +409,28 @@ impl<'a, T> Batch<'a, T> {
     /// One SGD step of every job: its progress is reported, and the jobs that ended with it —
     /// finished, early-stopped, diverged or cancelled — are returned and removed from the
     /// batch. When pipelined, the step read here is the one queued by the previous call, and
-    /// this call queues the next. A libtorch failure ends every job of the batch with that
-    /// error.
+    /// this call queues the next. A libtorch failure of a stack of several jobs sends them
+    /// all back to the start, to train again from the next call in smaller stacks (their
+    /// progress starts over from step 1); a job that fails alone ends with the error.
     pub fn step(&mut self) -> Vec<(T, Result<FitOutput, ModelError>)> {
         let mut ended = Vec::new();
         let cancelled: Vec<usize> = (0..self.slots.len()).filter(|&j| (self.slots[j].job.cancel)()).collect();
         for (tag, _) in self.remove(&cancelled) {
             ended.push((tag, Err(ModelError::Cancelled)));
+        }
+        let waiting = std::mem::take(&mut self.restarting);
+        for r in waiting {
+            if (r.job.cancel)() {
+                ended.push((r.tag, Err(ModelError::Cancelled)));
+            } else {
+                self.restarting.push_back(r);
+            }
+        }
+        while self.slots.len() < self.limit.map_or(usize::MAX, |l| l.now) {
+            let Some(r) = self.restarting.pop_front() else { break };
+            if let Err((tag, e)) = self.add(r.tag, r.job) {
+                ended.push((tag, Err(e)));
+            }
         }
         if self.slots.is_empty() {
             return ended;
@@ -399,8 +458,19 @@ impl<'a, T> Batch<'a, T> {
                     other => other.to_string(),
                 };
                 let all: Vec<usize> = (0..self.slots.len()).collect();
-                for (tag, _) in self.remove(&all) {
-                    ended.push((tag, Err(ModelError::Torch(msg.clone()))));
+                let failed = all.len();
+                if failed == 1 {
+                    for (tag, _) in self.remove(&all) {
+                        ended.push((tag, Err(ModelError::Torch(msg.clone()))));
+                    }
+                    return ended;
+                }
+                let now = (failed / 2).max(1);
+                tracing::warn!(jobs = failed, error = %msg, "a stack of {failed} jobs failed; they start over in stacks of at most {now}");
+                self.limit = Some(StackLimit { now, failed });
+                for (tag, job) in self.remove(&all) {
+                    self.restarting.push_back(Restart { tag, job });
+                    self.restarts += 1;
                 }
                 return ended;
             }
@@ -436,6 +506,10 @@ impl<'a, T> Batch<'a, T> {
                 finished.push((pos, r));
             }
         }
+        if let Some(l) = self.limit.as_mut() {
+            let completed = finished.iter().filter(|(_, r)| r.is_ok()).count();
+            l.now = (l.now + completed).min(l.failed - 1).max(1);
+        }
         finished.sort_by_key(|(pos, _)| *pos);
         let which: Vec<usize> = finished.iter().map(|(j, _)| *j).collect();
         let removed = self.remove(&which);
@@ -449,7 +523,9 @@ impl<'a, T> Batch<'a, T> {
     /// them after a panic outside libtorch).
     pub fn drain(&mut self) -> Vec<T> {
         let all: Vec<usize> = (0..self.slots.len()).collect();
-        self.remove(&all).into_iter().map(|(tag, _)| tag).collect()
+        let mut tags: Vec<T> = self.remove(&all).into_iter().map(|(tag, _)| tag).collect();
+        tags.extend(self.restarting.drain(..).map(|r| r.tag));
+        tags
     }
 
     /// Takes the slots at `which` (ascending) out of the batch and their networks out of the

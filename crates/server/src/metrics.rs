@@ -71,6 +71,7 @@ pub struct Metrics {
     workers_active: Family<DeviceLabel, Gauge>,
     jobs_training: Family<DeviceLabel, Gauge>,
     rejected: Family<ReasonLabel, Counter>,
+    restarted: Counter,
     gpu_used: Family<DeviceLabel, Gauge>,
     gpu_total: Family<DeviceLabel, Gauge>,
     gpu: Option<GpuMemory>,
@@ -163,6 +164,13 @@ impl Metrics {
             "Requests refused before a job was queued, by reason",
             rejected.clone(),
         );
+        let restarted = Counter::default();
+        registry.register(
+            "jobs_restarted",
+            "Jobs started over because the stack they trained in failed (e.g. out of GPU memory); \
+             they train again in smaller stacks",
+            restarted.clone(),
+        );
         let gpu = GpuMemory::open(workers);
         let gpu_used = Family::<DeviceLabel, Gauge>::default();
         let gpu_total = Family::<DeviceLabel, Gauge>::default();
@@ -199,6 +207,7 @@ impl Metrics {
             workers_active,
             jobs_training,
             rejected,
+            restarted,
             gpu_used,
             gpu_total,
             gpu,
@@ -240,6 +249,11 @@ impl Metrics {
         });
         g.inc();
         BusyWorker(g.clone())
+    }
+
+    /// `n` jobs started over after their stack failed.
+    pub fn jobs_restarted(&self, n: u64) {
+        self.restarted.inc_by(n);
     }
 
     /// A request was refused before it became a job; `reason` is one of [`REJECT_REASONS`]

@@ -101,8 +101,12 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
         metrics.jobs_training(slot.device, len as i64 - training);
         training = len as i64;
     };
+    let mut restarts = 0;
     loop {
-        while !closed && batch.len() < slot.batch {
+        // After a stack failed (out of GPU memory, say), the batch's own limit keeps this
+        // worker's stacks below the size that failed.
+        let room = slot.batch.min(batch.limit().unwrap_or(usize::MAX));
+        while !closed && batch.len() < room {
             let wait = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
             let fits = |j: &NewJob| batch.accepts(&j.options, &j.image);
             match queue.take(slot.device, wait, &fits) {
@@ -129,6 +133,8 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
             };
         // The gauges are current by the time a client hears an outcome.
         report(batch.len());
+        metrics.jobs_restarted(batch.restarts() - restarts);
+        restarts = batch.restarts();
         if batch.is_empty() {
             busy = None;
         }
