@@ -187,8 +187,9 @@ struct Slot<'a, T> {
     start: Instant,
 }
 
-/// A job waiting to start over after the stack it trained in failed.
-struct Restart<'a, T> {
+/// A job waiting for room in the stack: one of a stack that failed, to start over, or one that
+/// could not join.
+struct Waiting<'a, T> {
     tag: T,
     job: FitJob<'a>,
 }
@@ -227,8 +228,8 @@ struct StackLimit {
 pub struct Batch<'a, T> {
     device: Device,
     slots: Vec<Slot<'a, T>>,
-    /// Jobs of a failed stack, in order, waiting for room under `limit` to start over.
-    restarting: VecDeque<Restart<'a, T>>,
+    /// Jobs waiting for room under `limit`, in order.
+    waiting: VecDeque<Waiting<'a, T>>,
     limit: Option<StackLimit>,
     /// Jobs started over since this batch was made.
     restarts: u64,
@@ -283,7 +284,7 @@ impl<'a, T> Batch<'a, T> {
         Batch {
             device,
             slots: Vec::new(),
-            restarting: VecDeque::new(),
+            waiting: VecDeque::new(),
             limit: None,
             restarts: 0,
             net: None,
@@ -327,13 +328,13 @@ impl<'a, T> Batch<'a, T> {
         self.graph.is_some()
     }
 
-    /// Jobs in the batch: training, or waiting to start over after a failed stack.
+    /// Jobs in the batch: training, or waiting for room (see [`limit`](Self::limit)).
     pub fn len(&self) -> usize {
-        self.slots.len() + self.restarting.len()
+        self.slots.len() + self.waiting.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty() && self.restarting.is_empty()
+        self.slots.is_empty() && self.waiting.is_empty()
     }
 
     /// The most jobs the batch stacks at once since a stack failed; `None` if none has. A caller
@@ -355,13 +356,16 @@ impl<'a, T> Batch<'a, T> {
     /// running one takes jobs whose networks have the same shape and whose training differs
     /// only in seed, iteration budget, early stop and upsampling.
     pub fn accepts(&self, opts: &FitOptions, image: &Image) -> bool {
-        let member = self.slots.first().map(|s| &s.job).or(self.restarting.front().map(|r| &r.job));
+        let member = self.slots.first().map(|s| &s.job).or(self.waiting.front().map(|r| &r.job));
         member.is_none_or(|j| batch_key(&j.opts, &j.image) == batch_key(opts, image))
     }
 
     /// Adds a job; it trains from the next [`step`](Self::step). Invalid options or images, a
-    /// job that does not fit this batch (see [`accepts`](Self::accepts)) and libtorch failures
-    /// (e.g. out of memory) give the job back with the reason; the batch is unchanged.
+    /// job that does not fit this batch (see [`accepts`](Self::accepts)) and, in an empty batch,
+    /// libtorch failures (e.g. out of memory) give the job back with the reason; the batch is
+    /// unchanged. A job that cannot join a running stack for a libtorch failure is not at
+    /// fault: it waits inside the batch, and the stack's [`limit`](Self::limit) becomes its
+    /// current size, until a job ends and makes room.
     pub fn add(&mut self, tag: T, job: FitJob<'a>) -> Result<(), (T, ModelError)> {
         if let Err(e) = job.opts.validate().and_then(|_| check_image(&job.image)) {
             return Err((tag, e));
@@ -393,6 +397,13 @@ impl<'a, T> Batch<'a, T> {
         });
         let x = match joined {
             Ok(x) => x,
+            Err(e) if !self.slots.is_empty() => {
+                let now = self.slots.len();
+                tracing::warn!(jobs = now, error = %e, "a job could not join a stack of {now}; it waits for room");
+                self.limit = Some(StackLimit { now, failed: now + 1 });
+                self.waiting.push_back(Waiting { tag, job });
+                return Ok(());
+            }
             Err(e) => return Err((tag, e)),
         };
         self.inputs = None;
@@ -418,16 +429,15 @@ impl<'a, T> Batch<'a, T> {
         for (tag, _) in self.remove(&cancelled) {
             ended.push((tag, Err(ModelError::Cancelled)));
         }
-        let waiting = std::mem::take(&mut self.restarting);
-        for r in waiting {
+        for r in std::mem::take(&mut self.waiting) {
             if (r.job.cancel)() {
                 ended.push((r.tag, Err(ModelError::Cancelled)));
             } else {
-                self.restarting.push_back(r);
+                self.waiting.push_back(r);
             }
         }
         while self.slots.len() < self.limit.map_or(usize::MAX, |l| l.now) {
-            let Some(r) = self.restarting.pop_front() else { break };
+            let Some(r) = self.waiting.pop_front() else { break };
             if let Err((tag, e)) = self.add(r.tag, r.job) {
                 ended.push((tag, Err(e)));
             }
@@ -469,7 +479,7 @@ impl<'a, T> Batch<'a, T> {
                 tracing::warn!(jobs = failed, error = %msg, "a stack of {failed} jobs failed; they start over in stacks of at most {now}");
                 self.limit = Some(StackLimit { now, failed });
                 for (tag, job) in self.remove(&all) {
-                    self.restarting.push_back(Restart { tag, job });
+                    self.waiting.push_back(Waiting { tag, job });
                     self.restarts += 1;
                 }
                 return ended;
@@ -524,7 +534,7 @@ impl<'a, T> Batch<'a, T> {
     pub fn drain(&mut self) -> Vec<T> {
         let all: Vec<usize> = (0..self.slots.len()).collect();
         let mut tags: Vec<T> = self.remove(&all).into_iter().map(|(tag, _)| tag).collect();
-        tags.extend(self.restarting.drain(..).map(|r| r.tag));
+        tags.extend(self.waiting.drain(..).map(|r| r.tag));
         tags
     }
 

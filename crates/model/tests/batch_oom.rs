@@ -5,11 +5,10 @@
 //! stack of four networks cannot allocate its activations while a stack of two can, and
 //! libtorch's allocator fails as it would on a full GPU. Large allocations are made to go
 //! through mmap (and back on free), so the address space tracks the live tensors. The cap
-//! holds for the whole process, hence this file's own test binary with a single test.
+//! holds for the whole process, hence this file's own test binary, whose tests take turns.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use s3net_imaging::{Image, ImageKind};
 use s3net_model::{fit, Batch, FitJob, FitOptions, FitOutput, LossTerms, ModelError, Preset, Progress};
@@ -42,6 +41,37 @@ fn vm(field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
+/// One test at a time (the cap is the whole process's), large allocations through mmap.
+fn exclusive() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: allocator parameters only; idempotent.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+    turn
+}
+
+/// The fit of `seed` alone: per-step losses and outcome.
+fn alone(img: &Image, seed: u64) -> (Vec<LossTerms>, FitOutput) {
+    let mut steps = Vec::new();
+    let out = fit(img, &opts(seed), Device::Cpu, &mut |p: &Progress| steps.push(p.losses), &AtomicBool::new(false)).unwrap();
+    (steps, out)
+}
+
+/// Same steps, losses within 1e-4 at every step, labels ≥ 99 % equal.
+fn assert_as_alone(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome) {
+    let out = b.1.as_ref().unwrap_or_else(|e| panic!("{name} failed: {e}"));
+    assert_eq!(a.0.len(), b.0.len(), "{name}: steps of its last start");
+    for (s, (x, y)) in a.0.iter().zip(&b.0).enumerate() {
+        for (u, v) in [(x.total, y.total), (x.ce, y.ce), (x.affine, y.affine), (x.spatial, y.spatial)] {
+            assert!((u - v).abs() <= 1e-4 * (1.0 + u.abs()), "{name} step {}: alone {x:?}, batched {y:?}", s + 1);
+        }
+    }
+    let same = a.1.labels.data.iter().zip(&out.labels.data).filter(|(p, q)| p == q).count();
+    assert!(same as f64 >= 0.99 * a.1.labels.data.len() as f64, "{name}: labels differ from the fit alone");
+}
+
 fn set_soft_address_limit(bytes: libc::rlim_t) {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain syscalls on a local struct.
@@ -55,21 +85,37 @@ fn set_soft_address_limit(bytes: libc::rlim_t) {
 /// A job's per-step losses (of its last start) and its outcome.
 type Outcome = (Vec<LossTerms>, Result<FitOutput, ModelError>);
 
+type Progressed = mpsc::Sender<(usize, usize, LossTerms)>;
+
+/// Job `i` of seed `seed`, reporting its progress to `tx`.
+fn job(img: &Image, i: usize, seed: u64, tx: &Progressed) -> FitJob<'static> {
+    let tx = tx.clone();
+    FitJob {
+        image: Arc::new(img.clone()),
+        opts: opts(seed),
+        progress: Box::new(move |p: &Progress| tx.send((i, p.iteration, p.losses)).unwrap()),
+        cancel: Box::new(|| false),
+    }
+}
+
 /// Runs every job in one batch until all have ended; returns each job's outcome and the batch.
-fn run<'a>(img: &Image, seeds: &[u64]) -> (Vec<Outcome>, Batch<'a, usize>) {
-    let (tx, rx) = mpsc::channel::<(usize, usize, LossTerms)>();
+fn run(img: &Image, seeds: &[u64]) -> (Vec<Outcome>, Batch<'static, usize>) {
+    let (tx, rx) = mpsc::channel();
     let mut batch: Batch<usize> = Batch::new(Device::Cpu);
     for (i, &seed) in seeds.iter().enumerate() {
-        let tx = tx.clone();
-        let job = FitJob {
-            image: Arc::new(img.clone()),
-            opts: opts(seed),
-            progress: Box::new(move |p: &Progress| tx.send((i, p.iteration, p.losses)).unwrap()),
-            cancel: Box::new(|| false),
-        };
-        batch.add(i, job).map_err(|(_, e)| e).unwrap();
+        batch.add(i, job(img, i, seed, &tx)).map_err(|(_, e)| e).unwrap();
     }
-    let mut results: Vec<Option<Result<FitOutput, ModelError>>> = seeds.iter().map(|_| None).collect();
+    drain(batch, seeds.len(), tx, rx)
+}
+
+/// Steps `batch` until it is empty; collects the outcomes of its `n` jobs.
+fn drain(
+    mut batch: Batch<'static, usize>,
+    n: usize,
+    tx: Progressed,
+    rx: mpsc::Receiver<(usize, usize, LossTerms)>,
+) -> (Vec<Outcome>, Batch<'static, usize>) {
+    let mut results: Vec<Option<Result<FitOutput, ModelError>>> = (0..n).map(|_| None).collect();
     let mut calls = 0;
     while !batch.is_empty() {
         for (i, r) in batch.step() {
@@ -79,7 +125,7 @@ fn run<'a>(img: &Image, seeds: &[u64]) -> (Vec<Outcome>, Batch<'a, usize>) {
         assert!(calls < 100, "the batch never finished");
     }
     drop(tx);
-    let mut steps: Vec<Vec<LossTerms>> = seeds.iter().map(|_| Vec::new()).collect();
+    let mut steps: Vec<Vec<LossTerms>> = (0..n).map(|_| Vec::new()).collect();
     for (i, iteration, l) in rx.iter() {
         if iteration == 1 {
             steps[i].clear(); // a start over reports from step 1 again
@@ -91,20 +137,10 @@ fn run<'a>(img: &Image, seeds: &[u64]) -> (Vec<Outcome>, Batch<'a, usize>) {
 
 #[test]
 fn a_stack_out_of_memory_starts_its_jobs_over_in_smaller_stacks() {
-    // SAFETY: allocator parameters only; set before this test allocates anything large.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
-    }
+    let _turn = exclusive();
     let img = image(128);
     let seeds = [0, 1, 2, 3];
-    let alone: Vec<(Vec<LossTerms>, FitOutput)> = seeds
-        .iter()
-        .map(|&s| {
-            let mut steps = Vec::new();
-            let out = fit(&img, &opts(s), Device::Cpu, &mut |p: &Progress| steps.push(p.losses), &AtomicBool::new(false)).unwrap();
-            (steps, out)
-        })
-        .collect();
+    let alone: Vec<_> = seeds.iter().map(|&s| alone(&img, s)).collect();
 
     // What a stack of two needs on top of what the process holds between fits.
     let before = vm("VmSize:");
@@ -128,15 +164,53 @@ fn a_stack_out_of_memory_starts_its_jobs_over_in_smaller_stacks() {
     );
     let limit = batch.limit().expect("a failed stack sets a limit");
     assert!((2..4).contains(&limit), "limit {limit} after a stack of four failed and jobs completed");
-    for (i, ((a_steps, a_out), (b_steps, b_out))) in alone.iter().zip(&got).enumerate() {
-        let b_out = b_out.as_ref().unwrap_or_else(|e| panic!("job {i} failed: {e}"));
-        assert_eq!(a_steps.len(), b_steps.len(), "job {i}: steps of its last start");
-        for (s, (x, y)) in a_steps.iter().zip(b_steps).enumerate() {
-            for (u, v) in [(x.total, y.total), (x.ce, y.ce), (x.affine, y.affine), (x.spatial, y.spatial)] {
-                assert!((u - v).abs() <= 1e-4 * (1.0 + u.abs()), "job {i} step {}: alone {x:?}, restarted {y:?}", s + 1);
-            }
-        }
-        let same = a_out.labels.data.iter().zip(&b_out.labels.data).filter(|(p, q)| p == q).count();
-        assert!(same as f64 >= 0.99 * a_out.labels.data.len() as f64, "job {i}: labels differ from the fit alone");
+    for (i, (a, b)) in alone.iter().zip(&got).enumerate() {
+        assert_as_alone(&format!("job {i}"), a, b);
     }
+}
+
+#[test]
+fn a_job_without_memory_to_join_waits_for_room() {
+    let _turn = exclusive();
+    let img = image(128);
+    let reference = alone(&img, 5);
+    let (tx, rx) = mpsc::channel();
+    let mut batch: Batch<usize> = Batch::new(Device::Cpu);
+    for (i, seed) in [(0, 3), (1, 4)] {
+        batch.add(i, job(&img, i, seed, &tx)).map_err(|(_, e)| e).unwrap();
+    }
+    assert!(batch.step().is_empty());
+    // No address space left but three scattered 512 KB holes: enough for the job's input
+    // (3 × 128² floats), not for its network's free offsets (18 × 128² floats in one piece).
+    set_soft_address_limit(vm("VmSize:") as libc::rlim_t);
+    let mut filler = Vec::with_capacity(1 << 12); // at most 512 MB
+    while filler.len() < filler.capacity() {
+        // SAFETY: plain malloc; every block is freed below.
+        let block = unsafe { libc::malloc(128 << 10) };
+        if block.is_null() {
+            break;
+        }
+        filler.push(block);
+    }
+    let n = filler.len();
+    let holes: Vec<usize> = if n < 16 { Vec::new() } else { [n / 4, n / 2, 3 * n / 4].iter().flat_map(|&h| h..h + 4).collect() };
+    for &h in &holes {
+        // SAFETY: allocated above, freed once.
+        unsafe { libc::free(filler[h]) };
+    }
+    let joined = batch.add(2, job(&img, 2, 5, &tx));
+    for (i, &block) in filler.iter().enumerate() {
+        if !holes.contains(&i) {
+            // SAFETY: allocated above, freed once.
+            unsafe { libc::free(block) };
+        }
+    }
+    set_soft_address_limit(libc::RLIM_INFINITY);
+    assert!(n >= 16, "only {n} blocks of 128 KB filled the address space");
+    assert!(joined.is_ok(), "a job that could not join was failed instead of waiting");
+    assert_eq!((batch.len(), batch.limit()), (3, Some(2)), "the job waits; the stack keeps its size");
+    let (got, batch) = drain(batch, 3, tx, rx);
+    assert!(got[..2].iter().all(|(_, r)| r.is_ok()));
+    assert_as_alone("the job that waited", &reference, &got[2]);
+    assert_eq!(batch.restarts(), 0, "nothing started over");
 }
