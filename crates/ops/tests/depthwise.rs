@@ -78,6 +78,18 @@ fn network_geometries_float32() {
     }
 }
 
+/// Rows wider than one register-blocked chunk of the CPU kernels, whole chunks and a ragged
+/// last chunk, and the network's 256² planes.
+#[test]
+fn wide_rows_float32_and_float64() {
+    tch::manual_seed(5);
+    for (k, p, d) in GEOMETRIES {
+        compare([1, 2, 9, 300], k, p, d, Kind::Double, 1e-10, true);
+        compare([2, 1, 7, 129], k, p, d, Kind::Float, 1e-4, true);
+        compare([1, 3, 256, 256], k, p, d, Kind::Float, 1e-4, true);
+    }
+}
+
 #[test]
 fn odd_shapes_float64() {
     tch::manual_seed(3);
