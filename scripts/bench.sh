@@ -15,6 +15,8 @@ if ! "$VENV/bin/python" -c 'import torchvision' 2>/dev/null; then
 fi
 echo "bench: torchvision deform_conv2d (CPU)" >&2
 "$VENV/bin/python" tools/time_torchvision_deform.py --repeats 3 --threads "$(nproc)" > $OUT/deform-torchvision.json 2>/dev/null || echo '{}' > $OUT/deform-torchvision.json
+echo "bench: depthwise convs, ours and libtorch's (CPU)" >&2
+$BIN bench depthwise --device cpu --channels 32 --repeats 9 --json > $OUT/depthwise-cpu.json
 echo "bench: fit step, default preset (F=32), and F=64, 256², every loss on (CPU)" >&2
 $BIN bench fit --device cpu --iterations 10 --repeats 3 > $OUT/fit-cpu.json
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --features 64 > $OUT/fit-cpu-f64.json
@@ -46,6 +48,13 @@ lines = [
 for name, r in [("s3net fused C++ kernel", d.get("fused", {})), ("s3net tensor ops (grid_sampler + GEMM)", d["tensor_ops"]), ("torchvision 0.26.0 `deform_conv2d`", tvd)]:
     ratio = fb(tvd) / fb(r) if fb(r) == fb(r) and fb(tvd) == fb(tvd) else float("nan")
     lines.append(f"| {name} | {fw(r):.1f} | {fb(r):.1f} | {ratio:.1f}× faster |" if name[0] == "s" else f"| {name} | {fw(r):.1f} | {fb(r):.1f} | 1.0× |")
+dw = j("depthwise-cpu.json")
+lines += ["", f"## Depthwise convolutions of the I-LKA blocks, {'×'.join(map(str, dw['shape']['input']))}, 'same' padding (CPU)", "",
+  "| kernel, dilation | ours forward ms | ours fwd+bwd ms | libtorch forward ms | libtorch fwd+bwd ms | fwd+bwd vs libtorch |", "|---|---|---|---|---|---|"]
+for g in dw["geometries"] + [dict(kernel="all four", dilation="", **dw["total"])]:
+    o, l = g["ours"], g["libtorch"]
+    name = f"{g['kernel']}×{g['kernel']}, {g['dilation']}" if g["dilation"] else "**all four (one I-LKA)**"
+    lines.append(f"| {name} | {fw(o):.2f} | {fb(o):.2f} | {fw(l):.2f} | {fb(l):.2f} | {fb(l) / fb(o):.1f}× faster |")
 lines += ["", "## One fit step at 256², default preset, every loss term on (CPU)", "",
   "| features F = K, kernels | seconds per step (median) | seconds per 10-step fit, set-up and read-out included |", "|---|---|---|",
   f"| {f['features']}, fused (default) | {f['seconds_per_iteration_median']:.3f} | {f['seconds_per_fit_median']:.2f} |",

@@ -43,6 +43,7 @@ if has bench; then
   run ./s3net bench fit --device cuda --repeats 5
   run ./s3net bench fit --device cuda --repeats 2 --batch 4,16,32 --concurrency 2,4
   run ./s3net bench deform --size 256 --channels 32 --device cuda --json
+  run ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
   grep -E "###|seconds_per_fit_median|without_cuda_graphs|\"batch\"|fits_at_once|images_per_second|seconds_per_step|forward|rc=" "$B"
 fi
 

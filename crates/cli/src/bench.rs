@@ -1,4 +1,5 @@
-//! `s3net bench fit` and `s3net bench deform`: medians after a warm-up, printed as JSON.
+//! `s3net bench fit`, `s3net bench deform` and `s3net bench depthwise`: medians after a
+//! warm-up, printed as JSON.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -19,7 +20,10 @@ pub enum BenchCommand {
     /// Seconds per SGD step and per whole fit on a synthetic image.
     Fit(Box<FitBench>),
     /// Forward and forward+backward time of the deformable convolution.
-    Deform(DeformBench),
+    Deform(OpBench),
+    /// Forward and forward+backward time of the I-LKA depthwise convolutions: our kernels
+    /// against libtorch's grouped convolution, at the network's four kernel geometries.
+    Depthwise(OpBench),
 }
 
 #[derive(Args, Debug)]
@@ -46,10 +50,12 @@ pub struct FitBench {
     pub fit: FitArgs,
 }
 
+/// One op on a random 1×channels×size×size input.
 #[derive(Args, Debug)]
-pub struct DeformBench {
+pub struct OpBench {
     #[arg(long, default_value_t = 256)]
     pub size: i64,
+    /// Feature channels (64: the deformable-conv shape; the default network has 32).
     #[arg(long, default_value_t = 64)]
     pub channels: i64,
     #[arg(long, default_value = "cpu")]
@@ -65,6 +71,40 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Fit(b) => fit(*b),
         BenchCommand::Deform(b) => deform(b),
+        BenchCommand::Depthwise(b) => depthwise(b),
+    }
+}
+
+type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+
+/// Medians of `repeats` runs after a warm-up: the op's forward alone (no autograd graph), and
+/// forward plus the backward of its sum. `sync` waits for the device.
+fn time_op(op: &Op, repeats: usize, sync: &dyn Fn()) -> Result<serde_json::Value> {
+    let (mut fwd, mut fb) = (Vec::new(), Vec::new());
+    for rep in 0..=repeats {
+        sync();
+        let t0 = Instant::now();
+        drop(tch::no_grad(op)?);
+        sync();
+        let t_f = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        op()?.sum(Kind::Float).backward();
+        sync();
+        let t_fb = t1.elapsed().as_secs_f64() * 1e3;
+        if rep > 0 {
+            fwd.push(t_f);
+            fb.push(t_fb);
+        }
+    }
+    Ok(json!({ "forward_ms": median(&fwd), "forward_backward_ms": median(&fb) }))
+}
+
+/// Waits for `dev` (a no-op on the CPU), so that timings cover the work, not its queueing.
+fn device_sync(dev: tch::Device) -> impl Fn() {
+    move || {
+        if let tch::Device::Cuda(i) = dev {
+            tch::Cuda::synchronize(i as i64);
+        }
     }
 }
 
@@ -245,7 +285,7 @@ fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: u
     }))
 }
 
-fn deform(b: DeformBench) -> Result<()> {
+fn deform(b: OpBench) -> Result<()> {
     let dev = b.device.parse::<DeviceSpec>()?.resolve()?;
     let (c, s) = (b.channels, b.size);
     tch::manual_seed(0);
@@ -255,33 +295,10 @@ fn deform(b: DeformBench) -> Result<()> {
     let mask = Tensor::rand([1, 9, s, s], o).set_requires_grad(true);
     let w = (Tensor::randn([c, c, 3, 3], o) * 0.05).set_requires_grad(true);
     let bias = Tensor::zeros([c], o).set_requires_grad(true);
-    let sync = || {
-        if let tch::Device::Cuda(i) = dev {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+    let sync = device_sync(dev);
     let tensor_ops: Op = Box::new(|| Ok(deform_conv2d(&x, &off, Some(&mask), &w, Some(&bias), ConvGeometry::same(3))?));
     let fused: Op = Box::new(|| Ok(s3net_ops::deform_conv2d(&x, &off, Some(&mask), &w, Some(&bias), (1, 1), (1, 1), (1, 1))?));
-    let time = |op: &Op| -> Result<serde_json::Value> {
-        let (mut fwd, mut fb) = (Vec::new(), Vec::new());
-        for rep in 0..=b.repeats {
-            sync();
-            let t0 = Instant::now();
-            drop(tch::no_grad(op)?);
-            sync();
-            let t_f = t0.elapsed().as_secs_f64() * 1e3;
-            let t1 = Instant::now();
-            op()?.sum(Kind::Float).backward();
-            sync();
-            let t_fb = t1.elapsed().as_secs_f64() * 1e3;
-            if rep > 0 {
-                fwd.push(t_f);
-                fb.push(t_fb);
-            }
-        }
-        Ok(json!({ "forward_ms": median(&fwd), "forward_backward_ms": median(&fb) }))
-    };
+    let time = |op: &Op| time_op(op, b.repeats, &sync);
     let fused_result = match time(&fused) {
         Ok(v) => v,
         // A build without the CUDA kernel: report why instead of a number.
@@ -298,6 +315,45 @@ fn deform(b: DeformBench) -> Result<()> {
     });
     if !b.json {
         eprintln!("deformable conv, medians of {} runs after a warm-up:", b.repeats);
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// The I-LKA's depthwise convolutions (kernel, dilation; 'same' padding) on 1×C×S×S.
+fn depthwise(b: OpBench) -> Result<()> {
+    let dev = b.device.parse::<DeviceSpec>()?.resolve()?;
+    let (c, s) = (b.channels, b.size);
+    tch::manual_seed(0);
+    let o = (Kind::Float, dev);
+    let sync = device_sync(dev);
+    let x = Tensor::randn([1, c, s, s], o).set_requires_grad(true);
+    let mut rows = Vec::new();
+    let mut total = [[0.0; 2]; 2];
+    for (k, d) in [(5, 1), (3, 1), (5, 2), (7, 3)] {
+        let p = d * (k - 1) / 2;
+        let w = (Tensor::randn([c, 1, k, k], o) * 0.1).set_requires_grad(true);
+        let bias = Tensor::zeros([c], o).set_requires_grad(true);
+        let ours: Op = Box::new(|| Ok(s3net_ops::depthwise_conv2d(&x, &w, Some(&bias), p, d)?));
+        let libtorch: Op = Box::new(|| Ok(x.conv2d(&w, Some(&bias), [1, 1], [p, p], [d, d], c)));
+        let (a, l) = (time_op(&ours, b.repeats, &sync)?, time_op(&libtorch, b.repeats, &sync)?);
+        for (t, r) in total.iter_mut().zip([&a, &l]) {
+            t[0] += r["forward_ms"].as_f64().unwrap_or(f64::NAN);
+            t[1] += r["forward_backward_ms"].as_f64().unwrap_or(f64::NAN);
+        }
+        rows.push(json!({ "kernel": k, "dilation": d, "padding": p, "ours": a, "libtorch": l }));
+    }
+    let sum = |t: [f64; 2]| json!({ "forward_ms": t[0], "forward_backward_ms": t[1] });
+    let out = json!({
+        "geometries": rows,
+        "total": { "ours": sum(total[0]), "libtorch": sum(total[1]) },
+        "device": format!("{dev:?}"),
+        "shape": { "input": [1, c, s, s] },
+        "threads": tch::get_num_threads(),
+        "repeats": b.repeats,
+    });
+    if !b.json {
+        eprintln!("depthwise convs, medians of {} runs after a warm-up:", b.repeats);
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

@@ -91,7 +91,9 @@ fn compare_with_reference(device: Device, kind: Kind, tol: f64) {
     tch::manual_seed(11);
     // Random values drawn on the CPU, then moved: every device checks the same inputs.
     let opts = (kind, Device::Cpu);
-    let cases: [([i64; 4], i64, (i64, i64), Geo, bool, bool); 4] = [
+    // Input shape, output channels, kernel, geometry, with mask, with bias.
+    type Case = ([i64; 4], i64, (i64, i64), Geo, bool, bool);
+    let cases: [Case; 4] = [
         (
             [2, 5, 37, 41],
             6,
