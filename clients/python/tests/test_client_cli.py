@@ -103,3 +103,22 @@ def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "s3net-client"
     p = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "segment" in p.stdout
+
+
+def test_a_job_that_started_over_says_so() -> None:
+    """Progress carries the attempt (a job whose batch failed starts over); servers before the
+    field send 0, read as the first attempt."""
+    sys.path.insert(0, str(REPO / "clients" / "python" / "src"))
+    from s3net_client._convert import event_from_pb
+    from s3net_client._pb import s3net_pb2 as pb
+    from s3net_client.cli import _describe
+
+    def progress(attempt: int):
+        p = pb.Progress(iteration=3, max_iterations=50, labels=7, attempt=attempt)
+        p.losses.total = 1.25
+        return event_from_pb(pb.JobEvent(job_id="j", progress=p))
+
+    again, first, old = progress(2), progress(1), progress(0)
+    assert (again.attempt, first.attempt, old.attempt) == (2, 1, 1)
+    assert _describe(again) == "step 3/50 labels 7 loss 1.250 (attempt 2)"
+    assert _describe(first) == "step 3/50 labels 7 loss 1.250"

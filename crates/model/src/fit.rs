@@ -34,13 +34,17 @@ pub struct LossTerms {
 /// What the progress callback sees after each step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Progress {
-    /// 1-based step just finished.
+    /// 1-based step just finished (of this attempt).
     pub iteration: usize,
     pub max_iterations: usize,
     pub losses: LossTerms,
     /// Clusters in use in the argmax map of this step.
     pub labels: usize,
+    /// Since this attempt began.
     pub elapsed: Duration,
+    /// 1 for the job's first start, one more each time it started over because the stack it
+    /// trained in failed (see [`Batch`]); steps count from 1 again with each attempt.
+    pub attempt: usize,
 }
 
 /// The result of a fit.
@@ -185,6 +189,8 @@ struct Slot<'a, T> {
     /// Unique within the batch: names the slot in a [`Launched`] step after others left.
     id: u64,
     start: Instant,
+    /// See [`Progress::attempt`].
+    attempt: usize,
 }
 
 /// A job waiting for room in the stack: one of a stack that failed, to start over, or one that
@@ -192,6 +198,8 @@ struct Slot<'a, T> {
 struct Waiting<'a, T> {
     tag: T,
     job: FitJob<'a>,
+    /// The attempt it starts as.
+    attempt: usize,
 }
 
 /// The most networks a batch stacks after a stack of `failed` failed: half of that at first,
@@ -367,6 +375,11 @@ impl<'a, T> Batch<'a, T> {
     /// fault: it waits inside the batch, and the stack's [`limit`](Self::limit) becomes its
     /// current size, until a job ends and makes room.
     pub fn add(&mut self, tag: T, job: FitJob<'a>) -> Result<(), (T, ModelError)> {
+        self.join(tag, job, 1)
+    }
+
+    /// [`add`](Self::add) as the given attempt.
+    fn join(&mut self, tag: T, job: FitJob<'a>, attempt: usize) -> Result<(), (T, ModelError)> {
         if let Err(e) = job.opts.validate().and_then(|_| check_image(&job.image)) {
             return Err((tag, e));
         }
@@ -401,7 +414,7 @@ impl<'a, T> Batch<'a, T> {
                 let now = self.slots.len();
                 tracing::warn!(jobs = now, error = %e, "a job could not join a stack of {now}; it waits for room");
                 self.limit = Some(StackLimit { now, failed: now + 1 });
-                self.waiting.push_back(Waiting { tag, job });
+                self.waiting.push_back(Waiting { tag, job, attempt });
                 return Ok(());
             }
             Err(e) => return Err((tag, e)),
@@ -413,7 +426,7 @@ impl<'a, T> Batch<'a, T> {
         let rng = SplitMix64::new(job.opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(1));
         let id = self.next_id;
         self.next_id += 1;
-        self.slots.push(Slot { tag, job, x, rng, iterations: 0, launched: 0, id, start: Instant::now() });
+        self.slots.push(Slot { tag, job, x, rng, iterations: 0, launched: 0, id, start: Instant::now(), attempt });
         Ok(())
     }
 
@@ -426,8 +439,8 @@ impl<'a, T> Batch<'a, T> {
     pub fn step(&mut self) -> Vec<(T, Result<FitOutput, ModelError>)> {
         let mut ended = Vec::new();
         let cancelled: Vec<usize> = (0..self.slots.len()).filter(|&j| (self.slots[j].job.cancel)()).collect();
-        for (tag, _) in self.remove(&cancelled) {
-            ended.push((tag, Err(ModelError::Cancelled)));
+        for s in self.remove(&cancelled) {
+            ended.push((s.tag, Err(ModelError::Cancelled)));
         }
         for r in std::mem::take(&mut self.waiting) {
             if (r.job.cancel)() {
@@ -438,7 +451,7 @@ impl<'a, T> Batch<'a, T> {
         }
         while self.slots.len() < self.limit.map_or(usize::MAX, |l| l.now) {
             let Some(r) = self.waiting.pop_front() else { break };
-            if let Err((tag, e)) = self.add(r.tag, r.job) {
+            if let Err((tag, e)) = self.join(r.tag, r.job, r.attempt) {
                 ended.push((tag, Err(e)));
             }
         }
@@ -470,16 +483,16 @@ impl<'a, T> Batch<'a, T> {
                 let all: Vec<usize> = (0..self.slots.len()).collect();
                 let failed = all.len();
                 if failed == 1 {
-                    for (tag, _) in self.remove(&all) {
-                        ended.push((tag, Err(ModelError::Torch(msg.clone()))));
+                    for s in self.remove(&all) {
+                        ended.push((s.tag, Err(ModelError::Torch(msg.clone()))));
                     }
                     return ended;
                 }
                 let now = (failed / 2).max(1);
                 tracing::warn!(jobs = failed, error = %msg, "a stack of {failed} jobs failed; they start over in stacks of at most {now}");
                 self.limit = Some(StackLimit { now, failed });
-                for (tag, job) in self.remove(&all) {
-                    self.waiting.push_back(Waiting { tag, job });
+                for s in self.remove(&all) {
+                    self.waiting.push_back(Waiting { tag: s.tag, job: s.job, attempt: s.attempt + 1 });
                     self.restarts += 1;
                 }
                 return ended;
@@ -501,6 +514,7 @@ impl<'a, T> Batch<'a, T> {
                 losses,
                 labels,
                 elapsed: slot.start.elapsed(),
+                attempt: slot.attempt,
             });
             let outcome = if !total.is_finite() {
                 Some(Err(ModelError::Diverged { iteration: slot.iterations }))
@@ -523,8 +537,8 @@ impl<'a, T> Batch<'a, T> {
         finished.sort_by_key(|(pos, _)| *pos);
         let which: Vec<usize> = finished.iter().map(|(j, _)| *j).collect();
         let removed = self.remove(&which);
-        for ((tag, _), (_, r)) in removed.into_iter().zip(finished) {
-            ended.push((tag, r));
+        for (s, (_, r)) in removed.into_iter().zip(finished) {
+            ended.push((s.tag, r));
         }
         ended
     }
@@ -533,14 +547,14 @@ impl<'a, T> Batch<'a, T> {
     /// them after a panic outside libtorch).
     pub fn drain(&mut self) -> Vec<T> {
         let all: Vec<usize> = (0..self.slots.len()).collect();
-        let mut tags: Vec<T> = self.remove(&all).into_iter().map(|(tag, _)| tag).collect();
+        let mut tags: Vec<T> = self.remove(&all).into_iter().map(|s| s.tag).collect();
         tags.extend(self.waiting.drain(..).map(|r| r.tag));
         tags
     }
 
     /// Takes the slots at `which` (ascending) out of the batch and their networks out of the
     /// stack.
-    fn remove(&mut self, which: &[usize]) -> Vec<(T, FitJob<'a>)> {
+    fn remove(&mut self, which: &[usize]) -> Vec<Slot<'a, T>> {
         if which.is_empty() {
             return Vec::new();
         }
@@ -557,11 +571,7 @@ impl<'a, T> Batch<'a, T> {
         }
         self.inputs = None;
         self.forget_graph();
-        let mut out = Vec::new();
-        for &j in which.iter().rev() {
-            let s = self.slots.remove(j);
-            out.push((s.tag, s.job));
-        }
+        let mut out: Vec<Slot<'a, T>> = which.iter().rev().map(|&j| self.slots.remove(j)).collect();
         out.reverse();
         out
     }

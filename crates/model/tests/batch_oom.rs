@@ -82,10 +82,11 @@ fn set_soft_address_limit(bytes: libc::rlim_t) {
     }
 }
 
-/// A job's per-step losses (of its last start) and its outcome.
-type Outcome = (Vec<LossTerms>, Result<FitOutput, ModelError>);
+/// A job's per-step losses (of its last attempt), its outcome and the attempts it took.
+type Outcome = (Vec<LossTerms>, Result<FitOutput, ModelError>, usize);
 
-type Progressed = mpsc::Sender<(usize, usize, LossTerms)>;
+/// Job index, attempt, step and losses of one progress report.
+type Progressed = mpsc::Sender<(usize, usize, usize, LossTerms)>;
 
 /// Job `i` of seed `seed`, reporting its progress to `tx`.
 fn job(img: &Image, i: usize, seed: u64, tx: &Progressed) -> FitJob<'static> {
@@ -93,7 +94,7 @@ fn job(img: &Image, i: usize, seed: u64, tx: &Progressed) -> FitJob<'static> {
     FitJob {
         image: Arc::new(img.clone()),
         opts: opts(seed),
-        progress: Box::new(move |p: &Progress| tx.send((i, p.iteration, p.losses)).unwrap()),
+        progress: Box::new(move |p: &Progress| tx.send((i, p.attempt, p.iteration, p.losses)).unwrap()),
         cancel: Box::new(|| false),
     }
 }
@@ -113,7 +114,7 @@ fn drain(
     mut batch: Batch<'static, usize>,
     n: usize,
     tx: Progressed,
-    rx: mpsc::Receiver<(usize, usize, LossTerms)>,
+    rx: mpsc::Receiver<(usize, usize, usize, LossTerms)>,
 ) -> (Vec<Outcome>, Batch<'static, usize>) {
     let mut results: Vec<Option<Result<FitOutput, ModelError>>> = (0..n).map(|_| None).collect();
     let mut calls = 0;
@@ -126,13 +127,18 @@ fn drain(
     }
     drop(tx);
     let mut steps: Vec<Vec<LossTerms>> = (0..n).map(|_| Vec::new()).collect();
-    for (i, iteration, l) in rx.iter() {
-        if iteration == 1 {
-            steps[i].clear(); // a start over reports from step 1 again
+    let mut attempts = vec![0; n];
+    for (i, attempt, iteration, l) in rx.iter() {
+        assert!(attempt >= attempts[i], "job {i}: attempt {attempt} after {}", attempts[i]);
+        if attempt > attempts[i] {
+            assert_eq!(iteration, 1, "job {i}: attempt {attempt} starts at step 1");
+            attempts[i] = attempt;
+            steps[i].clear();
         }
         steps[i].push(l);
     }
-    (steps.into_iter().zip(results).map(|(s, r)| (s, r.unwrap())).collect(), batch)
+    let outcomes = steps.into_iter().zip(results).zip(attempts).map(|((s, r), a)| (s, r.unwrap(), a));
+    (outcomes.collect(), batch)
 }
 
 #[test]
@@ -145,7 +151,7 @@ fn a_stack_out_of_memory_starts_its_jobs_over_in_smaller_stacks() {
     // What a stack of two needs on top of what the process holds between fits.
     let before = vm("VmSize:");
     let (pair, _) = run(&img, &[7, 8]);
-    assert!(pair.iter().all(|(_, r)| r.is_ok()), "an uncapped stack of two failed");
+    assert!(pair.iter().all(|(_, r, _)| r.is_ok()), "an uncapped stack of two failed");
     let two = vm("VmPeak:").saturating_sub(before);
     assert!(two > 0, "a stack of two grew no address space");
 
@@ -166,6 +172,7 @@ fn a_stack_out_of_memory_starts_its_jobs_over_in_smaller_stacks() {
     assert!((2..4).contains(&limit), "limit {limit} after a stack of four failed and jobs completed");
     for (i, (a, b)) in alone.iter().zip(&got).enumerate() {
         assert_as_alone(&format!("job {i}"), a, b);
+        assert!(b.2 >= 2, "job {i} reported attempt {} after its stack failed", b.2);
     }
 }
 
@@ -210,7 +217,8 @@ fn a_job_without_memory_to_join_waits_for_room() {
     assert!(joined.is_ok(), "a job that could not join was failed instead of waiting");
     assert_eq!((batch.len(), batch.limit()), (3, Some(2)), "the job waits; the stack keeps its size");
     let (got, batch) = drain(batch, 3, tx, rx);
-    assert!(got[..2].iter().all(|(_, r)| r.is_ok()));
+    assert!(got[..2].iter().all(|(_, r, _)| r.is_ok()));
     assert_as_alone("the job that waited", &reference, &got[2]);
+    assert_eq!(got.iter().map(|o| o.2).collect::<Vec<_>>(), [1, 1, 1], "nobody started over");
     assert_eq!(batch.restarts(), 0, "nothing started over");
 }

@@ -536,15 +536,21 @@ pub async fn follow_events(
             }
             Some(Event::Progress(p)) => {
                 let loss = p.losses.map(|l| l.total).unwrap_or(0.0);
+                // A job that started over (its batch failed) says so.
+                let again = if p.attempt > 1 {
+                    format!(" (attempt {})", p.attempt)
+                } else {
+                    String::new()
+                };
                 if tty {
                     eprint!(
-                        "\rstep {}/{} labels {:>2} loss {:.3} ",
+                        "\rstep {}/{} labels {:>2} loss {:.3}{again} ",
                         p.iteration, p.max_iterations, p.labels, loss
                     );
                     let _ = std::io::stderr().flush();
                 } else if !quiet_progress {
                     eprintln!(
-                        "step {}/{} labels {} loss {:.3}",
+                        "step {}/{} labels {} loss {:.3}{again}",
                         p.iteration, p.max_iterations, p.labels, loss
                     );
                 }

@@ -282,6 +282,7 @@ fn progress(p: &Progress) -> pb::Progress {
         losses: Some(losses(&p.losses)),
         labels: p.labels as u32,
         elapsed_seconds: p.elapsed.as_secs_f64(),
+        attempt: p.attempt as u32,
     }
 }
 

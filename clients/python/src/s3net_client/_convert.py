@@ -154,6 +154,7 @@ def _progress(job_id: str, p: pb.Progress) -> Progress:
         losses=_losses(p.losses),
         labels=p.labels,
         elapsed_seconds=p.elapsed_seconds,
+        attempt=max(p.attempt, 1),
     )
 
 

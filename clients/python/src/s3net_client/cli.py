@@ -100,8 +100,10 @@ def _describe(ev: JobEvent) -> Optional[str]:
     if isinstance(ev, Started):
         return f"job {ev.job_id} started on {ev.worker} ({ev.device})"
     if isinstance(ev, Progress):
+        again = f" (attempt {ev.attempt})" if ev.attempt > 1 else ""
         return (
-            f"step {ev.iteration}/{ev.max_iterations} labels {ev.labels} loss {ev.losses.total:.3f}"
+            f"step {ev.iteration}/{ev.max_iterations} labels {ev.labels} "
+            f"loss {ev.losses.total:.3f}{again}"
         )
     if isinstance(ev, Completed):
         r = ev.result

@@ -218,7 +218,11 @@ class Progress(JobEvent):
     losses: Losses
     #: Clusters in use after this step.
     labels: int
+    #: Seconds since this attempt began.
     elapsed_seconds: float
+    #: 1 for the job's first start; one more each time it started over because the batch of
+    #: jobs it trained in failed (e.g. out of GPU memory). ``iteration`` counts from 1 again.
+    attempt: int = 1
 
 
 @dataclass(frozen=True, eq=False)

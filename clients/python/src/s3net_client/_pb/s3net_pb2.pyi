@@ -199,18 +199,20 @@ class Started(_message.Message):
     def __init__(self, worker: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("iteration", "max_iterations", "losses", "labels", "elapsed_seconds")
+    __slots__ = ("iteration", "max_iterations", "losses", "labels", "elapsed_seconds", "attempt")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     max_iterations: int
     losses: LossTerms
     labels: int
     elapsed_seconds: float
-    def __init__(self, iteration: _Optional[int] = ..., max_iterations: _Optional[int] = ..., losses: _Optional[_Union[LossTerms, _Mapping]] = ..., labels: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+    attempt: int
+    def __init__(self, iteration: _Optional[int] = ..., max_iterations: _Optional[int] = ..., losses: _Optional[_Union[LossTerms, _Mapping]] = ..., labels: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class LossTerms(_message.Message):
     __slots__ = ("total", "ce", "affine", "spatial")
