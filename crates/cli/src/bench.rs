@@ -310,11 +310,17 @@ fn deform(b: OpBench) -> Result<()> {
         "device": format!("{dev:?}"),
         "fused_cuda_kernel_built": s3net_ops::cuda_compiled(),
         "shape": { "input": [1, c, s, s], "kernel": [3, 3], "padding": 1 },
-        "threads": tch::get_num_threads(),
-        "repeats": b.repeats,
     });
+    print_op_bench(out, "deformable conv", &b)
+}
+
+/// Prints an op benchmark's JSON, with the threads and repeats it ran with (and a heading on
+/// stderr unless `--json`).
+fn print_op_bench(mut out: serde_json::Value, what: &str, b: &OpBench) -> Result<()> {
+    out["threads"] = json!(tch::get_num_threads());
+    out["repeats"] = json!(b.repeats);
     if !b.json {
-        eprintln!("deformable conv, medians of {} runs after a warm-up:", b.repeats);
+        eprintln!("{what}, medians of {} runs after a warm-up:", b.repeats);
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
@@ -349,12 +355,6 @@ fn depthwise(b: OpBench) -> Result<()> {
         "total": { "ours": sum(total[0]), "libtorch": sum(total[1]) },
         "device": format!("{dev:?}"),
         "shape": { "input": [1, c, s, s] },
-        "threads": tch::get_num_threads(),
-        "repeats": b.repeats,
     });
-    if !b.json {
-        eprintln!("depthwise convs, medians of {} runs after a warm-up:", b.repeats);
-    }
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+    print_op_bench(out, "depthwise convs", &b)
 }
