@@ -110,12 +110,12 @@ fn catch_torch<R>(f: impl FnOnce() -> Result<R, ModelError>) -> Result<R, ModelE
     }
 }
 
-/// libtorch errors arrive as a panic message wrapping the C++ message and its backtrace; keep
-/// only the part a user can read.
-fn first_line(msg: &str) -> String {
+/// libtorch errors arrive as a panic message (or a `TchError`) wrapping the C++ message and its
+/// backtrace; keep only the part a user can read.
+pub(crate) fn first_line(msg: &str) -> String {
     let msg = msg.trim();
     let msg = msg.split_once("Torch(\"").map_or(msg, |(_, rest)| rest);
-    let cut = msg.find("Exception raised from").unwrap_or(msg.len());
+    let cut = ["Exception raised from", "frame #0"].iter().filter_map(|m| msg.find(m)).min().unwrap_or(msg.len());
     let msg = msg[..cut].replace("\\n", " ");
     msg.trim().trim_end_matches("\")").trim().to_string()
 }
@@ -882,6 +882,23 @@ pub fn nearest(m: &LabelMap, w: u32, h: u32) -> LabelMap {
 mod tests {
     use super::*;
     use s3net_imaging::ImageKind;
+
+    /// What a client reads of a libtorch failure: the message, not the C++ backtrace after it,
+    /// in either of libtorch's two formats.
+    #[test]
+    fn libtorch_messages_lose_their_backtrace() {
+        let oom = "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: \
+                   you tried to allocate 1048576 bytes. Error code 12 (Cannot allocate memory)\n\
+                   frame #0: c10::ThrowEnforceNotMet(char const*, int) + 0x6a (0x7f in libc10.so)\n\
+                   frame #1: c10::alloc_cpu(unsigned long) + 0x365";
+        assert_eq!(
+            super::first_line(oom),
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: \
+             you tried to allocate 1048576 bytes. Error code 12 (Cannot allocate memory)"
+        );
+        let check = "Torch(\"shape mismatch: [1, 3] vs [2]\\nException raised from foo at bar.cpp:12\")";
+        assert_eq!(super::first_line(check), "shape mismatch: [1, 3] vs [2]");
+    }
 
     /// A one-pixel cluster on a 4×4 grid vanishes when the logits are resized to the 2×2
     /// image: the label count and numbering follow the returned map, not the grid.

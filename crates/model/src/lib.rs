@@ -45,13 +45,13 @@ pub enum ModelError {
 
 impl From<s3net_ops::OpError> for ModelError {
     fn from(e: s3net_ops::OpError) -> Self {
-        ModelError::Torch(e.0)
+        ModelError::Torch(fit::first_line(&e.0))
     }
 }
 
 impl From<tch::TchError> for ModelError {
     fn from(e: tch::TchError) -> Self {
-        ModelError::Torch(e.to_string())
+        ModelError::Torch(fit::first_line(&e.to_string()))
     }
 }
 
