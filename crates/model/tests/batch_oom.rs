@@ -1,11 +1,10 @@
 //! A stack that runs out of memory fails none of its jobs: they start over in smaller stacks
 //! and each ends as if it had been fitted alone.
 //!
-//! The out-of-memory is real: the process's address space is capped (RLIMIT_AS) so that a
-//! stack of four networks cannot allocate its activations while a stack of two can, and
-//! libtorch's allocator fails as it would on a full GPU. Large allocations are made to go
-//! through mmap (and back on free), so the address space tracks the live tensors. The cap
-//! holds for the whole process, hence this file's own test binary, whose tests take turns.
+//! The out-of-memory is real (`tests/support/address_space.rs`): the process's address space is
+//! capped so that a stack of four networks cannot allocate its activations while a stack of
+//! two can, and libtorch's allocator fails as it would on a full GPU. The cap holds for the
+//! whole process, hence this file's own test binary, whose tests take turns.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -13,6 +12,10 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use s3net_imaging::{Image, ImageKind};
 use s3net_model::{fit, Batch, FitJob, FitOptions, FitOutput, LossTerms, ModelError, Preset, Progress};
 use tch::Device;
+
+#[path = "../../../tests/support/address_space.rs"]
+mod address_space;
+use address_space::{cap_address_space, mmap_large_allocations, vm};
 
 /// A bright square on a shaded background, three channels.
 fn image(side: u32) -> Image {
@@ -34,21 +37,11 @@ fn opts(seed: u64) -> FitOptions {
     FitOptions { size: 128, features: 16, iterations: 3, min_labels: 0, seed, ..FitOptions::preset(Preset::Default) }
 }
 
-/// A field of /proc/self/status in bytes (VmSize: address space now; VmPeak: its maximum).
-fn vm(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
 /// One test at a time (the cap is the whole process's), large allocations through mmap.
 fn exclusive() -> MutexGuard<'static, ()> {
     static TURN: Mutex<()> = Mutex::new(());
     let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: allocator parameters only; idempotent.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
-    }
+    mmap_large_allocations();
     turn
 }
 
@@ -70,16 +63,6 @@ fn assert_as_alone(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome) {
     }
     let same = a.1.labels.data.iter().zip(&out.labels.data).filter(|(p, q)| p == q).count();
     assert!(same as f64 >= 0.99 * a.1.labels.data.len() as f64, "{name}: labels differ from the fit alone");
-}
-
-fn set_soft_address_limit(bytes: libc::rlim_t) {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_AS, &mut lim), 0);
-        lim.rlim_cur = bytes.min(lim.rlim_max);
-        assert_eq!(libc::setrlimit(libc::RLIMIT_AS, &lim), 0);
-    }
 }
 
 /// A job's per-step losses (of its last attempt), its outcome and the attempts it took.
@@ -155,11 +138,12 @@ fn a_stack_out_of_memory_starts_its_jobs_over_in_smaller_stacks() {
     let two = vm("VmPeak:").saturating_sub(before);
     assert!(two > 0, "a stack of two grew no address space");
 
-    // Room for a stack of two, with a quarter to spare, not for one of four.
-    let cap = vm("VmSize:") + two + two / 4;
-    set_soft_address_limit(cap as libc::rlim_t);
+    // Room for a stack of two, with half as much again to spare (libtorch caches per shape),
+    // not for one of four.
+    let cap = vm("VmSize:") + two + two / 2;
+    cap_address_space(Some(cap));
     let (got, batch) = run(&img, &seeds);
-    set_soft_address_limit(libc::RLIM_INFINITY);
+    cap_address_space(None);
 
     assert!(
         batch.restarts() >= 4,
@@ -189,7 +173,7 @@ fn a_job_without_memory_to_join_waits_for_room() {
     assert!(batch.step().is_empty());
     // No address space left but three scattered 512 KB holes: enough for the job's input
     // (3 × 128² floats), not for its network's free offsets (18 × 128² floats in one piece).
-    set_soft_address_limit(vm("VmSize:") as libc::rlim_t);
+    cap_address_space(Some(vm("VmSize:")));
     let mut filler = Vec::with_capacity(1 << 12); // at most 512 MB
     while filler.len() < filler.capacity() {
         // SAFETY: plain malloc; every block is freed below.
@@ -212,7 +196,7 @@ fn a_job_without_memory_to_join_waits_for_room() {
             unsafe { libc::free(block) };
         }
     }
-    set_soft_address_limit(libc::RLIM_INFINITY);
+    cap_address_space(None);
     assert!(n >= 16, "only {n} blocks of 128 KB filled the address space");
     assert!(joined.is_ok(), "a job that could not join was failed instead of waiting");
     assert_eq!((batch.len(), batch.limit()), (3, Some(2)), "the job waits; the stack keeps its size");

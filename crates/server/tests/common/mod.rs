@@ -1,11 +1,14 @@
 //! A real server on an ephemeral loopback port and a real tonic client, tiny images and fits.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use s3net_server::pb::{self, job_event::Event, segmenter_client::SegmenterClient};
 use s3net_server::{Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 pub type Client = SegmenterClient<Channel>;
@@ -213,4 +216,66 @@ pub async fn quick_job_completes(c: &mut Client) {
         "quick job took {:?}",
         t.elapsed()
     );
+}
+
+// ---- The Prometheus endpoint -------------------------------------------------------------
+
+/// One HTTP/1.1 request; returns (status line and headers, body).
+pub async fn http(addr: SocketAddr, request: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("response within 10 s")
+        .unwrap();
+    let text = String::from_utf8(out).expect("UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    (head.to_string(), body.to_string())
+}
+
+pub async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (head, body) = http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    parse(&body)
+}
+
+/// Prometheus text format: `name{labels} value` per sample, comments skipped.
+pub fn parse(body: &str) -> HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {l:?}"));
+            let v = value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            (series.to_string(), v)
+        })
+        .collect()
+}
+
+pub fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
+    *m.get(series).unwrap_or_else(|| {
+        let mut names: Vec<_> = m.keys().collect();
+        names.sort();
+        panic!("no {series}; have {names:?}")
+    })
+}
+
+/// Each series has its expected value (named in the failure).
+pub fn assert_series(m: &HashMap<String, f64>, expected: &[(&str, f64)]) {
+    for &(series, want) in expected {
+        assert_eq!(value(m, series), want, "{series}");
+    }
 }

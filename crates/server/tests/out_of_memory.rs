@@ -1,0 +1,116 @@
+//! Through the service: a worker whose batch runs out of memory fails none of its jobs. They
+//! start over in smaller stacks, report `attempt` 2 in their progress, complete, and
+//! `s3net_jobs_restarted_total` counts them.
+//!
+//! The out-of-memory is real (`tests/support/address_space.rs`): the address space of this test
+//! process is capped to what a stack of two jobs needs (measured first, on a server with
+//! `cpu_batch = 2`) plus a quarter, so that the stack of four a `cpu_batch = 4` worker builds
+//! cannot allocate its activations. This file is its own test binary: the cap holds for the
+//! whole process.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use s3net_server::pb::{self, job_event::Event};
+
+#[path = "../../../tests/support/address_space.rs"]
+mod address_space;
+use address_space::{cap_address_space, mmap_large_allocations, vm};
+
+fn options(seed: u64) -> pb::Options {
+    pb::Options {
+        iterations: Some(4),
+        size: Some(128),
+        features: Some(16),
+        seed: Some(seed),
+        ..quick()
+    }
+}
+
+/// Streams `n` jobs through Segment so that the worker stacks them all at once: they queue
+/// behind a running job of another network shape, which is cancelled once they are all
+/// queued, right after `ready` (which may cap the address space). Returns every job's events.
+async fn run_together(c: &Client, metrics: SocketAddr, n: u64, ready: impl FnOnce()) -> Vec<Vec<Event>> {
+    let blocker = submit_running(&mut c.clone(), disk(32, 32), slow()).await;
+    let tasks: Vec<_> = (0..n)
+        .map(|seed| {
+            let mut c = c.clone();
+            tokio::spawn(async move { segment_events(&mut c, disk(128, 128), options(seed)).await })
+        })
+        .collect();
+    while value(&scrape(metrics).await, "s3net_queue_depth") < n as f64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ready();
+    c.clone().cancel_job(pb::CancelJobRequest { job_id: blocker }).await.expect("cancel");
+    let mut events = Vec::new();
+    for t in tasks {
+        events.push(t.await.expect("job task"));
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_batch_out_of_memory_start_over_and_complete() {
+    mmap_large_allocations();
+    // One CPU worker that trains up to four jobs at once.
+    let mut cfg = config();
+    cfg.workers.cpu_batch = Some(4);
+    let (server, url) = start(cfg).await;
+    let c = client(&url).await;
+    let addr = server.metrics_addr().expect("metrics enabled");
+
+    // Warm-up (the worker's allocator arenas, libtorch's caches), then the address space a
+    // stack of four jobs needs beyond the idle server's.
+    run_together(&c, addr, 2, || ()).await.iter().for_each(|e| drop(completed(e)));
+    let mut idle = 0;
+    run_together(&c, addr, 4, || idle = vm("VmSize:")).await.iter().for_each(|e| drop(completed(e)));
+    let four = vm("VmPeak:").saturating_sub(idle);
+    assert!(four > 0, "four jobs grew no address space");
+    assert_eq!(value(&scrape(addr).await, "s3net_jobs_restarted_total"), 0.0);
+
+    // Capped at 75 % of that: a stack of four cannot allocate its activations; one of two can,
+    // with room to spare for what libtorch caches per shape (oneDNN primitives).
+    let mut cap = 0;
+    let events = run_together(&c, addr, 4, || {
+        cap = vm("VmSize:") + four * 3 / 4;
+        cap_address_space(Some(cap));
+    })
+    .await;
+    cap_address_space(None);
+
+    let m = scrape(addr).await;
+    let restarted = value(&m, "s3net_jobs_restarted_total");
+    assert!(
+        restarted >= 2.0,
+        "no batch ran out of memory under a cap of {} MB ({} MB for four jobs)",
+        cap >> 20,
+        four >> 20
+    );
+    let mut started_over = 0;
+    for (i, e) in events.iter().enumerate() {
+        let r = completed(e);
+        assert_eq!(r.iterations, 4, "job {i}");
+        // (attempt, step) of every progress report: attempts never go back, and each starts
+        // at step 1 (a stack that fails at its first step leaves no report of attempt 1).
+        let steps: Vec<(u32, u32)> = e
+            .iter()
+            .filter_map(|ev| match ev {
+                Event::Progress(p) => Some((p.attempt, p.iteration)),
+                _ => None,
+            })
+            .collect();
+        let ok = steps.windows(2).all(|w| w[1] == (w[0].0, w[0].1 + 1) || (w[1].0 > w[0].0 && w[1].1 == 1));
+        assert!(ok && steps.first().map(|s| s.1) == Some(1), "job {i}: (attempt, step) {steps:?}");
+        started_over += steps.last().map_or(0, |s| s.0 - 1);
+    }
+    assert_eq!(started_over as f64, restarted, "starts over reported in progress and counted");
+    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"completed\"}"), 10.0);
+    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"cancelled\"}"), 3.0, "the three blockers");
+    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"failed\"}"), 0.0);
+    // The worker goes on: a job after the failure completes.
+    quick_job_completes(&mut c.clone()).await;
+}
