@@ -5,7 +5,8 @@
 # data on the GPU, and (PROFILE=1) a per-kernel profile of a batched step with ncu.
 #
 # Results go to $OUT (default ./gpu-check-out): cuda-tests.txt, bench.txt, server*.txt,
-# eval-*.json, ncu-*.txt, and a short digest on stdout. Steps: STEPS="tests bench server eval
+# eval-*.json, ncu-*.txt, and a short digest on stdout. The server step ends with a run capped
+# at 8 % of the GPU's memory (workers.gpu_memory_fraction), where batches run out of memory. Steps: STEPS="tests bench server eval
 # tf32" (the default) plus "profile" with PROFILE=1. "tf32" repeats the fit benches and the
 # eval with cuBLAS's matmuls in TF32 (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions
 # run in TF32 by default either way), to weigh speed against accuracy.
@@ -75,7 +76,7 @@ serve_jobs() {  # tag, then extra `s3net serve` flags
   echo "### serve $*" >> "$S"
   python3 -c "print('jobs', $n, 'completed', $ok, 'wall_s', round($t1 - $t0, 2), 'images_per_s', round($n / ($t1 - $t0), 2))" >> "$S"
   python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())" |
-    grep -E "^s3net_(gpu_memory|workers|fit_seconds_(count|sum)|jobs_total)" >> "$S"
+    grep -E "^s3net_(gpu_memory|workers|fit_seconds_(count|sum)|jobs_total|jobs_restarted)" >> "$S"
   kill -TERM $pid; wait $pid; echo "serve rc=$?" >> "$S"
   grep -E "WARN|ERROR" "$log" | cut -c1-400 | head -5 >> "$S"
   rm -rf "$work"
@@ -88,6 +89,9 @@ if has server; then
   serve_jobs "" ${SERVE_ARGS:-}
   serve_jobs -b4 --gpu-batch 4
   serve_jobs -b4-again --gpu-batch 4
+  # Batches out of GPU memory: 8 % of the GPU for two workers stacking up to 16 jobs (about
+  # 0.75 GB each). Every job should complete; s3net_jobs_restarted_total counts the starts over.
+  S3NET__WORKERS__GPU_MEMORY_FRACTION=0.08 serve_jobs -oom
 fi
 
 evaluate() {  # tag

@@ -23,7 +23,7 @@ pub mod rng;
 use std::sync::atomic::AtomicBool;
 
 pub use fit::{fit, set_cuda_graphs, Batch, FitJob, FitOutput, LossTerms, Progress};
-pub use options::{cuda_device_count, DeviceSpec, FitOptions, Preset};
+pub use options::{cuda_device_count, set_cuda_memory_fraction, DeviceSpec, FitOptions, Preset};
 pub use s3net_imaging::{Image, ImageKind, LabelMap};
 
 /// Everything that can go wrong in the engine.

@@ -319,3 +319,11 @@ impl DeviceSpec {
 pub fn cuda_device_count() -> usize {
     tch::Cuda::device_count().max(0) as usize
 }
+
+/// Caps the memory this process's fits may hold on `cuda:device` at `fraction` (in (0, 1]) of
+/// the device's memory; beyond it an allocation fails as out of memory, and a batch then
+/// starts its jobs over in smaller stacks (see [`crate::Batch`]). For a GPU shared with other
+/// services.
+pub fn set_cuda_memory_fraction(device: usize, fraction: f64) -> Result<(), crate::ModelError> {
+    Ok(s3net_ops::set_cuda_memory_fraction(device, fraction)?)
+}

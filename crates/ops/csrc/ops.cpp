@@ -1318,6 +1318,25 @@ int s3ops_cuda_set_stream(int64_t device, int pool, char** err) {
   })
 }
 
+// Caps what libtorch's caching allocator may hold on `device` at `fraction` of its memory: an
+// allocation beyond it fails as out of memory. Why: a GPU shared with other services (another
+// inference server, a viewer) must not be filled by this one's batches.
+int s3ops_cuda_set_memory_fraction(int64_t device, double fraction, char** err) {
+  S3_PROTECT({
+    *err = nullptr;
+#ifdef S3OPS_CUDA
+    c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction,
+                                                       static_cast<c10::DeviceIndex>(device));
+    return 0;
+#else
+    (void)device;
+    (void)fraction;
+    *err = dup_msg("this build of s3net-ops has no CUDA support");
+    return 1;
+#endif
+  })
+}
+
 // A copy of a small tensor to host memory, started now on the current stream and waited for
 // later. Why: the fit reads each step's losses and label counts back to decide whether a job
 // has ended, and a plain blocking copy waits for everything queued on the stream. Started

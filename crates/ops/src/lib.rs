@@ -67,6 +67,7 @@ extern "C" {
     ) -> i32;
     fn s3ops_cuda_compiled() -> i32;
     fn s3ops_cuda_set_stream(device: i64, pool: i32, err: *mut *mut c_char) -> i32;
+    fn s3ops_cuda_set_memory_fraction(device: i64, fraction: f64, err: *mut *mut c_char) -> i32;
     fn s3ops_host_copy_start(src: *const c_void, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
     fn s3ops_host_copy_wait(handle: *mut c_void, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
     fn s3ops_host_copy_free(handle: *mut c_void);
@@ -100,6 +101,19 @@ pub fn use_pool_stream(device: usize) -> Result<(), OpError> {
 /// Puts the calling thread back on the default stream of `cuda:device`.
 pub fn use_default_stream(device: usize) -> Result<(), OpError> {
     set_stream(device, false)
+}
+
+/// Caps the memory libtorch's caching allocator may hold on `cuda:device` at `fraction` (in
+/// (0, 1]) of the device's memory, for the whole process; an allocation beyond it fails as
+/// out of memory. Why: a GPU shared with other services must keep their share free.
+pub fn set_cuda_memory_fraction(device: usize, fraction: f64) -> Result<(), OpError> {
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(OpError(format!("memory fraction must be in (0, 1], got {fraction}")));
+    }
+    let mut err = std::ptr::null_mut();
+    // SAFETY: plain values in, an owned message out on failure.
+    let rc = unsafe { s3ops_cuda_set_memory_fraction(device as i64, fraction, &mut err) };
+    status(rc, err, "setting the CUDA memory fraction failed")
 }
 
 /// A copy of a tensor to host memory, queued on the current CUDA stream when the tensor is on a

@@ -110,6 +110,10 @@ pub struct WorkersConfig {
     /// graphs once the stack is steady (unset: true; process-wide, see
     /// `s3net_model::set_cuda_graphs`). Off queues every kernel one by one; same results.
     pub cuda_graphs: Option<bool>,
+    /// The most of each GPU's memory this process may hold, in (0, 1] (unset: all of it). A
+    /// batch that would need more starts its jobs over in smaller stacks. For a GPU shared
+    /// with other services.
+    pub gpu_memory_fraction: Option<f64>,
     /// libtorch intra-op threads (process-wide). Unset: the CPU cores divided among the CPU workers.
     pub torch_threads: Option<usize>,
 }
@@ -257,6 +261,12 @@ impl Config {
             self.workers.cpu_batch != Some(0) && self.workers.gpu_batch != Some(0),
             "workers.cpu_batch and workers.gpu_batch must be at least 1"
         );
+        if let Some(f) = self.workers.gpu_memory_fraction {
+            anyhow::ensure!(
+                f > 0.0 && f <= 1.0,
+                "workers.gpu_memory_fraction must be in (0, 1], got {f}"
+            );
+        }
         if let Some(l) = self.metrics.listen() {
             anyhow::ensure!(
                 is_host_port(l),

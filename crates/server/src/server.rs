@@ -79,6 +79,12 @@ impl Server {
             cfg.workers.gpu_batch.unwrap_or(16),
         );
         s3net_model::set_cuda_graphs(cfg.workers.cuda_graphs.unwrap_or(true));
+        if let Some(f) = cfg.workers.gpu_memory_fraction {
+            for d in 0..cuda {
+                s3net_model::set_cuda_memory_fraction(d, f)
+                    .map_err(|e| anyhow::anyhow!("workers.gpu_memory_fraction on cuda:{d}: {e}"))?;
+            }
+        }
         anyhow::ensure!(
             !slots.is_empty(),
             "no workers configured (workers.cpu_workers = 0 and no CUDA device)"

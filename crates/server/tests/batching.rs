@@ -89,3 +89,18 @@ fn batch_of_zero_is_a_configuration_error() {
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("workers.cpu_batch and workers.gpu_batch must be at least 1"), "{e}");
 }
+
+#[test]
+fn gpu_memory_fraction_must_be_a_fraction() {
+    for (f, ok) in [(0.25, true), (1.0, true), (0.0, false), (1.5, false), (f64::NAN, false)] {
+        let mut cfg = config();
+        cfg.workers.gpu_memory_fraction = Some(f);
+        match cfg.validate() {
+            Ok(()) => assert!(ok, "{f} accepted"),
+            Err(e) => {
+                assert!(!ok, "{f} refused: {e}");
+                assert!(e.to_string().contains("workers.gpu_memory_fraction must be in (0, 1]"), "{e}");
+            }
+        }
+    }
+}

@@ -25,6 +25,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     std::env::set_var("S3NET__QUEUE__CAPACITY", "11");
     std::env::set_var("S3NET__SERVER__AUTH_TOKEN", "tok");
     std::env::set_var("S3NET__WORKERS__CUDA_GRAPHS", "false");
+    std::env::set_var("S3NET__WORKERS__GPU_MEMORY_FRACTION", "0.4");
     let args = ServeArgs {
         config: Some(file.clone()),
         torch_threads: Some(2),
@@ -38,6 +39,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     assert_eq!(c.workers.cpu_workers, Some(3));
     assert_eq!(c.workers.torch_threads, Some(2));
     assert_eq!(c.workers.cuda_graphs, Some(false));
+    assert_eq!(c.workers.gpu_memory_fraction, Some(0.4));
     let args = ServeArgs {
         config: Some(file),
         addr: Some("127.0.0.1:7000".into()),
@@ -53,6 +55,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     std::env::remove_var("S3NET__QUEUE__CAPACITY");
     std::env::remove_var("S3NET__SERVER__AUTH_TOKEN");
     std::env::remove_var("S3NET__WORKERS__CUDA_GRAPHS");
+    std::env::remove_var("S3NET__WORKERS__GPU_MEMORY_FRACTION");
 
     std::fs::write(dir.path().join("bad.toml"), "[server]\nadress = \"x\"\n").unwrap();
     let err = Config::load(Some(&dir.path().join("bad.toml")), &[]).unwrap_err();
