@@ -23,6 +23,9 @@ for line in sys.stdin:
         continue
     crate = m["manifest_path"].split("/")[-2]  # crates/<crate>/Cargo.toml
     name = crate + "-" + t["name"].replace("s3net_", "") + "-test"
+    # Tests with no CUDA case stay here: the bundle must fit the 64 MiB a device call carries.
+    if name in ("model-batch_oom-test",):
+        continue
     shutil.copy(m["executable"], sys.argv[1] + "/" + name)
     print(name)
 ' "$out"
