@@ -77,9 +77,23 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 
 type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
 
+/// Medians of an op's runs, in milliseconds (the JSON keys of every op benchmark).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct OpTiming {
+    forward_ms: f64,
+    forward_backward_ms: f64,
+}
+
+impl std::ops::AddAssign for OpTiming {
+    fn add_assign(&mut self, o: OpTiming) {
+        self.forward_ms += o.forward_ms;
+        self.forward_backward_ms += o.forward_backward_ms;
+    }
+}
+
 /// Medians of `repeats` runs after a warm-up: the op's forward alone (no autograd graph), and
 /// forward plus the backward of its sum. `sync` waits for the device.
-fn time_op(op: &Op, repeats: usize, sync: &dyn Fn()) -> Result<serde_json::Value> {
+fn time_op(op: &Op, repeats: usize, sync: &dyn Fn()) -> Result<OpTiming> {
     let (mut fwd, mut fb) = (Vec::new(), Vec::new());
     for rep in 0..=repeats {
         sync();
@@ -96,7 +110,7 @@ fn time_op(op: &Op, repeats: usize, sync: &dyn Fn()) -> Result<serde_json::Value
             fb.push(t_fb);
         }
     }
-    Ok(json!({ "forward_ms": median(&fwd), "forward_backward_ms": median(&fb) }))
+    Ok(OpTiming { forward_ms: median(&fwd), forward_backward_ms: median(&fb) })
 }
 
 /// Waits for `dev` (a no-op on the CPU), so that timings cover the work, not its queueing.
@@ -300,7 +314,7 @@ fn deform(b: OpBench) -> Result<()> {
     let fused: Op = Box::new(|| Ok(s3net_ops::deform_conv2d(&x, &off, Some(&mask), &w, Some(&bias), (1, 1), (1, 1), (1, 1))?));
     let time = |op: &Op| time_op(op, b.repeats, &sync);
     let fused_result = match time(&fused) {
-        Ok(v) => v,
+        Ok(v) => json!(v),
         // A build without the CUDA kernel: report why instead of a number.
         Err(e) => json!({ "unavailable": e.to_string() }),
     };
@@ -335,7 +349,7 @@ fn depthwise(b: OpBench) -> Result<()> {
     let sync = device_sync(dev);
     let x = Tensor::randn([1, c, s, s], o).set_requires_grad(true);
     let mut rows = Vec::new();
-    let mut total = [[0.0; 2]; 2];
+    let (mut ours_total, mut libtorch_total) = (OpTiming::default(), OpTiming::default());
     for (k, d) in [(5, 1), (3, 1), (5, 2), (7, 3)] {
         let p = d * (k - 1) / 2;
         let w = (Tensor::randn([c, 1, k, k], o) * 0.1).set_requires_grad(true);
@@ -343,16 +357,13 @@ fn depthwise(b: OpBench) -> Result<()> {
         let ours: Op = Box::new(|| Ok(s3net_ops::depthwise_conv2d(&x, &w, Some(&bias), p, d)?));
         let libtorch: Op = Box::new(|| Ok(x.conv2d(&w, Some(&bias), [1, 1], [p, p], [d, d], c)));
         let (a, l) = (time_op(&ours, b.repeats, &sync)?, time_op(&libtorch, b.repeats, &sync)?);
-        for (t, r) in total.iter_mut().zip([&a, &l]) {
-            t[0] += r["forward_ms"].as_f64().unwrap_or(f64::NAN);
-            t[1] += r["forward_backward_ms"].as_f64().unwrap_or(f64::NAN);
-        }
+        ours_total += a;
+        libtorch_total += l;
         rows.push(json!({ "kernel": k, "dilation": d, "padding": p, "ours": a, "libtorch": l }));
     }
-    let sum = |t: [f64; 2]| json!({ "forward_ms": t[0], "forward_backward_ms": t[1] });
     let out = json!({
         "geometries": rows,
-        "total": { "ours": sum(total[0]), "libtorch": sum(total[1]) },
+        "total": { "ours": ours_total, "libtorch": libtorch_total },
         "device": format!("{dev:?}"),
         "shape": { "input": [1, c, s, s] },
     });
