@@ -17,7 +17,11 @@
 //  * weight gradient: each block reduces Σ go · in over its tile for every tap (warp shuffles,
 //    then across the 8 warps) and writes one partial per (plane, tile, tap); ops.cpp sums the
 //    partials with libtorch. No atomics, so the result is deterministic.
-// This file includes no torch header, so nvcc only needs the CUDA toolkit.
+// bfloat16 planes are read and written as such, but the shared tile, the sums and the weight
+// gradient's partials are float32: a 16-bit kernel with 16-bit sums would lose the taps' low
+// bits. This file includes no torch header, and not cuda_bf16.h either (it needs CCCL headers
+// the PyPI nvcc lacks): bfloat16 is its bits, converted here, so nvcc only needs the CUDA
+// runtime headers.
 
 #include <cuda_runtime.h>
 
@@ -31,6 +35,36 @@ constexpr int kTile = 32;           // outputs per tile side
 constexpr int kRows = 8;            // thread rows per block (blockDim = 32 × 8)
 constexpr int kPer = kTile / kRows;  // outputs per thread
 constexpr int kWarps = kTile * kRows / 32;
+
+// The type the kernels add in for each storage type.
+template <typename S>
+struct Acc {
+  using type = S;
+};
+// A bfloat16 value: the top 16 bits of a float32.
+struct Bf16 {
+  uint16_t bits;
+};
+template <>
+struct Acc<Bf16> {
+  using type = float;
+};
+
+__device__ __forceinline__ float widen(Bf16 v) { return __uint_as_float((uint32_t)v.bits << 16); }
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+
+template <typename S>
+__device__ __forceinline__ S store_as(typename Acc<S>::type v) {
+  return v;
+}
+// Rounded to nearest, ties to even, NaN as 0x7fc0: what libtorch's c10::BFloat16 does.
+template <>
+__device__ __forceinline__ Bf16 store_as<Bf16>(float v) {
+  const uint32_t u = __float_as_uint(v);
+  if (v != v) return Bf16{(uint16_t)0x7fc0u};
+  return Bf16{(uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
 
 struct TileGeom {
   int64_t plane, y0, x0;  // plane index and the tile's first output row / column
@@ -50,22 +84,23 @@ __device__ __forceinline__ TileGeom tile_geom(const S3DepthwiseDims& d) {
 }
 
 // Copies the input region read by the tile (origin (y0 − p, x0 − p), side × side) into `s`,
-// zeros outside the plane.
-template <typename T>
+// widened to the sums' type, zeros outside the plane.
+template <typename S, typename A>
 __device__ __forceinline__ void load_region(const S3DepthwiseDims& d, const TileGeom& g,
-                                            const T* __restrict__ src, T* s) {
+                                            const S* __restrict__ src, A* s) {
   const int tid = threadIdx.y * kTile + threadIdx.x, n = g.side * g.side;
   for (int i = tid; i < n; i += kTile * kRows) {
     const int64_t y = g.y0 - d.p + i / g.side, x = g.x0 - d.p + i % g.side;
-    s[i] = (y >= 0 && y < d.H && x >= 0 && x < d.W) ? src[y * d.W + x] : T(0);
+    s[i] = (y >= 0 && y < d.H && x >= 0 && x < d.W) ? widen(src[y * d.W + x]) : A(0);
   }
 }
 
-// KS: the kernel size when it is known at compile time (3, 5, 7: loops unrolled), else 0.
-template <typename T, int KS>
+// S: the storage type, T: the type of the sums. KS: the kernel size when it is known at compile
+// time (3, 5, 7: loops unrolled), else 0.
+template <typename S, int KS, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kTile* kRows)
-    correlate_kernel(S3DepthwiseDims d, const T* __restrict__ in, const T* __restrict__ w,
-                     const T* __restrict__ bias, T* __restrict__ out) {
+    correlate_kernel(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
+                     const S* __restrict__ bias, S* __restrict__ out) {
   extern __shared__ unsigned char smem[];
   T* region = reinterpret_cast<T*>(smem);
   const TileGeom g = tile_geom(d);
@@ -73,10 +108,10 @@ __global__ void __launch_bounds__(kTile* kRows)
   T* sw = region + g.side * g.side;
   const int64_t c = g.plane % d.C;
   const int tid = threadIdx.y * kTile + threadIdx.x;
-  for (int i = tid; i < kk; i += kTile * kRows) sw[i] = w[c * kk + i];
+  for (int i = tid; i < kk; i += kTile * kRows) sw[i] = widen(w[c * kk + i]);
   load_region(d, g, in + g.plane * d.H * d.W, region);
   __syncthreads();
-  const T b0 = bias ? bias[c] : T(0);
+  const T b0 = bias ? widen(bias[c]) : T(0);
   T acc[kPer];
 #pragma unroll
   for (int r = 0; r < kPer; ++r) acc[r] = b0;
@@ -93,11 +128,11 @@ __global__ void __launch_bounds__(kTile* kRows)
   }
   const int64_t x = g.x0 + tx;
   if (x >= d.Wo) return;
-  T* o = out + g.plane * d.Ho * d.Wo;
+  S* o = out + g.plane * d.Ho * d.Wo;
 #pragma unroll
   for (int r = 0; r < kPer; ++r) {
     const int64_t y = g.y0 + threadIdx.y + r * kRows;
-    if (y < d.Ho) o[y * d.Wo + x] = acc[r];
+    if (y < d.Ho) o[y * d.Wo + x] = store_as<S>(acc[r]);
   }
 }
 
@@ -108,10 +143,11 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// partial[(plane · tiles + tile) · k² + tap] = Σ over the tile's outputs of go · in at the tap.
-template <typename T, int KS>
+// partial[(plane · tiles + tile) · k² + tap] = Σ over the tile's outputs of go · in at the tap,
+// in the sums' type T.
+template <typename S, int KS, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kTile* kRows)
-    weight_grad_kernel(S3DepthwiseDims d, const T* __restrict__ in, const T* __restrict__ go,
+    weight_grad_kernel(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
                        T* __restrict__ partial) {
   extern __shared__ unsigned char smem[];
   T* region = reinterpret_cast<T*>(smem);
@@ -121,12 +157,12 @@ __global__ void __launch_bounds__(kTile* kRows)
   load_region(d, g, in + g.plane * d.H * d.W, region);
   const int tx = threadIdx.x, dil = (int)d.d;
   const int64_t x = g.x0 + tx;
-  const T* gp = go + g.plane * d.Ho * d.Wo;
+  const S* gp = go + g.plane * d.Ho * d.Wo;
   T gv[kPer];
 #pragma unroll
   for (int r = 0; r < kPer; ++r) {
     const int64_t y = g.y0 + threadIdx.y + r * kRows;
-    gv[r] = (x < d.Wo && y < d.Ho) ? gp[y * d.Wo + x] : T(0);
+    gv[r] = (x < d.Wo && y < d.Ho) ? widen(gp[y * d.Wo + x]) : T(0);
   }
   __syncthreads();
   const int warp = (threadIdx.y * kTile + tx) / 32, lane = tx % 32;
@@ -162,7 +198,8 @@ size_t region_bytes(const S3DepthwiseDims& d, size_t elem) {
 template <typename T>
 int launch_correlate(const S3DepthwiseDims& d, const T* in, const T* w, const T* bias, T* out,
                      cudaStream_t st) {
-  const size_t shm = region_bytes(d, sizeof(T)) + (size_t)(d.k * d.k) * sizeof(T);
+  using A = typename Acc<T>::type;
+  const size_t shm = region_bytes(d, sizeof(A)) + (size_t)(d.k * d.k) * sizeof(A);
   const dim3 block(kTile, kRows);
   const unsigned grid = (unsigned)(d.N * d.C * tiles_of(d));
   switch (d.k) {
@@ -175,9 +212,10 @@ int launch_correlate(const S3DepthwiseDims& d, const T* in, const T* w, const T*
 }
 
 template <typename T>
-int launch_weight_grad(const S3DepthwiseDims& d, const T* in, const T* go, T* partial,
-                       cudaStream_t st) {
-  const size_t shm = region_bytes(d, sizeof(T)) + (size_t)(kWarps * d.k * d.k) * sizeof(T);
+int launch_weight_grad(const S3DepthwiseDims& d, const T* in, const T* go,
+                       typename Acc<T>::type* partial, cudaStream_t st) {
+  using A = typename Acc<T>::type;
+  const size_t shm = region_bytes(d, sizeof(A)) + (size_t)(kWarps * d.k * d.k) * sizeof(A);
   const dim3 block(kTile, kRows);
   const unsigned grid = (unsigned)(d.N * d.C * tiles_of(d));
   switch (d.k) {
@@ -198,12 +236,13 @@ int64_t s3ops_cuda_dw_tiles(const S3DepthwiseDims* d) { return tiles_of(*d); }
 
 // Shared memory one block needs (the larger of the two kernels), so ops.cpp can decline shapes
 // whose dilated kernel does not fit (48 KiB without opting in) and use libtorch's instead.
+// `elem`: bytes of the sums' type (4 for float32 and bfloat16, 8 for float64).
 int64_t s3ops_cuda_dw_shared_bytes(const S3DepthwiseDims* d, int64_t elem) {
   return (int64_t)(region_bytes(*d, (size_t)elem) + (size_t)(kWarps * d->k * d->k * elem));
 }
 
-// dtype: 0 = float32, 1 = float64. Device pointers of contiguous tensors; bias may be null;
-// `stream` is a cudaStream_t. Returns a cudaError_t (0 = success).
+// dtype: 0 = float32, 1 = float64, 2 = bfloat16. Device pointers of contiguous tensors; bias
+// may be null; `stream` is a cudaStream_t. Returns a cudaError_t (0 = success).
 int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in, const void* w,
                             const void* bias, void* out, void* stream) {
   if (d->N * d->C * d->Ho * d->Wo == 0) return 0;
@@ -212,16 +251,25 @@ int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in,
     return launch_correlate(*d, (const float*)in, (const float*)w, (const float*)bias,
                             (float*)out, st);
   }
+  if (dtype == 2) {
+    using B = Bf16;
+    return launch_correlate(*d, (const B*)in, (const B*)w, (const B*)bias, (B*)out, st);
+  }
   return launch_correlate(*d, (const double*)in, (const double*)w, (const double*)bias,
                           (double*)out, st);
 }
 
+// `partial` holds the sums' type: float32 for dtype 0 and 2, float64 for 1.
 int s3ops_cuda_dw_weight_grad(int dtype, const S3DepthwiseDims* d, const void* in,
                               const void* go, void* partial, void* stream) {
   if (d->N * d->C * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
   if (dtype == 0) {
     return launch_weight_grad(*d, (const float*)in, (const float*)go, (float*)partial, st);
+  }
+  if (dtype == 2) {
+    using B = Bf16;
+    return launch_weight_grad(*d, (const B*)in, (const B*)go, (float*)partial, st);
   }
   return launch_weight_grad(*d, (const double*)in, (const double*)go, (double*)partial, st);
 }

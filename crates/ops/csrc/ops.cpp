@@ -38,6 +38,11 @@ using torch::autograd::variable_list;
 
 namespace {
 
+// bfloat16 or float16.
+bool is_half_width(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
   // S3OPS_NO_AVX2=1 forces the baseline x86-64 code path (to test it on AVX2 machines).
@@ -307,6 +312,14 @@ S3DepthwiseDims dw_dims(const at::Tensor& in, int64_t k, int64_t p, int64_t d, i
   return {in.size(0), in.size(1), in.size(2), in.size(3), k, p, d, Ho, Wo};
 }
 
+// The depthwise kernels' dtype code, and the type they add in (float32 for bfloat16).
+int dw_cuda_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? 1 : t.scalar_type() == at::kBFloat16 ? 2 : 0;
+}
+at::ScalarType dw_sum_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Whether the CUDA kernels take this shape: a block keeps its dilated input tile in shared
 // memory, at most 48 KiB without opting in, and the blocks (one per plane and 32×32 tile of
 // the input-sized gradient or the output) must fit a 1-D grid. Others go to libtorch
@@ -315,7 +328,8 @@ bool dw_cuda_fits(const at::Tensor& in, int64_t k, int64_t p, int64_t d) {
   const int64_t grow = std::max<int64_t>(0, 2 * p - d * (k - 1));  // output larger than input
   const S3DepthwiseDims dims = dw_dims(in, k, p, d, in.size(2) + grow, in.size(3) + grow);
   const int64_t blocks = in.size(0) * in.size(1) * s3ops_cuda_dw_tiles(&dims);
-  return s3ops_cuda_dw_shared_bytes(&dims, (int64_t)in.element_size()) <= (int64_t(48) << 10) &&
+  const int64_t sum_bytes = dw_sum_type(in) == at::kDouble ? 8 : 4;
+  return s3ops_cuda_dw_shared_bytes(&dims, sum_bytes) <= (int64_t(48) << 10) &&
          blocks < (int64_t(1) << 31);
 }
 
@@ -340,7 +354,7 @@ at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Ten
   if (in.is_cuda()) {
     c10::cuda::CUDAGuard guard(in.device());
     const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
-    const int rc = s3ops_cuda_dw_correlate(in.scalar_type() == at::kDouble ? 1 : 0, &dims,
+    const int rc = s3ops_cuda_dw_correlate(dw_cuda_dtype(in), &dims,
                                            in.data_ptr(), w.data_ptr(),
                                            bias ? bias->data_ptr() : nullptr, out.data_ptr(),
                                            current_stream(in));
@@ -378,13 +392,13 @@ at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k,
     c10::cuda::CUDAGuard guard(in.device());
     const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
     const int64_t tiles = s3ops_cuda_dw_tiles(&dims);
-    auto partial = at::empty({N, C, tiles, k * k}, in.options());
+    auto partial = at::empty({N, C, tiles, k * k}, in.options().dtype(dw_sum_type(in)));
     if (partial.numel() == 0) return at::zeros({C, 1, k, k}, in.options());
-    const int rc = s3ops_cuda_dw_weight_grad(in.scalar_type() == at::kDouble ? 1 : 0, &dims,
-                                             in.data_ptr(), go.data_ptr(), partial.data_ptr(),
+    const int rc = s3ops_cuda_dw_weight_grad(dw_cuda_dtype(in), &dims, in.data_ptr(),
+                                             go.data_ptr(), partial.data_ptr(),
                                              current_stream(in));
     kernel_check("depthwise_conv2d", rc, "weight-gradient");
-    return partial.sum(at::IntArrayRef{0, 2}).view({C, 1, k, k});
+    return partial.sum(at::IntArrayRef{0, 2}).view({C, 1, k, k}).to(in.scalar_type());
   }
 #endif
   auto gw = at::zeros({C, 1, k, k}, in.options());
@@ -414,8 +428,10 @@ void dw_check(const at::Tensor& input, const at::Tensor& weight,
               const std::optional<at::Tensor>& bias, int64_t pad, int64_t dil) {
   TORCH_CHECK(input.dim() == 4, "depthwise_conv2d: input must be 4-D (N, C, H, W), got ",
               input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-              "depthwise_conv2d: input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
+                  (input.scalar_type() == at::kBFloat16 && input.is_cuda()),
+              "depthwise_conv2d: input must be float32, float64, bfloat16 or float16, got ",
+              input.scalar_type());
 #ifdef S3OPS_CUDA
   TORCH_CHECK(input.device().is_cpu() || input.device().is_cuda(), "depthwise_conv2d: input on ",
               input.device(), ": only CPU and CUDA kernels exist");
@@ -525,7 +541,9 @@ at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
   if (S == 1) return at::bmm(a, b.transpose(1, 2));
   auto a2 = a.view({B, P, S, L}).transpose(1, 2).reshape({B * S, P, L});
   auto b2 = b.view({B, Q, S, L}).transpose(1, 2).reshape({B * S, Q, L});
-  return at::bmm(a2, b2.transpose(1, 2)).view({B, S, P, Q}).sum(1);
+  // 16-bit partials are summed in float32 and rounded once.
+  const auto sum_type = is_half_width(a) ? at::kFloat : a.scalar_type();
+  return at::bmm(a2, b2.transpose(1, 2)).view({B, S, P, Q}).sum(1, false, sum_type).to(a.scalar_type());
 }
 
 struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
@@ -567,8 +585,8 @@ void pointwise_check(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(models >= 1, nm, "need at least one network, got ", models);
   TORCH_CHECK(x.dim() == 4 && x.size(1) % models == 0, nm,
               "input must be (N, M·C, H, W) with M = ", models, ", got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, nm,
-              "input must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || is_half_width(x),
+              nm, "input must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
   const int64_t C = x.size(1) / models;
   TORCH_CHECK(w.dim() == 4 && w.size(0) % models == 0 && w.size(1) == C && w.size(2) == 1 &&
                   w.size(3) == 1,
@@ -917,7 +935,7 @@ DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
   const char* nm = "deform_conv2d: ";
   TORCH_CHECK(x.dim() == 4, nm, "input must be 4-D (N, C, H, W), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, nm,
-              "input must be float32 or float64, got ", x.scalar_type());
+              "input must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
 #ifdef S3OPS_CUDA
   TORCH_CHECK(x.device().is_cpu() || x.device().is_cuda(), nm, "input on ", x.device(),
               ": only CPU and CUDA kernels exist");
@@ -1185,7 +1203,6 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
 
 namespace {
 char* dup_msg(const char* m) { return strdup(m ? m : "unknown error"); }
-}  // namespace
 
 #define S3_PROTECT(...)                                       \
   try {                                                      \
@@ -1201,6 +1218,23 @@ char* dup_msg(const char* m) { return strdup(m ? m : "unknown error"); }
     return 1;                                                \
   }
 
+// 16-bit floats (bfloat16, float16) that an op has no kernel for (the CPU kernels, the
+// deformable conv's CUDA kernels) are computed in float32 and the result rounded back to the
+// input's type: each value they hold is exact in float32, so this gives what a kernel reading
+// 16-bit values and adding in float32 gives, at the cost of float32 copies in memory. `native`:
+// the op reads them itself.
+at::Tensor widen(const at::Tensor& t, bool native = false) {
+  return is_half_width(t) && !native ? t.to(at::kFloat) : t;
+}
+std::optional<at::Tensor> widen(const at::Tensor* t, bool native = false) {
+  if (!t) return std::nullopt;
+  return widen(*t, native);
+}
+at::Tensor narrow_to(const at::Tensor& r, const at::Tensor& like) {
+  return is_half_width(like) ? r.to(like.scalar_type()) : r;
+}
+}  // namespace
+
 extern "C" {
 
 void s3ops_free_err(char* e) { free(e); }
@@ -1212,19 +1246,21 @@ int s3ops_depthwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
   S3_PROTECT({
     *out = nullptr;
     *err = nullptr;
-    std::optional<at::Tensor> b;
-    if (bias) b = *bias;
-    dw_check(*input, *weight, b, pad, dil);
+    // The CUDA kernels read and write bfloat16 themselves.
+    const bool native = input->is_cuda() && input->scalar_type() == at::kBFloat16;
+    const at::Tensor x = widen(*input, native), w = widen(*weight, native);
+    const std::optional<at::Tensor> b = widen(bias, native);
+    dw_check(x, w, b, pad, dil);
     at::Tensor r;
 #ifdef S3OPS_CUDA
     // A dilated kernel too wide for a block's shared memory, or too many blocks: libtorch's
     // convolution instead.
-    if (input->is_cuda() && !dw_cuda_fits(*input, weight->size(2), pad, dil)) {
-      r = at::conv2d(*input, *weight, b, 1, pad, dil, input->size(1));
+    if (x.is_cuda() && !dw_cuda_fits(x, w.size(2), pad, dil)) {
+      r = at::conv2d(x, w, b, 1, pad, dil, x.size(1));
     }
 #endif
-    if (!r.defined()) r = DepthwiseFn::apply(*input, *weight, b, pad, dil);
-    *out = new at::Tensor(std::move(r));
+    if (!r.defined()) r = DepthwiseFn::apply(x, w, b, pad, dil);
+    *out = new at::Tensor(narrow_to(r, *input));
     return 0;
   })
 }
@@ -1249,13 +1285,12 @@ int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const
   S3_PROTECT({
     *out = nullptr;
     *err = nullptr;
-    std::optional<at::Tensor> m, b;
-    if (mask) m = *mask;
-    if (bias) b = *bias;
-    deform_check(*input, *offset, m, *weight, b, geometry);
-    at::Tensor r = DeformFn::apply(*input, *offset, m, *weight, b, geometry[0], geometry[1],
-                                   geometry[2], geometry[3], geometry[4], geometry[5]);
-    *out = new at::Tensor(std::move(r));
+    const at::Tensor x = widen(*input), off = widen(*offset), w = widen(*weight);
+    const std::optional<at::Tensor> m = widen(mask), b = widen(bias);
+    deform_check(x, off, m, w, b, geometry);
+    at::Tensor r = DeformFn::apply(x, off, m, w, b, geometry[0], geometry[1], geometry[2],
+                                   geometry[3], geometry[4], geometry[5]);
+    *out = new at::Tensor(narrow_to(r, *input));
     return 0;
   })
 }

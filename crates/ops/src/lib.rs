@@ -295,9 +295,9 @@ fn check_float(
     kind: Kind,
     device: Device,
 ) -> Result<(), OpError> {
-    if !matches!(t.kind(), Kind::Float | Kind::Double) {
+    if !matches!(t.kind(), Kind::Float | Kind::Double | Kind::BFloat16 | Kind::Half) {
         return Err(OpError(format!(
-            "{name}: {what} must be float32 or float64, got {:?}",
+            "{name}: {what} must be float32, float64, bfloat16 or float16, got {:?}",
             t.kind()
         )));
     }
@@ -319,9 +319,11 @@ fn check_float(
 /// Depthwise 2-D convolution, stride 1: `input (N, C, H, W)`, `weight (C, 1, k, k)`,
 /// `bias (C)`; output `(N, C, H + 2p − d(k−1), W + 2p − d(k−1))`.
 ///
-/// float32 and float64. On CPU this runs the C++ kernel, on CUDA (when [`cuda_compiled`]) the
-/// CUDA kernel, each with its own backward. A CUDA build without nvcc, or a dilated kernel too
-/// wide for one block's shared memory (span (k−1)·d beyond about 75 in float32), calls
+/// float32 and float64; bfloat16 too, added in float32 and rounded once (the CUDA kernel reads
+/// and writes bfloat16 itself, the CPU kernel works on a float32 copy; float16 is copied on
+/// both). On CPU this runs the C++ kernel, on CUDA (when [`cuda_compiled`]) the CUDA kernel,
+/// each with its own backward. A CUDA build without nvcc, or a dilated kernel too wide for one
+/// block's shared memory (span (k−1)·d beyond about 75 in float32 and bfloat16), calls
 /// libtorch's `conv2d(…, groups = C)` instead.
 pub fn depthwise_conv2d(
     input: &Tensor,
@@ -404,7 +406,9 @@ pub fn depthwise_conv2d(
 
 /// A stack of `models` independent 1×1 convolutions, as one op: `input (N, M·C, H, W)`, network
 /// j reading channels `j·C..(j+1)·C`; `weight (M·O, C, 1, 1)`, `bias (M·O)`; output
-/// `(N, M·O, H, W)`. The same as `conv2d(…, groups = M)`, float32 and float64, CPU and CUDA.
+/// `(N, M·O, H, W)`. The same as `conv2d(…, groups = M)`, float32, float64 and the 16-bit
+/// floats (libtorch's GEMMs, the split weight gradient's chunks summed in float32), CPU and
+/// CUDA.
 ///
 /// Why: the forward is one batched GEMM, and the backward splits the weight gradient's
 /// reduction over pixels into chunks. Its products have a tiny result (O × C) and a 65 536-long
@@ -432,7 +436,9 @@ pub fn pointwise_conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, 
 ///
 /// Returns `(N, O, Ho, Wo)` with `Ho = (H + 2·ph − (dh·(kh−1) + 1)) / sh + 1` (same for W).
 /// CPU always; CUDA when [`cuda_compiled`] (otherwise CUDA tensors give an error and callers
-/// fall back to a tensor-op version).
+/// fall back to a tensor-op version). float32 and float64; 16-bit floats are computed on a
+/// float32 copy and the result rounded back (in bfloat16 a sampling position near the image
+/// side would be off by a pixel or more).
 #[allow(clippy::too_many_arguments)]
 pub fn deform_conv2d(
     input: &Tensor,

@@ -475,3 +475,36 @@ fn degenerate_shapes() {
     .unwrap();
     assert_eq!(y.size(), [0, 3, 5, 5]);
 }
+
+/// bfloat16 operands are computed on a float32 copy and the result rounded once: forward and
+/// every gradient within bfloat16's rounding of float64 on the same (rounded) values, on the
+/// CPU and, when present, CUDA.
+#[test]
+fn bfloat16_is_float32_rounded_once() {
+    let mut devices = vec![Device::Cpu];
+    devices.extend(checks::cuda_with_kernels());
+    for dev in devices {
+        tch::manual_seed(13);
+        let round = |t: Tensor| t.to_kind(Kind::BFloat16).to_device(dev);
+        let (n, c) = (2, 8);
+        let x0 = round(Tensor::randn([n, c, 40, 36], (Kind::Float, Device::Cpu)));
+        let off0 = round(Tensor::randn([n, 18, 40, 36], (Kind::Float, Device::Cpu)) * 2.0);
+        let m0 = round(Tensor::rand([n, 9, 40, 36], (Kind::Float, Device::Cpu)));
+        let w0 = round(Tensor::randn([c, c, 3, 3], (Kind::Float, Device::Cpu)) * 0.1);
+        let b0 = round(Tensor::randn([c], (Kind::Float, Device::Cpu)));
+        let go = round(Tensor::randn([n, c, 40, 36], (Kind::Float, Device::Cpu)));
+        let run = |kind: Kind| {
+            let [x, off, m, w, b] = [&x0, &off0, &m0, &w0, &b0].map(|t| t.to_kind(kind).copy().set_requires_grad(true));
+            let y = deform_conv2d(&x, &off, Some(&m), &w, Some(&b), (1, 1), (1, 1), (1, 1)).unwrap();
+            assert_eq!(y.kind(), kind);
+            (&y.to_kind(Kind::Double) * go.to_kind(Kind::Double)).sum(Kind::Double).backward();
+            [y, x.grad(), off.grad(), m.grad(), w.grad(), b.grad()]
+        };
+        let (half, reference) = (run(Kind::BFloat16), run(Kind::Double));
+        for (name, (a, b)) in ["output", "input", "offset", "mask", "weight", "bias"].iter().zip(half.iter().zip(reference.iter())) {
+            assert_eq!(a.kind(), Kind::BFloat16, "{dev:?} {name}");
+            let (e, scale) = (max_abs_diff(a, b), max_abs(b).max(1.0));
+            assert!(e <= scale / 128.0, "{dev:?} {name}: bfloat16 differs by {e} (scale {scale})");
+        }
+    }
+}

@@ -22,8 +22,9 @@ fn compare_on(dev: Device, shape: [i64; 4], k: i64, p: i64, d: i64, kind: Kind, 
     let w0 = Tensor::randn([c, 1, k, k], opts);
     let b0 = Tensor::randn([c], opts);
     // On a GPU the reference runs in float64: libtorch's float32 CUDA convolutions may round
-    // through TF32, far coarser than our kernel.
-    let ref_kind = if dev.is_cuda() { Kind::Double } else { kind };
+    // through TF32, far coarser than our kernel. A bfloat16 op is compared with float64 on the
+    // same (rounded) values.
+    let ref_kind = if dev.is_cuda() || kind == Kind::BFloat16 { Kind::Double } else { kind };
     let leaves = |kind: Kind| {
         (
             x0.to_kind(kind).copy().set_requires_grad(true),
@@ -37,6 +38,7 @@ fn compare_on(dev: Device, shape: [i64; 4], k: i64, p: i64, d: i64, kind: Kind, 
     let y2 = x2.conv2d(&w2, with_bias.then_some(&b2), [1, 1], [p, p], [d, d], c);
     let tag = format!("{dev:?} {shape:?} k={k} p={p} d={d} {kind:?} bias={with_bias}");
     assert_eq!(y1.size(), y2.size(), "{tag}");
+    assert_eq!(y1.kind(), kind, "{tag}");
     let scale = max_abs(&y2).max(1.0);
     let e = max_abs_diff(&y1, &y2);
     assert!(e <= tol * scale, "{tag}: forward differs by {e}");
@@ -75,6 +77,20 @@ fn network_geometries_float32() {
     for (k, p, d) in GEOMETRIES {
         compare([1, 4, 32, 40], k, p, d, Kind::Float, 1e-4, true);
         compare([2, 3, 33, 17], k, p, d, Kind::Float, 1e-4, false);
+    }
+}
+
+/// bfloat16 activations are computed in float32 and rounded once (the CPU widens them, the CUDA
+/// kernels read the 16-bit values themselves), so the forward and each gradient stay within
+/// bfloat16's rounding (2⁻⁹ relative) of float64 on the same values.
+const BF16_TOL: f64 = 1.0 / 256.0;
+
+#[test]
+fn network_geometries_bfloat16() {
+    tch::manual_seed(8);
+    for (k, p, d) in GEOMETRIES {
+        compare([1, 4, 32, 40], k, p, d, Kind::BFloat16, BF16_TOL, true);
+        compare([2, 3, 33, 17], k, p, d, Kind::BFloat16, BF16_TOL, false);
     }
 }
 
@@ -236,6 +252,21 @@ fn cuda_matches_libtorch_when_present() {
             compare_on(cuda, shape, k, p, d, Kind::Float, 1e-4, true);
         }
     }
+}
+
+/// The CUDA kernels' bfloat16 path: the network's planes, tiles cut by the plane's edges, and
+/// a span too wide for shared memory (libtorch's bfloat16 convolution).
+#[test]
+fn cuda_bfloat16_when_present() {
+    let Some(cuda) = checks::cuda_with_kernels() else { return };
+    tch::manual_seed(9);
+    for (k, p, d) in GEOMETRIES {
+        compare_on(cuda, [2, 64, 256, 256], k, p, d, Kind::BFloat16, BF16_TOL, true);
+        for shape in [[2, 2, 3, 5], [1, 3, 1, 1], [2, 5, 6, 11], [1, 3, 40, 36]] {
+            compare_on(cuda, shape, k, p, d, Kind::BFloat16, BF16_TOL, true);
+        }
+    }
+    compare_on(cuda, [1, 3, 40, 36], 7, 45, 15, Kind::BFloat16, BF16_TOL, true);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! pointwise_conv2d (a stack of independent 1×1 convolutions) against libtorch's
-//! conv2d(groups = M): forward and every gradient, float64 and float32, on the CPU and (when
-//! present) CUDA; planes whose pixel count spans several reduction chunks, with a remainder.
+//! conv2d(groups = M): forward and every gradient, float64, float32 and bfloat16, on the CPU
+//! and (when present) CUDA; planes whose pixel count spans several reduction chunks, with a
+//! remainder.
 
 use s3net_ops::pointwise_conv2d;
 use tch::{Device, Kind, Tensor};
@@ -13,9 +14,12 @@ use checks::{max_abs, max_abs_diff};
 /// gradients compared with a tolerance relative to max(1, |reference|).
 #[allow(clippy::too_many_arguments)]
 fn compare(dev: Device, n: i64, m: i64, c: i64, o: i64, h: i64, w: i64, kind: Kind, tol: f64) {
-    let x0 = Tensor::randn([n, m * c, h, w], (Kind::Double, dev));
-    let w0 = Tensor::randn([m * o, c, 1, 1], (Kind::Double, dev));
-    let b0 = Tensor::randn([m * o], (Kind::Double, dev));
+    // bfloat16 is compared with float64 on the same (rounded) values.
+    let draw = |shape: &[i64]| {
+        let t = Tensor::randn(shape, (Kind::Double, dev));
+        if kind == Kind::BFloat16 { t.to_kind(kind).to_kind(Kind::Double) } else { t }
+    };
+    let (x0, w0, b0) = (draw(&[n, m * c, h, w]), draw(&[m * o, c, 1, 1]), draw(&[m * o]));
     let leaves = |kind: Kind| {
         (
             x0.to_kind(kind).copy().set_requires_grad(true),
@@ -29,9 +33,10 @@ fn compare(dev: Device, n: i64, m: i64, c: i64, o: i64, h: i64, w: i64, kind: Ki
     let y2 = x2.conv2d(&w2, Some(&b2), [1, 1], [0, 0], [1, 1], m);
     let tag = format!("{dev:?} N={n} M={m} C={c} O={o} {h}x{w} {kind:?}");
     assert_eq!(y1.size(), y2.size(), "{tag}");
+    assert_eq!(y1.kind(), kind, "{tag}");
     let e = max_abs_diff(&y1, &y2);
     assert!(e <= tol * max_abs(&y2).max(1.0), "{tag}: forward differs by {e}");
-    let g = Tensor::randn(y2.size().as_slice(), (Kind::Double, dev));
+    let g = draw(y2.size().as_slice());
     (&y1 * g.to_kind(kind)).sum(kind).backward();
     (&y2 * &g).sum(Kind::Double).backward();
     for (name, a, b) in [("grad_input", &x1, &x2), ("grad_weight", &w1, &w2), ("grad_bias", &b1, &b2)] {
@@ -50,6 +55,9 @@ fn shapes(dev: Device) {
     {
         compare(dev, n, m, c, o, h, w, Kind::Double, 1e-10);
         compare(dev, n, m, c, o, h, w, Kind::Float, 1e-4);
+        // GEMMs add in float32 and round each product (and each chunk of the split weight
+        // gradient) to bfloat16 once: a few times bfloat16's 2⁻⁹.
+        compare(dev, n, m, c, o, h, w, Kind::BFloat16, 1.0 / 128.0);
     }
 }
 
@@ -66,6 +74,7 @@ fn matches_grouped_conv_on_cuda_when_present() {
     shapes(cuda);
     // The network's size: 16 networks of F = 32, image and rotated copy.
     compare(cuda, 2, 16, 32, 32, 256, 256, Kind::Float, 1e-4);
+    compare(cuda, 2, 16, 32, 32, 256, 256, Kind::BFloat16, 1.0 / 128.0);
 }
 
 #[test]
