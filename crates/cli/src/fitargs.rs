@@ -31,6 +31,9 @@ pub struct FitArgs {
     /// Feature channels F (= clusters K).
     #[arg(long)]
     pub features: Option<i64>,
+    /// float32 | bfloat16: the number format of the network's activations.
+    #[arg(long)]
+    pub precision: Option<String>,
     // Tuning knobs, hidden from --help's first screen but documented in the README.
     #[arg(long, hide = true)]
     pub lr: Option<f64>,
@@ -84,6 +87,9 @@ impl FitArgs {
                 "tensor_ops" => Kernels::TensorOps,
                 _ => anyhow::bail!("unknown --kernels '{s}': expected fused or tensor_ops"),
             };
+        }
+        if let Some(s) = &self.precision {
+            o.precision = s.parse()?;
         }
         if let Some(s) = &self.spatial {
             o.spatial = match s.as_str() {

@@ -18,7 +18,7 @@
 //! `C × K` column buffer, one broadcast multiply by the mask and one GEMM — autograd supplies
 //! the backward for input, offset, mask, weight and bias. It runs on CPU and CUDA alike.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::ModelError;
 
@@ -62,6 +62,14 @@ pub fn deform_conv2d(
     bias: Option<&Tensor>,
     geometry: ConvGeometry,
 ) -> Result<Tensor, ModelError> {
+    // 16-bit activations are computed in float32, as the fused op does: in bfloat16 the
+    // sampling positions (pixel indices up to the image side) would be off by whole pixels.
+    if matches!(input.kind(), Kind::BFloat16 | Kind::Half) {
+        let f = |t: &Tensor| t.to_kind(Kind::Float);
+        let (m, b) = (mask.map(f), bias.map(f));
+        let out = deform_conv2d(&f(input), &f(offset), m.as_ref(), &f(weight), b.as_ref(), geometry)?;
+        return Ok(out.to_kind(input.kind()));
+    }
     let g = geometry;
     let (ho, wo) = s3net_ops::check_deform_args(input, offset, mask, weight, bias, g.stride, g.padding, g.dilation)
         .map_err(|e| ModelError::InvalidArgument(e.0))?;

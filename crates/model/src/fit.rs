@@ -392,7 +392,7 @@ impl<'a, T> Batch<'a, T> {
             let _shared = CudaGraph::outside_capture(device);
             let o = &job.opts;
             let x = prepare_input(&job.image, o, device);
-            let net = S3Net::new(o.seed, device, x.size()[1], o.features, o.blocks, o.offsets, o.size, o.kernels);
+            let net = S3Net::new(o.seed, device, x.size()[1], o.features, o.blocks, o.offsets, o.size, o.kernels, o.precision);
             let fresh: Vec<Tensor> = net.parameters().iter().map(|p| p.zeros_like()).collect();
             // Everything that can fail comes before the batch changes.
             match self.net.as_mut() {

@@ -16,7 +16,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::deform::{deform_conv2d, ConvGeometry};
-use crate::options::{Kernels, OffsetMode};
+use crate::options::{Kernels, OffsetMode, Precision};
 use crate::rng::SplitMix64;
 
 /// A convolution's weight and bias (of all stacked networks).
@@ -62,7 +62,14 @@ impl Conv {
         }
     }
 
+    /// The weight and bias in the activations' number format (the float32 leaves themselves
+    /// when that is float32; otherwise a cast that autograd carries back).
+    fn wb(&self, x: &Tensor) -> (Tensor, Tensor) {
+        (self.w.to_kind(x.kind()), self.b.to_kind(x.kind()))
+    }
+
     fn forward(&self, x: &Tensor, models: i64) -> Tensor {
+        let (w, b) = self.wb(x);
         let ws = self.w.size();
         if models > 1 && self.groups == 1 && ws[2] == 1 && ws[3] == 1 && x.device().is_cuda() {
             // A stack's 1×1 convs on a GPU as one batched GEMM, (M, O, C) × (N, M, C, H·W):
@@ -70,11 +77,11 @@ impl Conv {
             // (H200, `s3net bench fit --batch`).
             let xs = x.size();
             let (cin, cout) = (xs[1] / models, ws[0] / models);
-            let y = self.w.reshape([models, cout, cin]).matmul(&x.reshape([xs[0], models, cin, xs[2] * xs[3]]));
-            return (y + self.b.view([1, models, cout, 1])).view([xs[0], models * cout, xs[2], xs[3]]);
+            let y = w.reshape([models, cout, cin]).matmul(&x.reshape([xs[0], models, cin, xs[2] * xs[3]]));
+            return (y + b.view([1, models, cout, 1])).view([xs[0], models * cout, xs[2], xs[3]]);
         }
         let (p, d) = ([self.padding, self.padding], [self.dilation, self.dilation]);
-        x.conv2d(&self.w, Some(&self.b), [1, 1], p, d, self.groups * models)
+        x.conv2d(&w, Some(&b), [1, 1], p, d, self.groups * models)
     }
 
     /// Depthwise convs, and the 1×1 convs of a stack on a GPU, go through our own ops when
@@ -89,9 +96,11 @@ impl Conv {
             let depthwise = self.groups > 1 && self.groups * models == ws[0];
             let pointwise = self.groups == 1 && ws[2] == 1 && ws[3] == 1;
             let ours = if depthwise && (x.device() == Device::Cpu || s3net_ops::cuda_compiled()) {
-                Some(s3net_ops::depthwise_conv2d(x, &self.w, Some(&self.b), self.padding, self.dilation))
+                let (w, b) = self.wb(x);
+                Some(s3net_ops::depthwise_conv2d(x, &w, Some(&b), self.padding, self.dilation))
             } else if pointwise && models > 1 && x.device().is_cuda() {
-                Some(s3net_ops::pointwise_conv2d(x, &self.w, Some(&self.b), models))
+                let (w, b) = self.wb(x);
+                Some(s3net_ops::pointwise_conv2d(x, &w, Some(&b), models))
             } else {
                 None
             };
@@ -242,6 +251,9 @@ pub struct S3Net {
     head: Conv,
     head_bn: Bn,
     kernels: Kernels,
+    /// The activations' number format: the input is cast to it on the way in, the response
+    /// and auxiliary maps back to float32 on the way out.
+    act: Kind,
     /// Networks in this stack (1 for a plain network).
     models: i64,
     features: i64,
@@ -250,7 +262,7 @@ pub struct S3Net {
 impl S3Net {
     /// Builds a freshly initialised network; every parameter requires grad.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(seed: u64, dev: Device, cin: i64, f: i64, blocks: usize, offsets: OffsetMode, size: i64, kernels: Kernels) -> Self {
+    pub fn new(seed: u64, dev: Device, cin: i64, f: i64, blocks: usize, offsets: OffsetMode, size: i64, kernels: Kernels, precision: Precision) -> Self {
         let mut rng = SplitMix64::new(seed);
         let stem = Conv::new(&mut rng, dev, cin, f, 3, 1);
         let blocks = (0..blocks)
@@ -283,6 +295,7 @@ impl S3Net {
             head,
             head_bn: Bn::new(dev, f),
             kernels,
+            act: precision.kind(),
             models: 1,
             features: f,
         };
@@ -387,7 +400,8 @@ impl S3Net {
     /// stack of M networks (network j reads channels `j·C..(j+1)·C`).
     pub fn trunk(&self, x: &Tensor) -> Tensor {
         let m = self.models;
-        let mut h = self.stem_bn.forward(&self.stem.forward(x, m)).relu();
+        let x = x.to_kind(self.act);
+        let mut h = self.stem_bn.forward(&self.stem.forward(&x, m)).relu();
         for b in &self.blocks {
             h = b.forward(&h, self.kernels, m);
         }
@@ -396,7 +410,7 @@ impl S3Net {
 
     /// The auxiliary head used by the affine-consistency term.
     pub fn aux(&self, feat: &Tensor) -> Tensor {
-        self.aux_bn.forward(&self.aux.forward_with(feat, self.kernels, self.models))
+        self.aux_bn.forward(&self.aux.forward_with(feat, self.kernels, self.models)).to_kind(Kind::Float)
     }
 
     /// Deformable conv and the final 1×1: the response map `(N, M·K, S, S)`.
@@ -421,6 +435,9 @@ impl S3Net {
             let w = self.dcn.w.reshape([m, f, ws[1], ws[2], ws[3]]);
             (repeat_batch(&w, n), repeat_batch(&self.dcn.b.view([m, f]), n))
         };
+        // Offsets, mask and kernel in the activations' number format, as every op wants.
+        let kind = images.kind();
+        let (offset, mask, w, b) = (offset.to_kind(kind), mask.to_kind(kind), w.to_kind(kind), b.to_kind(kind));
         let geo = ConvGeometry::same(3);
         let fused = match self.kernels {
             // The fused op runs on CPU, and on CUDA when this build carries its CUDA kernel;
@@ -437,7 +454,7 @@ impl S3Net {
         });
         let h = if m == 1 { h } else { h.reshape([n, m * f, s.0, s.1]) };
         let h = self.dcn_bn.forward(&h).relu();
-        self.head_bn.forward(&self.head.forward_with(&h, self.kernels, m))
+        self.head_bn.forward(&self.head.forward_with(&h, self.kernels, m)).to_kind(Kind::Float)
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use s3net_imaging::{Image, ImageKind};
+use s3net_model::options::Precision;
 use s3net_model::{fit, Batch, FitJob, FitOptions, FitOutput, LossTerms, ModelError, Preset, Progress};
 use tch::Device;
 
@@ -284,6 +285,8 @@ fn incompatible_and_invalid_jobs_are_refused() {
     batch.add(0, job(opts(Preset::Default, 1, 2), img.clone())).map_err(|(_, e)| e).unwrap();
     let wide = FitOptions { features: 16, ..opts(Preset::Default, 2, 2) };
     assert!(!batch.accepts(&wide, &img));
+    // Networks of one stack share their activations' number format.
+    assert!(!batch.accepts(&FitOptions { precision: Precision::Bfloat16, ..opts(Preset::Default, 2, 2) }, &img));
     let (tag, e) = batch.add(1, job(wide, img.clone())).unwrap_err();
     assert_eq!(tag, 1);
     assert!(matches!(e, ModelError::InvalidArgument(_)), "{e}");

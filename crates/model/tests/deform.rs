@@ -77,3 +77,22 @@ fn bad_shapes_are_errors_not_panics() {
     let tiny = Tensor::zeros([1, 2, 1, 1], o);
     assert!(deform_conv2d(&tiny, &off, None, &w, None, ConvGeometry::default()).is_err());
 }
+
+/// bfloat16 operands are sampled in float32 (in bfloat16 a position near the image side is off
+/// by a pixel or more): the output is float32's, rounded once.
+#[test]
+fn bfloat16_samples_in_float32() {
+    tch::manual_seed(21);
+    let o = (Kind::Float, Device::Cpu);
+    let round = |t: Tensor| t.to_kind(Kind::BFloat16);
+    let x = round(Tensor::randn([1, 4, 200, 200], o));
+    let off = round(Tensor::randn([1, 18, 200, 200], o) * 2.0);
+    let m = round(Tensor::rand([1, 9, 200, 200], o));
+    let (w, b) = (round(Tensor::randn([4, 4, 3, 3], o) * 0.2), round(Tensor::randn([4], o)));
+    let g = ((1, 1), (1, 1), (1, 1));
+    let half = tensor_ops(&x, &off, Some(&m), &w, Some(&b), g);
+    assert_eq!(half.kind(), Kind::BFloat16);
+    let f = |t: &Tensor| t.to_kind(Kind::Float);
+    let full = tensor_ops(&f(&x), &f(&off), Some(&f(&m)), &f(&w), Some(&f(&b)), g);
+    assert!(half.equal(&full.to_kind(Kind::BFloat16)));
+}
