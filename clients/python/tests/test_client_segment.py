@@ -60,6 +60,17 @@ def test_png_path(client: Client) -> None:
     check_result(client.segment(str(PH2), **FAST), h, w)
 
 
+def test_bfloat16_precision(client: Client) -> None:
+    with Image.open(PH2) as img:
+        w, h = img.size
+    r = client.segment(PH2, precision="bfloat16", **FAST)
+    check_result(r, h, w)
+    assert r.options.all["precision"] == "bfloat16"
+    assert client.segment(PH2, **FAST).options.all["precision"] == "float32"
+    with pytest.raises(InvalidArgument, match="unknown precision 'fp8'"):
+        client.segment(PH2, precision="fp8", **FAST)
+
+
 def test_16bit_png_path(client: Client) -> None:
     with Image.open(LUNG) as img:
         assert img.mode.startswith("I")  # the sample really is 16-bit

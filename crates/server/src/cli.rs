@@ -185,6 +185,9 @@ pub struct RemoteFitArgs {
     /// Frame of a multi-frame DICOM.
     #[arg(long, default_value_t = 0)]
     pub frame: u32,
+    /// float32 | bfloat16: the number format of the network's activations.
+    #[arg(long)]
+    pub precision: Option<String>,
 }
 
 impl RemoteFitArgs {
@@ -212,6 +215,7 @@ impl RemoteFitArgs {
             priority: self.priority,
             features: self.features,
             frame: self.frame,
+            precision: self.precision.clone().unwrap_or_default(),
         })
     }
 }

@@ -215,6 +215,7 @@ fn fit_options(o: &pb::Options) -> Result<FitOptions, ServiceError> {
     if let Some(v) = o.features {
         f.features = v as i64;
     }
+    f.precision = o.precision.parse()?;
     f.validate()?;
     Ok(f)
 }
@@ -516,6 +517,7 @@ impl Segmenter for SegmenterService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use s3net_model::options::Precision;
 
     #[test]
     fn grpc_timeout_header() {
@@ -556,5 +558,16 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.to_string().contains("size must be in 16..=1024"), "{e}");
+    }
+
+    #[test]
+    fn precision_is_float32_unless_asked() {
+        let with = |p: &str| fit_options(&pb::Options { precision: p.into(), ..Default::default() });
+        assert_eq!(with("").unwrap().precision, Precision::Float32);
+        assert_eq!(with("float32").unwrap().precision, Precision::Float32);
+        assert_eq!(with("bfloat16").unwrap().precision, Precision::Bfloat16);
+        let e = with("fp8").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("unknown precision 'fp8'"), "{e}");
     }
 }

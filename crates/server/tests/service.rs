@@ -536,6 +536,15 @@ async fn bad_inputs_are_invalid_argument_while_a_job_carries_on() {
             "width",
         ),
         (
+            "unknown precision",
+            png.clone(),
+            pb::Options {
+                precision: "fp8".into(),
+                ..quick()
+            },
+            "unknown precision 'fp8'",
+        ),
+        (
             "unknown device",
             png.clone(),
             pb::Options {
@@ -1137,5 +1146,19 @@ async fn queued_image_memory_is_bounded() {
     c.cancel_job(pb::CancelJobRequest { job_id: running })
         .await
         .unwrap();
+    server.shutdown().await.unwrap();
+}
+
+/// A bfloat16 job runs, says so in its applied options, and gives a segmentation (an unknown
+/// precision is among `bad_inputs_are_invalid_argument_while_a_job_carries_on`'s cases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bfloat16_jobs_run_and_say_so() {
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let o = pb::Options { precision: "bfloat16".into(), ..quick() };
+    let r = completed(&segment_events(&mut c, data("ph2/IMD002.png"), o).await);
+    let applied: serde_json::Value = serde_json::from_str(&r.options.unwrap().options_json).unwrap();
+    assert_eq!(applied["precision"], "bfloat16");
+    assert!(r.labels_used >= 1 && r.foreground_fraction > 0.0 && r.foreground_fraction < 1.0);
     server.shutdown().await.unwrap();
 }

@@ -40,6 +40,7 @@ OPTION_NAMES = (
     "priority",
     "features",
     "frame",
+    "precision",
 )
 
 

@@ -111,8 +111,8 @@ class Client:
         ``image``: a file path (PNG, JPEG, BMP, TIFF, DICOM), the encoded bytes, or a numpy
         array (see ``s3net_client.images``). ``options``: the proto's Options fields —
         ``preset``, ``iterations``, ``min_labels``, ``size``, ``seed``, ``device``,
-        ``window=(center, width)``, ``priority``, ``features``, ``frame``; unset ones take
-        the server's preset values. ``progress=True`` shows a tqdm bar; a callable gets
+        ``window=(center, width)``, ``priority``, ``features``, ``frame``, ``precision``
+        (``"float32"`` or ``"bfloat16"``); unset ones take the server's preset values. ``progress=True`` shows a tqdm bar; a callable gets
         every JobEvent. ``upload`` forces (True) or forbids (False) the chunked upload.
 
         Raises S3NetError (InvalidArgument, ResourceExhausted, …) when the server refuses or

@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class Options(_message.Message):
-    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "device", "window", "priority", "features", "frame")
+    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "device", "window", "priority", "features", "frame", "precision")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Options(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     preset: str
     iterations: int
     min_labels: int
@@ -44,7 +45,8 @@ class Options(_message.Message):
     priority: int
     features: int
     frame: int
-    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., features: _Optional[int] = ..., frame: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., features: _Optional[int] = ..., frame: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class Window(_message.Message):
     __slots__ = ("center", "width")
