@@ -6,15 +6,17 @@
 #
 # Results go to $OUT (default ./gpu-check-out): cuda-tests.txt, bench.txt, server*.txt,
 # eval-*.json, ncu-*.txt, and a short digest on stdout. The server step ends with a run capped
-# at 8 % of the GPU's memory (workers.gpu_memory_fraction), where batches run out of memory. Steps: STEPS="tests bench server eval
-# tf32" (the default) plus "profile" with PROFILE=1. "tf32" repeats the fit benches and the
-# eval with cuBLAS's matmuls in TF32 (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions
-# run in TF32 by default either way), to weigh speed against accuracy.
+# at 8 % of the GPU's memory (workers.gpu_memory_fraction), where batches run out of memory.
+# Steps: STEPS="tests bench server eval tf32 bf16" (the default) plus "profile" with PROFILE=1.
+# "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32
+# (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions run in TF32 by default either way),
+# and "bf16" the fit benches, the server and the eval with bfloat16 activations
+# (--precision bfloat16), to weigh speed against accuracy.
 set -u
 cd "$(dirname "$0")"
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-tests bench server eval tf32}
+STEPS=${STEPS:-tests bench server eval tf32 bf16}
 [ "${PROFILE:-0}" = 1 ] && STEPS="$STEPS profile"
 SP=$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')
 export LD_LIBRARY_PATH=$SP/torch/lib:$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
@@ -94,11 +96,12 @@ if has server; then
   S3NET__WORKERS__GPU_MEMORY_FRACTION=0.08 serve_jobs -oom
 fi
 
-evaluate() {  # tag
+evaluate() {  # tag, then extra `s3net eval` flags
+  local tag=$1; shift
   for d in ph2-dev lung-dev; do
-    timeout 300 ./s3net eval --device cuda --images $d/images --masks $d/masks \
-      --report "$OUT/eval$1-$d.json" > "$OUT/eval$1-$d.txt" 2>&1
-    echo "eval$1 $d rc=$?: $(grep '^mean' "$OUT/eval$1-$d.txt")"
+    timeout 300 ./s3net eval --device cuda --images $d/images --masks $d/masks "$@" \
+      --report "$OUT/eval$tag-$d.json" > "$OUT/eval$tag-$d.txt" 2>&1
+    echo "eval$tag $d rc=$?: $(grep '^mean' "$OUT/eval$tag-$d.txt")"
   done
 }
 has eval && evaluate ""
@@ -113,6 +116,22 @@ if has tf32; then
   grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|rc=" "$B"
   evaluate -tf32
   unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE
+fi
+
+if has bf16; then
+  B=$OUT/bench-bf16.txt; : > "$B"
+  for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2"; do
+    echo "### bf16 bench fit $args" >> "$B"
+    timeout 120 ./s3net bench fit --device cuda --precision bfloat16 $args >> "$B" 2>&1; echo "rc=$?" >> "$B"
+  done
+  for op in depthwise deform; do
+    echo "### bf16 bench $op" >> "$B"
+    timeout 120 ./s3net bench $op --size 256 --channels 32 --device cuda --precision bfloat16 --json >> "$B" 2>&1
+    echo "rc=$?" >> "$B"
+  done
+  grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|forward|rc=" "$B"
+  JOB_ARGS="--precision bfloat16" serve_jobs -bf16
+  evaluate -bf16 --precision bfloat16
 fi
 
 if has profile; then

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use s3net_eval::median;
 use s3net_imaging::{Image, ImageKind};
 use s3net_model::deform::{deform_conv2d, ConvGeometry};
+use s3net_model::options::Precision;
 use s3net_model::DeviceSpec;
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -62,6 +63,9 @@ pub struct OpBench {
     pub device: String,
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// float32 | bfloat16: the number format of every operand.
+    #[arg(long, default_value = "float32")]
+    pub precision: String,
     /// Print only the JSON object.
     #[arg(long)]
     pub json: bool,
@@ -303,7 +307,7 @@ fn deform(b: OpBench) -> Result<()> {
     let dev = b.device.parse::<DeviceSpec>()?.resolve()?;
     let (c, s) = (b.channels, b.size);
     tch::manual_seed(0);
-    let o = (Kind::Float, dev);
+    let o = (b.precision.parse::<Precision>()?.kind(), dev);
     let x = Tensor::randn([1, c, s, s], o).set_requires_grad(true);
     let off = (Tensor::randn([1, 18, s, s], o) * 2.0).set_requires_grad(true);
     let mask = Tensor::rand([1, 9, s, s], o).set_requires_grad(true);
@@ -333,6 +337,7 @@ fn deform(b: OpBench) -> Result<()> {
 fn print_op_bench(mut out: serde_json::Value, what: &str, b: &OpBench) -> Result<()> {
     out["threads"] = json!(tch::get_num_threads());
     out["repeats"] = json!(b.repeats);
+    out["precision"] = json!(b.precision);
     if !b.json {
         eprintln!("{what}, medians of {} runs after a warm-up:", b.repeats);
     }
@@ -345,7 +350,7 @@ fn depthwise(b: OpBench) -> Result<()> {
     let dev = b.device.parse::<DeviceSpec>()?.resolve()?;
     let (c, s) = (b.channels, b.size);
     tch::manual_seed(0);
-    let o = (Kind::Float, dev);
+    let o = (b.precision.parse::<Precision>()?.kind(), dev);
     let sync = device_sync(dev);
     let x = Tensor::randn([1, c, s, s], o).set_requires_grad(true);
     let mut rows = Vec::new();
