@@ -30,7 +30,7 @@ test: setup setup-python
 	$(CARGO) build --release --locked -p s3net-cli
 	PYTHONDONTWRITEBYTECODE=1 $(PY)/bin/python -m pytest -q -p no:cacheprovider $(wildcard clients/python/tests deploy/tests)
 
-## What a GPU check carries to a machine with a GPU but no Rust → .gpu/ (README, "GPU checks").
+## What a GPU check carries to a machine with a GPU but no Rust → .gpu/ and .gpu.tar.xz (README, "GPU checks").
 gpu-bundle: setup
 	SHARED=$(SHARED) bash scripts/gpu-bundle.sh
 
