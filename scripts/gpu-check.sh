@@ -27,11 +27,12 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has tests; then
   T=$OUT/cuda-tests.txt; : > "$T"
   for t in ./*-test; do
-    # Every test of the binaries whose name says cuda, plus all of ops-depthwise/pointwise
-    # (their CUDA cases compare against libtorch and skip nothing on a GPU).
+    # Every test whose name says cuda or bfloat16 (the bfloat16 ones run on the CPU and, when
+    # present, CUDA), plus all of ops-depthwise/pointwise (their CUDA cases compare against
+    # libtorch and skip nothing on a GPU).
     case $t in
       *depthwise-test|*pointwise-test) filter=() ;;
-      *) filter=(cuda) ;;
+      *) filter=(cuda bfloat16) ;;
     esac
     echo "### $t ${filter[*]}" >> "$T"
     timeout 120 "$t" --test-threads 1 "${filter[@]}" >> "$T" 2>&1
