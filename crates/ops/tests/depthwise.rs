@@ -62,22 +62,23 @@ fn compare_on(dev: Device, shape: [i64; 4], k: i64, p: i64, d: i64, kind: Kind, 
 
 const GEOMETRIES: [(i64, i64, i64); 4] = [(5, 2, 1), (3, 1, 1), (5, 4, 2), (7, 9, 3)];
 
-#[test]
-fn network_geometries_float64() {
-    tch::manual_seed(1);
+/// The network's four geometries on two small shapes, with and without bias, in `kind`.
+fn network_geometries(seed: i64, kind: Kind, tol: f64) {
+    tch::manual_seed(seed);
     for (k, p, d) in GEOMETRIES {
-        compare([1, 4, 32, 40], k, p, d, Kind::Double, 1e-10, true);
-        compare([2, 3, 33, 17], k, p, d, Kind::Double, 1e-10, false);
+        compare([1, 4, 32, 40], k, p, d, kind, tol, true);
+        compare([2, 3, 33, 17], k, p, d, kind, tol, false);
     }
 }
 
 #[test]
+fn network_geometries_float64() {
+    network_geometries(1, Kind::Double, 1e-10);
+}
+
+#[test]
 fn network_geometries_float32() {
-    tch::manual_seed(2);
-    for (k, p, d) in GEOMETRIES {
-        compare([1, 4, 32, 40], k, p, d, Kind::Float, 1e-4, true);
-        compare([2, 3, 33, 17], k, p, d, Kind::Float, 1e-4, false);
-    }
+    network_geometries(2, Kind::Float, 1e-4);
 }
 
 /// bfloat16 activations are computed in float32 and rounded once (the CPU widens them, the CUDA
@@ -87,11 +88,7 @@ const BF16_TOL: f64 = 1.0 / 256.0;
 
 #[test]
 fn network_geometries_bfloat16() {
-    tch::manual_seed(8);
-    for (k, p, d) in GEOMETRIES {
-        compare([1, 4, 32, 40], k, p, d, Kind::BFloat16, BF16_TOL, true);
-        compare([2, 3, 33, 17], k, p, d, Kind::BFloat16, BF16_TOL, false);
-    }
+    network_geometries(8, Kind::BFloat16, BF16_TOL);
 }
 
 /// Rows wider than one register-blocked chunk of the CPU kernels, whole chunks and a ragged
