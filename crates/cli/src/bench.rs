@@ -71,6 +71,14 @@ pub struct OpBench {
     pub json: bool,
 }
 
+impl OpBench {
+    /// The device and the operands' (kind, device).
+    fn tensor_options(&self) -> Result<(tch::Device, (Kind, tch::Device))> {
+        let dev = self.device.parse::<DeviceSpec>()?.resolve()?;
+        Ok((dev, (self.precision.parse::<Precision>()?.kind(), dev)))
+    }
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Fit(b) => fit(*b),
@@ -304,10 +312,9 @@ fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: u
 }
 
 fn deform(b: OpBench) -> Result<()> {
-    let dev = b.device.parse::<DeviceSpec>()?.resolve()?;
+    let (dev, o) = b.tensor_options()?;
     let (c, s) = (b.channels, b.size);
     tch::manual_seed(0);
-    let o = (b.precision.parse::<Precision>()?.kind(), dev);
     let x = Tensor::randn([1, c, s, s], o).set_requires_grad(true);
     let off = (Tensor::randn([1, 18, s, s], o) * 2.0).set_requires_grad(true);
     let mask = Tensor::rand([1, 9, s, s], o).set_requires_grad(true);
@@ -347,10 +354,9 @@ fn print_op_bench(mut out: serde_json::Value, what: &str, b: &OpBench) -> Result
 
 /// The I-LKA's depthwise convolutions (kernel, dilation; 'same' padding) on 1×C×S×S.
 fn depthwise(b: OpBench) -> Result<()> {
-    let dev = b.device.parse::<DeviceSpec>()?.resolve()?;
+    let (dev, o) = b.tensor_options()?;
     let (c, s) = (b.channels, b.size);
     tch::manual_seed(0);
-    let o = (b.precision.parse::<Precision>()?.kind(), dev);
     let sync = device_sync(dev);
     let x = Tensor::randn([1, c, s, s], o).set_requires_grad(true);
     let mut rows = Vec::new();
