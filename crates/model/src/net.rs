@@ -435,9 +435,13 @@ impl S3Net {
             let w = self.dcn.w.reshape([m, f, ws[1], ws[2], ws[3]]);
             (repeat_batch(&w, n), repeat_batch(&self.dcn.b.view([m, f]), n))
         };
-        // Offsets, mask and kernel in the activations' number format, as every op wants.
-        let kind = images.kind();
-        let (offset, mask, w, b) = (offset.to_kind(kind), mask.to_kind(kind), w.to_kind(kind), b.to_kind(kind));
+        // The deformable conv computes in float32 whatever the activations (in bfloat16 its
+        // sampling positions would be off by whole pixels; both versions widen 16-bit operands
+        // anyway): the features go in as float32, the offsets, mask and kernel as the float32
+        // they are (predicted offsets widened), and the result comes back in the activations'
+        // format below.
+        let images = images.to_kind(Kind::Float);
+        let (offset, mask) = (offset.to_kind(Kind::Float), mask.to_kind(Kind::Float));
         let geo = ConvGeometry::same(3);
         let fused = match self.kernels {
             // The fused op runs on CPU, and on CUDA when this build carries its CUDA kernel;
@@ -452,7 +456,7 @@ impl S3Net {
             deform_conv2d(&images, &offset, Some(&mask), &w, Some(&b), geo)
                 .expect("deform_conv2d shapes are fixed by construction")
         });
-        let h = if m == 1 { h } else { h.reshape([n, m * f, s.0, s.1]) };
+        let h = if m == 1 { h } else { h.reshape([n, m * f, s.0, s.1]) }.to_kind(self.act);
         let h = self.dcn_bn.forward(&h).relu();
         self.head_bn.forward(&self.head.forward_with(&h, self.kernels, m)).to_kind(Kind::Float)
     }
