@@ -7,7 +7,8 @@
 # Results go to $OUT (default ./gpu-check-out): cuda-tests.txt, bench.txt, server*.txt,
 # eval-*.json, ncu-*.txt, and a short digest on stdout. The server step ends with a run capped
 # at 8 % of the GPU's memory (workers.gpu_memory_fraction), where batches run out of memory.
-# Steps: STEPS="tests bench server eval tf32 bf16" (the default) plus "profile" with PROFILE=1.
+# Steps: STEPS="tests bench server eval tf32 bf16" (the default) plus "profile" with PROFILE=1
+# (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
 # "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32
 # (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions run in TF32 by default either way),
 # and "bf16" the fit benches, the server and the eval with bfloat16 activations
@@ -141,7 +142,7 @@ if has profile; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)
   timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --clock-control none --cache-control none \
     --launch-skip "${PROFILE_SKIP:-40000}" --launch-count 1200 \
-    ./s3net bench fit --device cuda --repeats 1 --batch 16 > "$OUT/ncu-batch16.csv" 2> "$OUT/ncu.err"
+    ./s3net bench fit --device cuda --repeats 1 --batch 16 ${PROFILE_ARGS:-} > "$OUT/ncu-batch16.csv" 2> "$OUT/ncu.err"
   python3 - "$OUT/ncu-batch16.csv" > "$OUT/ncu-batch16.txt" << 'PY'
 import csv, collections, sys
 rows = list(csv.reader(open(sys.argv[1])))
