@@ -530,20 +530,30 @@ int64_t reduction_chunk(int64_t K) {
   return K;
 }
 
-// (B, P, Q) = Σ over K of a (B, P, K) · b (B, Q, K)ᵀ for contiguous a and b. The K axis is cut
-// into S chunks that become S times as many products in ONE batched GEMM, (B·S, P, L) ·
-// (B·S, L, Q): one launch keeps the whole GPU busy (S launches of B products would each still
-// run B tiles), at the price of copying a and b into that layout. The S partial products are
-// summed at the end: deterministic, no atomics.
+// (B, P, Q) = Σ over K of a (B, P, K) · b (B, Q, K)ᵀ for contiguous a and b, in the sums'
+// type: float32 for 16-bit operands (which the caller rounds once, after any sum of its own),
+// else theirs. The K axis is cut into S chunks that become S times as many products in ONE
+// batched GEMM, (B·S, P, L) · (B·S, L, Q): one launch keeps the whole GPU busy (S launches of
+// B products would each still run B tiles), at the price of copying a and b into that layout.
+// The S partial products are summed at the end: deterministic, no atomics. 16-bit products
+// come out of cuBLAS as float32 (its accumulators, unrounded); libtorch's CPU GEMMs cannot do
+// that, so there the operands are widened first.
 at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
   const int64_t B = a.size(0), P = a.size(1), K = a.size(2), Q = b.size(1);
   const int64_t L = reduction_chunk(K), S = K / L;
-  if (S == 1) return at::bmm(a, b.transpose(1, 2));
-  auto a2 = a.view({B, P, S, L}).transpose(1, 2).reshape({B * S, P, L});
-  auto b2 = b.view({B, Q, S, L}).transpose(1, 2).reshape({B * S, Q, L});
-  // 16-bit partials are summed in float32 and rounded once.
-  const auto sum_type = is_half_width(a) ? at::kFloat : a.scalar_type();
-  return at::bmm(a2, b2.transpose(1, 2)).view({B, S, P, Q}).sum(1, false, sum_type).to(a.scalar_type());
+  const bool half = is_half_width(a), widen_first = half && !a.is_cuda();
+  const auto kind = widen_first ? at::kFloat : a.scalar_type();
+  // (B·S, R, L) from (B, R, K): chunk s of every row side by side, as `kind`.
+  auto chunked = [&](const at::Tensor& t) {
+    const int64_t R = t.size(1);
+    if (S == 1) return t.to(kind);
+    auto r = at::empty({B, S, R, L}, t.options().dtype(kind));
+    r.copy_(t.view({B, R, S, L}).transpose(1, 2));
+    return r.view({B * S, R, L});
+  };
+  const auto a2 = chunked(a), b2 = chunked(b).transpose(1, 2);
+  auto p = half && !widen_first ? at::bmm(a2, b2, at::kFloat) : at::bmm(a2, b2);
+  return S == 1 ? p : p.view({B, S, P, Q}).sum(1);
 }
 
 struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
@@ -571,8 +581,9 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
     if (sv[1].defined()) gi = at::matmul(sv[1].transpose(1, 2), go).view({N, M * C, H, W});
     if (sv[0].defined()) {
       // Per (image, network): go (O, HW) · x (C, HW)ᵀ, then summed over the images.
+      // In the sums' type (float32 for 16-bit) until here: rounded once.
       auto g = gemm_nt_split_k(go.view({N * M, O, HW}), sv[0].view({N * M, C, HW}));
-      gw = g.view({N, M * O, C}).sum(0).view({M * O, C, 1, 1});
+      gw = g.view({N, M * O, C}).sum(0).to(go.scalar_type()).view({M * O, C, 1, 1});
     }
     if (ctx->saved_data["need_b"].toBool()) gb = go.sum(at::IntArrayRef{0, 3}).view({M * O});
     return {gi, gw, gb, at::Tensor()};

@@ -55,8 +55,8 @@ fn shapes(dev: Device) {
     {
         compare(dev, n, m, c, o, h, w, Kind::Double, 1e-10);
         compare(dev, n, m, c, o, h, w, Kind::Float, 1e-4);
-        // GEMMs add in float32 and round each product (and each chunk of the split weight
-        // gradient) to bfloat16 once: a few times bfloat16's 2⁻⁹.
+        // GEMMs add in float32 and round each result to bfloat16 once (the weight gradient
+        // after its whole sum), the forward's product and its bias each: a few times 2⁻⁹.
         compare(dev, n, m, c, o, h, w, Kind::BFloat16, 1.0 / 128.0);
     }
 }
@@ -98,4 +98,37 @@ fn bad_arguments_are_errors_not_panics() {
     assert!(pointwise_conv2d(&x, &w.to_kind(Kind::Double), None, 2).is_err());
     let xi = Tensor::zeros([1, 6, 4, 4], (Kind::Int, Device::Cpu));
     assert!(pointwise_conv2d(&xi, &w, None, 2).unwrap_err().to_string().contains("float"));
+}
+
+/// bfloat16's weight gradient is rounded once, after the whole sum (over pixels, the split's
+/// chunks and the images) has been formed in float32, not chunk by chunk. The data make the
+/// difference large: in each image the output gradient flips sign every 1024 pixels (one
+/// chunk of the split reduction at 256²), so the chunks' sums, about ±1500, cancel to a few
+/// dozen; rounding each chunk to bfloat16 (a step of 8 there) would move the result by about
+/// ±20, while one rounding moves it by at most half a step of the result itself.
+#[test]
+fn bfloat16_weight_gradient_is_rounded_once() {
+    let devices = [Some(Device::Cpu), checks::cuda_device()];
+    for dev in devices.into_iter().flatten() {
+        tch::manual_seed(14);
+        let (n, m, c, o, side) = (2, 2, 3, 2, 256);
+        let x = (Tensor::rand([n, m * c, side, side], (Kind::Float, dev)) + 1.0).to_kind(Kind::BFloat16);
+        let w = Tensor::randn([m * o, c, 1, 1], (Kind::Float, dev)).to_kind(Kind::BFloat16).set_requires_grad(true);
+        let y = pointwise_conv2d(&x, &w, None, m).unwrap();
+        // +1 / −1 by chunk of 1024 pixels (4 rows), the same for every channel and image.
+        let sign = Tensor::arange(side * side, (Kind::Int64, dev)).divide_scalar_mode(1024, "floor").remainder(2) * -2 + 1;
+        let go = sign.view([1, 1, side, side]).expand([n, m * o, side, side], false).to_kind(Kind::BFloat16);
+        (&y * &go).sum(Kind::Float).backward();
+        // Reference: the exact sum in float64 over the same bfloat16 values.
+        let (x64, go64) = (x.to_kind(Kind::Double).view([n, m, c, -1]), go.to_kind(Kind::Double).view([n, m, o, -1]));
+        let want = go64.matmul(&x64.transpose(2, 3)).sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+        let got = w.grad().to_kind(Kind::Double).view([m, o, c]);
+        let (want, got) = (want.to_device(Device::Cpu), got.to_device(Device::Cpu));
+        for (g, e) in Vec::<f64>::try_from(got.flatten(0, -1)).unwrap().into_iter().zip(Vec::<f64>::try_from(want.flatten(0, -1)).unwrap()) {
+            // Half a bfloat16 step of the exact value (8 significant bits), plus float32's own
+            // rounding of a 131072-term sum.
+            let half_step = 2f64.powi(e.abs().log2().floor() as i32 - 8);
+            assert!((g - e).abs() <= half_step * 1.01 + 1e-3, "{dev:?}: weight gradient {g}, exact sum {e}");
+        }
+    }
 }
