@@ -101,7 +101,7 @@ template <typename S, int KS, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kTile* kRows)
     correlate_kernel(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
                      const S* __restrict__ bias, S* __restrict__ out) {
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   T* region = reinterpret_cast<T*>(smem);
   const TileGeom g = tile_geom(d);
   const int k = KS > 0 ? KS : (int)d.k, kk = k * k;
@@ -149,7 +149,7 @@ template <typename S, int KS, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kTile* kRows)
     weight_grad_kernel(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
                        T* __restrict__ partial) {
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   T* region = reinterpret_cast<T*>(smem);
   const TileGeom g = tile_geom(d);
   const int k = KS > 0 ? KS : (int)d.k, kk = k * k;
@@ -242,7 +242,8 @@ int64_t s3ops_cuda_dw_shared_bytes(const S3DepthwiseDims* d, int64_t elem) {
 }
 
 // dtype: 0 = float32, 1 = float64, 2 = bfloat16. Device pointers of contiguous tensors; bias
-// may be null; `stream` is a cudaStream_t. Returns a cudaError_t (0 = success).
+// may be null; `stream` is a cudaStream_t. Returns a cudaError_t (0 = success;
+// cudaErrorInvalidValue for another dtype code).
 int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in, const void* w,
                             const void* bias, void* out, void* stream) {
   if (d->N * d->C * d->Ho * d->Wo == 0) return 0;
@@ -255,8 +256,11 @@ int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in,
     using B = Bf16;
     return launch_correlate(*d, (const B*)in, (const B*)w, (const B*)bias, (B*)out, st);
   }
-  return launch_correlate(*d, (const double*)in, (const double*)w, (const double*)bias,
-                          (double*)out, st);
+  if (dtype == 1) {
+    return launch_correlate(*d, (const double*)in, (const double*)w, (const double*)bias,
+                            (double*)out, st);
+  }
+  return (int)cudaErrorInvalidValue;
 }
 
 // `partial` holds the sums' type: float32 for dtype 0 and 2, float64 for 1.
@@ -271,7 +275,10 @@ int s3ops_cuda_dw_weight_grad(int dtype, const S3DepthwiseDims* d, const void* i
     using B = Bf16;
     return launch_weight_grad(*d, (const B*)in, (const B*)go, (float*)partial, st);
   }
-  return launch_weight_grad(*d, (const double*)in, (const double*)go, (double*)partial, st);
+  if (dtype == 1) {
+    return launch_weight_grad(*d, (const double*)in, (const double*)go, (double*)partial, st);
+  }
+  return (int)cudaErrorInvalidValue;
 }
 
 }  // extern "C"

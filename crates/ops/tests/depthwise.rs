@@ -276,3 +276,49 @@ fn cuda_matches_cpu_when_present() {
     let b = depthwise_conv2d(&x.to_device(cuda), &w.to_device(cuda), None, 9, 3).unwrap();
     assert!(max_abs_diff(&a, &b.to_device(Device::Cpu)) < 1e-3);
 }
+
+/// bfloat16 outputs are the float32 result rounded once, to nearest with ties to even, as
+/// libtorch rounds (the CUDA kernels do it themselves, on raw bits): with a kernel that only
+/// passes the input through (1×1, or 3×3 with only its centre tap), `x + bias` must come out
+/// exactly as `(x + bias)` in float32 cast to bfloat16 — ties both ways, the largest finite
+/// value rounding up to infinity, infinities and NaN; then random values through the 3×3 kernel.
+#[test]
+fn bfloat16_rounds_to_nearest_even() {
+    let devices = [Some(Device::Cpu), checks::cuda_with_kernels()];
+    let bf = |v: &[f32]| Tensor::from_slice(v).to_kind(Kind::BFloat16);
+    let max = f32::from_bits(0x7f7f_0000); // largest finite bfloat16
+    let (tie, step) = (2f32.powi(-8), 2f32.powi(-7));
+    #[rustfmt::skip]
+    let cases: [(f32, f32); 10] = [
+        (1.0, tie), (1.0 + step, tie), (-1.0 - step, -tie), (3.0, 3.0 * tie),
+        (max, 2f32.powi(119)), (-max, -(2f32.powi(119))),
+        (f32::INFINITY, 1.0), (f32::NEG_INFINITY, -1.0), (f32::NAN, 0.0), (0.1, 1e-3),
+    ];
+    let (xs, bs): (Vec<f32>, Vec<f32>) = cases.iter().copied().unzip();
+    let c = cases.len() as i64;
+    for dev in devices.into_iter().flatten() {
+        let (x, b) = (bf(&xs).view([1, c, 1, 1]).to_device(dev), bf(&bs).to_device(dev));
+        let w = Tensor::ones([c, 1, 1, 1], (Kind::BFloat16, dev));
+        let y = depthwise_conv2d(&x, &w, Some(&b), 0, 1).unwrap();
+        let want = (x.to_kind(Kind::Float) + b.to_kind(Kind::Float).view([1, c, 1, 1])).to_kind(Kind::BFloat16);
+        assert_same_bfloat16(&y, &want, &format!("{dev:?} 1×1 special values"));
+
+        tch::manual_seed(13);
+        let x = Tensor::randn([2, 3, 37, 45], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let b = (Tensor::randn([3], (Kind::Float, dev)) * 0.01).to_kind(Kind::BFloat16);
+        let w = Tensor::zeros([3, 1, 3, 3], (Kind::BFloat16, dev));
+        let _ = w.narrow(2, 1, 1).narrow(3, 1, 1).fill_(1.0);
+        let y = depthwise_conv2d(&x, &w, Some(&b), 1, 1).unwrap();
+        let want = (x.to_kind(Kind::Float) + b.to_kind(Kind::Float).view([1, 3, 1, 1])).to_kind(Kind::BFloat16);
+        assert_same_bfloat16(&y, &want, &format!("{dev:?} 3×3 centre tap"));
+    }
+}
+
+/// Equal values (NaN where the other is NaN), compared on the CPU.
+fn assert_same_bfloat16(got: &Tensor, want: &Tensor, tag: &str) {
+    assert_eq!(got.kind(), Kind::BFloat16, "{tag}");
+    let cpu = |t: &Tensor| Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).unwrap();
+    for (i, (g, w)) in cpu(got).into_iter().zip(cpu(want)).enumerate() {
+        assert!(g == w || (g.is_nan() && w.is_nan()), "{tag}: element {i} is {g}, want {w}");
+    }
+}
