@@ -670,6 +670,15 @@ impl<'a, T> Batch<'a, T> {
     }
 }
 
+impl<T> Drop for Batch<'_, T> {
+    /// A graph is dropped under the capture gate, like every other change to GPU memory a
+    /// batch makes: dropping it hands its memory pool back, which must not run beside another
+    /// batch's capture.
+    fn drop(&mut self) {
+        self.forget_graph();
+    }
+}
+
 static CUDA_GRAPHS: AtomicBool = AtomicBool::new(true);
 
 /// Whether batches made from now on (every fit runs in one) replay the steps of small steady

@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #ifdef S3OPS_CUDA
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -1383,6 +1384,26 @@ int s3ops_cuda_set_memory_fraction(int64_t device, double fraction, char** err) 
   })
 }
 
+// Bytes of GPU memory libtorch's caching allocator holds on `device`, in use or cached (what
+// it would hand back to the GPU on emptying its caches is part of it).
+int s3ops_cuda_reserved_bytes(int64_t device, int64_t* out, char** err) {
+  S3_PROTECT({
+    *err = nullptr;
+#ifdef S3OPS_CUDA
+    const auto stats =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    *out = stats.reserved_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
+               .current;
+    return 0;
+#else
+    (void)device;
+    *out = 0;
+    *err = dup_msg("this build of s3net-ops has no CUDA support");
+    return 1;
+#endif
+  })
+}
+
 // A copy of a small tensor to host memory, started now on the current stream and waited for
 // later. Why: the fit reads each step's losses and label counts back to decide whether a job
 // has ended, and a plain blocking copy waits for everything queued on the stream. Started
@@ -1446,21 +1467,63 @@ void s3ops_host_copy_free(void* handle) { delete static_cast<S3HostCopy*>(handle
 // replayed, the whole step is queued with one call. The caller captures the work it queues on
 // its current stream between begin and end; it must be free of host synchronisation, and its
 // tensors must stay where they are while the graph lives.
+#ifdef S3OPS_CUDA
+// libtorch's graph, with the one piece of its state that a failed capture leaves to us
+// readable: whether `capture_end` succeeded. Only then does libtorch's reset() hand the
+// graph's memory pools back (see S3Graph's destructor).
+struct S3CudaGraph : at::cuda::CUDAGraph {
+  bool ended() const { return capture_ended_; }
+};
+
+// Stops routing allocations to `pool` (the GPU's and pinned host memory's allocators both
+// route a capturing stream's allocations to the graph's pool) and, with `release`, drops the
+// capture's claim on the pool so that emptying it frees its blocks. For captures that did not
+// end: a successful `capture_end` does the first, the graph's reset() the second. Each call
+// on its own, as libtorch may have registered the pool with one allocator and not yet the
+// other when the capture failed; one that was not registered just throws.
+void unroute_pool(c10::DeviceIndex device, at::cuda::MempoolId_t pool, bool release) {
+  try {
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool);
+  } catch (...) {
+  }
+  try {
+    at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(pool);
+  } catch (...) {
+  }
+  if (!release) return;
+  try {
+    c10::cuda::CUDACachingAllocator::releasePool(device, pool);
+  } catch (...) {
+  }
+  try {
+    at::getHostAllocator(at::kCUDA)->release_pool(pool);
+  } catch (...) {
+  }
+}
+#endif
+
 struct S3Graph {
 #ifdef S3OPS_CUDA
   // Behind a pointer so that the destructor below can destroy it (once) before emptying its pool.
-  std::unique_ptr<at::cuda::CUDAGraph> graph = std::make_unique<at::cuda::CUDAGraph>();
+  std::unique_ptr<S3CudaGraph> graph = std::make_unique<S3CudaGraph>();
   at::cuda::MempoolId_t pool{0, 0};
   c10::DeviceIndex device = 0;
+  // The stream the capture began on, once `capture_begin` returned (null before).
+  cudaStream_t stream = nullptr;
 
   // Hands the blocks of the graph's memory pool back to the GPU. Why: libtorch keeps a dropped
   // graph's pool cached until some allocation runs out of memory, and a worker drops its graph
   // and captures a new one whenever its stack of jobs changes: two workers with stacks of up
   // to 4 jobs held 63-69 GB of an H100 after 40 jobs. A graph is dropped while no capture
-  // runs (the caller's gate), so freeing here cannot disturb one.
+  // runs (the caller's gate), so freeing here cannot disturb one. A capture that never ended
+  // (abandoned) still holds its claim on the pool, which libtorch's reset() leaves alone:
+  // without releasing it here, its blocks would stay reserved for the life of the process.
   ~S3Graph() {
     try {
+      const bool abandoned = stream != nullptr && !graph->ended();
       graph.reset();
+      if (pool.first == 0 && pool.second == 0) return;  // {0, 0} would empty every cache
+      if (abandoned) unroute_pool(device, pool, true);
       c10::cuda::CUDACachingAllocator::emptyCache(pool);
     } catch (...) {
     }
@@ -1480,7 +1543,15 @@ int s3ops_graph_begin(int64_t device, void** out, char** err) {
     g->device = static_cast<c10::DeviceIndex>(device);
     c10::cuda::CUDAGuard guard(g->device);
     g->pool = at::cuda::graph_pool_handle();
-    g->graph->capture_begin(g->pool, cudaStreamCaptureModeThreadLocal);
+    try {
+      g->graph->capture_begin(g->pool, cudaStreamCaptureModeThreadLocal);
+    } catch (...) {
+      // It may have routed the pool to the graph before CUDA refused the capture.
+      unroute_pool(g->device, g->pool, true);
+      g->pool = {0, 0};
+      throw;
+    }
+    g->stream = c10::cuda::getCurrentCUDAStream(g->device).stream();
     *out = g.release();
     return 0;
 #else
@@ -1529,9 +1600,18 @@ void s3ops_graph_abort(void* handle) {
   try {
     g->graph->capture_end();
   } catch (...) {
-    try {
-      c10::cuda::CUDACachingAllocator::endAllocateToPool(g->device, g->pool);
-    } catch (...) {
+    // capture_end threw before ending the pools' routing (the capture was invalidated, or it
+    // refused to end at all): end it here, and the capture itself if the stream still
+    // captures, or everything queued on it from now on would be recorded instead of run. The
+    // pool's claim is released when the graph is dropped.
+    unroute_pool(g->device, g->pool, false);
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    if (g->stream && cudaStreamIsCapturing(g->stream, &st) == cudaSuccess &&
+        st != cudaStreamCaptureStatusNone) {
+      cudaGraph_t partial = nullptr;
+      if (cudaStreamEndCapture(g->stream, &partial) == cudaSuccess && partial) {
+        (void)cudaGraphDestroy(partial);
+      }
     }
   }
   (void)cudaGetLastError();

@@ -68,6 +68,7 @@ extern "C" {
     fn s3ops_cuda_compiled() -> i32;
     fn s3ops_cuda_set_stream(device: i64, pool: i32, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_set_memory_fraction(device: i64, fraction: f64, err: *mut *mut c_char) -> i32;
+    fn s3ops_cuda_reserved_bytes(device: i64, out: *mut i64, err: *mut *mut c_char) -> i32;
     fn s3ops_host_copy_start(src: *const c_void, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
     fn s3ops_host_copy_wait(handle: *mut c_void, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
     fn s3ops_host_copy_free(handle: *mut c_void);
@@ -114,6 +115,17 @@ pub fn set_cuda_memory_fraction(device: usize, fraction: f64) -> Result<(), OpEr
     // SAFETY: plain values in, an owned message out on failure.
     let rc = unsafe { s3ops_cuda_set_memory_fraction(device as i64, fraction, &mut err) };
     status(rc, err, "setting the CUDA memory fraction failed")
+}
+
+/// Bytes of GPU memory libtorch's caching allocator holds on `cuda:device` for this process,
+/// in use or cached. Why: what a dropped CUDA graph leaves behind shows up here and not in the
+/// tensors still alive.
+pub fn cuda_reserved_bytes(device: usize) -> Result<u64, OpError> {
+    let (mut out, mut err) = (0i64, std::ptr::null_mut());
+    // SAFETY: plain values in, a number or an owned message out.
+    let rc = unsafe { s3ops_cuda_reserved_bytes(device as i64, &mut out, &mut err) };
+    status(rc, err, "reading the CUDA allocator's statistics failed")?;
+    Ok(out.max(0) as u64)
 }
 
 /// A copy of a tensor to host memory, queued on the current CUDA stream when the tensor is on a
