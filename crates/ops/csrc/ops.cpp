@@ -1482,23 +1482,18 @@ struct S3CudaGraph : at::cuda::CUDAGraph {
 // on its own, as libtorch may have registered the pool with one allocator and not yet the
 // other when the capture failed; one that was not registered just throws.
 void unroute_pool(c10::DeviceIndex device, at::cuda::MempoolId_t pool, bool release) {
-  try {
-    c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool);
-  } catch (...) {
-  }
-  try {
-    at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(pool);
-  } catch (...) {
-  }
+  auto quietly = [](auto f) {
+    try {
+      f();
+    } catch (...) {
+    }
+  };
+  auto host = [] { return at::getHostAllocator(at::kCUDA); };
+  quietly([&] { c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool); });
+  quietly([&] { host()->end_allocate_to_pool(pool); });
   if (!release) return;
-  try {
-    c10::cuda::CUDACachingAllocator::releasePool(device, pool);
-  } catch (...) {
-  }
-  try {
-    at::getHostAllocator(at::kCUDA)->release_pool(pool);
-  } catch (...) {
-  }
+  quietly([&] { c10::cuda::CUDACachingAllocator::releasePool(device, pool); });
+  quietly([&] { host()->release_pool(pool); });
 }
 #endif
 
