@@ -7,7 +7,9 @@
 # Results go to $OUT (default ./gpu-check-out): cuda-tests.txt, bench.txt, server*.txt,
 # eval-*.json, ncu-*.txt, and a short digest on stdout. The server step ends with a run capped
 # at 8 % of the GPU's memory (workers.gpu_memory_fraction), where batches run out of memory.
-# Steps: STEPS="tests bench server eval tf32 bf16" (the default) plus "profile" with PROFILE=1
+# Steps, run in the order given: STEPS="tests bf16 server bench eval tf32" (the default: what no
+# GPU has run yet first, so a call cut short by its time limit still brings that back) plus
+# "profile" with PROFILE=1
 # (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
 # "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32
 # (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions run in TF32 by default either way),
@@ -17,15 +19,14 @@ set -u
 cd "$(dirname "$0")"
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-tests bench server eval tf32 bf16}
+STEPS=${STEPS:-tests bf16 server bench eval tf32}
 [ "${PROFILE:-0}" = 1 ] && STEPS="$STEPS profile"
 SP=$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')
 export LD_LIBRARY_PATH=$SP/torch/lib:$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
 export DEFORM_GOLDEN=golden/deform_golden.json
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-has() { [[ " $STEPS " == *" $1 "* ]]; }
 
-if has tests; then
+step_tests() {
   T=$OUT/cuda-tests.txt; : > "$T"
   for t in ./*-test; do
     # Every test whose name says cuda or bfloat16 (the bfloat16 ones run on the CPU and, when
@@ -40,9 +41,9 @@ if has tests; then
     echo "rc=$?" >> "$T"
   done
   grep -E "^###|test result|rc=|panicked" "$T"
-fi
+}
 
-if has bench; then
+step_bench() {
   B=$OUT/bench.txt; : > "$B"
   run() { echo "### $*" >> "$B"; timeout 120 "$@" >> "$B" 2>&1; echo "rc=$?" >> "$B"; }
   run ./s3net bench fit --device cuda --repeats 5
@@ -50,7 +51,7 @@ if has bench; then
   run ./s3net bench deform --size 256 --channels 32 --device cuda --json
   run ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
   grep -E "###|seconds_per_fit_median|without_cuda_graphs|\"batch\"|fits_at_once|images_per_second|seconds_per_step|forward|rc=" "$B"
-fi
+}
 
 serve_jobs() {  # tag, then extra `s3net serve` flags
   # 40 PH2 jobs (20 images x 2 seeds), default options, submitted at once by 40 clients; wall
@@ -87,7 +88,7 @@ serve_jobs() {  # tag, then extra `s3net serve` flags
   cat "$S"
 }
 
-if has server; then
+step_server() {
   # The defaults (2 GPU workers, gpu_batch 16), then stacks of at most 4 jobs (each one a CUDA
   # graph once steady) twice: two workers capturing and replaying side by side.
   serve_jobs "" ${SERVE_ARGS:-}
@@ -96,7 +97,7 @@ if has server; then
   # Batches out of GPU memory: 8 % of the GPU for two workers stacking up to 16 jobs (about
   # 0.75 GB each). Every job should complete; s3net_jobs_restarted_total counts the starts over.
   S3NET__WORKERS__GPU_MEMORY_FRACTION=0.08 serve_jobs -oom
-fi
+}
 
 evaluate() {  # tag, then extra `s3net eval` flags
   local tag=$1; shift
@@ -106,9 +107,9 @@ evaluate() {  # tag, then extra `s3net eval` flags
     echo "eval$tag $d rc=$?: $(grep '^mean' "$OUT/eval$tag-$d.txt")"
   done
 }
-has eval && evaluate ""
+step_eval() { evaluate ""; }
 
-if has tf32; then
+step_tf32() {
   export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
   B=$OUT/bench-tf32.txt; : > "$B"
   for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2"; do
@@ -118,9 +119,9 @@ if has tf32; then
   grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|rc=" "$B"
   evaluate -tf32
   unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE
-fi
+}
 
-if has bf16; then
+step_bf16() {
   B=$OUT/bench-bf16.txt; : > "$B"
   for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2"; do
     echo "### bf16 bench fit $args" >> "$B"
@@ -134,9 +135,9 @@ if has bf16; then
   grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|forward|rc=" "$B"
   JOB_ARGS="--precision bfloat16" serve_jobs -bf16
   evaluate -bf16 --precision bfloat16
-fi
+}
 
-if has profile; then
+step_profile() {
   # Kernels of a 16-network batch's steps: skip the lone-fit part of the bench (2 fits of 50
   # steps) and the batch's first steps, then time 1200 launches.
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)
@@ -162,4 +163,13 @@ for n, v in tot.most_common(40):
     print(f'{v / s * 100:5.1f}% {v:9.0f} us  n={cnt[n]:4d}  {n}')
 PY
   head -20 "$OUT/ncu-batch16.txt"
-fi
+}
+
+for step in $STEPS; do
+  if declare -F "step_$step" > /dev/null; then
+    echo "=== $step ($(date +%T))"
+    "step_$step"
+  else
+    echo "unknown step '$step' (steps: tests bf16 server bench eval tf32 profile)" >&2
+  fi
+done
