@@ -23,6 +23,7 @@
 #include "kernel_dims.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -531,30 +532,53 @@ int64_t reduction_chunk(int64_t K) {
   return K;
 }
 
+// How gemm_nt_split_k reads its chunks (process-wide; s3ops_set_split_k_strided):
+//  * copied (the default, measured on an H100): a and b are copied into chunk-major layout
+//    and ONE batched GEMM runs all B·S chunk products: one launch keeps the whole GPU busy;
+//  * strided: B batched GEMMs of S chunk products each, reading a and b where they are (a
+//    chunk of row-major rows is a strided batch for cuBLAS): no copies, B launches.
+// Which is faster depends on the GPU and the number format; the GPU check times both.
+std::atomic<bool> g_split_k_strided{false};
+
 // (B, P, Q) = Σ over K of a (B, P, K) · b (B, Q, K)ᵀ for contiguous a and b, in the sums'
 // type: float32 for 16-bit operands (which the caller rounds once, after any sum of its own),
-// else theirs. The K axis is cut into S chunks that become S times as many products in ONE
-// batched GEMM, (B·S, P, L) · (B·S, L, Q): one launch keeps the whole GPU busy (S launches of
-// B products would each still run B tiles), at the price of copying a and b into that layout.
-// The S partial products are summed at the end: deterministic, no atomics. 16-bit products
-// come out of cuBLAS as float32 (its accumulators, unrounded); libtorch's CPU GEMMs cannot do
-// that, so there the operands are widened first.
+// else theirs. The K axis is cut into S chunks of L (reduction_chunk) whose products are
+// summed at the end: a reduction over tens of thousands of pixels with a tiny result would
+// otherwise run as one tile per product. Deterministic, no atomics. 16-bit products come out
+// of cuBLAS as float32 (its accumulators, unrounded); libtorch's CPU GEMMs cannot do that, so
+// there the operands are widened first.
 at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
   const int64_t B = a.size(0), P = a.size(1), K = a.size(2), Q = b.size(1);
   const int64_t L = reduction_chunk(K), S = K / L;
   const bool half = is_half_width(a), widen_first = half && !a.is_cuda();
   const auto kind = widen_first ? at::kFloat : a.scalar_type();
-  // (B·S, R, L) from (B, R, K): chunk s of every row side by side, as `kind`.
-  auto chunked = [&](const at::Tensor& t) {
-    const int64_t R = t.size(1);
-    if (S == 1) return t.to(kind);
-    auto r = at::empty({B, S, R, L}, t.options().dtype(kind));
-    r.copy_(t.view({B, R, S, L}).transpose(1, 2));
-    return r.view({B * S, R, L});
+  const bool to_float = half && !widen_first;
+  // Products of (n, R1, L) · (n, L, R2) in the sums' type, into `out` when given.
+  auto products = [&](const at::Tensor& x, const at::Tensor& y, at::Tensor* out) -> at::Tensor {
+    if (out) return to_float ? at::bmm_out(*out, x, y, at::kFloat) : at::bmm_out(*out, x, y);
+    return to_float ? at::bmm(x, y, at::kFloat) : at::bmm(x, y);
   };
-  const auto a2 = chunked(a), b2 = chunked(b).transpose(1, 2);
-  auto p = half && !widen_first ? at::bmm(a2, b2, at::kFloat) : at::bmm(a2, b2);
-  return S == 1 ? p : p.view({B, S, P, Q}).sum(1);
+  if (S == 1) return products(a.to(kind), b.to(kind).transpose(1, 2), nullptr);
+  at::Tensor parts = at::empty({B, S, P, Q}, a.options().dtype(half ? at::kFloat : kind));
+  if (g_split_k_strided.load(std::memory_order_relaxed)) {
+    for (int64_t i = 0; i < B; ++i) {
+      auto ai = a[i].view({P, S, L}).transpose(0, 1).to(kind);  // (S, P, L), strides (L, K, 1)
+      auto bi = b[i].view({Q, S, L}).permute({1, 2, 0}).to(kind);  // (S, L, Q), (L, 1, K)
+      auto pi = parts[i];
+      products(ai, bi, &pi);
+    }
+  } else {
+    // (B·S, R, L) from (B, R, K): chunk s of every row side by side, as `kind`.
+    auto chunked = [&](const at::Tensor& t) {
+      const int64_t R = t.size(1);
+      auto r = at::empty({B, S, R, L}, t.options().dtype(kind));
+      r.copy_(t.view({B, R, S, L}).transpose(1, 2));
+      return r.view({B * S, R, L});
+    };
+    auto flat = parts.view({B * S, P, Q});
+    products(chunked(a), chunked(b).transpose(1, 2), &flat);
+  }
+  return parts.sum(1);
 }
 
 struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
@@ -1383,6 +1407,9 @@ int s3ops_cuda_set_memory_fraction(int64_t device, double fraction, char** err) 
 #endif
   })
 }
+
+// Which layout gemm_nt_split_k uses from now on, process-wide (see g_split_k_strided).
+void s3ops_set_split_k_strided(int on) { g_split_k_strided.store(on != 0); }
 
 // Bytes of GPU memory libtorch's caching allocator holds on `device`, in use or cached (what
 // it would hand back to the GPU on emptying its caches is part of it).

@@ -300,6 +300,12 @@ fn cuda_per_image_weights_match_separate_calls() {
     if let Some(d) = checks::cuda_with_kernels() {
         check_per_image_weights(&fused, d, Kind::Double, 1e-12);
         check_per_image_weights(&fused, d, Kind::Float, 1e-5);
+        // The split weight gradient read in place rather than copied (process-wide: other
+        // tests may run either way meanwhile, and must pass either way).
+        s3net_ops::set_split_k_strided(true);
+        check_per_image_weights(&fused, d, Kind::Double, 1e-12);
+        check_per_image_weights(&fused, d, Kind::Float, 1e-5);
+        s3net_ops::set_split_k_strided(false);
     }
 }
 
