@@ -48,9 +48,11 @@ step_bench() {
   run() { echo "### $*" >> "$B"; timeout 120 "$@" >> "$B" 2>&1; echo "rc=$?" >> "$B"; }
   run ./s3net bench fit --device cuda --repeats 5
   run ./s3net bench fit --device cuda --repeats 2 --batch 4,16,32 --concurrency 2,4
+  # The weight gradients' split reductions read in place instead of copied (same fits).
+  run ./s3net bench fit --device cuda --repeats 2 --batch 16,32 --split-k strided
   run ./s3net bench deform --size 256 --channels 32 --device cuda --json
   run ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
-  grep -E "###|seconds_per_fit_median|without_cuda_graphs|\"batch\"|fits_at_once|images_per_second|seconds_per_step|forward|rc=" "$B"
+  grep -E "###|seconds_per_fit_median|without_cuda_graphs|\"batch\"|fits_at_once|images_per_second|seconds_per_step|forward|split_k|rc=" "$B"
 }
 
 serve_jobs() {  # tag, then extra `s3net serve` flags
@@ -123,7 +125,7 @@ step_tf32() {
 
 step_bf16() {
   B=$OUT/bench-bf16.txt; : > "$B"
-  for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2"; do
+  for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2" "--repeats 1 --batch 16,32 --split-k strided"; do
     echo "### bf16 bench fit $args" >> "$B"
     timeout 120 ./s3net bench fit --device cuda --precision bfloat16 $args >> "$B" 2>&1; echo "rc=$?" >> "$B"
   done
@@ -132,7 +134,7 @@ step_bf16() {
     timeout 120 ./s3net bench $op --size 256 --channels 32 --device cuda --precision bfloat16 --json >> "$B" 2>&1
     echo "rc=$?" >> "$B"
   done
-  grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|forward|rc=" "$B"
+  grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|forward|split_k|rc=" "$B"
   JOB_ARGS="--precision bfloat16" serve_jobs -bf16
   evaluate -bf16 --precision bfloat16
 }

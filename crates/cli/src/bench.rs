@@ -47,6 +47,11 @@ pub struct FitBench {
     /// Threads each running their own batches, for `--batch`.
     #[arg(long, default_value_t = 1)]
     pub batch_workers: usize,
+    /// How the weight gradients' long reductions read their chunks: `copied` (the default) or
+    /// `strided` (in place, one GEMM launch per image): for timing both on a GPU
+    /// (`s3net_ops::set_split_k_strided`).
+    #[arg(long, value_parser = ["copied", "strided"], default_value = "copied", hide = true)]
+    pub split_k: String,
     #[command(flatten)]
     pub fit: FitArgs,
 }
@@ -160,6 +165,7 @@ fn fit(b: FitBench) -> Result<()> {
     opts.min_labels = 0;
     let device: DeviceSpec = b.fit.device()?;
     let image = synthetic_image(opts.size as u32, b.grey);
+    s3net_ops::set_split_k_strided(b.split_k == "strided");
     let (per_fit, per_iter, dev_name) = lone_fits(&image, &opts, device, b.repeats)?;
     // On a GPU, the same fits with every kernel queued one by one, for the ratio in one run.
     let eager = if device.resolve()?.is_cuda() {
@@ -189,6 +195,7 @@ fn fit(b: FitBench) -> Result<()> {
         "features": opts.features,
         "iterations": opts.iterations,
         "preset": opts.preset,
+        "split_k": b.split_k,
         "seconds_per_iteration_median": median(&per_iter),
         "seconds_per_fit_median": median(&per_fit),
         "fits_per_second": 1.0 / median(&per_fit),
