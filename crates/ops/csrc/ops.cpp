@@ -552,20 +552,26 @@ at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
   const int64_t L = reduction_chunk(K), S = K / L;
   const bool half = is_half_width(a), widen_first = half && !a.is_cuda();
   const auto kind = widen_first ? at::kFloat : a.scalar_type();
-  const bool to_float = half && !widen_first;
-  // Products of (n, R1, L) · (n, L, R2) in the sums' type, into `out` when given.
-  auto products = [&](const at::Tensor& x, const at::Tensor& y, at::Tensor* out) -> at::Tensor {
-    if (out) return to_float ? at::bmm_out(*out, x, y, at::kFloat) : at::bmm_out(*out, x, y);
-    return to_float ? at::bmm(x, y, at::kFloat) : at::bmm(x, y);
+  // Products of (n, R1, L) · (n, L, R2) into `out` (n, R1, R2), in the sums' type.
+  auto product_into = [&](at::Tensor out, const at::Tensor& x, const at::Tensor& y) {
+    if (half && !widen_first) {
+      at::bmm_out(out, x, y, at::kFloat);
+    } else {
+      at::bmm_out(out, x, y);
+    }
   };
-  if (S == 1) return products(a.to(kind), b.to(kind).transpose(1, 2), nullptr);
-  at::Tensor parts = at::empty({B, S, P, Q}, a.options().dtype(half ? at::kFloat : kind));
+  const auto sum_kind = half ? at::kFloat : kind;
+  if (S == 1) {
+    auto out = at::empty({B, P, Q}, a.options().dtype(sum_kind));
+    product_into(out, a.to(kind), b.to(kind).transpose(1, 2));
+    return out;
+  }
+  at::Tensor parts = at::empty({B, S, P, Q}, a.options().dtype(sum_kind));
   if (g_split_k_strided.load(std::memory_order_relaxed)) {
     for (int64_t i = 0; i < B; ++i) {
       auto ai = a[i].view({P, S, L}).transpose(0, 1).to(kind);  // (S, P, L), strides (L, K, 1)
       auto bi = b[i].view({Q, S, L}).permute({1, 2, 0}).to(kind);  // (S, L, Q), (L, 1, K)
-      auto pi = parts[i];
-      products(ai, bi, &pi);
+      product_into(parts[i], ai, bi);
     }
   } else {
     // (B·S, R, L) from (B, R, K): chunk s of every row side by side, as `kind`.
@@ -575,8 +581,7 @@ at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
       r.copy_(t.view({B, R, S, L}).transpose(1, 2));
       return r.view({B * S, R, L});
     };
-    auto flat = parts.view({B * S, P, Q});
-    products(chunked(a), chunked(b).transpose(1, 2), &flat);
+    product_into(parts.view({B * S, P, Q}), chunked(a), chunked(b).transpose(1, 2));
   }
   return parts.sum(1);
 }
