@@ -1394,6 +1394,14 @@ int s3ops_cuda_set_stream(int64_t device, int pool, char** err) {
   })
 }
 
+#ifdef S3OPS_CUDA
+// Sets up libtorch's CUDA state, its caching allocator among it, if nothing has used CUDA yet.
+// Why: the allocator's per-device state is made lazily by the first CUDA tensor, and asking it
+// before then fails with "Allocator not initialized for device" (the server caps a worker's
+// memory before its first job; seen on an H200).
+static void cuda_allocator_ready() { at::globalContext().lazyInitDevice(at::kCUDA); }
+#endif
+
 // Caps what libtorch's caching allocator may hold on `device` at `fraction` of its memory: an
 // allocation beyond it fails as out of memory. Why: a GPU shared with other services (another
 // inference server, a viewer) must not be filled by this one's batches.
@@ -1401,6 +1409,7 @@ int s3ops_cuda_set_memory_fraction(int64_t device, double fraction, char** err) 
   S3_PROTECT({
     *err = nullptr;
 #ifdef S3OPS_CUDA
+    cuda_allocator_ready();
     c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction,
                                                        static_cast<c10::DeviceIndex>(device));
     return 0;
@@ -1422,6 +1431,7 @@ int s3ops_cuda_reserved_bytes(int64_t device, int64_t* out, char** err) {
   S3_PROTECT({
     *err = nullptr;
 #ifdef S3OPS_CUDA
+    cuda_allocator_ready();
     const auto stats =
         c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
     *out = stats.reserved_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
