@@ -9,7 +9,7 @@
 # at 8 % of the GPU's memory (workers.gpu_memory_fraction), where batches run out of memory.
 # Steps, run in the order given: STEPS="tests bf16 server bench eval tf32" (the default: what no
 # GPU has run yet first, so a call cut short by its time limit still brings that back) plus
-# "profile" with PROFILE=1
+# "profile" with PROFILE=1, and "splitk" (batched fits in every --split-k layout) on request
 # (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
 # "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32
 # (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions run in TF32 by default either way),
@@ -19,6 +19,14 @@ set -u
 cd "$(dirname "$0")"
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
+# PACK=1: everything goes into one archive, $OUT/gpu-check.tgz, written also when the call's
+# time limit stops the script (the device tool brings back only a handful of files).
+if [ "${PACK:-0}" = 1 ]; then
+  PACK_TO=$OUT
+  OUT=$(mktemp -d)
+  trap 'tar czf "$PACK_TO/gpu-check.tgz" -C "$OUT" .' EXIT
+  trap 'exit 143' TERM INT
+fi
 STEPS=${STEPS:-tests bf16 server bench eval tf32}
 [ "${PROFILE:-0}" = 1 ] && STEPS="$STEPS profile"
 SP=$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')
@@ -48,7 +56,8 @@ step_bench() {
   run() { echo "### $*" >> "$B"; timeout 120 "$@" >> "$B" 2>&1; echo "rc=$?" >> "$B"; }
   run ./s3net bench fit --device cuda --repeats 5
   run ./s3net bench fit --device cuda --repeats 2 --batch 4,16,32 --concurrency 2,4
-  # The weight gradients' split reductions read in place instead of copied (same fits).
+  # The other layout of the weight gradients' split reductions (float32 runs them copied by
+  # default, bfloat16 strided: s3net_ops::SplitK), in float32 here and in bfloat16 in step_bf16.
   run ./s3net bench fit --device cuda --repeats 2 --batch 16,32 --split-k strided
   run ./s3net bench deform --size 256 --channels 32 --device cuda --json
   run ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
@@ -125,7 +134,7 @@ step_tf32() {
 
 step_bf16() {
   B=$OUT/bench-bf16.txt; : > "$B"
-  for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2" "--repeats 1 --batch 16,32 --split-k strided"; do
+  for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2" "--repeats 1 --batch 16,32 --split-k copied"; do
     echo "### bf16 bench fit $args" >> "$B"
     timeout 120 ./s3net bench fit --device cuda --precision bfloat16 $args >> "$B" 2>&1; echo "rc=$?" >> "$B"
   done
@@ -137,6 +146,21 @@ step_bf16() {
   grep -E "###|seconds_per_fit_median|\"batch\"|images_per_second|seconds_per_step|forward|split_k|rc=" "$B"
   JOB_ARGS="--precision bfloat16" serve_jobs -bf16
   evaluate -bf16 --precision bfloat16
+}
+
+step_splitk() {
+  # The default layout of the split weight-gradient reductions (auto: copied for float32,
+  # strided for bfloat16) against the other one, in both number formats, batched fits only.
+  B=$OUT/bench-splitk.txt; : > "$B"
+  for p in float32 bfloat16; do
+    other=strided; [ $p = bfloat16 ] && other=copied
+    for sk in auto $other; do
+      echo "### splitk $p $sk" >> "$B"
+      timeout 120 ./s3net bench fit --device cuda --repeats 2 --batch 16,32 --precision $p \
+        --split-k $sk >> "$B" 2>&1; echo "rc=$?" >> "$B"
+    done
+  done
+  grep -E "###|\"batch\"|images_per_second|rc=" "$B"
 }
 
 step_profile() {
@@ -172,6 +196,6 @@ for step in $STEPS; do
     echo "=== $step ($(date +%T))"
     "step_$step"
   else
-    echo "unknown step '$step' (steps: tests bf16 server bench eval tf32 profile)" >&2
+    echo "unknown step '$step' (steps: tests bf16 server bench eval tf32 splitk profile)" >&2
   fi
 done

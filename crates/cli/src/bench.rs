@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Result;
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use s3net_eval::median;
 use s3net_imaging::{Image, ImageKind};
 use s3net_model::deform::{deform_conv2d, ConvGeometry};
@@ -47,13 +47,31 @@ pub struct FitBench {
     /// Threads each running their own batches, for `--batch`.
     #[arg(long, default_value_t = 1)]
     pub batch_workers: usize,
-    /// How the weight gradients' long reductions read their chunks: `copied` (the default) or
-    /// `strided` (in place, one GEMM launch per image): for timing both on a GPU
-    /// (`s3net_ops::set_split_k_strided`).
-    #[arg(long, value_parser = ["copied", "strided"], default_value = "copied", hide = true)]
-    pub split_k: String,
+    /// How the weight gradients' long reductions read their chunks: `auto` (the default:
+    /// strided for bfloat16, copied for float32), `copied` or `strided` (in place, one GEMM
+    /// launch per image): for timing them on a GPU (`s3net_ops::SplitK`).
+    #[arg(long, value_enum, default_value_t = SplitLayout::Auto, hide = true)]
+    pub split_k: SplitLayout,
     #[command(flatten)]
     pub fit: FitArgs,
+}
+
+/// `--split-k`: the layout of the weight gradients' split reductions (`s3net_ops::SplitK`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SplitLayout {
+    Auto,
+    Copied,
+    Strided,
+}
+
+impl From<SplitLayout> for s3net_ops::SplitK {
+    fn from(l: SplitLayout) -> Self {
+        match l {
+            SplitLayout::Auto => Self::Auto,
+            SplitLayout::Copied => Self::Copied,
+            SplitLayout::Strided => Self::Strided,
+        }
+    }
 }
 
 /// One op on a random 1×channels×size×size input.
@@ -165,7 +183,7 @@ fn fit(b: FitBench) -> Result<()> {
     opts.min_labels = 0;
     let device: DeviceSpec = b.fit.device()?;
     let image = synthetic_image(opts.size as u32, b.grey);
-    s3net_ops::set_split_k_strided(b.split_k == "strided");
+    s3net_ops::set_split_k(b.split_k.into());
     let (per_fit, per_iter, dev_name) = lone_fits(&image, &opts, device, b.repeats)?;
     // On a GPU, the same fits with every kernel queued one by one, for the ratio in one run.
     let eager = if device.resolve()?.is_cuda() {
@@ -195,7 +213,7 @@ fn fit(b: FitBench) -> Result<()> {
         "features": opts.features,
         "iterations": opts.iterations,
         "preset": opts.preset,
-        "split_k": b.split_k,
+        "split_k": b.split_k.to_possible_value().map(|v| v.get_name().to_owned()),
         "seconds_per_iteration_median": median(&per_iter),
         "seconds_per_fit_median": median(&per_fit),
         "fits_per_second": 1.0 / median(&per_fit),

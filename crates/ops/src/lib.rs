@@ -69,7 +69,7 @@ extern "C" {
     fn s3ops_cuda_set_stream(device: i64, pool: i32, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_set_memory_fraction(device: i64, fraction: f64, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_reserved_bytes(device: i64, out: *mut i64, err: *mut *mut c_char) -> i32;
-    fn s3ops_set_split_k_strided(on: i32);
+    fn s3ops_set_split_k(mode: i32);
     fn s3ops_host_copy_start(src: *const c_void, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
     fn s3ops_host_copy_wait(handle: *mut c_void, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
     fn s3ops_host_copy_free(handle: *mut c_void);
@@ -119,16 +119,33 @@ pub fn set_cuda_memory_fraction(device: usize, fraction: f64) -> Result<(), OpEr
 }
 
 /// How the long reductions of the weight gradients ([`pointwise_conv2d`]'s, and the
-/// deformable conv's on CUDA) read their chunks, for the whole process from now on. A weight
-/// gradient sums over every pixel into a tiny result, so the sum is cut into chunks whose
-/// products run side by side. `false` (the default, measured on an H100): the operands are
-/// copied into chunk-major order and one batched GEMM runs every chunk of every image; `true`:
-/// one batched GEMM per image reads its chunks in place, with no copies but one launch per
-/// image. Same results up to summation order. Why a switch: which is faster depends on the GPU
-/// and the number format, and the GPU check times both (`s3net bench fit --split-k`).
-pub fn set_split_k_strided(on: bool) {
+/// deformable conv's on CUDA) read their chunks. A weight gradient sums over every pixel into
+/// a tiny result, so the sum is cut into chunks whose products run side by side. Same results
+/// up to summation order. Why a choice: which is faster depends on the GPU and the number
+/// format (see [`set_split_k`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SplitK {
+    /// `Strided` for 16-bit operands, `Copied` for the rest: the faster of the two for each
+    /// on an H200 (bfloat16 strided 6 % faster in batched fits, float32 3 % slower).
+    #[default]
+    Auto,
+    /// The operands are copied into chunk-major order and one batched GEMM runs every chunk of
+    /// every image: one launch, two copies.
+    Copied,
+    /// One batched GEMM per image reads its chunks in place: no copies, a launch per image.
+    Strided,
+}
+
+/// Sets the [`SplitK`] layout for the whole process from now on. Why a switch: the GPU check
+/// times the layouts against each other (`s3net bench fit --split-k`), and tests run both.
+pub fn set_split_k(layout: SplitK) {
+    let mode = match layout {
+        SplitK::Auto => 0,
+        SplitK::Copied => 1,
+        SplitK::Strided => 2,
+    };
     // SAFETY: a plain value in; the C side stores it in an atomic.
-    unsafe { s3ops_set_split_k_strided(i32::from(on)) }
+    unsafe { s3ops_set_split_k(mode) }
 }
 
 /// Bytes of GPU memory libtorch's caching allocator holds on `cuda:device` for this process,

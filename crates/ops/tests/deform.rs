@@ -302,10 +302,10 @@ fn cuda_per_image_weights_match_separate_calls() {
         check_per_image_weights(&fused, d, Kind::Float, 1e-5);
         // The split weight gradient read in place rather than copied (process-wide: other
         // tests may run either way meanwhile, and must pass either way).
-        s3net_ops::set_split_k_strided(true);
+        s3net_ops::set_split_k(s3net_ops::SplitK::Strided);
         check_per_image_weights(&fused, d, Kind::Double, 1e-12);
         check_per_image_weights(&fused, d, Kind::Float, 1e-5);
-        s3net_ops::set_split_k_strided(false);
+        s3net_ops::set_split_k(s3net_ops::SplitK::Auto);
     }
 }
 

@@ -111,22 +111,24 @@ fn bfloat16_weight_gradient_is_rounded_once() {
     rounded_once();
 }
 
-/// The split reduction read in place rather than copied (see `set_split_k_strided`) gives the
-/// same results: every shape and kind again, the network's size on CUDA, and the rounding case.
-/// The switch is process-wide, so this binary's other tests may run either way meanwhile; both
-/// must pass either way.
+/// Both layouts of the split reduction (see `set_split_k`; the other tests run the default,
+/// which picks by number format) give the same results: every shape and kind again, the
+/// network's size on CUDA, and the rounding case. The switch is process-wide, so this binary's
+/// other tests may run either way meanwhile; they must pass either way.
 #[test]
-fn strided_split_matches_too() {
-    s3net_ops::set_split_k_strided(true);
-    tch::manual_seed(15);
-    shapes(Device::Cpu);
-    if let Some(cuda) = checks::cuda_device() {
-        shapes(cuda);
-        compare(cuda, 2, 16, 32, 32, 256, 256, Kind::Float, 1e-4);
-        compare(cuda, 2, 16, 32, 32, 256, 256, Kind::BFloat16, 1.0 / 128.0);
+fn every_split_layout_matches() {
+    for layout in [s3net_ops::SplitK::Strided, s3net_ops::SplitK::Copied] {
+        s3net_ops::set_split_k(layout);
+        tch::manual_seed(15);
+        shapes(Device::Cpu);
+        if let Some(cuda) = checks::cuda_device() {
+            shapes(cuda);
+            compare(cuda, 2, 16, 32, 32, 256, 256, Kind::Float, 1e-4);
+            compare(cuda, 2, 16, 32, 32, 256, 256, Kind::BFloat16, 1.0 / 128.0);
+        }
+        rounded_once();
     }
-    rounded_once();
-    s3net_ops::set_split_k_strided(false);
+    s3net_ops::set_split_k(s3net_ops::SplitK::Auto);
 }
 
 fn rounded_once() {
