@@ -45,6 +45,8 @@ struct Row {
     labels: usize,
     iterations: usize,
     fit_seconds: f64,
+    /// Fits made again because the foreground came out empty (`s3net_model::refit_options`).
+    refits: usize,
 }
 
 #[derive(Serialize, Clone, Copy)]
@@ -112,7 +114,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "{:<22} {:>7.1} {:>7.1} {:>7.1} {:>7.1} | {:>7.1} {:>7.1} | {:>4} {:>4} {:>6.1}",
             name, grid.paper.dsc, grid.oracle.dsc, grid.auto.dsc, grid.merge_ceiling.dsc, full.oracle.dsc, full.auto.dsc, seg.fit.n_labels, seg.fit.iterations, seg.fit.fit_seconds
         );
-        rows.push(Row { name: name.clone(), grid, full, labels: seg.fit.n_labels, iterations: seg.fit.iterations, fit_seconds: seg.fit.fit_seconds });
+        rows.push(Row { name: name.clone(), grid, full, labels: seg.fit.n_labels, iterations: seg.fit.iterations, fit_seconds: seg.fit.fit_seconds, refits: seg.refits });
     }
     let pick = |f: fn(&Row) -> Scores| mean(&rows.iter().map(f).collect::<Vec<_>>());
     let summary = json!({
@@ -126,7 +128,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let it_med = median(&rows.iter().map(|r| r.iterations as f64).collect::<Vec<_>>());
     let p = |k: &str| summary[k]["dsc"].as_f64().unwrap_or(f64::NAN);
     println!(
-        "mean DSC over {} images (grid {s}×{s}): paper {:.1}  oracle {:.1}  auto {:.1}  merge-ceiling {:.1} | full-res oracle {:.1} auto {:.1} | median {:.2} s/fit, {} iterations",
+        "mean DSC over {} images (grid {s}×{s}): paper {:.1}  oracle {:.1}  auto {:.1}  merge-ceiling {:.1} | full-res oracle {:.1} auto {:.1} | median {:.2} s/fit, {} iterations, {} refitted",
         rows.len(),
         p("paper"),
         p("oracle"),
@@ -135,7 +137,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         summary["full_resolution"]["oracle"]["dsc"].as_f64().unwrap_or(f64::NAN),
         summary["full_resolution"]["auto"]["dsc"].as_f64().unwrap_or(f64::NAN),
         fit_med,
-        it_med
+        it_med,
+        rows.iter().filter(|r| r.refits > 0).count()
     );
     if let Some(path) = &a.report {
         let report = json!({
@@ -184,8 +187,8 @@ mod dump {
         let mask = foreground::upsample_mask(&grid_mask, labels.width, labels.height, image.width, image.height);
         let full = s3net_model::fit::nearest(&labels, image.width, image.height);
         let n_labels = labels.data.iter().copied().max().map_or(0, |m| m as usize + 1);
-        let fit = FitOutput { labels: full, grid_labels: labels, grid_intensity: intensity, n_labels, iterations: 0, losses: LossTerms::default(), fit_seconds: 0.0, device: "dump".into() };
-        Ok(Segmentation { fit, mask, grid_mask })
+        let fit = FitOutput { labels: full, grid_labels: labels, grid_intensity: intensity, n_labels, iterations: 0, losses: LossTerms::default(), fit_seconds: 0.0, device: "dump".into(), attempt: 1 };
+        Ok(Segmentation { fit, mask, grid_mask, refits: 0 })
     }
 }
 

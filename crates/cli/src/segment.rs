@@ -114,6 +114,7 @@ pub fn write_outputs(out: &Path, stem: &str, image: &Image, seg: &Segmentation, 
         "losses": seg.fit.losses,
         "fit_seconds": seg.fit.fit_seconds,
         "device": seg.fit.device,
+        "refits": seg.refits,
         "foreground_fraction": seg.mask.iter().filter(|&&m| m).count() as f64 / seg.mask.len().max(1) as f64,
         "options": opts,
     });

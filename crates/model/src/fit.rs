@@ -42,8 +42,9 @@ pub struct Progress {
     pub labels: usize,
     /// Since this attempt began.
     pub elapsed: Duration,
-    /// 1 for the job's first start, one more each time it started over because the stack it
-    /// trained in failed (see [`Batch`]); steps count from 1 again with each attempt.
+    /// 1 for the job's first start, one more each time it started over: because the stack it
+    /// trained in failed (see [`Batch`]), or with another seed because its foreground came out
+    /// empty (see [`crate::segment`]); steps count from 1 again with each attempt.
     pub attempt: usize,
 }
 
@@ -64,6 +65,8 @@ pub struct FitOutput {
     pub fit_seconds: f64,
     /// The libtorch device it ran on, e.g. "cpu" or "cuda:0".
     pub device: String,
+    /// The attempt that produced it (see [`Progress::attempt`]).
+    pub attempt: usize,
 }
 
 /// Fits S3-Net to one image.
@@ -80,6 +83,18 @@ pub fn fit(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> Result<FitOutput, ModelError> {
+    fit_as(image, opts, device, 1, progress, cancel)
+}
+
+/// [`fit`] as the given attempt (see [`Progress::attempt`]).
+pub(crate) fn fit_as(
+    image: &Image,
+    opts: &FitOptions,
+    device: Device,
+    attempt: usize,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<FitOutput, ModelError> {
     let mut batch = Batch::new(device);
     let job = FitJob {
         image: Arc::new(image.clone()),
@@ -87,7 +102,7 @@ pub fn fit(
         progress: Box::new(|p: &Progress| progress(p)),
         cancel: Box::new(|| cancel.load(Ordering::Relaxed)),
     };
-    batch.add((), job).map_err(|(_, e)| e)?;
+    batch.add_attempt((), job, attempt).map_err(|(_, e)| e)?;
     loop {
         if let Some((_, r)) = batch.step().pop() {
             return r;
@@ -376,6 +391,12 @@ impl<'a, T> Batch<'a, T> {
     /// current size, until a job ends and makes room.
     pub fn add(&mut self, tag: T, job: FitJob<'a>) -> Result<(), (T, ModelError)> {
         self.join(tag, job, 1)
+    }
+
+    /// [`add`](Self::add) for a job that starts over as the given attempt (its progress and
+    /// result say so): e.g. refitted with another seed after its foreground came out empty.
+    pub fn add_attempt(&mut self, tag: T, job: FitJob<'a>, attempt: usize) -> Result<(), (T, ModelError)> {
+        self.join(tag, job, attempt.max(1))
     }
 
     /// [`add`](Self::add) as the given attempt.
@@ -796,6 +817,7 @@ fn output<T>(slot: &Slot<'_, T>, out: &Launched, j: usize, losses: LossTerms, de
         losses,
         fit_seconds: slot.start.elapsed().as_secs_f64(),
         device: device_name(device),
+        attempt: slot.attempt,
     })
 }
 

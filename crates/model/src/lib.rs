@@ -80,9 +80,14 @@ pub struct Segmentation {
     pub mask: Vec<bool>,
     /// Foreground on the S×S grid the network ran on.
     pub grid_mask: Vec<bool>,
+    /// Fits made before this one because their foreground came out empty (see
+    /// [`refit_options`]).
+    pub refits: usize,
 }
 
-/// Fits the image and selects its foreground: the one call the CLI and the service make.
+/// Fits the image and selects its foreground: the one call the CLI and the service make. A fit
+/// whose foreground comes out empty is made again with another seed, [`FOREGROUND_REFITS`]
+/// times at most (see [`refit_options`]); its progress then counts as the next attempt.
 pub fn segment(
     image: &Image,
     opts: &FitOptions,
@@ -91,8 +96,41 @@ pub fn segment(
     cancel: &AtomicBool,
 ) -> Result<Segmentation, ModelError> {
     let dev = device.resolve()?;
-    let fit = fit(image, opts, dev, progress, cancel)?;
-    Ok(Segmentation::of(image, fit))
+    let (mut o, mut attempt, mut refits) = (opts.clone(), 1, 0);
+    loop {
+        let fit = fit::fit_as(image, &o, dev, attempt, progress, cancel)?;
+        let seg = Segmentation::of(image, fit).after(refits);
+        match refit_options(&seg, opts, refits, FOREGROUND_REFITS) {
+            Some(next) => {
+                tracing::info!(seed = next.seed, attempt = attempt + 1, "the foreground came out empty; fitting again with another seed");
+                (o, attempt, refits) = (next, attempt + 1, refits + 1);
+            }
+            None => return Ok(seg),
+        }
+    }
+}
+
+/// How many times [`segment`] (and, unless configured otherwise, the service) fits an image
+/// whose foreground comes out empty again, each time with another seed. Why: a fit can merge the object with its surroundings (a lung slice's fit
+/// merged its lungs with other tissue in two of seven GPU runs, leaving the foreground rule
+/// nothing to pick, while the other runs found both lungs); an empty mask is the one failure
+/// the service can see without ground truth. Once, because an image may truly
+/// have no dark object inside it (a slice below the lungs), and that costs a second fit.
+pub const FOREGROUND_REFITS: usize = 1;
+
+/// The options of the next fit of an image whose segmentation `seg` came out with an empty
+/// foreground after `refits` refits: `opts` (the job's own) with the seed of refit
+/// `refits + 1`; `None` when the foreground is not empty or `max_refits` are used up. A pure
+/// function of its arguments, so the same request gives the same result every time.
+pub fn refit_options(seg: &Segmentation, opts: &FitOptions, refits: usize, max_refits: usize) -> Option<FitOptions> {
+    if refits >= max_refits || seg.grid_mask.iter().any(|&f| f) {
+        return None;
+    }
+    // An odd constant unrelated to SplitMix64's increment: seed + k·increment would give the
+    // same weight stream shifted by k draws.
+    const STEP: u64 = 0xD1B5_4A32_D192_ED03;
+    let seed = opts.seed.wrapping_add(STEP.wrapping_mul(refits as u64 + 1));
+    Some(FitOptions { seed, ..opts.clone() })
 }
 
 impl Segmentation {
@@ -101,6 +139,11 @@ impl Segmentation {
         let grid_mask = foreground::select(&fit.grid_labels, &fit.grid_intensity, image.kind);
         let (gw, gh) = (fit.grid_labels.width, fit.grid_labels.height);
         let mask = foreground::upsample_mask(&grid_mask, gw, gh, image.width, image.height);
-        Segmentation { fit, mask, grid_mask }
+        Segmentation { fit, mask, grid_mask, refits: 0 }
+    }
+
+    /// The same, recorded as the fit made after `refits` refits.
+    pub fn after(self, refits: usize) -> Segmentation {
+        Segmentation { refits, ..self }
     }
 }

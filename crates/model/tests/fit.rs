@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use s3net_imaging::{Image, ImageKind};
 use s3net_model::options::{Kernels, OffsetMode, Precision};
-use s3net_model::{fit, segment, DeviceSpec, FitOptions, ModelError, Preset, Progress};
+use s3net_model::{fit, refit_options, segment, DeviceSpec, FitOptions, ModelError, Preset, Progress, Segmentation};
 use tch::Device;
 
 /// A dark blob on a brighter textured background, `w × h`, RGB or grey.
@@ -125,7 +125,48 @@ fn the_foreground_of_a_dark_blob_is_the_blob() {
         let seg = segment(&img, &opts, DeviceSpec::Cpu, &mut no_progress(), &AtomicBool::new(false)).unwrap();
         let s = s3net_eval_like_dice(&seg.mask, &truth);
         assert!(s > 0.8, "{precision:?}: dice {s}");
+        assert_eq!((seg.refits, seg.fit.attempt), (0, 1), "a foreground was found: one fit");
     }
+}
+
+/// A bright disk on a dark field (grey): nothing dark lies inside anything, so the foreground
+/// rule finds nothing whatever the clusters.
+fn bright_disk(w: u32, h: u32) -> Image {
+    let data = (0..w * h)
+        .map(|p| {
+            let (fx, fy) = ((p % w) as f32 / w as f32 - 0.5, (p / w) as f32 / h as f32 - 0.5);
+            let v = if fx * fx + fy * fy < 0.09 { 0.8 } else { 0.15 };
+            v + 0.04 * ((p * 7) % 5) as f32 / 5.0
+        })
+        .collect();
+    Image { width: w, height: h, channels: 1, data, kind: ImageKind::Grey }
+}
+
+/// `segment` fits an image whose foreground comes out empty once more, with the seed
+/// `refit_options` gives, as attempt 2 with its steps counted from 1 again; then it returns
+/// that fit, empty or not.
+#[test]
+fn an_empty_foreground_is_fitted_again_once_with_another_seed() {
+    let img = bright_disk(40, 40);
+    let opts = tiny(Preset::Default);
+    let never = AtomicBool::new(false);
+    let mut seen = Vec::new();
+    let seg = segment(&img, &opts, DeviceSpec::Cpu, &mut |p: &Progress| seen.push((p.attempt, p.iteration)), &never).unwrap();
+    assert!(seg.mask.iter().all(|&f| !f) && seg.grid_mask.iter().all(|&f| !f));
+    assert_eq!((seg.refits, seg.fit.attempt), (1, 2));
+    assert_eq!(seen, [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4)]);
+
+    // The refit is the fit with refit_options' seed: the job's options but the seed.
+    let first = Segmentation::of(&img, fit(&img, &opts, Device::Cpu, &mut no_progress(), &never).unwrap());
+    let again = refit_options(&first, &opts, 0, 1).expect("an empty foreground is refitted");
+    assert_ne!(again.seed, opts.seed);
+    assert_eq!(FitOptions { seed: opts.seed, ..again.clone() }, opts);
+    assert_eq!(refit_options(&first, &opts, 0, 1), Some(again.clone()), "a pure function");
+    let second = fit(&img, &again, Device::Cpu, &mut no_progress(), &never).unwrap();
+    assert_eq!(second.grid_labels, seg.fit.grid_labels);
+    // Used up, or none allowed.
+    assert_eq!(refit_options(&first, &opts, 1, 1), None);
+    assert_eq!(refit_options(&first, &opts, 0, 0), None);
 }
 
 /// The first step's losses are one function of the same weights whatever the number format of

@@ -114,6 +114,10 @@ pub struct WorkersConfig {
     /// batch that would need more starts its jobs over in smaller stacks. For a GPU shared
     /// with other services.
     pub gpu_memory_fraction: Option<f64>,
+    /// How many times a job whose foreground comes out empty is fitted again, each time with
+    /// another seed (unset: 1; 0 never). An empty mask is the one failed fit the service can
+    /// see without ground truth; an image with truly nothing to find costs one more fit.
+    pub foreground_refits: Option<usize>,
     /// libtorch intra-op threads (process-wide). Unset: the CPU cores divided among the CPU workers.
     pub torch_threads: Option<usize>,
 }

@@ -72,6 +72,7 @@ pub struct Metrics {
     jobs_training: Family<DeviceLabel, Gauge>,
     rejected: Family<ReasonLabel, Counter>,
     restarted: Counter,
+    refitted: Counter,
     gpu_used: Family<DeviceLabel, Gauge>,
     gpu_total: Family<DeviceLabel, Gauge>,
     gpu: Option<GpuMemory>,
@@ -171,6 +172,12 @@ impl Metrics {
              they train again in smaller stacks",
             restarted.clone(),
         );
+        let refitted = Counter::default();
+        registry.register(
+            "jobs_refitted",
+            "Fits made again with another seed because the job's foreground came out empty",
+            refitted.clone(),
+        );
         let gpu = GpuMemory::open(workers);
         let gpu_used = Family::<DeviceLabel, Gauge>::default();
         let gpu_total = Family::<DeviceLabel, Gauge>::default();
@@ -208,6 +215,7 @@ impl Metrics {
             jobs_training,
             rejected,
             restarted,
+            refitted,
             gpu_used,
             gpu_total,
             gpu,
@@ -254,6 +262,11 @@ impl Metrics {
     /// `n` jobs started over after their stack failed.
     pub fn jobs_restarted(&self, n: u64) {
         self.restarted.inc_by(n);
+    }
+
+    /// A job's fit is made again because its foreground came out empty.
+    pub fn job_refitted(&self) {
+        self.refitted.inc();
     }
 
     /// A request was refused before it became a job; `reason` is one of [`REJECT_REASONS`]

@@ -124,6 +124,7 @@ impl Server {
             queue.clone(),
             &slots,
             Duration::from_millis(cfg.server.progress_interval_ms),
+            cfg.workers.foreground_refits.unwrap_or(s3net_model::FOREGROUND_REFITS),
             metrics.clone(),
         );
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use s3net_imaging::{encode_labels_png, encode_mask_png, Image};
-use s3net_model::{Batch, DeviceSpec, FitJob, FitOutput, ModelError, Progress, Segmentation};
+use s3net_model::{refit_options, Batch, DeviceSpec, FitJob, FitOptions, ModelError, Progress, Segmentation};
 use tracing::{info, info_span, warn};
 
 use crate::error::ServiceError;
@@ -58,10 +58,13 @@ pub fn plan(
 }
 
 /// Starts one thread per slot; they exit once the queue is closed and their jobs are done.
+/// `refits`: how many times a job whose foreground comes out empty is fitted again with another
+/// seed (`s3net_model::refit_options`).
 pub fn spawn(
     queue: Arc<dyn JobQueue>,
     slots: &[WorkerSlot],
     progress_interval: Duration,
+    refits: usize,
     metrics: Arc<Metrics>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     slots
@@ -70,7 +73,7 @@ pub fn spawn(
             let (queue, slot, metrics) = (queue.clone(), slot.clone(), metrics.clone());
             std::thread::Builder::new()
                 .name(format!("s3net-{}", slot.name))
-                .spawn(move || serve(&queue, &slot, progress_interval, &metrics))
+                .spawn(move || serve(&queue, &slot, progress_interval, refits, &metrics))
                 .expect("cannot spawn a worker thread")
         })
         .collect()
@@ -82,12 +85,14 @@ struct Running {
     /// The job's span, a child of the RPC that created it; it ends when the job does.
     span: tracing::Span,
     started: Instant,
+    /// Fits made again because the foreground came out empty (`s3net_model::refit_options`).
+    refits: usize,
 }
 
 /// The worker loop: keep up to `slot.batch` jobs training together, taking queued jobs that
 /// fit the batch between steps (continuous batching), and publish each job's outcome as soon
 /// as it ends. An idle worker waits for the next job; a busy one never waits for more.
-fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Duration, metrics: &Metrics) {
+fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Duration, refits: usize, metrics: &Metrics) {
     let device = match slot.device.resolve() {
         Ok(d) => d,
         Err(e) => return refuse_all(queue, slot, &e.to_string(), metrics),
@@ -123,9 +128,18 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
         }
         busy.get_or_insert_with(|| metrics.worker_busy(slot.device));
         report(batch.len());
-        let ended: Vec<(Running, Result<FitOutput, ServiceError>)> =
+        let ended: Vec<(Running, Result<Segmentation, ServiceError>)> =
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.step())) {
-                Ok(ended) => ended.into_iter().map(|(r, o)| (r, o.map_err(ServiceError::from))).collect(),
+                Ok(ended) => ended
+                    .into_iter()
+                    .filter_map(|(r, o)| match o {
+                        Ok(fit) => {
+                            let seg = Segmentation::of(&r.claimed.job.image, fit).after(r.refits);
+                            refit(queue, &mut batch, r, seg, progress_interval, refits, metrics)
+                        }
+                        Err(e) => Some((r, Err(ServiceError::from(e)))),
+                    })
+                    .collect(),
                 Err(_) => {
                     let e = || Err(ServiceError::Internal("the fit panicked".into()));
                     batch.drain().into_iter().map(|r| (r, e())).collect()
@@ -150,7 +164,7 @@ fn refuse_all(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, why: &str, metrics: 
     loop {
         match queue.take(slot.device, Duration::from_secs(1), &|_| true) {
             Take::Job(c) => {
-                let running = Running { span: job_span(slot, &c), claimed: *c, started: Instant::now() };
+                let running = Running { span: job_span(slot, &c), claimed: *c, started: Instant::now(), refits: 0 };
                 let e = ServiceError::from(ModelError::InvalidArgument(why.to_string()));
                 finish(&**queue, running, Err(e), metrics);
             }
@@ -208,11 +222,21 @@ fn admit(
             device: slot.device.to_string(),
         }),
     );
+    let job = fit_job(queue, &c, c.job.options.clone(), progress_interval);
+    let running = Running { claimed: c, span, started: Instant::now(), refits: 0 };
+    if let Err((running, e)) = batch.add(running, job) {
+        finish(&**queue, running, Err(e.into()), metrics);
+    }
+}
+
+/// The engine's side of a claimed job with these options: its image, progress events at most
+/// every `progress_interval` (and the last step's), and its cancel flag.
+fn fit_job(queue: &Arc<dyn JobQueue>, c: &Claimed, opts: FitOptions, progress_interval: Duration) -> FitJob<'static> {
     let (q, id, flag) = (queue.clone(), c.id.clone(), c.cancel.clone());
     let mut last: Option<Instant> = None;
-    let job = FitJob {
+    FitJob {
         image: c.job.image.clone(),
-        opts: c.job.options.clone(),
+        opts,
         progress: Box::new(move |p: &Progress| {
             let due = last.is_none_or(|t| t.elapsed() >= progress_interval) || p.iteration >= p.max_iterations;
             if due {
@@ -221,21 +245,43 @@ fn admit(
             }
         }),
         cancel: Box::new(move || flag.load(Ordering::Relaxed)),
+    }
+}
+
+/// A finished fit whose foreground came out empty goes back into the batch with another seed
+/// as its next attempt (`s3net_model::refit_options`, as `segment` does for a lone fit); any
+/// other comes back to be finished.
+fn refit(
+    queue: &Arc<dyn JobQueue>,
+    batch: &mut Batch<'static, Running>,
+    mut r: Running,
+    seg: Segmentation,
+    progress_interval: Duration,
+    max_refits: usize,
+    metrics: &Metrics,
+) -> Option<(Running, Result<Segmentation, ServiceError>)> {
+    let Some(next) = refit_options(&seg, &r.claimed.job.options, r.refits, max_refits) else {
+        return Some((r, Ok(seg)));
     };
-    let running = Running { claimed: c, span, started: Instant::now() };
-    if let Err((running, e)) = batch.add(running, job) {
-        finish(&**queue, running, Err(e.into()), metrics);
+    let attempt = seg.fit.attempt + 1;
+    r.span.in_scope(|| info!(seed = next.seed, attempt, "the foreground came out empty; fitting again with another seed"));
+    metrics.job_refitted();
+    let job = fit_job(queue, &r.claimed, next, progress_interval);
+    r.refits += 1;
+    match batch.add_attempt(r, job, attempt) {
+        Ok(()) => None,
+        // The first fit's result stands when the refit cannot even start.
+        Err((r, _)) => Some((r, Ok(seg))),
     }
 }
 
 /// Records a job's outcome in its span and the metrics, ends the span, then publishes the
 /// outcome: a trace shows the job finished when the caller hears it.
-fn finish(queue: &dyn JobQueue, r: Running, outcome: Result<FitOutput, ServiceError>, metrics: &Metrics) {
+fn finish(queue: &dyn JobQueue, r: Running, outcome: Result<Segmentation, ServiceError>, metrics: &Metrics) {
     let (c, span) = (&r.claimed, &r.span);
     let img = &c.job.image;
     let event = span.in_scope(|| match outcome {
-        Ok(fit) => {
-            let seg = Segmentation::of(img, fit);
+        Ok(seg) => {
             let fit_s = r.started.elapsed().as_secs_f64();
             span.record("iterations", seg.fit.iterations as i64);
             span.record("labels", seg.fit.n_labels as i64);

@@ -26,6 +26,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     std::env::set_var("S3NET__SERVER__AUTH_TOKEN", "tok");
     std::env::set_var("S3NET__WORKERS__CUDA_GRAPHS", "false");
     std::env::set_var("S3NET__WORKERS__GPU_MEMORY_FRACTION", "0.4");
+    std::env::set_var("S3NET__WORKERS__FOREGROUND_REFITS", "0");
     let args = ServeArgs {
         config: Some(file.clone()),
         torch_threads: Some(2),
@@ -40,6 +41,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     assert_eq!(c.workers.torch_threads, Some(2));
     assert_eq!(c.workers.cuda_graphs, Some(false));
     assert_eq!(c.workers.gpu_memory_fraction, Some(0.4));
+    assert_eq!(c.workers.foreground_refits, Some(0));
     let args = ServeArgs {
         config: Some(file),
         addr: Some("127.0.0.1:7000".into()),
@@ -56,6 +58,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     std::env::remove_var("S3NET__SERVER__AUTH_TOKEN");
     std::env::remove_var("S3NET__WORKERS__CUDA_GRAPHS");
     std::env::remove_var("S3NET__WORKERS__GPU_MEMORY_FRACTION");
+    std::env::remove_var("S3NET__WORKERS__FOREGROUND_REFITS");
 
     std::fs::write(dir.path().join("bad.toml"), "[server]\nadress = \"x\"\n").unwrap();
     let err = Config::load(Some(&dir.path().join("bad.toml")), &[]).unwrap_err();

@@ -24,6 +24,7 @@ async fn metrics_count_what_happened() {
     assert_eq!(value(&m, "s3net_workers_active{device=\"cpu\"}"), 0.0);
     assert_eq!(value(&m, "s3net_jobs_total{outcome=\"completed\"}"), 0.0);
     assert_eq!(value(&m, "s3net_jobs_restarted_total"), 0.0);
+    assert_eq!(value(&m, "s3net_jobs_refitted_total"), 0.0);
     let version = format!(
         "s3net_build_info{{version=\"{}\"}}",
         env!("CARGO_PKG_VERSION")

@@ -54,6 +54,9 @@ pub fn config() -> Config {
     c.server.shutdown_grace_s = 1;
     c.workers.cpu_workers = Some(1);
     c.workers.torch_threads = Some(1);
+    // `disk` is a bright disk on a dark field: nothing dark inside anything, so its foreground
+    // is empty, and by default every such job would be fitted twice (tests/refit.rs covers that).
+    c.workers.foreground_refits = Some(0);
     // Many servers run at once in a test binary: each gets its own metrics port.
     c.metrics.listen = "127.0.0.1:0".into();
     c
