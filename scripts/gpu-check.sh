@@ -164,12 +164,13 @@ step_splitk() {
 }
 
 step_profile() {
-  # Kernels of a 16-network batch's steps: skip the lone-fit part of the bench (2 fits of 50
-  # steps) and the batch's first steps, then time 1200 launches.
+  # Kernels of a 16-network batch's steps: the bench runs the batch only (--batch-only: no
+  # lone fits, whose launches a skip count calibrated for one number format once landed in
+  # instead), skips its first ~20 steps (about 400 launches a step), then times 1200 launches.
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)
   timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --clock-control none --cache-control none \
-    --launch-skip "${PROFILE_SKIP:-40000}" --launch-count 1200 \
-    ./s3net bench fit --device cuda --repeats 1 --batch 16 ${PROFILE_ARGS:-} > "$OUT/ncu-batch16.csv" 2> "$OUT/ncu.err"
+    --launch-skip "${PROFILE_SKIP:-8000}" --launch-count 1200 \
+    ./s3net bench fit --device cuda --repeats 1 --batch 16 --batch-only ${PROFILE_ARGS:-} > "$OUT/ncu-batch16.csv" 2> "$OUT/ncu.err"
   python3 - "$OUT/ncu-batch16.csv" > "$OUT/ncu-batch16.txt" << 'PY'
 import csv, collections, sys
 rows = list(csv.reader(open(sys.argv[1])))

@@ -47,6 +47,11 @@ pub struct FitBench {
     /// Threads each running their own batches, for `--batch`.
     #[arg(long, default_value_t = 1)]
     pub batch_workers: usize,
+    /// Only the `--batch` and `--concurrency` runs, no lone fits: for a profiler that counts
+    /// kernel launches from the start, so its window lands in a batch (`PROFILE=1` in
+    /// scripts/gpu-check.sh).
+    #[arg(long, hide = true)]
+    pub batch_only: bool,
     /// How the weight gradients' long reductions read their chunks: `auto` (the default:
     /// strided for bfloat16, copied for float32), `copied` or `strided` (in place, one GEMM
     /// launch per image): for timing them on a GPU (`s3net_ops::SplitK`).
@@ -184,9 +189,17 @@ fn fit(b: FitBench) -> Result<()> {
     let device: DeviceSpec = b.fit.device()?;
     let image = synthetic_image(opts.size as u32, b.grey);
     s3net_ops::set_split_k(b.split_k.into());
-    let (per_fit, per_iter, dev_name) = lone_fits(&image, &opts, device, b.repeats)?;
+    let (per_fit, per_iter, dev_name) = if b.batch_only {
+        let name = match device.resolve()? {
+            tch::Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".to_owned(),
+        };
+        (Vec::new(), Vec::new(), name)
+    } else {
+        lone_fits(&image, &opts, device, b.repeats)?
+    };
     // On a GPU, the same fits with every kernel queued one by one, for the ratio in one run.
-    let eager = if device.resolve()?.is_cuda() {
+    let eager = if device.resolve()?.is_cuda() && !b.batch_only {
         s3net_model::set_cuda_graphs(false);
         let r = lone_fits(&image, &opts, device, b.repeats);
         s3net_model::set_cuda_graphs(true);
@@ -227,7 +240,7 @@ fn fit(b: FitBench) -> Result<()> {
 }
 
 /// One warm-up fit, then `repeats` timed ones of the image, one after another: the seconds of
-/// each fit (segmentation included), of each step, and the device's name.
+/// each fit (segmentation included, never a refit), of each step, and the device's name.
 fn lone_fits(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, repeats: usize) -> Result<(Vec<f64>, Vec<f64>, String)> {
     let cancel = AtomicBool::new(false);
     let (mut per_fit, mut per_iter, mut dev_name) = (Vec::new(), Vec::new(), String::new());
@@ -236,7 +249,7 @@ fn lone_fits(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, 
         // resize) and read-out (labels at full size, foreground) are not counted as steps.
         let mut marks = Vec::new();
         let t0 = Instant::now();
-        let r = s3net_model::segment(image, opts, device, &mut |p| marks.push(p.elapsed.as_secs_f64()), &cancel)?;
+        let r = s3net_model::segment_with(image, opts, device, 0, &mut |p| marks.push(p.elapsed.as_secs_f64()), &cancel)?;
         let secs = t0.elapsed().as_secs_f64();
         dev_name = r.fit.device.clone();
         if rep > 0 {
@@ -285,7 +298,7 @@ fn concurrent(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec,
     let cancel = AtomicBool::new(false);
     let (wall, per_fit) = on_threads(n, repeats, &|_, _| {
         let t0 = Instant::now();
-        s3net_model::segment(image, opts, device, &mut |_| {}, &cancel)?;
+        s3net_model::segment_with(image, opts, device, 0, &mut |_| {}, &cancel)?;
         Ok(vec![t0.elapsed().as_secs_f64()])
     })?;
     Ok(json!({

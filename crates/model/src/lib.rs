@@ -95,12 +95,25 @@ pub fn segment(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> Result<Segmentation, ModelError> {
+    segment_with(image, opts, device, FOREGROUND_REFITS, progress, cancel)
+}
+
+/// [`segment`] with at most `max_refits` refits: 0 makes exactly one fit (what a benchmark
+/// times).
+pub fn segment_with(
+    image: &Image,
+    opts: &FitOptions,
+    device: DeviceSpec,
+    max_refits: usize,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<Segmentation, ModelError> {
     let dev = device.resolve()?;
     let (mut o, mut attempt, mut refits) = (opts.clone(), 1, 0);
     loop {
         let fit = fit::fit_as(image, &o, dev, attempt, progress, cancel)?;
         let seg = Segmentation::of(image, fit).after(refits);
-        match refit_options(&seg, opts, refits, FOREGROUND_REFITS) {
+        match refit_options(&seg, opts, refits, max_refits) {
             Some(next) => {
                 tracing::info!(seed = next.seed, attempt = attempt + 1, "the foreground came out empty; fitting again with another seed");
                 (o, attempt, refits) = (next, attempt + 1, refits + 1);
