@@ -220,8 +220,9 @@ class Progress(JobEvent):
     labels: int
     #: Seconds since this attempt began.
     elapsed_seconds: float
-    #: 1 for the job's first start; one more each time it started over because the batch of
-    #: jobs it trained in failed (e.g. out of GPU memory). ``iteration`` counts from 1 again.
+    #: 1 for the job's first start; one more each time it started over: because the batch of
+    #: jobs it trained in failed (e.g. out of GPU memory), or because its foreground came out
+    #: empty and it is fitted again with another seed. ``iteration`` counts from 1 again.
     attempt: int = 1
 
 
