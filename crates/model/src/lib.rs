@@ -124,11 +124,12 @@ pub fn segment_with(
 }
 
 /// How many times [`segment`] (and, unless configured otherwise, the service) fits an image
-/// whose foreground comes out empty again, each time with another seed. Why: a fit can merge the object with its surroundings (a lung slice's fit
-/// merged its lungs with other tissue in two of seven GPU runs, leaving the foreground rule
-/// nothing to pick, while the other runs found both lungs); an empty mask is the one failure
-/// the service can see without ground truth. Once, because an image may truly
-/// have no dark object inside it (a slice below the lungs), and that costs a second fit.
+/// whose foreground comes out empty again, each time with another seed. Why: a fit can merge
+/// the object with its surroundings (a lung slice's fit merged its lungs with other tissue in
+/// two of seven GPU runs, leaving the foreground rule nothing to pick, while the other runs
+/// found both lungs); an empty mask is the one failure the service can see without ground
+/// truth. Once, because an image may truly have no dark object inside it (a slice below the
+/// lungs), and that costs a second fit.
 pub const FOREGROUND_REFITS: usize = 1;
 
 /// The options of the next fit of an image whose segmentation `seg` came out with an empty

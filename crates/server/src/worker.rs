@@ -265,11 +265,13 @@ fn refit(
     };
     let attempt = seg.fit.attempt + 1;
     r.span.in_scope(|| info!(seed = next.seed, attempt, "the foreground came out empty; fitting again with another seed"));
-    metrics.job_refitted();
     let job = fit_job(queue, &r.claimed, next, progress_interval);
     r.refits += 1;
     match batch.add_attempt(r, job, attempt) {
-        Ok(()) => None,
+        Ok(()) => {
+            metrics.job_refitted();
+            None
+        }
         // The first fit's result stands when the refit cannot even start.
         Err((r, _)) => Some((r, Ok(seg))),
     }
