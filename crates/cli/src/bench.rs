@@ -187,19 +187,16 @@ fn fit(b: FitBench) -> Result<()> {
     // Time every step: no early stop.
     opts.min_labels = 0;
     let device: DeviceSpec = b.fit.device()?;
+    let resolved = device.resolve()?;
     let image = synthetic_image(opts.size as u32, b.grey);
     s3net_ops::set_split_k(b.split_k.into());
     let (per_fit, per_iter, dev_name) = if b.batch_only {
-        let name = match device.resolve()? {
-            tch::Device::Cuda(i) => format!("cuda:{i}"),
-            _ => "cpu".to_owned(),
-        };
-        (Vec::new(), Vec::new(), name)
+        (Vec::new(), Vec::new(), s3net_model::fit::device_name(resolved))
     } else {
         lone_fits(&image, &opts, device, b.repeats)?
     };
     // On a GPU, the same fits with every kernel queued one by one, for the ratio in one run.
-    let eager = if device.resolve()?.is_cuda() && !b.batch_only {
+    let eager = if resolved.is_cuda() && !b.batch_only {
         s3net_model::set_cuda_graphs(false);
         let r = lone_fits(&image, &opts, device, b.repeats);
         s3net_model::set_cuda_graphs(true);

@@ -839,7 +839,8 @@ fn own_stream(device: usize) {
     });
 }
 
-fn device_name(d: Device) -> String {
+/// A device as `FitOutput::device` names it, e.g. "cpu" or "cuda:0".
+pub fn device_name(d: Device) -> String {
     match d {
         Device::Cuda(i) => format!("cuda:{i}"),
         Device::Mps => "mps".into(),
