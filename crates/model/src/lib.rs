@@ -112,7 +112,8 @@ pub fn segment_with(
     let (mut o, mut attempt, mut refits) = (opts.clone(), 1, 0);
     loop {
         let fit = fit::fit_as(image, &o, dev, attempt, progress, cancel)?;
-        let seg = Segmentation::of(image, fit).after(refits);
+        let mut seg = Segmentation::of(image, fit);
+        seg.refits = refits;
         match refit_options(&seg, opts, refits, max_refits) {
             Some(next) => {
                 tracing::info!(seed = next.seed, attempt = attempt + 1, "the foreground came out empty; fitting again with another seed");
@@ -154,10 +155,5 @@ impl Segmentation {
         let (gw, gh) = (fit.grid_labels.width, fit.grid_labels.height);
         let mask = foreground::upsample_mask(&grid_mask, gw, gh, image.width, image.height);
         Segmentation { fit, mask, grid_mask, refits: 0 }
-    }
-
-    /// The same, recorded as the fit made after `refits` refits.
-    pub fn after(self, refits: usize) -> Segmentation {
-        Segmentation { refits, ..self }
     }
 }

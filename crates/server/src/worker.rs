@@ -134,7 +134,8 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
                     .into_iter()
                     .filter_map(|(r, o)| match o {
                         Ok(fit) => {
-                            let seg = Segmentation::of(&r.claimed.job.image, fit).after(r.refits);
+                            let mut seg = Segmentation::of(&r.claimed.job.image, fit);
+                            seg.refits = r.refits;
                             refit(queue, &mut batch, r, seg, progress_interval, refits, metrics)
                         }
                         Err(e) => Some((r, Err(ServiceError::from(e)))),
