@@ -7,9 +7,9 @@
 # Results go to $OUT (default ./gpu-check-out): cuda-tests.txt, bench.txt, server*.txt,
 # eval-*.json, ncu-*.txt, and a short digest on stdout. The server step ends with a run capped
 # at 8 % of the GPU's memory (workers.gpu_memory_fraction), where batches run out of memory.
-# Steps, run in the order given: STEPS="tests bf16 server bench eval tf32" (the default: what no
-# GPU has run yet first, so a call cut short by its time limit still brings that back) plus
-# "profile" with PROFILE=1, and "splitk" (batched fits in every --split-k layout) on request
+# Steps, run in the order given: STEPS="tests bf16 server bench eval tf32" (the default: the
+# CUDA tests first, so a call cut short by its time limit still brings them back) plus
+# "profile" with PROFILE=1, and "splitk" (batched fits in each --split-k layout) on request
 # (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
 # "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32
 # (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions run in TF32 by default either way),
@@ -19,8 +19,9 @@ set -u
 cd "$(dirname "$0")"
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
-# PACK=1: everything goes into one archive, $OUT/gpu-check.tgz, written also when the call's
-# time limit stops the script (the device tool brings back only a handful of files).
+# PACK=1: everything goes into one archive, $OUT/gpu-check.tgz, written when the script ends,
+# also on TERM or INT once the command then running has returned (the device tool brings back
+# only a handful of files).
 if [ "${PACK:-0}" = 1 ]; then
   PACK_TO=$OUT
   OUT=$(mktemp -d)
@@ -56,9 +57,6 @@ step_bench() {
   run() { echo "### $*" >> "$B"; timeout 120 "$@" >> "$B" 2>&1; echo "rc=$?" >> "$B"; }
   run ./s3net bench fit --device cuda --repeats 5
   run ./s3net bench fit --device cuda --repeats 2 --batch 4,16,32 --concurrency 2,4
-  # The other layout of the weight gradients' split reductions (float32 runs them copied by
-  # default, bfloat16 strided: s3net_ops::SplitK), in float32 here and in bfloat16 in step_bf16.
-  run ./s3net bench fit --device cuda --repeats 2 --batch 16,32 --split-k strided
   run ./s3net bench deform --size 256 --channels 32 --device cuda --json
   run ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
   grep -E "###|seconds_per_fit_median|without_cuda_graphs|\"batch\"|fits_at_once|images_per_second|seconds_per_step|forward|split_k|rc=" "$B"
@@ -134,7 +132,7 @@ step_tf32() {
 
 step_bf16() {
   B=$OUT/bench-bf16.txt; : > "$B"
-  for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2" "--repeats 1 --batch 16,32 --split-k copied"; do
+  for args in "--repeats 5" "--repeats 1 --batch 16,32 --concurrency 2"; do
     echo "### bf16 bench fit $args" >> "$B"
     timeout 120 ./s3net bench fit --device cuda --precision bfloat16 $args >> "$B" 2>&1; echo "rc=$?" >> "$B"
   done
@@ -164,9 +162,9 @@ step_splitk() {
 }
 
 step_profile() {
-  # Kernels of a 16-network batch's steps: the bench runs the batch only (--batch-only: no
-  # lone fits, whose launches a skip count calibrated for one number format once landed in
-  # instead), skips its first ~20 steps (about 400 launches a step), then times 1200 launches.
+  # Kernels of a 16-network batch's steps: the bench runs the batch only (--batch-only: a
+  # fixed skip count once landed in the lone fits' launches instead), skips its first ~20
+  # steps (about 400 launches a step), then times 1200 launches.
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)
   timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --clock-control none --cache-control none \
     --launch-skip "${PROFILE_SKIP:-8000}" --launch-count 1200 \
