@@ -5,18 +5,26 @@
 // planes) ran an order of magnitude below the GPU's memory bandwidth (H200 profile in
 // docs/gpu-checks/2026-11-26-h200-batch), and they are half of a batched fit's step.
 //
-// Both kernels work on a 32×32 tile of outputs of one plane per block of 32×8 threads. The
-// block first copies the input region the tile reads — (32 + span)² values, span = (k−1)·d,
-// zero outside the image — into shared memory with coalesced loads, so every input value is
-// read from global memory about once however large the dilated kernel is. A thread then owns
-// four outputs of one column (rows ty, ty+8, ty+16, ty+24): neighbouring threads read
-// neighbouring shared-memory words (no bank conflicts) and each weight is loaded once per four
-// outputs.
-//  * correlate: out = bias + Σ_taps w · in. The input gradient is the same correlation of the
+// Layout of the work. A block of 16×16 threads owns a tile of 64×64 outputs of one plane. It
+// first copies the input region the tile reads — (64 + span)² values, span = (k−1)·d, zero
+// outside the plane — into shared memory with coalesced loads, several in flight per thread,
+// so every input value comes from global memory about once however large the dilated kernel
+// is. A thread then owns a strip of 4 neighbouring outputs in each of four rows (ty, ty + 16,
+// ty + 32, ty + 48).
+//  * correlate: out = bias + Σ_taps w · in. For each kernel row the thread reads the 4 + span
+//    region values its strip needs once, as 16-byte loads, and does the k·4 multiply-adds from
+//    registers; its k² weights sit in registers too. (The previous kernels, one output per
+//    shared load, ran at about a tenth of the GPU's arithmetic rate: H200 profile in
+//    docs/gpu-checks/2026-11-27-h200.) The input gradient is the same correlation of the
 //    output gradient with the flipped kernel and padding (k−1)·d − p (ops.cpp flips it).
-//  * weight gradient: each block reduces Σ go · in over its tile for every tap (warp shuffles,
-//    then across the 8 warps) and writes one partial per (plane, tile, tap); ops.cpp sums the
-//    partials with libtorch. No atomics, so the result is deterministic.
+//  * weight gradient: a block walks two tiles down a column of the plane, each thread adding
+//    go · in into k² register sums over its 32 outputs, then reduces them across the block
+//    (warp shuffles, then the 8 warps) and writes one partial per (plane, block, tap); ops.cpp
+//    sums the partials with libtorch. No atomics, so the result is deterministic.
+// The network's geometries — k = 3, 5, 7 with dilations 1, 2, 3 as the I-LKA block uses them —
+// are compiled with their kernel size and dilation fixed (the strips' register indices must be
+// known at compile time); any other geometry runs a generic kernel reading shared memory tap
+// by tap.
 // bfloat16 planes are read and written as such, but the shared tile, the sums and the weight
 // gradient's partials are float32: a 16-bit kernel with 16-bit sums would lose the taps' low
 // bits. This file includes no torch header, and not cuda_bf16.h either (it needs CCCL headers
@@ -26,15 +34,21 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "kernel_dims.h"
 
 namespace {
 
-constexpr int kTile = 32;           // outputs per tile side
-constexpr int kRows = 8;            // thread rows per block (blockDim = 32 × 8)
-constexpr int kPer = kTile / kRows;  // outputs per thread
-constexpr int kWarps = kTile * kRows / 32;
+constexpr int kTW = 64;                 // outputs per tile row
+constexpr int kTH = 64;                 // output rows per tile
+constexpr int kBX = 16, kBY = 16;       // block: kBX × kBY threads
+constexpr int kThreads = kBX * kBY;
+constexpr int kStrip = kTW / kBX;       // outputs per thread and row (4)
+constexpr int kRowsPer = kTH / kBY;     // rows per thread (4: ty, ty + kBY, …)
+constexpr int kWarps = kThreads / 32;
+constexpr int kWgTiles = 2;             // tiles a weight-gradient block walks down a column
 
 // The type the kernels add in for each storage type.
 template <typename S>
@@ -66,73 +80,177 @@ __device__ __forceinline__ Bf16 store_as<Bf16>(float v) {
   return Bf16{(uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
 
-struct TileGeom {
-  int64_t plane, y0, x0;  // plane index and the tile's first output row / column
-  int side;               // shared tile side: kTile + span
+// Shared-memory row length of the region: the tile's width plus the span, rounded up to whole
+// 16-byte groups so that every strip's reads stay inside the row.
+__host__ __device__ __forceinline__ int region_row(int span) { return (kTW + span + 3) / 4 * 4; }
+
+struct Tile {
+  int64_t plane;  // plane index
+  int y0, x0;     // first output row / column of the block's (first) tile
+  int span;       // (k − 1)·d
+  int rw;         // region row length in shared memory
 };
 
-__device__ __forceinline__ TileGeom tile_geom(const S3DepthwiseDims& d) {
-  const int64_t tx = (d.Wo + kTile - 1) / kTile, ty = (d.Ho + kTile - 1) / kTile;
+// Block → (plane, tile). `rows` output rows per block: kTH for the correlation, kTH·kWgTiles
+// for the weight gradient.
+__device__ __forceinline__ Tile tile_of(const S3DepthwiseDims& d, int rows) {
+  const int64_t tx = (d.Wo + kTW - 1) / kTW, ty = (d.Ho + rows - 1) / rows;
   const int64_t b = blockIdx.x, per_plane = tx * ty;
   const int64_t t = b % per_plane;
-  TileGeom g;
+  Tile g;
   g.plane = b / per_plane;
-  g.y0 = (t / tx) * kTile;
-  g.x0 = (t % tx) * kTile;
-  g.side = kTile + (int)((d.k - 1) * d.d);
+  g.y0 = (int)((t / tx) * rows);
+  g.x0 = (int)((t % tx) * kTW);
+  g.span = (int)((d.k - 1) * d.d);
+  g.rw = region_row(g.span);
   return g;
 }
 
-// Copies the input region read by the tile (origin (y0 − p, x0 − p), side × side) into `s`,
-// widened to the sums' type, zeros outside the plane.
-template <typename S, typename A>
-__device__ __forceinline__ void load_region(const S3DepthwiseDims& d, const TileGeom& g,
+// Copies the input region of the kTH output rows from y0 (origin (y0 − p, x0 − p), (kTH + span)
+// rows of g.rw values) into `s`, widened to the sums' type, zeros outside the plane. RW: the
+// row length when known at compile time (0: g.rw). Each thread issues kBatch independent
+// global loads before it stores any: one load, then its store, at a time left the kernels
+// waiting on memory latency (H200, docs/gpu-checks/2026-11-27-h200).
+constexpr int kBatch = 8;
+template <int RW, typename S, typename A>
+__device__ __forceinline__ void load_region(const S3DepthwiseDims& d, const Tile& g, int y0,
                                             const S* __restrict__ src, A* s) {
-  const int tid = threadIdx.y * kTile + threadIdx.x, n = g.side * g.side;
-  for (int i = tid; i < n; i += kTile * kRows) {
-    const int64_t y = g.y0 - d.p + i / g.side, x = g.x0 - d.p + i % g.side;
-    s[i] = (y >= 0 && y < d.H && x >= 0 && x < d.W) ? widen(src[y * d.W + x]) : A(0);
+  const int tid = threadIdx.y * kBX + threadIdx.x;
+  const int rw = RW > 0 ? RW : g.rw, n = (kTH + g.span) * rw;
+  const int H = (int)d.H, W = (int)d.W, oy = y0 - (int)d.p, ox = g.x0 - (int)d.p;
+  for (int base = 0; base < n; base += kBatch * kThreads) {
+    A v[kBatch];
+#pragma unroll
+    for (int e = 0; e < kBatch; ++e) {
+      const int i = base + e * kThreads + tid;
+      const int y = oy + i / rw, x = ox + i % rw;
+      v[e] = (i < n && y >= 0 && y < H && x >= 0 && x < W) ? widen(src[(int64_t)y * W + x]) : A(0);
+    }
+#pragma unroll
+    for (int e = 0; e < kBatch; ++e) {
+      const int i = base + e * kThreads + tid;
+      if (i < n) s[i] = v[e];
+    }
   }
 }
 
-// S: the storage type, T: the type of the sums. KS: the kernel size when it is known at compile
-// time (3, 5, 7: loops unrolled), else 0.
-template <typename S, int KS, typename T = typename Acc<S>::type>
-__global__ void __launch_bounds__(kTile* kRows)
-    correlate_kernel(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
-                     const S* __restrict__ bias, S* __restrict__ out) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* region = reinterpret_cast<T*>(smem);
-  const TileGeom g = tile_geom(d);
-  const int k = KS > 0 ? KS : (int)d.k, kk = k * k;
-  T* sw = region + g.side * g.side;
-  const int64_t c = g.plane % d.C;
-  const int tid = threadIdx.y * kTile + threadIdx.x;
-  for (int i = tid; i < kk; i += kTile * kRows) sw[i] = widen(w[c * kk + i]);
-  load_region(d, g, in + g.plane * d.H * d.W, region);
-  __syncthreads();
-  const T b0 = bias ? widen(bias[c]) : T(0);
-  T acc[kPer];
+// The N values of `p` (16-byte aligned when A is float) into registers.
+template <int N, typename A>
+__device__ __forceinline__ void load_strip(const A* p, A (&v)[N]) {
+  static_assert(N % 4 == 0, "strips are read in groups of four");
+  if constexpr (std::is_same<A, float>::value) {
 #pragma unroll
-  for (int r = 0; r < kPer; ++r) acc[r] = b0;
-  const int dil = (int)d.d, tx = threadIdx.x;
+    for (int c = 0; c < N / 4; ++c) {
+      const float4 f = reinterpret_cast<const float4*>(p)[c];
+      v[4 * c] = f.x;
+      v[4 * c + 1] = f.y;
+      v[4 * c + 2] = f.z;
+      v[4 * c + 3] = f.w;
+    }
+  } else {
 #pragma unroll
-  for (int i = 0; i < k; ++i) {
+    for (int c = 0; c < N; ++c) v[c] = p[c];
+  }
+}
+
+// Writes a thread's strip of kStrip outputs of one row: one vector store when the strip lies
+// inside the plane and is aligned for it, else element by element up to the plane's edge.
+template <typename S, typename A>
+__device__ __forceinline__ void store_strip(S* row, int x, int Wo, const A (&acc)[kStrip]) {
+  S v[kStrip];
 #pragma unroll
-    for (int j = 0; j < k; ++j) {
-      const T wv = sw[i * k + j];
-      const T* s = region + (threadIdx.y + i * dil) * g.side + tx + j * dil;
-#pragma unroll
-      for (int r = 0; r < kPer; ++r) acc[r] += wv * s[r * kRows * g.side];
+  for (int q = 0; q < kStrip; ++q) v[q] = store_as<S>(acc[q]);
+  S* o = row + x;
+  constexpr int bytes = (int)sizeof(S) * kStrip;
+  if constexpr (bytes == 16 || bytes == 8) {
+    using V = typename std::conditional<bytes == 16, uint4, uint2>::type;
+    if (x + kStrip <= Wo && (reinterpret_cast<uintptr_t>(o) % bytes) == 0) {
+      V pack;
+      static_assert(sizeof(V) == sizeof(v), "a strip is one vector");
+      memcpy(&pack, v, sizeof(V));
+      *reinterpret_cast<V*>(o) = pack;
+      return;
     }
   }
-  const int64_t x = g.x0 + tx;
-  if (x >= d.Wo) return;
-  S* o = out + g.plane * d.Ho * d.Wo;
 #pragma unroll
-  for (int r = 0; r < kPer; ++r) {
-    const int64_t y = g.y0 + threadIdx.y + r * kRows;
-    if (y < d.Ho) o[y * d.Wo + x] = store_as<S>(acc[r]);
+  for (int q = 0; q < kStrip; ++q)
+    if (x + q < Wo) o[q] = v[q];
+}
+
+// Correlation with the kernel size KS and dilation DIL fixed at compile time.
+template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
+__global__ void __launch_bounds__(kThreads)
+    correlate_fixed(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
+                    const S* __restrict__ bias, S* __restrict__ out) {
+  constexpr int kSpan = (KS - 1) * DIL;
+  constexpr int kLen = (kStrip + kSpan + 3) / 4 * 4;  // region values a strip row reads
+  constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;      // region_row(kSpan)
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* region = reinterpret_cast<T*>(smem);
+  const Tile g = tile_of(d, kTH);
+  const int64_t c = g.plane % d.C;
+  T wr[KS * KS];
+#pragma unroll
+  for (int t = 0; t < KS * KS; ++t) wr[t] = widen(w[c * KS * KS + t]);
+  const T b0 = bias ? widen(bias[c]) : T(0);
+  load_region<kRW>(d, g, g.y0, in + g.plane * d.H * d.W, region);
+  __syncthreads();
+  const int cx = threadIdx.x * kStrip;
+  S* plane_out = out + g.plane * d.Ho * d.Wo;
+#pragma unroll
+  for (int rr = 0; rr < kRowsPer; ++rr) {
+    const int oy = threadIdx.y + rr * kBY;
+    T acc[kStrip];
+#pragma unroll
+    for (int q = 0; q < kStrip; ++q) acc[q] = b0;
+#pragma unroll
+    for (int i = 0; i < KS; ++i) {
+      T v[kLen];
+      load_strip<kLen>(region + (oy + i * DIL) * g.rw + cx, v);
+#pragma unroll
+      for (int j = 0; j < KS; ++j)
+#pragma unroll
+        for (int q = 0; q < kStrip; ++q) acc[q] += wr[i * KS + j] * v[j * DIL + q];
+    }
+    const int y = g.y0 + oy;
+    if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc);
+  }
+}
+
+// Any other kernel size and dilation: the same tiles, taps read from shared memory.
+template <typename S, typename T = typename Acc<S>::type>
+__global__ void __launch_bounds__(kThreads)
+    correlate_any(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
+                  const S* __restrict__ bias, S* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* region = reinterpret_cast<T*>(smem);
+  const Tile g = tile_of(d, kTH);
+  const int k = (int)d.k, kk = k * k, dil = (int)d.d;
+  const int rows = kTH + g.span;
+  T* sw = region + rows * g.rw;
+  const int64_t c = g.plane % d.C;
+  const int tid = threadIdx.y * kBX + threadIdx.x;
+  for (int i = tid; i < kk; i += kThreads) sw[i] = widen(w[c * kk + i]);
+  load_region<0>(d, g, g.y0, in + g.plane * d.H * d.W, region);
+  __syncthreads();
+  const T b0 = bias ? widen(bias[c]) : T(0);
+  const int cx = threadIdx.x * kStrip;
+  S* plane_out = out + g.plane * d.Ho * d.Wo;
+  for (int rr = 0; rr < kRowsPer; ++rr) {
+    const int oy = threadIdx.y + rr * kBY;
+    T acc[kStrip];
+#pragma unroll
+    for (int q = 0; q < kStrip; ++q) acc[q] = b0;
+    for (int i = 0; i < k; ++i) {
+      const T* s = region + (oy + i * dil) * g.rw + cx;
+      for (int j = 0; j < k; ++j) {
+        const T wv = sw[i * k + j];
+#pragma unroll
+        for (int q = 0; q < kStrip; ++q) acc[q] += wv * s[j * dil + q];
+      }
+    }
+    const int y = g.y0 + oy;
+    if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc);
   }
 }
 
@@ -143,42 +261,121 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// partial[(plane · tiles + tile) · k² + tap] = Σ over the tile's outputs of go · in at the tap,
-// in the sums' type T.
-template <typename S, int KS, typename T = typename Acc<S>::type>
-__global__ void __launch_bounds__(kTile* kRows)
-    weight_grad_kernel(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
-                       T* __restrict__ partial) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* region = reinterpret_cast<T*>(smem);
-  const TileGeom g = tile_geom(d);
-  const int k = KS > 0 ? KS : (int)d.k, kk = k * k;
-  T* red = region + g.side * g.side;  // kWarps × k²
-  load_region(d, g, in + g.plane * d.H * d.W, region);
-  const int tx = threadIdx.x, dil = (int)d.d;
-  const int64_t x = g.x0 + tx;
-  const S* gp = go + g.plane * d.Ho * d.Wo;
-  T gv[kPer];
+// The thread's strip of output gradients in row y (zeros outside the plane).
+template <typename S, typename T>
+__device__ __forceinline__ void grad_strip(const S* __restrict__ gp, const S3DepthwiseDims& d,
+                                           int y, int x, T (&g)[kStrip]) {
 #pragma unroll
-  for (int r = 0; r < kPer; ++r) {
-    const int64_t y = g.y0 + threadIdx.y + r * kRows;
-    gv[r] = (x < d.Wo && y < d.Ho) ? widen(gp[y * d.Wo + x]) : T(0);
+  for (int q = 0; q < kStrip; ++q)
+    g[q] = (y < d.Ho && x + q < d.Wo) ? widen(gp[(int64_t)y * d.Wo + x + q]) : T(0);
+}
+
+// Adds the block's sums (one per thread and tap, `acc`) across the block and writes them as
+// this block's partials. `red` holds kWarps × KK sums.
+template <int KK, typename T>
+__device__ __forceinline__ void block_partials(const T (&acc)[KK], T* red,
+                                               T* __restrict__ partial) {
+  const int tid = threadIdx.y * kBX + threadIdx.x, warp = tid / 32, lane = tid % 32;
+#pragma unroll
+  for (int t = 0; t < KK; ++t) {
+    const T v = warp_sum(acc[t]);
+    if (lane == 0) red[warp * KK + t] = v;
   }
   __syncthreads();
-  const int warp = (threadIdx.y * kTile + tx) / 32, lane = tx % 32;
-#pragma unroll
-  for (int t = 0; t < kk; ++t) {
-    const int i = t / k, j = t % k;
-    const T* s = region + (threadIdx.y + i * dil) * g.side + tx + j * dil;
+  for (int t = tid; t < KK; t += kThreads) {
     T v = T(0);
 #pragma unroll
-    for (int r = 0; r < kPer; ++r) v += gv[r] * s[r * kRows * g.side];
-    v = warp_sum(v);
-    if (lane == 0) red[warp * kk + t] = v;
+    for (int q = 0; q < kWarps; ++q) v += red[q * KK + t];
+    partial[(int64_t)blockIdx.x * KK + t] = v;
+  }
+}
+
+// partial[(plane · blocks + block) · k² + tap] = Σ over the block's outputs of go · in at the
+// tap, in the sums' type T; KS and DIL fixed at compile time.
+template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
+__global__ void __launch_bounds__(kThreads, 2)
+    weight_grad_fixed(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
+                      T* __restrict__ partial) {
+  constexpr int kSpan = (KS - 1) * DIL, kK = KS * KS;
+  constexpr int kLen = (kStrip + kSpan + 3) / 4 * 4;
+  constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* region = reinterpret_cast<T*>(smem);
+  const Tile g = tile_of(d, kTH * kWgTiles);
+  T* red = region + (kTH + kSpan) * g.rw;
+  const S* src = in + g.plane * d.H * d.W;
+  const S* gp = go + g.plane * d.Ho * d.Wo;
+  const int cx = threadIdx.x * kStrip;
+  T acc[kK];
+#pragma unroll
+  for (int t = 0; t < kK; ++t) acc[t] = T(0);
+  for (int tile = 0; tile < kWgTiles; ++tile) {
+    const int y0 = g.y0 + tile * kTH;
+    if (y0 >= d.Ho) break;  // the same for the whole block
+    if (tile > 0) __syncthreads();  // everyone is done with the previous region
+    load_region<kRW>(d, g, y0, src, region);
+    __syncthreads();
+#pragma unroll
+    for (int rr = 0; rr < kRowsPer; ++rr) {
+      const int oy = threadIdx.y + rr * kBY;
+      T gv[kStrip];
+      grad_strip(gp, d, y0 + oy, g.x0 + cx, gv);
+#pragma unroll
+      for (int i = 0; i < KS; ++i) {
+        T v[kLen];
+        load_strip<kLen>(region + (oy + i * DIL) * g.rw + cx, v);
+#pragma unroll
+        for (int j = 0; j < KS; ++j)
+#pragma unroll
+          for (int q = 0; q < kStrip; ++q) acc[i * KS + j] += gv[q] * v[j * DIL + q];
+      }
+    }
+  }
+  block_partials(acc, red, partial);
+}
+
+// Any other kernel size and dilation. The sums of a thread live in shared memory here (k² is
+// not known at compile time): `sums` holds kThreads × kk values, thread-major per tap.
+template <typename S, typename T = typename Acc<S>::type>
+__global__ void __launch_bounds__(kThreads)
+    weight_grad_any(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
+                    T* __restrict__ partial) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* region = reinterpret_cast<T*>(smem);
+  const Tile g = tile_of(d, kTH * kWgTiles);
+  const int k = (int)d.k, kk = k * k, dil = (int)d.d;
+  T* red = region + (kTH + g.span) * g.rw;  // kWarps × kk
+  const S* src = in + g.plane * d.H * d.W;
+  const S* gp = go + g.plane * d.Ho * d.Wo;
+  const int cx = threadIdx.x * kStrip, tid = threadIdx.y * kBX + threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  // Per tap, each warp's running sum (lane 0 keeps it), reset here.
+  for (int t = tid; t < kWarps * kk; t += kThreads) red[t] = T(0);
+  for (int tile = 0; tile < kWgTiles; ++tile) {
+    const int y0 = g.y0 + tile * kTH;
+    if (y0 >= d.Ho) break;
+    __syncthreads();
+    load_region<0>(d, g, y0, src, region);
+    __syncthreads();
+    T gv[kRowsPer][kStrip];
+#pragma unroll
+    for (int rr = 0; rr < kRowsPer; ++rr)
+      grad_strip(gp, d, y0 + threadIdx.y + rr * kBY, g.x0 + cx, gv[rr]);
+    for (int t = 0; t < kk; ++t) {
+      const int i = t / k, j = t % k;
+      T v = T(0);
+#pragma unroll
+      for (int rr = 0; rr < kRowsPer; ++rr) {
+        const T* s = region + (threadIdx.y + rr * kBY + i * dil) * g.rw + cx + j * dil;
+#pragma unroll
+        for (int q = 0; q < kStrip; ++q) v += gv[rr][q] * s[q];
+      }
+      v = warp_sum(v);
+      if (lane == 0) red[warp * kk + t] += v;
+    }
   }
   __syncthreads();
-  const int tid = threadIdx.y * kTile + tx;
-  for (int t = tid; t < kk; t += kTile * kRows) {
+  for (int t = tid; t < kk; t += kThreads) {
     T v = T(0);
 #pragma unroll
     for (int q = 0; q < kWarps; ++q) v += red[q * kk + t];
@@ -186,28 +383,47 @@ __global__ void __launch_bounds__(kTile* kRows)
   }
 }
 
-int64_t tiles_of(const S3DepthwiseDims& d) {
-  return ((d.Ho + kTile - 1) / kTile) * ((d.Wo + kTile - 1) / kTile);
+int64_t correlate_tiles(const S3DepthwiseDims& d) {
+  return ((d.Ho + kTH - 1) / kTH) * ((d.Wo + kTW - 1) / kTW);
+}
+
+int64_t weight_grad_blocks(const S3DepthwiseDims& d) {
+  const int64_t rows = kTH * kWgTiles;
+  return ((d.Ho + rows - 1) / rows) * ((d.Wo + kTW - 1) / kTW);
 }
 
 size_t region_bytes(const S3DepthwiseDims& d, size_t elem) {
-  const int64_t side = kTile + (d.k - 1) * d.d;
-  return (size_t)(side * side) * elem;
+  const int64_t span = (d.k - 1) * d.d;
+  return (size_t)((kTH + span) * region_row((int)span)) * elem;
 }
+
+size_t correlate_shared(const S3DepthwiseDims& d, size_t elem) {
+  return region_bytes(d, elem) + (size_t)(d.k * d.k) * elem;
+}
+
+size_t weight_grad_shared(const S3DepthwiseDims& d, size_t elem) {
+  return region_bytes(d, elem) + (size_t)(kWarps * d.k * d.k) * elem;
+}
+
+// The geometries compiled with their kernel size and dilation fixed (the I-LKA block's); the
+// rest run the *_any kernels.
+#define S3_DW_FIXED_CASES(X) X(3, 1) X(5, 1) X(5, 2) X(7, 3)
 
 template <typename T>
 int launch_correlate(const S3DepthwiseDims& d, const T* in, const T* w, const T* bias, T* out,
                      cudaStream_t st) {
   using A = typename Acc<T>::type;
-  const size_t shm = region_bytes(d, sizeof(A)) + (size_t)(d.k * d.k) * sizeof(A);
-  const dim3 block(kTile, kRows);
-  const unsigned grid = (unsigned)(d.N * d.C * tiles_of(d));
-  switch (d.k) {
-    case 3: correlate_kernel<T, 3><<<grid, block, shm, st>>>(d, in, w, bias, out); break;
-    case 5: correlate_kernel<T, 5><<<grid, block, shm, st>>>(d, in, w, bias, out); break;
-    case 7: correlate_kernel<T, 7><<<grid, block, shm, st>>>(d, in, w, bias, out); break;
-    default: correlate_kernel<T, 0><<<grid, block, shm, st>>>(d, in, w, bias, out); break;
+  const size_t shm = correlate_shared(d, sizeof(A));
+  const dim3 block(kBX, kBY);
+  const unsigned grid = (unsigned)(d.N * d.C * correlate_tiles(d));
+#define S3_CASE(K, D)                                                          \
+  if (d.k == K && d.d == D) {                                                  \
+    correlate_fixed<T, K, D><<<grid, block, shm, st>>>(d, in, w, bias, out);   \
+    return (int)cudaGetLastError();                                            \
   }
+  S3_DW_FIXED_CASES(S3_CASE)
+#undef S3_CASE
+  correlate_any<T><<<grid, block, shm, st>>>(d, in, w, bias, out);
   return (int)cudaGetLastError();
 }
 
@@ -215,15 +431,17 @@ template <typename T>
 int launch_weight_grad(const S3DepthwiseDims& d, const T* in, const T* go,
                        typename Acc<T>::type* partial, cudaStream_t st) {
   using A = typename Acc<T>::type;
-  const size_t shm = region_bytes(d, sizeof(A)) + (size_t)(kWarps * d.k * d.k) * sizeof(A);
-  const dim3 block(kTile, kRows);
-  const unsigned grid = (unsigned)(d.N * d.C * tiles_of(d));
-  switch (d.k) {
-    case 3: weight_grad_kernel<T, 3><<<grid, block, shm, st>>>(d, in, go, partial); break;
-    case 5: weight_grad_kernel<T, 5><<<grid, block, shm, st>>>(d, in, go, partial); break;
-    case 7: weight_grad_kernel<T, 7><<<grid, block, shm, st>>>(d, in, go, partial); break;
-    default: weight_grad_kernel<T, 0><<<grid, block, shm, st>>>(d, in, go, partial); break;
+  const size_t shm = weight_grad_shared(d, sizeof(A));
+  const dim3 block(kBX, kBY);
+  const unsigned grid = (unsigned)(d.N * d.C * weight_grad_blocks(d));
+#define S3_CASE(K, D)                                                            \
+  if (d.k == K && d.d == D) {                                                    \
+    weight_grad_fixed<T, K, D><<<grid, block, shm, st>>>(d, in, go, partial);    \
+    return (int)cudaGetLastError();                                              \
   }
+  S3_DW_FIXED_CASES(S3_CASE)
+#undef S3_CASE
+  weight_grad_any<T><<<grid, block, shm, st>>>(d, in, go, partial);
   return (int)cudaGetLastError();
 }
 
@@ -231,14 +449,18 @@ int launch_weight_grad(const S3DepthwiseDims& d, const T* in, const T* go,
 
 extern "C" {
 
-// Tiles per plane: the weight gradient's partials are (N·C·tiles, k²).
-int64_t s3ops_cuda_dw_tiles(const S3DepthwiseDims* d) { return tiles_of(*d); }
+// Partials per plane of the weight gradient: its partials are (N·C·this, k²).
+int64_t s3ops_cuda_dw_tiles(const S3DepthwiseDims* d) { return weight_grad_blocks(*d); }
+
+// Blocks per plane of the larger of the two kernels' grids, so ops.cpp can keep the grid 1-D.
+int64_t s3ops_cuda_dw_blocks_per_plane(const S3DepthwiseDims* d) { return correlate_tiles(*d); }
 
 // Shared memory one block needs (the larger of the two kernels), so ops.cpp can decline shapes
 // whose dilated kernel does not fit (48 KiB without opting in) and use libtorch's instead.
 // `elem`: bytes of the sums' type (4 for float32 and bfloat16, 8 for float64).
 int64_t s3ops_cuda_dw_shared_bytes(const S3DepthwiseDims* d, int64_t elem) {
-  return (int64_t)(region_bytes(*d, (size_t)elem) + (size_t)(kWarps * d->k * d->k * elem));
+  const size_t a = correlate_shared(*d, (size_t)elem), b = weight_grad_shared(*d, (size_t)elem);
+  return (int64_t)(a > b ? a : b);
 }
 
 // dtype: 0 = float32, 1 = float64, 2 = bfloat16. Device pointers of contiguous tensors; bias

@@ -300,6 +300,7 @@ S3_AVX2 void dw_wgrad_plane_avx2(const T* in, int64_t H, int64_t W, const T* go,
 }  // namespace
 extern "C" {
 int64_t s3ops_cuda_dw_tiles(const S3DepthwiseDims* d);
+int64_t s3ops_cuda_dw_blocks_per_plane(const S3DepthwiseDims* d);
 int64_t s3ops_cuda_dw_shared_bytes(const S3DepthwiseDims* d, int64_t elem);
 int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in, const void* w,
                             const void* bias, void* out, void* stream);
@@ -323,13 +324,13 @@ at::ScalarType dw_sum_type(const at::Tensor& t) {
 }
 
 // Whether the CUDA kernels take this shape: a block keeps its dilated input tile in shared
-// memory, at most 48 KiB without opting in, and the blocks (one per plane and 32×32 tile of
+// memory, at most 48 KiB without opting in, and the blocks (one per plane and 64×64 tile of
 // the input-sized gradient or the output) must fit a 1-D grid. Others go to libtorch
 // (s3ops_depthwise_conv2d).
 bool dw_cuda_fits(const at::Tensor& in, int64_t k, int64_t p, int64_t d) {
   const int64_t grow = std::max<int64_t>(0, 2 * p - d * (k - 1));  // output larger than input
   const S3DepthwiseDims dims = dw_dims(in, k, p, d, in.size(2) + grow, in.size(3) + grow);
-  const int64_t blocks = in.size(0) * in.size(1) * s3ops_cuda_dw_tiles(&dims);
+  const int64_t blocks = in.size(0) * in.size(1) * s3ops_cuda_dw_blocks_per_plane(&dims);
   const int64_t sum_bytes = dw_sum_type(in) == at::kDouble ? 8 : 4;
   return s3ops_cuda_dw_shared_bytes(&dims, sum_bytes) <= (int64_t(48) << 10) &&
          blocks < (int64_t(1) << 31);
@@ -390,7 +391,7 @@ at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k,
   const int64_t Ho = go.size(2), Wo = go.size(3);
 #ifdef S3OPS_CUDA
   if (in.is_cuda()) {
-    // One partial sum per (plane, tile, tap), summed here: deterministic, no atomics.
+    // One partial sum per (plane, block, tap), summed here: deterministic, no atomics.
     c10::cuda::CUDAGuard guard(in.device());
     const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
     const int64_t tiles = s3ops_cuda_dw_tiles(&dims);
