@@ -9,7 +9,8 @@
 # at 8 % of the GPU's memory (workers.gpu_memory_fraction), where batches run out of memory.
 # Steps, run in the order given: STEPS="tests bf16 server bench eval tf32" (the default: the
 # CUDA tests first, so a call cut short by its time limit still brings them back) plus
-# "profile" with PROFILE=1, and "splitk" (batched fits in each --split-k layout) on request
+# "profile" with PROFILE=1, and on request "splitk" (batched fits in each --split-k layout) and
+# "serve" (the server's default run only, float32 and bfloat16 jobs)
 # (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
 # "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32
 # (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions run in TF32 by default either way),
@@ -108,6 +109,12 @@ step_server() {
   S3NET__WORKERS__GPU_MEMORY_FRACTION=0.08 serve_jobs -oom
 }
 
+step_serve() {
+  # A quick look at the server alone: the defaults, float32 then bfloat16 jobs.
+  serve_jobs ""
+  JOB_ARGS="--precision bfloat16" serve_jobs -bf16
+}
+
 evaluate() {  # tag, then extra `s3net eval` flags
   local tag=$1; shift
   for d in ph2-dev lung-dev; do
@@ -195,6 +202,6 @@ for step in $STEPS; do
     echo "=== $step ($(date +%T))"
     "step_$step"
   else
-    echo "unknown step '$step' (steps: tests bf16 server bench eval tf32 splitk profile)" >&2
+    echo "unknown step '$step' (steps: tests bf16 server serve bench eval tf32 splitk profile)" >&2
   fi
 done

@@ -18,9 +18,10 @@
 //    docs/gpu-checks/2026-11-27-h200.) The input gradient is the same correlation of the
 //    output gradient with the flipped kernel and padding (k−1)·d − p (ops.cpp flips it).
 //  * weight gradient: a block walks two tiles down a column of the plane, each thread adding
-//    go · in into k² register sums over its 32 outputs, then reduces them across the block
-//    (warp shuffles, then the 8 warps) and writes one partial per (plane, block, tap); ops.cpp
-//    sums the partials with libtorch. No atomics, so the result is deterministic.
+//    go · in into k² register sums over its 32 outputs, and go alone into one more (the bias
+//    gradient, which thus costs no extra pass over go), then reduces them across the block
+//    (warp shuffles, then the 8 warps) and writes one partial per (plane, block, tap) plus the
+//    bias's; ops.cpp sums the partials with libtorch. No atomics: the result is deterministic.
 // The network's geometries — k = 3, 5, 7 with dilations 1, 2, 3 as the I-LKA block uses them —
 // are compiled with their kernel size and dilation fixed (the strips' register indices must be
 // known at compile time); any other geometry runs a generic kernel reading shared memory tap
@@ -290,8 +291,8 @@ __device__ __forceinline__ void block_partials(const T (&acc)[KK], T* red,
   }
 }
 
-// partial[(plane · blocks + block) · k² + tap] = Σ over the block's outputs of go · in at the
-// tap, in the sums' type T; KS and DIL fixed at compile time.
+// partial[(plane · blocks + block) · (k² + 1) + tap] = Σ over the block's outputs of go · in at
+// the tap, and at tap k² Σ go, in the sums' type T; KS and DIL fixed at compile time.
 template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kThreads, 2)
     weight_grad_fixed(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
@@ -306,9 +307,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const S* src = in + g.plane * d.H * d.W;
   const S* gp = go + g.plane * d.Ho * d.Wo;
   const int cx = threadIdx.x * kStrip;
-  T acc[kK];
+  T acc[kK + 1];
 #pragma unroll
-  for (int t = 0; t < kK; ++t) acc[t] = T(0);
+  for (int t = 0; t <= kK; ++t) acc[t] = T(0);
   for (int tile = 0; tile < kWgTiles; ++tile) {
     const int y0 = g.y0 + tile * kTH;
     if (y0 >= d.Ho) break;  // the same for the whole block
@@ -320,6 +321,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int oy = threadIdx.y + rr * kBY;
       T gv[kStrip];
       grad_strip(gp, d, y0 + oy, g.x0 + cx, gv);
+#pragma unroll
+      for (int q = 0; q < kStrip; ++q) acc[kK] += gv[q];
 #pragma unroll
       for (int i = 0; i < KS; ++i) {
         T v[kLen];
@@ -334,8 +337,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   block_partials(acc, red, partial);
 }
 
-// Any other kernel size and dilation. The sums of a thread live in shared memory here (k² is
-// not known at compile time): `sums` holds kThreads × kk values, thread-major per tap.
+// Any other kernel size and dilation, the same partials. k² is not known at compile time, so
+// each warp reduces a tap at a time and keeps its running sums in shared memory.
 template <typename S, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kThreads)
     weight_grad_any(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
@@ -344,13 +347,14 @@ __global__ void __launch_bounds__(kThreads)
   T* region = reinterpret_cast<T*>(smem);
   const Tile g = tile_of(d, kTH * kWgTiles);
   const int k = (int)d.k, kk = k * k, dil = (int)d.d;
-  T* red = region + (kTH + g.span) * g.rw;  // kWarps × kk
+  const int taps = kk + 1;                  // the kernel's, then the bias's
+  T* red = region + (kTH + g.span) * g.rw;  // kWarps × taps
   const S* src = in + g.plane * d.H * d.W;
   const S* gp = go + g.plane * d.Ho * d.Wo;
   const int cx = threadIdx.x * kStrip, tid = threadIdx.y * kBX + threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   // Per tap, each warp's running sum (lane 0 keeps it), reset here.
-  for (int t = tid; t < kWarps * kk; t += kThreads) red[t] = T(0);
+  for (int t = tid; t < kWarps * taps; t += kThreads) red[t] = T(0);
   for (int tile = 0; tile < kWgTiles; ++tile) {
     const int y0 = g.y0 + tile * kTH;
     if (y0 >= d.Ho) break;
@@ -361,25 +365,32 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int rr = 0; rr < kRowsPer; ++rr)
       grad_strip(gp, d, y0 + threadIdx.y + rr * kBY, g.x0 + cx, gv[rr]);
-    for (int t = 0; t < kk; ++t) {
-      const int i = t / k, j = t % k;
+    for (int t = 0; t < taps; ++t) {
       T v = T(0);
+      if (t < kk) {
+        const int i = t / k, j = t % k;
 #pragma unroll
-      for (int rr = 0; rr < kRowsPer; ++rr) {
-        const T* s = region + (threadIdx.y + rr * kBY + i * dil) * g.rw + cx + j * dil;
+        for (int rr = 0; rr < kRowsPer; ++rr) {
+          const T* s = region + (threadIdx.y + rr * kBY + i * dil) * g.rw + cx + j * dil;
 #pragma unroll
-        for (int q = 0; q < kStrip; ++q) v += gv[rr][q] * s[q];
+          for (int q = 0; q < kStrip; ++q) v += gv[rr][q] * s[q];
+        }
+      } else {
+#pragma unroll
+        for (int rr = 0; rr < kRowsPer; ++rr)
+#pragma unroll
+          for (int q = 0; q < kStrip; ++q) v += gv[rr][q];
       }
       v = warp_sum(v);
-      if (lane == 0) red[warp * kk + t] += v;
+      if (lane == 0) red[warp * taps + t] += v;
     }
   }
   __syncthreads();
-  for (int t = tid; t < kk; t += kThreads) {
+  for (int t = tid; t < taps; t += kThreads) {
     T v = T(0);
 #pragma unroll
-    for (int q = 0; q < kWarps; ++q) v += red[q * kk + t];
-    partial[(int64_t)blockIdx.x * kk + t] = v;
+    for (int q = 0; q < kWarps; ++q) v += red[q * taps + t];
+    partial[(int64_t)blockIdx.x * taps + t] = v;
   }
 }
 
@@ -402,7 +413,7 @@ size_t correlate_shared(const S3DepthwiseDims& d, size_t elem) {
 }
 
 size_t weight_grad_shared(const S3DepthwiseDims& d, size_t elem) {
-  return region_bytes(d, elem) + (size_t)(kWarps * d.k * d.k) * elem;
+  return region_bytes(d, elem) + (size_t)(kWarps * (d.k * d.k + 1)) * elem;
 }
 
 // The geometries compiled with their kernel size and dilation fixed (the I-LKA block's); the
@@ -449,7 +460,8 @@ int launch_weight_grad(const S3DepthwiseDims& d, const T* in, const T* go,
 
 extern "C" {
 
-// Partials per plane of the weight gradient: its partials are (N·C·this, k²).
+// Partials per plane of the weight gradient: its partials are (N·C·this, k² + 1), the last
+// column the bias gradient's.
 int64_t s3ops_cuda_dw_tiles(const S3DepthwiseDims* d) { return weight_grad_blocks(*d); }
 
 // Blocks per plane of the larger of the two kernels' grids, so ops.cpp can keep the grid 1-D.

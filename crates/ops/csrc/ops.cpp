@@ -385,8 +385,11 @@ at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Ten
   return out;
 }
 
+// grad_weight (C, 1, k, k) of the depthwise conv. On CUDA the same kernel sums the bias
+// gradient (C) as it reads go, and sets `gb` to it when `gb` is given; elsewhere `gb` is left
+// as it is (undefined) for the caller to compute.
 at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k, int64_t p,
-                          int64_t d) {
+                          int64_t d, at::Tensor* gb = nullptr) {
   const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
   const int64_t Ho = go.size(2), Wo = go.size(3);
 #ifdef S3OPS_CUDA
@@ -394,14 +397,20 @@ at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k,
     // One partial sum per (plane, block, tap), summed here: deterministic, no atomics.
     c10::cuda::CUDAGuard guard(in.device());
     const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
+    // The last of the k² + 1 partials of a block is the bias's.
     const int64_t tiles = s3ops_cuda_dw_tiles(&dims);
-    auto partial = at::empty({N, C, tiles, k * k}, in.options().dtype(dw_sum_type(in)));
-    if (partial.numel() == 0) return at::zeros({C, 1, k, k}, in.options());
+    auto partial = at::empty({N, C, tiles, k * k + 1}, in.options().dtype(dw_sum_type(in)));
+    if (partial.numel() == 0) {
+      if (gb) *gb = at::zeros({C}, in.options());
+      return at::zeros({C, 1, k, k}, in.options());
+    }
     const int rc = s3ops_cuda_dw_weight_grad(dw_cuda_dtype(in), &dims, in.data_ptr(),
                                              go.data_ptr(), partial.data_ptr(),
                                              current_stream(in));
     kernel_check("depthwise_conv2d", rc, "weight-gradient");
-    return partial.sum(at::IntArrayRef{0, 2}).view({C, 1, k, k}).to(in.scalar_type());
+    const auto sums = partial.sum(at::IntArrayRef{0, 2});  // (C, k² + 1)
+    if (gb) *gb = sums.select(1, k * k).to(in.scalar_type()).contiguous();
+    return sums.narrow(1, 0, k * k).to(in.scalar_type()).contiguous().view({C, 1, k, k});
   }
 #endif
   auto gw = at::zeros({C, 1, k, k}, in.options());
@@ -502,8 +511,11 @@ struct DepthwiseFn : public torch::autograd::Function<DepthwiseFn> {
       auto wf = saved[1].flip({2, 3}).contiguous();
       gi = dw_correlate(go, wf, nullptr, k, (k - 1) * d - p, d, H, W);
     }
-    if (ctx->saved_data["need_w"].toBool()) gw = dw_weight_grad(saved[0], go, k, p, d);
-    if (ctx->saved_data["need_b"].toBool()) gb = go.sum({0, 2, 3});
+    const bool need_b = ctx->saved_data["need_b"].toBool();
+    if (ctx->saved_data["need_w"].toBool()) {
+      gw = dw_weight_grad(saved[0], go, k, p, d, need_b ? &gb : nullptr);
+    }
+    if (need_b && !gb.defined()) gb = go.sum({0, 2, 3});
     return {gi, gw, gb, at::Tensor(), at::Tensor()};
   }
 };
