@@ -15,7 +15,7 @@
 //    region values its strip needs once, as 16-byte loads, and does the k·4 multiply-adds from
 //    registers; its k² weights sit in registers too. (The previous kernels, one output per
 //    shared load, ran at about a tenth of the GPU's arithmetic rate: H200 profile in
-//    docs/gpu-checks/2026-11-27-h200.) The input gradient is the same correlation of the
+//    docs/gpu-checks/2026-11-26-h200-depthwise.) The input gradient is the same correlation of the
 //    output gradient with the flipped kernel and padding (k−1)·d − p (ops.cpp flips it).
 //  * weight gradient: a block walks two tiles down a column of the plane, each thread adding
 //    go · in into k² register sums over its 32 outputs, and go alone into one more (the bias
@@ -111,7 +111,7 @@ __device__ __forceinline__ Tile tile_of(const S3DepthwiseDims& d, int rows) {
 // rows of g.rw values) into `s`, widened to the sums' type, zeros outside the plane. RW: the
 // row length when known at compile time (0: g.rw). Each thread issues kBatch independent
 // global loads before it stores any: one load, then its store, at a time left the kernels
-// waiting on memory latency (H200, docs/gpu-checks/2026-11-27-h200).
+// waiting on memory latency (H200, docs/gpu-checks/2026-11-26-h200-depthwise).
 constexpr int kBatch = 8;
 template <int RW, typename S, typename A>
 __device__ __forceinline__ void load_region(const S3DepthwiseDims& d, const Tile& g, int y0,

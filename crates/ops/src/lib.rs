@@ -366,7 +366,8 @@ fn check_float(
 /// and writes bfloat16 itself, the CPU kernel works on a float32 copy; float16 is copied on
 /// both). On CPU this runs the C++ kernel, on CUDA (when [`cuda_compiled`]) the CUDA kernel,
 /// each with its own backward. A CUDA build without nvcc, or a dilated kernel too wide for one
-/// block's shared memory (span (k−1)·d beyond about 75 in float32 and bfloat16), calls
+/// block's shared memory (span (k−1)·d beyond about 44 in float32 and bfloat16, 12 in
+/// float64; the network's widest is 18), calls
 /// libtorch's `conv2d(…, groups = C)` instead.
 pub fn depthwise_conv2d(
     input: &Tensor,
