@@ -178,6 +178,19 @@ __device__ __forceinline__ void store_strip(S* row, int x, int Wo, const A (&acc
     if (x + q < Wo) o[q] = v[q];
 }
 
+// For each kernel row i, the kLen region values the thread's strip in tile row `oy` reads
+// (registers `v`), handed to `use(i, v)`: the inner loop both fixed kernels share.
+template <int KS, int DIL, int kLen, typename T, typename F>
+__device__ __forceinline__ void for_each_kernel_row(const T* region, int rw, int oy, int cx,
+                                                    F&& use) {
+#pragma unroll
+  for (int i = 0; i < KS; ++i) {
+    T v[kLen];
+    load_strip<kLen>(region + (oy + i * DIL) * rw + cx, v);
+    use(i, v);
+  }
+}
+
 // Correlation with the kernel size KS and dilation DIL fixed at compile time.
 template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kThreads)
@@ -204,15 +217,12 @@ __global__ void __launch_bounds__(kThreads)
     T acc[kStrip];
 #pragma unroll
     for (int q = 0; q < kStrip; ++q) acc[q] = b0;
-#pragma unroll
-    for (int i = 0; i < KS; ++i) {
-      T v[kLen];
-      load_strip<kLen>(region + (oy + i * DIL) * g.rw + cx, v);
+    for_each_kernel_row<KS, DIL, kLen>(region, g.rw, oy, cx, [&](int i, const T(&v)[kLen]) {
 #pragma unroll
       for (int j = 0; j < KS; ++j)
 #pragma unroll
         for (int q = 0; q < kStrip; ++q) acc[q] += wr[i * KS + j] * v[j * DIL + q];
-    }
+    });
     const int y = g.y0 + oy;
     if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc);
   }
@@ -323,15 +333,12 @@ __global__ void __launch_bounds__(kThreads, 2)
       grad_strip(gp, d, y0 + oy, g.x0 + cx, gv);
 #pragma unroll
       for (int q = 0; q < kStrip; ++q) acc[kK] += gv[q];
-#pragma unroll
-      for (int i = 0; i < KS; ++i) {
-        T v[kLen];
-        load_strip<kLen>(region + (oy + i * DIL) * g.rw + cx, v);
+      for_each_kernel_row<KS, DIL, kLen>(region, g.rw, oy, cx, [&](int i, const T(&v)[kLen]) {
 #pragma unroll
         for (int j = 0; j < KS; ++j)
 #pragma unroll
           for (int q = 0; q < kStrip; ++q) acc[i * KS + j] += gv[q] * v[j * DIL + q];
-      }
+      });
     }
   }
   block_partials(acc, red, partial);
