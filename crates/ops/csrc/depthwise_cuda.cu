@@ -281,6 +281,19 @@ __device__ __forceinline__ void grad_strip(const S* __restrict__ gp, const S3Dep
     g[q] = (y < d.Ho && x + q < d.Wo) ? widen(gp[(int64_t)y * d.Wo + x + q]) : T(0);
 }
 
+// The block's partials from its warps' sums (`red`: kWarps × taps, after a barrier): one
+// value per tap, written at this block's row of `partial`.
+template <typename T>
+__device__ __forceinline__ void write_partials(const T* red, int taps, T* __restrict__ partial) {
+  const int tid = threadIdx.y * kBX + threadIdx.x;
+  for (int t = tid; t < taps; t += kThreads) {
+    T v = T(0);
+#pragma unroll
+    for (int q = 0; q < kWarps; ++q) v += red[q * taps + t];
+    partial[(int64_t)blockIdx.x * taps + t] = v;
+  }
+}
+
 // Adds the block's sums (one per thread and tap, `acc`) across the block and writes them as
 // this block's partials. `red` holds kWarps × KK sums.
 template <int KK, typename T>
@@ -293,12 +306,7 @@ __device__ __forceinline__ void block_partials(const T (&acc)[KK], T* red,
     if (lane == 0) red[warp * KK + t] = v;
   }
   __syncthreads();
-  for (int t = tid; t < KK; t += kThreads) {
-    T v = T(0);
-#pragma unroll
-    for (int q = 0; q < kWarps; ++q) v += red[q * KK + t];
-    partial[(int64_t)blockIdx.x * KK + t] = v;
-  }
+  write_partials(red, KK, partial);
 }
 
 // partial[(plane · blocks + block) · (k² + 1) + tap] = Σ over the block's outputs of go · in at
@@ -393,12 +401,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  for (int t = tid; t < taps; t += kThreads) {
-    T v = T(0);
-#pragma unroll
-    for (int q = 0; q < kWarps; ++q) v += red[q * taps + t];
-    partial[(int64_t)blockIdx.x * taps + t] = v;
-  }
+  write_partials(red, taps, partial);
 }
 
 int64_t correlate_tiles(const S3DepthwiseDims& d) {
