@@ -472,7 +472,7 @@ extern "C" {
 
 // Partials per plane of the weight gradient: its partials are (N·C·this, k² + 1), the last
 // column the bias gradient's.
-int64_t s3ops_cuda_dw_tiles(const S3DepthwiseDims* d) { return weight_grad_blocks(*d); }
+int64_t s3ops_cuda_dw_partials_per_plane(const S3DepthwiseDims* d) { return weight_grad_blocks(*d); }
 
 // Blocks per plane of the larger of the two kernels' grids, so ops.cpp can keep the grid 1-D.
 int64_t s3ops_cuda_dw_blocks_per_plane(const S3DepthwiseDims* d) { return correlate_tiles(*d); }

@@ -299,7 +299,7 @@ S3_AVX2 void dw_wgrad_plane_avx2(const T* in, int64_t H, int64_t W, const T* go,
 #ifdef S3OPS_CUDA
 }  // namespace
 extern "C" {
-int64_t s3ops_cuda_dw_tiles(const S3DepthwiseDims* d);
+int64_t s3ops_cuda_dw_partials_per_plane(const S3DepthwiseDims* d);
 int64_t s3ops_cuda_dw_blocks_per_plane(const S3DepthwiseDims* d);
 int64_t s3ops_cuda_dw_shared_bytes(const S3DepthwiseDims* d, int64_t elem);
 int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in, const void* w,
@@ -398,8 +398,8 @@ at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k,
     c10::cuda::CUDAGuard guard(in.device());
     const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
     // The last of the k² + 1 partials of a block is the bias's.
-    const int64_t tiles = s3ops_cuda_dw_tiles(&dims);
-    auto partial = at::empty({N, C, tiles, k * k + 1}, in.options().dtype(dw_sum_type(in)));
+    const int64_t blocks = s3ops_cuda_dw_partials_per_plane(&dims);
+    auto partial = at::empty({N, C, blocks, k * k + 1}, in.options().dtype(dw_sum_type(in)));
     if (partial.numel() == 0) {
       if (gb) *gb = at::zeros({C}, in.options());
       return at::zeros({C, 1, k, k}, in.options());
