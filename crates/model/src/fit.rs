@@ -15,8 +15,8 @@ use s3net_ops::{CudaGraph, HostCopy};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::affine::{inside, warp, Affine};
-use crate::loss::{continuity_each, masked_ce_each, self_ce_each, sobel_spatial_each, IGNORE};
+use crate::affine::{Affine, Transform};
+use crate::loss::{continuity_each, masked_ce_each, self_ce_each, sobel_spatial_each};
 use crate::net::{select_models, S3Net};
 use crate::options::{FitOptions, Kernels, SpatialLoss, Upsample};
 use crate::rng::SplitMix64;
@@ -262,7 +262,7 @@ pub struct Batch<'a, T> {
     inputs: Option<Tensor>,
     /// The last step's transforms, grid side and grids: a fixed transform (the default 90°
     /// rotation) needs its grid built once, not every step.
-    grids: Option<(Vec<Affine>, i64, Tensor)>,
+    grids: Option<(Vec<Affine>, i64, Transform)>,
     /// A step queued but not read yet (see [`set_pipelined`](Self::set_pipelined)).
     pending: Option<Launched>,
     pipelined: bool,
@@ -618,7 +618,7 @@ impl<'a, T> Batch<'a, T> {
             match &self.grids {
                 Some((last, s, g)) if *last == ts && *s == opts.size => Some(g.shallow_clone()),
                 _ => {
-                    let g = Affine::grids(&ts, &self.slots[0].x);
+                    let g = Transform::new(&ts, &self.slots[0].x);
                     self.grids = Some((ts, opts.size, g.shallow_clone()));
                     // The graph read the old grid.
                     self.forget_graph();
@@ -645,7 +645,7 @@ impl<'a, T> Batch<'a, T> {
     /// so the response and target are copied out for the step that reads them later. Larger
     /// stacks keep the GPU busy without one (and would hold twice their memory). A capture that
     /// fails is logged and the batch stays eager.
-    fn run_step(&mut self, x: &Tensor, grid: Option<&Tensor>, opts: &FitOptions, m: i64) -> Result<([Tensor; 2], HostCopy), ModelError> {
+    fn run_step(&mut self, x: &Tensor, grid: Option<&Transform>, opts: &FitOptions, m: i64) -> Result<([Tensor; 2], HostCopy), ModelError> {
         let net = self.net.as_ref().ok_or_else(|| ModelError::Torch("batch has no network".into()))?;
         let device = self.device;
         let replay = |g: &StepGraph| -> Result<([Tensor; 2], HostCopy), ModelError> {
@@ -723,13 +723,13 @@ struct StepGraph {
 /// One training step of a stack of `m` networks on the inputs `x` `(1, M·C, S, S)`: forward,
 /// the three loss terms per network, backward and the SGD update. Returns the detached
 /// response `(M, K, S, S)`, its argmax `(M, S, S)` and per network `(M, 5)`: total, ce, affine,
-/// spatial, labels in use. `grid` is the affine term's transforms (None without that term).
+/// spatial, labels in use. `grid` moves the images for the affine term (None without it).
 /// It never reads a value back to the host, so that it can be captured into a CUDA graph.
 fn step_tensors(
     net: &S3Net,
     velocity: &[Tensor],
     x: &Tensor,
-    grid: Option<&Tensor>,
+    grid: Option<&Transform>,
     opts: &FitOptions,
     m: i64,
     device: Device,
@@ -739,7 +739,7 @@ fn step_tensors(
     let w = opts.weights;
     let (response, aux_t) = match grid {
         Some(grid) => {
-            let xt = warp(&x.reshape([m, c, size, size]), grid).reshape([1, m * c, size, size]);
+            let xt = grid.apply(&x.reshape([m, c, size, size])).reshape([1, m * c, size, size]);
             if device.is_cuda() {
                 // On a GPU, one pass over the image and its transformed copy as a batch of two
                 // (BatchNorm still normalises each on its own): half the kernel launches.
@@ -767,9 +767,8 @@ fn step_tensors(
     };
     let l_at = match (aux_t, grid) {
         (Some(aux_t), Some(grid)) => {
-            // Target: the clustering of x, moved by the same transform, argmax after the warp.
-            let moved = warp(&r.detach(), grid).argmax(1, false);
-            let target_t = moved.where_self(&inside(grid), &Tensor::full([], IGNORE, (Kind::Int64, device)));
+            // Target: the clustering of x, moved by the same transform.
+            let target_t = grid.move_labels(&r.detach(), &target);
             masked_ce_each(&aux_t.reshape([m, k, size, size]), &target_t)
         }
         _ => zeros(),
