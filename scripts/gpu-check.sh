@@ -9,8 +9,10 @@
 # at 8 % of the GPU's memory (workers.gpu_memory_fraction), where batches run out of memory.
 # Steps, run in the order given: STEPS="tests bf16 server bench eval tf32" (the default: the
 # CUDA tests first, so a call cut short by its time limit still brings them back) plus
-# "profile" with PROFILE=1, and on request "splitk" (batched fits in each --split-k layout) and
-# "serve" (the server's default run only, float32 and bfloat16 jobs)
+# "profile" with PROFILE=1, and on request "splitk" (batched fits in each --split-k layout),
+# "serve" (the server's default run only, float32 and bfloat16 jobs), "evalbf16" (the eval
+# with bfloat16 activations alone), "ab" (this build's batched fits against an earlier
+# binary's, ./s3net-base, alternately) and "evalab" (their accuracy over seeds)
 # (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
 # "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32
 # (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions run in TF32 by default either way),
@@ -124,6 +126,7 @@ evaluate() {  # tag, then extra `s3net eval` flags
   done
 }
 step_eval() { evaluate ""; }
+step_evalbf16() { evaluate -bf16 --precision bfloat16; }
 
 step_tf32() {
   export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
@@ -168,6 +171,49 @@ step_splitk() {
   grep -E "###|\"batch\"|images_per_second|rc=" "$B"
 }
 
+step_ab() {
+  # This build against earlier ones on the same card: AB_BASE (default ./s3net-base, carried
+  # beside the bundle; several paths separated by spaces) and ./s3net run the batched fits
+  # alternately, AB_ROUNDS times, in float32 and bfloat16 (AB_ARGS: other `s3net bench fit`
+  # flags).
+  local bins=() b
+  for b in ${AB_BASE:-./s3net-base}; do
+    if [ -x "$b" ]; then bins+=("$b"); else echo "step ab: no $b to compare with" >&2; fi
+  done
+  [ ${#bins[@]} -gt 0 ] || return
+  bins+=(./s3net)
+  B=$OUT/bench-ab.txt; : > "$B"
+  for round in $(seq "${AB_ROUNDS:-2}"); do
+    for p in float32 bfloat16; do
+      for bin in "${bins[@]}"; do
+        echo "### ab round $round $p $bin" >> "$B"
+        timeout 120 "$bin" bench fit --device cuda --repeats 1 --batch 16,32 --batch-only \
+          --precision $p ${AB_ARGS:-} >> "$B" 2>&1; echo "rc=$?" >> "$B"
+      done
+    done
+  done
+  grep -E "###|\"batch\"|images_per_second|seconds_per_step|rc=" "$B"
+}
+
+step_evalab() {
+  # Accuracy of this build against earlier ones (EVAL_BASE, else AB_BASE) on the dev data, seeds
+  # EVAL_SEEDS (default 0 1 2), with EVAL_ARGS (e.g. "--precision bfloat16"): a change that
+  # only reorders sums or rounds differently should move nothing beyond the seeds' spread.
+  local bins=() b
+  for b in ${EVAL_BASE:-${AB_BASE:-./s3net-base}}; do [ -x "$b" ] && bins+=("$b"); done
+  bins+=(./s3net)
+  for seed in ${EVAL_SEEDS:-0 1 2}; do
+    for b in "${bins[@]}"; do
+      for d in ph2-dev lung-dev; do
+        local tag; tag=$(basename "$b")-seed$seed-$d
+        timeout 300 "$b" eval --device cuda --images $d/images --masks $d/masks --seed "$seed" \
+          ${EVAL_ARGS:-} --report "$OUT/evalab-$tag.json" > "$OUT/evalab-$tag.txt" 2>&1
+        echo "evalab $tag rc=$?: $(grep '^mean' "$OUT/evalab-$tag.txt")"
+      done
+    done
+  done
+}
+
 step_profile() {
   # Kernels of a 16-network batch's steps: the bench runs the batch only (--batch-only: a
   # fixed skip count once landed in the lone fits' launches instead), skips its first ~20
@@ -202,6 +248,6 @@ for step in $STEPS; do
     echo "=== $step ($(date +%T))"
     "step_$step"
   else
-    echo "unknown step '$step' (steps: tests bf16 server serve bench eval tf32 splitk profile)" >&2
+    echo "unknown step '$step' (steps: tests bf16 server serve bench eval evalbf16 tf32 splitk ab evalab profile)" >&2
   fi
 done

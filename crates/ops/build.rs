@@ -82,12 +82,13 @@ fn compile_cuda(cuda: &Cuda, out: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-const CUDA_SOURCES: [&str; 2] = ["csrc/deform_cuda.cu", "csrc/depthwise_cuda.cu"];
+const CUDA_SOURCES: [&str; 4] = ["csrc/bias_cuda.cu", "csrc/deform_cuda.cu", "csrc/depthwise_cuda.cu", "csrc/norm_cuda.cu"];
 
 fn main() {
     libtorch_link_args();
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
     println!("cargo:rerun-if-changed=csrc/kernel_dims.h");
+    println!("cargo:rerun-if-changed=csrc/storage_types.cuh");
     for src in CUDA_SOURCES {
         println!("cargo:rerun-if-changed={src}");
     }

@@ -131,7 +131,14 @@ impl Bn {
     }
     /// Statistics per image: a batch of N is normalised as N separate images (the GPU runs an
     /// image and its transformed copy as one batch, and each must see its own statistics).
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// With the fused kernels, `s3net_ops::plane_norm` (its own CUDA kernels on a GPU, this same
+    /// libtorch BatchNorm elsewhere).
+    fn forward(&self, x: &Tensor, k: Kernels) -> Tensor {
+        if k == Kernels::Fused {
+            if let Ok(y) = s3net_ops::plane_norm(x, &self.gamma, &self.beta, 1e-5) {
+                return y;
+            }
+        }
         let n = x.size()[0];
         if n == 1 {
             return x.batch_norm(Some(&self.gamma), Some(&self.beta), None, None, true, 0.1, 1e-5, true);
@@ -170,8 +177,23 @@ impl Ilka {
     }
     fn forward(&self, u: &Tensor, k: Kernels, m: i64) -> Tensor {
         let a = self.dw.forward_with(u, k, m);
-        let branches = [self.d1.forward_with(&a, k, m), self.d2.forward_with(&a, k, m), self.d3.forward_with(&a, k, m)];
-        u * self.mix.forward_with(&cat_per_model(&branches, m), k, m)
+        u * self.mix.forward_with(&self.branches(&a, k, m), k, m)
+    }
+
+    /// The three parallel depthwise convs, concatenated per network: one op with the fused
+    /// kernels (on a GPU it writes the concatenation directly), else three convs and a cat.
+    fn branches(&self, a: &Tensor, k: Kernels, m: i64) -> Tensor {
+        if k == Kernels::Fused && (a.device() == Device::Cpu || s3net_ops::cuda_compiled()) {
+            let (w1, b1) = self.d1.wb(a);
+            let (w2, b2) = self.d2.wb(a);
+            let (w3, b3) = self.d3.wb(a);
+            let br = |w, b, c: &Conv| s3net_ops::Branch { weight: w, bias: b, dilation: c.dilation };
+            if let Ok(y) = s3net_ops::depthwise_branches(a, [br(&w1, &b1, &self.d1), br(&w2, &b2, &self.d2), br(&w3, &b3, &self.d3)], m) {
+                return y;
+            }
+        }
+        let branches = [self.d1.forward_with(a, k, m), self.d2.forward_with(a, k, m), self.d3.forward_with(a, k, m)];
+        cat_per_model(&branches, m)
     }
     fn params(&self) -> Vec<&Tensor> {
         [&self.dw, &self.d1, &self.d2, &self.d3, &self.mix].into_iter().flat_map(|c| c.params()).collect()
@@ -211,7 +233,7 @@ impl Block {
     fn forward(&self, x: &Tensor, k: Kernels, m: i64) -> Tensor {
         let y = self.pw1.forward_with(x, k, m).gelu("none");
         let y = self.pw2.forward_with(&self.ilka.forward(&y, k, m), k, m);
-        self.bn.forward(&(x + y))
+        self.bn.forward(&(x + y), k)
     }
     fn params(&self) -> Vec<&Tensor> {
         let mut v: Vec<&Tensor> = self.pw1.params().into();
@@ -401,7 +423,7 @@ impl S3Net {
     pub fn trunk(&self, x: &Tensor) -> Tensor {
         let m = self.models;
         let x = x.to_kind(self.act);
-        let mut h = self.stem_bn.forward(&self.stem.forward(&x, m)).relu();
+        let mut h = self.stem_bn.forward(&self.stem.forward(&x, m), self.kernels).relu();
         for b in &self.blocks {
             h = b.forward(&h, self.kernels, m);
         }
@@ -410,7 +432,7 @@ impl S3Net {
 
     /// The auxiliary head used by the affine-consistency term.
     pub fn aux(&self, feat: &Tensor) -> Tensor {
-        self.aux_bn.forward(&self.aux.forward_with(feat, self.kernels, self.models)).to_kind(Kind::Float)
+        self.aux_bn.forward(&self.aux.forward_with(feat, self.kernels, self.models), self.kernels).to_kind(Kind::Float)
     }
 
     /// Deformable conv and the final 1×1: the response map `(N, M·K, S, S)`.
@@ -435,12 +457,12 @@ impl S3Net {
             let w = self.dcn.w.reshape([m, f, ws[1], ws[2], ws[3]]);
             (repeat_batch(&w, n), repeat_batch(&self.dcn.b.view([m, f]), n))
         };
-        // The deformable conv computes in float32 whatever the activations (in bfloat16 its
-        // sampling positions would be off by whole pixels; both versions widen 16-bit operands
-        // anyway): the features go in as float32, the offsets, mask and kernel as the float32
-        // they are (predicted offsets widened), and the result comes back in the activations'
-        // format below.
-        let images = images.to_kind(Kind::Float);
+        // The deformable conv's sampling positions are float32 whatever the activations (in
+        // bfloat16 they would be off by whole pixels): the offsets, mask and kernel go in as
+        // the float32 they are (predicted offsets widened), the features in the activations'
+        // format. The fused op on a GPU keeps bfloat16 features and columns as such; its CPU
+        // version and the tensor-op one compute on float32 copies. The result comes back in the
+        // activations' format.
         let (offset, mask) = (offset.to_kind(Kind::Float), mask.to_kind(Kind::Float));
         let geo = ConvGeometry::same(3);
         let fused = match self.kernels {
@@ -457,8 +479,8 @@ impl S3Net {
                 .expect("deform_conv2d shapes are fixed by construction")
         });
         let h = if m == 1 { h } else { h.reshape([n, m * f, s.0, s.1]) }.to_kind(self.act);
-        let h = self.dcn_bn.forward(&h).relu();
-        self.head_bn.forward(&self.head.forward_with(&h, self.kernels, m)).to_kind(Kind::Float)
+        let h = self.dcn_bn.forward(&h, self.kernels).relu();
+        self.head_bn.forward(&self.head.forward_with(&h, self.kernels, m), self.kernels).to_kind(Kind::Float)
     }
 }
 

@@ -9,12 +9,19 @@
 //    one (n, tap, pixel)).
 // The column row order kk*C + c matches the weight permuted to (O, kh, kw, C), as on the CPU.
 // This file includes no torch header, so nvcc only needs the CUDA toolkit.
+//
+// Number formats: S stores the features, the columns and their gradient; P the offsets, the
+// mask, the sampling arithmetic and the offset, mask and input gradients (the input gradient is
+// summed with atomics, so it is kept in P and rounded by the caller). float32 and float64 are
+// both at once; bfloat16 features run with float32 positions: a bfloat16 sampling position
+// near the image's side would be off by a pixel or more, a bfloat16 feature value is not.
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "kernel_dims.h"
+#include "storage_types.cuh"
 
 namespace {
 
@@ -68,58 +75,58 @@ __device__ __forceinline__ void sample_point(const S3DeformDims& d, const T* off
   x = T(wo * d.sw - d.pw + kj * d.dw) + o[HWo];
 }
 
-template <typename T>
-__global__ void im2col_kernel(S3DeformDims d, const T* __restrict__ x, const T* __restrict__ off,
-                              const T* __restrict__ mask, T* __restrict__ cols) {
+template <typename S, typename P>
+__global__ void im2col_kernel(S3DeformDims d, const S* __restrict__ x, const P* __restrict__ off,
+                              const P* __restrict__ mask, S* __restrict__ cols) {
   const int64_t HWo = d.Ho * d.Wo, HW = d.H * d.W, total = d.N * d.K * HWo;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)blockDim.x * gridDim.x) {
     const Site s = site(d, i);
-    T y, xx;
+    P y, xx;
     sample_point(d, off, s, y, xx);
-    const Corners<T> cr = corners(y, xx, d.H, d.W);
-    const T m = mask ? mask[(s.n * d.K + s.kk) * HWo + s.p] : T(1);
-    const T w0 = m * cr.w[0], w1 = m * cr.w[1], w2 = m * cr.w[2], w3 = m * cr.w[3];
-    const T* xn = x + s.n * d.C * HW;
-    T* col = cols + (s.n * d.K + s.kk) * d.C * HWo + s.p;
+    const Corners<P> cr = corners(y, xx, d.H, d.W);
+    const P m = mask ? mask[(s.n * d.K + s.kk) * HWo + s.p] : P(1);
+    const P w0 = m * cr.w[0], w1 = m * cr.w[1], w2 = m * cr.w[2], w3 = m * cr.w[3];
+    const S* xn = x + s.n * d.C * HW;
+    S* col = cols + (s.n * d.K + s.kk) * d.C * HWo + s.p;
     for (int64_t c = 0; c < d.C; ++c) {
-      const T* plane = xn + c * HW;
-      col[c * HWo] = w0 * plane[cr.idx[0]] + w1 * plane[cr.idx[1]] + w2 * plane[cr.idx[2]] +
-                     w3 * plane[cr.idx[3]];
+      const S* plane = xn + c * HW;
+      col[c * HWo] = store_as<S>(w0 * widen(plane[cr.idx[0]]) + w1 * widen(plane[cr.idx[1]]) +
+                                 w2 * widen(plane[cr.idx[2]]) + w3 * widen(plane[cr.idx[3]]));
     }
   }
 }
 
-template <typename T>
-__global__ void col2im_kernel(S3DeformDims d, const T* __restrict__ x, const T* __restrict__ off,
-                              const T* __restrict__ mask, const T* __restrict__ gcols,
-                              T* __restrict__ gi, T* __restrict__ goff, T* __restrict__ gmask) {
+template <typename S, typename P>
+__global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* __restrict__ off,
+                              const P* __restrict__ mask, const S* __restrict__ gcols,
+                              P* __restrict__ gi, P* __restrict__ goff, P* __restrict__ gmask) {
   const int64_t HWo = d.Ho * d.Wo, HW = d.H * d.W, total = d.N * d.K * HWo;
   const bool coord = goff != nullptr || gmask != nullptr;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)blockDim.x * gridDim.x) {
     const Site s = site(d, i);
-    T y, xx;
+    P y, xx;
     sample_point(d, off, s, y, xx);
-    const Corners<T> cr = corners(y, xx, d.H, d.W);
-    const T m = mask ? mask[(s.n * d.K + s.kk) * HWo + s.p] : T(1);
-    const T* xn = x + s.n * d.C * HW;
-    T* gin = gi ? gi + s.n * d.C * HW : nullptr;
-    const T* g = gcols + (s.n * d.K + s.kk) * d.C * HWo + s.p;
-    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    const Corners<P> cr = corners(y, xx, d.H, d.W);
+    const P m = mask ? mask[(s.n * d.K + s.kk) * HWo + s.p] : P(1);
+    const S* xn = x + s.n * d.C * HW;
+    P* gin = gi ? gi + s.n * d.C * HW : nullptr;
+    const S* g = gcols + (s.n * d.K + s.kk) * d.C * HWo + s.p;
+    P s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (int64_t c = 0; c < d.C; ++c) {
-      const T gc = g[c * HWo];
+      const P gc = widen(g[c * HWo]);
       const int64_t base = c * HW;
       if (coord) {
-        s0 += gc * xn[base + cr.idx[0]];
-        s1 += gc * xn[base + cr.idx[1]];
-        s2 += gc * xn[base + cr.idx[2]];
-        s3 += gc * xn[base + cr.idx[3]];
+        s0 += gc * widen(xn[base + cr.idx[0]]);
+        s1 += gc * widen(xn[base + cr.idx[1]]);
+        s2 += gc * widen(xn[base + cr.idx[2]]);
+        s3 += gc * widen(xn[base + cr.idx[3]]);
       }
       if (gin) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          if (cr.w[q] != T(0)) atomicAdd(gin + base + cr.idx[q], m * cr.w[q] * gc);
+          if (cr.w[q] != P(0)) atomicAdd(gin + base + cr.idx[q], m * cr.w[q] * gc);
         }
       }
     }
@@ -127,7 +134,7 @@ __global__ void col2im_kernel(S3DeformDims d, const T* __restrict__ x, const T* 
       gmask[(s.n * d.K + s.kk) * HWo + s.p] = cr.w[0] * s0 + cr.w[1] * s1 + cr.w[2] * s2 + cr.w[3] * s3;
     }
     if (goff) {
-      T* o = goff + (s.n * 2 * d.K + 2 * s.kk) * HWo + s.p;
+      P* o = goff + (s.n * 2 * d.K + 2 * s.kk) * HWo + s.p;
       o[0] = m * (cr.cy[0] * s0 + cr.cy[1] * s1 + cr.cy[2] * s2 + cr.cy[3] * s3);
       o[HWo] = m * (cr.cx[0] * s0 + cr.cx[1] * s1 + cr.cx[2] * s2 + cr.cx[3] * s3);
     }
@@ -147,37 +154,51 @@ unsigned grid_for(const S3DeformDims& d) {
 
 extern "C" {
 
-// dtype: 0 = float32, 1 = float64. Pointers are device pointers of contiguous tensors (mask may
-// be null); `stream` is a cudaStream_t. Returns a cudaError_t (0 = success).
+// dtype: 0 = float32, 1 = float64, 2 = bfloat16 features (x, cols) with float32 positions (off,
+// mask). Pointers are device pointers of contiguous tensors (mask may be null); `stream` is a
+// cudaStream_t. Returns a cudaError_t (0 = success; cudaErrorInvalidValue for another code).
 int s3ops_cuda_deform_im2col(int dtype, const S3DeformDims* d, const void* x, const void* off,
                              const void* mask, void* cols, void* stream) {
   if (d->N * d->K * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
+  const unsigned grid = grid_for(*d);
   if (dtype == 0) {
-    im2col_kernel<float><<<grid_for(*d), kThreads, 0, st>>>(
+    im2col_kernel<float, float><<<grid, kThreads, 0, st>>>(
         *d, (const float*)x, (const float*)off, (const float*)mask, (float*)cols);
-  } else {
-    im2col_kernel<double><<<grid_for(*d), kThreads, 0, st>>>(
+  } else if (dtype == 1) {
+    im2col_kernel<double, double><<<grid, kThreads, 0, st>>>(
         *d, (const double*)x, (const double*)off, (const double*)mask, (double*)cols);
+  } else if (dtype == 2) {
+    im2col_kernel<Bf16, float><<<grid, kThreads, 0, st>>>(
+        *d, (const Bf16*)x, (const float*)off, (const float*)mask, (Bf16*)cols);
+  } else {
+    return (int)cudaErrorInvalidValue;
   }
   return (int)cudaGetLastError();
 }
 
-// gi (input gradient, NCHW, accumulated into: zero it first), goff and gmask (written) may each
-// be null when not needed.
+// gi (input gradient, NCHW, in the positions' type, accumulated into: zero it first), goff and
+// gmask (written) may each be null when not needed. gcols has the features' type.
 int s3ops_cuda_deform_col2im(int dtype, const S3DeformDims* d, const void* x, const void* off,
                              const void* mask, const void* gcols, void* gi, void* goff,
                              void* gmask, void* stream) {
   if (d->N * d->K * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
+  const unsigned grid = grid_for(*d);
   if (dtype == 0) {
-    col2im_kernel<float><<<grid_for(*d), kThreads, 0, st>>>(
+    col2im_kernel<float, float><<<grid, kThreads, 0, st>>>(
         *d, (const float*)x, (const float*)off, (const float*)mask, (const float*)gcols,
         (float*)gi, (float*)goff, (float*)gmask);
-  } else {
-    col2im_kernel<double><<<grid_for(*d), kThreads, 0, st>>>(
+  } else if (dtype == 1) {
+    col2im_kernel<double, double><<<grid, kThreads, 0, st>>>(
         *d, (const double*)x, (const double*)off, (const double*)mask, (const double*)gcols,
         (double*)gi, (double*)goff, (double*)gmask);
+  } else if (dtype == 2) {
+    col2im_kernel<Bf16, float><<<grid, kThreads, 0, st>>>(
+        *d, (const Bf16*)x, (const float*)off, (const float*)mask, (const Bf16*)gcols,
+        (float*)gi, (float*)goff, (float*)gmask);
+  } else {
+    return (int)cudaErrorInvalidValue;
   }
   return (int)cudaGetLastError();
 }

@@ -39,6 +39,7 @@
 #include <type_traits>
 
 #include "kernel_dims.h"
+#include "storage_types.cuh"
 
 namespace {
 
@@ -51,36 +52,6 @@ constexpr int kRowsPer = kTH / kBY;     // rows per thread (4: ty, ty + kBY, …
 constexpr int kWarps = kThreads / 32;
 constexpr int kWgTiles = 2;             // tiles a weight-gradient block walks down a column
 
-// The type the kernels add in for each storage type.
-template <typename S>
-struct Acc {
-  using type = S;
-};
-// A bfloat16 value: the top 16 bits of a float32.
-struct Bf16 {
-  uint16_t bits;
-};
-template <>
-struct Acc<Bf16> {
-  using type = float;
-};
-
-__device__ __forceinline__ float widen(Bf16 v) { return __uint_as_float((uint32_t)v.bits << 16); }
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ double widen(double v) { return v; }
-
-template <typename S>
-__device__ __forceinline__ S store_as(typename Acc<S>::type v) {
-  return v;
-}
-// Rounded to nearest, ties to even, NaN as 0x7fc0: what libtorch's c10::BFloat16 does.
-template <>
-__device__ __forceinline__ Bf16 store_as<Bf16>(float v) {
-  const uint32_t u = __float_as_uint(v);
-  if (v != v) return Bf16{(uint16_t)0x7fc0u};
-  return Bf16{(uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
-}
-
 // Shared-memory row length of the region: the tile's width plus the span, rounded up to whole
 // 16-byte groups so that every strip's reads stay inside the row.
 __host__ __device__ __forceinline__ int region_row(int span) { return (kTW + span + 3) / 4 * 4; }
@@ -91,6 +62,18 @@ struct Tile {
   int span;       // (k − 1)·d
   int rw;         // region row length in shared memory
 };
+
+// Offset of plane q's first element (see S3DepthwiseDims: contiguous, or in groups).
+__device__ __forceinline__ int64_t plane_at(int64_t q, int64_t group, int64_t gstride,
+                                            int64_t elems) {
+  return group > 0 ? (q / group) * gstride + (q % group) * elems : q * elems;
+}
+__device__ __forceinline__ int64_t in_plane(const S3DepthwiseDims& d, int64_t q) {
+  return plane_at(q, d.in_group, d.in_gstride, d.H * d.W);
+}
+__device__ __forceinline__ int64_t out_plane(const S3DepthwiseDims& d, int64_t q) {
+  return plane_at(q, d.out_group, d.out_gstride, d.Ho * d.Wo);
+}
 
 // Block → (plane, tile). `rows` output rows per block: kTH for the correlation, kTH·kWgTiles
 // for the weight gradient.
@@ -154,13 +137,13 @@ __device__ __forceinline__ void load_strip(const A* p, A (&v)[N]) {
   }
 }
 
-// Writes a thread's strip of kStrip outputs of one row: one vector store when the strip lies
-// inside the plane and is aligned for it, else element by element up to the plane's edge.
+// Writes a thread's strip of kStrip outputs of one row (added to what is there when `add`):
+// one vector access when the strip lies inside the plane and is aligned for it, else element
+// by element up to the plane's edge.
 template <typename S, typename A>
-__device__ __forceinline__ void store_strip(S* row, int x, int Wo, const A (&acc)[kStrip]) {
+__device__ __forceinline__ void store_strip(S* row, int x, int Wo, const A (&acc)[kStrip],
+                                            bool add) {
   S v[kStrip];
-#pragma unroll
-  for (int q = 0; q < kStrip; ++q) v[q] = store_as<S>(acc[q]);
   S* o = row + x;
   constexpr int bytes = (int)sizeof(S) * kStrip;
   if constexpr (bytes == 16 || bytes == 8) {
@@ -168,6 +151,15 @@ __device__ __forceinline__ void store_strip(S* row, int x, int Wo, const A (&acc
     if (x + kStrip <= Wo && (reinterpret_cast<uintptr_t>(o) % bytes) == 0) {
       V pack;
       static_assert(sizeof(V) == sizeof(v), "a strip is one vector");
+      if (add) {
+        pack = *reinterpret_cast<const V*>(o);
+        memcpy(v, &pack, sizeof(V));
+#pragma unroll
+        for (int q = 0; q < kStrip; ++q) v[q] = store_as<S>(widen(v[q]) + acc[q]);
+      } else {
+#pragma unroll
+        for (int q = 0; q < kStrip; ++q) v[q] = store_as<S>(acc[q]);
+      }
       memcpy(&pack, v, sizeof(V));
       *reinterpret_cast<V*>(o) = pack;
       return;
@@ -175,7 +167,7 @@ __device__ __forceinline__ void store_strip(S* row, int x, int Wo, const A (&acc
   }
 #pragma unroll
   for (int q = 0; q < kStrip; ++q)
-    if (x + q < Wo) o[q] = v[q];
+    if (x + q < Wo) o[q] = store_as<S>(add ? widen(o[q]) + acc[q] : acc[q]);
 }
 
 // For each kernel row i, the kLen region values the thread's strip in tile row `oy` reads
@@ -207,10 +199,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int t = 0; t < KS * KS; ++t) wr[t] = widen(w[c * KS * KS + t]);
   const T b0 = bias ? widen(bias[c]) : T(0);
-  load_region<kRW>(d, g, g.y0, in + g.plane * d.H * d.W, region);
+  load_region<kRW>(d, g, g.y0, in + in_plane(d, g.plane), region);
   __syncthreads();
   const int cx = threadIdx.x * kStrip;
-  S* plane_out = out + g.plane * d.Ho * d.Wo;
+  S* plane_out = out + out_plane(d, g.plane);
+  const bool add = d.accumulate != 0;
 #pragma unroll
   for (int rr = 0; rr < kRowsPer; ++rr) {
     const int oy = threadIdx.y + rr * kBY;
@@ -224,7 +217,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int q = 0; q < kStrip; ++q) acc[q] += wr[i * KS + j] * v[j * DIL + q];
     });
     const int y = g.y0 + oy;
-    if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc);
+    if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc, add);
   }
 }
 
@@ -242,11 +235,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = g.plane % d.C;
   const int tid = threadIdx.y * kBX + threadIdx.x;
   for (int i = tid; i < kk; i += kThreads) sw[i] = widen(w[c * kk + i]);
-  load_region<0>(d, g, g.y0, in + g.plane * d.H * d.W, region);
+  load_region<0>(d, g, g.y0, in + in_plane(d, g.plane), region);
   __syncthreads();
   const T b0 = bias ? widen(bias[c]) : T(0);
   const int cx = threadIdx.x * kStrip;
-  S* plane_out = out + g.plane * d.Ho * d.Wo;
+  S* plane_out = out + out_plane(d, g.plane);
+  const bool add = d.accumulate != 0;
   for (int rr = 0; rr < kRowsPer; ++rr) {
     const int oy = threadIdx.y + rr * kBY;
     T acc[kStrip];
@@ -261,7 +255,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     const int y = g.y0 + oy;
-    if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc);
+    if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc, add);
   }
 }
 
@@ -322,8 +316,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* region = reinterpret_cast<T*>(smem);
   const Tile g = tile_of(d, kTH * kWgTiles);
   T* red = region + (kTH + kSpan) * g.rw;
-  const S* src = in + g.plane * d.H * d.W;
-  const S* gp = go + g.plane * d.Ho * d.Wo;
+  const S* src = in + in_plane(d, g.plane);
+  const S* gp = go + out_plane(d, g.plane);
   const int cx = threadIdx.x * kStrip;
   T acc[kK + 1];
 #pragma unroll
@@ -364,8 +358,8 @@ __global__ void __launch_bounds__(kThreads)
   const int k = (int)d.k, kk = k * k, dil = (int)d.d;
   const int taps = kk + 1;                  // the kernel's, then the bias's
   T* red = region + (kTH + g.span) * g.rw;  // kWarps × taps
-  const S* src = in + g.plane * d.H * d.W;
-  const S* gp = go + g.plane * d.Ho * d.Wo;
+  const S* src = in + in_plane(d, g.plane);
+  const S* gp = go + out_plane(d, g.plane);
   const int cx = threadIdx.x * kStrip, tid = threadIdx.y * kBX + threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   // Per tap, each warp's running sum (lane 0 keeps it), reset here.

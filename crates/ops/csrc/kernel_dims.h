@@ -15,4 +15,12 @@ struct S3DepthwiseDims {
   // (any sign: the input gradient runs as a correlation with padding (k−1)·d − p), dilation d,
   // Ho×Wo outputs.
   int64_t N, C, H, W, k, p, d, Ho, Wo;
+  // Where plane q lives, for the input and for the output-shaped tensor (the output, or the
+  // output gradient the weight gradient reads): contiguous (q · plane size) when the group is
+  // 0, else in groups of `group` planes whose starts are `gstride` elements apart:
+  // (q / group) · gstride + (q mod group) · plane size. Lets the I-LKA block's three branches
+  // write into, and read their gradients from, slices of one concatenated tensor.
+  int64_t in_group, in_gstride, out_group, out_gstride;
+  // Correlation only: add to what the output holds instead of overwriting it.
+  int64_t accumulate;
 };

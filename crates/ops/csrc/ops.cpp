@@ -307,12 +307,27 @@ int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in,
 int s3ops_cuda_dw_weight_grad(int dtype, const S3DepthwiseDims* d, const void* in,
                               const void* go, void* partial, void* stream);
 const char* s3ops_cuda_error_string(int code);
+int64_t s3ops_cuda_bias_grad_chunks(int64_t elems);
+int s3ops_cuda_bias_add(int dtype, void* y, const void* bias, int64_t planes, int64_t elems,
+                        int64_t channels, void* stream);
+int s3ops_cuda_bias_grad(int dtype, const void* go, void* partial, int64_t planes, int64_t elems,
+                         int64_t channels, void* stream);
+int64_t s3ops_cuda_plane_norm_scratch(int64_t planes, int64_t elems);
+int s3ops_cuda_plane_norm_forward(int dtype, const void* x, void* y, const void* gamma,
+                                  const void* beta, void* mean, void* invstd, void* scratch,
+                                  int64_t planes, int64_t elems, int64_t channels, double eps,
+                                  void* stream);
+int s3ops_cuda_plane_norm_backward(int dtype, const void* dy, const void* x, const void* gamma,
+                                   const void* mean, const void* invstd, void* dx, void* dgamma,
+                                   void* dbeta, void* scratch, int64_t planes, int64_t elems,
+                                   int64_t channels, void* stream);
 }
 namespace {
 
+// Contiguous planes in and out, the output overwritten.
 S3DepthwiseDims dw_dims(const at::Tensor& in, int64_t k, int64_t p, int64_t d, int64_t Ho,
                         int64_t Wo) {
-  return {in.size(0), in.size(1), in.size(2), in.size(3), k, p, d, Ho, Wo};
+  return {in.size(0), in.size(1), in.size(2), in.size(3), k, p, d, Ho, Wo, 0, 0, 0, 0, 0};
 }
 
 // The depthwise kernels' dtype code, and the type they add in (float32 for bfloat16).
@@ -344,6 +359,52 @@ cudaStream_t current_stream(const at::Tensor& t) {
 void kernel_check(const char* op, int rc, const char* what) {
   TORCH_CHECK(rc == 0, op, ": CUDA ", what, " kernel failed: ", s3ops_cuda_error_string(rc));
 }
+
+// Whether the bias kernels (bias_cuda.cu) take this tensor: CUDA float32, float64, bfloat16,
+// contiguous.
+bool bias_cuda_ok(const at::Tensor& t) {
+  return t.is_cuda() && t.is_contiguous() &&
+         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+          t.scalar_type() == at::kBFloat16);
+}
+
+// y (planes of `elems` values, plane q of channel q mod C) += bias (C), in place, one pass.
+void bias_add_cuda(at::Tensor& y, const at::Tensor& bias, int64_t elems) {
+  c10::cuda::CUDAGuard guard(y.device());
+  const auto b = bias.contiguous();
+  const int64_t C = b.numel(), planes = elems > 0 ? y.numel() / elems : 0;
+  const int rc = s3ops_cuda_bias_add(dw_cuda_dtype(y), y.data_ptr(), b.data_ptr(), planes, elems,
+                                     C, current_stream(y));
+  kernel_check("bias", rc, "add");
+}
+
+// The bias gradient (C) from go (planes of `elems` values, plane q of channel q mod C): one
+// pass over go into per-chunk partial sums in float32 (float64 for float64), added here and
+// returned unrounded.
+at::Tensor bias_grad_cuda(const at::Tensor& go, int64_t elems, int64_t C) {
+  c10::cuda::CUDAGuard guard(go.device());
+  const int64_t planes = elems > 0 ? go.numel() / elems : 0;
+  auto partial = at::empty({C, s3ops_cuda_bias_grad_chunks(elems)},
+                           go.options().dtype(dw_sum_type(go)));
+  const int rc = s3ops_cuda_bias_grad(dw_cuda_dtype(go), go.data_ptr(), partial.data_ptr(),
+                                      planes, elems, C, current_stream(go));
+  kernel_check("bias", rc, "gradient");
+  return partial.sum(1);
+}
+#endif
+
+#ifdef S3OPS_CUDA
+// The CUDA correlation over the planes `dims` describes, from `in` to `out` (device pointers
+// laid out as its mappings say; `like` gives dtype, device and stream), per-channel kernels w
+// (C, k*k), plus bias (C) when given.
+void dw_correlate_cuda(const S3DepthwiseDims& dims, const at::Tensor& like, const void* in,
+                       const at::Tensor& w, const at::Tensor* bias, void* out) {
+  c10::cuda::CUDAGuard guard(like.device());
+  const int rc = s3ops_cuda_dw_correlate(dw_cuda_dtype(like), &dims, in, w.data_ptr(),
+                                         bias ? bias->data_ptr() : nullptr, out,
+                                         current_stream(like));
+  kernel_check("depthwise_conv2d", rc, "correlate");
+}
 #endif
 
 // out (N, C, Ho, Wo) = correlation of in (N, C, H, W) with per-channel kernels w (C, k*k),
@@ -355,13 +416,7 @@ at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Ten
   if (out.numel() == 0) return out;
 #ifdef S3OPS_CUDA
   if (in.is_cuda()) {
-    c10::cuda::CUDAGuard guard(in.device());
-    const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
-    const int rc = s3ops_cuda_dw_correlate(dw_cuda_dtype(in), &dims,
-                                           in.data_ptr(), w.data_ptr(),
-                                           bias ? bias->data_ptr() : nullptr, out.data_ptr(),
-                                           current_stream(in));
-    kernel_check("depthwise_conv2d", rc, "correlate");
+    dw_correlate_cuda(dw_dims(in, k, p, d, Ho, Wo), in, in.data_ptr(), w, bias, out.data_ptr());
     return out;
   }
 #endif
@@ -385,6 +440,31 @@ at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Ten
   return out;
 }
 
+#ifdef S3OPS_CUDA
+// grad_weight (C, 1, k, k) and grad_bias (C) of the depthwise conv on CUDA, for the planes that
+// `dims` describes: the input `in`'s (contiguous), the output gradient at `go` (laid out as
+// dims' output mapping says). One kernel writes a partial sum per (plane, block, tap), the
+// bias's among them, summed here: deterministic, no atomics.
+at::Tensor dw_weight_grad_cuda(const S3DepthwiseDims& dims, const at::Tensor& in, const void* go,
+                               at::Tensor* gb) {
+  const int64_t N = dims.N, C = dims.C, k = dims.k;
+  c10::cuda::CUDAGuard guard(in.device());
+  // The last of the k² + 1 partials of a block is the bias's.
+  const int64_t blocks = s3ops_cuda_dw_partials_per_plane(&dims);
+  auto partial = at::empty({N, C, blocks, k * k + 1}, in.options().dtype(dw_sum_type(in)));
+  if (partial.numel() == 0) {
+    if (gb) *gb = at::zeros({C}, in.options());
+    return at::zeros({C, 1, k, k}, in.options());
+  }
+  const int rc = s3ops_cuda_dw_weight_grad(dw_cuda_dtype(in), &dims, in.data_ptr(), go,
+                                           partial.data_ptr(), current_stream(in));
+  kernel_check("depthwise_conv2d", rc, "weight-gradient");
+  const auto sums = partial.sum(at::IntArrayRef{0, 2});  // (C, k² + 1)
+  if (gb) *gb = sums.select(1, k * k).to(in.scalar_type()).contiguous();
+  return sums.narrow(1, 0, k * k).to(in.scalar_type()).contiguous().view({C, 1, k, k});
+}
+#endif
+
 // grad_weight (C, 1, k, k) of the depthwise conv. On CUDA the same kernel sums the bias
 // gradient (C) as it reads go, and sets `gb` to it when `gb` is given; elsewhere `gb` is left
 // as it is (undefined) for the caller to compute.
@@ -393,25 +473,7 @@ at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k,
   const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
   const int64_t Ho = go.size(2), Wo = go.size(3);
 #ifdef S3OPS_CUDA
-  if (in.is_cuda()) {
-    // One partial sum per (plane, block, tap), summed here: deterministic, no atomics.
-    c10::cuda::CUDAGuard guard(in.device());
-    const S3DepthwiseDims dims = dw_dims(in, k, p, d, Ho, Wo);
-    // The last of the k² + 1 partials of a block is the bias's.
-    const int64_t blocks = s3ops_cuda_dw_partials_per_plane(&dims);
-    auto partial = at::empty({N, C, blocks, k * k + 1}, in.options().dtype(dw_sum_type(in)));
-    if (partial.numel() == 0) {
-      if (gb) *gb = at::zeros({C}, in.options());
-      return at::zeros({C, 1, k, k}, in.options());
-    }
-    const int rc = s3ops_cuda_dw_weight_grad(dw_cuda_dtype(in), &dims, in.data_ptr(),
-                                             go.data_ptr(), partial.data_ptr(),
-                                             current_stream(in));
-    kernel_check("depthwise_conv2d", rc, "weight-gradient");
-    const auto sums = partial.sum(at::IntArrayRef{0, 2});  // (C, k² + 1)
-    if (gb) *gb = sums.select(1, k * k).to(in.scalar_type()).contiguous();
-    return sums.narrow(1, 0, k * k).to(in.scalar_type()).contiguous().view({C, 1, k, k});
-  }
+  if (in.is_cuda()) return dw_weight_grad_cuda(dw_dims(in, k, p, d, Ho, Wo), in, go.data_ptr(), gb);
 #endif
   auto gw = at::zeros({C, 1, k, k}, in.options());
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "s3net_depthwise_wgrad", [&] {
@@ -522,6 +584,178 @@ struct DepthwiseFn : public torch::autograd::Function<DepthwiseFn> {
 
 
 // ============================================================================================
+// The I-LKA block's three parallel depthwise convolutions, concatenated per network
+// ============================================================================================
+//
+// out (N, M·3c, H, W) from in (N, M·c, H, W): network j's 3c output channels hold branch 0's
+// c channels, then branch 1's, then branch 2's, each a 'same' depthwise conv of network j's
+// input channels. What cat(conv0(a), conv1(a), conv2(a)) per network computes, without its
+// copies: the kernels write their outputs straight into their slices of the concatenation and
+// read their output gradients from those slices, and the input gradient's three parts are
+// added by the kernels themselves (the second and third accumulate into the first) instead of
+// by autograd. A 16-network step copied and added a few hundred MB per block for these.
+// CUDA only (f32, f64, bf16, when every branch fits the kernels); elsewhere the three
+// depthwise ops and a cat (s3ops_depthwise_branches).
+
+#ifdef S3OPS_CUDA
+constexpr int kBranches = 3;
+
+struct BranchesFn : public torch::autograd::Function<BranchesFn> {
+  // geo: pad and dilation of each branch, then the number of networks M.
+  static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor w0, at::Tensor b0,
+                            at::Tensor w1, at::Tensor b1, at::Tensor w2, at::Tensor b2,
+                            std::vector<int64_t> geo) {
+    auto x = input.contiguous();
+    const at::Tensor ws[kBranches] = {w0.contiguous(), w1.contiguous(), w2.contiguous()};
+    const at::Tensor bs[kBranches] = {b0.contiguous(), b1.contiguous(), b2.contiguous()};
+    const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+    const int64_t c = C / geo[2 * kBranches], HW = H * W, elem = x.element_size();
+    auto out = at::empty({N, kBranches * C, H, W}, x.options());
+    for (int b = 0; b < kBranches; ++b) {
+      S3DepthwiseDims dims = dw_dims(x, ws[b].size(2), geo[2 * b], geo[2 * b + 1], H, W);
+      dims.out_group = c;
+      dims.out_gstride = kBranches * c * HW;
+      dw_correlate_cuda(dims, x, x.data_ptr(), ws[b], &bs[b],
+                        (char*)out.data_ptr() + b * c * HW * elem);
+    }
+    ctx->save_for_backward({x, ws[0], ws[1], ws[2]});
+    ctx->saved_data["geo"] = geo;
+    const at::Tensor* params[2 * kBranches] = {&w0, &b0, &w1, &b1, &w2, &b2};
+    std::vector<int64_t> flags(1, input.requires_grad());
+    for (auto* t : params) flags.push_back(t->requires_grad());
+    ctx->saved_data["need"] = flags;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto sv = ctx->get_saved_variables();
+    const auto geo = ctx->saved_data["geo"].toIntVector();
+    const auto need = ctx->saved_data["need"].toIntVector();
+    const at::Tensor& x = sv[0];
+    const int64_t H = x.size(2), W = x.size(3), C = x.size(1);
+    const int64_t c = C / geo[2 * kBranches], HW = H * W, elem = x.element_size();
+    auto go = grads[0].contiguous();  // (N, 3·M·c, H, W)
+    const auto slice = [&](int b) { return (const char*)go.data_ptr() + b * c * HW * elem; };
+    variable_list r(8);
+    if (need[0]) {
+      // Σ over branches of the correlation of its output gradient with its flipped kernel,
+      // padding (k−1)·d − p; branches 1 and 2 add to what branch 0 wrote.
+      auto gi = at::empty_like(x);
+      for (int b = 0; b < kBranches; ++b) {
+        const int64_t k = sv[1 + b].size(2), p = geo[2 * b], d = geo[2 * b + 1];
+        S3DepthwiseDims dims = dw_dims(x, k, (k - 1) * d - p, d, H, W);
+        dims.in_group = c;
+        dims.in_gstride = kBranches * c * HW;
+        dims.accumulate = b > 0;
+        dw_correlate_cuda(dims, x, slice(b), sv[1 + b].flip({2, 3}).contiguous(), nullptr,
+                          gi.data_ptr());
+      }
+      r[0] = gi;
+    }
+    for (int b = 0; b < kBranches; ++b) {
+      const bool need_w = need[1 + 2 * b], need_b = need[2 + 2 * b];
+      if (!need_w && !need_b) continue;
+      const int64_t k = sv[1 + b].size(2);
+      S3DepthwiseDims dims = dw_dims(x, k, geo[2 * b], geo[2 * b + 1], H, W);
+      dims.out_group = c;
+      dims.out_gstride = kBranches * c * HW;
+      at::Tensor gb;
+      auto gw = dw_weight_grad_cuda(dims, x, slice(b), &gb);
+      if (need_w) r[1 + 2 * b] = gw;
+      if (need_b) r[2 + 2 * b] = gb;
+    }
+    return r;
+  }
+};
+#endif
+
+// y (planes of `elems` values, plane q of channel q mod C, contiguous) += bias (C) in place: one
+// vectorised pass on CUDA (bias_cuda.cu), libtorch's broadcasting add elsewhere.
+void add_bias(at::Tensor& y, const at::Tensor& bias, int64_t elems) {
+#ifdef S3OPS_CUDA
+  if (bias_cuda_ok(y) && bias.scalar_type() == y.scalar_type()) {
+    bias_add_cuda(y, bias, elems);
+    return;
+  }
+#endif
+  const int64_t C = bias.numel();
+  y.view({-1, C, elems}).add_(bias.reshape({1, C, 1}));
+}
+
+// The gradient (C) of such a bias from go laid out like y, as `kind` (the bias's type).
+at::Tensor bias_grad(const at::Tensor& go, int64_t elems, int64_t C, at::ScalarType kind) {
+#ifdef S3OPS_CUDA
+  if (bias_cuda_ok(go)) return bias_grad_cuda(go, elems, C).to(kind);
+#endif
+  return go.reshape({-1, C, elems}).sum(at::IntArrayRef{0, 2}).to(kind);
+}
+
+// ============================================================================================
+// BatchNorm with statistics per (image, channel) plane
+// ============================================================================================
+//
+// y = (x − mean) / sqrt(var + eps) · γ[c] + β[c], mean and (biased) var over each H×W plane of
+// x (N, C, H, W): BatchNorm in training mode applied to each image on its own. On CUDA
+// (float32, float64, bfloat16 planes; γ, β and their gradients float32, float64 for float64)
+// norm_cuda.cu's kernels; elsewhere libtorch's batch_norm over the N·C planes as channels of one
+// image, as the network did before.
+
+#ifdef S3OPS_CUDA
+struct PlaneNormFn : public torch::autograd::Function<PlaneNormFn> {
+  static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor gamma,
+                            at::Tensor beta, double eps) {
+    auto x = input.contiguous();
+    const auto g = gamma.contiguous(), b = beta.contiguous();
+    const int64_t C = x.size(1), planes = x.size(0) * C, elems = x.size(2) * x.size(3);
+    c10::cuda::CUDAGuard guard(x.device());
+    auto y = at::empty_like(x);
+    const auto sums = x.options().dtype(dw_sum_type(x));
+    auto mean = at::empty({planes}, sums), invstd = at::empty({planes}, sums);
+    auto scratch = at::empty({s3ops_cuda_plane_norm_scratch(planes, elems)}, sums);
+    const int rc = s3ops_cuda_plane_norm_forward(
+        dw_cuda_dtype(x), x.data_ptr(), y.data_ptr(), g.data_ptr(), b.data_ptr(), mean.data_ptr(),
+        invstd.data_ptr(), scratch.data_ptr(), planes, elems, C, eps, current_stream(x));
+    kernel_check("plane_norm", rc, "forward");
+    ctx->save_for_backward({x, g, mean, invstd});
+    ctx->saved_data["need"] = std::vector<int64_t>{input.requires_grad(), gamma.requires_grad(),
+                                                   beta.requires_grad()};
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto sv = ctx->get_saved_variables();
+    const at::Tensor &x = sv[0], &g = sv[1], &mean = sv[2], &invstd = sv[3];
+    const auto need = ctx->saved_data["need"].toIntVector();
+    auto dy = grads[0].contiguous();
+    const int64_t N = x.size(0), C = x.size(1), planes = N * C, elems = x.size(2) * x.size(3);
+    c10::cuda::CUDAGuard guard(x.device());
+    auto dx = at::empty_like(x);
+    auto dg = at::empty({planes}, mean.options()), db = at::empty({planes}, mean.options());
+    auto scratch = at::empty({s3ops_cuda_plane_norm_scratch(planes, elems)}, mean.options());
+    const int rc = s3ops_cuda_plane_norm_backward(
+        dw_cuda_dtype(x), dy.data_ptr(), x.data_ptr(), g.data_ptr(), mean.data_ptr(),
+        invstd.data_ptr(), dx.data_ptr(), dg.data_ptr(), db.data_ptr(), scratch.data_ptr(), planes,
+        elems, C, current_stream(x));
+    kernel_check("plane_norm", rc, "backward");
+    // Each channel's γ and β gradients: its planes' shares added, image by image.
+    return {need[0] ? dx : at::Tensor(), need[1] ? dg.view({N, C}).sum(0).to(g.scalar_type()) : at::Tensor(),
+            need[2] ? db.view({N, C}).sum(0).to(g.scalar_type()) : at::Tensor(), at::Tensor()};
+  }
+};
+#endif
+
+// libtorch's batch_norm, one image at a time in effect: the N·C planes as the channels of one
+// image, γ and β repeated per image (for N = 1, BatchNorm itself).
+at::Tensor plane_norm_libtorch(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                               double eps) {
+  const int64_t n = x.size(0);
+  if (n == 1) return at::batch_norm(x, gamma, beta, {}, {}, true, 0.1, eps, true);
+  auto y = at::batch_norm(x.flatten(0, 1).unsqueeze(0), gamma.repeat({n}), beta.repeat({n}), {},
+                          {}, true, 0.1, eps, true);
+  return y.view(x.sizes());
+}
+
+// ============================================================================================
 // Stacked 1×1 convolutions
 // ============================================================================================
 //
@@ -612,7 +846,7 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
     auto x = input.contiguous().view({N, M, C, H * W});
     auto w = weight.contiguous().view({M, O, C});
     auto y = at::matmul(w, x);  // (N, M, O, HW)
-    if (bias) y.add_(bias->view({1, M, O, 1}));
+    if (bias) add_bias(y, *bias, H * W);
     ctx->save_for_backward({weight.requires_grad() ? x : at::Tensor(),
                             input.requires_grad() ? w : at::Tensor()});
     ctx->saved_data["shape"] = std::vector<int64_t>{N, M, C, O, H, W};
@@ -633,7 +867,7 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
       auto g = gemm_nt_split_k(go.view({N * M, O, HW}), sv[0].view({N * M, C, HW}));
       gw = g.view({N, M * O, C}).sum(0).to(go.scalar_type()).view({M * O, C, 1, 1});
     }
-    if (ctx->saved_data["need_b"].toBool()) gb = go.sum(at::IntArrayRef{0, 3}).view({M * O});
+    if (ctx->saved_data["need_b"].toBool()) gb = bias_grad(go, HW, M * O, go.scalar_type());
     return {gi, gw, gb, at::Tensor()};
   }
 };
@@ -993,7 +1227,10 @@ DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
                          const std::optional<at::Tensor>& bias, const int64_t* g) {
   const char* nm = "deform_conv2d: ";
   TORCH_CHECK(x.dim() == 4, nm, "input must be 4-D (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, nm,
+  // bfloat16 features reach here only on CUDA (s3ops_deform_conv2d widens them elsewhere), with
+  // float32 offsets, mask, weight and bias.
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && x.is_cuda();
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || bf16, nm,
               "input must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
 #ifdef S3OPS_CUDA
   TORCH_CHECK(x.device().is_cpu() || x.device().is_cuda(), nm, "input on ", x.device(),
@@ -1002,8 +1239,9 @@ DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
   TORCH_CHECK(x.device().is_cpu(), nm, "input on ", x.device(),
               ": this build has no CUDA kernel (nvcc was not found when it was compiled)");
 #endif
+  const auto operand_type = bf16 ? at::kFloat : x.scalar_type();
   auto same = [&](const at::Tensor& t, const char* what) {
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), nm, what, " dtype ", t.scalar_type(),
+    TORCH_CHECK(t.scalar_type() == operand_type, nm, what, " dtype ", t.scalar_type(),
                 " differs from the input's ", x.scalar_type());
     TORCH_CHECK(t.device() == x.device(), nm, what, " is on ", t.device(), ", the input on ",
                 x.device());
@@ -1074,6 +1312,12 @@ int s3ops_cuda_deform_col2im(int dtype, const S3DeformDims* d, const void* x, co
 namespace {
 
 
+// The deformable kernels' dtype code: the features' type (bfloat16 features come with float32
+// offsets and mask).
+int deform_cuda_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? 1 : x.scalar_type() == at::kBFloat16 ? 2 : 0;
+}
+
 // Images per chunk, so that the column buffer (K*C x Ho*Wo per image) stays under ~256 MiB.
 int64_t cuda_chunk(const DeformShape& s, size_t elem) {
   const int64_t per = std::max<int64_t>(1, s.K * s.C * s.Ho * s.Wo * (int64_t)elem);
@@ -1097,7 +1341,7 @@ at::Tensor cuda_cols(const DeformShape& s, const at::Tensor& x, const at::Tensor
   const int64_t HWo = s.Ho * s.Wo;
   auto cols = at::empty({nb, s.K * s.C, HWo}, x.options());
   const DeformShape d = sub(s, nb);
-  const int dtype = x.scalar_type() == at::kDouble ? 1 : 0;
+  const int dtype = deform_cuda_dtype(x);
   const int rc = s3ops_cuda_deform_im2col(dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
                                           ptr_or_null(off, n0, 2 * s.K * HWo),
                                           ptr_or_null(mask, n0, s.K * HWo), cols.data_ptr(), st);
@@ -1112,18 +1356,20 @@ at::Tensor deform_forward_cuda(const DeformShape& s, const at::Tensor& x, const 
   const cudaStream_t st = current_stream(x);
   const int64_t HWo = s.Ho * s.Wo;
   auto out = at::empty({s.N, s.O, HWo}, x.options());
+  // The GEMMs run in the features' type (bfloat16 ones on tensor cores, adding in float32).
+  const auto Wg = W2.to(x.scalar_type());
   const int64_t chunk = cuda_chunk(s, x.element_size());
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
     const int64_t nb = std::min(chunk, s.N - n0);
     auto cols = cuda_cols(s, x, off, mask, n0, nb, st);
     auto o = out.narrow(0, n0, nb);
-    if (W2.dim() == 3) {
-      at::bmm_out(o, W2.narrow(0, n0, nb), cols);  // per image: (nb, O, KC) x (nb, KC, HWo)
+    if (Wg.dim() == 3) {
+      at::bmm_out(o, Wg.narrow(0, n0, nb), cols);  // per image: (nb, O, KC) x (nb, KC, HWo)
     } else {
-      at::matmul_out(o, W2, cols);  // (O, KC) x (nb, KC, HWo) -> (nb, O, HWo)
+      at::matmul_out(o, Wg, cols);  // (O, KC) x (nb, KC, HWo) -> (nb, O, HWo)
     }
   }
-  if (bias.defined()) out.add_(bias.view({W2.dim() == 3 ? s.N : 1, s.O, 1}));
+  if (bias.defined()) add_bias(out, bias.to(x.scalar_type()), HWo);
   return out.view({s.N, s.O, s.Ho, s.Wo});
 }
 
@@ -1137,13 +1383,20 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
   const int64_t HWo = s.Ho * s.Wo, CK = s.C * s.K;
   need_mask = need_mask && mask.defined();
   at::Tensor gi, goff, gmask, gw, gb;
-  if (need_in) gi = at::zeros_like(x);
-  if (need_off) goff = at::zeros_like(off);
-  if (need_mask) gmask = at::zeros_like(mask);
+  // The input gradient is summed with atomics in the positions' type (float32 for bfloat16
+  // features) and rounded at the end; the others are in their operands' types.
+  if (need_in) gi = at::zeros(x.sizes(), off.options());
+  // col2im writes every offset and mask gradient (one thread per image, tap and pixel).
+  if (need_off) goff = at::empty_like(off);
+  if (need_mask) gmask = at::empty_like(mask);
   const bool per_image = W2.dim() == 3;
   if (need_w) gw = at::zeros_like(W2);
-  if (need_b) gb = per_image ? go.sum({2, 3}) : go.sum({0, 2, 3});
-  const int dtype = x.scalar_type() == at::kDouble ? 1 : 0;
+  if (need_b) {
+    gb = bias_grad(go, HWo, per_image ? s.N * s.O : s.O, W2.scalar_type())
+             .view(per_image ? at::IntArrayRef{s.N, s.O} : at::IntArrayRef{s.O});
+  }
+  const int dtype = deform_cuda_dtype(x);
+  const auto Wg = W2.to(x.scalar_type());
   auto go3 = go.view({s.N, s.O, HWo});
   const int64_t chunk = cuda_chunk(s, x.element_size());
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
@@ -1162,7 +1415,7 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
       }
     }
     if (need_in || need_off || need_mask) {
-      auto Wt = per_image ? W2.narrow(0, n0, nb).transpose(1, 2) : W2.t();
+      auto Wt = per_image ? Wg.narrow(0, n0, nb).transpose(1, 2) : Wg.t();
       auto gcols = at::matmul(Wt, g).contiguous();  // (nb, KC, HWo)
       const DeformShape d = sub(s, nb);
       const int rc = s3ops_cuda_deform_col2im(
@@ -1172,6 +1425,7 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
       kernel_check("deform_conv2d", rc, "col2im");
     }
   }
+  if (gi.defined()) gi = gi.to(x.scalar_type());
   return {gi, goff, gmask, gw, gb};
 }
 #endif  // S3OPS_CUDA
@@ -1298,6 +1552,43 @@ extern "C" {
 
 void s3ops_free_err(char* e) { free(e); }
 
+}  // extern "C"
+namespace {
+
+// The depthwise conv through the fastest path that takes it: our kernels (CPU, CUDA), or
+// libtorch's convolution for a dilated kernel too wide for a CUDA block's shared memory.
+// 16-bit inputs the kernels do not read themselves are widened and the result rounded back.
+at::Tensor depthwise_any(const at::Tensor& input, const at::Tensor& weight, const at::Tensor* bias,
+                         int64_t pad, int64_t dil) {
+  // The CUDA kernels read and write bfloat16 themselves.
+  const bool native = input.is_cuda() && input.scalar_type() == at::kBFloat16;
+  const at::Tensor x = widen(input, native), w = widen(weight, native);
+  const std::optional<at::Tensor> b = widen(bias, native);
+  dw_check(x, w, b, pad, dil);
+  at::Tensor r;
+#ifdef S3OPS_CUDA
+  if (x.is_cuda() && !dw_cuda_fits(x, w.size(2), pad, dil)) {
+    r = at::conv2d(x, w, b, 1, pad, dil, x.size(1));
+  }
+#endif
+  if (!r.defined()) r = DepthwiseFn::apply(x, w, b, pad, dil);
+  return narrow_to(r, input);
+}
+
+// Per-network blocks of channels joined: parts (N, M·c_i, H, W) → (N, M·Σc_i, H, W), network
+// j's blocks side by side.
+at::Tensor cat_per_model(const std::vector<at::Tensor>& parts, int64_t models) {
+  std::vector<at::Tensor> split;
+  for (const auto& t : parts) {
+    split.push_back(t.reshape({t.size(0), models, t.size(1) / models, t.size(2), t.size(3)}));
+  }
+  auto c = at::cat(split, 2);
+  return c.reshape({c.size(0), c.size(1) * c.size(2), c.size(3), c.size(4)});
+}
+
+}  // namespace
+extern "C" {
+
 // Returns 0 and a new tensor in *out, or non-zero and a malloc'd message in *err.
 int s3ops_depthwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
                            const at::Tensor* bias, int64_t pad, int64_t dil, at::Tensor** out,
@@ -1305,21 +1596,60 @@ int s3ops_depthwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
   S3_PROTECT({
     *out = nullptr;
     *err = nullptr;
-    // The CUDA kernels read and write bfloat16 themselves.
-    const bool native = input->is_cuda() && input->scalar_type() == at::kBFloat16;
-    const at::Tensor x = widen(*input, native), w = widen(*weight, native);
-    const std::optional<at::Tensor> b = widen(bias, native);
-    dw_check(x, w, b, pad, dil);
+    *out = new at::Tensor(depthwise_any(*input, *weight, bias, pad, dil));
+    return 0;
+  })
+}
+
+// Three 'same' depthwise convs of one input, concatenated per network (BranchesFn). weights
+// and biases: three each; geometry: padding and dilation of each.
+int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* weights,
+                             const at::Tensor* const* biases, const int64_t* geometry,
+                             int64_t models, at::Tensor** out, char** err) {
+  S3_PROTECT({
+    *out = nullptr;
+    *err = nullptr;
+    const char* nm = "depthwise_branches: ";
+    TORCH_CHECK(models >= 1, nm, "need at least one network, got ", models);
+    TORCH_CHECK(input->dim() == 4 && input->size(1) % models == 0, nm,
+                "input must be (N, M·C, H, W) with M = ", models, ", got ", input->sizes());
+    bool fused = false;
+#ifdef S3OPS_CUDA
+    fused = input->is_cuda() && (input->scalar_type() == at::kFloat ||
+                                 input->scalar_type() == at::kDouble ||
+                                 input->scalar_type() == at::kBFloat16);
+#endif
+    std::vector<int64_t> geo;
+    for (int b = 0; b < 3; ++b) {
+      const int64_t p = geometry[2 * b], d = geometry[2 * b + 1];
+      TORCH_CHECK(weights[b] && biases[b], nm, "branch ", b, " needs a weight and a bias");
+      dw_check(widen(*input), widen(*weights[b]), widen(biases[b]), p, d);
+      const int64_t k = weights[b]->size(2);
+      TORCH_CHECK(2 * p == d * (k - 1), nm, "branch ", b, ": padding ", p, " with a ", k, "x", k,
+                  " kernel of dilation ", d, " does not keep the size ('same' needs ",
+                  d * (k - 1), " / 2)");
+#ifdef S3OPS_CUDA
+      fused = fused && dw_cuda_fits(*input, k, p, d);
+#endif
+      geo.push_back(p);
+      geo.push_back(d);
+    }
+    geo.push_back(models);
     at::Tensor r;
 #ifdef S3OPS_CUDA
-    // A dilated kernel too wide for a block's shared memory, or too many blocks: libtorch's
-    // convolution instead.
-    if (x.is_cuda() && !dw_cuda_fits(x, w.size(2), pad, dil)) {
-      r = at::conv2d(x, w, b, 1, pad, dil, x.size(1));
+    if (fused) {
+      r = BranchesFn::apply(*input, *weights[0], *biases[0], *weights[1], *biases[1], *weights[2],
+                            *biases[2], geo);
     }
 #endif
-    if (!r.defined()) r = DepthwiseFn::apply(x, w, b, pad, dil);
-    *out = new at::Tensor(narrow_to(r, *input));
+    if (!r.defined()) {
+      std::vector<at::Tensor> parts;
+      for (int b = 0; b < 3; ++b) {
+        parts.push_back(depthwise_any(*input, *weights[b], biases[b], geo[2 * b], geo[2 * b + 1]));
+      }
+      r = cat_per_model(parts, models);
+    }
+    *out = new at::Tensor(std::move(r));
     return 0;
   })
 }
@@ -1344,7 +1674,10 @@ int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const
   S3_PROTECT({
     *out = nullptr;
     *err = nullptr;
-    const at::Tensor x = widen(*input), off = widen(*offset), w = widen(*weight);
+    // On CUDA, bfloat16 features stay bfloat16 (the kernels read and write them, the GEMMs run
+    // on them); positions, weight and bias are float32 whatever they came as.
+    const bool native = input->is_cuda() && input->scalar_type() == at::kBFloat16;
+    const at::Tensor x = widen(*input, native), off = widen(*offset), w = widen(*weight);
     const std::optional<at::Tensor> m = widen(mask), b = widen(bias);
     deform_check(x, off, m, w, b, geometry);
     at::Tensor r = DeformFn::apply(x, off, m, w, b, geometry[0], geometry[1], geometry[2],
@@ -1354,8 +1687,39 @@ int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const
   })
 }
 
+// BatchNorm in training mode with statistics per (image, channel) plane (see PlaneNormFn).
+int s3ops_plane_norm(const at::Tensor* input, const at::Tensor* gamma, const at::Tensor* beta,
+                     double eps, at::Tensor** out, char** err) {
+  S3_PROTECT({
+    *out = nullptr;
+    *err = nullptr;
+    const char* nm = "plane_norm: ";
+    const at::Tensor& x = *input;
+    TORCH_CHECK(x.dim() == 4, nm, "input must be 4-D (N, C, H, W), got ", x.sizes());
+    const int64_t C = x.size(1);
+    TORCH_CHECK(gamma->dim() == 1 && gamma->size(0) == C && beta->dim() == 1 && beta->size(0) == C,
+                nm, "gamma and beta must be (", C, "), got ", gamma->sizes(), " and ", beta->sizes());
+    TORCH_CHECK(gamma->device() == x.device() && beta->device() == x.device(), nm,
+                "gamma and beta must be on the input's device");
+    TORCH_CHECK(eps > 0, nm, "eps must be positive, got ", eps);
+    at::Tensor r;
+#ifdef S3OPS_CUDA
+    const auto kind = x.scalar_type();
+    const auto params = kind == at::kDouble ? at::kDouble : at::kFloat;
+    if (x.is_cuda() && (kind == at::kFloat || kind == at::kDouble || kind == at::kBFloat16) &&
+        gamma->scalar_type() == params && beta->scalar_type() == params &&
+        x.size(2) * x.size(3) > 0) {
+      r = PlaneNormFn::apply(x, *gamma, *beta, eps);
+    }
+#endif
+    if (!r.defined()) r = plane_norm_libtorch(x, *gamma, *beta, eps);
+    *out = new at::Tensor(std::move(r));
+    return 0;
+  })
+}
+
 // One step of momentum SGD (PyTorch's, without dampening or weight decay) over n parameters:
-// v = momentum * v + grad; p -= lr * v; then every gradient is zeroed for the next backward.
+// v = momentum * v + grad; p -= lr * v; then every gradient is dropped for the next backward.
 // Parameters without a gradient are skipped. Why here: a network has ~60 parameter tensors and
 // the per-tensor loop costs ~300 small kernel launches per step, which dominate a GPU step;
 // the _foreach_ ops do the same arithmetic, element for element, in a handful of launches.
@@ -1378,7 +1742,11 @@ int s3ops_sgd_step(const at::Tensor* const* params, const at::Tensor* const* vel
     at::_foreach_mul_(v, momentum);
     at::_foreach_add_(v, g);
     at::_foreach_sub_(p, at::_foreach_mul(v, lr));
-    at::_foreach_zero_(g);
+    // Dropped rather than zeroed: the next backward then hands each parameter its gradient
+    // as it is, instead of zeroing it here and adding it there (one fill and one add per
+    // parameter; for the free offsets of a 16-network stack 113 MB each, on a GPU about 3 % of
+    // a step). Adding to zero is exact, so the values are the same.
+    for (int64_t i = 0; i < n; ++i) params[i]->mutable_grad().reset();
     return 0;
   })
 }

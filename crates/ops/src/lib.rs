@@ -1,12 +1,15 @@
 //! Fast kernels for s3net, written in C++ against libtorch (`csrc/ops.cpp`) and CUDA
-//! (`csrc/deform_cuda.cu`, built when nvcc is found; see `build.rs`).
+//! (`csrc/*_cuda.cu`, built when nvcc is found; see `build.rs`).
 //!
 //! * [`depthwise_conv2d`] — stride-1 depthwise convolution with padding and dilation, on CPU
 //!   and (when [`cuda_compiled`]) CUDA.
 //! * [`deform_conv2d`] — modulated deformable convolution (DCNv2) with exactly the semantics of
 //!   `torchvision.ops.deform_conv2d`, on CPU and (when [`cuda_compiled`]) CUDA.
+//! * [`depthwise_branches`] — the I-LKA block's three parallel depthwise convolutions,
+//!   concatenated, as one op (no copies on a GPU).
 //! * [`pointwise_conv2d`] — a stack of independent 1×1 convolutions with a GPU-friendly weight
 //!   gradient.
+//! * [`plane_norm`] — BatchNorm with each image's own statistics.
 //! * [`sgd_step`] — momentum SGD over all parameters in a few multi-tensor launches.
 //! * [`use_pool_stream`] / [`use_default_stream`] — per-thread CUDA streams, so concurrent
 //!   fits on one GPU overlap.
@@ -38,6 +41,15 @@ extern "C" {
         out: *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> i32;
+    fn s3ops_depthwise_branches(
+        input: *const c_void,
+        weights: *const *const c_void,
+        biases: *const *const c_void,
+        geometry: *const i64,
+        models: i64,
+        out: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> i32;
     fn s3ops_pointwise_conv2d(
         input: *const c_void,
         weight: *const c_void,
@@ -54,6 +66,14 @@ extern "C" {
         weight: *const c_void,
         bias: *const c_void,
         geometry: *const i64,
+        out: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn s3ops_plane_norm(
+        input: *const c_void,
+        gamma: *const c_void,
+        beta: *const c_void,
+        eps: f64,
         out: *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> i32;
@@ -448,6 +468,67 @@ pub fn depthwise_conv2d(
     finish(rc, out, err)
 }
 
+/// One depthwise branch of [`depthwise_branches`]: weight `(C, 1, k, k)`, bias `(C)` and
+/// dilation; the padding is the 'same' one, `dilation·(k−1)/2`.
+#[derive(Clone, Copy)]
+pub struct Branch<'a> {
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+    pub dilation: i64,
+}
+
+/// Three stride-1 'same' depthwise convolutions of one input, concatenated per network: for a
+/// stack of `models` networks, `input (N, M·c, H, W)` → `(N, M·3c, H, W)`, network j's 3c
+/// channels holding branch 0's c outputs of its channels, then branch 1's, then branch 2's.
+/// The I-LKA block's parallel branches; the same as concatenating three
+/// [`depthwise_conv2d`]s network by network.
+///
+/// Why one op: on a GPU the branches' kernels write straight into their slices of the
+/// concatenation and read their gradients from them, and the input's gradient is summed by
+/// the kernels; as three ops, a concatenation and autograd's sums, a 16-network step copied and
+/// added several hundred MB per block for nothing. On CUDA in float32, float64 and bfloat16
+/// when every branch fits the kernels (see [`depthwise_conv2d`]); on the CPU and for other
+/// shapes or types this *is* the three ops and the concatenation. A CUDA build without nvcc
+/// gives an error (callers use libtorch's convolutions then).
+pub fn depthwise_branches(input: &Tensor, branches: [Branch<'_>; 3], models: i64) -> Result<Tensor, OpError> {
+    const NAME: &str = "depthwise_branches";
+    for b in &branches {
+        check_floats(NAME, input, &[("weight", Some(b.weight)), ("bias", Some(b.bias))])?;
+    }
+    let mut geometry = [0i64; 6];
+    for (i, b) in branches.iter().enumerate() {
+        let k = b.weight.size().get(2).copied().unwrap_or(0);
+        if b.dilation < 1 || k < 1 || k % 2 == 0 {
+            return Err(OpError(format!(
+                "{NAME}: branch {i} needs an odd kernel size and dilation >= 1, got {:?} and {}",
+                b.weight.size(),
+                b.dilation
+            )));
+        }
+        geometry[2 * i] = b.dilation * (k - 1) / 2;
+        geometry[2 * i + 1] = b.dilation;
+    }
+    let device = input.device();
+    if device.is_cuda() && !cuda_compiled() {
+        return Err(OpError(format!(
+            "{NAME}: this build has no CUDA kernel (nvcc was not found when it was compiled)"
+        )));
+    }
+    if device != Device::Cpu && !device.is_cuda() {
+        return Err(OpError(format!("{NAME}: unsupported device {device:?}")));
+    }
+    let w: Vec<*const c_void> = branches.iter().map(|b| ptr(Some(b.weight))).collect();
+    let bias: Vec<*const c_void> = branches.iter().map(|b| ptr(Some(b.bias))).collect();
+    let mut out = std::ptr::null_mut();
+    let mut err = std::ptr::null_mut();
+    // SAFETY: the tensor pointers are valid for the call; the C side checks shapes and copies
+    // what it keeps.
+    let rc = unsafe {
+        s3ops_depthwise_branches(ptr(Some(input)), w.as_ptr(), bias.as_ptr(), geometry.as_ptr(), models, &mut out, &mut err)
+    };
+    finish(rc, out, err)
+}
+
 /// A stack of `models` independent 1×1 convolutions, as one op: `input (N, M·C, H, W)`, network
 /// j reading channels `j·C..(j+1)·C`; `weight (M·O, C, 1, 1)`, `bias (M·O)`; output
 /// `(N, M·O, H, W)`. The same as `conv2d(…, groups = M)`, float32, float64 and the 16-bit
@@ -480,9 +561,13 @@ pub fn pointwise_conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, 
 ///
 /// Returns `(N, O, Ho, Wo)` with `Ho = (H + 2·ph − (dh·(kh−1) + 1)) / sh + 1` (same for W).
 /// CPU always; CUDA when [`cuda_compiled`] (otherwise CUDA tensors give an error and callers
-/// fall back to a tensor-op version). float32 and float64; 16-bit floats are computed on a
-/// float32 copy and the result rounded back (in bfloat16 a sampling position near the image
-/// side would be off by a pixel or more).
+/// fall back to a tensor-op version). float32 and float64. A 16-bit input may come with
+/// 16-bit or float32 offsets, mask, weight and bias; the result has the input's type. On CUDA
+/// bfloat16 features stay bfloat16 — the sampled columns and their gradient are bfloat16 and
+/// the GEMMs run on them, adding in float32 — while the sampling positions, the mask and every
+/// gradient but the input's are computed in float32 (in bfloat16 a position near the image's
+/// side would be off by a pixel or more). Elsewhere 16-bit operands are computed on float32
+/// copies and the result rounded back.
 #[allow(clippy::too_many_arguments)]
 pub fn deform_conv2d(
     input: &Tensor,
@@ -526,8 +611,34 @@ pub fn deform_conv2d(
     finish(rc, out, err)
 }
 
+/// BatchNorm in training mode with each image's own statistics: every (image, channel) plane
+/// of `input (N, C, H, W)` is normalised by its mean and biased variance, then scaled by
+/// `gamma[c]` and shifted by `beta[c]` (`(C)` each, float32; float64 for a float64 input). For
+/// N = 1 exactly BatchNorm; for N > 1 what BatchNorm gives each image alone (the network runs an
+/// image and its transformed copy as one batch). The result has the input's type.
+///
+/// Why: on a GPU libtorch's BatchNorm over these planes (one block per plane, 2-byte loads)
+/// took 9–10 % of a 16-network bfloat16 step; here the sums and the normalisation are
+/// vectorised passes over (chunk, plane) blocks (CUDA, float32, float64 and bfloat16). Anywhere
+/// else this is libtorch's `batch_norm` over the N·C planes as channels.
+pub fn plane_norm(input: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor, OpError> {
+    const NAME: &str = "plane_norm";
+    check_float(NAME, "input", input, input.kind(), input.device())?;
+    let params = if input.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    check_float(NAME, "gamma", gamma, params, input.device())?;
+    check_float(NAME, "beta", beta, params, input.device())?;
+    let mut out = std::ptr::null_mut();
+    let mut err = std::ptr::null_mut();
+    // SAFETY: the tensor pointers are valid for the call; the C side checks shapes and copies
+    // what it keeps.
+    let rc = unsafe { s3ops_plane_norm(ptr(Some(input)), ptr(Some(gamma)), ptr(Some(beta)), eps, &mut out, &mut err) };
+    finish(rc, out, err)
+}
+
 /// One momentum-SGD step, PyTorch's rule without dampening or weight decay:
-/// `v = momentum·v + grad; p −= lr·v`, then every gradient is zeroed for the next backward.
+/// `v = momentum·v + grad; p −= lr·v`, then every gradient is dropped (left undefined), so
+/// that the next backward writes it afresh rather than adding it to zeros (PyTorch's
+/// `zero_grad(set_to_none=True)`; the same values, one fill and one add fewer per parameter).
 /// Parameters whose gradient is undefined are skipped.
 ///
 /// The arithmetic is the same, element for element, as the obvious per-tensor loop; it runs
@@ -564,7 +675,15 @@ pub fn check_deform_args(
     dilation: (i64, i64),
 ) -> Result<(i64, i64), OpError> {
     const NAME: &str = "deform_conv2d";
-    check_floats(NAME, input, &[("offset", Some(offset)), ("weight", Some(weight)), ("mask", mask), ("bias", bias)])?;
+    check_float(NAME, "input", input, input.kind(), input.device())?;
+    // With 16-bit features the other operands may be float32 (the network's positions,
+    // mask and kernel are); otherwise they have the input's type.
+    for (what, t) in [("offset", Some(offset)), ("weight", Some(weight)), ("mask", mask), ("bias", bias)] {
+        if let Some(t) = t {
+            let kind = if matches!(input.kind(), Kind::BFloat16 | Kind::Half) && t.kind() == Kind::Float { Kind::Float } else { input.kind() };
+            check_float(NAME, what, t, kind, input.device())?;
+        }
+    }
     let [n, c, h, w] = input.size()[..] else {
         return Err(OpError(format!(
             "{NAME}: input must be 4-D (N, C, H, W), got {:?}",

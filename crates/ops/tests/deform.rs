@@ -258,6 +258,52 @@ fn compare_with_cpu_at(dev: Device, n: i64, c: i64, per_image: bool) {
     }
 }
 
+/// bfloat16 features with float32 positions, mask, kernel and bias (what the network hands
+/// the op with bfloat16 activations): on a GPU the columns and the GEMMs stay bfloat16, so the
+/// result is the float32 one on the same (rounded) features within bfloat16's rounding; the
+/// output and the input gradient come back bfloat16, every other gradient float32. On the CPU
+/// the op computes on a float32 copy.
+#[test]
+fn cuda_bfloat16_features_when_present() {
+    compare_bfloat16_at(Device::Cpu, 1, 8, false, 64);
+    let Some(dev) = checks::cuda_with_kernels() else { return };
+    compare_bfloat16_at(dev, 1, 64, false, 256);
+    compare_bfloat16_at(dev, 3, 16, true, 256);
+    compare_bfloat16_at(dev, 2, 3, true, 37);
+}
+
+fn compare_bfloat16_at(dev: Device, n: i64, c: i64, per_image: bool, size: i64) {
+    tch::manual_seed(15);
+    let o = (Kind::Float, Device::Cpu);
+    let x0 = Tensor::randn([n, c, size, size], o).to_kind(Kind::BFloat16).to_kind(Kind::Float);
+    let off0 = Tensor::randn([n, 18, size, size], o) * 2.0;
+    let m0 = Tensor::rand([n, 9, size, size], o);
+    let (w0, b0) = if per_image {
+        (Tensor::randn([n, c, c, 3, 3], o) * 0.05, Tensor::randn([n, c], o))
+    } else {
+        (Tensor::randn([c, c, 3, 3], o) * 0.05, Tensor::randn([c], o))
+    };
+    let go = Tensor::randn([n, c, size, size], o).to_kind(Kind::BFloat16).to_kind(Kind::Float);
+    let run = |d: Device, features: Kind| {
+        let x = x0.to_device(d).to_kind(features).copy().set_requires_grad(true);
+        let [off, m, w, b] = [&off0, &m0, &w0, &b0].map(|t| t.to_device(d).copy().set_requires_grad(true));
+        let y = deform_conv2d(&x, &off, Some(&m), &w, Some(&b), (1, 1), (1, 1), (1, 1)).unwrap();
+        assert_eq!(y.kind(), features);
+        (&y.to_kind(Kind::Float) * go.to_device(d)).sum(Kind::Float).backward();
+        assert_eq!(x.grad().kind(), features);
+        for t in [&off, &m, &w, &b] {
+            assert_eq!(t.grad().kind(), Kind::Float);
+        }
+        [y, x.grad(), off.grad(), m.grad(), w.grad(), b.grad()].map(|t| t.to_device(Device::Cpu).to_kind(Kind::Float))
+    };
+    let (want, got) = (run(Device::Cpu, Kind::Float), run(dev, Kind::BFloat16));
+    for (name, (a, b)) in ["output", "input", "offset", "mask", "weight", "bias"].iter().zip(want.iter().zip(got.iter())) {
+        let e = max_abs_diff(a, b);
+        let scale = max_abs(a).max(1.0);
+        assert!(e < 2e-2 * scale, "{dev:?} {n}×{c}×{size}², per-image weights {per_image}: {name}: bfloat16 differs from float32 by {e} (scale {scale})");
+    }
+}
+
 /// Central differences of sum(out · g) against autograd, every input, float64.
 #[test]
 fn gradients_match_finite_differences() {

@@ -36,8 +36,8 @@ fn matches_the_loop(device: Device) {
         loss(&b).backward();
         let refs: Vec<&Tensor> = b.iter().collect();
         sgd_step(&refs, &vb, lr, momentum).unwrap();
-        // Gradients are zeroed for the next backward.
-        assert_eq!(b[0].grad().abs().max().double_value(&[]), 0.0);
+        // Gradients are dropped for the next backward, which then starts from nothing.
+        assert!(b.iter().all(|p| !p.grad().defined()), "a gradient survived the step");
     }
     for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
         assert!(x.equal(y), "parameter {i} differs from the loop");
