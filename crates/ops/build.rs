@@ -88,7 +88,7 @@ fn main() {
     libtorch_link_args();
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
     println!("cargo:rerun-if-changed=csrc/kernel_dims.h");
-    println!("cargo:rerun-if-changed=csrc/storage_types.cuh");
+    println!("cargo:rerun-if-changed=csrc/cuda_common.cuh");
     for src in CUDA_SOURCES {
         println!("cargo:rerun-if-changed={src}");
     }

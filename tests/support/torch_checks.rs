@@ -37,6 +37,14 @@ pub fn max_abs(t: &Tensor) -> f64 {
     f64::try_from(t.abs().max().to_kind(Kind::Double)).unwrap()
 }
 
+/// Asserts that `a` is within `tol` · max(1, max |b|) of the reference `b` everywhere; the
+/// message names `what`.
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    let scale = max_abs(b).max(1.0);
+    let e = max_abs_diff(a, b);
+    assert!(e <= tol * scale, "{what} differs by {e} (scale {scale})");
+}
+
 /// Largest elementwise difference, computed in float64 on the CPU whatever the operands.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());

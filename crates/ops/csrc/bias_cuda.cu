@@ -19,22 +19,11 @@
 #include <cstring>
 #include <type_traits>
 
-#include "storage_types.cuh"
+#include "cuda_common.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
-
-// Values per 16-byte vector of storage type S.
-template <typename S>
-__host__ __device__ constexpr int vec_len() {
-  return 16 / (int)sizeof(S);
-}
-
-template <typename S>
-struct alignas(16) Vec {
-  S v[vec_len<S>()];
-};
 
 // y[q][i] += bias[q mod channels], rounded once. VEC: 16-byte accesses (elems a multiple of the
 // vector length, y aligned). Each thread handles kUnroll accesses a block apart, all loads
@@ -74,13 +63,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // partial[ch][chunk] = Σ over the planes of channel ch of go over the chunk's `chunk` values,
 // in the sums' type; block (chunk, ch). Deterministic: a fixed order, no atomics.
 template <typename S, bool VEC>
@@ -118,12 +100,6 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // red is reused by the next channel
   }
 }
-
-bool vectorised(const void* p, int64_t elems, int64_t elem_size) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && elems % (16 / elem_size) == 0;
-}
-
-unsigned grid_rows(int64_t n) { return (unsigned)(n < 65535 ? (n > 0 ? n : 1) : 65535); }
 
 template <typename S>
 int launch_add(S* y, const S* bias, int64_t planes, int64_t elems, int64_t channels,

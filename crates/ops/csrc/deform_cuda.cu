@@ -21,7 +21,7 @@
 #include <cstdint>
 
 #include "kernel_dims.h"
-#include "storage_types.cuh"
+#include "cuda_common.cuh"
 
 namespace {
 

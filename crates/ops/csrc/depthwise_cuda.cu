@@ -39,7 +39,7 @@
 #include <type_traits>
 
 #include "kernel_dims.h"
-#include "storage_types.cuh"
+#include "cuda_common.cuh"
 
 namespace {
 
@@ -257,13 +257,6 @@ __global__ void __launch_bounds__(kThreads)
     const int y = g.y0 + oy;
     if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc, add);
   }
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // The thread's strip of output gradients in row y (zeros outside the plane).

@@ -21,29 +21,12 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "storage_types.cuh"
+#include "cuda_common.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
-
-template <typename S>
-__host__ __device__ constexpr int vec_len() {
-  return 16 / (int)sizeof(S);
-}
-
-template <typename S>
-struct alignas(16) Vec {
-  S v[vec_len<S>()];
-};
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // The block's sum of a and b (every thread gets them), through `red` (2 × warps values).
 template <typename A>
@@ -115,6 +98,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Plane q's two sums, its chunks' partials added in order.
+template <typename A>
+__device__ __forceinline__ void chunk_sums(const A* partial, int64_t q, int64_t chunks, A& s1,
+                                           A& s2) {
+  s1 = A(0);
+  s2 = A(0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    s1 += partial[(q * chunks + c) * 2];
+    s2 += partial[(q * chunks + c) * 2 + 1];
+  }
+}
+
 // One thread per plane, from the forward sums: mean, 1/σ (biased variance, as BatchNorm
 // normalises) and the plane's scale γ[c]/σ.
 template <typename S, typename A>
@@ -124,11 +119,8 @@ __global__ void stats_forward(const A* __restrict__ partial, int64_t chunks, con
                               int64_t elems, int64_t channels, double eps) {
   for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < planes;
        q += (int64_t)blockDim.x * gridDim.x) {
-    A s1 = A(0), s2 = A(0);
-    for (int64_t c = 0; c < chunks; ++c) {
-      s1 += partial[(q * chunks + c) * 2];
-      s2 += partial[(q * chunks + c) * 2 + 1];
-    }
+    A s1, s2;
+    chunk_sums(partial, q, chunks, s1, s2);
     const A n = A(elems), dm = s1 / n;
     A var = s2 / n - dm * dm;
     var = var > A(0) ? var : A(0);
@@ -149,11 +141,8 @@ __global__ void stats_backward(const A* __restrict__ partial, int64_t chunks,
                                int64_t elems, int64_t channels) {
   for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < planes;
        q += (int64_t)blockDim.x * gridDim.x) {
-    A sdy = A(0), sdyx = A(0);
-    for (int64_t c = 0; c < chunks; ++c) {
-      sdy += partial[(q * chunks + c) * 2];
-      sdyx += partial[(q * chunks + c) * 2 + 1];
-    }
+    A sdy, sdyx;
+    chunk_sums(partial, q, chunks, sdy, sdyx);
     const A n = A(elems), inv = invstd[q], a = gamma[q % channels] * inv;
     ca[q] = a;
     cb[q] = -a * inv * inv * sdyx / n;
@@ -220,12 +209,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-bool vectorised(const void* p, int64_t elems, int64_t elem_size) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && elems % (16 / elem_size) == 0;
-}
-
-unsigned rows(int64_t n) { return (unsigned)(n < 65535 ? (n > 0 ? n : 1) : 65535); }
-
 unsigned plane_grid(int64_t planes) {
   const int64_t b = (planes + kThreads - 1) / kThreads;
   return (unsigned)(b < 65535 ? (b > 0 ? b : 1) : 65535);
@@ -243,7 +226,7 @@ void launch_sums(const S* u, const S* w, const typename Acc<S>::type* mean,
   const int64_t chunks = chunks_of(elems), chunk = (elems + chunks - 1) / chunks;
   const bool vec = vectorised(u, elems, sizeof(S)) && (!GRAD || vectorised(w, elems, sizeof(S))) &&
                    chunk % vec_len<S>() == 0;
-  const dim3 grid((unsigned)chunks, rows(planes));
+  const dim3 grid((unsigned)chunks, grid_rows(planes));
   if (vec) {
     plane_sums<S, true, GRAD><<<grid, kThreads, 0, st>>>(u, w, mean, partial, planes, elems, chunk);
   } else {
@@ -258,7 +241,7 @@ void launch_affine(const S* u, const S* w, S* out, const Coefs<typename Acc<S>::
                    (!W || vectorised(w, elems, sizeof(S)));
   const int64_t n = vec ? elems / vec_len<S>() : elems;
   const int64_t bx = (n + kThreads * kUnroll - 1) / (kThreads * kUnroll);
-  const dim3 grid((unsigned)(bx < 1024 ? (bx > 0 ? bx : 1) : 1024), rows(planes));
+  const dim3 grid((unsigned)(bx < 1024 ? (bx > 0 ? bx : 1) : 1024), grid_rows(planes));
   if (vec) {
     plane_affine<S, true, W><<<grid, kThreads, 0, st>>>(u, w, out, k, planes, elems);
   } else {

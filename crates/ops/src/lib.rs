@@ -338,6 +338,20 @@ fn take_error(err: *mut c_char, fallback: &str) -> OpError {
     OpError(s)
 }
 
+/// An op's error for a device it has no kernel on: CUDA in a build without nvcc (callers fall
+/// back to libtorch's ops then), or a device other than the CPU and CUDA.
+fn check_kernel_device(name: &str, device: Device) -> Result<(), OpError> {
+    if device.is_cuda() && !cuda_compiled() {
+        return Err(OpError(format!(
+            "{name}: this build has no CUDA kernel (nvcc was not found when it was compiled)"
+        )));
+    }
+    if device != Device::Cpu && !device.is_cuda() {
+        return Err(OpError(format!("{name}: unsupported device {device:?}")));
+    }
+    Ok(())
+}
+
 /// Checks the input and every operand given (`None` skipped) with [`check_float`] against the
 /// input's dtype and device, in order.
 fn check_floats(name: &str, input: &Tensor, operands: &[(&str, Option<&Tensor>)]) -> Result<(), OpError> {
@@ -508,15 +522,7 @@ pub fn depthwise_branches(input: &Tensor, branches: [Branch<'_>; 3], models: i64
         geometry[2 * i] = b.dilation * (k - 1) / 2;
         geometry[2 * i + 1] = b.dilation;
     }
-    let device = input.device();
-    if device.is_cuda() && !cuda_compiled() {
-        return Err(OpError(format!(
-            "{NAME}: this build has no CUDA kernel (nvcc was not found when it was compiled)"
-        )));
-    }
-    if device != Device::Cpu && !device.is_cuda() {
-        return Err(OpError(format!("{NAME}: unsupported device {device:?}")));
-    }
+    check_kernel_device(NAME, input.device())?;
     let w: Vec<*const c_void> = branches.iter().map(|b| ptr(Some(b.weight))).collect();
     let bias: Vec<*const c_void> = branches.iter().map(|b| ptr(Some(b.bias))).collect();
     let mut out = std::ptr::null_mut();
@@ -581,15 +587,7 @@ pub fn deform_conv2d(
 ) -> Result<Tensor, OpError> {
     const NAME: &str = "deform_conv2d";
     check_deform_args(input, offset, mask, weight, bias, stride, padding, dilation)?;
-    let device = input.device();
-    if device.is_cuda() && !cuda_compiled() {
-        return Err(OpError(format!(
-            "{NAME}: this build has no CUDA kernel (nvcc was not found when it was compiled)"
-        )));
-    }
-    if device != Device::Cpu && !device.is_cuda() {
-        return Err(OpError(format!("{NAME}: unsupported device {device:?}")));
-    }
+    check_kernel_device(NAME, input.device())?;
     let geometry = [
         stride.0, stride.1, padding.0, padding.1, dilation.0, dilation.1,
     ];

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 #[path = "../../../tests/support/torch_checks.rs"]
 mod checks;
-use checks::{max_abs, max_abs_diff};
+use checks::assert_close;
 
 /// The I-LKA block's branches: (kernel size, dilation).
 const ILKA: [(i64, i64); 3] = [(3, 1), (5, 2), (7, 3)];
@@ -49,8 +49,7 @@ fn compare(dev: Device, shape: [i64; 4], m: i64, geo: [(i64, i64); 3], kind: Kin
     let tag = format!("{dev:?} {shape:?} M={m} {geo:?} {kind:?}");
     assert_eq!(y1.size(), y2.size(), "{tag}");
     assert_eq!(y1.kind(), kind, "{tag}");
-    let e = max_abs_diff(&y1, &y2);
-    assert!(e <= tol * max_abs(&y2).max(1.0), "{tag}: forward differs by {e}");
+    assert_close(&format!("{tag}: forward"), &y1, &y2, tol);
     let g = draw(y2.size().as_slice());
     (&y1 * g.to_kind(kind)).sum(kind).backward();
     (&y2 * g.to_kind(ref_kind)).sum(ref_kind).backward();
@@ -60,9 +59,7 @@ fn compare(dev: Device, shape: [i64; 4], m: i64, geo: [(i64, i64); 3], kind: Kin
         pairs.push((format!("branch {i} grad_bias"), p1[i].1.grad(), p2[i].1.grad()));
     }
     for (name, a, b) in pairs {
-        let scale = max_abs(&b).max(1.0);
-        let e = max_abs_diff(&a, &b);
-        assert!(e <= tol * scale, "{tag}: {name} differs by {e} (scale {scale})");
+        assert_close(&format!("{tag}: {name}"), &a, &b, tol);
     }
 }
 
