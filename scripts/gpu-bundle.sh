@@ -32,7 +32,7 @@ for line in sys.stdin:
 ' "$out"
 strip "$out/s3net" "$out"/*-test
 cp crates/model/tests/data/deform_golden.json "$out/golden/"
-cp scripts/gpu-check.sh "$out/"
+cp scripts/gpu-check.sh scripts/trace-summary.py "$out/"
 for d in ph2-dev lung-dev; do
   if [ -d "$out/$d" ]; then continue; fi
   if [ -d "$SHARED/$d" ]; then

@@ -12,7 +12,8 @@
 # "profile" with PROFILE=1, and on request "splitk" (batched fits in each --split-k layout),
 # "serve" (the server's default run only, float32 and bfloat16 jobs), "evalbf16" (the eval
 # with bfloat16 activations alone), "ab" (this build's batched fits against an earlier
-# binary's, ./s3net-base, alternately) and "evalab" (their accuracy over seeds)
+# binary's, ./s3net-base, alternately), "evalab" (their accuracy over seeds) and "trace" (an
+# operator-level trace of a batch's steps: kernels charged to the ops that launched them)
 # (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
 # "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32
 # (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions run in TF32 by default either way),
@@ -214,6 +215,19 @@ step_evalab() {
   done
 }
 
+step_trace() {
+  # An operator-level trace (libtorch's Kineto profiler) of three steps of a 16-network batch:
+  # every kernel charged to the op that launched it and the autograd node it ran in, which the
+  # ncu profile cannot tell (TRACE_ARGS: more `s3net bench fit` flags, e.g. "--precision
+  # bfloat16"). trace-summary.txt adds it up; trace.json.gz opens in Perfetto.
+  timeout 240 ./s3net bench fit --device cuda --repeats 1 --batch 16 --batch-only \
+    --trace "$OUT/trace.json" ${TRACE_ARGS:-} > "$OUT/trace-bench.txt" 2>&1
+  echo "trace rc=$?"
+  python3 trace-summary.py "$OUT/trace.json" > "$OUT/trace-summary.txt" 2>&1
+  gzip -f "$OUT/trace.json"
+  head -45 "$OUT/trace-summary.txt"
+}
+
 step_profile() {
   # Kernels of a 16-network batch's steps: the bench runs the batch only (--batch-only: a
   # fixed skip count once landed in the lone fits' launches instead), skips its first ~20
@@ -248,6 +262,6 @@ for step in $STEPS; do
     echo "=== $step ($(date +%T))"
     "step_$step"
   else
-    echo "unknown step '$step' (steps: tests bf16 server serve bench eval evalbf16 tf32 splitk ab evalab profile)" >&2
+    echo "unknown step '$step' (steps: tests bf16 server serve bench eval evalbf16 tf32 splitk ab evalab trace profile)" >&2
   fi
 done

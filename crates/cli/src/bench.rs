@@ -57,6 +57,15 @@ pub struct FitBench {
     /// launch per image): for timing them on a GPU (`s3net_ops::SplitK`).
     #[arg(long, value_enum, default_value_t = SplitLayout::Auto, hide = true)]
     pub split_k: SplitLayout,
+    /// Writes an operator-level trace (Chrome JSON: every aten op and autograd node with its
+    /// shapes, and on a GPU every kernel linked to its op; `s3net_ops::Trace`) of steps
+    /// TRACE_FROM..TRACE_FROM+3 of the first batch of the largest `--batch` size, then goes
+    /// on. `scripts/trace-summary.py FILE` adds up the GPU (or CPU) time per op.
+    #[arg(long, hide = true)]
+    pub trace: Option<std::path::PathBuf>,
+    /// The first traced step (see `--trace`).
+    #[arg(long, default_value_t = 5, hide = true)]
+    pub trace_from: usize,
     #[command(flatten)]
     pub fit: FitArgs,
 }
@@ -213,8 +222,10 @@ fn fit(b: FitBench) -> Result<()> {
         throughput.push(concurrent(&image, &opts, device, n.max(1), b.repeats.max(1))?);
     }
     let mut batched = Vec::new();
+    let largest = b.batch.iter().copied().max();
     for &n in &b.batch {
-        batched.push(batch(&image, &opts, device, n.max(1), b.batch_workers.max(1), b.repeats.max(1))?);
+        let trace = b.trace.as_deref().filter(|_| Some(n) == largest).map(|p| (p, b.trace_from));
+        batched.push(batch(&image, &opts, device, n.max(1), b.batch_workers.max(1), b.repeats.max(1), trace)?);
     }
     let out = json!({
         "device": dev_name,
@@ -308,8 +319,10 @@ fn concurrent(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec,
 }
 
 /// `workers` threads each train `repeats` batches of `n` fits of the image (seeds 0..n), after
-/// one warm-up batch each; images per second = all fits / wall time.
-fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, workers: usize, repeats: usize) -> Result<serde_json::Value> {
+/// one warm-up batch each; images per second = all fits / wall time. `trace`: a file and a
+/// first step; the first thread's warm-up batch writes an operator-level trace of three steps
+/// from there (see `--trace`).
+fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, workers: usize, repeats: usize, trace: Option<(&std::path::Path, usize)>) -> Result<serde_json::Value> {
     let dev = device.resolve()?;
     let image = std::sync::Arc::new(image.clone());
     // One batch to the end: the seconds of each of its steps.
@@ -325,12 +338,34 @@ fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: u
             b.add(i, job).map_err(|(_, e)| e)?;
         }
         let mut steps = Vec::new();
+        let trace = trace.filter(|_| w == 0 && r == 0);
+        let mut tracing = None;
+        // Everything queued is on the device before the profiler stops and flushes.
+        let sync = || {
+            if let tch::Device::Cuda(i) = dev {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
         while !b.is_empty() {
+            if let Some((path, from)) = trace {
+                if steps.len() == from {
+                    tracing = Some(s3net_ops::Trace::start(dev.is_cuda())?);
+                } else if steps.len() == from + 3 {
+                    if let Some(t) = tracing.take() {
+                        sync();
+                        t.stop(path)?;
+                    }
+                }
+            }
             let t0 = Instant::now();
             for (_, r) in b.step() {
                 r?;
             }
             steps.push(t0.elapsed().as_secs_f64());
+        }
+        if let (Some(t), Some((path, _))) = (tracing.take(), trace) {
+            sync();
+            t.stop(path)?;
         }
         Ok(steps)
     })?;

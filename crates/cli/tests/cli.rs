@@ -126,3 +126,29 @@ fn bad_inputs_fail_clearly_with_a_non_zero_exit() {
         assert!(err.contains(word), "{flag} {value}: {err}");
     }
 }
+
+/// `bench fit --trace` writes libtorch's operator-level trace of a batch's steps (here on the
+/// CPU: every aten op with its shapes), and `scripts/trace-summary.py` adds it up per op.
+#[test]
+fn bench_fit_writes_an_operator_trace() {
+    let dir = tmpdir("trace");
+    let trace = dir.join("trace.json");
+    let o = s3net(&["bench", "fit", "--repeats", "1", "--batch", "2", "--batch-only", "--trace", trace.to_str().unwrap(), "--trace-from", "1", "--iterations", "5", "--size", "32", "--features", "8"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).expect("the trace was written")).expect("the trace is JSON");
+    let ops: Vec<&str> = t["traceEvents"].as_array().unwrap().iter().filter(|e| e["cat"] == "cpu_op").filter_map(|e| e["name"].as_str()).collect();
+    for name in ["aten::convolution_backward", "aten::native_batch_norm", "aten::_foreach_add_"] {
+        assert!(ops.contains(&name), "{name} missing from the trace's {} ops", ops.len());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/trace-summary.py");
+    match Command::new("python3").arg(&script).arg(&trace).arg("--top").arg("5").output() {
+        Ok(s) => {
+            let text = String::from_utf8_lossy(&s.stdout);
+            assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+            assert!(text.starts_with("# CPU self time of each op"), "{text}");
+            assert_eq!(text.lines().filter(|l| l.contains("% ") && l.contains(" us  n=")).count(), 5, "{text}");
+            assert!(text.contains("aten::convolution_backward  [ConvolutionBackward0]"), "{text}");
+        }
+        Err(e) => eprintln!("no python3 ({e}): trace-summary.py not run"),
+    }
+}

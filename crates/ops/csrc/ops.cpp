@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #ifdef S3OPS_CUDA
 #include <ATen/core/CachingHostAllocator.h>
@@ -29,6 +30,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -1810,6 +1812,39 @@ int s3ops_cuda_set_memory_fraction(int64_t device, double fraction, char** err) 
     *err = dup_msg("this build of s3net-ops has no CUDA support");
     return 1;
 #endif
+  })
+}
+
+// libtorch's operator-level profiler (Kineto), the one torch.profiler drives: every aten op and
+// autograd node with its input shapes and types, and on a GPU every kernel linked to the op
+// that launched it (the ncu profile of gpu-check.sh names kernels only, so a copy or an add
+// cannot be traced to the code that asked for it). Process-wide; ops queued on other threads
+// (autograd's) are recorded too. `cuda`: record CUDA kernels as well (needs CUPTI, which the
+// PyPI torch carries).
+int s3ops_trace_start(int cuda, char** err) {
+  S3_PROTECT({
+    *err = nullptr;
+    using torch::profiler::impl::ActivityType;
+    using torch::profiler::impl::ProfilerConfig;
+    using torch::profiler::impl::ProfilerState;
+    std::set<ActivityType> activities{ActivityType::CPU};
+    if (cuda) activities.insert(ActivityType::CUDA);
+    const ProfilerConfig config(ProfilerState::KINETO, /*report_input_shapes=*/true);
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return 0;
+  })
+}
+
+// Stops the profiler s3ops_trace_start started and writes its Chrome trace (JSON) to `path`
+// (nothing written when `path` is null).
+int s3ops_trace_stop(const char* path, char** err) {
+  S3_PROTECT({
+    *err = nullptr;
+    auto result = torch::autograd::profiler::disableProfiler();
+    TORCH_CHECK(result, "trace: the profiler was not running");
+    if (path) result->save(path);
+    return 0;
   })
 }
 
