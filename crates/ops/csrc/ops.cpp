@@ -1615,31 +1615,26 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
     TORCH_CHECK(models >= 1, nm, "need at least one network, got ", models);
     TORCH_CHECK(input->dim() == 4 && input->size(1) % models == 0, nm,
                 "input must be (N, M·C, H, W) with M = ", models, ", got ", input->sizes());
-    // As depthwise_any: the CUDA kernels read bfloat16 themselves; other 16-bit inputs are
-    // widened once here (and the result rounded back at the end).
+    // The checks see what the kernels will: a bfloat16 CUDA input as it is (the kernels read it
+    // themselves; widening it here would copy 67 MB per block of a 16-network step for
+    // nothing), other 16-bit inputs widened, as depthwise_any widens them.
     const bool native = input->is_cuda() && input->scalar_type() == at::kBFloat16;
-    const at::Tensor x = widen(*input, native);
-    std::vector<at::Tensor> w, bias;
-    for (int b = 0; b < 3; ++b) {
-      TORCH_CHECK(weights[b] && biases[b], nm, "branch ", b, " needs a weight and a bias");
-      w.push_back(widen(*weights[b], native));
-      bias.push_back(widen(*biases[b], native));
-    }
     bool fused = false;
 #ifdef S3OPS_CUDA
-    fused = x.is_cuda() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
-                            x.scalar_type() == at::kBFloat16);
+    fused = input->is_cuda() && (input->scalar_type() == at::kFloat ||
+                                 input->scalar_type() == at::kDouble || native);
 #endif
     std::vector<int64_t> geo;
     for (int b = 0; b < 3; ++b) {
       const int64_t p = geometry[2 * b], d = geometry[2 * b + 1];
-      dw_check(x, w[b], bias[b], p, d);
-      const int64_t k = w[b].size(2);
+      TORCH_CHECK(weights[b] && biases[b], nm, "branch ", b, " needs a weight and a bias");
+      dw_check(widen(*input, native), widen(*weights[b], native), widen(biases[b], native), p, d);
+      const int64_t k = weights[b]->size(2);
       TORCH_CHECK(2 * p == d * (k - 1), nm, "branch ", b, ": padding ", p, " with a ", k, "x", k,
                   " kernel of dilation ", d, " does not keep the size ('same' needs ",
                   d * (k - 1), " / 2)");
 #ifdef S3OPS_CUDA
-      fused = fused && dw_cuda_fits(x, k, p, d);
+      fused = fused && dw_cuda_fits(*input, k, p, d);
 #endif
       geo.push_back(p);
       geo.push_back(d);
@@ -1647,16 +1642,21 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
     geo.push_back(models);
     at::Tensor r;
 #ifdef S3OPS_CUDA
-    if (fused) r = BranchesFn::apply(x, w[0], bias[0], w[1], bias[1], w[2], bias[2], geo);
+    if (fused) {
+      r = BranchesFn::apply(*input, *weights[0], *biases[0], *weights[1], *biases[1], *weights[2],
+                            *biases[2], geo);
+    }
 #endif
     if (!r.defined()) {
+      // Each branch as depthwise_conv2d computes it (16-bit inputs widened and each result
+      // rounded back), joined.
       std::vector<at::Tensor> parts;
       for (int b = 0; b < 3; ++b) {
-        parts.push_back(depthwise_any(x, w[b], &bias[b], geo[2 * b], geo[2 * b + 1]));
+        parts.push_back(depthwise_any(*input, *weights[b], biases[b], geo[2 * b], geo[2 * b + 1]));
       }
       r = cat_per_model(parts, models);
     }
-    *out = new at::Tensor(narrow_to(r, *input));
+    *out = new at::Tensor(std::move(r));
     return 0;
   })
 }
