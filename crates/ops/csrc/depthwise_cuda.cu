@@ -29,8 +29,12 @@
 // bfloat16 planes are read and written as such, but the shared tile, the sums and the weight
 // gradient's partials are float32: a 16-bit kernel with 16-bit sums would lose the taps' low
 // bits. This file includes no torch header, and not cuda_bf16.h either (it needs CCCL headers
-// the PyPI nvcc lacks): bfloat16 is its bits, converted here, so nvcc only needs the CUDA
+// the PyPI nvcc lacks): bfloat16 is its bits (cuda_common.cuh), so nvcc only needs the CUDA
 // runtime headers.
+// Planes need not be contiguous: S3DepthwiseDims can place them in groups (the I-LKA block's
+// branches write, and read their gradients from, slices of one concatenated tensor), and the
+// correlation can add to what its output holds (the branches' input gradients summed in place).
+// ops.cpp's BranchesFn uses both.
 
 #include <cuda_runtime.h>
 
