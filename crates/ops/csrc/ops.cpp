@@ -1624,11 +1624,12 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
     fused = input->is_cuda() && (input->scalar_type() == at::kFloat ||
                                  input->scalar_type() == at::kDouble || native);
 #endif
+    const at::Tensor checked = widen(*input, native);
     std::vector<int64_t> geo;
     for (int b = 0; b < 3; ++b) {
       const int64_t p = geometry[2 * b], d = geometry[2 * b + 1];
       TORCH_CHECK(weights[b] && biases[b], nm, "branch ", b, " needs a weight and a bias");
-      dw_check(widen(*input, native), widen(*weights[b], native), widen(biases[b], native), p, d);
+      dw_check(checked, widen(*weights[b], native), widen(biases[b], native), p, d);
       const int64_t k = weights[b]->size(2);
       TORCH_CHECK(2 * p == d * (k - 1), nm, "branch ", b, ": padding ", p, " with a ", k, "x", k,
                   " kernel of dilation ", d, " does not keep the size ('same' needs ",

@@ -552,9 +552,8 @@ pub struct Branch<'a> {
 /// gives an error (callers use libtorch's convolutions then).
 pub fn depthwise_branches(input: &Tensor, branches: [Branch<'_>; 3], models: i64) -> Result<Tensor, OpError> {
     const NAME: &str = "depthwise_branches";
-    for b in &branches {
-        check_floats(NAME, input, &[("weight", Some(b.weight)), ("bias", Some(b.bias))])?;
-    }
+    let operands: Vec<(&str, Option<&Tensor>)> = branches.iter().flat_map(|b| [("weight", Some(b.weight)), ("bias", Some(b.bias))]).collect();
+    check_floats(NAME, input, &operands)?;
     let mut geometry = [0i64; 6];
     for (i, b) in branches.iter().enumerate() {
         let k = b.weight.size().get(2).copied().unwrap_or(0);
