@@ -118,10 +118,10 @@ step_serve() {
   JOB_ARGS="--precision bfloat16" serve_jobs -bf16
 }
 
-evaluate() {  # tag, then extra `s3net eval` flags
+evaluate() {  # tag, then extra `s3net eval` flags; EVAL_BIN: the binary (default ./s3net)
   local tag=$1; shift
   for d in ph2-dev lung-dev; do
-    timeout 300 ./s3net eval --device cuda --images $d/images --masks $d/masks "$@" \
+    timeout 300 "${EVAL_BIN:-./s3net}" eval --device cuda --images $d/images --masks $d/masks "$@" \
       --report "$OUT/eval$tag-$d.json" > "$OUT/eval$tag-$d.txt" 2>&1
     echo "eval$tag $d rc=$?: $(grep '^mean' "$OUT/eval$tag-$d.txt")"
   done
@@ -172,17 +172,25 @@ step_splitk() {
   grep -E "###|\"batch\"|images_per_second|rc=" "$B"
 }
 
+# The binaries to compare, into `bins`: the executable ones of the space-separated paths in $1
+# (each missing one named on stderr, for step $2), then this build's ./s3net.
+compared() {
+  bins=()
+  local b
+  for b in $1; do
+    if [ -x "$b" ]; then bins+=("$b"); else echo "step $2: no $b to compare with" >&2; fi
+  done
+  bins+=(./s3net)
+}
+
 step_ab() {
   # This build against earlier ones on the same card: AB_BASE (default ./s3net-base, carried
   # beside the bundle; several paths separated by spaces) and ./s3net run the batched fits
   # alternately, AB_ROUNDS times, in float32 and bfloat16 (AB_ARGS: other `s3net bench fit`
   # flags).
-  local bins=() b
-  for b in ${AB_BASE:-./s3net-base}; do
-    if [ -x "$b" ]; then bins+=("$b"); else echo "step ab: no $b to compare with" >&2; fi
-  done
-  [ ${#bins[@]} -gt 0 ] || return
-  bins+=(./s3net)
+  local bins
+  compared "${AB_BASE:-./s3net-base}" ab
+  [ ${#bins[@]} -gt 1 ] || return
   B=$OUT/bench-ab.txt; : > "$B"
   for round in $(seq "${AB_ROUNDS:-2}"); do
     for p in float32 bfloat16; do
@@ -200,17 +208,11 @@ step_evalab() {
   # Accuracy of this build against earlier ones (EVAL_BASE, else AB_BASE) on the dev data, seeds
   # EVAL_SEEDS (default 0 1 2), with EVAL_ARGS (e.g. "--precision bfloat16"): a change that
   # only reorders sums or rounds differently should move nothing beyond the seeds' spread.
-  local bins=() b
-  for b in ${EVAL_BASE:-${AB_BASE:-./s3net-base}}; do [ -x "$b" ] && bins+=("$b"); done
-  bins+=(./s3net)
+  local bins b seed
+  compared "${EVAL_BASE:-${AB_BASE:-./s3net-base}}" evalab
   for seed in ${EVAL_SEEDS:-0 1 2}; do
     for b in "${bins[@]}"; do
-      for d in ph2-dev lung-dev; do
-        local tag; tag=$(basename "$b")-seed$seed-$d
-        timeout 300 "$b" eval --device cuda --images $d/images --masks $d/masks --seed "$seed" \
-          ${EVAL_ARGS:-} --report "$OUT/evalab-$tag.json" > "$OUT/evalab-$tag.txt" 2>&1
-        echo "evalab $tag rc=$?: $(grep '^mean' "$OUT/evalab-$tag.txt")"
-      done
+      EVAL_BIN=$b evaluate "ab-$(basename "$b")-seed$seed" --seed "$seed" ${EVAL_ARGS:-}
     done
   done
 }
