@@ -82,7 +82,7 @@ fn compile_cuda(cuda: &Cuda, out: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-const CUDA_SOURCES: [&str; 4] = ["csrc/bias_cuda.cu", "csrc/deform_cuda.cu", "csrc/depthwise_cuda.cu", "csrc/norm_cuda.cu"];
+const CUDA_SOURCES: [&str; 5] = ["csrc/bias_cuda.cu", "csrc/deform_cuda.cu", "csrc/depthwise_cuda.cu", "csrc/losses_cuda.cu", "csrc/norm_cuda.cu"];
 
 fn main() {
     libtorch_link_args();

@@ -10,6 +10,8 @@
 //! * [`pointwise_conv2d`] — a stack of independent 1×1 convolutions with a GPU-friendly weight
 //!   gradient.
 //! * [`plane_norm`] — BatchNorm with each image's own statistics.
+//! * [`pixel_losses`] — per image, cross-entropy against a target or the map's own argmax and
+//!   the continuity term, with their gradient, in one pass each way.
 //! * [`sgd_step`] — momentum SGD over all parameters in a few multi-tensor launches.
 //! * [`use_pool_stream`] / [`use_default_stream`] — per-thread CUDA streams, so concurrent
 //!   fits on one GPU overlap.
@@ -22,6 +24,7 @@
 //! back as an [`OpError`]; nothing here panics or aborts on bad arguments.
 
 use std::ffi::{c_char, c_void, CStr};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use tch::{Device, Kind, Tensor};
@@ -76,6 +79,13 @@ extern "C" {
         beta: *const c_void,
         eps: f64,
         out: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn s3ops_pixel_losses(
+        logits: *const c_void,
+        target: *const c_void,
+        continuity: i32,
+        outs: *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> i32;
     fn s3ops_sgd_step(
@@ -677,6 +687,80 @@ pub fn plane_norm(input: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Re
     let rc = unsafe { s3ops_plane_norm(ptr(Some(input)), ptr(Some(gamma)), ptr(Some(beta)), eps, &mut out, &mut err) };
     finish(rc, out, err)
 }
+
+/// What [`pixel_losses`] gives per image of a map of logits `(M, K, H, W)`.
+#[derive(Debug)]
+pub struct PixelLosses {
+    /// `(M,)`: mean cross-entropy over the image's valid pixels (zero if it has none).
+    pub ce: Tensor,
+    /// `(M,)`: mean |vertical neighbour difference| + mean |horizontal neighbour difference|
+    /// over every channel; `None` unless asked for.
+    pub continuity: Option<Tensor>,
+    /// `(M, H, W)` int64: the target the cross-entropy used (the argmax when none was given),
+    /// detached.
+    pub target: Tensor,
+}
+
+/// The per-pixel loss terms of a fit, per image of `logits (M, K, H, W)` (float32, float64 or
+/// bfloat16; the results in float32, float64 for float64): cross-entropy against `target`
+/// `(M, H, W)` int64, pixels whose target lies outside `0..K` (such as the fit's ignore label)
+/// left out, or against the logits' own argmax when `target` is `None` (first maximum on ties,
+/// like `argmax`); and, with `continuity`, the mean L1 of neighbour differences. Gradients flow
+/// to `logits` from both.
+///
+/// Why one op: libtorch runs these terms as about 25 passes over the map (argmax, log_softmax,
+/// the NLL's backward fill, the differences, their slices' backward fills and copies, the adds
+/// of the gradients); here each direction reads the map once (and the backward writes its
+/// gradient once). 16-bit logits are read as they are and added in float32, so the map need not
+/// be widened first. Sums are per row, the rows added in order: the same value for an image
+/// alone or in any batch, whatever the thread count.
+///
+/// On CUDA it runs only when [`cuda_pixel_losses`] says so (see there); otherwise it declines
+/// with an error and the caller's tensor-op losses run.
+pub fn pixel_losses(logits: &Tensor, target: Option<&Tensor>, continuity: bool) -> Result<PixelLosses, OpError> {
+    if logits.device().is_cuda() && !cuda_pixel_losses() {
+        return Err(OpError("pixel_losses: the CUDA kernel is off (S3NET_CUDA_PIXEL_LOSSES=1 turns it on)".into()));
+    }
+    let mut outs = [std::ptr::null_mut(); 3];
+    let mut err = std::ptr::null_mut();
+    // SAFETY: the tensor pointers are valid for the call; the C side checks dtypes, shapes and
+    // devices, and hands over new tensors in `outs` (or none, with a message).
+    let rc = unsafe { s3ops_pixel_losses(ptr(Some(logits)), ptr(target), continuity as i32, outs.as_mut_ptr(), &mut err) };
+    if rc != 0 {
+        return Err(take_error(err, "pixel_losses failed without a message"));
+    }
+    // SAFETY: each non-null entry is a fresh `new at::Tensor(...)`, which tch owns from now on.
+    let take = |p: *mut c_void| (!p.is_null()).then(|| unsafe { Tensor::from_ptr(p as *mut _) });
+    let [ce, co, t] = outs.map(take);
+    match (ce, t) {
+        (Some(ce), Some(target)) => Ok(PixelLosses { ce, continuity: co, target }),
+        _ => Err(OpError("pixel_losses returned no tensors".into())),
+    }
+}
+
+/// Whether [`pixel_losses`] runs its CUDA kernel: only when asked, until it has passed its
+/// tests on a GPU (it was written when no GPU was at hand, and is compiled but not yet run;
+/// README, "Not done yet"). The environment variable `S3NET_CUDA_PIXEL_LOSSES=1` asks for it
+/// (read once), or [`set_cuda_pixel_losses`]. CPU tensors always take the op.
+pub fn cuda_pixel_losses() -> bool {
+    match CUDA_PIXEL_LOSSES.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("S3NET_CUDA_PIXEL_LOSSES").is_ok_and(|v| v == "1");
+            // Another thread may have set it meanwhile: keep theirs.
+            let _ = CUDA_PIXEL_LOSSES.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed);
+            CUDA_PIXEL_LOSSES.load(Ordering::Relaxed) == 1
+        }
+        v => v == 1,
+    }
+}
+
+/// Turns [`pixel_losses`]'s CUDA kernel on or off for this process (overrides the environment).
+pub fn set_cuda_pixel_losses(on: bool) {
+    CUDA_PIXEL_LOSSES.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// 0: not decided yet (read the environment), 1: on, 2: off.
+static CUDA_PIXEL_LOSSES: AtomicU8 = AtomicU8::new(0);
 
 /// One momentum-SGD step, PyTorch's rule without dampening or weight decay:
 /// `v = momentum·v + grad; p −= lr·v`, then every gradient is dropped (left undefined), so
