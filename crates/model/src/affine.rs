@@ -96,7 +96,8 @@ impl Transform {
     pub fn move_labels(&self, response: &Tensor, labels: &Tensor) -> Tensor {
         match self {
             Transform::Warp(g) => {
-                let moved = warp(response, g).argmax(1, false);
+                // Warped in float32 whatever the activations' format.
+                let moved = warp(&response.to_kind(Kind::Float), g).argmax(1, false);
                 moved.where_self(&inside(g), &Tensor::full([], IGNORE, (Kind::Int64, response.device())))
             }
             Transform::QuarterTurn => labels.rot90(1, [1, 2]),

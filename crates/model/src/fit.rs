@@ -16,9 +16,9 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::affine::{Affine, Transform};
-use crate::loss::{continuity_each, masked_ce_each, self_ce_each, sobel_spatial_each};
+use crate::loss;
 use crate::net::{select_models, S3Net};
-use crate::options::{FitOptions, Kernels, SpatialLoss, Upsample};
+use crate::options::{FitOptions, Kernels, Upsample};
 use crate::rng::SplitMix64;
 use crate::ModelError;
 
@@ -754,22 +754,17 @@ fn step_tensors(
         None => (net.response(&net.trunk(x)), None),
     };
 
+    // The maps come in the activations' format; the loss terms add in float32 either way.
     let r = response.reshape([m, k, size, size]);
-    let (l_ce, target) = self_ce_each(&r);
+    let spatial = (w.spatial > 0.0).then_some(opts.spatial);
+    let (l_ce, l_sp, target) = loss::response_terms(&r, spatial, opts.kernels);
     let zeros = || Tensor::zeros([m], (Kind::Float, device));
-    let l_sp = if w.spatial > 0.0 {
-        match opts.spatial {
-            SpatialLoss::Sobel => sobel_spatial_each(&r),
-            SpatialLoss::Continuity => continuity_each(&r),
-        }
-    } else {
-        zeros()
-    };
+    let l_sp = l_sp.unwrap_or_else(zeros);
     let l_at = match (aux_t, grid) {
         (Some(aux_t), Some(grid)) => {
             // Target: the clustering of x, moved by the same transform.
             let target_t = grid.move_labels(&r.detach(), &target);
-            masked_ce_each(&aux_t.reshape([m, k, size, size]), &target_t)
+            loss::moved_ce(&aux_t.reshape([m, k, size, size]), &target_t, opts.kernels)
         }
         _ => zeros(),
     };
@@ -871,7 +866,8 @@ fn read_labels(response: &Tensor, target: &Tensor, image: &Image, opts: &FitOpti
         raw_grid.clone()
     } else if logits_ok {
         let idx = Tensor::from_slice(&used).to_device(response.device());
-        let sel = response.index_select(1, &idx);
+        // (The response is in the activations' format; upsampled in float32 whatever it is.)
+        let sel = response.index_select(1, &idx).to_kind(Kind::Float);
         let up = sel.upsample_bilinear2d([h0, w0], false, None, None).argmax(1, false);
         // `up` indexes into `used`.
         let up = Vec::<i64>::try_from(up.flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();

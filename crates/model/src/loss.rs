@@ -3,6 +3,8 @@
 
 use tch::{Kind, Reduction, Tensor};
 
+use crate::options::{Kernels, SpatialLoss};
+
 /// Label value ignored by the cross-entropy terms (pixels a transform moved outside the image).
 pub const IGNORE: i64 = -100;
 
@@ -100,4 +102,85 @@ pub fn sobel_spatial_each(response: &Tensor) -> Tensor {
         return sobel_spatial(response).reshape([1]);
     }
     Tensor::cat(&(0..n).map(|i| sobel_spatial(&response.narrow(0, i, 1)).reshape([1])).collect::<Vec<_>>(), 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fit's entry points: the fused op where it runs, the functions above otherwise.
+// ---------------------------------------------------------------------------------------------
+
+/// The response map's terms per image of a stack `(M, K, H, W)`: [`self_ce_each`] and the
+/// spatial term asked for (`None`: none), with the argmax target. With the fused kernels and
+/// the continuity term (or none) this is `s3net_ops::pixel_losses` (one pass over the map each
+/// way instead of about 25; 16-bit maps read as they are); otherwise, or where the op declines
+/// (CUDA, until its kernel has run on a GPU), the functions above on one float32 copy of the
+/// map, so that the terms' gradients add in float32 and are rounded once.
+pub fn response_terms(response: &Tensor, spatial: Option<SpatialLoss>, kernels: Kernels) -> (Tensor, Option<Tensor>, Tensor) {
+    if kernels == Kernels::Fused && spatial != Some(SpatialLoss::Sobel) {
+        if let Ok(o) = s3net_ops::pixel_losses(response, None, spatial.is_some()) {
+            return (o.ce, o.continuity, o.target);
+        }
+    }
+    let r = response.to_kind(Kind::Float);
+    let (ce, target) = self_ce_each(&r);
+    let sp = spatial.map(|s| match s {
+        SpatialLoss::Sobel => sobel_spatial_each(&r),
+        SpatialLoss::Continuity => continuity_each(&r),
+    });
+    (ce, sp, target)
+}
+
+/// [`masked_ce_each`] of `logits (M, K, H, W)` against `target (M, H, W)`, through
+/// `s3net_ops::pixel_losses` with the fused kernels (see [`response_terms`]).
+pub fn moved_ce(logits: &Tensor, target: &Tensor, kernels: Kernels) -> Tensor {
+    if kernels == Kernels::Fused {
+        if let Ok(o) = s3net_ops::pixel_losses(logits, Some(target), false) {
+            return o.ce;
+        }
+    }
+    masked_ce_each(&logits.to_kind(Kind::Float), target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        f64::try_from((a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max()).unwrap()
+    }
+
+    /// The fit's entry points give the same terms and gradients with the fused op as with the
+    /// tensor-op functions, for every spatial choice, in float32 and bfloat16 (the response
+    /// map as the network hands it over).
+    #[test]
+    fn fused_and_tensor_op_terms_agree() {
+        tch::manual_seed(5);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let x = (Tensor::randn([3, 6, 22, 22], (Kind::Float, Device::Cpu)) * 2.0).to_kind(kind);
+            let moved = x.argmax(1, false).rot90(1, [1, 2]);
+            for spatial in [None, Some(SpatialLoss::Continuity), Some(SpatialLoss::Sobel)] {
+                let run = |kernels: Kernels| {
+                    let r = x.copy().set_requires_grad(true);
+                    let (ce, sp, target) = response_terms(&r, spatial, kernels);
+                    let at = moved_ce(&r, &moved, kernels);
+                    assert_eq!(sp.is_some(), spatial.is_some());
+                    let total = &ce * 1.5 + sp.as_ref().map_or_else(|| ce.zeros_like(), |s| s * 4.0) + &at * 0.2;
+                    total.sum(Kind::Float).backward();
+                    (ce, sp, at, target, r.grad())
+                };
+                let (a, b) = (run(Kernels::Fused), run(Kernels::TensorOps));
+                let tag = format!("{kind:?} {spatial:?}");
+                assert!(a.3.equal(&b.3), "{tag}: target");
+                assert!(max_diff(&a.0, &b.0) < 1e-5, "{tag}: ce");
+                assert!(max_diff(&a.2, &b.2) < 1e-5, "{tag}: affine term");
+                if let (Some(s1), Some(s2)) = (&a.1, &b.1) {
+                    assert!(max_diff(s1, s2) < 1e-5, "{tag}: spatial");
+                }
+                assert_eq!(a.4.kind(), kind, "{tag}");
+                let scale = f64::try_from(b.4.abs().max().to_kind(Kind::Double)).unwrap();
+                let tol = if kind == Kind::Float { 1e-5 } else { 1.0 / 64.0 };
+                assert!(max_diff(&a.4, &b.4) <= tol * scale, "{tag}: gradient {} of {scale}", max_diff(&a.4, &b.4));
+            }
+        }
+    }
 }

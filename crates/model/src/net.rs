@@ -273,8 +273,8 @@ pub struct S3Net {
     head: Conv,
     head_bn: Bn,
     kernels: Kernels,
-    /// The activations' number format: the input is cast to it on the way in, the response
-    /// and auxiliary maps back to float32 on the way out.
+    /// The activations' number format: the input is cast to it on the way in; the response
+    /// and auxiliary maps come out in it (the loss terms add in float32 whatever it is).
     act: Kind,
     /// Networks in this stack (1 for a plain network).
     models: i64,
@@ -430,12 +430,13 @@ impl S3Net {
         h
     }
 
-    /// The auxiliary head used by the affine-consistency term.
+    /// The auxiliary head used by the affine-consistency term, in the activations' format.
     pub fn aux(&self, feat: &Tensor) -> Tensor {
-        self.aux_bn.forward(&self.aux.forward_with(feat, self.kernels, self.models), self.kernels).to_kind(Kind::Float)
+        self.aux_bn.forward(&self.aux.forward_with(feat, self.kernels, self.models), self.kernels)
     }
 
-    /// Deformable conv and the final 1×1: the response map `(N, M·K, S, S)`.
+    /// Deformable conv and the final 1×1: the response map `(N, M·K, S, S)`, in the
+    /// activations' format.
     pub fn response(&self, feat: &Tensor) -> Tensor {
         let (m, f) = (self.models, self.features);
         let size = feat.size();
@@ -480,7 +481,7 @@ impl S3Net {
         });
         let h = if m == 1 { h } else { h.reshape([n, m * f, s.0, s.1]) }.to_kind(self.act);
         let h = self.dcn_bn.forward(&h, self.kernels).relu();
-        self.head_bn.forward(&self.head.forward_with(&h, self.kernels, m), self.kernels).to_kind(Kind::Float)
+        self.head_bn.forward(&self.head.forward_with(&h, self.kernels, m), self.kernels)
     }
 }
 
