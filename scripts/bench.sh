@@ -17,6 +17,8 @@ echo "bench: torchvision deform_conv2d (CPU)" >&2
 "$VENV/bin/python" tools/time_torchvision_deform.py --repeats 3 --threads "$(nproc)" > $OUT/deform-torchvision.json 2>/dev/null || echo '{}' > $OUT/deform-torchvision.json
 echo "bench: depthwise convs, ours and libtorch's (CPU)" >&2
 $BIN bench depthwise --device cpu --channels 32 --repeats 9 --json > $OUT/depthwise-cpu.json
+echo "bench: loss terms, ours and libtorch's (CPU)" >&2
+$BIN bench losses --device cpu --channels 32 --repeats 9 --json > $OUT/losses-cpu.json
 echo "bench: fit step, default preset (F=32), and F=64, 256², every loss on (CPU)" >&2
 $BIN bench fit --device cpu --iterations 10 --repeats 3 > $OUT/fit-cpu.json
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --features 64 > $OUT/fit-cpu-f64.json
@@ -55,6 +57,12 @@ lines += ["", f"## Depthwise convolutions of the I-LKA blocks, {'×'.join(map(st
 for g in dw["geometries"] + [dict(kernel="all four", dilation="", **dw["total"])]:
     o, l = g["ours"], g["libtorch"]
     name = f"{g['kernel']}×{g['kernel']}, {g['dilation']}" if g["dilation"] else "**all four (one I-LKA)**"
+    lines.append(f"| {name} | {fw(o):.2f} | {fb(o):.2f} | {fw(l):.2f} | {fb(l):.2f} | {fb(l) / fb(o):.1f}× faster |")
+ls = j("losses-cpu.json")
+lines += ["", f"## Loss terms of a step on a {'×'.join(map(str, ls['shape']['input']))} map (CPU)", "",
+  "| terms | ours forward ms | ours fwd+bwd ms | libtorch forward ms | libtorch fwd+bwd ms | fwd+bwd vs libtorch |", "|---|---|---|---|---|---|"]
+for key, name in [("response_terms", "response: cross-entropy against its argmax + continuity"), ("moved_ce", "auxiliary map: cross-entropy against the turned clustering")]:
+    o, l = ls[key]["fused"], ls[key]["libtorch"]
     lines.append(f"| {name} | {fw(o):.2f} | {fb(o):.2f} | {fw(l):.2f} | {fb(l):.2f} | {fb(l) / fb(o):.1f}× faster |")
 lines += ["", "## One fit step at 256², default preset, every loss term on (CPU)", "",
   "| features F = K, kernels | seconds per step (median) | seconds per 10-step fit, set-up and read-out included |", "|---|---|---|",

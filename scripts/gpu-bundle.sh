@@ -33,6 +33,11 @@ for line in sys.stdin:
 strip "$out/s3net" "$out"/*-test
 cp crates/model/tests/data/deform_golden.json "$out/golden/"
 cp scripts/gpu-check.sh scripts/trace-summary.py "$out/"
+# This build with pixel_losses' CUDA kernel switched on (off by default until it has passed a GPU
+# check), as a binary of its own for the steps that compare binaries:
+# AB_BASE=./s3net-pixel-losses STEPS="tests ab evalab".
+printf '#!/bin/sh\nS3NET_CUDA_PIXEL_LOSSES=1 exec "$(dirname "$0")/s3net" "$@"\n' > "$out/s3net-pixel-losses"
+chmod +x "$out/s3net-pixel-losses"
 for d in ph2-dev lung-dev; do
   if [ -d "$out/$d" ]; then continue; fi
   if [ -d "$SHARED/$d" ]; then

@@ -1,5 +1,5 @@
-//! `s3net bench fit`, `s3net bench deform` and `s3net bench depthwise`: medians after a
-//! warm-up, printed as JSON.
+//! `s3net bench fit`, `s3net bench deform`, `s3net bench depthwise` and `s3net bench losses`:
+//! medians after a warm-up, printed as JSON.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -25,6 +25,11 @@ pub enum BenchCommand {
     /// Forward and forward+backward time of the I-LKA depthwise convolutions: our kernels
     /// against libtorch's grouped convolution, at the network's four kernel geometries.
     Depthwise(OpBench),
+    /// Forward and forward+backward time of the per-pixel loss terms on a 1×K×S×S map
+    /// (`--channels` K): the fused op (`s3net_ops::pixel_losses`) against the same terms in
+    /// libtorch's ops, for the response map (cross-entropy against its argmax, and continuity)
+    /// and for the auxiliary map (cross-entropy against a given target).
+    Losses(OpBench),
 }
 
 #[derive(Args, Debug)]
@@ -121,6 +126,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Fit(b) => fit(*b),
         BenchCommand::Deform(b) => deform(b),
         BenchCommand::Depthwise(b) => depthwise(b),
+        BenchCommand::Losses(b) => losses(b),
     }
 }
 
@@ -449,4 +455,38 @@ fn depthwise(b: OpBench) -> Result<()> {
         "shape": { "input": [1, c, s, s] },
     });
     print_op_bench(out, "depthwise convs", &b)
+}
+
+/// The loss terms of one fit step on a random 1×K×S×S map: ours and libtorch's.
+fn losses(b: OpBench) -> Result<()> {
+    use s3net_model::loss;
+    let (dev, o) = b.tensor_options()?;
+    let (k, s) = (b.channels, b.size);
+    tch::manual_seed(0);
+    let sync = device_sync(dev);
+    let x = (Tensor::randn([1, k, s, s], o) * 3.0).set_requires_grad(true);
+    // The affine term's target: the clustering turned a quarter.
+    let target = x.detach().argmax(1, false).rot90(1, [1, 2]);
+    let response: Op = Box::new(|| {
+        let l = s3net_ops::pixel_losses(&x, None, true)?;
+        Ok(l.ce + l.continuity.unwrap_or_else(|| Tensor::zeros([1], (Kind::Float, dev))))
+    });
+    let response_libtorch: Op = Box::new(|| {
+        let r = x.to_kind(Kind::Float);
+        Ok(loss::self_ce_each(&r).0 + loss::continuity_each(&r))
+    });
+    let moved: Op = Box::new(|| Ok(s3net_ops::pixel_losses(&x, Some(&target), false)?.ce));
+    let moved_libtorch: Op = Box::new(|| Ok(loss::masked_ce_each(&x.to_kind(Kind::Float), &target)));
+    let time = |op: &Op| match time_op(op, b.repeats, &sync) {
+        Ok(v) => json!(v),
+        // The CUDA kernel switched off or not built: say why instead of a number.
+        Err(e) => json!({ "unavailable": e.to_string() }),
+    };
+    let out = json!({
+        "response_terms": { "fused": time(&response), "libtorch": time(&response_libtorch) },
+        "moved_ce": { "fused": time(&moved), "libtorch": time(&moved_libtorch) },
+        "device": format!("{dev:?}"),
+        "shape": { "input": [1, k, s, s] },
+    });
+    print_op_bench(out, "loss terms", &b)
 }

@@ -152,3 +152,21 @@ fn bench_fit_writes_an_operator_trace() {
         Err(e) => eprintln!("no python3 ({e}): trace-summary.py not run"),
     }
 }
+
+/// `bench losses` times the fused loss terms and libtorch's on a small map: both present,
+/// positive, in the JSON object `make bench` reads.
+#[test]
+fn bench_losses_reports_both_implementations() {
+    let o = s3net(&["bench", "losses", "--size", "32", "--channels", "8", "--repeats", "2", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    for terms in ["response_terms", "moved_ce"] {
+        for which in ["fused", "libtorch"] {
+            for key in ["forward_ms", "forward_backward_ms"] {
+                let t = v[terms][which][key].as_f64().unwrap_or_else(|| panic!("{terms}.{which}.{key} in {v}"));
+                assert!(t > 0.0, "{terms}.{which}.{key} = {t}");
+            }
+        }
+    }
+    assert_eq!(v["shape"]["input"], serde_json::json!([1, 8, 32, 32]));
+}
