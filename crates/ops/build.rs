@@ -107,6 +107,10 @@ fn main() {
         .flag("-std=c++17")
         .flag("-fopenmp")
         .flag("-fPIC")
+        // Floating-point compares may not trap: lets gcc turn the kernels' conditional selects
+        // (clamps, argmax, signs) into vector blends. Values are unchanged (no reassociation,
+        // no fast-math); only the FP exception flags' bookkeeping is given up.
+        .flag("-fno-trapping-math")
         .flag("-w")
         .opt_level(3)
         .debug(false);
