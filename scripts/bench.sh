@@ -81,7 +81,12 @@ if cuda:
         lines.append(f"- {b['batch']} fits as one batch: {b['images_per_second']:.2f} images/s ({b['seconds_per_step_median']*1e3:.0f} ms per step)")
 lines += ["", "## Service overhead (in-process server on loopback, real gRPC clients, CPU)", "", open("bench-out/service.md").read().strip()]
 import glob
-for g in sorted(glob.glob("docs/gpu-checks/*/summary.md")):
+import subprocess
+def added(path):
+    # When the summary was first committed (several checks share a date); 0 where git cannot say.
+    out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%ct", "--", path], capture_output=True, text=True).stdout.split()
+    return int(out[-1]) if out else 0
+for g in sorted(glob.glob("docs/gpu-checks/*/summary.md"), key=lambda g: (added(g), g), reverse=True):  # newest first
     lines += ["", open(g).read().strip()]
 lines += ["", "Raw JSON: `bench-out/`.", ""]
 open("BENCHMARKS.md", "w").write("\n".join(lines))
