@@ -1600,9 +1600,17 @@ S3_INLINE void pl_row_impl(const T* x, int64_t K, int64_t H, int64_t W, int64_t 
   }
   for (int64_t k = 1; k < K; ++k) {
     const T* p = x + k * P + o;
+    // torch.argmax: the first maximum, a NaN beating any number. With a given target only the
+    // maximum is needed.
+    if (given) {
+      for (int64_t i = 0; i < W; ++i) {
+        const A v = static_cast<A>(p[i]);
+        mx[i] = v > mx[i] || (v != v && mx[i] == mx[i]) ? v : mx[i];
+      }
+      continue;
+    }
     for (int64_t i = 0; i < W; ++i) {
       const A v = static_cast<A>(p[i]);
-      // torch.argmax: the first maximum, a NaN beating any number.
       const bool take = v > mx[i] || (v != v && mx[i] == mx[i]);
       mx[i] = take ? v : mx[i];
       arg[i] = take ? k : arg[i];
