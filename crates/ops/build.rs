@@ -13,6 +13,9 @@
 //! and `PATH`. `S3OPS_NO_CUDA=1` builds the CPU kernels only. Without nvcc the crate still
 //! builds; the fused op then declines CUDA tensors with a clear error and the engine falls back
 //! to its tensor-op implementation there.
+//!
+//! The CUDA sources are also built by the host compiler on `csrc/simt.h`'s CPU emulation of
+//! their kernels, always: the tests run the ops' CUDA paths through it where no GPU is.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,11 +87,41 @@ fn compile_cuda(cuda: &Cuda, out: &Path) -> Vec<PathBuf> {
 
 const CUDA_SOURCES: [&str; 5] = ["csrc/bias_cuda.cu", "csrc/deform_cuda.cu", "csrc/depthwise_cuda.cu", "csrc/losses_cuda.cu", "csrc/norm_cuda.cu"];
 
+/// The same CUDA sources built by the host C++ compiler on `csrc/simt.h`, which runs their
+/// kernels on the CPU (entry points `s3ops_simt_*`): what the tests exercise the kernels with
+/// on a machine without a GPU, whether or not nvcc is here. Each source is its own translation
+/// unit (their file-local names repeat), reached through a one-line wrapper, and finds simt.h
+/// where it includes `<cuda_runtime.h>`.
+fn compile_simt(out: &Path) {
+    let dir = out.join("simt");
+    std::fs::create_dir_all(&dir).expect("OUT_DIR is writable");
+    let csrc = std::fs::canonicalize("csrc").expect("csrc exists");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        // Rewritten only when different, so the objects are not rebuilt for nothing.
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            std::fs::write(&path, text).expect("OUT_DIR is writable");
+        }
+        path
+    };
+    write("cuda_runtime.h", format!("#include \"{}\"\n", csrc.join("simt.h").display()));
+    let mut build = cc::Build::new();
+    build.cpp(true).include(&dir).flag("-std=c++17").flag("-fPIC").flag("-w").opt_level(2).debug(false);
+    for src in CUDA_SOURCES {
+        let stem = Path::new(src).file_stem().expect("a file name").to_string_lossy();
+        let abs = csrc.join(Path::new(src).file_name().expect("a file name"));
+        build.file(write(&format!("simt_{stem}.cpp"), format!("#include \"{}\"\n", abs.display())));
+    }
+    build.compile("s3net_simt");
+}
+
 fn main() {
     libtorch_link_args();
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
     println!("cargo:rerun-if-changed=csrc/kernel_dims.h");
     println!("cargo:rerun-if-changed=csrc/cuda_common.cuh");
+    println!("cargo:rerun-if-changed=csrc/kernel_entries.h");
+    println!("cargo:rerun-if-changed=csrc/simt.h");
     for src in CUDA_SOURCES {
         println!("cargo:rerun-if-changed={src}");
     }
@@ -119,6 +152,7 @@ fn main() {
         build.define("S3OPS_CUDA", "1").include(&cuda.include).objects(compile_cuda(cuda, &out));
     }
     build.compile("s3net_ops");
+    compile_simt(&out);
     // OpenMP runtime: resolved at run time to libtorch's bundled libgomp.so.1 (same soname).
     println!("cargo:rustc-link-lib=dylib=gomp");
     println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());

@@ -109,9 +109,9 @@ int launch_add(S* y, const S* bias, int64_t planes, int64_t elems, int64_t chann
   const int64_t bx = (n + kThreads * kUnroll - 1) / (kThreads * kUnroll);
   const dim3 grid((unsigned)(bx < 1024 ? bx : 1024), grid_rows(planes));
   if (vec) {
-    bias_add<S, true><<<grid, kThreads, 0, st>>>(y, bias, planes, elems, channels);
+    S3_LAUNCH(grid, kThreads, 0, st, bias_add<S, true>)(y, bias, planes, elems, channels);
   } else {
-    bias_add<S, false><<<grid, kThreads, 0, st>>>(y, bias, planes, elems, channels);
+    S3_LAUNCH(grid, kThreads, 0, st, bias_add<S, false>)(y, bias, planes, elems, channels);
   }
   return (int)cudaGetLastError();
 }
@@ -124,9 +124,9 @@ int launch_grad(const S* go, typename Acc<S>::type* partial, int64_t planes, int
   const bool vec = vectorised(go, elems, sizeof(S)) && chunk % vec_len<S>() == 0;
   const dim3 grid((unsigned)chunks, grid_rows(channels));
   if (vec) {
-    bias_grad<S, true><<<grid, kThreads, 0, st>>>(go, partial, planes, elems, channels, chunk);
+    S3_LAUNCH(grid, kThreads, 0, st, bias_grad<S, true>)(go, partial, planes, elems, channels, chunk);
   } else {
-    bias_grad<S, false><<<grid, kThreads, 0, st>>>(go, partial, planes, elems, channels, chunk);
+    S3_LAUNCH(grid, kThreads, 0, st, bias_grad<S, false>)(go, partial, planes, elems, channels, chunk);
   }
   return (int)cudaGetLastError();
 }
@@ -137,14 +137,14 @@ extern "C" {
 
 // Chunks each plane's sum is split into: the gradient kernel's partials are (channels, this).
 // About 8192 values a block, at most 64 chunks.
-int64_t s3ops_cuda_bias_grad_chunks(int64_t elems) {
+int64_t S3_ENTRY(bias_grad_chunks)(int64_t elems) {
   int64_t c = (elems + 8191) / 8192;
   return c < 1 ? 1 : (c > 64 ? 64 : c);
 }
 
 // dtype: 0 = float32, 1 = float64, 2 = bfloat16. y: planes × elems values (contiguous), bias:
 // `channels` values of the same type. Returns a cudaError_t (0 = success).
-int s3ops_cuda_bias_add(int dtype, void* y, const void* bias, int64_t planes, int64_t elems,
+int S3_ENTRY(bias_add)(int dtype, void* y, const void* bias, int64_t planes, int64_t elems,
                         int64_t channels, void* stream) {
   if (planes * elems == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
@@ -156,10 +156,10 @@ int s3ops_cuda_bias_add(int dtype, void* y, const void* bias, int64_t planes, in
 
 // partial: channels × s3ops_cuda_bias_grad_chunks(elems) values of the sums' type (float32 for
 // dtype 0 and 2, float64 for 1), every one written.
-int s3ops_cuda_bias_grad(int dtype, const void* go, void* partial, int64_t planes, int64_t elems,
+int S3_ENTRY(bias_grad)(int dtype, const void* go, void* partial, int64_t planes, int64_t elems,
                          int64_t channels, void* stream) {
   const cudaStream_t st = (cudaStream_t)stream;
-  const int64_t chunks = s3ops_cuda_bias_grad_chunks(elems);
+  const int64_t chunks = S3_ENTRY(bias_grad_chunks)(elems);
   if (dtype == 0) {
     return launch_grad((const float*)go, (float*)partial, planes, elems, channels, chunks, st);
   }

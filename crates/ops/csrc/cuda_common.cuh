@@ -3,9 +3,23 @@
 //    (cuda_bf16.h needs CCCL headers the PyPI nvcc lacks), widened to float32 for arithmetic
 //    and rounded back the way libtorch's c10::BFloat16 rounds;
 //  * 16-byte vectors of a storage type, and whether a plane can be read as such;
-//  * a warp's sum, and the grid rows for a count of planes.
+//  * a warp's sum, and the grid rows for a count of planes;
+//  * the launch, shared-memory and entry-point macros that let simt.h run them on a CPU.
 #pragma once
 #include <cuda_runtime.h>
+
+// How a kernel is launched, where a kernel's dynamic shared memory is and what the entry points
+// are called: CUDA's own syntax under nvcc; simt.h (the CPU emulation the tests run) defines
+// its own before this file is read.
+#ifndef S3_LAUNCH
+#define S3_LAUNCH(grid, block, shm, stream, ...) __VA_ARGS__<<<grid, block, shm, stream>>>
+#endif
+#ifndef S3_DYNAMIC_SHARED
+#define S3_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+#ifndef S3_ENTRY
+#define S3_ENTRY(name) s3ops_cuda_##name
+#endif
 
 #include <cstdint>
 

@@ -157,19 +157,19 @@ extern "C" {
 // dtype: 0 = float32, 1 = float64, 2 = bfloat16 features (x, cols) with float32 positions (off,
 // mask). Pointers are device pointers of contiguous tensors (mask may be null); `stream` is a
 // cudaStream_t. Returns a cudaError_t (0 = success; cudaErrorInvalidValue for another code).
-int s3ops_cuda_deform_im2col(int dtype, const S3DeformDims* d, const void* x, const void* off,
+int S3_ENTRY(deform_im2col)(int dtype, const S3DeformDims* d, const void* x, const void* off,
                              const void* mask, void* cols, void* stream) {
   if (d->N * d->K * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
   const unsigned grid = grid_for(*d);
   if (dtype == 0) {
-    im2col_kernel<float, float><<<grid, kThreads, 0, st>>>(
+    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<float, float>)(
         *d, (const float*)x, (const float*)off, (const float*)mask, (float*)cols);
   } else if (dtype == 1) {
-    im2col_kernel<double, double><<<grid, kThreads, 0, st>>>(
+    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<double, double>)(
         *d, (const double*)x, (const double*)off, (const double*)mask, (double*)cols);
   } else if (dtype == 2) {
-    im2col_kernel<Bf16, float><<<grid, kThreads, 0, st>>>(
+    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<Bf16, float>)(
         *d, (const Bf16*)x, (const float*)off, (const float*)mask, (Bf16*)cols);
   } else {
     return (int)cudaErrorInvalidValue;
@@ -179,22 +179,22 @@ int s3ops_cuda_deform_im2col(int dtype, const S3DeformDims* d, const void* x, co
 
 // gi (input gradient, NCHW, in the positions' type, accumulated into: zero it first), goff and
 // gmask (written) may each be null when not needed. gcols has the features' type.
-int s3ops_cuda_deform_col2im(int dtype, const S3DeformDims* d, const void* x, const void* off,
+int S3_ENTRY(deform_col2im)(int dtype, const S3DeformDims* d, const void* x, const void* off,
                              const void* mask, const void* gcols, void* gi, void* goff,
                              void* gmask, void* stream) {
   if (d->N * d->K * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
   const unsigned grid = grid_for(*d);
   if (dtype == 0) {
-    col2im_kernel<float, float><<<grid, kThreads, 0, st>>>(
+    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<float, float>)(
         *d, (const float*)x, (const float*)off, (const float*)mask, (const float*)gcols,
         (float*)gi, (float*)goff, (float*)gmask);
   } else if (dtype == 1) {
-    col2im_kernel<double, double><<<grid, kThreads, 0, st>>>(
+    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<double, double>)(
         *d, (const double*)x, (const double*)off, (const double*)mask, (const double*)gcols,
         (double*)gi, (double*)goff, (double*)gmask);
   } else if (dtype == 2) {
-    col2im_kernel<Bf16, float><<<grid, kThreads, 0, st>>>(
+    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<Bf16, float>)(
         *d, (const Bf16*)x, (const float*)off, (const float*)mask, (const Bf16*)gcols,
         (float*)gi, (float*)goff, (float*)gmask);
   } else {
@@ -203,6 +203,6 @@ int s3ops_cuda_deform_col2im(int dtype, const S3DeformDims* d, const void* x, co
   return (int)cudaGetLastError();
 }
 
-const char* s3ops_cuda_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
+const char* S3_ENTRY(error_string)(int code) { return cudaGetErrorString((cudaError_t)code); }
 
 }  // extern "C"

@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kSpan = (KS - 1) * DIL;
   constexpr int kLen = (kStrip + kSpan + 3) / 4 * 4;  // region values a strip row reads
   constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;      // region_row(kSpan)
-  extern __shared__ __align__(16) unsigned char smem[];
+  S3_DYNAMIC_SHARED(smem);
   T* region = reinterpret_cast<T*>(smem);
   const Tile g = tile_of(d, kTH);
   const int64_t c = g.plane % d.C;
@@ -230,7 +230,7 @@ template <typename S, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kThreads)
     correlate_any(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
                   const S* __restrict__ bias, S* __restrict__ out) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  S3_DYNAMIC_SHARED(smem);
   T* region = reinterpret_cast<T*>(smem);
   const Tile g = tile_of(d, kTH);
   const int k = (int)d.k, kk = k * k, dil = (int)d.d;
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kSpan = (KS - 1) * DIL, kK = KS * KS;
   constexpr int kLen = (kStrip + kSpan + 3) / 4 * 4;
   constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;
-  extern __shared__ __align__(16) unsigned char smem[];
+  S3_DYNAMIC_SHARED(smem);
   T* region = reinterpret_cast<T*>(smem);
   const Tile g = tile_of(d, kTH * kWgTiles);
   T* red = region + (kTH + kSpan) * g.rw;
@@ -349,7 +349,7 @@ template <typename S, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kThreads)
     weight_grad_any(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
                     T* __restrict__ partial) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  S3_DYNAMIC_SHARED(smem);
   T* region = reinterpret_cast<T*>(smem);
   const Tile g = tile_of(d, kTH * kWgTiles);
   const int k = (int)d.k, kk = k * k, dil = (int)d.d;
@@ -430,12 +430,12 @@ int launch_correlate(const S3DepthwiseDims& d, const T* in, const T* w, const T*
   const unsigned grid = (unsigned)(d.N * d.C * correlate_tiles(d));
 #define S3_CASE(K, D)                                                          \
   if (d.k == K && d.d == D) {                                                  \
-    correlate_fixed<T, K, D><<<grid, block, shm, st>>>(d, in, w, bias, out);   \
+    S3_LAUNCH(grid, block, shm, st, correlate_fixed<T, K, D>)(d, in, w, bias, out);   \
     return (int)cudaGetLastError();                                            \
   }
   S3_DW_FIXED_CASES(S3_CASE)
 #undef S3_CASE
-  correlate_any<T><<<grid, block, shm, st>>>(d, in, w, bias, out);
+  S3_LAUNCH(grid, block, shm, st, correlate_any<T>)(d, in, w, bias, out);
   return (int)cudaGetLastError();
 }
 
@@ -448,12 +448,12 @@ int launch_weight_grad(const S3DepthwiseDims& d, const T* in, const T* go,
   const unsigned grid = (unsigned)(d.N * d.C * weight_grad_blocks(d));
 #define S3_CASE(K, D)                                                            \
   if (d.k == K && d.d == D) {                                                    \
-    weight_grad_fixed<T, K, D><<<grid, block, shm, st>>>(d, in, go, partial);    \
+    S3_LAUNCH(grid, block, shm, st, weight_grad_fixed<T, K, D>)(d, in, go, partial);    \
     return (int)cudaGetLastError();                                              \
   }
   S3_DW_FIXED_CASES(S3_CASE)
 #undef S3_CASE
-  weight_grad_any<T><<<grid, block, shm, st>>>(d, in, go, partial);
+  S3_LAUNCH(grid, block, shm, st, weight_grad_any<T>)(d, in, go, partial);
   return (int)cudaGetLastError();
 }
 
@@ -463,15 +463,15 @@ extern "C" {
 
 // Partials per plane of the weight gradient: its partials are (N·C·this, k² + 1), the last
 // column the bias gradient's.
-int64_t s3ops_cuda_dw_partials_per_plane(const S3DepthwiseDims* d) { return weight_grad_blocks(*d); }
+int64_t S3_ENTRY(dw_partials_per_plane)(const S3DepthwiseDims* d) { return weight_grad_blocks(*d); }
 
 // Blocks per plane of the larger of the two kernels' grids, so ops.cpp can keep the grid 1-D.
-int64_t s3ops_cuda_dw_blocks_per_plane(const S3DepthwiseDims* d) { return correlate_tiles(*d); }
+int64_t S3_ENTRY(dw_blocks_per_plane)(const S3DepthwiseDims* d) { return correlate_tiles(*d); }
 
 // Shared memory one block needs (the larger of the two kernels), so ops.cpp can decline shapes
 // whose dilated kernel does not fit (48 KiB without opting in) and use libtorch's instead.
 // `elem`: bytes of the sums' type (4 for float32 and bfloat16, 8 for float64).
-int64_t s3ops_cuda_dw_shared_bytes(const S3DepthwiseDims* d, int64_t elem) {
+int64_t S3_ENTRY(dw_shared_bytes)(const S3DepthwiseDims* d, int64_t elem) {
   const size_t a = correlate_shared(*d, (size_t)elem), b = weight_grad_shared(*d, (size_t)elem);
   return (int64_t)(a > b ? a : b);
 }
@@ -479,7 +479,7 @@ int64_t s3ops_cuda_dw_shared_bytes(const S3DepthwiseDims* d, int64_t elem) {
 // dtype: 0 = float32, 1 = float64, 2 = bfloat16. Device pointers of contiguous tensors; bias
 // may be null; `stream` is a cudaStream_t. Returns a cudaError_t (0 = success;
 // cudaErrorInvalidValue for another dtype code).
-int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in, const void* w,
+int S3_ENTRY(dw_correlate)(int dtype, const S3DepthwiseDims* d, const void* in, const void* w,
                             const void* bias, void* out, void* stream) {
   if (d->N * d->C * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
@@ -499,7 +499,7 @@ int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in,
 }
 
 // `partial` holds the sums' type: float32 for dtype 0 and 2, float64 for 1.
-int s3ops_cuda_dw_weight_grad(int dtype, const S3DepthwiseDims* d, const void* in,
+int S3_ENTRY(dw_weight_grad)(int dtype, const S3DepthwiseDims* d, const void* in,
                               const void* go, void* partial, void* stream) {
   if (d->N * d->C * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;

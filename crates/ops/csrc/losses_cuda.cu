@@ -144,7 +144,7 @@ template <typename S>
 int forward(const void* x, const int64_t* given, int64_t* target, void* lse, bool cont,
             double* rows, int64_t M, int64_t K, int64_t H, int64_t W, cudaStream_t st) {
   using A = typename Acc<S>::type;
-  losses_forward<S><<<row_blocks(M * H), kThreads, 0, st>>>((const S*)x, given, target, (A*)lse,
+  S3_LAUNCH(row_blocks(M * H), kThreads, 0, st, losses_forward<S>)((const S*)x, given, target, (A*)lse,
                                                            cont, rows, M, K, H, W);
   return (int)cudaGetLastError();
 }
@@ -153,7 +153,7 @@ template <typename S>
 int backward(const void* x, const int64_t* target, const void* lse, const void* coef, bool cont,
              void* grad, int64_t M, int64_t K, int64_t H, int64_t W, cudaStream_t st) {
   using A = typename Acc<S>::type;
-  losses_backward<S><<<row_blocks(M * H), kThreads, 0, st>>>(
+  S3_LAUNCH(row_blocks(M * H), kThreads, 0, st, losses_backward<S>)(
       (const S*)x, target, (const A*)lse, (const A*)coef, cont, (S*)grad, M, K, H, W);
   return (int)cudaGetLastError();
 }
@@ -165,7 +165,7 @@ extern "C" {
 // dtype: 0 = float32, 1 = float64, 2 = bfloat16 logits (M, K, H, W), contiguous; lse (M, H, W)
 // in the adding type (float32; float64 for float64); target (M, H, W) int64, written unless
 // `given` is set; rows (M·H, 4) float64, written. Returns a cudaError_t (0 = success).
-int s3ops_cuda_pixel_losses(int dtype, const void* x, const int64_t* given, int64_t* target,
+int S3_ENTRY(pixel_losses)(int dtype, const void* x, const int64_t* given, int64_t* target,
                             void* lse, int cont, double* rows, int64_t M, int64_t K, int64_t H,
                             int64_t W, void* stream) {
   if (M * H * W == 0) return 0;
@@ -177,7 +177,7 @@ int s3ops_cuda_pixel_losses(int dtype, const void* x, const int64_t* given, int6
 }
 
 // grad (like x) from x, the target, the forward's lse and coef (M, 3) in the adding type.
-int s3ops_cuda_pixel_losses_grad(int dtype, const void* x, const int64_t* target, const void* lse,
+int S3_ENTRY(pixel_losses_grad)(int dtype, const void* x, const int64_t* target, const void* lse,
                                  const void* coef, int cont, void* grad, int64_t M, int64_t K,
                                  int64_t H, int64_t W, void* stream) {
   if (M * H * W == 0) return 0;

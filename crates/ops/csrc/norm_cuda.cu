@@ -228,9 +228,9 @@ void launch_sums(const S* u, const S* w, const typename Acc<S>::type* mean,
                    chunk % vec_len<S>() == 0;
   const dim3 grid((unsigned)chunks, grid_rows(planes));
   if (vec) {
-    plane_sums<S, true, GRAD><<<grid, kThreads, 0, st>>>(u, w, mean, partial, planes, elems, chunk);
+    S3_LAUNCH(grid, kThreads, 0, st, plane_sums<S, true, GRAD>)(u, w, mean, partial, planes, elems, chunk);
   } else {
-    plane_sums<S, false, GRAD><<<grid, kThreads, 0, st>>>(u, w, mean, partial, planes, elems, chunk);
+    S3_LAUNCH(grid, kThreads, 0, st, plane_sums<S, false, GRAD>)(u, w, mean, partial, planes, elems, chunk);
   }
 }
 
@@ -243,9 +243,9 @@ void launch_affine(const S* u, const S* w, S* out, const Coefs<typename Acc<S>::
   const int64_t bx = (n + kThreads * kUnroll - 1) / (kThreads * kUnroll);
   const dim3 grid((unsigned)(bx < 1024 ? (bx > 0 ? bx : 1) : 1024), grid_rows(planes));
   if (vec) {
-    plane_affine<S, true, W><<<grid, kThreads, 0, st>>>(u, w, out, k, planes, elems);
+    S3_LAUNCH(grid, kThreads, 0, st, plane_affine<S, true, W>)(u, w, out, k, planes, elems);
   } else {
-    plane_affine<S, false, W><<<grid, kThreads, 0, st>>>(u, w, out, k, planes, elems);
+    S3_LAUNCH(grid, kThreads, 0, st, plane_affine<S, false, W>)(u, w, out, k, planes, elems);
   }
 }
 
@@ -257,7 +257,7 @@ int forward(const S* x, S* y, const void* gamma, const void* beta, void* mean, v
   A* scale = (A*)scratch;
   A* partial = scale + planes;
   launch_sums<S, false>(x, nullptr, nullptr, partial, planes, elems, st);
-  stats_forward<S, A><<<plane_grid(planes), kThreads, 0, st>>>(
+  S3_LAUNCH(plane_grid(planes), kThreads, 0, st, stats_forward<S, A>)(
       partial, chunks_of(elems), x, (const A*)gamma, (A*)mean, (A*)invstd, scale, planes, elems,
       channels, eps);
   const Coefs<A> k{(const A*)mean, scale, (const A*)beta, nullptr, false, channels};
@@ -275,7 +275,7 @@ int backward(const S* dy, const S* x, const void* gamma, const void* mean, const
   A* ce = cb + planes;
   A* partial = ce + planes;
   launch_sums<S, true>(x, dy, (const A*)mean, partial, planes, elems, st);
-  stats_backward<A><<<plane_grid(planes), kThreads, 0, st>>>(
+  S3_LAUNCH(plane_grid(planes), kThreads, 0, st, stats_backward<A>)(
       partial, chunks_of(elems), (const A*)gamma, (const A*)invstd, ca, cb, ce, (A*)dgamma,
       (A*)dbeta, planes, elems, channels);
   const Coefs<A> k{(const A*)mean, cb, ce, ca, true, channels};
@@ -289,13 +289,13 @@ extern "C" {
 
 // Values of the sums' type (float32 for dtype 0 and 2, float64 for 1) the scratch buffer of
 // either pass needs.
-int64_t s3ops_cuda_plane_norm_scratch(int64_t planes, int64_t elems) {
+int64_t S3_ENTRY(plane_norm_scratch)(int64_t planes, int64_t elems) {
   return planes * (3 + 2 * chunks_of(elems));
 }
 
 // dtype: 0 = float32, 1 = float64, 2 = bfloat16 planes; gamma and beta (channels), mean and
 // invstd (planes, written) in the sums' type. Returns a cudaError_t (0 = success).
-int s3ops_cuda_plane_norm_forward(int dtype, const void* x, void* y, const void* gamma,
+int S3_ENTRY(plane_norm_forward)(int dtype, const void* x, void* y, const void* gamma,
                                   const void* beta, void* mean, void* invstd, void* scratch,
                                   int64_t planes, int64_t elems, int64_t channels, double eps,
                                   void* stream) {
@@ -309,7 +309,7 @@ int s3ops_cuda_plane_norm_forward(int dtype, const void* x, void* y, const void*
 
 // dx from dy and the forward's x, mean and invstd; each plane's shares of dγ and dβ
 // (planes, the sums' type, written; the caller adds the planes of each channel).
-int s3ops_cuda_plane_norm_backward(int dtype, const void* dy, const void* x, const void* gamma,
+int S3_ENTRY(plane_norm_backward)(int dtype, const void* dy, const void* x, const void* gamma,
                                    const void* mean, const void* invstd, void* dx, void* dgamma,
                                    void* dbeta, void* scratch, int64_t planes, int64_t elems,
                                    int64_t channels, void* stream) {

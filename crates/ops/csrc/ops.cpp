@@ -3,6 +3,10 @@
 // forward and backward, exposed to Rust through a few extern "C" functions that take and return
 // `at::Tensor*` (tch's C_tensor) and never throw.
 //
+// The CUDA paths call their kernels through a table (Kernels): the GPU's, or for CPU tensors on
+// a thread that asked for it (s3ops_set_simt) the same kernels built on simt.h's emulation, so
+// the tests run these paths where no GPU is (on_kernels decides which path a tensor takes).
+//
 // Portability: this file is compiled with plain -O3 (no -march). The hot per-plane loops are
 // instantiated twice, once for baseline x86-64 and once with target("avx2,fma"), and picked at
 // run time with __builtin_cpu_supports. at::parallel_for expands to `#pragma omp parallel` in
@@ -298,39 +302,94 @@ S3_AVX2 void dw_wgrad_plane_avx2(const T* in, int64_t H, int64_t W, const T* go,
   dw_wgrad_plane_k<T, 32>(in, H, W, go, Ho, Wo, k, p, d, acc, buf, gbuf);
 }
 
-#ifdef S3OPS_CUDA
 }  // namespace
 extern "C" {
-int64_t s3ops_cuda_dw_partials_per_plane(const S3DepthwiseDims* d);
-int64_t s3ops_cuda_dw_blocks_per_plane(const S3DepthwiseDims* d);
-int64_t s3ops_cuda_dw_shared_bytes(const S3DepthwiseDims* d, int64_t elem);
-int s3ops_cuda_dw_correlate(int dtype, const S3DepthwiseDims* d, const void* in, const void* w,
-                            const void* bias, void* out, void* stream);
-int s3ops_cuda_dw_weight_grad(int dtype, const S3DepthwiseDims* d, const void* in,
-                              const void* go, void* partial, void* stream);
-const char* s3ops_cuda_error_string(int code);
-int64_t s3ops_cuda_bias_grad_chunks(int64_t elems);
-int s3ops_cuda_bias_add(int dtype, void* y, const void* bias, int64_t planes, int64_t elems,
-                        int64_t channels, void* stream);
-int s3ops_cuda_bias_grad(int dtype, const void* go, void* partial, int64_t planes, int64_t elems,
-                         int64_t channels, void* stream);
-int64_t s3ops_cuda_plane_norm_scratch(int64_t planes, int64_t elems);
-int s3ops_cuda_plane_norm_forward(int dtype, const void* x, void* y, const void* gamma,
-                                  const void* beta, void* mean, void* invstd, void* scratch,
-                                  int64_t planes, int64_t elems, int64_t channels, double eps,
-                                  void* stream);
-int s3ops_cuda_plane_norm_backward(int dtype, const void* dy, const void* x, const void* gamma,
-                                   const void* mean, const void* invstd, void* dx, void* dgamma,
-                                   void* dbeta, void* scratch, int64_t planes, int64_t elems,
-                                   int64_t channels, void* stream);
-int s3ops_cuda_pixel_losses(int dtype, const void* x, const int64_t* given, int64_t* target,
-                            void* lse, int cont, double* rows, int64_t M, int64_t K, int64_t H,
-                            int64_t W, void* stream);
-int s3ops_cuda_pixel_losses_grad(int dtype, const void* x, const int64_t* target, const void* lse,
-                                 const void* coef, int cont, void* grad, int64_t M, int64_t K,
-                                 int64_t H, int64_t W, void* stream);
+#define S3_KERNEL(R, name, params) R s3ops_simt_##name params;
+#include "kernel_entries.h"
+#undef S3_KERNEL
+#ifdef S3OPS_CUDA
+#define S3_KERNEL(R, name, params) R s3ops_cuda_##name params;
+#include "kernel_entries.h"
+#undef S3_KERNEL
+#endif
 }
 namespace {
+
+// The kernels of csrc/*_cuda.cu: built by nvcc for the GPU, and by the host compiler on simt.h's
+// emulation, which runs them on the CPU for the tests of a machine without a GPU.
+struct Kernels {
+#define S3_KERNEL(R, name, params) R(*name) params;
+#include "kernel_entries.h"
+#undef S3_KERNEL
+};
+const Kernels kSimtKernels = {
+#define S3_KERNEL(R, name, params) &s3ops_simt_##name,
+#include "kernel_entries.h"
+#undef S3_KERNEL
+};
+#ifdef S3OPS_CUDA
+const Kernels kCudaKernels = {
+#define S3_KERNEL(R, name, params) &s3ops_cuda_##name,
+#include "kernel_entries.h"
+#undef S3_KERNEL
+};
+#endif
+
+// Whether this thread runs the ops' CUDA paths on CPU tensors, with the kernels emulated
+// (s3ops_set_simt). Per thread, so a test can compare both paths, and other tests running at
+// the same time are not touched. Autograd runs a CPU graph's backward on the calling thread.
+thread_local bool t_simt = false;
+
+// Whether `t` takes the ops' kernel path: a CUDA tensor, or a CPU tensor on a thread that
+// emulates the kernels.
+bool on_kernels(const at::Tensor& t) {
+#ifdef S3OPS_CUDA
+  if (t.is_cuda()) return true;
+#endif
+  return t_simt && t.device().is_cpu();
+}
+
+// The kernels that run on `t`'s device: the GPU's, or the emulation's for CPU tensors.
+const Kernels& kernels(const at::Tensor& t) {
+#ifdef S3OPS_CUDA
+  if (t.is_cuda()) return kCudaKernels;
+#endif
+  return kSimtKernels;
+}
+
+// Makes `t`'s GPU the current one for the kernels that follow (c10::cuda::CUDAGuard); nothing
+// for CPU tensors.
+class KernelGuard {
+ public:
+  explicit KernelGuard(const at::Tensor& t) {
+#ifdef S3OPS_CUDA
+    if (t.is_cuda()) guard_.emplace(t.device());
+#else
+    (void)t;
+#endif
+  }
+
+ private:
+#ifdef S3OPS_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard_;
+#endif
+};
+
+#ifdef S3OPS_CUDA
+cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+#endif
+
+// The stream the kernels run on for `t`: the current CUDA stream of its GPU; none (null) for the
+// emulation.
+void* kernel_stream(const at::Tensor& t) {
+#ifdef S3OPS_CUDA
+  if (t.is_cuda()) return current_stream(t);
+#endif
+  (void)t;
+  return nullptr;
+}
 
 // Contiguous planes in and out, the output overwritten.
 S3DepthwiseDims dw_dims(const at::Tensor& in, int64_t k, int64_t p, int64_t d, int64_t Ho,
@@ -353,67 +412,63 @@ at::ScalarType dw_sum_type(const at::Tensor& t) {
 bool dw_cuda_fits(const at::Tensor& in, int64_t k, int64_t p, int64_t d) {
   const int64_t grow = std::max<int64_t>(0, 2 * p - d * (k - 1));  // output larger than input
   const S3DepthwiseDims dims = dw_dims(in, k, p, d, in.size(2) + grow, in.size(3) + grow);
-  const int64_t blocks = in.size(0) * in.size(1) * s3ops_cuda_dw_blocks_per_plane(&dims);
+  const Kernels& kn = kernels(in);
+  const int64_t blocks = in.size(0) * in.size(1) * kn.dw_blocks_per_plane(&dims);
   const int64_t sum_bytes = dw_sum_type(in) == at::kDouble ? 8 : 4;
-  return s3ops_cuda_dw_shared_bytes(&dims, sum_bytes) <= (int64_t(48) << 10) &&
+  return kn.dw_shared_bytes(&dims, sum_bytes) <= (int64_t(48) << 10) &&
          blocks < (int64_t(1) << 31);
 }
 
-cudaStream_t current_stream(const at::Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+// Turns a kernel launcher's status into an exception naming the op and the kernel (`t`: a tensor
+// on the device it ran for).
+void kernel_check(const char* op, int rc, const char* what, const at::Tensor& t) {
+  TORCH_CHECK(rc == 0, op, ": ", t.is_cuda() ? "CUDA " : "emulated CUDA ", what,
+              " kernel failed: ", kernels(t).error_string(rc));
 }
 
-// Turns a CUDA kernel launcher's status into an exception naming the op and the kernel.
-void kernel_check(const char* op, int rc, const char* what) {
-  TORCH_CHECK(rc == 0, op, ": CUDA ", what, " kernel failed: ", s3ops_cuda_error_string(rc));
-}
-
-// Whether the bias kernels (bias_cuda.cu) take this tensor: CUDA float32, float64, bfloat16,
-// contiguous.
+// Whether the bias kernels (bias_cuda.cu) take this tensor: on the kernels' path (on_kernels),
+// float32, float64 or bfloat16, contiguous.
 bool bias_cuda_ok(const at::Tensor& t) {
-  return t.is_cuda() && t.is_contiguous() &&
+  return on_kernels(t) && t.is_contiguous() &&
          (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
           t.scalar_type() == at::kBFloat16);
 }
 
 // y (planes of `elems` values, plane q of channel q mod C) += bias (C), in place, one pass.
 void bias_add_cuda(at::Tensor& y, const at::Tensor& bias, int64_t elems) {
-  c10::cuda::CUDAGuard guard(y.device());
+  KernelGuard guard(y);
   const auto b = bias.contiguous();
   const int64_t C = b.numel(), planes = elems > 0 ? y.numel() / elems : 0;
-  const int rc = s3ops_cuda_bias_add(dw_cuda_dtype(y), y.data_ptr(), b.data_ptr(), planes, elems,
-                                     C, current_stream(y));
-  kernel_check("bias", rc, "add");
+  const int rc = kernels(y).bias_add(dw_cuda_dtype(y), y.data_ptr(), b.data_ptr(), planes, elems,
+                                     C, kernel_stream(y));
+  kernel_check("bias", rc, "add", y);
 }
 
 // The bias gradient (C) from go (planes of `elems` values, plane q of channel q mod C): one
 // pass over go into per-chunk partial sums in float32 (float64 for float64), added here and
 // returned unrounded.
 at::Tensor bias_grad_cuda(const at::Tensor& go, int64_t elems, int64_t C) {
-  c10::cuda::CUDAGuard guard(go.device());
+  KernelGuard guard(go);
   const int64_t planes = elems > 0 ? go.numel() / elems : 0;
-  auto partial = at::empty({C, s3ops_cuda_bias_grad_chunks(elems)},
+  auto partial = at::empty({C, kernels(go).bias_grad_chunks(elems)},
                            go.options().dtype(dw_sum_type(go)));
-  const int rc = s3ops_cuda_bias_grad(dw_cuda_dtype(go), go.data_ptr(), partial.data_ptr(),
-                                      planes, elems, C, current_stream(go));
-  kernel_check("bias", rc, "gradient");
+  const int rc = kernels(go).bias_grad(dw_cuda_dtype(go), go.data_ptr(), partial.data_ptr(),
+                                      planes, elems, C, kernel_stream(go));
+  kernel_check("bias", rc, "gradient", go);
   return partial.sum(1);
 }
-#endif
 
-#ifdef S3OPS_CUDA
 // The CUDA correlation over the planes `dims` describes, from `in` to `out` (device pointers
 // laid out as its mappings say; `like` gives dtype, device and stream), per-channel kernels w
 // (C, k*k), plus bias (C) when given.
 void dw_correlate_cuda(const S3DepthwiseDims& dims, const at::Tensor& like, const void* in,
                        const at::Tensor& w, const at::Tensor* bias, void* out) {
-  c10::cuda::CUDAGuard guard(like.device());
-  const int rc = s3ops_cuda_dw_correlate(dw_cuda_dtype(like), &dims, in, w.data_ptr(),
+  KernelGuard guard(like);
+  const int rc = kernels(like).dw_correlate(dw_cuda_dtype(like), &dims, in, w.data_ptr(),
                                          bias ? bias->data_ptr() : nullptr, out,
-                                         current_stream(like));
-  kernel_check("depthwise_conv2d", rc, "correlate");
+                                         kernel_stream(like));
+  kernel_check("depthwise_conv2d", rc, "correlate", like);
 }
-#endif
 
 // out (N, C, Ho, Wo) = correlation of in (N, C, H, W) with per-channel kernels w (C, k*k),
 // padding p (any sign), dilation d; initialised with bias (C) when given.
@@ -422,12 +477,10 @@ at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Ten
   const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
   auto out = at::empty({N, C, Ho, Wo}, in.options());
   if (out.numel() == 0) return out;
-#ifdef S3OPS_CUDA
-  if (in.is_cuda()) {
+  if (on_kernels(in)) {
     dw_correlate_cuda(dw_dims(in, k, p, d, Ho, Wo), in, in.data_ptr(), w, bias, out.data_ptr());
     return out;
   }
-#endif
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "s3net_depthwise", [&] {
     using T = scalar_t;
     const T* ip = in.data_ptr<T>();
@@ -448,7 +501,6 @@ at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Ten
   return out;
 }
 
-#ifdef S3OPS_CUDA
 // grad_weight (C, 1, k, k) and grad_bias (C) of the depthwise conv on CUDA, for the planes that
 // `dims` describes: the input `in`'s (contiguous), the output gradient at `go` (laid out as
 // dims' output mapping says). One kernel writes a partial sum per (plane, block, tap), the
@@ -456,22 +508,21 @@ at::Tensor dw_correlate(const at::Tensor& in, const at::Tensor& w, const at::Ten
 at::Tensor dw_weight_grad_cuda(const S3DepthwiseDims& dims, const at::Tensor& in, const void* go,
                                at::Tensor* gb) {
   const int64_t N = dims.N, C = dims.C, k = dims.k;
-  c10::cuda::CUDAGuard guard(in.device());
+  KernelGuard guard(in);
   // The last of the k² + 1 partials of a block is the bias's.
-  const int64_t blocks = s3ops_cuda_dw_partials_per_plane(&dims);
+  const int64_t blocks = kernels(in).dw_partials_per_plane(&dims);
   auto partial = at::empty({N, C, blocks, k * k + 1}, in.options().dtype(dw_sum_type(in)));
   if (partial.numel() == 0) {
     if (gb) *gb = at::zeros({C}, in.options());
     return at::zeros({C, 1, k, k}, in.options());
   }
-  const int rc = s3ops_cuda_dw_weight_grad(dw_cuda_dtype(in), &dims, in.data_ptr(), go,
-                                           partial.data_ptr(), current_stream(in));
-  kernel_check("depthwise_conv2d", rc, "weight-gradient");
+  const int rc = kernels(in).dw_weight_grad(dw_cuda_dtype(in), &dims, in.data_ptr(), go,
+                                           partial.data_ptr(), kernel_stream(in));
+  kernel_check("depthwise_conv2d", rc, "weight-gradient", in);
   const auto sums = partial.sum(at::IntArrayRef{0, 2});  // (C, k² + 1)
   if (gb) *gb = sums.select(1, k * k).to(in.scalar_type()).contiguous();
   return sums.narrow(1, 0, k * k).to(in.scalar_type()).contiguous().view({C, 1, k, k});
 }
-#endif
 
 // grad_weight (C, 1, k, k) of the depthwise conv. On CUDA the same kernel sums the bias
 // gradient (C) as it reads go, and sets `gb` to it when `gb` is given; elsewhere `gb` is left
@@ -480,9 +531,7 @@ at::Tensor dw_weight_grad(const at::Tensor& in, const at::Tensor& go, int64_t k,
                           int64_t d, at::Tensor* gb = nullptr) {
   const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
   const int64_t Ho = go.size(2), Wo = go.size(3);
-#ifdef S3OPS_CUDA
-  if (in.is_cuda()) return dw_weight_grad_cuda(dw_dims(in, k, p, d, Ho, Wo), in, go.data_ptr(), gb);
-#endif
+  if (on_kernels(in)) return dw_weight_grad_cuda(dw_dims(in, k, p, d, Ho, Wo), in, go.data_ptr(), gb);
   auto gw = at::zeros({C, 1, k, k}, in.options());
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "s3net_depthwise_wgrad", [&] {
     using T = scalar_t;
@@ -511,7 +560,7 @@ void dw_check(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(input.dim() == 4, "depthwise_conv2d: input must be 4-D (N, C, H, W), got ",
               input.sizes());
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
-                  (input.scalar_type() == at::kBFloat16 && input.is_cuda()),
+                  (input.scalar_type() == at::kBFloat16 && on_kernels(input)),
               "depthwise_conv2d: input must be float32, float64, bfloat16 or float16, got ",
               input.scalar_type());
 #ifdef S3OPS_CUDA
@@ -605,7 +654,6 @@ struct DepthwiseFn : public torch::autograd::Function<DepthwiseFn> {
 // CUDA only (f32, f64, bf16, when every branch fits the kernels); elsewhere the three
 // depthwise ops and a cat (s3ops_depthwise_branches).
 
-#ifdef S3OPS_CUDA
 constexpr int kBranches = 3;
 
 struct BranchesFn : public torch::autograd::Function<BranchesFn> {
@@ -675,26 +723,21 @@ struct BranchesFn : public torch::autograd::Function<BranchesFn> {
     return r;
   }
 };
-#endif
 
 // y (planes of `elems` values, plane q of channel q mod C, contiguous) += bias (C) in place: one
 // vectorised pass on CUDA (bias_cuda.cu), libtorch's broadcasting add elsewhere.
 void add_bias(at::Tensor& y, const at::Tensor& bias, int64_t elems) {
-#ifdef S3OPS_CUDA
   if (bias_cuda_ok(y) && bias.scalar_type() == y.scalar_type()) {
     bias_add_cuda(y, bias, elems);
     return;
   }
-#endif
   const int64_t C = bias.numel();
   y.view({-1, C, elems}).add_(bias.reshape({1, C, 1}));
 }
 
 // The gradient (C) of such a bias from go laid out like y, as `kind` (the bias's type).
 at::Tensor bias_grad(const at::Tensor& go, int64_t elems, int64_t C, at::ScalarType kind) {
-#ifdef S3OPS_CUDA
   if (bias_cuda_ok(go)) return bias_grad_cuda(go, elems, C).to(kind);
-#endif
   return go.reshape({-1, C, elems}).sum(at::IntArrayRef{0, 2}).to(kind);
 }
 
@@ -708,22 +751,21 @@ at::Tensor bias_grad(const at::Tensor& go, int64_t elems, int64_t C, at::ScalarT
 // norm_cuda.cu's kernels; elsewhere libtorch's batch_norm over the N·C planes as channels of one
 // image, as the network did before.
 
-#ifdef S3OPS_CUDA
 struct PlaneNormFn : public torch::autograd::Function<PlaneNormFn> {
   static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor gamma,
                             at::Tensor beta, double eps) {
     auto x = input.contiguous();
     const auto g = gamma.contiguous(), b = beta.contiguous();
     const int64_t C = x.size(1), planes = x.size(0) * C, elems = x.size(2) * x.size(3);
-    c10::cuda::CUDAGuard guard(x.device());
+    KernelGuard guard(x);
     auto y = at::empty_like(x);
     const auto sums = x.options().dtype(dw_sum_type(x));
     auto mean = at::empty({planes}, sums), invstd = at::empty({planes}, sums);
-    auto scratch = at::empty({s3ops_cuda_plane_norm_scratch(planes, elems)}, sums);
-    const int rc = s3ops_cuda_plane_norm_forward(
+    auto scratch = at::empty({kernels(x).plane_norm_scratch(planes, elems)}, sums);
+    const int rc = kernels(x).plane_norm_forward(
         dw_cuda_dtype(x), x.data_ptr(), y.data_ptr(), g.data_ptr(), b.data_ptr(), mean.data_ptr(),
-        invstd.data_ptr(), scratch.data_ptr(), planes, elems, C, eps, current_stream(x));
-    kernel_check("plane_norm", rc, "forward");
+        invstd.data_ptr(), scratch.data_ptr(), planes, elems, C, eps, kernel_stream(x));
+    kernel_check("plane_norm", rc, "forward", x);
     ctx->save_for_backward({x, g, mean, invstd});
     ctx->saved_data["need"] = std::vector<int64_t>{input.requires_grad(), gamma.requires_grad(),
                                                    beta.requires_grad()};
@@ -736,21 +778,20 @@ struct PlaneNormFn : public torch::autograd::Function<PlaneNormFn> {
     const auto need = ctx->saved_data["need"].toIntVector();
     auto dy = grads[0].contiguous();
     const int64_t N = x.size(0), C = x.size(1), planes = N * C, elems = x.size(2) * x.size(3);
-    c10::cuda::CUDAGuard guard(x.device());
+    KernelGuard guard(x);
     auto dx = at::empty_like(x);
     auto dg = at::empty({planes}, mean.options()), db = at::empty({planes}, mean.options());
-    auto scratch = at::empty({s3ops_cuda_plane_norm_scratch(planes, elems)}, mean.options());
-    const int rc = s3ops_cuda_plane_norm_backward(
+    auto scratch = at::empty({kernels(x).plane_norm_scratch(planes, elems)}, mean.options());
+    const int rc = kernels(x).plane_norm_backward(
         dw_cuda_dtype(x), dy.data_ptr(), x.data_ptr(), g.data_ptr(), mean.data_ptr(),
         invstd.data_ptr(), dx.data_ptr(), dg.data_ptr(), db.data_ptr(), scratch.data_ptr(), planes,
-        elems, C, current_stream(x));
-    kernel_check("plane_norm", rc, "backward");
+        elems, C, kernel_stream(x));
+    kernel_check("plane_norm", rc, "backward", x);
     // Each channel's γ and β gradients: its planes' shares added, image by image.
     return {need[0] ? dx : at::Tensor(), need[1] ? dg.view({N, C}).sum(0).to(g.scalar_type()) : at::Tensor(),
             need[2] ? db.view({N, C}).sum(0).to(g.scalar_type()) : at::Tensor(), at::Tensor()};
   }
 };
-#endif
 
 // libtorch's batch_norm, one image at a time in effect: the N·C planes as the channels of one
 // image, γ and β repeated per image (for N = 1, BatchNorm itself).
@@ -1237,7 +1278,7 @@ DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
   TORCH_CHECK(x.dim() == 4, nm, "input must be 4-D (N, C, H, W), got ", x.sizes());
   // bfloat16 features reach here only on CUDA (s3ops_deform_conv2d widens them elsewhere), with
   // float32 offsets, mask, weight and bias.
-  const bool bf16 = x.scalar_type() == at::kBFloat16 && x.is_cuda();
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && on_kernels(x);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || bf16, nm,
               "input must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
 #ifdef S3OPS_CUDA
@@ -1304,20 +1345,10 @@ DeformShape deform_check(const at::Tensor& x, const at::Tensor& off,
   return s;
 }
 
-#ifdef S3OPS_CUDA
 // --------------------------------------------------------------------------------------------
 // CUDA: the gathers run in deform_cuda.cu, the GEMMs in libtorch (cuBLAS), all on the caller's
 // current stream. x is NCHW here (contiguous), W2 (O, K*C) as on the CPU.
 // --------------------------------------------------------------------------------------------
-}  // namespace
-extern "C" {
-int s3ops_cuda_deform_im2col(int dtype, const S3DeformDims* d, const void* x, const void* off,
-                             const void* mask, void* cols, void* stream);
-int s3ops_cuda_deform_col2im(int dtype, const S3DeformDims* d, const void* x, const void* off,
-                             const void* mask, const void* gcols, void* gi, void* goff,
-                             void* gmask, void* stream);
-}
-namespace {
 
 
 // The deformable kernels' dtype code: the features' type (bfloat16 features come with float32
@@ -1345,23 +1376,23 @@ void* ptr_or_null(const at::Tensor& t, int64_t n0, int64_t per_image) {
 }
 
 at::Tensor cuda_cols(const DeformShape& s, const at::Tensor& x, const at::Tensor& off,
-                     const at::Tensor& mask, int64_t n0, int64_t nb, cudaStream_t st) {
+                     const at::Tensor& mask, int64_t n0, int64_t nb, void* st) {
   const int64_t HWo = s.Ho * s.Wo;
   auto cols = at::empty({nb, s.K * s.C, HWo}, x.options());
   const DeformShape d = sub(s, nb);
   const int dtype = deform_cuda_dtype(x);
-  const int rc = s3ops_cuda_deform_im2col(dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
+  const int rc = kernels(x).deform_im2col(dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
                                           ptr_or_null(off, n0, 2 * s.K * HWo),
                                           ptr_or_null(mask, n0, s.K * HWo), cols.data_ptr(), st);
-  kernel_check("deform_conv2d", rc, "im2col");
+  kernel_check("deform_conv2d", rc, "im2col", x);
   return cols;
 }
 
 at::Tensor deform_forward_cuda(const DeformShape& s, const at::Tensor& x, const at::Tensor& off,
                                const at::Tensor& mask, const at::Tensor& W2,
                                const at::Tensor& bias) {
-  c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t st = current_stream(x);
+  KernelGuard guard(x);
+  void* const st = kernel_stream(x);
   const int64_t HWo = s.Ho * s.Wo;
   auto out = at::empty({s.N, s.O, HWo}, x.options());
   // The GEMMs run in the features' type (bfloat16 ones on tensor cores, adding in float32).
@@ -1386,8 +1417,8 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
                                              const at::Tensor& W2, const at::Tensor& go,
                                              bool need_in, bool need_off, bool need_mask,
                                              bool need_w, bool need_b) {
-  c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t st = current_stream(x);
+  KernelGuard guard(x);
+  void* const st = kernel_stream(x);
   const int64_t HWo = s.Ho * s.Wo, CK = s.C * s.K;
   need_mask = need_mask && mask.defined();
   at::Tensor gi, goff, gmask, gw, gb;
@@ -1426,17 +1457,16 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
       auto Wt = per_image ? Wg.narrow(0, n0, nb).transpose(1, 2) : Wg.t();
       auto gcols = at::matmul(Wt, g).contiguous();  // (nb, KC, HWo)
       const DeformShape d = sub(s, nb);
-      const int rc = s3ops_cuda_deform_col2im(
+      const int rc = kernels(x).deform_col2im(
           dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W), ptr_or_null(off, n0, 2 * s.K * HWo),
           ptr_or_null(mask, n0, s.K * HWo), gcols.data_ptr(), ptr_or_null(gi, n0, s.C * s.H * s.W),
           ptr_or_null(goff, n0, 2 * s.K * HWo), ptr_or_null(gmask, n0, s.K * HWo), st);
-      kernel_check("deform_conv2d", rc, "col2im");
+      kernel_check("deform_conv2d", rc, "col2im", x);
     }
   }
   if (gi.defined()) gi = gi.to(x.scalar_type());
   return {gi, goff, gmask, gw, gb};
 }
-#endif  // S3OPS_CUDA
 
 struct DeformFn : public torch::autograd::Function<DeformFn> {
   static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor offset,
@@ -1448,7 +1478,7 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
     // Detached, contiguous copies: the kernels call libtorch ops from OpenMP worker threads,
     // where grad mode is not the caller's. The CPU kernel reads the input channels-last, the
     // CUDA kernel NCHW.
-    const bool cuda = input.device().is_cuda();
+    const bool cuda = on_kernels(input);
     auto x_k = cuda ? input.detach().contiguous()
                     : input.detach().permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
     auto off = offset.detach().contiguous();
@@ -1459,16 +1489,15 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
                   : weight.detach().permute({0, 2, 3, 1}).reshape({s.O, s.K * s.C}).contiguous();
     auto b = bias ? bias->detach().contiguous() : at::Tensor();
     at::Tensor out;
-#ifdef S3OPS_CUDA
     if (cuda) {
       at::NoGradGuard no_grad;
       out = deform_forward_cuda(s, x_k, off, m, W2, b);
     }
-#endif
     if (!cuda) out = deform_forward(s, x_k, off, m, W2, b);
     ctx->save_for_backward({x_k, off, m, W2});
     ctx->saved_data["shape"] = std::vector<int64_t>{s.N, s.C, s.H, s.W, s.O, s.kh, s.kw};
     ctx->saved_data["geometry"] = std::vector<int64_t>(g, g + 6);
+    ctx->saved_data["kernels"] = cuda;  // the backward reads x_k in the layout chosen here
     ctx->saved_data["need_in"] = input.requires_grad();
     ctx->saved_data["need_off"] = offset.requires_grad();
     ctx->saved_data["need_mask"] = mask && mask->requires_grad();
@@ -1494,13 +1523,11 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
     const bool need_w = ctx->saved_data["need_w"].toBool();
     const bool need_b = ctx->saved_data["need_b"].toBool();
     std::vector<at::Tensor> r;
-#ifdef S3OPS_CUDA
-    if (go.device().is_cuda()) {
+    if (ctx->saved_data["kernels"].toBool()) {
       at::NoGradGuard no_grad;
       r = deform_backward_cuda(s, sv[0], sv[1], sv[2], sv[3], go, need_in, need_off, need_mask,
                                need_w, need_b);
     }
-#endif
     if (r.empty()) {
       r = deform_backward(s, sv[0], sv[1], sv[2], sv[3], go, need_in, need_off, need_mask,
                           need_w, need_b);
@@ -1751,25 +1778,23 @@ void pixel_losses_grad_cpu(const at::Tensor& x, const at::Tensor& target, const 
   });
 }
 
-#ifdef S3OPS_CUDA
 void pixel_losses_cuda(const at::Tensor& x, const int64_t* given, at::Tensor& target,
                        at::Tensor& lse, bool cont, at::Tensor& rows) {
-  c10::cuda::CUDAGuard guard(x.device());
-  const int rc = s3ops_cuda_pixel_losses(dw_cuda_dtype(x), x.data_ptr(), given,
+  KernelGuard guard(x);
+  const int rc = kernels(x).pixel_losses(dw_cuda_dtype(x), x.data_ptr(), given,
                                          target.data_ptr<int64_t>(), lse.data_ptr(), cont,
                                          rows.data_ptr<double>(), x.size(0), x.size(1), x.size(2),
-                                         x.size(3), current_stream(x));
-  kernel_check("pixel_losses", rc, "forward");
+                                         x.size(3), kernel_stream(x));
+  kernel_check("pixel_losses", rc, "forward", x);
 }
 void pixel_losses_grad_cuda(const at::Tensor& x, const at::Tensor& target, const at::Tensor& lse,
                             const at::Tensor& coef, bool cont, at::Tensor& grad) {
-  c10::cuda::CUDAGuard guard(x.device());
-  const int rc = s3ops_cuda_pixel_losses_grad(
+  KernelGuard guard(x);
+  const int rc = kernels(x).pixel_losses_grad(
       dw_cuda_dtype(x), x.data_ptr(), target.data_ptr<int64_t>(), lse.data_ptr(), coef.data_ptr(),
-      cont, grad.data_ptr(), x.size(0), x.size(1), x.size(2), x.size(3), current_stream(x));
-  kernel_check("pixel_losses", rc, "backward");
+      cont, grad.data_ptr(), x.size(0), x.size(1), x.size(2), x.size(3), kernel_stream(x));
+  kernel_check("pixel_losses", rc, "backward", x);
 }
-#endif
 
 // Returns {ce (M), continuity (M; zeros when not asked), target (M, H, W) int64}; the first two
 // in float32 (float64 for float64 logits).
@@ -1784,10 +1809,11 @@ struct PixelLossesFn : public torch::autograd::Function<PixelLossesFn> {
     auto lse = at::empty({M, H, W}, acc);
     auto rows = at::empty({M * H, kRowSums}, x.options().dtype(at::kDouble));
     const int64_t* gp = g.defined() ? g.data_ptr<int64_t>() : nullptr;
-#ifdef S3OPS_CUDA
-    if (x.is_cuda()) pixel_losses_cuda(x, gp, target, lse, cont, rows);
-#endif
-    if (!x.is_cuda()) pixel_losses_cpu(x, gp, target, lse, cont, rows);
+    if (on_kernels(x)) {
+      pixel_losses_cuda(x, gp, target, lse, cont, rows);
+    } else {
+      pixel_losses_cpu(x, gp, target, lse, cont, rows);
+    }
     const auto sums = rows.view({M, H, kRowSums}).sum(1);  // (M, 4), rows added in order
     const auto count = sums.select(1, 1).clamp_min(1.0);
     auto ce = (sums.select(1, 0) / count).to(acc.dtype());
@@ -1817,10 +1843,11 @@ struct PixelLossesFn : public torch::autograd::Function<PixelLossesFn> {
                           .to(acc.dtype())
                           .contiguous();
     auto grad = at::empty_like(x);
-#ifdef S3OPS_CUDA
-    if (x.is_cuda()) pixel_losses_grad_cuda(x, target, lse, coef, cont, grad);
-#endif
-    if (!x.is_cuda()) pixel_losses_grad_cpu(x, target, lse, coef, cont, grad);
+    if (on_kernels(x)) {
+      pixel_losses_grad_cuda(x, target, lse, coef, cont, grad);
+    } else {
+      pixel_losses_grad_cpu(x, target, lse, coef, cont, grad);
+    }
     return {grad, at::Tensor(), at::Tensor()};
   }
 };
@@ -1879,16 +1906,14 @@ namespace {
 at::Tensor depthwise_any(const at::Tensor& input, const at::Tensor& weight, const at::Tensor* bias,
                          int64_t pad, int64_t dil) {
   // The CUDA kernels read and write bfloat16 themselves.
-  const bool native = input.is_cuda() && input.scalar_type() == at::kBFloat16;
+  const bool native = on_kernels(input) && input.scalar_type() == at::kBFloat16;
   const at::Tensor x = widen(input, native), w = widen(weight, native);
   const std::optional<at::Tensor> b = widen(bias, native);
   dw_check(x, w, b, pad, dil);
   at::Tensor r;
-#ifdef S3OPS_CUDA
-  if (x.is_cuda() && !dw_cuda_fits(x, w.size(2), pad, dil)) {
+  if (on_kernels(x) && !dw_cuda_fits(x, w.size(2), pad, dil)) {
     r = at::conv2d(x, w, b, 1, pad, dil, x.size(1));
   }
-#endif
   if (!r.defined()) r = DepthwiseFn::apply(x, w, b, pad, dil);
   return narrow_to(r, input);
 }
@@ -1934,12 +1959,9 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
     // The checks see what the kernels will: a bfloat16 CUDA input as it is (the kernels read it
     // themselves; widening it here would copy 67 MB per block of a 16-network step for
     // nothing), other 16-bit inputs widened, as depthwise_any widens them.
-    const bool native = input->is_cuda() && input->scalar_type() == at::kBFloat16;
-    bool fused = false;
-#ifdef S3OPS_CUDA
-    fused = input->is_cuda() && (input->scalar_type() == at::kFloat ||
-                                 input->scalar_type() == at::kDouble || native);
-#endif
+    const bool native = on_kernels(*input) && input->scalar_type() == at::kBFloat16;
+    bool fused = on_kernels(*input) && (input->scalar_type() == at::kFloat ||
+                                        input->scalar_type() == at::kDouble || native);
     const at::Tensor checked = widen(*input, native);
     std::vector<int64_t> geo;
     for (int b = 0; b < 3; ++b) {
@@ -1950,20 +1972,16 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
       TORCH_CHECK(2 * p == d * (k - 1), nm, "branch ", b, ": padding ", p, " with a ", k, "x", k,
                   " kernel of dilation ", d, " does not keep the size ('same' needs ",
                   d * (k - 1), " / 2)");
-#ifdef S3OPS_CUDA
       fused = fused && dw_cuda_fits(*input, k, p, d);
-#endif
       geo.push_back(p);
       geo.push_back(d);
     }
     geo.push_back(models);
     at::Tensor r;
-#ifdef S3OPS_CUDA
     if (fused) {
       r = BranchesFn::apply(*input, *weights[0], *biases[0], *weights[1], *biases[1], *weights[2],
                             *biases[2], geo);
     }
-#endif
     if (!r.defined()) {
       // Each branch as depthwise_conv2d computes it (16-bit inputs widened and each result
       // rounded back), joined.
@@ -2000,7 +2018,7 @@ int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const
     *err = nullptr;
     // On CUDA, bfloat16 features stay bfloat16 (the kernels read and write them, the GEMMs run
     // on them); positions, weight and bias are float32 whatever they came as.
-    const bool native = input->is_cuda() && input->scalar_type() == at::kBFloat16;
+    const bool native = on_kernels(*input) && input->scalar_type() == at::kBFloat16;
     const at::Tensor x = widen(*input, native), off = widen(*offset), w = widen(*weight);
     const std::optional<at::Tensor> m = widen(mask), b = widen(bias);
     deform_check(x, off, m, w, b, geometry);
@@ -2070,15 +2088,13 @@ int s3ops_plane_norm(const at::Tensor* input, const at::Tensor* gamma, const at:
                 "gamma and beta must be on the input's device");
     TORCH_CHECK(eps > 0, nm, "eps must be positive, got ", eps);
     at::Tensor r;
-#ifdef S3OPS_CUDA
     const auto kind = x.scalar_type();
     const auto params = kind == at::kDouble ? at::kDouble : at::kFloat;
-    if (x.is_cuda() && (kind == at::kFloat || kind == at::kDouble || kind == at::kBFloat16) &&
+    if (on_kernels(x) && (kind == at::kFloat || kind == at::kDouble || kind == at::kBFloat16) &&
         gamma->scalar_type() == params && beta->scalar_type() == params &&
         x.size(2) * x.size(3) > 0) {
       r = PlaneNormFn::apply(x, *gamma, *beta, eps);
     }
-#endif
     if (!r.defined()) r = plane_norm_libtorch(x, *gamma, *beta, eps);
     *out = new at::Tensor(std::move(r));
     return 0;
@@ -2116,6 +2132,15 @@ int s3ops_sgd_step(const at::Tensor* const* params, const at::Tensor* const* vel
     for (int64_t i = 0; i < n; ++i) params[i]->mutable_grad().reset();
     return 0;
   })
+}
+
+// Whether the calling thread runs the ops' CUDA paths on CPU tensors, the kernels emulated on
+// the CPU (simt.h), from now on: for tests on a machine without a GPU. Returns the previous
+// setting.
+int s3ops_set_simt(int on) {
+  const bool was = t_simt;
+  t_simt = on != 0;
+  return was ? 1 : 0;
 }
 
 // 1 when this build carries the CUDA kernels (nvcc was found at build time), else 0.

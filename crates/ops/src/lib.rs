@@ -18,6 +18,8 @@
 //! * [`Trace`] — libtorch's operator-level profiler, kernels linked to their ops.
 //! * [`HostCopy`] — a copy to the host that does not wait for work queued after it.
 //! * [`CudaGraph`] — capture a step's kernels once, replay them with one call.
+//! * [`emulated_cuda`] — the ops' CUDA paths run on CPU tensors, their kernels emulated on the
+//!   CPU, for testing the kernels where no GPU is.
 //!
 //! Each op is a `torch::autograd::Function` with its own backward, so gradients flow through it
 //! with tch's ordinary `backward()`. Every C++ exception is caught at the C boundary and comes
@@ -97,6 +99,8 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> i32;
     fn s3ops_cuda_compiled() -> i32;
+    fn s3ops_set_simt(on: i32) -> i32;
+    fn s3ops_simt_launches() -> u64;
     fn s3ops_cuda_set_stream(device: i64, pool: i32, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_set_memory_fraction(device: i64, fraction: f64, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_reserved_bytes(device: i64, out: *mut i64, err: *mut *mut c_char) -> i32;
@@ -111,6 +115,39 @@ extern "C" {
     fn s3ops_graph_abort(handle: *mut c_void);
     fn s3ops_graph_replay(handle: *mut c_void, err: *mut *mut c_char) -> i32;
     fn s3ops_graph_free(handle: *mut c_void);
+}
+
+/// Runs `body` with the ops' CUDA code paths taken for CPU tensors on this thread: the same host
+/// code as on a GPU (the argument checks, the layouts, the scratch buffers, the sums of the
+/// kernels' partial results), calling the CUDA kernels of `csrc/*_cuda.cu` built for the CPU on
+/// `csrc/simt.h`'s emulation: a block's threads run as fibers, one after another up to each
+/// barrier, in an order that exposes a missing `__syncthreads`; dynamic shared memory starts
+/// as NaN; barriers the threads of a block reach at different places, shuffles over partial
+/// warps and launches the GPU would refuse come back as errors.
+///
+/// Why: most machines this code is worked on have no GPU, and a kernel whose logic was never
+/// run is not known to be right. The emulation is slow (a fiber switch per thread and
+/// barrier) and says nothing about speed or about races between blocks; a GPU check still
+/// decides. Only this thread is affected (other threads, and this one after `body`, run as
+/// before), also when `body` panics. For tests.
+pub fn emulated_cuda<R>(body: impl FnOnce() -> R) -> R {
+    struct Restore(i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: sets a thread-local flag.
+            unsafe { s3ops_set_simt(self.0) };
+        }
+    }
+    // SAFETY: sets a thread-local flag.
+    let _restore = Restore(unsafe { s3ops_set_simt(1) });
+    body()
+}
+
+/// How many kernels this thread has run on the emulation of [`emulated_cuda`] so far: lets a
+/// test check that the kernels, not the CPU ops, computed what it compares.
+pub fn emulated_launches() -> u64 {
+    // SAFETY: reads a thread-local counter.
+    unsafe { s3ops_simt_launches() }
 }
 
 /// Whether this build carries the CUDA kernels (nvcc was found when it was compiled).
@@ -739,8 +776,8 @@ pub fn pixel_losses(logits: &Tensor, target: Option<&Tensor>, continuity: bool) 
 }
 
 /// Whether [`pixel_losses`] runs its CUDA kernel: only when asked, until it has passed its
-/// tests on a GPU (it was written when no GPU was at hand, and is compiled but not yet run;
-/// README, "Not done yet"). The environment variable `S3NET_CUDA_PIXEL_LOSSES=1` asks for it
+/// tests on a GPU (it was written when no GPU was at hand; it passes them on the CPU emulation
+/// of [`emulated_cuda`], but has not run on a GPU yet: README, "Not done yet"). The environment variable `S3NET_CUDA_PIXEL_LOSSES=1` asks for it
 /// (read once), or [`set_cuda_pixel_losses`]. CPU tensors always take the op.
 pub fn cuda_pixel_losses() -> bool {
     match CUDA_PIXEL_LOSSES.load(Ordering::Relaxed) {

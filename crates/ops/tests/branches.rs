@@ -103,6 +103,19 @@ fn cuda_bfloat16_when_present() {
     compare(cuda, [2, 64, 256, 256], 2, ILKA, Kind::BFloat16, 1.0 / 128.0);
 }
 
+/// The kernels and BranchesFn's host code on the CPU emulation (s3net_ops::emulated_cuda).
+#[test]
+fn emulated_cuda_kernels_match_libtorch() {
+    tch::manual_seed(25);
+    let before = s3net_ops::emulated_launches();
+    s3net_ops::emulated_cuda(|| {
+        shapes(Device::Cpu, Kind::Double, 1e-10);
+        shapes(Device::Cpu, Kind::Float, 1e-4);
+        shapes(Device::Cpu, Kind::BFloat16, 1.0 / 128.0);
+    });
+    assert!(s3net_ops::emulated_launches() > before, "the emulated kernels did not run");
+}
+
 /// A span too wide for the kernels' shared memory: that branch, and so the op, takes
 /// libtorch's path on a GPU, with the same result.
 #[test]

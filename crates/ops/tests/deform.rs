@@ -220,6 +220,24 @@ fn cuda_matches_reference_on_larger_cases() {
     }
 }
 
+/// The CUDA kernels (and the bias kernels the op adds its bias with) on the CPU emulation
+/// (s3net_ops::emulated_cuda): torchvision's golden values, the larger cases against the
+/// reference, finite differences, and bfloat16 features against the CPU kernel in float32.
+#[test]
+fn emulated_cuda_kernels_match() {
+    let before = s3net_ops::emulated_launches();
+    s3net_ops::emulated_cuda(|| {
+        check_against_golden(Device::Cpu, Kind::Double, 1e-9);
+        check_against_golden(Device::Cpu, Kind::Float, 2e-4);
+        compare_with_reference(Device::Cpu, Kind::Double, 1e-9);
+        compare_with_reference(Device::Cpu, Kind::Float, 2e-4);
+        finite_differences(Device::Cpu);
+    });
+    compare_bfloat16_at(Device::Cpu, 2, 3, true, 37, true);
+    compare_bfloat16_at(Device::Cpu, 1, 8, false, 64, true);
+    assert!(s3net_ops::emulated_launches() > before, "the emulated kernels did not run");
+}
+
 /// The network's own shapes, the CUDA kernel against the CPU kernel, forward and every
 /// gradient, float32: 1×64×256×256 with one kernel (3×3, padding 1, offsets of a few pixels,
 /// mask), and a stack's 3 images × 16 channels with a kernel per image. At 256² the weight
@@ -265,14 +283,16 @@ fn compare_with_cpu_at(dev: Device, n: i64, c: i64, per_image: bool) {
 /// the op computes on a float32 copy.
 #[test]
 fn cuda_bfloat16_features_when_present() {
-    compare_bfloat16_at(Device::Cpu, 1, 8, false, 64);
+    compare_bfloat16_at(Device::Cpu, 1, 8, false, 64, false);
     let Some(dev) = checks::cuda_with_kernels() else { return };
-    compare_bfloat16_at(dev, 1, 64, false, 256);
-    compare_bfloat16_at(dev, 3, 16, true, 256);
-    compare_bfloat16_at(dev, 2, 3, true, 37);
+    compare_bfloat16_at(dev, 1, 64, false, 256, false);
+    compare_bfloat16_at(dev, 3, 16, true, 256, false);
+    compare_bfloat16_at(dev, 2, 3, true, 37, false);
 }
 
-fn compare_bfloat16_at(dev: Device, n: i64, c: i64, per_image: bool, size: i64) {
+/// `emulate`: the bfloat16 run on the CPU emulation of the CUDA kernels (the float32 one on
+/// the CPU kernel).
+fn compare_bfloat16_at(dev: Device, n: i64, c: i64, per_image: bool, size: i64, emulate: bool) {
     tch::manual_seed(15);
     let o = (Kind::Float, Device::Cpu);
     let x0 = Tensor::randn([n, c, size, size], o).to_kind(Kind::BFloat16).to_kind(Kind::Float);
@@ -296,7 +316,8 @@ fn compare_bfloat16_at(dev: Device, n: i64, c: i64, per_image: bool, size: i64) 
         }
         [y, x.grad(), off.grad(), m.grad(), w.grad(), b.grad()].map(|t| t.to_device(Device::Cpu).to_kind(Kind::Float))
     };
-    let (want, got) = (run(Device::Cpu, Kind::Float), run(dev, Kind::BFloat16));
+    let want = run(Device::Cpu, Kind::Float);
+    let got = if emulate { s3net_ops::emulated_cuda(|| run(dev, Kind::BFloat16)) } else { run(dev, Kind::BFloat16) };
     for (name, (a, b)) in ["output", "input", "offset", "mask", "weight", "bias"].iter().zip(want.iter().zip(got.iter())) {
         let e = max_abs_diff(a, b);
         let scale = max_abs(a).max(1.0);

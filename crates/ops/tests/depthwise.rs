@@ -266,6 +266,30 @@ fn cuda_bfloat16_when_present() {
     compare_on(cuda, [1, 3, 40, 36], 7, 45, 15, Kind::BFloat16, BF16_TOL, true);
 }
 
+/// The CUDA kernels on the CPU emulation (s3net_ops::emulated_cuda), so their logic is tested
+/// where no GPU is: the network's geometries on planes of 2×2 tiles (and 2 weight-gradient
+/// blocks down a column), odd shapes, bfloat16, and kernel sizes without a compiled
+/// specialisation.
+#[test]
+fn emulated_cuda_kernels_match_libtorch() {
+    tch::manual_seed(10);
+    let before = s3net_ops::emulated_launches();
+    s3net_ops::emulated_cuda(|| {
+        for (k, p, d) in GEOMETRIES {
+            compare_on(Device::Cpu, [1, 2, 140, 70], k, p, d, Kind::Float, 1e-4, true);
+            for shape in [[2, 2, 3, 5], [1, 3, 1, 1], [2, 1, 1, 9], [1, 2, 8, 1]] {
+                compare_on(Device::Cpu, shape, k, p, d, Kind::Double, 1e-10, true);
+            }
+            compare_on(Device::Cpu, [1, 3, 40, 36], k, p, d, Kind::BFloat16, BF16_TOL, true);
+        }
+        for (k, p, d) in [(1, 2, 1), (2, 0, 1), (4, 3, 2), (3, 7, 1)] {
+            compare_on(Device::Cpu, [2, 2, 5, 4], k, p, d, Kind::Double, 1e-10, true);
+            compare_on(Device::Cpu, [1, 3, 40, 36], k, p, d, Kind::Float, 1e-4, false);
+        }
+    });
+    assert!(s3net_ops::emulated_launches() - before >= 3 * 4 * 6, "the emulated kernels did not run");
+}
+
 #[test]
 fn cuda_matches_cpu_when_present() {
     let Some(cuda) = checks::cuda_device() else { return };

@@ -189,6 +189,22 @@ fn cuda_matches_libtorch_when_present() {
     assert_close("CUDA vs CPU continuity", &a.continuity.unwrap(), &b.continuity.unwrap(), 1e-5);
 }
 
+/// The CUDA kernels' logic, and the op's host code around them, on the CPU emulation
+/// (s3net_ops::emulated_cuda): the same cases, so a kernel that has not yet met a GPU is at
+/// least known to compute the right thing.
+#[test]
+fn emulated_cuda_kernels_match_libtorch() {
+    tch::manual_seed(45);
+    let before = s3net_ops::emulated_launches();
+    s3net_ops::emulated_cuda(|| {
+        cases(Device::Cpu, Kind::Double, 1e-10);
+        cases(Device::Cpu, Kind::Float, 1e-5);
+        cases(Device::Cpu, Kind::BFloat16, 1.0 / 128.0);
+    });
+    // Forward and backward of each of 5 shapes × 2 targets × 3 types.
+    assert_eq!(s3net_ops::emulated_launches() - before, 60);
+}
+
 #[test]
 fn bad_arguments_are_errors_not_panics() {
     let o = (Kind::Float, Device::Cpu);
