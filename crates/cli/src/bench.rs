@@ -71,6 +71,11 @@ pub struct FitBench {
     /// The first traced step (see `--trace`).
     #[arg(long, default_value_t = 5, hide = true)]
     pub trace_from: usize,
+    /// Runs the `--batch` fits on the CPU through the GPU's code paths, the CUDA kernels
+    /// emulated (`s3net_ops::emulated_cuda`): with `--trace`, the ops a GPU step runs (its
+    /// copies and casts among them) traced on a machine without a GPU. Slow; not a timing.
+    #[arg(long, hide = true)]
+    pub emulate_cuda: bool,
     #[command(flatten)]
     pub fit: FitArgs,
 }
@@ -203,6 +208,9 @@ fn fit(b: FitBench) -> Result<()> {
     opts.min_labels = 0;
     let device: DeviceSpec = b.fit.device()?;
     let resolved = device.resolve()?;
+    if b.emulate_cuda && resolved != tch::Device::Cpu {
+        anyhow::bail!("--emulate-cuda runs the GPU's code paths on the CPU: use it with --device cpu");
+    }
     let image = synthetic_image(opts.size as u32, b.grey);
     s3net_ops::set_split_k(b.split_k.into());
     let (per_fit, per_iter, dev_name) = if b.batch_only {
@@ -231,7 +239,7 @@ fn fit(b: FitBench) -> Result<()> {
     let largest = b.batch.iter().copied().max();
     for &n in &b.batch {
         let trace = b.trace.as_deref().filter(|_| Some(n) == largest).map(|p| (p, b.trace_from));
-        batched.push(batch(&image, &opts, device, n.max(1), b.batch_workers.max(1), b.repeats.max(1), trace)?);
+        batched.push(batch(&image, &opts, device, n.max(1), b.batch_workers.max(1), b.repeats.max(1), trace, b.emulate_cuda)?);
     }
     let out = json!({
         "device": dev_name,
@@ -327,12 +335,14 @@ fn concurrent(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec,
 /// `workers` threads each train `repeats` batches of `n` fits of the image (seeds 0..n), after
 /// one warm-up batch each; images per second = all fits / wall time. `trace`: a file and a
 /// first step; the first thread's warm-up batch writes an operator-level trace of three steps
-/// from there (see `--trace`).
-fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, workers: usize, repeats: usize, trace: Option<(&std::path::Path, usize)>) -> Result<serde_json::Value> {
+/// from there (see `--trace`). `emulate`: on the CPU through the GPU's code paths (see
+/// `--emulate-cuda`).
+#[allow(clippy::too_many_arguments)]
+fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, workers: usize, repeats: usize, trace: Option<(&std::path::Path, usize)>, emulate: bool) -> Result<serde_json::Value> {
     let dev = device.resolve()?;
     let image = std::sync::Arc::new(image.clone());
     // One batch to the end: the seconds of each of its steps.
-    let (wall, steps) = on_threads(workers, repeats, &|w, r| {
+    let one_batch = |w: usize, r: usize| -> Result<Vec<f64>> {
         let mut b: s3net_model::Batch<usize> = s3net_model::Batch::new(dev);
         for i in 0..n {
             let job = s3net_model::FitJob {
@@ -374,7 +384,8 @@ fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: u
             t.stop(path)?;
         }
         Ok(steps)
-    })?;
+    };
+    let (wall, steps) = on_threads(workers, repeats, &|w, r| if emulate { s3net_ops::emulated_cuda(|| one_batch(w, r)) } else { one_batch(w, r) })?;
     let fits = n * workers * repeats;
     Ok(json!({
         "batch": n,

@@ -315,7 +315,7 @@ impl<'a, T> Batch<'a, T> {
             inputs: None,
             grids: None,
             pending: None,
-            pipelined: device.is_cuda(),
+            pipelined: s3net_ops::gpu_paths(device),
             next_id: 0,
             graph: None,
             steady: 0,
@@ -740,7 +740,7 @@ fn step_tensors(
     let (response, aux_t) = match grid {
         Some(grid) => {
             let xt = grid.apply(&x.reshape([m, c, size, size])).reshape([1, m * c, size, size]);
-            if device.is_cuda() {
+            if s3net_ops::gpu_paths(device) {
                 // On a GPU, one pass over the image and its transformed copy as a batch of two
                 // (BatchNorm still normalises each on its own): half the kernel launches.
                 let f = net.trunk(&Tensor::cat(&[x, &xt], 0));

@@ -74,7 +74,7 @@ pub fn self_ce_each(response: &Tensor) -> (Tensor, Tensor) {
 /// image takes the per-image form, because `masked_ce`'s test for "all ignored" reads a count
 /// back to the host, which stalls the queue in the middle of every step.
 pub fn masked_ce_each(logits: &Tensor, target: &Tensor) -> Tensor {
-    if logits.size()[0] == 1 && !logits.device().is_cuda() {
+    if logits.size()[0] == 1 && !s3net_ops::gpu_paths(logits.device()) {
         return masked_ce(logits, target).reshape([1]);
     }
     let ce = logits.cross_entropy_loss(target, None::<Tensor>, Reduction::None, IGNORE, 0.0);

@@ -71,7 +71,7 @@ impl Conv {
     fn forward(&self, x: &Tensor, models: i64) -> Tensor {
         let (w, b) = self.wb(x);
         let ws = self.w.size();
-        if models > 1 && self.groups == 1 && ws[2] == 1 && ws[3] == 1 && x.device().is_cuda() {
+        if models > 1 && self.groups == 1 && ws[2] == 1 && ws[3] == 1 && s3net_ops::gpu_paths(x.device()) {
             // A stack's 1×1 convs on a GPU as one batched GEMM, (M, O, C) × (N, M, C, H·W):
             // cuDNN's grouped convolution was 1.2–2.5× slower per step at 16–32 networks
             // (H200, `s3net bench fit --batch`).
@@ -98,7 +98,7 @@ impl Conv {
             let ours = if depthwise && (x.device() == Device::Cpu || s3net_ops::cuda_compiled()) {
                 let (w, b) = self.wb(x);
                 Some(s3net_ops::depthwise_conv2d(x, &w, Some(&b), self.padding, self.dilation))
-            } else if pointwise && models > 1 && x.device().is_cuda() {
+            } else if pointwise && models > 1 && s3net_ops::gpu_paths(x.device()) {
                 let (w, b) = self.wb(x);
                 Some(s3net_ops::pointwise_conv2d(x, &w, Some(&b), models))
             } else {

@@ -211,6 +211,28 @@ fn bfloat16_jobs_each_as_if_alone() {
     }
 }
 
+/// The GPU code paths on the CPU (`s3net_ops::emulated_cuda`): the stack's 1×1 convs as
+/// `pointwise_conv2d`, one trunk pass over an image and its turned copy, pipelined steps, and
+/// every CUDA kernel (depthwise branches, BatchNorm, deformable conv, bias) on the emulation,
+/// float32 and bfloat16, against the same fits alone on the CPU's own paths. The kernels sum in
+/// another order than the CPU's, so the tolerance is that of two orders of summation whose
+/// argmax near-ties may flip.
+#[test]
+fn emulated_gpu_paths_each_job_as_if_alone() {
+    let tol = Tol { first: 1e-4, later: 2e-2, labels: 0.95 };
+    for (preset, precision) in [(Preset::Default, Precision::Float32), (Preset::Paper, Precision::Float32), (Preset::Default, Precision::Bfloat16)] {
+        let o = |seed, its| FitOptions { precision, ..opts(preset, seed, its) };
+        let jobs = vec![(disc(40, 30, 3, 0.5, 0.5), o(1, 4)), (disc(32, 32, 3, 0.3, 0.6), o(2, 2)), (disc(50, 20, 3, 0.6, 0.4), o(3, 5))];
+        let before = s3net_ops::emulated_launches();
+        let got = s3net_ops::emulated_cuda(|| batched(&jobs, &[0, 0, 0], None, Device::Cpu, None));
+        assert!(s3net_ops::emulated_launches() > before, "the emulated kernels did not run");
+        for (i, (img, o)) in jobs.iter().enumerate() {
+            let t = if precision == Precision::Bfloat16 { Tol { first: 4e-3, later: 1e-1, labels: 0.9 } } else { tol };
+            assert_same_fit(&format!("emulated {preset} {precision:?} job {i}"), &alone(img, o, Device::Cpu), &got[i], t);
+        }
+    }
+}
+
 /// On a GPU a small steady stack runs its steps as CUDA graph replays (from step 3): the same
 /// losses and labels as eager steps, for a lone job and for a stack that loses a member
 /// (the graph is dropped and a new one captured).

@@ -2143,6 +2143,9 @@ int s3ops_set_simt(int on) {
   return was ? 1 : 0;
 }
 
+// 1 when the calling thread emulates the CUDA paths (s3ops_set_simt), else 0.
+int s3ops_simt_on() { return t_simt ? 1 : 0; }
+
 // 1 when this build carries the CUDA kernels (nvcc was found at build time), else 0.
 int s3ops_cuda_compiled() {
 #ifdef S3OPS_CUDA

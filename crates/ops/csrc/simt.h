@@ -5,8 +5,8 @@
 // first, its entry points renamed s3ops_simt_* (cuda_common.cuh's S3_ENTRY). ops.cpp then runs
 // the same host code it runs for CUDA tensors on CPU tensors, with these kernels, on a thread
 // that asked for it (`s3ops_set_simt`, s3net_ops::simt in Rust). What it emulates:
-//  * a launch runs its blocks one after another; a block's threads are fibers (ucontext) of the
-//    calling thread, each running until it waits at a barrier or returns; __syncthreads and
+//  * a launch runs its blocks one after another; a block's threads are fibers of the calling
+//    thread (a few instructions to switch on x86-64, ucontext elsewhere), each running until it waits at a barrier or returns; __syncthreads and
 //    the warp shuffles are barriers over the block's or the warp's threads that have not
 //    returned. Deterministic: no thread of the OS runs a second kernel thread at once, so
 //    atomicAdd is a plain add;
@@ -90,13 +90,76 @@ inline float __uint_as_float(unsigned u) {
 
 namespace simt {
 
+// Switching between a kernel thread's stack and the scheduler's. On x86-64 our own switch: it
+// saves what the System V ABI says a callee keeps (rbx, rbp, r12–r15, the SSE and x87 control
+// words) on the current stack and moves to the other; ucontext's swapcontext would make two
+// system calls per switch (the signal mask), which made the emulation several times slower.
+#if defined(__x86_64__)
+extern "C" void s3_simt_switch(void** save_sp, void* load_sp);
+// Weak: every translation unit built on this header carries a copy; the linker keeps one.
+__asm__(
+    ".text\n"
+    ".weak s3_simt_switch\n"
+    ".type s3_simt_switch, @function\n"
+    "s3_simt_switch:\n"
+    "  pushq %rbp\n"
+    "  pushq %rbx\n"
+    "  pushq %r12\n"
+    "  pushq %r13\n"
+    "  pushq %r14\n"
+    "  pushq %r15\n"
+    "  subq $8, %rsp\n"
+    "  stmxcsr (%rsp)\n"
+    "  fnstcw 4(%rsp)\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  ldmxcsr (%rsp)\n"
+    "  fldcw 4(%rsp)\n"
+    "  addq $8, %rsp\n"
+    "  popq %r15\n"
+    "  popq %r14\n"
+    "  popq %r13\n"
+    "  popq %r12\n"
+    "  popq %rbx\n"
+    "  popq %rbp\n"
+    "  ret\n"
+    ".size s3_simt_switch, .-s3_simt_switch\n");
+
+struct Context {
+  void* sp = nullptr;
+};
+// A context that starts `entry` (which must never return) on the stack [stack, stack + size).
+inline void start_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
+  auto* p = reinterpret_cast<uint64_t*>(top);
+  p[-1] = 0;                                        // entry's return address: none
+  p[-2] = reinterpret_cast<uint64_t>(entry);        // where the first switch returns to
+  for (int r = 3; r <= 8; ++r) p[-r] = 0;           // rbp, rbx, r12–r15
+  p[-9] = 0x1f80 | (uint64_t(0x037f) << 32);        // default MXCSR and x87 control word
+  c.sp = p - 9;  // entry then starts with rsp ≡ 8 (mod 16), as after a call
+}
+inline void switch_context(Context& from, Context& to) { s3_simt_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void start_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 constexpr unsigned kMaxThreads = 1024;
 constexpr size_t kMaxDynamicShared = 48 << 10;
 constexpr size_t kStack = 128 << 10;
 
 // One kernel thread: its fiber and where it waits.
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   char* stack = nullptr;
   dim3 thread;
   unsigned linear = 0;
@@ -118,7 +181,7 @@ struct Barrier {
 struct State {
   dim3 thread, block_idx, block_dim, grid_dim;
   Fiber* cur = nullptr;
-  ucontext_t sched;
+  Context sched;
   std::vector<Fiber> fibers;
   Barrier block;
   std::vector<Barrier> warps;
@@ -150,7 +213,7 @@ inline void wait(Barrier& b, int which, uint64_t gen) {
   Fiber* f = s.cur;
   f->waits = which;
   f->gen = gen;
-  swapcontext(&f->ctx, &s.sched);
+  switch_context(f->ctx, s.sched);
   (void)b;
 }
 
@@ -212,7 +275,9 @@ inline void fiber_main() {
   };
   leave(s.block);
   leave(s.warps[f->linear / 32]);
-}  // returns to uc_link: the scheduler
+  switch_context(f->ctx, s.sched);  // never resumed
+  __builtin_unreachable();
+}
 
 // Runs body(arg) as every thread of every block of the grid.
 inline void run(dim3 grid, dim3 block, size_t shm, void (*body)(void*), void* arg) {
@@ -269,11 +334,7 @@ inline void run(dim3 grid, dim3 block, size_t shm, void (*body)(void*), void* ar
           f.thread = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
           f.done = false;
           f.waits = 0;
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack;
-          f.ctx.uc_stack.ss_size = kStack;
-          f.ctx.uc_link = &s.sched;
-          makecontext(&f.ctx, fiber_main, 0);
+          start_context(f.ctx, f.stack, kStack, fiber_main);
         }
         // Round robin until every thread has returned; a round in which none could move is a
         // deadlock.
@@ -290,7 +351,7 @@ inline void run(dim3 grid, dim3 block, size_t shm, void (*body)(void*), void* ar
             }
             s.cur = &f;
             s.thread = f.thread;
-            swapcontext(&s.sched, &f.ctx);
+            switch_context(s.sched, f.ctx);
             moved = true;
             if (f.done) --left;
           }

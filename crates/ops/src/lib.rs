@@ -101,6 +101,7 @@ extern "C" {
     fn s3ops_cuda_compiled() -> i32;
     fn s3ops_set_simt(on: i32) -> i32;
     fn s3ops_simt_launches() -> u64;
+    fn s3ops_simt_on() -> i32;
     fn s3ops_cuda_set_stream(device: i64, pool: i32, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_set_memory_fraction(device: i64, fraction: f64, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_reserved_bytes(device: i64, out: *mut i64, err: *mut *mut c_char) -> i32;
@@ -141,6 +142,20 @@ pub fn emulated_cuda<R>(body: impl FnOnce() -> R) -> R {
     // SAFETY: sets a thread-local flag.
     let _restore = Restore(unsafe { s3ops_set_simt(1) });
     body()
+}
+
+/// Whether this thread is inside [`emulated_cuda`]: code above the ops that has a GPU path of its
+/// own (the model's stacked 1×1 convs, its one trunk pass over an image and its turned copy)
+/// asks this too, so that a whole fit can run its GPU paths on the CPU.
+pub fn emulating_cuda() -> bool {
+    // SAFETY: reads a thread-local flag.
+    unsafe { s3ops_simt_on() != 0 }
+}
+
+/// Whether `device` takes the GPU code paths: a CUDA device, or the CPU inside
+/// [`emulated_cuda`].
+pub fn gpu_paths(device: Device) -> bool {
+    device.is_cuda() || (device == Device::Cpu && emulating_cuda())
 }
 
 /// How many kernels this thread has run on the emulation of [`emulated_cuda`] so far: lets a
@@ -752,10 +767,11 @@ pub struct PixelLosses {
 /// be widened first. Sums are per row, the rows added in order: the same value for an image
 /// alone or in any batch, whatever the thread count.
 ///
-/// On CUDA it runs only when [`cuda_pixel_losses`] says so (see there); otherwise it declines
-/// with an error and the caller's tensor-op losses run.
+/// On CUDA (and inside [`emulated_cuda`], as on CUDA) it runs only when [`cuda_pixel_losses`]
+/// says so (see there); otherwise it declines with an error and the caller's tensor-op losses
+/// run.
 pub fn pixel_losses(logits: &Tensor, target: Option<&Tensor>, continuity: bool) -> Result<PixelLosses, OpError> {
-    if logits.device().is_cuda() && !cuda_pixel_losses() {
+    if gpu_paths(logits.device()) && !cuda_pixel_losses() {
         return Err(OpError("pixel_losses: the CUDA kernel is off (S3NET_CUDA_PIXEL_LOSSES=1 turns it on)".into()));
     }
     let mut outs = [std::ptr::null_mut(); 3];
