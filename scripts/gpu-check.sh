@@ -63,6 +63,8 @@ step_bench() {
   run ./s3net bench fit --device cuda --repeats 2 --batch 4,16,32 --concurrency 2,4
   run ./s3net bench deform --size 256 --channels 32 --device cuda --json
   run ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
+  # The depthwise kernels' column layout, off by default until timed here.
+  run env S3NET_DW_COLUMNS=1 ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
   # pixel_losses' CUDA kernel is off by default until it has passed a check: switched on here.
   run env S3NET_CUDA_PIXEL_LOSSES=1 ./s3net bench losses --size 256 --channels 32 --device cuda --json
   grep -E "###|seconds_per_fit_median|without_cuda_graphs|\"batch\"|fits_at_once|images_per_second|seconds_per_step|forward|split_k|unavailable|rc=" "$B"

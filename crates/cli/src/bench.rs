@@ -464,6 +464,8 @@ fn depthwise(b: OpBench) -> Result<()> {
         "total": { "ours": ours_total, "libtorch": libtorch_total },
         "device": format!("{dev:?}"),
         "shape": { "input": [1, c, s, s] },
+        // The CUDA kernels' layout (S3NET_DW_COLUMNS; the CPU kernels have one).
+        "cuda_layout": if s3net_ops::depthwise_columns() { "columns" } else { "strips" },
     });
     print_op_bench(out, "depthwise convs", &b)
 }

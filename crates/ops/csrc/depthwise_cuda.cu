@@ -225,6 +225,76 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The same tiles, each thread owning kColRows outputs down one column (dims.columns = 1). Why:
+// the strips above read 4 + span region values per kernel row for 4·k multiply-adds, as 16-byte
+// loads with which a warp takes 4 shared-memory cycles each; the kernels were bound by those
+// reads (six loads per 28 multiply-adds in the 7×7 one; H100 profile in
+// docs/gpu-checks/2026-11-27-h100-fusions). Down a column, a kernel column's kColRows + span
+// values serve all k of its rows: 34 four-byte reads, one cycle each for a warp (its lanes read
+// 32 neighbouring columns), per 112 multiply-adds in the 7×7 one, 2.8× fewer read cycles per
+// multiply-add. Sums run in another order than the strips' (same values up to rounding).
+constexpr int kColRows = 16;                  // outputs per thread down its column
+static_assert(kThreads == kTW * (kTH / kColRows), "a block's threads cover its tile's columns");
+
+// The thread's column (0…kTW−1) and first row within the tile.
+__device__ __forceinline__ int column_x() { return (int)((threadIdx.y * kBX + threadIdx.x) % kTW); }
+__device__ __forceinline__ int column_y() {
+  return (int)((threadIdx.y * kBX + threadIdx.x) / kTW) * kColRows;
+}
+
+// For each kernel column j, the kColRows + span region values of the thread's column
+// (registers `v`), handed to `use(j, v)`.
+template <int KS, int DIL, int kRW, typename T, typename F>
+__device__ __forceinline__ void for_each_kernel_column(const T* region, int oy, int cx, F&& use) {
+  constexpr int kLen = kColRows + (KS - 1) * DIL;
+#pragma unroll
+  for (int j = 0; j < KS; ++j) {
+    T v[kLen];
+    const T* col = region + oy * kRW + cx + j * DIL;
+#pragma unroll
+    for (int r = 0; r < kLen; ++r) v[r] = col[r * kRW];
+    use(j, v);
+  }
+}
+
+template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
+__global__ void __launch_bounds__(kThreads)
+    correlate_columns(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
+                      const S* __restrict__ bias, S* __restrict__ out) {
+  constexpr int kSpan = (KS - 1) * DIL;
+  constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;  // region_row(kSpan)
+  constexpr int kLen = kColRows + kSpan;
+  S3_DYNAMIC_SHARED(smem);
+  T* region = reinterpret_cast<T*>(smem);
+  const Tile g = tile_of(d, kTH);
+  const int64_t c = g.plane % d.C;
+  T wr[KS * KS];
+#pragma unroll
+  for (int t = 0; t < KS * KS; ++t) wr[t] = widen(w[c * KS * KS + t]);
+  const T b0 = bias ? widen(bias[c]) : T(0);
+  load_region<kRW>(d, g, g.y0, in + in_plane(d, g.plane), region);
+  __syncthreads();
+  const int cx = column_x(), oy = column_y();
+  T acc[kColRows];
+#pragma unroll
+  for (int q = 0; q < kColRows; ++q) acc[q] = b0;
+  for_each_kernel_column<KS, DIL, kRW>(region, oy, cx, [&](int j, const T(&v)[kLen]) {
+#pragma unroll
+    for (int i = 0; i < KS; ++i)
+#pragma unroll
+      for (int q = 0; q < kColRows; ++q) acc[q] += wr[i * KS + j] * v[q + i * DIL];
+  });
+  const int x = g.x0 + cx;
+  if (x >= d.Wo) return;  // no barrier follows
+  S* o = out + out_plane(d, g.plane) + x;
+  const bool add = d.accumulate != 0;
+#pragma unroll
+  for (int q = 0; q < kColRows; ++q) {
+    const int64_t y = g.y0 + oy + q;
+    if (y < d.Ho) o[y * d.Wo] = store_as<S>(add ? widen(o[y * d.Wo]) + acc[q] : acc[q]);
+  }
+}
+
 // Any other kernel size and dilation: the same tiles, taps read from shared memory.
 template <typename S, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kThreads)
@@ -343,6 +413,48 @@ __global__ void __launch_bounds__(kThreads, 2)
   block_partials(acc, red, partial);
 }
 
+// The weight gradient with the threads down columns (dims.columns = 1; see correlate_columns):
+// the same partials, summed in another order.
+template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
+__global__ void __launch_bounds__(kThreads, 2)
+    weight_grad_columns(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
+                        T* __restrict__ partial) {
+  constexpr int kSpan = (KS - 1) * DIL, kK = KS * KS;
+  constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;
+  constexpr int kLen = kColRows + kSpan;
+  S3_DYNAMIC_SHARED(smem);
+  T* region = reinterpret_cast<T*>(smem);
+  const Tile g = tile_of(d, kTH * kWgTiles);
+  T* red = region + (kTH + kSpan) * g.rw;
+  const S* src = in + in_plane(d, g.plane);
+  const S* gp = go + out_plane(d, g.plane);
+  const int cx = column_x(), oy = column_y(), x = g.x0 + cx;
+  T acc[kK + 1];
+#pragma unroll
+  for (int t = 0; t <= kK; ++t) acc[t] = T(0);
+  for (int tile = 0; tile < kWgTiles; ++tile) {
+    const int y0 = g.y0 + tile * kTH;
+    if (y0 >= d.Ho) break;  // the same for the whole block
+    if (tile > 0) __syncthreads();  // everyone is done with the previous region
+    load_region<kRW>(d, g, y0, src, region);
+    __syncthreads();
+    T gv[kColRows];
+#pragma unroll
+    for (int q = 0; q < kColRows; ++q) {
+      const int64_t y = y0 + oy + q;
+      gv[q] = (y < d.Ho && x < d.Wo) ? widen(gp[y * d.Wo + x]) : T(0);
+      acc[kK] += gv[q];
+    }
+    for_each_kernel_column<KS, DIL, kRW>(region, oy, cx, [&](int j, const T(&v)[kLen]) {
+#pragma unroll
+      for (int i = 0; i < KS; ++i)
+#pragma unroll
+        for (int q = 0; q < kColRows; ++q) acc[i * KS + j] += gv[q] * v[q + i * DIL];
+    });
+  }
+  block_partials(acc, red, partial);
+}
+
 // Any other kernel size and dilation, the same partials. k² is not known at compile time, so
 // each warp reduces a tap at a time and keeps its running sums in shared memory.
 template <typename S, typename T = typename Acc<S>::type>
@@ -428,10 +540,14 @@ int launch_correlate(const S3DepthwiseDims& d, const T* in, const T* w, const T*
   const size_t shm = correlate_shared(d, sizeof(A));
   const dim3 block(kBX, kBY);
   const unsigned grid = (unsigned)(d.N * d.C * correlate_tiles(d));
-#define S3_CASE(K, D)                                                          \
-  if (d.k == K && d.d == D) {                                                  \
-    S3_LAUNCH(grid, block, shm, st, correlate_fixed<T, K, D>)(d, in, w, bias, out);   \
-    return (int)cudaGetLastError();                                            \
+#define S3_CASE(K, D)                                                                      \
+  if (d.k == K && d.d == D) {                                                              \
+    if (d.columns) {                                                                       \
+      S3_LAUNCH(grid, block, shm, st, correlate_columns<T, K, D>)(d, in, w, bias, out);    \
+    } else {                                                                               \
+      S3_LAUNCH(grid, block, shm, st, correlate_fixed<T, K, D>)(d, in, w, bias, out);      \
+    }                                                                                      \
+    return (int)cudaGetLastError();                                                        \
   }
   S3_DW_FIXED_CASES(S3_CASE)
 #undef S3_CASE
@@ -446,10 +562,14 @@ int launch_weight_grad(const S3DepthwiseDims& d, const T* in, const T* go,
   const size_t shm = weight_grad_shared(d, sizeof(A));
   const dim3 block(kBX, kBY);
   const unsigned grid = (unsigned)(d.N * d.C * weight_grad_blocks(d));
-#define S3_CASE(K, D)                                                            \
-  if (d.k == K && d.d == D) {                                                    \
-    S3_LAUNCH(grid, block, shm, st, weight_grad_fixed<T, K, D>)(d, in, go, partial);    \
-    return (int)cudaGetLastError();                                              \
+#define S3_CASE(K, D)                                                                  \
+  if (d.k == K && d.d == D) {                                                          \
+    if (d.columns) {                                                                   \
+      S3_LAUNCH(grid, block, shm, st, weight_grad_columns<T, K, D>)(d, in, go, partial); \
+    } else {                                                                           \
+      S3_LAUNCH(grid, block, shm, st, weight_grad_fixed<T, K, D>)(d, in, go, partial);   \
+    }                                                                                  \
+    return (int)cudaGetLastError();                                                    \
   }
   S3_DW_FIXED_CASES(S3_CASE)
 #undef S3_CASE

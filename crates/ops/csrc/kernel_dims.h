@@ -23,4 +23,9 @@ struct S3DepthwiseDims {
   int64_t in_group, in_gstride, out_group, out_gstride;
   // Correlation only: add to what the output holds instead of overwriting it.
   int64_t accumulate;
+  // Which layout of the work the CUDA kernels of the I-LKA block's geometries use: 0 strips
+  // along rows (each thread 4 neighbouring outputs in 4 rows, 16-byte shared-memory reads),
+  // 1 columns (each thread 16 outputs down a column, 4-byte reads shared by a column's taps);
+  // see depthwise_cuda.cu.
+  int64_t columns;
 };

@@ -391,10 +391,28 @@ void* kernel_stream(const at::Tensor& t) {
   return nullptr;
 }
 
+// Whether the depthwise CUDA kernels of the I-LKA block's geometries run down columns
+// (S3DepthwiseDims::columns): off until a GPU check has timed it against the strips;
+// S3NET_DW_COLUMNS=1 (read once) or s3ops_set_dw_columns turns it on. -1: not read yet.
+std::atomic<int> g_dw_columns{-1};
+
+bool dw_columns() {
+  int v = g_dw_columns.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* e = std::getenv("S3NET_DW_COLUMNS");
+    int unset = -1;
+    // Another thread may have decided meanwhile: keep theirs.
+    g_dw_columns.compare_exchange_strong(unset, e && std::strcmp(e, "1") == 0 ? 1 : 0);
+    v = g_dw_columns.load(std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
 // Contiguous planes in and out, the output overwritten.
 S3DepthwiseDims dw_dims(const at::Tensor& in, int64_t k, int64_t p, int64_t d, int64_t Ho,
                         int64_t Wo) {
-  return {in.size(0), in.size(1), in.size(2), in.size(3), k, p, d, Ho, Wo, 0, 0, 0, 0, 0};
+  return {in.size(0), in.size(1), in.size(2), in.size(3), k, p, d, Ho, Wo, 0, 0, 0, 0, 0,
+          dw_columns() ? 1 : 0};
 }
 
 // The depthwise kernels' dtype code, and the type they add in (float32 for bfloat16).
@@ -2142,6 +2160,12 @@ int s3ops_set_simt(int on) {
   t_simt = on != 0;
   return was ? 1 : 0;
 }
+
+// Whether the depthwise CUDA kernels run down columns from now on (see dw_columns), process-wide.
+void s3ops_set_dw_columns(int on) { g_dw_columns.store(on != 0 ? 1 : 0); }
+
+// 1 when the depthwise CUDA kernels run down columns, else 0.
+int s3ops_dw_columns() { return dw_columns() ? 1 : 0; }
 
 // 1 when the calling thread emulates the CUDA paths (s3ops_set_simt), else 0.
 int s3ops_simt_on() { return t_simt ? 1 : 0; }

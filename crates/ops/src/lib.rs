@@ -102,6 +102,8 @@ extern "C" {
     fn s3ops_set_simt(on: i32) -> i32;
     fn s3ops_simt_launches() -> u64;
     fn s3ops_simt_on() -> i32;
+    fn s3ops_set_dw_columns(on: i32);
+    fn s3ops_dw_columns() -> i32;
     fn s3ops_cuda_set_stream(device: i64, pool: i32, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_set_memory_fraction(device: i64, fraction: f64, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_reserved_bytes(device: i64, out: *mut i64, err: *mut *mut c_char) -> i32;
@@ -805,6 +807,25 @@ pub fn cuda_pixel_losses() -> bool {
         }
         v => v == 1,
     }
+}
+
+/// Whether the depthwise CUDA kernels of the I-LKA block's geometries (3×3, 5×5, 5×5 dilated 2,
+/// 7×7 dilated 3) give each thread 16 outputs down a column instead of 4 outputs in each of 4
+/// rows: a kernel column's values, read once from shared memory, then serve all its rows, 2.8×
+/// fewer shared-memory read cycles per multiply-add in the 7×7 one, which bound the strips
+/// (`csrc/depthwise_cuda.cu`). Off until a GPU check has timed it (README, "Not done yet"); the
+/// environment variable `S3NET_DW_COLUMNS=1` (read once) or [`set_depthwise_columns`] turns it
+/// on. The same values up to rounding (sums in another order).
+pub fn depthwise_columns() -> bool {
+    // SAFETY: reads a process-wide setting.
+    unsafe { s3ops_dw_columns() != 0 }
+}
+
+/// Turns the column layout of the depthwise CUDA kernels on or off for this process (see
+/// [`depthwise_columns`]; overrides the environment).
+pub fn set_depthwise_columns(on: bool) {
+    // SAFETY: sets a process-wide atomic.
+    unsafe { s3ops_set_dw_columns(on as i32) }
 }
 
 /// Turns [`pixel_losses`]'s CUDA kernel on or off for this process (overrides the environment).

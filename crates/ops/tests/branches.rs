@@ -155,3 +155,22 @@ fn bad_arguments_are_errors_not_panics() {
     let tiny = Tensor::zeros([1, 4, 1, 1], (Kind::Float, Device::Cpu));
     assert_eq!(depthwise_branches(&tiny, [ok, ok, ok], 2).unwrap().size(), [1, 12, 1, 1]);
 }
+
+/// The kernels' column layout (`S3NET_DW_COLUMNS=1`, read once; see
+/// `s3net_ops::depthwise_columns`): this file's emulated and CUDA tests again, in a child
+/// process with it on.
+#[test]
+fn column_layout_passes_the_same_tests() {
+    if std::env::var_os("S3NET_DW_COLUMNS").is_some() {
+        assert!(s3net_ops::depthwise_columns(), "S3NET_DW_COLUMNS=1 did not switch the layout");
+        return; // this is the child
+    }
+    let exe = std::env::current_exe().unwrap();
+    let o = std::process::Command::new(exe)
+        .args(["emulated_cuda", "cuda_", "column_layout", "--test-threads", "1"])
+        .env("S3NET_DW_COLUMNS", "1")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("emulated_cuda_kernels_match_libtorch ... ok"), "{out}{}", String::from_utf8_lossy(&o.stderr));
+}
