@@ -351,7 +351,7 @@ fn assert_same_bfloat16(got: &Tensor, want: &Tensor, tag: &str) {
 /// `s3net_ops::depthwise_columns`): this file's emulated and CUDA tests again, in a child
 /// process with it on.
 #[test]
-fn column_layout_passes_the_same_tests() {
+fn column_layout_cuda_and_emulated() {
     if std::env::var_os("S3NET_DW_COLUMNS").is_some() {
         assert!(s3net_ops::depthwise_columns(), "S3NET_DW_COLUMNS=1 did not switch the layout");
         return; // this is the child
