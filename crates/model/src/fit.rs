@@ -743,8 +743,11 @@ fn step_tensors(
             if s3net_ops::gpu_paths(device) {
                 // On a GPU, one pass over the image and its transformed copy as a batch of two
                 // (BatchNorm still normalises each on its own): half the kernel launches.
-                let f = net.trunk(&Tensor::cat(&[x, &xt], 0));
-                (net.response(&f.narrow(0, 0, 1)), Some(net.aux(&f.narrow(0, 1, 1))))
+                // Split, not narrowed twice: a narrow's backward writes a zero tensor of the
+                // whole batch and copies its half in, and the two are then added; a split's
+                // backward joins the two halves once.
+                let f = net.trunk(&Tensor::cat(&[x, &xt], 0)).split(1, 0);
+                (net.response(&f[0]), Some(net.aux(&f[1])))
             } else {
                 // Two batch-1 passes rather than one batch of 2: each pass keeps its working
                 // set inside the CPU's last-level cache (measured ~1.5x faster).
