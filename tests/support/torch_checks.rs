@@ -27,6 +27,39 @@ pub fn cuda_with_kernels() -> Option<Device> {
     Some(device)
 }
 
+/// Runs `body` on the CPU emulation of the CUDA kernels (`s3net_ops::emulated_cuda`) and checks
+/// that the kernels ran in it, not only the CPU ops: a test of the kernels' logic where no GPU
+/// is.
+pub fn on_emulated_kernels<R>(body: impl FnOnce() -> R) -> R {
+    let before = s3net_ops::emulated_launches();
+    let r = s3net_ops::emulated_cuda(body);
+    assert!(s3net_ops::emulated_launches() > before, "the emulated kernels did not run");
+    r
+}
+
+/// Runs this test binary again in a child process with the environment variable `var` set to
+/// "1" (a setting the ops read once per process), on the tests whose names contain one of
+/// `filters`, one thread; asserts that it passed and that its output contains `expect`. The
+/// child itself sees `var` set: a test calling this should do its own check there and return.
+pub fn rerun_with_env(var: &str, filters: &[&str], expect: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let o = std::process::Command::new(exe).args(filters).args(["--test-threads", "1"]).env(var, "1").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains(expect), "{var}=1: {out}{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A test file's emulated and CUDA tests again with the depthwise kernels' column layout
+/// (`S3NET_DW_COLUMNS=1`, read once per process; see `s3net_ops::depthwise_columns`), in a child
+/// process; in that child (the variable set) it checks that the layout is on. For a test named
+/// `column_layout_cuda_and_emulated`.
+pub fn rerun_with_depthwise_columns() {
+    if std::env::var_os("S3NET_DW_COLUMNS").is_some() {
+        assert!(s3net_ops::depthwise_columns(), "S3NET_DW_COLUMNS=1 did not switch the layout");
+        return; // this is the child
+    }
+    rerun_with_env("S3NET_DW_COLUMNS", &["emulated_cuda", "cuda_", "column_layout"], "emulated_cuda_kernels_match_libtorch ... ok");
+}
+
 /// Stride, padding, dilation.
 pub type Geo = ((i64, i64), (i64, i64), (i64, i64));
 

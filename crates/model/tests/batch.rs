@@ -223,9 +223,7 @@ fn emulated_gpu_paths_each_job_as_if_alone() {
     for (preset, precision) in [(Preset::Default, Precision::Float32), (Preset::Paper, Precision::Float32), (Preset::Default, Precision::Bfloat16)] {
         let o = |seed, its| FitOptions { precision, ..opts(preset, seed, its) };
         let jobs = vec![(disc(40, 30, 3, 0.5, 0.5), o(1, 4)), (disc(32, 32, 3, 0.3, 0.6), o(2, 2)), (disc(50, 20, 3, 0.6, 0.4), o(3, 5))];
-        let before = s3net_ops::emulated_launches();
-        let got = s3net_ops::emulated_cuda(|| batched(&jobs, &[0, 0, 0], None, Device::Cpu, None));
-        assert!(s3net_ops::emulated_launches() > before, "the emulated kernels did not run");
+        let got = checks::on_emulated_kernels(|| batched(&jobs, &[0, 0, 0], None, Device::Cpu, None));
         for (i, (img, o)) in jobs.iter().enumerate() {
             let t = if precision == Precision::Bfloat16 { Tol { first: 4e-3, later: 1e-1, labels: 0.9 } } else { tol };
             assert_same_fit(&format!("emulated {preset} {precision:?} job {i}"), &alone(img, o, Device::Cpu), &got[i], t);

@@ -187,63 +187,36 @@ __device__ __forceinline__ void for_each_kernel_row(const T* region, int rw, int
   }
 }
 
-// Correlation with the kernel size KS and dilation DIL fixed at compile time.
-template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
-__global__ void __launch_bounds__(kThreads)
-    correlate_fixed(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
-                    const S* __restrict__ bias, S* __restrict__ out) {
-  constexpr int kSpan = (KS - 1) * DIL;
-  constexpr int kLen = (kStrip + kSpan + 3) / 4 * 4;  // region values a strip row reads
-  constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;      // region_row(kSpan)
-  S3_DYNAMIC_SHARED(smem);
-  T* region = reinterpret_cast<T*>(smem);
-  const Tile g = tile_of(d, kTH);
-  const int64_t c = g.plane % d.C;
-  T wr[KS * KS];
+// Channel c's KS² weights into registers `wr`, widened; returns its bias (0 without one).
+template <int KS, typename S, typename T>
+__device__ __forceinline__ T channel_taps(const S* __restrict__ w, const S* __restrict__ bias,
+                                          int64_t c, T (&wr)[KS * KS]) {
 #pragma unroll
   for (int t = 0; t < KS * KS; ++t) wr[t] = widen(w[c * KS * KS + t]);
-  const T b0 = bias ? widen(bias[c]) : T(0);
-  load_region<kRW>(d, g, g.y0, in + in_plane(d, g.plane), region);
-  __syncthreads();
-  const int cx = threadIdx.x * kStrip;
-  S* plane_out = out + out_plane(d, g.plane);
-  const bool add = d.accumulate != 0;
-#pragma unroll
-  for (int rr = 0; rr < kRowsPer; ++rr) {
-    const int oy = threadIdx.y + rr * kBY;
-    T acc[kStrip];
-#pragma unroll
-    for (int q = 0; q < kStrip; ++q) acc[q] = b0;
-    for_each_kernel_row<KS, DIL, kLen>(region, g.rw, oy, cx, [&](int i, const T(&v)[kLen]) {
-#pragma unroll
-      for (int j = 0; j < KS; ++j)
-#pragma unroll
-        for (int q = 0; q < kStrip; ++q) acc[q] += wr[i * KS + j] * v[j * DIL + q];
-    });
-    const int y = g.y0 + oy;
-    if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc, add);
-  }
+  return bias ? widen(bias[c]) : T(0);
 }
 
-// The same tiles, each thread owning kColRows outputs down one column (dims.columns = 1). Why:
-// the strips above read 4 + span region values per kernel row for 4·k multiply-adds, as 16-byte
-// loads with which a warp takes 4 shared-memory cycles each; the kernels were bound by those
-// reads (six loads per 28 multiply-adds in the 7×7 one; H100 profile in
-// docs/gpu-checks/2026-11-27-h100-fusions). Down a column, a kernel column's kColRows + span
-// values serve all k of its rows: 34 four-byte reads, one cycle each for a warp (its lanes read
-// 32 neighbouring columns), per 112 multiply-adds in the 7×7 one, 2.8× fewer read cycles per
-// multiply-add. Sums run in another order than the strips' (same values up to rounding).
-constexpr int kColRows = 16;                  // outputs per thread down its column
+// Two layouts of a tile's work among its threads, for the geometries compiled with KS and DIL
+// fixed (dims.columns picks one):
+//  * strips: each thread 4 neighbouring outputs in each of 4 rows. Per kernel row it reads the
+//    4 + span region values of its strip as 16-byte loads (a warp's takes 4 shared-memory
+//    cycles) for 4·k multiply-adds: these reads bound the kernels (six loads per 28
+//    multiply-adds in the 7×7 one; H100 profile in docs/gpu-checks/2026-11-27-h100-fusions);
+//  * columns: each thread kColRows outputs down one column. A kernel column's kColRows + span
+//    values, read once (4 bytes per lane, a warp's lanes 32 neighbouring columns: one cycle),
+//    serve all k of its rows: 34 reads per 112 multiply-adds in the 7×7 one, 2.8× fewer read
+//    cycles per multiply-add. Sums run in another order (same values up to rounding).
+constexpr int kColRows = 16;  // outputs per thread down its column
 static_assert(kThreads == kTW * (kTH / kColRows), "a block's threads cover its tile's columns");
 
-// The thread's column (0…kTW−1) and first row within the tile.
+// The thread's column (0…kTW−1) and first row within the tile, in the column layout.
 __device__ __forceinline__ int column_x() { return (int)((threadIdx.y * kBX + threadIdx.x) % kTW); }
 __device__ __forceinline__ int column_y() {
   return (int)((threadIdx.y * kBX + threadIdx.x) / kTW) * kColRows;
 }
 
 // For each kernel column j, the kColRows + span region values of the thread's column
-// (registers `v`), handed to `use(j, v)`.
+// (registers `v`), handed to `use(j, v)`: the column layout's inner loop.
 template <int KS, int DIL, int kRW, typename T, typename F>
 __device__ __forceinline__ void for_each_kernel_column(const T* region, int oy, int cx, F&& use) {
   constexpr int kLen = kColRows + (KS - 1) * DIL;
@@ -257,41 +230,59 @@ __device__ __forceinline__ void for_each_kernel_column(const T* region, int oy, 
   }
 }
 
-template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
+// Correlation with the kernel size KS and dilation DIL fixed at compile time, in either layout.
+template <typename S, int KS, int DIL, bool COLUMNS, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kThreads)
-    correlate_columns(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
-                      const S* __restrict__ bias, S* __restrict__ out) {
+    correlate_fixed(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ w,
+                    const S* __restrict__ bias, S* __restrict__ out) {
   constexpr int kSpan = (KS - 1) * DIL;
   constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;  // region_row(kSpan)
-  constexpr int kLen = kColRows + kSpan;
   S3_DYNAMIC_SHARED(smem);
   T* region = reinterpret_cast<T*>(smem);
   const Tile g = tile_of(d, kTH);
-  const int64_t c = g.plane % d.C;
   T wr[KS * KS];
-#pragma unroll
-  for (int t = 0; t < KS * KS; ++t) wr[t] = widen(w[c * KS * KS + t]);
-  const T b0 = bias ? widen(bias[c]) : T(0);
+  const T b0 = channel_taps<KS>(w, bias, g.plane % d.C, wr);
   load_region<kRW>(d, g, g.y0, in + in_plane(d, g.plane), region);
   __syncthreads();
-  const int cx = column_x(), oy = column_y();
-  T acc[kColRows];
-#pragma unroll
-  for (int q = 0; q < kColRows; ++q) acc[q] = b0;
-  for_each_kernel_column<KS, DIL, kRW>(region, oy, cx, [&](int j, const T(&v)[kLen]) {
-#pragma unroll
-    for (int i = 0; i < KS; ++i)
-#pragma unroll
-      for (int q = 0; q < kColRows; ++q) acc[q] += wr[i * KS + j] * v[q + i * DIL];
-  });
-  const int x = g.x0 + cx;
-  if (x >= d.Wo) return;  // no barrier follows
-  S* o = out + out_plane(d, g.plane) + x;
+  S* plane_out = out + out_plane(d, g.plane);
   const bool add = d.accumulate != 0;
+  if constexpr (COLUMNS) {
+    constexpr int kLen = kColRows + kSpan;
+    const int cx = column_x(), oy = column_y();
+    T acc[kColRows];
 #pragma unroll
-  for (int q = 0; q < kColRows; ++q) {
-    const int64_t y = g.y0 + oy + q;
-    if (y < d.Ho) o[y * d.Wo] = store_as<S>(add ? widen(o[y * d.Wo]) + acc[q] : acc[q]);
+    for (int q = 0; q < kColRows; ++q) acc[q] = b0;
+    for_each_kernel_column<KS, DIL, kRW>(region, oy, cx, [&](int j, const T(&v)[kLen]) {
+#pragma unroll
+      for (int i = 0; i < KS; ++i)
+#pragma unroll
+        for (int q = 0; q < kColRows; ++q) acc[q] += wr[i * KS + j] * v[q + i * DIL];
+    });
+    const int x = g.x0 + cx;
+    if (x >= d.Wo) return;  // no barrier follows
+#pragma unroll
+    for (int q = 0; q < kColRows; ++q) {
+      S* o = plane_out + (int64_t)(g.y0 + oy + q) * d.Wo + x;
+      if (g.y0 + oy + q < d.Ho) *o = store_as<S>(add ? widen(*o) + acc[q] : acc[q]);
+    }
+  } else {
+    constexpr int kLen = (kStrip + kSpan + 3) / 4 * 4;  // region values a strip row reads
+    const int cx = threadIdx.x * kStrip;
+#pragma unroll
+    for (int rr = 0; rr < kRowsPer; ++rr) {
+      const int oy = threadIdx.y + rr * kBY;
+      T acc[kStrip];
+#pragma unroll
+      for (int q = 0; q < kStrip; ++q) acc[q] = b0;
+      for_each_kernel_row<KS, DIL, kLen>(region, g.rw, oy, cx, [&](int i, const T(&v)[kLen]) {
+#pragma unroll
+        for (int j = 0; j < KS; ++j)
+#pragma unroll
+          for (int q = 0; q < kStrip; ++q) acc[q] += wr[i * KS + j] * v[j * DIL + q];
+      });
+      const int y = g.y0 + oy;
+      if (y < d.Ho) store_strip(plane_out + (int64_t)y * d.Wo, g.x0 + cx, (int)d.Wo, acc, add);
+    }
   }
 }
 
@@ -371,13 +362,13 @@ __device__ __forceinline__ void block_partials(const T (&acc)[KK], T* red,
 }
 
 // partial[(plane · blocks + block) · (k² + 1) + tap] = Σ over the block's outputs of go · in at
-// the tap, and at tap k² Σ go, in the sums' type T; KS and DIL fixed at compile time.
-template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
+// the tap, and at tap k² Σ go, in the sums' type T; KS and DIL fixed at compile time, in either
+// layout (see correlate_fixed).
+template <typename S, int KS, int DIL, bool COLUMNS, typename T = typename Acc<S>::type>
 __global__ void __launch_bounds__(kThreads, 2)
     weight_grad_fixed(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
                       T* __restrict__ partial) {
   constexpr int kSpan = (KS - 1) * DIL, kK = KS * KS;
-  constexpr int kLen = (kStrip + kSpan + 3) / 4 * 4;
   constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;
   S3_DYNAMIC_SHARED(smem);
   T* region = reinterpret_cast<T*>(smem);
@@ -385,7 +376,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* red = region + (kTH + kSpan) * g.rw;
   const S* src = in + in_plane(d, g.plane);
   const S* gp = go + out_plane(d, g.plane);
-  const int cx = threadIdx.x * kStrip;
   T acc[kK + 1];
 #pragma unroll
   for (int t = 0; t <= kK; ++t) acc[t] = T(0);
@@ -395,62 +385,40 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (tile > 0) __syncthreads();  // everyone is done with the previous region
     load_region<kRW>(d, g, y0, src, region);
     __syncthreads();
+    if constexpr (COLUMNS) {
+      constexpr int kLen = kColRows + kSpan;
+      const int cx = column_x(), oy = column_y(), x = g.x0 + cx;
+      T gv[kColRows];
 #pragma unroll
-    for (int rr = 0; rr < kRowsPer; ++rr) {
-      const int oy = threadIdx.y + rr * kBY;
-      T gv[kStrip];
-      grad_strip(gp, d, y0 + oy, g.x0 + cx, gv);
+      for (int q = 0; q < kColRows; ++q) {
+        const int64_t y = y0 + oy + q;
+        gv[q] = (y < d.Ho && x < d.Wo) ? widen(gp[y * d.Wo + x]) : T(0);
+        acc[kK] += gv[q];
+      }
+      for_each_kernel_column<KS, DIL, kRW>(region, oy, cx, [&](int j, const T(&v)[kLen]) {
 #pragma unroll
-      for (int q = 0; q < kStrip; ++q) acc[kK] += gv[q];
-      for_each_kernel_row<KS, DIL, kLen>(region, g.rw, oy, cx, [&](int i, const T(&v)[kLen]) {
+        for (int i = 0; i < KS; ++i)
 #pragma unroll
-        for (int j = 0; j < KS; ++j)
-#pragma unroll
-          for (int q = 0; q < kStrip; ++q) acc[i * KS + j] += gv[q] * v[j * DIL + q];
+          for (int q = 0; q < kColRows; ++q) acc[i * KS + j] += gv[q] * v[q + i * DIL];
       });
+    } else {
+      constexpr int kLen = (kStrip + kSpan + 3) / 4 * 4;
+      const int cx = threadIdx.x * kStrip;
+#pragma unroll
+      for (int rr = 0; rr < kRowsPer; ++rr) {
+        const int oy = threadIdx.y + rr * kBY;
+        T gv[kStrip];
+        grad_strip(gp, d, y0 + oy, g.x0 + cx, gv);
+#pragma unroll
+        for (int q = 0; q < kStrip; ++q) acc[kK] += gv[q];
+        for_each_kernel_row<KS, DIL, kLen>(region, g.rw, oy, cx, [&](int i, const T(&v)[kLen]) {
+#pragma unroll
+          for (int j = 0; j < KS; ++j)
+#pragma unroll
+            for (int q = 0; q < kStrip; ++q) acc[i * KS + j] += gv[q] * v[j * DIL + q];
+        });
+      }
     }
-  }
-  block_partials(acc, red, partial);
-}
-
-// The weight gradient with the threads down columns (dims.columns = 1; see correlate_columns):
-// the same partials, summed in another order.
-template <typename S, int KS, int DIL, typename T = typename Acc<S>::type>
-__global__ void __launch_bounds__(kThreads, 2)
-    weight_grad_columns(S3DepthwiseDims d, const S* __restrict__ in, const S* __restrict__ go,
-                        T* __restrict__ partial) {
-  constexpr int kSpan = (KS - 1) * DIL, kK = KS * KS;
-  constexpr int kRW = (kTW + kSpan + 3) / 4 * 4;
-  constexpr int kLen = kColRows + kSpan;
-  S3_DYNAMIC_SHARED(smem);
-  T* region = reinterpret_cast<T*>(smem);
-  const Tile g = tile_of(d, kTH * kWgTiles);
-  T* red = region + (kTH + kSpan) * g.rw;
-  const S* src = in + in_plane(d, g.plane);
-  const S* gp = go + out_plane(d, g.plane);
-  const int cx = column_x(), oy = column_y(), x = g.x0 + cx;
-  T acc[kK + 1];
-#pragma unroll
-  for (int t = 0; t <= kK; ++t) acc[t] = T(0);
-  for (int tile = 0; tile < kWgTiles; ++tile) {
-    const int y0 = g.y0 + tile * kTH;
-    if (y0 >= d.Ho) break;  // the same for the whole block
-    if (tile > 0) __syncthreads();  // everyone is done with the previous region
-    load_region<kRW>(d, g, y0, src, region);
-    __syncthreads();
-    T gv[kColRows];
-#pragma unroll
-    for (int q = 0; q < kColRows; ++q) {
-      const int64_t y = y0 + oy + q;
-      gv[q] = (y < d.Ho && x < d.Wo) ? widen(gp[y * d.Wo + x]) : T(0);
-      acc[kK] += gv[q];
-    }
-    for_each_kernel_column<KS, DIL, kRW>(region, oy, cx, [&](int j, const T(&v)[kLen]) {
-#pragma unroll
-      for (int i = 0; i < KS; ++i)
-#pragma unroll
-        for (int q = 0; q < kColRows; ++q) acc[i * KS + j] += gv[q] * v[q + i * DIL];
-    });
   }
   block_partials(acc, red, partial);
 }
@@ -543,9 +511,9 @@ int launch_correlate(const S3DepthwiseDims& d, const T* in, const T* w, const T*
 #define S3_CASE(K, D)                                                                      \
   if (d.k == K && d.d == D) {                                                              \
     if (d.columns) {                                                                       \
-      S3_LAUNCH(grid, block, shm, st, correlate_columns<T, K, D>)(d, in, w, bias, out);    \
+      S3_LAUNCH(grid, block, shm, st, correlate_fixed<T, K, D, true>)(d, in, w, bias, out); \
     } else {                                                                               \
-      S3_LAUNCH(grid, block, shm, st, correlate_fixed<T, K, D>)(d, in, w, bias, out);      \
+      S3_LAUNCH(grid, block, shm, st, correlate_fixed<T, K, D, false>)(d, in, w, bias, out); \
     }                                                                                      \
     return (int)cudaGetLastError();                                                        \
   }
@@ -565,9 +533,9 @@ int launch_weight_grad(const S3DepthwiseDims& d, const T* in, const T* go,
 #define S3_CASE(K, D)                                                                  \
   if (d.k == K && d.d == D) {                                                          \
     if (d.columns) {                                                                   \
-      S3_LAUNCH(grid, block, shm, st, weight_grad_columns<T, K, D>)(d, in, go, partial); \
+      S3_LAUNCH(grid, block, shm, st, weight_grad_fixed<T, K, D, true>)(d, in, go, partial); \
     } else {                                                                           \
-      S3_LAUNCH(grid, block, shm, st, weight_grad_fixed<T, K, D>)(d, in, go, partial);   \
+      S3_LAUNCH(grid, block, shm, st, weight_grad_fixed<T, K, D, false>)(d, in, go, partial); \
     }                                                                                  \
     return (int)cudaGetLastError();                                                    \
   }

@@ -107,13 +107,11 @@ fn cuda_bfloat16_when_present() {
 #[test]
 fn emulated_cuda_kernels_match_libtorch() {
     tch::manual_seed(25);
-    let before = s3net_ops::emulated_launches();
-    s3net_ops::emulated_cuda(|| {
+    checks::on_emulated_kernels(|| {
         shapes(Device::Cpu, Kind::Double, 1e-10);
         shapes(Device::Cpu, Kind::Float, 1e-4);
         shapes(Device::Cpu, Kind::BFloat16, 1.0 / 128.0);
     });
-    assert!(s3net_ops::emulated_launches() > before, "the emulated kernels did not run");
 }
 
 /// A span too wide for the kernels' shared memory: that branch, and so the op, takes
@@ -161,16 +159,5 @@ fn bad_arguments_are_errors_not_panics() {
 /// process with it on.
 #[test]
 fn column_layout_cuda_and_emulated() {
-    if std::env::var_os("S3NET_DW_COLUMNS").is_some() {
-        assert!(s3net_ops::depthwise_columns(), "S3NET_DW_COLUMNS=1 did not switch the layout");
-        return; // this is the child
-    }
-    let exe = std::env::current_exe().unwrap();
-    let o = std::process::Command::new(exe)
-        .args(["emulated_cuda", "cuda_", "column_layout", "--test-threads", "1"])
-        .env("S3NET_DW_COLUMNS", "1")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && out.contains("emulated_cuda_kernels_match_libtorch ... ok"), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    checks::rerun_with_depthwise_columns();
 }

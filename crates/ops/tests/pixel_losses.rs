@@ -106,14 +106,7 @@ fn baseline_loops_match_libtorch_too() {
     if std::env::var_os("S3OPS_NO_AVX2").is_some() {
         return; // this is the child
     }
-    let exe = std::env::current_exe().unwrap();
-    let o = std::process::Command::new(exe)
-        .args(["matches_libtorch_on_cpu", "--exact", "--test-threads", "1"])
-        .env("S3OPS_NO_AVX2", "1")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && out.contains("1 passed"), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    checks::rerun_with_env("S3OPS_NO_AVX2", &["matches_libtorch_on_cpu", "--exact"], "1 passed");
 }
 
 /// Ties go to the first maximum, as argmax; a pixel whose channels are all equal costs log K.
@@ -197,7 +190,7 @@ fn emulated_cuda_kernels_match_libtorch() {
     tch::manual_seed(45);
     s3net_ops::set_cuda_pixel_losses(true); // as on a GPU, the kernel runs only when asked
     let before = s3net_ops::emulated_launches();
-    s3net_ops::emulated_cuda(|| {
+    checks::on_emulated_kernels(|| {
         cases(Device::Cpu, Kind::Double, 1e-10);
         cases(Device::Cpu, Kind::Float, 1e-5);
         cases(Device::Cpu, Kind::BFloat16, 1.0 / 128.0);

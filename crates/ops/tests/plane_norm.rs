@@ -79,13 +79,11 @@ fn cuda_bfloat16_when_present() {
 #[test]
 fn emulated_cuda_kernels_match_batch_norm() {
     tch::manual_seed(34);
-    let before = s3net_ops::emulated_launches();
-    s3net_ops::emulated_cuda(|| {
+    checks::on_emulated_kernels(|| {
         shapes(Device::Cpu, Kind::Double, 1e-10);
         shapes(Device::Cpu, Kind::Float, 1e-4);
         shapes(Device::Cpu, Kind::BFloat16, 1.0 / 64.0);
     });
-    assert!(s3net_ops::emulated_launches() > before, "the emulated kernels did not run");
 }
 
 #[test]
