@@ -37,15 +37,21 @@ pub fn on_emulated_kernels<R>(body: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Runs this test binary again in a child process with the environment variable `var` set to
-/// "1" (a setting the ops read once per process), on the tests whose names contain one of
+/// Runs this test binary again in a child process with each environment variable of `vars` set
+/// to "1" (settings the ops read once per process), on the tests whose names contain one of
 /// `filters`, one thread; asserts that it passed and that its output contains `expect`. The
-/// child itself sees `var` set: a test calling this should do its own check there and return.
-pub fn rerun_with_env(var: &str, filters: &[&str], expect: &str) {
+/// child itself sees the variables set: a test calling this should do its own check there and
+/// return.
+pub fn rerun_with_env(vars: &[&str], filters: &[&str], expect: &str) {
     let exe = std::env::current_exe().unwrap();
-    let o = std::process::Command::new(exe).args(filters).args(["--test-threads", "1"]).env(var, "1").output().unwrap();
+    let mut child = std::process::Command::new(exe);
+    child.args(filters).args(["--test-threads", "1"]);
+    for v in vars {
+        child.env(v, "1");
+    }
+    let o = child.output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && out.contains(expect), "{var}=1: {out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && out.contains(expect), "{vars:?}=1: {out}{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// A test file's emulated and CUDA tests again with the depthwise kernels' column layout
@@ -57,7 +63,7 @@ pub fn rerun_with_depthwise_columns() {
         assert!(s3net_ops::depthwise_columns(), "S3NET_DW_COLUMNS=1 did not switch the layout");
         return; // this is the child
     }
-    rerun_with_env("S3NET_DW_COLUMNS", &["emulated_cuda", "cuda_", "column_layout"], "emulated_cuda_kernels_match_libtorch ... ok");
+    rerun_with_env(&["S3NET_DW_COLUMNS"], &["emulated_cuda", "cuda_", "column_layout"], "emulated_cuda_kernels_match_libtorch ... ok");
 }
 
 /// Stride, padding, dilation.

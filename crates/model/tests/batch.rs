@@ -231,6 +231,18 @@ fn emulated_gpu_paths_each_job_as_if_alone() {
     }
 }
 
+/// The same with the kernels that wait for a GPU check switched on (the loss op's CUDA kernel,
+/// `S3NET_CUDA_PIXEL_LOSSES=1`, and the depthwise kernels' column layout, `S3NET_DW_COLUMNS=1`,
+/// both read once per process), in a child process: whole fits through them, on the emulation.
+#[test]
+fn emulated_gpu_paths_with_the_kernels_in_waiting() {
+    if std::env::var_os("S3NET_DW_COLUMNS").is_some() {
+        assert!(s3net_ops::depthwise_columns() && s3net_ops::cuda_pixel_losses(), "the variables did not switch the kernels on");
+        return; // this is the child
+    }
+    checks::rerun_with_env(&["S3NET_CUDA_PIXEL_LOSSES", "S3NET_DW_COLUMNS"], &["emulated_gpu_paths"], "emulated_gpu_paths_each_job_as_if_alone ... ok");
+}
+
 /// On a GPU a small steady stack runs its steps as CUDA graph replays (from step 3): the same
 /// losses and labels as eager steps, for a lone job and for a stack that loses a member
 /// (the graph is dropped and a new one captured).

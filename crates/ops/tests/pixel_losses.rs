@@ -106,7 +106,7 @@ fn baseline_loops_match_libtorch_too() {
     if std::env::var_os("S3OPS_NO_AVX2").is_some() {
         return; // this is the child
     }
-    checks::rerun_with_env("S3OPS_NO_AVX2", &["matches_libtorch_on_cpu", "--exact"], "1 passed");
+    checks::rerun_with_env(&["S3OPS_NO_AVX2"], &["matches_libtorch_on_cpu", "--exact"], "1 passed");
 }
 
 /// Ties go to the first maximum, as argmax; a pixel whose channels are all equal costs log K.
