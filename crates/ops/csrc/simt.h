@@ -98,7 +98,7 @@ namespace simt {
 extern "C" void s3_simt_switch(void** save_sp, void* load_sp);
 // Weak: every translation unit built on this header carries a copy; the linker keeps one.
 __asm__(
-    ".text\n"
+    ".pushsection .text\n"
     ".weak s3_simt_switch\n"
     ".type s3_simt_switch, @function\n"
     "s3_simt_switch:\n"
@@ -123,7 +123,8 @@ __asm__(
     "  popq %rbx\n"
     "  popq %rbp\n"
     "  ret\n"
-    ".size s3_simt_switch, .-s3_simt_switch\n");
+    ".size s3_simt_switch, .-s3_simt_switch\n"
+    ".popsection\n");
 
 struct Context {
   void* sp = nullptr;
@@ -193,6 +194,11 @@ struct State {
   int last = 0;       // what cudaGetLastError hands out next
   std::string last_message;  // what went wrong in the launch that failed last
   uint64_t launches = 0;      // kernels this thread has run, for tests to see they did
+
+  ~State() {
+    for (Fiber& f : fibers)
+      if (f.stack) munmap(f.stack, kStack);
+  }
 };
 
 inline State& state() {
