@@ -213,14 +213,14 @@ inline void fail(const std::string& why) {
 
 inline unsigned char* dynamic_shared() { return state().shared.data(); }
 
-// Back to the scheduler until the barrier `b` has passed generation `gen`.
-inline void wait(Barrier& b, int which, uint64_t gen) {
+// Back to the scheduler until the barrier `which` (1 the block's, 2 the warp's) has passed
+// generation `gen`.
+inline void wait(int which, uint64_t gen) {
   State& s = state();
   Fiber* f = s.cur;
   f->waits = which;
   f->gen = gen;
   switch_context(f->ctx, s.sched);
-  (void)b;
 }
 
 inline void arrive(Barrier& b, int which) {
@@ -230,7 +230,7 @@ inline void arrive(Barrier& b, int which) {
     ++b.gen;
     return;
   }
-  wait(b, which, gen);
+  wait(which, gen);
 }
 
 inline void sync_block(int line) {
@@ -303,8 +303,10 @@ inline void run(dim3 grid, dim3 block, size_t shm, void (*body)(void*), void* ar
   }
   const unsigned n = (unsigned)threads;
   ++s.launches;
-  s.fibers.resize(n);
-  for (Fiber& f : s.fibers) {
+  // Grown, never shrunk: a fiber keeps its stack for the thread's later launches.
+  if (s.fibers.size() < n) s.fibers.resize(n);
+  for (unsigned i = 0; i < n; ++i) {
+    Fiber& f = s.fibers[i];
     if (!f.stack) {
       void* p = mmap(nullptr, kStack, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
