@@ -391,22 +391,36 @@ void* kernel_stream(const at::Tensor& t) {
   return nullptr;
 }
 
-// Whether the depthwise CUDA kernels of the I-LKA block's geometries run down columns
-// (S3DepthwiseDims::columns): off until a GPU check has timed it against the strips;
-// S3NET_DW_COLUMNS=1 (read once) or s3ops_set_dw_columns turns it on. -1: not read yet.
-std::atomic<int> g_dw_columns{-1};
-
-bool dw_columns() {
-  int v = g_dw_columns.load(std::memory_order_relaxed);
-  if (v < 0) {
-    const char* e = std::getenv("S3NET_DW_COLUMNS");
-    int unset = -1;
-    // Another thread may have decided meanwhile: keep theirs.
-    g_dw_columns.compare_exchange_strong(unset, e && std::strcmp(e, "1") == 0 ? 1 : 0);
-    v = g_dw_columns.load(std::memory_order_relaxed);
+// A process-wide on/off setting for a kernel that waits for a GPU check before it becomes the
+// default: off unless its environment variable is "1" (read at first use), or set.
+class Switch {
+ public:
+  explicit constexpr Switch(const char* var) : var_(var) {}
+  bool on() {
+    int v = state_.load(std::memory_order_relaxed);
+    if (v < 0) {
+      const char* e = std::getenv(var_);
+      int unset = -1;
+      // Another thread may have decided meanwhile: keep theirs.
+      state_.compare_exchange_strong(unset, e && std::strcmp(e, "1") == 0 ? 1 : 0);
+      v = state_.load(std::memory_order_relaxed);
+    }
+    return v == 1;
   }
-  return v == 1;
-}
+  void set(bool on) { state_.store(on ? 1 : 0); }
+
+ private:
+  const char* var_;
+  std::atomic<int> state_{-1};  // -1: not read yet
+};
+
+// The settings s3ops_switch reads and sets, by index: pixel_losses' CUDA kernel (read by the
+// Rust side before it calls the op), and the depthwise CUDA kernels' column layout for the
+// I-LKA block's geometries (S3DepthwiseDims::columns; see depthwise_cuda.cu).
+Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES"), Switch("S3NET_DW_COLUMNS")};
+constexpr int kSwitchDwColumns = 1;
+
+bool dw_columns() { return g_switches[kSwitchDwColumns].on(); }
 
 // Contiguous planes in and out, the output overwritten.
 S3DepthwiseDims dw_dims(const at::Tensor& in, int64_t k, int64_t p, int64_t d, int64_t Ho,
@@ -1835,11 +1849,10 @@ struct PixelLossesFn : public torch::autograd::Function<PixelLossesFn> {
     const auto sums = rows.view({M, H, kRowSums}).sum(1);  // (M, 4), rows added in order
     const auto count = sums.select(1, 1).clamp_min(1.0);
     auto ce = (sums.select(1, 0) / count).to(acc.dtype());
-    auto co = at::zeros({M}, acc);
-    if (cont) {
-      co = (sums.select(1, 2) / double(K * (H - 1) * W) + sums.select(1, 3) / double(K * H * (W - 1)))
-               .to(acc.dtype());
-    }
+    auto co = cont ? (sums.select(1, 2) / double(K * (H - 1) * W) +
+                      sums.select(1, 3) / double(K * H * (W - 1)))
+                         .to(acc.dtype())
+                   : at::zeros({M}, acc);
     ctx->save_for_backward({x, target, lse, count});
     ctx->saved_data["cont"] = cont;
     ctx->mark_non_differentiable({target});
@@ -1852,9 +1865,9 @@ struct PixelLossesFn : public torch::autograd::Function<PixelLossesFn> {
     const bool cont = ctx->saved_data["cont"].toBool();
     const int64_t M = x.size(0), K = x.size(1), H = x.size(2), W = x.size(3);
     const auto acc = lse.options();
-    const auto zeros = at::zeros({M}, count.options());
-    const auto gce = grads[0].defined() ? grads[0].to(at::kDouble) : zeros;
-    const auto gco = grads[1].defined() && cont ? grads[1].to(at::kDouble) : zeros;
+    const auto zeros = [&] { return at::zeros({M}, count.options()); };
+    const auto gce = grads[0].defined() ? grads[0].to(at::kDouble) : zeros();
+    const auto gco = grads[1].defined() && cont ? grads[1].to(at::kDouble) : zeros();
     // Per image: ce's scale, and continuity's per vertical and per horizontal difference.
     const auto coef = at::stack({gce / count, gco / double(std::max<int64_t>(1, K * (H - 1) * W)),
                                  gco / double(std::max<int64_t>(1, K * H * (W - 1)))}, 1)
@@ -2161,11 +2174,13 @@ int s3ops_set_simt(int on) {
   return was ? 1 : 0;
 }
 
-// Whether the depthwise CUDA kernels run down columns from now on (see dw_columns), process-wide.
-void s3ops_set_dw_columns(int on) { g_dw_columns.store(on != 0 ? 1 : 0); }
-
-// 1 when the depthwise CUDA kernels run down columns, else 0.
-int s3ops_dw_columns() { return dw_columns() ? 1 : 0; }
+// Setting `which` of g_switches: set to `set` (0 or 1) unless it is negative; returns whether
+// it is on (1) or off (0), or -1 for an unknown index.
+int s3ops_switch(int which, int set) {
+  if (which < 0 || which >= int(sizeof(g_switches) / sizeof(g_switches[0]))) return -1;
+  if (set >= 0) g_switches[which].set(set != 0);
+  return g_switches[which].on() ? 1 : 0;
+}
 
 // 1 when the calling thread emulates the CUDA paths (s3ops_set_simt), else 0.
 int s3ops_simt_on() { return t_simt ? 1 : 0; }

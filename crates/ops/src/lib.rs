@@ -26,7 +26,6 @@
 //! back as an [`OpError`]; nothing here panics or aborts on bad arguments.
 
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use tch::{Device, Kind, Tensor};
@@ -102,8 +101,7 @@ extern "C" {
     fn s3ops_set_simt(on: i32) -> i32;
     fn s3ops_simt_launches() -> u64;
     fn s3ops_simt_on() -> i32;
-    fn s3ops_set_dw_columns(on: i32);
-    fn s3ops_dw_columns() -> i32;
+    fn s3ops_switch(which: i32, set: i32) -> i32;
     fn s3ops_cuda_set_stream(device: i64, pool: i32, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_set_memory_fraction(device: i64, fraction: f64, err: *mut *mut c_char) -> i32;
     fn s3ops_cuda_reserved_bytes(device: i64, out: *mut i64, err: *mut *mut c_char) -> i32;
@@ -798,15 +796,7 @@ pub fn pixel_losses(logits: &Tensor, target: Option<&Tensor>, continuity: bool) 
 /// of [`emulated_cuda`], but has not run on a GPU yet: README, "Not done yet"). The environment variable `S3NET_CUDA_PIXEL_LOSSES=1` asks for it
 /// (read once), or [`set_cuda_pixel_losses`]. CPU tensors always take the op.
 pub fn cuda_pixel_losses() -> bool {
-    match CUDA_PIXEL_LOSSES.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("S3NET_CUDA_PIXEL_LOSSES").is_ok_and(|v| v == "1");
-            // Another thread may have set it meanwhile: keep theirs.
-            let _ = CUDA_PIXEL_LOSSES.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed);
-            CUDA_PIXEL_LOSSES.load(Ordering::Relaxed) == 1
-        }
-        v => v == 1,
-    }
+    switch(Switch::PixelLosses, None)
 }
 
 /// Whether the depthwise CUDA kernels of the I-LKA block's geometries (3×3, 5×5, 5×5 dilated 2,
@@ -817,24 +807,33 @@ pub fn cuda_pixel_losses() -> bool {
 /// environment variable `S3NET_DW_COLUMNS=1` (read once) or [`set_depthwise_columns`] turns it
 /// on. The same values up to rounding (sums in another order).
 pub fn depthwise_columns() -> bool {
-    // SAFETY: reads a process-wide setting.
-    unsafe { s3ops_dw_columns() != 0 }
+    switch(Switch::DwColumns, None)
 }
 
 /// Turns the column layout of the depthwise CUDA kernels on or off for this process (see
 /// [`depthwise_columns`]; overrides the environment).
 pub fn set_depthwise_columns(on: bool) {
-    // SAFETY: sets a process-wide atomic.
-    unsafe { s3ops_set_dw_columns(on as i32) }
+    switch(Switch::DwColumns, Some(on));
+}
+
+/// The process-wide settings of kernels that wait for a GPU check (ops.cpp's `g_switches`,
+/// in its order): each off unless its environment variable is "1" (read at first use) or set.
+#[derive(Clone, Copy)]
+enum Switch {
+    PixelLosses = 0,
+    DwColumns = 1,
+}
+
+/// Reads a [`Switch`], setting it first when `set` says so.
+fn switch(which: Switch, set: Option<bool>) -> bool {
+    // SAFETY: reads (and sets) a process-wide atomic; the index is one of ops.cpp's.
+    unsafe { s3ops_switch(which as i32, set.map_or(-1, i32::from)) == 1 }
 }
 
 /// Turns [`pixel_losses`]'s CUDA kernel on or off for this process (overrides the environment).
 pub fn set_cuda_pixel_losses(on: bool) {
-    CUDA_PIXEL_LOSSES.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    switch(Switch::PixelLosses, Some(on));
 }
-
-/// 0: not decided yet (read the environment), 1: on, 2: off.
-static CUDA_PIXEL_LOSSES: AtomicU8 = AtomicU8::new(0);
 
 /// One momentum-SGD step, PyTorch's rule without dampening or weight decay:
 /// `v = momentum·v + grad; p −= lr·v`, then every gradient is dropped (left undefined), so
