@@ -36,12 +36,16 @@ cp scripts/gpu-check.sh scripts/trace-summary.py "$out/"
 # This build with pixel_losses' CUDA kernel switched on (off by default until it has passed a GPU
 # check), as a binary of its own for the steps that compare binaries:
 # AB_BASE=./s3net-pixel-losses STEPS="tests ab evalab".
-printf '#!/bin/sh\nS3NET_CUDA_PIXEL_LOSSES=1 exec "$(dirname "$0")/s3net" "$@"\n' > "$out/s3net-pixel-losses"
 # Likewise with the depthwise kernels' column layout (S3NET_DW_COLUMNS=1, off by default until a
 # check has timed it), and with both.
-printf '#!/bin/sh\nS3NET_DW_COLUMNS=1 exec "$(dirname "$0")/s3net" "$@"\n' > "$out/s3net-dw-columns"
-printf '#!/bin/sh\nS3NET_CUDA_PIXEL_LOSSES=1 S3NET_DW_COLUMNS=1 exec "$(dirname "$0")/s3net" "$@"\n' > "$out/s3net-both"
-chmod +x "$out/s3net-pixel-losses" "$out/s3net-dw-columns" "$out/s3net-both"
+wrapper() {  # name, then the environment it sets
+  local name=$1; shift
+  printf '#!/bin/sh\n%s exec "$(dirname "$0")/s3net" "$@"\n' "$*" > "$out/$name"
+  chmod +x "$out/$name"
+}
+wrapper s3net-pixel-losses S3NET_CUDA_PIXEL_LOSSES=1
+wrapper s3net-dw-columns S3NET_DW_COLUMNS=1
+wrapper s3net-both S3NET_CUDA_PIXEL_LOSSES=1 S3NET_DW_COLUMNS=1
 for d in ph2-dev lung-dev; do
   if [ -d "$out/$d" ]; then continue; fi
   if [ -d "$SHARED/$d" ]; then
