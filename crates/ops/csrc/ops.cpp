@@ -1420,16 +1420,24 @@ at::Tensor cuda_cols(const DeformShape& s, const at::Tensor& x, const at::Tensor
   return cols;
 }
 
-at::Tensor deform_forward_cuda(const DeformShape& s, const at::Tensor& x, const at::Tensor& off,
-                               const at::Tensor& mask, const at::Tensor& W2,
-                               const at::Tensor& bias) {
+// Forward on CUDA. With `keep` (the weight's gradient will be wanted), every image's columns
+// are built at once and returned for the backward, which needs them for the weight gradient:
+// rebuilding them there was a second im2col per step (2.8 % of a 16-network bfloat16 step on
+// an H100, docs/gpu-checks/2026-11-27-h100-fusions). They cost K·C·Ho·Wo values per image
+// until the backward, about a tenth of what a fit holds at F = 32. Without `keep`, chunks of
+// at most ~256 MiB of columns at a time, dropped after their GEMM.
+std::pair<at::Tensor, at::Tensor> deform_forward_cuda(const DeformShape& s, const at::Tensor& x,
+                                                      const at::Tensor& off, const at::Tensor& mask,
+                                                      const at::Tensor& W2, const at::Tensor& bias,
+                                                      bool keep) {
   KernelGuard guard(x);
   void* const st = kernel_stream(x);
   const int64_t HWo = s.Ho * s.Wo;
   auto out = at::empty({s.N, s.O, HWo}, x.options());
   // The GEMMs run in the features' type (bfloat16 ones on tensor cores, adding in float32).
   const auto Wg = W2.to(x.scalar_type());
-  const int64_t chunk = cuda_chunk(s, x.element_size());
+  const int64_t chunk = keep ? s.N : cuda_chunk(s, x.element_size());
+  at::Tensor kept;
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
     const int64_t nb = std::min(chunk, s.N - n0);
     auto cols = cuda_cols(s, x, off, mask, n0, nb, st);
@@ -1439,14 +1447,17 @@ at::Tensor deform_forward_cuda(const DeformShape& s, const at::Tensor& x, const 
     } else {
       at::matmul_out(o, Wg, cols);  // (O, KC) x (nb, KC, HWo) -> (nb, O, HWo)
     }
+    if (keep) kept = cols;
   }
   if (bias.defined()) add_bias(out, bias.to(x.scalar_type()), HWo);
-  return out.view({s.N, s.O, s.Ho, s.Wo});
+  return {out.view({s.N, s.O, s.Ho, s.Wo}), kept};
 }
 
+// `cols_kept`: the forward's columns of every image, kept when the weight needed a gradient.
 std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Tensor& x,
                                              const at::Tensor& off, const at::Tensor& mask,
-                                             const at::Tensor& W2, const at::Tensor& go,
+                                             const at::Tensor& W2, const at::Tensor& cols_kept,
+                                             const at::Tensor& go,
                                              bool need_in, bool need_off, bool need_mask,
                                              bool need_w, bool need_b) {
   KernelGuard guard(x);
@@ -1474,7 +1485,8 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
     const int64_t nb = std::min(chunk, s.N - n0);
     auto g = go3.narrow(0, n0, nb);
     if (need_w) {
-      auto cols = cuda_cols(s, x, off, mask, n0, nb, st);
+      TORCH_CHECK(cols_kept.defined(), "deform_conv2d: the forward kept no columns");
+      auto cols = cols_kept.narrow(0, n0, nb);
       // (nb, O, KC): a reduction over all Ho·Wo pixels with a tiny result, which cuBLAS ran
       // as one 32×32 tile per image (14 % of a 16-network step on an H100); split like the
       // 1×1 convs' weight gradient.
@@ -1520,13 +1532,13 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
                   ? weight.detach().permute({0, 1, 3, 4, 2}).reshape({s.N, s.O, s.K * s.C}).contiguous()
                   : weight.detach().permute({0, 2, 3, 1}).reshape({s.O, s.K * s.C}).contiguous();
     auto b = bias ? bias->detach().contiguous() : at::Tensor();
-    at::Tensor out;
+    at::Tensor out, cols;
     if (cuda) {
       at::NoGradGuard no_grad;
-      out = deform_forward_cuda(s, x_k, off, m, W2, b);
+      std::tie(out, cols) = deform_forward_cuda(s, x_k, off, m, W2, b, weight.requires_grad());
     }
     if (!cuda) out = deform_forward(s, x_k, off, m, W2, b);
-    ctx->save_for_backward({x_k, off, m, W2});
+    ctx->save_for_backward({x_k, off, m, W2, cols});
     ctx->saved_data["shape"] = std::vector<int64_t>{s.N, s.C, s.H, s.W, s.O, s.kh, s.kw};
     ctx->saved_data["geometry"] = std::vector<int64_t>(g, g + 6);
     ctx->saved_data["kernels"] = cuda;  // the backward reads x_k in the layout chosen here
@@ -1557,8 +1569,8 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
     std::vector<at::Tensor> r;
     if (ctx->saved_data["kernels"].toBool()) {
       at::NoGradGuard no_grad;
-      r = deform_backward_cuda(s, sv[0], sv[1], sv[2], sv[3], go, need_in, need_off, need_mask,
-                               need_w, need_b);
+      r = deform_backward_cuda(s, sv[0], sv[1], sv[2], sv[3], sv[4], go, need_in, need_off,
+                               need_mask, need_w, need_b);
     }
     if (r.empty()) {
       r = deform_backward(s, sv[0], sv[1], sv[2], sv[3], go, need_in, need_off, need_mask,
