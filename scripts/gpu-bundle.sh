@@ -37,7 +37,8 @@ cp scripts/gpu-check.sh scripts/trace-summary.py "$out/"
 # check), as a binary of its own for the steps that compare binaries:
 # AB_BASE=./s3net-pixel-losses STEPS="tests ab evalab".
 # Likewise with the depthwise kernels' column layout (S3NET_DW_COLUMNS=1, off by default until a
-# check has timed it), and with both.
+# check has timed it), with both, with the split reductions' own kernel (S3NET_SPLIT_K_KERNEL=1,
+# likewise) and with all three.
 wrapper() {  # name, then the environment it sets
   local name=$1; shift
   printf '#!/bin/sh\n%s exec "$(dirname "$0")/s3net" "$@"\n' "$*" > "$out/$name"
@@ -46,6 +47,8 @@ wrapper() {  # name, then the environment it sets
 wrapper s3net-pixel-losses S3NET_CUDA_PIXEL_LOSSES=1
 wrapper s3net-dw-columns S3NET_DW_COLUMNS=1
 wrapper s3net-both S3NET_CUDA_PIXEL_LOSSES=1 S3NET_DW_COLUMNS=1
+wrapper s3net-split-kernel S3NET_SPLIT_K_KERNEL=1
+wrapper s3net-all S3NET_CUDA_PIXEL_LOSSES=1 S3NET_DW_COLUMNS=1 S3NET_SPLIT_K_KERNEL=1
 for d in ph2-dev lung-dev; do
   if [ -d "$out/$d" ]; then continue; fi
   if [ -d "$SHARED/$d" ]; then

@@ -85,7 +85,14 @@ fn compile_cuda(cuda: &Cuda, out: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-const CUDA_SOURCES: [&str; 5] = ["csrc/bias_cuda.cu", "csrc/deform_cuda.cu", "csrc/depthwise_cuda.cu", "csrc/losses_cuda.cu", "csrc/norm_cuda.cu"];
+const CUDA_SOURCES: [&str; 6] = [
+    "csrc/bias_cuda.cu",
+    "csrc/deform_cuda.cu",
+    "csrc/depthwise_cuda.cu",
+    "csrc/losses_cuda.cu",
+    "csrc/norm_cuda.cu",
+    "csrc/split_k_cuda.cu",
+];
 
 /// The same CUDA sources built by the host C++ compiler on `csrc/simt.h`, which runs their
 /// kernels on the CPU (entry points `s3ops_simt_*`): what the tests exercise the kernels with

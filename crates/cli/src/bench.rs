@@ -58,8 +58,9 @@ pub struct FitBench {
     #[arg(long, hide = true)]
     pub batch_only: bool,
     /// How the weight gradients' long reductions read their chunks: `auto` (the default:
-    /// strided for bfloat16, copied for float32), `copied` or `strided` (in place, one GEMM
-    /// launch per image): for timing them on a GPU (`s3net_ops::SplitK`).
+    /// strided for bfloat16, copied for float32), `copied`, `strided` (in place, one GEMM
+    /// launch per image) or `kernel` (our own, one launch): for timing them on a GPU
+    /// (`s3net_ops::SplitK`).
     #[arg(long, value_enum, default_value_t = SplitLayout::Auto, hide = true)]
     pub split_k: SplitLayout,
     /// Writes an operator-level trace (Chrome JSON: every aten op and autograd node with its
@@ -86,6 +87,7 @@ pub enum SplitLayout {
     Auto,
     Copied,
     Strided,
+    Kernel,
 }
 
 impl From<SplitLayout> for s3net_ops::SplitK {
@@ -94,6 +96,7 @@ impl From<SplitLayout> for s3net_ops::SplitK {
             SplitLayout::Auto => Self::Auto,
             SplitLayout::Copied => Self::Copied,
             SplitLayout::Strided => Self::Strided,
+            SplitLayout::Kernel => Self::Kernel,
         }
     }
 }

@@ -415,10 +415,13 @@ class Switch {
 };
 
 // The settings s3ops_switch reads and sets, by index: pixel_losses' CUDA kernel (read by the
-// Rust side before it calls the op), and the depthwise CUDA kernels' column layout for the
-// I-LKA block's geometries (S3DepthwiseDims::columns; see depthwise_cuda.cu).
-Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES"), Switch("S3NET_DW_COLUMNS")};
-constexpr int kSwitchDwColumns = 1;
+// Rust side before it calls the op), the depthwise CUDA kernels' column layout for the I-LKA
+// block's geometries (S3DepthwiseDims::columns; see depthwise_cuda.cu), and the split
+// reductions' own kernel in place of cuBLAS's chunk products when their layout is left to
+// choose (gemm_nt_split_k; split_k_cuda.cu).
+Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES"), Switch("S3NET_DW_COLUMNS"),
+                       Switch("S3NET_SPLIT_K_KERNEL")};
+constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2;
 
 bool dw_columns() { return g_switches[kSwitchDwColumns].on(); }
 
@@ -865,11 +868,15 @@ int64_t reduction_chunk(int64_t K) {
 //    chunk products: one launch keeps the whole GPU busy;
 //  * strided: B batched GEMMs of S chunk products each, reading a and b where they are (a
 //    chunk of row-major rows is a strided batch for cuBLAS): no copies, B launches;
+//  * kernel: our own kernel (split_k_cuda.cu), every chunk of every image in one launch, the
+//    operands read where they are; float32, float64 and bfloat16 operands on the kernels' path
+//    (the others take auto's choice);
 //  * auto (the default): strided for 16-bit operands, copied for the rest. Measured on an
 //    H200 (batched fits of 16 and 32 networks, two runs): bfloat16 strided 6 % faster than
 //    copied, float32 strided 3 % slower (its copies are cheaper than its extra launches
-//    relative to the GEMMs' time; 16-bit copies are relatively dearer).
-enum SplitK : int { kSplitAuto = 0, kSplitCopied = 1, kSplitStrided = 2 };
+//    relative to the GEMMs' time; 16-bit copies are relatively dearer). The kernel instead
+//    when S3NET_SPLIT_K_KERNEL=1 (g_switches): it waits for a GPU to time it.
+enum SplitK : int { kSplitAuto = 0, kSplitCopied = 1, kSplitStrided = 2, kSplitKernel = 3 };
 std::atomic<int> g_split_k{kSplitAuto};
 
 // (B, P, Q) = Σ over K of a (B, P, K) · b (B, Q, K)ᵀ for contiguous a and b, in the sums'
@@ -882,6 +889,18 @@ std::atomic<int> g_split_k{kSplitAuto};
 at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
   const int64_t B = a.size(0), P = a.size(1), K = a.size(2), Q = b.size(1);
   const int64_t L = reduction_chunk(K), S = K / L;
+  const int mode = g_split_k.load(std::memory_order_relaxed);
+  const auto st = a.scalar_type();
+  if (S > 1 && on_kernels(a) && (st == at::kFloat || st == at::kDouble || st == at::kBFloat16) &&
+      (mode == kSplitKernel || (mode == kSplitAuto && g_switches[kSwitchSplitKKernel].on()))) {
+    const auto ac = a.contiguous(), bc = b.contiguous();
+    KernelGuard guard(a);
+    auto parts = at::empty({B, S, P, Q}, a.options().dtype(dw_sum_type(a)));
+    const int rc = kernels(a).split_k_products(dw_cuda_dtype(a), ac.data_ptr(), bc.data_ptr(),
+                                               parts.data_ptr(), B, P, Q, K, L, kernel_stream(a));
+    kernel_check("split_k", rc, "chunk products", a);
+    return parts.sum(1);
+  }
   const bool half = is_half_width(a), widen_first = half && !a.is_cuda();
   const auto kind = widen_first ? at::kFloat : a.scalar_type();
   // Products of (n, R1, L) · (n, L, R2) into `out` (n, R1, R2), in the sums' type.
@@ -899,8 +918,8 @@ at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
     return out;
   }
   at::Tensor parts = at::empty({B, S, P, Q}, a.options().dtype(sum_kind));
-  const int mode = g_split_k.load(std::memory_order_relaxed);
-  if (mode == kSplitStrided || (mode == kSplitAuto && half)) {
+  const int layout = mode == kSplitKernel ? kSplitAuto : mode;  // operands the kernel declines
+  if (layout == kSplitStrided || (layout == kSplitAuto && half)) {
     for (int64_t i = 0; i < B; ++i) {
       auto ai = a[i].view({P, S, L}).transpose(0, 1).to(kind);  // (S, P, L), strides (L, K, 1)
       auto bi = b[i].view({Q, S, L}).permute({1, 2, 0}).to(kind);  // (S, L, Q), (L, 1, K)
@@ -2288,9 +2307,10 @@ int s3ops_trace_stop(const char* path, char** err) {
 }
 
 // Which layout gemm_nt_split_k uses from now on, process-wide (see g_split_k): 0 auto,
-// 1 copied, 2 strided; anything else is auto.
+// 1 copied, 2 strided, 3 our kernel; anything else is auto.
 void s3ops_set_split_k(int mode) {
-  g_split_k.store(mode == kSplitCopied || mode == kSplitStrided ? mode : kSplitAuto);
+  g_split_k.store(mode == kSplitCopied || mode == kSplitStrided || mode == kSplitKernel ? mode
+                                                                                        : kSplitAuto);
 }
 
 // Bytes of GPU memory libtorch's caching allocator holds on `device`, in use or cached (what

@@ -211,7 +211,8 @@ pub fn set_cuda_memory_fraction(device: usize, fraction: f64) -> Result<(), OpEr
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SplitK {
     /// `Strided` for 16-bit operands, `Copied` for the rest: the faster of the two for each
-    /// on an H200 (bfloat16 strided 6 % faster in batched fits, float32 3 % slower).
+    /// on an H200 (bfloat16 strided 6 % faster in batched fits, float32 3 % slower). `Kernel`
+    /// instead where [`split_k_kernel`] is on.
     #[default]
     Auto,
     /// The operands are copied into chunk-major order and one batched GEMM runs every chunk of
@@ -219,6 +220,10 @@ pub enum SplitK {
     Copied,
     /// One batched GEMM per image reads its chunks in place: no copies, a launch per image.
     Strided,
+    /// Our own kernel (`csrc/split_k_cuda.cu`) runs every chunk of every image in one launch,
+    /// reading the operands in place: float32, float64 and bfloat16 on a GPU or on the
+    /// emulation ([`emulated_cuda`]); other operands take `Auto`'s choice.
+    Kernel,
 }
 
 /// Sets the [`SplitK`] layout for the whole process from now on. Why a switch: the GPU check
@@ -228,6 +233,7 @@ pub fn set_split_k(layout: SplitK) {
         SplitK::Auto => 0,
         SplitK::Copied => 1,
         SplitK::Strided => 2,
+        SplitK::Kernel => 3,
     };
     // SAFETY: a plain value in; the C side stores it in an atomic.
     unsafe { s3ops_set_split_k(mode) }
@@ -816,12 +822,26 @@ pub fn set_depthwise_columns(on: bool) {
     switch(Switch::DwColumns, Some(on));
 }
 
+/// Whether [`SplitK::Auto`] picks our own kernel for the weight gradients' split reductions
+/// ([`SplitK::Kernel`]). Off unless `S3NET_SPLIT_K_KERNEL=1` or [`set_split_k_kernel`]: it was
+/// written without a GPU and waits for a check to time it against cuBLAS (it passes its tests
+/// on the emulation of the kernels).
+pub fn split_k_kernel() -> bool {
+    switch(Switch::SplitKKernel, None)
+}
+
+/// Turns [`split_k_kernel`] on or off for this process (overrides the environment).
+pub fn set_split_k_kernel(on: bool) {
+    switch(Switch::SplitKKernel, Some(on));
+}
+
 /// The process-wide settings of kernels that wait for a GPU check (ops.cpp's `g_switches`,
 /// in its order): each off unless its environment variable is "1" (read at first use) or set.
 #[derive(Clone, Copy)]
 enum Switch {
     PixelLosses = 0,
     DwColumns = 1,
+    SplitKKernel = 2,
 }
 
 /// Reads a [`Switch`], setting it first when `set` says so.

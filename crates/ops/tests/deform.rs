@@ -400,18 +400,81 @@ fn per_image_weights_match_separate_calls_cpu() {
     check_per_image_weights(&fused, Device::Cpu, Kind::Float, 1e-5);
 }
 
+/// Held by the tests that change the split reductions' layout (process-wide: the other tests
+/// may run either way meanwhile, and must pass either way), so that each runs the layout it set.
+static SPLIT_LAYOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn cuda_per_image_weights_match_separate_calls() {
     if let Some(d) = checks::cuda_with_kernels() {
         check_per_image_weights(&fused, d, Kind::Double, 1e-12);
         check_per_image_weights(&fused, d, Kind::Float, 1e-5);
-        // The split weight gradient read in place rather than copied (process-wide: other
-        // tests may run either way meanwhile, and must pass either way).
-        s3net_ops::set_split_k(s3net_ops::SplitK::Strided);
-        check_per_image_weights(&fused, d, Kind::Double, 1e-12);
-        check_per_image_weights(&fused, d, Kind::Float, 1e-5);
+        // The split weight gradient read in place rather than copied, and by our own kernel.
+        let _layout = SPLIT_LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
+        for layout in [s3net_ops::SplitK::Strided, s3net_ops::SplitK::Kernel] {
+            s3net_ops::set_split_k(layout);
+            check_per_image_weights(&fused, d, Kind::Double, 1e-12);
+            check_per_image_weights(&fused, d, Kind::Float, 1e-5);
+        }
         s3net_ops::set_split_k(s3net_ops::SplitK::Auto);
     }
+}
+
+/// The weight gradient's reduction over 100² pixels is split into 10 chunks (fewer than 8192
+/// pixels are not), whose products our own kernel forms (`SplitK::Kernel`, on the emulation of
+/// the kernels here): every gradient against the CPU kernel, one kernel and one per image,
+/// float64 and float32, and the split kernel seen to launch.
+#[test]
+fn emulated_split_kernel_matches_cpu() {
+    let _layout = SPLIT_LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
+    // The inputs are drawn once per case and copied into fresh leaves for each run (another
+    // test may draw from libtorch's generator meanwhile).
+    let draw = |per_image: bool, kind: Kind| {
+        tch::manual_seed(23);
+        let o = (kind, Device::Cpu);
+        let (n, c, side) = (2, 5, 100);
+        let (w, b) = if per_image {
+            (Tensor::randn([n, 4, c, 3, 3], o) * 0.3, Tensor::randn([n, 4], o))
+        } else {
+            (Tensor::randn([4, c, 3, 3], o) * 0.3, Tensor::randn([4], o))
+        };
+        let x = Tensor::randn([n, c, side, side], o);
+        let off = Tensor::randn([n, 18, side, side], o) * 1.5;
+        let m = Tensor::rand([n, 9, side, side], o);
+        let go = Tensor::randn([n, 4, side, side], o);
+        [x, off, m, w, b, go]
+    };
+    let run = |inputs: &[Tensor; 6], emulate: bool| {
+        let [x, off, m, w, b] = [0, 1, 2, 3, 4].map(|i| inputs[i].copy().set_requires_grad(true));
+        let pass = || {
+            let y = deform_conv2d(&x, &off, Some(&m), &w, Some(&b), (1, 1), (1, 1), (1, 1)).unwrap();
+            (&y * &inputs[5]).sum(y.kind()).backward();
+            y
+        };
+        let y = if emulate { s3net_ops::emulated_cuda(pass) } else { pass() };
+        [y, x.grad(), off.grad(), m.grad(), w.grad(), b.grad()]
+    };
+    s3net_ops::set_split_k(s3net_ops::SplitK::Kernel);
+    for per_image in [false, true] {
+        for (kind, tol) in [(Kind::Double, 1e-10), (Kind::Float, 1e-4)] {
+            let inputs = draw(per_image, kind);
+            let (cpu, emulated) = (run(&inputs, false), run(&inputs, true));
+            for (name, (a, e)) in ["output", "input", "offset", "mask", "weight", "bias"].iter().zip(cpu.iter().zip(emulated.iter())) {
+                let d = max_abs_diff(a, e);
+                assert!(d <= tol * max_abs(a).max(1.0), "per-image {per_image} {kind:?} {name}: differs by {d}");
+            }
+        }
+    }
+    let inputs = draw(true, Kind::Float);
+    let launches = |layout| {
+        s3net_ops::set_split_k(layout);
+        let before = s3net_ops::emulated_launches();
+        let _ = run(&inputs, true);
+        s3net_ops::emulated_launches() - before
+    };
+    let (kernel, strided) = (launches(s3net_ops::SplitK::Kernel), launches(s3net_ops::SplitK::Strided));
+    s3net_ops::set_split_k(s3net_ops::SplitK::Auto);
+    assert!(kernel > strided, "the split kernel did not run: {kernel} launches against {strided}");
 }
 
 /// Per-image weights must come with one kernel per image and a per-image bias.

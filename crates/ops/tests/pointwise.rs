@@ -111,16 +111,25 @@ fn bfloat16_weight_gradient_is_rounded_once() {
     rounded_once();
 }
 
-/// Both layouts of the split reduction (see `set_split_k`; the other tests run the default,
-/// which picks by number format) give the same results: every shape and kind again, the
-/// network's size on CUDA, and the rounding case. The switch is process-wide, so this binary's
-/// other tests may run either way meanwhile; they must pass either way.
+/// Every layout of the split reduction (see `set_split_k`; the other tests run the default,
+/// which picks by number format) gives the same results: every shape and kind again, the
+/// network's size on CUDA, and the rounding case. Our own kernel (`SplitK::Kernel`) runs on
+/// CUDA tensors and, here, on the emulation of the kernels (a plain CPU tensor takes the
+/// default's choice). The switch is process-wide, so this binary's other tests may run either
+/// way meanwhile; they must pass either way.
 #[test]
 fn every_split_layout_matches() {
-    for layout in [s3net_ops::SplitK::Strided, s3net_ops::SplitK::Copied] {
+    use s3net_ops::SplitK;
+    for layout in [SplitK::Strided, SplitK::Copied, SplitK::Kernel] {
         s3net_ops::set_split_k(layout);
         tch::manual_seed(15);
         shapes(Device::Cpu);
+        if layout == SplitK::Kernel {
+            checks::on_emulated_kernels(|| {
+                shapes(Device::Cpu);
+                rounded_once_on(Device::Cpu);
+            });
+        }
         if let Some(cuda) = checks::cuda_device() {
             shapes(cuda);
             compare(cuda, 2, 16, 32, 32, 256, 256, Kind::Float, 1e-4);
@@ -128,31 +137,45 @@ fn every_split_layout_matches() {
         }
         rounded_once();
     }
-    s3net_ops::set_split_k(s3net_ops::SplitK::Auto);
+    // The kernel did run: the emulation launches it on top of the bias kernels the other
+    // layouts launch too.
+    let launches = |layout| {
+        s3net_ops::set_split_k(layout);
+        let before = s3net_ops::emulated_launches();
+        s3net_ops::emulated_cuda(|| rounded_once_on(Device::Cpu));
+        s3net_ops::emulated_launches() - before
+    };
+    let (kernel, strided) = (launches(SplitK::Kernel), launches(SplitK::Strided));
+    assert!(kernel > strided, "the split kernel did not run: {kernel} launches against {strided}");
+    s3net_ops::set_split_k(SplitK::Auto);
 }
 
 fn rounded_once() {
     let devices = [Some(Device::Cpu), checks::cuda_device()];
     for dev in devices.into_iter().flatten() {
-        tch::manual_seed(14);
-        let (n, m, c, o, side) = (2, 2, 3, 2, 256);
-        let x = (Tensor::rand([n, m * c, side, side], (Kind::Float, dev)) + 1.0).to_kind(Kind::BFloat16);
-        let w = Tensor::randn([m * o, c, 1, 1], (Kind::Float, dev)).to_kind(Kind::BFloat16).set_requires_grad(true);
-        let y = pointwise_conv2d(&x, &w, None, m).unwrap();
-        // +1 / −1 by chunk of 1024 pixels (4 rows), the same for every channel and image.
-        let sign = Tensor::arange(side * side, (Kind::Int64, dev)).divide_scalar_mode(1024, "floor").remainder(2) * -2 + 1;
-        let go = sign.view([1, 1, side, side]).expand([n, m * o, side, side], false).to_kind(Kind::BFloat16);
-        (&y * &go).sum(Kind::Float).backward();
-        // Reference: the exact sum in float64 over the same bfloat16 values.
-        let (x64, go64) = (x.to_kind(Kind::Double).view([n, m, c, -1]), go.to_kind(Kind::Double).view([n, m, o, -1]));
-        let want = go64.matmul(&x64.transpose(2, 3)).sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
-        let got = w.grad().to_kind(Kind::Double).view([m, o, c]);
-        let (want, got) = (want.to_device(Device::Cpu), got.to_device(Device::Cpu));
-        for (g, e) in Vec::<f64>::try_from(got.flatten(0, -1)).unwrap().into_iter().zip(Vec::<f64>::try_from(want.flatten(0, -1)).unwrap()) {
-            // Half a bfloat16 step of the exact value (8 significant bits), plus float32's own
-            // rounding of a 131072-term sum.
-            let half_step = 2f64.powi(e.abs().log2().floor() as i32 - 8);
-            assert!((g - e).abs() <= half_step * 1.01 + 1e-3, "{dev:?}: weight gradient {g}, exact sum {e}");
-        }
+        rounded_once_on(dev);
+    }
+}
+
+fn rounded_once_on(dev: Device) {
+    tch::manual_seed(14);
+    let (n, m, c, o, side) = (2, 2, 3, 2, 256);
+    let x = (Tensor::rand([n, m * c, side, side], (Kind::Float, dev)) + 1.0).to_kind(Kind::BFloat16);
+    let w = Tensor::randn([m * o, c, 1, 1], (Kind::Float, dev)).to_kind(Kind::BFloat16).set_requires_grad(true);
+    let y = pointwise_conv2d(&x, &w, None, m).unwrap();
+    // +1 / −1 by chunk of 1024 pixels (4 rows), the same for every channel and image.
+    let sign = Tensor::arange(side * side, (Kind::Int64, dev)).divide_scalar_mode(1024, "floor").remainder(2) * -2 + 1;
+    let go = sign.view([1, 1, side, side]).expand([n, m * o, side, side], false).to_kind(Kind::BFloat16);
+    (&y * &go).sum(Kind::Float).backward();
+    // Reference: the exact sum in float64 over the same bfloat16 values.
+    let (x64, go64) = (x.to_kind(Kind::Double).view([n, m, c, -1]), go.to_kind(Kind::Double).view([n, m, o, -1]));
+    let want = go64.matmul(&x64.transpose(2, 3)).sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+    let got = w.grad().to_kind(Kind::Double).view([m, o, c]);
+    let (want, got) = (want.to_device(Device::Cpu), got.to_device(Device::Cpu));
+    for (g, e) in Vec::<f64>::try_from(got.flatten(0, -1)).unwrap().into_iter().zip(Vec::<f64>::try_from(want.flatten(0, -1)).unwrap()) {
+        // Half a bfloat16 step of the exact value (8 significant bits), plus float32's own
+        // rounding of a 131072-term sum.
+        let half_step = 2f64.powi(e.abs().log2().floor() as i32 - 8);
+        assert!((g - e).abs() <= half_step * 1.01 + 1e-3, "{dev:?}: weight gradient {g}, exact sum {e}");
     }
 }
