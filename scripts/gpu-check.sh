@@ -74,8 +74,10 @@ step_bench() {
 serve_jobs() {  # tag, then extra `s3net serve` flags
   # 40 PH2 jobs (20 images x 2 seeds), default options, submitted at once by 40 clients; wall
   # time from the first submit to the last outcome, then the metrics and any job failure from
-  # the server's log. JOB_IMAGES and JOB_ARGS change the jobs (e.g. a quick try on a CPU:
-  # JOB_IMAGES=ph2-dev/images/IMD002.png JOB_ARGS="--iterations 2").
+  # the server's log. JOB_IMAGES, JOB_SEEDS and JOB_ARGS change the jobs (e.g. a quick try on a
+  # CPU: JOB_IMAGES=ph2-dev/images/IMD002.png JOB_ARGS="--iterations 2"; JOB_SEEDS="1 2 3 4 5 6
+  # 7 8": 160 jobs, where 40 leave the stacks' filling and draining a large share of the wall
+  # time).
   local tag=$1; shift
   local S=$OUT/server$tag.txt log=$OUT/serve-log$tag.txt work
   : > "$S"; work=$(mktemp -d)
@@ -84,7 +86,7 @@ serve_jobs() {  # tag, then extra `s3net serve` flags
   for _ in $(seq 60); do ./s3net client health > /dev/null 2>&1 && break; sleep 0.5; done
   local t0 t1 n=0 ok subs=() watchers=()
   t0=$(date +%s.%N)
-  for seed in 1 2; do
+  for seed in ${JOB_SEEDS:-1 2}; do
     for f in ${JOB_IMAGES:-ph2-dev/images/*}; do
       n=$((n + 1)); ./s3net client submit "$f" --seed $seed ${JOB_ARGS:-} > "$work/id-$n" 2>> "$S" & subs+=($!)
     done
