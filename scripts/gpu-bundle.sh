@@ -32,7 +32,7 @@ for line in sys.stdin:
 ' "$out"
 strip "$out/s3net" "$out"/*-test
 cp crates/model/tests/data/deform_golden.json "$out/golden/"
-cp scripts/gpu-check.sh scripts/trace-summary.py "$out/"
+cp scripts/gpu-check.sh scripts/trace-summary.py scripts/ab-summary.py "$out/"
 # This build with pixel_losses' CUDA kernel switched on (off by default until it has passed a GPU
 # check), as a binary of its own for the steps that compare binaries:
 # AB_BASE=./s3net-pixel-losses STEPS="tests ab evalab".

@@ -209,6 +209,7 @@ step_ab() {
     done
   done
   grep -E "###|\"batch\"|images_per_second|seconds_per_step|rc=" "$B"
+  python3 ab-summary.py "$B" | tee "$OUT/bench-ab-summary.txt"
 }
 
 step_evalab() {
