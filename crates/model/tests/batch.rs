@@ -231,16 +231,37 @@ fn emulated_gpu_paths_each_job_as_if_alone() {
     }
 }
 
-/// The same with the kernels that wait for a GPU check switched on (the loss op's CUDA kernel,
-/// `S3NET_CUDA_PIXEL_LOSSES=1`, and the depthwise kernels' column layout, `S3NET_DW_COLUMNS=1`,
-/// both read once per process), in a child process: whole fits through them, on the emulation.
+/// The GPU paths at 96², where the weight gradients' reductions over more than 8192 pixels are
+/// split into chunks (the stacked 1×1 convs' and the deformable conv's): two jobs, float32 and
+/// bfloat16, each as if alone. With the kernels in waiting (below) the chunks' products are
+/// our own split kernel's.
+#[test]
+fn emulated_gpu_paths_split_reductions() {
+    let tol = Tol { first: 1e-4, later: 2e-2, labels: 0.95 };
+    for precision in [Precision::Float32, Precision::Bfloat16] {
+        let o = |seed, its| FitOptions { precision, size: 96, ..opts(Preset::Default, seed, its) };
+        let jobs = vec![(disc(100, 90, 3, 0.5, 0.5), o(1, 3)), (disc(96, 96, 3, 0.3, 0.6), o(2, 2))];
+        let got = checks::on_emulated_kernels(|| batched(&jobs, &[0, 0], None, Device::Cpu, None));
+        for (i, (img, o)) in jobs.iter().enumerate() {
+            let t = if precision == Precision::Bfloat16 { Tol { first: 4e-3, later: 1e-1, labels: 0.9 } } else { tol };
+            assert_same_fit(&format!("emulated 96² {precision:?} job {i}"), &alone(img, o, Device::Cpu), &got[i], t);
+        }
+    }
+}
+
+/// The same two tests with the kernels that wait for a GPU check switched on (the loss op's
+/// CUDA kernel, `S3NET_CUDA_PIXEL_LOSSES=1`, the depthwise kernels' column layout,
+/// `S3NET_DW_COLUMNS=1`, and the split reductions' kernel, `S3NET_SPLIT_K_KERNEL=1`, each read
+/// once per process), in a child process: whole fits through them, on the emulation.
 #[test]
 fn emulated_gpu_paths_with_the_kernels_in_waiting() {
     if std::env::var_os("S3NET_DW_COLUMNS").is_some() {
-        assert!(s3net_ops::depthwise_columns() && s3net_ops::cuda_pixel_losses(), "the variables did not switch the kernels on");
+        let on = s3net_ops::depthwise_columns() && s3net_ops::cuda_pixel_losses() && s3net_ops::split_k_kernel();
+        assert!(on, "the variables did not switch the kernels on");
         return; // this is the child
     }
-    checks::rerun_with_env(&["S3NET_CUDA_PIXEL_LOSSES", "S3NET_DW_COLUMNS"], &["emulated_gpu_paths"], "emulated_gpu_paths_each_job_as_if_alone ... ok");
+    let vars = ["S3NET_CUDA_PIXEL_LOSSES", "S3NET_DW_COLUMNS", "S3NET_SPLIT_K_KERNEL"];
+    checks::rerun_with_env(&vars, &["emulated_gpu_paths"], "emulated_gpu_paths_split_reductions ... ok");
 }
 
 /// On a GPU a small steady stack runs its steps as CUDA graph replays (from step 3): the same
