@@ -8,9 +8,9 @@
 //
 // Why our own: the 1×1 convolutions of a stack and the deformable conv need Σ_pixels go · xᵀ
 // with a tiny result (32 × 32, 32 × 96, 32 × 288) per image. cuBLAS runs the chunks of one image
-// per launch, 64 small products each, which leaves half an H100 idle for the launch's few
-// microseconds: 288 + 128 + 32 launches per 1.5 steps of a 16-network bfloat16 stack, 8.8 % of
-// its GPU time (docs/gpu-checks/2026-11-27-h100-fusions). Here every chunk of every image is a
+// per launch, 64 small products each, a launch of 8–21 µs: 288 + 128 + 32 launches per 1.5
+// steps of a 16-network bfloat16 stack, 7.9 % of its GPU time
+// (docs/gpu-checks/2026-11-27-h100-fusions). Here every chunk of every image is a
 // block of one launch; the operands are read once, from their own layout.
 //
 // A block takes a 32 × 32 tile of one product's result and stages 64 pixels of the tile's 32
