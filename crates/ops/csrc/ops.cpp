@@ -436,6 +436,12 @@ S3DepthwiseDims dw_dims(const at::Tensor& in, int64_t k, int64_t p, int64_t d, i
 int dw_cuda_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? 1 : t.scalar_type() == at::kBFloat16 ? 2 : 0;
 }
+// Whether the kernels take `t`: on their path (on_kernels) and float32, float64 or bfloat16,
+// the types dw_cuda_dtype codes.
+bool kernels_take(const at::Tensor& t) {
+  const auto k = t.scalar_type();
+  return on_kernels(t) && (k == at::kFloat || k == at::kDouble || k == at::kBFloat16);
+}
 at::ScalarType dw_sum_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -463,11 +469,7 @@ void kernel_check(const char* op, int rc, const char* what, const at::Tensor& t)
 
 // Whether the bias kernels (bias_cuda.cu) take this tensor: on the kernels' path (on_kernels),
 // float32, float64 or bfloat16, contiguous.
-bool bias_cuda_ok(const at::Tensor& t) {
-  return on_kernels(t) && t.is_contiguous() &&
-         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-          t.scalar_type() == at::kBFloat16);
-}
+bool bias_cuda_ok(const at::Tensor& t) { return kernels_take(t) && t.is_contiguous(); }
 
 // y (planes of `elems` values, plane q of channel q mod C) += bias (C), in place, one pass.
 void bias_add_cuda(at::Tensor& y, const at::Tensor& bias, int64_t elems) {
@@ -890,9 +892,8 @@ at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
   const int64_t B = a.size(0), P = a.size(1), K = a.size(2), Q = b.size(1);
   const int64_t L = reduction_chunk(K), S = K / L;
   const int mode = g_split_k.load(std::memory_order_relaxed);
-  const auto st = a.scalar_type();
-  if (S > 1 && on_kernels(a) && (st == at::kFloat || st == at::kDouble || st == at::kBFloat16) &&
-      (mode == kSplitKernel || (mode == kSplitAuto && g_switches[kSwitchSplitKKernel].on()))) {
+  const bool ours = mode == kSplitKernel || (mode == kSplitAuto && g_switches[kSwitchSplitKKernel].on());
+  if (S > 1 && ours && kernels_take(a)) {
     const auto ac = a.contiguous(), bc = b.contiguous();
     KernelGuard guard(a);
     auto parts = at::empty({B, S, P, Q}, a.options().dtype(dw_sum_type(a)));
@@ -2022,8 +2023,7 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
     // themselves; widening it here would copy 67 MB per block of a 16-network step for
     // nothing), other 16-bit inputs widened, as depthwise_any widens them.
     const bool native = on_kernels(*input) && input->scalar_type() == at::kBFloat16;
-    bool fused = on_kernels(*input) && (input->scalar_type() == at::kFloat ||
-                                        input->scalar_type() == at::kDouble || native);
+    bool fused = kernels_take(*input);
     const at::Tensor checked = widen(*input, native);
     std::vector<int64_t> geo;
     for (int b = 0; b < 3; ++b) {
@@ -2152,8 +2152,7 @@ int s3ops_plane_norm(const at::Tensor* input, const at::Tensor* gamma, const at:
     at::Tensor r;
     const auto kind = x.scalar_type();
     const auto params = kind == at::kDouble ? at::kDouble : at::kFloat;
-    if (on_kernels(x) && (kind == at::kFloat || kind == at::kDouble || kind == at::kBFloat16) &&
-        gamma->scalar_type() == params && beta->scalar_type() == params &&
+    if (kernels_take(x) && gamma->scalar_type() == params && beta->scalar_type() == params &&
         x.size(2) * x.size(3) > 0) {
       r = PlaneNormFn::apply(x, *gamma, *beta, eps);
     }
