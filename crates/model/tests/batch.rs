@@ -219,15 +219,10 @@ fn bfloat16_jobs_each_as_if_alone() {
 /// argmax near-ties may flip.
 #[test]
 fn emulated_gpu_paths_each_job_as_if_alone() {
-    let tol = Tol { first: 1e-4, later: 2e-2, labels: 0.95 };
     for (preset, precision) in [(Preset::Default, Precision::Float32), (Preset::Paper, Precision::Float32), (Preset::Default, Precision::Bfloat16)] {
         let o = |seed, its| FitOptions { precision, ..opts(preset, seed, its) };
         let jobs = vec![(disc(40, 30, 3, 0.5, 0.5), o(1, 4)), (disc(32, 32, 3, 0.3, 0.6), o(2, 2)), (disc(50, 20, 3, 0.6, 0.4), o(3, 5))];
-        let got = checks::on_emulated_kernels(|| batched(&jobs, &[0, 0, 0], None, Device::Cpu, None));
-        for (i, (img, o)) in jobs.iter().enumerate() {
-            let t = if precision == Precision::Bfloat16 { Tol { first: 4e-3, later: 1e-1, labels: 0.9 } } else { tol };
-            assert_same_fit(&format!("emulated {preset} {precision:?} job {i}"), &alone(img, o, Device::Cpu), &got[i], t);
-        }
+        emulated_jobs_as_if_alone(&format!("emulated {preset} {precision:?}"), &jobs);
     }
 }
 
@@ -237,15 +232,24 @@ fn emulated_gpu_paths_each_job_as_if_alone() {
 /// our own split kernel's.
 #[test]
 fn emulated_gpu_paths_split_reductions() {
-    let tol = Tol { first: 1e-4, later: 2e-2, labels: 0.95 };
     for precision in [Precision::Float32, Precision::Bfloat16] {
         let o = |seed, its| FitOptions { precision, size: 96, ..opts(Preset::Default, seed, its) };
         let jobs = vec![(disc(100, 90, 3, 0.5, 0.5), o(1, 3)), (disc(96, 96, 3, 0.3, 0.6), o(2, 2))];
-        let got = checks::on_emulated_kernels(|| batched(&jobs, &[0, 0], None, Device::Cpu, None));
-        for (i, (img, o)) in jobs.iter().enumerate() {
-            let t = if precision == Precision::Bfloat16 { Tol { first: 4e-3, later: 1e-1, labels: 0.9 } } else { tol };
-            assert_same_fit(&format!("emulated 96² {precision:?} job {i}"), &alone(img, o, Device::Cpu), &got[i], t);
-        }
+        emulated_jobs_as_if_alone(&format!("emulated 96² {precision:?}"), &jobs);
+    }
+}
+
+/// `jobs` trained in one batch, all joining at the start, through the GPU paths on the
+/// emulation, each against the same fit alone on the CPU's own paths.
+fn emulated_jobs_as_if_alone(tag: &str, jobs: &[(Image, FitOptions)]) {
+    let got = checks::on_emulated_kernels(|| batched(jobs, &vec![0; jobs.len()], None, Device::Cpu, None));
+    for (i, (img, o)) in jobs.iter().enumerate() {
+        let t = if o.precision == Precision::Bfloat16 {
+            Tol { first: 4e-3, later: 1e-1, labels: 0.9 }
+        } else {
+            Tol { first: 1e-4, later: 2e-2, labels: 0.95 }
+        };
+        assert_same_fit(&format!("{tag} job {i}"), &alone(img, o, Device::Cpu), &got[i], t);
     }
 }
 
