@@ -24,6 +24,7 @@ $BIN bench fit --device cpu --iterations 10 --repeats 3 > $OUT/fit-cpu.json
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --features 64 > $OUT/fit-cpu-f64.json
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --kernels tensor_ops > $OUT/fit-cpu-tensor-ops.json
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --precision bfloat16 > $OUT/fit-cpu-bf16.json
+$BIN bench fit --device cpu --iterations 10 --repeats 3 --affine-gradient transformed > $OUT/fit-cpu-transformed.json
 echo "bench: service overhead (loopback gRPC)" >&2
 cargo run --release --locked -q -p s3net-server --example service_bench > $OUT/service.md
 cuda=0
@@ -37,7 +38,7 @@ import json, sys, datetime
 cpu, cuda = sys.argv[1], sys.argv[2] == "1"
 j = lambda p: json.load(open(f"bench-out/{p}"))
 d, tv, f, ft = j("deform-cpu.json"), j("deform-torchvision.json"), j("fit-cpu.json"), j("fit-cpu-tensor-ops.json")
-f64, fbf = j("fit-cpu-f64.json"), j("fit-cpu-bf16.json")
+f64, fbf, ftr = j("fit-cpu-f64.json"), j("fit-cpu-bf16.json"), j("fit-cpu-transformed.json")
 fb = lambda r: r.get("forward_backward_ms", float("nan"))
 fw = lambda r: r.get("forward_ms", float("nan"))
 tvd = tv.get("torchvision", {})
@@ -69,6 +70,7 @@ lines += ["", "## One fit step at 256², default preset, every loss term on (CPU
   f"| {f['features']}, fused (default) | {f['seconds_per_iteration_median']:.3f} | {f['seconds_per_fit_median']:.2f} |",
   f"| {f64['features']}, fused | {f64['seconds_per_iteration_median']:.3f} | {f64['seconds_per_fit_median']:.2f} |",
   f"| {fbf['features']}, fused, bfloat16 activations | {fbf['seconds_per_iteration_median']:.3f} | {fbf['seconds_per_fit_median']:.2f} |",
+  f"| {ftr['features']}, fused, the affine term's gradient through T(x) (two backward passes, the paper's side) | {ftr['seconds_per_iteration_median']:.3f} | {ftr['seconds_per_fit_median']:.2f} |",
   f"| {ft['features']}, tensor ops | {ft['seconds_per_iteration_median']:.3f} | {ft['seconds_per_fit_median']:.2f} |"]
 if cuda:
     dc, fc = j("deform-cuda.json"), j("fit-cuda.json")

@@ -49,6 +49,11 @@ wrapper s3net-dw-columns S3NET_DW_COLUMNS=1
 wrapper s3net-both S3NET_CUDA_PIXEL_LOSSES=1 S3NET_DW_COLUMNS=1
 wrapper s3net-split-kernel S3NET_SPLIT_K_KERNEL=1
 wrapper s3net-all S3NET_CUDA_PIXEL_LOSSES=1 S3NET_DW_COLUMNS=1 S3NET_SPLIT_K_KERNEL=1
+# This build with the affine term's gradient through T(x), as the default preset had it before
+# it took the one backward pass (`--affine-gradient transformed`, a flag of `bench fit` and
+# `eval`: for the ab and evalab steps only).
+printf '#!/bin/sh\nexec "$(dirname "$0")/s3net" "$@" --affine-gradient transformed\n' > "$out/s3net-transformed"
+chmod +x "$out/s3net-transformed"
 for d in ph2-dev lung-dev; do
   if [ -d "$out/$d" ]; then continue; fi
   if [ -d "$SHARED/$d" ]; then

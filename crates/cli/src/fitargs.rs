@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use s3net_imaging::Window;
-use s3net_model::options::{Kernels, OffsetMode, SpatialLoss, Upsample};
+use s3net_model::options::{AffineGradient, Kernels, OffsetMode, SpatialLoss, Upsample};
 use s3net_model::{DeviceSpec, FitOptions, Preset};
 
 #[derive(Args, Debug, Clone)]
@@ -62,6 +62,9 @@ pub struct FitArgs {
     /// fused | tensor_ops
     #[arg(long, hide = true)]
     pub kernels: Option<String>,
+    /// transformed | original: which side of the affine-consistency term carries its gradient.
+    #[arg(long, hide = true)]
+    pub affine_gradient: Option<String>,
 }
 
 impl FitArgs {
@@ -103,6 +106,13 @@ impl FitArgs {
                 "logits" => Upsample::Logits,
                 "nearest" => Upsample::Nearest,
                 _ => anyhow::bail!("unknown --upsample '{s}': expected logits or nearest"),
+            };
+        }
+        if let Some(s) = &self.affine_gradient {
+            o.affine_gradient = match s.as_str() {
+                "transformed" => AffineGradient::Transformed,
+                "original" => AffineGradient::Original,
+                _ => anyhow::bail!("unknown --affine-gradient '{s}': expected transformed or original"),
             };
         }
         if let Some(s) = &self.offsets {

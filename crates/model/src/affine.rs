@@ -34,6 +34,16 @@ impl Affine {
         Affine([a[0], a[1], tx, a[2], a[3], ty])
     }
 
+    /// The transform that undoes this one: where `self` moves a pixel from p to q, the inverse
+    /// moves it from q back to p. (Output p samples A·p + t, so q samples A⁻¹·q − A⁻¹·t.) A
+    /// transform that flattens the plane has no inverse; the ranges `draw` takes never give one.
+    pub fn inverse(&self) -> Affine {
+        let [a, b, tx, c, d, ty] = self.0;
+        let det = a * d - b * c;
+        let (ia, ib, ic, id) = (d / det, -b / det, -c / det, a / det);
+        Affine([ia, ib, -(ia * tx + ib * ty), ic, id, -(ic * tx + id * ty)])
+    }
+
     /// The sampling grid `(1, S, S, 2)` for an `S × S` image on `x`'s device.
     pub fn grid(&self, like: &Tensor) -> Tensor {
         Affine::grids(&[*self], like)
@@ -59,8 +69,9 @@ impl Affine {
 /// On a GPU the warp of a 16-network response map, and the argmax after it, took about 3 % of
 /// a step (H100 profile, docs/gpu-checks/2026-11-27-h100-fusions).
 pub enum Transform {
-    /// Sampling grids `(M, S, S, 2)`, one per network.
-    Warp(Tensor),
+    /// Sampling grids `(M, S, S, 2)`, one per network, and those of their inverses (built only
+    /// when asked for: see [`Transform::with_inverse`]).
+    Warp(Tensor, Option<Tensor>),
     /// Every network's transform is [`Affine::QUARTER_TURN`].
     QuarterTurn,
 }
@@ -68,17 +79,27 @@ pub enum Transform {
 impl Transform {
     /// The transforms `ts` of a stack's networks, for `S × S` images on `like`'s device.
     pub fn new(ts: &[Affine], like: &Tensor) -> Transform {
+        Transform::build(ts, like, false)
+    }
+
+    /// As [`Transform::new`], able to [`move_labels_back`](Transform::move_labels_back) too.
+    pub fn with_inverse(ts: &[Affine], like: &Tensor) -> Transform {
+        Transform::build(ts, like, true)
+    }
+
+    fn build(ts: &[Affine], like: &Tensor, inverse: bool) -> Transform {
         if !ts.is_empty() && ts.iter().all(|t| *t == Affine::QUARTER_TURN) {
             Transform::QuarterTurn
         } else {
-            Transform::Warp(Affine::grids(ts, like))
+            let back = inverse.then(|| Affine::grids(&ts.iter().map(Affine::inverse).collect::<Vec<_>>(), like));
+            Transform::Warp(Affine::grids(ts, like), back)
         }
     }
 
-    /// The same transform, sharing the grid's storage.
+    /// The same transform, sharing the grids' storage.
     pub fn shallow_clone(&self) -> Transform {
         match self {
-            Transform::Warp(g) => Transform::Warp(g.shallow_clone()),
+            Transform::Warp(g, back) => Transform::Warp(g.shallow_clone(), back.as_ref().map(Tensor::shallow_clone)),
             Transform::QuarterTurn => Transform::QuarterTurn,
         }
     }
@@ -86,8 +107,21 @@ impl Transform {
     /// `x (M, C, S, S)`, image j moved by network j's transform, zeros outside.
     pub fn apply(&self, x: &Tensor) -> Tensor {
         match self {
-            Transform::Warp(g) => warp(x, g),
+            Transform::Warp(g, _) => warp(x, g),
             Transform::QuarterTurn => x.rot90(1, [2, 3]),
+        }
+    }
+
+    /// The clustering of the moved images moved back: from their response `(M, K, S, S)` and
+    /// its argmax `labels (M, S, S)`, the argmax of the response moved by each inverse transform,
+    /// [`IGNORE`] where the source lies outside the image. Pixel p of an image then holds the
+    /// label that the moved copy gave the point p was moved to. Panics for a warp built without
+    /// its inverse (by [`Transform::new`]).
+    pub fn move_labels_back(&self, response: &Tensor, labels: &Tensor) -> Tensor {
+        match self {
+            Transform::Warp(_, Some(back)) => warp_labels(response, back),
+            Transform::Warp(_, None) => panic!("move_labels_back on a transform built without its inverse"),
+            Transform::QuarterTurn => labels.rot90(-1, [1, 2]),
         }
     }
 
@@ -95,14 +129,17 @@ impl Transform {
     /// the argmax of the moved response, [`IGNORE`] where the source lies outside the image.
     pub fn move_labels(&self, response: &Tensor, labels: &Tensor) -> Tensor {
         match self {
-            Transform::Warp(g) => {
-                // Warped in float32 whatever the activations' format.
-                let moved = warp(&response.to_kind(Kind::Float), g).argmax(1, false);
-                moved.where_self(&inside(g), &Tensor::full([], IGNORE, (Kind::Int64, response.device())))
-            }
+            Transform::Warp(g, _) => warp_labels(response, g),
             Transform::QuarterTurn => labels.rot90(1, [1, 2]),
         }
     }
+}
+
+/// The argmax of `response` warped along `grid` (in float32 whatever the activations' format),
+/// [`IGNORE`] where the source lies outside the image.
+fn warp_labels(response: &Tensor, grid: &Tensor) -> Tensor {
+    let moved = warp(&response.to_kind(Kind::Float), grid).argmax(1, false);
+    moved.where_self(&inside(grid), &Tensor::full([], IGNORE, (Kind::Int64, response.device())))
 }
 
 /// Bilinear warp of `(1, C, S, S)` along `grid`, zeros outside.
@@ -140,12 +177,87 @@ mod tests {
                 assert_eq!(e, 0.0, "side {s}");
             }
             let labels = x.argmax(1, false);
-            let want = Transform::Warp(grid).move_labels(&x, &labels);
+            let want = Transform::Warp(grid, None).move_labels(&x, &labels);
             let same = f64::try_from(turn.move_labels(&x, &labels).eq_tensor(&want).to_kind(Kind::Float).mean(Kind::Float)).unwrap();
             assert!(same > 0.999, "side {s}: {same} of the labels agree");
         }
         // Any other transform in the stack: warps.
         let x = Tensor::zeros([2, 1, 4, 4], (Kind::Float, Device::Cpu));
-        assert!(matches!(Transform::new(&[Affine::QUARTER_TURN, Affine::IDENTITY], &x), Transform::Warp(_)));
+        assert!(matches!(Transform::new(&[Affine::QUARTER_TURN, Affine::IDENTITY], &x), Transform::Warp(..)));
+    }
+
+    /// `inverse` undoes a transform: composed either way the matrix is the identity, for the
+    /// quarter turn and for random draws.
+    #[test]
+    fn inverse_undoes_the_transform() {
+        let mut rng = SplitMix64::new(5);
+        let range = crate::options::FitOptions::preset(crate::options::Preset::Paper).affine;
+        let mut ts = vec![Affine::QUARTER_TURN, Affine::IDENTITY];
+        ts.extend((0..20).map(|_| Affine::draw(&mut rng, &range)));
+        let compose = |p: &Affine, q: &Affine| {
+            // p after q: x ↦ P(Q x + tq) + tp.
+            let ([a, b, tx, c, d, ty], [e, f, ux, g, h, uy]) = (p.0, q.0);
+            [a * e + b * g, a * f + b * h, a * ux + b * uy + tx, c * e + d * g, c * f + d * h, c * ux + d * uy + ty]
+        };
+        for t in &ts {
+            for m in [compose(t, &t.inverse()), compose(&t.inverse(), t)] {
+                for (x, y) in m.iter().zip(Affine::IDENTITY.0) {
+                    assert!((x - y).abs() < 1e-12, "{t:?}: {m:?}");
+                }
+            }
+        }
+        assert_eq!(Affine::QUARTER_TURN.inverse(), Affine([0.0, 1.0, 0.0, -1.0, 0.0, 0.0]));
+    }
+
+    /// Labels moved by a transform and moved back land where they started: exactly for the
+    /// quarter turn; for random warps, wherever the round trip stays inside the image (up to
+    /// the bilinear sampling of label-constant regions' edges), the rest ignored.
+    #[test]
+    fn labels_moved_back_land_where_they_started() {
+        let s = 48;
+        // Smooth blobs, so that one pixel's interpolation error moves few argmaxes.
+        let yy = Tensor::arange(s, (Kind::Float, Device::Cpu)).view([s, 1]).expand([s, s], false);
+        let xx = yy.transpose(0, 1);
+        let planes: Vec<Tensor> = (0..4)
+            .map(|i| {
+                let (cx, cy) = (10.0 + 9.0 * i as f64, 40.0 - 8.0 * i as f64);
+                -((&xx - cx).square() + (&yy - cy).square()) / 200.0
+            })
+            .collect();
+        let r = Tensor::stack(&planes, 0).unsqueeze(0).repeat([3, 1, 1, 1]);
+        let labels = r.argmax(1, false);
+
+        let turn = Transform::with_inverse(&[Affine::QUARTER_TURN; 3], &r);
+        let moved = turn.apply(&r);
+        let back = turn.move_labels_back(&moved, &moved.argmax(1, false));
+        assert!(bool::try_from(back.eq_tensor(&labels).all()).unwrap());
+
+        let mut rng = SplitMix64::new(9);
+        let range = crate::options::FitOptions::preset(crate::options::Preset::Paper).affine;
+        let ts: Vec<Affine> = (0..3).map(|_| Affine::draw(&mut rng, &range)).collect();
+        let warp = Transform::with_inverse(&ts, &r);
+        let moved = warp.apply(&r);
+        let back = warp.move_labels_back(&moved, &moved.argmax(1, false));
+        let kept = back.ne(IGNORE);
+        let n_kept = f64::try_from(kept.to_kind(Kind::Float).mean(Kind::Float)).unwrap();
+        assert!(n_kept > 0.5 && n_kept < 1.0, "{n_kept} of the pixels kept");
+        // Every kept pixel's round trip stays inside; the ones ignored did leave.
+        let agree = back.eq_tensor(&labels).logical_and(&kept).to_kind(Kind::Float).sum(Kind::Float);
+        let frac = f64::try_from(agree / kept.to_kind(Kind::Float).sum(Kind::Float)).unwrap();
+        assert!(frac > 0.97, "{frac} of the kept labels came back");
+        // And the forward move is its mirror: moved forward, the labels of x land on T(x).
+        let fwd = warp.move_labels(&r, &labels);
+        let there = fwd.eq_tensor(&moved.argmax(1, false)).logical_and(&fwd.ne(IGNORE)).to_kind(Kind::Float).sum(Kind::Float);
+        let frac = f64::try_from(there / fwd.ne(IGNORE).to_kind(Kind::Float).sum(Kind::Float)).unwrap();
+        assert!(frac > 0.99, "{frac}");
+    }
+
+    /// A warp built by `new` holds no inverse: asking for it is a programming error.
+    #[test]
+    #[should_panic(expected = "without its inverse")]
+    fn moving_back_needs_the_inverse() {
+        let x = Tensor::zeros([1, 2, 4, 4], (Kind::Float, Device::Cpu));
+        let t = Transform::new(&[Affine::IDENTITY], &x);
+        let _ = t.move_labels_back(&x, &x.argmax(1, false));
     }
 }

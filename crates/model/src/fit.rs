@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 use crate::affine::{Affine, Transform};
 use crate::loss;
 use crate::net::{select_models, S3Net};
-use crate::options::{FitOptions, Kernels, Upsample};
+use crate::options::{AffineGradient, FitOptions, Kernels, Upsample};
 use crate::rng::SplitMix64;
 use crate::ModelError;
 
@@ -618,7 +618,10 @@ impl<'a, T> Batch<'a, T> {
             match &self.grids {
                 Some((last, s, g)) if *last == ts && *s == opts.size => Some(g.shallow_clone()),
                 _ => {
-                    let g = Transform::new(&ts, &self.slots[0].x);
+                    let g = match opts.affine_gradient {
+                        AffineGradient::Transformed => Transform::new(&ts, &self.slots[0].x),
+                        AffineGradient::Original => Transform::with_inverse(&ts, &self.slots[0].x),
+                    };
                     self.grids = Some((ts, opts.size, g.shallow_clone()));
                     // The graph read the old grid.
                     self.forget_graph();
@@ -737,7 +740,19 @@ fn step_tensors(
     let (k, size) = (opts.features, opts.size);
     let c = x.size()[1] / m;
     let w = opts.weights;
-    let (response, aux_t) = match grid {
+    // The affine term's prediction, and its target when it is known before the response's.
+    let (response, at) = match grid {
+        Some(grid) if opts.affine_gradient == AffineGradient::Original => {
+            // T(x) forward only: its clustering, moved back, is what the auxiliary head
+            // predicts on x. Its activations are dropped as each op ends; one backward pass.
+            let xt = grid.apply(&x.reshape([m, c, size, size])).reshape([1, m * c, size, size]);
+            let back = tch::no_grad(|| {
+                let rt = net.response(&net.trunk(&xt)).reshape([m, k, size, size]);
+                grid.move_labels_back(&rt, &rt.argmax(1, false))
+            });
+            let f = net.trunk(x);
+            (net.response(&f), Some((net.aux(&f), Some(back))))
+        }
         Some(grid) => {
             let xt = grid.apply(&x.reshape([m, c, size, size])).reshape([1, m * c, size, size]);
             if s3net_ops::gpu_paths(device) {
@@ -747,11 +762,11 @@ fn step_tensors(
                 // whole batch and copies its half in, and the two are then added; a split's
                 // backward joins the two halves once.
                 let f = net.trunk(&Tensor::cat(&[x, &xt], 0)).split(1, 0);
-                (net.response(&f[0]), Some(net.aux(&f[1])))
+                (net.response(&f[0]), Some((net.aux(&f[1]), None)))
             } else {
                 // Two batch-1 passes rather than one batch of 2: each pass keeps its working
                 // set inside the CPU's last-level cache (measured ~1.5x faster).
-                (net.response(&net.trunk(x)), Some(net.aux(&net.trunk(&xt))))
+                (net.response(&net.trunk(x)), Some((net.aux(&net.trunk(&xt)), None)))
             }
         }
         None => (net.response(&net.trunk(x)), None),
@@ -763,8 +778,9 @@ fn step_tensors(
     let (l_ce, l_sp, target) = loss::response_terms(&r, spatial, opts.kernels);
     let zeros = || Tensor::zeros([m], (Kind::Float, device));
     let l_sp = l_sp.unwrap_or_else(zeros);
-    let l_at = match (aux_t, grid) {
-        (Some(aux_t), Some(grid)) => {
+    let l_at = match (at, grid) {
+        (Some((aux, Some(back))), _) => loss::moved_ce(&aux.reshape([m, k, size, size]), &back, opts.kernels),
+        (Some((aux_t, None)), Some(grid)) => {
             // Target: the clustering of x, moved by the same transform.
             let target_t = grid.move_labels(&r.detach(), &target);
             loss::moved_ce(&aux_t.reshape([m, k, size, size]), &target_t, opts.kernels)

@@ -63,6 +63,22 @@ pub enum SpatialLoss {
     Continuity,
 }
 
+/// Which side of the affine-consistency term trains the network. Both ask the same thing: that
+/// the clustering of a transformed image be the transformed clustering of the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AffineGradient {
+    /// The paper's: T(x) goes through the network with its gradient, and its auxiliary head's
+    /// prediction is trained towards T(argmax response(x)). Each step runs the trunk's backward
+    /// for x and for T(x).
+    #[default]
+    Transformed,
+    /// T(x) goes through the network forward only (no gradient, no activations kept), and the
+    /// auxiliary head's prediction on x is trained towards T⁻¹(argmax response(T(x))): one
+    /// backward pass per step instead of two.
+    Original,
+}
+
 /// Where the deformable convolution's offsets and mask come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -182,6 +198,10 @@ pub struct FitOptions {
     /// Activations in float32 (default) or bfloat16.
     #[serde(default)]
     pub precision: Precision,
+    /// Which side of the affine-consistency term carries its gradient. (Options recorded before
+    /// the field existed were all `transformed`.)
+    #[serde(default)]
+    pub affine_gradient: AffineGradient,
 }
 
 impl Default for FitOptions {
@@ -218,6 +238,7 @@ impl FitOptions {
             upsample: Upsample::Logits,
             kernels: Kernels::Fused,
             precision: Precision::Float32,
+            affine_gradient: AffineGradient::Transformed,
         };
         match preset {
             Preset::Paper => base,

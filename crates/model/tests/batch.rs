@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use s3net_imaging::{Image, ImageKind};
-use s3net_model::options::Precision;
+use s3net_model::options::{AffineGradient, Precision};
 use s3net_model::{fit, Batch, FitJob, FitOptions, FitOutput, LossTerms, ModelError, Preset, Progress};
 use tch::Device;
 
@@ -130,14 +130,34 @@ fn assert_same_fit(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome, tol
 /// Three different images, seeds and budgets in one batch (the default preset: free offsets,
 /// 90° rotation, continuity; and the paper's: predicted offsets, random affines, Sobel).
 fn each_job_as_if_alone(preset: Preset, device: Device, tol: Tol, pipelined: Option<bool>) {
-    let jobs = vec![
-        (disc(40, 30, 3, 0.5, 0.5), opts(preset, 1, 4)),
-        (disc(32, 32, 3, 0.3, 0.6), opts(preset, 2, 2)),
-        (disc(50, 20, 3, 0.6, 0.4), opts(preset, 3, 6)),
-    ];
+    three_jobs_as_if_alone(&preset.to_string(), |seed, its| opts(preset, seed, its), device, tol, pipelined);
+}
+
+/// The three jobs of [`each_job_as_if_alone`] with options `o(seed, iterations)`.
+fn three_jobs_as_if_alone(tag: &str, o: impl Fn(u64, usize) -> FitOptions, device: Device, tol: Tol, pipelined: Option<bool>) {
+    let jobs = vec![(disc(40, 30, 3, 0.5, 0.5), o(1, 4)), (disc(32, 32, 3, 0.3, 0.6), o(2, 2)), (disc(50, 20, 3, 0.6, 0.4), o(3, 6))];
     let got = batched(&jobs, &[0, 0, 0], None, device, pipelined);
     for (i, (img, o)) in jobs.iter().enumerate() {
-        assert_same_fit(&format!("{preset} job {i}"), &alone(img, o, device), &got[i], tol);
+        assert_same_fit(&format!("{tag} job {i}"), &alone(img, o, device), &got[i], tol);
+    }
+}
+
+/// The side of the affine term a preset does not take by default.
+fn other_side(preset: Preset) -> AffineGradient {
+    match FitOptions::preset(preset).affine_gradient {
+        AffineGradient::Transformed => AffineGradient::Original,
+        AffineGradient::Original => AffineGradient::Transformed,
+    }
+}
+
+/// The affine term's other side batches as well: with the gradient through x (T(x) forward
+/// only, its labels moved back: the quarter turn undone, random warps along inverse grids) or
+/// through T(x), whichever the preset does not take.
+#[test]
+fn each_job_as_if_alone_other_affine_side() {
+    for preset in [Preset::Default, Preset::Paper] {
+        let o = |seed, its| FitOptions { affine_gradient: other_side(preset), ..opts(preset, seed, its) };
+        three_jobs_as_if_alone(&format!("{preset}, {:?}", other_side(preset)), o, Device::Cpu, CPU, None);
     }
 }
 
@@ -186,6 +206,10 @@ fn cuda_each_job_as_if_alone() {
         each_job_as_if_alone(Preset::Default, cuda, gpu, pipelined);
         each_job_as_if_alone(Preset::Paper, cuda, gpu, pipelined);
     }
+    for preset in [Preset::Default, Preset::Paper] {
+        let o = |seed, its| FitOptions { affine_gradient: other_side(preset), ..opts(preset, seed, its) };
+        three_jobs_as_if_alone(&format!("{preset}, {:?}", other_side(preset)), o, cuda, gpu, None);
+    }
 }
 
 /// bfloat16 jobs stack too, each as if alone: on the CPU as closely as float32 ones (measured:
@@ -216,13 +240,16 @@ fn bfloat16_jobs_each_as_if_alone() {
 /// every CUDA kernel (depthwise branches, BatchNorm, deformable conv, bias) on the emulation,
 /// float32 and bfloat16, against the same fits alone on the CPU's own paths. The kernels sum in
 /// another order than the CPU's, so the tolerance is that of two orders of summation whose
-/// argmax near-ties may flip.
+/// argmax near-ties may flip. The default preset runs a second time with the affine term's
+/// other side (see `each_job_as_if_alone_other_affine_side`).
 #[test]
 fn emulated_gpu_paths_each_job_as_if_alone() {
-    for (preset, precision) in [(Preset::Default, Precision::Float32), (Preset::Paper, Precision::Float32), (Preset::Default, Precision::Bfloat16)] {
-        let o = |seed, its| FitOptions { precision, ..opts(preset, seed, its) };
+    let configs = [(Preset::Default, Precision::Float32, false), (Preset::Paper, Precision::Float32, false), (Preset::Default, Precision::Bfloat16, false), (Preset::Default, Precision::Float32, true)];
+    for (preset, precision, other) in configs {
+        let side = if other { other_side(preset) } else { FitOptions::preset(preset).affine_gradient };
+        let o = |seed, its| FitOptions { precision, affine_gradient: side, ..opts(preset, seed, its) };
         let jobs = vec![(disc(40, 30, 3, 0.5, 0.5), o(1, 4)), (disc(32, 32, 3, 0.3, 0.6), o(2, 2)), (disc(50, 20, 3, 0.6, 0.4), o(3, 5))];
-        emulated_jobs_as_if_alone(&format!("emulated {preset} {precision:?}"), &jobs);
+        emulated_jobs_as_if_alone(&format!("emulated {preset} {precision:?} {side:?}"), &jobs);
     }
 }
 
