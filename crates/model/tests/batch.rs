@@ -107,8 +107,12 @@ struct Tol {
     labels: f64,
 }
 
-/// Float32 on the CPU: the same up to rounding all along.
-const CPU: Tol = Tol { first: 1e-4, later: 1e-4, labels: 0.99 };
+/// Float32 on the CPU: the same up to rounding (about 1e-7) until an argmax near-tie flips one
+/// pixel's label in a target, which moves the next steps' losses by 4e-5 to 3e-4 relative on
+/// these 32² images (measured). The default preset's affine target is the argmax of a pass of
+/// its own over T(x), so it adds a chance of such a flip that the paper's side, whose two
+/// targets are one argmax, does not have.
+const CPU: Tol = Tol { first: 1e-4, later: 1e-3, labels: 0.99 };
 
 /// Same number of steps, losses within `tol` at every step, mostly equal labels.
 fn assert_same_fit(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome, tol: Tol) {
@@ -236,7 +240,8 @@ fn bfloat16_jobs_each_as_if_alone() {
 }
 
 /// The GPU code paths on the CPU (`s3net_ops::emulated_cuda`): the stack's 1×1 convs as
-/// `pointwise_conv2d`, one trunk pass over an image and its turned copy, pipelined steps, and
+/// `pointwise_conv2d`, the forward-only pass over the turned copy (the default preset's affine
+/// side; the paper's runs one trunk pass over an image and its turned copy), pipelined steps, and
 /// every CUDA kernel (depthwise branches, BatchNorm, deformable conv, bias) on the emulation,
 /// float32 and bfloat16, against the same fits alone on the CPU's own paths. The kernels sum in
 /// another order than the CPU's, so the tolerance is that of two orders of summation whose
