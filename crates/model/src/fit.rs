@@ -260,9 +260,10 @@ pub struct Batch<'a, T> {
     velocity: Vec<Tensor>,
     /// The slots' inputs side by side, `(1, M·C, S, S)`; rebuilt when the membership changes.
     inputs: Option<Tensor>,
-    /// The last step's transforms, grid side and grids: a fixed transform (the default 90°
-    /// rotation) needs its grid built once, not every step.
-    grids: Option<(Vec<Affine>, i64, Transform)>,
+    /// The last step's transforms, grid side, affine side and grids: a fixed transform (the
+    /// default 90° rotation) needs its grid built once, not every step. (The side says whether
+    /// the inverse grids were built.)
+    grids: Option<(Vec<Affine>, i64, AffineGradient, Transform)>,
     /// A step queued but not read yet (see [`set_pipelined`](Self::set_pipelined)).
     pending: Option<Launched>,
     pipelined: bool,
@@ -616,13 +617,13 @@ impl<'a, T> Batch<'a, T> {
             // how its steps run.
             let ts: Vec<Affine> = self.slots.iter_mut().map(|s| Affine::draw(&mut s.rng, &s.job.opts.affine)).collect();
             match &self.grids {
-                Some((last, s, g)) if *last == ts && *s == opts.size => Some(g.shallow_clone()),
+                Some((last, s, side, g)) if *last == ts && *s == opts.size && *side == opts.affine_gradient => Some(g.shallow_clone()),
                 _ => {
                     let g = match opts.affine_gradient {
                         AffineGradient::Transformed => Transform::new(&ts, &self.slots[0].x),
                         AffineGradient::Original => Transform::with_inverse(&ts, &self.slots[0].x),
                     };
-                    self.grids = Some((ts, opts.size, g.shallow_clone()));
+                    self.grids = Some((ts, opts.size, opts.affine_gradient, g.shallow_clone()));
                     // The graph read the old grid.
                     self.forget_graph();
                     Some(g)
@@ -740,7 +741,6 @@ fn step_tensors(
     let (k, size) = (opts.features, opts.size);
     let c = x.size()[1] / m;
     let w = opts.weights;
-    // The affine term's prediction, and its target when it is known before the response's.
     let (response, at) = match grid {
         Some(grid) if opts.affine_gradient == AffineGradient::Original => {
             // T(x) forward only: its clustering, moved back, is what the auxiliary head
@@ -751,7 +751,7 @@ fn step_tensors(
                 grid.move_labels_back(&rt, &rt.argmax(1, false))
             });
             let f = net.trunk(x);
-            (net.response(&f), Some((net.aux(&f), Some(back))))
+            (net.response(&f), Some(AffinePrediction::OnX { aux: net.aux(&f), target: back }))
         }
         Some(grid) => {
             let xt = grid.apply(&x.reshape([m, c, size, size])).reshape([1, m * c, size, size]);
@@ -762,11 +762,11 @@ fn step_tensors(
                 // whole batch and copies its half in, and the two are then added; a split's
                 // backward joins the two halves once.
                 let f = net.trunk(&Tensor::cat(&[x, &xt], 0)).split(1, 0);
-                (net.response(&f[0]), Some((net.aux(&f[1]), None)))
+                (net.response(&f[0]), Some(AffinePrediction::OnMoved(net.aux(&f[1]))))
             } else {
                 // Two batch-1 passes rather than one batch of 2: each pass keeps its working
                 // set inside the CPU's last-level cache (measured ~1.5x faster).
-                (net.response(&net.trunk(x)), Some((net.aux(&net.trunk(&xt)), None)))
+                (net.response(&net.trunk(x)), Some(AffinePrediction::OnMoved(net.aux(&net.trunk(&xt)))))
             }
         }
         None => (net.response(&net.trunk(x)), None),
@@ -779,8 +779,8 @@ fn step_tensors(
     let zeros = || Tensor::zeros([m], (Kind::Float, device));
     let l_sp = l_sp.unwrap_or_else(zeros);
     let l_at = match (at, grid) {
-        (Some((aux, Some(back))), _) => loss::moved_ce(&aux.reshape([m, k, size, size]), &back, opts.kernels),
-        (Some((aux_t, None)), Some(grid)) => {
+        (Some(AffinePrediction::OnX { aux, target }), _) => loss::moved_ce(&aux.reshape([m, k, size, size]), &target, opts.kernels),
+        (Some(AffinePrediction::OnMoved(aux_t)), Some(grid)) => {
             // Target: the clustering of x, moved by the same transform.
             let target_t = grid.move_labels(&r.detach(), &target);
             loss::moved_ce(&aux_t.reshape([m, k, size, size]), &target_t, opts.kernels)
@@ -795,6 +795,14 @@ fn step_tensors(
     let labels = labels_in_use(&target, k);
     let stats = Tensor::stack(&[&total, &l_ce, &l_at, &l_sp, &labels.to_kind(Kind::Float)], 1).detach();
     Ok([r.detach(), target, stats])
+}
+
+/// The affine term's prediction: the auxiliary head's output on T(x), whose target (the
+/// response's clustering moved by T) comes after the response's loss terms; or its output on x
+/// with the target already computed from T(x)'s forward-only pass.
+enum AffinePrediction {
+    OnMoved(Tensor),
+    OnX { aux: Tensor, target: Tensor },
 }
 
 /// What two jobs must share to train in one stack: everything but the seed, the iteration

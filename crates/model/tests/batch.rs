@@ -417,13 +417,23 @@ fn incompatible_and_invalid_jobs_are_refused() {
 }
 
 /// A worker keeps one batch for its whole life: once empty, it takes jobs of another shape
-/// (another grid size here), and they fit as they would alone.
+/// (another grid size here, then the other side of the affine term), and they fit as they
+/// would alone.
 #[test]
 fn an_emptied_batch_takes_jobs_of_another_shape() {
     let mut batch: Batch<usize> = Batch::new(Device::Cpu);
-    for (i, size) in [32, 48, 32].into_iter().enumerate() {
+    // The paper preset's affine ranges shrunk to one fixed shift: every step's transform is the
+    // same, so the batch keeps its grids from job to job unless the next job needs others (the
+    // gradient through x needs the inverse grids too).
+    let mut fixed = FitOptions::preset(Preset::Paper).affine;
+    (fixed.rotation_deg, fixed.scale, fixed.shear_deg, fixed.translate) = (0.0, (1.1, 1.1), 0.0, 0.0);
+    let shapes = [(32, Preset::Default, None), (48, Preset::Default, None), (32, Preset::Default, None), (32, Preset::Paper, Some(AffineGradient::Transformed)), (32, Preset::Paper, Some(AffineGradient::Original))];
+    for (i, (size, preset, side)) in shapes.into_iter().enumerate() {
         let img = disc(40, 30, 3, 0.5, 0.5);
-        let o = FitOptions { size, ..opts(Preset::Default, i as u64, 3) };
+        let mut o = FitOptions { size, ..opts(preset, i as u64, 3) };
+        if let Some(side) = side {
+            (o.affine, o.affine_gradient) = (fixed, side);
+        }
         let job = FitJob { image: Arc::new(img.clone()), opts: o.clone(), progress: Box::new(|_: &Progress| {}), cancel: Box::new(|| false) };
         batch.add(i, job).map_err(|(_, e)| e).unwrap();
         let mut ended = Vec::new();
@@ -433,6 +443,6 @@ fn an_emptied_batch_takes_jobs_of_another_shape() {
         let out = ended.pop().unwrap().1.unwrap();
         let (_, want) = alone(&img, &o, Device::Cpu);
         assert_eq!(out.grid_labels.width, size as u32);
-        assert_eq!(out.labels, want.labels, "size {size}");
+        assert_eq!(out.labels, want.labels, "size {size}, {preset}, {side:?}");
     }
 }
