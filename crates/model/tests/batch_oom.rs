@@ -56,13 +56,16 @@ fn alone(img: &Image, seed: u64) -> (Vec<LossTerms>, FitOutput) {
     (steps, out)
 }
 
-/// Same steps, losses within 1e-4 at every step, labels ≥ 99 % equal.
+/// Same steps, losses within 1e-4 at the first step and 1e-3 later (an argmax near-tie that
+/// flips one target pixel moves them by up to about 6e-4; see `tests/batch.rs`'s `CPU`),
+/// labels ≥ 99 % equal.
 fn assert_as_alone(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome) {
     let out = b.1.as_ref().unwrap_or_else(|e| panic!("{name} failed: {e}"));
     assert_eq!(a.0.len(), b.0.len(), "{name}: steps of its last start");
     for (s, (x, y)) in a.0.iter().zip(&b.0).enumerate() {
         for (u, v) in [(x.total, y.total), (x.ce, y.ce), (x.affine, y.affine), (x.spatial, y.spatial)] {
-            assert!((u - v).abs() <= 1e-4 * (1.0 + u.abs()), "{name} step {}: alone {x:?}, batched {y:?}", s + 1);
+            let t = if s == 0 { 1e-4 } else { 1e-3 };
+            assert!((u - v).abs() <= t * (1.0 + u.abs()), "{name} step {}: alone {x:?}, batched {y:?}", s + 1);
         }
     }
     let same = a.1.labels.data.iter().zip(&out.labels.data).filter(|(p, q)| p == q).count();
