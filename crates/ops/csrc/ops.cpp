@@ -1531,7 +1531,7 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
   static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor offset,
                             std::optional<at::Tensor> mask, at::Tensor weight,
                             std::optional<at::Tensor> bias, int64_t sh, int64_t sw, int64_t ph,
-                            int64_t pw, int64_t dh, int64_t dw) {
+                            int64_t pw, int64_t dh, int64_t dw, bool keep_columns) {
     const int64_t g[6] = {sh, sw, ph, pw, dh, dw};
     DeformShape s = deform_check(input, offset, mask, weight, bias, g);
     // Detached, contiguous copies: the kernels call libtorch ops from OpenMP worker threads,
@@ -1550,7 +1550,7 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
     at::Tensor out, cols;
     if (cuda) {
       at::NoGradGuard no_grad;
-      std::tie(out, cols) = deform_forward_cuda(s, x_k, off, m, W2, b, weight.requires_grad());
+      std::tie(out, cols) = deform_forward_cuda(s, x_k, off, m, W2, b, keep_columns);
     }
     if (!cuda) out = deform_forward(s, x_k, off, m, W2, b);
     ctx->save_for_backward({x_k, off, m, W2, cols});
@@ -1597,7 +1597,7 @@ struct DeformFn : public torch::autograd::Function<DeformFn> {
       r[3] = r[3].view({s.O, s.kh, s.kw, s.C}).permute({0, 3, 1, 2}).contiguous();
     }
     return {r[0], r[1], r[2], r[3], r[4], at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -2079,8 +2079,13 @@ int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const
     const at::Tensor x = widen(*input, native), off = widen(*offset), w = widen(*weight);
     const std::optional<at::Tensor> m = widen(mask), b = widen(bias);
     deform_check(x, off, m, w, b, geometry);
+    // The CUDA forward keeps its columns only for a backward that will want the weight's
+    // gradient. Asked here, not inside the forward, where grad mode is always off: a
+    // parameter still requires grad under no_grad (the model's forward-only pass over the
+    // turned copy), and keeping would hold every image's columns at once for nothing.
+    const bool keep = at::GradMode::is_enabled() && w.requires_grad();
     at::Tensor r = DeformFn::apply(x, off, m, w, b, geometry[0], geometry[1], geometry[2],
-                                   geometry[3], geometry[4], geometry[5]);
+                                   geometry[3], geometry[4], geometry[5], keep);
     *out = new at::Tensor(narrow_to(r, *input));
     return 0;
   })
