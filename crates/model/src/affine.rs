@@ -69,37 +69,29 @@ impl Affine {
 /// On a GPU the warp of a 16-network response map, and the argmax after it, took about 3 % of
 /// a step (H100 profile, docs/gpu-checks/2026-11-27-h100-fusions).
 pub enum Transform {
-    /// Sampling grids `(M, S, S, 2)`, one per network, and those of their inverses (built only
-    /// when asked for: see [`Transform::with_inverse`]).
-    Warp(Tensor, Option<Tensor>),
+    /// Sampling grids `(M, S, S, 2)`, one per network, and those of their inverses (`back`).
+    Warp { grid: Tensor, back: Tensor },
     /// Every network's transform is [`Affine::QUARTER_TURN`].
     QuarterTurn,
 }
 
 impl Transform {
     /// The transforms `ts` of a stack's networks, for `S × S` images on `like`'s device.
+    /// A warp's inverse grids come with it, whichever side of the affine term will use them:
+    /// one more small grid per new draw, against a step's work.
     pub fn new(ts: &[Affine], like: &Tensor) -> Transform {
-        Transform::build(ts, like, false)
-    }
-
-    /// As [`Transform::new`], able to [`move_labels_back`](Transform::move_labels_back) too.
-    pub fn with_inverse(ts: &[Affine], like: &Tensor) -> Transform {
-        Transform::build(ts, like, true)
-    }
-
-    fn build(ts: &[Affine], like: &Tensor, inverse: bool) -> Transform {
         if !ts.is_empty() && ts.iter().all(|t| *t == Affine::QUARTER_TURN) {
             Transform::QuarterTurn
         } else {
-            let back = inverse.then(|| Affine::grids(&ts.iter().map(Affine::inverse).collect::<Vec<_>>(), like));
-            Transform::Warp(Affine::grids(ts, like), back)
+            let back = Affine::grids(&ts.iter().map(Affine::inverse).collect::<Vec<_>>(), like);
+            Transform::Warp { grid: Affine::grids(ts, like), back }
         }
     }
 
     /// The same transform, sharing the grids' storage.
     pub fn shallow_clone(&self) -> Transform {
         match self {
-            Transform::Warp(g, back) => Transform::Warp(g.shallow_clone(), back.as_ref().map(Tensor::shallow_clone)),
+            Transform::Warp { grid, back } => Transform::Warp { grid: grid.shallow_clone(), back: back.shallow_clone() },
             Transform::QuarterTurn => Transform::QuarterTurn,
         }
     }
@@ -107,7 +99,7 @@ impl Transform {
     /// `x (M, C, S, S)`, image j moved by network j's transform, zeros outside.
     pub fn apply(&self, x: &Tensor) -> Tensor {
         match self {
-            Transform::Warp(g, _) => warp(x, g),
+            Transform::Warp { grid, .. } => warp(x, grid),
             Transform::QuarterTurn => x.rot90(1, [2, 3]),
         }
     }
@@ -115,12 +107,10 @@ impl Transform {
     /// The clustering of the moved images moved back: from their response `(M, K, S, S)` and
     /// its argmax `labels (M, S, S)`, the argmax of the response moved by each inverse transform,
     /// [`IGNORE`] where the source lies outside the image. Pixel p of an image then holds the
-    /// label that the moved copy gave the point p was moved to. Panics for a warp built without
-    /// its inverse (by [`Transform::new`]).
+    /// label that the moved copy gave the point p was moved to.
     pub fn move_labels_back(&self, response: &Tensor, labels: &Tensor) -> Tensor {
         match self {
-            Transform::Warp(_, Some(back)) => warp_labels(response, back),
-            Transform::Warp(_, None) => panic!("move_labels_back on a transform built without its inverse"),
+            Transform::Warp { back, .. } => warp_labels(response, back),
             Transform::QuarterTurn => labels.rot90(-1, [1, 2]),
         }
     }
@@ -129,7 +119,7 @@ impl Transform {
     /// the argmax of the moved response, [`IGNORE`] where the source lies outside the image.
     pub fn move_labels(&self, response: &Tensor, labels: &Tensor) -> Tensor {
         match self {
-            Transform::Warp(g, _) => warp_labels(response, g),
+            Transform::Warp { grid, .. } => warp_labels(response, grid),
             Transform::QuarterTurn => labels.rot90(1, [1, 2]),
         }
     }
@@ -177,13 +167,13 @@ mod tests {
                 assert_eq!(e, 0.0, "side {s}");
             }
             let labels = x.argmax(1, false);
-            let want = Transform::Warp(grid, None).move_labels(&x, &labels);
+            let want = Transform::Warp { back: grid.shallow_clone(), grid }.move_labels(&x, &labels);
             let same = f64::try_from(turn.move_labels(&x, &labels).eq_tensor(&want).to_kind(Kind::Float).mean(Kind::Float)).unwrap();
             assert!(same > 0.999, "side {s}: {same} of the labels agree");
         }
         // Any other transform in the stack: warps.
         let x = Tensor::zeros([2, 1, 4, 4], (Kind::Float, Device::Cpu));
-        assert!(matches!(Transform::new(&[Affine::QUARTER_TURN, Affine::IDENTITY], &x), Transform::Warp(..)));
+        assert!(matches!(Transform::new(&[Affine::QUARTER_TURN, Affine::IDENTITY], &x), Transform::Warp { .. }));
     }
 
     /// `inverse` undoes a transform: composed either way the matrix is the identity, for the
@@ -227,7 +217,7 @@ mod tests {
         let r = Tensor::stack(&planes, 0).unsqueeze(0).repeat([3, 1, 1, 1]);
         let labels = r.argmax(1, false);
 
-        let turn = Transform::with_inverse(&[Affine::QUARTER_TURN; 3], &r);
+        let turn = Transform::new(&[Affine::QUARTER_TURN; 3], &r);
         let moved = turn.apply(&r);
         let back = turn.move_labels_back(&moved, &moved.argmax(1, false));
         assert!(bool::try_from(back.eq_tensor(&labels).all()).unwrap());
@@ -235,7 +225,7 @@ mod tests {
         let mut rng = SplitMix64::new(9);
         let range = crate::options::FitOptions::preset(crate::options::Preset::Paper).affine;
         let ts: Vec<Affine> = (0..3).map(|_| Affine::draw(&mut rng, &range)).collect();
-        let warp = Transform::with_inverse(&ts, &r);
+        let warp = Transform::new(&ts, &r);
         let moved = warp.apply(&r);
         let back = warp.move_labels_back(&moved, &moved.argmax(1, false));
         let kept = back.ne(IGNORE);
@@ -250,14 +240,5 @@ mod tests {
         let there = fwd.eq_tensor(&moved.argmax(1, false)).logical_and(&fwd.ne(IGNORE)).to_kind(Kind::Float).sum(Kind::Float);
         let frac = f64::try_from(there / fwd.ne(IGNORE).to_kind(Kind::Float).sum(Kind::Float)).unwrap();
         assert!(frac > 0.99, "{frac}");
-    }
-
-    /// A warp built by `new` holds no inverse: asking for it is a programming error.
-    #[test]
-    #[should_panic(expected = "without its inverse")]
-    fn moving_back_needs_the_inverse() {
-        let x = Tensor::zeros([1, 2, 4, 4], (Kind::Float, Device::Cpu));
-        let t = Transform::new(&[Affine::IDENTITY], &x);
-        let _ = t.move_labels_back(&x, &x.argmax(1, false));
     }
 }

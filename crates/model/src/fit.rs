@@ -260,10 +260,9 @@ pub struct Batch<'a, T> {
     velocity: Vec<Tensor>,
     /// The slots' inputs side by side, `(1, M·C, S, S)`; rebuilt when the membership changes.
     inputs: Option<Tensor>,
-    /// The last step's transforms, grid side, affine side and grids: a fixed transform (the
-    /// default 90° rotation) needs its grid built once, not every step. (The side says whether
-    /// the inverse grids were built.)
-    grids: Option<(Vec<Affine>, i64, AffineGradient, Transform)>,
+    /// The last step's transforms, grid side and grids: a fixed transform (the default 90°
+    /// rotation) needs its grid built once, not every step.
+    grids: Option<(Vec<Affine>, i64, Transform)>,
     /// A step queued but not read yet (see [`set_pipelined`](Self::set_pipelined)).
     pending: Option<Launched>,
     pipelined: bool,
@@ -617,13 +616,10 @@ impl<'a, T> Batch<'a, T> {
             // how its steps run.
             let ts: Vec<Affine> = self.slots.iter_mut().map(|s| Affine::draw(&mut s.rng, &s.job.opts.affine)).collect();
             match &self.grids {
-                Some((last, s, side, g)) if *last == ts && *s == opts.size && *side == opts.affine_gradient => Some(g.shallow_clone()),
+                Some((last, s, g)) if *last == ts && *s == opts.size => Some(g.shallow_clone()),
                 _ => {
-                    let g = match opts.affine_gradient {
-                        AffineGradient::Transformed => Transform::new(&ts, &self.slots[0].x),
-                        AffineGradient::Original => Transform::with_inverse(&ts, &self.slots[0].x),
-                    };
-                    self.grids = Some((ts, opts.size, opts.affine_gradient, g.shallow_clone()));
+                    let g = Transform::new(&ts, &self.slots[0].x);
+                    self.grids = Some((ts, opts.size, g.shallow_clone()));
                     // The graph read the old grid.
                     self.forget_graph();
                     Some(g)

@@ -422,9 +422,9 @@ fn incompatible_and_invalid_jobs_are_refused() {
 #[test]
 fn an_emptied_batch_takes_jobs_of_another_shape() {
     let mut batch: Batch<usize> = Batch::new(Device::Cpu);
-    // The paper preset's affine ranges shrunk to one fixed shift: every step's transform is the
-    // same, so the batch keeps its grids from job to job unless the next job needs others (the
-    // gradient through x needs the inverse grids too).
+    // The paper preset's affine ranges shrunk to one fixed scaling: every step's transform is
+    // the same, so the batch keeps its grids from job to job, and the job with the gradient
+    // through x moves its labels back along the kept inverse grids.
     let mut fixed = FitOptions::preset(Preset::Paper).affine;
     (fixed.rotation_deg, fixed.scale, fixed.shear_deg, fixed.translate) = (0.0, (1.1, 1.1), 0.0, 0.0);
     let shapes = [(32, Preset::Default, None), (48, Preset::Default, None), (32, Preset::Default, None), (32, Preset::Paper, Some(AffineGradient::Transformed)), (32, Preset::Paper, Some(AffineGradient::Original))];
