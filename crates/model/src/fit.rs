@@ -125,6 +125,18 @@ fn catch_torch<R>(f: impl FnOnce() -> Result<R, ModelError>) -> Result<R, ModelE
     }
 }
 
+/// `f` with gradient tracking off, back on as before even when `f` panics.
+///
+/// Why not `tch::no_grad`: it sets the thread's grad mode back only if `f` returns, and
+/// libtorch's failures (out of memory, above all) arrive as panics that [`catch_torch`] turns
+/// into errors. A stack that ran out of memory in a forward-only pass left its worker thread
+/// with grad mode off, and every later fit on it failed ("element 0 of tensors does not
+/// require grad") or trained nothing. The guard's drop runs on unwinding too.
+pub(crate) fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = tch::no_grad_guard();
+    f()
+}
+
 /// libtorch errors arrive as a panic message (or a `TchError`) wrapping the C++ message and its
 /// backtrace; keep only the part a user can read.
 pub(crate) fn first_line(msg: &str) -> String {
@@ -422,7 +434,7 @@ impl<'a, T> Batch<'a, T> {
                     self.velocity = fresh;
                 }
                 Some(old) => {
-                    let v = tch::no_grad(|| self.velocity.iter().zip(&fresh).map(|(a, b)| Tensor::cat(&[a, b], 0)).collect());
+                    let v = no_grad(|| self.velocity.iter().zip(&fresh).map(|(a, b)| Tensor::cat(&[a, b], 0)).collect());
                     old.stack(net);
                     self.velocity = v;
                 }
@@ -742,7 +754,7 @@ fn step_tensors(
             // T(x) forward only: its clustering, moved back, is what the auxiliary head
             // predicts on x. Its activations are dropped as each op ends; one backward pass.
             let xt = grid.apply(&x.reshape([m, c, size, size])).reshape([1, m * c, size, size]);
-            let back = tch::no_grad(|| {
+            let back = no_grad(|| {
                 let rt = net.response(&net.trunk(&xt)).reshape([m, k, size, size]);
                 grid.move_labels_back(&rt, &rt.argmax(1, false))
             });
@@ -948,6 +960,26 @@ mod tests {
         );
         let check = "Torch(\"shape mismatch: [1, 3] vs [2]\\nException raised from foo at bar.cpp:12\")";
         assert_eq!(super::first_line(check), "shape mismatch: [1, 3] vs [2]");
+    }
+
+    /// A libtorch failure inside a forward-only section (here a shape error, as an
+    /// out-of-memory would arrive) leaves the thread's grad mode on, and the thread's next fit
+    /// trains: before, every later fit of the worker failed with "element 0 of tensors does
+    /// not require grad".
+    #[test]
+    fn a_failure_without_gradients_leaves_them_on() {
+        let failed = catch_torch(|| {
+            no_grad(|| Tensor::ones([2], (Kind::Float, Device::Cpu)).matmul(&Tensor::ones([3], (Kind::Float, Device::Cpu))));
+            Ok(())
+        });
+        assert!(matches!(failed, Err(ModelError::Torch(_))), "{failed:?}");
+        let x = Tensor::ones([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        assert!((&x * 2.0).requires_grad(), "grad mode stayed off after the failure");
+
+        let image = Image { width: 16, height: 16, channels: 1, data: (0..256).map(|i| (i % 16) as f32 / 16.0).collect(), kind: ImageKind::Grey };
+        let opts = FitOptions { size: 16, features: 4, iterations: 2, min_labels: 0, ..FitOptions::default() };
+        let out = fit(&image, &opts, Device::Cpu, &mut |_| (), &std::sync::atomic::AtomicBool::new(false));
+        assert!(out.is_ok(), "a fit after the failure: {:?}", out.err());
     }
 
     /// A one-pixel cluster on a 4×4 grid vanishes when the logits are resized to the 2×2

@@ -331,7 +331,7 @@ impl S3Net {
         for p in self.parameters() {
             if p.dim() == 4 && self.kernels == Kernels::TensorOps {
                 let cl = crate::fit::channels_last(p);
-                tch::no_grad(|| {
+                crate::fit::no_grad(|| {
                     let mut p = p.shallow_clone();
                     p.set_data(&cl);
                 });
@@ -349,7 +349,7 @@ impl S3Net {
             .parameters()
             .iter()
             .zip(other.parameters())
-            .map(|(a, b)| tch::no_grad(|| Tensor::cat(&[a.detach(), b.detach()], 0)))
+            .map(|(a, b)| crate::fit::no_grad(|| Tensor::cat(&[a.detach(), b.detach()], 0)))
             .collect();
         for (slot, t) in self.parameters_mut().into_iter().zip(joined) {
             *slot = t;
@@ -497,7 +497,7 @@ fn repeat_batch(t: &Tensor, n: i64) -> Tensor {
 
 /// The blocks of networks `keep` from a parameter stacked over `models` networks.
 pub(crate) fn select_models(p: &Tensor, models: i64, keep: &[i64]) -> Tensor {
-    tch::no_grad(|| {
+    crate::fit::no_grad(|| {
         let size = p.size();
         let per = size[0] / models;
         let idx = Tensor::from_slice(keep).to_device(p.device());
