@@ -141,13 +141,20 @@ fn bench_fit_writes_an_operator_trace() {
         assert!(ops.contains(&name), "{name} missing from the trace's {} ops", ops.len());
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/trace-summary.py");
-    match Command::new("python3").arg(&script).arg(&trace).arg("--top").arg("5").output() {
-        Ok(s) => {
-            let text = String::from_utf8_lossy(&s.stdout);
-            assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    // Which ops rank first depends on the machine's timing (a clean-clone CI run once ranked
+    // four forward ops and a GELU above every backward op), so the top 5 is only counted, and
+    // the backward op's autograd node is looked for in the whole list.
+    let summary = |top: &str| {
+        let s = Command::new("python3").arg(&script).arg(&trace).arg("--top").arg(top).output()?;
+        assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+        Ok::<String, std::io::Error>(String::from_utf8_lossy(&s.stdout).into_owned())
+    };
+    match summary("5") {
+        Ok(text) => {
             assert!(text.starts_with("# CPU self time of each op"), "{text}");
             assert_eq!(text.lines().filter(|l| l.contains("% ") && l.contains(" us  n=")).count(), 5, "{text}");
-            assert!(text.contains("aten::convolution_backward  [ConvolutionBackward0]"), "{text}");
+            let all = summary("1000").expect("python3 ran once already");
+            assert!(all.contains("aten::convolution_backward  [ConvolutionBackward0]"), "{all}");
         }
         Err(e) => eprintln!("no python3 ({e}): trace-summary.py not run"),
     }
