@@ -749,11 +749,13 @@ fn step_tensors(
     let (k, size) = (opts.features, opts.size);
     let c = x.size()[1] / m;
     let w = opts.weights;
+    // The images moved by the affine term's transforms, T(x).
+    let moved = |grid: &Transform| grid.apply(&x.reshape([m, c, size, size])).reshape([1, m * c, size, size]);
     let (response, at) = match grid {
         Some(grid) if opts.affine_gradient == AffineGradient::Original => {
             // T(x) forward only: its clustering, moved back, is what the auxiliary head
             // predicts on x. Its activations are dropped as each op ends; one backward pass.
-            let xt = grid.apply(&x.reshape([m, c, size, size])).reshape([1, m * c, size, size]);
+            let xt = moved(grid);
             let back = no_grad(|| {
                 let rt = net.response(&net.trunk(&xt)).reshape([m, k, size, size]);
                 grid.move_labels_back(&rt, &rt.argmax(1, false))
@@ -762,7 +764,7 @@ fn step_tensors(
             (net.response(&f), Some(AffinePrediction::OnX { aux: net.aux(&f), target: back }))
         }
         Some(grid) => {
-            let xt = grid.apply(&x.reshape([m, c, size, size])).reshape([1, m * c, size, size]);
+            let xt = moved(grid);
             if s3net_ops::gpu_paths(device) {
                 // On a GPU, one pass over the image and its transformed copy as a batch of two
                 // (BatchNorm still normalises each on its own): half the kernel launches.
