@@ -104,14 +104,15 @@ impl Transform {
         }
     }
 
-    /// The clustering of the moved images moved back: from their response `(M, K, S, S)` and
-    /// its argmax `labels (M, S, S)`, the argmax of the response moved by each inverse transform,
-    /// [`IGNORE`] where the source lies outside the image. Pixel p of an image then holds the
-    /// label that the moved copy gave the point p was moved to.
-    pub fn move_labels_back(&self, response: &Tensor, labels: &Tensor) -> Tensor {
+    /// The clustering of the moved images moved back: from their response `(M, K, S, S)`, the
+    /// argmax of the response moved by each inverse transform `(M, S, S)`, [`IGNORE`] where the
+    /// source lies outside the image. Pixel p of an image then holds the label that the moved
+    /// copy gave the point p was moved to. Only the response: a warp takes the argmax after
+    /// moving it, and a quarter turn's argmax moves exactly, so no caller's argmax is needed.
+    pub fn move_labels_back(&self, response: &Tensor) -> Tensor {
         match self {
             Transform::Warp { back, .. } => warp_labels(response, back),
-            Transform::QuarterTurn => labels.rot90(-1, [1, 2]),
+            Transform::QuarterTurn => response.argmax(1, false).rot90(-1, [1, 2]),
         }
     }
 
@@ -219,7 +220,7 @@ mod tests {
 
         let turn = Transform::new(&[Affine::QUARTER_TURN; 3], &r);
         let moved = turn.apply(&r);
-        let back = turn.move_labels_back(&moved, &moved.argmax(1, false));
+        let back = turn.move_labels_back(&moved);
         assert!(bool::try_from(back.eq_tensor(&labels).all()).unwrap());
 
         let mut rng = SplitMix64::new(9);
@@ -227,7 +228,7 @@ mod tests {
         let ts: Vec<Affine> = (0..3).map(|_| Affine::draw(&mut rng, &range)).collect();
         let warp = Transform::new(&ts, &r);
         let moved = warp.apply(&r);
-        let back = warp.move_labels_back(&moved, &moved.argmax(1, false));
+        let back = warp.move_labels_back(&moved);
         let kept = back.ne(IGNORE);
         let n_kept = f64::try_from(kept.to_kind(Kind::Float).mean(Kind::Float)).unwrap();
         assert!(n_kept > 0.5 && n_kept < 1.0, "{n_kept} of the pixels kept");

@@ -757,8 +757,7 @@ fn step_tensors(
             // predicts on x. Its activations are dropped as each op ends; one backward pass.
             let xt = moved(grid);
             let back = no_grad(|| {
-                let rt = net.response(&net.trunk(&xt)).reshape([m, k, size, size]);
-                grid.move_labels_back(&rt, &rt.argmax(1, false))
+                grid.move_labels_back(&net.response(&net.trunk(&xt)).reshape([m, k, size, size]))
             });
             let f = net.trunk(x);
             (net.response(&f), Some(AffinePrediction::OnX { aux: net.aux(&f), target: back }))
