@@ -257,7 +257,7 @@ impl FitOptions {
             // F = 32 rather than 64: the same Dice within seed noise over three seeds (PH2
             // oracle 77.9 vs 78.4, auto 88.0 vs 87.5; lung auto 96.0 vs 95.7) at 2.3× less
             // time per step on the CPU. The affine term trains the network on x, with T(x)
-            // forward only: one backward pass per step, 20 % less time per CPU step, the same
+            // forward only: one backward pass per step, 10–15 % less time per CPU step, the same
             // Dice over three seeds (README, "Choosing the default").
             Preset::Default => FitOptions {
                 features: 32,
