@@ -154,14 +154,20 @@ fn other_side(preset: Preset) -> AffineGradient {
     }
 }
 
+/// The three jobs of [`each_job_as_if_alone`] with the side of the affine term `preset` does
+/// not take.
+fn other_side_as_if_alone(preset: Preset, device: Device, tol: Tol) {
+    let o = |seed, its| FitOptions { affine_gradient: other_side(preset), ..opts(preset, seed, its) };
+    three_jobs_as_if_alone(&format!("{preset}, {:?}", other_side(preset)), o, device, tol, None);
+}
+
 /// The affine term's other side batches as well: with the gradient through x (T(x) forward
 /// only, its labels moved back: the quarter turn undone, random warps along inverse grids) or
 /// through T(x), whichever the preset does not take.
 #[test]
 fn each_job_as_if_alone_other_affine_side() {
     for preset in [Preset::Default, Preset::Paper] {
-        let o = |seed, its| FitOptions { affine_gradient: other_side(preset), ..opts(preset, seed, its) };
-        three_jobs_as_if_alone(&format!("{preset}, {:?}", other_side(preset)), o, Device::Cpu, CPU, None);
+        other_side_as_if_alone(preset, Device::Cpu, CPU);
     }
 }
 
@@ -211,8 +217,7 @@ fn cuda_each_job_as_if_alone() {
         each_job_as_if_alone(Preset::Paper, cuda, gpu, pipelined);
     }
     for preset in [Preset::Default, Preset::Paper] {
-        let o = |seed, its| FitOptions { affine_gradient: other_side(preset), ..opts(preset, seed, its) };
-        three_jobs_as_if_alone(&format!("{preset}, {:?}", other_side(preset)), o, cuda, gpu, None);
+        other_side_as_if_alone(preset, cuda, gpu);
     }
 }
 
