@@ -59,12 +59,19 @@ for g in dw["geometries"] + [dict(kernel="all four", dilation="", **dw["total"])
     o, l = g["ours"], g["libtorch"]
     name = f"{g['kernel']}×{g['kernel']}, {g['dilation']}" if g["dilation"] else "**all four (one I-LKA)**"
     lines.append(f"| {name} | {fw(o):.2f} | {fb(o):.2f} | {fw(l):.2f} | {fb(l):.2f} | {fb(l) / fb(o):.1f}× faster |")
+br = dw["branches"]
+o, l = br["one_op"], br["three_and_cat"]
+lines += ["", "The block's three parallel branches (3×3, 5×5 dilation 2, 7×7 dilation 3) as one op writing their concatenation, against the same three kernels of ours and a cat:", "",
+  "| branches | forward ms | fwd+bwd ms |", "|---|---|---|",
+  f"| one op (`depthwise_branches`) | {fw(o):.2f} | {fb(o):.2f} |", f"| three ops and a cat | {fw(l):.2f} | {fb(l):.2f} |"]
 ls = j("losses-cpu.json")
 lines += ["", f"## Loss terms of a step on a {'×'.join(map(str, ls['shape']['input']))} map (CPU)", "",
   "| terms | ours forward ms | ours fwd+bwd ms | libtorch forward ms | libtorch fwd+bwd ms | fwd+bwd vs libtorch |", "|---|---|---|---|---|---|"]
 for key, name in [("response_terms", "response: cross-entropy against its argmax + continuity"), ("moved_ce", "auxiliary map: cross-entropy against the turned clustering")]:
     o, l = ls[key]["fused"], ls[key]["libtorch"]
     lines.append(f"| {name} | {fw(o):.2f} | {fb(o):.2f} | {fw(l):.2f} | {fb(l):.2f} | {fb(l) / fb(o):.1f}× faster |")
+am = ls["argmax_ms"]
+lines += ["", f"The turned copy's clustering, the argmax over the channels: ours (`argmax_channels`) {am['ours']:.2f} ms, libtorch's {am['libtorch']:.2f} ms ({am['libtorch'] / am['ours']:.1f}× faster)."]
 lines += ["", "## One fit step at 256², default preset, every loss term on (CPU)", "",
   "| features F = K, kernels | seconds per step (median) | seconds per 10-step fit, set-up and read-out included |", "|---|---|---|",
   f"| {f['features']}, fused (default) | {f['seconds_per_iteration_median']:.3f} | {f['seconds_per_fit_median']:.2f} |",

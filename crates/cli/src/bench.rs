@@ -462,9 +462,30 @@ fn depthwise(b: OpBench) -> Result<()> {
         libtorch_total += l;
         rows.push(json!({ "kernel": k, "dilation": d, "padding": p, "ours": a, "libtorch": l }));
     }
+    // The block's three parallel branches (the last three geometries) as one op, against the
+    // same three convs of ours joined by a cat.
+    let branch_params: Vec<(Tensor, Tensor, i64)> = [(3, 1), (5, 2), (7, 3)]
+        .iter()
+        .map(|&(k, d)| ((Tensor::randn([c, 1, k, k], o) * 0.1).set_requires_grad(true), Tensor::zeros([c], o).set_requires_grad(true), d))
+        .collect();
+    let joined: Op = Box::new(|| {
+        let branch = |i: usize| s3net_ops::Branch { weight: &branch_params[i].0, bias: &branch_params[i].1, dilation: branch_params[i].2 };
+        Ok(s3net_ops::depthwise_branches(&x, [branch(0), branch(1), branch(2)], 1)?)
+    });
+    let three: Op = Box::new(|| {
+        let parts = branch_params
+            .iter()
+            .map(|(w, bias, d)| {
+                let p = d * (w.size()[2] - 1) / 2;
+                s3net_ops::depthwise_conv2d(&x, w, Some(bias), p, *d)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&parts, 1))
+    });
     let out = json!({
         "geometries": rows,
         "total": { "ours": ours_total, "libtorch": libtorch_total },
+        "branches": { "one_op": time_op(&joined, b.repeats, &sync)?, "three_and_cat": time_op(&three, b.repeats, &sync)? },
         "device": format!("{dev:?}"),
         "shape": { "input": [1, c, s, s] },
         // The CUDA kernels' layout (S3NET_DW_COLUMNS; the CPU kernels have one).
@@ -498,9 +519,28 @@ fn losses(b: OpBench) -> Result<()> {
         // The CUDA kernel switched off or not built: say why instead of a number.
         Err(e) => json!({ "unavailable": e.to_string() }),
     };
+    // The turned copy's clustering: an argmax, no gradient.
+    let argmax_ms = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+        let mut runs = Vec::new();
+        for rep in 0..=b.repeats {
+            sync();
+            let t0 = Instant::now();
+            drop(f()?);
+            sync();
+            if rep > 0 {
+                runs.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok(median(&runs))
+    };
+    let labels = x.detach();
     let out = json!({
         "response_terms": { "fused": time(&response), "libtorch": time(&response_libtorch) },
         "moved_ce": { "fused": time(&moved), "libtorch": time(&moved_libtorch) },
+        "argmax_ms": {
+            "ours": argmax_ms(&|| Ok(s3net_ops::argmax_channels(&labels)?))?,
+            "libtorch": argmax_ms(&|| Ok(labels.argmax(1, false)))?,
+        },
         "device": format!("{dev:?}"),
         "shape": { "input": [1, k, s, s] },
     });

@@ -688,10 +688,105 @@ struct DepthwiseFn : public torch::autograd::Function<DepthwiseFn> {
 // read their output gradients from those slices, and the input gradient's three parts are
 // added by the kernels themselves (the second and third accumulate into the first) instead of
 // by autograd. A 16-network step copied and added a few hundred MB per block for these.
-// CUDA only (f32, f64, bf16, when every branch fits the kernels); elsewhere the three
-// depthwise ops and a cat (s3ops_depthwise_branches).
+// On CUDA in f32, f64 and bf16 when every branch fits the kernels; on the CPU in f32 and f64
+// (16-bit inputs widened once by the caller), each plane's three branches one after the other
+// while its input is in cache: there the cat, its backward's copies and autograd's adds took
+// about 5 % of a fit's step. Elsewhere the three depthwise ops and a cat
+// (s3ops_depthwise_branches).
 
 constexpr int kBranches = 3;
+
+// Plane q of the input (N, M·c, H, W) → its plane of branch b in the output (N, M·3c, H, W):
+// network j = (q / c) mod M keeps its branches' c planes side by side.
+S3_INLINE int64_t branch_plane(int64_t q, int b, int64_t c) {
+  return (q / c) * kBranches * c + b * c + q % c;
+}
+
+// The CPU halves of BranchesFn on contiguous x (N, C = M·c, H, W), the branches' weights
+// (C, 1, k, k), biases (C) and geo (padding and dilation of each, then M), all of type T.
+template <typename T>
+void branches_forward_cpu(const at::Tensor& x, const at::Tensor (&ws)[kBranches],
+                          const at::Tensor (&bs)[kBranches], const std::vector<int64_t>& geo,
+                          at::Tensor& out) {
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t c = C / geo[2 * kBranches];
+  const T* ip = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  auto fn = cpu_has_avx2() ? &dw_corr_plane_avx2<T> : &dw_corr_plane_base<T>;
+  at::parallel_for(0, x.size(0) * C, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<T> buf;
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t ch = q % C;
+      for (int b = 0; b < kBranches; ++b) {
+        const int64_t k = ws[b].size(2);
+        T* o = op + branch_plane(q, b, c) * HW;
+        std::fill(o, o + HW, bs[b].data_ptr<T>()[ch]);
+        fn(ip + q * HW, H, W, ws[b].data_ptr<T>() + ch * k * k, k, geo[2 * b], geo[2 * b + 1], o,
+           H, W, buf);
+      }
+    }
+  });
+}
+
+// grad_input: per plane, the three branches' output gradients correlated with their flipped
+// kernels (wf), padding (k−1)·d − p, added into one plane.
+template <typename T>
+void branches_input_grad_cpu(const at::Tensor& go, const at::Tensor (&wf)[kBranches],
+                             const std::vector<int64_t>& geo, at::Tensor& gi) {
+  const int64_t C = gi.size(1), H = gi.size(2), W = gi.size(3), HW = H * W;
+  const int64_t c = C / geo[2 * kBranches];
+  const T* gp = go.data_ptr<T>();
+  T* ip = gi.data_ptr<T>();
+  auto fn = cpu_has_avx2() ? &dw_corr_plane_avx2<T> : &dw_corr_plane_base<T>;
+  at::parallel_for(0, gi.size(0) * C, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<T> buf;
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t ch = q % C;
+      T* g = ip + q * HW;
+      std::fill(g, g + HW, T(0));
+      for (int b = 0; b < kBranches; ++b) {
+        const int64_t k = wf[b].size(2), p = geo[2 * b], d = geo[2 * b + 1];
+        fn(gp + branch_plane(q, b, c) * HW, H, W, wf[b].data_ptr<T>() + ch * k * k, k,
+           (k - 1) * d - p, d, g, H, W, buf);
+      }
+    }
+  });
+}
+
+// Branch b's weight gradient (C, 1, k, k) into gw and, when gb is defined, its bias gradient
+// (C): per channel, over the N images, each plane's taps and sum added in double.
+template <typename T>
+void branches_weight_grad_cpu(const at::Tensor& x, const at::Tensor& go, int b,
+                              const std::vector<int64_t>& geo, at::Tensor& gw, at::Tensor& gb) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t c = C / geo[2 * kBranches], k = gw.size(2), p = geo[2 * b], d = geo[2 * b + 1];
+  const T* ip = x.data_ptr<T>();
+  const T* gp = go.data_ptr<T>();
+  T* wp = gw.data_ptr<T>();
+  T* bp = gb.defined() ? gb.data_ptr<T>() : nullptr;
+  auto fn = cpu_has_avx2() ? &dw_wgrad_plane_avx2<T> : &dw_wgrad_plane_base<T>;
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<double> acc(k * k);
+    std::vector<T> buf, gbuf;
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double bias = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t q = n * C + ch;
+        const T* g = gp + branch_plane(q, b, c) * HW;
+        fn(ip + q * HW, H, W, g, H, W, k, p, d, acc.data(), buf, gbuf);
+        if (bp) {
+          T s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = 0; i < HW; ++i) s += g[i];
+          bias += (double)s;
+        }
+      }
+      for (int64_t t = 0; t < k * k; ++t) wp[ch * k * k + t] = (T)acc[t];
+      if (bp) bp[ch] = (T)bias;
+    }
+  });
+}
 
 struct BranchesFn : public torch::autograd::Function<BranchesFn> {
   // geo: pad and dilation of each branch, then the number of networks M.
@@ -704,7 +799,12 @@ struct BranchesFn : public torch::autograd::Function<BranchesFn> {
     const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
     const int64_t c = C / geo[2 * kBranches], HW = H * W, elem = x.element_size();
     auto out = at::empty({N, kBranches * C, H, W}, x.options());
-    for (int b = 0; b < kBranches; ++b) {
+    if (!on_kernels(x)) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s3net_branches", [&] {
+        branches_forward_cpu<scalar_t>(x, ws, bs, geo, out);
+      });
+    }
+    for (int b = 0; b < kBranches && on_kernels(x); ++b) {
       S3DepthwiseDims dims = dw_dims(x, ws[b].size(2), geo[2 * b], geo[2 * b + 1], H, W);
       dims.out_group = c;
       dims.out_gstride = kBranches * c * HW;
@@ -730,6 +830,28 @@ struct BranchesFn : public torch::autograd::Function<BranchesFn> {
     auto go = grads[0].contiguous();  // (N, 3·M·c, H, W)
     const auto slice = [&](int b) { return (const char*)go.data_ptr() + b * c * HW * elem; };
     variable_list r(8);
+    if (!on_kernels(x)) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s3net_branches_backward", [&] {
+        if (need[0]) {
+          const at::Tensor wf[kBranches] = {sv[1].flip({2, 3}).contiguous(),
+                                            sv[2].flip({2, 3}).contiguous(),
+                                            sv[3].flip({2, 3}).contiguous()};
+          auto gi = at::empty_like(x);
+          branches_input_grad_cpu<scalar_t>(go, wf, geo, gi);
+          r[0] = gi;
+        }
+        for (int b = 0; b < kBranches; ++b) {
+          const bool need_w = need[1 + 2 * b], need_b = need[2 + 2 * b];
+          if (!need_w && !need_b) continue;
+          auto gw = at::empty_like(sv[1 + b]);
+          auto gb = need_b ? at::empty({C}, x.options()) : at::Tensor();
+          branches_weight_grad_cpu<scalar_t>(x, go, b, geo, gw, gb);
+          if (need_w) r[1 + 2 * b] = gw;
+          if (need_b) r[2 + 2 * b] = gb;
+        }
+      });
+      return r;
+    }
     if (need[0]) {
       // Σ over branches of the correlation of its output gradient with its flipped kernel,
       // padding (k−1)·d − p; branches 1 and 2 add to what branch 0 wrote.
@@ -1660,6 +1782,69 @@ S3_INLINE A sign_of(A v) {
   return static_cast<A>(v > A(0)) - static_cast<A>(v < A(0));
 }
 
+// ============================================================================================
+// Argmax over the channel axis
+// ============================================================================================
+//
+// labels (N, H, W) int64 = torch.argmax(x (N, K, H, W), 1): the first maximum, a NaN beating any
+// number. Why: the default preset takes the clustering of the turned copy, a forward-only pass,
+// as this argmax, and libtorch's CPU argmax over the strided channel axis took 9 ms for the
+// 1×32×256² map of a step (3 % of it). Here each channel's stretch of a chunk of pixels is read
+// once, in a loop that vectorises (the running maximum and index, one lane per pixel). CPU
+// only (float32, float64, bfloat16 compared in float32); elsewhere libtorch's argmax.
+
+constexpr int64_t kArgmaxChunk = 1024;
+
+template <typename T, typename A>
+S3_INLINE void argmax_chunk(const T* x, int64_t K, int64_t P, int64_t len, int64_t* out) {
+  A mx[kArgmaxChunk];
+  int32_t arg[kArgmaxChunk];
+  for (int64_t i = 0; i < len; ++i) {
+    mx[i] = static_cast<A>(x[i]);
+    arg[i] = 0;
+  }
+  for (int64_t k = 1; k < K; ++k) {
+    const T* __restrict p = x + k * P;
+    for (int64_t i = 0; i < len; ++i) {
+      const A v = static_cast<A>(p[i]);
+      const bool take = v > mx[i] || (v != v && mx[i] == mx[i]);
+      mx[i] = take ? v : mx[i];
+      arg[i] = take ? static_cast<int32_t>(k) : arg[i];
+    }
+  }
+  for (int64_t i = 0; i < len; ++i) out[i] = arg[i];
+}
+template <typename T, typename A>
+void argmax_chunk_base(const T* x, int64_t K, int64_t P, int64_t len, int64_t* out) {
+  argmax_chunk<T, A>(x, K, P, len, out);
+}
+template <typename T, typename A>
+S3_AVX2 void argmax_chunk_avx2(const T* x, int64_t K, int64_t P, int64_t len, int64_t* out) {
+  argmax_chunk<T, A>(x, K, P, len, out);
+}
+
+// x contiguous (N, K, H, W) on the CPU, K < 2³¹ → (N, H, W) int64.
+at::Tensor argmax_channels_cpu(const at::Tensor& x) {
+  const int64_t N = x.size(0), K = x.size(1), P = x.size(2) * x.size(3);
+  auto out = at::empty({N, x.size(2), x.size(3)}, x.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  const int64_t chunks = (P + kArgmaxChunk - 1) / kArgmaxChunk;
+  int64_t* op = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "argmax_channels", [&] {
+    using T = scalar_t;
+    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    const T* xp = x.data_ptr<T>();
+    auto fn = cpu_has_avx2() ? &argmax_chunk_avx2<T, A> : &argmax_chunk_base<T, A>;
+    at::parallel_for(0, N * chunks, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b / chunks, i0 = (b % chunks) * kArgmaxChunk;
+        fn(xp + n * K * P + i0, K, P, std::min(kArgmaxChunk, P - i0), op + n * P + i0);
+      }
+    });
+  });
+  return out;
+}
+
 // Per-thread row buffers.
 template <typename A>
 struct RowBuffers {
@@ -2018,7 +2203,10 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
     // themselves; widening it here would copy 67 MB per block of a 16-network step for
     // nothing), other 16-bit inputs widened, as depthwise_any widens them.
     const bool native = on_kernels(*input) && input->scalar_type() == at::kBFloat16;
-    bool fused = kernels_take(*input);
+    // The CPU kernels take float32 and float64 planes, 16-bit ones widened once (here) and the
+    // result rounded back once.
+    const bool cpu = !on_kernels(*input) && input->device().is_cpu();
+    bool fused = kernels_take(*input) || cpu;
     const at::Tensor checked = widen(*input, native);
     std::vector<int64_t> geo;
     for (int b = 0; b < 3; ++b) {
@@ -2029,13 +2217,18 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
       TORCH_CHECK(2 * p == d * (k - 1), nm, "branch ", b, ": padding ", p, " with a ", k, "x", k,
                   " kernel of dilation ", d, " does not keep the size ('same' needs ",
                   d * (k - 1), " / 2)");
-      fused = fused && dw_cuda_fits(*input, k, p, d);
+      fused = fused && (cpu || dw_cuda_fits(*input, k, p, d));
       geo.push_back(p);
       geo.push_back(d);
     }
     geo.push_back(models);
     at::Tensor r;
-    if (fused) {
+    if (fused && cpu) {
+      r = narrow_to(BranchesFn::apply(checked, widen(*weights[0]), widen(*biases[0]),
+                                      widen(*weights[1]), widen(*biases[1]), widen(*weights[2]),
+                                      widen(*biases[2]), geo),
+                    *input);
+    } else if (fused) {
       r = BranchesFn::apply(*input, *weights[0], *biases[0], *weights[1], *biases[1], *weights[2],
                             *biases[2], geo);
     }
@@ -2130,6 +2323,24 @@ int s3ops_pixel_losses(const at::Tensor* logits, const at::Tensor* target, int c
     outs[0] = new at::Tensor(std::move(r[0]));
     if (continuity) outs[1] = new at::Tensor(std::move(r[1]));
     outs[2] = new at::Tensor(std::move(r[2]));
+    return 0;
+  })
+}
+
+// torch.argmax(input, 1) of a 4-D input: our CPU kernel where it takes the input, else
+// libtorch's. Never part of a graph (an argmax has no gradient).
+int s3ops_argmax_channels(const at::Tensor* input, at::Tensor** out, char** err) {
+  S3_PROTECT({
+    *out = nullptr;
+    *err = nullptr;
+    const at::Tensor& x = *input;
+    TORCH_CHECK(x.dim() == 4, "argmax_channels: input must be 4-D (N, K, H, W), got ", x.sizes());
+    TORCH_CHECK(x.size(1) > 0, "argmax_channels: input has no channels: ", x.sizes());
+    const auto kind = x.scalar_type();
+    const bool ours = x.device().is_cpu() && !on_kernels(x) && x.size(1) < (int64_t(1) << 31) &&
+                      (kind == at::kFloat || kind == at::kDouble || kind == at::kBFloat16);
+    at::NoGradGuard no_grad;
+    *out = new at::Tensor(ours ? argmax_channels_cpu(x.contiguous()) : at::argmax(x, 1));
     return 0;
   })
 }

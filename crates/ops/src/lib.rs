@@ -6,10 +6,11 @@
 //! * [`deform_conv2d`] — modulated deformable convolution (DCNv2) with exactly the semantics of
 //!   `torchvision.ops.deform_conv2d`, on CPU and (when [`cuda_compiled`]) CUDA.
 //! * [`depthwise_branches`] — the I-LKA block's three parallel depthwise convolutions,
-//!   concatenated, as one op (no copies on a GPU).
+//!   concatenated, as one op (no concatenation's copies).
 //! * [`pointwise_conv2d`] — a stack of independent 1×1 convolutions with a GPU-friendly weight
 //!   gradient.
 //! * [`plane_norm`] — BatchNorm with each image's own statistics.
+//! * [`argmax_channels`] — the argmax over the channel axis (a fit's clustering).
 //! * [`pixel_losses`] — per image, cross-entropy against a target or the map's own argmax and
 //!   the continuity term, with their gradient, in one pass each way.
 //! * [`sgd_step`] — momentum SGD over all parameters in a few multi-tensor launches.
@@ -82,6 +83,7 @@ extern "C" {
         out: *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> i32;
+    fn s3ops_argmax_channels(input: *const c_void, out: *mut *mut c_void, err: *mut *mut c_char) -> i32;
     fn s3ops_pixel_losses(
         logits: *const c_void,
         target: *const c_void,
@@ -611,13 +613,15 @@ pub struct Branch<'a> {
 /// The I-LKA block's parallel branches; the same as concatenating three
 /// [`depthwise_conv2d`]s network by network.
 ///
-/// Why one op: on a GPU the branches' kernels write straight into their slices of the
-/// concatenation and read their gradients from them, and the input's gradient is summed by
-/// the kernels; as three ops, a concatenation and autograd's sums, a 16-network step copied and
-/// added several hundred MB per block for nothing. On CUDA in float32, float64 and bfloat16
-/// when every branch fits the kernels (see [`depthwise_conv2d`]); on the CPU and for other
-/// shapes or types this *is* the three ops and the concatenation. A CUDA build without nvcc
-/// gives an error (callers use libtorch's convolutions then).
+/// Why one op: the branches' kernels write straight into their slices of the concatenation
+/// and read their gradients from them, and the input's gradient is summed by the kernels; as
+/// three ops, a concatenation and autograd's sums, a 16-network GPU step copied and added
+/// several hundred MB per block for nothing, and on the CPU the forward took half as long
+/// again (`s3net bench depthwise`'s `branches`). On CUDA in float32, float64 and bfloat16 when
+/// every branch fits the kernels (see [`depthwise_conv2d`]); on the CPU in float32 and float64,
+/// 16-bit inputs widened once and the result rounded once; for other shapes on a GPU this *is*
+/// the three ops and the concatenation. A CUDA build without nvcc gives an error (callers use
+/// libtorch's convolutions then).
 pub fn depthwise_branches(input: &Tensor, branches: [Branch<'_>; 3], models: i64) -> Result<Tensor, OpError> {
     const NAME: &str = "depthwise_branches";
     let operands: Vec<(&str, Option<&Tensor>)> = branches.iter().flat_map(|b| [("weight", Some(b.weight)), ("bias", Some(b.bias))]).collect();
@@ -743,6 +747,22 @@ pub fn plane_norm(input: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Re
     // SAFETY: the tensor pointers are valid for the call; the C side checks shapes and copies
     // what it keeps.
     let rc = unsafe { s3ops_plane_norm(ptr(Some(input)), ptr(Some(gamma)), ptr(Some(beta)), eps, &mut out, &mut err) };
+    finish(rc, out, err)
+}
+
+/// The argmax over the channels of `input (N, K, H, W)`: `(N, H, W)` int64, the first maximum
+/// on ties, a NaN beating any number — exactly `input.argmax(1, false)`, for any device and
+/// floating type.
+///
+/// Why: a fit's turned copy is clustered by this argmax every step, and libtorch's CPU argmax
+/// over the strided channel axis took 9 ms of a 0.3 s step for a 1×32×256² map; our CPU kernel
+/// (float32, float64, bfloat16) reads each channel once in a vectorised loop. Other devices
+/// and types (and [`emulated_cuda`]'s GPU paths) get libtorch's argmax.
+pub fn argmax_channels(input: &Tensor) -> Result<Tensor, OpError> {
+    let mut out = std::ptr::null_mut();
+    let mut err = std::ptr::null_mut();
+    // SAFETY: the tensor pointer is valid for the call; the C side checks the shape.
+    let rc = unsafe { s3ops_argmax_channels(ptr(Some(input)), &mut out, &mut err) };
     finish(rc, out, err)
 }
 

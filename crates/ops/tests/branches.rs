@@ -1,7 +1,7 @@
 //! depthwise_branches (the I-LKA block's three depthwise convs, concatenated per network)
 //! against libtorch: three conv2d(groups = C) and a cat, network by network; forward and every
-//! gradient, on the CPU (where the op is that composition) and on a GPU (its own kernels
-//! writing into the concatenation), float64, float32 and bfloat16; error cases.
+//! gradient, on the CPU and on a GPU (the kernels writing into the concatenation either way),
+//! float64, float32 and bfloat16; only some gradients asked for; error cases.
 
 use s3net_ops::{depthwise_branches, Branch};
 use tch::{Device, Kind, Tensor};
@@ -78,9 +78,40 @@ fn matches_libtorch_on_cpu() {
     tch::manual_seed(21);
     shapes(Device::Cpu, Kind::Double, 1e-10);
     shapes(Device::Cpu, Kind::Float, 1e-4);
-    // bfloat16 on the CPU: each branch computed on a float32 copy and rounded back, as
+    // bfloat16 on the CPU: computed on a float32 copy and rounded back once, as
     // depthwise_conv2d does.
     compare(Device::Cpu, [2, 6, 33, 17], 2, ILKA, Kind::BFloat16, 1.0 / 128.0);
+}
+
+/// The backward computes what is asked for: the input's gradient alone (weights and biases
+/// frozen), or the parameters' alone (an input without gradient), each as libtorch's.
+#[test]
+fn only_the_gradients_asked_for_on_cpu() {
+    tch::manual_seed(26);
+    let (shape, m) = ([2, 6, 19, 23], 2);
+    let c = shape[1];
+    let x0 = Tensor::randn(shape, (Kind::Double, Device::Cpu));
+    let p0: Vec<(Tensor, Tensor)> = ILKA.iter().map(|&(k, _)| (Tensor::randn([c, 1, k, k], (Kind::Double, Device::Cpu)), Tensor::randn([c], (Kind::Double, Device::Cpu)))).collect();
+    let g = Tensor::randn([shape[0], 3 * c, shape[2], shape[3]], (Kind::Double, Device::Cpu));
+    for input_grad in [true, false] {
+        let leaf = |t: &Tensor, on: bool| t.copy().set_requires_grad(on);
+        let (x1, x2) = (leaf(&x0, input_grad), leaf(&x0, input_grad));
+        let p1: Vec<(Tensor, Tensor)> = p0.iter().map(|(w, b)| (leaf(w, !input_grad), leaf(b, !input_grad))).collect();
+        let p2: Vec<(Tensor, Tensor)> = p0.iter().map(|(w, b)| (leaf(w, !input_grad), leaf(b, !input_grad))).collect();
+        let br = |i: usize| Branch { weight: &p1[i].0, bias: &p1[i].1, dilation: ILKA[i].1 };
+        (depthwise_branches(&x1, [br(0), br(1), br(2)], m).unwrap() * &g).sum(Kind::Double).backward();
+        (reference(&x2, &p2, ILKA, m) * &g).sum(Kind::Double).backward();
+        if input_grad {
+            assert_close("grad_input alone", &x1.grad(), &x2.grad(), 1e-10);
+            assert!(!p1[0].0.grad().defined(), "a frozen weight got a gradient");
+        } else {
+            assert!(!x1.grad().defined(), "an input without gradient got one");
+            for i in 0..3 {
+                assert_close(&format!("branch {i} grad_weight alone"), &p1[i].0.grad(), &p2[i].0.grad(), 1e-10);
+                assert_close(&format!("branch {i} grad_bias alone"), &p1[i].1.grad(), &p2[i].1.grad(), 1e-10);
+            }
+        }
+    }
 }
 
 #[test]
