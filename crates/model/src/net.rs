@@ -84,11 +84,13 @@ impl Conv {
         x.conv2d(&w, Some(&b), [1, 1], p, d, self.groups * models)
     }
 
-    /// Depthwise convs, and the 1×1 convs of a stack on a GPU, go through our own ops when
-    /// asked: libtorch's CPU depthwise backward is 5–10× slower than the FLOPs warrant, its CUDA
-    /// depthwise kernels ran an order of magnitude below the memory bandwidth at these shapes,
-    /// and cuBLAS ran a stack's 1×1 weight gradients as one long reduction per network (see
-    /// BENCHMARKS.md; a lone network's 1×1 convs are cuDNN's, which does well).
+    /// Depthwise convs, the 1×1 convs of a stack on a GPU and every 1×1 conv on the CPU go
+    /// through our own ops when asked: libtorch's CPU depthwise backward is 5–10× slower than
+    /// the FLOPs warrant, its CUDA depthwise kernels ran an order of magnitude below the memory
+    /// bandwidth at these shapes, cuBLAS ran a stack's 1×1 weight gradients as one long
+    /// reduction per network, and oneDNN reordered every CPU 1×1 conv's maps into its own
+    /// layout and back (see BENCHMARKS.md and README "Speed"; a lone network's 1×1 convs on a
+    /// GPU are cuDNN's, which does well).
     /// If an op declines (a build without its kernel), libtorch's convolution runs instead.
     fn forward_with(&self, x: &Tensor, kernels: Kernels, models: i64) -> Tensor {
         if kernels == Kernels::Fused {
@@ -98,7 +100,7 @@ impl Conv {
             let ours = if depthwise && (x.device() == Device::Cpu || s3net_ops::cuda_compiled()) {
                 let (w, b) = self.wb(x);
                 Some(s3net_ops::depthwise_conv2d(x, &w, Some(&b), self.padding, self.dilation))
-            } else if pointwise && models > 1 && s3net_ops::gpu_paths(x.device()) {
+            } else if pointwise && ((models > 1 && s3net_ops::gpu_paths(x.device())) || cpu_pointwise(x)) {
                 let (w, b) = self.wb(x);
                 Some(s3net_ops::pointwise_conv2d(x, &w, Some(&b), models))
             } else {
@@ -117,6 +119,13 @@ impl Conv {
     fn params_mut(&mut self) -> [&mut Tensor; 2] {
         [&mut self.w, &mut self.b]
     }
+}
+
+/// Whether a 1×1 conv of `x` runs as `s3net_ops::pointwise_conv2d`'s CPU kernel: float32 or
+/// float64 maps on the CPU (not the emulated GPU paths). bfloat16 maps stay with oneDNN, whose
+/// bfloat16 kernels the CPU kernel does not have.
+fn cpu_pointwise(x: &Tensor) -> bool {
+    x.device() == Device::Cpu && !s3net_ops::emulating_cuda() && matches!(x.kind(), Kind::Float | Kind::Double)
 }
 
 /// BatchNorm in training mode (batch statistics), affine.

@@ -43,6 +43,7 @@ using torch::autograd::variable_list;
 
 #define S3_INLINE inline __attribute__((always_inline))
 #define S3_AVX2 __attribute__((target("avx2,fma")))
+#define S3_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl")))
 
 namespace {
 
@@ -56,6 +57,20 @@ bool cpu_has_avx2() {
   // S3OPS_NO_AVX2=1 forces the baseline x86-64 code path (to test it on AVX2 machines).
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           std::getenv("S3OPS_NO_AVX2") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
+// AVX-512 with 32 vector registers (AVX512VL lets 256-bit code use all of them): the 1×1 conv's
+// register tile needs more than AVX2's 16. Off wherever AVX2 is (S3OPS_NO_AVX2=1 included), and
+// with S3OPS_NO_AVX512=1, to test the AVX2 path on such a machine.
+bool cpu_has_avx512() {
+#if defined(__x86_64__)
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") &&
+                          std::getenv("S3OPS_NO_AVX512") == nullptr;
   return has;
 #else
   return false;
@@ -973,6 +988,10 @@ at::Tensor plane_norm_libtorch(const at::Tensor& x, const at::Tensor& gamma, con
 // ran as one 32×32 tile per network looping over all 65 536 pixels — a third of a batched
 // step on an H100 (ncu, docs/gpu-checks/2026-11-26-h100). Splitting the reduction into chunks
 // of pixels gives the GPU N·M·chunks independent products in one launch.
+// On the CPU (float32, float64) the op serves every 1×1 conv of a fit, a lone network's too:
+// the forward and the input gradient are pointwise_cpu's kernel on the NCHW planes as they are
+// (oneDNN reordered each map into its blocked layout and back), the weight gradient one GEMM
+// per image and network (see PointwiseFn).
 
 // Length of the chunks the reduction over K pixels is cut into: a divisor of K near 1024, so
 // the chunks tile it exactly; K itself (no split) for small planes or when no divisor fits.
@@ -1061,6 +1080,115 @@ at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
   return parts.sum(1);
 }
 
+// The CPU product of PointwiseFn on NCHW planes: y[n, j·O + o, p] = b[j·O + o] + Σ_c w[j, o, c] ·
+// x[n, j·C + c, p] for a stack of M networks (b may be null). Why not libtorch's: oneDNN runs
+// a 1×1 conv on its blocked layout, so each one reordered its NCHW input in and its output
+// back, and the backward the saved input and the gradients again: about 56 ms of a 0.29 s
+// fit step (ONEDNN_VERBOSE, README "Speed"), more than the convolutions themselves. MKL's
+// GEMM on the planes as they are was slower still: rows 256 KB apart thrash its caches. Here
+// each block of kPwBlock pixels of the C input rows is first copied into a small buffer (read
+// in order, then reused from the first-level caches by every output), and RO outputs × RP
+// vectors of pixels are summed in registers. Each output adds its bias, then the channels in
+// order: the same sum whatever the block, thread or vector width.
+constexpr int64_t kPwBlock = 128;
+
+template <typename T, int VB, int RO, int RP>
+S3_INLINE void pw_tile(const T* __restrict pack, int64_t C, const T* __restrict w,
+                       const T* bias, T* __restrict y, int64_t P) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int L = Vec<T, VB>::lanes;
+  V acc[RO][RP];
+  for (int r = 0; r < RO; ++r)
+    for (int q = 0; q < RP; ++q) acc[r][q] = V{} + (bias ? bias[r] : T(0));
+  for (int64_t c = 0; c < C; ++c) {
+    V xv[RP];
+    for (int q = 0; q < RP; ++q) xv[q] = *(const V*)(pack + c * kPwBlock + q * L);
+    for (int r = 0; r < RO; ++r) {
+      const T wv = w[r * C + c];
+      for (int q = 0; q < RP; ++q) acc[r][q] += wv * xv[q];
+    }
+  }
+  for (int r = 0; r < RO; ++r)
+    for (int q = 0; q < RP; ++q) *(V*)(y + r * P + q * L) = acc[r][q];
+}
+
+// One block of `len` (≤ kPwBlock) pixels from p0 of one image and network: x (C, P), w (O, C),
+// bias (O) or null, y (O, P); `pack` holds C·kPwBlock values.
+template <typename T, int VB, int RO, int RP>
+S3_INLINE void pw_block(const T* x, int64_t P, int64_t C, const T* w, const T* bias, int64_t O,
+                        T* y, int64_t p0, int64_t len, T* pack) {
+  constexpr int64_t step = RP * Vec<T, VB>::lanes;
+  for (int64_t c = 0; c < C; ++c) std::memcpy(pack + c * kPwBlock, x + c * P + p0, len * sizeof(T));
+  const int64_t full = len / step * step;
+  int64_t o = 0;
+  for (; o + RO <= O; o += RO) {
+    for (int64_t p = 0; p < full; p += step)
+      pw_tile<T, VB, RO, RP>(pack + p, C, w + o * C, bias ? bias + o : nullptr, y + o * P + p0 + p, P);
+  }
+  for (; o < O; ++o) {
+    for (int64_t p = 0; p < full; p += step)
+      pw_tile<T, VB, 1, RP>(pack + p, C, w + o * C, bias ? bias + o : nullptr, y + o * P + p0 + p, P);
+  }
+  for (o = 0; o < O; ++o) {
+    for (int64_t p = full; p < len; ++p) {
+      T sum = bias ? bias[o] : T(0);
+      for (int64_t c = 0; c < C; ++c) sum += w[o * C + c] * pack[c * kPwBlock + p];
+      y[o * P + p0 + p] = sum;
+    }
+  }
+}
+
+template <typename T>
+void pw_block_base(const T* x, int64_t P, int64_t C, const T* w, const T* bias, int64_t O, T* y,
+                   int64_t p0, int64_t len, T* pack) {
+  pw_block<T, 16, 4, 2>(x, P, C, w, bias, O, y, p0, len, pack);
+}
+template <typename T>
+S3_AVX2 void pw_block_avx2(const T* x, int64_t P, int64_t C, const T* w, const T* bias, int64_t O,
+                           T* y, int64_t p0, int64_t len, T* pack) {
+  pw_block<T, 32, 8, 1>(x, P, C, w, bias, O, y, p0, len, pack);
+}
+template <typename T>
+S3_AVX512 void pw_block_avx512(const T* x, int64_t P, int64_t C, const T* w, const T* bias,
+                               int64_t O, T* y, int64_t p0, int64_t len, T* pack) {
+  pw_block<T, 32, 8, 2>(x, P, C, w, bias, O, y, p0, len, pack);
+}
+
+// x (N, M, C, P) contiguous, w (M, O, C) contiguous, bias (M·O) or undefined → (N, M, O, P).
+at::Tensor pointwise_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  const int64_t N = x.size(0), M = x.size(1), C = x.size(2), P = x.size(3), O = w.size(1);
+  auto y = at::empty({N, M, O, P}, x.options());
+  if (y.numel() == 0) return y;
+  if (C == 0) return bias.defined() ? y.copy_(bias.view({1, M, O, 1}).expand_as(y)) : y.zero_();
+  const int64_t blocks = (P + kPwBlock - 1) / kPwBlock;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s3net_pointwise", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* wp = w.data_ptr<T>();
+    const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
+    T* yp = y.data_ptr<T>();
+    auto fn = cpu_has_avx512() ? &pw_block_avx512<T>
+              : cpu_has_avx2() ? &pw_block_avx2<T>
+                               : &pw_block_base<T>;
+    at::parallel_for(0, N * M * blocks, 16, [&](int64_t i0, int64_t i1) {
+      std::vector<T> pack(C * kPwBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t nm = i / blocks, j = nm % M, p0 = (i % blocks) * kPwBlock;
+        fn(xp + nm * C * P, P, C, wp + j * O * C, bp ? bp + j * O : nullptr, O, yp + nm * O * P,
+           p0, std::min(kPwBlock, P - p0), pack.data());
+      }
+    });
+  });
+  return y;
+}
+
+// Whether PointwiseFn runs `x` through pointwise_cpu: CPU tensors off the emulated GPU paths,
+// float32 or float64.
+bool pointwise_on_cpu_kernel(const at::Tensor& x) {
+  return x.device().is_cpu() && !on_kernels(x) &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
 struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
   static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor weight,
                             std::optional<at::Tensor> bias, int64_t models) {
@@ -1068,8 +1196,13 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
     const int64_t H = input.size(2), W = input.size(3), O = weight.size(0) / M;
     auto x = input.contiguous().view({N, M, C, H * W});
     auto w = weight.contiguous().view({M, O, C});
-    auto y = at::matmul(w, x);  // (N, M, O, HW)
-    if (bias) add_bias(y, *bias, H * W);
+    at::Tensor y;  // (N, M, O, HW)
+    if (pointwise_on_cpu_kernel(x)) {
+      y = pointwise_cpu(x, w, bias ? bias->contiguous() : at::Tensor());
+    } else {
+      y = at::matmul(w, x);
+      if (bias) add_bias(y, *bias, H * W);
+    }
     ctx->save_for_backward({weight.requires_grad() ? x : at::Tensor(),
                             input.requires_grad() ? w : at::Tensor()});
     ctx->saved_data["shape"] = std::vector<int64_t>{N, M, C, O, H, W};
@@ -1083,8 +1216,18 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
     const int64_t N = d[0], M = d[1], C = d[2], O = d[3], H = d[4], W = d[5], HW = H * W;
     auto go = grads[0].contiguous().view({N, M, O, HW});
     at::Tensor gi, gw, gb;
-    if (sv[1].defined()) gi = at::matmul(sv[1].transpose(1, 2), go).view({N, M * C, H, W});
-    if (sv[0].defined()) {
+    if (sv[1].defined()) {
+      const auto wt = sv[1].transpose(1, 2);  // (M, C, O)
+      gi = (pointwise_on_cpu_kernel(go) ? pointwise_cpu(go, wt.contiguous(), at::Tensor())
+                                        : at::matmul(wt, go))
+               .view({N, M * C, H, W});
+    }
+    if (sv[0].defined() && pointwise_on_cpu_kernel(go)) {
+      // Per (image, network): go (O, HW) · x (C, HW)ᵀ as one GEMM reading x transposed in
+      // place (the split into chunks serves a GPU; on the CPU its copies cost more than it
+      // saves), then summed over the images.
+      gw = at::matmul(go, sv[0].transpose(2, 3)).sum(0).view({M * O, C, 1, 1});
+    } else if (sv[0].defined()) {
       // Per (image, network): go (O, HW) · x (C, HW)ᵀ, then summed over the images.
       // In the sums' type (float32 for 16-bit) until here: rounded once.
       auto g = gemm_nt_split_k(go.view({N * M, O, HW}), sv[0].view({N * M, C, HW}));

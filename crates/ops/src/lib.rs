@@ -8,7 +8,7 @@
 //! * [`depthwise_branches`] — the I-LKA block's three parallel depthwise convolutions,
 //!   concatenated, as one op (no concatenation's copies).
 //! * [`pointwise_conv2d`] — a stack of independent 1×1 convolutions with a GPU-friendly weight
-//!   gradient.
+//!   gradient, and a CPU kernel on NCHW planes (no layout reorders).
 //! * [`plane_norm`] — BatchNorm with each image's own statistics.
 //! * [`argmax_channels`] — the argmax over the channel axis (a fit's clustering).
 //! * [`pixel_losses`] — per image, cross-entropy against a target or the map's own argmax and
@@ -658,9 +658,13 @@ pub fn depthwise_branches(input: &Tensor, branches: [Branch<'_>; 3], models: i64
 /// floats (libtorch's GEMMs, the split weight gradient's chunks summed in float32), CPU and
 /// CUDA.
 ///
-/// Why: the forward is one batched GEMM, and the backward splits the weight gradient's
-/// reduction over pixels into chunks. Its products have a tiny result (O × C) and a 65 536-long
-/// reduction; as one GEMM per network cuBLAS spent a third of a 16-network step on them.
+/// Why: on a GPU the forward is one batched GEMM, and the backward splits the weight
+/// gradient's reduction over pixels into chunks. Its products have a tiny result (O × C) and a
+/// 65 536-long reduction; as one GEMM per network cuBLAS spent a third of a 16-network step on
+/// them. On the CPU (float32, float64; any M, a lone network too) the forward and the input
+/// gradient run our kernel on the NCHW planes as they are: oneDNN's convolution reordered
+/// every map into its blocked layout and back, which cost more than the convolutions
+/// themselves (README "Speed").
 pub fn pointwise_conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, models: i64) -> Result<Tensor, OpError> {
     const NAME: &str = "pointwise_conv2d";
     check_floats(NAME, input, &[("weight", Some(weight)), ("bias", bias)])?;

@@ -1,7 +1,8 @@
 //! pointwise_conv2d (a stack of independent 1×1 convolutions) against libtorch's
 //! conv2d(groups = M): forward and every gradient, float64, float32 and bfloat16, on the CPU
 //! and (when present) CUDA; planes whose pixel count spans several reduction chunks, with a
-//! remainder.
+//! remainder; the CPU kernel's register tiles with leftover outputs and pixels, in each of
+//! its instruction sets.
 
 use s3net_ops::pointwise_conv2d;
 use tch::{Device, Kind, Tensor};
@@ -50,9 +51,22 @@ fn shapes(dev: Device) {
     // (N, M, C, O, H, W): one network; a stack; the mix's 3F → F; 70×70 (one chunk); 256²
     // (64 chunks of 1024 pixels); 100² (10 of 1000); 97² (no divisor in range: one chunk); a
     // single pixel.
-    for (n, m, c, o, h, w) in
-        [(1, 1, 4, 3, 9, 7), (2, 3, 5, 5, 8, 8), (2, 4, 6, 2, 5, 3), (1, 2, 3, 4, 70, 70), (2, 2, 8, 8, 256, 256), (1, 2, 3, 2, 100, 100), (1, 2, 2, 3, 97, 97), (1, 3, 2, 2, 1, 1)]
-    {
+    // On the CPU the 1×1 kernel's register tiles (8 or 4 outputs, 8 or 16 pixels) meet whole
+    // tiles, leftover outputs and leftover pixels of a 128-pixel block: the network's 32 → 32
+    // and 96 → 32 (whose input gradient is 32 → 96) at 13×37, 9409 pixels (a last block of 65).
+    for (n, m, c, o, h, w) in [
+        (1, 1, 4, 3, 9, 7),
+        (2, 3, 5, 5, 8, 8),
+        (2, 4, 6, 2, 5, 3),
+        (1, 2, 3, 4, 70, 70),
+        (2, 2, 8, 8, 256, 256),
+        (1, 2, 3, 2, 100, 100),
+        (1, 2, 2, 3, 97, 97),
+        (1, 3, 2, 2, 1, 1),
+        (1, 1, 32, 32, 13, 37),
+        (2, 2, 96, 32, 13, 37),
+        (1, 1, 9, 13, 97, 97),
+    ] {
         compare(dev, n, m, c, o, h, w, Kind::Double, 1e-10);
         compare(dev, n, m, c, o, h, w, Kind::Float, 1e-4);
         // GEMMs add in float32 and round each result to bfloat16 once (the weight gradient
@@ -65,6 +79,19 @@ fn shapes(dev: Device) {
 fn matches_grouped_conv_on_cpu() {
     tch::manual_seed(11);
     shapes(Device::Cpu);
+}
+
+/// The CPU 1×1 kernel's AVX2 and baseline x86-64 loops (the AVX-512 one runs above wherever
+/// the CPU has it): the comparison again in child processes with `S3OPS_NO_AVX512=1` and with
+/// `S3OPS_NO_AVX2=1`, which the kernels read once.
+#[test]
+fn narrower_loops_match_grouped_conv_too() {
+    if std::env::var_os("S3OPS_NO_AVX512").is_some() || std::env::var_os("S3OPS_NO_AVX2").is_some() {
+        return; // this is a child
+    }
+    for var in ["S3OPS_NO_AVX512", "S3OPS_NO_AVX2"] {
+        checks::rerun_with_env(&[var], &["matches_grouped_conv_on_cpu", "--exact"], "1 passed");
+    }
 }
 
 #[test]
