@@ -922,8 +922,100 @@ at::Tensor bias_grad(const at::Tensor& go, int64_t elems, int64_t C, at::ScalarT
 // y = (x − mean) / sqrt(var + eps) · γ[c] + β[c], mean and (biased) var over each H×W plane of
 // x (N, C, H, W): BatchNorm in training mode applied to each image on its own. On CUDA
 // (float32, float64, bfloat16 planes; γ, β and their gradients float32, float64 for float64)
-// norm_cuda.cu's kernels; elsewhere libtorch's batch_norm over the N·C planes as channels of one
-// image, as the network did before.
+// norm_cuda.cu's kernels, on the CPU (float32, float64) the same arithmetic below; elsewhere
+// libtorch's batch_norm over the N·C planes as channels of one image, as the network did before.
+
+// The CPU halves of PlaneNormFn (float32, float64), the same arithmetic as norm_cuda.cu's:
+// each plane's two sums (forward: Σ(x − K), Σ(x − K)², K its first value; backward: Σdy,
+// Σdy·(x − mean)), then one affine pass. Why not libtorch's: its CPU BatchNorm read each plane
+// three times (mean, variance, normalisation) and took about 2 ms per 1×32×256² map, 23 ms of
+// a step; here a plane is summed and then, from the second-level cache, transformed, planes in
+// parallel. Sums in float32 (float64 planes: float64) per run of kNormRun values, the runs
+// added in float64 in order: deterministic.
+constexpr int64_t kNormRun = 1024;
+
+// Σ(u − k) and Σ(u − k)·(w − m) over n values (w null: w = u, m = k).
+template <typename T>
+S3_INLINE void plane_two_sums(const T* __restrict u, const T* __restrict w, T k, T m, int64_t n,
+                              double& s1, double& s2) {
+  s1 = s2 = 0;
+  for (int64_t r0 = 0; r0 < n; r0 += kNormRun) {
+    const int64_t r1 = std::min(n, r0 + kNormRun);
+    T a = 0, b = 0;
+    if (w) {
+#pragma omp simd reduction(+ : a, b)
+      for (int64_t i = r0; i < r1; ++i) {
+        a += w[i];
+        b += w[i] * (u[i] - k);
+      }
+    } else {
+#pragma omp simd reduction(+ : a, b)
+      for (int64_t i = r0; i < r1; ++i) {
+        const T d = u[i] - k;
+        a += d;
+        b += d * d;
+      }
+    }
+    s1 += (double)a;
+    s2 += (double)b;
+  }
+}
+
+// y = (x − mean)·γ/σ + β per plane; mean and 1/σ (biased variance) into mean, invstd.
+template <typename T>
+void plane_norm_forward_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& b,
+                            double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd) {
+  const int64_t C = x.size(1), planes = x.size(0) * C, n = x.size(2) * x.size(3);
+  const T *xp = x.data_ptr<T>(), *gp = g.data_ptr<T>(), *bp = b.data_ptr<T>();
+  T *yp = y.data_ptr<T>(), *mp = mean.data_ptr<T>(), *ip = invstd.data_ptr<T>();
+  at::parallel_for(0, planes, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const T* u = xp + q * n;
+      double s1, s2;
+      plane_two_sums<T>(u, nullptr, u[0], u[0], n, s1, s2);
+      const T dm = T(s1 / n), var = std::max(T(s2 / n) - dm * dm, T(0));
+      const T inv = T(1) / std::sqrt(var + T(eps)), m = u[0] + dm;
+      const T scale = gp[q % C] * inv, shift = bp[q % C];
+      mp[q] = m;
+      ip[q] = inv;
+      T* o = yp + q * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[i] = (u[i] - m) * scale + shift;
+    }
+  });
+}
+
+// dx = a·dy + cb·(x − mean) + ce per plane, and the plane's shares of dγ (Σdy·x̂) and dβ (Σdy).
+template <typename T>
+void plane_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g,
+                             const at::Tensor& mean, const at::Tensor& invstd, at::Tensor& dx,
+                             at::Tensor& dg, at::Tensor& db) {
+  const int64_t C = x.size(1), planes = x.size(0) * C, n = x.size(2) * x.size(3);
+  const T *dyp = dy.data_ptr<T>(), *xp = x.data_ptr<T>(), *gp = g.data_ptr<T>();
+  const T *mp = mean.data_ptr<T>(), *ip = invstd.data_ptr<T>();
+  T *dxp = dx.data_ptr<T>(), *dgp = dg.data_ptr<T>(), *dbp = db.data_ptr<T>();
+  at::parallel_for(0, planes, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const T *u = xp + q * n, *w = dyp + q * n;
+      double sdy, sdyx;
+      plane_two_sums<T>(u, w, mp[q], mp[q], n, sdy, sdyx);
+      const T inv = ip[q], a = gp[q % C] * inv, m = mp[q];
+      const T cb = -a * inv * inv * T(sdyx) / T(n), ce = -a * T(sdy) / T(n);
+      dgp[q] = T(sdyx) * inv;
+      dbp[q] = T(sdy);
+      T* o = dxp + q * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[i] = a * w[i] + cb * (u[i] - m) + ce;
+    }
+  });
+}
+
+// Whether PlaneNormFn runs `x` on the CPU kernels: CPU tensors off the emulated GPU paths,
+// float32 or float64.
+bool plane_norm_on_cpu_kernel(const at::Tensor& x) {
+  return x.device().is_cpu() && !on_kernels(x) &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
 
 struct PlaneNormFn : public torch::autograd::Function<PlaneNormFn> {
   static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor gamma,
@@ -931,18 +1023,25 @@ struct PlaneNormFn : public torch::autograd::Function<PlaneNormFn> {
     auto x = input.contiguous();
     const auto g = gamma.contiguous(), b = beta.contiguous();
     const int64_t C = x.size(1), planes = x.size(0) * C, elems = x.size(2) * x.size(3);
-    KernelGuard guard(x);
     auto y = at::empty_like(x);
     const auto sums = x.options().dtype(dw_sum_type(x));
     auto mean = at::empty({planes}, sums), invstd = at::empty({planes}, sums);
+    ctx->saved_data["need"] = std::vector<int64_t>{input.requires_grad(), gamma.requires_grad(),
+                                                   beta.requires_grad()};
+    if (plane_norm_on_cpu_kernel(x)) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s3net_plane_norm", [&] {
+        plane_norm_forward_cpu<scalar_t>(x, g, b, eps, y, mean, invstd);
+      });
+      ctx->save_for_backward({x, g, mean, invstd});
+      return y;
+    }
+    KernelGuard guard(x);
     auto scratch = at::empty({kernels(x).plane_norm_scratch(planes, elems)}, sums);
     const int rc = kernels(x).plane_norm_forward(
         dw_cuda_dtype(x), x.data_ptr(), y.data_ptr(), g.data_ptr(), b.data_ptr(), mean.data_ptr(),
         invstd.data_ptr(), scratch.data_ptr(), planes, elems, C, eps, kernel_stream(x));
     kernel_check("plane_norm", rc, "forward", x);
     ctx->save_for_backward({x, g, mean, invstd});
-    ctx->saved_data["need"] = std::vector<int64_t>{input.requires_grad(), gamma.requires_grad(),
-                                                   beta.requires_grad()};
     return y;
   }
 
@@ -952,9 +1051,16 @@ struct PlaneNormFn : public torch::autograd::Function<PlaneNormFn> {
     const auto need = ctx->saved_data["need"].toIntVector();
     auto dy = grads[0].contiguous();
     const int64_t N = x.size(0), C = x.size(1), planes = N * C, elems = x.size(2) * x.size(3);
-    KernelGuard guard(x);
     auto dx = at::empty_like(x);
     auto dg = at::empty({planes}, mean.options()), db = at::empty({planes}, mean.options());
+    if (plane_norm_on_cpu_kernel(x)) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s3net_plane_norm_backward", [&] {
+        plane_norm_backward_cpu<scalar_t>(dy, x, g, mean, invstd, dx, dg, db);
+      });
+      return {need[0] ? dx : at::Tensor(), need[1] ? dg.view({N, C}).sum(0).to(g.scalar_type()) : at::Tensor(),
+              need[2] ? db.view({N, C}).sum(0).to(g.scalar_type()) : at::Tensor(), at::Tensor()};
+    }
+    KernelGuard guard(x);
     auto scratch = at::empty({kernels(x).plane_norm_scratch(planes, elems)}, mean.options());
     const int rc = kernels(x).plane_norm_backward(
         dw_cuda_dtype(x), dy.data_ptr(), x.data_ptr(), g.data_ptr(), mean.data_ptr(),
@@ -1225,8 +1331,19 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
     if (sv[0].defined() && pointwise_on_cpu_kernel(go)) {
       // Per (image, network): go (O, HW) · x (C, HW)ᵀ as one GEMM reading x transposed in
       // place (the split into chunks serves a GPU; on the CPU its copies cost more than it
-      // saves), then summed over the images.
-      gw = at::matmul(go, sv[0].transpose(2, 3)).sum(0).view({M * O, C, 1, 1});
+      // saves), added over the images in order. One GEMM call per network, not one batched
+      // call for the stack: the same call alone and in a stack gives the same bits, so a
+      // network's fit does not depend on the stack it trains in.
+      gw = at::empty({M, O, C}, go.options());
+      for (int64_t j = 0; j < M; ++j) {
+        at::Tensor sum;
+        for (int64_t n = 0; n < N; ++n) {
+          auto p = at::mm(go[n][j], sv[0][n][j].t());
+          sum = n == 0 ? p : sum.add_(p);
+        }
+        gw[j].copy_(sum);
+      }
+      gw = gw.view({M * O, C, 1, 1});
     } else if (sv[0].defined()) {
       // Per (image, network): go (O, HW) · x (C, HW)ᵀ, then summed over the images.
       // In the sums' type (float32 for 16-bit) until here: rounded once.
@@ -2506,7 +2623,8 @@ int s3ops_plane_norm(const at::Tensor* input, const at::Tensor* gamma, const at:
     at::Tensor r;
     const auto kind = x.scalar_type();
     const auto params = kind == at::kDouble ? at::kDouble : at::kFloat;
-    if (kernels_take(x) && gamma->scalar_type() == params && beta->scalar_type() == params &&
+    if ((kernels_take(x) || plane_norm_on_cpu_kernel(x)) && gamma->scalar_type() == params &&
+        beta->scalar_type() == params &&
         x.size(2) * x.size(3) > 0) {
       r = PlaneNormFn::apply(x, *gamma, *beta, eps);
     }
