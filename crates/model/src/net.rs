@@ -82,12 +82,12 @@ impl Conv {
         }
         let (p, d) = ([self.padding, self.padding], [self.dilation, self.dilation]);
         if models > 1 && self.groups == 1 && x.device() == Device::Cpu && !s3net_ops::emulating_cuda() {
-            // A CPU stack's dense convs (the stem) network by network: oneDNN's grouped
-            // convolution adds in another order than the plain one, so a stacked network's
-            // first step differed from the same network alone by rounding, and a later
-            // near-tie in an argmax could flip (crates/model/tests/batch.rs). The stem has 3
-            // input channels: the cat costs little, and CPU stacks are an option, not the
-            // default.
+            // A CPU stack's dense convs network by network (the stem; the 1×1 convs too where
+            // they are not ours: bfloat16 or tensor-op stacks): oneDNN's grouped convolution
+            // adds in another order than the plain one, so a stacked network's first step
+            // differed from the same network alone by rounding, and a later near-tie in an
+            // argmax could flip (crates/model/tests/batch.rs). The stem has 3 input channels:
+            // the cat costs little, and CPU stacks are an option, not the default.
             let (xs, ws, bs) = (x.chunk(models, 1), w.chunk(models, 0), b.chunk(models, 0));
             let ys: Vec<Tensor> = xs.iter().zip(&ws).zip(&bs).map(|((x, w), b)| x.conv2d(w, Some(b), [1, 1], p, d, 1)).collect();
             return Tensor::cat(&ys, 1);
