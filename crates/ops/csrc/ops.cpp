@@ -364,6 +364,13 @@ bool on_kernels(const at::Tensor& t) {
   return t_simt && t.device().is_cpu();
 }
 
+// Whether `t` takes the CPU kernels that stand beside the GPU ones (PointwiseFn's, PlaneNormFn's):
+// a CPU tensor off the emulated GPU paths, float32 or float64.
+bool cpu_kernels_take(const at::Tensor& t) {
+  return t.device().is_cpu() && !on_kernels(t) &&
+         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+
 // The kernels that run on `t`'s device: the GPU's, or the emulation's for CPU tensors.
 const Kernels& kernels(const at::Tensor& t) {
 #ifdef S3OPS_CUDA
@@ -934,9 +941,10 @@ at::Tensor bias_grad(const at::Tensor& go, int64_t elems, int64_t C, at::ScalarT
 // added in float64 in order: deterministic.
 constexpr int64_t kNormRun = 1024;
 
-// Σ(u − k) and Σ(u − k)·(w − m) over n values (w null: w = u, m = k).
+// Over n values: Σ(u − k) and Σ(u − k)² when w is null (the forward's), else Σw and
+// Σw·(u − k) (the backward's, k the mean).
 template <typename T>
-S3_INLINE void plane_two_sums(const T* __restrict u, const T* __restrict w, T k, T m, int64_t n,
+S3_INLINE void plane_two_sums(const T* __restrict u, const T* __restrict w, T k, int64_t n,
                               double& s1, double& s2) {
   s1 = s2 = 0;
   for (int64_t r0 = 0; r0 < n; r0 += kNormRun) {
@@ -972,7 +980,7 @@ void plane_norm_forward_cpu(const at::Tensor& x, const at::Tensor& g, const at::
     for (int64_t q = q0; q < q1; ++q) {
       const T* u = xp + q * n;
       double s1, s2;
-      plane_two_sums<T>(u, nullptr, u[0], u[0], n, s1, s2);
+      plane_two_sums<T>(u, nullptr, u[0], n, s1, s2);
       const T dm = T(s1 / n), var = std::max(T(s2 / n) - dm * dm, T(0));
       const T inv = T(1) / std::sqrt(var + T(eps)), m = u[0] + dm;
       const T scale = gp[q % C] * inv, shift = bp[q % C];
@@ -998,7 +1006,7 @@ void plane_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at
     for (int64_t q = q0; q < q1; ++q) {
       const T *u = xp + q * n, *w = dyp + q * n;
       double sdy, sdyx;
-      plane_two_sums<T>(u, w, mp[q], mp[q], n, sdy, sdyx);
+      plane_two_sums<T>(u, w, mp[q], n, sdy, sdyx);
       const T inv = ip[q], a = gp[q % C] * inv, m = mp[q];
       const T cb = -a * inv * inv * T(sdyx) / T(n), ce = -a * T(sdy) / T(n);
       dgp[q] = T(sdyx) * inv;
@@ -1008,13 +1016,6 @@ void plane_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at
       for (int64_t i = 0; i < n; ++i) o[i] = a * w[i] + cb * (u[i] - m) + ce;
     }
   });
-}
-
-// Whether PlaneNormFn runs `x` on the CPU kernels: CPU tensors off the emulated GPU paths,
-// float32 or float64.
-bool plane_norm_on_cpu_kernel(const at::Tensor& x) {
-  return x.device().is_cpu() && !on_kernels(x) &&
-         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 
 struct PlaneNormFn : public torch::autograd::Function<PlaneNormFn> {
@@ -1028,7 +1029,7 @@ struct PlaneNormFn : public torch::autograd::Function<PlaneNormFn> {
     auto mean = at::empty({planes}, sums), invstd = at::empty({planes}, sums);
     ctx->saved_data["need"] = std::vector<int64_t>{input.requires_grad(), gamma.requires_grad(),
                                                    beta.requires_grad()};
-    if (plane_norm_on_cpu_kernel(x)) {
+    if (cpu_kernels_take(x)) {
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s3net_plane_norm", [&] {
         plane_norm_forward_cpu<scalar_t>(x, g, b, eps, y, mean, invstd);
       });
@@ -1053,7 +1054,7 @@ struct PlaneNormFn : public torch::autograd::Function<PlaneNormFn> {
     const int64_t N = x.size(0), C = x.size(1), planes = N * C, elems = x.size(2) * x.size(3);
     auto dx = at::empty_like(x);
     auto dg = at::empty({planes}, mean.options()), db = at::empty({planes}, mean.options());
-    if (plane_norm_on_cpu_kernel(x)) {
+    if (cpu_kernels_take(x)) {
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s3net_plane_norm_backward", [&] {
         plane_norm_backward_cpu<scalar_t>(dy, x, g, mean, invstd, dx, dg, db);
       });
@@ -1288,13 +1289,6 @@ at::Tensor pointwise_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return y;
 }
 
-// Whether PointwiseFn runs `x` through pointwise_cpu: CPU tensors off the emulated GPU paths,
-// float32 or float64.
-bool pointwise_on_cpu_kernel(const at::Tensor& x) {
-  return x.device().is_cpu() && !on_kernels(x) &&
-         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
-}
-
 struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
   static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor weight,
                             std::optional<at::Tensor> bias, int64_t models) {
@@ -1303,7 +1297,7 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
     auto x = input.contiguous().view({N, M, C, H * W});
     auto w = weight.contiguous().view({M, O, C});
     at::Tensor y;  // (N, M, O, HW)
-    if (pointwise_on_cpu_kernel(x)) {
+    if (cpu_kernels_take(x)) {
       y = pointwise_cpu(x, w, bias ? bias->contiguous() : at::Tensor());
     } else {
       y = at::matmul(w, x);
@@ -1324,11 +1318,11 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
     at::Tensor gi, gw, gb;
     if (sv[1].defined()) {
       const auto wt = sv[1].transpose(1, 2);  // (M, C, O)
-      gi = (pointwise_on_cpu_kernel(go) ? pointwise_cpu(go, wt.contiguous(), at::Tensor())
+      gi = (cpu_kernels_take(go) ? pointwise_cpu(go, wt.contiguous(), at::Tensor())
                                         : at::matmul(wt, go))
                .view({N, M * C, H, W});
     }
-    if (sv[0].defined() && pointwise_on_cpu_kernel(go)) {
+    if (sv[0].defined() && cpu_kernels_take(go)) {
       // Per (image, network): go (O, HW) · x (C, HW)ᵀ as one GEMM reading x transposed in
       // place (the split into chunks serves a GPU; on the CPU its copies cost more than it
       // saves), added over the images in order. One GEMM call per network, not one batched
@@ -2623,7 +2617,7 @@ int s3ops_plane_norm(const at::Tensor* input, const at::Tensor* gamma, const at:
     at::Tensor r;
     const auto kind = x.scalar_type();
     const auto params = kind == at::kDouble ? at::kDouble : at::kFloat;
-    if ((kernels_take(x) || plane_norm_on_cpu_kernel(x)) && gamma->scalar_type() == params &&
+    if ((kernels_take(x) || cpu_kernels_take(x)) && gamma->scalar_type() == params &&
         beta->scalar_type() == params &&
         x.size(2) * x.size(3) > 0) {
       r = PlaneNormFn::apply(x, *gamma, *beta, eps);
