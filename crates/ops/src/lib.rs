@@ -756,7 +756,7 @@ pub fn plane_norm(input: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Re
 
 /// The argmax over the channels of `input (N, K, H, W)`: `(N, H, W)` int64, the first maximum
 /// on ties, a NaN beating any number — exactly `input.argmax(1, false)`, for any device and
-/// floating type.
+/// type.
 ///
 /// Why: a fit's turned copy is clustered by this argmax every step, and libtorch's CPU argmax
 /// over the strided channel axis took 9 ms of a 0.3 s step for a 1×32×256² map; our CPU kernel
