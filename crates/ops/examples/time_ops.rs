@@ -1,7 +1,8 @@
 //! Timings of the C++ kernels against libtorch at 1×64×256×256, float32, 2 threads.
 //!
 //! `CARGO_TARGET_DIR=/work/target-ops cargo run --release -p s3net-ops --example time_ops`
-//! Optional args: `dw` or `deform` to run one half only.
+//! Optional args: `dw` or `deform` to run one half only; `deform C REPS` for C channels and
+//! REPS timed runs (e.g. `deform 32 40` under `perf record`).
 
 use std::time::Instant;
 
@@ -72,9 +73,11 @@ fn depthwise() {
     }
 }
 
-fn deform() {
+/// `c`: input and output channels (64: the shape; the default network has 32).
+/// `reps`: timed runs per figure (raise it to profile the op with `perf record`).
+fn deform(c: i64, reps: usize) {
     let opts = (Kind::Float, Device::Cpu);
-    let (c, o, h, w) = (64, 64, 256, 256);
+    let (o, h, w) = (c, 256, 256);
     tch::manual_seed(0);
     let x = Tensor::randn([1, c, h, w], opts);
     let off = Tensor::randn([1, 18, h, w], opts) * 2.0;
@@ -82,12 +85,12 @@ fn deform() {
     let wt = Tensor::randn([o, c, 3, 3], opts) * 0.05;
     let b = Tensor::randn([o], opts);
     let g = ((1, 1), (1, 1), (1, 1));
-    let fwd = time_ms(5, || {
+    let fwd = time_ms(reps, || {
         tch::no_grad(|| {
             let _ = deform_conv2d(&x, &off, Some(&mask), &wt, Some(&b), g.0, g.1, g.2).unwrap();
         })
     });
-    let fb = time_ms(5, || {
+    let fb = time_ms(reps, || {
         let (x, off, mask, wt, b) = (leaf(&x), leaf(&off), leaf(&mask), leaf(&wt), leaf(&b));
         deform_conv2d(&x, &off, Some(&mask), &wt, Some(&b), g.0, g.1, g.2)
             .unwrap()
@@ -114,6 +117,9 @@ fn main() {
         depthwise();
     }
     if which.is_empty() || which == "deform" {
-        deform();
+        let arg = |i: usize, default: usize| {
+            std::env::args().nth(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+        };
+        deform(arg(2, 64) as i64, arg(3, 5));
     }
 }

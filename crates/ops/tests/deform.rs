@@ -682,3 +682,98 @@ fn bfloat16_is_float32_rounded_once() {
         }
     }
 }
+
+/// torchvision's bilinear sample of plane `x` (H×W, row-major) at (y, x): 0 at or beyond −1 and
+/// H (W), corners outside the plane count 0. NaN positions sample 0 too (torchvision leaves them
+/// undefined).
+fn bilinear(p: &[f64], h: usize, w: usize, y: f64, x: f64) -> f64 {
+    if y.is_nan() || x.is_nan() || y <= -1.0 || y >= h as f64 || x <= -1.0 || x >= w as f64 {
+        return 0.0;
+    }
+    let (yf, xf) = (y.floor(), x.floor());
+    let (ly, lx) = (y - yf, x - xf);
+    let at = |r: f64, c: f64| {
+        if r < 0.0 || c < 0.0 || r > (h - 1) as f64 || c > (w - 1) as f64 { 0.0 } else { p[r as usize * w + c as usize] }
+    };
+    (1.0 - ly) * (1.0 - lx) * at(yf, xf) + (1.0 - ly) * lx * at(yf, xf + 1.0) + ly * (1.0 - lx) * at(yf + 1.0, xf) + ly * lx * at(yf + 1.0, xf + 1.0)
+}
+
+/// Samples exactly on the plane's edges and at −1, H, W, beyond, at ±1e9 and NaN: the forward
+/// against a scalar reference (float64), and every gradient finite and 0 for a NaN sample's
+/// offsets and mask. The geometry runs as branch-free vector code, where such values take the
+/// same selects as any other.
+#[test]
+fn samples_on_and_beyond_the_edges() {
+    let (c, h, w, o) = (3usize, 5usize, 6usize, 2usize);
+    let opts = (Kind::Double, Device::Cpu);
+    tch::manual_seed(21);
+    let x = Tensor::randn([1, c as i64, h as i64, w as i64], opts);
+    let wt = Tensor::randn([o as i64, c as i64, 3, 3], opts);
+    let mask = Tensor::rand([1, 9, h as i64, w as i64], opts);
+    let special = [-1e9, -2.0, -1.0, -0.5, 0.0, 0.25, 1.0, (h - 1) as f64, h as f64 - 0.5, h as f64, w as f64 - 1.0, w as f64, 7.5, 1e9, f64::NAN];
+    // Sample positions drawn from `special` (a fixed pseudo-random pattern), turned into offsets.
+    let (mut ys, mut xs) = (vec![0.0; 9 * h * w], vec![0.0; 9 * h * w]);
+    let mut off = vec![0.0; 18 * h * w];
+    for kk in 0..9 {
+        for p in 0..h * w {
+            let e = kk * h * w + p;
+            let (y, x_) = (special[(e * 7 + 3) % special.len()], special[(e * 11 + 5) % special.len()]);
+            ys[e] = y;
+            xs[e] = x_;
+            let (base_y, base_x) = ((p / w) as f64 - 1.0 + (kk / 3) as f64, (p % w) as f64 - 1.0 + (kk % 3) as f64);
+            off[2 * kk * h * w + p] = y - base_y;
+            off[(2 * kk + 1) * h * w + p] = x_ - base_x;
+        }
+    }
+    let off = Tensor::from_slice(&off).view([1, 18, h as i64, w as i64]);
+    let [xg, offg, mg, wg] = [&x, &off, &mask, &wt].map(|t| t.copy().set_requires_grad(true));
+    let y = deform_conv2d(&xg, &offg, Some(&mg), &wg, None, (1, 1), (1, 1), (1, 1)).unwrap();
+    // Scalar reference of the forward.
+    let xv: Vec<f64> = Vec::try_from(x.flatten(0, -1)).unwrap();
+    let wv: Vec<f64> = Vec::try_from(wt.flatten(0, -1)).unwrap();
+    let mv: Vec<f64> = Vec::try_from(mask.flatten(0, -1)).unwrap();
+    let mut expect = vec![0.0; o * h * w];
+    for oc in 0..o {
+        for kk in 0..9 {
+            for p in 0..h * w {
+                let e = kk * h * w + p;
+                for ci in 0..c {
+                    let s = bilinear(&xv[ci * h * w..(ci + 1) * h * w], h, w, ys[e], xs[e]);
+                    expect[oc * h * w + p] += wv[(oc * c + ci) * 9 + kk] * mv[e] * s;
+                }
+            }
+        }
+    }
+    let expect = Tensor::from_slice(&expect).view([1, o as i64, h as i64, w as i64]);
+    let e = max_abs_diff(&y, &expect);
+    assert!(e < 1e-12, "forward differs from the scalar reference by {e}");
+    y.sum(Kind::Double).backward();
+    for (name, g) in [("input", xg.grad()), ("offset", offg.grad()), ("mask", mg.grad()), ("weight", wg.grad())] {
+        assert!(bool::try_from(g.isfinite().all()).unwrap(), "{name} gradient not finite");
+    }
+    let (go, gm) = (offg.grad(), mg.grad());
+    for kk in 0..9 {
+        for p in 0..h * w {
+            let e = kk * h * w + p;
+            if ys[e].is_nan() || xs[e].is_nan() {
+                let (r, col) = ((p / w) as i64, (p % w) as i64);
+                for g in [go.get(0).get(2 * kk as i64), go.get(0).get(2 * kk as i64 + 1), gm.get(0).get(kk as i64)] {
+                    assert_eq!(g.double_value(&[r, col]), 0.0, "NaN sample {e}: a non-zero gradient");
+                }
+            }
+        }
+    }
+}
+
+/// The CPU geometry's AVX2 and baseline x86-64 copies (the AVX-512 one runs above wherever the
+/// CPU has it): golden values, the larger cases and the edge samples again in child processes
+/// with `S3OPS_NO_AVX512=1` and with `S3OPS_NO_AVX2=1`, which the kernels read once.
+#[test]
+fn narrower_loops_match_too() {
+    if std::env::var_os("S3OPS_NO_AVX512").is_some() || std::env::var_os("S3OPS_NO_AVX2").is_some() {
+        return; // this is a child
+    }
+    for var in ["S3OPS_NO_AVX512", "S3OPS_NO_AVX2"] {
+        checks::rerun_with_env(&[var], &["matches_torchvision_float64", "matches_torchvision_float32", "matches_reference_on_larger_cases_float32", "samples_on_and_beyond_the_edges", "--exact"], "4 passed");
+    }
+}
