@@ -54,6 +54,9 @@ fn shapes(dev: Device) {
     // On the CPU the 1×1 kernel's register tiles (8 or 4 outputs, 8 or 16 pixels) meet whole
     // tiles, leftover outputs and leftover pixels of a 128-pixel block: the network's 32 → 32
     // and 96 → 32 (whose input gradient is 32 → 96) at 13×37, 9409 pixels (a last block of 65).
+    // Its weight gradient's tiles (4 × 4 or 2 × 4 output × input channels, a vector of pixels)
+    // meet leftover channels (3, 5, 6, 9, 13), a leftover of pixels below a vector, stretches
+    // of 2048 pixels and, from 2048 pixels on, one range per thread.
     for (n, m, c, o, h, w) in [
         (1, 1, 4, 3, 9, 7),
         (2, 3, 5, 5, 8, 8),
