@@ -1610,24 +1610,34 @@ S3_INLINE void deform_geometry_impl(const DeformShape& s, const T* off_n, const 
   }
 }
 
+// The four variants (forward or backward, with or without a mask), chosen per tile.
+template <typename T>
+S3_INLINE void deform_geometry_variant(const DeformShape& s, const T* off_n, const T* mask_n,
+                                       int64_t p0, int64_t tl, bool backward, DeformTile<T>& b) {
+  if (backward) {
+    if (mask_n) deform_geometry_impl<T, true, true>(s, off_n, mask_n, p0, tl, b);
+    else deform_geometry_impl<T, true, false>(s, off_n, mask_n, p0, tl, b);
+  } else {
+    if (mask_n) deform_geometry_impl<T, false, true>(s, off_n, mask_n, p0, tl, b);
+    else deform_geometry_impl<T, false, false>(s, off_n, mask_n, p0, tl, b);
+  }
+}
+
 #define S3_DEFORM_GEOM_ARGS                                                                  \
   const DeformShape &s, const T *off_n, const T *mask_n, int64_t p0, int64_t tl, bool backward, \
       DeformTile<T> &b
-#define S3_DEFORM_GEOM_BODY                                                                  \
-  if (backward) {                                                                            \
-    if (mask_n) deform_geometry_impl<T, true, true>(s, off_n, mask_n, p0, tl, b);            \
-    else deform_geometry_impl<T, true, false>(s, off_n, mask_n, p0, tl, b);                  \
-  } else {                                                                                   \
-    if (mask_n) deform_geometry_impl<T, false, true>(s, off_n, mask_n, p0, tl, b);           \
-    else deform_geometry_impl<T, false, false>(s, off_n, mask_n, p0, tl, b);                 \
-  }
+#define S3_DEFORM_GEOM_PASS s, off_n, mask_n, p0, tl, backward, b
 
 template <typename T>
-void deform_geometry_base(S3_DEFORM_GEOM_ARGS) { S3_DEFORM_GEOM_BODY }
+void deform_geometry_base(S3_DEFORM_GEOM_ARGS) { deform_geometry_variant<T>(S3_DEFORM_GEOM_PASS); }
 template <typename T>
-S3_AVX2 void deform_geometry_avx2(S3_DEFORM_GEOM_ARGS) { S3_DEFORM_GEOM_BODY }
+S3_AVX2 void deform_geometry_avx2(S3_DEFORM_GEOM_ARGS) {
+  deform_geometry_variant<T>(S3_DEFORM_GEOM_PASS);
+}
 template <typename T>
-S3_AVX512 void deform_geometry_avx512(S3_DEFORM_GEOM_ARGS) { S3_DEFORM_GEOM_BODY }
+S3_AVX512 void deform_geometry_avx512(S3_DEFORM_GEOM_ARGS) {
+  deform_geometry_variant<T>(S3_DEFORM_GEOM_PASS);
+}
 
 // The widest copy of the geometry this CPU runs.
 template <typename T>
@@ -1635,7 +1645,7 @@ void deform_geometry(S3_DEFORM_GEOM_ARGS) {
   static const auto fn = cpu_has_avx512() ? &deform_geometry_avx512<T>
                          : cpu_has_avx2() ? &deform_geometry_avx2<T>
                                           : &deform_geometry_base<T>;
-  fn(s, off_n, mask_n, p0, tl, backward, b);
+  fn(S3_DEFORM_GEOM_PASS);
 }
 
 // Layout changes between NCHW and the kernels' channels-last maps. libtorch's strided copy took
