@@ -11,7 +11,8 @@
 # CUDA tests first, so a call cut short by its time limit still brings them back) plus
 # "profile" with PROFILE=1, and on request "splitk" (batched fits in each --split-k layout),
 # "serve" (the server's default run only, float32 and bfloat16 jobs), "evalbf16" (the eval
-# with bfloat16 activations alone), "ab" (this build's batched fits against an earlier
+# with bfloat16 activations alone), "grid" (batched fits on 128² and 192² grids, where the
+# dev data's accuracy nearly holds on the CPU: see the README's "Smaller grids"), "ab" (this build's batched fits against an earlier
 # binary's, ./s3net-base, alternately), "evalab" (their accuracy over seeds) and "trace" (an
 # operator-level trace of a batch's steps: kernels charged to the ops that launched them)
 # (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
@@ -164,6 +165,21 @@ step_bf16() {
   evaluate -bf16 --precision bfloat16
 }
 
+step_grid() {
+  # Batched fits on smaller grids (GRID_SIZES, default "128 192"; GRID_BIN, default ./s3net),
+  # float32 and bfloat16: what a deployment that accepts the accuracy of a coarser grid gains.
+  B=$OUT/bench-grid.txt; : > "$B"
+  local size p
+  for size in ${GRID_SIZES:-128 192}; do
+    for p in float32 bfloat16; do
+      echo "### grid $size $p" >> "$B"
+      timeout 120 "${GRID_BIN:-./s3net}" bench fit --device cuda --repeats 1 --batch 16,32,64 \
+        --batch-only --size "$size" --precision $p >> "$B" 2>&1; echo "rc=$?" >> "$B"
+    done
+  done
+  grep -E "###|\"batch\"|images_per_second|seconds_per_step|rc=" "$B"
+}
+
 step_splitk() {
   # The default layout of the split weight-gradient reductions (auto: copied for float32,
   # strided for bfloat16) against the other one, in both number formats, batched fits only.
@@ -272,6 +288,6 @@ for step in $STEPS; do
     echo "=== $step ($(date +%T))"
     "step_$step"
   else
-    echo "unknown step '$step' (steps: tests bf16 server serve bench eval evalbf16 tf32 splitk ab evalab trace profile)" >&2
+    echo "unknown step '$step' (steps: tests bf16 server serve bench eval evalbf16 tf32 splitk grid ab evalab trace profile)" >&2
   fi
 done
