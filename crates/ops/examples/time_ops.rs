@@ -2,7 +2,8 @@
 //!
 //! `CARGO_TARGET_DIR=/work/target-ops cargo run --release -p s3net-ops --example time_ops`
 //! Optional args: `dw` or `deform` to run one half only; `deform C REPS` for C channels and
-//! REPS timed runs (e.g. `deform 32 40` under `perf record`).
+//! REPS timed runs (e.g. `deform 32 40` under `perf record`); `dwparts C` for the depthwise
+//! kernels' three passes (forward, input gradient, weight gradient) apart, C channels.
 
 use std::time::Instant;
 
@@ -73,6 +74,29 @@ fn depthwise() {
     }
 }
 
+/// Each depthwise geometry's forward, input-gradient and weight-gradient passes timed apart
+/// (a backward with only the input, or only the weight, requiring grad), 1×c×256².
+fn depthwise_parts(c: i64) {
+    let opts = (Kind::Float, Device::Cpu);
+    println!("depthwise 1x{c}x256x256 float32 (median ms)   fwd | input grad (f+b) | weight grad (f+b)");
+    for (k, p, d) in [(5, 2, 1), (3, 1, 1), (5, 4, 2), (7, 9, 3)] {
+        let x = Tensor::randn([1, c, 256, 256], opts);
+        let wt = Tensor::randn([c, 1, k, k], opts);
+        let fwd = time_ms(9, || {
+            tch::no_grad(|| {
+                let _ = depthwise_conv2d(&x, &wt, None, p, d).unwrap();
+            })
+        });
+        let gi = time_ms(9, || {
+            depthwise_conv2d(&leaf(&x), &wt, None, p, d).unwrap().sum(Kind::Float).backward();
+        });
+        let gw = time_ms(9, || {
+            depthwise_conv2d(&x, &leaf(&wt), None, p, d).unwrap().sum(Kind::Float).backward();
+        });
+        println!("  k={k} p={p} d={d}                       {fwd:6.2} | {gi:16.2} | {gw:17.2}");
+    }
+}
+
 /// `c`: input and output channels (64: the shape; the default network has 32).
 /// `reps`: timed runs per figure (raise it to profile the op with `perf record`).
 fn deform(c: i64, reps: usize) {
@@ -115,6 +139,9 @@ fn main() {
     println!("threads: {}", tch::get_num_threads());
     if which.is_empty() || which == "dw" {
         depthwise();
+    }
+    if which == "dwparts" {
+        depthwise_parts(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(32));
     }
     if which.is_empty() || which == "deform" {
         let arg = |i: usize, default: usize| {
