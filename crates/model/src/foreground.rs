@@ -16,8 +16,12 @@
 //!      components inside its silhouette: the largest and any other at least a fifth of its
 //!      size (two lungs), dropping specks (trachea, bowel gas are small).
 //! 3. **Holes filled** (vessels in the lungs, bright spots in a lesion).
+//! 4. **Border at full resolution** ([`full_mask`]): the grid mask is upsampled to the image's
+//!    size, and within one grid cell of its border each pixel is decided again by the same
+//!    Otsu threshold on the full-resolution image.
 //!
-//! Everything is a pure function of a label map and the intensity image on the same grid.
+//! Everything is a pure function of a label map and the intensity image on the same grid
+//! (and, for step 4, the full-resolution image).
 
 use s3net_imaging::{ImageKind, LabelMap};
 
@@ -323,12 +327,115 @@ pub fn upsample_mask(mask: &[bool], w: u32, h: u32, nw: u32, nh: u32) -> Vec<boo
     out
 }
 
+/// The full-resolution mask of a grid mask: upsampled by [`upsample_mask`], then, for grey
+/// scans larger than the grid, its border snapped to the image's own intensity edge by
+/// [`refine_border`]. `image` is the full-resolution image (`channels` planes of `nw × nh`
+/// values in [0, 1]); `grid_intensity` the grey image the rule saw on the grid.
+///
+/// Grey scans only, by measurement (README "The foreground rule"): on the CT dev slices it
+/// raised the mask's Dice on 60 of 63 fits at 256² and all 63 at 128², while on the dermoscopy
+/// photographs, whose lesion borders fade over many pixels, it changed images both ways and the
+/// mean not at all.
+#[allow(clippy::too_many_arguments)]
+pub fn full_mask(grid_mask: &[bool], gw: u32, gh: u32, grid_intensity: &[f32], image: &[f32], channels: usize, nw: u32, nh: u32, kind: ImageKind) -> Vec<bool> {
+    let up = upsample_mask(grid_mask, gw, gh, nw, nh);
+    let (nw, nh) = (nw as usize, nh as usize);
+    let cell = ((nw as f32 / gw as f32).max(nh as f32 / gh as f32)).ceil() as usize;
+    if kind != ImageKind::Grey || cell <= 1 || channels == 0 || image.len() != channels * nw * nh {
+        return up;
+    }
+    let plane = nw * nh;
+    let grey: Vec<f32> = (0..plane)
+        .map(|p| (0..channels).map(|c| image[c * plane + p].clamp(0.0, 1.0)).sum::<f32>() / channels as f32)
+        .collect();
+    refine_border(&up, &grey, nw, nh, otsu(grid_intensity), cell)
+}
+
+/// Snaps a mask's border to the image's intensity edge: within `band` pixels of the border
+/// (a square neighbourhood), a pixel is foreground when it is darker than `threshold`;
+/// elsewhere the mask stays; holes are then filled. Why: the rule decides on the network's
+/// grid, so an upsampled mask's border is uncertain by about one grid cell, which costs
+/// boundary accuracy where the object is thin or ragged (the lungs' borders). `threshold` is
+/// Otsu's threshold of the grid image, the one that decided which pieces are dark, so the
+/// border moves to where the same decision flips at full resolution; pixels farther than
+/// `band` from the border keep the clustering's answer.
+pub fn refine_border(mask: &[bool], intensity: &[f32], w: usize, h: usize, threshold: f32, band: usize) -> Vec<bool> {
+    assert_eq!(mask.len(), w * h);
+    assert_eq!(intensity.len(), w * h);
+    // Border pixels: those with a 4-neighbour on the other side.
+    let mut near = vec![false; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let p = y * w + x;
+            let m = mask[p];
+            near[p] = (x > 0 && mask[p - 1] != m)
+                || (x + 1 < w && mask[p + 1] != m)
+                || (y > 0 && mask[p - w] != m)
+                || (y + 1 < h && mask[p + w] != m);
+        }
+    }
+    // Dilated by `band` in both directions: a row pass, then a column pass, of sliding counts.
+    let dilate = |src: &[bool], len: usize, stride: usize, lines: usize, step: usize| -> Vec<bool> {
+        let mut out = vec![false; src.len()];
+        for l in 0..lines {
+            let at = |i: usize| l * step + i * stride;
+            let mut count = 0usize;
+            for i in 0..len.min(band + 1) {
+                count += src[at(i)] as usize;
+            }
+            for i in 0..len {
+                out[at(i)] = count > 0;
+                if i + band + 1 < len {
+                    count += src[at(i + band + 1)] as usize;
+                }
+                if i >= band {
+                    count -= src[at(i - band)] as usize;
+                }
+            }
+        }
+        out
+    };
+    let rows = dilate(&near, w, 1, h, w);
+    let band_mask = dilate(&rows, h, w, w, 1);
+    let snapped: Vec<bool> = (0..w * h).map(|p| if band_mask[p] { intensity[p] < threshold } else { mask[p] }).collect();
+    fill_holes(&snapped, w, h)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn disc(w: usize, h: usize, cx: f32, cy: f32, r: f32) -> Vec<bool> {
         (0..w * h).map(|p| ((p % w) as f32 - cx).hypot((p / w) as f32 - cy) <= r).collect()
+    }
+
+    #[test]
+    fn refine_border_moves_a_coarse_border_to_the_edge() {
+        // A dark disc of radius 40 on a bright field at 128²; the coarse mask a 32² grid gives
+        // (radius 10 → 40 after upsampling, but blocky and off by up to a cell).
+        let (w, h) = (128, 128);
+        let truth = disc(w, h, 64.0, 64.0, 40.0);
+        let intensity: Vec<f32> = truth.iter().map(|&t| if t { 0.2 } else { 0.8 }).collect();
+        let coarse = disc(32, 32, 15.5, 15.5, 9.5);
+        let up = upsample_mask(&coarse, 32, 32, w as u32, h as u32);
+        let wrong = |m: &[bool]| m.iter().zip(&truth).filter(|(a, b)| a != b).count();
+        let refined = refine_border(&up, &intensity, w, h, 0.5, 4);
+        assert!(wrong(&up) > 200, "the coarse mask should be off: {}", wrong(&up));
+        assert_eq!(wrong(&refined), 0);
+        // Far from the border nothing changes, even where the intensity disagrees.
+        let mut speck = intensity.clone();
+        speck[64 * w + 64] = 0.9;
+        speck[5 * w + 5] = 0.1;
+        let r = refine_border(&truth, &speck, w, h, 0.5, 4);
+        assert!(r[64 * w + 64] && !r[5 * w + 5]);
+        // The same size as the grid: no band, the mask comes back as it was.
+        let grid_intensity = vec![0.5; 32 * 32];
+        assert_eq!(full_mask(&coarse, 32, 32, &grid_intensity, &vec![0.0; 32 * 32], 1, 32, 32, ImageKind::Grey), coarse);
+        // Larger than the grid: grey scans are snapped, colour photographs only upsampled.
+        let grid_intensity: Vec<f32> = coarse.iter().map(|&c| if c { 0.2 } else { 0.8 }).collect();
+        assert_eq!(full_mask(&coarse, 32, 32, &grid_intensity, &intensity, 1, 128, 128, ImageKind::Grey), refined);
+        let rgb: Vec<f32> = intensity.iter().cycle().take(3 * w * h).copied().collect();
+        assert_eq!(full_mask(&coarse, 32, 32, &grid_intensity, &rgb, 3, 128, 128, ImageKind::Colour), up);
     }
 
     #[test]
