@@ -12,8 +12,8 @@
 # "profile" with PROFILE=1, and on request "splitk" (batched fits in each --split-k layout),
 # "serve" (the server's default run only, float32 and bfloat16 jobs), "evalbf16" (the eval
 # with bfloat16 activations alone), "grid" (batched fits on 128² and 192² grids, where the
-# dev data's accuracy nearly holds on the CPU: see the README's "Smaller grids"), "ab" (this build's batched fits against an earlier
-# binary's, ./s3net-base, alternately), "evalab" (their accuracy over seeds) and "trace" (an
+# dev data's accuracy nearly holds on the CPU: see the README's "Smaller grids"), "ab" (this
+# build's batched fits against an earlier binary's, ./s3net-base, alternately), "evalab" (their accuracy over seeds) and "trace" (an
 # operator-level trace of a batch's steps: kernels charged to the ops that launched them)
 # (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
 # "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32

@@ -412,7 +412,7 @@ mod tests {
     #[test]
     fn refine_border_moves_a_coarse_border_to_the_edge() {
         // A dark disc of radius 40 on a bright field at 128²; the coarse mask a 32² grid gives
-        // (radius 10 → 40 after upsampling, but blocky and off by up to a cell).
+        // (radius 9.5 → 38 after upsampling: blocky, and off by up to half a cell).
         let (w, h) = (128, 128);
         let truth = disc(w, h, 64.0, 64.0, 40.0);
         let intensity: Vec<f32> = truth.iter().map(|&t| if t { 0.2 } else { 0.8 }).collect();
