@@ -129,6 +129,35 @@ fn the_foreground_of_a_dark_blob_is_the_blob() {
     }
 }
 
+/// A grey scan larger than the grid gets its mask's border decided at full resolution
+/// (foreground rule, step 4): closer to the blob than the grid mask upsampled, and exactly what
+/// `foreground::full_mask` gives; a colour photograph's mask is the grid mask upsampled.
+#[test]
+fn a_grey_scans_border_is_decided_at_full_resolution() {
+    use s3net_model::foreground;
+    let n = 128;
+    let truth: Vec<bool> = (0..n * n)
+        .map(|p| {
+            let (fx, fy) = ((p % n) as f32 / n as f32 - 0.5, (p / n) as f32 / n as f32 - 0.5);
+            fx * fx + fy * fy < 0.06
+        })
+        .collect();
+    let opts = FitOptions { iterations: 10, ..tiny(Preset::Default) };
+    for grey in [true, false] {
+        let img = blob(n as u32, n as u32, grey);
+        let seg = segment(&img, &opts, DeviceSpec::Cpu, &mut no_progress(), &AtomicBool::new(false)).unwrap();
+        let up = foreground::upsample_mask(&seg.grid_mask, 32, 32, n as u32, n as u32);
+        if grey {
+            let full = foreground::full_mask(&seg.grid_mask, 32, 32, &seg.fit.grid_intensity, &img.data, 1, n as u32, n as u32, ImageKind::Grey);
+            assert_eq!(seg.mask, full);
+            let (snapped, coarse) = (s3net_eval_like_dice(&seg.mask, &truth), s3net_eval_like_dice(&up, &truth));
+            assert!(snapped > 0.97 && snapped > coarse, "grey: dice {snapped} at full resolution, {coarse} upsampled");
+        } else {
+            assert_eq!(seg.mask, up, "colour: the grid mask upsampled");
+        }
+    }
+}
+
 /// A bright disk on a dark field (grey): nothing dark lies inside anything, so the foreground
 /// rule finds nothing whatever the clusters.
 fn bright_disk(w: u32, h: u32) -> Image {
