@@ -184,7 +184,7 @@ mod dump {
         let scale = if i.bit_depth > 8 { 65535.0 } else { 255.0 };
         let intensity: Vec<f32> = i.samples.iter().map(|&v| v / scale).collect();
         let grid_mask = foreground::select(&labels, &intensity, image.kind);
-        let mask = foreground::full_mask(&grid_mask, labels.width, labels.height, &intensity, &image.data, image.channels as usize, image.width, image.height, image.kind);
+        let mask = foreground::full_mask(&grid_mask, labels.width, labels.height, &intensity, image);
         let full = s3net_model::fit::nearest(&labels, image.width, image.height);
         let n_labels = labels.data.iter().copied().max().map_or(0, |m| m as usize + 1);
         let fit = FitOutput { labels: full, grid_labels: labels, grid_intensity: intensity, n_labels, iterations: 0, losses: LossTerms::default(), fit_seconds: 0.0, device: "dump".into(), attempt: 1 };

@@ -153,7 +153,7 @@ impl Segmentation {
     pub fn of(image: &Image, fit: FitOutput) -> Segmentation {
         let grid_mask = foreground::select(&fit.grid_labels, &fit.grid_intensity, image.kind);
         let (gw, gh) = (fit.grid_labels.width, fit.grid_labels.height);
-        let mask = foreground::full_mask(&grid_mask, gw, gh, &fit.grid_intensity, &image.data, image.channels as usize, image.width, image.height, image.kind);
+        let mask = foreground::full_mask(&grid_mask, gw, gh, &fit.grid_intensity, image);
         Segmentation { fit, mask, grid_mask, refits: 0 }
     }
 }

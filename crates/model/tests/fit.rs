@@ -148,7 +148,7 @@ fn a_grey_scans_border_is_decided_at_full_resolution() {
         let seg = segment(&img, &opts, DeviceSpec::Cpu, &mut no_progress(), &AtomicBool::new(false)).unwrap();
         let up = foreground::upsample_mask(&seg.grid_mask, 32, 32, n as u32, n as u32);
         if grey {
-            let full = foreground::full_mask(&seg.grid_mask, 32, 32, &seg.fit.grid_intensity, &img.data, 1, n as u32, n as u32, ImageKind::Grey);
+            let full = foreground::full_mask(&seg.grid_mask, 32, 32, &seg.fit.grid_intensity, &img);
             assert_eq!(seg.mask, full);
             let (snapped, coarse) = (s3net_eval_like_dice(&seg.mask, &truth), s3net_eval_like_dice(&up, &truth));
             assert!(snapped > 0.97 && snapped > coarse, "grey: dice {snapped} at full resolution, {coarse} upsampled");
