@@ -45,30 +45,9 @@ pub fn scores(pred: &[bool], gt: &[bool]) -> Scores {
     }
 }
 
-/// Binary dilation with a `k × k` square (k odd), zero outside the image.
-pub fn dilate_square(mask: &[bool], w: usize, h: usize, k: usize) -> Vec<bool> {
-    let r = (k / 2) as isize;
-    // Separable: rows, then columns.
-    let pass = |src: &[bool], horizontal: bool| {
-        let mut out = vec![false; src.len()];
-        for y in 0..h {
-            for x in 0..w {
-                let mut v = false;
-                for d in -r..=r {
-                    let (xx, yy) = if horizontal { (x as isize + d, y as isize) } else { (x as isize, y as isize + d) };
-                    if xx >= 0 && yy >= 0 && (xx as usize) < w && (yy as usize) < h && src[yy as usize * w + xx as usize] {
-                        v = true;
-                        break;
-                    }
-                }
-                out[y * w + x] = v;
-            }
-        }
-        out
-    };
-    let rows = pass(mask, true);
-    pass(&rows, false)
-}
+/// Binary dilation with a `k × k` square (k odd), zero outside the image: the paper
+/// protocol's crop. The same function the foreground rule uses, from `s3net-imaging`.
+pub use s3net_imaging::dilate_square;
 
 /// The label most frequent inside the ground truth (ties: the lower label); `None` if the
 /// ground truth is empty.

@@ -28,7 +28,8 @@ mod window;
 use std::fmt;
 
 pub use masks::{
-    decode_mask, encode_grey_png16, encode_labels_png, encode_mask_png, resize_mask_nearest,
+    decode_mask, dilate_square, encode_grey_png16, encode_labels_png, encode_mask_png,
+    resize_mask_nearest,
 };
 pub use window::{auto_window, auto_window_percentiles};
 

@@ -114,6 +114,35 @@ pub fn resize_mask_nearest(w: u32, h: u32, mask: &[bool], nw: u32, nh: u32) -> V
     out
 }
 
+/// Binary dilation of a row-major `w × h` mask with a `k × k` square (k odd), zero outside
+/// the image: a pixel is set when any pixel within k / 2 of it in both directions is. Two
+/// separable passes of a sliding count, so the cost does not grow with k (the foreground rule
+/// runs it on full-resolution masks, the evaluation on ground truths).
+pub fn dilate_square(mask: &[bool], w: usize, h: usize, k: usize) -> Vec<bool> {
+    assert_eq!(mask.len(), w * h, "mask is not w × h");
+    let r = k / 2;
+    // Line `l` of `lines`, `len` values `stride` apart, lines `step` apart.
+    let pass = |src: &[bool], len: usize, stride: usize, lines: usize, step: usize| {
+        let mut out = vec![false; src.len()];
+        for l in 0..lines {
+            let at = |i: usize| l * step + i * stride;
+            let mut count: usize = (0..len.min(r + 1)).map(|i| src[at(i)] as usize).sum();
+            for i in 0..len {
+                out[at(i)] = count > 0;
+                if i + r + 1 < len {
+                    count += src[at(i + r + 1)] as usize;
+                }
+                if i >= r {
+                    count -= src[at(i - r)] as usize;
+                }
+            }
+        }
+        out
+    };
+    let rows = pass(mask, w, 1, h, w);
+    pass(&rows, h, w, w, 1)
+}
+
 /// PyTorch's `nearest_idx` (aten/src/ATen/native/UpSample.h).
 fn nearest_index(dst: u32, input: u32, output: u32) -> usize {
     if output == input {
@@ -130,6 +159,36 @@ fn nearest_index(dst: u32, input: u32, output: u32) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sliding counts against the definition, pixel by pixel: sparse masks with set pixels
+    /// on the edges and corners, squares from 1×1 to wider than the image.
+    #[test]
+    fn dilate_square_matches_its_definition() {
+        let (w, h) = (23, 17);
+        for seed in 0..4u32 {
+            let mask: Vec<bool> = (0..w * h)
+                .map(|p| {
+                    let (x, y) = (p % w, p / w);
+                    x == 0 && y == 3 || x == w - 1 && y == h - 1 || (p as u32 * 2654435761u32).rotate_left(seed) % 29 == 0
+                })
+                .collect();
+            for k in [1, 3, 5, 9, 41] {
+                let r = (k / 2) as isize;
+                let want: Vec<bool> = (0..w * h)
+                    .map(|p| {
+                        let (x, y) = ((p % w) as isize, (p / w) as isize);
+                        (-r..=r).any(|dy| {
+                            (-r..=r).any(|dx| {
+                                let (xx, yy) = (x + dx, y + dy);
+                                xx >= 0 && yy >= 0 && xx < w as isize && yy < h as isize && mask[yy as usize * w + xx as usize]
+                            })
+                        })
+                    })
+                    .collect();
+                assert_eq!(dilate_square(&mask, w, h, k), want, "seed {seed}, k {k}");
+            }
+        }
+    }
 
     #[test]
     fn nearest_matches_pytorch_examples() {

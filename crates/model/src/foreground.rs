@@ -23,7 +23,7 @@
 //! Everything is a pure function of a label map and the intensity image on the same grid
 //! (and, for step 4, the full-resolution image).
 
-use s3net_imaging::{Image, ImageKind, LabelMap};
+use s3net_imaging::{dilate_square, Image, ImageKind, LabelMap};
 
 /// Foreground on the label map's grid. `intensity` is the grey image (values in [0, 1]) on the
 /// same grid, row-major.
@@ -373,29 +373,7 @@ pub fn refine_border(mask: &[bool], intensity: &[f32], w: usize, h: usize, thres
                 || (y + 1 < h && mask[p + w] != m);
         }
     }
-    // Dilated by `band` in both directions: a row pass, then a column pass, of sliding counts.
-    let dilate = |src: &[bool], len: usize, stride: usize, lines: usize, step: usize| -> Vec<bool> {
-        let mut out = vec![false; src.len()];
-        for l in 0..lines {
-            let at = |i: usize| l * step + i * stride;
-            let mut count = 0usize;
-            for i in 0..len.min(band + 1) {
-                count += src[at(i)] as usize;
-            }
-            for i in 0..len {
-                out[at(i)] = count > 0;
-                if i + band + 1 < len {
-                    count += src[at(i + band + 1)] as usize;
-                }
-                if i >= band {
-                    count -= src[at(i - band)] as usize;
-                }
-            }
-        }
-        out
-    };
-    let rows = dilate(&near, w, 1, h, w);
-    let band_mask = dilate(&rows, h, w, w, 1);
+    let band_mask = dilate_square(&near, w, h, 2 * band + 1);
     let snapped: Vec<bool> = (0..w * h).map(|p| if band_mask[p] { intensity[p] < threshold } else { mask[p] }).collect();
     fill_holes(&snapped, w, h)
 }
