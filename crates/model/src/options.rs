@@ -324,6 +324,35 @@ impl FitOptions {
         }
         Ok(())
     }
+
+    /// About how much host memory one fit with these options adds while it runs on the CPU,
+    /// in bytes: an upper estimate, not a prediction.
+    ///
+    /// Why: the options a request may set span three orders of magnitude of memory (a 1024²
+    /// grid with 256 features needs tens of GB), and on Linux a CPU fit that takes more than
+    /// the machine has is not an error libtorch can report: the kernel's out-of-memory killer
+    /// ends the whole process, every other job with it. A server compares this estimate with
+    /// its budget before it queues a job (README, "Limits").
+    ///
+    /// Measured (peak RSS of `s3net segment --iterations 3` minus the 0.55 GB of a process
+    /// that has loaded libtorch, 2-core EPYC, 2026-11-27): the default preset in float32 takes
+    /// about S²·(128 + 128·F) bytes plus a fixed 0.2–0.6 GB (F = 32: 0.48 GB at 256²,
+    /// 1.11 at 512², 4.53 at 1024²; 512² with F = 128: 4.37 GB); the affine term's gradient
+    /// through T(x) (the paper preset) about twice that, bfloat16 activations about 0.7 of it.
+    /// The estimate is S²·(128 + 128·F) plus 0.4 GB, scaled for those and for the blocks, with
+    /// a quarter more on top: 1.2 to 2.3 times each measured fit.
+    pub fn host_memory_estimate(&self) -> u64 {
+        let pixels = (self.size * self.size) as f64;
+        let per_pixel = 128.0 + 128.0 * self.features as f64;
+        let mut bytes = pixels * per_pixel * (self.blocks as f64 + 2.0) / 4.0;
+        if self.affine_gradient == AffineGradient::Transformed && self.weights.affine > 0.0 {
+            bytes *= 2.0;
+        }
+        if self.precision == Precision::Bfloat16 {
+            bytes *= 0.75;
+        }
+        (1.25 * (bytes + 0.4e9)) as u64
+    }
 }
 
 /// Where a fit runs.
@@ -398,4 +427,64 @@ pub fn cuda_device_count() -> usize {
 /// services.
 pub fn set_cuda_memory_fraction(device: usize, fraction: f64) -> Result<(), crate::ModelError> {
     Ok(s3net_ops::set_cuda_memory_fraction(device, fraction)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The estimate covers every fit measured for it, with a tenth to spare (peak RSS of
+    /// `s3net segment --iterations 3` less the 0.55 GB of a process with libtorch loaded, this
+    /// repository's 2-core EPYC, 2026-11-27), without being more than 2.5 times any of them.
+    #[test]
+    fn host_memory_estimate_covers_the_measured_fits() {
+        let base = 0.55e9;
+        let default = FitOptions::default();
+        let paper = FitOptions::preset(Preset::Paper);
+        let bf16 = FitOptions { precision: Precision::Bfloat16, ..default.clone() };
+        // (options, size, features, peak RSS in kB)
+        let measured: [(&FitOptions, i64, i64, f64); 15] = [
+            (&default, 256, 32, 1_007_404.0),
+            (&default, 256, 64, 1_501_260.0),
+            (&default, 256, 128, 1_626_004.0),
+            (&default, 512, 32, 1_619_360.0),
+            (&default, 512, 64, 2_773_716.0),
+            (&default, 512, 128, 4_802_720.0),
+            (&default, 768, 32, 3_084_840.0),
+            (&default, 768, 64, 5_283_276.0),
+            (&default, 1024, 32, 4_959_556.0),
+            (&default, 128, 256, 1_417_324.0),
+            (&default, 256, 256, 2_786_332.0),
+            (&bf16, 256, 32, 866_744.0),
+            (&bf16, 512, 64, 1_995_596.0),
+            (&paper, 256, 32, 1_327_048.0),
+            (&paper, 512, 64, 4_646_992.0),
+        ];
+        for (o, size, features, kb) in measured {
+            let o = FitOptions { size, features, ..o.clone() };
+            let used = kb * 1024.0 - base;
+            let est = o.host_memory_estimate() as f64;
+            assert!(est >= 1.1 * used && est <= 2.5 * used, "{:?} {size}² F {features}: estimate {est:e} for {used:e}", o.preset);
+        }
+    }
+
+    #[test]
+    fn host_memory_estimate_grows_with_what_costs_memory() {
+        let o = FitOptions::default();
+        let with = |f: &dyn Fn(&mut FitOptions)| {
+            let mut p = o.clone();
+            f(&mut p);
+            p.host_memory_estimate()
+        };
+        let e = o.host_memory_estimate();
+        assert!(with(&|p| p.size = 512) > 2 * e);
+        assert!(with(&|p| p.features = 64) > e);
+        assert!(with(&|p| p.blocks = 4) > e);
+        assert!(with(&|p| p.precision = Precision::Bfloat16) < e);
+        // 1024² with 256 features: far beyond most hosts.
+        assert!(with(&|p| {
+            p.size = 1024;
+            p.features = 256
+        }) > 40_000_000_000);
+    }
 }
