@@ -120,6 +120,53 @@ pub struct WorkersConfig {
     pub foreground_refits: Option<usize>,
     /// libtorch intra-op threads (process-wide). Unset: the CPU cores divided among the CPU workers.
     pub torch_threads: Option<usize>,
+    /// The most host memory one job may need, by its options' estimate
+    /// (`FitOptions::host_memory_estimate`), for a server with CPU workers to take it, in bytes;
+    /// a larger job is refused with INVALID_ARGUMENT before it is queued. Unset: see
+    /// [`WorkersConfig::cpu_job_bytes`]. Why: a CPU fit that needs more memory than the host
+    /// has is not an error but the kernel's out-of-memory killer, which ends the server and
+    /// every job in it.
+    pub max_job_bytes: Option<u64>,
+}
+
+/// The process's own memory before any job: libtorch loaded, the server running (measured
+/// 0.55 GB, rounded up).
+const RUNTIME_BYTES: u64 = 600 << 20;
+
+impl WorkersConfig {
+    /// The memory budget of one job on a CPU worker: `max_job_bytes` when set; else four
+    /// fifths of `host_bytes` (the machine's memory or its cgroup's limit, whichever is
+    /// smaller: [`host_memory_bytes`]), less the runtime's 0.6 GB, shared among the jobs the
+    /// CPU workers may run at once (`cpu_workers × cpu_batch`). The fifth left over is for the
+    /// queued images, the kept results and the rest of the machine. `None` without either.
+    pub fn cpu_job_bytes(&self, cpu_workers: usize, host_bytes: Option<u64>) -> Option<u64> {
+        if self.max_job_bytes.is_some() {
+            return self.max_job_bytes;
+        }
+        let jobs = (cpu_workers.max(1) * self.cpu_batch.unwrap_or(1).max(1)) as u64;
+        host_bytes.map(|h| (h / 5 * 4).saturating_sub(RUNTIME_BYTES) / jobs)
+    }
+}
+
+/// The memory this process may use: the machine's (`MemTotal`), or its cgroup's limit
+/// (v2 `memory.max`, v1 `memory.limit_in_bytes`) when that is smaller, as in a container.
+/// `None` where neither can be read (not Linux).
+pub fn host_memory_bytes() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .min();
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +311,10 @@ impl Config {
         anyhow::ensure!(
             self.workers.cpu_batch != Some(0) && self.workers.gpu_batch != Some(0),
             "workers.cpu_batch and workers.gpu_batch must be at least 1"
+        );
+        anyhow::ensure!(
+            self.workers.max_job_bytes != Some(0),
+            "workers.max_job_bytes must be at least 1 (unset it for the automatic budget)"
         );
         if let Some(f) = self.workers.gpu_memory_fraction {
             anyhow::ensure!(

@@ -104,6 +104,15 @@ impl Server {
         tch::set_num_threads(threads as i32);
 
         let devices: Vec<_> = slots.iter().map(|s| s.device).collect();
+        // Only CPU workers can be killed by a job too large for the host's memory (a GPU that
+        // runs out fails the job with an error, see the batch's restarts).
+        let cpu_slots = slots.iter().filter(|s| s.device == s3net_model::DeviceSpec::Cpu).count();
+        let cpu_job_bytes = (cpu_slots > 0)
+            .then(|| cfg.workers.cpu_job_bytes(cpu_slots, crate::config::host_memory_bytes()))
+            .flatten();
+        if let Some(b) = cpu_job_bytes {
+            info!(max_job_bytes = b, "CPU workers take jobs estimated to need at most {:.1} GB each", b as f64 / 1e9);
+        }
         let metrics = Arc::new(Metrics::new(cfg.queue.capacity, &devices));
         let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::with_metrics(
             QueueLimits {
@@ -145,7 +154,8 @@ impl Server {
             devices,
             cfg.server.max_upload_bytes,
             metrics.clone(),
-        ))
+        )
+        .with_cpu_job_bytes(cpu_job_bytes))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
         let auth = BearerAuth {

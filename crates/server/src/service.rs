@@ -54,6 +54,8 @@ pub struct SegmenterService {
     devices: Vec<DeviceSpec>,
     max_upload_bytes: usize,
     metrics: Arc<Metrics>,
+    /// The most host memory one job may need on a CPU worker (see [`Self::with_cpu_job_bytes`]).
+    cpu_job_bytes: Option<u64>,
 }
 
 impl SegmenterService {
@@ -68,7 +70,41 @@ impl SegmenterService {
             devices,
             max_upload_bytes,
             metrics,
+            cpu_job_bytes: None,
         }
+    }
+
+    /// Refuses, before it is queued, a job that may run on a CPU worker and whose options'
+    /// memory estimate (`FitOptions::host_memory_estimate`) exceeds `bytes`: on the CPU, a fit
+    /// larger than the host's memory ends in the kernel's out-of-memory killer, which takes
+    /// the whole server with it. `None` (the default) checks nothing.
+    pub fn with_cpu_job_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.cpu_job_bytes = bytes;
+        self
+    }
+
+    /// Whether a job of these options, asking for `device`, fits the CPU workers' memory
+    /// budget (always, where no CPU worker could take it).
+    fn check_memory(&self, fit: &FitOptions, device: DeviceSpec) -> Result<(), ServiceError> {
+        let Some(budget) = self.cpu_job_bytes else { return Ok(()) };
+        let cpu = self.devices.contains(&DeviceSpec::Cpu);
+        let on_cpu = device == DeviceSpec::Cpu || (device == DeviceSpec::Auto && cpu);
+        let need = fit.host_memory_estimate();
+        if !on_cpu || need <= budget {
+            return Ok(());
+        }
+        let gb = |b: u64| b as f64 / 1e9;
+        let gpu = self.devices.iter().find(|d| matches!(d, DeviceSpec::Cuda(_)));
+        let or_gpu = gpu.map_or(String::new(), |d| format!(", or ask for device {d}"));
+        Err(ServiceError::InvalidArgument(format!(
+            "a fit on a {0}×{0} grid with {1} features needs about {2:.1} GB of memory on a CPU worker, \
+             more than this server allows one job ({3:.1} GB, workers.max_job_bytes); ask for a \
+             smaller size or fewer features{or_gpu}",
+            fit.size,
+            fit.features,
+            gb(need),
+            gb(budget),
+        )))
     }
 
     /// A request refused before it became a job: counted by reason, then its status.
@@ -102,6 +138,7 @@ impl SegmenterService {
                 }
             )));
         }
+        self.check_memory(&fit, device)?;
         let window = o
             .window
             .map(|w| Window::new(w.center, w.width))

@@ -255,3 +255,36 @@ fn observability_keys_layer_and_are_checked() {
         assert!(format!("{err:#}").contains(key), "{key} = {bad:?}: {err:#}");
     }
 }
+
+/// The CPU workers' memory budget per job: set, or shared out of the host's memory; and the
+/// host's memory as this machine reports it.
+#[test]
+fn cpu_job_memory_budget() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    let gb = 1u64 << 30;
+    let mut w = Config::default().workers;
+    // 4/5 of 16 GiB less the runtime's 600 MiB: 12.2 GiB, for one job or shared by four.
+    let one = w.cpu_job_bytes(1, Some(16 * gb)).unwrap();
+    assert_eq!(one, 16 * gb / 5 * 4 - (600 << 20));
+    assert_eq!(w.cpu_job_bytes(2, Some(16 * gb)), Some(one / 2));
+    w.cpu_batch = Some(2);
+    assert_eq!(w.cpu_job_bytes(2, Some(16 * gb)), Some(one / 4));
+    assert_eq!(w.cpu_job_bytes(1, None), None);
+    assert_eq!(w.cpu_job_bytes(1, Some(gb / 2)), Some(0), "a tiny host takes nothing large");
+    w.max_job_bytes = Some(3 * gb);
+    assert_eq!(w.cpu_job_bytes(4, Some(16 * gb)), Some(3 * gb), "the setting wins");
+    assert_eq!(w.cpu_job_bytes(4, None), Some(3 * gb));
+
+    std::env::set_var("S3NET__WORKERS__MAX_JOB_BYTES", "5000000000");
+    let c = Config::load(None, &[]);
+    std::env::remove_var("S3NET__WORKERS__MAX_JOB_BYTES");
+    assert_eq!(c.unwrap().workers.max_job_bytes, Some(5_000_000_000));
+    let err = Config::load(None, &[("workers.max_job_bytes", "0".into())]).unwrap_err();
+    assert!(format!("{err:#}").contains("workers.max_job_bytes"), "{err:#}");
+
+    // Linux: MemTotal (or a smaller cgroup limit), somewhere between 256 MiB and 64 TiB.
+    if cfg!(target_os = "linux") {
+        let host = s3net_server::config::host_memory_bytes().expect("/proc/meminfo is readable");
+        assert!((256 << 20..64 << 40).contains(&host), "{host}");
+    }
+}
