@@ -325,33 +325,37 @@ impl FitOptions {
         Ok(())
     }
 
-    /// About how much host memory one fit with these options adds while it runs on the CPU,
-    /// in bytes: an upper estimate, not a prediction.
+    /// About how much host memory one fit with these options of an image of `pixels` pixels
+    /// (width × height; 0 for the fit alone) adds while it runs on the CPU, in bytes: an upper
+    /// estimate, not a prediction.
     ///
     /// Why: the options a request may set span three orders of magnitude of memory (a 1024²
     /// grid with 256 features needs tens of GB), and on Linux a CPU fit that takes more than
     /// the machine has is not an error libtorch can report: the kernel's out-of-memory killer
     /// ends the whole process, every other job with it. A server compares this estimate with
-    /// its budget before it queues a job (README, "Limits").
+    /// its budget before it queues a job (README, "The service").
     ///
-    /// Measured (peak RSS of `s3net segment --iterations 3` minus the 0.55 GB of a process
+    /// Measured (peak RSS of `s3net segment --iterations 3` less the 0.55 GB of a process
     /// that has loaded libtorch, 2-core EPYC, 2026-11-27): the default preset in float32 takes
     /// about S²·(128 + 128·F) bytes plus a fixed 0.2–0.6 GB (F = 32: 0.48 GB at 256²,
     /// 1.11 at 512², 4.53 at 1024²; 512² with F = 128: 4.37 GB); the affine term's gradient
     /// through T(x) (the paper preset) about twice that, bfloat16 activations about 0.7 of it.
-    /// The estimate is S²·(128 + 128·F) plus 0.4 GB, scaled for those and for the blocks, with
-    /// a quarter more on top: 1.2 to 2.3 times each measured fit.
-    pub fn host_memory_estimate(&self) -> u64 {
-        let pixels = (self.size * self.size) as f64;
+    /// The image at its own resolution (decoded samples, the label map read off at full size,
+    /// the foreground rule's full-resolution pass) took 21–33 bytes per pixel more (0.54 and
+    /// 0.82 GB for 5000² colour and 16-bit grey images, 3.1 GB for 10000² ones).
+    /// The estimate is S²·(128 + 128·F) plus 0.4 GB, scaled for those and for the blocks, plus
+    /// 40 bytes per pixel, with a quarter more on top: 1.2 to 2.3 times each measured fit.
+    pub fn host_memory_estimate(&self, pixels: u64) -> u64 {
+        let grid = (self.size * self.size) as f64;
         let per_pixel = 128.0 + 128.0 * self.features as f64;
-        let mut bytes = pixels * per_pixel * (self.blocks as f64 + 2.0) / 4.0;
+        let mut bytes = grid * per_pixel * (self.blocks as f64 + 2.0) / 4.0;
         if self.affine_gradient == AffineGradient::Transformed && self.weights.affine > 0.0 {
             bytes *= 2.0;
         }
         if self.precision == Precision::Bfloat16 {
             bytes *= 0.75;
         }
-        (1.25 * (bytes + 0.4e9)) as u64
+        (1.25 * (bytes + 0.4e9 + 40.0 * pixels as f64)) as u64
     }
 }
 
@@ -442,7 +446,7 @@ mod tests {
         let default = FitOptions::default();
         let paper = FitOptions::preset(Preset::Paper);
         let bf16 = FitOptions { precision: Precision::Bfloat16, ..default.clone() };
-        // (options, size, features, peak RSS in kB)
+        // (options, size, features, peak RSS in kB), all of the 765×572 PH2 image IMD002
         let measured: [(&FitOptions, i64, i64, f64); 15] = [
             (&default, 256, 32, 1_007_404.0),
             (&default, 256, 64, 1_501_260.0),
@@ -463,8 +467,14 @@ mod tests {
         for (o, size, features, kb) in measured {
             let o = FitOptions { size, features, ..o.clone() };
             let used = kb * 1024.0 - base;
-            let est = o.host_memory_estimate() as f64;
+            let est = o.host_memory_estimate(765 * 572) as f64;
             assert!(est >= 1.1 * used && est <= 2.5 * used, "{:?} {size}² F {features}: estimate {est:e} for {used:e}", o.preset);
+        }
+        // Large images at the default options, fitted for one step: (side, peak RSS in kB).
+        for (side, kb) in [(5000, 1_532_540.0), (5000, 1_810_412.0), (10_000, 4_172_508.0), (10_000, 4_201_788.0)] {
+            let used = kb * 1024.0 - base;
+            let est = default.host_memory_estimate(side * side) as f64;
+            assert!(est >= 1.1 * used && est <= 2.5 * used, "{side}²: estimate {est:e} for {used:e}");
         }
     }
 
@@ -474,9 +484,11 @@ mod tests {
         let with = |f: &dyn Fn(&mut FitOptions)| {
             let mut p = o.clone();
             f(&mut p);
-            p.host_memory_estimate()
+            p.host_memory_estimate(512 * 512)
         };
-        let e = o.host_memory_estimate();
+        let e = o.host_memory_estimate(512 * 512);
+        assert!(o.host_memory_estimate(10_000 * 10_000) > 4_000_000_000);
+        assert!(o.host_memory_estimate(0) < e);
         assert!(with(&|p| p.size = 512) > 2 * e);
         assert!(with(&|p| p.features = 64) > e);
         assert!(with(&|p| p.blocks = 4) > e);

@@ -84,22 +84,28 @@ impl SegmenterService {
     }
 
     /// Whether a job of these options, asking for `device`, fits the CPU workers' memory
-    /// budget (always, where no CPU worker could take it).
-    fn check_memory(&self, fit: &FitOptions, device: DeviceSpec) -> Result<(), ServiceError> {
+    /// budget (always, where no CPU worker could take it). Checked twice: before the image is
+    /// decoded, for the fit alone (`image` None), and after, with the image's own size.
+    fn check_memory(&self, fit: &FitOptions, device: DeviceSpec, image: Option<(u32, u32)>) -> Result<(), ServiceError> {
         let Some(budget) = self.cpu_job_bytes else { return Ok(()) };
         let cpu = self.devices.contains(&DeviceSpec::Cpu);
         let on_cpu = device == DeviceSpec::Cpu || (device == DeviceSpec::Auto && cpu);
-        let need = fit.host_memory_estimate();
+        let (w, h) = image.unwrap_or((0, 0));
+        let need = fit.host_memory_estimate(w as u64 * h as u64);
         if !on_cpu || need <= budget {
             return Ok(());
         }
         let gb = |b: u64| b as f64 / 1e9;
         let gpu = self.devices.iter().find(|d| matches!(d, DeviceSpec::Cuda(_)));
         let or_gpu = gpu.map_or(String::new(), |d| format!(", or ask for device {d}"));
+        let (of, or_image) = match image {
+            Some((w, h)) => (format!(" of a {w}×{h} image"), ", or send a smaller image"),
+            None => (String::new(), ""),
+        };
         Err(ServiceError::InvalidArgument(format!(
-            "a fit on a {0}×{0} grid with {1} features needs about {2:.1} GB of memory on a CPU worker, \
-             more than this server allows one job ({3:.1} GB, workers.max_job_bytes); ask for a \
-             smaller size or fewer features{or_gpu}",
+            "a fit on a {0}×{0} grid with {1} features{of} needs about {2:.1} GB of memory on a \
+             CPU worker, more than this server allows one job ({3:.1} GB, workers.max_job_bytes); \
+             ask for a smaller size or fewer features{or_image}{or_gpu}",
             fit.size,
             fit.features,
             gb(need),
@@ -138,7 +144,7 @@ impl SegmenterService {
                 }
             )));
         }
-        self.check_memory(&fit, device)?;
+        self.check_memory(&fit, device, None)?;
         let window = o
             .window
             .map(|w| Window::new(w.center, w.width))
@@ -161,6 +167,7 @@ impl SegmenterService {
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;
+        self.check_memory(&fit, device, Some((image.width, image.height)))?;
         let applied = pb::AppliedOptions {
             preset: fit.preset.to_string(),
             iterations: fit.iterations as u32,

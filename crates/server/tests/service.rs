@@ -1149,30 +1149,37 @@ async fn queued_image_memory_is_bounded() {
     server.shutdown().await.unwrap();
 }
 
-/// A job whose options need more memory than a CPU worker may give one job is refused before
-/// it is queued, naming the limit (on the CPU such a fit would end in the kernel's
-/// out-of-memory killer, taking the server with it), and the server goes on working.
+/// A job whose options, or whose image, need more memory than a CPU worker may give one job
+/// is refused before it is queued, naming the limit (on the CPU such a fit would end in the
+/// kernel's out-of-memory killer, taking the server with it), and the server goes on working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_too_large_for_the_cpu_memory_are_refused() {
     let mut cfg = config();
-    cfg.workers.max_job_bytes = Some(2_000_000_000);
+    cfg.workers.max_job_bytes = Some(1_000_000_000);
     let (server, url) = start(cfg).await;
     let mut c = client(&url).await;
-    for device in ["cpu", ""] {
-        let big = pb::Options { size: Some(1024), features: Some(256), device: device.into(), ..quick() };
+    let big = |device: &str| pb::Options { size: Some(1024), features: Some(256), device: device.into(), ..quick() };
+    let cases = [
+        // About 43.6 GB by the estimate, refused before the image is decoded.
+        (disk(32, 32), big("cpu"), vec!["1024×1024 grid", "256 features", "43.6 GB"]),
+        (disk(32, 32), big(""), vec!["1024×1024 grid", "256 features"]),
+        // A small fit of a 16-megapixel image: about 1.3 GB with the image at full size.
+        (disk(4000, 4000), quick(), vec!["32×32 grid", "of a 4000×4000 image", "smaller image"]),
+    ];
+    for (image, options, needles) in cases {
         let err = c
-            .segment(pb::SegmentRequest { image: disk(32, 32), options: Some(big.clone()) })
+            .segment(pb::SegmentRequest { image: image.clone(), options: Some(options.clone()) })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        for needle in ["1024×1024", "256 features", "workers.max_job_bytes", "2.0 GB"] {
+        for needle in needles.iter().chain(&["workers.max_job_bytes", "(1.0 GB"]) {
             assert!(err.message().contains(needle), "{:?} lacks {needle:?}", err.message());
         }
-        let err = try_submit(&mut c, disk(32, 32), big).await.unwrap_err();
+        let err = try_submit(&mut c, image, options).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     }
-    // 512² with 32 features: about 1.9 GB by the estimate, under the 2 GB allowed.
-    let fits = pb::Options { size: Some(512), features: Some(32), iterations: Some(1), ..quick() };
+    // The default 256² grid with 32 features: about 0.85 GB by the estimate, under the 1 GB.
+    let fits = pb::Options { size: Some(256), features: Some(32), iterations: Some(1), ..quick() };
     let r = completed(&segment_events(&mut c, disk(32, 32), fits).await);
     assert_eq!((r.width, r.height), (32, 32));
     assert_eq!(c.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner().jobs.len(), 1);
