@@ -340,11 +340,12 @@ impl FitOptions {
     /// about S²·(128 + 128·F) bytes plus a fixed 0.2–0.6 GB (F = 32: 0.48 GB at 256²,
     /// 1.11 at 512², 4.53 at 1024²; 512² with F = 128: 4.37 GB); the affine term's gradient
     /// through T(x) (the paper preset) about twice that, bfloat16 activations about 0.7 of it.
-    /// The image at its own resolution (decoded samples, the label map read off at full size,
-    /// the foreground rule's full-resolution pass) took 21–33 bytes per pixel more (0.54 and
-    /// 0.82 GB for 5000² colour and 16-bit grey images, 3.1 GB for 10000² ones).
-    /// The estimate is S²·(128 + 128·F) plus 0.4 GB, scaled for those and for the blocks, plus
-    /// 40 bytes per pixel, with a quarter more on top: 1.2 to 2.3 times each measured fit.
+    /// The image at its own resolution (decoded samples, their copy as a tensor, the label map
+    /// read off at full size, the foreground rule's full-resolution pass) took 12–33 bytes per
+    /// pixel more: 16-bit grey 0.31 GB at 5000², 1.6 GB at 10000²; 8-bit colour 0.54 and
+    /// 3.2 GB. The estimate is S²·(128 + 128·F) plus 0.4 GB, scaled for those and for the
+    /// blocks, plus 40 bytes per pixel, with a quarter more on top: 1.2 to 2.9 times each
+    /// measured fit.
     pub fn host_memory_estimate(&self, pixels: u64) -> u64 {
         let grid = (self.size * self.size) as f64;
         let per_pixel = 128.0 + 128.0 * self.features as f64;
@@ -439,7 +440,7 @@ mod tests {
 
     /// The estimate covers every fit measured for it, with a tenth to spare (peak RSS of
     /// `s3net segment --iterations 3` less the 0.55 GB of a process with libtorch loaded, this
-    /// repository's 2-core EPYC, 2026-11-27), without being more than 2.5 times any of them.
+    /// repository's 2-core EPYC, 2026-11-27), without being more than 3 times any of them.
     #[test]
     fn host_memory_estimate_covers_the_measured_fits() {
         let base = 0.55e9;
@@ -471,10 +472,12 @@ mod tests {
             assert!(est >= 1.1 * used && est <= 2.5 * used, "{:?} {size}² F {features}: estimate {est:e} for {used:e}", o.preset);
         }
         // Large images at the default options, fitted for one step: (side, peak RSS in kB).
-        for (side, kb) in [(5000, 1_532_540.0), (5000, 1_810_412.0), (10_000, 4_172_508.0), (10_000, 4_201_788.0)] {
+        // Colour (8-bit RGB) and grey (8- and 16-bit) images; grey needs less since the hole
+        // filling became a scanline fill.
+        for (side, kb) in [(5000, 1_532_604.0), (5000, 1_311_128.0), (10_000, 4_172_688.0), (10_000, 2_541_716.0)] {
             let used = kb * 1024.0 - base;
             let est = default.host_memory_estimate(side * side) as f64;
-            assert!(est >= 1.1 * used && est <= 2.5 * used, "{side}²: estimate {est:e} for {used:e}");
+            assert!(est >= 1.1 * used && est <= 3.0 * used, "{side}²: estimate {est:e} for {used:e}");
         }
     }
 
