@@ -117,30 +117,43 @@ pub fn resize_mask_nearest(w: u32, h: u32, mask: &[bool], nw: u32, nh: u32) -> V
 /// Binary dilation of a row-major `w × h` mask with a `k × k` square (k odd), zero outside
 /// the image: a pixel is set when any pixel within k / 2 of it in both directions is. Two
 /// separable passes of a sliding count, so the cost does not grow with k (the foreground rule
-/// runs it on full-resolution masks, the evaluation on ground truths).
+/// runs it on full-resolution masks, the evaluation on ground truths). The vertical pass keeps
+/// one count per column and walks the rows in order: walked column by column, every read was
+/// a row apart, and on a 10000² mask that pass alone took a fifth of `s3net segment`'s time.
 pub fn dilate_square(mask: &[bool], w: usize, h: usize, k: usize) -> Vec<bool> {
     assert_eq!(mask.len(), w * h, "mask is not w × h");
     let r = k / 2;
-    // Line `l` of `lines`, `len` values `stride` apart, lines `step` apart.
-    let pass = |src: &[bool], len: usize, stride: usize, lines: usize, step: usize| {
-        let mut out = vec![false; src.len()];
-        for l in 0..lines {
-            let at = |i: usize| l * step + i * stride;
-            let mut count: usize = (0..len.min(r + 1)).map(|i| src[at(i)] as usize).sum();
-            for i in 0..len {
-                out[at(i)] = count > 0;
-                if i + r + 1 < len {
-                    count += src[at(i + r + 1)] as usize;
-                }
-                if i >= r {
-                    count -= src[at(i - r)] as usize;
-                }
+    // Along each row.
+    let mut rows = vec![false; w * h];
+    for (src, out) in mask.chunks_exact(w.max(1)).zip(rows.chunks_exact_mut(w.max(1))) {
+        let mut count: usize = src[..w.min(r + 1)].iter().map(|&v| v as usize).sum();
+        for i in 0..w {
+            out[i] = count > 0;
+            if i + r + 1 < w {
+                count += src[i + r + 1] as usize;
+            }
+            if i >= r {
+                count -= src[i - r] as usize;
             }
         }
-        out
-    };
-    let rows = pass(mask, w, 1, h, w);
-    pass(&rows, h, w, w, 1)
+    }
+    // Down each column, all columns at once, a row at a time.
+    let mut out = vec![false; w * h];
+    let mut count = vec![0u32; w];
+    let row = |y: usize| &rows[y * w..(y + 1) * w];
+    for y in 0..h.min(r + 1) {
+        count.iter_mut().zip(row(y)).for_each(|(c, &v)| *c += v as u32);
+    }
+    for y in 0..h {
+        out[y * w..(y + 1) * w].iter_mut().zip(&count).for_each(|(o, &c)| *o = c > 0);
+        if y + r + 1 < h {
+            count.iter_mut().zip(row(y + r + 1)).for_each(|(c, &v)| *c += v as u32);
+        }
+        if y >= r {
+            count.iter_mut().zip(row(y - r)).for_each(|(c, &v)| *c -= v as u32);
+        }
+    }
+    out
 }
 
 /// PyTorch's `nearest_idx` (aten/src/ATen/native/UpSample.h).
@@ -164,8 +177,7 @@ mod tests {
     /// on the edges and corners, squares from 1×1 to wider than the image.
     #[test]
     fn dilate_square_matches_its_definition() {
-        let (w, h) = (23, 17);
-        for seed in 0..4u32 {
+        for (w, h, seed) in [(23, 17, 0), (23, 17, 1), (23, 17, 2), (23, 17, 3), (1, 9, 0), (9, 1, 1), (1, 1, 0), (40, 3, 2)] {
             let mask: Vec<bool> = (0..w * h)
                 .map(|p| {
                     let (x, y) = (p % w, p / w);
@@ -185,7 +197,7 @@ mod tests {
                         })
                     })
                     .collect();
-                assert_eq!(dilate_square(&mask, w, h, k), want, "seed {seed}, k {k}");
+                assert_eq!(dilate_square(&mask, w, h, k), want, "{w}×{h}, seed {seed}, k {k}");
             }
         }
     }
