@@ -14,6 +14,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub queue: QueueConfig,
     pub workers: WorkersConfig,
+    pub defaults: DefaultsConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
@@ -169,6 +170,23 @@ pub fn host_memory_bytes() -> Option<u64> {
     }
 }
 
+/// Fit options for the requests that leave them unset; a key unset here leaves the preset's
+/// value. Why: a site sets its policy once — bfloat16 activations on a GPU server for
+/// throughput, a smaller grid, fewer steps — rather than in every client. A request's own
+/// value always wins, and its result's applied options say what ran.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefaultsConfig {
+    /// "default", "paper" or "reference".
+    pub preset: Option<String>,
+    pub iterations: Option<u32>,
+    pub min_labels: Option<u32>,
+    pub size: Option<u32>,
+    pub features: Option<u32>,
+    /// "float32" or "bfloat16".
+    pub precision: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -312,6 +330,8 @@ impl Config {
             self.workers.cpu_batch != Some(0) && self.workers.gpu_batch != Some(0),
             "workers.cpu_batch and workers.gpu_batch must be at least 1"
         );
+        crate::service::fit_options(&crate::pb::Options::default(), &self.defaults)
+            .map_err(|e| anyhow::anyhow!("defaults: {e}"))?;
         anyhow::ensure!(
             self.workers.max_job_bytes != Some(0),
             "workers.max_job_bytes must be at least 1 (unset it for the automatic budget)"

@@ -155,7 +155,8 @@ impl Server {
             cfg.server.max_upload_bytes,
             metrics.clone(),
         )
-        .with_cpu_job_bytes(cpu_job_bytes))
+        .with_cpu_job_bytes(cpu_job_bytes)
+        .with_defaults(cfg.defaults.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
         let auth = BearerAuth {

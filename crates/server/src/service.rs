@@ -14,6 +14,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, Instrument};
 
+use crate::config::DefaultsConfig;
 use crate::error::ServiceError;
 use crate::jobs::{is_outcome, JobQueue, NewJob, Watch};
 use crate::metrics::Metrics;
@@ -56,6 +57,8 @@ pub struct SegmenterService {
     metrics: Arc<Metrics>,
     /// The most host memory one job may need on a CPU worker (see [`Self::with_cpu_job_bytes`]).
     cpu_job_bytes: Option<u64>,
+    /// Fit options for the fields a request leaves unset (see [`Self::with_defaults`]).
+    defaults: DefaultsConfig,
 }
 
 impl SegmenterService {
@@ -71,7 +74,15 @@ impl SegmenterService {
             max_upload_bytes,
             metrics,
             cpu_job_bytes: None,
+            defaults: DefaultsConfig::default(),
         }
+    }
+
+    /// The server's fit options for the fields a request leaves unset (`[defaults]`); each
+    /// one unset there leaves the preset's.
+    pub fn with_defaults(mut self, defaults: DefaultsConfig) -> Self {
+        self.defaults = defaults;
+        self
     }
 
     /// Refuses, before it is queued, a job that may run on a CPU worker and whose options'
@@ -127,7 +138,7 @@ impl SegmenterService {
         key: &str,
     ) -> Result<NewJob, ServiceError> {
         let o = options.unwrap_or_default();
-        let fit = fit_options(&o)?;
+        let fit = fit_options(&o, &self.defaults)?;
         let device: DeviceSpec = o.device.parse()?;
         if !self
             .devices
@@ -236,30 +247,32 @@ impl SegmenterService {
     }
 }
 
-/// The options of the request's preset with its fields applied, validated.
-fn fit_options(o: &pb::Options) -> Result<FitOptions, ServiceError> {
-    let preset: Preset = if o.preset.trim().is_empty() {
-        Preset::Default
-    } else {
-        o.preset.parse()?
+/// The options of a request: its preset's, with the server's `defaults` for the fields the
+/// request leaves unset and its own values for the fields it sets; validated.
+pub(crate) fn fit_options(o: &pb::Options, defaults: &DefaultsConfig) -> Result<FitOptions, ServiceError> {
+    let or_default = |asked: &str, default: &Option<String>| {
+        let asked = asked.trim();
+        if asked.is_empty() { default.clone().unwrap_or_default() } else { asked.to_string() }
     };
+    let preset = or_default(&o.preset, &defaults.preset);
+    let preset: Preset = if preset.is_empty() { Preset::Default } else { preset.parse()? };
     let mut f = FitOptions::preset(preset);
-    if let Some(v) = o.iterations {
+    if let Some(v) = o.iterations.or(defaults.iterations) {
         f.iterations = v as usize;
     }
-    if let Some(v) = o.min_labels {
+    if let Some(v) = o.min_labels.or(defaults.min_labels) {
         f.min_labels = v as usize;
     }
-    if let Some(v) = o.size {
+    if let Some(v) = o.size.or(defaults.size) {
         f.size = v as i64;
     }
     if let Some(v) = o.seed {
         f.seed = v;
     }
-    if let Some(v) = o.features {
+    if let Some(v) = o.features.or(defaults.features) {
         f.features = v as i64;
     }
-    f.precision = o.precision.parse()?;
+    f.precision = or_default(&o.precision, &defaults.precision).parse()?;
     f.validate()?;
     Ok(f)
 }
@@ -589,24 +602,52 @@ mod tests {
             features: Some(12),
             ..Default::default()
         };
-        let f = fit_options(&o).unwrap();
+        let f = fit_options(&o, &DefaultsConfig::default()).unwrap();
         assert_eq!(
             (f.preset, f.iterations, f.size, f.features),
             (Preset::Paper, 7, 64, 12)
         );
         assert_eq!(f.lr, FitOptions::preset(Preset::Paper).lr);
-        let e = fit_options(&pb::Options {
-            size: Some(8),
-            ..Default::default()
-        })
+        let e = fit_options(
+            &pb::Options {
+                size: Some(8),
+                ..Default::default()
+            },
+            &DefaultsConfig::default(),
+        )
         .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.to_string().contains("size must be in 16..=1024"), "{e}");
     }
 
     #[test]
+    fn server_defaults_fill_what_the_request_leaves_unset() {
+        let d = DefaultsConfig {
+            preset: Some("paper".into()),
+            iterations: Some(9),
+            size: Some(128),
+            precision: Some("bfloat16".into()),
+            ..Default::default()
+        };
+        let f = fit_options(&pb::Options::default(), &d).unwrap();
+        assert_eq!((f.preset, f.iterations, f.size, f.precision), (Preset::Paper, 9, 128, Precision::Bfloat16));
+        assert_eq!((f.features, f.min_labels), (FitOptions::preset(Preset::Paper).features, FitOptions::preset(Preset::Paper).min_labels));
+        let asked = pb::Options {
+            preset: "default".into(),
+            iterations: Some(3),
+            size: Some(64),
+            precision: "float32".into(),
+            ..Default::default()
+        };
+        let f = fit_options(&asked, &d).unwrap();
+        assert_eq!((f.preset, f.iterations, f.size, f.precision), (Preset::Default, 3, 64, Precision::Float32), "the request wins");
+        let bad = DefaultsConfig { size: Some(8), ..Default::default() };
+        assert!(fit_options(&pb::Options::default(), &bad).unwrap_err().to_string().contains("size must be in 16..=1024"));
+    }
+
+    #[test]
     fn precision_is_float32_unless_asked() {
-        let with = |p: &str| fit_options(&pb::Options { precision: p.into(), ..Default::default() });
+        let with = |p: &str| fit_options(&pb::Options { precision: p.into(), ..Default::default() }, &DefaultsConfig::default());
         assert_eq!(with("").unwrap().precision, Precision::Float32);
         assert_eq!(with("float32").unwrap().precision, Precision::Float32);
         assert_eq!(with("bfloat16").unwrap().precision, Precision::Bfloat16);

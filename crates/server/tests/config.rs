@@ -288,3 +288,29 @@ fn cpu_job_memory_budget() {
         assert!((256 << 20..64 << 40).contains(&host), "{host}");
     }
 }
+
+/// `[defaults]`: fit options for the requests that leave them unset, from the file or the
+/// environment, checked when the configuration loads.
+#[test]
+fn fit_defaults_load_and_are_checked() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    assert_eq!(Config::default().defaults, s3net_server::config::DefaultsConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s3net.toml");
+    std::fs::write(&file, "[defaults]\nsize = 128\niterations = 30\n").unwrap();
+    std::env::set_var("S3NET__DEFAULTS__PRECISION", "bfloat16");
+    let c = Config::load(Some(&file), &[]);
+    std::env::remove_var("S3NET__DEFAULTS__PRECISION");
+    let d = c.unwrap().defaults;
+    assert_eq!((d.size, d.iterations, d.precision.as_deref()), (Some(128), Some(30), Some("bfloat16")));
+    for (key, value, needle) in [
+        ("defaults.size", "8", "size must be in 16..=1024"),
+        ("defaults.precision", "fp8", "unknown precision 'fp8'"),
+        ("defaults.preset", "fastest", "unknown preset 'fastest'"),
+        ("defaults.features", "1", "features must be in 2..=256"),
+    ] {
+        let err = Config::load(None, &[(key, value.into())]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("defaults: ") && msg.contains(needle), "{key} = {value}: {msg}");
+    }
+}

@@ -1199,3 +1199,26 @@ async fn bfloat16_jobs_run_and_say_so() {
     assert!(r.labels_used >= 1 && r.foreground_fraction > 0.0 && r.foreground_fraction < 1.0);
     server.shutdown().await.unwrap();
 }
+
+/// `[defaults]` fill the options a request leaves unset, a request's own values win, and the
+/// result's applied options say what ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_defaults_apply_to_unset_options() {
+    let mut cfg = config();
+    cfg.defaults.size = Some(48);
+    cfg.defaults.iterations = Some(2);
+    cfg.defaults.precision = Some("bfloat16".into());
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let unset = pb::Options { features: Some(8), min_labels: Some(0), device: "cpu".into(), ..Default::default() };
+    let r = completed(&segment_events(&mut c, disk(40, 40), unset.clone()).await);
+    let applied = r.options.unwrap();
+    let json: serde_json::Value = serde_json::from_str(&applied.options_json).unwrap();
+    assert_eq!((applied.size, applied.iterations, r.iterations, json["precision"].as_str()), (48, 2, 2, Some("bfloat16")));
+    let asked = pb::Options { size: Some(32), iterations: Some(3), precision: "float32".into(), ..unset };
+    let r = completed(&segment_events(&mut c, disk(40, 40), asked).await);
+    let applied = r.options.unwrap();
+    let json: serde_json::Value = serde_json::from_str(&applied.options_json).unwrap();
+    assert_eq!((applied.size, applied.iterations, json["precision"].as_str()), (32, 3, Some("float32")));
+    server.shutdown().await.unwrap();
+}
