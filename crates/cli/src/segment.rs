@@ -85,6 +85,9 @@ pub fn run(a: SegmentArgs) -> Result<()> {
 
 fn segment_file(path: &Path, out: &Path, opts: &FitOptions, device: DeviceSpec, window: Option<Window>) -> Result<String> {
     let image = load_image(path, window)?;
+    if let Some(w) = memory_warning(opts, device, &image, s3net_server::config::host_memory_bytes()) {
+        eprintln!("warning: {}: {w}", path.display());
+    }
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let seg = segment_one(&image, opts, device, &stem).with_context(|| format!("fit failed for {}", path.display()))?;
     write_outputs(out, &stem, &image, &seg, opts)?;
@@ -96,6 +99,30 @@ fn segment_file(path: &Path, out: &Path, opts: &FitOptions, device: DeviceSpec, 
         seg.fit.fit_seconds,
         seg.fit.device
     ))
+}
+
+/// A warning when a CPU fit of `image` with `opts` may need more memory than the host has
+/// (`host_bytes`): the service refuses such a job, but here the user decides. Why warn at all:
+/// a fit that runs out ends in the kernel's out-of-memory killer, whose only trace is "Killed".
+/// The estimate is an upper one (`FitOptions::host_memory_estimate`: up to about 3× what the
+/// measured fits took), so this warns only beyond the host's whole memory.
+pub fn memory_warning(opts: &FitOptions, device: DeviceSpec, image: &Image, host_bytes: Option<u64>) -> Option<String> {
+    let on_cpu = device.resolve().map(|d| d == tch::Device::Cpu).unwrap_or(false);
+    let need = opts.host_memory_estimate(image.width as u64 * image.height as u64);
+    let host = host_bytes?;
+    (on_cpu && need > host).then(|| {
+        format!(
+            "a fit on a {0}×{0} grid with {1} features of a {2}×{3} image may need up to about {4:.1} GB \
+             of memory, and this machine has {5:.1} GB: if it is killed, use a smaller --size or \
+             --features, or a GPU",
+            opts.size,
+            opts.features,
+            image.width,
+            image.height,
+            need as f64 / 1e9,
+            host as f64 / 1e9
+        )
+    })
 }
 
 /// Writes STEM.labels.png, STEM.mask.png and STEM.json.
@@ -119,4 +146,21 @@ pub fn write_outputs(out: &Path, stem: &str, image: &Image, seg: &Segmentation, 
         "options": opts,
     });
     write(format!("{stem}.json"), serde_json::to_string_pretty(&report)?.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_only_when_a_cpu_fit_may_not_fit_the_host() {
+        let image = Image { width: 512, height: 512, channels: 1, data: vec![0.0; 512 * 512], kind: s3net_imaging::ImageKind::Grey };
+        let big = FitOptions { size: 1024, features: 256, ..FitOptions::default() };
+        let w = memory_warning(&big, DeviceSpec::Cpu, &image, Some(16 << 30)).expect("a warning");
+        for needle in ["1024×1024 grid", "256 features", "512×512 image", "43.6 GB", "17.2 GB", "--size"] {
+            assert!(w.contains(needle), "{w:?} lacks {needle:?}");
+        }
+        assert_eq!(memory_warning(&FitOptions::default(), DeviceSpec::Cpu, &image, Some(16 << 30)), None);
+        assert_eq!(memory_warning(&big, DeviceSpec::Cpu, &image, None), None, "unknown host memory: no guess");
+    }
 }
