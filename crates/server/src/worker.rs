@@ -89,13 +89,53 @@ struct Running {
     refits: usize,
 }
 
+/// What a worker hands its finisher thread: a fit that ended (its foreground is still to be
+/// found), or a segmentation that only needs its result made and published. Failures and
+/// cancellations are published by the worker itself: they cost nothing to make, and so a
+/// cancelled job's outcome is out before the worker takes the next job.
+enum Ended {
+    Fit(Running, s3net_model::FitOutput),
+    Segmented(Running, Segmentation),
+}
+
+/// What the finisher answers for each [`Ended`]: the outcome is published, or the job is to be
+/// fitted again with these options (its foreground came out empty).
+enum Back {
+    Published,
+    Refit(Box<(Running, Segmentation, FitOptions)>),
+}
+
 /// The worker loop: keep up to `slot.batch` jobs training together, taking queued jobs that
-/// fit the batch between steps (continuous batching), and publish each job's outcome as soon
-/// as it ends. An idle worker waits for the next job; a busy one never waits for more.
-fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Duration, refits: usize, metrics: &Metrics) {
+/// fit the batch between steps (continuous batching), and hand each ended job to the worker's
+/// finisher thread, which finds its foreground and publishes its outcome. An idle worker waits
+/// for the next job; a busy one never waits for more.
+///
+/// Why a finisher: the foreground rule and the result's PNGs work on the image at its own
+/// resolution, on the CPU: 10 ms for a CT slice, about a second for a 12-megapixel radiograph,
+/// 6 s for 100 megapixels on this repository's CPU. Done on the worker's thread, that time
+/// held up every other job of its stack, and on a GPU left the device idle.
+fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Duration, refits: usize, metrics: &Arc<Metrics>) {
     let device = match slot.device.resolve() {
         Ok(d) => d,
         Err(e) => return refuse_all(queue, slot, &e.to_string(), metrics),
+    };
+    let (to_finisher, ended) = std::sync::mpsc::channel::<Ended>();
+    let (answer, back) = std::sync::mpsc::channel::<Back>();
+    let finisher = {
+        let (queue, metrics) = (queue.clone(), metrics.clone());
+        std::thread::Builder::new()
+            .name(format!("s3net-{}-finish", slot.name))
+            .spawn(move || finish_all(&*queue, ended, answer, refits, &metrics))
+            .expect("cannot spawn a finisher thread")
+    };
+    // Jobs handed to the finisher that it has not answered for yet.
+    let mut in_flight = 0usize;
+    let hand = |in_flight: &mut usize, e: Ended| {
+        *in_flight += 1;
+        // The finisher lives as long as this loop; a send can only fail if it panicked.
+        if to_finisher.send(e).is_err() {
+            warn!(worker = %slot.name, "the finisher thread is gone; a job's outcome is lost");
+        }
     };
     let mut batch: Batch<'static, Running> = Batch::new(device);
     let mut busy = None;
@@ -108,11 +148,31 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
     };
     let mut restarts = 0;
     loop {
+        // The finisher's answers: published outcomes, and jobs to fit again. With nothing else
+        // to do but wait for them (the queue closed), wait for them.
+        let mut answers: Vec<Back> = back.try_iter().collect();
+        if answers.is_empty() && closed && batch.is_empty() && in_flight > 0 {
+            answers.extend(back.recv());
+        }
+        for a in answers {
+            in_flight -= 1;
+            if let Back::Refit(job) = a {
+                let (r, seg, next) = *job;
+                if let Some(e) = refit(queue, &mut batch, r, seg, next, progress_interval, metrics) {
+                    hand(&mut in_flight, e);
+                }
+            }
+        }
         // After a stack failed (out of GPU memory, say), the batch's own limit keeps this
         // worker's stacks below the size that failed.
         let room = slot.batch.min(batch.limit().unwrap_or(usize::MAX));
         while !closed && batch.len() < room {
-            let wait = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
+            // Idle, a worker waits for a job; but not long while the finisher may hand one back.
+            let wait = match (batch.is_empty(), in_flight) {
+                (false, _) => Duration::ZERO,
+                (true, 0) => Duration::from_secs(1),
+                (true, _) => Duration::from_millis(10),
+            };
             let fits = |j: &NewJob| batch.accepts(&j.options, &j.image);
             match queue.take(slot.device, wait, &fits) {
                 Take::Job(c) => admit(queue, slot, &mut batch, *c, progress_interval, metrics),
@@ -121,26 +181,16 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
             }
         }
         if batch.is_empty() {
-            if closed {
-                return;
+            if closed && in_flight == 0 {
+                break;
             }
             continue;
         }
         busy.get_or_insert_with(|| metrics.worker_busy(slot.device));
         report(batch.len());
-        let ended: Vec<(Running, Result<Segmentation, ServiceError>)> =
+        let ended: Vec<(Running, Result<s3net_model::FitOutput, ServiceError>)> =
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.step())) {
-                Ok(ended) => ended
-                    .into_iter()
-                    .filter_map(|(r, o)| match o {
-                        Ok(fit) => {
-                            let mut seg = Segmentation::of(&r.claimed.job.image, fit);
-                            seg.refits = r.refits;
-                            refit(queue, &mut batch, r, seg, progress_interval, refits, metrics)
-                        }
-                        Err(e) => Some((r, Err(ServiceError::from(e)))),
-                    })
-                    .collect(),
+                Ok(ended) => ended.into_iter().map(|(r, o)| (r, o.map_err(ServiceError::from))).collect(),
                 Err(_) => {
                     let e = || Err(ServiceError::Internal("the fit panicked".into()));
                     batch.drain().into_iter().map(|r| (r, e())).collect()
@@ -153,8 +203,44 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
         if batch.is_empty() {
             busy = None;
         }
-        for (running, outcome) in ended {
-            finish(&**queue, running, outcome, metrics);
+        for (r, outcome) in ended {
+            match outcome {
+                Ok(fit) => hand(&mut in_flight, Ended::Fit(r, fit)),
+                Err(e) => finish(&**queue, r, Err(e), metrics),
+            }
+        }
+    }
+    drop(to_finisher);
+    if finisher.join().is_err() {
+        warn!(worker = %slot.name, "the finisher thread panicked");
+    }
+}
+
+/// The finisher of one worker: for each ended fit, the foreground (`Segmentation::of`, at the
+/// image's own resolution) and either a refit handed back (`s3net_model::refit_options`) or
+/// the result made and published; for each segmentation, its result. Answers every job on
+/// `back`; ends when the worker drops its side of `ended`.
+fn finish_all(queue: &dyn JobQueue, ended: std::sync::mpsc::Receiver<Ended>, back: std::sync::mpsc::Sender<Back>, max_refits: usize, metrics: &Metrics) {
+    for e in ended {
+        let answer = match e {
+            Ended::Fit(r, fit) => {
+                let mut seg = r.span.in_scope(|| Segmentation::of(&r.claimed.job.image, fit));
+                seg.refits = r.refits;
+                match refit_options(&seg, &r.claimed.job.options, r.refits, max_refits) {
+                    Some(next) => Back::Refit(Box::new((r, seg, next))),
+                    None => {
+                        finish(queue, r, Ok(seg), metrics);
+                        Back::Published
+                    }
+                }
+            }
+            Ended::Segmented(r, seg) => {
+                finish(queue, r, Ok(seg), metrics);
+                Back::Published
+            }
+        };
+        if back.send(answer).is_err() {
+            return;
         }
     }
 }
@@ -249,21 +335,19 @@ fn fit_job(queue: &Arc<dyn JobQueue>, c: &Claimed, opts: FitOptions, progress_in
     }
 }
 
-/// A finished fit whose foreground came out empty goes back into the batch with another seed
-/// as its next attempt (`s3net_model::refit_options`, as `segment` does for a lone fit); any
-/// other comes back to be finished.
+/// A finished fit whose foreground came out empty goes back into the batch with the options
+/// the finisher chose (`s3net_model::refit_options`, as `segment` does for a lone fit), as its
+/// next attempt; if it cannot even start, the first fit's result stands and comes back to be
+/// published.
 fn refit(
     queue: &Arc<dyn JobQueue>,
     batch: &mut Batch<'static, Running>,
     mut r: Running,
     seg: Segmentation,
+    next: FitOptions,
     progress_interval: Duration,
-    max_refits: usize,
     metrics: &Metrics,
-) -> Option<(Running, Result<Segmentation, ServiceError>)> {
-    let Some(next) = refit_options(&seg, &r.claimed.job.options, r.refits, max_refits) else {
-        return Some((r, Ok(seg)));
-    };
+) -> Option<Ended> {
     let attempt = seg.fit.attempt + 1;
     r.span.in_scope(|| info!(seed = next.seed, attempt, "the foreground came out empty; fitting again with another seed"));
     let job = fit_job(queue, &r.claimed, next, progress_interval);
@@ -273,8 +357,7 @@ fn refit(
             metrics.job_refitted();
             None
         }
-        // The first fit's result stands when the refit cannot even start.
-        Err((r, _)) => Some((r, Ok(seg))),
+        Err((r, _)) => Some(Ended::Segmented(r, seg)),
     }
 }
 

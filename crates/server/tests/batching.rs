@@ -104,3 +104,56 @@ fn gpu_memory_fraction_must_be_a_fraction() {
         }
     }
 }
+
+/// A job's foreground and result are made at the image's own resolution on the worker's
+/// finisher thread: meanwhile the other jobs of its stack go on training. Here a
+/// 16-megapixel scan ends beside a long job; the long job's steps go on between the scan's
+/// last step and its result (on one thread, as before, they stopped for that whole time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_does_not_hold_up_its_stack() {
+    use s3net_server::pb::job_event::Event;
+    use std::time::Instant;
+    let mut cfg = config();
+    cfg.workers.cpu_batch = Some(2);
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let long = submit_running(&mut c, disk(32, 32), pb::Options { iterations: Some(1000), ..job_options(9) }).await;
+    // Every step of the long job, stamped as it arrives.
+    let mut watch = c.watch_job(pb::WatchJobRequest { job_id: long.clone() }).await.unwrap().into_inner();
+    let steps = tokio::spawn(async move {
+        let mut at = Vec::new();
+        while let Ok(Some(e)) = watch.message().await {
+            if matches!(e.event, Some(Event::Progress(_))) {
+                at.push(Instant::now());
+            }
+        }
+        at
+    });
+    let mut s = c
+        .segment(pb::SegmentRequest { image: disk(4000, 4000), options: Some(job_options(1)) })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut last_step, mut done) = (None, None);
+    while let Some(e) = s.message().await.unwrap() {
+        match e.event {
+            Some(Event::Progress(_)) => last_step = Some(Instant::now()),
+            Some(Event::Completed(c)) => {
+                assert_eq!(c.result.unwrap().width, 4000);
+                done = Some(Instant::now());
+            }
+            other => assert!(matches!(other, Some(Event::Queued(_) | Event::Started(_))), "{other:?}"),
+        }
+    }
+    let (last_step, done) = (last_step.expect("steps"), done.expect("a result"));
+    c.cancel_job(pb::CancelJobRequest { job_id: long.clone() }).await.unwrap();
+    let steps = steps.await.unwrap();
+    let between = steps.iter().filter(|&&t| t > last_step && t < done).count();
+    eprintln!("the long job made {between} steps in the {:?} between the scan's last step and its result", done - last_step);
+    assert!(
+        between >= 3,
+        "the long job made {between} steps in the {:?} between the scan's last step and its result",
+        done - last_step
+    );
+    server.shutdown().await.unwrap();
+}
