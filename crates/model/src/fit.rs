@@ -110,7 +110,8 @@ pub(crate) fn fit_as(
     }
 }
 
-/// Runs `f`, turning a libtorch panic into [`ModelError::Torch`] with its first readable line.
+/// Runs `f`, turning a libtorch panic into [`ModelError::OutOfMemory`] or [`ModelError::Torch`]
+/// with its first readable line.
 fn catch_torch<R>(f: impl FnOnce() -> Result<R, ModelError>) -> Result<R, ModelError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
@@ -120,7 +121,7 @@ fn catch_torch<R>(f: impl FnOnce() -> Result<R, ModelError>) -> Result<R, ModelE
                 .map(String::as_str)
                 .or_else(|| payload.downcast_ref::<&str>().copied())
                 .unwrap_or("unknown libtorch failure");
-            Err(ModelError::Torch(first_line(msg)))
+            Err(ModelError::from_torch(msg))
         }
     }
 }
@@ -508,19 +509,18 @@ impl<'a, T> Batch<'a, T> {
             Ok(read) => read,
             Err(e) => {
                 self.pending = None;
-                // The same failure for every job, without wrapping its message twice.
-                let msg = match e {
-                    ModelError::Torch(m) => m,
-                    other => other.to_string(),
-                };
                 let all: Vec<usize> = (0..self.slots.len()).collect();
                 let failed = all.len();
                 if failed == 1 {
-                    for s in self.remove(&all) {
-                        ended.push((s.tag, Err(ModelError::Torch(msg.clone()))));
+                    if let Some(s) = self.remove(&all).pop() {
+                        ended.push((s.tag, Err(e)));
                     }
                     return ended;
                 }
+                let msg = match e {
+                    ModelError::Torch(m) | ModelError::OutOfMemory(m) => m,
+                    other => other.to_string(),
+                };
                 let now = (failed / 2).max(1);
                 tracing::warn!(jobs = failed, error = %msg, "a stack of {failed} jobs failed; they start over in stacks of at most {now}");
                 self.limit = Some(StackLimit { now, failed });
@@ -961,6 +961,11 @@ mod tests {
         );
         let check = "Torch(\"shape mismatch: [1, 3] vs [2]\\nException raised from foo at bar.cpp:12\")";
         assert_eq!(super::first_line(check), "shape mismatch: [1, 3] vs [2]");
+        // Out of memory is told apart from other failures, on the CPU and on CUDA.
+        assert!(matches!(ModelError::from_torch(oom), ModelError::OutOfMemory(m) if !m.contains("frame #0")));
+        let cuda = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB";
+        assert!(matches!(ModelError::from_torch(cuda), ModelError::OutOfMemory(_)));
+        assert!(matches!(ModelError::from_torch(check), ModelError::Torch(m) if m == "shape mismatch: [1, 3] vs [2]"));
     }
 
     /// A libtorch failure inside a forward-only section (here a shape error, as an

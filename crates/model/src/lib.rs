@@ -38,20 +38,39 @@ pub enum ModelError {
     /// The loss became NaN or infinite.
     #[error("fit diverged at iteration {iteration} (loss is not finite); try a lower learning rate")]
     Diverged { iteration: usize },
-    /// libtorch raised an error (CUDA out of memory, a kernel failure, …).
+    /// The device ran out of memory for this fit alone (libtorch's message: CUDA's "out of
+    /// memory", the CPU allocator's "can't allocate memory"). Apart from [`ModelError::Torch`]
+    /// because it is not a fault: the job is too large for what the device has free now.
+    #[error("out of memory: {0}; ask for a smaller size or fewer features, or retry when the device is less busy")]
+    OutOfMemory(String),
+    /// libtorch raised an error (a kernel failure, a shape error, …).
     #[error("libtorch error: {0}")]
     Torch(String),
 }
 
+impl ModelError {
+    /// A libtorch failure from its message: [`ModelError::OutOfMemory`] when it says so, else
+    /// [`ModelError::Torch`]; the message cut to its first readable line.
+    pub fn from_torch(msg: &str) -> ModelError {
+        let line = fit::first_line(msg);
+        let lower = line.to_ascii_lowercase();
+        if ["out of memory", "can't allocate memory", "cannot allocate memory"].iter().any(|m| lower.contains(m)) {
+            ModelError::OutOfMemory(line)
+        } else {
+            ModelError::Torch(line)
+        }
+    }
+}
+
 impl From<s3net_ops::OpError> for ModelError {
     fn from(e: s3net_ops::OpError) -> Self {
-        ModelError::Torch(fit::first_line(&e.0))
+        ModelError::from_torch(&e.0)
     }
 }
 
 impl From<tch::TchError> for ModelError {
     fn from(e: tch::TchError) -> Self {
-        ModelError::Torch(fit::first_line(&e.to_string()))
+        ModelError::from_torch(&e.to_string())
     }
 }
 

@@ -51,6 +51,9 @@ impl ServiceError {
                 ModelError::InvalidArgument(_) => Code::InvalidArgument,
                 ModelError::Cancelled => Code::Cancelled,
                 ModelError::Diverged { .. } => Code::Aborted,
+                // Too large for what the device has free now: a smaller job, or a later
+                // retry, may fit. Not a fault of the service.
+                ModelError::OutOfMemory(_) => Code::ResourceExhausted,
                 ModelError::Torch(_) => Code::Internal,
             },
             ServiceError::QueueFull { .. } => Code::ResourceExhausted,
@@ -118,8 +121,16 @@ mod tests {
             ),
             (ModelError::Cancelled.into(), Code::Cancelled),
             (
-                ModelError::Torch("CUDA out of memory".into()).into(),
+                ModelError::Torch("CUDA error: an illegal memory access was encountered".into()).into(),
                 Code::Internal,
+            ),
+            (
+                ModelError::from_torch("CUDA out of memory. Tried to allocate 2.00 GiB").into(),
+                Code::ResourceExhausted,
+            ),
+            (
+                ModelError::from_torch("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576 bytes").into(),
+                Code::ResourceExhausted,
             ),
             (
                 ServiceError::QueueFull {

@@ -119,4 +119,21 @@ async fn jobs_of_a_batch_out_of_memory_start_over_and_complete() {
     assert_eq!(value(&m, "s3net_jobs_total{outcome=\"failed\"}"), 0.0);
     // The worker goes on: a job after the failure completes.
     quick_job_completes(&mut c.clone()).await;
+
+    // A job that cannot train even alone (512², about four times a 256² job) under the same
+    // cap fails by itself, as RESOURCE_EXHAUSTED saying so; then the worker goes on.
+    cap_address_space(Some(vm("VmSize:") + four * 7 / 10));
+    let big = pb::Options { size: Some(512), ..options(9) };
+    let events = segment_events(&mut c.clone(), disk(256, 256), big).await;
+    cap_address_space(None);
+    match events.last() {
+        Some(Event::Failed(f)) => {
+            assert_eq!(f.code, tonic::Code::ResourceExhausted as i32, "{f:?}");
+            assert!(f.message.starts_with("out of memory: ") && f.message.contains("smaller size"), "{f:?}");
+        }
+        other => panic!("expected the lone 512² job to fail, got {other:?}"),
+    }
+    let m = scrape(addr).await;
+    assert_eq!(value(&m, "s3net_jobs_total{outcome=\"failed\"}"), 1.0);
+    quick_job_completes(&mut c.clone()).await;
 }

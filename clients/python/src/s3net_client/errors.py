@@ -78,7 +78,9 @@ class AlreadyExists(S3NetError):
 
 
 class ResourceExhausted(S3NetError):
-    """The queue is full; ``retry_after`` says when to try again (retried automatically)."""
+    """The queue is full: ``retry_after`` says when to try again (retried automatically); or,
+    as a job's Failed event, the job ran out of memory on its own device (not retried: ask for
+    a smaller ``size`` or fewer ``features``, or try again when the server is less busy)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -102,7 +104,7 @@ class DeadlineExceeded(S3NetError):
 
 
 class Internal(S3NetError):
-    """The fit failed inside the server (e.g. CUDA out of memory); the server carries on."""
+    """The fit failed inside the server (e.g. a CUDA kernel failure); the server carries on."""
 
     code = grpc.StatusCode.INTERNAL
 
