@@ -152,7 +152,14 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
         // to do but wait for them (the queue closed), wait for them.
         let mut answers: Vec<Back> = back.try_iter().collect();
         if answers.is_empty() && closed && batch.is_empty() && in_flight > 0 {
-            answers.extend(back.recv());
+            match back.recv() {
+                Ok(a) => answers.push(a),
+                Err(_) => {
+                    // Only if the finisher thread itself died: nothing more will come back.
+                    warn!(worker = %slot.name, jobs = in_flight, "the finisher thread is gone; its jobs' outcomes are lost");
+                    in_flight = 0;
+                }
+            }
         }
         for a in answers {
             in_flight -= 1;
@@ -222,7 +229,12 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
 /// `back`; ends when the worker drops its side of `ended`.
 fn finish_all(queue: &dyn JobQueue, ended: std::sync::mpsc::Receiver<Ended>, back: std::sync::mpsc::Sender<Back>, max_refits: usize, metrics: &Metrics) {
     for e in ended {
-        let answer = match e {
+        let (id, span) = match &e {
+            Ended::Fit(r, _) | Ended::Segmented(r, _) => (r.claimed.id.clone(), r.span.clone()),
+        };
+        // A panic here (a bug in the foreground rule, say) fails this job alone, and the
+        // finisher goes on with the next.
+        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match e {
             Ended::Fit(r, fit) => {
                 let mut seg = r.span.in_scope(|| Segmentation::of(&r.claimed.job.image, fit));
                 seg.refits = r.refits;
@@ -238,7 +250,12 @@ fn finish_all(queue: &dyn JobQueue, ended: std::sync::mpsc::Receiver<Ended>, bac
                 finish(queue, r, Ok(seg), metrics);
                 Back::Published
             }
-        };
+        }))
+        .unwrap_or_else(|_| {
+            let event = span.in_scope(|| failed(&span, ServiceError::Internal("making the job's result panicked".into())));
+            queue.publish(&id, event);
+            Back::Published
+        });
         if back.send(answer).is_err() {
             return;
         }
