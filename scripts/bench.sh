@@ -25,6 +25,8 @@ $BIN bench fit --device cpu --iterations 10 --repeats 3 --features 64 > $OUT/fit
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --kernels tensor_ops > $OUT/fit-cpu-tensor-ops.json
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --precision bfloat16 > $OUT/fit-cpu-bf16.json
 $BIN bench fit --device cpu --iterations 10 --repeats 3 --affine-gradient transformed > $OUT/fit-cpu-transformed.json
+echo "bench: foreground rule and result PNGs at the image's size (CPU)" >&2
+$BIN bench foreground --sides 512,2048,4096 --repeats 5 --json > $OUT/foreground-cpu.json
 echo "bench: service overhead (loopback gRPC)" >&2
 cargo run --release --locked -q -p s3net-server --example service_bench > $OUT/service.md
 cuda=0
@@ -88,6 +90,13 @@ if cuda:
         lines.append(f"- {c['fits_at_once']} fits at once: {c['images_per_second']:.2f} images/s ({c['seconds_per_fit_median']:.2f} s per fit)")
     for b in j("fit-cuda-batch.json").get("batched", []):
         lines.append(f"- {b['batch']} fits as one batch: {b['images_per_second']:.2f} images/s ({b['seconds_per_step_median']*1e3:.0f} ms per step)")
+fg = j("foreground-cpu.json")
+lines += ["", "## Foreground rule and result PNGs at the image's own size (CPU, one thread of a worker's finisher)", "",
+  "Synthetic scans (a bright body, two dark lungs) with the fit output of a 256² grid; `s3net bench foreground`.", "",
+  "| side | megapixels | grey: rule ms | grey: PNGs ms | colour: rule ms | colour: PNGs ms |", "|---|---|---|---|---|---|"]
+for side in sorted(fg["grey"], key=int):
+    g, c = fg["grey"][side], fg["colour"][side]
+    lines.append(f"| {side} | {g['megapixels']:.1f} | {g['rule_ms']:.1f} | {g['png_ms']:.1f} | {c['rule_ms']:.1f} | {c['png_ms']:.1f} |")
 lines += ["", "## Service overhead (in-process server on loopback, real gRPC clients, CPU)", "", open("bench-out/service.md").read().strip()]
 import glob
 import subprocess

@@ -1,5 +1,5 @@
-//! `s3net bench fit`, `s3net bench deform`, `s3net bench depthwise` and `s3net bench losses`:
-//! medians after a warm-up, printed as JSON.
+//! `s3net bench fit`, `s3net bench deform`, `s3net bench depthwise`, `s3net bench losses` and
+//! `s3net bench foreground`: medians after a warm-up, printed as JSON.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -30,6 +30,25 @@ pub enum BenchCommand {
     /// libtorch's ops, for the response map (cross-entropy against its argmax, and continuity)
     /// and for the auxiliary map (cross-entropy against a given target).
     Losses(OpBench),
+    /// Time of the foreground rule at the image's own resolution (`Segmentation::of` of a
+    /// fit's output) on synthetic grey and colour images of several sides: the CPU work a
+    /// server's finisher thread does for each job, beside the fit.
+    Foreground(ForegroundBench),
+}
+
+#[derive(Args, Debug)]
+pub struct ForegroundBench {
+    /// Image sides, e.g. `--sides 512,2048,4096`.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,4096")]
+    pub sides: Vec<u32>,
+    /// The grid the fit ran on.
+    #[arg(long, default_value_t = 256)]
+    pub size: u32,
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Print only the JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -135,7 +154,82 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Deform(b) => deform(b),
         BenchCommand::Depthwise(b) => depthwise(b),
         BenchCommand::Losses(b) => losses(b),
+        BenchCommand::Foreground(b) => foreground(b),
     }
+}
+
+/// A synthetic scan of side `side`: a bright body on dark air with two dark lungs and a little
+/// texture, grey or colour, and the fit output a `size`² grid would give it (three clusters:
+/// air, body, lungs, read off the downscaled image).
+fn scan(side: u32, size: u32, kind: ImageKind) -> (Image, s3net_model::FitOutput) {
+    let level = |x: f32, y: f32| {
+        let (u, v) = (x - 0.5, y - 0.5);
+        let body = (u / 0.45).powi(2) + (v / 0.38).powi(2) < 1.0;
+        let lung = |cx: f32| ((u - cx) / 0.13).powi(2) + (v / 0.22).powi(2) < 1.0;
+        if !body { 0.05 } else if lung(-0.18) || lung(0.18) { 0.15 } else { 0.7 }
+    };
+    let texture = |i: usize| ((i * 2_654_435_761) % 97) as f32 / 97.0 * 0.06;
+    let n = (side * side) as usize;
+    let plane: Vec<f32> = (0..n).map(|i| level((i % side as usize) as f32 / side as f32, (i / side as usize) as f32 / side as f32) + texture(i)).collect();
+    let (channels, data) = match kind {
+        ImageKind::Grey => (1, plane),
+        ImageKind::Colour => (3, plane.iter().chain(&plane).chain(&plane).copied().collect()),
+    };
+    let image = Image { width: side, height: side, channels, data, kind };
+    let g = size as usize;
+    let grid_intensity: Vec<f32> = (0..g * g).map(|i| level((i % g) as f32 / g as f32, (i / g) as f32 / g as f32)).collect();
+    let grid = s3net_model::LabelMap {
+        width: size,
+        height: size,
+        data: grid_intensity.iter().map(|&v| if v < 0.1 { 0 } else if v < 0.5 { 2 } else { 1 }).collect(),
+    };
+    let labels = s3net_model::fit::nearest(&grid, side, side);
+    let fit = s3net_model::FitOutput {
+        labels,
+        grid_labels: grid,
+        grid_intensity,
+        n_labels: 3,
+        iterations: 50,
+        losses: Default::default(),
+        fit_seconds: 0.0,
+        device: "cpu".into(),
+        attempt: 1,
+    };
+    (image, fit)
+}
+
+fn foreground(b: ForegroundBench) -> Result<()> {
+    let mut out = serde_json::Map::new();
+    for (name, kind) in [("grey", ImageKind::Grey), ("colour", ImageKind::Colour)] {
+        let mut by_side = serde_json::Map::new();
+        for &side in &b.sides {
+            let (image, fit) = scan(side, b.size, kind);
+            let (mut rule, mut png) = (Vec::new(), Vec::new());
+            let mut found = 0;
+            for rep in 0..=b.repeats {
+                let fit = fit.clone();
+                let t0 = Instant::now();
+                let seg = s3net_model::Segmentation::of(&image, fit);
+                let t1 = Instant::now();
+                // The result's two PNGs, as the service sends them.
+                let bytes = s3net_imaging::encode_labels_png(&seg.fit.labels).len() + s3net_imaging::encode_mask_png(side, side, &seg.mask).len();
+                if rep > 0 {
+                    rule.push((t1 - t0).as_secs_f64() * 1e3);
+                    png.push(t1.elapsed().as_secs_f64() * 1e3);
+                }
+                found = seg.mask.iter().filter(|&&m| m).count().min(bytes);
+            }
+            anyhow::ensure!(found > 0, "the {name} {side}² scan's foreground came out empty");
+            let (rule, png) = (median(&rule), median(&png));
+            by_side.insert(side.to_string(), json!({ "rule_ms": rule, "png_ms": png, "megapixels": (side as f64).powi(2) / 1e6 }));
+            if !b.json {
+                eprintln!("{name} {side}²: foreground rule {rule:.1} ms, PNGs {png:.1} ms");
+            }
+        }
+        out.insert(name.into(), by_side.into());
+    }
+    println!("{}", serde_json::Value::Object(out));
+    Ok(())
 }
 
 type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
