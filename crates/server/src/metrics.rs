@@ -70,6 +70,7 @@ pub struct Metrics {
     fit_iterations: Histogram,
     workers_active: Family<DeviceLabel, Gauge>,
     jobs_training: Family<DeviceLabel, Gauge>,
+    jobs_finishing: Family<DeviceLabel, Gauge>,
     rejected: Family<ReasonLabel, Counter>,
     restarted: Counter,
     refitted: Counter,
@@ -133,6 +134,7 @@ impl Metrics {
         let workers_active = Family::<DeviceLabel, Gauge>::default();
         let workers_total = Family::<DeviceLabel, Gauge>::default();
         let jobs_training = Family::<DeviceLabel, Gauge>::default();
+        let jobs_finishing = Family::<DeviceLabel, Gauge>::default();
         for d in workers {
             let l = DeviceLabel {
                 device: d.to_string(),
@@ -140,11 +142,18 @@ impl Metrics {
             workers_total.get_or_create(&l).inc();
             let _ = workers_active.get_or_create(&l);
             let _ = jobs_training.get_or_create(&l);
+            let _ = jobs_finishing.get_or_create(&l);
         }
         registry.register(
             "jobs_training",
             "Jobs being fitted now, per device (a worker trains up to workers.*_batch at once)",
             jobs_training.clone(),
+        );
+        registry.register(
+            "jobs_finishing",
+            "Jobs whose fit ended and whose foreground and result are being made at the image's \
+             size (each worker's finisher thread), per device",
+            jobs_finishing.clone(),
         );
         registry.register(
             "workers_active",
@@ -213,6 +222,7 @@ impl Metrics {
             fit_iterations,
             workers_active,
             jobs_training,
+            jobs_finishing,
             rejected,
             restarted,
             refitted,
@@ -248,6 +258,14 @@ impl Metrics {
             device: device.to_string(),
         };
         self.jobs_training.get_or_create(&l).inc_by(delta);
+    }
+
+    /// `delta` more (or fewer) jobs of a worker on `device` wait for, or are in, its finisher.
+    pub fn jobs_finishing(&self, device: DeviceSpec, delta: i64) {
+        let l = DeviceLabel {
+            device: device.to_string(),
+        };
+        self.jobs_finishing.get_or_create(&l).inc_by(delta);
     }
 
     /// Marks a worker on `device` busy until the returned guard drops (also on a panic).

@@ -124,16 +124,17 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
     let (to_finisher, ended) = std::sync::mpsc::channel::<Ended>();
     let (answer, back) = std::sync::mpsc::channel::<Back>();
     let finisher = {
-        let (queue, metrics) = (queue.clone(), metrics.clone());
+        let (queue, metrics, device_spec) = (queue.clone(), metrics.clone(), slot.device);
         std::thread::Builder::new()
             .name(format!("s3net-{}-finish", slot.name))
-            .spawn(move || finish_all(&*queue, ended, answer, refits, &metrics))
+            .spawn(move || finish_all(&*queue, ended, answer, refits, &metrics, device_spec))
             .expect("cannot spawn a finisher thread")
     };
     // Jobs handed to the finisher that it has not answered for yet.
     let mut in_flight = 0usize;
     let hand = |in_flight: &mut usize, e: Ended| {
         *in_flight += 1;
+        metrics.jobs_finishing(slot.device, 1);
         // The finisher lives as long as this loop; a send can only fail if it panicked.
         if to_finisher.send(e).is_err() {
             warn!(worker = %slot.name, "the finisher thread is gone; a job's outcome is lost");
@@ -228,9 +229,24 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
 /// The finisher of one worker: for each ended fit, the foreground (`Segmentation::of`, at the
 /// image's own resolution) and either a refit handed back (`s3net_model::refit_options`) or
 /// the result made and published; for each segmentation, its result. Answers every job on
-/// `back`; ends when the worker drops its side of `ended`.
-fn finish_all(queue: &dyn JobQueue, ended: std::sync::mpsc::Receiver<Ended>, back: std::sync::mpsc::Sender<Back>, max_refits: usize, metrics: &Metrics) {
+/// `back`; ends when the worker drops its side of `ended`. `s3net_jobs_finishing` counts a job
+/// down before its outcome is published, so the gauge is current when a client hears it.
+fn finish_all(
+    queue: &dyn JobQueue,
+    ended: std::sync::mpsc::Receiver<Ended>,
+    back: std::sync::mpsc::Sender<Back>,
+    max_refits: usize,
+    metrics: &Metrics,
+    device: DeviceSpec,
+) {
     for e in ended {
+        // Counted down once per job, also when a panic comes after the count.
+        let counted = std::cell::Cell::new(false);
+        let done = || {
+            if !counted.replace(true) {
+                metrics.jobs_finishing(device, -1);
+            }
+        };
         let (id, span) = match &e {
             Ended::Fit(r, _) | Ended::Segmented(r, _) => (r.claimed.id.clone(), r.span.clone()),
         };
@@ -241,19 +257,25 @@ fn finish_all(queue: &dyn JobQueue, ended: std::sync::mpsc::Receiver<Ended>, bac
                 let mut seg = r.span.in_scope(|| Segmentation::of(&r.claimed.job.image, fit));
                 seg.refits = r.refits;
                 match refit_options(&seg, &r.claimed.job.options, r.refits, max_refits) {
-                    Some(next) => Back::Refit(Box::new((r, seg, next))),
+                    Some(next) => {
+                        done();
+                        Back::Refit(Box::new((r, seg, next)))
+                    }
                     None => {
+                        done();
                         finish(queue, r, Ok(seg), metrics);
                         Back::Published
                     }
                 }
             }
             Ended::Segmented(r, seg) => {
+                done();
                 finish(queue, r, Ok(seg), metrics);
                 Back::Published
             }
         }))
         .unwrap_or_else(|_| {
+            done();
             let event = span.in_scope(|| failed(&span, ServiceError::Internal("making the job's result panicked".into())));
             queue.publish(&id, event);
             Back::Published
