@@ -904,10 +904,7 @@ fn read_labels(response: &Tensor, target: &Tensor, image: &Image, opts: &FitOpti
         let idx = Tensor::from_slice(&used).to_device(response.device());
         // (The response is in the activations' format; upsampled in float32 whatever it is.)
         let sel = response.index_select(1, &idx).to_kind(Kind::Float);
-        // Our argmax (`s3net_ops::argmax_channels`, the same result): libtorch's CPU argmax over
-        // the few channels of a full-size map took 1.4 s of a 4000² scan's 4.4 s `segment`.
-        let up = sel.upsample_bilinear2d([h0, w0], false, None, None);
-        let up = s3net_ops::argmax_channels(&up).unwrap_or_else(|_| up.argmax(1, false));
+        let up = crate::affine::channel_argmax(&sel.upsample_bilinear2d([h0, w0], false, None, None));
         // `up` indexes into `used`.
         let up = Vec::<i64>::try_from(up.flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
         up.iter().map(|&i| used[i as usize]).collect()
