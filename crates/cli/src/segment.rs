@@ -112,13 +112,9 @@ pub fn memory_warning(opts: &FitOptions, device: DeviceSpec, image: &Image, host
     let host = host_bytes?;
     (on_cpu && need > host).then(|| {
         format!(
-            "a fit on a {0}×{0} grid with {1} features of a {2}×{3} image may need up to about {4:.1} GB \
-             of memory, and this machine has {5:.1} GB: if it is killed, use a smaller --size or \
-             --features, or a GPU",
-            opts.size,
-            opts.features,
-            image.width,
-            image.height,
+            "{} may need up to about {:.1} GB of memory, and this machine has {:.1} GB: if it is \
+             killed, use a smaller --size or --features, or a GPU",
+            opts.describe(Some((image.width, image.height))),
             need as f64 / 1e9,
             host as f64 / 1e9
         )

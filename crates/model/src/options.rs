@@ -325,6 +325,14 @@ impl FitOptions {
         Ok(())
     }
 
+    /// How a message about a job's size names it: "a fit on a S×S grid with F features", and
+    /// " of a W×H image" when the image is known (the service's refusal and the CLI's warning
+    /// about [`host_memory_estimate`](Self::host_memory_estimate)).
+    pub fn describe(&self, image: Option<(u32, u32)>) -> String {
+        let of = image.map_or(String::new(), |(w, h)| format!(" of a {w}×{h} image"));
+        format!("a fit on a {0}×{0} grid with {1} features{of}", self.size, self.features)
+    }
+
     /// About how much host memory one fit with these options of an image of `pixels` pixels
     /// (width × height; 0 for the fit alone) adds while it runs on the CPU, in bytes: an upper
     /// estimate, not a prediction.

@@ -109,16 +109,12 @@ impl SegmenterService {
         let gb = |b: u64| b as f64 / 1e9;
         let gpu = self.devices.iter().find(|d| matches!(d, DeviceSpec::Cuda(_)));
         let or_gpu = gpu.map_or(String::new(), |d| format!(", or ask for device {d}"));
-        let (of, or_image) = match image {
-            Some((w, h)) => (format!(" of a {w}×{h} image"), ", or send a smaller image"),
-            None => (String::new(), ""),
-        };
+        let or_image = if image.is_some() { ", or send a smaller image" } else { "" };
         Err(ServiceError::InvalidArgument(format!(
-            "a fit on a {0}×{0} grid with {1} features{of} needs about {2:.1} GB of memory on a \
-             CPU worker, more than this server allows one job ({3:.1} GB, workers.max_job_bytes); \
-             ask for a smaller size or fewer features{or_image}{or_gpu}",
-            fit.size,
-            fit.features,
+            "{} needs about {:.1} GB of memory on a CPU worker, more than this server allows one \
+             job ({:.1} GB, workers.max_job_bytes); ask for a smaller size or fewer \
+             features{or_image}{or_gpu}",
+            fit.describe(image),
             gb(need),
             gb(budget),
         )))
