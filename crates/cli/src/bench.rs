@@ -212,12 +212,12 @@ fn foreground(b: ForegroundBench) -> Result<()> {
                 let seg = s3net_model::Segmentation::of(&image, fit);
                 let t1 = Instant::now();
                 // The result's two PNGs, as the service sends them.
-                let bytes = s3net_imaging::encode_labels_png(&seg.fit.labels).len() + s3net_imaging::encode_mask_png(side, side, &seg.mask).len();
+                std::hint::black_box((s3net_imaging::encode_labels_png(&seg.fit.labels), s3net_imaging::encode_mask_png(side, side, &seg.mask)));
                 if rep > 0 {
                     rule.push((t1 - t0).as_secs_f64() * 1e3);
                     png.push(t1.elapsed().as_secs_f64() * 1e3);
                 }
-                found = seg.mask.iter().filter(|&&m| m).count().min(bytes);
+                found = seg.mask.iter().filter(|&&m| m).count();
             }
             anyhow::ensure!(found > 0, "the {name} {side}² scan's foreground came out empty");
             let (rule, png) = (median(&rule), median(&png));

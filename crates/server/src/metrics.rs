@@ -60,6 +60,14 @@ struct VersionLabel {
     version: String,
 }
 
+/// Adds `delta` to a per-device gauge.
+fn add(gauge: &Family<DeviceLabel, Gauge>, device: DeviceSpec, delta: i64) {
+    let l = DeviceLabel {
+        device: device.to_string(),
+    };
+    gauge.get_or_create(&l).inc_by(delta);
+}
+
 /// The service's metrics, all named `s3net_…`.
 pub struct Metrics {
     registry: Registry,
@@ -254,18 +262,12 @@ impl Metrics {
 
     /// A worker on `device` now trains `delta` more (or fewer) jobs.
     pub fn jobs_training(&self, device: DeviceSpec, delta: i64) {
-        let l = DeviceLabel {
-            device: device.to_string(),
-        };
-        self.jobs_training.get_or_create(&l).inc_by(delta);
+        add(&self.jobs_training, device, delta);
     }
 
     /// `delta` more (or fewer) jobs of a worker on `device` wait for, or are in, its finisher.
     pub fn jobs_finishing(&self, device: DeviceSpec, delta: i64) {
-        let l = DeviceLabel {
-            device: device.to_string(),
-        };
-        self.jobs_finishing.get_or_create(&l).inc_by(delta);
+        add(&self.jobs_finishing, device, delta);
     }
 
     /// Marks a worker on `device` busy until the returned guard drops (also on a panic).
