@@ -89,24 +89,22 @@ impl Server {
             !slots.is_empty(),
             "no workers configured (workers.cpu_workers = 0 and no CUDA device)"
         );
-        let cpu_workers = slots
+        let cpu_slots = slots
             .iter()
             .filter(|s| s.device == s3net_model::DeviceSpec::Cpu)
-            .count()
-            .max(1);
+            .count();
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         let threads = cfg
             .workers
             .torch_threads
-            .unwrap_or((cores / cpu_workers).max(1));
+            .unwrap_or((cores / cpu_slots.max(1)).max(1));
         tch::set_num_threads(threads as i32);
 
         let devices: Vec<_> = slots.iter().map(|s| s.device).collect();
         // Only CPU workers can be killed by a job too large for the host's memory (a GPU that
         // runs out fails the job with an error, see the batch's restarts).
-        let cpu_slots = slots.iter().filter(|s| s.device == s3net_model::DeviceSpec::Cpu).count();
         let cpu_job_bytes = (cpu_slots > 0)
             .then(|| cfg.workers.cpu_job_bytes(cpu_slots, crate::config::host_memory_bytes()))
             .flatten();
