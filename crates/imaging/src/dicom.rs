@@ -280,6 +280,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             frames,
             bits_stored,
         }),
+        orientation: 1,
     })
 }
 

@@ -230,6 +230,11 @@ pub struct Decoded {
     /// the same units as `samples`.
     pub window: Option<Window>,
     pub dicom: Option<DicomInfo>,
+    /// The EXIF orientation (1–8) the file carried (JPEG's Exif, TIFF's Orientation tag, PNG's
+    /// eXIf) and that has been applied: `width`, `height` and `samples` are the image as viewers
+    /// show it, turned or flipped from how the file stores it. 1 when there was none, and for
+    /// DICOM, whose pixel rows are what the scanner acquired.
+    pub orientation: u8,
 }
 
 /// A normalised image ready for the model: planar C×H×W, values in `[0, 1]`.

@@ -2,6 +2,7 @@
 
 use std::io::Cursor;
 
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 
 use crate::{check_dims, Decoded, Format, ImageKind, ImagingError, Limits};
@@ -30,6 +31,9 @@ pub(crate) fn decode_raster(
             check_dims(u64::from(w), u64::from(h), limits)?;
         }
     }
+    if format == Format::Jpeg {
+        jpeg_reaches_end(bytes).map_err(|reason| ImagingError::Malformed { format, reason })?;
+    }
 
     let mut reader = ImageReader::with_format(Cursor::new(bytes), image_format);
     let mut image_limits = image::Limits::default();
@@ -39,10 +43,17 @@ pub(crate) fn decode_raster(
     reader.limits(image_limits);
 
     // Creating the decoder reads only the header.
-    let decoder = reader.into_decoder().map_err(|e| image_error(e, format))?;
+    let mut decoder = reader.into_decoder().map_err(|e| image_error(e, format))?;
     let (width, height) = decoder.dimensions();
     check_dims(u64::from(width), u64::from(height), limits)?;
-    let img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(e, format))?;
+    // A camera's JPEG (or a TIFF, a PNG with eXIf) may store its pixels turned and say so in
+    // an orientation tag, which every viewer applies: the image is turned the same way here,
+    // so the label map and mask lie over the picture the clinician sees. An unreadable tag is
+    // no orientation, as for a viewer.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(e, format))?;
+    img.apply_orientation(orientation);
+    let (width, height) = (img.width(), img.height());
 
     let (w, h) = (width as usize, height as usize);
     let (channels, bit_depth, samples) = match &img {
@@ -78,6 +89,7 @@ pub(crate) fn decode_raster(
         },
         window: None,
         dicom: None,
+        orientation: orientation.to_exif(),
     })
 }
 
@@ -96,6 +108,70 @@ fn planar<T: Copy + Into<f32>>(raw: &[T], n_in: usize, w: usize, h: usize) -> Ve
         }
     }
     out
+}
+
+/// Whether a JPEG stream runs to its end-of-image marker (FF D9), walking the marker segments
+/// by their lengths and each scan's entropy-coded data to the marker after it.
+///
+/// Why: the JPEG decoder is lenient. Cut anywhere after its headers (an interrupted copy, an
+/// upload that lost its tail), a file still decoded, its missing rows grey, and the service
+/// segmented an image that is not the patient's: this walk refuses it first, as libjpeg's
+/// "premature end of JPEG file" and Pillow's "image file is truncated" do. It judges nothing
+/// else (bytes after the end marker, odd segments): the decoder does.
+pub(crate) fn jpeg_reaches_end(b: &[u8]) -> Result<(), String> {
+    let cut = |at: usize, inside: &str| -> Result<(), String> {
+        Err(format!(
+            "the file is incomplete: its {at} bytes end {inside}, before the end-of-image \
+             marker (FF D9)"
+        ))
+    };
+    let mut i = 2; // after SOI
+    loop {
+        // The next marker: 0xFF, any fill bytes, then its code (stray bytes before it are the
+        // decoder's business).
+        match b.get(i..).and_then(|rest| rest.iter().position(|&x| x == 0xFF)) {
+            Some(skip) => i += skip,
+            None => return cut(b.len(), "between segments"),
+        }
+        while b.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let Some(&code) = b.get(i) else {
+            return cut(b.len(), "at a marker");
+        };
+        i += 1;
+        match code {
+            0xD9 => return Ok(()),
+            0x01 | 0xD0..=0xD8 => continue, // markers without a length
+            _ => {}
+        }
+        let Some(len) = b.get(i..i + 2).map(|l| usize::from(u16::from_be_bytes([l[0], l[1]]))) else {
+            return cut(b.len(), "in a segment's length");
+        };
+        if len < 2 {
+            return Ok(()); // not a length: not a cut file; the decoder reports it
+        }
+        i += len;
+        if i > b.len() {
+            return cut(b.len(), &format!("inside a segment (marker FF {code:02X})"));
+        }
+        if code == 0xDA {
+            // Entropy-coded data: 0xFF is followed by 0x00 (a stuffed byte), a restart marker
+            // or fill; any other code is the marker after the scan.
+            loop {
+                match b[i..].iter().position(|&x| x == 0xFF) {
+                    Some(skip) => i += skip,
+                    None => return cut(b.len(), "inside the compressed image data"),
+                }
+                match b.get(i + 1) {
+                    None => return cut(b.len(), "inside the compressed image data"),
+                    Some(0x00 | 0xD0..=0xD7) => i += 2,
+                    Some(0xFF) => i += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
 }
 
 /// Width and height from a PNG's IHDR chunk, if the data is long enough to hold it.

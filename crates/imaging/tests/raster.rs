@@ -376,6 +376,7 @@ fn window_precedence() {
             width: 100.0,
         }),
         dicom: None,
+        orientation: 1,
     };
     assert_eq!(
         normalize(
@@ -479,9 +480,40 @@ fn truncated_pngs_are_errors() {
     }));
     for fmt in [ImageFormat::Tiff, ImageFormat::Jpeg, ImageFormat::Bmp] {
         let b = encode(&img, fmt);
-        for cut in [2, 8, 30, b.len() / 4, b.len() / 2] {
-            let _ = dec(&b[..cut]); // must not panic; JPEG may decode a partial image
+        for cut in [2, 8, 30, b.len() / 4, b.len() / 2, b.len() - 1] {
+            assert!(dec(&b[..cut]).is_err(), "{fmt:?} cut at {cut} of {}", b.len());
         }
+    }
+}
+
+/// A JPEG cut anywhere is refused, though its decoder would fill the missing rows with grey:
+/// baseline, progressive (several scans) and with restart markers, cut at every byte.
+#[test]
+fn truncated_jpegs_are_errors() {
+    let img = DynamicImage::ImageRgb8(ImageBuffer::from_fn(40, 24, |x, y| {
+        Rgb([(x * 6) as u8, (y * 9) as u8, (x ^ y) as u8])
+    }));
+    let files = [
+        ("baseline", encode(&img, ImageFormat::Jpeg)),
+        ("progressive", data("raster/IMD002-progressive.jpg")),
+        ("restart markers", data("raster/IMD002-restart.jpg")),
+        ("EXIF", data("raster/IMD002-exif6.jpg")),
+    ];
+    for (what, full) in files {
+        let d = dec(&full).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(d.format, Format::Jpeg);
+        // Bytes after the end marker (some cameras append data) are not a cut.
+        let mut trailing = full.clone();
+        trailing.extend_from_slice(b"\0\0trailer");
+        assert!(dec(&trailing).is_ok(), "{what} with bytes after its end");
+        for cut in 3..full.len() {
+            match dec(&full[..cut]) {
+                Err(ImagingError::Malformed { format: Format::Jpeg, .. }) => {}
+                other => panic!("{what} cut at {cut} of {}: {other:?}", full.len()),
+            }
+        }
+        let e = dec(&full[..full.len() * 2 / 3]).unwrap_err().to_string();
+        assert!(e.contains("before the end-of-image marker") && e.contains("incomplete"), "{e}");
     }
 }
 
@@ -625,4 +657,57 @@ fn nearest_resize_matches_pytorch() {
         vec![true, false, false, false]
     );
     assert!(resize_mask_nearest(3, 3, &[true; 9], 0, 5).is_empty());
+}
+
+/// `bytes` with the JPEG segment that starts with marker FF `code` left out.
+fn without_jpeg_segment(bytes: &[u8], code: u8) -> Vec<u8> {
+    let mut i = 2;
+    while bytes[i] == 0xFF && bytes[i + 1] != code {
+        i += 2 + usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+    }
+    assert_eq!(bytes[i + 1], code, "no FF {code:02X} segment before the first non-segment");
+    let end = i + 2 + usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+    [&bytes[..i], &bytes[end..]].concat()
+}
+
+/// Pixel (x, y), channel c, of a planar decoded image.
+fn at(d: &Decoded, c: usize, x: usize, y: usize) -> f32 {
+    let (w, h) = (d.width as usize, d.height as usize);
+    d.samples[c * w * h + y * w + x]
+}
+
+/// A camera JPEG whose Exif says "turned 90° clockwise" (6) and a TIFF whose Orientation tag
+/// says "turned 90° counter-clockwise" (8) come out turned, as viewers show them: the same
+/// pixels as the file without its tag, rotated, with width and height swapped.
+#[test]
+fn orientation_tags_are_applied() {
+    let exif = data("raster/IMD002-exif6.jpg");
+    let turned = dec(&exif).unwrap();
+    let stored = dec(&without_jpeg_segment(&exif, 0xE1)).unwrap();
+    assert_eq!((stored.width, stored.height, stored.orientation), (96, 72, 1));
+    assert_eq!((turned.width, turned.height, turned.orientation), (72, 96, 6));
+    for c in 0..3 {
+        for y in 0..96 {
+            for x in 0..72 {
+                // Clockwise: the stored image's last row becomes the first column.
+                assert_eq!(at(&turned, c, x, y), at(&stored, c, y, 71 - x), "({x}, {y}, {c})");
+            }
+        }
+    }
+
+    let tiff = data("raster/IMD002-grey-orient8.tif");
+    // The Orientation entry (tag 0x0112, SHORT, count 1, value 8), little-endian, set to 1.
+    let entry = [0x12, 0x01, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x08, 0x00];
+    let pos = tiff.windows(entry.len()).position(|w| w == entry).expect("the orientation entry");
+    let mut plain = tiff.clone();
+    plain[pos + 8] = 1;
+    let (turned, stored) = (dec(&tiff).unwrap(), dec(&plain).unwrap());
+    assert_eq!((stored.width, stored.height, stored.orientation, stored.channels), (96, 72, 1, 1));
+    assert_eq!((turned.width, turned.height, turned.orientation), (72, 96, 8));
+    for y in 0..96 {
+        for x in 0..72 {
+            // Counter-clockwise: the stored image's last column becomes the first row.
+            assert_eq!(at(&turned, 0, x, y), at(&stored, 0, 95 - y, x), "({x}, {y})");
+        }
+    }
 }
