@@ -7,7 +7,7 @@ import io
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pyclient_support import DATA, FAST, SLOW, wait_until
 from s3net_client import (
@@ -85,6 +85,24 @@ def test_jpeg_and_tiff(client: Client, tmp_path) -> None:
         path = tmp_path / name
         rgb.save(path)
         check_result(client.segment(path, **FAST), rgb.height, rgb.width)
+
+
+def test_exif_orientation_is_applied(client: Client, tmp_path) -> None:
+    """A camera JPEG stored sideways with an Exif orientation is segmented as displayed: the
+    result has the size Pillow's exif_transpose gives, and says which orientation it applied."""
+    with Image.open(PH2) as img:
+        small = img.convert("RGB").resize((120, 90))
+    exif = small.getexif()
+    exif[0x0112] = 6  # stored pixels are to be turned 90° clockwise
+    path = tmp_path / "sideways.jpg"
+    small.save(path, exif=exif)
+    with Image.open(path) as stored:
+        shown = ImageOps.exif_transpose(stored)
+    assert shown.size == (90, 120)
+    r = client.segment(path, **FAST)
+    check_result(r, shown.height, shown.width)
+    assert r.options.orientation == 6 and r.to_dict()["orientation"] == 6
+    assert client.segment(PH2, **FAST).options.orientation == 1
 
 
 def test_dicom(client: Client) -> None:

@@ -24,10 +24,12 @@ pub struct SegmentArgs {
     pub fit: FitArgs,
 }
 
-/// Reads and decodes an image file, with the path in every error.
-pub fn load_image(path: &Path, window: Option<Window>) -> Result<Image> {
+/// Reads and decodes an image file, with the path in every error; with the EXIF orientation
+/// (1–8) the decoder applied (`Decoded::orientation`).
+pub fn load_image(path: &Path, window: Option<Window>) -> Result<(Image, u8)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    s3net_imaging::load(&bytes, &DecodeOptions::default(), window).with_context(|| format!("cannot decode {}", path.display()))
+    let decoded = s3net_imaging::decode(&bytes, &DecodeOptions::default()).with_context(|| format!("cannot decode {}", path.display()))?;
+    Ok((s3net_imaging::normalize(&decoded, window), decoded.orientation))
 }
 
 /// A one-line progress display on stderr, only when stderr is a terminal.
@@ -84,13 +86,13 @@ pub fn run(a: SegmentArgs) -> Result<()> {
 }
 
 fn segment_file(path: &Path, out: &Path, opts: &FitOptions, device: DeviceSpec, window: Option<Window>) -> Result<String> {
-    let image = load_image(path, window)?;
+    let (image, orientation) = load_image(path, window)?;
     if let Some(w) = memory_warning(opts, device, &image, s3net_server::config::host_memory_bytes()) {
         eprintln!("warning: {}: {w}", path.display());
     }
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let seg = segment_one(&image, opts, device, &stem).with_context(|| format!("fit failed for {}", path.display()))?;
-    write_outputs(out, &stem, &image, &seg, opts)?;
+    write_outputs(out, &stem, &image, orientation, &seg, opts)?;
     Ok(format!(
         "{}: {} labels, {} iterations, {:.2} s on {}",
         path.display(),
@@ -121,8 +123,9 @@ pub fn memory_warning(opts: &FitOptions, device: DeviceSpec, image: &Image, host
     })
 }
 
-/// Writes STEM.labels.png, STEM.mask.png and STEM.json.
-pub fn write_outputs(out: &Path, stem: &str, image: &Image, seg: &Segmentation, opts: &FitOptions) -> Result<()> {
+/// Writes STEM.labels.png, STEM.mask.png and STEM.json (`orientation`: the EXIF orientation
+/// applied to the input, reported so a reader knows the outputs are the image as displayed).
+pub fn write_outputs(out: &Path, stem: &str, image: &Image, orientation: u8, seg: &Segmentation, opts: &FitOptions) -> Result<()> {
     let write = |name: String, bytes: &[u8]| {
         let p = out.join(name);
         std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
@@ -132,6 +135,7 @@ pub fn write_outputs(out: &Path, stem: &str, image: &Image, seg: &Segmentation, 
     let report = json!({
         "width": image.width,
         "height": image.height,
+        "orientation": orientation,
         "labels_used": seg.fit.n_labels,
         "iterations": seg.fit.iterations,
         "losses": seg.fit.losses,

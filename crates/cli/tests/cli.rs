@@ -29,8 +29,14 @@ fn png_size(path: &Path) -> (u32, u32) {
 #[test]
 fn segment_writes_labels_mask_and_report_at_original_size() {
     let out = tmpdir("segment");
-    let cases = [("ph2/IMD002.png", "IMD002", (765, 572)), ("lung/ID_0000_Z_0142.png", "ID_0000_Z_0142", (512, 512)), ("dicom/CT_small.dcm", "CT_small", (128, 128))];
-    for (rel, stem, size) in cases {
+    // The Exif JPEG is stored 96×72 and shown (and segmented) turned a quarter clockwise.
+    let cases = [
+        ("ph2/IMD002.png", "IMD002", (765, 572), 1),
+        ("lung/ID_0000_Z_0142.png", "ID_0000_Z_0142", (512, 512), 1),
+        ("dicom/CT_small.dcm", "CT_small", (128, 128), 1),
+        ("raster/IMD002-exif6.jpg", "IMD002-exif6", (72, 96), 6),
+    ];
+    for (rel, stem, size, orientation) in cases {
         let img = data(rel);
         let mut args = vec!["segment", img.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu"];
         args.extend(FAST);
@@ -40,6 +46,7 @@ fn segment_writes_labels_mask_and_report_at_original_size() {
         assert_eq!(png_size(&out.join(format!("{stem}.mask.png"))), size);
         let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(format!("{stem}.json"))).unwrap()).unwrap();
         assert_eq!(report["iterations"], 2);
+        assert_eq!(report["orientation"], orientation);
         assert!(report["labels_used"].as_u64().unwrap() >= 1);
         assert_eq!(report["options"]["size"], 32);
         assert!(report["losses"]["total"].as_f64().unwrap().is_finite());
@@ -109,8 +116,11 @@ fn bad_inputs_fail_clearly_with_a_non_zero_exit() {
     let zero = write("zero.png", &png_header(0, 0));
     let noise = write("noise.bin", &(0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>());
     let empty = write("empty.png", b"");
+    let jpeg = std::fs::read(data("raster/IMD002-progressive.jpg")).unwrap();
+    let cut = write("cut.jpg", &jpeg[..jpeg.len() / 2]);
     let missing = dir.join("missing.png");
-    let cases: [(&Path, &str); 5] = [(&huge, "100000"), (&zero, "zero"), (&noise, "format"), (&empty, "empty"), (&missing, "cannot read")];
+    let cases: [(&Path, &str); 6] =
+        [(&huge, "100000"), (&zero, "zero"), (&noise, "format"), (&empty, "empty"), (&cut, "incomplete"), (&missing, "cannot read")];
     for (path, word) in cases {
         let o = s3net(&["segment", path.to_str().unwrap(), "--out", out.to_str().unwrap(), "--iterations", "1"]);
         let err = String::from_utf8_lossy(&o.stderr).to_lowercase();

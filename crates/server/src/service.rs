@@ -167,10 +167,10 @@ impl SegmenterService {
             frame: o.frame,
             ..Default::default()
         };
-        let (image, applied_window) = tokio::task::spawn_blocking(move || {
+        let (image, applied_window, orientation) = tokio::task::spawn_blocking(move || {
             let d = s3net_imaging::decode(&image, &decode)?;
             let applied = window.or(d.window.filter(Window::is_valid));
-            Ok::<_, ServiceError>((s3net_imaging::normalize(&d, window), applied))
+            Ok::<_, ServiceError>((s3net_imaging::normalize(&d, window), applied, d.orientation))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;
@@ -189,6 +189,7 @@ impl SegmenterService {
             }),
             priority: o.priority,
             options_json: serde_json::to_string(&fit).unwrap_or_default(),
+            orientation: u32::from(orientation),
         };
         Ok(NewJob {
             image: Arc::new(image),

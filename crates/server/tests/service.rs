@@ -25,6 +25,8 @@ async fn happy_path_for_each_format() {
         ("ct", data("dicom/CT_small.dcm")),
         ("mr", data("dicom/MR_small.dcm")),
         ("rgb-jpeg-dicom", data("dicom/SC_rgb_jpeg_dcmtk.dcm")),
+        // Stored 96×72 with Exif orientation 6: segmented as shown, 72×96.
+        ("exif-jpeg", data("raster/IMD002-exif6.jpg")),
     ];
     for (name, bytes) in cases {
         let want = s3net_imaging::decode(&bytes, &Default::default()).unwrap();
@@ -75,6 +77,10 @@ async fn happy_path_for_each_format() {
             .filter(|w| w.is_valid())
             .map(|w| (w.center, w.width));
         assert_eq!(o.window.map(|w| (w.center, w.width)), want_window, "{name}");
+        assert_eq!(o.orientation, u32::from(want.orientation), "{name}");
+        if name == "exif-jpeg" {
+            assert_eq!((r.width, r.height, o.orientation), (72, 96, 6));
+        }
     }
     server.shutdown().await.unwrap();
 }
@@ -476,6 +482,7 @@ async fn bad_inputs_are_invalid_argument_while_a_job_carries_on() {
     huge.extend(&ihdr);
     huge.extend(crc32(&ihdr).to_be_bytes());
     huge.extend([0u8; 64]);
+    let jpeg = data("raster/IMD002-progressive.jpg");
     let ct = data("dicom/CT_small.dcm");
     let at = ct
         .windows(4)
@@ -498,6 +505,12 @@ async fn bad_inputs_are_invalid_argument_while_a_job_carries_on() {
             "png",
         ),
         ("huge png", huge, quick(), "100000×100000"),
+        (
+            "truncated jpeg",
+            jpeg[..jpeg.len() * 3 / 4].to_vec(),
+            quick(),
+            "jpeg data: the file is incomplete",
+        ),
         ("random bytes", noise, quick(), "unrecognised image format"),
         (
             "dicom without pixels",

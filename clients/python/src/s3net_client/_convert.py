@@ -141,6 +141,8 @@ def result_from_pb(job_id: str, r: pb.SegmentationResult) -> SegmentationResult:
             window=_window(o.window) if o.HasField("window") else None,
             priority=o.priority,
             all=everything,
+            # 0 from a server older than the field: it applied no orientation.
+            orientation=o.orientation or 1,
         ),
         device=r.device,
         foreground_fraction=r.foreground_fraction,

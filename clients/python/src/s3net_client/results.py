@@ -100,6 +100,11 @@ class AppliedOptions:
     priority: int
     #: Every fit option, tuning knobs included, as `s3net segment` records them.
     all: Dict[str, Any] = field(default_factory=dict)
+    #: The EXIF orientation (1-8) the file carried and the server applied before the fit, as
+    #: viewers do: labels and mask are the image as displayed (for 5-8 its stored pixels turned
+    #: by a quarter, width and height swapped; Pillow's ``ImageOps.exif_transpose`` gives the
+    #: same picture). 1: none.
+    orientation: int = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,6 +137,7 @@ class SegmentationResult:
         return {
             "width": self.width,
             "height": self.height,
+            "orientation": self.options.orientation,
             "labels_used": self.labels_used,
             "iterations": self.iterations,
             "losses": vars(self.losses).copy(),

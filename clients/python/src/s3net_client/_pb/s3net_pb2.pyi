@@ -311,7 +311,7 @@ class Timings(_message.Message):
     def __init__(self, queued_seconds: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class AppliedOptions(_message.Message):
-    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "features", "device", "window", "priority", "options_json")
+    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "features", "device", "window", "priority", "options_json", "orientation")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +322,7 @@ class AppliedOptions(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ORIENTATION_FIELD_NUMBER: _ClassVar[int]
     preset: str
     iterations: int
     min_labels: int
@@ -332,4 +333,5 @@ class AppliedOptions(_message.Message):
     window: Window
     priority: int
     options_json: str
-    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., features: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., options_json: _Optional[str] = ...) -> None: ...
+    orientation: int
+    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., features: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., options_json: _Optional[str] = ..., orientation: _Optional[int] = ...) -> None: ...
