@@ -69,6 +69,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         .max(1);
     if opts.frame >= frames {
         return Err(ImagingError::FrameOutOfRange {
+            format: Format::Dicom,
             frame: opts.frame,
             frames,
         });

@@ -15,7 +15,8 @@
 //! [`load`] does both. The output side ([`encode_labels_png`], [`encode_mask_png`],
 //! [`decode_mask`], [`resize_mask_nearest`]) handles label maps and binary masks.
 //!
-//! Supported formats: PNG, JPEG, BMP, TIFF (through the `image` crate) and DICOM
+//! Supported formats: PNG, JPEG, BMP, TIFF (through the `image` crate; TIFF pages after the
+//! first and sample formats it does not read through the `tiff` crate) and DICOM
 //! Part 10 (through `dicom-object` / `dicom-pixeldata`, pure-Rust codecs only; see
 //! `DICOM.md` and [`decode`] for the transfer syntaxes that decode).
 
@@ -23,6 +24,7 @@ mod dicom;
 mod dicom_guard;
 mod masks;
 mod raster;
+mod tiff_reader;
 mod window;
 
 use std::fmt;
@@ -104,8 +106,8 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DecodeOptions {
     pub limits: Limits,
-    /// Which frame of a multi-frame DICOM to decode (0-based). Ignored by the other
-    /// formats, which are always single-image here.
+    /// Which frame of a multi-frame DICOM, or page of a multi-page TIFF, to decode
+    /// (0-based). Ignored by the other formats, which hold one image.
     pub frame: u32,
 }
 
@@ -293,10 +295,16 @@ pub enum ImagingError {
     Unsupported { format: Format, reason: String },
     #[error("DICOM file has no pixel data")]
     NoPixelData,
+    /// `frame` of a multi-frame DICOM, or page of a multi-page TIFF.
     #[error(
-        "frame {frame} was requested but the DICOM file has {frames} frame(s), numbered from 0"
+        "frame {frame} was requested but the {format} file has {frames} {}, numbered from 0",
+        if *.format == Format::Tiff { "page(s)" } else { "frame(s)" }
     )]
-    FrameOutOfRange { frame: u32, frames: u32 },
+    FrameOutOfRange {
+        format: Format,
+        frame: u32,
+        frames: u32,
+    },
     #[error(
         "DICOM transfer syntax {uid} ({name}) cannot be decoded; supported: implicit/explicit \
          VR little endian, explicit VR big endian, JPEG baseline/extended/lossless, RLE lossless"
@@ -366,6 +374,7 @@ pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingErro
     match sniff(bytes) {
         None => Err(ImagingError::UnknownFormat),
         Some(Format::Dicom) => guard(Format::Dicom, || dicom::decode_dicom(bytes, opts)),
+        Some(Format::Tiff) => guard(Format::Tiff, || tiff_reader::decode_tiff(bytes, opts)),
         Some(format) => guard(format, || {
             raster::decode_raster(bytes, format, &opts.limits)
         }),

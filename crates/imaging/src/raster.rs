@@ -95,7 +95,7 @@ pub(crate) fn decode_raster(
 
 /// Interleaved pixels with `n_in` channels → planar with 1 (from grey, grey+alpha)
 /// or 3 (from RGB, RGBA) channels; alpha is dropped.
-fn planar<T: Copy + Into<f32>>(raw: &[T], n_in: usize, w: usize, h: usize) -> Vec<f32> {
+pub(crate) fn planar<T: Copy + Into<f32>>(raw: &[T], n_in: usize, w: usize, h: usize) -> Vec<f32> {
     let n_out = if n_in >= 3 { 3 } else { 1 };
     let px = w * h;
     if raw.len() < px * n_in {

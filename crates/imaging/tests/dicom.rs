@@ -259,6 +259,7 @@ fn frame_out_of_range_and_limits() {
     assert_eq!(
         err,
         ImagingError::FrameOutOfRange {
+            format: Format::Dicom,
             frame: 1,
             frames: 1
         }
@@ -562,6 +563,7 @@ fn multi_frame_selects_frame() {
         )
         .unwrap_err(),
         ImagingError::FrameOutOfRange {
+            format: Format::Dicom,
             frame: 3,
             frames: 3
         }

@@ -27,6 +27,8 @@ async fn happy_path_for_each_format() {
         ("rgb-jpeg-dicom", data("dicom/SC_rgb_jpeg_dcmtk.dcm")),
         // Stored 96×72 with Exif orientation 6: segmented as shown, 72×96.
         ("exif-jpeg", data("raster/IMD002-exif6.jpg")),
+        // Page 0 of a two-page TIFF (its page 1, signed 32-bit HU, is `frame: 1` below).
+        ("tiff-page-0", data("raster/two-pages.tif")),
     ];
     for (name, bytes) in cases {
         let want = s3net_imaging::decode(&bytes, &Default::default()).unwrap();
@@ -82,6 +84,10 @@ async fn happy_path_for_each_format() {
             assert_eq!((r.width, r.height, o.orientation), (72, 96, 6));
         }
     }
+    // `frame` picks a TIFF's page: page 1 is a 64×64 CT slice in signed 32-bit HU.
+    let page1 = pb::Options { frame: 1, ..quick() };
+    let r = completed(&segment_events(&mut c, data("raster/two-pages.tif"), page1).await);
+    assert_eq!((r.width, r.height), (64, 64));
     server.shutdown().await.unwrap();
 }
 
@@ -505,6 +511,12 @@ async fn bad_inputs_are_invalid_argument_while_a_job_carries_on() {
             "png",
         ),
         ("huge png", huge, quick(), "100000×100000"),
+        (
+            "tiff page past the last",
+            data("raster/two-pages.tif"),
+            pb::Options { frame: 2, ..quick() },
+            "the tiff file has 2 page(s)",
+        ),
         (
             "truncated jpeg",
             jpeg[..jpeg.len() * 3 / 4].to_vec(),
