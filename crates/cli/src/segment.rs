@@ -20,15 +20,20 @@ pub struct SegmentArgs {
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
+    /// Frame of a multi-frame DICOM, or page of a multi-page TIFF (0-based), for every image.
+    #[arg(long, default_value_t = 0)]
+    pub frame: u32,
     #[command(flatten)]
     pub fit: FitArgs,
 }
 
-/// Reads and decodes an image file, with the path in every error; with the EXIF orientation
-/// (1–8) the decoder applied (`Decoded::orientation`).
-pub fn load_image(path: &Path, window: Option<Window>) -> Result<(Image, u8)> {
+/// Reads and decodes an image file (`frame`: of a multi-frame DICOM or multi-page TIFF), with
+/// the path in every error; with the EXIF orientation (1–8) the decoder applied
+/// (`Decoded::orientation`).
+pub fn load_image(path: &Path, frame: u32, window: Option<Window>) -> Result<(Image, u8)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let decoded = s3net_imaging::decode(&bytes, &DecodeOptions::default()).with_context(|| format!("cannot decode {}", path.display()))?;
+    let opts = DecodeOptions { frame, ..Default::default() };
+    let decoded = s3net_imaging::decode(&bytes, &opts).with_context(|| format!("cannot decode {}", path.display()))?;
     Ok((s3net_imaging::normalize(&decoded, window), decoded.orientation))
 }
 
@@ -71,7 +76,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let mut failures = 0;
     for path in &a.images {
-        match segment_file(path, &a.out, &opts, device, window) {
+        match segment_file(path, &a.out, a.frame, &opts, device, window) {
             Ok(summary) => println!("{summary}"),
             Err(e) => {
                 failures += 1;
@@ -85,8 +90,8 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     Ok(())
 }
 
-fn segment_file(path: &Path, out: &Path, opts: &FitOptions, device: DeviceSpec, window: Option<Window>) -> Result<String> {
-    let (image, orientation) = load_image(path, window)?;
+fn segment_file(path: &Path, out: &Path, frame: u32, opts: &FitOptions, device: DeviceSpec, window: Option<Window>) -> Result<String> {
+    let (image, orientation) = load_image(path, frame, window)?;
     if let Some(w) = memory_warning(opts, device, &image, s3net_server::config::host_memory_bytes()) {
         eprintln!("warning: {}: {w}", path.display());
     }

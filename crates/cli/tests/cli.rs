@@ -53,6 +53,24 @@ fn segment_writes_labels_mask_and_report_at_original_size() {
     }
 }
 
+/// `--frame` picks the page of a multi-page TIFF (here a 96×72 photo, then a 64×64 CT slice in
+/// signed 32-bit Hounsfield units); past the last page it fails naming the page count.
+#[test]
+fn frame_picks_a_tiff_page() {
+    let out = tmpdir("frame");
+    let tif = data("raster/two-pages.tif");
+    for (frame, size) in [("0", (96, 72)), ("1", (64, 64))] {
+        let mut args = vec!["segment", tif.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu", "--frame", frame];
+        args.extend(FAST);
+        let o = s3net(&args);
+        assert!(o.status.success(), "frame {frame}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(png_size(&out.join("two-pages.mask.png")), size, "frame {frame}");
+    }
+    let o = s3net(&["segment", tif.to_str().unwrap(), "--out", out.to_str().unwrap(), "--frame", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("frame 2 was requested but the tiff file has 2 page(s)"), "{err}");
+}
+
 #[test]
 fn eval_writes_a_report_with_all_three_protocols() {
     let dir = tmpdir("eval");
