@@ -18,6 +18,7 @@ from s3net_client import (
     NotFound,
     S3NetError,
     SegmentationResult,
+    encode_tiff,
     events,
 )
 
@@ -157,9 +158,41 @@ def test_window_on_integer_images_goes_to_the_server(client: Client) -> None:
     assert (r.options.window.center, r.options.window.width) == (424.0, 1500.0)
 
 
+def test_integer_arrays_go_in_their_own_units(client: Client) -> None:
+    """A CT slice as int16 Hounsfield units (and as int32, int64, uint32) is sent as a TIFF in
+    those units: the server's automatic window moves with the values, so the fit is the very
+    one of the 16-bit file (HU + 1024); a window is in HU and applied by the server."""
+    with Image.open(LUNG) as img:
+        u16 = np.asarray(img).astype(np.uint16)
+    hu = u16.astype(np.int32) - 1024
+    from_file = client.segment(LUNG, **FAST)
+    for array in (hu.astype(np.int16), hu, hu.astype(np.int64), u16.astype(np.uint32)):
+        r = client.segment(array, **FAST)
+        check_result(r, *hu.shape)
+        np.testing.assert_array_equal(r.labels, from_file.labels, err_msg=str(array.dtype))
+        np.testing.assert_array_equal(r.mask, from_file.mask, err_msg=str(array.dtype))
+    in_hu = client.segment(hu.astype(np.int16), window=(-600.0, 1500.0), **FAST)
+    assert (in_hu.options.window.center, in_hu.options.window.width) == (-600.0, 1500.0)
+    shifted = client.segment(LUNG, window=(424.0, 1500.0), **FAST)
+    np.testing.assert_array_equal(in_hu.labels, shifted.labels)
+
+
+def test_encode_tiff_round_trips_through_pillow() -> None:
+    """The client's TIFF writer, read back by Pillow: one strip and several (1 MiB each)."""
+    rng = np.random.default_rng(3)
+    for shape in ((37, 51), (1100, 600)):
+        a = rng.integers(-1024, 3000, shape).astype(np.int16)
+        with Image.open(io.BytesIO(encode_tiff(a))) as img:
+            np.testing.assert_array_equal(np.asarray(img).astype(np.int32), a)
+
+
 def test_unsupported_arrays_are_value_errors(client: Client) -> None:
-    with pytest.raises(ValueError, match="dtype int16"):
-        client.segment(np.zeros((8, 8), np.int16))
+    with pytest.raises(ValueError, match="dtype complex64"):
+        client.segment(np.zeros((8, 8), np.complex64))
+    with pytest.raises(ValueError, match="H×W grey"):
+        client.segment(np.zeros((8, 8, 3), np.int16))
+    with pytest.raises(ValueError, match="beyond int32"):
+        client.segment(np.full((8, 8), 1 << 40))
     with pytest.raises(ValueError, match="shape"):
         client.segment(np.zeros((8, 8, 5), np.uint8))
     with pytest.raises(ValueError, match="shape"):

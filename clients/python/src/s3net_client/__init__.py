@@ -27,7 +27,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .images import encode_png
+from .images import encode_png, encode_tiff
 from .results import (
     AppliedOptions,
     BoundingBox,
@@ -72,4 +72,5 @@ __all__ = [
     "Submitted",
     "events",
     "encode_png",
+    "encode_tiff",
 ]

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--priority", type=int, help="queue priority, higher first")
     f.add_argument("--features", type=int, help="feature channels = clusters")
-    f.add_argument("--frame", type=int, help="frame of a multi-frame DICOM (0-based)")
+    f.add_argument("--frame", type=int, help="frame of a multi-frame DICOM or page of a multi-page TIFF (0-based)")
     f.add_argument(
         "--precision", choices=["float32", "bfloat16"], help="number format of the activations"
     )

@@ -4,9 +4,12 @@ service decodes.
 Files and bytes are sent untouched: the server reads the format from the bytes (PNG, JPEG,
 BMP, TIFF, DICOM), so a DICOM keeps its rescale and window tags. Arrays are written as PNG
 without loss: uint8 as 8-bit, uint16 as 16-bit, so the server's windowing sees the original
-values. Floats have no lossless PNG form; they are taken as intensities already in [0, 1]
-(the server's own working range) and written as 16-bit, or windowed here first when the
-call gives a ``window``.
+values. Other integer arrays (a CT slice in Hounsfield units as int16, int32, uint32; int64 and
+uint64 when their values fit 32 bits) go as a grey TIFF in their own units, which the server
+windows like a DICOM's values (a ``window`` in those units, else its automatic one). Floats
+have no lossless PNG form; they are taken as intensities already in [0, 1] (the server's own
+working range) and written as 16-bit, or windowed here first when the call gives a
+``window``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def prepare(image: Any, options: Dict[str, Any]) -> Tuple[bytes, Optional[str], 
 
             array = apply_window(array, *window_tuple(window))
             options = {k: v for k, v in options.items() if k != "window"}
+        if array.dtype.kind in "iu" and array.dtype not in (np.uint8, np.uint16):
+            return encode_tiff(array), None, options
         return encode_png(array), None, options
     raise TypeError(
         f"cannot segment a {type(image).__name__}: pass a file path, encoded image bytes "
@@ -91,8 +96,8 @@ def encode_png(array: np.ndarray) -> bytes:
         depth, samples = 16, np.rint(a.astype(np.float64) * 65535.0).astype(">u2")
     else:
         raise ValueError(
-            f"unsupported array dtype {a.dtype}: pass uint8, uint16, or float in [0, 1] "
-            "(e.g. CT in HU: (hu + 1024).astype(np.uint16), or a float array with a window)"
+            f"unsupported array dtype {a.dtype}: pass uint8, uint16, another integer type in "
+            "its own units (e.g. CT in HU as int16), or float in [0, 1] (or with a window)"
         )
 
     # Each row: filter byte 0 (none), then the row's samples, big-endian for 16-bit.
@@ -113,3 +118,84 @@ def encode_png(array: np.ndarray) -> bytes:
 def _chunk(kind: bytes, data: bytes) -> bytes:
     crc = zlib.crc32(kind + data) & 0xFFFFFFFF
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+# TIFF field types.
+_SHORT, _LONG = 3, 4
+
+
+def encode_tiff(array: np.ndarray) -> bytes:
+    """A lossless single-page grey TIFF (Deflate, strips of about 1 MiB) of an H×W or H×W×1
+    integer array in its own units: int8, int16, int32, uint32 as they are (uint8 and uint16
+    too, though ``encode_png`` is the usual way for them); int64 and uint64 as int32 and uint32
+    when every value fits. The server reads the values as they are (``SampleFormat``)."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"encode_tiff takes integer arrays, not {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(
+            f"unsupported array shape {a.shape} for {a.dtype}: integer arrays in their own units "
+            "(e.g. CT in HU) must be H×W grey"
+        )
+    height, width = a.shape
+    if height == 0 or width == 0:
+        raise ValueError(f"the array is empty (shape {a.shape})")
+    if a.dtype.itemsize == 8:
+        narrow = np.dtype(np.int32 if a.dtype.kind == "i" else np.uint32)
+        info = np.iinfo(narrow)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < info.min or hi > info.max:
+            raise ValueError(
+                f"the {a.dtype} array spans {lo}..{hi}, beyond {narrow}: scale it or pass a "
+                "narrower type"
+            )
+        a = a.astype(narrow)
+    raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+    row_bytes = width * a.dtype.itemsize
+    rows_per_strip = max(1, (1 << 20) // row_bytes)
+    strips = [
+        zlib.compress(raw[r * row_bytes : (r + rows_per_strip) * row_bytes], 6)
+        for r in range(0, height, rows_per_strip)
+    ]
+    # Layout: header, the strips, the strips' offsets and byte counts (when more than one),
+    # then the one image file directory.
+    out = bytearray(b"II*\0" + struct.pack("<I", 0))
+    offsets = []
+    for strip in strips:
+        offsets.append(len(out))
+        out += strip
+        if len(out) % 2:
+            out += b"\0"
+
+    def long_array(values: list) -> Tuple[int, int]:
+        """(count, value or offset) of a LONG field."""
+        if len(values) == 1:
+            return 1, values[0]
+        at = len(out)
+        out.extend(struct.pack(f"<{len(values)}I", *values))
+        return len(values), at
+
+    n_offsets, offsets_at = long_array(offsets)
+    _, counts_at = long_array([len(s) for s in strips])
+    entries = [
+        (256, _LONG, 1, width),
+        (257, _LONG, 1, height),
+        (258, _SHORT, 1, a.dtype.itemsize * 8),  # BitsPerSample
+        (259, _SHORT, 1, 8),  # Compression: Deflate
+        (262, _SHORT, 1, 1),  # PhotometricInterpretation: BlackIsZero
+        (273, _LONG, n_offsets, offsets_at),  # StripOffsets
+        (277, _SHORT, 1, 1),  # SamplesPerPixel
+        (278, _LONG, 1, rows_per_strip),
+        (279, _LONG, n_offsets, counts_at),  # StripByteCounts
+        (339, _SHORT, 1, 2 if a.dtype.kind == "i" else 1),  # SampleFormat: signed, unsigned
+    ]
+    ifd_at = len(out)
+    out += struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        packed = struct.pack("<HH", value, 0) if kind == _SHORT else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, kind, count) + packed
+    out += struct.pack("<I", 0)  # no next page
+    out[4:8] = struct.pack("<I", ifd_at)
+    return bytes(out)
