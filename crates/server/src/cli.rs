@@ -596,9 +596,12 @@ pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Resul
             json!({"label": c.label, "pixels": c.pixel_count, "bbox": [b.x, b.y, b.width, b.height], "mean_intensity": c.mean_intensity})
         })
         .collect();
+    // 0 from a server older than the field: it applied no orientation.
+    let orientation = r.options.as_ref().map_or(1, |o| o.orientation.max(1));
     let report = json!({
         "width": r.width,
         "height": r.height,
+        "orientation": orientation,
         "labels_used": r.labels_used,
         "iterations": r.iterations,
         "losses": {"total": l.total, "ce": l.ce, "affine": l.affine, "spatial": l.spatial},
