@@ -19,7 +19,8 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::dicom_guard;
 use crate::{
-    check_dims, DecodeOptions, Decoded, DicomInfo, Format, ImageKind, ImagingError, Window,
+    check_dims, DecodeOptions, Decoded, DicomInfo, Format, Header, ImageKind, ImagingError,
+    Window,
 };
 
 const F: Format = Format::Dicom;
@@ -44,6 +45,38 @@ fn clean_uid(uid: &str) -> String {
     } else {
         "(malformed UID)".to_string()
     }
+}
+
+/// Rows, Columns, Samples per Pixel and the frame check, from the data set up to the pixel
+/// data, which is not read (see [`crate::probe`]).
+pub(crate) fn probe_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, ImagingError> {
+    let body = bytes
+        .get(128..)
+        .ok_or_else(|| malformed("shorter than the 128-byte preamble"))?;
+    dicom_guard::check_element_lengths(body)?;
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .read_until(tags::PIXEL_DATA)
+        .from_reader(body)
+        .map_err(read_error)?;
+    let rows = required_u32(&obj, tags::ROWS, "Rows")?;
+    let cols = required_u32(&obj, tags::COLUMNS, "Columns")?;
+    check_dims(u64::from(cols), u64::from(rows), &opts.limits)?;
+    let frames = optional_u32(&obj, tags::NUMBER_OF_FRAMES)?.unwrap_or(1).max(1);
+    if opts.frame >= frames {
+        return Err(ImagingError::FrameOutOfRange {
+            format: Format::Dicom,
+            frame: opts.frame,
+            frames,
+        });
+    }
+    let samples = optional_u32(&obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1);
+    Ok(Header {
+        format: Format::Dicom,
+        width: cols,
+        height: rows,
+        channels: if samples >= 3 { 3 } else { 1 },
+    })
 }
 
 pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {

@@ -5,7 +5,36 @@ use std::io::Cursor;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 
-use crate::{check_dims, Decoded, Format, ImageKind, ImagingError, Limits};
+use crate::{check_dims, Decoded, Format, Header, ImageKind, ImagingError, Limits};
+
+/// The size and channels of a PNG, JPEG or BMP from its header (see [`crate::probe`]).
+pub(crate) fn probe_raster(bytes: &[u8], format: Format, limits: &Limits) -> Result<Header, ImagingError> {
+    let image_format = match format {
+        Format::Png => ImageFormat::Png,
+        Format::Jpeg => ImageFormat::Jpeg,
+        Format::Bmp => ImageFormat::Bmp,
+        Format::Tiff => ImageFormat::Tiff,
+        Format::Dicom => {
+            return Err(ImagingError::Unsupported {
+                format,
+                reason: "DICOM is not a raster format".into(),
+            })
+        }
+    };
+    // As in the decode: a PNG's size first, from its IHDR, whatever follows it.
+    if format == Format::Png {
+        if let Some((w, h)) = png_ihdr_size(bytes) {
+            check_dims(u64::from(w), u64::from(h), limits)?;
+        }
+    }
+    let decoder = ImageReader::with_format(Cursor::new(bytes), image_format)
+        .into_decoder()
+        .map_err(|e| image_error(e, format))?;
+    let (width, height) = decoder.dimensions();
+    check_dims(u64::from(width), u64::from(height), limits)?;
+    let channels = if decoder.color_type().channel_count() >= 3 { 3 } else { 1 };
+    Ok(Header { format, width, height, channels })
+}
 
 pub(crate) fn decode_raster(
     bytes: &[u8],

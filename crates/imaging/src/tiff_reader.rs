@@ -14,13 +14,17 @@ use tiff::decoder::{Decoder, DecodingResult, Limits as TiffLimits};
 use tiff::tags::Tag;
 use tiff::{ColorType, TiffError};
 
-use crate::{check_dims, raster, DecodeOptions, Decoded, Format, ImageKind, ImagingError};
+use crate::{check_dims, raster, DecodeOptions, Decoded, Format, Header, ImageKind, ImagingError};
 
 /// SampleFormat (339): 1 unsigned integer, 2 signed integer, 3 IEEE float.
 const UINT: u16 = 1;
 const IEEE_FLOAT: u16 = 3;
 
-pub(crate) fn decode_tiff(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
+/// A TIFF decoder over bytes in memory.
+type PageDecoder<'a> = Decoder<Cursor<&'a [u8]>>;
+
+/// A decoder at page `opts.frame`, its size checked against the limits.
+fn open_page<'a>(bytes: &'a [u8], opts: &DecodeOptions) -> Result<(PageDecoder<'a>, u32, u32), ImagingError> {
     let limits = &opts.limits;
     let mut buffers = TiffLimits::default();
     // Room for the largest allowed image, 4 samples of 8 bytes a pixel; the pixel count itself
@@ -35,6 +39,22 @@ pub(crate) fn decode_tiff(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded,
     }
     let (width, height) = dec.dimensions().map_err(tiff_error)?;
     check_dims(u64::from(width), u64::from(height), limits)?;
+    Ok((dec, width, height))
+}
+
+/// The size and channels of page `opts.frame` (see [`crate::probe`]).
+pub(crate) fn probe_tiff(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, ImagingError> {
+    let (mut dec, width, height) = open_page(bytes, opts)?;
+    let channels = match dec.colortype().map_err(tiff_error)? {
+        ColorType::Gray(_) | ColorType::GrayA(_) => 1,
+        _ => 3,
+    };
+    Ok(Header { format: Format::Tiff, width, height, channels })
+}
+
+pub(crate) fn decode_tiff(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
+    let limits = &opts.limits;
+    let (mut dec, width, height) = open_page(bytes, opts)?;
     let color = dec.colortype().map_err(tiff_error)?;
     let sample_format = first_value(&mut dec, Tag::SampleFormat)?.unwrap_or(UINT);
     if opts.frame == 0 && image_crate_reads(color, sample_format) {
@@ -96,7 +116,7 @@ fn image_crate_reads(color: ColorType, sample_format: u16) -> bool {
 }
 
 /// The first value of a tag of this page, if present.
-fn first_value(dec: &mut Decoder<Cursor<&[u8]>>, tag: Tag) -> Result<Option<u16>, ImagingError> {
+fn first_value(dec: &mut PageDecoder<'_>, tag: Tag) -> Result<Option<u16>, ImagingError> {
     Ok(dec.find_tag_unsigned_vec::<u16>(tag).map_err(tiff_error)?.and_then(|v| v.first().copied()))
 }
 

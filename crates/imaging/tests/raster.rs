@@ -544,6 +544,7 @@ fn random_bytes_never_panic() {
                 let mut b = prefix.to_vec();
                 b.extend((0..len).map(|_| next() as u8));
                 let _ = dec(&b);
+                let _ = probe(&b, &DecodeOptions::default());
                 let _ = decode_mask(&b);
             }
         }

@@ -1,0 +1,54 @@
+//! `probe` reads what `decode` will give from the headers alone.
+
+use s3net_imaging::*;
+
+fn data(rel: &str) -> Vec<u8> {
+    let path = format!("{}/../../tests/data/{rel}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+}
+
+/// Every test file, and page 1 of the two-page TIFF: the same format, size (up to an
+/// orientation's quarter turn) and channels as the decode, and the image bytes a queue counts.
+#[test]
+fn probe_agrees_with_decode() {
+    let files = [
+        ("ph2/IMD002.png", 0),
+        ("ph2/IMD002.mask.png", 0),
+        ("lung/ID_0000_Z_0142.png", 0),
+        ("dicom/CT_small.dcm", 0),
+        ("dicom/MR_small.dcm", 0),
+        ("dicom/SC_rgb_jpeg_dcmtk.dcm", 0),
+        ("raster/IMD002-progressive.jpg", 0),
+        ("raster/IMD002-restart.jpg", 0),
+        ("raster/IMD002-exif6.jpg", 0),
+        ("raster/IMD002-grey-orient8.tif", 0),
+        ("raster/two-pages.tif", 0),
+        ("raster/two-pages.tif", 1),
+    ];
+    for (rel, frame) in files {
+        let bytes = data(rel);
+        let opts = DecodeOptions { frame, ..Default::default() };
+        let h = probe(&bytes, &opts).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let d = decode(&bytes, &opts).unwrap();
+        let size = if d.orientation >= 5 { (d.height, d.width) } else { (d.width, d.height) };
+        assert_eq!((h.format, (h.width, h.height), h.channels), (d.format, size, d.channels), "{rel} frame {frame}");
+        assert_eq!(h.image_bytes(), normalize(&d, None).data.len() as u64 * 4, "{rel}");
+    }
+}
+
+/// The errors a header shows come from the probe, before any pixel is decoded.
+#[test]
+fn probe_refuses_what_the_headers_show() {
+    assert_eq!(probe(b"", &Default::default()), Err(ImagingError::EmptyInput));
+    assert_eq!(probe(b"hello", &Default::default()), Err(ImagingError::UnknownFormat));
+    let small = DecodeOptions { limits: Limits { max_side: 100, max_pixels: 10_000 }, ..Default::default() };
+    assert!(matches!(probe(&data("ph2/IMD002.png"), &small), Err(ImagingError::TooLarge { .. })));
+    assert!(matches!(probe(&data("dicom/CT_small.dcm"), &small), Err(ImagingError::TooLarge { .. })));
+    let third = DecodeOptions { frame: 2, ..Default::default() };
+    assert!(matches!(probe(&data("raster/two-pages.tif"), &third), Err(ImagingError::FrameOutOfRange { frames: 2, .. })));
+    assert!(matches!(probe(&data("dicom/CT_small.dcm"), &third), Err(ImagingError::FrameOutOfRange { frames: 1, .. })));
+    let png = data("ph2/IMD002.png");
+    for cut in [9, 20, 30] {
+        assert!(probe(&png[..cut], &Default::default()).is_err(), "cut at {cut}");
+    }
+}
