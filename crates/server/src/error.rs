@@ -19,9 +19,17 @@ pub enum ServiceError {
     /// A request field is malformed or out of range.
     #[error("{0}")]
     InvalidArgument(String),
-    /// The queue holds `capacity` jobs (or its memory budget of images) already.
-    #[error("queue is full ({waiting} jobs waiting or its memory budget used); retry in about {retry_after_s} s")]
+    /// The queue holds `capacity` jobs already.
+    #[error("queue is full ({waiting} jobs waiting); retry in about {retry_after_s} s")]
     QueueFull { waiting: usize, retry_after_s: u64 },
+    /// The decoded images of the queued jobs and of those being decoded, with this one, would
+    /// pass the queue's memory budget.
+    #[error(
+        "queue memory is full: this image needs {image_mb} MB decoded, and queued and arriving \
+         images hold {held_mb} MB of the {budget_mb} MB budget (queue.max_queued_bytes); retry \
+         in about {retry_after_s} s"
+    )]
+    QueueMemory { image_mb: u64, held_mb: u64, budget_mb: u64, retry_after_s: u64 },
     /// The server is shutting down and takes no new work.
     #[error("server is shutting down; retry on another replica")]
     Draining,
@@ -56,7 +64,7 @@ impl ServiceError {
                 ModelError::OutOfMemory(_) => Code::ResourceExhausted,
                 ModelError::Torch(_) => Code::Internal,
             },
-            ServiceError::QueueFull { .. } => Code::ResourceExhausted,
+            ServiceError::QueueFull { .. } | ServiceError::QueueMemory { .. } => Code::ResourceExhausted,
             ServiceError::Draining => Code::Unavailable,
             ServiceError::NotFound(_) | ServiceError::Expired { .. } => Code::NotFound,
             ServiceError::AlreadyExists { .. } => Code::AlreadyExists,
@@ -68,11 +76,12 @@ impl ServiceError {
 
 impl ServiceError {
     /// Why a request was refused, as `s3net_rejected_total{reason}` counts it: the gRPC code's
-    /// name in snake case, except `queue_full` (RESOURCE_EXHAUSTED) and `draining`
+    /// name in snake case, except `queue_full` and `queue_memory` (RESOURCE_EXHAUSTED) and `draining`
     /// (UNAVAILABLE), which say what to do about it.
     pub fn reason(&self) -> &'static str {
         match self {
             ServiceError::QueueFull { .. } => "queue_full",
+            ServiceError::QueueMemory { .. } => "queue_memory",
             ServiceError::Draining => "draining",
             e => code_reason(e.code()),
         }
@@ -98,7 +107,7 @@ pub fn code_reason(code: Code) -> &'static str {
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         let mut status = Status::new(e.code(), e.to_string());
-        if let ServiceError::QueueFull { retry_after_s, .. } = e {
+        if let ServiceError::QueueFull { retry_after_s, .. } | ServiceError::QueueMemory { retry_after_s, .. } = e {
             if let Ok(v) = retry_after_s.to_string().parse() {
                 status.metadata_mut().insert("retry-after", v);
             }

@@ -6,7 +6,7 @@
 //! many replicas serve one queue) implements the same trait.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +34,43 @@ pub struct NewJob {
     pub idempotency: Option<(String, [u8; 32])>,
     /// The trace context of the RPC that created the job: its span's parent.
     pub trace: TraceContext,
+    /// The queue budget held for this job since before its image was decoded
+    /// ([`JobQueue::reserve`]); submitting the job takes it over.
+    pub reservation: Option<Arc<Reservation>>,
+}
+
+/// Bytes of the queue's image-memory budget held for a request from before its image is
+/// decoded until its job is submitted (or the request fails: the drop gives them back).
+///
+/// Why: a decode holds a few times the decoded image's size while it runs. Checked only at
+/// submit, the budget let any number of requests decode at once and be refused afterwards (12
+/// concurrent 6000×6000 grey PNGs against a 64 MB budget: the server's peak went from 0.36 to
+/// 3.7 GB, for eleven refusals); a burst of the largest images allowed would have taken the
+/// whole machine. Reserved from the image's headers, the budget bounds the decodes too.
+#[derive(Debug)]
+pub struct Reservation {
+    bytes: AtomicUsize,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Reservation {
+    /// The bytes still held.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Takes the bytes over (they become the job's own); the drop then gives nothing back.
+    fn take(&self) -> usize {
+        let b = self.bytes.swap(0, Ordering::SeqCst);
+        self.pending.fetch_sub(b, Ordering::SeqCst);
+        b
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pending.fetch_sub(*self.bytes.get_mut(), Ordering::SeqCst);
+    }
 }
 
 /// The answer to [`JobQueue::submit`].
@@ -88,6 +125,10 @@ pub struct QueueStats {
 /// Where jobs wait, run and are kept. Methods never block the async runtime for long, except
 /// [`JobQueue::take`], which only worker threads call.
 pub trait JobQueue: Send + Sync + 'static {
+    /// Holds `bytes` (a decoded image's, from its headers) of the queued-image budget for a
+    /// request about to decode it, or refuses it now, as [`JobQueue::submit`] would refuse the
+    /// job. A request whose idempotency key names a job already gets an empty reservation.
+    fn reserve(&self, bytes: usize, key: &str) -> Result<Reservation, ServiceError>;
     /// Queues a job, or returns the job its idempotency key already names.
     fn submit(&self, job: NewJob) -> Result<Submitted, ServiceError>;
     /// The next job a worker on `device` can run, by priority then arrival; waits up to `timeout`.
@@ -134,6 +175,8 @@ pub struct MemoryQueue {
     wake: Condvar,
     limits: QueueLimits,
     metrics: Arc<Metrics>,
+    /// Bytes held by [`Reservation`]s: images being decoded. Raised only under the lock.
+    pending: Arc<AtomicUsize>,
 }
 
 struct Entry {
@@ -225,7 +268,34 @@ impl MemoryQueue {
             wake: Condvar::new(),
             limits,
             metrics,
+            pending: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Seconds until a worker is likely free for one more job: the jobs ahead per worker times
+    /// the mean fit.
+    fn retry_after_s(&self, inner: &Inner) -> u64 {
+        let per_worker = (inner.queue.len() + inner.running) as f64 / self.limits.workers.max(1) as f64;
+        (per_worker * inner.mean_fit_s).ceil().max(1.0) as u64
+    }
+
+    /// Refuses `bytes` more when the queued images, those being decoded (`pending`, less the
+    /// request's own) and these would pass the budget. One job is always let in when nothing
+    /// else is queued or decoding, however large (within the decode limits), so no image is
+    /// refused for ever.
+    fn check_budget(&self, inner: &Inner, pending: usize, bytes: usize) -> Result<(), ServiceError> {
+        let busy = !inner.queue.is_empty() || pending > 0;
+        let held = inner.queued_bytes + pending;
+        if busy && held + bytes > self.limits.queued_bytes {
+            let mb = |b: usize| (b as u64).div_ceil(1 << 20);
+            return Err(ServiceError::QueueMemory {
+                image_mb: mb(bytes),
+                held_mb: mb(held),
+                budget_mb: mb(self.limits.queued_bytes),
+                retry_after_s: self.retry_after_s(inner),
+            });
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -376,6 +446,26 @@ fn job_id(seq: u64) -> String {
 }
 
 impl JobQueue for MemoryQueue {
+    fn reserve(&self, bytes: usize, key: &str) -> Result<Reservation, ServiceError> {
+        let inner = self.lock();
+        if inner.draining || inner.closed {
+            return Err(ServiceError::Draining);
+        }
+        let empty = || Reservation { bytes: AtomicUsize::new(0), pending: self.pending.clone() };
+        if !key.is_empty() && inner.keys.contains_key(key) {
+            return Ok(empty());
+        }
+        if inner.queue.len() >= self.limits.capacity {
+            return Err(ServiceError::QueueFull {
+                waiting: inner.queue.len(),
+                retry_after_s: self.retry_after_s(&inner),
+            });
+        }
+        self.check_budget(&inner, self.pending.load(Ordering::SeqCst), bytes)?;
+        self.pending.fetch_add(bytes, Ordering::SeqCst);
+        Ok(Reservation { bytes: AtomicUsize::new(bytes), pending: self.pending.clone() })
+    }
+
     fn submit(&self, job: NewJob) -> Result<Submitted, ServiceError> {
         let mut inner = self.lock();
         if inner.draining || inner.closed {
@@ -401,16 +491,17 @@ impl JobQueue for MemoryQueue {
             }
         }
         let bytes = image_bytes(&job);
-        let over_budget =
-            !inner.queue.is_empty() && inner.queued_bytes + bytes > self.limits.queued_bytes;
-        if inner.queue.len() >= self.limits.capacity || over_budget {
-            let per_worker =
-                (inner.queue.len() + inner.running) as f64 / self.limits.workers.max(1) as f64;
-            let retry_after_s = (per_worker * inner.mean_fit_s).ceil().max(1.0) as u64;
+        if inner.queue.len() >= self.limits.capacity {
             return Err(ServiceError::QueueFull {
                 waiting: inner.queue.len(),
-                retry_after_s,
+                retry_after_s: self.retry_after_s(&inner),
             });
+        }
+        let own = job.reservation.as_ref().map_or(0, |r| r.bytes());
+        let others = self.pending.load(Ordering::SeqCst).saturating_sub(own);
+        self.check_budget(&inner, others, bytes)?;
+        if let Some(r) = &job.reservation {
+            r.take();
         }
         inner.seq += 1;
         let seq = inner.seq;
@@ -691,6 +782,7 @@ mod tests {
             applied: pb::AppliedOptions::default(),
             idempotency: key.map(|k| (k.to_string(), [7; 32])),
             trace: TraceContext::default(),
+            reservation: None,
         }
     }
 
@@ -852,5 +944,44 @@ mod tests {
         assert!(late.live.is_none());
         assert_eq!(late.replay.len(), 3);
         assert_eq!(q.active(), 0);
+    }
+
+    /// Reservations hold the budget from before the decode: a second one that would pass it is
+    /// refused while the first is held, the drop gives the bytes back, a submit takes its own
+    /// over (not counted twice), and a known idempotency key needs none.
+    #[test]
+    fn reservations_hold_the_budget_until_submit_or_drop() {
+        // The budget: 1 MiB; each test job's image is 64 bytes.
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        let first = q.reserve(700_000, "").expect("nothing queued: always let in");
+        assert_eq!(q.pending.load(Ordering::SeqCst), 700_000);
+        match q.reserve(400_000, "") {
+            Err(ServiceError::QueueMemory { image_mb: 1, held_mb: 1, budget_mb: 1, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let small = q.reserve(300_000, "").expect("fits beside the first");
+        drop(first);
+        assert_eq!(q.pending.load(Ordering::SeqCst), 300_000);
+
+        // Submitting with its reservation: the job's bytes are queued, the reservation is spent.
+        let r = Arc::new(q.reserve(64, "k").unwrap());
+        let id = q.submit(NewJob { reservation: Some(r.clone()), ..job(0, DeviceSpec::Auto, Some("k")) }).unwrap().id;
+        assert_eq!((r.bytes(), q.pending.load(Ordering::SeqCst), q.lock().queued_bytes), (0, 300_000, 64));
+        drop(r);
+        assert_eq!(q.pending.load(Ordering::SeqCst), 300_000, "a spent reservation gives nothing back");
+        // The same key again: its job exists, so no budget is held for it.
+        let again = q.reserve(1 << 30, "k").expect("an existing key is never refused");
+        assert_eq!(again.bytes(), 0);
+        assert_eq!(q.submit(job(0, DeviceSpec::Auto, Some("k"))).unwrap().id, id);
+        drop(small);
+        assert_eq!(q.pending.load(Ordering::SeqCst), 0);
+
+        // Capacity is checked at reservation too.
+        for _ in 0..7 {
+            q.submit(job(0, DeviceSpec::Auto, None)).unwrap();
+        }
+        assert!(matches!(q.reserve(64, ""), Err(ServiceError::QueueFull { waiting: 8, .. })));
+        q.drain();
+        assert!(matches!(q.reserve(64, ""), Err(ServiceError::Draining)));
     }
 }

@@ -167,6 +167,17 @@ impl SegmenterService {
             frame: o.frame,
             ..Default::default()
         };
+        // What the image will cost, from its headers: refused for the fit's memory or the
+        // queue's budget before a decode spends a few times its size (see `Reservation`).
+        let (image, header) = tokio::task::spawn_blocking(move || {
+            let header = s3net_imaging::probe(&image, &decode);
+            (image, header)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))?;
+        let header = header?;
+        self.check_memory(&fit, device, Some((header.width, header.height)))?;
+        let reservation = self.queue.reserve(usize::try_from(header.image_bytes()).unwrap_or(usize::MAX), key)?;
         let (image, applied_window, orientation) = tokio::task::spawn_blocking(move || {
             let d = s3net_imaging::decode(&image, &decode)?;
             let applied = window.or(d.window.filter(Window::is_valid));
@@ -174,7 +185,6 @@ impl SegmenterService {
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;
-        self.check_memory(&fit, device, Some((image.width, image.height)))?;
         let applied = pb::AppliedOptions {
             preset: fit.preset.to_string(),
             iterations: fit.iterations as u32,
@@ -199,6 +209,7 @@ impl SegmenterService {
             applied,
             idempotency,
             trace: TraceContext::current(),
+            reservation: Some(Arc::new(reservation)),
         })
     }
 

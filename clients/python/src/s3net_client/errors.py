@@ -78,7 +78,8 @@ class AlreadyExists(S3NetError):
 
 
 class ResourceExhausted(S3NetError):
-    """The queue is full: ``retry_after`` says when to try again (retried automatically); or,
+    """The queue is full (by job count, or by the memory of its decoded images): ``retry_after``
+    says when to try again (retried automatically); or,
     as a job's Failed event, the job ran out of memory on its own device (not retried: ask for
     a smaller ``size`` or fewer ``features``, or try again when the server is less busy)."""
 
