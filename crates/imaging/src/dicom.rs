@@ -47,22 +47,27 @@ fn clean_uid(uid: &str) -> String {
     }
 }
 
-/// Rows, Columns, Samples per Pixel and the frame check, from the data set up to the pixel
-/// data, which is not read (see [`crate::probe`]).
-pub(crate) fn probe_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, ImagingError> {
+/// The data set, after the guards against hostile lengths; up to the pixel data (not read)
+/// when `until_pixels`.
+fn open(bytes: &[u8], until_pixels: bool) -> Result<DefaultDicomObject, ImagingError> {
     let body = bytes
         .get(128..)
         .ok_or_else(|| malformed("shorter than the 128-byte preamble"))?;
     dicom_guard::check_element_lengths(body)?;
-    let obj = OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Never)
-        .read_until(tags::PIXEL_DATA)
-        .from_reader(body)
-        .map_err(read_error)?;
-    let rows = required_u32(&obj, tags::ROWS, "Rows")?;
-    let cols = required_u32(&obj, tags::COLUMNS, "Columns")?;
+    let mut options = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
+    if until_pixels {
+        options = options.read_until(tags::PIXEL_DATA);
+    }
+    options.from_reader(body).map_err(read_error)
+}
+
+/// Rows and Columns (checked against the limits) and Number of Frames (with `opts.frame`
+/// among them).
+fn geometry(obj: &DefaultDicomObject, opts: &DecodeOptions) -> Result<(u32, u32, u32), ImagingError> {
+    let rows = required_u32(obj, tags::ROWS, "Rows")?;
+    let cols = required_u32(obj, tags::COLUMNS, "Columns")?;
     check_dims(u64::from(cols), u64::from(rows), &opts.limits)?;
-    let frames = optional_u32(&obj, tags::NUMBER_OF_FRAMES)?.unwrap_or(1).max(1);
+    let frames = optional_u32(obj, tags::NUMBER_OF_FRAMES)?.unwrap_or(1).max(1);
     if opts.frame >= frames {
         return Err(ImagingError::FrameOutOfRange {
             format: Format::Dicom,
@@ -70,6 +75,14 @@ pub(crate) fn probe_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, 
             frames,
         });
     }
+    Ok((rows, cols, frames))
+}
+
+/// Rows, Columns, Samples per Pixel and the frame check, from the data set up to the pixel
+/// data, which is not read (see [`crate::probe`]).
+pub(crate) fn probe_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, ImagingError> {
+    let obj = open(bytes, true)?;
+    let (rows, cols, _) = geometry(&obj, opts)?;
     let samples = optional_u32(&obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1);
     Ok(Header {
         format: Format::Dicom,
@@ -80,33 +93,12 @@ pub(crate) fn probe_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, 
 }
 
 pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
-    let body = bytes
-        .get(128..)
-        .ok_or_else(|| malformed("shorter than the 128-byte preamble"))?;
-    dicom_guard::check_element_lengths(body)?;
-    let obj = OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Never)
-        .from_reader(body)
-        .map_err(read_error)?;
-
+    let obj = open(bytes, false)?;
     let ts_uid = clean_uid(obj.meta().transfer_syntax());
     let Some(pixel_element) = obj.element_opt(tags::PIXEL_DATA).ok().flatten() else {
         return Err(ImagingError::NoPixelData);
     };
-
-    let rows = required_u32(&obj, tags::ROWS, "Rows")?;
-    let cols = required_u32(&obj, tags::COLUMNS, "Columns")?;
-    check_dims(u64::from(cols), u64::from(rows), &opts.limits)?;
-    let frames = optional_u32(&obj, tags::NUMBER_OF_FRAMES)?
-        .unwrap_or(1)
-        .max(1);
-    if opts.frame >= frames {
-        return Err(ImagingError::FrameOutOfRange {
-            format: Format::Dicom,
-            frame: opts.frame,
-            frames,
-        });
-    }
+    let (rows, cols, frames) = geometry(&obj, opts)?;
     match TransferSyntaxRegistry.get(&ts_uid) {
         Some(ts) if ts.can_decode_all() => {}
         Some(ts) => {

@@ -7,40 +7,9 @@ use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 
 use crate::{check_dims, Decoded, Format, Header, ImageKind, ImagingError, Limits};
 
-/// The size and channels of a PNG, JPEG or BMP from its header (see [`crate::probe`]).
-pub(crate) fn probe_raster(bytes: &[u8], format: Format, limits: &Limits) -> Result<Header, ImagingError> {
-    let image_format = match format {
-        Format::Png => ImageFormat::Png,
-        Format::Jpeg => ImageFormat::Jpeg,
-        Format::Bmp => ImageFormat::Bmp,
-        Format::Tiff => ImageFormat::Tiff,
-        Format::Dicom => {
-            return Err(ImagingError::Unsupported {
-                format,
-                reason: "DICOM is not a raster format".into(),
-            })
-        }
-    };
-    // As in the decode: a PNG's size first, from its IHDR, whatever follows it.
-    if format == Format::Png {
-        if let Some((w, h)) = png_ihdr_size(bytes) {
-            check_dims(u64::from(w), u64::from(h), limits)?;
-        }
-    }
-    let decoder = ImageReader::with_format(Cursor::new(bytes), image_format)
-        .into_decoder()
-        .map_err(|e| image_error(e, format))?;
-    let (width, height) = decoder.dimensions();
-    check_dims(u64::from(width), u64::from(height), limits)?;
-    let channels = if decoder.color_type().channel_count() >= 3 { 3 } else { 1 };
-    Ok(Header { format, width, height, channels })
-}
-
-pub(crate) fn decode_raster(
-    bytes: &[u8],
-    format: Format,
-    limits: &Limits,
-) -> Result<Decoded, ImagingError> {
+/// The `image` crate's decoder for these bytes, having read their header only, the size
+/// checked against the limits (a PNG's from its IHDR first, whatever follows it).
+fn header_decoder<'a>(bytes: &'a [u8], format: Format, limits: &Limits) -> Result<impl ImageDecoder + 'a, ImagingError> {
     let image_format = match format {
         Format::Png => ImageFormat::Png,
         Format::Jpeg => ImageFormat::Jpeg,
@@ -60,21 +29,35 @@ pub(crate) fn decode_raster(
             check_dims(u64::from(w), u64::from(h), limits)?;
         }
     }
-    if format == Format::Jpeg {
-        jpeg_reaches_end(bytes).map_err(|reason| ImagingError::Malformed { format, reason })?;
-    }
-
     let mut reader = ImageReader::with_format(Cursor::new(bytes), image_format);
     let mut image_limits = image::Limits::default();
     // Room for the largest allowed RGBA16 buffer plus decoder scratch space; the
     // per-side and pixel-count limits are checked below with clearer messages.
     image_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(image_limits);
-
-    // Creating the decoder reads only the header.
-    let mut decoder = reader.into_decoder().map_err(|e| image_error(e, format))?;
+    let decoder = reader.into_decoder().map_err(|e| image_error(e, format))?;
     let (width, height) = decoder.dimensions();
     check_dims(u64::from(width), u64::from(height), limits)?;
+    Ok(decoder)
+}
+
+/// The size and channels of a PNG, JPEG or BMP from its header (see [`crate::probe`]).
+pub(crate) fn probe_raster(bytes: &[u8], format: Format, limits: &Limits) -> Result<Header, ImagingError> {
+    let decoder = header_decoder(bytes, format, limits)?;
+    let (width, height) = decoder.dimensions();
+    let channels = if decoder.color_type().channel_count() >= 3 { 3 } else { 1 };
+    Ok(Header { format, width, height, channels })
+}
+
+pub(crate) fn decode_raster(
+    bytes: &[u8],
+    format: Format,
+    limits: &Limits,
+) -> Result<Decoded, ImagingError> {
+    if format == Format::Jpeg {
+        jpeg_reaches_end(bytes).map_err(|reason| ImagingError::Malformed { format, reason })?;
+    }
+    let mut decoder = header_decoder(bytes, format, limits)?;
     // A camera's JPEG (or a TIFF, a PNG with eXIf) may store its pixels turned and say so in
     // an orientation tag, which every viewer applies: the image is turned the same way here,
     // so the label map and mask lie over the picture the clinician sees. An unreadable tag is
