@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Largest image accepted by SegmentUpload (sum of its chunks), in bytes.
     pub max_upload_bytes: usize,
+    /// Bytes all SegmentUpload calls together may hold while they receive their images (from
+    /// each header's `total_bytes`, or as the chunks arrive); one more is RESOURCE_EXHAUSTED.
+    pub max_upload_bytes_in_flight: usize,
     /// Minimum time between two Progress events of one job, in milliseconds (0: every step).
     pub progress_interval_ms: u64,
     /// On SIGTERM/SIGINT, how long running jobs may go on before they are cancelled.
@@ -45,6 +48,7 @@ impl Default for ServerConfig {
             addr: "127.0.0.1:50051".into(),
             max_message_bytes: 64 << 20,
             max_upload_bytes: 256 << 20,
+            max_upload_bytes_in_flight: 1 << 30,
             progress_interval_ms: 100,
             shutdown_grace_s: 30,
             auth_token: None,
@@ -317,6 +321,13 @@ impl Config {
         anyhow::ensure!(
             self.server.max_message_bytes >= 1024,
             "server.max_message_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.server.max_upload_bytes_in_flight >= self.server.max_upload_bytes,
+            "server.max_upload_bytes_in_flight ({}) must be at least server.max_upload_bytes ({}): \
+             else the largest upload allowed could never be received",
+            self.server.max_upload_bytes_in_flight,
+            self.server.max_upload_bytes
         );
         anyhow::ensure!(
             matches!(self.log.format.as_str(), "text" | "json"),

@@ -30,6 +30,13 @@ pub enum ServiceError {
          in about {retry_after_s} s"
     )]
     QueueMemory { image_mb: u64, held_mb: u64, budget_mb: u64, retry_after_s: u64 },
+    /// The uploads in progress hold the bytes the server lets them hold.
+    #[error(
+        "uploads in progress hold {held_mb} MB of the {budget_mb} MB the server allows \
+         (server.max_upload_bytes_in_flight), and this one needs {image_mb} MB more; retry in \
+         about {retry_after_s} s"
+    )]
+    UploadsFull { image_mb: u64, held_mb: u64, budget_mb: u64, retry_after_s: u64 },
     /// The server is shutting down and takes no new work.
     #[error("server is shutting down; retry on another replica")]
     Draining,
@@ -64,7 +71,9 @@ impl ServiceError {
                 ModelError::OutOfMemory(_) => Code::ResourceExhausted,
                 ModelError::Torch(_) => Code::Internal,
             },
-            ServiceError::QueueFull { .. } | ServiceError::QueueMemory { .. } => Code::ResourceExhausted,
+            ServiceError::QueueFull { .. } | ServiceError::QueueMemory { .. } | ServiceError::UploadsFull { .. } => {
+                Code::ResourceExhausted
+            }
             ServiceError::Draining => Code::Unavailable,
             ServiceError::NotFound(_) | ServiceError::Expired { .. } => Code::NotFound,
             ServiceError::AlreadyExists { .. } => Code::AlreadyExists,
@@ -76,12 +85,13 @@ impl ServiceError {
 
 impl ServiceError {
     /// Why a request was refused, as `s3net_rejected_total{reason}` counts it: the gRPC code's
-    /// name in snake case, except `queue_full` and `queue_memory` (RESOURCE_EXHAUSTED) and `draining`
-    /// (UNAVAILABLE), which say what to do about it.
+    /// name in snake case, except `queue_full`, `queue_memory` and `upload_memory`
+    /// (RESOURCE_EXHAUSTED) and `draining` (UNAVAILABLE), which say what to do about it.
     pub fn reason(&self) -> &'static str {
         match self {
             ServiceError::QueueFull { .. } => "queue_full",
             ServiceError::QueueMemory { .. } => "queue_memory",
+            ServiceError::UploadsFull { .. } => "upload_memory",
             ServiceError::Draining => "draining",
             e => code_reason(e.code()),
         }
@@ -107,7 +117,10 @@ pub fn code_reason(code: Code) -> &'static str {
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         let mut status = Status::new(e.code(), e.to_string());
-        if let ServiceError::QueueFull { retry_after_s, .. } | ServiceError::QueueMemory { retry_after_s, .. } = e {
+        if let ServiceError::QueueFull { retry_after_s, .. }
+        | ServiceError::QueueMemory { retry_after_s, .. }
+        | ServiceError::UploadsFull { retry_after_s, .. } = e
+        {
             if let Ok(v) = retry_after_s.to_string().parse() {
                 status.metadata_mut().insert("retry-after", v);
             }

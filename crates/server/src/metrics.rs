@@ -32,10 +32,11 @@ use crate::jobs::JobQueue;
 pub const OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
 
 /// Refusal reasons as counted by `s3net_rejected_total{reason}`.
-pub const REJECT_REASONS: [&str; 6] = [
+pub const REJECT_REASONS: [&str; 7] = [
     "invalid_argument",
     "queue_full",
     "queue_memory",
+    "upload_memory",
     "draining",
     "unauthenticated",
     "already_exists",

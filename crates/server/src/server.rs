@@ -154,6 +154,7 @@ impl Server {
             metrics.clone(),
         )
         .with_cpu_job_bytes(cpu_job_bytes)
+        .with_upload_bytes_in_flight(cfg.server.max_upload_bytes_in_flight)
         .with_defaults(cfg.defaults.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use s3net_imaging::{DecodeOptions, Window};
 use s3net_model::{DeviceSpec, FitOptions, Preset};
 use sha2::Digest;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -54,6 +54,10 @@ pub struct SegmenterService {
     /// The devices the workers run on: a job asking for another one is refused up front.
     devices: Vec<DeviceSpec>,
     max_upload_bytes: usize,
+    /// The bytes SegmentUpload calls may hold together while they receive, in KiB permits
+    /// (see [`Self::with_upload_bytes_in_flight`]).
+    uploads: Arc<Semaphore>,
+    upload_budget_kib: u32,
     metrics: Arc<Metrics>,
     /// The most host memory one job may need on a CPU worker (see [`Self::with_cpu_job_bytes`]).
     cpu_job_bytes: Option<u64>,
@@ -72,9 +76,49 @@ impl SegmenterService {
             queue,
             devices,
             max_upload_bytes,
+            uploads: Arc::new(Semaphore::new(0)),
+            upload_budget_kib: 0,
             metrics,
             cpu_job_bytes: None,
             defaults: DefaultsConfig::default(),
+        }
+        .with_upload_bytes_in_flight(4 * max_upload_bytes)
+    }
+
+    /// Bounds the bytes all SegmentUpload calls hold together while they receive their images:
+    /// each reserves its header's `total_bytes` before the first chunk (or its chunks as they
+    /// arrive, when it did not say), and keeps them until its image is decoded. Why: each call
+    /// may collect up to `max_upload_bytes`, so without a bound a burst of large uploads takes
+    /// any amount of memory before the queue's budget, which starts at the image's headers,
+    /// sees any of it. Counted in KiB.
+    pub fn with_upload_bytes_in_flight(mut self, bytes: usize) -> Self {
+        let kib = (bytes / 1024).min(Semaphore::MAX_PERMITS).min(u32::MAX as usize) as u32;
+        self.uploads = Arc::new(Semaphore::new(kib as usize));
+        self.upload_budget_kib = kib;
+        self
+    }
+
+    /// Takes `bytes` more of the upload budget into `held`, or refuses the call.
+    fn hold_upload_bytes(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> Result<(), ServiceError> {
+        let kib = bytes.div_ceil(1024).min(u32::MAX as usize) as u32;
+        match self.uploads.clone().try_acquire_many_owned(kib) {
+            Ok(p) => {
+                match held {
+                    Some(h) => h.merge(p),
+                    None => *held = Some(p),
+                }
+                Ok(())
+            }
+            Err(_) => {
+                let mb = |k: u64| k.div_ceil(1024);
+                let budget = u64::from(self.upload_budget_kib);
+                Err(ServiceError::UploadsFull {
+                    image_mb: mb(u64::from(kib)),
+                    held_mb: mb(budget - self.uploads.available_permits() as u64),
+                    budget_mb: mb(budget),
+                    retry_after_s: 1,
+                })
+            }
         }
     }
 
@@ -450,12 +494,22 @@ impl Segmenter for SegmenterService {
             if header.total_bytes > self.max_upload_bytes as u64 {
                 return Err(self.refuse(too_big(header.total_bytes)));
             }
+            // The bytes this call holds, from the upload budget: the announced size now, any
+            // more as it arrives; given back when the image has been decoded (or the call ends).
+            let mut held = None;
+            let mut reserved = header.total_bytes as usize;
+            self.hold_upload_bytes(&mut held, reserved).map_err(|e| self.refuse(e))?;
             let mut image = Vec::with_capacity(header.total_bytes as usize);
             while let Some(chunk) = chunks.next().await {
                 match chunk?.part {
                     Some(Part::Data(d)) => {
                         if image.len() + d.len() > self.max_upload_bytes {
                             return Err(self.refuse(too_big((image.len() + d.len()) as u64)));
+                        }
+                        if image.len() + d.len() > reserved {
+                            let more = image.len() + d.len() - reserved;
+                            self.hold_upload_bytes(&mut held, more).map_err(|e| self.refuse(e))?;
+                            reserved += more;
                         }
                         image.extend_from_slice(&d);
                     }
@@ -468,9 +522,12 @@ impl Segmenter for SegmenterService {
                 }
             }
             tracing::Span::current().record("bytes", image.len() as i64);
-            self.run_owned(image, header.options, deadline, tracing::Span::current())
+            let events = self
+                .run_owned(image, header.options, deadline, tracing::Span::current())
                 .await
-                .map_err(|e| self.refuse(e))
+                .map_err(|e| self.refuse(e));
+            drop(held);
+            events
         }
         .instrument(span.clone())
         .await

@@ -292,6 +292,14 @@ fn cpu_job_memory_budget() {
 /// `[defaults]`: fit options for the requests that leave them unset, from the file or the
 /// environment, checked when the configuration loads.
 #[test]
+fn upload_budget_holds_the_largest_upload() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    let err = Config::load(None, &[("server.max_upload_bytes_in_flight", "1000".into())]).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("server.max_upload_bytes_in_flight (1000) must be at least server.max_upload_bytes (268435456)"), "{msg}");
+}
+
+#[test]
 fn fit_defaults_load_and_are_checked() {
     let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
     assert_eq!(Config::default().defaults, s3net_server::config::DefaultsConfig::default());

@@ -167,6 +167,61 @@ async fn segment_upload_in_chunks() {
     server.shutdown().await.unwrap();
 }
 
+/// SegmentUpload calls together hold at most `server.max_upload_bytes_in_flight`: a call that
+/// announces more than is left, or whose chunks grow past it, is RESOURCE_EXHAUSTED; the bytes
+/// come back when a call's image has been taken in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_in_flight_are_bounded() {
+    use pb::upload_chunk::Part;
+    let mut cfg = config();
+    cfg.server.max_upload_bytes = 64 << 10;
+    cfg.server.max_upload_bytes_in_flight = 100 << 10;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let image = data("dicom/CT_small.dcm"); // 39 kB
+    let header = |total: usize| pb::UploadChunk {
+        part: Some(Part::Header(pb::UploadHeader { options: Some(quick()), total_bytes: total as u64 })),
+    };
+    let chunk = |b: &[u8]| pb::UploadChunk { part: Some(Part::Data(b.to_vec())) };
+    let whole = |total: usize| {
+        let mut v = vec![header(total)];
+        v.extend(image.chunks(1000).map(chunk));
+        v
+    };
+
+    // A announces 64 KiB and sends its first kilobyte, then waits: it holds 64 of the 100 KiB.
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(header(64 << 10)).await.unwrap();
+    tx.send(chunk(&image[..1000])).await.unwrap();
+    let mut a = c.clone();
+    let a = tokio::spawn(async move { a.segment_upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // B announces its 39 kB: more than the 36 KiB left.
+    let err = c.segment_upload(tokio_stream::iter(whole(image.len()))).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().starts_with("uploads in progress hold 1 MB of the 1 MB the server allows (server.max_upload_bytes_in_flight)"), "{}", err.message());
+    assert!(err.metadata().get("retry-after").is_some());
+    // C does not announce a size: refused when its chunks pass what is left.
+    let err = c.segment_upload(tokio_stream::iter(whole(0))).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // A sends the rest and completes; then B's upload is taken.
+    for b in image[1000..].chunks(1000) {
+        tx.send(chunk(b)).await.unwrap();
+    }
+    drop(tx);
+    let mut events = a.await.unwrap().expect("A's upload is taken").into_inner();
+    while events.message().await.unwrap().is_some() {}
+    let mut events = c.segment_upload(tokio_stream::iter(whole(image.len()))).await.expect("room again").into_inner();
+    let mut last = None;
+    while let Some(e) = events.message().await.unwrap() {
+        last = e.event;
+    }
+    assert!(matches!(last, Some(Event::Completed(_))), "{last:?}");
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_job_joining_late_replays_then_follows() {
     let (server, url) = start(config()).await;
