@@ -37,6 +37,12 @@ pub struct ServerConfig {
     pub progress_interval_ms: u64,
     /// On SIGTERM/SIGINT, how long running jobs may go on before they are cancelled.
     pub shutdown_grace_s: u64,
+    /// Seconds between HTTP/2 pings on a connection (0: none). A client that stops answering
+    /// (power lost, network cut, no FIN or RST ever sent) is disconnected after
+    /// `keepalive_timeout_s` more, and the jobs its streams own are cancelled.
+    pub keepalive_interval_s: u64,
+    /// Seconds to wait for a ping's answer before closing the connection.
+    pub keepalive_timeout_s: u64,
     /// When set, every Segmenter call must carry `authorization: Bearer <token>`.
     pub auth_token: Option<String>,
     pub tls: Option<TlsConfig>,
@@ -51,6 +57,8 @@ impl Default for ServerConfig {
             max_upload_bytes_in_flight: 1 << 30,
             progress_interval_ms: 100,
             shutdown_grace_s: 30,
+            keepalive_interval_s: 30,
+            keepalive_timeout_s: 20,
             auth_token: None,
             tls: None,
         }

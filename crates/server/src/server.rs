@@ -164,7 +164,12 @@ impl Server {
         };
         let segmenter = InterceptedService::new(segmenter, auth);
 
-        let mut builder = tonic::transport::Server::builder();
+        // HTTP/2 pings find the clients that vanished without closing their connection: their
+        // streams, and the jobs those own, would otherwise live until TCP gave up on them.
+        let keepalive = (cfg.server.keepalive_interval_s > 0).then(|| Duration::from_secs(cfg.server.keepalive_interval_s));
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(Some(Duration::from_secs(cfg.server.keepalive_timeout_s.max(1))));
         if let Some(tls) = &cfg.server.tls {
             let read = |p: &std::path::Path| {
                 std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))

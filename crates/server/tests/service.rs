@@ -395,6 +395,76 @@ async fn client_disconnect_frees_the_worker() {
     server.shutdown().await.unwrap();
 }
 
+/// A TCP proxy to `target` that forwards both ways until `freeze` is set, then forwards
+/// nothing and closes nothing: a client whose machine lost power or network.
+async fn freezing_proxy(target: std::net::SocketAddr, freeze: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAddr {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut r, mut w) in [(Box::new(ri) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>), (Box::new(ro), Box::new(wi))] {
+                let freeze = freeze.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 << 10];
+                    let mut held = Vec::new();
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if freeze.load(Ordering::SeqCst) {
+                            held.push((r, w)); // keep both ends open, forward nothing
+                            std::future::pending::<()>().await;
+                            unreachable!();
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// A client that vanishes without closing its connection (no FIN, no RST) is found by the
+/// server's HTTP/2 pings: its connection is closed after `keepalive_timeout_s` and the job its
+/// `Segment` stream owned is cancelled, instead of running on for a client that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_is_found_by_keepalive() {
+    let mut cfg = config();
+    cfg.server.keepalive_interval_s = 1;
+    cfg.server.keepalive_timeout_s = 1;
+    let (server, url) = start(cfg).await;
+    let freeze = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = freezing_proxy(server.local_addr(), freeze.clone()).await;
+    let mut far = client(&format!("http://{proxy}")).await;
+    let mut s = far
+        .segment(pb::SegmentRequest { image: disk(48, 48), options: Some(slow()) })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = loop {
+        let e = s.message().await.unwrap().expect("event");
+        if matches!(e.event, Some(Event::Progress(_))) {
+            break e.job_id;
+        }
+    };
+    freeze.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut c = client(&url).await;
+    let j = wait_final(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(j.state, JobState::Cancelled as i32);
+    assert_eq!(j.cancellation.unwrap().reason, "client disconnected");
+    drop(s);
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_while_queued_cancels_the_job() {
     let (server, url) = start(config()).await;
