@@ -18,6 +18,7 @@ from s3net_client import (
     NotFound,
     S3NetError,
     SegmentationResult,
+    encode_png,
     encode_tiff,
     events,
 )
@@ -159,14 +160,17 @@ def test_window_on_integer_images_goes_to_the_server(client: Client) -> None:
 
 
 def test_integer_arrays_go_in_their_own_units(client: Client) -> None:
-    """A CT slice as int16 Hounsfield units (and as int32, int64, uint32) is sent as a TIFF in
-    those units: the server's automatic window moves with the values, so the fit is the very
+    """A CT slice as int16 Hounsfield units (and as int32, int64, uint32, and as floats) is sent
+    as a TIFF in those units: the server's automatic window moves with the values, so the fit is the very
     one of the 16-bit file (HU + 1024); a window is in HU and applied by the server."""
     with Image.open(LUNG) as img:
         u16 = np.asarray(img).astype(np.uint16)
     hu = u16.astype(np.int32) - 1024
     from_file = client.segment(LUNG, **FAST)
-    for array in (hu.astype(np.int16), hu, hu.astype(np.int64), u16.astype(np.uint32)):
+    arrays = (hu.astype(np.int16), hu, hu.astype(np.int64), u16.astype(np.uint32))
+    # Floats beyond [0, 1] are values in their own units too (HU after a DICOM rescale).
+    arrays += (hu.astype(np.float64), hu.astype(np.float32))
+    for array in arrays:
         r = client.segment(array, **FAST)
         check_result(r, *hu.shape)
         np.testing.assert_array_equal(r.labels, from_file.labels, err_msg=str(array.dtype))
@@ -198,7 +202,7 @@ def test_unsupported_arrays_are_value_errors(client: Client) -> None:
     with pytest.raises(ValueError, match="shape"):
         client.segment(np.zeros(8, np.uint8))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        client.segment(np.full((8, 8), 2.0))
+        encode_png(np.full((8, 8), 2.0))
     with pytest.raises(ValueError, match="NaN"):
         client.segment(np.full((8, 8), np.nan))
     with pytest.raises(TypeError, match="numpy array"):

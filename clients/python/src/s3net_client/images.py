@@ -6,10 +6,11 @@ BMP, TIFF, DICOM), so a DICOM keeps its rescale and window tags. Arrays are writ
 without loss: uint8 as 8-bit, uint16 as 16-bit, so the server's windowing sees the original
 values. Other integer arrays (a CT slice in Hounsfield units as int16, int32, uint32; int64 and
 uint64 when their values fit 32 bits) go as a grey TIFF in their own units, which the server
-windows like a DICOM's values (a ``window`` in those units, else its automatic one). Floats
-have no lossless PNG form; they are taken as intensities already in [0, 1] (the server's own
-working range) and written as 16-bit, or windowed here first when the call gives a
-``window``.
+windows like a DICOM's values (a ``window`` in those units, else its automatic one). Floats in
+[0, 1] are taken as intensities (the server's own working range) and written as 16-bit PNG;
+floats beyond it are values in their own units (HU after a DICOM rescale) and go as a float32
+TIFF for the server's automatic window, like an int16 slice. With a ``window``, floats are
+windowed here first.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def prepare(image: Any, options: Dict[str, Any]) -> Tuple[bytes, Optional[str], 
             options = {k: v for k, v in options.items() if k != "window"}
         if array.dtype.kind in "iu" and array.dtype not in (np.uint8, np.uint16):
             return encode_tiff(array), None, options
+        if array.dtype.kind == "f" and array.size and array.ndim in (2, 3):
+            if not np.isfinite(array).all():
+                raise ValueError("the float array holds NaN or infinite values")
+            if float(array.min()) < 0.0 or float(array.max()) > 1.0:
+                # Not intensities in [0, 1]: values in their own units (HU after a rescale),
+                # windowed by the server like an int16 slice.
+                return encode_tiff(array), None, options
         return encode_png(array), None, options
     raise TypeError(
         f"cannot segment a {type(image).__name__}: pass a file path, encoded image bytes "
@@ -125,20 +133,23 @@ _SHORT, _LONG = 3, 4
 
 
 def encode_tiff(array: np.ndarray) -> bytes:
-    """A lossless single-page grey TIFF (Deflate, strips of about 1 MiB) of an H×W or H×W×1
-    integer array in its own units: int8, int16, int32, uint32 as they are (uint8 and uint16
-    too, though ``encode_png`` is the usual way for them); int64 and uint64 as int32 and uint32
-    when every value fits. The server reads the values as they are (``SampleFormat``)."""
+    """A single-page grey TIFF (Deflate, strips of about 1 MiB) of an H×W or H×W×1 array in
+    its own units: int8, int16, int32, uint32 as they are (uint8 and uint16 too, though
+    ``encode_png`` is the usual way for them); int64 and uint64 as int32 and uint32 when every
+    value fits; floats as float32 (lossless for float32, 24 significant bits for float64). The
+    server reads the values as they are (``SampleFormat``)."""
     a = np.asarray(array)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
-    if a.dtype.kind not in "iu":
-        raise ValueError(f"encode_tiff takes integer arrays, not {a.dtype}")
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"encode_tiff takes integer or float arrays, not {a.dtype}")
     if a.ndim != 2:
         raise ValueError(
-            f"unsupported array shape {a.shape} for {a.dtype}: integer arrays in their own units "
+            f"unsupported array shape {a.shape} for {a.dtype}: arrays in their own units "
             "(e.g. CT in HU) must be H×W grey"
         )
+    if a.dtype.kind == "f":
+        a = a.astype(np.float32, copy=False)
     height, width = a.shape
     if height == 0 or width == 0:
         raise ValueError(f"the array is empty (shape {a.shape})")
@@ -189,7 +200,7 @@ def encode_tiff(array: np.ndarray) -> bytes:
         (277, _SHORT, 1, 1),  # SamplesPerPixel
         (278, _LONG, 1, rows_per_strip),
         (279, _LONG, n_offsets, counts_at),  # StripByteCounts
-        (339, _SHORT, 1, 2 if a.dtype.kind == "i" else 1),  # SampleFormat: signed, unsigned
+        (339, _SHORT, 1, {"u": 1, "i": 2, "f": 3}[a.dtype.kind]),  # SampleFormat
     ]
     ifd_at = len(out)
     out += struct.pack("<H", len(entries))
