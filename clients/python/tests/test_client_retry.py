@@ -3,6 +3,7 @@ retry-after hint; an unreachable server (UNAVAILABLE) with exponential backoff."
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -97,3 +98,48 @@ def test_unreachable_server_is_retried_with_backoff() -> None:
         with pytest.raises(Unavailable):
             client.segment(CT, **FAST)
         assert time.monotonic() - t0 < 5
+
+
+def test_a_frozen_server_fails_the_call_instead_of_hanging() -> None:
+    """A server that stops answering mid-call (here SIGSTOP: its connection stays open, as when
+    a machine freezes or drops off the network) fails a segment() with Unavailable once a
+    keepalive ping goes unanswered; without pings it would wait for ever (no timeout set)."""
+    server = start_server("--cpu-workers", "1")
+    try:
+        with Client(server.addr, keepalive=0.5, keepalive_timeout=1.0) as client:
+            started = threading.Event()
+
+            def progress(event) -> None:
+                started.set()
+
+            outcome: list = []
+
+            def call() -> None:
+                try:
+                    client.segment(CT, progress=progress, **SLOW)
+                    outcome.append("finished")
+                except Exception as e:  # the outcome under test
+                    outcome.append(e)
+
+            t = threading.Thread(target=call, daemon=True)
+            t.start()
+            assert started.wait(60), "the job never started"
+            frozen_at = time.monotonic()
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                t.join(30)
+                waited = time.monotonic() - frozen_at
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert not t.is_alive(), "segment() still waits on a frozen server"
+            assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
+            assert waited < 10, f"took {waited:.1f} s"
+    finally:
+        server.stop()
+
+
+def test_keepalive_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="keepalive"):
+        Client("localhost:1", keepalive=0)
+    with Client("localhost:1", keepalive=None):
+        pass

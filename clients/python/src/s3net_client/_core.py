@@ -89,6 +89,8 @@ class Settings:
         max_backoff: float,
         upload_threshold: int,
         chunk_size: int,
+        keepalive: Optional[float] = 30.0,
+        keepalive_timeout: float = 20.0,
     ) -> "Settings":
         address = target
         scheme_tls = None
@@ -118,6 +120,18 @@ class Settings:
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        if keepalive is not None:
+            if not keepalive > 0 or not keepalive_timeout > 0:
+                raise ValueError("keepalive and keepalive_timeout must be > 0 (keepalive=None: off)")
+            # Pings only while a call is open, and as many as it takes without data from the
+            # server (a frozen server sends none): a ping left unanswered ends the call.
+            options += [
+                ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+                ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
+                ("grpc.keepalive_permit_without_calls", 0),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.http2.ping_timeout_ms", int(keepalive_timeout * 1000)),
+            ]
         metadata: Tuple[Tuple[str, str], ...] = ()
         if token:
             metadata = (("authorization", f"Bearer {token}"),)

@@ -49,6 +49,8 @@ class AsyncClient:
         max_backoff: float = 30.0,
         upload_threshold: int = 32 << 20,
         chunk_size: int = 1 << 20,
+        keepalive: Optional[float] = 30.0,
+        keepalive_timeout: float = 20.0,
     ) -> None:
         self._settings = s = Settings.build(
             target,
@@ -64,6 +66,8 @@ class AsyncClient:
             max_backoff=max_backoff,
             upload_threshold=upload_threshold,
             chunk_size=chunk_size,
+            keepalive=keepalive,
+            keepalive_timeout=keepalive_timeout,
         )
         if s.credentials is not None:
             self._channel = grpc.aio.secure_channel(

@@ -40,7 +40,10 @@ class Client:
     RESOURCE_EXHAUSTED before the server did anything are retried up to ``retries`` times,
     ``backoff`` seconds doubling up to ``max_backoff``, but never sooner than the server's
     ``retry-after`` hint. Images larger than ``upload_threshold`` bytes go through the
-    chunked SegmentUpload call in ``chunk_size`` pieces.
+    chunked SegmentUpload call in ``chunk_size`` pieces. While a call runs, the connection is
+    pinged every ``keepalive`` seconds (None: never); a server that does not answer within
+    ``keepalive_timeout`` (a machine that froze or dropped off the network, sending no reset)
+    fails the call with ``Unavailable`` instead of leaving it waiting for ever.
 
     One client is safe to share between threads; close it (or use ``with``) when done.
     """
@@ -61,6 +64,8 @@ class Client:
         max_backoff: float = 30.0,
         upload_threshold: int = 32 << 20,
         chunk_size: int = 1 << 20,
+        keepalive: Optional[float] = 30.0,
+        keepalive_timeout: float = 20.0,
     ) -> None:
         self._settings = s = Settings.build(
             target,
@@ -76,6 +81,8 @@ class Client:
             max_backoff=max_backoff,
             upload_threshold=upload_threshold,
             chunk_size=chunk_size,
+            keepalive=keepalive,
+            keepalive_timeout=keepalive_timeout,
         )
         if s.credentials is not None:
             self._channel = grpc.secure_channel(s.target, s.credentials, options=s.channel_options)
