@@ -302,8 +302,12 @@ pub type Client = SegmenterClient<InterceptedService<Channel, TokenInterceptor>>
 
 impl ConnectArgs {
     pub async fn channel(&self) -> Result<Channel> {
+        // Pings while a call is open, as the Python client does: a server that froze or dropped
+        // off the network fails the call as unavailable instead of leaving it waiting.
         let mut ep = Endpoint::from_shared(self.addr.clone())
-            .with_context(|| format!("bad --addr '{}'", self.addr))?;
+            .with_context(|| format!("bad --addr '{}'", self.addr))?
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
         if self.ca.is_some() || self.cert.is_some() || self.addr.starts_with("https://") {
             let mut tls = ClientTlsConfig::new().with_enabled_roots();
             if let Some(ca) = &self.ca {
