@@ -98,9 +98,12 @@ impl SegmenterService {
         self
     }
 
-    /// Takes `bytes` more of the upload budget into `held`, or refuses the call.
+    /// Raises what `held` holds of the upload budget to `bytes` (in whole KiB), or refuses the
+    /// call.
     fn hold_upload_bytes(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> Result<(), ServiceError> {
-        let kib = bytes.div_ceil(1024).min(u32::MAX as usize) as u32;
+        let want = bytes.div_ceil(1024).min(u32::MAX as usize) as u32;
+        let have = held.as_ref().map_or(0, |h| h.num_permits()) as u32;
+        let Some(kib) = want.checked_sub(have).filter(|&k| k > 0) else { return Ok(()) };
         match self.uploads.clone().try_acquire_many_owned(kib) {
             Ok(p) => {
                 match held {
@@ -497,8 +500,7 @@ impl Segmenter for SegmenterService {
             // The bytes this call holds, from the upload budget: the announced size now, any
             // more as it arrives; given back when the image has been decoded (or the call ends).
             let mut held = None;
-            let mut reserved = header.total_bytes as usize;
-            self.hold_upload_bytes(&mut held, reserved).map_err(|e| self.refuse(e))?;
+            self.hold_upload_bytes(&mut held, header.total_bytes as usize).map_err(|e| self.refuse(e))?;
             let mut image = Vec::with_capacity(header.total_bytes as usize);
             while let Some(chunk) = chunks.next().await {
                 match chunk?.part {
@@ -506,11 +508,7 @@ impl Segmenter for SegmenterService {
                         if image.len() + d.len() > self.max_upload_bytes {
                             return Err(self.refuse(too_big((image.len() + d.len()) as u64)));
                         }
-                        if image.len() + d.len() > reserved {
-                            let more = image.len() + d.len() - reserved;
-                            self.hold_upload_bytes(&mut held, more).map_err(|e| self.refuse(e))?;
-                            reserved += more;
-                        }
+                        self.hold_upload_bytes(&mut held, image.len() + d.len()).map_err(|e| self.refuse(e))?;
                         image.extend_from_slice(&d);
                     }
                     Some(Part::Header(_)) => {
