@@ -110,6 +110,16 @@ def test_exif_orientation_is_applied(client: Client, tmp_path) -> None:
 def test_dicom(client: Client) -> None:
     r = client.segment(DATA / "dicom" / "CT_small.dcm", **FAST)
     check_result(r, 128, 128)
+    # The file's Pixel Spacing, and the mask's area in mm² with it.
+    assert r.pixel_spacing == (0.661468, 0.661468)
+    area = int(r.mask.sum()) * 0.661468**2
+    assert r.foreground_area_mm2 == pytest.approx(area, rel=1e-12)
+    d = r.to_dict()
+    assert d["pixel_spacing_mm"] == [0.661468, 0.661468]
+    assert d["foreground_area_mm2"] == r.foreground_area_mm2
+    # No spacing for a photograph.
+    png = client.segment(PH2, **FAST)
+    assert png.pixel_spacing is None and png.foreground_area_mm2 is None
 
 
 def test_bytes(client: Client) -> None:

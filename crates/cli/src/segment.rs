@@ -27,14 +27,26 @@ pub struct SegmentArgs {
     pub fit: FitArgs,
 }
 
+/// An image read for a fit, with what its file said about its geometry.
+pub struct Loaded {
+    pub image: Image,
+    /// The EXIF orientation (1–8) the decoder applied (`Decoded::orientation`).
+    pub orientation: u8,
+    /// DICOM Pixel Spacing in mm, [rows, columns], when the file gives it.
+    pub pixel_spacing_mm: Option<[f64; 2]>,
+}
+
 /// Reads and decodes an image file (`frame`: of a multi-frame DICOM or multi-page TIFF), with
-/// the path in every error; with the EXIF orientation (1–8) the decoder applied
-/// (`Decoded::orientation`).
-pub fn load_image(path: &Path, frame: u32, window: Option<Window>) -> Result<(Image, u8)> {
+/// the path in every error.
+pub fn load_image(path: &Path, frame: u32, window: Option<Window>) -> Result<Loaded> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let opts = DecodeOptions { frame, ..Default::default() };
     let decoded = s3net_imaging::decode(&bytes, &opts).with_context(|| format!("cannot decode {}", path.display()))?;
-    Ok((s3net_imaging::normalize(&decoded, window), decoded.orientation))
+    Ok(Loaded {
+        image: s3net_imaging::normalize(&decoded, window),
+        orientation: decoded.orientation,
+        pixel_spacing_mm: decoded.dicom.as_ref().and_then(|d| d.pixel_spacing_mm),
+    })
 }
 
 /// A one-line progress display on stderr, only when stderr is a terminal.
@@ -91,13 +103,14 @@ pub fn run(a: SegmentArgs) -> Result<()> {
 }
 
 fn segment_file(path: &Path, out: &Path, frame: u32, opts: &FitOptions, device: DeviceSpec, window: Option<Window>) -> Result<String> {
-    let (image, orientation) = load_image(path, frame, window)?;
-    if let Some(w) = memory_warning(opts, device, &image, s3net_server::config::host_memory_bytes()) {
+    let loaded = load_image(path, frame, window)?;
+    let image = &loaded.image;
+    if let Some(w) = memory_warning(opts, device, image, s3net_server::config::host_memory_bytes()) {
         eprintln!("warning: {}: {w}", path.display());
     }
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-    let seg = segment_one(&image, opts, device, &stem).with_context(|| format!("fit failed for {}", path.display()))?;
-    write_outputs(out, &stem, &image, orientation, &seg, opts)?;
+    let seg = segment_one(image, opts, device, &stem).with_context(|| format!("fit failed for {}", path.display()))?;
+    write_outputs(out, &stem, &loaded, &seg, opts)?;
     Ok(format!(
         "{}: {} labels, {} iterations, {:.2} s on {}",
         path.display(),
@@ -128,26 +141,32 @@ pub fn memory_warning(opts: &FitOptions, device: DeviceSpec, image: &Image, host
     })
 }
 
-/// Writes STEM.labels.png, STEM.mask.png and STEM.json (`orientation`: the EXIF orientation
-/// applied to the input, reported so a reader knows the outputs are the image as displayed).
-pub fn write_outputs(out: &Path, stem: &str, image: &Image, orientation: u8, seg: &Segmentation, opts: &FitOptions) -> Result<()> {
+/// Writes STEM.labels.png, STEM.mask.png and STEM.json (with the EXIF orientation applied to
+/// the input, so a reader knows the outputs are the image as displayed, and the pixel spacing
+/// and foreground area when the file gives a spacing).
+pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation, opts: &FitOptions) -> Result<()> {
+    let image = &loaded.image;
     let write = |name: String, bytes: &[u8]| {
         let p = out.join(name);
         std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
     };
     write(format!("{stem}.labels.png"), &encode_labels_png(&seg.fit.labels))?;
     write(format!("{stem}.mask.png"), &encode_mask_png(image.width, image.height, &seg.mask))?;
+    let fg_pixels = seg.mask.iter().filter(|&&m| m).count() as f64;
+    let spacing = loaded.pixel_spacing_mm;
     let report = json!({
         "width": image.width,
         "height": image.height,
-        "orientation": orientation,
+        "orientation": loaded.orientation,
+        "pixel_spacing_mm": spacing,
+        "foreground_area_mm2": spacing.map(|[r, c]| fg_pixels * r * c),
         "labels_used": seg.fit.n_labels,
         "iterations": seg.fit.iterations,
         "losses": seg.fit.losses,
         "fit_seconds": seg.fit.fit_seconds,
         "device": seg.fit.device,
         "refits": seg.refits,
-        "foreground_fraction": seg.mask.iter().filter(|&&m| m).count() as f64 / seg.mask.len().max(1) as f64,
+        "foreground_fraction": fg_pixels / seg.mask.len().max(1) as f64,
         "options": opts,
     });
     write(format!("{stem}.json"), serde_json::to_string_pretty(&report)?.as_bytes())

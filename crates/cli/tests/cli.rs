@@ -47,6 +47,13 @@ fn segment_writes_labels_mask_and_report_at_original_size() {
         let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(format!("{stem}.json"))).unwrap()).unwrap();
         assert_eq!(report["iterations"], 2);
         assert_eq!(report["orientation"], orientation);
+        // A DICOM's pixel spacing, and the mask's area in mm² with it; null for the others.
+        if rel.ends_with(".dcm") {
+            assert_eq!(report["pixel_spacing_mm"], serde_json::json!([0.661468, 0.661468]));
+            assert!(report["foreground_area_mm2"].as_f64().unwrap() >= 0.0);
+        } else {
+            assert!(report["pixel_spacing_mm"].is_null() && report["foreground_area_mm2"].is_null(), "{rel}");
+        }
         assert!(report["labels_used"].as_u64().unwrap() >= 1);
         assert_eq!(report["options"]["size"], 32);
         assert!(report["losses"]["total"].as_f64().unwrap().is_finite());

@@ -305,6 +305,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             transfer_syntax: ts_uid,
             frames,
             bits_stored,
+            pixel_spacing_mm: pixel_spacing(&obj),
         }),
         orientation: 1,
     })
@@ -354,6 +355,17 @@ fn optional_u32(obj: &DefaultDicomObject, tag: Tag) -> Result<Option<u32>, Imagi
 fn required_u32(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<u32, ImagingError> {
     optional_u32(obj, tag)?
         .ok_or_else(|| malformed(&format!("the required attribute {name} is missing")))
+}
+
+/// Pixel Spacing (0028,0030): the rows' and the columns' spacing in mm, when the file gives
+/// two positive numbers. Imager Pixel Spacing (at the detector of a projection radiograph, not
+/// in the patient) is not taken for it.
+fn pixel_spacing(obj: &DefaultDicomObject) -> Option<[f64; 2]> {
+    let e = obj.element_opt(tags::PIXEL_SPACING).ok().flatten()?;
+    match e.to_multi_float64().ok()?.as_slice() {
+        [r, c, ..] if r.is_finite() && c.is_finite() && *r > 0.0 && *c > 0.0 => Some([*r, *c]),
+        _ => None,
+    }
 }
 
 fn first_f64(obj: &DefaultDicomObject, tag: Tag) -> Option<f64> {

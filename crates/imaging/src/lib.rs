@@ -198,7 +198,7 @@ impl std::str::FromStr for Window {
 /// Deliberately carries no patient-identifying attribute (names, IDs, dates,
 /// institution, UIDs of studies/series/instances…): this struct may be logged or
 /// returned to clients.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DicomInfo {
     /// Modality (0008,0060), e.g. `"CT"`, when present and well-formed.
     pub modality: Option<String>,
@@ -211,6 +211,9 @@ pub struct DicomInfo {
     pub frames: u32,
     /// Bits Stored (0028,0101).
     pub bits_stored: u16,
+    /// Pixel Spacing (0028,0030) in mm, [between rows, between columns], when the file gives
+    /// it: what turns pixel counts into areas.
+    pub pixel_spacing_mm: Option<[f64; 2]>,
 }
 
 /// A decoded image in its native units.

@@ -174,6 +174,8 @@ fn ct_small_in_hounsfield_units() {
     assert_eq!(info.transfer_syntax, EXPLICIT_LE);
     assert_eq!(info.frames, 1);
     assert_eq!(info.bits_stored, 16);
+    // Pixel Spacing "0.661468\0.661468".
+    assert_eq!(info.pixel_spacing_mm, Some([0.661468, 0.661468]));
     assert_private(&format!("{info:?}"));
 
     // No window in the file: normalisation uses the automatic one.
@@ -197,6 +199,7 @@ fn mr_small_has_its_window() {
         })
     );
     assert_eq!(d.dicom.as_ref().unwrap().modality.as_deref(), Some("MR"));
+    assert_eq!(d.dicom.as_ref().unwrap().pixel_spacing_mm, Some([0.3125, 0.3125]));
     // The file's window is used when no explicit window is given.
     let img = normalize(&d, None);
     let v = d.samples[0];

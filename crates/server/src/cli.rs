@@ -606,6 +606,8 @@ pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Resul
         "width": r.width,
         "height": r.height,
         "orientation": orientation,
+        "pixel_spacing_mm": r.pixel_spacing.map(|s| [s.row_mm, s.column_mm]),
+        "foreground_area_mm2": r.foreground_area_mm2,
         "labels_used": r.labels_used,
         "iterations": r.iterations,
         "losses": {"total": l.total, "ce": l.ce, "affine": l.affine, "spatial": l.spatial},

@@ -34,6 +34,8 @@ pub struct NewJob {
     pub idempotency: Option<(String, [u8; 32])>,
     /// The trace context of the RPC that created the job: its span's parent.
     pub trace: TraceContext,
+    /// The image's pixel spacing in mm ([rows, columns]), when its file gives one.
+    pub pixel_spacing: Option<[f64; 2]>,
     /// The queue budget held for this job since before its image was decoded
     /// ([`JobQueue::reserve`]); submitting the job takes it over.
     pub reservation: Option<Arc<Reservation>>,
@@ -782,6 +784,7 @@ mod tests {
             applied: pb::AppliedOptions::default(),
             idempotency: key.map(|k| (k.to_string(), [7; 32])),
             trace: TraceContext::default(),
+            pixel_spacing: None,
             reservation: None,
         }
     }

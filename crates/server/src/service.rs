@@ -225,10 +225,11 @@ impl SegmenterService {
         let header = header?;
         self.check_memory(&fit, device, Some((header.width, header.height)))?;
         let reservation = self.queue.reserve(usize::try_from(header.image_bytes()).unwrap_or(usize::MAX), key)?;
-        let (image, applied_window, orientation) = tokio::task::spawn_blocking(move || {
+        let (image, applied_window, orientation, pixel_spacing) = tokio::task::spawn_blocking(move || {
             let d = s3net_imaging::decode(&image, &decode)?;
             let applied = window.or(d.window.filter(Window::is_valid));
-            Ok::<_, ServiceError>((s3net_imaging::normalize(&d, window), applied, d.orientation))
+            let spacing = d.dicom.as_ref().and_then(|i| i.pixel_spacing_mm);
+            Ok::<_, ServiceError>((s3net_imaging::normalize(&d, window), applied, d.orientation, spacing))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;
@@ -256,6 +257,7 @@ impl SegmenterService {
             applied,
             idempotency,
             trace: TraceContext::current(),
+            pixel_spacing,
             reservation: Some(Arc::new(reservation)),
         })
     }

@@ -80,6 +80,14 @@ async fn happy_path_for_each_format() {
             .map(|w| (w.center, w.width));
         assert_eq!(o.window.map(|w| (w.center, w.width)), want_window, "{name}");
         assert_eq!(o.orientation, u32::from(want.orientation), "{name}");
+        // The file's pixel spacing, and the mask's area with it; neither for other formats.
+        let spacing = want.dicom.as_ref().and_then(|d| d.pixel_spacing_mm);
+        assert_eq!(r.pixel_spacing.map(|s| [s.row_mm, s.column_mm]), spacing, "{name}");
+        let fg_pixels = mask.iter().filter(|&&m| m).count() as f64;
+        assert_eq!(r.foreground_area_mm2, spacing.map(|[a, b]| fg_pixels * a * b), "{name}");
+        if name == "ct" {
+            assert_eq!(spacing, Some([0.661468, 0.661468]));
+        }
         if name == "exif-jpeg" {
             assert_eq!((r.width, r.height, o.orientation), (72, 96, 6));
         }

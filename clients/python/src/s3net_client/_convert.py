@@ -146,6 +146,14 @@ def result_from_pb(job_id: str, r: pb.SegmentationResult) -> SegmentationResult:
         ),
         device=r.device,
         foreground_fraction=r.foreground_fraction,
+        pixel_spacing=(
+            (r.pixel_spacing.row_mm, r.pixel_spacing.column_mm)
+            if r.HasField("pixel_spacing")
+            else None
+        ),
+        foreground_area_mm2=(
+            r.foreground_area_mm2 if r.HasField("foreground_area_mm2") else None
+        ),
     )
 
 

@@ -131,6 +131,11 @@ class SegmentationResult:
     options: AppliedOptions
     device: str
     foreground_fraction: float
+    #: The file's pixel spacing in mm, (between rows, between columns), when it gives one (a
+    #: DICOM's Pixel Spacing); None otherwise.
+    pixel_spacing: Optional[Tuple[float, float]] = None
+    #: The foreground mask's area in mm² (its pixels times both spacings), with pixel_spacing.
+    foreground_area_mm2: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """The report `s3net segment` writes as STEM.json (everything but the images)."""
@@ -138,6 +143,8 @@ class SegmentationResult:
             "width": self.width,
             "height": self.height,
             "orientation": self.options.orientation,
+            "pixel_spacing_mm": list(self.pixel_spacing) if self.pixel_spacing else None,
+            "foreground_area_mm2": self.foreground_area_mm2,
             "labels_used": self.labels_used,
             "iterations": self.iterations,
             "losses": vars(self.losses).copy(),
