@@ -387,20 +387,7 @@ async fn cancel_job_frees_the_worker() {
 async fn client_disconnect_frees_the_worker() {
     let (server, url) = start(config()).await;
     let mut c = client(&url).await;
-    let mut s = c
-        .segment(pb::SegmentRequest {
-            image: disk(48, 48),
-            options: Some(slow()),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let id = loop {
-        let e = s.message().await.unwrap().expect("event");
-        if matches!(e.event, Some(Event::Progress(_))) {
-            break e.job_id;
-        }
-    };
+    let (s, id) = segment_running(&mut c, disk(48, 48), slow()).await;
     drop(s);
     let j = wait_final(&mut c, &id, Duration::from_secs(10)).await;
     assert_eq!(j.state, JobState::Cancelled as i32);
@@ -459,17 +446,7 @@ async fn a_vanished_client_is_found_by_keepalive() {
     let freeze = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let proxy = freezing_proxy(server.local_addr(), freeze.clone()).await;
     let mut far = client(&format!("http://{proxy}")).await;
-    let mut s = far
-        .segment(pb::SegmentRequest { image: disk(48, 48), options: Some(slow()) })
-        .await
-        .unwrap()
-        .into_inner();
-    let id = loop {
-        let e = s.message().await.unwrap().expect("event");
-        if matches!(e.event, Some(Event::Progress(_))) {
-            break e.job_id;
-        }
-    };
+    let (s, id) = segment_running(&mut far, disk(48, 48), slow()).await;
     freeze.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut c = client(&url).await;
     let j = wait_final(&mut c, &id, Duration::from_secs(20)).await;

@@ -173,6 +173,22 @@ pub async fn submit(c: &mut Client, image: Vec<u8>, options: pb::Options) -> Str
 }
 
 /// Submits and waits until the job runs (its first Progress event), returning its id.
+/// Starts a `Segment` call and reads its events until the first Progress: the stream (which
+/// owns the job) and the job's id.
+pub async fn segment_running(c: &mut Client, image: Vec<u8>, options: pb::Options) -> (tonic::Streaming<pb::JobEvent>, String) {
+    let mut s = c
+        .segment(pb::SegmentRequest { image, options: Some(options) })
+        .await
+        .expect("segment")
+        .into_inner();
+    loop {
+        let e = s.message().await.expect("an event").expect("the stream goes on");
+        if matches!(e.event, Some(Event::Progress(_))) {
+            return (s, e.job_id);
+        }
+    }
+}
+
 pub async fn submit_running(c: &mut Client, image: Vec<u8>, options: pb::Options) -> String {
     let id = submit(c, image, options).await;
     let mut w = c
