@@ -213,6 +213,9 @@ def test_unsupported_arrays_are_value_errors(client: Client) -> None:
         client.segment(np.zeros(8, np.uint8))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         encode_png(np.full((8, 8), 2.0))
+    # Colour floats are intensities in [0, 1] (a photo as floats 0..255 must be scaled).
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        client.segment(np.full((8, 8, 3), 200.0))
     with pytest.raises(ValueError, match="NaN"):
         client.segment(np.full((8, 8), np.nan))
     with pytest.raises(TypeError, match="numpy array"):

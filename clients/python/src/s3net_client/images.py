@@ -8,9 +8,9 @@ values. Other integer arrays (a CT slice in Hounsfield units as int16, int32, ui
 uint64 when their values fit 32 bits) go as a grey TIFF in their own units, which the server
 windows like a DICOM's values (a ``window`` in those units, else its automatic one). Floats in
 [0, 1] are taken as intensities (the server's own working range) and written as 16-bit PNG;
-floats beyond it are values in their own units (HU after a DICOM rescale) and go as a float32
-TIFF for the server's automatic window, like an int16 slice. With a ``window``, floats are
-windowed here first.
+grey floats beyond it are values in their own units (HU after a DICOM rescale) and go as a
+float32 TIFF for the server's automatic window, like an int16 slice. With a ``window``, floats
+are windowed here first.
 """
 
 from __future__ import annotations
@@ -48,12 +48,14 @@ def prepare(image: Any, options: Dict[str, Any]) -> Tuple[bytes, Optional[str], 
             options = {k: v for k, v in options.items() if k != "window"}
         if array.dtype.kind in "iu" and array.dtype not in (np.uint8, np.uint16):
             return encode_tiff(array), None, options
-        if array.dtype.kind == "f" and array.size and array.ndim in (2, 3):
+        grey = array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1)
+        if array.dtype.kind == "f" and array.size and grey:
             if not np.isfinite(array).all():
                 raise ValueError("the float array holds NaN or infinite values")
             if float(array.min()) < 0.0 or float(array.max()) > 1.0:
                 # Not intensities in [0, 1]: values in their own units (HU after a rescale),
-                # windowed by the server like an int16 slice.
+                # windowed by the server like an int16 slice. (Colour floats must be in
+                # [0, 1]: encode_png says so.)
                 return encode_tiff(array), None, options
         return encode_png(array), None, options
     raise TypeError(
