@@ -142,8 +142,9 @@ impl SegmenterService {
     }
 
     /// Whether a job of these options, asking for `device`, fits the CPU workers' memory
-    /// budget (always, where no CPU worker could take it). Checked twice: before the image is
-    /// decoded, for the fit alone (`image` None), and after, with the image's own size.
+    /// budget (always, where no CPU worker could take it). Checked twice, both before the image
+    /// is decoded: for the fit alone (`image` None, so options too large on their own are named
+    /// as such), then with the image's size from its headers.
     fn check_memory(&self, fit: &FitOptions, device: DeviceSpec, image: Option<(u32, u32)>) -> Result<(), ServiceError> {
         let Some(budget) = self.cpu_job_bytes else { return Ok(()) };
         let cpu = self.devices.contains(&DeviceSpec::Cpu);
