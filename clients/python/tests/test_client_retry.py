@@ -9,6 +9,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from pyclient_support import DATA, FAST, SLOW, start_server, wait_until
@@ -143,3 +144,62 @@ def test_keepalive_settings_are_checked() -> None:
         Client("localhost:1", keepalive=0)
     with Client("localhost:1", keepalive=None):
         pass
+
+
+def test_requests_in_transit_over_the_byte_budget_are_retried() -> None:
+    """The bytes of requests being received are budgeted (server.max_upload_bytes_in_flight):
+    while an upload holds most of it, a large image sent with Segment is refused with a
+    retry hint as soon as its message begins, and a retrying client gets in once the upload
+    is gone."""
+    from s3net_client._pb import s3net_pb2 as pb
+    from s3net_client._pb.s3net_pb2_grpc import SegmenterStub
+
+    mib = 1 << 20
+    server = start_server(
+        "--cpu-workers",
+        "1",
+        env={
+            "S3NET__SERVER__MAX_MESSAGE_BYTES": str(16 * mib),
+            "S3NET__SERVER__MAX_UPLOAD_BYTES": str(16 * mib),
+            "S3NET__SERVER__MAX_UPLOAD_BYTES_IN_FLIGHT": str(40 * mib),
+        },
+    )
+    # About 9.7 MB of noise: a 16-bit PNG that does not compress.
+    image = np.random.default_rng(0).integers(0, 65535, (2200, 2200), dtype=np.uint16)
+    release = threading.Event()
+
+    def holding_upload():
+        # Announces 16 MiB and waits.
+        yield pb.UploadChunk(header=pb.UploadHeader(total_bytes=16 * mib))
+        release.wait(60)
+
+    try:
+        channel = grpc.insecure_channel(server.addr)
+        # Two of them: 8 MiB of the 40 are left.
+        held = [SegmenterStub(channel).SegmentUpload(holding_upload()) for _ in range(2)]
+        time.sleep(0.5)
+        with Client(server.addr, timeout=120, retries=0) as client:
+            with pytest.raises(ResourceExhausted) as e:
+                client.segment(image, **FAST)
+        assert e.value.details.startswith(
+            "uploads in progress hold 32 MB of the 40 MB the server allows "
+            "(server.max_upload_bytes_in_flight), and this one needs 10 MB more"
+        ), e.value.details
+        assert e.value.retry_after == 1
+
+        threading.Timer(0.3, release.set).start()
+        with Client(server.addr, timeout=120, retries=5, backoff=0.05) as patient:
+            t0 = time.monotonic()
+            r = patient.segment(image, **FAST)
+            elapsed = time.monotonic() - t0
+        assert r.labels.shape == (2200, 2200)
+        assert elapsed >= 0.9, f"got in after {elapsed:.2f} s: before the uploads ended?"
+        # The holding uploads ended without their images: refused as empty, not hung.
+        for call in held:
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        channel.close()
+    finally:
+        release.set()
+        server.stop()

@@ -30,8 +30,10 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Largest image accepted by SegmentUpload (sum of its chunks), in bytes.
     pub max_upload_bytes: usize,
-    /// Bytes all SegmentUpload calls together may hold while they receive their images (from
-    /// each header's `total_bytes`, or as the chunks arrive); one more is RESOURCE_EXHAUSTED.
+    /// Bytes all requests together may hold while they are received and until their images
+    /// are decoded: each gRPC message from its first bytes on (its length prefix), and a
+    /// SegmentUpload's image from its header's `total_bytes` (or as the chunks arrive); one
+    /// more is RESOURCE_EXHAUSTED. At least `max_upload_bytes + max_message_bytes`.
     pub max_upload_bytes_in_flight: usize,
     /// Minimum time between two Progress events of one job, in milliseconds (0: every step).
     pub progress_interval_ms: u64,
@@ -331,11 +333,14 @@ impl Config {
             "server.max_message_bytes must be at least 1024"
         );
         anyhow::ensure!(
-            self.server.max_upload_bytes_in_flight >= self.server.max_upload_bytes,
-            "server.max_upload_bytes_in_flight ({}) must be at least server.max_upload_bytes ({}): \
-             else the largest upload allowed could never be received",
+            self.server.max_upload_bytes_in_flight
+                >= self.server.max_upload_bytes.saturating_add(self.server.max_message_bytes),
+            "server.max_upload_bytes_in_flight ({}) must be at least server.max_upload_bytes + \
+             server.max_message_bytes ({} + {}): else the largest upload allowed, with the \
+             message in transit, could never be received",
             self.server.max_upload_bytes_in_flight,
-            self.server.max_upload_bytes
+            self.server.max_upload_bytes,
+            self.server.max_message_bytes
         );
         anyhow::ensure!(
             matches!(self.log.format.as_str(), "text" | "json"),

@@ -10,6 +10,7 @@
 //! * [`jobs::JobQueue`] — the queue and job store interface, [`jobs::MemoryQueue`] the default
 //! * [`error::ServiceError`] — every failure, mapped to a gRPC code in one place
 //! * [`config::Config`] — the typed configuration
+//! * [`uploads`] — the byte budget of requests being received
 //! * [`metrics`] — Prometheus metrics and their `/metrics` endpoint
 //! * [`telemetry`] — log lines and OpenTelemetry traces (OTLP export, `traceparent`)
 //! * [`cli`] — `serve` and `client` subcommands for the `s3net` binary
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod uploads;
 pub mod worker;
 
 /// The generated `s3net.v1` protocol.

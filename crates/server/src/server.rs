@@ -20,6 +20,7 @@ use crate::jobs::{JobQueue, MemoryQueue, QueueLimits};
 use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::pb::segmenter_server::SegmenterServer;
 use crate::service::SegmenterService;
+use crate::uploads::{Budgeted, UploadBudget};
 use crate::worker::{self, WorkerSlot};
 
 /// A running server. Dropping it does not stop it; call [`Server::shutdown`].
@@ -147,6 +148,7 @@ impl Server {
             .context("cannot build the reflection service")?;
 
         let max = cfg.server.max_message_bytes;
+        let uploads = UploadBudget::new(cfg.server.max_upload_bytes_in_flight);
         let segmenter = SegmenterServer::new(SegmenterService::new(
             queue.clone(),
             devices,
@@ -154,15 +156,17 @@ impl Server {
             metrics.clone(),
         )
         .with_cpu_job_bytes(cpu_job_bytes)
-        .with_upload_bytes_in_flight(cfg.server.max_upload_bytes_in_flight)
+        .with_upload_budget(uploads.clone())
         .with_defaults(cfg.defaults.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
         let auth = BearerAuth {
             expected: cfg.server.auth_token.as_deref().map(Arc::from),
-            metrics,
+            metrics: metrics.clone(),
         };
-        let segmenter = InterceptedService::new(segmenter, auth);
+        // Outside the token check, whose refusal reads no body: a caller without the token
+        // holds nothing of the budget.
+        let segmenter = Budgeted::new(InterceptedService::new(segmenter, auth), uploads, metrics);
 
         // HTTP/2 pings find the clients that vanished without closing their connection: their
         // streams, and the jobs those own, would otherwise live until TCP gave up on them.

@@ -8,7 +8,8 @@ use std::time::Duration;
 use s3net_imaging::{DecodeOptions, Window};
 use s3net_model::{DeviceSpec, FitOptions, Preset};
 use sha2::Digest;
-use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
+use prost::Message as _;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -20,6 +21,7 @@ use crate::jobs::{is_outcome, JobQueue, NewJob, Watch};
 use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event, segmenter_server::Segmenter, JobState};
 use crate::telemetry::{record_status, TraceContext};
+use crate::uploads::{UploadBudget, UploadHold};
 
 /// The span of one Segmenter RPC: named `s3net.v1.Segmenter/<Method>` for OpenTelemetry, with
 /// the caller's `traceparent` as its parent and the gRPC semantic-convention attributes.
@@ -54,10 +56,9 @@ pub struct SegmenterService {
     /// The devices the workers run on: a job asking for another one is refused up front.
     devices: Vec<DeviceSpec>,
     max_upload_bytes: usize,
-    /// The bytes SegmentUpload calls may hold together while they receive, in KiB permits
-    /// (see [`Self::with_upload_bytes_in_flight`]).
-    uploads: Arc<Semaphore>,
-    upload_budget_kib: u32,
+    /// The bytes requests may hold together while they are received and until their images
+    /// are decoded (see [`Self::with_upload_budget`]).
+    uploads: UploadBudget,
     metrics: Arc<Metrics>,
     /// The most host memory one job may need on a CPU worker (see [`Self::with_cpu_job_bytes`]).
     cpu_job_bytes: Option<u64>,
@@ -76,53 +77,28 @@ impl SegmenterService {
             queue,
             devices,
             max_upload_bytes,
-            uploads: Arc::new(Semaphore::new(0)),
-            upload_budget_kib: 0,
+            uploads: UploadBudget::new(4 * max_upload_bytes),
             metrics,
             cpu_job_bytes: None,
             defaults: DefaultsConfig::default(),
         }
-        .with_upload_bytes_in_flight(4 * max_upload_bytes)
     }
 
-    /// Bounds the bytes all SegmentUpload calls hold together while they receive their images:
-    /// each reserves its header's `total_bytes` before the first chunk (or its chunks as they
-    /// arrive, when it did not say), and keeps them until its image is decoded. Why: each call
-    /// may collect up to `max_upload_bytes`, so without a bound a burst of large uploads takes
-    /// any amount of memory before the queue's budget, which starts at the image's headers,
-    /// sees any of it. Counted in KiB.
-    pub fn with_upload_bytes_in_flight(mut self, bytes: usize) -> Self {
-        let kib = (bytes / 1024).min(Semaphore::MAX_PERMITS).min(u32::MAX as usize) as u32;
-        self.uploads = Arc::new(Semaphore::new(kib as usize));
-        self.upload_budget_kib = kib;
+    /// The budget this service's requests share with the [`Budgeted`] wrapper that charges
+    /// their bodies as they arrive (`server.max_upload_bytes_in_flight`). Why: see
+    /// [`crate::uploads`]. Without the wrapper (the service served bare), unary requests hold
+    /// nothing until their handler runs, and a `SegmentUpload` holds its image.
+    ///
+    /// [`Budgeted`]: crate::uploads::Budgeted
+    pub fn with_upload_budget(mut self, budget: UploadBudget) -> Self {
+        self.uploads = budget;
         self
     }
 
-    /// Raises what `held` holds of the upload budget to `bytes` (in whole KiB), or refuses the
-    /// call.
-    fn hold_upload_bytes(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> Result<(), ServiceError> {
-        let want = bytes.div_ceil(1024).min(u32::MAX as usize) as u32;
-        let have = held.as_ref().map_or(0, |h| h.num_permits()) as u32;
-        let Some(kib) = want.checked_sub(have).filter(|&k| k > 0) else { return Ok(()) };
-        match self.uploads.clone().try_acquire_many_owned(kib) {
-            Ok(p) => {
-                match held {
-                    Some(h) => h.merge(p),
-                    None => *held = Some(p),
-                }
-                Ok(())
-            }
-            Err(_) => {
-                let mb = |k: u64| k.div_ceil(1024);
-                let budget = u64::from(self.upload_budget_kib);
-                Err(ServiceError::UploadsFull {
-                    image_mb: mb(u64::from(kib)),
-                    held_mb: mb(budget - self.uploads.available_permits() as u64),
-                    budget_mb: mb(budget),
-                    retry_after_s: 1,
-                })
-            }
-        }
+    /// The request's [`UploadHold`]: the one its body is charged to, or a new one where the
+    /// service runs without the wrapper.
+    fn upload_hold<T>(&self, req: &Request<T>) -> UploadHold {
+        req.extensions().get::<UploadHold>().cloned().unwrap_or_else(|| UploadHold::new(self.uploads.clone()))
     }
 
     /// The server's fit options for the fields a request leaves unset (`[defaults]`); each
@@ -450,12 +426,15 @@ impl Segmenter for SegmenterService {
             bytes = req.get_ref().image.len() as i64,
             job_id = tracing::field::Empty
         );
+        // The message's bytes, held since they began to arrive, until its image is decoded.
+        let held = self.upload_hold(&req).take();
         let r = req.into_inner();
-        match self
+        let events = self
             .run_owned(r.image, r.options, deadline, span.clone())
             .instrument(span.clone())
-            .await
-        {
+            .await;
+        drop(held);
+        match events {
             Ok(stream) => Ok(Response::new(stream)),
             Err(e) => {
                 let status = self.refuse(e);
@@ -477,19 +456,24 @@ impl Segmenter for SegmenterService {
             bytes = tracing::field::Empty,
             job_id = tracing::field::Empty
         );
+        // What this call holds of the upload budget: each message from its prefix on (charged
+        // by the body), then the image assembled from them; given back when the image has been
+        // decoded (or the call ends).
+        let hold = self.upload_hold(&req);
         let mut chunks = req.into_inner();
         let stream = async {
-            let header = match chunks.next().await {
-                Some(Ok(pb::UploadChunk {
-                    part: Some(Part::Header(h)),
-                })) => h,
-                // The client's stream failed: not a refusal of ours.
+            let first = match chunks.next().await {
+                Some(Ok(c)) => c,
+                // The client's stream failed, or the budget refused its message (counted
+                // where it was refused): not a refusal to count here.
                 Some(Err(s)) => return Err(s),
-                _ => {
-                    return Err(self.refuse(ServiceError::InvalidArgument(
-                        "the first UploadChunk must carry the header".into(),
-                    )))
-                }
+                None => pb::UploadChunk::default(),
+            };
+            hold.consume(first.encoded_len());
+            let Some(Part::Header(header)) = first.part else {
+                return Err(self.refuse(ServiceError::InvalidArgument(
+                    "the first UploadChunk must carry the header".into(),
+                )));
             };
             let too_big = |n: u64| {
                 ServiceError::InvalidArgument(format!(
@@ -500,18 +484,20 @@ impl Segmenter for SegmenterService {
             if header.total_bytes > self.max_upload_bytes as u64 {
                 return Err(self.refuse(too_big(header.total_bytes)));
             }
-            // The bytes this call holds, from the upload budget: the announced size now, any
-            // more as it arrives; given back when the image has been decoded (or the call ends).
-            let mut held = None;
-            self.hold_upload_bytes(&mut held, header.total_bytes as usize).map_err(|e| self.refuse(e))?;
-            let mut image = Vec::with_capacity(header.total_bytes as usize);
+            // The announced size now (the image's buffer is allocated at once), any more as
+            // it arrives.
+            let total = header.total_bytes as usize;
+            hold.claim(total).map_err(|e| self.refuse(e))?;
+            let mut image = Vec::with_capacity(total);
             while let Some(chunk) = chunks.next().await {
-                match chunk?.part {
+                let chunk = chunk?;
+                hold.consume(chunk.encoded_len());
+                match chunk.part {
                     Some(Part::Data(d)) => {
                         if image.len() + d.len() > self.max_upload_bytes {
                             return Err(self.refuse(too_big((image.len() + d.len()) as u64)));
                         }
-                        self.hold_upload_bytes(&mut held, image.len() + d.len()).map_err(|e| self.refuse(e))?;
+                        hold.claim(total.max(image.len() + d.len())).map_err(|e| self.refuse(e))?;
                         image.extend_from_slice(&d);
                     }
                     Some(Part::Header(_)) => {
@@ -527,7 +513,7 @@ impl Segmenter for SegmenterService {
                 .run_owned(image, header.options, deadline, tracing::Span::current())
                 .await
                 .map_err(|e| self.refuse(e));
-            drop(held);
+            drop(hold.take());
             events
         }
         .instrument(span.clone())
@@ -546,9 +532,13 @@ impl Segmenter for SegmenterService {
             bytes = req.get_ref().image.len() as i64,
             job_id = tracing::field::Empty
         );
+        // The message's bytes, held since they began to arrive, until its image is decoded.
+        let held = self.upload_hold(&req).take();
         let r = req.into_inner();
         async {
-            let job = self.prepare(r.image, r.options, &r.idempotency_key).await?;
+            let job = self.prepare(r.image, r.options, &r.idempotency_key).await;
+            drop(held);
+            let job = job?;
             let sub = self.queue.submit(job)?;
             tracing::Span::current().record("job_id", sub.id.as_str());
             info!(

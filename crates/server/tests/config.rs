@@ -289,16 +289,24 @@ fn cpu_job_memory_budget() {
     }
 }
 
-/// `[defaults]`: fit options for the requests that leave them unset, from the file or the
-/// environment, checked when the configuration loads.
+/// The byte budget of requests in transit has room for the largest upload and one message.
 #[test]
 fn upload_budget_holds_the_largest_upload() {
     let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
-    let err = Config::load(None, &[("server.max_upload_bytes_in_flight", "1000".into())]).unwrap_err();
-    let msg = format!("{err:#}");
-    assert!(msg.contains("server.max_upload_bytes_in_flight (1000) must be at least server.max_upload_bytes (268435456)"), "{msg}");
+    for bytes in ["1000", "268435456"] {
+        let err = Config::load(None, &[("server.max_upload_bytes_in_flight", bytes.into())]).unwrap_err();
+        let msg = format!("{err:#}");
+        let expect = format!(
+            "server.max_upload_bytes_in_flight ({bytes}) must be at least server.max_upload_bytes + \
+             server.max_message_bytes (268435456 + 67108864)"
+        );
+        assert!(msg.contains(&expect), "{msg}");
+    }
+    Config::load(None, &[("server.max_upload_bytes_in_flight", (335544320u64).to_string())]).expect("exactly enough");
 }
 
+/// `[defaults]`: fit options for the requests that leave them unset, from the file or the
+/// environment, checked when the configuration loads.
 #[test]
 fn fit_defaults_load_and_are_checked() {
     let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());

@@ -183,6 +183,7 @@ async fn uploads_in_flight_are_bounded() {
     use pb::upload_chunk::Part;
     let mut cfg = config();
     cfg.server.max_upload_bytes = 64 << 10;
+    cfg.server.max_message_bytes = 32 << 10;
     cfg.server.max_upload_bytes_in_flight = 100 << 10;
     let (server, url) = start(cfg).await;
     let mut c = client(&url).await;
