@@ -61,6 +61,20 @@ def test_segment_writes_what_s3net_client_writes(server, tmp_path: Path) -> None
     assert py_json.keys() == rust_json.keys()
     assert py_json["clusters"][0].keys() == rust_json["clusters"][0].keys()
     assert py_json["options"] == rust_json["options"]
+    assert rust_json["refits"] == py_json["refits"]  # same seed: the same fits
+    assert rust_json["timings"]["total_seconds"] > 0
+    # The local `s3net segment` writes the same report from the same result message.
+    local_out = tmp_path / "local"
+    subprocess.run(
+        [str(BIN), "segment", str(CT), "--out", str(local_out), "--device", "cpu", *FIT],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    local_json = json.loads((local_out / "CT_small.json").read_text())
+    assert local_json.keys() == rust_json.keys()
+    assert local_json["clusters"][0].keys() == rust_json["clusters"][0].keys()
+    assert local_json["options"] == rust_json["options"]
     for kind in ("labels", "mask"):
         a = np.asarray(Image.open(py_out / f"CT_small.{kind}.png"))
         b = np.asarray(Image.open(rust_out / f"CT_small.{kind}.png"))

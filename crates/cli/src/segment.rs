@@ -6,9 +6,8 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use s3net_imaging::{encode_labels_png, encode_mask_png, DecodeOptions, Image, Window};
+use s3net_imaging::{DecodeOptions, Image, Window};
 use s3net_model::{DeviceSpec, FitOptions, Progress, Segmentation};
-use serde_json::json;
 
 use crate::fitargs::FitArgs;
 
@@ -34,6 +33,8 @@ pub struct Loaded {
     pub orientation: u8,
     /// DICOM Pixel Spacing in mm, [rows, columns], when the file gives it.
     pub pixel_spacing_mm: Option<[f64; 2]>,
+    /// The window applied: the one asked for, else the file's (a DICOM's Window Center/Width).
+    pub window: Option<Window>,
 }
 
 /// Reads and decodes an image file (`frame`: of a multi-frame DICOM or multi-page TIFF), with
@@ -46,6 +47,7 @@ pub fn load_image(path: &Path, frame: u32, window: Option<Window>) -> Result<Loa
         image: s3net_imaging::normalize(&decoded, window),
         orientation: decoded.orientation,
         pixel_spacing_mm: decoded.dicom.as_ref().and_then(|d| d.pixel_spacing_mm),
+        window: window.or(decoded.window.filter(Window::is_valid)),
     })
 }
 
@@ -110,7 +112,7 @@ fn segment_file(path: &Path, out: &Path, frame: u32, opts: &FitOptions, device: 
     }
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let seg = segment_one(image, opts, device, &stem).with_context(|| format!("fit failed for {}", path.display()))?;
-    write_outputs(out, &stem, &loaded, &seg, opts)?;
+    write_outputs(out, &stem, &loaded, &seg, opts, device)?;
     Ok(format!(
         "{}: {} labels, {} iterations, {:.2} s on {}",
         path.display(),
@@ -141,35 +143,18 @@ pub fn memory_warning(opts: &FitOptions, device: DeviceSpec, image: &Image, host
     })
 }
 
-/// Writes STEM.labels.png, STEM.mask.png and STEM.json (with the EXIF orientation applied to
-/// the input, so a reader knows the outputs are the image as displayed, and the pixel spacing
-/// and foreground area when the file gives a spacing).
-pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation, opts: &FitOptions) -> Result<()> {
-    let image = &loaded.image;
-    let write = |name: String, bytes: &[u8]| {
-        let p = out.join(name);
-        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
-    };
-    write(format!("{stem}.labels.png"), &encode_labels_png(&seg.fit.labels))?;
-    write(format!("{stem}.mask.png"), &encode_mask_png(image.width, image.height, &seg.mask))?;
-    let fg_pixels = seg.mask.iter().filter(|&&m| m).count() as f64;
-    let spacing = loaded.pixel_spacing_mm;
-    let report = json!({
-        "width": image.width,
-        "height": image.height,
-        "orientation": loaded.orientation,
-        "pixel_spacing_mm": spacing,
-        "foreground_area_mm2": spacing.map(|[r, c]| fg_pixels * r * c),
-        "labels_used": seg.fit.n_labels,
-        "iterations": seg.fit.iterations,
-        "losses": seg.fit.losses,
-        "fit_seconds": seg.fit.fit_seconds,
-        "device": seg.fit.device,
-        "refits": seg.refits,
-        "foreground_fraction": fg_pixels / seg.mask.len().max(1) as f64,
-        "options": opts,
+/// Writes STEM.labels.png, STEM.mask.png and STEM.json from the result message the service
+/// would send for this fit (`s3net_server::worker::segmentation_result`), through the writer
+/// `s3net client segment` uses: a local and a remote segmentation report the same keys.
+pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation, opts: &FitOptions, device: DeviceSpec) -> Result<()> {
+    let applied = s3net_server::service::applied_options(opts, device, loaded.window, 0, loaded.orientation);
+    let mut result = s3net_server::worker::segmentation_result(&loaded.image, seg, applied, loaded.pixel_spacing_mm);
+    result.timings = Some(s3net_server::pb::Timings {
+        queued_seconds: 0.0,
+        fit_seconds: seg.fit.fit_seconds,
+        total_seconds: seg.fit.fit_seconds,
     });
-    write(format!("{stem}.json"), serde_json::to_string_pretty(&report)?.as_bytes())
+    s3net_server::cli::write_result(out, stem, &result)
 }
 
 #[cfg(test)]

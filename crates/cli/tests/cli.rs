@@ -57,6 +57,14 @@ fn segment_writes_labels_mask_and_report_at_original_size() {
         assert!(report["labels_used"].as_u64().unwrap() >= 1);
         assert_eq!(report["options"]["size"], 32);
         assert!(report["losses"]["total"].as_f64().unwrap().is_finite());
+        // The service's result message, so the same keys as `s3net client segment` writes.
+        assert!(report["refits"].as_u64().unwrap() <= 1, "{rel}: refits {}", report["refits"]);
+        let clusters = report["clusters"].as_array().unwrap();
+        let pixels: u64 = clusters.iter().map(|c| c["pixels"].as_u64().unwrap()).sum();
+        assert_eq!(pixels, size.0 as u64 * size.1 as u64, "{rel}: the clusters cover the image");
+        assert_eq!(report["timings"]["queued_seconds"], 0.0);
+        assert_eq!(report["timings"]["fit_seconds"], report["fit_seconds"]);
+        assert_eq!(report["options"]["size"], 32);
     }
 }
 

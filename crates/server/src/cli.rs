@@ -577,7 +577,8 @@ pub async fn follow_events(
     anyhow::bail!("Unavailable: the event stream ended without an outcome")
 }
 
-/// Writes STEM.labels.png, STEM.mask.png and STEM.json, as `s3net segment` does.
+/// Writes STEM.labels.png, STEM.mask.png and STEM.json: for `s3net client segment` and for
+/// `s3net segment`, which builds the same result message locally, so both report alike.
 pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Result<()> {
     let write = |name: String, bytes: &[u8]| {
         let p = out.join(name);
@@ -613,6 +614,7 @@ pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Resul
         "losses": {"total": l.total, "ce": l.ce, "affine": l.affine, "spatial": l.spatial},
         "fit_seconds": t.fit_seconds,
         "device": r.device,
+        "refits": r.refits,
         "foreground_fraction": r.foreground_fraction,
         "options": options,
         "clusters": clusters,

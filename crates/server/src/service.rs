@@ -210,22 +210,7 @@ impl SegmenterService {
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;
-        let applied = pb::AppliedOptions {
-            preset: fit.preset.to_string(),
-            iterations: fit.iterations as u32,
-            min_labels: fit.min_labels as u32,
-            size: fit.size as u32,
-            seed: fit.seed,
-            features: fit.features as u32,
-            device: device.to_string(),
-            window: applied_window.map(|w| pb::Window {
-                center: w.center,
-                width: w.width,
-            }),
-            priority: o.priority,
-            options_json: serde_json::to_string(&fit).unwrap_or_default(),
-            orientation: u32::from(orientation),
-        };
+        let applied = applied_options(&fit, device, applied_window, o.priority, orientation);
         Ok(NewJob {
             image: Arc::new(image),
             options: fit,
@@ -278,6 +263,25 @@ impl SegmenterService {
             deadline,
             span,
         ))
+    }
+}
+
+/// What a result says was applied: the fit options, the device asked for, the window used (the
+/// request's or the file's), and the orientation the decoder applied. Also built by
+/// `s3net segment` for its report.
+pub fn applied_options(fit: &FitOptions, device: DeviceSpec, window: Option<Window>, priority: i32, orientation: u8) -> pb::AppliedOptions {
+    pb::AppliedOptions {
+        preset: fit.preset.to_string(),
+        iterations: fit.iterations as u32,
+        min_labels: fit.min_labels as u32,
+        size: fit.size as u32,
+        seed: fit.seed,
+        features: fit.features as u32,
+        device: device.to_string(),
+        window: window.map(|w| pb::Window { center: w.center, width: w.width }),
+        priority,
+        options_json: serde_json::to_string(fit).unwrap_or_default(),
+        orientation: u32::from(orientation),
     }
 }
 

@@ -415,7 +415,7 @@ fn finish(queue: &dyn JobQueue, r: Running, outcome: Result<Segmentation, Servic
             span.record("fit_s", fit_s);
             span.record("outcome", "completed");
             metrics.fit_completed(fit_s, seg.fit.iterations);
-            let mut res = result(img, &seg, c.job.applied.clone(), c.job.pixel_spacing);
+            let mut res = segmentation_result(img, &seg, c.job.applied.clone(), c.job.pixel_spacing);
             res.timings = Some(pb::Timings {
                 queued_seconds: c.queued_for.as_secs_f64(),
                 fit_seconds: fit_s,
@@ -469,8 +469,9 @@ fn losses(l: &s3net_model::LossTerms) -> pb::LossTerms {
 }
 
 /// The result message: PNGs, per-cluster statistics and the applied options; with the pixel
-/// spacing, the foreground's area.
-fn result(img: &Image, seg: &Segmentation, applied: pb::AppliedOptions, spacing: Option<[f64; 2]>) -> pb::SegmentationResult {
+/// spacing, the foreground's area. Also what `s3net segment` writes (through
+/// [`crate::cli::write_result`]), so that a local and a remote segmentation report alike.
+pub fn segmentation_result(img: &Image, seg: &Segmentation, applied: pb::AppliedOptions, spacing: Option<[f64; 2]>) -> pb::SegmentationResult {
     let labels = &seg.fit.labels;
     let fg_pixels = seg.mask.iter().filter(|&&m| m).count() as f64;
     let fg = fg_pixels / seg.mask.len().max(1) as f64;
@@ -489,6 +490,7 @@ fn result(img: &Image, seg: &Segmentation, applied: pb::AppliedOptions, spacing:
         foreground_fraction: fg,
         pixel_spacing: spacing.map(|[row_mm, column_mm]| pb::PixelSpacing { row_mm, column_mm }),
         foreground_area_mm2: spacing.map(|[r, c]| fg_pixels * r * c),
+        refits: seg.refits as u32,
     }
 }
 

@@ -154,6 +154,7 @@ def result_from_pb(job_id: str, r: pb.SegmentationResult) -> SegmentationResult:
         foreground_area_mm2=(
             r.foreground_area_mm2 if r.HasField("foreground_area_mm2") else None
         ),
+        refits=r.refits,
     )
 
 

@@ -136,6 +136,9 @@ class SegmentationResult:
     pixel_spacing: Optional[Tuple[float, float]] = None
     #: The foreground mask's area in mm² (its pixels times both spacings), with pixel_spacing.
     foreground_area_mm2: Optional[float] = None
+    #: How many times the fit was made again with another seed because its foreground came
+    #: out empty (the server's ``workers.foreground_refits``); 0 for most images.
+    refits: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         """The report `s3net segment` writes as STEM.json (everything but the images)."""
@@ -150,6 +153,7 @@ class SegmentationResult:
             "losses": vars(self.losses).copy(),
             "fit_seconds": self.timings.fit_seconds,
             "device": self.device,
+            "refits": self.refits,
             "foreground_fraction": self.foreground_fraction,
             "options": self.options.all or None,
             "clusters": [
