@@ -364,11 +364,11 @@ pub fn full_mask(grid_mask: &[bool], gw: u32, gh: u32, grid_intensity: &[f32], i
     if image.kind != ImageKind::Grey || cell <= 1 || channels == 0 || image.data.len() != channels * nw * nh {
         return up;
     }
-    let plane = nw * nh;
-    let grey: Vec<f32> = (0..plane)
-        .map(|p| (0..channels).map(|c| image.data[c * plane + p].clamp(0.0, 1.0)).sum::<f32>() / channels as f32)
-        .collect();
-    refine_border(&up, &grey, nw, nh, otsu(grid_intensity), cell)
+    let (plane, threshold, data) = (nw * nh, otsu(grid_intensity), &image.data);
+    // The pixel's grey value read in place: a grey copy would be 4 bytes a pixel more at the
+    // image's full size (400 MB for the largest image allowed).
+    let grey = |p: usize| (0..channels).map(|c| data[c * plane + p].clamp(0.0, 1.0)).sum::<f32>() / channels as f32;
+    snap_border(&up, nw, nh, cell, |p| grey(p) < threshold)
 }
 
 /// Snaps a mask's border to the image's intensity edge: within `band` pixels of the border
@@ -380,8 +380,14 @@ pub fn full_mask(grid_mask: &[bool], gw: u32, gh: u32, grid_intensity: &[f32], i
 /// border moves to where the same decision flips at full resolution; pixels farther than
 /// `band` from the border keep the clustering's answer.
 pub fn refine_border(mask: &[bool], intensity: &[f32], w: usize, h: usize, threshold: f32, band: usize) -> Vec<bool> {
-    assert_eq!(mask.len(), w * h);
     assert_eq!(intensity.len(), w * h);
+    snap_border(mask, w, h, band, |p| intensity[p] < threshold)
+}
+
+/// [`refine_border`] with the decision per pixel (`dark(p)`, `p` = y·w + x) instead of an
+/// intensity plane.
+fn snap_border(mask: &[bool], w: usize, h: usize, band: usize, dark: impl Fn(usize) -> bool) -> Vec<bool> {
+    assert_eq!(mask.len(), w * h);
     // Border pixels: those with a 4-neighbour on the other side.
     let mut near = vec![false; w * h];
     for y in 0..h {
@@ -394,8 +400,11 @@ pub fn refine_border(mask: &[bool], intensity: &[f32], w: usize, h: usize, thres
                 || (y + 1 < h && mask[p + w] != m);
         }
     }
-    let band_mask = dilate_square(&near, w, h, 2 * band + 1);
-    let snapped: Vec<bool> = (0..w * h).map(|p| if band_mask[p] { intensity[p] < threshold } else { mask[p] }).collect();
+    let mut snapped = dilate_square(&near, w, h, 2 * band + 1);
+    drop(near);
+    for (p, s) in snapped.iter_mut().enumerate() {
+        *s = if *s { dark(p) } else { mask[p] };
+    }
     fill_holes(&snapped, w, h)
 }
 
