@@ -122,6 +122,11 @@ pub struct Watch {
 pub struct QueueStats {
     pub queued: usize,
     pub running: usize,
+    /// Bytes of the image-memory budget held: the queued jobs' decoded images and the
+    /// reservations of those being decoded.
+    pub image_bytes: usize,
+    /// That budget (`queue.max_queued_bytes`).
+    pub image_bytes_limit: usize,
 }
 
 /// Where jobs wait, run and are kept. Methods never block the async runtime for long, except
@@ -747,6 +752,8 @@ impl JobQueue for MemoryQueue {
         QueueStats {
             queued: inner.queue.len(),
             running: inner.running,
+            image_bytes: inner.queued_bytes + self.pending.load(Ordering::SeqCst),
+            image_bytes_limit: self.limits.queued_bytes,
         }
     }
 

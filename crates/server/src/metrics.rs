@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use crate::jobs::JobQueue;
+use crate::uploads::UploadBudget;
 
 /// Job outcomes as counted by `s3net_jobs_total{outcome}`.
 pub const OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
@@ -74,6 +75,12 @@ fn add(gauge: &Family<DeviceLabel, Gauge>, device: DeviceSpec, delta: i64) {
 pub struct Metrics {
     registry: Registry,
     queue_depth: Gauge,
+    queue_memory: Gauge,
+    queue_memory_limit: Gauge,
+    upload_memory: Gauge,
+    upload_memory_limit: Gauge,
+    /// Read when scraped (see [`Metrics::watch_uploads`]).
+    uploads: std::sync::OnceLock<UploadBudget>,
     jobs: Family<OutcomeLabel, Counter>,
     queue_wait: Histogram,
     fit_seconds: Histogram,
@@ -113,6 +120,30 @@ impl Metrics {
             "queue_capacity",
             "Jobs that may wait before new work is refused (queue.capacity)",
             queue_capacity,
+        );
+        // The two memory budgets that refuse requests (reasons queue_memory, upload_memory):
+        // how close to them a replica runs.
+        let (queue_memory, queue_memory_limit) = (Gauge::default(), Gauge::default());
+        registry.register(
+            "queue_memory_bytes",
+            "Decoded images held by the queue's memory budget: queued jobs' and those being decoded",
+            queue_memory.clone(),
+        );
+        registry.register(
+            "queue_memory_limit_bytes",
+            "The queue's memory budget (queue.max_queued_bytes)",
+            queue_memory_limit.clone(),
+        );
+        let (upload_memory, upload_memory_limit) = (Gauge::default(), Gauge::default());
+        registry.register(
+            "upload_memory_bytes",
+            "Bytes held by requests being received, until their images are decoded",
+            upload_memory.clone(),
+        );
+        registry.register(
+            "upload_memory_limit_bytes",
+            "The budget of requests being received (server.max_upload_bytes_in_flight)",
+            upload_memory_limit.clone(),
         );
         let jobs = Family::<OutcomeLabel, Counter>::default();
         for o in OUTCOMES {
@@ -226,6 +257,11 @@ impl Metrics {
         Metrics {
             registry,
             queue_depth,
+            queue_memory,
+            queue_memory_limit,
+            upload_memory,
+            upload_memory_limit,
+            uploads: std::sync::OnceLock::new(),
             jobs,
             queue_wait,
             fit_seconds,
@@ -301,10 +337,23 @@ impl Metrics {
             .inc();
     }
 
+    /// Reports what `budget` holds (read when scraped) as `s3net_upload_memory_bytes`. Set
+    /// once, by the server that owns the budget.
+    pub fn watch_uploads(&self, budget: UploadBudget) {
+        self.upload_memory_limit.set(budget.limit_bytes() as i64);
+        let _ = self.uploads.set(budget);
+    }
+
     /// The exposition, after reading the state gauges. `openmetrics` picks the OpenMetrics
     /// text format, else the Prometheus text format 0.0.4.
     pub fn render(&self, queue: &dyn JobQueue, openmetrics: bool) -> String {
-        self.queue_depth.set(queue.stats().queued as i64);
+        let stats = queue.stats();
+        self.queue_depth.set(stats.queued as i64);
+        self.queue_memory.set(stats.image_bytes as i64);
+        self.queue_memory_limit.set(stats.image_bytes_limit as i64);
+        if let Some(u) = self.uploads.get() {
+            self.upload_memory.set(u.held_bytes() as i64);
+        }
         if let Some(gpu) = &self.gpu {
             for (device, mem) in gpu.read() {
                 let l = DeviceLabel { device };

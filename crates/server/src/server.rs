@@ -149,6 +149,7 @@ impl Server {
 
         let max = cfg.server.max_message_bytes;
         let uploads = UploadBudget::new(cfg.server.max_upload_bytes_in_flight);
+        metrics.watch_uploads(uploads.clone());
         let segmenter = SegmenterServer::new(SegmenterService::new(
             queue.clone(),
             devices,

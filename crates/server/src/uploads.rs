@@ -43,9 +43,14 @@ impl UploadBudget {
         UploadBudget { permits: Arc::new(Semaphore::new(kib as usize)), kib }
     }
 
-    /// Bytes held now, rounded up to whole KiB (for tests and metrics).
+    /// Bytes held now, in whole KiB (`s3net_upload_memory_bytes`).
     pub fn held_bytes(&self) -> u64 {
         (u64::from(self.kib) - self.permits.available_permits() as u64) * 1024
+    }
+
+    /// The budget, in whole KiB.
+    pub fn limit_bytes(&self) -> u64 {
+        u64::from(self.kib) * 1024
     }
 
     /// Raises what `held` holds to `bytes` (never lowers it), or refuses without taking any.

@@ -25,6 +25,17 @@ async fn metrics_count_what_happened() {
     assert_eq!(value(&m, "s3net_jobs_total{outcome=\"completed\"}"), 0.0);
     assert_eq!(value(&m, "s3net_jobs_restarted_total"), 0.0);
     assert_eq!(value(&m, "s3net_jobs_refitted_total"), 0.0);
+    // The memory budgets: empty, with their limits (queue.max_queued_bytes and
+    // server.max_upload_bytes_in_flight).
+    assert_series(
+        &m,
+        &[
+            ("s3net_queue_memory_bytes", 0.0),
+            ("s3net_queue_memory_limit_bytes", (2u64 << 30) as f64),
+            ("s3net_upload_memory_bytes", 0.0),
+            ("s3net_upload_memory_limit_bytes", (1u64 << 30) as f64),
+        ],
+    );
     let version = format!(
         "s3net_build_info{{version=\"{}\"}}",
         env!("CARGO_PKG_VERSION")
@@ -61,6 +72,9 @@ async fn metrics_count_what_happened() {
         &m,
         &[
             ("s3net_queue_depth", 1.0),
+            // The waiting job's decoded 32×32 grey image, as f32.
+            ("s3net_queue_memory_bytes", 4096.0),
+            ("s3net_upload_memory_bytes", 0.0),
             ("s3net_workers_active{device=\"cpu\"}", 1.0),
             ("s3net_jobs_training{device=\"cpu\"}", 1.0),
             ("s3net_jobs_finishing{device=\"cpu\"}", 0.0),
@@ -94,6 +108,7 @@ async fn metrics_count_what_happened() {
             ("s3net_rejected_total{reason=\"queue_full\"}", 1.0),
             ("s3net_rejected_total{reason=\"invalid_argument\"}", 1.0),
             ("s3net_queue_depth", 0.0),
+            ("s3net_queue_memory_bytes", 0.0),
             ("s3net_workers_active{device=\"cpu\"}", 0.0),
             ("s3net_jobs_training{device=\"cpu\"}", 0.0),
             ("s3net_jobs_finishing{device=\"cpu\"}", 0.0),

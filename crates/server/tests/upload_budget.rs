@@ -90,6 +90,14 @@ fn large_unary_requests_are_refused_before_they_are_collected() {
         let (a, a_call) = held_upload(&c, 16 * MIB).await;
         let (b, b_call) = held_upload(&c, 16 * MIB).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let m = scrape(server.metrics).await;
+        assert_series(
+            &m,
+            &[
+                ("s3net_upload_memory_bytes", (32 * MIB) as f64),
+                ("s3net_upload_memory_limit_bytes", (48 * MIB) as f64),
+            ],
+        );
 
         // Sixteen requests of 24 MiB each, half Segment and half SubmitJob, at once: each
         // message is more than the 16 MiB left. (The bytes are not an image: a request that
