@@ -45,6 +45,11 @@ pub struct ServerConfig {
     pub keepalive_interval_s: u64,
     /// Seconds to wait for a ping's answer before closing the connection.
     pub keepalive_timeout_s: u64,
+    /// Seconds a request that has not been received whole may send nothing before it is
+    /// dropped (DEADLINE_EXCEEDED) and the bytes it held of `max_upload_bytes_in_flight` given
+    /// back (0: no limit). Why: a client that hangs with its connection open still answers the
+    /// keepalive pings, so without it a stuck upload holds its share of the budget for ever.
+    pub request_idle_timeout_s: u64,
     /// When set, every Segmenter call must carry `authorization: Bearer <token>`.
     pub auth_token: Option<String>,
     pub tls: Option<TlsConfig>,
@@ -61,6 +66,7 @@ impl Default for ServerConfig {
             shutdown_grace_s: 30,
             keepalive_interval_s: 30,
             keepalive_timeout_s: 20,
+            request_idle_timeout_s: 60,
             auth_token: None,
             tls: None,
         }

@@ -37,6 +37,14 @@ pub enum ServiceError {
          about {retry_after_s} s"
     )]
     UploadsFull { image_mb: u64, held_mb: u64, budget_mb: u64, retry_after_s: u64 },
+    /// A request stopped sending before it was received whole: dropped, so that the budget it
+    /// held (`UploadsFull`) is not held for ever by a client that hangs with its connection
+    /// open (its HTTP/2 layer still answers the keepalive pings).
+    #[error(
+        "no bytes of the request arrived for {idle_s} s (server.request_idle_timeout_s): it was \
+         dropped and what it held given back"
+    )]
+    Stalled { idle_s: u64 },
     /// The server is shutting down and takes no new work.
     #[error("server is shutting down; retry on another replica")]
     Draining,
@@ -74,6 +82,7 @@ impl ServiceError {
             ServiceError::QueueFull { .. } | ServiceError::QueueMemory { .. } | ServiceError::UploadsFull { .. } => {
                 Code::ResourceExhausted
             }
+            ServiceError::Stalled { .. } => Code::DeadlineExceeded,
             ServiceError::Draining => Code::Unavailable,
             ServiceError::NotFound(_) | ServiceError::Expired { .. } => Code::NotFound,
             ServiceError::AlreadyExists { .. } => Code::AlreadyExists,
@@ -86,12 +95,14 @@ impl ServiceError {
 impl ServiceError {
     /// Why a request was refused, as `s3net_rejected_total{reason}` counts it: the gRPC code's
     /// name in snake case, except `queue_full`, `queue_memory` and `upload_memory`
-    /// (RESOURCE_EXHAUSTED) and `draining` (UNAVAILABLE), which say what to do about it.
+    /// (RESOURCE_EXHAUSTED), `stalled` (DEADLINE_EXCEEDED) and `draining` (UNAVAILABLE), which
+    /// say what to do about it.
     pub fn reason(&self) -> &'static str {
         match self {
             ServiceError::QueueFull { .. } => "queue_full",
             ServiceError::QueueMemory { .. } => "queue_memory",
             ServiceError::UploadsFull { .. } => "upload_memory",
+            ServiceError::Stalled { .. } => "stalled",
             ServiceError::Draining => "draining",
             e => code_reason(e.code()),
         }
@@ -161,6 +172,7 @@ mod tests {
                 },
                 Code::ResourceExhausted,
             ),
+            (ServiceError::Stalled { idle_s: 60 }, Code::DeadlineExceeded),
             (ServiceError::Draining, Code::Unavailable),
             (ServiceError::NotFound("j".into()), Code::NotFound),
             (
@@ -190,6 +202,7 @@ mod tests {
         });
         assert_eq!(s.metadata().get("retry-after").unwrap(), "7");
         assert_eq!(ServiceError::Draining.reason(), "draining");
+        assert_eq!(ServiceError::Stalled { idle_s: 60 }.reason(), "stalled");
         assert_eq!(
             ServiceError::InvalidArgument("x".into()).reason(),
             "invalid_argument"

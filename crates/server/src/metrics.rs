@@ -33,11 +33,12 @@ use crate::uploads::UploadBudget;
 pub const OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
 
 /// Refusal reasons as counted by `s3net_rejected_total{reason}`.
-pub const REJECT_REASONS: [&str; 7] = [
+pub const REJECT_REASONS: [&str; 8] = [
     "invalid_argument",
     "queue_full",
     "queue_memory",
     "upload_memory",
+    "stalled",
     "draining",
     "unauthenticated",
     "already_exists",

@@ -15,10 +15,17 @@
 //! finds in the request's extensions: a unary call takes it and keeps it until its image is
 //! decoded; `SegmentUpload` adds the image it assembles ([`UploadHold::claim`]) and gives back
 //! each message it has copied out ([`UploadHold::consume`]).
+//!
+//! A request that stops sending before it has been received whole is dropped after
+//! `server.request_idle_timeout_s` without a byte (`DEADLINE_EXCEEDED`, reason `stalled`): a
+//! client that hangs with its connection open still answers the keepalive pings, and would
+//! otherwise hold its share of the budget for ever.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::future::Future;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -147,11 +154,19 @@ pub struct Budgeted<S> {
     inner: S,
     budget: UploadBudget,
     metrics: Arc<Metrics>,
+    idle: Option<Duration>,
 }
 
 impl<S> Budgeted<S> {
     pub fn new(inner: S, budget: UploadBudget, metrics: Arc<Metrics>) -> Self {
-        Budgeted { inner, budget, metrics }
+        Budgeted { inner, budget, metrics, idle: None }
+    }
+
+    /// Drops a request whose body sends nothing for `idle` before it ends (see the module's
+    /// doc); `None` waits for ever.
+    pub fn with_idle_timeout(mut self, idle: Option<Duration>) -> Self {
+        self.idle = idle;
+        self
     }
 }
 
@@ -175,14 +190,7 @@ where
         let hold = UploadHold::new(self.budget.clone());
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(hold.clone());
-        let body = Body::new(ChargedBody {
-            inner: body,
-            hold,
-            metrics: self.metrics.clone(),
-            prefix: [0; 5],
-            prefix_len: 0,
-            left: 0,
-        });
+        let body = Body::new(ChargedBody::new(body, hold, self.metrics.clone(), self.idle));
         self.inner.call(http::Request::from_parts(parts, body))
     }
 }
@@ -198,9 +206,23 @@ struct ChargedBody {
     prefix_len: usize,
     /// Bytes of the current message still to come.
     left: usize,
+    /// How long the body may send nothing, and when that runs out (armed while it waits).
+    idle: Option<Duration>,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl ChargedBody {
+    fn new(inner: Body, hold: UploadHold, metrics: Arc<Metrics>, idle: Option<Duration>) -> Self {
+        ChargedBody { inner, hold, metrics, prefix: [0; 5], prefix_len: 0, left: 0, idle, stall: None }
+    }
+
+    /// Counts and turns a refusal into the status that ends the request.
+    fn refuse(&self, e: ServiceError) -> Status {
+        self.metrics.rejected(e.reason());
+        tracing::info!("request refused while it arrived: {e}");
+        e.into()
+    }
+
     /// Walks one frame's bytes through the message framing, charging each new message.
     fn charge(&mut self, mut data: &[u8]) -> Result<(), Status> {
         while !data.is_empty() {
@@ -219,9 +241,7 @@ impl ChargedBody {
                 let len = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]) as usize;
                 self.left = len;
                 if let Err(e) = self.hold.receive(len) {
-                    self.metrics.rejected(e.reason());
-                    tracing::info!(message_bytes = len, "request refused while it arrived: {e}");
-                    return Err(e.into());
+                    return Err(self.refuse(e));
                 }
             }
         }
@@ -235,7 +255,18 @@ impl HttpBody for ChargedBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
+            if let Some(idle) = this.idle {
+                let stall = this.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if stall.as_mut().poll(cx).is_ready() {
+                    this.stall = None;
+                    return Poll::Ready(Some(Err(this.refuse(ServiceError::Stalled { idle_s: idle.as_secs() }))));
+                }
+            }
+            return Poll::Pending;
+        };
+        // Something arrived: the next wait starts now.
+        this.stall = None;
         if let Some(Ok(f)) = &frame {
             if let Some(data) = f.data_ref() {
                 if let Err(status) = this.charge(data) {
@@ -271,7 +302,7 @@ mod tests {
 
     fn body(budget: &UploadBudget) -> ChargedBody {
         let metrics = Arc::new(Metrics::new(4, &[]));
-        ChargedBody { inner: Body::empty(), hold: UploadHold::new(budget.clone()), metrics, prefix: [0; 5], prefix_len: 0, left: 0 }
+        ChargedBody::new(Body::empty(), UploadHold::new(budget.clone()), metrics, None)
     }
 
     /// Messages are charged at their prefix, wherever the frames cut them.
@@ -290,6 +321,45 @@ mod tests {
             drop(b);
             assert_eq!(budget.held_bytes(), 0, "given back with the body");
         }
+    }
+
+    /// A body that keeps sending is never stalled, however long it takes in all; one that stops
+    /// is ended with DEADLINE_EXCEEDED after `idle`, and what it held is given back.
+    #[tokio::test]
+    async fn a_body_that_stops_sending_is_ended() {
+        use http_body_util::BodyExt;
+        let budget = UploadBudget::new(1 << 20);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<bytes::Bytes>, Status>>(4);
+        let inner = Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let metrics = Arc::new(Metrics::new(4, &[]));
+        let mut body = ChargedBody::new(inner, UploadHold::new(budget.clone()), metrics, Some(Duration::from_millis(500)));
+        let bytes = framed(&[4000]);
+        let feeder = tokio::spawn(async move {
+            for piece in bytes.chunks(500) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tx.send(Ok(Frame::data(bytes::Bytes::copy_from_slice(piece)))).await.unwrap();
+            }
+            // Then nothing more, and the stream stays open.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(tx);
+        });
+        let started = std::time::Instant::now();
+        let mut got = 0;
+        let err = loop {
+            match body.frame().await {
+                Some(Ok(f)) => got += f.into_data().map_or(0, |d| d.len()),
+                Some(Err(e)) => break e,
+                None => panic!("ended without an error"),
+            }
+        };
+        assert_eq!(got, 4005, "every frame sent was passed on");
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert!(err.message().starts_with("no bytes of the request arrived for 0 s"), "{}", err.message());
+        assert!(started.elapsed() >= Duration::from_millis(1300), "{:?}", started.elapsed());
+        assert_eq!(budget.held_bytes(), 4096, "held until the body is dropped");
+        drop(body);
+        assert_eq!(budget.held_bytes(), 0);
+        feeder.abort();
     }
 
     /// A message that does not fit is refused at its prefix and nothing more is taken; the

@@ -237,6 +237,60 @@ async fn uploads_in_flight_are_bounded() {
     server.shutdown().await.unwrap();
 }
 
+/// An upload that stops sending with its connection open (a hung client: its HTTP/2 layer
+/// still answers pings) is dropped after `server.request_idle_timeout_s`, and the bytes it held
+/// come back; one that keeps sending is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_dropped_and_gives_its_bytes_back() {
+    use pb::upload_chunk::Part;
+    let mut cfg = config();
+    cfg.server.request_idle_timeout_s = 1;
+    let (server, url) = start(cfg).await;
+    let metrics = server.metrics_addr().unwrap();
+    let mut c = client(&url).await;
+    let image = data("dicom/CT_small.dcm");
+    let header = pb::UploadChunk {
+        part: Some(Part::Header(pb::UploadHeader { options: Some(quick()), total_bytes: image.len() as u64 })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(header.clone()).await.unwrap();
+    tx.send(pb::UploadChunk { part: Some(Part::Data(image[..1000].to_vec())) }).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut stalled = c.clone();
+    let call = tokio::spawn(async move { stalled.segment_upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(value(&scrape(metrics).await, "s3net_upload_memory_bytes") >= image.len() as f64);
+    let err = call.await.unwrap().expect_err("stalled");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "no bytes of the request arrived for 1 s (server.request_idle_timeout_s): it was dropped and what it held given back"
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    let m = scrape(metrics).await;
+    assert_series(&m, &[("s3net_upload_memory_bytes", 0.0), ("s3net_rejected_total{reason=\"stalled\"}", 1.0)]);
+    drop(tx);
+
+    // Chunks 0.4 s apart for 2 s in all: slow, never idle for 1 s; completes.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(header).await.unwrap();
+    let mut slow = c.clone();
+    let call = tokio::spawn(async move { slow.segment_upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    for piece in image.chunks(image.len().div_ceil(5)) {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        tx.send(pb::UploadChunk { part: Some(Part::Data(piece.to_vec())) }).await.unwrap();
+    }
+    drop(tx);
+    let mut events = call.await.unwrap().expect("taken").into_inner();
+    let mut last = None;
+    while let Some(e) = events.message().await.unwrap() {
+        last = e.event;
+    }
+    assert!(matches!(last, Some(Event::Completed(_))), "{last:?}");
+    quick_job_completes(&mut c).await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_job_joining_late_replays_then_follows() {
     let (server, url) = start(config()).await;
