@@ -8,17 +8,6 @@ use common::*;
 use s3net_server::pb;
 use tonic::Code;
 
-/// The process's peak resident memory so far (VmHWM), in bytes.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a VmHWM line");
-    kb * 1024
-}
-
 /// A smooth grey picture: a few hundred kB of PNG for many megabytes of pixels.
 fn smooth_png(side: u32) -> Vec<u8> {
     let img = image::GrayImage::from_fn(side, side, |x, y| image::Luma([((x / 40 + y / 25) % 200) as u8 + 20]));
@@ -40,7 +29,7 @@ async fn a_burst_of_large_images_is_refused_before_decoding() {
     // 4000×4000 grey: 64 MB as the queue counts it, and a decode holds more than twice that
     // while it runs; twelve at once decoded first would have added well over a gigabyte here.
     let big = smooth_png(4000);
-    let before = peak_rss();
+    let before = peak_rss("self");
     let calls = (0..12).map(|_| {
         let mut c = c.clone();
         let image = big.clone();
@@ -55,7 +44,7 @@ async fn a_burst_of_large_images_is_refused_before_decoding() {
         assert!(err.message().contains("of the 32 MB budget (queue.max_queued_bytes)"), "{}", err.message());
         assert!(err.metadata().get("retry-after").is_some());
     }
-    let grew = peak_rss().saturating_sub(before);
+    let grew = peak_rss("self").saturating_sub(before);
     eprintln!("the refused burst raised the peak by {} MB", grew >> 20);
     assert!(grew < 300 << 20, "the refused burst raised the peak by {} MB", grew >> 20);
 

@@ -156,10 +156,7 @@ async fn segment_upload_in_chunks() {
         .await
         .unwrap()
         .into_inner();
-    let mut last = None;
-    while let Some(e) = s.message().await.unwrap() {
-        last = e.event;
-    }
+    let last = last_event(&mut s).await;
     let Some(Event::Completed(done)) = last else {
         panic!("{last:?}")
     };
@@ -223,10 +220,7 @@ async fn uploads_in_flight_are_bounded() {
     let mut events = a.await.unwrap().expect("A's upload is taken").into_inner();
     while events.message().await.unwrap().is_some() {}
     let mut events = c.segment_upload(tokio_stream::iter(whole(image.len()))).await.expect("room again").into_inner();
-    let mut last = None;
-    while let Some(e) = events.message().await.unwrap() {
-        last = e.event;
-    }
+    let last = last_event(&mut events).await;
     assert!(matches!(last, Some(Event::Completed(_))), "{last:?}");
     // Small chunks of an unannounced upload hold what they add up to, not a KiB each (39 kB in
     // 100-byte pieces would otherwise claim 390 KiB).
@@ -282,10 +276,7 @@ async fn a_stalled_upload_is_dropped_and_gives_its_bytes_back() {
     }
     drop(tx);
     let mut events = call.await.unwrap().expect("taken").into_inner();
-    let mut last = None;
-    while let Some(e) = events.message().await.unwrap() {
-        last = e.event;
-    }
+    let last = last_event(&mut events).await;
     assert!(matches!(last, Some(Event::Completed(_))), "{last:?}");
     quick_job_completes(&mut c).await;
     server.shutdown().await.unwrap();
@@ -429,10 +420,7 @@ async fn cancel_job_frees_the_worker() {
         .await
         .unwrap()
         .into_inner();
-    let mut last = None;
-    while let Some(e) = w.message().await.unwrap() {
-        last = e.event;
-    }
+    let last = last_event(&mut w).await;
     assert!(matches!(last, Some(Event::Cancelled(_))), "{last:?}");
     quick_job_completes(&mut c).await;
     server.shutdown().await.unwrap();
@@ -1204,10 +1192,7 @@ async fn tls_and_mutual_tls() {
         .await
         .unwrap()
         .into_inner();
-    let mut last = None;
-    while let Some(e) = s.message().await.unwrap() {
-        last = e.event;
-    }
+    let last = last_event(&mut s).await;
     assert!(matches!(last, Some(Event::Completed(_))), "{last:?}");
     // Without a client certificate the handshake or the call fails.
     let anonymous = ConnectArgs {

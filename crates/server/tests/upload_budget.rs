@@ -58,17 +58,6 @@ fn serve() -> ServerProcess {
     ServerProcess { child, url: format!("http://127.0.0.1:{port}"), metrics: format!("127.0.0.1:{metrics}").parse().unwrap() }
 }
 
-/// A process's peak resident memory so far (VmHWM), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a VmHWM line");
-    kb * 1024
-}
-
 /// An upload that announces `total` bytes and sends nothing more until `tx` is dropped.
 async fn held_upload(c: &Client, total: usize) -> (tokio::sync::mpsc::Sender<pb::UploadChunk>, tokio::task::JoinHandle<Result<tonic::Response<tonic::Streaming<pb::JobEvent>>, tonic::Status>>) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -103,7 +92,7 @@ fn large_unary_requests_are_refused_before_they_are_collected() {
         // message is more than the 16 MiB left. (The bytes are not an image: a request that
         // got through would be INVALID_ARGUMENT instead.)
         let junk = vec![0x5au8; 24 * MIB];
-        let before = peak_rss(server.child.id());
+        let before = peak_rss(&server.child.id().to_string());
         let calls: Vec<_> = (0..16)
             .map(|i| {
                 let mut c = c.clone();
@@ -127,7 +116,7 @@ fn large_unary_requests_are_refused_before_they_are_collected() {
             );
             assert_eq!(err.metadata().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
         }
-        let grew = peak_rss(server.child.id()).saturating_sub(before);
+        let grew = peak_rss(&server.child.id().to_string()).saturating_sub(before);
         eprintln!("the refused burst of 16 × 24 MiB raised the server's peak by {} MiB", grew >> 20);
         // At most hyper's 1 MiB flow-control window per connection arrives unasked (one
         // connection here), against 384 MiB if each message were collected first.

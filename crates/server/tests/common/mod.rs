@@ -127,6 +127,26 @@ pub fn data(rel: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// The last event of a job's stream, read to its end (panics on a status error).
+pub async fn last_event(s: &mut tonic::Streaming<pb::JobEvent>) -> Option<Event> {
+    let mut last = None;
+    while let Some(e) = s.message().await.expect("stream") {
+        last = e.event;
+    }
+    last
+}
+
+/// A process's peak resident memory so far (VmHWM), in bytes: `pid` "self" for this one.
+pub fn peak_rss(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a VmHWM line");
+    kb * 1024
+}
+
 /// Runs Segment and collects every event (panics on a status error).
 pub async fn segment_events(c: &mut Client, image: Vec<u8>, options: pb::Options) -> Vec<Event> {
     let mut s = c
