@@ -11,19 +11,20 @@
 //! that does not fit ends the request with `RESOURCE_EXHAUSTED` (reason `upload_memory`). So a
 //! refused request costs at most what HTTP/2 flow control lets a connection send unasked
 //! (hyper's 1 MiB window). The server accepts no compressed messages, so a prefix's length is
-//! what its message takes once collected. What a request holds lives in its [`UploadHold`], which the handler
-//! finds in the request's extensions: a unary call takes it and keeps it until its image is
-//! decoded; `SegmentUpload` adds the image it assembles ([`UploadHold::claim`]) and gives back
-//! each message it has copied out ([`UploadHold::consume`]).
+//! what its message takes once collected. What a request holds lives in its [`UploadHold`],
+//! which the handler finds in the request's extensions: a unary call takes it and keeps it
+//! until its image is decoded; `SegmentUpload` adds the image it assembles
+//! ([`UploadHold::claim`]) and gives back each message it has copied out
+//! ([`UploadHold::consume`]).
 //!
 //! A request that stops sending before it has been received whole is dropped after
 //! `server.request_idle_timeout_s` without a byte (`DEADLINE_EXCEEDED`, reason `stalled`): a
 //! client that hangs with its connection open still answers the keepalive pings, and would
 //! otherwise hold its share of the budget for ever.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::future::Future;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
