@@ -182,8 +182,8 @@ def test_requests_in_transit_over_the_byte_budget_are_retried() -> None:
             with pytest.raises(ResourceExhausted) as e:
                 client.segment(image, **FAST)
         assert e.value.details.startswith(
-            "uploads in progress hold 32 MB of the 40 MB the server allows "
-            "(server.max_upload_bytes_in_flight), and this one needs 10 MB more"
+            "uploads in progress hold 32.0 MiB of the 40.0 MiB the server allows "
+            "(server.max_upload_bytes_in_flight), and this one needs 9.2 MiB more"
         ), e.value.details
         assert e.value.retry_after == 1
 

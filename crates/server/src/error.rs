@@ -25,18 +25,19 @@ pub enum ServiceError {
     /// The decoded images of the queued jobs and of those being decoded, with this one, would
     /// pass the queue's memory budget.
     #[error(
-        "queue memory is full: this image needs {image_mb} MB decoded, and queued and arriving \
-         images hold {held_mb} MB of the {budget_mb} MB budget (queue.max_queued_bytes); retry \
-         in about {retry_after_s} s"
+        "queue memory is full: this image needs {} decoded, and queued and arriving images hold \
+         {} of the {} budget (queue.max_queued_bytes); retry in about {retry_after_s} s",
+        size(*image_bytes), size(*held_bytes), size(*budget_bytes)
     )]
-    QueueMemory { image_mb: u64, held_mb: u64, budget_mb: u64, retry_after_s: u64 },
+    QueueMemory { image_bytes: u64, held_bytes: u64, budget_bytes: u64, retry_after_s: u64 },
     /// The uploads in progress hold the bytes the server lets them hold.
     #[error(
-        "uploads in progress hold {held_mb} MB of the {budget_mb} MB the server allows \
-         (server.max_upload_bytes_in_flight), and this one needs {image_mb} MB more; retry in \
-         about {retry_after_s} s"
+        "uploads in progress hold {} of the {} the server allows \
+         (server.max_upload_bytes_in_flight), and this one needs {} more; retry in about \
+         {retry_after_s} s",
+        size(*held_bytes), size(*budget_bytes), size(*need_bytes)
     )]
-    UploadsFull { image_mb: u64, held_mb: u64, budget_mb: u64, retry_after_s: u64 },
+    UploadsFull { need_bytes: u64, held_bytes: u64, budget_bytes: u64, retry_after_s: u64 },
     /// A request stopped sending before it was received whole: dropped, so that the budget it
     /// held (`UploadsFull`) is not held for ever by a client that hangs with its connection
     /// open (its HTTP/2 layer still answers the keepalive pings).
@@ -63,6 +64,19 @@ pub enum ServiceError {
     /// A bug or an unexpected failure (e.g. a panic in a worker).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A size in a message, in binary units as the configuration counts them: whole KiB (rounded
+/// up) below 1 MiB, else MiB or GiB with one decimal ("64 KiB", "23.9 MiB", "1.0 GiB").
+pub fn size(bytes: u64) -> String {
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    match bytes {
+        b if b < MIB => format!("{} KiB", b.div_ceil(KIB)),
+        b if b < GIB => format!("{:.1} MiB", b as f64 / MIB as f64),
+        b => format!("{:.1} GiB", b as f64 / GIB as f64),
+    }
 }
 
 impl ServiceError {
@@ -212,5 +226,18 @@ mod tests {
             "invalid_argument"
         );
         assert!(s.message().contains("retry in about 7 s"));
+    }
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        let cases = [(0, "0 KiB"), (1, "1 KiB"), (100 << 10, "100 KiB"), ((1 << 20) - 1, "1024 KiB"), (1 << 20, "1.0 MiB"), ((24 << 20) + 30, "24.0 MiB"), (62_500_000, "59.6 MiB"), (1 << 30, "1.0 GiB"), (2 << 30, "2.0 GiB")];
+        for (bytes, text) in cases {
+            assert_eq!(size(bytes), text, "{bytes}");
+        }
+        let e = ServiceError::UploadsFull { need_bytes: 200 << 20, held_bytes: 900 << 20, budget_bytes: 1 << 30, retry_after_s: 1 };
+        assert_eq!(
+            e.to_string(),
+            "uploads in progress hold 900.0 MiB of the 1.0 GiB the server allows (server.max_upload_bytes_in_flight), and this one needs 200.0 MiB more; retry in about 1 s"
+        );
     }
 }

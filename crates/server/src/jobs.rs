@@ -294,11 +294,10 @@ impl MemoryQueue {
         let busy = !inner.queue.is_empty() || pending > 0;
         let held = inner.queued_bytes + pending;
         if busy && held + bytes > self.limits.queued_bytes {
-            let mb = |b: usize| (b as u64).div_ceil(1 << 20);
             return Err(ServiceError::QueueMemory {
-                image_mb: mb(bytes),
-                held_mb: mb(held),
-                budget_mb: mb(self.limits.queued_bytes),
+                image_bytes: bytes as u64,
+                held_bytes: held as u64,
+                budget_bytes: self.limits.queued_bytes as u64,
                 retry_after_s: self.retry_after_s(inner),
             });
         }
@@ -966,7 +965,7 @@ mod tests {
         let first = q.reserve(700_000, "").expect("nothing queued: always let in");
         assert_eq!(q.pending.load(Ordering::SeqCst), 700_000);
         match q.reserve(400_000, "") {
-            Err(ServiceError::QueueMemory { image_mb: 1, held_mb: 1, budget_mb: 1, .. }) => {}
+            Err(ServiceError::QueueMemory { image_bytes: 400_000, held_bytes: 700_000, budget_bytes: 1_048_576, .. }) => {}
             other => panic!("{other:?}"),
         }
         let small = q.reserve(300_000, "").expect("fits beside the first");

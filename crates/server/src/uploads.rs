@@ -74,16 +74,12 @@ impl UploadBudget {
                 }
                 Ok(())
             }
-            Err(_) => {
-                let mb = |k: u64| k.div_ceil(1024);
-                let budget = u64::from(self.kib);
-                Err(ServiceError::UploadsFull {
-                    image_mb: mb(u64::from(kib)),
-                    held_mb: mb(budget - self.permits.available_permits() as u64),
-                    budget_mb: mb(budget),
-                    retry_after_s: 1,
-                })
-            }
+            Err(_) => Err(ServiceError::UploadsFull {
+                need_bytes: u64::from(kib) * 1024,
+                held_bytes: self.held_bytes(),
+                budget_bytes: self.limit_bytes(),
+                retry_after_s: 1,
+            }),
         }
     }
 }
@@ -373,7 +369,7 @@ mod tests {
         let mut b = body(&budget);
         let e = b.charge(&framed(&[5 << 10])[..5]).unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-        assert!(e.message().starts_with("uploads in progress hold 1 MB of the 1 MB"), "{}", e.message());
+        assert!(e.message().starts_with("uploads in progress hold 6 KiB of the 10 KiB the server allows (server.max_upload_bytes_in_flight), and this one needs 5 KiB more"), "{}", e.message());
         assert_eq!(budget.held_bytes(), 6 << 10);
 
         let hold = UploadHold::new(budget.clone());

@@ -40,8 +40,8 @@ async fn a_burst_of_large_images_is_refused_before_decoding() {
     for call in calls.collect::<Vec<_>>() {
         let err = call.await.unwrap().expect_err("over the budget");
         assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-        assert!(err.message().starts_with("queue memory is full: this image needs 62 MB decoded"), "{}", err.message());
-        assert!(err.message().contains("of the 32 MB budget (queue.max_queued_bytes)"), "{}", err.message());
+        assert!(err.message().starts_with("queue memory is full: this image needs 61.0 MiB decoded"), "{}", err.message());
+        assert!(err.message().contains("of the 32.0 MiB budget (queue.max_queued_bytes)"), "{}", err.message());
         assert!(err.metadata().get("retry-after").is_some());
     }
     let grew = peak_rss("self").saturating_sub(before);

@@ -111,8 +111,8 @@ fn large_unary_requests_are_refused_before_they_are_collected() {
             assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
             assert_eq!(
                 err.message(),
-                "uploads in progress hold 32 MB of the 48 MB the server allows \
-                 (server.max_upload_bytes_in_flight), and this one needs 25 MB more; retry in about 1 s"
+                "uploads in progress hold 32.0 MiB of the 48.0 MiB the server allows \
+                 (server.max_upload_bytes_in_flight), and this one needs 24.0 MiB more; retry in about 1 s"
             );
             assert_eq!(err.metadata().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
         }
@@ -131,8 +131,8 @@ fn large_unary_requests_are_refused_before_they_are_collected() {
         ];
         let err = c2.segment_upload(tokio_stream::iter(chunks)).await.expect_err("over the budget");
         assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-        assert!(err.message().starts_with("uploads in progress hold 33 MB of the 48 MB"), "{}", err.message());
-        assert!(err.message().contains("and this one needs 16 MB more"), "{}", err.message());
+        assert!(err.message().starts_with("uploads in progress hold 32.0 MiB of the 48.0 MiB"), "{}", err.message());
+        assert!(err.message().contains("and this one needs 16.0 MiB more"), "{}", err.message());
 
         let m = scrape(server.metrics).await;
         assert_series(&m, &[("s3net_rejected_total{reason=\"upload_memory\"}", 17.0)]);
