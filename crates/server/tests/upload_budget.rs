@@ -157,5 +157,23 @@ fn large_unary_requests_are_refused_before_they_are_collected() {
         };
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         quick_job_completes(&mut c).await;
+
+        // Calls abandoned by their client part-way (whenever the abort lands: before, during
+        // or after the message is sent) leave nothing held.
+        for wait_ms in [0, 5, 20, 80] {
+            let (mut c, image) = (c.clone(), junk.clone());
+            let call = tokio::spawn(async move { c.submit_job(pb::SubmitJobRequest { image, options: Some(quick()), idempotency_key: String::new() }).await });
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            call.abort();
+        }
+        let mut held = f64::NAN;
+        for _ in 0..100 {
+            held = value(&scrape(server.metrics).await, "s3net_upload_memory_bytes");
+            if held == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(held, 0.0, "abandoned calls still hold bytes");
     });
 }
