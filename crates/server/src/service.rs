@@ -24,7 +24,8 @@ use crate::telemetry::{record_status, TraceContext};
 use crate::uploads::{UploadBudget, UploadHold};
 
 /// The span of one Segmenter RPC: named `s3net.v1.Segmenter/<Method>` for OpenTelemetry, with
-/// the caller's `traceparent` as its parent and the gRPC semantic-convention attributes.
+/// the caller's `traceparent` as its parent and the gRPC semantic-convention attributes, the
+/// client's address among them (on every log line of the call: who sent what was refused).
 /// Extra fields (`job_id`, `bytes`) follow the request.
 macro_rules! rpc_span {
     ($method:literal, $req:expr $(, $($fields:tt)*)?) => {{
@@ -34,8 +35,14 @@ macro_rules! rpc_span {
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
             rpc.grpc.status_code = tracing::field::Empty,
+            client.address = tracing::field::Empty,
+            client.port = tracing::field::Empty,
             $($($fields)*)?
         );
+        if let Some(peer) = $req.remote_addr() {
+            span.record("client.address", peer.ip().to_string());
+            span.record("client.port", i64::from(peer.port()));
+        }
         crate::telemetry::set_remote_parent(&span, $req.metadata());
         {
             use tracing_opentelemetry::OpenTelemetrySpanExt;

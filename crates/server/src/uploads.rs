@@ -187,7 +187,11 @@ where
         let hold = UploadHold::new(self.budget.clone());
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(hold.clone());
-        let body = Body::new(ChargedBody::new(body, hold, self.metrics.clone(), self.idle));
+        let mut body = ChargedBody::new(body, hold, self.metrics.clone(), self.idle);
+        // For the log line of a refusal, which comes before any RPC span exists.
+        body.method = parts.uri.path().to_string();
+        body.peer = peer(&parts.extensions);
+        let body = Body::new(body);
         self.inner.call(http::Request::from_parts(parts, body))
     }
 }
@@ -206,17 +210,29 @@ struct ChargedBody {
     /// How long the body may send nothing, and when that runs out (armed while it waits).
     idle: Option<Duration>,
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The request's path and the client's address, for the log.
+    method: String,
+    peer: Option<std::net::SocketAddr>,
+}
+
+/// The client's address, from tonic's connection info (plain TCP, or TCP under TLS).
+fn peer(ext: &http::Extensions) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|t| t.get_ref().remote_addr()))
 }
 
 impl ChargedBody {
     fn new(inner: Body, hold: UploadHold, metrics: Arc<Metrics>, idle: Option<Duration>) -> Self {
-        ChargedBody { inner, hold, metrics, prefix: [0; 5], prefix_len: 0, left: 0, idle, stall: None }
+        ChargedBody { inner, hold, metrics, prefix: [0; 5], prefix_len: 0, left: 0, idle, stall: None, method: String::new(), peer: None }
     }
 
     /// Counts and turns a refusal into the status that ends the request.
     fn refuse(&self, e: ServiceError) -> Status {
         self.metrics.rejected(e.reason());
-        tracing::info!("request refused while it arrived: {e}");
+        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+        tracing::info!(method = %self.method, client = %peer, reason = e.reason(), "request refused while it arrived: {e}");
         e.into()
     }
 

@@ -267,6 +267,8 @@ fn spans_reach_the_collector() {
     assert_eq!(str_attr(rpc, "rpc.system"), "grpc");
     assert_eq!(str_attr(rpc, "rpc.service"), "s3net.v1.Segmenter");
     assert_eq!(str_attr(rpc, "rpc.method"), "Segment");
+    assert_eq!(str_attr(rpc, "client.address"), "127.0.0.1");
+    assert!(int_attr(rpc, "client.port") > 0);
     assert_eq!(str_attr(rpc, "job_id"), id1);
     // Its job: a child of that RPC, with what an operator needs to know about the fit.
     let job = find("job", t1);

@@ -26,6 +26,8 @@ struct ServerProcess {
     child: Child,
     url: String,
     metrics: std::net::SocketAddr,
+    /// Its log: JSON lines.
+    log: tempfile::NamedTempFile,
 }
 
 impl Drop for ServerProcess {
@@ -40,6 +42,7 @@ impl Drop for ServerProcess {
 fn serve() -> ServerProcess {
     let port = free_port();
     let metrics = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["serve_child", "--exact", "--ignored", "--nocapture"])
         .env("S3NET_SERVE_CHILD", "1")
@@ -51,11 +54,12 @@ fn serve() -> ServerProcess {
         .env("S3NET__WORKERS__CPU_WORKERS", "1")
         .env("S3NET__WORKERS__TORCH_THREADS", "1")
         .env("S3NET__METRICS__LISTEN", format!("127.0.0.1:{metrics}"))
+        .env("S3NET__LOG__FORMAT", "json")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap();
-    ServerProcess { child, url: format!("http://127.0.0.1:{port}"), metrics: format!("127.0.0.1:{metrics}").parse().unwrap() }
+    ServerProcess { child, url: format!("http://127.0.0.1:{port}"), metrics: format!("127.0.0.1:{metrics}").parse().unwrap(), log }
 }
 
 /// An upload that announces `total` bytes and sends nothing more until `tx` is dropped.
@@ -136,6 +140,16 @@ fn large_unary_requests_are_refused_before_they_are_collected() {
 
         let m = scrape(server.metrics).await;
         assert_series(&m, &[("s3net_rejected_total{reason=\"upload_memory\"}", 17.0)]);
+        // Each refusal is logged with the method and the client's address.
+        let log = std::fs::read_to_string(server.log.path()).unwrap();
+        let refused: Vec<&str> = log.lines().filter(|l| l.contains("request refused while it arrived")).collect();
+        assert_eq!(refused.len(), 17, "{log}");
+        for method in ["/s3net.v1.Segmenter/Segment", "/s3net.v1.Segmenter/SubmitJob", "/s3net.v1.Segmenter/SegmentUpload"] {
+            assert!(
+                refused.iter().any(|l| l.contains(&format!("\"method\":\"{method}\"")) && l.contains("\"client\":\"127.0.0.1:") && l.contains("\"reason\":\"upload_memory\"")),
+                "no refusal of {method} with the client's address: {refused:?}"
+            );
+        }
 
         // The held uploads give their bytes back when they end; then the same 24 MiB message
         // is taken in and read (it is no image), and a real image is segmented.
