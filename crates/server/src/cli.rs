@@ -236,6 +236,8 @@ pub enum ClientCommand {
         #[arg(long)]
         upload: bool,
         #[command(flatten)]
+        retry: RetryArgs,
+        #[command(flatten)]
         fit: RemoteFitArgs,
     },
     /// Queue an image as an asynchronous job and print its id.
@@ -246,6 +248,8 @@ pub enum ClientCommand {
         /// Idempotency key: resubmitting with it returns the same job.
         #[arg(long)]
         idempotency_key: Option<String>,
+        #[command(flatten)]
+        retry: RetryArgs,
         #[command(flatten)]
         fit: RemoteFitArgs,
     },
@@ -282,6 +286,74 @@ pub enum ClientCommand {
         #[arg(long, default_value = "")]
         service: String,
     },
+}
+
+/// How `segment` and `submit` retry a refusal the server made before it did anything:
+/// RESOURCE_EXHAUSTED (queue full, a memory budget full) no sooner than its `retry-after` hint,
+/// and UNAVAILABLE (a server draining or restarting), with exponential backoff and jitter.
+/// As the Python client does; a refused request queued nothing, so a retry runs no job twice.
+#[derive(Args, Debug, Clone)]
+pub struct RetryArgs {
+    /// Retries after such a refusal (0: none).
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
+    /// First backoff in seconds, doubled each retry up to 30 s.
+    #[arg(long, default_value_t = 0.5)]
+    pub backoff: f64,
+}
+
+impl Default for RetryArgs {
+    fn default() -> Self {
+        RetryArgs { retries: 3, backoff: 0.5 }
+    }
+}
+
+impl RetryArgs {
+    /// The wait before retry `attempt + 1` after `status`, or None to give up.
+    pub fn delay(&self, attempt: u32, status: &Status) -> Option<Duration> {
+        if attempt >= self.retries || !matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable) {
+            return None;
+        }
+        // Jitter in [0.5, 1) from the clock: enough to spread clients refused together.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let jitter = 0.5 + 0.5 * f64::from(nanos % 1000) / 1000.0;
+        let backoff = (self.backoff.max(0.0) * 2f64.powi(attempt as i32)).min(30.0) * jitter;
+        let hint = status
+            .metadata()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        Some(Duration::from_secs_f64(backoff.max(hint)))
+    }
+
+    /// Runs `call` until it is not refused as above, saying each retry on stderr.
+    pub async fn run<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Err(s) => match self.delay(attempt, &s) {
+                    Some(wait) => {
+                        attempt += 1;
+                        eprintln!(
+                            "{:?}: {}; retry {attempt} of {} in {:.1} s",
+                            s.code(),
+                            s.message(),
+                            self.retries,
+                            wait.as_secs_f64()
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => return Err(s),
+                },
+                ok => return ok,
+            }
+        }
+    }
 }
 
 /// Adds the bearer token to every request.
@@ -372,6 +444,7 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
             file,
             out,
             upload,
+            retry,
             fit,
         } => {
             let image = read(&file)?;
@@ -382,26 +455,34 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "image".into());
-            let mut client = conn.client().await?;
-            let stream = if upload || image.len() > 48 << 20 {
-                let mut chunks = vec![pb::UploadChunk {
-                    part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
-                        options: Some(options),
-                        total_bytes: image.len() as u64,
-                    })),
-                }];
-                chunks.extend(image.chunks(1 << 20).map(|c| pb::UploadChunk {
-                    part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
-                }));
-                client.segment_upload(tokio_stream::iter(chunks)).await
-            } else {
-                client
-                    .segment(pb::SegmentRequest {
-                        image,
-                        options: Some(options),
-                    })
-                    .await
-            };
+            let client = conn.client().await?;
+            let stream = retry
+                .run(|| {
+                    let (mut client, options) = (client.clone(), options.clone());
+                    let image = &image;
+                    async move {
+                        if upload || image.len() > 48 << 20 {
+                            let mut chunks = vec![pb::UploadChunk {
+                                part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
+                                    options: Some(options),
+                                    total_bytes: image.len() as u64,
+                                })),
+                            }];
+                            chunks.extend(image.chunks(1 << 20).map(|c| pb::UploadChunk {
+                                part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
+                            }));
+                            client.segment_upload(tokio_stream::iter(chunks)).await
+                        } else {
+                            client
+                                .segment(pb::SegmentRequest {
+                                    image: image.clone(),
+                                    options: Some(options),
+                                })
+                                .await
+                        }
+                    }
+                })
+                .await;
             let result = follow_events(stream.map_err(status_error)?.into_inner(), true).await?;
             write_result(&out, &stem, &result)?;
             println!(
@@ -418,15 +499,19 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
             conn,
             file,
             idempotency_key,
+            retry,
             fit,
         } => {
-            let r = conn
-                .client()
-                .await?
-                .submit_job(pb::SubmitJobRequest {
-                    image: read(&file)?,
-                    options: Some(fit.options()?),
-                    idempotency_key: idempotency_key.unwrap_or_default(),
+            let client = conn.client().await?;
+            let request = pb::SubmitJobRequest {
+                image: read(&file)?,
+                options: Some(fit.options()?),
+                idempotency_key: idempotency_key.unwrap_or_default(),
+            };
+            let r = retry
+                .run(|| {
+                    let (mut client, request) = (client.clone(), request.clone());
+                    async move { client.submit_job(request).await }
                 })
                 .await
                 .map_err(status_error)?
@@ -649,5 +734,29 @@ pub async fn wait_serving(conn: &ConnectArgs, timeout: Duration) -> Result<()> {
             conn.addr
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_wait_for_the_hint_and_back_off() {
+        let r = RetryArgs { retries: 3, backoff: 0.5 };
+        let mut full = Status::resource_exhausted("queue is full");
+        full.metadata_mut().insert("retry-after", "4".parse().unwrap());
+        assert_eq!(r.delay(0, &full), Some(Duration::from_secs(4)), "never sooner than the hint");
+        let down = Status::unavailable("draining");
+        for attempt in 0..3 {
+            let d = r.delay(attempt, &down).expect("retried").as_secs_f64();
+            let full_wait = 0.5 * 2f64.powi(attempt as i32);
+            assert!((0.5 * full_wait..=full_wait).contains(&d), "attempt {attempt}: {d}");
+        }
+        assert_eq!(r.delay(3, &down), None, "three retries, no more");
+        assert_eq!(r.delay(0, &Status::invalid_argument("not an image")), None);
+        assert_eq!(r.delay(0, &Status::deadline_exceeded("stalled")), None);
+        let far = RetryArgs { retries: 20, backoff: 0.5 };
+        assert!(far.delay(15, &down).unwrap() <= Duration::from_secs(30));
     }
 }

@@ -105,14 +105,17 @@ fn command_line_definitions_are_consistent() {
         "cpu",
         "--priority",
         "-2",
+        "--retries",
+        "5",
     ])
     .unwrap();
     let Command::Client(ClientCommand::Segment {
-        conn, file, fit, ..
+        conn, file, fit, retry, ..
     }) = cli.command
     else {
         panic!()
     };
+    assert_eq!((retry.retries, retry.backoff), (5, 0.5));
     assert_eq!(conn.addr, "http://10.0.0.1:50051");
     assert_eq!(file.to_str(), Some("ct.dcm"));
     let o = fit.options().unwrap();

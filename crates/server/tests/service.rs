@@ -977,6 +977,47 @@ async fn bearer_token_is_checked_when_configured() {
     server.shutdown().await.unwrap();
 }
 
+/// `s3net client segment` retries a full queue no sooner than the server's hint, and with
+/// `--retries 0` reports it.
+#[test]
+fn cli_client_retries_a_full_queue() {
+    use s3net_server::cli::{run_client, ClientCommand, RemoteFitArgs, RetryArgs};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cfg = config();
+    cfg.queue.capacity = 1;
+    let (server, url) = rt.block_on(start(cfg));
+    let mut c = rt.block_on(client(&url));
+    let running = rt.block_on(submit_running(&mut c, disk(48, 48), slow()));
+    let waiting = rt.block_on(submit(&mut c, disk(32, 32), slow()));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("scan.png");
+    std::fs::write(&file, disk(36, 28)).unwrap();
+    let segment = |retries: u32| ClientCommand::Segment {
+        conn: plain_conn(&url),
+        file: file.clone(),
+        out: dir.path().join("out"),
+        upload: false,
+        retry: RetryArgs { retries, backoff: 0.05 },
+        fit: RemoteFitArgs { iterations: Some(3), size: Some(32), features: Some(8), device: Some("cpu".into()), ..Default::default() },
+    };
+    let cmd = segment(0);
+    let err = std::thread::spawn(move || run_client(cmd)).join().unwrap().unwrap_err();
+    assert!(err.to_string().starts_with("ResourceExhausted: queue is full (1 jobs waiting); retry in about"), "{err}");
+
+    // With retries it gets in once the queue has room, and not before the hint (at least 1 s).
+    let cmd = segment(5);
+    let started = std::time::Instant::now();
+    let call = std::thread::spawn(move || run_client(cmd));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for job_id in [waiting, running] {
+        rt.block_on(c.cancel_job(pb::CancelJobRequest { job_id })).unwrap();
+    }
+    call.join().unwrap().expect("retried into the queue");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(dir.path().join("out/scan.mask.png").exists());
+    rt.block_on(server.shutdown()).unwrap();
+}
+
 #[test]
 fn cli_client_segment_writes_the_three_files() {
     use s3net_server::cli::{run_client, ClientCommand, RemoteFitArgs};
@@ -999,6 +1040,7 @@ fn cli_client_segment_writes_the_three_files() {
         file: file.clone(),
         out: out.clone(),
         upload: false,
+        retry: Default::default(),
         fit: fit.clone(),
     };
     // run_client builds its own runtime, so it runs on a plain thread.
@@ -1024,6 +1066,7 @@ fn cli_client_segment_writes_the_three_files() {
         file: file.clone(),
         out: out2.clone(),
         upload: true,
+        retry: Default::default(),
         fit: fit.clone(),
     };
     std::thread::spawn(move || run_client(cmd))
@@ -1040,6 +1083,7 @@ fn cli_client_segment_writes_the_three_files() {
         file: bad,
         out: out.clone(),
         upload: false,
+        retry: Default::default(),
         fit,
     };
     let err = std::thread::spawn(move || run_client(cmd))
