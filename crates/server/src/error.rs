@@ -38,6 +38,15 @@ pub enum ServiceError {
         size(*held_bytes), size(*budget_bytes), size(*need_bytes)
     )]
     UploadsFull { need_bytes: u64, held_bytes: u64, budget_bytes: u64, retry_after_s: u64 },
+    /// A gRPC message larger than the server takes in one (`server.max_message_bytes`): refused
+    /// at its length prefix, before the budget, so that a client is not told to retry what can
+    /// never fit.
+    #[error(
+        "a message of {} is more than this server takes in one (server.max_message_bytes: {}); \
+         send large images with SegmentUpload, in chunks smaller than that",
+        size(*bytes), size(*limit)
+    )]
+    MessageTooLarge { bytes: u64, limit: u64 },
     /// A request stopped sending before it was received whole: dropped, so that the budget it
     /// held (`UploadsFull`) is not held for ever by a client that hangs with its connection
     /// open (its HTTP/2 layer still answers the keepalive pings).
@@ -83,7 +92,9 @@ impl ServiceError {
     /// The gRPC code of this error: the one place that decides it.
     pub fn code(&self) -> Code {
         match self {
-            ServiceError::Imaging(_) | ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::Imaging(_) | ServiceError::InvalidArgument(_) | ServiceError::MessageTooLarge { .. } => {
+                Code::InvalidArgument
+            }
             ServiceError::Model(m) => match m {
                 ModelError::InvalidArgument(_) => Code::InvalidArgument,
                 ModelError::Cancelled => Code::Cancelled,
@@ -187,6 +198,7 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (ServiceError::Stalled { idle_s: 60 }, Code::DeadlineExceeded),
+            (ServiceError::MessageTooLarge { bytes: 70 << 20, limit: 64 << 20 }, Code::InvalidArgument),
             (ServiceError::Draining, Code::Unavailable),
             (ServiceError::NotFound("j".into()), Code::NotFound),
             (

@@ -152,11 +152,14 @@ pub struct Budgeted<S> {
     budget: UploadBudget,
     metrics: Arc<Metrics>,
     idle: Option<Duration>,
+    max_message: usize,
 }
 
 impl<S> Budgeted<S> {
-    pub fn new(inner: S, budget: UploadBudget, metrics: Arc<Metrics>) -> Self {
-        Budgeted { inner, budget, metrics, idle: None }
+    /// `max_message`: the largest message the service decodes (`server.max_message_bytes`);
+    /// a longer one is refused at its prefix, as INVALID_ARGUMENT, before the budget is asked.
+    pub fn new(inner: S, budget: UploadBudget, metrics: Arc<Metrics>, max_message: usize) -> Self {
+        Budgeted { inner, budget, metrics, idle: None, max_message }
     }
 
     /// Drops a request whose body sends nothing for `idle` before it ends (see the module's
@@ -188,6 +191,7 @@ where
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(hold.clone());
         let mut body = ChargedBody::new(body, hold, self.metrics.clone(), self.idle);
+        body.max_message = self.max_message;
         // For the log line of a refusal, which comes before any RPC span exists.
         body.method = parts.uri.path().to_string();
         body.peer = peer(&parts.extensions);
@@ -213,6 +217,8 @@ struct ChargedBody {
     /// The request's path and the client's address, for the log.
     method: String,
     peer: Option<std::net::SocketAddr>,
+    /// The largest message the service decodes.
+    max_message: usize,
 }
 
 /// The client's address, from tonic's connection info (plain TCP, or TCP under TLS).
@@ -225,7 +231,7 @@ fn peer(ext: &http::Extensions) -> Option<std::net::SocketAddr> {
 
 impl ChargedBody {
     fn new(inner: Body, hold: UploadHold, metrics: Arc<Metrics>, idle: Option<Duration>) -> Self {
-        ChargedBody { inner, hold, metrics, prefix: [0; 5], prefix_len: 0, left: 0, idle, stall: None, method: String::new(), peer: None }
+        ChargedBody { inner, hold, metrics, prefix: [0; 5], prefix_len: 0, left: 0, idle, stall: None, method: String::new(), peer: None, max_message: usize::MAX }
     }
 
     /// Counts and turns a refusal into the status that ends the request.
@@ -253,6 +259,9 @@ impl ChargedBody {
                 self.prefix_len = 0;
                 let len = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]) as usize;
                 self.left = len;
+                if len > self.max_message {
+                    return Err(self.refuse(ServiceError::MessageTooLarge { bytes: len as u64, limit: self.max_message as u64 }));
+                }
                 if let Err(e) = self.hold.receive(len) {
                     return Err(self.refuse(e));
                 }

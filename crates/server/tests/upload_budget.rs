@@ -151,6 +151,22 @@ fn large_unary_requests_are_refused_before_they_are_collected() {
             );
         }
 
+        // A message larger than the server takes at all is INVALID_ARGUMENT at its prefix,
+        // budget full or not: retrying it could never help.
+        let err = c2
+            .segment(pb::SegmentRequest { image: vec![0u8; 33 * MIB], options: Some(quick()) })
+            .await
+            .expect_err("too large");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().starts_with(
+                "a message of 33.0 MiB is more than this server takes in one (server.max_message_bytes: 32.0 MiB); \
+                 send large images with SegmentUpload, in chunks smaller than that"
+            ),
+            "{}",
+            err.message()
+        );
+
         // The held uploads give their bytes back when they end; then the same 24 MiB message
         // is taken in and read (it is no image), and a real image is segmented.
         drop((a, b));
