@@ -437,23 +437,33 @@ pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingErro
 /// since this function cannot fail. Values clamp to `[0, 1]`; NaN samples become 0.
 /// MONOCHROME1 needs no special case: [`decode`] already inverted it.
 pub fn normalize(decoded: &Decoded, window: Option<Window>) -> Image {
-    let chosen = window
-        .filter(Window::is_valid)
-        .or(decoded.window.filter(Window::is_valid));
-    let chosen = match chosen {
-        Some(w) => w,
-        None if decoded.format != Format::Dicom && decoded.bit_depth == 8 => Window {
-            center: 127.5,
-            width: 255.0,
-        },
-        None => auto_window(&decoded.samples),
-    };
     Image {
         width: decoded.width,
         height: decoded.height,
         channels: decoded.channels,
-        data: window::apply_window(&decoded.samples, chosen),
+        data: window::apply_window(&decoded.samples, decoded.window_for(window)),
         kind: decoded.kind,
+    }
+}
+
+impl Decoded {
+    /// The window [`normalize`] applies: `asked` when valid, else the file's, else the full
+    /// 8-bit range for 8-bit rasters, else [`auto_window`].
+    fn window_for(&self, asked: Option<Window>) -> Window {
+        match asked.filter(Window::is_valid).or(self.window.filter(Window::is_valid)) {
+            Some(w) => w,
+            None if self.format != Format::Dicom && self.bit_depth == 8 => Window { center: 127.5, width: 255.0 },
+            None => auto_window(&self.samples),
+        }
+    }
+
+    /// [`normalize`], windowing the samples in their own buffer. Why: `normalize` holds the
+    /// decoded samples and the image together, two image-sized f32 buffers (2.4 GB for a
+    /// 10000² colour image); read what else the caller needs from the `Decoded` first.
+    pub fn into_image(mut self, window: Option<Window>) -> Image {
+        let w = self.window_for(window);
+        window::apply_window_in_place(&mut self.samples, w);
+        Image { width: self.width, height: self.height, channels: self.channels, data: self.samples, kind: self.kind }
     }
 }
 
@@ -463,5 +473,5 @@ pub fn load(
     opts: &DecodeOptions,
     window: Option<Window>,
 ) -> Result<Image, ImagingError> {
-    decode(bytes, opts).map(|d| normalize(&d, window))
+    decode(bytes, opts).map(|d| d.into_image(window))
 }

@@ -110,19 +110,19 @@ fn select_ranks(samples: &[f32], n: usize, min: f32, max: f32, ranks: [usize; 2]
 
 /// Linear windowing into `[0, 1]`; NaN maps to 0.
 pub(crate) fn apply_window(samples: &[f32], w: Window) -> Vec<f32> {
+    let mut out = samples.to_vec();
+    apply_window_in_place(&mut out, w);
+    out
+}
+
+/// [`apply_window`] over the samples' own buffer (no second image-sized buffer).
+pub(crate) fn apply_window_in_place(samples: &mut [f32], w: Window) {
     let lo = w.center - w.width / 2.0;
     let inv = 1.0 / w.width;
-    samples
-        .iter()
-        .map(|&v| {
-            let x = ((f64::from(v) - lo) * inv) as f32;
-            if x.is_nan() {
-                0.0
-            } else {
-                x.clamp(0.0, 1.0)
-            }
-        })
-        .collect()
+    for v in samples {
+        let x = ((f64::from(*v) - lo) * inv) as f32;
+        *v = if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) };
+    }
 }
 
 #[cfg(test)]

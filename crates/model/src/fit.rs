@@ -75,9 +75,11 @@ pub struct FitOutput {
 /// fit return [`ModelError::Cancelled`]. Errors raised inside libtorch (including CUDA out of
 /// memory) come back as [`ModelError::Torch`]; they never unwind into the caller.
 ///
-/// This is a [`Batch`] of one: the same loop trains one network or many.
+/// This is a [`Batch`] of one: the same loop trains one network or many. The image is shared,
+/// not copied: a [`Batch`] keeps its jobs' images, and a copy of a large one was 4 bytes a
+/// pixel and channel more (1.2 GB for a 10000² colour image).
 pub fn fit(
-    image: &Image,
+    image: &Arc<Image>,
     opts: &FitOptions,
     device: Device,
     progress: &mut dyn FnMut(&Progress),
@@ -88,7 +90,7 @@ pub fn fit(
 
 /// [`fit`] as the given attempt (see [`Progress::attempt`]).
 pub(crate) fn fit_as(
-    image: &Image,
+    image: &Arc<Image>,
     opts: &FitOptions,
     device: Device,
     attempt: usize,
@@ -97,7 +99,7 @@ pub(crate) fn fit_as(
 ) -> Result<FitOutput, ModelError> {
     let mut batch = Batch::new(device);
     let job = FitJob {
-        image: Arc::new(image.clone()),
+        image: image.clone(),
         opts: opts.clone(),
         progress: Box::new(|p: &Progress| progress(p)),
         cancel: Box::new(|| cancel.load(Ordering::Relaxed)),
@@ -169,7 +171,16 @@ fn check_image(image: &Image) -> Result<(), ModelError> {
 /// enlarging; grey repeated to 3 channels when asked.
 pub fn prepare_input(image: &Image, opts: &FitOptions, device: Device) -> Tensor {
     let (w, h, c) = (image.width as i64, image.height as i64, image.channels as i64);
-    let x = Tensor::from_slice(&image.data).view([1, c, h, w]).to_device(device);
+    assert_eq!(image.data.len() as i64, c * h * w, "image buffer and size disagree");
+    // The image is read in place, not copied into a tensor first: the copy was 4 bytes a pixel
+    // and channel more at the image's full size (1.2 GB for a 10000² colour image) for a resize
+    // that keeps none of it. SAFETY: `image.data` holds exactly c·h·w f32 values (checked
+    // above), is only read, and outlives `x`: every tensor this function returns is made by
+    // `clamp` below, which writes new storage, and `x` and its views are dropped here.
+    let x = unsafe {
+        Tensor::from_blob(image.data.as_ptr().cast::<u8>(), &[1, c, h, w], &[c * h * w, h * w, w, 1], Kind::Float, Device::Cpu)
+    };
+    let x = x.to_device(device);
     let s = opts.size;
     let x = if h == s && w == s {
         x
@@ -897,9 +908,10 @@ fn read_labels(response: &Tensor, target: &Tensor, image: &Image, opts: &FitOpti
     let same_size = w0 == opts.size && h0 == opts.size;
     // Logit upsampling holds n_used × H × W floats; beyond ~64M values fall back to nearest.
     let logits_ok = opts.upsample == Upsample::Logits && (used.len() as i64) * h0 * w0 <= 64 << 20;
-    // Full-resolution map as raw cluster indices.
-    let raw_full: Vec<i64> = if same_size {
-        raw_grid.clone()
+    // Full-resolution map as raw cluster indices, in the u16 of the final map (k ≤ 256): an
+    // i64 map at the image's size was 8 bytes a pixel, 800 MB at 10000².
+    let raw_full: Vec<u16> = if same_size {
+        raw_grid.iter().map(|&i| i as u16).collect()
     } else if logits_ok {
         let idx = Tensor::from_slice(&used).to_device(response.device());
         // (The response is in the activations' format; upsampled in float32 whatever it is.)
@@ -907,10 +919,10 @@ fn read_labels(response: &Tensor, target: &Tensor, image: &Image, opts: &FitOpti
         let up = crate::affine::channel_argmax(&sel.upsample_bilinear2d([h0, w0], false, None, None));
         // `up` indexes into `used`.
         let up = Vec::<i64>::try_from(up.flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
-        up.iter().map(|&i| used[i as usize]).collect()
+        up.iter().map(|&i| used[i as usize] as u16).collect()
     } else {
         let g = LabelMap { width: s, height: s, data: raw_grid.iter().map(|&i| i as u16).collect() };
-        nearest(&g, w0 as u32, h0 as u32).data.iter().map(|&i| i as i64).collect()
+        nearest(&g, w0 as u32, h0 as u32).data
     };
     let mut present = vec![false; k as usize];
     for &i in &raw_full {
@@ -924,7 +936,11 @@ fn read_labels(response: &Tensor, target: &Tensor, image: &Image, opts: &FitOpti
         rank[i as usize] = r as u16;
     }
     let grid = LabelMap { width: s, height: s, data: raw_grid.iter().map(|&i| rank[i as usize]).collect() };
-    let full = LabelMap { width: w0 as u32, height: h0 as u32, data: raw_full.iter().map(|&i| rank[i as usize]).collect() };
+    let mut data = raw_full;
+    for i in &mut data {
+        *i = rank[*i as usize];
+    }
+    let full = LabelMap { width: w0 as u32, height: h0 as u32, data };
     (grid, full, n)
 }
 
@@ -983,7 +999,7 @@ mod tests {
         let x = Tensor::ones([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         assert!((&x * 2.0).requires_grad(), "grad mode stayed off after the failure");
 
-        let image = Image { width: 16, height: 16, channels: 1, data: (0..256).map(|i| (i % 16) as f32 / 16.0).collect(), kind: ImageKind::Grey };
+        let image = Arc::new(Image { width: 16, height: 16, channels: 1, data: (0..256).map(|i| (i % 16) as f32 / 16.0).collect(), kind: ImageKind::Grey });
         let opts = FitOptions { size: 16, features: 4, iterations: 2, min_labels: 0, ..FitOptions::default() };
         let out = fit(&image, &opts, Device::Cpu, &mut |_| (), &std::sync::atomic::AtomicBool::new(false));
         assert!(out.is_ok(), "a fit after the failure: {:?}", out.err());

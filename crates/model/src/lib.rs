@@ -21,6 +21,7 @@ pub mod options;
 pub mod rng;
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 pub use fit::{fit, set_cuda_graphs, Batch, FitJob, FitOutput, LossTerms, Progress};
 pub use options::{cuda_device_count, set_cuda_memory_fraction, DeviceSpec, FitOptions, Preset};
@@ -108,7 +109,7 @@ pub struct Segmentation {
 /// whose foreground comes out empty is made again with another seed, [`FOREGROUND_REFITS`]
 /// times at most (see [`refit_options`]); its progress then counts as the next attempt.
 pub fn segment(
-    image: &Image,
+    image: &Arc<Image>,
     opts: &FitOptions,
     device: DeviceSpec,
     progress: &mut dyn FnMut(&Progress),
@@ -120,7 +121,7 @@ pub fn segment(
 /// [`segment`] with at most `max_refits` refits: 0 makes exactly one fit (what a benchmark
 /// times).
 pub fn segment_with(
-    image: &Image,
+    image: &Arc<Image>,
     opts: &FitOptions,
     device: DeviceSpec,
     max_refits: usize,

@@ -37,7 +37,7 @@ fn opts(preset: Preset, seed: u64, iterations: usize) -> FitOptions {
 /// The fit alone, with the losses of every step.
 fn alone(img: &Image, o: &FitOptions, device: Device) -> (Vec<LossTerms>, FitOutput) {
     let mut steps = Vec::new();
-    let out = fit(img, o, device, &mut |p: &Progress| steps.push(p.losses), &AtomicBool::new(false)).unwrap();
+    let out = fit(&Arc::new(img.clone()), o, device, &mut |p: &Progress| steps.push(p.losses), &AtomicBool::new(false)).unwrap();
     (steps, out)
 }
 

@@ -52,7 +52,7 @@ fn exclusive() -> MutexGuard<'static, ()> {
 /// The fit of `seed` alone: per-step losses and outcome.
 fn alone(img: &Image, seed: u64) -> (Vec<LossTerms>, FitOutput) {
     let mut steps = Vec::new();
-    let out = fit(img, &opts(seed), Device::Cpu, &mut |p: &Progress| steps.push(p.losses), &AtomicBool::new(false)).unwrap();
+    let out = fit(&std::sync::Arc::new(img.clone()), &opts(seed), Device::Cpu, &mut |p: &Progress| steps.push(p.losses), &AtomicBool::new(false)).unwrap();
     (steps, out)
 }
 

@@ -2,6 +2,7 @@
 //! resolution of the outputs, and the fused kernels against the tensor-op oracle.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use s3net_imaging::{Image, ImageKind};
 use s3net_model::options::{Kernels, OffsetMode, Precision};
@@ -9,7 +10,7 @@ use s3net_model::{fit, refit_options, segment, DeviceSpec, FitOptions, ModelErro
 use tch::Device;
 
 /// A dark blob on a brighter textured background, `w × h`, RGB or grey.
-fn blob(w: u32, h: u32, grey: bool) -> Image {
+fn blob(w: u32, h: u32, grey: bool) -> Arc<Image> {
     let c = if grey { 1 } else { 3 };
     let n = (w * h) as usize;
     let mut data = vec![0f32; n * c];
@@ -23,7 +24,7 @@ fn blob(w: u32, h: u32, grey: bool) -> Image {
             }
         }
     }
-    Image { width: w, height: h, channels: c as u8, data, kind: if grey { ImageKind::Grey } else { ImageKind::Colour } }
+    Arc::new(Image { width: w, height: h, channels: c as u8, data, kind: if grey { ImageKind::Grey } else { ImageKind::Colour } })
 }
 
 fn tiny(preset: Preset) -> FitOptions {
@@ -160,7 +161,7 @@ fn a_grey_scans_border_is_decided_at_full_resolution() {
 
 /// A bright disk on a dark field (grey): nothing dark lies inside anything, so the foreground
 /// rule finds nothing whatever the clusters.
-fn bright_disk(w: u32, h: u32) -> Image {
+fn bright_disk(w: u32, h: u32) -> Arc<Image> {
     let data = (0..w * h)
         .map(|p| {
             let (fx, fy) = ((p % w) as f32 / w as f32 - 0.5, (p / w) as f32 / h as f32 - 0.5);
@@ -168,7 +169,7 @@ fn bright_disk(w: u32, h: u32) -> Image {
             v + 0.04 * ((p * 7) % 5) as f32 / 5.0
         })
         .collect();
-    Image { width: w, height: h, channels: 1, data, kind: ImageKind::Grey }
+    Arc::new(Image { width: w, height: h, channels: 1, data, kind: ImageKind::Grey })
 }
 
 /// `segment` fits an image whose foreground comes out empty once more, with the seed
@@ -265,10 +266,10 @@ fn bad_options_and_images_are_invalid_arguments() {
     check(FitOptions { lr: f64::NAN, ..tiny(Preset::Default) }, "lr");
     check(FitOptions { min_labels: 99, ..tiny(Preset::Default) }, "min_labels");
     check(FitOptions { precision: Precision::Bfloat16, kernels: Kernels::TensorOps, ..tiny(Preset::Default) }, "bfloat16");
-    let broken = Image { data: vec![0.0; 5], ..blob(16, 16, false) };
+    let broken = Arc::new(Image { data: vec![0.0; 5], ..(*blob(16, 16, false)).clone() });
     let e = fit(&broken, &tiny(Preset::Default), Device::Cpu, &mut no_progress(), &never).unwrap_err();
     assert!(e.to_string().contains("buffer"), "{e}");
-    let empty = Image { width: 0, height: 0, channels: 3, data: vec![], kind: ImageKind::Colour };
+    let empty = Arc::new(Image { width: 0, height: 0, channels: 3, data: vec![], kind: ImageKind::Colour });
     assert!(fit(&empty, &tiny(Preset::Default), Device::Cpu, &mut no_progress(), &never).is_err());
     assert!("gpu7".parse::<DeviceSpec>().is_err());
     assert!("fast".parse::<Preset>().unwrap_err().to_string().contains("default, paper, reference"));

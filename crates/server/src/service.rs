@@ -213,7 +213,8 @@ impl SegmenterService {
             let d = s3net_imaging::decode(&image, &decode)?;
             let applied = window.or(d.window.filter(Window::is_valid));
             let spacing = d.dicom.as_ref().and_then(|i| i.pixel_spacing_mm);
-            Ok::<_, ServiceError>((s3net_imaging::normalize(&d, window), applied, d.orientation, spacing))
+            let orientation = d.orientation;
+            Ok::<_, ServiceError>((d.into_image(window), applied, orientation, spacing))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;

@@ -1395,8 +1395,8 @@ async fn jobs_too_large_for_the_cpu_memory_are_refused() {
         // About 43.6 GB by the estimate, refused before the image is decoded.
         (disk(32, 32), big("cpu"), vec!["1024×1024 grid", "256 features", "43.6 GB"]),
         (disk(32, 32), big(""), vec!["1024×1024 grid", "256 features"]),
-        // A small fit of a 16-megapixel image: about 1.3 GB with the image at full size.
-        (disk(4000, 4000), quick(), vec!["32×32 grid", "of a 4000×4000 image", "smaller image"]),
+        // A small fit of a 49-megapixel image: about 1.24 GB with the image at full size.
+        (disk(7000, 7000), quick(), vec!["32×32 grid", "of a 7000×7000 image", "smaller image"]),
     ];
     for (image, options, needles) in cases {
         let err = c
