@@ -203,3 +203,35 @@ def test_requests_in_transit_over_the_byte_budget_are_retried() -> None:
     finally:
         release.set()
         server.stop()
+
+
+def test_a_server_that_takes_smaller_messages_gets_the_image_in_chunks() -> None:
+    """A server configured to take smaller messages than the client's upload threshold
+    refuses the one-message image as INVALID_ARGUMENT with its limit (``max_message_bytes``);
+    the client sends it again in chunks that fit, sync and asyncio alike. With
+    ``upload=False`` the refusal is the caller's to see."""
+    import asyncio
+
+    from s3net_client import AsyncClient, InvalidArgument
+
+    server = start_server(
+        "--cpu-workers", "1", env={"S3NET__SERVER__MAX_MESSAGE_BYTES": str(4 << 20)}
+    )
+    # About 6.5 MB of noise as a 16-bit PNG: more than 4 MiB, under the 32 MiB threshold.
+    image = np.random.default_rng(1).integers(0, 65535, (1800, 1800), dtype=np.uint16)
+    try:
+        with Client(server.addr, timeout=120) as client:
+            assert client.segment(image, **FAST).labels.shape == (1800, 1800)
+            with pytest.raises(InvalidArgument) as e:
+                client.segment(image, upload=False, **FAST)
+        assert e.value.max_message_bytes == 4 << 20
+        assert "(server.max_message_bytes: 4.0 MiB)" in e.value.details, e.value.details
+
+        async def main() -> None:
+            async with AsyncClient(server.addr, timeout=120) as client:
+                r = await client.segment(image, **FAST)
+                assert r.labels.shape == (1800, 1800)
+
+        asyncio.run(main())
+    finally:
+        server.stop()

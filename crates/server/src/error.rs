@@ -161,6 +161,12 @@ impl From<ServiceError> for Status {
                 status.metadata_mut().insert("retry-after", v);
             }
         }
+        // The limit, machine-readable: a client may send the image again in smaller pieces.
+        if let ServiceError::MessageTooLarge { limit, .. } = e {
+            if let Ok(v) = limit.to_string().parse() {
+                status.metadata_mut().insert("max-message-bytes", v);
+            }
+        }
         status
     }
 }
@@ -229,6 +235,8 @@ mod tests {
         assert_eq!(s.metadata().get("retry-after").unwrap(), "7");
         assert_eq!(ServiceError::Draining.reason(), "draining");
         assert_eq!(ServiceError::Stalled { idle_s: 60 }.reason(), "stalled");
+        let big = Status::from(ServiceError::MessageTooLarge { bytes: 70 << 20, limit: 64 << 20 });
+        assert_eq!(big.metadata().get("max-message-bytes").unwrap(), "67108864");
         assert_eq!(
             ServiceError::InvalidArgument("x".into()).reason(),
             "invalid_argument"

@@ -203,6 +203,21 @@ class Upload:
     def request(self) -> pb.SegmentRequest:
         return pb.SegmentRequest(image=self.image, options=self.options)
 
+    def fallback_chunk_size(
+        self, err: S3NetError, settings: Settings, upload: Optional[bool]
+    ) -> Optional[int]:
+        """The chunk size to send the image again with SegmentUpload after the server refused
+        its one message as longer than it takes (``err.max_message_bytes``), or None when
+        that was another refusal or the caller forbade the upload (``upload=False``).
+
+        Why: the client picks one message or chunks by ``upload_threshold`` alone, and a
+        server may be configured to take smaller messages (``server.max_message_bytes``);
+        a refused message queued nothing, so sending the image again runs no job twice.
+        """
+        if upload is not None or err.max_message_bytes is None:
+            return None
+        return max(1, min(settings.chunk_size, err.max_message_bytes // 2))
+
     def chunks(self, chunk_size: int) -> Iterator[pb.UploadChunk]:
         """The SegmentUpload stream: the header, then the bytes in chunk_size pieces."""
         yield pb.UploadChunk(

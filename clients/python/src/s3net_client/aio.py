@@ -20,7 +20,7 @@ from ._core import (
 )
 from ._pb import s3net_pb2 as pb
 from ._pb.s3net_pb2_grpc import SegmenterStub
-from .errors import from_rpc_error
+from .errors import InvalidArgument, from_rpc_error
 from .images import ImageInput
 from .results import Job, JobEvent, JobState, SegmentationResult, Submitted
 
@@ -101,20 +101,32 @@ class AsyncClient:
         """See ``Client.segment``."""
         up = Upload.of(image, options)
         s = self._settings
-        if up.chunked(s, upload):
+        deadline = s.deadline(timeout)
 
+        def chunked(chunk_size: int) -> Callable[[Optional[float]], Any]:
             def start(timeout: Optional[float]) -> Any:
                 return self._stub.SegmentUpload(
-                    up.chunks(s.chunk_size), timeout=timeout, metadata=s.metadata
+                    up.chunks(chunk_size), timeout=timeout, metadata=s.metadata
                 )
 
-        else:
-            request = up.request()
+            return start
 
-            def start(timeout: Optional[float]) -> Any:
-                return self._stub.Segment(request, timeout=timeout, metadata=s.metadata)
+        if up.chunked(s, upload):
+            return await self._follow(
+                chunked(s.chunk_size), Follower(progress, up.stem), deadline
+            )
+        request = up.request()
 
-        return await self._follow(start, Follower(progress, up.stem), s.deadline(timeout))
+        def start(timeout: Optional[float]) -> Any:
+            return self._stub.Segment(request, timeout=timeout, metadata=s.metadata)
+
+        try:
+            return await self._follow(start, Follower(progress, up.stem), deadline)
+        except InvalidArgument as e:
+            size = up.fallback_chunk_size(e, s, upload)
+            if size is None:
+                raise
+            return await self._follow(chunked(size), Follower(progress, up.stem), deadline)
 
     async def submit(
         self,

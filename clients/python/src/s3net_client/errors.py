@@ -31,8 +31,9 @@ class S3NetError(Exception):
     """A call failed: ``code`` is the gRPC status code, ``details`` the server's message.
 
     ``retry_after`` is the server's hint in seconds (``retry-after`` metadata, sent with
-    RESOURCE_EXHAUSTED), or None. ``job_id`` is set when the failure belongs to a known job
-    (a Failed or Cancelled event).
+    RESOURCE_EXHAUSTED), or None. ``max_message_bytes`` is the largest message the server
+    takes (``max-message-bytes`` metadata, sent when a message was longer), or None.
+    ``job_id`` is set when the failure belongs to a known job (a Failed or Cancelled event).
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
@@ -44,6 +45,7 @@ class S3NetError(Exception):
         code: Optional[grpc.StatusCode] = None,
         retry_after: Optional[float] = None,
         job_id: Optional[str] = None,
+        max_message_bytes: Optional[int] = None,
     ) -> None:
         super().__init__(details)
         if code is not None:
@@ -51,6 +53,7 @@ class S3NetError(Exception):
         self.details = details
         self.retry_after = retry_after
         self.job_id = job_id
+        self.max_message_bytes = max_message_bytes
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
@@ -158,21 +161,33 @@ def make_error(
     *,
     retry_after: Optional[float] = None,
     job_id: Optional[str] = None,
+    max_message_bytes: Optional[int] = None,
 ) -> S3NetError:
     """The exception for a status: the code's subclass, or S3NetError for the others."""
     cls = _BY_CODE.get(code, S3NetError)
-    return cls(details, code=code, retry_after=retry_after, job_id=job_id)
+    return cls(
+        details,
+        code=code,
+        retry_after=retry_after,
+        job_id=job_id,
+        max_message_bytes=max_message_bytes,
+    )
 
 
-def _retry_after(metadata: Optional[Iterable[Tuple[str, object]]]) -> Optional[float]:
+def _number(metadata: Optional[Iterable[Tuple[str, object]]], name: str) -> Optional[float]:
+    """The value of metadata key ``name`` as a non-negative number, or None."""
     for key, value in metadata or ():
-        if key.lower() == "retry-after":
+        if key.lower() == name:
             try:
                 text = value.decode() if isinstance(value, bytes) else str(value)
                 return max(0.0, float(text))
             except ValueError:
                 return None
     return None
+
+
+def _retry_after(metadata: Optional[Iterable[Tuple[str, object]]]) -> Optional[float]:
+    return _number(metadata, "retry-after")
 
 
 def from_rpc_error(e: grpc.RpcError) -> S3NetError:
@@ -183,4 +198,10 @@ def from_rpc_error(e: grpc.RpcError) -> S3NetError:
         trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
     except Exception:  # a call that never reached the server may have none
         trailing = None
-    return make_error(code or grpc.StatusCode.UNKNOWN, details, retry_after=_retry_after(trailing))
+    limit = _number(trailing, "max-message-bytes")
+    return make_error(
+        code or grpc.StatusCode.UNKNOWN,
+        details,
+        retry_after=_retry_after(trailing),
+        max_message_bytes=int(limit) if limit else None,
+    )
