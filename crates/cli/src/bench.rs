@@ -2,6 +2,7 @@
 //! `s3net bench foreground`: medians after a warm-up, printed as JSON.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -308,7 +309,7 @@ fn fit(b: FitBench) -> Result<()> {
     if b.emulate_cuda && resolved != tch::Device::Cpu {
         anyhow::bail!("--emulate-cuda runs the GPU's code paths on the CPU: use it with --device cpu");
     }
-    let image = std::sync::Arc::new(synthetic_image(opts.size as u32, b.grey));
+    let image = Arc::new(synthetic_image(opts.size as u32, b.grey));
     s3net_ops::set_split_k(b.split_k.into());
     let (per_fit, per_iter, dev_name) = if b.batch_only {
         (Vec::new(), Vec::new(), s3net_model::fit::device_name(resolved))
@@ -360,7 +361,7 @@ fn fit(b: FitBench) -> Result<()> {
 
 /// One warm-up fit, then `repeats` timed ones of the image, one after another: the seconds of
 /// each fit (segmentation included, never a refit), of each step, and the device's name.
-fn lone_fits(image: &std::sync::Arc<Image>, opts: &s3net_model::FitOptions, device: DeviceSpec, repeats: usize) -> Result<(Vec<f64>, Vec<f64>, String)> {
+fn lone_fits(image: &Arc<Image>, opts: &s3net_model::FitOptions, device: DeviceSpec, repeats: usize) -> Result<(Vec<f64>, Vec<f64>, String)> {
     let cancel = AtomicBool::new(false);
     let (mut per_fit, mut per_iter, mut dev_name) = (Vec::new(), Vec::new(), String::new());
     for rep in 0..=repeats {
@@ -413,7 +414,7 @@ fn on_threads(threads: usize, repeats: usize, job: &(dyn Fn(usize, usize) -> Res
 
 /// `n` threads each run `repeats` fits of the same image at once (after one warm-up fit each);
 /// images per second = all fits / wall time.
-fn concurrent(image: &std::sync::Arc<Image>, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, repeats: usize) -> Result<serde_json::Value> {
+fn concurrent(image: &Arc<Image>, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, repeats: usize) -> Result<serde_json::Value> {
     let cancel = AtomicBool::new(false);
     let (wall, per_fit) = on_threads(n, repeats, &|_, _| {
         let t0 = Instant::now();
@@ -437,7 +438,7 @@ fn concurrent(image: &std::sync::Arc<Image>, opts: &s3net_model::FitOptions, dev
 #[allow(clippy::too_many_arguments)]
 fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, workers: usize, repeats: usize, trace: Option<(&std::path::Path, usize)>, emulate: bool) -> Result<serde_json::Value> {
     let dev = device.resolve()?;
-    let image = std::sync::Arc::new(image.clone());
+    let image = Arc::new(image.clone());
     // One batch to the end: the seconds of each of its steps.
     let one_batch = |w: usize, r: usize| -> Result<Vec<f64>> {
         let mut b: s3net_model::Batch<usize> = s3net_model::Batch::new(dev);

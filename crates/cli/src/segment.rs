@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -29,7 +30,7 @@ pub struct SegmentArgs {
 /// An image read for a fit, with what its file said about its geometry.
 pub struct Loaded {
     /// Shared with the fit, which keeps it (not copied: see `s3net_model::fit::fit`).
-    pub image: std::sync::Arc<Image>,
+    pub image: Arc<Image>,
     /// The EXIF orientation (1–8) the decoder applied (`Decoded::orientation`).
     pub orientation: u8,
     /// DICOM Pixel Spacing in mm, [rows, columns], when the file gives it.
@@ -45,8 +46,8 @@ pub fn load_image(path: &Path, frame: u32, window: Option<Window>) -> Result<Loa
     let opts = DecodeOptions { frame, ..Default::default() };
     let decoded = s3net_imaging::decode(&bytes, &opts).with_context(|| format!("cannot decode {}", path.display()))?;
     let (orientation, pixel_spacing_mm) = (decoded.orientation, decoded.dicom.as_ref().and_then(|d| d.pixel_spacing_mm));
-    let applied = window.or(decoded.window.filter(Window::is_valid));
-    Ok(Loaded { image: std::sync::Arc::new(decoded.into_image(window)), orientation, pixel_spacing_mm, window: applied })
+    let applied = decoded.given_window(window);
+    Ok(Loaded { image: Arc::new(decoded.into_image(window)), orientation, pixel_spacing_mm, window: applied })
 }
 
 /// A one-line progress display on stderr, only when stderr is a terminal.
@@ -71,7 +72,7 @@ pub fn progress_printer(name: String) -> impl FnMut(&Progress) {
 }
 
 /// Fits one image with progress display.
-pub fn segment_one(image: &std::sync::Arc<Image>, opts: &FitOptions, device: DeviceSpec, name: &str) -> Result<Segmentation> {
+pub fn segment_one(image: &Arc<Image>, opts: &FitOptions, device: DeviceSpec, name: &str) -> Result<Segmentation> {
     let cancel = AtomicBool::new(false);
     let mut show = progress_printer(name.to_string());
     let r = s3net_model::segment(image, opts, device, &mut show, &cancel);

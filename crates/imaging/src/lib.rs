@@ -447,10 +447,17 @@ pub fn normalize(decoded: &Decoded, window: Option<Window>) -> Image {
 }
 
 impl Decoded {
-    /// The window [`normalize`] applies: `asked` when valid, else the file's, else the full
-    /// 8-bit range for 8-bit rasters, else [`auto_window`].
+    /// The window a result reports as applied: `asked` when valid, else the file's (a DICOM's
+    /// Window Center/Width); None when [`normalize`] picks one itself (8-bit range, or
+    /// [`auto_window`]).
+    pub fn given_window(&self, asked: Option<Window>) -> Option<Window> {
+        asked.filter(Window::is_valid).or(self.window.filter(Window::is_valid))
+    }
+
+    /// The window [`normalize`] applies: [`Self::given_window`], else the full 8-bit range for
+    /// 8-bit rasters, else [`auto_window`].
     fn window_for(&self, asked: Option<Window>) -> Window {
-        match asked.filter(Window::is_valid).or(self.window.filter(Window::is_valid)) {
+        match self.given_window(asked) {
             Some(w) => w,
             None if self.format != Format::Dicom && self.bit_depth == 8 => Window { center: 127.5, width: 255.0 },
             None => auto_window(&self.samples),

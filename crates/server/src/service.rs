@@ -211,7 +211,7 @@ impl SegmenterService {
         let reservation = self.queue.reserve(usize::try_from(header.image_bytes()).unwrap_or(usize::MAX), key)?;
         let (image, applied_window, orientation, pixel_spacing) = tokio::task::spawn_blocking(move || {
             let d = s3net_imaging::decode(&image, &decode)?;
-            let applied = window.or(d.window.filter(Window::is_valid));
+            let applied = d.given_window(window);
             let spacing = d.dicom.as_ref().and_then(|i| i.pixel_spacing_mm);
             let orientation = d.orientation;
             Ok::<_, ServiceError>((d.into_image(window), applied, orientation, spacing))
