@@ -168,7 +168,7 @@ impl Server {
         // Outside the token check, whose refusal reads no body: a caller without the token
         // holds nothing of the budget.
         let idle = (cfg.server.request_idle_timeout_s > 0).then(|| Duration::from_secs(cfg.server.request_idle_timeout_s));
-        let segmenter = Budgeted::new(InterceptedService::new(segmenter, auth), uploads, metrics, max).with_idle_timeout(idle);
+        let segmenter = Budgeted::new(InterceptedService::new(segmenter, auth), uploads, metrics, max, idle);
 
         // HTTP/2 pings find the clients that vanished without closing their connection: their
         // streams, and the jobs those own, would otherwise live until TCP gave up on them.

@@ -149,24 +149,26 @@ impl UploadHold {
 #[derive(Clone)]
 pub struct Budgeted<S> {
     inner: S,
+    rules: Arc<Rules>,
+}
+
+/// What every request body of a [`Budgeted`] service is held to; one per service.
+struct Rules {
     budget: UploadBudget,
     metrics: Arc<Metrics>,
+    /// How long a body may send nothing before it ends; `None`: for ever.
     idle: Option<Duration>,
+    /// The largest message the service decodes.
     max_message: usize,
 }
 
 impl<S> Budgeted<S> {
     /// `max_message`: the largest message the service decodes (`server.max_message_bytes`);
     /// a longer one is refused at its prefix, as INVALID_ARGUMENT, before the budget is asked.
-    pub fn new(inner: S, budget: UploadBudget, metrics: Arc<Metrics>, max_message: usize) -> Self {
-        Budgeted { inner, budget, metrics, idle: None, max_message }
-    }
-
-    /// Drops a request whose body sends nothing for `idle` before it ends (see the module's
-    /// doc); `None` waits for ever.
-    pub fn with_idle_timeout(mut self, idle: Option<Duration>) -> Self {
-        self.idle = idle;
-        self
+    /// `idle`: a request whose body sends nothing for that long before it ends is dropped
+    /// (see the module's doc); `None` waits for ever.
+    pub fn new(inner: S, budget: UploadBudget, metrics: Arc<Metrics>, max_message: usize, idle: Option<Duration>) -> Self {
+        Budgeted { inner, rules: Arc::new(Rules { budget, metrics, idle, max_message }) }
     }
 }
 
@@ -187,15 +189,13 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let hold = UploadHold::new(self.budget.clone());
+        let hold = UploadHold::new(self.rules.budget.clone());
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(hold.clone());
-        let mut body = ChargedBody::new(body, hold, self.metrics.clone(), self.idle);
-        body.max_message = self.max_message;
-        // For the log line of a refusal, which comes before any RPC span exists.
-        body.method = parts.uri.path().to_string();
-        body.peer = peer(&parts.extensions);
-        let body = Body::new(body);
+        // The caller, for the log line of a refusal, which comes before any RPC span exists
+        // (the URI's clone shares its bytes).
+        let caller = (parts.uri.clone(), peer(&parts.extensions));
+        let body = Body::new(ChargedBody::new(body, hold, self.rules.clone(), caller));
         self.inner.call(http::Request::from_parts(parts, body))
     }
 }
@@ -205,20 +205,18 @@ where
 struct ChargedBody {
     inner: Body,
     hold: UploadHold,
-    metrics: Arc<Metrics>,
+    rules: Arc<Rules>,
+    /// The request's URI and the client's address, for the log.
+    caller: (http::Uri, Option<std::net::SocketAddr>),
     /// The prefix read so far (it may be split across frames).
     prefix: [u8; 5],
     prefix_len: usize,
     /// Bytes of the current message still to come.
     left: usize,
-    /// How long the body may send nothing, and when that runs out (armed while it waits).
-    idle: Option<Duration>,
+    /// When the body's silence runs out: set when it starts waiting (one timer per body, reset
+    /// for each wait), cleared when a frame arrives.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The request's path and the client's address, for the log.
-    method: String,
-    peer: Option<std::net::SocketAddr>,
-    /// The largest message the service decodes.
-    max_message: usize,
+    waiting: bool,
 }
 
 /// The client's address, from tonic's connection info (plain TCP, or TCP under TLS).
@@ -230,16 +228,33 @@ fn peer(ext: &http::Extensions) -> Option<std::net::SocketAddr> {
 }
 
 impl ChargedBody {
-    fn new(inner: Body, hold: UploadHold, metrics: Arc<Metrics>, idle: Option<Duration>) -> Self {
-        ChargedBody { inner, hold, metrics, prefix: [0; 5], prefix_len: 0, left: 0, idle, stall: None, method: String::new(), peer: None, max_message: usize::MAX }
+    fn new(inner: Body, hold: UploadHold, rules: Arc<Rules>, caller: (http::Uri, Option<std::net::SocketAddr>)) -> Self {
+        ChargedBody { inner, hold, rules, caller, prefix: [0; 5], prefix_len: 0, left: 0, stall: None, waiting: false }
     }
 
     /// Counts and turns a refusal into the status that ends the request.
     fn refuse(&self, e: ServiceError) -> Status {
-        self.metrics.rejected(e.reason());
-        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
-        tracing::info!(method = %self.method, client = %peer, reason = e.reason(), "request refused while it arrived: {e}");
+        self.rules.metrics.rejected(e.reason());
+        let (uri, peer) = &self.caller;
+        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        tracing::info!(method = uri.path(), client = %peer, reason = e.reason(), "request refused while it arrived: {e}");
         e.into()
+    }
+
+    /// Whether the body has now been silent for the idle limit, arming the timer when a wait
+    /// begins.
+    fn silent_too_long(&mut self, cx: &mut Context<'_>) -> Option<Duration> {
+        let idle = self.rules.idle?;
+        if !self.waiting {
+            self.waiting = true;
+            let until = tokio::time::Instant::now() + idle;
+            match &mut self.stall {
+                Some(s) => s.as_mut().reset(until),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(until))),
+            }
+        }
+        let stall = self.stall.as_mut()?;
+        stall.as_mut().poll(cx).is_ready().then_some(idle)
     }
 
     /// Walks one frame's bytes through the message framing, charging each new message.
@@ -259,8 +274,9 @@ impl ChargedBody {
                 self.prefix_len = 0;
                 let len = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]) as usize;
                 self.left = len;
-                if len > self.max_message {
-                    return Err(self.refuse(ServiceError::MessageTooLarge { bytes: len as u64, limit: self.max_message as u64 }));
+                let limit = self.rules.max_message;
+                if len > limit {
+                    return Err(self.refuse(ServiceError::MessageTooLarge { bytes: len as u64, limit: limit as u64 }));
                 }
                 if let Err(e) = self.hold.receive(len) {
                     return Err(self.refuse(e));
@@ -278,17 +294,14 @@ impl HttpBody for ChargedBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
         let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
-            if let Some(idle) = this.idle {
-                let stall = this.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                if stall.as_mut().poll(cx).is_ready() {
-                    this.stall = None;
-                    return Poll::Ready(Some(Err(this.refuse(ServiceError::Stalled { idle_s: idle.as_secs() }))));
-                }
+            if let Some(idle) = this.silent_too_long(cx) {
+                this.waiting = false;
+                return Poll::Ready(Some(Err(this.refuse(ServiceError::Stalled { idle_s: idle.as_secs() }))));
             }
             return Poll::Pending;
         };
         // Something arrived: the next wait starts now.
-        this.stall = None;
+        this.waiting = false;
         if let Some(Ok(f)) = &frame {
             if let Some(data) = f.data_ref() {
                 if let Err(status) = this.charge(data) {
@@ -322,9 +335,16 @@ mod tests {
         out
     }
 
+    fn rules(budget: &UploadBudget, idle: Option<Duration>) -> Arc<Rules> {
+        Arc::new(Rules { budget: budget.clone(), metrics: Arc::new(Metrics::new(4, &[])), idle, max_message: usize::MAX })
+    }
+
+    fn caller() -> (http::Uri, Option<std::net::SocketAddr>) {
+        (http::Uri::from_static("/s3net.v1.Segmenter/Segment"), None)
+    }
+
     fn body(budget: &UploadBudget) -> ChargedBody {
-        let metrics = Arc::new(Metrics::new(4, &[]));
-        ChargedBody::new(Body::empty(), UploadHold::new(budget.clone()), metrics, None)
+        ChargedBody::new(Body::empty(), UploadHold::new(budget.clone()), rules(budget, None), caller())
     }
 
     /// Messages are charged at their prefix, wherever the frames cut them.
@@ -353,8 +373,7 @@ mod tests {
         let budget = UploadBudget::new(1 << 20);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<bytes::Bytes>, Status>>(4);
         let inner = Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
-        let metrics = Arc::new(Metrics::new(4, &[]));
-        let mut body = ChargedBody::new(inner, UploadHold::new(budget.clone()), metrics, Some(Duration::from_millis(500)));
+        let mut body = ChargedBody::new(inner, UploadHold::new(budget.clone()), rules(&budget, Some(Duration::from_millis(500))), caller());
         let bytes = framed(&[4000]);
         let feeder = tokio::spawn(async move {
             for piece in bytes.chunks(500) {
