@@ -295,10 +295,10 @@ pub enum ClientCommand {
 #[derive(Args, Debug, Clone)]
 pub struct RetryArgs {
     /// Retries after such a refusal (0: none).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = RetryArgs::default().retries)]
     pub retries: u32,
     /// First backoff in seconds, doubled each retry up to 30 s.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = RetryArgs::default().backoff)]
     pub backoff: f64,
 }
 
