@@ -203,6 +203,20 @@ class Upload:
     def request(self) -> pb.SegmentRequest:
         return pb.SegmentRequest(image=self.image, options=self.options)
 
+    def segment_call(self, stub: Any, settings: Settings) -> Callable[[Optional[float]], Any]:
+        """Starts a Segment call of the image in one message, given the attempt's timeout
+        (the same for the sync and the asyncio stub)."""
+        request = self.request()
+        return lambda timeout: stub.Segment(request, timeout=timeout, metadata=settings.metadata)
+
+    def upload_call(
+        self, stub: Any, settings: Settings, chunk_size: int
+    ) -> Callable[[Optional[float]], Any]:
+        """Starts a SegmentUpload call of the image in ``chunk_size`` pieces."""
+        return lambda timeout: stub.SegmentUpload(
+            self.chunks(chunk_size), timeout=timeout, metadata=settings.metadata
+        )
+
     def fallback_chunk_size(
         self, err: S3NetError, settings: Settings, upload: Optional[bool]
     ) -> Optional[int]:

@@ -100,33 +100,20 @@ class AsyncClient:
     ) -> SegmentationResult:
         """See ``Client.segment``."""
         up = Upload.of(image, options)
-        s = self._settings
+        s, stub = self._settings, self._stub
         deadline = s.deadline(timeout)
-
-        def chunked(chunk_size: int) -> Callable[[Optional[float]], Any]:
-            def start(timeout: Optional[float]) -> Any:
-                return self._stub.SegmentUpload(
-                    up.chunks(chunk_size), timeout=timeout, metadata=s.metadata
-                )
-
-            return start
-
         if up.chunked(s, upload):
-            return await self._follow(
-                chunked(s.chunk_size), Follower(progress, up.stem), deadline
-            )
-        request = up.request()
-
-        def start(timeout: Optional[float]) -> Any:
-            return self._stub.Segment(request, timeout=timeout, metadata=s.metadata)
-
+            start = up.upload_call(stub, s, s.chunk_size)
+            return await self._follow(start, Follower(progress, up.stem), deadline)
         try:
+            start = up.segment_call(stub, s)
             return await self._follow(start, Follower(progress, up.stem), deadline)
         except InvalidArgument as e:
             size = up.fallback_chunk_size(e, s, upload)
             if size is None:
                 raise
-            return await self._follow(chunked(size), Follower(progress, up.stem), deadline)
+            start = up.upload_call(stub, s, size)
+            return await self._follow(start, Follower(progress, up.stem), deadline)
 
     async def submit(
         self,

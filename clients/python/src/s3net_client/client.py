@@ -127,31 +127,19 @@ class Client:
         the job on the server.
         """
         up = Upload.of(image, options)
-        s = self._settings
+        s, stub = self._settings, self._stub
         deadline = s.deadline(timeout)
-
-        def chunked(chunk_size: int) -> Callable[[Optional[float]], Any]:
-            def start(timeout: Optional[float]) -> Any:
-                return self._stub.SegmentUpload(
-                    up.chunks(chunk_size), timeout=timeout, metadata=s.metadata
-                )
-
-            return start
-
         if up.chunked(s, upload):
-            return self._follow(chunked(s.chunk_size), Follower(progress, up.stem), deadline)
-        request = up.request()
-
-        def start(timeout: Optional[float]) -> Any:
-            return self._stub.Segment(request, timeout=timeout, metadata=s.metadata)
-
-        try:
+            start = up.upload_call(stub, s, s.chunk_size)
             return self._follow(start, Follower(progress, up.stem), deadline)
+        try:
+            return self._follow(up.segment_call(stub, s), Follower(progress, up.stem), deadline)
         except InvalidArgument as e:
             size = up.fallback_chunk_size(e, s, upload)
             if size is None:
                 raise
-            return self._follow(chunked(size), Follower(progress, up.stem), deadline)
+            start = up.upload_call(stub, s, size)
+            return self._follow(start, Follower(progress, up.stem), deadline)
 
     # -- asynchronous jobs ----------------------------------------------------------------
 

@@ -186,10 +186,6 @@ def _number(metadata: Optional[Iterable[Tuple[str, object]]], name: str) -> Opti
     return None
 
 
-def _retry_after(metadata: Optional[Iterable[Tuple[str, object]]]) -> Optional[float]:
-    return _number(metadata, "retry-after")
-
-
 def from_rpc_error(e: grpc.RpcError) -> S3NetError:
     """Converts the error of a sync or asyncio gRPC call."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
@@ -202,6 +198,6 @@ def from_rpc_error(e: grpc.RpcError) -> S3NetError:
     return make_error(
         code or grpc.StatusCode.UNKNOWN,
         details,
-        retry_after=_retry_after(trailing),
+        retry_after=_number(trailing, "retry-after"),
         max_message_bytes=int(limit) if limit else None,
     )
