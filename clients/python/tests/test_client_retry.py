@@ -235,3 +235,29 @@ def test_a_server_that_takes_smaller_messages_gets_the_image_in_chunks() -> None
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_a_connection_over_the_servers_limit_is_retried() -> None:
+    """A connection beyond server.max_connections is closed on arrival: the client's call is
+    UNAVAILABLE at once (not left waiting until its deadline), and a retrying client gets in
+    once a connection is free."""
+    server = start_server("--cpu-workers", "1", env={"S3NET__SERVER__MAX_CONNECTIONS": "1"})
+    try:
+        # The one connection allowed. (Not a second Client: gRPC's C core shares one
+        # connection among the channels of a process that have the same target.)
+        host, port = server.addr.rsplit(":", 1)
+        holder = socket.create_connection((host, int(port)))
+        time.sleep(0.2)
+        with Client(server.addr, timeout=30, retries=0) as client:
+            t0 = time.monotonic()
+            with pytest.raises(Unavailable):
+                client.segment(CT, **FAST)
+            assert time.monotonic() - t0 < 5
+        threading.Timer(0.5, holder.close).start()
+        with Client(server.addr, timeout=120, retries=8, backoff=0.2, max_backoff=0.5) as patient:
+            t0 = time.monotonic()
+            assert patient.segment(CT, **FAST).labels.size > 0
+            assert time.monotonic() - t0 >= 0.4, "got in before the connection was free"
+        assert any("connection refused: server.max_connections are open" in l for l in server.log)
+    finally:
+        server.stop()

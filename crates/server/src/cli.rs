@@ -290,8 +290,10 @@ pub enum ClientCommand {
 
 /// How `segment` and `submit` retry a refusal the server made before it did anything:
 /// RESOURCE_EXHAUSTED (queue full, a memory budget full) no sooner than its `retry-after` hint,
-/// and UNAVAILABLE (a server draining or restarting), with exponential backoff and jitter.
-/// As the Python client does; a refused request queued nothing, so a retry runs no job twice.
+/// and UNAVAILABLE (a server draining or restarting, or its connection failed: see
+/// [`connection_failed`]), with exponential backoff and jitter. As the Python client does; a
+/// refused request queued nothing, and `submit` sends an idempotency key, so a retry runs no
+/// job twice.
 #[derive(Args, Debug, Clone)]
 pub struct RetryArgs {
     /// Retries after such a refusal (0: none).
@@ -311,7 +313,9 @@ impl Default for RetryArgs {
 impl RetryArgs {
     /// The wait before retry `attempt + 1` after `status`, or None to give up.
     pub fn delay(&self, attempt: u32, status: &Status) -> Option<Duration> {
-        if attempt >= self.retries || !matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable) {
+        let retried = matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable)
+            || connection_failed(status);
+        if attempt >= self.retries || !retried {
             return None;
         }
         // Jitter in [0.5, 1) from the clock: enough to spread clients refused together.
@@ -340,9 +344,8 @@ impl RetryArgs {
                     Some(wait) => {
                         attempt += 1;
                         eprintln!(
-                            "{:?}: {}; retry {attempt} of {} in {:.1} s",
-                            s.code(),
-                            s.message(),
+                            "{}; retry {attempt} of {} in {:.1} s",
+                            describe(&s),
                             self.retries,
                             wait.as_secs_f64()
                         );
@@ -422,7 +425,42 @@ fn read(p: &Path) -> Result<Vec<u8>> {
 
 /// A gRPC status as the error the CLI prints: `InvalidArgument: message`.
 pub fn status_error(s: Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    anyhow::anyhow!("{}", describe(&s))
+}
+
+/// Whether a call failed in its connection rather than in the server: the server closed or
+/// reset it (a connection over `server.max_connections`, a restart) or the network dropped it.
+/// tonic says CANCELLED or UNKNOWN "transport error" then, with the transport error as the
+/// status's source, where gRPC's C core (the Python client's) says UNAVAILABLE.
+pub fn connection_failed(s: &Status) -> bool {
+    std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
+}
+
+/// "CODE: message", or for a failed connection "Unavailable: the connection failed: …" with
+/// the transport's own account (tonic's message alone says "transport error").
+fn describe(s: &Status) -> String {
+    if connection_failed(s) {
+        let mut why = Vec::new();
+        let mut e = std::error::Error::source(s);
+        while let Some(err) = e {
+            why.push(err.to_string());
+            e = err.source();
+        }
+        return format!("Unavailable: the connection failed: {}", why.join(": "));
+    }
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+/// A key no other submission uses: 128 bits from the process's random hasher keys and the
+/// clock.
+fn fresh_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut a = std::collections::hash_map::RandomState::new().build_hasher();
+    a.write_u128(nanos);
+    a.write_u32(std::process::id());
+    let b = std::collections::hash_map::RandomState::new().hash_one(nanos);
+    format!("s3net-client-{:016x}{:016x}", a.finish(), b)
 }
 
 fn code_name(code: i32) -> String {
@@ -503,10 +541,13 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
             fit,
         } => {
             let client = conn.client().await?;
+            // A retry after a failed connection must not queue the job twice: the server may
+            // have queued it before the connection failed.
+            let idempotency_key = idempotency_key.unwrap_or_else(fresh_key);
             let request = pb::SubmitJobRequest {
                 image: read(&file)?,
                 options: Some(fit.options()?),
-                idempotency_key: idempotency_key.unwrap_or_default(),
+                idempotency_key,
             };
             let r = retry
                 .run(|| {
@@ -742,6 +783,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fresh_keys_differ() {
+        let keys: std::collections::HashSet<String> = (0..1000).map(|_| fresh_key()).collect();
+        assert_eq!(keys.len(), 1000);
+    }
+
+    #[test]
     fn retries_wait_for_the_hint_and_back_off() {
         let r = RetryArgs { retries: 3, backoff: 0.5 };
         let mut full = Status::resource_exhausted("queue is full");
@@ -756,6 +803,10 @@ mod tests {
         assert_eq!(r.delay(3, &down), None, "three retries, no more");
         assert_eq!(r.delay(0, &Status::invalid_argument("not an image")), None);
         assert_eq!(r.delay(0, &Status::deadline_exceeded("stalled")), None);
+        // CANCELLED and UNKNOWN are retried only with a transport error as their source
+        // (tests/connections.rs makes real ones).
+        assert_eq!(r.delay(0, &Status::cancelled("the caller gave up")), None);
+        assert_eq!(r.delay(0, &Status::unknown("a bug")), None);
         let far = RetryArgs { retries: 20, backoff: 0.5 };
         assert!(far.delay(15, &down).unwrap() <= Duration::from_secs(30));
     }

@@ -50,6 +50,15 @@ pub struct ServerConfig {
     /// back (0: no limit). Why: a client that hangs with its connection open still answers the
     /// keepalive pings, so without it a stuck upload holds its share of the budget for ever.
     pub request_idle_timeout_s: u64,
+    /// Connections that may be open at once; one more is closed as soon as it is accepted
+    /// (its client sees UNAVAILABLE and retries). Why: each connection may hold memory outside
+    /// `max_upload_bytes_in_flight` (data the server has not read yet, up to its 1 MiB HTTP/2
+    /// window, and its streams' state), so this bounds what clients can pin.
+    pub max_connections: usize,
+    /// Concurrent calls (HTTP/2 streams) one connection may have open; a client's further
+    /// calls wait in the client until one ends. Bounds the state a single connection can make
+    /// the server keep (a few KiB per stream).
+    pub max_streams_per_connection: u32,
     /// When set, every Segmenter call must carry `authorization: Bearer <token>`.
     pub auth_token: Option<String>,
     pub tls: Option<TlsConfig>,
@@ -67,6 +76,8 @@ impl Default for ServerConfig {
             keepalive_interval_s: 30,
             keepalive_timeout_s: 20,
             request_idle_timeout_s: 60,
+            max_connections: 256,
+            max_streams_per_connection: 256,
             auth_token: None,
             tls: None,
         }
@@ -347,6 +358,10 @@ impl Config {
             self.server.max_upload_bytes_in_flight,
             self.server.max_upload_bytes,
             self.server.max_message_bytes
+        );
+        anyhow::ensure!(
+            self.server.max_connections >= 1 && self.server.max_streams_per_connection >= 1,
+            "server.max_connections and server.max_streams_per_connection must be at least 1"
         );
         anyhow::ensure!(
             matches!(self.log.format.as_str(), "text" | "json"),

@@ -11,12 +11,14 @@
 //! * [`error::ServiceError`] — every failure, mapped to a gRPC code in one place
 //! * [`config::Config`] — the typed configuration
 //! * [`uploads`] — the byte budget of requests being received
+//! * [`connections`] — the accept loop and its bound on open connections
 //! * [`metrics`] — Prometheus metrics and their `/metrics` endpoint
 //! * [`telemetry`] — log lines and OpenTelemetry traces (OTLP export, `traceparent`)
 //! * [`cli`] — `serve` and `client` subcommands for the `s3net` binary
 
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod jobs;
 pub mod metrics;

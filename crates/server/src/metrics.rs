@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
+use crate::connections::ConnectionLimit;
 use crate::jobs::JobQueue;
 use crate::uploads::UploadBudget;
 
@@ -82,6 +83,11 @@ pub struct Metrics {
     upload_memory_limit: Gauge,
     /// Read when scraped (see [`Metrics::watch_uploads`]).
     uploads: std::sync::OnceLock<UploadBudget>,
+    connections: Gauge,
+    connections_limit: Gauge,
+    connections_refused: Counter,
+    /// Read when scraped (see [`Metrics::watch_connections`]).
+    connection_limit: std::sync::OnceLock<ConnectionLimit>,
     jobs: Family<OutcomeLabel, Counter>,
     queue_wait: Histogram,
     fit_seconds: Histogram,
@@ -145,6 +151,21 @@ impl Metrics {
             "upload_memory_limit_bytes",
             "The budget of requests being received (server.max_upload_bytes_in_flight)",
             upload_memory_limit.clone(),
+        );
+        // Connections are bounded too (crates/server/src/connections.rs).
+        let (connections, connections_limit) = (Gauge::default(), Gauge::default());
+        registry.register("connections", "Open client connections", connections.clone());
+        registry.register(
+            "connections_limit",
+            "Connections that may be open at once (server.max_connections)",
+            connections_limit.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as they were accepted because server.max_connections \
+             were open",
+            connections_refused.clone(),
         );
         let jobs = Family::<OutcomeLabel, Counter>::default();
         for o in OUTCOMES {
@@ -263,6 +284,10 @@ impl Metrics {
             upload_memory,
             upload_memory_limit,
             uploads: std::sync::OnceLock::new(),
+            connections,
+            connections_limit,
+            connections_refused,
+            connection_limit: std::sync::OnceLock::new(),
             jobs,
             queue_wait,
             fit_seconds,
@@ -345,6 +370,18 @@ impl Metrics {
         let _ = self.uploads.set(budget);
     }
 
+    /// Reports the connections open under `limit` (read when scraped) as `s3net_connections`.
+    /// Set once, by the server that accepts them.
+    pub fn watch_connections(&self, limit: ConnectionLimit) {
+        self.connections_limit.set(limit.max() as i64);
+        let _ = self.connection_limit.set(limit);
+    }
+
+    /// A connection was closed on arrival: `server.max_connections` were open.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
     /// The exposition, after reading the state gauges. `openmetrics` picks the OpenMetrics
     /// text format, else the Prometheus text format 0.0.4.
     pub fn render(&self, queue: &dyn JobQueue, openmetrics: bool) -> String {
@@ -354,6 +391,9 @@ impl Metrics {
         self.queue_memory_limit.set(stats.image_bytes_limit as i64);
         if let Some(u) = self.uploads.get() {
             self.upload_memory.set(u.held_bytes() as i64);
+        }
+        if let Some(c) = self.connection_limit.get() {
+            self.connections.set(c.open() as i64);
         }
         if let Some(gpu) = &self.gpu {
             for (device, mem) in gpu.read() {

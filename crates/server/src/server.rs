@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
@@ -16,12 +15,16 @@ use tonic_health::ServingStatus;
 use tracing::info;
 
 use crate::config::Config;
+use crate::connections::ConnectionLimit;
 use crate::jobs::{JobQueue, MemoryQueue, QueueLimits};
 use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::pb::segmenter_server::SegmenterServer;
 use crate::service::SegmenterService;
 use crate::uploads::{Budgeted, UploadBudget};
 use crate::worker::{self, WorkerSlot};
+
+/// The largest health check or reflection request read (see where it is used).
+const SMALL_REQUEST_BYTES: usize = 4 << 10;
 
 /// A running server. Dropping it does not stop it; call [`Server::shutdown`].
 pub struct Server {
@@ -136,7 +139,11 @@ impl Server {
             metrics.clone(),
         );
 
+        // Health checks and reflection queries are a few bytes; tonic would collect up to its
+        // default 4 MiB for each, outside the byte budget of requests (one connection of 100
+        // calls that stopped just short of that held 400 MB of the server's memory).
         let (health, health_service) = tonic_health::server::health_reporter();
+        let health_service = health_service.max_decoding_message_size(SMALL_REQUEST_BYTES);
         health
             .set_serving::<SegmenterServer<SegmenterService>>()
             .await;
@@ -145,7 +152,8 @@ impl Server {
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .context("cannot build the reflection service")?;
+            .context("cannot build the reflection service")?
+            .max_decoding_message_size(SMALL_REQUEST_BYTES);
 
         let max = cfg.server.max_message_bytes;
         let uploads = UploadBudget::new(cfg.server.max_upload_bytes_in_flight);
@@ -168,12 +176,13 @@ impl Server {
         // Outside the token check, whose refusal reads no body: a caller without the token
         // holds nothing of the budget.
         let idle = (cfg.server.request_idle_timeout_s > 0).then(|| Duration::from_secs(cfg.server.request_idle_timeout_s));
-        let segmenter = Budgeted::new(InterceptedService::new(segmenter, auth), uploads, metrics, max, idle);
+        let segmenter = Budgeted::new(InterceptedService::new(segmenter, auth), uploads, metrics.clone(), max, idle);
 
         // HTTP/2 pings find the clients that vanished without closing their connection: their
         // streams, and the jobs those own, would otherwise live until TCP gave up on them.
         let keepalive = (cfg.server.keepalive_interval_s > 0).then(|| Duration::from_secs(cfg.server.keepalive_interval_s));
         let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(cfg.server.max_streams_per_connection)
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(Duration::from_secs(cfg.server.keepalive_timeout_s.max(1))));
         if let Some(tls) = &cfg.server.tls {
@@ -191,13 +200,15 @@ impl Server {
             .await
             .with_context(|| format!("cannot listen on {}", cfg.server.addr))?;
         let addr = listener.local_addr()?;
+        let connections = ConnectionLimit::new(cfg.server.max_connections);
+        metrics.watch_connections(connections.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let router = builder
             .add_service(health_service)
             .add_service(reflection)
             .add_service(segmenter);
         let serving = tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            crate::connections::incoming(listener, connections, metrics.clone()),
             async {
                 let _ = stopped.await;
             },

@@ -1,0 +1,215 @@
+//! The server's accept loop: at most `server.max_connections` open at once.
+//!
+//! Why a bound: every connection may hold memory the byte budget of requests
+//! ([`crate::uploads`]) never sees — up to its HTTP/2 window of data the server has not read
+//! yet (1 MiB), and a few KiB for each of its open streams — so without one a client that
+//! opens connections in a loop grows the server until the kernel kills it, jobs and all. A
+//! connection beyond the bound is closed as soon as it is accepted: its client gets
+//! UNAVAILABLE at once, which gRPC clients retry with backoff, instead of hanging in the
+//! kernel's backlog until its deadline. Operators see `s3net_connections` against
+//! `s3net_connections_limit`, `s3net_connections_refused_total`, and a warning in the log
+//! (at most one every [`WARN_EVERY`], counting the ones it did not log).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::Stream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::warn;
+
+use crate::metrics::Metrics;
+
+/// The shortest time between two warnings about refused connections (or failed accepts).
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// How long the accept loop pauses after an error that is not about one connection (out of
+/// file descriptors, say): accepting again at once would spin on the same error.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// The open connections, counted against their bound. Cloned into the metrics, which read it
+/// when scraped.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimit {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> ConnectionLimit {
+        ConnectionLimit { slots: Arc::new(Semaphore::new(max)), max }
+    }
+
+    /// `server.max_connections`.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+}
+
+/// An accepted connection, holding its place under the bound until it is dropped (when the
+/// server is done with it, whichever side closed it).
+#[derive(Debug)]
+pub struct Admitted {
+    tcp: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Accepts connections from `listener` for as long as the stream is polled, admitting each one
+/// that finds room under `limit` and closing the others (see the module's doc). Errors of
+/// `accept` itself are logged and never end the stream.
+pub fn incoming(
+    listener: TcpListener,
+    limit: ConnectionLimit,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = io::Result<Admitted>> + Send + 'static {
+    let warnings = Warnings::default();
+    futures_util::stream::unfold(
+        (listener, limit, metrics, warnings),
+        |(listener, limit, metrics, warnings)| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((tcp, peer)) => match limit.slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            // As tonic's own listener does: a gRPC message or event goes out
+                            // when it is written, not after the previous one's ACK.
+                            let _ = tcp.set_nodelay(true);
+                            let conn = Admitted { tcp, _slot: slot };
+                            return Some((Ok(conn), (listener, limit, metrics, warnings)));
+                        }
+                        Err(_) => {
+                            drop(tcp);
+                            metrics.connection_refused();
+                            warnings.refused(peer, limit.max);
+                        }
+                    },
+                    Err(e) => {
+                        let per_connection = matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionAborted
+                                | io::ErrorKind::ConnectionReset
+                                | io::ErrorKind::ConnectionRefused
+                        );
+                        if !per_connection {
+                            warnings.accept_failed(&e);
+                            tokio::time::sleep(ACCEPT_PAUSE).await;
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// The accept loop's warnings, each kind at most once per [`WARN_EVERY`].
+#[derive(Default)]
+struct Warnings {
+    refused: Mutex<Quiet>,
+    failed: Mutex<Quiet>,
+}
+
+/// When a warning was last logged, and how many were not logged since.
+#[derive(Default)]
+struct Quiet {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Quiet {
+    /// Whether to log now, and how many went unlogged before this one.
+    fn tick(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+impl Warnings {
+    fn refused(&self, peer: SocketAddr, max: usize) {
+        let tick = self.refused.lock().map(|mut q| q.tick()).unwrap_or(None);
+        if let Some(unlogged) = tick {
+            warn!(
+                client.address = %peer.ip(),
+                client.port = peer.port(),
+                max_connections = max,
+                refused_unlogged = unlogged,
+                "connection refused: server.max_connections are open"
+            );
+        }
+    }
+
+    fn accept_failed(&self, e: &io::Error) {
+        let tick = self.failed.lock().map(|mut q| q.tick()).unwrap_or(None);
+        if let Some(unlogged) = tick {
+            warn!(error = %e, failed_unlogged = unlogged, "cannot accept connections");
+        }
+    }
+}
+
+impl Connected for Admitted {
+    // The same as a plain listener's, so that `Request::remote_addr` (the RPC spans' client
+    // address) finds it, with or without TLS.
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.tcp.connect_info()
+    }
+}
+
+impl AsyncRead for Admitted {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Admitted {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_logs_once_per_period_and_counts_the_rest() {
+        let mut q = Quiet::default();
+        assert_eq!(q.tick(), Some(0));
+        assert_eq!(q.tick(), None);
+        assert_eq!(q.tick(), None);
+        q.last = Some(Instant::now() - WARN_EVERY);
+        assert_eq!(q.tick(), Some(2));
+        assert_eq!(q.tick(), None);
+    }
+}

@@ -1,0 +1,261 @@
+//! What clients can make the server hold outside the byte budget of requests: connections
+//! beyond `server.max_connections` are closed on arrival (and counted and logged), one
+//! connection has at most `server.max_streams_per_connection` calls open, and health checks
+//! and reflection queries are read only up to a few KiB each. The server runs as a child
+//! process, so its memory is its own.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use s3net_server::cli::{wait_serving, RetryArgs};
+use tokio::io::AsyncReadExt;
+
+/// The server process of the tests below (this test binary, run again).
+#[test]
+#[ignore = "started as a child process by the tests of this file"]
+fn serve_child() {
+    serve_if_child();
+}
+
+const MIB: u64 = 1 << 20;
+
+struct ServerProcess {
+    child: Child,
+    addr: String,
+    metrics: std::net::SocketAddr,
+    /// Its log: JSON lines.
+    log: tempfile::NamedTempFile,
+}
+
+impl ServerProcess {
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a VmRSS line");
+        kb * 1024
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server process with the defaults but for `env` (`S3NET__…` settings).
+fn serve(env: &[(&str, &str)]) -> ServerProcess {
+    let (port, metrics) = (free_port(), free_port());
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["serve_child", "--exact", "--ignored", "--nocapture"])
+        .env("S3NET_SERVE_CHILD", "1")
+        .env("S3NET__SERVER__ADDR", format!("127.0.0.1:{port}"))
+        .env("S3NET__WORKERS__CPU_WORKERS", "1")
+        .env("S3NET__WORKERS__TORCH_THREADS", "1")
+        .env("S3NET__METRICS__LISTEN", format!("127.0.0.1:{metrics}"))
+        .env("S3NET__LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let server = ServerProcess {
+        child: cmd.spawn().unwrap(),
+        addr: format!("127.0.0.1:{port}"),
+        metrics: format!("127.0.0.1:{metrics}").parse().unwrap(),
+        log,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_serving(&plain_conn(&server.url()), Duration::from_secs(60))).unwrap();
+    server
+}
+
+/// A raw HTTP/2 connection: the calls below stop part-way, which no gRPC client does.
+async fn h2_connection(addr: &str) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    send.ready().await.unwrap()
+}
+
+/// Starts a call of `path` whose message announces `announced` bytes and sends `sent` of them,
+/// then nothing more while the returned stream is kept. (Over the server's limit of open
+/// streams, h2 queues the call in the client.)
+async fn partial_call(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    addr: &str,
+    path: &str,
+    announced: usize,
+    sent: usize,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = send.clone().ready().await.unwrap().send_request(req, false).unwrap();
+    let mut data = vec![0u8; 5 + sent];
+    data[1..5].copy_from_slice(&(announced as u32).to_be_bytes());
+    body.send_data(bytes::Bytes::from(data), false).unwrap();
+    (response, body)
+}
+
+/// The gRPC status of a finished call's response (its headers, or its trailers).
+async fn grpc_status(response: h2::client::ResponseFuture) -> Option<(String, String)> {
+    let response = response.await.ok()?;
+    let read = |h: &http::HeaderMap| {
+        let v = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+        v("grpc-status").map(|s| (s, v("grpc-message").unwrap_or_default()))
+    };
+    if let Some(s) = read(response.headers()) {
+        return Some(s);
+    }
+    let mut body = response.into_body();
+    while let Some(d) = body.data().await {
+        let _ = d.ok()?;
+    }
+    body.trailers().await.ok()?.as_ref().and_then(read)
+}
+
+#[test]
+fn unfinished_health_and_reflection_calls_hold_little() {
+    let server = serve(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let before = server.rss();
+        let send = h2_connection(&server.addr).await;
+        // The server tells the client its limit of open calls (server.max_streams_per_connection)
+        // in its first SETTINGS.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while send.current_max_send_streams() != 256 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(send.current_max_send_streams(), 256);
+
+        // A message announced as 4 MiB (tonic's default limit) to the health check or to
+        // reflection is refused at its length prefix: 100 of them once held 400 MB.
+        let paths = ["/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"];
+        let mut calls = Vec::new();
+        for i in 0..100 {
+            calls.push(partial_call(&send, &server.addr, paths[i % 2], (4 << 20) - 10, 64 << 10).await);
+        }
+        for (i, (response, _body)) in calls.into_iter().enumerate() {
+            let (code, message) = tokio::time::timeout(Duration::from_secs(10), grpc_status(response))
+                .await
+                .expect("an answer before the message is complete")
+                .expect("a gRPC status");
+            if i % 2 == 0 {
+                // OUT_OF_RANGE: tonic's own refusal of a message over a service's limit.
+                assert_eq!(code, "11", "{message}");
+                assert!(message.contains("4096"), "{message}");
+            }
+            // (Reflection ends its stream of answers when a request cannot be read.)
+        }
+        let grew = server.rss().saturating_sub(before);
+        assert!(grew < 32 * MIB, "100 refused calls left the server {} MiB larger", grew >> 20);
+
+        // Calls that announce what fits and stop short wait, each holding what it sent; the
+        // server has at most 256 open on a connection (the client queues the rest). Eight
+        // connections with 300 such calls each:
+        let before = server.rss();
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let send = h2_connection(&server.addr).await;
+            for i in 0..300 {
+                held.push(partial_call(&send, &server.addr, paths[i % 2], 4 << 10, (4 << 10) - 100).await);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let grew = server.rss().saturating_sub(before);
+        eprintln!("8 connections of 300 unfinished small calls: the server grew by {} KiB", grew >> 10);
+        assert!(grew < 8 * 8 * MIB, "the server grew by {} MiB", grew >> 20);
+        // The waiting calls do not stop the server from answering others.
+        let mut c = client(&server.url()).await;
+        quick_job_completes(&mut c).await;
+    });
+}
+
+#[test]
+fn connections_beyond_the_limit_are_closed_on_arrival() {
+    let server = serve(&[("S3NET__SERVER__MAX_CONNECTIONS", "4")]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Connections are let go by the server when their clients close them; wait for the
+        // readiness probe's.
+        let open = |want: f64| async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let m = scrape(server.metrics).await;
+                if value(&m, "s3net_connections") == want || Instant::now() > deadline {
+                    return m;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        assert_series(&open(0.0).await, &[("s3net_connections", 0.0), ("s3net_connections_limit", 4.0)]);
+
+        // Four clients are served.
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let mut c = client(&server.url()).await;
+            quick_job_completes(&mut c).await;
+            clients.push(c);
+        }
+        assert_series(&open(4.0).await, &[("s3net_connections", 4.0), ("s3net_connections_refused_total", 0.0)]);
+
+        // A fifth is closed before it is read: its call fails at once. (gRPC's C core, the
+        // Python client's, says UNAVAILABLE; tonic says CANCELLED or UNKNOWN with a transport
+        // error as the source, which `s3net client` retries as it does UNAVAILABLE.)
+        let t = Instant::now();
+        let fifth = tonic::transport::Channel::from_shared(server.url()).unwrap().connect_lazy();
+        let err = tonic_health::pb::health_client::HealthClient::new(fifth)
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .expect_err("no room");
+        assert!(RetryArgs::default().delay(0, &err).is_some(), "not retried: {err:?}");
+        assert!(t.elapsed() < Duration::from_secs(5), "the refusal took {:?}", t.elapsed());
+        // Raw connections beyond the limit see their end at once, too.
+        for _ in 0..20 {
+            let mut tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+                .await
+                .expect("closed at once");
+            assert!(matches!(n, Ok(0) | Err(_)), "the server spoke to a connection over its limit: {n:?}");
+        }
+        let m = scrape(server.metrics).await;
+        let refused = value(&m, "s3net_connections_refused_total");
+        assert!(refused >= 21.0, "{refused} refused");
+        assert_eq!(value(&m, "s3net_connections"), 4.0);
+
+        // The refusals are logged once, with the client's address and a count of the rest
+        // after ten seconds; the four clients were never disturbed.
+        let log = std::fs::read_to_string(server.log.path()).unwrap();
+        let warned: Vec<&str> = log.lines().filter(|l| l.contains("connection refused: server.max_connections are open")).collect();
+        assert_eq!(warned.len(), 1, "{log}");
+        assert!(warned[0].contains("\"client.address\":\"127.0.0.1\"") && warned[0].contains("\"max_connections\":4"), "{}", warned[0]);
+        for c in &mut clients {
+            quick_job_completes(c).await;
+        }
+
+        // One client leaves; the next gets in.
+        drop(clients.pop());
+        open(3.0).await;
+        let mut c = client(&server.url()).await;
+        quick_job_completes(&mut c).await;
+    });
+}
+
