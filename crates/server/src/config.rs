@@ -55,6 +55,11 @@ pub struct ServerConfig {
     /// `max_upload_bytes_in_flight` (data the server has not read yet, up to its 1 MiB HTTP/2
     /// window, and its streams' state), so this bounds what clients can pin.
     pub max_connections: usize,
+    /// Seconds a new connection has to send its first bytes (HTTP/2's preface, or TLS's
+    /// ClientHello) and, with TLS, to finish the TLS handshake; else it is closed. Why: under
+    /// `max_connections`, silent sockets (a port scanner's, a stuck client's) would otherwise
+    /// hold their places for ever.
+    pub handshake_timeout_s: u64,
     /// Concurrent calls (HTTP/2 streams) one connection may have open; a client's further
     /// calls wait in the client until one ends. Bounds the state a single connection can make
     /// the server keep (a few KiB per stream).
@@ -77,6 +82,7 @@ impl Default for ServerConfig {
             keepalive_timeout_s: 20,
             request_idle_timeout_s: 60,
             max_connections: 256,
+            handshake_timeout_s: 10,
             max_streams_per_connection: 256,
             auth_token: None,
             tls: None,
@@ -363,6 +369,7 @@ impl Config {
             self.server.max_connections >= 1 && self.server.max_streams_per_connection >= 1,
             "server.max_connections and server.max_streams_per_connection must be at least 1"
         );
+        anyhow::ensure!(self.server.handshake_timeout_s >= 1, "server.handshake_timeout_s must be at least 1");
         anyhow::ensure!(
             matches!(self.log.format.as_str(), "text" | "json"),
             "log.format must be \"text\" or \"json\""

@@ -9,9 +9,16 @@
 //! kernel's backlog until its deadline. Operators see `s3net_connections` against
 //! `s3net_connections_limit`, `s3net_connections_refused_total`, and a warning in the log
 //! (at most one every [`WARN_EVERY`], counting the ones it did not log).
+//!
+//! A bound on connections makes idle ones a way to shut others out, so a connection must also
+//! say something within `server.handshake_timeout_s`: its first [`GREETING_BYTES`] bytes (an
+//! HTTP/2 client's connection preface; a TLS client's ClientHello is longer, and tonic's TLS
+//! handshake has the same timeout). A port scanner's or a stuck client's silent socket is
+//! closed then, instead of holding its place for ever.
 
 use std::io;
 use std::net::SocketAddr;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -22,12 +29,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
 
 /// The shortest time between two warnings about refused connections (or failed accepts).
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What a connection must have sent within the handshake timeout: the length of HTTP/2's
+/// connection preface, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".
+pub const GREETING_BYTES: usize = 24;
 
 /// How long the accept loop pauses after an error that is not about one connection (out of
 /// file descriptors, say): accepting again at once would spin on the same error.
@@ -39,11 +50,13 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 pub struct ConnectionLimit {
     slots: Arc<Semaphore>,
     max: usize,
+    /// How long a new connection has to send its first [`GREETING_BYTES`] bytes.
+    handshake: Duration,
 }
 
 impl ConnectionLimit {
-    pub fn new(max: usize) -> ConnectionLimit {
-        ConnectionLimit { slots: Arc::new(Semaphore::new(max)), max }
+    pub fn new(max: usize, handshake: Duration) -> ConnectionLimit {
+        ConnectionLimit { slots: Arc::new(Semaphore::new(max)), max, handshake }
     }
 
     /// `server.max_connections`.
@@ -59,10 +72,12 @@ impl ConnectionLimit {
 
 /// An accepted connection, holding its place under the bound until it is dropped (when the
 /// server is done with it, whichever side closed it).
-#[derive(Debug)]
 pub struct Admitted {
     tcp: TcpStream,
     _slot: OwnedSemaphorePermit,
+    /// Until the connection has sent its first bytes: how many more, and by when.
+    greeting: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
+    peer: Option<SocketAddr>,
 }
 
 /// Accepts connections from `listener` for as long as the stream is polled, admitting each one
@@ -84,7 +99,8 @@ pub fn incoming(
                             // As tonic's own listener does: a gRPC message or event goes out
                             // when it is written, not after the previous one's ACK.
                             let _ = tcp.set_nodelay(true);
-                            let conn = Admitted { tcp, _slot: slot };
+                            let deadline = Box::pin(tokio::time::sleep(limit.handshake));
+                            let conn = Admitted { tcp, _slot: slot, greeting: Some((GREETING_BYTES, deadline)), peer: Some(peer) };
                             return Some((Ok(conn), (listener, limit, metrics, warnings)));
                         }
                         Err(_) => {
@@ -172,7 +188,31 @@ impl Connected for Admitted {
 
 impl AsyncRead for Admitted {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        let Some((left, deadline)) = &mut this.greeting else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) => {
+                *left = left.saturating_sub(buf.filled().len() - before);
+                if *left == 0 {
+                    this.greeting = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            // Waiting for more: the deadline wakes this read if nothing comes in time.
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                let peer = this.peer.map_or_else(|| "?".into(), |p| p.to_string());
+                debug!(client = %peer, "connection closed: it sent no HTTP/2 or TLS handshake within server.handshake_timeout_s");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no handshake within server.handshake_timeout_s",
+                )))
+            }
+            other => other,
+        }
     }
 }
 

@@ -180,6 +180,8 @@ impl Server {
 
         // HTTP/2 pings find the clients that vanished without closing their connection: their
         // streams, and the jobs those own, would otherwise live until TCP gave up on them.
+        // A new connection's time to say something (crates/server/src/connections.rs).
+        let handshake = Duration::from_secs(cfg.server.handshake_timeout_s);
         let keepalive = (cfg.server.keepalive_interval_s > 0).then(|| Duration::from_secs(cfg.server.keepalive_interval_s));
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.server.max_streams_per_connection)
@@ -190,6 +192,7 @@ impl Server {
                 std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
             };
             let mut t = ServerTlsConfig::new()
+                .timeout(handshake)
                 .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
             if let Some(ca) = &tls.client_ca {
                 t = t.client_ca_root(Certificate::from_pem(read(ca)?));
@@ -200,7 +203,7 @@ impl Server {
             .await
             .with_context(|| format!("cannot listen on {}", cfg.server.addr))?;
         let addr = listener.local_addr()?;
-        let connections = ConnectionLimit::new(cfg.server.max_connections);
+        let connections = ConnectionLimit::new(cfg.server.max_connections, handshake);
         metrics.watch_connections(connections.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let router = builder

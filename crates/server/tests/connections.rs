@@ -130,6 +130,19 @@ async fn grpc_status(response: h2::client::ResponseFuture) -> Option<(String, St
     body.trailers().await.ok()?.as_ref().and_then(read)
 }
 
+/// The metrics once `s3net_connections` is `want` (or after 10 s): the server lets a connection
+/// go when it sees its client close it.
+async fn connections_open(server: &ServerProcess, want: f64) -> std::collections::HashMap<String, f64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(server.metrics).await;
+        if value(&m, "s3net_connections") == want || Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn unfinished_health_and_reflection_calls_hold_little() {
     let server = serve(&[]);
@@ -195,17 +208,7 @@ fn connections_beyond_the_limit_are_closed_on_arrival() {
     rt.block_on(async {
         // Connections are let go by the server when their clients close them; wait for the
         // readiness probe's.
-        let open = |want: f64| async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let m = scrape(server.metrics).await;
-                if value(&m, "s3net_connections") == want || Instant::now() > deadline {
-                    return m;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        assert_series(&open(0.0).await, &[("s3net_connections", 0.0), ("s3net_connections_limit", 4.0)]);
+        assert_series(&connections_open(&server, 0.0).await, &[("s3net_connections", 0.0), ("s3net_connections_limit", 4.0)]);
 
         // Four clients are served.
         let mut clients = Vec::new();
@@ -214,7 +217,7 @@ fn connections_beyond_the_limit_are_closed_on_arrival() {
             quick_job_completes(&mut c).await;
             clients.push(c);
         }
-        assert_series(&open(4.0).await, &[("s3net_connections", 4.0), ("s3net_connections_refused_total", 0.0)]);
+        assert_series(&connections_open(&server, 4.0).await, &[("s3net_connections", 4.0), ("s3net_connections_refused_total", 0.0)]);
 
         // A fifth is closed before it is read: its call fails at once. (gRPC's C core, the
         // Python client's, says UNAVAILABLE; tonic says CANCELLED or UNKNOWN with a transport
@@ -253,9 +256,37 @@ fn connections_beyond_the_limit_are_closed_on_arrival() {
 
         // One client leaves; the next gets in.
         drop(clients.pop());
-        open(3.0).await;
+        connections_open(&server, 3.0).await;
         let mut c = client(&server.url()).await;
         quick_job_completes(&mut c).await;
     });
 }
 
+
+#[test]
+fn a_connection_that_says_nothing_is_closed_after_the_handshake_timeout() {
+    let server = serve(&[("S3NET__SERVER__MAX_CONNECTIONS", "1"), ("S3NET__SERVER__HANDSHAKE_TIMEOUT_S", "1")]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // A silent socket, and one that stops inside HTTP/2's preface: each holds the only
+        // place for a second, then is closed.
+        assert_series(&connections_open(&server, 0.0).await, &[("s3net_connections", 0.0)]);
+        for greeting in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+            let t = Instant::now();
+            let mut tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, greeting).await.unwrap();
+            // (The server sends its SETTINGS at once; then the connection ends.)
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await.expect("closed");
+            let waited = t.elapsed();
+            assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "closed after {waited:?}");
+        }
+        // A client that has connected and then idles keeps its connection past the timeout.
+        let mut c = client(&server.url()).await;
+        quick_job_completes(&mut c).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        quick_job_completes(&mut c).await;
+        let m = scrape(server.metrics).await;
+        assert_series(&m, &[("s3net_connections", 1.0), ("s3net_connections_refused_total", 0.0)]);
+    });
+}
