@@ -93,8 +93,8 @@ impl ServeArgs {
     }
 }
 
-/// Runs the server until SIGTERM/SIGINT, then drains it and flushes the traces; returns once
-/// it has stopped.
+/// Runs the server until SIGTERM/SIGINT, then drains it (a second signal cuts the grace period
+/// short) and flushes the traces; returns once it has stopped.
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let cfg = args.config()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -105,7 +105,9 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         let served = async {
             let server = Server::start(&cfg).await?;
             shutdown_signal().await;
-            server.shutdown().await
+            // A second signal cancels the running jobs at once instead of after the grace
+            // period (they still end cleanly: their clients hear "cancelled").
+            server.shutdown_or(shutdown_signal()).await
         }
         .await;
         if let Err(e) = &served {

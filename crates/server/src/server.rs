@@ -249,6 +249,12 @@ impl Server {
     /// Drains and stops: health NOT_SERVING and new work UNAVAILABLE at once, then running and
     /// queued jobs get the grace period, then the rest is cancelled and the server stops.
     pub async fn shutdown(self) -> Result<()> {
+        self.shutdown_or(std::future::pending()).await
+    }
+
+    /// [`shutdown`](Self::shutdown), with the grace period cut short when `hurry` completes
+    /// (`s3net serve`: a second SIGTERM or Ctrl-C, from an operator who will not wait).
+    pub async fn shutdown_or(self, hurry: impl std::future::Future<Output = ()>) -> Result<()> {
         info!(
             grace_s = self.grace.as_secs_f64(),
             active = self.queue.active(),
@@ -262,14 +268,18 @@ impl Server {
             .await;
         self.queue.drain();
         let until = Instant::now() + self.grace;
-        while self.queue.active() > 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let drained = async {
+            while self.queue.active() > 0 && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let hurried = tokio::select! {
+            _ = drained => false,
+            _ = hurry => true,
+        };
         if self.queue.active() > 0 {
-            info!(
-                active = self.queue.active(),
-                "grace period over; cancelling"
-            );
+            let why = if hurried { "asked again to stop; cancelling now" } else { "grace period over; cancelling" };
+            info!(active = self.queue.active(), "{why}");
             self.queue.cancel_all("server shutting down");
         }
         // Cancelled fits stop at their next iteration.

@@ -67,3 +67,46 @@ fn sigterm_drains_and_exits_zero() {
     );
     assert!(log.contains("\"stopped\""), "{log}");
 }
+
+#[test]
+fn a_second_sigterm_cancels_at_once() {
+    let port = free_port();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["serve_child", "--exact", "--ignored", "--nocapture"])
+        .env("S3NET_SERVE_CHILD", "1")
+        .env("S3NET__SERVER__ADDR", format!("127.0.0.1:{port}"))
+        .env("S3NET__SERVER__SHUTDOWN_GRACE_S", "600")
+        .env("S3NET__WORKERS__CPU_WORKERS", "1")
+        .env("S3NET__WORKERS__TORCH_THREADS", "1")
+        .env("S3NET__LOG__FORMAT", "json")
+        .env("S3NET__METRICS__LISTEN", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_serving(&plain_conn(&url), Duration::from_secs(60))).unwrap();
+    let mut c = rt.block_on(client(&url));
+    let id = rt.block_on(submit_running(&mut c, disk(48, 48), slow()));
+    let mut w = rt.block_on(c.watch_job(pb::WatchJobRequest { job_id: id.clone() })).unwrap().into_inner();
+    let term = || assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    term();
+    // Draining, with 600 s of grace: the job goes on.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = std::time::Instant::now();
+    term();
+    let mut last = None;
+    while let Ok(Some(e)) = rt.block_on(w.message()) {
+        last = e.event;
+    }
+    match last {
+        Some(Event::Cancelled(c)) => assert_eq!(c.reason, "server shutting down"),
+        other => panic!("{other:?}"),
+    }
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{log}", out.status);
+    assert!(t.elapsed() < Duration::from_secs(30), "stopped {:?} after the second signal", t.elapsed());
+    assert!(log.contains("asked again to stop; cancelling now"), "{log}");
+}
