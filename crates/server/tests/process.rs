@@ -9,21 +9,22 @@ use common::*;
 use s3net_server::cli::wait_serving;
 use s3net_server::pb::{self, job_event::Event};
 
-/// The server process of `sigterm_drains_and_exits_zero` (this test binary, run again).
+/// The server process of the tests below (this test binary, run again).
 #[test]
-#[ignore = "started as a child process by sigterm_drains_and_exits_zero"]
+#[ignore = "started as a child process by the tests of this file"]
 fn serve_child() {
     serve_if_child();
 }
 
-#[test]
-fn sigterm_drains_and_exits_zero() {
+/// `s3net serve` as a child process with `grace_s` of shutdown grace, its log (JSON lines)
+/// piped; returns it and its URL.
+fn serve(grace_s: u32) -> (std::process::Child, String) {
     let port = free_port();
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["serve_child", "--exact", "--ignored", "--nocapture"])
         .env("S3NET_SERVE_CHILD", "1")
         .env("S3NET__SERVER__ADDR", format!("127.0.0.1:{port}"))
-        .env("S3NET__SERVER__SHUTDOWN_GRACE_S", "1")
+        .env("S3NET__SERVER__SHUTDOWN_GRACE_S", grace_s.to_string())
         .env("S3NET__WORKERS__CPU_WORKERS", "1")
         .env("S3NET__WORKERS__TORCH_THREADS", "1")
         .env("S3NET__LOG__FORMAT", "json")
@@ -32,7 +33,12 @@ fn sigterm_drains_and_exits_zero() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let (child, url) = serve(1);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let conn = plain_conn(&url);
     rt.block_on(wait_serving(&conn, Duration::from_secs(60)))
@@ -70,21 +76,7 @@ fn sigterm_drains_and_exits_zero() {
 
 #[test]
 fn a_second_sigterm_cancels_at_once() {
-    let port = free_port();
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["serve_child", "--exact", "--ignored", "--nocapture"])
-        .env("S3NET_SERVE_CHILD", "1")
-        .env("S3NET__SERVER__ADDR", format!("127.0.0.1:{port}"))
-        .env("S3NET__SERVER__SHUTDOWN_GRACE_S", "600")
-        .env("S3NET__WORKERS__CPU_WORKERS", "1")
-        .env("S3NET__WORKERS__TORCH_THREADS", "1")
-        .env("S3NET__LOG__FORMAT", "json")
-        .env("S3NET__METRICS__LISTEN", "")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+    let (child, url) = serve(600);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(wait_serving(&plain_conn(&url), Duration::from_secs(60))).unwrap();
     let mut c = rt.block_on(client(&url));

@@ -138,12 +138,22 @@ pub async fn last_event(s: &mut tonic::Streaming<pb::JobEvent>) -> Option<Event>
 
 /// A process's peak resident memory so far (VmHWM), in bytes: `pid` "self" for this one.
 pub fn peak_rss(pid: &str) -> u64 {
+    memory_status(pid, "VmHWM")
+}
+
+/// A process's resident memory now (VmRSS), in bytes.
+pub fn rss(pid: &str) -> u64 {
+    memory_status(pid, "VmRSS")
+}
+
+/// A line of `/proc/PID/status` given in kB, in bytes.
+fn memory_status(pid: &str, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a VmHWM line");
+        .unwrap_or_else(|| panic!("a {key} line"));
     kb * 1024
 }
 
