@@ -110,21 +110,31 @@ pub fn incoming(
                         }
                     },
                     Err(e) => {
-                        let per_connection = matches!(
-                            e.kind(),
-                            io::ErrorKind::ConnectionAborted
-                                | io::ErrorKind::ConnectionReset
-                                | io::ErrorKind::ConnectionRefused
-                        );
-                        if !per_connection {
+                        if !about_one_connection(&e) {
                             warnings.accept_failed(&e);
-                            tokio::time::sleep(ACCEPT_PAUSE).await;
+                            accept_pause().await;
                         }
                     }
                 }
             }
         },
     )
+}
+
+/// Whether an error of `accept` concerns only the connection it was accepting (which the
+/// peer gave up on): the next `accept` may succeed at once. Any other (out of file
+/// descriptors, of memory) would come back at once, so an accept loop pauses
+/// [`accept_pause`] after it instead of spinning on it.
+pub fn about_one_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// See [`about_one_connection`].
+pub async fn accept_pause() {
+    tokio::time::sleep(ACCEPT_PAUSE).await;
 }
 
 /// The accept loop's warnings, each kind at most once per [`WARN_EVERY`].

@@ -542,7 +542,17 @@ impl MetricsEndpoint {
                     _ = &mut stopped => break,
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
                     r = listener.accept() => {
-                        let Ok((stream, _)) = r else { continue };
+                        let stream = match r {
+                            Ok((stream, _)) => stream,
+                            Err(e) => {
+                                // Out of file descriptors, say: not again at once.
+                                if !crate::connections::about_one_connection(&e) {
+                                    debug!(error = %e, "metrics endpoint: cannot accept connections");
+                                    crate::connections::accept_pause().await;
+                                }
+                                continue;
+                            }
+                        };
                         let (metrics, queue) = (metrics.clone(), queue.clone());
                         conns.spawn(async move {
                             let svc = hyper::service::service_fn(move |req| {

@@ -284,3 +284,52 @@ fn a_connection_that_says_nothing_is_closed_after_the_handshake_timeout() {
         assert_series(&m, &[("s3net_connections", 1.0), ("s3net_connections_refused_total", 0.0)]);
     });
 }
+
+/// CPU seconds a process has used (user and system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn out_of_file_descriptors_the_server_waits_instead_of_spinning() {
+    let server = serve(&[]);
+    let pid = server.child.id();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        assert_series(&connections_open(&server, 0.0).await, &[("s3net_connections", 0.0)]);
+        // Room for 4 more descriptors than the server has open now.
+        let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+        let mut was = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let limit = |new: *const libc::rlimit, old: *mut libc::rlimit| {
+            let set = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, new, old) };
+            assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+        };
+        limit(std::ptr::null(), &mut was);
+        limit(&libc::rlimit { rlim_cur: open + 4, rlim_max: was.rlim_max }, std::ptr::null_mut());
+        // Twelve connections: the ones beyond the limit wait in the kernel's backlog, and
+        // every accept fails (EMFILE) until a descriptor is free.
+        let mut socks = Vec::new();
+        for _ in 0..12 {
+            socks.push(tokio::net::TcpStream::connect(&server.addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = cpu_seconds(pid);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let used = cpu_seconds(pid) - before;
+        eprintln!("the server used {used:.2} s of CPU in 2 s out of file descriptors");
+        assert!(used < 0.5, "the server spun: {used:.2} s of CPU in 2 s");
+        let log = std::fs::read_to_string(server.log.path()).unwrap();
+        let warned = log.lines().filter(|l| l.contains("cannot accept connections")).count();
+        assert_eq!(warned, 1, "{log}");
+        // Descriptors free again: the server serves.
+        drop(socks);
+        limit(&was, std::ptr::null_mut());
+        let mut c = client(&server.url()).await;
+        quick_job_completes(&mut c).await;
+    });
+}
