@@ -261,3 +261,23 @@ def test_a_connection_over_the_servers_limit_is_retried() -> None:
         assert any("connection refused: server.max_connections are open" in l for l in server.log)
     finally:
         server.stop()
+
+
+def test_connections_past_their_age_move_without_losing_calls() -> None:
+    """With server.max_connection_age_s, the server asks each connection to end after that
+    long (so that clients re-resolve and spread over new replicas): a call open across that
+    moment runs to its end, and the client's later calls go through on a new connection."""
+    server = start_server("--cpu-workers", "1", env={"S3NET__SERVER__MAX_CONNECTION_AGE_S": "1"})
+    try:
+        with Client(server.addr, timeout=120, retries=0) as client:
+            # About 3 s of fitting on one open call, across the 1 s age.
+            t0 = time.monotonic()
+            r = client.segment(CT, size=64, iterations=60, min_labels=0, seed=7)
+            assert r.iterations == 60
+            assert time.monotonic() - t0 > 1.5, "the call did not outlive the age"
+            # Calls every 0.4 s for 3 s: each connection ages out under them.
+            for _ in range(8):
+                assert client.segment(CT, **FAST).labels.size > 0
+                time.sleep(0.4)
+    finally:
+        server.stop()

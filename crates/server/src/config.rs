@@ -60,6 +60,15 @@ pub struct ServerConfig {
     /// `max_connections`, silent sockets (a port scanner's, a stuck client's) would otherwise
     /// hold their places for ever.
     pub handshake_timeout_s: u64,
+    /// Seconds after which a connection is asked to end (HTTP/2 GOAWAY; 0: never): its open
+    /// calls go on, and the client makes its next calls on a new connection. Why: gRPC clients
+    /// keep one connection for as long as it lives, so replicas added by a scale-out (the HPA
+    /// in deploy/k8s) would get no calls from the clients already connected; a new connection
+    /// re-resolves the service's addresses and spreads them again.
+    pub max_connection_age_s: u64,
+    /// Seconds a connection past `max_connection_age_s` may keep its open calls before it is
+    /// closed under them (0: as long as they last; a Segment call lasts as long as its job).
+    pub max_connection_age_grace_s: u64,
     /// Concurrent calls (HTTP/2 streams) one connection may have open; a client's further
     /// calls wait in the client until one ends. Bounds the state a single connection can make
     /// the server keep (a few KiB per stream).
@@ -83,6 +92,8 @@ impl Default for ServerConfig {
             request_idle_timeout_s: 60,
             max_connections: 256,
             handshake_timeout_s: 10,
+            max_connection_age_s: 0,
+            max_connection_age_grace_s: 0,
             max_streams_per_connection: 256,
             auth_token: None,
             tls: None,

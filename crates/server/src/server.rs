@@ -187,6 +187,12 @@ impl Server {
             .max_concurrent_streams(cfg.server.max_streams_per_connection)
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(Duration::from_secs(cfg.server.keepalive_timeout_s.max(1))));
+        if cfg.server.max_connection_age_s > 0 {
+            builder = builder.max_connection_age(Duration::from_secs(cfg.server.max_connection_age_s));
+            if cfg.server.max_connection_age_grace_s > 0 {
+                builder = builder.max_connection_age_grace(Duration::from_secs(cfg.server.max_connection_age_grace_s));
+            }
+        }
         if let Some(tls) = &cfg.server.tls {
             let read = |p: &std::path::Path| {
                 std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))

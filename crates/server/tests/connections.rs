@@ -333,3 +333,27 @@ fn out_of_file_descriptors_the_server_waits_instead_of_spinning() {
         quick_job_completes(&mut c).await;
     });
 }
+
+#[test]
+fn a_connection_past_its_age_is_asked_to_end() {
+    let server = serve(&[("S3NET__SERVER__MAX_CONNECTION_AGE_S", "1")]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = Instant::now();
+        let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        let conn = tokio::spawn(conn);
+        // An idle connection: GOAWAY after a second, and then it ends.
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn).await.expect("the connection ended");
+        assert!(ended.is_ok(), "{ended:?}");
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "ended after {waited:?}");
+        assert!(send.ready().await.is_err(), "no new calls on it");
+        // A tonic client moves to a new connection by itself.
+        let mut c = client(&server.url()).await;
+        for _ in 0..4 {
+            quick_job_completes(&mut c).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
