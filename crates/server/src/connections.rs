@@ -16,9 +16,9 @@
 //! handshake has the same timeout). A port scanner's or a stuck client's silent socket is
 //! closed then, instead of holding its place for ever.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -77,7 +77,7 @@ pub struct Admitted {
     _slot: OwnedSemaphorePermit,
     /// Until the connection has sent its first bytes: how many more, and by when.
     greeting: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
-    peer: Option<SocketAddr>,
+    peer: SocketAddr,
 }
 
 /// Accepts connections from `listener` for as long as the stream is polled, admitting each one
@@ -100,7 +100,7 @@ pub fn incoming(
                             // when it is written, not after the previous one's ACK.
                             let _ = tcp.set_nodelay(true);
                             let deadline = Box::pin(tokio::time::sleep(limit.handshake));
-                            let conn = Admitted { tcp, _slot: slot, greeting: Some((GREETING_BYTES, deadline)), peer: Some(peer) };
+                            let conn = Admitted { tcp, _slot: slot, greeting: Some((GREETING_BYTES, deadline)), peer };
                             return Some((Ok(conn), (listener, limit, metrics, warnings)));
                         }
                         Err(_) => {
@@ -214,8 +214,7 @@ impl AsyncRead for Admitted {
             }
             // Waiting for more: the deadline wakes this read if nothing comes in time.
             Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
-                let peer = this.peer.map_or_else(|| "?".into(), |p| p.to_string());
-                debug!(client = %peer, "connection closed: it sent no HTTP/2 or TLS handshake within server.handshake_timeout_s");
+                debug!(client = %this.peer, "connection closed: it sent no HTTP/2 or TLS handshake within server.handshake_timeout_s");
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "no handshake within server.handshake_timeout_s",
