@@ -126,7 +126,10 @@ class PermissionDenied(S3NetError):
 
 
 class OutOfRange(S3NetError):
-    """A message is larger than the server accepts (large images go through SegmentUpload)."""
+    """A message is larger than a service accepts: tonic's own check, which the server keeps
+    for health checks and reflection (4 KiB). An image message too large for the Segmenter is
+    :class:`InvalidArgument` with ``max_message_bytes`` set instead (``segment()`` then sends
+    it with SegmentUpload by itself)."""
 
     code = grpc.StatusCode.OUT_OF_RANGE
 
