@@ -14,6 +14,7 @@ from . import events
 from .aio import AsyncClient
 from .client import Client
 from .errors import (
+    Aborted,
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -59,6 +60,7 @@ __all__ = [
     "Unauthenticated",
     "PermissionDenied",
     "OutOfRange",
+    "Aborted",
     "SegmentationResult",
     "ClusterStats",
     "BoundingBox",

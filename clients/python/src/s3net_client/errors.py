@@ -24,6 +24,7 @@ __all__ = [
     "Unauthenticated",
     "PermissionDenied",
     "OutOfRange",
+    "Aborted",
 ]
 
 
@@ -107,6 +108,12 @@ class DeadlineExceeded(S3NetError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Aborted(S3NetError):
+    """The fit diverged (a loss became NaN or infinite); another seed may fit."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Internal(S3NetError):
     """The fit failed inside the server (e.g. a CUDA kernel failure); the server carries on."""
 
@@ -144,6 +151,7 @@ _BY_CODE = {
         Unavailable,
         Cancelled,
         DeadlineExceeded,
+        Aborted,
         Internal,
         Unauthenticated,
         PermissionDenied,
