@@ -43,7 +43,13 @@ fn main() {
         Command::Segment(a) => segment::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(b) => bench::run(b),
-        Command::Serve(a) => s3net_server::cli::run_serve(a),
+        // The server sets libtorch's threads from its configuration (workers.torch_threads),
+        // after this: `--threads` given to `serve` means that setting, unless
+        // `--torch-threads` says otherwise.
+        Command::Serve(mut a) => {
+            a.torch_threads = a.torch_threads.or(cli.threads.map(|t| t.max(1) as usize));
+            s3net_server::cli::run_serve(a)
+        }
         Command::Client(c) => s3net_server::cli::run_client(c),
     };
     if let Err(e) = result {

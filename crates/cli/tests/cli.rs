@@ -222,3 +222,28 @@ fn bench_losses_reports_both_implementations() {
     }
     assert_eq!(v["shape"]["input"], serde_json::json!([1, 8, 32, 32]));
 }
+
+#[test]
+fn serve_takes_the_global_threads_flag() {
+    // `s3net --threads 1 serve …` (the flag every subcommand takes) sets the server's libtorch
+    // threads; it used to be overridden by workers.torch_threads' default, cores / workers.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_s3net"))
+        .args(["--threads", "1", "serve", "--metrics-listen", "", "--cpu-workers", "1"])
+        .args(["--addr", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    while !log.contains("s3net serving") {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() == 0 {
+            break;
+        }
+        log.push_str(&line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(log.contains("torch_threads=1"), "{log}");
+}
