@@ -12,7 +12,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::connections::ConnectionLimit;
@@ -22,6 +22,24 @@ use crate::pb::segmenter_server::SegmenterServer;
 use crate::service::SegmenterService;
 use crate::uploads::{Budgeted, UploadBudget};
 use crate::worker::{self, WorkerSlot};
+
+/// What to say when the service listens beyond loopback unprotected: without TLS, whatever
+/// crosses the network (images, results, the token) can be read on the way; without a token or
+/// client certificates, whoever reaches the port can send images and read every result. Inside
+/// a container or pod that may be intended, with the network itself closed off; the warning
+/// says what is missing either way.
+pub fn exposure_warning(addr: SocketAddr, tls: bool, client_certificates: bool, token: bool) -> Option<String> {
+    if addr.ip().is_loopback() {
+        return None;
+    }
+    let missing = match (tls, client_certificates || token) {
+        (true, true) => return None,
+        (false, false) => "without TLS and without a token (server.tls, server.auth_token): anyone who reaches it may send images and read results, in plain text",
+        (false, true) => "without TLS (server.tls): the token, the images and the results cross the network in plain text",
+        (true, false) => "without a token or client certificates (server.auth_token, server.tls.client_ca): anyone who reaches it may send images and read results",
+    };
+    Some(format!("listening beyond loopback {missing}"))
+}
 
 /// The largest health check or reflection request read (see where it is used).
 const SMALL_REQUEST_BYTES: usize = 4 << 10;
@@ -224,6 +242,11 @@ impl Server {
         ));
         let names: Vec<&str> = slots.iter().map(|s| s.name.as_str()).collect();
         info!(%addr, workers = ?names, torch_threads = threads, "s3net serving");
+        let tls = cfg.server.tls.as_ref();
+        let mtls = tls.is_some_and(|t| t.client_ca.is_some());
+        if let Some(w) = exposure_warning(addr, tls.is_some(), mtls, cfg.server.auth_token.is_some()) {
+            warn!(%addr, "{w}");
+        }
         Ok(Server {
             addr,
             queue,
@@ -309,5 +332,23 @@ impl Server {
         }
         info!("stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposure_is_warned_about_beyond_loopback_only() {
+        let (lo, all): (SocketAddr, SocketAddr) = ("127.0.0.1:50051".parse().unwrap(), "0.0.0.0:50051".parse().unwrap());
+        let v6: SocketAddr = "[::1]:50051".parse().unwrap();
+        assert_eq!(exposure_warning(lo, false, false, false), None);
+        assert_eq!(exposure_warning(v6, false, false, false), None);
+        assert!(exposure_warning(all, false, false, false).unwrap().contains("without TLS and without a token"));
+        assert!(exposure_warning(all, false, false, true).unwrap().contains("in plain text"));
+        assert!(exposure_warning(all, true, false, false).unwrap().contains("without a token or client certificates"));
+        assert_eq!(exposure_warning(all, true, false, true), None);
+        assert_eq!(exposure_warning(all, true, true, false), None);
     }
 }
