@@ -151,10 +151,15 @@ impl SegmenterService {
         )))
     }
 
-    /// A request refused before it became a job: counted by reason, then its status.
-    fn refuse(&self, e: ServiceError) -> Status {
-        self.metrics.rejected(e.reason());
-        e.into()
+    /// A request refused before it became a job: counted by reason and logged in the call's
+    /// `span` (with the client's address: an operator who sees `s3net_rejected_total` rise can
+    /// tell who sent what), then its status.
+    fn refuse(&self, span: &tracing::Span, e: ServiceError) -> Status {
+        let reason = e.reason();
+        self.metrics.rejected(reason);
+        let status: Status = e.into();
+        span.in_scope(|| info!(reason, code = ?status.code(), error = status.message(), "request refused"));
+        status
     }
 
     /// Checks the options, decodes the image (on the blocking pool: it is CPU work) and builds the job.
@@ -449,7 +454,7 @@ impl Segmenter for SegmenterService {
         match events {
             Ok(stream) => Ok(Response::new(stream)),
             Err(e) => {
-                let status = self.refuse(e);
+                let status = self.refuse(&span, e);
                 record_status(&span, &status);
                 Err(status)
             }
@@ -483,7 +488,7 @@ impl Segmenter for SegmenterService {
             };
             hold.consume(first.encoded_len());
             let Some(Part::Header(header)) = first.part else {
-                return Err(self.refuse(ServiceError::InvalidArgument(
+                return Err(self.refuse(&span, ServiceError::InvalidArgument(
                     "the first UploadChunk must carry the header".into(),
                 )));
             };
@@ -494,12 +499,12 @@ impl Segmenter for SegmenterService {
                 ))
             };
             if header.total_bytes > self.max_upload_bytes as u64 {
-                return Err(self.refuse(too_big(header.total_bytes)));
+                return Err(self.refuse(&span, too_big(header.total_bytes)));
             }
             // The announced size now (the image's buffer is allocated at once), any more as
             // it arrives.
             let total = header.total_bytes as usize;
-            hold.claim(total).map_err(|e| self.refuse(e))?;
+            hold.claim(total).map_err(|e| self.refuse(&span, e))?;
             let mut image = Vec::with_capacity(total);
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk?;
@@ -507,13 +512,13 @@ impl Segmenter for SegmenterService {
                 match chunk.part {
                     Some(Part::Data(d)) => {
                         if image.len() + d.len() > self.max_upload_bytes {
-                            return Err(self.refuse(too_big((image.len() + d.len()) as u64)));
+                            return Err(self.refuse(&span, too_big((image.len() + d.len()) as u64)));
                         }
-                        hold.claim(total.max(image.len() + d.len())).map_err(|e| self.refuse(e))?;
+                        hold.claim(total.max(image.len() + d.len())).map_err(|e| self.refuse(&span, e))?;
                         image.extend_from_slice(&d);
                     }
                     Some(Part::Header(_)) => {
-                        return Err(self.refuse(ServiceError::InvalidArgument(
+                        return Err(self.refuse(&span, ServiceError::InvalidArgument(
                             "only the first UploadChunk may carry a header".into(),
                         )))
                     }
@@ -524,7 +529,7 @@ impl Segmenter for SegmenterService {
             let events = self
                 .run_owned(image, header.options, deadline, tracing::Span::current())
                 .await
-                .map_err(|e| self.refuse(e));
+                .map_err(|e| self.refuse(&span, e));
             drop(hold.take());
             events
         }
@@ -568,7 +573,7 @@ impl Segmenter for SegmenterService {
         .instrument(span.clone())
         .await
         .map_err(|e: ServiceError| {
-            let status = self.refuse(e);
+            let status = self.refuse(&span, e);
             record_status(&span, &status);
             status
         })

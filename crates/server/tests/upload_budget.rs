@@ -186,6 +186,13 @@ fn large_unary_requests_are_refused_before_they_are_collected() {
             break err;
         };
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        // Refused by the service once read: logged in the call's span, with the client.
+        let log = std::fs::read_to_string(server.log.path()).unwrap();
+        let refused = log
+            .lines()
+            .find(|l| l.contains("\"message\":\"request refused\"") && l.contains("\"otel.name\":\"s3net.v1.Segmenter/Segment\""))
+            .unwrap_or_else(|| panic!("no refusal logged: {log}"));
+        assert!(refused.contains("\"client.address\":\"127.0.0.1\"") && refused.contains("\"reason\":\"invalid_argument\"") && refused.contains("\"error\":\"unrecognised image format"), "{refused}");
         quick_job_completes(&mut c).await;
 
         // Calls abandoned by their client part-way (whenever the abort lands: before, during
