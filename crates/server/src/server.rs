@@ -196,10 +196,10 @@ impl Server {
         let idle = (cfg.server.request_idle_timeout_s > 0).then(|| Duration::from_secs(cfg.server.request_idle_timeout_s));
         let segmenter = Budgeted::new(InterceptedService::new(segmenter, auth), uploads, metrics.clone(), max, idle);
 
-        // HTTP/2 pings find the clients that vanished without closing their connection: their
-        // streams, and the jobs those own, would otherwise live until TCP gave up on them.
         // A new connection's time to say something (crates/server/src/connections.rs).
         let handshake = Duration::from_secs(cfg.server.handshake_timeout_s);
+        // HTTP/2 pings find the clients that vanished without closing their connection: their
+        // streams, and the jobs those own, would otherwise live until TCP gave up on them.
         let keepalive = (cfg.server.keepalive_interval_s > 0).then(|| Duration::from_secs(cfg.server.keepalive_interval_s));
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.server.max_streams_per_connection)
