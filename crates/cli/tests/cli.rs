@@ -247,3 +247,25 @@ fn serve_takes_the_global_threads_flag() {
     let _ = child.wait();
     assert!(log.contains("torch_threads=1"), "{log}");
 }
+
+#[test]
+fn serve_prints_its_effective_configuration() {
+    let out = Command::new(env!("CARGO_BIN_EXE_s3net"))
+        .args(["serve", "--print-config", "--gpu-batch", "4"])
+        .env("S3NET__SERVER__MAX_CONNECTIONS", "7")
+        .env("S3NET__SERVER__AUTH_TOKEN", "secret-token")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("max_connections = 7") && text.contains("gpu_batch = 4"), "{text}");
+    assert!(!text.contains("secret-token") && text.contains("auth_token = \"<redacted>\""), "{text}");
+    // An invalid setting is named, with a non-zero exit.
+    let out = Command::new(env!("CARGO_BIN_EXE_s3net"))
+        .args(["serve", "--print-config"])
+        .env("S3NET__SERVER__MAX_CONNECTIONS", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.max_connections"), "{:?}", out);
+}

@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// Export traces to this OTLP/gRPC collector, e.g. http://otel-collector:4317 [default: off].
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// Print the effective configuration (defaults, file, S3NET__… variables and these flags)
+    /// as TOML, the token redacted, and exit; an invalid one exits 1 naming the key.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 impl ServeArgs {
@@ -97,6 +101,10 @@ impl ServeArgs {
 /// short) and flushes the traces; returns once it has stopped.
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let cfg = args.config()?;
+    if args.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -355,6 +355,19 @@ impl Config {
         Ok(c)
     }
 
+    /// The configuration as a TOML file that loads back to it, every key that has a value
+    /// written out (the unset ones, which the server decides at start, left out), the token
+    /// replaced by `"<redacted>"` (`s3net serve --print-config`). Why: the effective
+    /// settings come from defaults, a file, `S3NET__…` variables and flags; an operator who
+    /// wonders which one won needs to see the result, without a secret in the terminal.
+    pub fn to_toml(&self) -> Result<String> {
+        let mut c = self.clone();
+        if c.server.auth_token.is_some() {
+            c.server.auth_token = Some("<redacted>".into());
+        }
+        toml::to_string(&c).context("cannot write the configuration as TOML")
+    }
+
     /// Rejects settings that cannot work, naming the key.
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(

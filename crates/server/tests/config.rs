@@ -333,3 +333,28 @@ fn fit_defaults_load_and_are_checked() {
         assert!(msg.contains("defaults: ") && msg.contains(needle), "{key} = {value}: {msg}");
     }
 }
+
+#[test]
+fn the_printed_configuration_loads_back_with_the_token_redacted() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Config::default();
+    c.server.max_connections = 7;
+    c.server.auth_token = Some("secret-token".into());
+    c.workers.gpu_batch = Some(4);
+    c.workers.gpu_memory_fraction = Some(0.5);
+    c.defaults.size = Some(192);
+    c.telemetry.sample_ratio = 0.25;
+    let text = c.to_toml().unwrap();
+    assert!(!text.contains("secret-token"), "{text}");
+    assert!(text.contains("auth_token = \"<redacted>\""), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("printed.toml");
+    std::fs::write(&file, &text).unwrap();
+    let back = Config::load(Some(&file), &[]).unwrap();
+    c.server.auth_token = Some("<redacted>".into());
+    assert_eq!(back, c, "{text}");
+    // The default configuration, too: every section present, nothing that does not load.
+    let text = Config::default().to_toml().unwrap();
+    std::fs::write(&file, &text).unwrap();
+    assert_eq!(Config::load(Some(&file), &[]).unwrap(), Config::default(), "{text}");
+}
