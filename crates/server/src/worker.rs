@@ -73,10 +73,58 @@ pub fn spawn(
             let (queue, slot, metrics) = (queue.clone(), slot.clone(), metrics.clone());
             std::thread::Builder::new()
                 .name(format!("s3net-{}", slot.name))
-                .spawn(move || serve(&queue, &slot, progress_interval, refits, &metrics))
+                .spawn(move || {
+                    supervise(&slot.name, RESTART_PAUSE, || serve(&queue, &slot, progress_interval, refits, &metrics))
+                })
                 .expect("cannot spawn a worker thread")
         })
         .collect()
+}
+
+/// How long a worker waits before it starts again after a panic (see [`supervise`]).
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs a worker's loop until it returns (the queue closed); a panic that unwinds out of it —
+/// a bug outside the places that catch one per step or per job — is logged, and the loop
+/// starts again after `pause`, so the server keeps its workers. The jobs the loop held fail
+/// with INTERNAL as they are dropped (see [`Running`]'s Drop), and its gauges give back their
+/// share.
+fn supervise(name: &str, pause: Duration, mut body: impl FnMut()) {
+    loop {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut body)) {
+            Ok(()) => return,
+            Err(p) => {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(worker = name, panic = %what, "the worker panicked; its jobs failed; it starts again in {:?}", pause);
+                std::thread::sleep(pause);
+            }
+        }
+    }
+}
+
+/// A worker's share of `s3net_jobs_training`, given back when it is dropped (also when a
+/// panic unwinds through the worker).
+struct Training<'a> {
+    metrics: &'a Metrics,
+    device: DeviceSpec,
+    now: i64,
+}
+
+impl Training<'_> {
+    fn set(&mut self, jobs: usize) {
+        self.metrics.jobs_training(self.device, jobs as i64 - self.now);
+        self.now = jobs as i64;
+    }
+}
+
+impl Drop for Training<'_> {
+    fn drop(&mut self) {
+        self.set(0);
+    }
 }
 
 /// A job in a worker's batch, with what its outcome needs.
@@ -87,6 +135,34 @@ struct Running {
     started: Instant,
     /// Fits made again because the foreground came out empty (`s3net_model::refit_options`).
     refits: usize,
+    /// Where its outcome goes; [`finish`] publishes it, else dropping it does (see Drop).
+    queue: Arc<dyn JobQueue>,
+    published: bool,
+}
+
+impl Running {
+    fn new(queue: &Arc<dyn JobQueue>, claimed: Claimed, span: tracing::Span) -> Running {
+        Running { claimed, span, started: Instant::now(), refits: 0, queue: queue.clone(), published: false }
+    }
+}
+
+impl Drop for Running {
+    /// A job dropped without an outcome (a panic that unwound through the worker, a finisher
+    /// thread gone) fails with INTERNAL instead of staying "running" for ever: its client
+    /// would wait until its deadline, and a shutdown for ever, for an outcome no one would
+    /// publish. (The first outcome published is the one that counts; a later one is ignored.)
+    fn drop(&mut self) {
+        if self.published {
+            return;
+        }
+        let why = if std::thread::panicking() {
+            "the server failed while it handled this job (a panic; see the server's log); submit it again"
+        } else {
+            "the server dropped this job without an outcome (a fault; see the server's log); submit it again"
+        };
+        let event = failed(&self.span, ServiceError::Internal(why.into()));
+        self.queue.publish(&self.claimed.id, event);
+    }
 }
 
 /// What a worker hands its finisher thread: a fit that ended (its foreground is still to be
@@ -137,18 +213,17 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
         metrics.jobs_finishing(slot.device, 1);
         // The finisher lives as long as this loop; a send can only fail if it panicked.
         if to_finisher.send(e).is_err() {
-            warn!(worker = %slot.name, "the finisher thread is gone; a job's outcome is lost");
+            *in_flight -= 1;
+            metrics.jobs_finishing(slot.device, -1);
+            warn!(worker = %slot.name, "the finisher thread is gone; a job handed to it failed");
         }
     };
     let mut batch: Batch<'static, Running> = Batch::new(device);
     let mut busy = None;
     let mut closed = false;
     // This worker's share of s3net_jobs_training.
-    let mut training = 0i64;
-    let mut report = |len: usize| {
-        metrics.jobs_training(slot.device, len as i64 - training);
-        training = len as i64;
-    };
+    let mut training = Training { metrics, device: slot.device, now: 0 };
+    let mut report = |len: usize| training.set(len);
     let mut restarts = 0;
     loop {
         // The finisher's answers: published outcomes, and jobs to fit again. With nothing else
@@ -159,7 +234,7 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
                 Ok(a) => answers.push(a),
                 Err(_) => {
                     // Only if the finisher thread itself died: nothing more will come back.
-                    warn!(worker = %slot.name, jobs = in_flight, "the finisher thread is gone; its jobs' outcomes are lost");
+                    warn!(worker = %slot.name, jobs = in_flight, "the finisher thread is gone; the jobs it held failed");
                     in_flight = 0;
                 }
             }
@@ -280,9 +355,9 @@ fn finish_all(
             queue.publish(&id, event);
             Back::Published
         });
-        if back.send(answer).is_err() {
-            return;
-        }
+        // Nobody to answer (the worker's loop panicked): the result is out all the same, and a
+        // refit that cannot happen fails as its job is dropped.
+        let _ = back.send(answer);
     }
 }
 
@@ -292,7 +367,8 @@ fn refuse_all(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, why: &str, metrics: 
     loop {
         match queue.take(slot.device, Duration::from_secs(1), &|_| true) {
             Take::Job(c) => {
-                let running = Running { span: job_span(slot, &c), claimed: *c, started: Instant::now(), refits: 0 };
+                let span = job_span(slot, &c);
+                let running = Running::new(queue, *c, span);
                 let e = ServiceError::from(ModelError::InvalidArgument(why.to_string()));
                 finish(&**queue, running, Err(e), metrics);
             }
@@ -351,7 +427,7 @@ fn admit(
         }),
     );
     let job = fit_job(queue, &c, c.job.options.clone(), progress_interval);
-    let running = Running { claimed: c, span, started: Instant::now(), refits: 0 };
+    let running = Running::new(queue, c, span);
     if let Err((running, e)) = batch.add(running, job) {
         finish(&**queue, running, Err(e.into()), metrics);
     }
@@ -404,7 +480,7 @@ fn refit(
 
 /// Records a job's outcome in its span and the metrics, ends the span, then publishes the
 /// outcome: a trace shows the job finished when the caller hears it.
-fn finish(queue: &dyn JobQueue, r: Running, outcome: Result<Segmentation, ServiceError>, metrics: &Metrics) {
+fn finish(queue: &dyn JobQueue, mut r: Running, outcome: Result<Segmentation, ServiceError>, metrics: &Metrics) {
     let (c, span) = (&r.claimed, &r.span);
     let img = &c.job.image;
     let event = span.in_scope(|| match outcome {
@@ -434,6 +510,7 @@ fn finish(queue: &dyn JobQueue, r: Running, outcome: Result<Segmentation, Servic
         Err(e) => failed(span, e),
     });
     let id = r.claimed.id.clone();
+    r.published = true;
     drop(r);
     queue.publish(&id, event);
 }
@@ -548,6 +625,66 @@ pub fn cluster_stats(img: &Image, labels: &s3net_model::LabelMap) -> Vec<pb::Clu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_loop_that_panics_starts_again() {
+        let mut runs = 0;
+        supervise("test", Duration::ZERO, || {
+            runs += 1;
+            if runs < 3 {
+                panic!("a bug, run {runs}");
+            }
+        });
+        assert_eq!(runs, 3);
+    }
+
+    fn tiny_job() -> NewJob {
+        let image = Image { width: 4, height: 4, channels: 1, data: vec![0.5; 16], kind: s3net_imaging::ImageKind::Grey };
+        NewJob {
+            image: Arc::new(image),
+            options: FitOptions::default(),
+            device: DeviceSpec::Cpu,
+            priority: 0,
+            applied: pb::AppliedOptions::default(),
+            idempotency: None,
+            trace: Default::default(),
+            pixel_spacing: None,
+            reservation: None,
+        }
+    }
+
+    #[test]
+    fn a_job_dropped_without_an_outcome_fails_instead_of_running_for_ever() {
+        use crate::jobs::{MemoryQueue, QueueLimits};
+        use crate::pb::JobState;
+        let limits = QueueLimits { capacity: 4, retention: Duration::from_secs(60), retention_bytes: 1 << 20, queued_bytes: 1 << 20, workers: 1 };
+        let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::new(limits));
+        let take = || match queue.take(DeviceSpec::Cpu, Duration::from_secs(1), &|_| true) {
+            Take::Job(c) => *c,
+            _ => panic!("no job"),
+        };
+        let id = queue.submit(tiny_job()).unwrap().id;
+        let r = Running::new(&queue, take(), tracing::Span::none());
+        assert_eq!(queue.active(), 1);
+        // Dropped as a panic drops it, unwinding through the worker.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = r;
+            panic!("a bug in the worker");
+        }));
+        assert_eq!(queue.active(), 0, "the job still counts as running");
+        let j = queue.get(&id).unwrap();
+        assert_eq!(j.state, JobState::Failed as i32);
+        let f = j.failure.unwrap();
+        assert_eq!(f.code, tonic::Code::Internal as i32);
+        assert!(f.message.contains("a panic"), "{}", f.message);
+
+        // A job finished the normal way keeps its own outcome.
+        let id = queue.submit(tiny_job()).unwrap().id;
+        let r = Running::new(&queue, take(), tracing::Span::none());
+        finish(&*queue, r, Err(ServiceError::Model(ModelError::Cancelled)), &Metrics::default());
+        assert_eq!(queue.get(&id).unwrap().state, JobState::Cancelled as i32);
+        assert_eq!(queue.active(), 0);
+    }
 
     #[test]
     fn worker_plan_per_device() {
