@@ -245,6 +245,10 @@ pub enum ClientCommand {
         /// Upload in chunks (SegmentUpload) instead of one message.
         #[arg(long)]
         upload: bool,
+        /// Seconds the call may take, its fit included (the gRPC deadline: the server cancels
+        /// the job when they pass, and the command fails with DeadlineExceeded). Unset: none.
+        #[arg(long)]
+        timeout: Option<f64>,
         #[command(flatten)]
         retry: RetryArgs,
         #[command(flatten)]
@@ -492,9 +496,15 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
             file,
             out,
             upload,
+            timeout,
             retry,
             fit,
         } => {
+            let deadline = match timeout {
+                None => None,
+                Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+                Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
+            };
             let image = read(&file)?;
             let options = fit.options()?;
             std::fs::create_dir_all(&out)
@@ -519,19 +529,30 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
                             chunks.extend(image.chunks(1 << 20).map(|c| pb::UploadChunk {
                                 part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
                             }));
-                            client.segment_upload(tokio_stream::iter(chunks)).await
+                            let mut req = Request::new(tokio_stream::iter(chunks));
+                            if let Some(d) = deadline {
+                                req.set_timeout(d);
+                            }
+                            client.segment_upload(req).await
                         } else {
-                            client
-                                .segment(pb::SegmentRequest {
-                                    image: image.clone(),
-                                    options: Some(options),
-                                })
-                                .await
+                            let mut req = Request::new(pb::SegmentRequest { image: image.clone(), options: Some(options) });
+                            if let Some(d) = deadline {
+                                req.set_timeout(d);
+                            }
+                            client.segment(req).await
                         }
                     }
                 })
                 .await;
-            let result = follow_events(stream.map_err(status_error)?.into_inner(), true).await?;
+            let events = follow_events(stream.map_err(status_error)?.into_inner(), true);
+            let result = match deadline {
+                // The server ends the stream at the deadline; this is for a server that
+                // stopped answering altogether.
+                Some(d) => tokio::time::timeout(d + Duration::from_secs(5), events)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("DeadlineExceeded: no outcome within {:.1} s (--timeout)", d.as_secs_f64()))??,
+                None => events.await?,
+            };
             write_result(&out, &stem, &result)?;
             println!(
                 "{}: {} labels, {} iterations, {:.2} s on {}",

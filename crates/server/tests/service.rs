@@ -997,6 +997,7 @@ fn cli_client_retries_a_full_queue() {
         file: file.clone(),
         out: dir.path().join("out"),
         upload: false,
+        timeout: None,
         retry: RetryArgs { retries, backoff: 0.05 },
         fit: RemoteFitArgs { iterations: Some(3), size: Some(32), features: Some(8), device: Some("cpu".into()), ..Default::default() },
     };
@@ -1040,6 +1041,7 @@ fn cli_client_segment_writes_the_three_files() {
         file: file.clone(),
         out: out.clone(),
         upload: false,
+        timeout: None,
         retry: Default::default(),
         fit: fit.clone(),
     };
@@ -1066,6 +1068,7 @@ fn cli_client_segment_writes_the_three_files() {
         file: file.clone(),
         out: out2.clone(),
         upload: true,
+        timeout: None,
         retry: Default::default(),
         fit: fit.clone(),
     };
@@ -1083,6 +1086,7 @@ fn cli_client_segment_writes_the_three_files() {
         file: bad,
         out: out.clone(),
         upload: false,
+        timeout: None,
         retry: Default::default(),
         fit,
     };
@@ -1095,6 +1099,25 @@ fn cli_client_segment_writes_the_three_files() {
             .starts_with("InvalidArgument: unrecognised image format"),
         "{err}"
     );
+
+    // --timeout: the server cancels a fit that runs past the deadline, and the command says so
+    // (a slow fit, 1000 steps, with 1 s).
+    let cmd = ClientCommand::Segment {
+        conn: conn.clone(),
+        file: file.clone(),
+        out: out.clone(),
+        upload: false,
+        timeout: Some(1.0),
+        retry: Default::default(),
+        fit: RemoteFitArgs { iterations: Some(1000), min_labels: Some(0), size: Some(64), ..Default::default() },
+    };
+    let t = std::time::Instant::now();
+    let err = std::thread::spawn(move || run_client(cmd)).join().unwrap().unwrap_err();
+    assert!(err.to_string().starts_with("DeadlineExceeded: deadline exceeded; the job was cancelled"), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
+    // The worker is free again.
+    let mut c = rt.block_on(client(&url));
+    rt.block_on(quick_job_completes(&mut c));
 
     let cmd = ClientCommand::Health {
         conn,
