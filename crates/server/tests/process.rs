@@ -36,6 +36,31 @@ fn serve(grace_s: u32) -> (std::process::Child, String) {
     (child, format!("http://127.0.0.1:{port}"))
 }
 
+fn sigterm(child: &std::process::Child) {
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+}
+
+/// Reads a watched job's events to the end, which must be its cancellation by the shutdown,
+/// then waits for the server to exit 0; returns its log.
+fn cancelled_at_shutdown(
+    rt: &tokio::runtime::Runtime,
+    mut events: tonic::Streaming<pb::JobEvent>,
+    child: std::process::Child,
+) -> String {
+    let mut last = None;
+    while let Ok(Some(e)) = rt.block_on(events.message()) {
+        last = e.event;
+    }
+    match last {
+        Some(Event::Cancelled(c)) => assert_eq!(c.reason, "server shutting down"),
+        other => panic!("{other:?}"),
+    }
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "exit {:?}\n{log}", out.status);
+    log
+}
+
 #[test]
 fn sigterm_drains_and_exits_zero() {
     let (child, url) = serve(1);
@@ -45,26 +70,12 @@ fn sigterm_drains_and_exits_zero() {
         .unwrap();
     let mut c = rt.block_on(client(&url));
     let id = rt.block_on(submit_running(&mut c, disk(48, 48), slow()));
-    let mut w = rt
+    let w = rt
         .block_on(c.watch_job(pb::WatchJobRequest { job_id: id.clone() }))
         .unwrap()
         .into_inner();
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut last = None;
-    while let Ok(Some(e)) = rt.block_on(w.message()) {
-        last = e.event;
-    }
-    match last {
-        Some(Event::Cancelled(c)) => assert_eq!(c.reason, "server shutting down"),
-        other => panic!("{other:?}"),
-    }
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}\n{log}", out.status);
+    sigterm(&child);
+    let log = cancelled_at_shutdown(&rt, w, child);
     // JSON lines with the job's span fields.
     assert!(
         log.lines()
@@ -81,24 +92,13 @@ fn a_second_sigterm_cancels_at_once() {
     rt.block_on(wait_serving(&plain_conn(&url), Duration::from_secs(60))).unwrap();
     let mut c = rt.block_on(client(&url));
     let id = rt.block_on(submit_running(&mut c, disk(48, 48), slow()));
-    let mut w = rt.block_on(c.watch_job(pb::WatchJobRequest { job_id: id.clone() })).unwrap().into_inner();
-    let term = || assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    term();
+    let w = rt.block_on(c.watch_job(pb::WatchJobRequest { job_id: id.clone() })).unwrap().into_inner();
+    sigterm(&child);
     // Draining, with 600 s of grace: the job goes on.
     std::thread::sleep(Duration::from_millis(500));
     let t = std::time::Instant::now();
-    term();
-    let mut last = None;
-    while let Ok(Some(e)) = rt.block_on(w.message()) {
-        last = e.event;
-    }
-    match last {
-        Some(Event::Cancelled(c)) => assert_eq!(c.reason, "server shutting down"),
-        other => panic!("{other:?}"),
-    }
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}\n{log}", out.status);
+    sigterm(&child);
+    let log = cancelled_at_shutdown(&rt, w, child);
     assert!(t.elapsed() < Duration::from_secs(30), "stopped {:?} after the second signal", t.elapsed());
     assert!(log.contains("asked again to stop; cancelling now"), "{log}");
 }
