@@ -78,6 +78,7 @@ pub struct Admitted {
     /// Until the connection has sent its first bytes: how many more, and by when.
     greeting: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
     peer: SocketAddr,
+    metrics: Arc<Metrics>,
 }
 
 /// Accepts connections from `listener` for as long as the stream is polled, admitting each one
@@ -100,7 +101,7 @@ pub fn incoming(
                             // when it is written, not after the previous one's ACK.
                             let _ = tcp.set_nodelay(true);
                             let deadline = Box::pin(tokio::time::sleep(limit.handshake));
-                            let conn = Admitted { tcp, _slot: slot, greeting: Some((GREETING_BYTES, deadline)), peer };
+                            let conn = Admitted { tcp, _slot: slot, greeting: Some((GREETING_BYTES, deadline)), peer, metrics: metrics.clone() };
                             return Some((Ok(conn), (listener, limit, metrics, warnings)));
                         }
                         Err(_) => {
@@ -215,6 +216,9 @@ impl AsyncRead for Admitted {
             // Waiting for more: the deadline wakes this read if nothing comes in time.
             Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
                 debug!(client = %this.peer, "connection closed: it sent no HTTP/2 or TLS handshake within server.handshake_timeout_s");
+                this.metrics.connection_timed_out();
+                // Once: the connection is done with.
+                this.greeting = None;
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "no handshake within server.handshake_timeout_s",

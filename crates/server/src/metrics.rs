@@ -86,6 +86,7 @@ pub struct Metrics {
     connections: Gauge,
     connections_limit: Gauge,
     connections_refused: Counter,
+    connections_timed_out: Counter,
     /// Read when scraped (see [`Metrics::watch_connections`]).
     connection_limit: std::sync::OnceLock<ConnectionLimit>,
     jobs: Family<OutcomeLabel, Counter>,
@@ -166,6 +167,13 @@ impl Metrics {
             "Connections closed as soon as they were accepted because server.max_connections \
              were open",
             connections_refused.clone(),
+        );
+        let connections_timed_out = Counter::default();
+        registry.register(
+            "connections_timed_out",
+            "Connections closed because they sent no HTTP/2 preface (or TLS ClientHello) within \
+             server.handshake_timeout_s",
+            connections_timed_out.clone(),
         );
         let jobs = Family::<OutcomeLabel, Counter>::default();
         for o in OUTCOMES {
@@ -287,6 +295,7 @@ impl Metrics {
             connections,
             connections_limit,
             connections_refused,
+            connections_timed_out,
             connection_limit: std::sync::OnceLock::new(),
             jobs,
             queue_wait,
@@ -380,6 +389,11 @@ impl Metrics {
     /// A connection was closed on arrival: `server.max_connections` were open.
     pub fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// A connection was closed for saying nothing within `server.handshake_timeout_s`.
+    pub fn connection_timed_out(&self) {
+        self.connections_timed_out.inc();
     }
 
     /// The exposition, after reading the state gauges. `openmetrics` picks the OpenMetrics

@@ -281,7 +281,10 @@ fn a_connection_that_says_nothing_is_closed_after_the_handshake_timeout() {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         quick_job_completes(&mut c).await;
         let m = scrape(server.metrics).await;
-        assert_series(&m, &[("s3net_connections", 1.0), ("s3net_connections_refused_total", 0.0)]);
+        assert_series(
+            &m,
+            &[("s3net_connections", 1.0), ("s3net_connections_refused_total", 0.0), ("s3net_connections_timed_out_total", 2.0)],
+        );
     });
 }
 
