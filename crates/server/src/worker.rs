@@ -200,10 +200,10 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
     let (to_finisher, ended) = std::sync::mpsc::channel::<Ended>();
     let (answer, back) = std::sync::mpsc::channel::<Back>();
     let finisher = {
-        let (queue, metrics, device_spec) = (queue.clone(), metrics.clone(), slot.device);
+        let (metrics, device_spec) = (metrics.clone(), slot.device);
         std::thread::Builder::new()
             .name(format!("s3net-{}-finish", slot.name))
-            .spawn(move || finish_all(&*queue, ended, answer, refits, &metrics, device_spec))
+            .spawn(move || finish_all(ended, answer, refits, &metrics, device_spec))
             .expect("cannot spawn a finisher thread")
     };
     // Jobs handed to the finisher that it has not answered for yet.
@@ -291,7 +291,7 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
         for (r, outcome) in ended {
             match outcome {
                 Ok(fit) => hand(&mut in_flight, Ended::Fit(r, fit)),
-                Err(e) => finish(&**queue, r, Err(e), metrics),
+                Err(e) => finish(r, Err(e), metrics),
             }
         }
     }
@@ -307,7 +307,6 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
 /// `back`; ends when the worker drops its side of `ended`. `s3net_jobs_finishing` counts a job
 /// down before its outcome is published, so the gauge is current when a client hears it.
 fn finish_all(
-    queue: &dyn JobQueue,
     ended: std::sync::mpsc::Receiver<Ended>,
     back: std::sync::mpsc::Sender<Back>,
     max_refits: usize,
@@ -322,11 +321,8 @@ fn finish_all(
                 metrics.jobs_finishing(device, -1);
             }
         };
-        let (id, span) = match &e {
-            Ended::Fit(r, _) | Ended::Segmented(r, _) => (r.claimed.id.clone(), r.span.clone()),
-        };
-        // A panic here (a bug in the foreground rule, say) fails this job alone, and the
-        // finisher goes on with the next.
+        // A panic here (a bug in the foreground rule, say) fails this job alone, as its
+        // `Running` is dropped (see its Drop), and the finisher goes on with the next.
         let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match e {
             Ended::Fit(r, fit) => {
                 let mut seg = r.span.in_scope(|| Segmentation::of(&r.claimed.job.image, fit));
@@ -338,21 +334,19 @@ fn finish_all(
                     }
                     None => {
                         done();
-                        finish(queue, r, Ok(seg), metrics);
+                        finish(r, Ok(seg), metrics);
                         Back::Published
                     }
                 }
             }
             Ended::Segmented(r, seg) => {
                 done();
-                finish(queue, r, Ok(seg), metrics);
+                finish(r, Ok(seg), metrics);
                 Back::Published
             }
         }))
         .unwrap_or_else(|_| {
             done();
-            let event = span.in_scope(|| failed(&span, ServiceError::Internal("making the job's result panicked".into())));
-            queue.publish(&id, event);
             Back::Published
         });
         // Nobody to answer (the worker's loop panicked): the result is out all the same, and a
@@ -370,7 +364,7 @@ fn refuse_all(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, why: &str, metrics: 
                 let span = job_span(slot, &c);
                 let running = Running::new(queue, *c, span);
                 let e = ServiceError::from(ModelError::InvalidArgument(why.to_string()));
-                finish(&**queue, running, Err(e), metrics);
+                finish(running, Err(e), metrics);
             }
             Take::Idle => continue,
             Take::Closed => return,
@@ -429,7 +423,7 @@ fn admit(
     let job = fit_job(queue, &c, c.job.options.clone(), progress_interval);
     let running = Running::new(queue, c, span);
     if let Err((running, e)) = batch.add(running, job) {
-        finish(&**queue, running, Err(e.into()), metrics);
+        finish(running, Err(e.into()), metrics);
     }
 }
 
@@ -479,8 +473,8 @@ fn refit(
 }
 
 /// Records a job's outcome in its span and the metrics, ends the span, then publishes the
-/// outcome: a trace shows the job finished when the caller hears it.
-fn finish(queue: &dyn JobQueue, mut r: Running, outcome: Result<Segmentation, ServiceError>, metrics: &Metrics) {
+/// outcome to the job's queue: a trace shows the job finished when the caller hears it.
+fn finish(mut r: Running, outcome: Result<Segmentation, ServiceError>, metrics: &Metrics) {
     let (c, span) = (&r.claimed, &r.span);
     let img = &c.job.image;
     let event = span.in_scope(|| match outcome {
@@ -509,7 +503,7 @@ fn finish(queue: &dyn JobQueue, mut r: Running, outcome: Result<Segmentation, Se
         }
         Err(e) => failed(span, e),
     });
-    let id = r.claimed.id.clone();
+    let (id, queue) = (r.claimed.id.clone(), r.queue.clone());
     r.published = true;
     drop(r);
     queue.publish(&id, event);
@@ -681,7 +675,7 @@ mod tests {
         // A job finished the normal way keeps its own outcome.
         let id = queue.submit(tiny_job()).unwrap().id;
         let r = Running::new(&queue, take(), tracing::Span::none());
-        finish(&*queue, r, Err(ServiceError::Model(ModelError::Cancelled)), &Metrics::default());
+        finish(r, Err(ServiceError::Model(ModelError::Cancelled)), &Metrics::default());
         assert_eq!(queue.get(&id).unwrap().state, JobState::Cancelled as i32);
         assert_eq!(queue.active(), 0);
     }
