@@ -117,15 +117,13 @@ pub(crate) fn fit_as(
 fn catch_torch<R>(f: impl FnOnce() -> Result<R, ModelError>) -> Result<R, ModelError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown libtorch failure");
-            Err(ModelError::from_torch(msg))
-        }
+        Err(payload) => Err(ModelError::from_torch(panic_message(&*payload).unwrap_or("unknown libtorch failure"))),
     }
+}
+
+/// The text of a panic's payload (what `panic!` and tch's failures carry), if it has one.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied())
 }
 
 /// `f` with gradient tracking off, back on as before even when `f` panics.

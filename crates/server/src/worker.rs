@@ -94,12 +94,8 @@ fn supervise(name: &str, pause: Duration, mut body: impl FnMut()) {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut body)) {
             Ok(()) => return,
             Err(p) => {
-                let what = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(worker = name, panic = %what, "the worker panicked; its jobs failed; it starts again in {:?}", pause);
+                let what = s3net_model::panic_message(&*p).unwrap_or("");
+                tracing::error!(worker = name, panic = what, "the worker panicked; its jobs failed; it starts again in {:?}", pause);
                 std::thread::sleep(pause);
             }
         }
