@@ -20,7 +20,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -92,7 +92,7 @@ pub fn incoming(
     let warnings = Warnings::default();
     futures_util::stream::unfold(
         (listener, limit, metrics, warnings),
-        |(listener, limit, metrics, warnings)| async move {
+        |(listener, limit, metrics, mut warnings)| async move {
             loop {
                 match listener.accept().await {
                     Ok((tcp, peer)) => match limit.slots.clone().try_acquire_owned() {
@@ -138,11 +138,12 @@ pub async fn accept_pause() {
     tokio::time::sleep(ACCEPT_PAUSE).await;
 }
 
-/// The accept loop's warnings, each kind at most once per [`WARN_EVERY`].
+/// The accept loop's warnings, each kind at most once per [`WARN_EVERY`] (owned by the one
+/// task that accepts).
 #[derive(Default)]
 struct Warnings {
-    refused: Mutex<Quiet>,
-    failed: Mutex<Quiet>,
+    refused: Quiet,
+    failed: Quiet,
 }
 
 /// When a warning was last logged, and how many were not logged since.
@@ -166,9 +167,8 @@ impl Quiet {
 }
 
 impl Warnings {
-    fn refused(&self, peer: SocketAddr, max: usize) {
-        let tick = self.refused.lock().map(|mut q| q.tick()).unwrap_or(None);
-        if let Some(unlogged) = tick {
+    fn refused(&mut self, peer: SocketAddr, max: usize) {
+        if let Some(unlogged) = self.refused.tick() {
             warn!(
                 client.address = %peer.ip(),
                 client.port = peer.port(),
@@ -179,9 +179,8 @@ impl Warnings {
         }
     }
 
-    fn accept_failed(&self, e: &io::Error) {
-        let tick = self.failed.lock().map(|mut q| q.tick()).unwrap_or(None);
-        if let Some(unlogged) = tick {
+    fn accept_failed(&mut self, e: &io::Error) {
+        if let Some(unlogged) = self.failed.tick() {
             warn!(error = %e, failed_unlogged = unlogged, "cannot accept connections");
         }
     }
