@@ -465,6 +465,15 @@ fn describe(s: &Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
+/// A request carrying `deadline` as its gRPC timeout, if there is one.
+fn with_deadline<T>(message: T, deadline: Option<Duration>) -> Request<T> {
+    let mut req = Request::new(message);
+    if let Some(d) = deadline {
+        req.set_timeout(d);
+    }
+    req
+}
+
 /// A key no other submission uses: 128 bits from the process's random hasher keys and the
 /// clock.
 fn fresh_key() -> String {
@@ -529,17 +538,10 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
                             chunks.extend(image.chunks(1 << 20).map(|c| pb::UploadChunk {
                                 part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
                             }));
-                            let mut req = Request::new(tokio_stream::iter(chunks));
-                            if let Some(d) = deadline {
-                                req.set_timeout(d);
-                            }
-                            client.segment_upload(req).await
+                            client.segment_upload(with_deadline(tokio_stream::iter(chunks), deadline)).await
                         } else {
-                            let mut req = Request::new(pb::SegmentRequest { image: image.clone(), options: Some(options) });
-                            if let Some(d) = deadline {
-                                req.set_timeout(d);
-                            }
-                            client.segment(req).await
+                            let request = pb::SegmentRequest { image: image.clone(), options: Some(options) };
+                            client.segment(with_deadline(request, deadline)).await
                         }
                     }
                 })
