@@ -18,6 +18,7 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -218,6 +219,61 @@ pub fn host_memory_bytes() -> Option<u64> {
     }
 }
 
+/// Replicas that answer for each other's jobs (`crate::cluster`); off while `peers` is empty.
+/// Why: a job lives in the memory of the replica that took it, but a client's later calls
+/// about it (WatchJob, GetJob, CancelJob) can reach another replica: a `round_robin` channel
+/// spreads its calls, and a connection made again (after `server.max_connection_age_s`, say)
+/// lands anywhere. With this set, each job id names its replica and the others forward such
+/// calls to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// HOST:PORT names whose addresses are the service's replicas (this one included), e.g. a
+    /// headless Kubernetes Service that lists every pod, ready or not. A call is forwarded
+    /// only to an address these resolve to: a job id names an address, and the server sends
+    /// its token there. Empty: no cluster.
+    pub peers: Vec<String>,
+    /// The address the other replicas reach this one at, as `peers` resolves it: an IP (the
+    /// listening port is added) or IP:PORT. In Kubernetes, the pod's IP. Required with `peers`.
+    pub advertise_addr: String,
+    /// PEM CA bundle that signed the replicas' server certificates; required with
+    /// `[server.tls]` (the replicas then talk TLS, and present `server.tls.cert` as their client
+    /// certificate when `server.tls.client_ca` is set).
+    pub ca: Option<PathBuf>,
+    /// The name the replicas' certificates carry (they are reached by IP). Unset: the host of
+    /// the first `peers` entry.
+    pub server_name: Option<String>,
+    /// Seconds to connect to a replica before the forwarded call is UNAVAILABLE.
+    pub connect_timeout_s: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { peers: Vec::new(), advertise_addr: String::new(), ca: None, server_name: None, connect_timeout_s: 2 }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether replicas forward calls to each other.
+    pub fn enabled(&self) -> bool {
+        !self.peers.is_empty()
+    }
+
+    /// This replica's address for the others: `advertise_addr`, with `port` (the listening
+    /// one) when it names an IP alone.
+    pub fn advertised(&self, port: u16) -> Result<std::net::SocketAddr> {
+        let a = self.advertise_addr.trim();
+        if let Ok(ip) = a.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+            return Ok(std::net::SocketAddr::new(ip, port));
+        }
+        a.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "cluster.advertise_addr must be an IP address or IP:PORT (e.g. the pod's IP), got {a:?}"
+            )
+        })
+    }
+}
+
 /// Fit options for the requests that leave them unset; a key unset here leaves the preset's
 /// value. Why: a site sets its policy once — bfloat16 activations on a GPU server for
 /// throughput, a smaller grid, fewer steps — rather than in every client. A request's own
@@ -342,7 +398,10 @@ impl Config {
             config::Environment::with_prefix("S3NET")
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                // S3NET__CLUSTER__PEERS="a:50051,b:50051"
+                .list_separator(",")
+                .with_list_parse_key("cluster.peers"),
         );
         for (k, v) in overrides {
             b = b.set_override(*k, v.clone())?;
@@ -445,6 +504,39 @@ impl Config {
         anyhow::ensure!(
             !self.telemetry.service_name.trim().is_empty(),
             "telemetry.service_name must not be empty"
+        );
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<()> {
+        let c = &self.cluster;
+        if !c.enabled() {
+            anyhow::ensure!(
+                c.advertise_addr.trim().is_empty(),
+                "cluster.advertise_addr is set but cluster.peers is empty: list the replicas' \
+                 HOST:PORT names (or unset both)"
+            );
+            return Ok(());
+        }
+        for p in &c.peers {
+            anyhow::ensure!(is_host_port(p.trim()), "cluster.peers entries must be HOST:PORT, got {p:?}");
+        }
+        anyhow::ensure!(
+            !c.advertise_addr.trim().is_empty(),
+            "cluster.peers is set, so cluster.advertise_addr must say where the other replicas \
+             reach this one (an IP, e.g. the pod's, or IP:PORT)"
+        );
+        let me = c.advertised(1)?;
+        anyhow::ensure!(
+            !me.ip().is_unspecified(),
+            "cluster.advertise_addr must be this replica's own address, not {}",
+            me.ip()
+        );
+        anyhow::ensure!(c.connect_timeout_s >= 1, "cluster.connect_timeout_s must be at least 1");
+        anyhow::ensure!(
+            self.server.tls.is_none() || c.ca.is_some(),
+            "server.tls is set, so the replicas talk TLS to each other: cluster.ca must name the \
+             PEM CA bundle that signed their certificates"
         );
         Ok(())
     }

@@ -70,6 +70,17 @@ pub enum ServiceError {
     /// The job was cancelled; the reason says by whom.
     #[error("job cancelled: {0}")]
     Cancelled(String),
+    /// The job id names a replica that is not among the service's replicas now
+    /// (`cluster.peers`): scaled down or replaced, and its jobs gone with it. Nothing is sent
+    /// to an address outside that list (the call would carry the server's token there).
+    #[error(
+        "job '{id}' was taken by replica {replica}, which is not one of this service's replicas \
+         now (cluster.peers): it was scaled down or replaced, and its jobs went with it"
+    )]
+    ReplicaGone { id: String, replica: String },
+    /// The replica that holds the job is listed but could not be reached: retry.
+    #[error("cannot reach replica {replica}, which holds job '{id}': {error}; retry")]
+    ReplicaUnreachable { id: String, replica: String, error: String },
     /// A bug or an unexpected failure (e.g. a panic in a worker).
     #[error("internal error: {0}")]
     Internal(String),
@@ -108,8 +119,10 @@ impl ServiceError {
                 Code::ResourceExhausted
             }
             ServiceError::Stalled { .. } => Code::DeadlineExceeded,
-            ServiceError::Draining => Code::Unavailable,
-            ServiceError::NotFound(_) | ServiceError::Expired { .. } => Code::NotFound,
+            ServiceError::Draining | ServiceError::ReplicaUnreachable { .. } => Code::Unavailable,
+            ServiceError::NotFound(_) | ServiceError::Expired { .. } | ServiceError::ReplicaGone { .. } => {
+                Code::NotFound
+            }
             ServiceError::AlreadyExists { .. } => Code::AlreadyExists,
             ServiceError::Cancelled(_) => Code::Cancelled,
             ServiceError::Internal(_) => Code::Internal,
@@ -207,6 +220,11 @@ mod tests {
             (ServiceError::MessageTooLarge { bytes: 70 << 20, limit: 64 << 20 }, Code::InvalidArgument),
             (ServiceError::Draining, Code::Unavailable),
             (ServiceError::NotFound("j".into()), Code::NotFound),
+            (ServiceError::ReplicaGone { id: "j@10.0.0.9:50051".into(), replica: "10.0.0.9:50051".into() }, Code::NotFound),
+            (
+                ServiceError::ReplicaUnreachable { id: "j".into(), replica: "10.0.0.9:50051".into(), error: "refused".into() },
+                Code::Unavailable,
+            ),
             (
                 ServiceError::Expired {
                     id: "j".into(),

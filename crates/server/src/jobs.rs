@@ -184,6 +184,9 @@ pub struct MemoryQueue {
     metrics: Arc<Metrics>,
     /// Bytes held by [`Reservation`]s: images being decoded. Raised only under the lock.
     pending: Arc<AtomicUsize>,
+    /// What every job id ends with: empty, or `@` and this replica's address in a cluster
+    /// (see [`MemoryQueue::with_id_suffix`]).
+    id_suffix: String,
 }
 
 struct Entry {
@@ -276,7 +279,15 @@ impl MemoryQueue {
             limits,
             metrics,
             pending: Arc::new(AtomicUsize::new(0)),
+            id_suffix: String::new(),
         }
+    }
+
+    /// Job ids that end with `suffix`: in a cluster, `@` and this replica's address, so that
+    /// any replica can tell where a job lives (`crate::cluster`).
+    pub fn with_id_suffix(mut self, suffix: String) -> Self {
+        self.id_suffix = suffix;
+        self
     }
 
     /// Seconds until a worker is likely free for one more job: the jobs ahead per worker times
@@ -511,9 +522,9 @@ impl JobQueue for MemoryQueue {
         }
         inner.seq += 1;
         let seq = inner.seq;
-        let mut id = job_id(seq);
+        let mut id = job_id(seq) + &self.id_suffix;
         while inner.jobs.contains_key(&id) || inner.expired.contains(&id) {
-            id = job_id(seq ^ rand_bits());
+            id = job_id(seq ^ rand_bits()) + &self.id_suffix;
         }
         let (tx, _) = broadcast::channel(64);
         let position = inner

@@ -14,9 +14,11 @@
 //! * [`connections`] — the accept loop and its bound on open connections
 //! * [`metrics`] — Prometheus metrics and their `/metrics` endpoint
 //! * [`telemetry`] — log lines and OpenTelemetry traces (OTLP export, `traceparent`)
+//! * [`cluster`] — replicas that forward calls about each other's jobs
 //! * [`cli`] — `serve` and `client` subcommands for the `s3net` binary
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod error;

@@ -56,6 +56,12 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ForwardLabel {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeviceLabel {
     device: String,
 }
@@ -99,6 +105,7 @@ pub struct Metrics {
     rejected: Family<ReasonLabel, Counter>,
     restarted: Counter,
     refitted: Counter,
+    forwarded: Family<ForwardLabel, Counter>,
     gpu_used: Family<DeviceLabel, Gauge>,
     gpu_total: Family<DeviceLabel, Gauge>,
     gpu: Option<GpuMemory>,
@@ -258,6 +265,13 @@ impl Metrics {
             "Fits made again with another seed because the job's foreground came out empty",
             refitted.clone(),
         );
+        let forwarded = Family::<ForwardLabel, Counter>::default();
+        registry.register(
+            "forwarded_calls",
+            "Calls about another replica's job forwarded to it (cluster.peers), by method and the \
+             gRPC code they ended with",
+            forwarded.clone(),
+        );
         let gpu = GpuMemory::open(workers);
         let gpu_used = Family::<DeviceLabel, Gauge>::default();
         let gpu_total = Family::<DeviceLabel, Gauge>::default();
@@ -307,6 +321,7 @@ impl Metrics {
             rejected,
             restarted,
             refitted,
+            forwarded,
             gpu_used,
             gpu_total,
             gpu,
@@ -360,6 +375,12 @@ impl Metrics {
     /// A job's fit is made again because its foreground came out empty.
     pub fn job_refitted(&self) {
         self.refitted.inc();
+    }
+
+    /// A call about another replica's job was forwarded to it and ended with `code`.
+    pub fn forwarded(&self, method: &str, code: tonic::Code) {
+        let code = format!("{code:?}");
+        self.forwarded.get_or_create(&ForwardLabel { method: method.into(), code }).inc();
     }
 
     /// A request was refused before it became a job; `reason` is one of [`REJECT_REASONS`]

@@ -14,6 +14,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connections::ConnectionLimit;
 use crate::jobs::{JobQueue, MemoryQueue, QueueLimits};
@@ -55,6 +56,8 @@ pub struct Server {
     serving: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
     metrics: Option<MetricsEndpoint>,
+    /// Turned true when the server stops: ends the event streams relayed from other replicas.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// The bearer-token check: a no-op unless a token is configured.
@@ -134,6 +137,24 @@ impl Server {
             info!(max_job_bytes = b, "CPU workers take jobs estimated to need at most {:.1} GB each", b as f64 / 1e9);
         }
         let metrics = Arc::new(Metrics::new(cfg.queue.capacity, &devices));
+        // Bound first: a taken port fails fast, and a cluster's job ids carry the port.
+        let listener = tokio::net::TcpListener::bind(&cfg.server.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.server.addr))?;
+        let addr = listener.local_addr()?;
+        let cluster = Cluster::new(
+            &cfg.cluster,
+            addr.port(),
+            cfg.server.auth_token.as_deref(),
+            cfg.server.tls.as_ref(),
+            cfg.server.max_message_bytes,
+        )?
+        .map(Arc::new);
+        if let Some(c) = &cluster {
+            info!(advertise = %c.me(), peers = ?cfg.cluster.peers, "calls about other replicas' jobs are forwarded to them");
+        }
+        let id_suffix = cluster.as_ref().map(|c| c.id_suffix()).unwrap_or_default();
+        let stopping = tokio::sync::watch::Sender::new(false);
         let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::with_metrics(
             QueueLimits {
                 capacity: cfg.queue.capacity,
@@ -143,7 +164,7 @@ impl Server {
                 workers: slots.len(),
             },
             metrics.clone(),
-        ));
+        ).with_id_suffix(id_suffix));
         // Bound before the workers start, so that a taken port fails fast and cleanly.
         let metrics_endpoint = match cfg.metrics.listen() {
             Some(l) => Some(MetricsEndpoint::start(l, metrics.clone(), queue.clone()).await?),
@@ -184,7 +205,8 @@ impl Server {
         )
         .with_cpu_job_bytes(cpu_job_bytes)
         .with_upload_budget(uploads.clone())
-        .with_defaults(cfg.defaults.clone()))
+        .with_defaults(cfg.defaults.clone())
+        .with_cluster(cluster, stopping.subscribe()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
         let auth = BearerAuth {
@@ -223,10 +245,6 @@ impl Server {
             }
             builder = builder.tls_config(t).context("invalid TLS configuration")?;
         }
-        let listener = tokio::net::TcpListener::bind(&cfg.server.addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", cfg.server.addr))?;
-        let addr = listener.local_addr()?;
         let connections = ConnectionLimit::new(cfg.server.max_connections, handshake);
         metrics.watch_connections(connections.clone());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -257,6 +275,7 @@ impl Server {
             serving,
             grace: Duration::from_secs(cfg.server.shutdown_grace_s),
             metrics: metrics_endpoint,
+            stopping,
         })
     }
 
@@ -316,6 +335,8 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.queue.close();
+        // The streams relayed from other replicas end now, each with a word on why.
+        self.stopping.send_replace(true);
         let workers = self.workers;
         tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())))
             .await?;

@@ -15,11 +15,12 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, Instrument};
 
+use crate::cluster::{self, Cluster};
 use crate::config::DefaultsConfig;
 use crate::error::ServiceError;
 use crate::jobs::{is_outcome, JobQueue, NewJob, Watch};
 use crate::metrics::Metrics;
-use crate::pb::{self, job_event::Event, segmenter_server::Segmenter, JobState};
+use crate::pb::{self, job_event::Event, segmenter_client::SegmenterClient, segmenter_server::Segmenter, JobState};
 use crate::telemetry::{record_status, TraceContext};
 use crate::uploads::{UploadBudget, UploadHold};
 
@@ -71,6 +72,10 @@ pub struct SegmenterService {
     cpu_job_bytes: Option<u64>,
     /// Fit options for the fields a request leaves unset (see [`Self::with_defaults`]).
     defaults: DefaultsConfig,
+    /// The other replicas, to which calls about their jobs go (see [`Self::with_cluster`]).
+    cluster: Option<Arc<Cluster>>,
+    /// Becomes true when the server stops: the streams it relays from other replicas end.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SegmenterService {
@@ -88,7 +93,50 @@ impl SegmenterService {
             metrics,
             cpu_job_bytes: None,
             defaults: DefaultsConfig::default(),
+            cluster: None,
+            stopping: tokio::sync::watch::channel(false).1,
         }
+    }
+
+    /// Forwards `WatchJob`, `GetJob` and `CancelJob` calls about another replica's job to it
+    /// (`crate::cluster`; the queue's ids must carry this cluster's suffix).
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.cluster = cluster;
+        self.stopping = stopping;
+        self
+    }
+
+    /// Forwards `method`'s call about job `id` to the replica `to` names (`message`, the
+    /// caller's remaining `deadline`), counts it, and records it on the call's `span`.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward<M, R, F, Fut>(
+        &self,
+        span: &tracing::Span,
+        method: &'static str,
+        (cluster, owner): (&Cluster, std::net::SocketAddr),
+        id: &str,
+        message: M,
+        deadline: Option<Duration>,
+        call: F,
+    ) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(SegmenterClient<tonic::transport::Channel>, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        span.record("forwarded_to", owner.to_string());
+        let r = async {
+            let c = cluster.client(owner, id).await.map_err(Status::from)?;
+            call(c, cluster.request(message, deadline)).await.map_err(|s| cluster::failure(owner, id, s))
+        }
+        .instrument(span.clone())
+        .await;
+        forwarded(span, &self.metrics, method, r)
+    }
+
+    /// The cluster and the replica that holds job `id`, when that is another one.
+    fn elsewhere(&self, id: &str, meta: &tonic::metadata::MetadataMap) -> Option<(&Cluster, std::net::SocketAddr)> {
+        let c = self.cluster.as_deref()?;
+        c.elsewhere(id, meta).map(|owner| (c, owner))
     }
 
     /// The budget this service's requests share with the [`Budgeted`] wrapper that charges
@@ -410,6 +458,70 @@ fn outcome_event(j: &pb::Job) -> Option<pb::JobEvent> {
     })
 }
 
+/// The events of another replica's job as they come from it (`crate::cluster`). A connection
+/// lost under them ends the stream with UNAVAILABLE naming that replica; so does this server
+/// stopping (`stopping` turning true), which would otherwise wait for the other replica's job
+/// and then cut the connection.
+fn relay(
+    mut events: Streaming<pb::JobEvent>,
+    owner: std::net::SocketAddr,
+    id: String,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    span: tracing::Span,
+) -> EventStream {
+    let (tx, rx) = mpsc::channel::<Result<pb::JobEvent, Status>>(16);
+    tokio::spawn(
+        async move {
+            let stop = async {
+                if stopping.wait_for(|s| *s).await.is_err() {
+                    // No server to stop (a service served bare): never.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    ev = events.message() => {
+                        let ev = match ev {
+                            Ok(Some(ev)) => Ok(ev),
+                            Ok(None) => return,
+                            Err(s) => Err(cluster::failure(owner, &id, s)),
+                        };
+                        let end = ev.is_err();
+                        if tx.send(ev).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    _ = &mut stop => {
+                        let msg = format!(
+                            "this replica is shutting down; watch job '{id}' again (any replica takes the call)"
+                        );
+                        let _ = tx.send(Err(Status::unavailable(msg))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                }
+            }
+        }
+        .instrument(span),
+    );
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// The end of a call forwarded to another replica (`crate::cluster`): counted by its gRPC
+/// code, and a failure recorded on the call's span.
+fn forwarded<T>(span: &tracing::Span, metrics: &Metrics, method: &'static str, r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+    match &r {
+        Ok(_) => metrics.forwarded(method, tonic::Code::Ok),
+        Err(s) => {
+            metrics.forwarded(method, s.code());
+            record_status(span, s);
+            span.in_scope(|| info!(code = ?s.code(), error = s.message(), "forwarded call failed"));
+        }
+    }
+    r
+}
+
 /// The `grpc-timeout` header as a duration (e.g. `"250m"` = 250 ms).
 pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = meta.get("grpc-timeout")?.to_str().ok()?;
@@ -583,7 +695,15 @@ impl Segmenter for SegmenterService {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let span = rpc_span!("WatchJob", req, job_id = %req.get_ref().job_id);
+        let span = rpc_span!("WatchJob", req, job_id = %req.get_ref().job_id, forwarded_to = tracing::field::Empty);
+        if let Some((cluster, owner)) = self.elsewhere(&req.get_ref().job_id, req.metadata()) {
+            let deadline = grpc_timeout(req.metadata());
+            let id = req.into_inner().job_id;
+            let m = pb::WatchJobRequest { job_id: id.clone() };
+            let r = self.forward(&span, "WatchJob", (cluster, owner), &id, m, deadline, |mut c, r| async move { c.watch_job(r).await });
+            let r = r.await?;
+            return Ok(Response::new(relay(r.into_inner(), owner, id, self.stopping.clone(), span)));
+        }
         let id = req.into_inner().job_id;
         let watch = self.queue.watch(&id).map_err(|e| {
             let status = Status::from(e);
@@ -603,7 +723,13 @@ impl Segmenter for SegmenterService {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        let span = rpc_span!("GetJob", req, job_id = %req.get_ref().job_id);
+        let span = rpc_span!("GetJob", req, job_id = %req.get_ref().job_id, forwarded_to = tracing::field::Empty);
+        if let Some((cluster, owner)) = self.elsewhere(&req.get_ref().job_id, req.metadata()) {
+            let deadline = grpc_timeout(req.metadata());
+            let id = req.into_inner().job_id;
+            let m = pb::GetJobRequest { job_id: id.clone() };
+            return self.forward(&span, "GetJob", (cluster, owner), &id, m, deadline, |mut c, r| async move { c.get_job(r).await }).await;
+        }
         let _in = span.enter();
         let id = req.into_inner().job_id;
         Ok(Response::new(self.queue.get(&id)?))
@@ -613,7 +739,13 @@ impl Segmenter for SegmenterService {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let span = rpc_span!("CancelJob", req, job_id = %req.get_ref().job_id);
+        let span = rpc_span!("CancelJob", req, job_id = %req.get_ref().job_id, forwarded_to = tracing::field::Empty);
+        if let Some((cluster, owner)) = self.elsewhere(&req.get_ref().job_id, req.metadata()) {
+            let deadline = grpc_timeout(req.metadata());
+            let id = req.into_inner().job_id;
+            let m = pb::CancelJobRequest { job_id: id.clone() };
+            return self.forward(&span, "CancelJob", (cluster, owner), &id, m, deadline, |mut c, r| async move { c.cancel_job(r).await }).await;
+        }
         let _in = span.enter();
         let id = req.into_inner().job_id;
         let state = self.queue.cancel(&id, "cancelled by CancelJob")?;

@@ -199,6 +199,16 @@ impl TraceContext {
         self.0.is_empty()
     }
 
+    /// Puts this context into an outgoing call's metadata (`traceparent`, `tracestate`): a
+    /// call one replica forwards to another stays in its caller's trace.
+    pub fn insert_into(&self, meta: &mut tonic::metadata::MetadataMap) {
+        for (k, v) in &self.0 {
+            if let (Ok(k), Ok(v)) = (k.parse::<tonic::metadata::AsciiMetadataKey>(), v.parse()) {
+                meta.insert(k, v);
+            }
+        }
+    }
+
     /// Makes this context the parent of `span` (a job's span).
     pub fn set_parent_of(&self, span: &tracing::Span) {
         if let Some(cx) = self.context() {

@@ -358,3 +358,46 @@ fn the_printed_configuration_loads_back_with_the_token_redacted() {
     std::fs::write(&file, &text).unwrap();
     assert_eq!(Config::load(Some(&file), &[]).unwrap(), Config::default(), "{text}");
 }
+
+#[test]
+fn cluster_keys_load_and_are_checked() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    assert!(!Config::default().cluster.enabled());
+    // The peers as a list from one variable, the pod's IP from another (the Kubernetes way).
+    std::env::set_var("S3NET__CLUSTER__PEERS", "s3net-peers.s3net.svc.cluster.local:50051,10.0.0.7:50051");
+    std::env::set_var("S3NET__CLUSTER__ADVERTISE_ADDR", "10.0.0.5");
+    std::env::set_var("S3NET__SERVER__AUTH_TOKEN", "a,b");
+    let c = Config::load(None, &[]);
+    std::env::remove_var("S3NET__CLUSTER__PEERS");
+    std::env::remove_var("S3NET__CLUSTER__ADVERTISE_ADDR");
+    std::env::remove_var("S3NET__SERVER__AUTH_TOKEN");
+    let c = c.unwrap();
+    assert_eq!(c.cluster.peers, ["s3net-peers.s3net.svc.cluster.local:50051", "10.0.0.7:50051"]);
+    assert_eq!(c.server.auth_token.as_deref(), Some("a,b"), "only the peers are a list");
+    assert_eq!(c.cluster.advertised(50051).unwrap(), "10.0.0.5:50051".parse().unwrap());
+    for ok in ["fd00::5", "[fd00::5]:6000", "10.0.0.5:6000"] {
+        let mut c = Config::default();
+        c.cluster.peers = vec!["s3net-peers:50051".into()];
+        c.cluster.advertise_addr = ok.into();
+        c.validate().unwrap_or_else(|e| panic!("{ok}: {e:#}"));
+    }
+    // Bad values name their key.
+    let cases: [(&[&str], &str, bool, &str); 6] = [
+        (&["s3net-peers:50051"], "", false, "cluster.advertise_addr"),
+        (&[], "10.0.0.5", false, "cluster.advertise_addr"),
+        (&["s3net-peers"], "10.0.0.5", false, "cluster.peers"),
+        (&["s3net-peers:50051"], "pod-5", false, "cluster.advertise_addr"),
+        (&["s3net-peers:50051"], "0.0.0.0", false, "cluster.advertise_addr"),
+        (&["s3net-peers:50051"], "10.0.0.5", true, "cluster.ca"),
+    ];
+    for (peers, advertise, tls, key) in cases {
+        let mut c = Config::default();
+        c.cluster.peers = peers.iter().map(|p| p.to_string()).collect();
+        c.cluster.advertise_addr = advertise.into();
+        if tls {
+            c.server.tls = Some(s3net_server::config::TlsConfig { cert: "c.pem".into(), key: "k.pem".into(), client_ca: None });
+        }
+        let err = c.validate().expect_err(&format!("{peers:?} {advertise:?} accepted"));
+        assert!(format!("{err:#}").contains(key), "{peers:?} {advertise:?}: {err:#}");
+    }
+}

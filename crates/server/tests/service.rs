@@ -1209,43 +1209,25 @@ async fn progress_is_throttled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mutual_tls() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     use s3net_server::cli::ConnectArgs;
     use s3net_server::config::TlsConfig;
-    let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, pem: String| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, pem).unwrap();
-        p
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
-    let (client_cert, client_key) = leaf(vec!["client".into()]);
+    let ca = TestCa::new();
+    let (server_cert, server_key) = ca.issue("server", &["localhost", "127.0.0.1"]);
+    let (client_cert, client_key) = ca.issue("client", &["client"]);
     let mut cfg = config();
     cfg.server.tls = Some(TlsConfig {
-        cert: write("server.pem", server_cert),
-        key: write("server.key", server_key),
-        client_ca: Some(write("ca.pem", ca.pem())),
+        cert: server_cert,
+        key: server_key,
+        client_ca: Some(ca.path("ca.pem")),
     });
     let (server, url) = start(cfg).await;
     let https = url.replace("http://", "https://");
     let conn = ConnectArgs {
         addr: https.clone(),
         token: None,
-        ca: Some(dir.path().join("ca.pem")),
-        cert: Some(write("client.pem", client_cert)),
-        key: Some(write("client.key", client_key)),
+        ca: Some(ca.path("ca.pem")),
+        cert: Some(client_cert),
+        key: Some(client_key),
     };
     let mut c = conn.client().await.unwrap();
     let err = c

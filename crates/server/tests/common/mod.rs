@@ -328,3 +328,42 @@ pub fn assert_series(m: &HashMap<String, f64>, expected: &[(&str, f64)]) {
         assert_eq!(value(m, series), want, "{series}");
     }
 }
+
+/// A throwaway certificate authority whose PEM files go into a temporary folder.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+}
+
+impl TestCa {
+    /// A new CA; its certificate is `ca.pem` in [`TestCa::dir`].
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let ca = TestCa { dir: tempfile::tempdir().unwrap(), key, cert };
+        ca.write("ca.pem", ca.cert.pem());
+        ca
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, pem: String) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    }
+
+    /// A certificate for `names`, signed by this CA: the paths of `{stem}.pem` and `{stem}.key`.
+    pub fn issue(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &self.cert, &self.key).unwrap();
+        (self.write(&format!("{stem}.pem"), cert.pem()), self.write(&format!("{stem}.key"), key.serialize_pem()))
+    }
+}

@@ -1,0 +1,308 @@
+//! Replicas that answer for each other's jobs.
+//!
+//! A job lives in the memory of the replica that took it. A client's later calls about it
+//! (`WatchJob`, `GetJob`, `CancelJob`) may reach another replica: a `round_robin` channel
+//! spreads its calls over them, and a connection made again — after
+//! `server.max_connection_age_s`, or a network blip — lands on any of them. Without help those
+//! calls would say NOT_FOUND for a job that is running fine one pod away.
+//!
+//! With `[cluster]` configured, every job id ends with the address of its replica
+//! (`3f9c0a7be41d2c55@10.1.2.3:50051`), and a replica asked about another's job forwards the
+//! call there, as the same client would have made it: the same deadline, the caller's trace,
+//! the service's token. Only to an address that `cluster.peers` resolves to: the id comes from
+//! the client, and the call carries the token, so an id naming any other address is NOT_FOUND
+//! and nothing is sent (else a client could make the server hand its token to a host of the
+//! client's choosing). A forwarded call is marked, and a replica never forwards a marked call
+//! again, so two replicas that disagree about an address cannot bounce a call between them.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
+use tracing::warn;
+
+use crate::config::{ClusterConfig, TlsConfig};
+use crate::error::ServiceError;
+use crate::pb::segmenter_client::SegmenterClient;
+use crate::telemetry::TraceContext;
+
+/// The metadata key that marks a call one replica forwarded to another (its value: the
+/// forwarding replica's address, for the logs).
+pub const FORWARDED_BY: &str = "s3net-forwarded-by";
+
+/// How long a resolution of `cluster.peers` is trusted before an id naming an address
+/// outside it makes the server look again, and the least time between two lookups.
+/// Why both: pods come and go (a new one's jobs must be reachable within seconds), but ids
+/// naming unknown addresses are the client's to choose, and must not make the server hammer
+/// its DNS.
+const FRESH: Duration = Duration::from_secs(5);
+const RELOOK: Duration = Duration::from_secs(1);
+
+/// This replica's place among the others: its own address, theirs, and a channel to each.
+pub struct Cluster {
+    me: SocketAddr,
+    peers: Vec<String>,
+    known: Mutex<Known>,
+    channels: Mutex<HashMap<SocketAddr, Channel>>,
+    token: Option<String>,
+    tls: Option<ClientTlsConfig>,
+    connect_timeout: Duration,
+    max_message_bytes: usize,
+}
+
+#[derive(Default)]
+struct Known {
+    addrs: HashSet<SocketAddr>,
+    at: Option<Instant>,
+}
+
+impl Cluster {
+    /// The cluster of this replica, listening on `port`; `None` when `cluster.peers` is empty.
+    /// `token` is the service's own (`server.auth_token`), which every replica shares; with
+    /// `server_tls`, the replicas talk TLS, verified by `cluster.ca`.
+    pub fn new(
+        cfg: &ClusterConfig,
+        port: u16,
+        token: Option<&str>,
+        server_tls: Option<&TlsConfig>,
+        max_message_bytes: usize,
+    ) -> Result<Option<Cluster>> {
+        if !cfg.enabled() {
+            return Ok(None);
+        }
+        let me = cfg.advertised(port)?;
+        let peers: Vec<String> = cfg.peers.iter().map(|p| p.trim().to_string()).collect();
+        let tls = match server_tls {
+            None => None,
+            Some(server) => {
+                let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+                let ca = cfg.ca.as_deref().context("cluster.ca is required with server.tls")?;
+                let name = match &cfg.server_name {
+                    Some(n) => n.clone(),
+                    None => host_of(&peers[0]).to_string(),
+                };
+                let mut t = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)).domain_name(name);
+                if server.client_ca.is_some() {
+                    // The other replicas ask for a client certificate: ours.
+                    t = t.identity(Identity::from_pem(read(&server.cert)?, read(&server.key)?));
+                }
+                Some(t)
+            }
+        };
+        Ok(Some(Cluster {
+            me,
+            peers,
+            known: Mutex::new(Known::default()),
+            channels: Mutex::new(HashMap::new()),
+            token: token.map(str::to_string),
+            tls,
+            connect_timeout: Duration::from_secs(cfg.connect_timeout_s.max(1)),
+            max_message_bytes,
+        }))
+    }
+
+    /// This replica's address, as the others reach it.
+    pub fn me(&self) -> SocketAddr {
+        self.me
+    }
+
+    /// What this replica's job ids end with: `@` and its address.
+    pub fn id_suffix(&self) -> String {
+        format!("@{}", self.me)
+    }
+
+    /// The other replica that holds job `id`, if the id names one; `None` when the job, if it
+    /// exists, is this replica's (its own suffix, or an id without a replica's address), or
+    /// when the call was forwarded here already.
+    pub fn elsewhere(&self, id: &str, meta: &MetadataMap) -> Option<SocketAddr> {
+        if meta.contains_key(FORWARDED_BY) {
+            return None;
+        }
+        let (_, addr) = id.rsplit_once('@')?;
+        let addr: SocketAddr = addr.parse().ok()?;
+        (addr != self.me).then_some(addr)
+    }
+
+    /// A client of replica `owner` for job `id`: `ReplicaGone` unless `cluster.peers` resolves
+    /// to `owner` (looked up again when the last lookup is stale).
+    pub async fn client(&self, owner: SocketAddr, id: &str) -> Result<SegmenterClient<Channel>, ServiceError> {
+        if !self.is_peer(owner).await {
+            return Err(ServiceError::ReplicaGone { id: id.to_string(), replica: owner.to_string() });
+        }
+        let channel = {
+            let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            match channels.get(&owner) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.endpoint(owner).map_err(|e| ServiceError::ReplicaUnreachable {
+                        id: id.to_string(),
+                        replica: owner.to_string(),
+                        error: e.to_string(),
+                    })?;
+                    let c = c.connect_lazy();
+                    channels.insert(owner, c.clone());
+                    c
+                }
+            }
+        };
+        Ok(SegmenterClient::new(channel)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> Result<Endpoint, tonic::transport::Error> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            // A replica that vanished without a word (node lost) fails the calls it holds
+            // within about 20 s, not when TCP gives up.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(false);
+        if let Some(t) = &self.tls {
+            e = e.tls_config(t.clone())?;
+        }
+        Ok(e)
+    }
+
+    /// Whether `cluster.peers` resolves to `addr`.
+    async fn is_peer(&self, addr: SocketAddr) -> bool {
+        let stale = {
+            let k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            if k.addrs.contains(&addr) && k.at.is_some_and(|t| t.elapsed() < FRESH) {
+                return true;
+            }
+            k.at.is_none_or(|t| t.elapsed() >= RELOOK)
+        };
+        if stale {
+            let addrs = self.resolve().await;
+            let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            // Channels to the replicas that left go with them.
+            self.channels.lock().unwrap_or_else(|e| e.into_inner()).retain(|a, _| addrs.contains(a));
+            k.addrs = addrs;
+            k.at = Some(Instant::now());
+        }
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).addrs.contains(&addr)
+    }
+
+    /// Every address the `peers` names stand for now. A name that does not resolve is
+    /// skipped with a warning: the others still count.
+    async fn resolve(&self) -> HashSet<SocketAddr> {
+        let mut all = HashSet::new();
+        for p in &self.peers {
+            match tokio::time::timeout(self.connect_timeout, tokio::net::lookup_host(p.as_str())).await {
+                Ok(Ok(addrs)) => all.extend(addrs),
+                Ok(Err(e)) => warn!(peer = %p, "cluster.peers: cannot resolve: {e}"),
+                Err(_) => warn!(peer = %p, "cluster.peers: no answer from the resolver"),
+            }
+        }
+        all
+    }
+
+    /// `message` as a call forwarded from this replica: the caller's remaining deadline, the
+    /// current span's trace context, the service's token and the mark of a forwarded call.
+    pub fn request<T>(&self, message: T, deadline: Option<Duration>) -> Request<T> {
+        let mut req = Request::new(message);
+        if let Some(d) = deadline {
+            req.set_timeout(d);
+        }
+        let meta = req.metadata_mut();
+        TraceContext::current().insert_into(meta);
+        if let Some(t) = &self.token {
+            if let Ok(v) = MetadataValue::try_from(format!("Bearer {t}")) {
+                meta.insert("authorization", v);
+            }
+        }
+        if let Ok(v) = MetadataValue::try_from(self.me.to_string()) {
+            meta.insert(FORWARDED_BY, v);
+        }
+        req
+    }
+
+}
+
+/// A forwarded call's failure as its caller should see it: the other replica's own status as
+/// it is, except a connection that failed (or was lost under a stream), which is
+/// `ReplicaUnreachable`, naming the replica.
+pub fn failure(owner: SocketAddr, id: &str, s: Status) -> Status {
+    if !crate::cli::connection_failed(&s) {
+        return s;
+    }
+    let mut why = Vec::new();
+    let mut e = std::error::Error::source(&s);
+    while let Some(err) = e {
+        why.push(err.to_string());
+        e = err.source();
+    }
+    ServiceError::ReplicaUnreachable { id: id.to_string(), replica: owner.to_string(), error: why.join(": ") }.into()
+}
+
+/// The host part of HOST:PORT (`[v6]:PORT` without its brackets).
+fn host_of(host_port: &str) -> &str {
+    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(advertise: &str, peers: &[&str]) -> Cluster {
+        let cfg = ClusterConfig {
+            peers: peers.iter().map(|p| p.to_string()).collect(),
+            advertise_addr: advertise.into(),
+            ..ClusterConfig::default()
+        };
+        Cluster::new(&cfg, 50051, Some("secret"), None, 1 << 20).unwrap().unwrap()
+    }
+
+    #[test]
+    fn ids_name_their_replica() {
+        let c = cluster("10.0.0.1", &["s3net-peers:50051"]);
+        assert_eq!(c.id_suffix(), "@10.0.0.1:50051");
+        let none = MetadataMap::new();
+        assert_eq!(c.elsewhere("abc@10.0.0.1:50051", &none), None);
+        assert_eq!(c.elsewhere("abc", &none), None);
+        assert_eq!(c.elsewhere("abc@nonsense", &none), None);
+        assert_eq!(c.elsewhere("abc@10.0.0.2:50051", &none), Some("10.0.0.2:50051".parse().unwrap()));
+        let v6 = cluster("fd00::1", &["s3net-peers:50051"]);
+        assert_eq!(v6.id_suffix(), "@[fd00::1]:50051");
+        assert_eq!(v6.elsewhere("abc@[fd00::2]:50051", &none), Some("[fd00::2]:50051".parse().unwrap()));
+        // A forwarded call is answered here, whatever its id says.
+        let mut forwarded = MetadataMap::new();
+        forwarded.insert(FORWARDED_BY, "10.0.0.3:50051".parse().unwrap());
+        assert_eq!(c.elsewhere("abc@10.0.0.2:50051", &forwarded), None);
+    }
+
+    #[test]
+    fn a_forwarded_call_carries_the_token_the_deadline_and_the_mark() {
+        let c = cluster("10.0.0.1:6000", &["s3net-peers:50051"]);
+        let r = c.request((), Some(Duration::from_millis(1500)));
+        let m = r.metadata();
+        assert_eq!(m.get("authorization").unwrap(), "Bearer secret");
+        assert_eq!(m.get(FORWARDED_BY).unwrap(), "10.0.0.1:6000");
+        assert!(m.get("grpc-timeout").is_some());
+    }
+
+    #[test]
+    fn hosts_of_peer_names() {
+        assert_eq!(host_of("s3net-peers.s3net.svc:50051"), "s3net-peers.s3net.svc");
+        assert_eq!(host_of("[fd00::1]:50051"), "fd00::1");
+    }
+
+    #[tokio::test]
+    async fn only_the_listed_replicas_are_called() {
+        let c = cluster("127.0.0.1", &["localhost:7001", "127.0.0.2:7002"]);
+        assert!(c.is_peer("127.0.0.1:7001".parse().unwrap()).await);
+        assert!(c.is_peer("127.0.0.2:7002".parse().unwrap()).await);
+        assert!(!c.is_peer("127.0.0.1:7002".parse().unwrap()).await);
+        let e = c.client("192.0.2.7:50051".parse().unwrap(), "abc@192.0.2.7:50051").await.unwrap_err();
+        assert!(matches!(e, ServiceError::ReplicaGone { .. }), "{e}");
+    }
+}

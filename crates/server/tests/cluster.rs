@@ -1,0 +1,226 @@
+//! Replicas that answer for each other's jobs (`[cluster]`): real servers on loopback ports,
+//! calls about one replica's job made to another.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use s3net_server::cli::{Client as TokenClient, ConnectArgs};
+use s3net_server::cluster::FORWARDED_BY;
+use s3net_server::pb::{self, job_event::Event, JobState};
+use s3net_server::{Config, Server};
+use tonic::Code;
+
+const TOKEN: &str = "s3cret";
+
+/// A replica listening on `port`, one of `peers`, with the shared token.
+fn replica(port: u16, peers: &[u16]) -> Config {
+    let mut c = config();
+    c.server.addr = format!("127.0.0.1:{port}");
+    c.server.auth_token = Some(TOKEN.into());
+    c.cluster.peers = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    c.cluster.advertise_addr = "127.0.0.1".into();
+    c
+}
+
+fn conn(url: &str) -> ConnectArgs {
+    ConnectArgs { token: Some(TOKEN.into()), ..plain_conn(url) }
+}
+
+/// Replicas A and B of one cluster, a client of each, and A's port.
+async fn two_replicas() -> (Server, TokenClient, Server, TokenClient, u16) {
+    let (pa, pb_) = (free_port(), free_port());
+    let (a, url_a) = start(replica(pa, &[pa, pb_])).await;
+    let (b, url_b) = start(replica(pb_, &[pa, pb_])).await;
+    (a, conn(&url_a).client().await.unwrap(), b, conn(&url_b).client().await.unwrap(), pa)
+}
+
+/// Submits `image` through `c`: the job's id.
+async fn submit_via(c: &mut TokenClient, image: Vec<u8>, options: pb::Options) -> String {
+    let r = pb::SubmitJobRequest { image, options: Some(options), idempotency_key: String::new() };
+    c.submit_job(r).await.unwrap().into_inner().job_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_about_a_job_reach_its_replica_through_any_other() {
+    let (a, mut ca, b, mut cb, pa) = two_replicas().await;
+
+    // A's job, as its id says.
+    let id = submit_via(&mut ca, disk(48, 48), slow()).await;
+    assert!(id.ends_with(&format!("@127.0.0.1:{pa}")), "{id}");
+
+    // Watched through B: the replay and the live events, from A.
+    let mut w = cb.watch_job(pb::WatchJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    loop {
+        let e = w.message().await.unwrap().expect("the stream goes on");
+        assert_eq!(e.job_id, id);
+        if matches!(e.event, Some(Event::Progress(_))) {
+            break;
+        }
+    }
+    let j = cb.get_job(pb::GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!((j.job_id.as_str(), j.state), (id.as_str(), JobState::Running as i32));
+    assert_eq!((j.width, j.height), (48, 48));
+    // B's own list holds only B's jobs.
+    let listed = cb.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner();
+    assert!(listed.jobs.is_empty(), "{listed:?}");
+
+    // Cancelled through B: A's job ends, and B's watch says so.
+    let state = cb.cancel_job(pb::CancelJobRequest { job_id: id.clone() }).await.unwrap().into_inner().state;
+    assert!(state == JobState::Running as i32 || state == JobState::Cancelled as i32, "{state}");
+    let last = last_event(&mut w).await;
+    assert!(matches!(&last, Some(Event::Cancelled(c)) if c.reason.contains("CancelJob")), "{last:?}");
+    let j = ca.get_job(pb::GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(j.state, JobState::Cancelled as i32);
+
+    // A completed job's result, fetched through B, is A's.
+    let done = submit_via(&mut ca, disk(40, 40), quick()).await;
+    let mut w = cb.watch_job(pb::WatchJobRequest { job_id: done.clone() }).await.unwrap().into_inner();
+    let last = last_event(&mut w).await;
+    assert!(matches!(last, Some(Event::Completed(_))), "{last:?}");
+    let via_b = cb.get_job(pb::GetJobRequest { job_id: done.clone() }).await.unwrap().into_inner();
+    let via_a = ca.get_job(pb::GetJobRequest { job_id: done.clone() }).await.unwrap().into_inner();
+    assert_eq!(via_b, via_a);
+    assert!(via_b.result.is_some_and(|r| !r.mask_png.is_empty()));
+
+    // An unknown id of A's is A's answer, through B.
+    let missing = format!("0123456789abcdef@127.0.0.1:{pa}");
+    let e = cb.get_job(pb::GetJobRequest { job_id: missing.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("unknown job"), "{e:?}");
+
+    let m = scrape(b.metrics_addr().unwrap()).await;
+    assert_series(
+        &m,
+        &[
+            ("s3net_forwarded_calls_total{method=\"WatchJob\",code=\"Ok\"}", 2.0),
+            ("s3net_forwarded_calls_total{method=\"GetJob\",code=\"Ok\"}", 2.0),
+            ("s3net_forwarded_calls_total{method=\"GetJob\",code=\"NotFound\"}", 1.0),
+            ("s3net_forwarded_calls_total{method=\"CancelJob\",code=\"Ok\"}", 1.0),
+        ],
+    );
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_listed_replicas_are_ever_called() {
+    // Something listening that is not a replica: an id naming it must not make the server
+    // connect there (the call would carry the token).
+    let stranger = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stranger_addr = stranger.local_addr().unwrap();
+    // A replica that is listed but down.
+    let (pb_, down) = (free_port(), free_port());
+    let (b, url_b) = start(replica(pb_, &[pb_, down])).await;
+    let mut cb = conn(&url_b).client().await.unwrap();
+
+    let forged = format!("0123456789abcdef@{stranger_addr}");
+    let e = cb.get_job(pb::GetJobRequest { job_id: forged.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains(&format!("replica {stranger_addr}, which is not one of this service's replicas")), "{e:?}");
+    let e = cb.cancel_job(pb::CancelJobRequest { job_id: forged.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = cb.watch_job(pb::WatchJobRequest { job_id: forged }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let called = tokio::time::timeout(Duration::from_millis(500), stranger.accept()).await;
+    assert!(called.is_err(), "the server connected to {stranger_addr}");
+
+    let e = cb.get_job(pb::GetJobRequest { job_id: format!("0123456789abcdef@127.0.0.1:{down}") }).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().starts_with(&format!("cannot reach replica 127.0.0.1:{down}, which holds job")), "{e:?}");
+
+    // A call marked as forwarded is answered here, never sent on.
+    let mut req = tonic::Request::new(pb::GetJobRequest { job_id: format!("0123456789abcdef@127.0.0.1:{down}") });
+    req.metadata_mut().insert(FORWARDED_BY, "127.0.0.9:1".parse().unwrap());
+    let e = cb.get_job(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().starts_with("unknown job"), "{e:?}");
+
+    // Its own jobs stay its own, and a plain id (no replica) is looked up here.
+    let id = submit_via(&mut cb, disk(40, 40), quick()).await;
+    assert!(id.ends_with(&format!("@127.0.0.1:{pb_}")), "{id}");
+    let e = cb.get_job(pb::GetJobRequest { job_id: "0123456789abcdef".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let m = scrape(b.metrics_addr().unwrap()).await;
+    assert_series(&m, &[("s3net_forwarded_calls_total{method=\"GetJob\",code=\"Unavailable\"}", 1.0)]);
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_with_mutual_tls_forward_over_tls() {
+    use s3net_server::config::TlsConfig;
+    let ca = TestCa::new();
+    // One certificate for every replica, as a Kubernetes secret would hold it: the name the
+    // replicas are reached by (cluster.server_name), and no other.
+    let (cert, key) = ca.issue("server", &["s3net-peers"]);
+    let tls = TlsConfig { cert, key, client_ca: Some(ca.path("ca.pem")) };
+    let (pa, pb_) = (free_port(), free_port());
+    let with_tls = |port| {
+        let mut c = replica(port, &[pa, pb_]);
+        c.server.tls = Some(tls.clone());
+        c.cluster.ca = Some(ca.path("ca.pem"));
+        c.cluster.server_name = Some("s3net-peers".into());
+        c
+    };
+    let (a, _) = start(with_tls(pa)).await;
+    let (b, _) = start(with_tls(pb_)).await;
+    // A client of the replicas' own kind: their certificate, the name in it.
+    let connect = |port: u16| {
+        let read = |name: &str| std::fs::read(ca.path(name)).unwrap();
+        let id = tonic::transport::Identity::from_pem(read("server.pem"), read("server.key"));
+        let root = tonic::transport::Certificate::from_pem(read("ca.pem"));
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(root).identity(id).domain_name("s3net-peers");
+        async move {
+            let ch = tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{port}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let token: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse().unwrap();
+            pb::segmenter_client::SegmenterClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", token.clone());
+                Ok(r)
+            })
+        }
+    };
+    let mut ca_client = connect(pa).await;
+    let mut cb = connect(pb_).await;
+    let submit = pb::SubmitJobRequest { image: disk(40, 40), options: Some(quick()), idempotency_key: String::new() };
+    let id = ca_client.submit_job(submit).await.unwrap().into_inner().job_id;
+    let mut w = cb.watch_job(pb::WatchJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    let last = last_event(&mut w).await;
+    assert!(matches!(last, Some(Event::Completed(_))), "{last:?}");
+    let j = cb.get_job(pb::GetJobRequest { job_id: id }).await.unwrap().into_inner();
+    assert_eq!(j.state, JobState::Completed as i32);
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_stops_ends_the_streams_it_relays() {
+    let (a, mut ca, b, mut cb, _) = two_replicas().await;
+    let id = submit_via(&mut ca, disk(48, 48), slow()).await;
+    let mut w = cb.watch_job(pb::WatchJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    while !matches!(w.message().await.unwrap().and_then(|e| e.event), Some(Event::Progress(_))) {}
+    // B stops: its relay ends at once with a word on why, and A's job goes on.
+    let t = std::time::Instant::now();
+    let stopped = tokio::spawn(b.shutdown());
+    let e = loop {
+        match w.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the relay ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().starts_with("this replica is shutting down; watch job"), "{e:?}");
+    stopped.await.unwrap().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(4), "B took {:?} to stop", t.elapsed());
+    let j = ca.get_job(pb::GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(j.state, JobState::Running as i32);
+    ca.cancel_job(pb::CancelJobRequest { job_id: id }).await.unwrap();
+    a.shutdown().await.unwrap();
+}
