@@ -53,7 +53,8 @@ class Server:
         base = {k: v for k, v in os.environ.items() if not k.startswith("S3NET__")}
         base.setdefault("RUST_LOG", "info")
         env = {**base, **self.env}
-        cmd = [str(BIN), "serve", "--addr", "127.0.0.1:0", "--log-json", *self.args]
+        addr = [] if "--addr" in self.args else ["--addr", "127.0.0.1:0"]
+        cmd = [str(BIN), "serve", *addr, "--log-json", *self.args]
         self.proc = subprocess.Popen(
             cmd,
             env=env,

@@ -91,6 +91,7 @@ class Settings:
         chunk_size: int,
         keepalive: Optional[float] = 30.0,
         keepalive_timeout: float = 20.0,
+        load_balancing: Optional[str] = None,
     ) -> "Settings":
         address = target
         scheme_tls = None
@@ -120,6 +121,17 @@ class Settings:
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        scheme, _, addresses = address.partition(":")
+        if scheme in ("ipv4", "ipv6") and "," in addresses:
+            # gRPC would send the whole list as the call's :authority, which no HTTP/2 server
+            # takes (the commas): name the first address instead.
+            options.append(("grpc.default_authority", addresses.split(",")[0].lstrip("/")))
+        if load_balancing is not None:
+            if load_balancing not in ("round_robin", "pick_first"):
+                raise ValueError(
+                    f"load_balancing must be 'round_robin' or 'pick_first', got {load_balancing!r}"
+                )
+            options.append(("grpc.lb_policy_name", load_balancing))
         if keepalive is not None:
             if not keepalive > 0 or not keepalive_timeout > 0:
                 raise ValueError("keepalive and keepalive_timeout must be > 0 (keepalive=None: off)")

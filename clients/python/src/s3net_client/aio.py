@@ -51,6 +51,7 @@ class AsyncClient:
         chunk_size: int = 1 << 20,
         keepalive: Optional[float] = 30.0,
         keepalive_timeout: float = 20.0,
+        load_balancing: Optional[str] = None,
     ) -> None:
         self._settings = s = Settings.build(
             target,
@@ -68,6 +69,7 @@ class AsyncClient:
             chunk_size=chunk_size,
             keepalive=keepalive,
             keepalive_timeout=keepalive_timeout,
+            load_balancing=load_balancing,
         )
         if s.credentials is not None:
             self._channel = grpc.aio.secure_channel(

@@ -45,6 +45,12 @@ class Client:
     ``keepalive_timeout`` (a machine that froze or dropped off the network, sending no reset)
     fails the call with ``Unavailable`` instead of leaving it waiting for ever.
 
+    ``load_balancing="round_robin"`` spreads the calls over every address ``target`` resolves
+    to (several replicas behind one DNS name, e.g. ``dns:///s3net.s3net.svc.cluster.local:50051``
+    for a headless Kubernetes Service) instead of gRPC's default, the first one that answers.
+    ``watch``, ``get`` and ``cancel`` may then reach another replica than the one that took
+    the job: servers with ``[cluster]`` configured forward them to it.
+
     One client is safe to share between threads; close it (or use ``with``) when done.
     """
 
@@ -66,6 +72,7 @@ class Client:
         chunk_size: int = 1 << 20,
         keepalive: Optional[float] = 30.0,
         keepalive_timeout: float = 20.0,
+        load_balancing: Optional[str] = None,
     ) -> None:
         self._settings = s = Settings.build(
             target,
@@ -83,6 +90,7 @@ class Client:
             chunk_size=chunk_size,
             keepalive=keepalive,
             keepalive_timeout=keepalive_timeout,
+            load_balancing=load_balancing,
         )
         if s.credentials is not None:
             self._channel = grpc.secure_channel(s.target, s.credentials, options=s.channel_options)

@@ -94,6 +94,8 @@ class SegmenterServicer:
 
     def SubmitJob(self, request, context):
         """Queues a job and returns its id at once. The job survives the caller disconnecting.
+        With [cluster] configured the id ends with "@" and its replica's address, and any replica
+        takes WatchJob, GetJob and CancelJob for it (README, "Several replicas").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
