@@ -172,6 +172,23 @@ def test_headless_grpc_service():
     assert selects_the_pods(deployment()["spec"]["selector"]["matchLabels"])
 
 
+def test_replicas_find_each_other_including_pods_not_ready():
+    cluster = configmap_toml()["cluster"]
+    (peer,) = cluster["peers"]
+    host, port = host_port(peer)
+    name, namespace = host.split(".")[:2]
+    assert (namespace, port) == (kustomization()["namespace"], GRPC_PORT), peer
+    svc = one("Service", name)
+    assert svc["spec"]["clusterIP"] == "None", "the peers are every pod's own address"
+    assert svc["spec"]["publishNotReadyAddresses"], "a draining pod still holds its jobs"
+    assert selects_the_pods(svc["spec"]["selector"])
+    (svc_port,) = svc["spec"]["ports"]
+    assert svc_port["port"] == GRPC_PORT and svc_port["targetPort"] == "grpc"
+    # Each pod's own address, as the peers Service lists it.
+    (advertise,) = [e for e in container()["env"] if e["name"] == "S3NET__CLUSTER__ADVERTISE_ADDR"]
+    assert advertise["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
 def test_metrics_are_discoverable_on_the_metrics_port():
     svc = one("Service", "s3net-metrics")
     assert svc["spec"].get("clusterIP") != "None"

@@ -75,6 +75,8 @@ def test_kubernetes_configuration_serves(tmp_path):
     # The ConfigMap is written for one GPU (cpu_workers = 0); this machine may have none.
     env["S3NET__WORKERS__CPU_WORKERS"] = "1"
     env["CUDA_CACHE_PATH"] = str(tmp_path / "cuda-cache")
+    # status.podIP in the pod.
+    env["S3NET__CLUSTER__ADVERTISE_ADDR"] = "127.0.0.1"
     args = list(c["args"])
     args[args.index("--config") + 1] = str(config)
     check(Server(args, env))
