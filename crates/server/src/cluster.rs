@@ -55,10 +55,15 @@ pub struct Cluster {
     max_message_bytes: usize,
 }
 
+/// The addresses `cluster.peers` resolved to.
 #[derive(Default)]
 struct Known {
     addrs: HashSet<SocketAddr>,
+    /// When they were resolved.
     at: Option<Instant>,
+    /// When a lookup was last tried, and why it failed if it did (no name resolved).
+    tried: Option<Instant>,
+    failure: Option<String>,
 }
 
 impl Cluster {
@@ -131,8 +136,13 @@ impl Cluster {
     /// A client of replica `owner` for job `id`: `ReplicaGone` unless `cluster.peers` resolves
     /// to `owner` (looked up again when the last lookup is stale).
     pub async fn client(&self, owner: SocketAddr, id: &str) -> Result<SegmenterClient<Channel>, ServiceError> {
-        if !self.is_peer(owner).await {
-            return Err(ServiceError::ReplicaGone { id: id.to_string(), replica: owner.to_string() });
+        match self.is_peer(owner).await {
+            Ok(true) => {}
+            Ok(false) => return Err(ServiceError::ReplicaGone { id: id.to_string(), replica: owner.to_string() }),
+            Err(why) => {
+                let error = format!("cannot resolve cluster.peers ({why})");
+                return Err(ServiceError::ReplicaUnreachable { id: id.to_string(), replica: owner.to_string(), error });
+            }
         }
         let channel = {
             let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
@@ -171,38 +181,61 @@ impl Cluster {
         Ok(e)
     }
 
-    /// Whether `cluster.peers` resolves to `addr`.
-    async fn is_peer(&self, addr: SocketAddr) -> bool {
-        let stale = {
+    /// Whether `cluster.peers` resolves to `addr`; an error when it cannot be told (no name
+    /// resolves, and the last addresses known do not hold `addr`): a resolver that fails must
+    /// not make a live job look gone.
+    async fn is_peer(&self, addr: SocketAddr) -> Result<bool, String> {
+        let look = {
             let k = self.known.lock().unwrap_or_else(|e| e.into_inner());
             if k.addrs.contains(&addr) && k.at.is_some_and(|t| t.elapsed() < FRESH) {
-                return true;
+                return Ok(true);
             }
-            k.at.is_none_or(|t| t.elapsed() >= RELOOK)
+            k.tried.is_none_or(|t| t.elapsed() >= RELOOK)
         };
-        if stale {
-            let addrs = self.resolve().await;
+        if look {
+            let found = self.resolve().await;
             let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
-            // Channels to the replicas that left go with them.
-            self.channels.lock().unwrap_or_else(|e| e.into_inner()).retain(|a, _| addrs.contains(a));
-            k.addrs = addrs;
-            k.at = Some(Instant::now());
+            k.tried = Some(Instant::now());
+            match found {
+                Ok(addrs) => {
+                    // Channels to the replicas that left go with them.
+                    self.channels.lock().unwrap_or_else(|e| e.into_inner()).retain(|a, _| addrs.contains(a));
+                    k.addrs = addrs;
+                    k.at = k.tried;
+                    k.failure = None;
+                }
+                Err(why) => k.failure = Some(why),
+            }
         }
-        self.known.lock().unwrap_or_else(|e| e.into_inner()).addrs.contains(&addr)
+        let k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        match &k.failure {
+            _ if k.addrs.contains(&addr) => Ok(true),
+            Some(why) => Err(why.clone()),
+            None => Ok(false),
+        }
     }
 
     /// Every address the `peers` names stand for now. A name that does not resolve is
-    /// skipped with a warning: the others still count.
-    async fn resolve(&self) -> HashSet<SocketAddr> {
+    /// skipped with a warning while another does; none resolving is an error.
+    async fn resolve(&self) -> Result<HashSet<SocketAddr>, String> {
         let mut all = HashSet::new();
+        let mut failures = Vec::new();
         for p in &self.peers {
-            match tokio::time::timeout(self.connect_timeout, tokio::net::lookup_host(p.as_str())).await {
-                Ok(Ok(addrs)) => all.extend(addrs),
-                Ok(Err(e)) => warn!(peer = %p, "cluster.peers: cannot resolve: {e}"),
-                Err(_) => warn!(peer = %p, "cluster.peers: no answer from the resolver"),
-            }
+            let why = match tokio::time::timeout(self.connect_timeout, tokio::net::lookup_host(p.as_str())).await {
+                Ok(Ok(addrs)) => {
+                    all.extend(addrs);
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer from the resolver".to_string(),
+            };
+            warn!(peer = %p, "cluster.peers: cannot resolve: {why}");
+            failures.push(format!("{p}: {why}"));
         }
-        all
+        if all.is_empty() && !failures.is_empty() {
+            return Err(failures.join("; "));
+        }
+        Ok(all)
     }
 
     /// `message` as a call forwarded from this replica: the caller's remaining deadline, the
@@ -299,10 +332,18 @@ mod tests {
     #[tokio::test]
     async fn only_the_listed_replicas_are_called() {
         let c = cluster("127.0.0.1", &["localhost:7001", "127.0.0.2:7002"]);
-        assert!(c.is_peer("127.0.0.1:7001".parse().unwrap()).await);
-        assert!(c.is_peer("127.0.0.2:7002".parse().unwrap()).await);
-        assert!(!c.is_peer("127.0.0.1:7002".parse().unwrap()).await);
+        assert_eq!(c.is_peer("127.0.0.1:7001".parse().unwrap()).await, Ok(true));
+        assert_eq!(c.is_peer("127.0.0.2:7002".parse().unwrap()).await, Ok(true));
+        assert_eq!(c.is_peer("127.0.0.1:7002".parse().unwrap()).await, Ok(false));
         let e = c.client("192.0.2.7:50051".parse().unwrap(), "abc@192.0.2.7:50051").await.unwrap_err();
         assert!(matches!(e, ServiceError::ReplicaGone { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_resolver_that_fails_makes_no_job_look_gone() {
+        let c = cluster("127.0.0.1", &["no-such-replica.invalid:7001"]);
+        let e = c.client("127.0.0.1:7001".parse().unwrap(), "abc@127.0.0.1:7001").await.unwrap_err();
+        assert!(matches!(e, ServiceError::ReplicaUnreachable { .. }), "{e}");
+        assert!(e.to_string().contains("cannot resolve cluster.peers (no-such-replica.invalid:7001: "), "{e}");
     }
 }
