@@ -88,6 +88,12 @@ def test_round_robin_job_calls_reach_the_replica_that_holds_the_job(cluster) -> 
             last = list(c.watch(s.job_id))[-1]
             assert isinstance(last, events.Cancelled) and "CancelJob" in last.reason, last
             assert c.get(s.job_id).state == JobState.CANCELLED
+        # An idempotency key finds its job through either replica.
+        for i in range(4):
+            first = c.submit(CT, idempotency_key=f"study-{i}", **FAST)
+            again = [c.submit(CT, idempotency_key=f"study-{i}", **FAST) for _ in range(2)]
+            assert not first.existing and all(a.existing for a in again)
+            assert {a.job_id for a in again} == {first.job_id}
         # A replica that is not listed is never called: the id is unknown.
         with pytest.raises(NotFound, match="not one of this service's replicas"):
             c.get("0123456789abcdef@127.0.0.1:9")

@@ -12,7 +12,9 @@
 //! the service's token. Only to an address that `cluster.peers` resolves to: the id comes from
 //! the client, and the call carries the token, so an id naming any other address is NOT_FOUND
 //! and nothing is sent (else a client could make the server hand its token to a host of the
-//! client's choosing). A forwarded call is marked, and a replica never forwards a marked call
+//! client's choosing). A `SubmitJob` with an idempotency key goes to the key's own replica
+//! ([`Cluster::key_home`]), so that a submission sent again finds its job wherever it lands.
+//! A forwarded call is marked, and a replica never forwards a marked call
 //! again, so two replicas that disagree about an address cannot bounce a call between them.
 
 use std::collections::{HashMap, HashSet};
@@ -49,6 +51,8 @@ pub struct Cluster {
     peers: Vec<String>,
     known: Mutex<Known>,
     channels: Mutex<HashMap<SocketAddr, Channel>>,
+    /// The last health check of each replica a key's job was sent to, and when.
+    health: Mutex<HashMap<SocketAddr, (Instant, bool)>>,
     token: Option<String>,
     tls: Option<ClientTlsConfig>,
     connect_timeout: Duration,
@@ -104,6 +108,7 @@ impl Cluster {
             peers,
             known: Mutex::new(Known::default()),
             channels: Mutex::new(HashMap::new()),
+            health: Mutex::new(HashMap::new()),
             token: token.map(str::to_string),
             tls,
             connect_timeout: Duration::from_secs(cfg.connect_timeout_s.max(1)),
@@ -133,36 +138,86 @@ impl Cluster {
         (addr != self.me).then_some(addr)
     }
 
-    /// A client of replica `owner` for job `id`: `ReplicaGone` unless `cluster.peers` resolves
-    /// to `owner` (looked up again when the last lookup is stale).
-    pub async fn client(&self, owner: SocketAddr, id: &str) -> Result<SegmenterClient<Channel>, ServiceError> {
+    /// A client of replica `owner`, for a call about `about` ("job '…'", the words of an
+    /// error): `ReplicaGone` unless `cluster.peers` resolves to `owner` (looked up again when
+    /// the last lookup is stale).
+    pub async fn client(&self, owner: SocketAddr, about: &str) -> Result<SegmenterClient<Channel>, ServiceError> {
         match self.is_peer(owner).await {
             Ok(true) => {}
-            Ok(false) => return Err(ServiceError::ReplicaGone { id: id.to_string(), replica: owner.to_string() }),
+            Ok(false) => return Err(ServiceError::ReplicaGone { about: about.to_string(), replica: owner.to_string() }),
             Err(why) => {
                 let error = format!("cannot resolve cluster.peers ({why})");
-                return Err(ServiceError::ReplicaUnreachable { id: id.to_string(), replica: owner.to_string(), error });
+                return Err(ServiceError::ReplicaUnreachable { about: about.to_string(), replica: owner.to_string(), error });
             }
         }
-        let channel = {
-            let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-            match channels.get(&owner) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = self.endpoint(owner).map_err(|e| ServiceError::ReplicaUnreachable {
-                        id: id.to_string(),
-                        replica: owner.to_string(),
-                        error: e.to_string(),
-                    })?;
-                    let c = c.connect_lazy();
-                    channels.insert(owner, c.clone());
-                    c
-                }
-            }
-        };
+        let channel = self.channel(owner).map_err(|e| ServiceError::ReplicaUnreachable {
+            about: about.to_string(),
+            replica: owner.to_string(),
+            error: e.to_string(),
+        })?;
         Ok(SegmenterClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    /// The channel to replica `addr`, made on first use (it connects when a call needs it).
+    fn channel(&self, addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(&addr) {
+            return Ok(c.clone());
+        }
+        let c = self.endpoint(addr)?.connect_lazy();
+        channels.insert(addr, c.clone());
+        Ok(c)
+    }
+
+    /// The replica that keeps idempotency key `key`, when that is another one and it takes
+    /// new work now; `None` when the key is empty, the call was forwarded here already, the
+    /// key is this replica's, or its replica is down or draining (this one queues the job then).
+    ///
+    /// Why: a key is known only to the replica that took its job, so a submission sent again
+    /// with the same key (a retry whose answer was lost, a bridge that restarted) must reach
+    /// that replica to find it. Each key has one home among the replicas, the same whichever
+    /// replica asks: the highest of a hash of key and address (rendezvous hashing), so a
+    /// replica that comes or goes moves only its own share of the keys.
+    pub async fn key_home(&self, key: &str, meta: &MetadataMap) -> Option<SocketAddr> {
+        if key.is_empty() || meta.contains_key(FORWARDED_BY) {
+            return None;
+        }
+        // The replica itself is always among them; asking refreshes a stale list.
+        let _ = self.is_peer(self.me).await;
+        let mut members: Vec<SocketAddr> = self.known.lock().unwrap_or_else(|e| e.into_inner()).addrs.iter().copied().collect();
+        members.push(self.me);
+        let home = members.into_iter().max_by_key(|a| (rendezvous(key, *a), *a))?;
+        if home == self.me || !self.serving(home).await {
+            return None;
+        }
+        Some(home)
+    }
+
+    /// Whether replica `addr` answers its health check with SERVING (asked at most once a
+    /// second per replica). Checked before an image is sent to it: a replica that is down or
+    /// draining would refuse the image only after receiving it.
+    async fn serving(&self, addr: SocketAddr) -> bool {
+        if let Some((at, ok)) = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(&addr) {
+            if at.elapsed() < RELOOK {
+                return *ok;
+            }
+        }
+        let ok = match self.channel(addr) {
+            Ok(ch) => {
+                use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+                let mut health = HealthClient::new(ch);
+                let check = health.check(HealthCheckRequest { service: String::new() });
+                matches!(
+                    tokio::time::timeout(self.connect_timeout, check).await,
+                    Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
+                )
+            }
+            Err(_) => false,
+        };
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).insert(addr, (Instant::now(), ok));
+        ok
     }
 
     fn endpoint(&self, addr: SocketAddr) -> Result<Endpoint, tonic::transport::Error> {
@@ -263,7 +318,7 @@ impl Cluster {
 /// A forwarded call's failure as its caller should see it: the other replica's own status as
 /// it is, except a connection that failed (or was lost under a stream), which is
 /// `ReplicaUnreachable`, naming the replica.
-pub fn failure(owner: SocketAddr, id: &str, s: Status) -> Status {
+pub fn failure(owner: SocketAddr, about: &str, s: Status) -> Status {
     if !crate::cli::connection_failed(&s) {
         return s;
     }
@@ -273,7 +328,18 @@ pub fn failure(owner: SocketAddr, id: &str, s: Status) -> Status {
         why.push(err.to_string());
         e = err.source();
     }
-    ServiceError::ReplicaUnreachable { id: id.to_string(), replica: owner.to_string(), error: why.join(": ") }.into()
+    ServiceError::ReplicaUnreachable { about: about.to_string(), replica: owner.to_string(), error: why.join(": ") }.into()
+}
+
+/// The score of replica `addr` for idempotency key `key` (see [`Cluster::key_home`]).
+fn rendezvous(key: &str, addr: SocketAddr) -> u64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(key.as_bytes());
+    h.update([0]);
+    h.update(addr.to_string().as_bytes());
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().unwrap_or_default())
 }
 
 /// The host part of HOST:PORT (`[v6]:PORT` without its brackets).
@@ -324,6 +390,25 @@ mod tests {
     }
 
     #[test]
+    fn each_key_has_one_home_and_a_replica_moves_only_its_share() {
+        let addrs: Vec<SocketAddr> = (1..=4).map(|i| format!("10.0.0.{i}:50051").parse().unwrap()).collect();
+        let home = |key: &str, members: &[SocketAddr]| *members.iter().max_by_key(|a| (rendezvous(key, **a), **a)).unwrap();
+        let keys: Vec<String> = (0..400).map(|i| format!("study-{i}")).collect();
+        let mut per = HashMap::new();
+        for k in &keys {
+            *per.entry(home(k, &addrs)).or_insert(0) += 1;
+        }
+        assert!(per.values().all(|n| (60..=140).contains(n)), "{per:?}");
+        // Without the fourth replica, only its keys move.
+        for k in &keys {
+            let before = home(k, &addrs);
+            if before != addrs[3] {
+                assert_eq!(home(k, &addrs[..3]), before, "{k}");
+            }
+        }
+    }
+
+    #[test]
     fn hosts_of_peer_names() {
         assert_eq!(host_of("s3net-peers.s3net.svc:50051"), "s3net-peers.s3net.svc");
         assert_eq!(host_of("[fd00::1]:50051"), "fd00::1");
@@ -335,14 +420,14 @@ mod tests {
         assert_eq!(c.is_peer("127.0.0.1:7001".parse().unwrap()).await, Ok(true));
         assert_eq!(c.is_peer("127.0.0.2:7002".parse().unwrap()).await, Ok(true));
         assert_eq!(c.is_peer("127.0.0.1:7002".parse().unwrap()).await, Ok(false));
-        let e = c.client("192.0.2.7:50051".parse().unwrap(), "abc@192.0.2.7:50051").await.unwrap_err();
+        let e = c.client("192.0.2.7:50051".parse().unwrap(), "job 'abc@192.0.2.7:50051'").await.unwrap_err();
         assert!(matches!(e, ServiceError::ReplicaGone { .. }), "{e}");
     }
 
     #[tokio::test]
     async fn a_resolver_that_fails_makes_no_job_look_gone() {
         let c = cluster("127.0.0.1", &["no-such-replica.invalid:7001"]);
-        let e = c.client("127.0.0.1:7001".parse().unwrap(), "abc@127.0.0.1:7001").await.unwrap_err();
+        let e = c.client("127.0.0.1:7001".parse().unwrap(), "job 'abc@127.0.0.1:7001'").await.unwrap_err();
         assert!(matches!(e, ServiceError::ReplicaUnreachable { .. }), "{e}");
         assert!(e.to_string().contains("cannot resolve cluster.peers (no-such-replica.invalid:7001: "), "{e}");
     }

@@ -74,13 +74,13 @@ pub enum ServiceError {
     /// (`cluster.peers`): scaled down or replaced, and its jobs gone with it. Nothing is sent
     /// to an address outside that list (the call would carry the server's token there).
     #[error(
-        "job '{id}' was taken by replica {replica}, which is not one of this service's replicas \
+        "{about} was taken by replica {replica}, which is not one of this service's replicas \
          now (cluster.peers): it was scaled down or replaced, and its jobs went with it"
     )]
-    ReplicaGone { id: String, replica: String },
+    ReplicaGone { about: String, replica: String },
     /// The replica that holds the job is listed but could not be reached: retry.
-    #[error("cannot reach replica {replica}, which holds job '{id}': {error}; retry")]
-    ReplicaUnreachable { id: String, replica: String, error: String },
+    #[error("cannot reach replica {replica}, which holds {about}: {error}; retry")]
+    ReplicaUnreachable { about: String, replica: String, error: String },
     /// A bug or an unexpected failure (e.g. a panic in a worker).
     #[error("internal error: {0}")]
     Internal(String),
@@ -220,9 +220,9 @@ mod tests {
             (ServiceError::MessageTooLarge { bytes: 70 << 20, limit: 64 << 20 }, Code::InvalidArgument),
             (ServiceError::Draining, Code::Unavailable),
             (ServiceError::NotFound("j".into()), Code::NotFound),
-            (ServiceError::ReplicaGone { id: "j@10.0.0.9:50051".into(), replica: "10.0.0.9:50051".into() }, Code::NotFound),
+            (ServiceError::ReplicaGone { about: "job 'j@10.0.0.9:50051'".into(), replica: "10.0.0.9:50051".into() }, Code::NotFound),
             (
-                ServiceError::ReplicaUnreachable { id: "j".into(), replica: "10.0.0.9:50051".into(), error: "refused".into() },
+                ServiceError::ReplicaUnreachable { about: "job 'j'".into(), replica: "10.0.0.9:50051".into(), error: "refused".into() },
                 Code::Unavailable,
             ),
             (

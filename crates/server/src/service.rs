@@ -106,7 +106,7 @@ impl SegmenterService {
         self
     }
 
-    /// Forwards `method`'s call about job `id` to the replica `to` names (`message`, the
+    /// Forwards `method`'s call about `about` ("job '…'") to the replica `to` names (`message`, the
     /// caller's remaining `deadline`), counts it, and records it on the call's `span`.
     #[allow(clippy::too_many_arguments)]
     async fn forward<M, R, F, Fut>(
@@ -114,7 +114,7 @@ impl SegmenterService {
         span: &tracing::Span,
         method: &'static str,
         (cluster, owner): (&Cluster, std::net::SocketAddr),
-        id: &str,
+        about: &str,
         message: M,
         deadline: Option<Duration>,
         call: F,
@@ -125,8 +125,8 @@ impl SegmenterService {
     {
         span.record("forwarded_to", owner.to_string());
         let r = async {
-            let c = cluster.client(owner, id).await.map_err(Status::from)?;
-            call(c, cluster.request(message, deadline)).await.map_err(|s| cluster::failure(owner, id, s))
+            let c = cluster.client(owner, about).await.map_err(Status::from)?;
+            call(c, cluster.request(message, deadline)).await.map_err(|s| cluster::failure(owner, about, s))
         }
         .instrument(span.clone())
         .await;
@@ -485,7 +485,7 @@ fn relay(
                         let ev = match ev {
                             Ok(Some(ev)) => Ok(ev),
                             Ok(None) => return,
-                            Err(s) => Err(cluster::failure(owner, &id, s)),
+                            Err(s) => Err(cluster::failure(owner, &format!("job '{id}'"), s)),
                         };
                         let end = ev.is_err();
                         if tx.send(ev).await.is_err() || end {
@@ -659,10 +659,27 @@ impl Segmenter for SegmenterService {
             "SubmitJob",
             req,
             bytes = req.get_ref().image.len() as i64,
-            job_id = tracing::field::Empty
+            job_id = tracing::field::Empty,
+            forwarded_to = tracing::field::Empty
         );
-        // The message's bytes, held since they began to arrive, until its image is decoded.
+        // The message's bytes, held since they began to arrive, until its image is decoded
+        // (or, sent on to the replica that keeps its idempotency key, until that one answers).
         let held = self.upload_hold(&req).take();
+        let home = match self.cluster.as_deref() {
+            Some(c) => c.key_home(&req.get_ref().idempotency_key, req.metadata()).await.map(|h| (c, h)),
+            None => None,
+        };
+        if let Some(to) = home {
+            let deadline = grpc_timeout(req.metadata());
+            let r = req.into_inner();
+            let about = format!("the job of idempotency key '{}'", r.idempotency_key);
+            let out = self.forward(&span, "SubmitJob", to, &about, r, deadline, |mut c, r| async move { c.submit_job(r).await }).await;
+            drop(held);
+            if let Ok(sub) = &out {
+                span.record("job_id", sub.get_ref().job_id.as_str());
+            }
+            return out;
+        }
         let r = req.into_inner();
         async {
             let job = self.prepare(r.image, r.options, &r.idempotency_key).await;
@@ -700,7 +717,8 @@ impl Segmenter for SegmenterService {
             let deadline = grpc_timeout(req.metadata());
             let id = req.into_inner().job_id;
             let m = pb::WatchJobRequest { job_id: id.clone() };
-            let r = self.forward(&span, "WatchJob", (cluster, owner), &id, m, deadline, |mut c, r| async move { c.watch_job(r).await });
+            let about = format!("job '{id}'");
+            let r = self.forward(&span, "WatchJob", (cluster, owner), &about, m, deadline, |mut c, r| async move { c.watch_job(r).await });
             let r = r.await?;
             return Ok(Response::new(relay(r.into_inner(), owner, id, self.stopping.clone(), span)));
         }
@@ -728,7 +746,7 @@ impl Segmenter for SegmenterService {
             let deadline = grpc_timeout(req.metadata());
             let id = req.into_inner().job_id;
             let m = pb::GetJobRequest { job_id: id.clone() };
-            return self.forward(&span, "GetJob", (cluster, owner), &id, m, deadline, |mut c, r| async move { c.get_job(r).await }).await;
+            return self.forward(&span, "GetJob", (cluster, owner), &format!("job '{id}'"), m, deadline, |mut c, r| async move { c.get_job(r).await }).await;
         }
         let _in = span.enter();
         let id = req.into_inner().job_id;
@@ -744,7 +762,7 @@ impl Segmenter for SegmenterService {
             let deadline = grpc_timeout(req.metadata());
             let id = req.into_inner().job_id;
             let m = pb::CancelJobRequest { job_id: id.clone() };
-            return self.forward(&span, "CancelJob", (cluster, owner), &id, m, deadline, |mut c, r| async move { c.cancel_job(r).await }).await;
+            return self.forward(&span, "CancelJob", (cluster, owner), &format!("job '{id}'"), m, deadline, |mut c, r| async move { c.cancel_job(r).await }).await;
         }
         let _in = span.enter();
         let id = req.into_inner().job_id;

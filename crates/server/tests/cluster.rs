@@ -142,8 +142,15 @@ async fn only_the_listed_replicas_are_ever_called() {
     assert!(id.ends_with(&format!("@127.0.0.1:{pb_}")), "{id}");
     let e = cb.get_job(pb::GetJobRequest { job_id: "0123456789abcdef".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Keys whose replica is the one that is down are queued here: none is refused.
+    for i in 0..8 {
+        let r = pb::SubmitJobRequest { image: disk(40, 40), options: Some(quick()), idempotency_key: format!("study-{i}") };
+        let id = cb.submit_job(r).await.unwrap().into_inner().job_id;
+        assert!(id.ends_with(&format!("@127.0.0.1:{pb_}")), "{id}");
+    }
     let m = scrape(b.metrics_addr().unwrap()).await;
     assert_series(&m, &[("s3net_forwarded_calls_total{method=\"GetJob\",code=\"Unavailable\"}", 1.0)]);
+    assert!(!m.keys().any(|k| k.contains("SubmitJob")), "nothing was sent to the replica that is down");
     b.shutdown().await.unwrap();
 }
 
@@ -222,5 +229,36 @@ async fn a_replica_that_stops_ends_the_streams_it_relays() {
     let j = ca.get_job(pb::GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
     assert_eq!(j.state, JobState::Running as i32);
     ca.cancel_job(pb::CancelJobRequest { job_id: id }).await.unwrap();
+    a.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotency_key_finds_its_job_whichever_replica_is_asked() {
+    let (a, mut ca, b, mut cb, _) = two_replicas().await;
+    let request = |key: &str, image: Vec<u8>| pb::SubmitJobRequest { image, options: Some(quick()), idempotency_key: key.into() };
+    let mut homes = std::collections::HashSet::new();
+    for i in 0..12 {
+        let key = format!("study-{i}");
+        let first = ca.submit_job(request(&key, disk(40, 40))).await.unwrap().into_inner();
+        let again = cb.submit_job(request(&key, disk(40, 40))).await.unwrap().into_inner();
+        assert!(!first.existing && again.existing, "{key}: {first:?} {again:?}");
+        assert_eq!(first.job_id, again.job_id, "{key}");
+        // A different image under the same key is refused, through either replica.
+        for c in [&mut ca, &mut cb] {
+            let e = c.submit_job(request(&key, disk(44, 44))).await.unwrap_err();
+            assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+        }
+        homes.insert(first.job_id.rsplit_once('@').unwrap().1.to_string());
+    }
+    // Each key has its replica, and the keys are shared out between the two.
+    assert_eq!(homes.len(), 2, "{homes:?}");
+    let (ma, mb) = (scrape(a.metrics_addr().unwrap()).await, scrape(b.metrics_addr().unwrap()).await);
+    let sent = |m: &std::collections::HashMap<String, f64>, code: &str| {
+        m.get(&format!("s3net_forwarded_calls_total{{method=\"SubmitJob\",code=\"{code}\"}}")).copied().unwrap_or(0.0)
+    };
+    // Each key went through the replica that is not its own twice (once new, once with
+    // another image), and its other submissions stayed home: 12 × 2 forwarded in all.
+    assert_eq!(sent(&ma, "Ok") + sent(&mb, "Ok") + sent(&ma, "AlreadyExists") + sent(&mb, "AlreadyExists"), 24.0);
+    b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
