@@ -94,6 +94,11 @@ def test_round_robin_job_calls_reach_the_replica_that_holds_the_job(cluster) -> 
             again = [c.submit(CT, idempotency_key=f"study-{i}", **FAST) for _ in range(2)]
             assert not first.existing and all(a.existing for a in again)
             assert {a.job_id for a in again} == {first.job_id}
+        # Any replica lists every replica's jobs.
+        for _ in range(2):
+            listed = c.list_jobs(limit=1000)
+            assert listed.unreachable_replicas == ()
+            assert {s.job_id for s in subs + slow} <= {j.job_id for j in listed}
         # A replica that is not listed is never called: the id is unknown.
         with pytest.raises(NotFound, match="not one of this service's replicas"):
             c.get("0123456789abcdef@127.0.0.1:9")

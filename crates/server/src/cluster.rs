@@ -171,6 +171,16 @@ impl Cluster {
         Ok(c)
     }
 
+    /// The other replicas, as `cluster.peers` resolves now (looked up again when stale).
+    pub async fn others(&self) -> Vec<SocketAddr> {
+        // The replica itself is always among them; asking refreshes a stale list.
+        let _ = self.is_peer(self.me).await;
+        let k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<SocketAddr> = k.addrs.iter().copied().filter(|a| *a != self.me).collect();
+        v.sort();
+        v
+    }
+
     /// The replica that keeps idempotency key `key`, when that is another one and it takes
     /// new work now; `None` when the key is empty, the call was forwarded here already, the
     /// key is this replica's, or its replica is down or draining (this one queues the job then).
@@ -184,9 +194,7 @@ impl Cluster {
         if key.is_empty() || meta.contains_key(FORWARDED_BY) {
             return None;
         }
-        // The replica itself is always among them; asking refreshes a stale list.
-        let _ = self.is_peer(self.me).await;
-        let mut members: Vec<SocketAddr> = self.known.lock().unwrap_or_else(|e| e.into_inner()).addrs.iter().copied().collect();
+        let mut members = self.others().await;
         members.push(self.me);
         let home = members.into_iter().max_by_key(|a| (rendezvous(key, *a), *a))?;
         if home == self.me || !self.serving(home).await {

@@ -777,6 +777,10 @@ impl Segmenter for SegmenterService {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let span = rpc_span!("ListJobs", req);
+        let deadline = grpc_timeout(req.metadata());
+        // The other replicas' lists too, unless this call was sent here by one of them.
+        let cluster = self.cluster.as_deref().filter(|_| !req.metadata().contains_key(cluster::FORWARDED_BY));
         let r = req.into_inner();
         let state = match JobState::try_from(r.state) {
             Ok(JobState::Unspecified) => None,
@@ -788,11 +792,36 @@ impl Segmenter for SegmenterService {
             }
         };
         let limit = if r.limit == 0 { 100 } else { r.limit as usize };
-        Ok(Response::new(pb::ListJobsResponse {
-            jobs: self.queue.list(state, limit),
-        }))
+        let mut jobs = self.queue.list(state, limit);
+        let mut unreachable_replicas = Vec::new();
+        if let Some(c) = cluster {
+            // Within the caller's deadline (what is left of it when the answers come back),
+            // and at most a few seconds: a replica that hangs costs its share of the list,
+            // not the whole call.
+            let wait = Some(deadline.map_or(LIST_WAIT, |d| d.mul_f64(0.8).min(LIST_WAIT)));
+            let calls = c.others().await.into_iter().map(|addr| {
+                let m = pb::ListJobsRequest { state: r.state, limit: limit as u32 };
+                let span = &span;
+                async move {
+                    let out = self.forward(span, "ListJobs", (c, addr), "its list of jobs", m, wait, |mut cl, q| async move { cl.list_jobs(q).await });
+                    (addr, out.await)
+                }
+            });
+            for (addr, out) in futures_util::future::join_all(calls).await {
+                match out {
+                    Ok(l) => jobs.extend(l.into_inner().jobs),
+                    Err(_) => unreachable_replicas.push(addr.to_string()),
+                }
+            }
+            jobs.sort_by(|a, b| b.submitted_at.total_cmp(&a.submitted_at));
+            jobs.truncate(limit);
+        }
+        Ok(Response::new(pb::ListJobsResponse { jobs, unreachable_replicas }))
     }
 }
+
+/// The longest a clustered `ListJobs` waits for the other replicas' lists.
+const LIST_WAIT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

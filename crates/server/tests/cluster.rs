@@ -62,9 +62,10 @@ async fn calls_about_a_job_reach_its_replica_through_any_other() {
     let j = cb.get_job(pb::GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
     assert_eq!((j.job_id.as_str(), j.state), (id.as_str(), JobState::Running as i32));
     assert_eq!((j.width, j.height), (48, 48));
-    // B's own list holds only B's jobs.
+    // B lists the jobs of every replica: A's one.
     let listed = cb.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner();
-    assert!(listed.jobs.is_empty(), "{listed:?}");
+    let ids: Vec<&str> = listed.jobs.iter().map(|j| j.job_id.as_str()).collect();
+    assert_eq!((ids, listed.unreachable_replicas.len()), (vec![id.as_str()], 0));
 
     // Cancelled through B: A's job ends, and B's watch says so.
     let state = cb.cancel_job(pb::CancelJobRequest { job_id: id.clone() }).await.unwrap().into_inner().state;
@@ -148,6 +149,12 @@ async fn only_the_listed_replicas_are_ever_called() {
         let id = cb.submit_job(r).await.unwrap().into_inner().job_id;
         assert!(id.ends_with(&format!("@127.0.0.1:{pb_}")), "{id}");
     }
+    // The list is B's jobs, and says whose are missing.
+    let listed = cb.list_jobs(pb::ListJobsRequest { state: 0, limit: 5 }).await.unwrap().into_inner();
+    assert_eq!(listed.unreachable_replicas, [format!("127.0.0.1:{down}")]);
+    assert_eq!(listed.jobs.len(), 5);
+    assert!(listed.jobs.iter().all(|j| j.job_id.ends_with(&format!("@127.0.0.1:{pb_}"))), "{listed:?}");
+    assert!(listed.jobs.windows(2).all(|w| w[0].submitted_at >= w[1].submitted_at), "newest first");
     let m = scrape(b.metrics_addr().unwrap()).await;
     assert_series(&m, &[("s3net_forwarded_calls_total{method=\"GetJob\",code=\"Unavailable\"}", 1.0)]);
     assert!(!m.keys().any(|k| k.contains("SubmitJob")), "nothing was sent to the replica that is down");

@@ -16,6 +16,7 @@ from .results import (
     Failed,
     Job,
     JobEvent,
+    JobList,
     JobState,
     Losses,
     Progress,
@@ -187,6 +188,12 @@ def event_from_pb(ev: pb.JobEvent) -> Optional[JobEvent]:
     if kind == "cancelled":
         return Cancelled(job_id=j, reason=ev.cancelled.reason)
     return None
+
+
+def job_list_from_pb(m: pb.ListJobsResponse) -> JobList:
+    jobs = JobList(job_from_pb(j) for j in m.jobs)
+    jobs.unreachable_replicas = tuple(m.unreachable_replicas)
+    return jobs
 
 
 def job_from_pb(m: pb.Job) -> Job:

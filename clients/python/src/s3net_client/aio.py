@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import grpc
 import grpc.aio
@@ -22,7 +22,7 @@ from ._pb import s3net_pb2 as pb
 from ._pb.s3net_pb2_grpc import SegmenterStub
 from .errors import InvalidArgument, from_rpc_error
 from .images import ImageInput
-from .results import Job, JobEvent, JobState, SegmentationResult, Submitted
+from .results import Job, JobEvent, JobList, JobState, SegmentationResult, Submitted
 
 
 class AsyncClient:
@@ -189,11 +189,11 @@ class AsyncClient:
         *,
         limit: int = 0,
         timeout: Optional[float] = UNSET,
-    ) -> List[Job]:
+    ) -> JobList:
         """See ``Client.list_jobs``."""
         request = pb.ListJobsRequest(state=_convert.state_to_pb(state), limit=limit)
         m = await self._unary(self._stub.ListJobs, request, timeout)
-        return [_convert.job_from_pb(j) for j in m.jobs]
+        return _convert.job_list_from_pb(m)
 
     async def _unary(
         self, method: Callable[..., Awaitable[Any]], request: Any, timeout: Any

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import grpc
 
@@ -21,7 +21,7 @@ from ._pb import s3net_pb2 as pb
 from ._pb.s3net_pb2_grpc import SegmenterStub
 from .errors import InvalidArgument, from_rpc_error
 from .images import ImageInput
-from .results import Job, JobEvent, JobState, SegmentationResult, Submitted
+from .results import Job, JobEvent, JobList, JobState, SegmentationResult, Submitted
 
 T = TypeVar("T")
 
@@ -226,12 +226,12 @@ class Client:
         *,
         limit: int = 0,
         timeout: Optional[float] = UNSET,
-    ) -> List[Job]:
+    ) -> JobList:
         """Jobs the server knows (newest first, without result images), optionally only
         those in ``state`` (a JobState or its name); ``limit`` 0 means the server's 100."""
         request = pb.ListJobsRequest(state=_convert.state_to_pb(state), limit=limit)
         m = self._unary(self._stub.ListJobs, request, timeout)
-        return [_convert.job_from_pb(j) for j in m.jobs]
+        return _convert.job_list_from_pb(m)
 
     # -- plumbing -----------------------------------------------------------------------------
 

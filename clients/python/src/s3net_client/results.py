@@ -288,6 +288,13 @@ class Job:
     progress: Optional[Progress]
 
 
+class JobList(List[Job]):
+    """The jobs ListJobs reported (newest first), a plain list; ``unreachable_replicas`` names
+    the replicas of a clustered service that did not answer, whose jobs are missing."""
+
+    unreachable_replicas: Tuple[str, ...] = ()
+
+
 def decode_png(data: bytes) -> np.ndarray:
     """A grey PNG as a 2-D array (uint8, or uint16 for 16-bit files)."""
     from PIL import Image

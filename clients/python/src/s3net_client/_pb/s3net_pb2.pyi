@@ -135,10 +135,12 @@ class ListJobsRequest(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "unreachable_replicas")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    unreachable_replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., unreachable_replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "state", "queue_position", "result", "failure", "cancellation", "submitted_at", "started_at", "finished_at", "width", "height", "progress")

@@ -127,7 +127,7 @@ class SegmenterServicer:
 
     def ListJobs(self, request, context):
         """Jobs the server still knows about (queued, running, or finished and not yet expired),
-        newest first, without their result images.
+        newest first, without their result images. With [cluster], every replica's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
