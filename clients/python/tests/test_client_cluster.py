@@ -3,13 +3,16 @@ talks to a scaled-out service (README, "Several replicas")."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from typing import List, Tuple
 
 import pytest
 
-from pyclient_support import DATA, FAST, SLOW, Server, start_server
+from pyclient_support import BIN, DATA, FAST, REPO, SLOW, Server, start_server
 from s3net_client import Client, JobState, NotFound, events
 
 CT = DATA / "dicom" / "CT_small.dcm"
@@ -121,6 +124,29 @@ def test_without_a_cluster_the_other_replica_does_not_know_the_job() -> None:
     finally:
         for s in servers:
             s.stop()
+
+
+def test_both_command_lines_say_which_replicas_did_not_answer() -> None:
+    me, down = _free_ports(2)
+    env = {
+        "S3NET__CLUSTER__PEERS": f"127.0.0.1:{me},127.0.0.1:{down}",
+        "S3NET__CLUSTER__ADVERTISE_ADDR": "127.0.0.1",
+    }
+    server = start_server("--addr", f"127.0.0.1:{me}", env=env)
+    try:
+        with Client(server.addr) as c:
+            job_id = c.submit(CT, **FAST).job_id
+        cli_env = {**os.environ, "PYTHONPATH": str(REPO / "clients" / "python" / "src")}
+        for cmd in (
+            [sys.executable, "-m", "s3net_client.cli", "list", "--addr", server.addr],
+            [str(BIN), "client", "list", "--addr", f"http://{server.addr}"],
+        ):
+            p = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=120)
+            assert p.returncode == 0, p.stderr
+            assert job_id in p.stdout, p.stdout
+            assert f"no answer from replica(s) 127.0.0.1:{down}" in p.stderr, p.stderr
+    finally:
+        server.stop()
 
 
 def test_load_balancing_is_checked() -> None:

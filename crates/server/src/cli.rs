@@ -640,6 +640,12 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             r.jobs.iter().for_each(print_job);
+            if !r.unreachable_replicas.is_empty() {
+                eprintln!(
+                    "warning: no answer from replica(s) {}: their jobs are missing from this list",
+                    r.unreachable_replicas.join(", ")
+                );
+            }
             Ok(())
         }
         ClientCommand::Health { conn, service } => {

@@ -177,8 +177,15 @@ def _run(a: argparse.Namespace) -> int:
         elif a.command == "cancel":
             print(client.cancel(a.job_id).name)
         elif a.command == "list":
-            for job in client.list_jobs(a.state):
+            jobs = client.list_jobs(a.state)
+            for job in jobs:
                 print(_job_line(job))
+            if jobs.unreachable_replicas:
+                missing = ", ".join(jobs.unreachable_replicas)
+                print(
+                    f"warning: no answer from replica(s) {missing}: their jobs are missing from this list",
+                    file=sys.stderr,
+                )
     return 0
 
 
