@@ -261,8 +261,10 @@ impl Cluster {
             k.tried = Some(Instant::now());
             match found {
                 Ok(addrs) => {
-                    // Channels to the replicas that left go with them.
+                    // Channels to the replicas that left, and what was known of their health, go
+                    // with them.
                     self.channels.lock().unwrap_or_else(|e| e.into_inner()).retain(|a, _| addrs.contains(a));
+                    self.health.lock().unwrap_or_else(|e| e.into_inner()).retain(|a, _| addrs.contains(a));
                     k.addrs = addrs;
                     k.at = k.tried;
                     k.failure = None;

@@ -813,6 +813,9 @@ impl Segmenter for SegmenterService {
                     Err(_) => unreachable_replicas.push(addr.to_string()),
                 }
             }
+            // Once each, should a replica be reached under two addresses (its own among them).
+            let mut seen = std::collections::HashSet::new();
+            jobs.retain(|j| seen.insert(j.job_id.clone()));
             jobs.sort_by(|a, b| b.submitted_at.total_cmp(&a.submitted_at));
             jobs.truncate(limit);
         }

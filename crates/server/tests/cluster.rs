@@ -269,3 +269,22 @@ async fn an_idempotency_key_finds_its_job_whichever_replica_is_asked() {
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reached_under_two_addresses_lists_its_jobs_once() {
+    // Listening on every interface, and listed as 127.0.0.2 too (a peers list that names a
+    // replica twice): its list must not hold its jobs twice.
+    let p = free_port();
+    let mut c = replica(p, &[p]);
+    c.server.addr = format!("0.0.0.0:{p}");
+    c.cluster.peers.push(format!("127.0.0.2:{p}"));
+    let (s, _) = start(c).await;
+    let mut client = conn(&format!("http://127.0.0.1:{p}")).client().await.unwrap();
+    let id = submit_via(&mut client, disk(40, 40), quick()).await;
+    let listed = client.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner();
+    let ids: Vec<&str> = listed.jobs.iter().map(|j| j.job_id.as_str()).collect();
+    assert_eq!((ids, listed.unreachable_replicas.len()), (vec![id.as_str()], 0));
+    let m = scrape(s.metrics_addr().unwrap()).await;
+    assert_series(&m, &[("s3net_forwarded_calls_total{method=\"ListJobs\",code=\"Ok\"}", 1.0)]);
+    s.shutdown().await.unwrap();
+}
