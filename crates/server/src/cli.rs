@@ -442,25 +442,13 @@ pub fn status_error(s: Status) -> anyhow::Error {
     anyhow::anyhow!("{}", describe(&s))
 }
 
-/// Whether a call failed in its connection rather than in the server: the server closed or
-/// reset it (a connection over `server.max_connections`, a restart) or the network dropped it.
-/// tonic says CANCELLED or UNKNOWN "transport error" then, with the transport error as the
-/// status's source, where gRPC's C core (the Python client's) says UNAVAILABLE.
-pub fn connection_failed(s: &Status) -> bool {
-    std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
-}
+pub use crate::error::connection_failed;
 
 /// "CODE: message", or for a failed connection "Unavailable: the connection failed: …" with
 /// the transport's own account (tonic's message alone says "transport error").
 fn describe(s: &Status) -> String {
-    if connection_failed(s) {
-        let mut why = Vec::new();
-        let mut e = std::error::Error::source(s);
-        while let Some(err) = e {
-            why.push(err.to_string());
-            e = err.source();
-        }
-        return format!("Unavailable: the connection failed: {}", why.join(": "));
+    if let Some(why) = crate::error::connection_failure(s) {
+        return format!("Unavailable: the connection failed: {why}");
     }
     format!("{:?}: {}", s.code(), s.message())
 }

@@ -329,16 +329,10 @@ impl Cluster {
 /// it is, except a connection that failed (or was lost under a stream), which is
 /// `ReplicaUnreachable`, naming the replica.
 pub fn failure(owner: SocketAddr, about: &str, s: Status) -> Status {
-    if !crate::cli::connection_failed(&s) {
-        return s;
+    match crate::error::connection_failure(&s) {
+        Some(error) => ServiceError::ReplicaUnreachable { about: about.to_string(), replica: owner.to_string(), error }.into(),
+        None => s,
     }
-    let mut why = Vec::new();
-    let mut e = std::error::Error::source(&s);
-    while let Some(err) = e {
-        why.push(err.to_string());
-        e = err.source();
-    }
-    ServiceError::ReplicaUnreachable { about: about.to_string(), replica: owner.to_string(), error: why.join(": ") }.into()
 }
 
 /// The score of replica `addr` for idempotency key `key` (see [`Cluster::key_home`]).

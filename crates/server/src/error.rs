@@ -163,6 +163,29 @@ pub fn code_reason(code: Code) -> &'static str {
     }
 }
 
+/// Whether a call failed in its connection rather than in the server: the server closed or
+/// reset it (a connection over `server.max_connections`, a restart) or the network dropped it.
+/// tonic says CANCELLED or UNKNOWN "transport error" then, with the transport error as the
+/// status's source, where gRPC's C core (the Python client's) says UNAVAILABLE.
+pub fn connection_failed(s: &Status) -> bool {
+    std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
+}
+
+/// The transport's own account of a failed connection (its chain of errors, "a: b: c"), or
+/// `None` for a status the other side sent. Why: tonic's message alone says "transport error".
+pub fn connection_failure(s: &Status) -> Option<String> {
+    if !connection_failed(s) {
+        return None;
+    }
+    let mut why = Vec::new();
+    let mut e = std::error::Error::source(s);
+    while let Some(err) = e {
+        why.push(err.to_string());
+        e = err.source();
+    }
+    Some(why.join(": "))
+}
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         let mut status = Status::new(e.code(), e.to_string());
