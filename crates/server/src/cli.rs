@@ -433,9 +433,7 @@ impl ConnectArgs {
     }
 }
 
-fn read(p: &Path) -> Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
-}
+use crate::config::read_file as read;
 
 /// A gRPC status as the error the CLI prints: `InvalidArgument: message`.
 pub fn status_error(s: Status) -> anyhow::Error {

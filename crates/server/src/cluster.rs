@@ -89,7 +89,7 @@ impl Cluster {
         let tls = match server_tls {
             None => None,
             Some(server) => {
-                let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+                let read = crate::config::read_file;
                 let ca = cfg.ca.as_deref().context("cluster.ca is required with server.tls")?;
                 let name = match &cfg.server_name {
                     Some(n) => n.clone(),

@@ -198,6 +198,12 @@ impl WorkersConfig {
     }
 }
 
+/// A file the configuration or a flag names (a PEM certificate, key or CA bundle), with its
+/// path in the error.
+pub fn read_file(p: &Path) -> Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+}
+
 /// The memory this process may use: the machine's (`MemTotal`), or its cgroup's limit
 /// (v2 `memory.max`, v1 `memory.limit_in_bytes`) when that is smaller, as in a container.
 /// `None` where neither can be read (not Linux).

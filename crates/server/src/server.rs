@@ -234,9 +234,7 @@ impl Server {
             }
         }
         if let Some(tls) = &cfg.server.tls {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
-            };
+            let read = crate::config::read_file;
             let mut t = ServerTlsConfig::new()
                 .timeout(handshake)
                 .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
