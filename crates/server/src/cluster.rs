@@ -37,6 +37,13 @@ use crate::telemetry::TraceContext;
 /// forwarding replica's address, for the logs).
 pub const FORWARDED_BY: &str = "s3net-forwarded-by";
 
+/// The metadata key that makes a forwarded `SubmitJob` a question, not a submission: "do you
+/// hold the job of this idempotency key, for a request of this fingerprint?" (its value: the
+/// fingerprint in hex). The replica asked answers from its own jobs only, as `SubmitJob` would
+/// for a known key (`existing`, or ALREADY_EXISTS for another request), and NOT_FOUND when it
+/// holds none; it queues nothing and asks nobody else. See [`Cluster::key_home`] for why.
+pub const KEY_LOOKUP: &str = "s3net-key-lookup";
+
 /// How long a resolution of `cluster.peers` is trusted before an id naming an address
 /// outside it makes the server look again, and the least time between two lookups.
 /// Why both: pods come and go (a new one's jobs must be reachable within seconds), but ids
@@ -189,7 +196,11 @@ impl Cluster {
     /// with the same key (a retry whose answer was lost, a bridge that restarted) must reach
     /// that replica to find it. Each key has one home among the replicas, the same whichever
     /// replica asks: the highest of a hash of key and address (rendezvous hashing), so a
-    /// replica that comes or goes moves only its own share of the keys.
+    /// replica that comes or goes moves only its own share of the keys. That share's jobs stay
+    /// where they were taken (a new replica becomes the home of keys whose jobs the others
+    /// hold; a home that was down or draining left its keys' jobs where they arrived), so a
+    /// replica about to queue a keyed job whose key it does not hold asks the others first
+    /// ([`KEY_LOOKUP`]).
     pub async fn key_home(&self, key: &str, meta: &MetadataMap) -> Option<SocketAddr> {
         if key.is_empty() || meta.contains_key(FORWARDED_BY) {
             return None;
@@ -323,6 +334,30 @@ impl Cluster {
         req
     }
 
+    /// The fingerprint a key lookup asks about ([`KEY_LOOKUP`]), when `meta` makes the call one:
+    /// forwarded by a replica, with a well-formed fingerprint.
+    pub fn key_lookup(meta: &MetadataMap) -> Option<[u8; 32]> {
+        if !meta.contains_key(FORWARDED_BY) {
+            return None;
+        }
+        let hex = meta.get(KEY_LOOKUP)?.to_str().ok()?;
+        let mut fp = [0u8; 32];
+        if hex.len() != 64 {
+            return None;
+        }
+        for (i, b) in fp.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(fp)
+    }
+
+    /// Makes the forwarded `SubmitJob` `req` a lookup of its key for a request of `fingerprint`.
+    pub fn ask_for_key<T>(req: &mut Request<T>, fingerprint: &[u8; 32]) {
+        let hex: String = fingerprint.iter().map(|b| format!("{b:02x}")).collect();
+        if let Ok(v) = MetadataValue::try_from(hex) {
+            req.metadata_mut().insert(KEY_LOOKUP, v);
+        }
+    }
 }
 
 /// A forwarded call's failure as its caller should see it: the other replica's own status as
@@ -391,6 +426,24 @@ mod tests {
         assert_eq!(m.get("authorization").unwrap(), "Bearer secret");
         assert_eq!(m.get(FORWARDED_BY).unwrap(), "10.0.0.1:6000");
         assert!(m.get("grpc-timeout").is_some());
+    }
+
+    #[test]
+    fn a_key_lookup_is_a_forwarded_call_with_a_fingerprint() {
+        let fp: [u8; 32] = std::array::from_fn(|i| (i * 37) as u8);
+        let c = cluster("10.0.0.1", &["s3net-peers:50051"]);
+        let mut r = c.request((), None);
+        Cluster::ask_for_key(&mut r, &fp);
+        assert_eq!(Cluster::key_lookup(r.metadata()), Some(fp));
+        // Not forwarded (a client's own header), or malformed: a plain submission.
+        let mut m = r.metadata().clone();
+        m.remove(FORWARDED_BY);
+        assert_eq!(Cluster::key_lookup(&m), None);
+        for bad in ["00", "zz".repeat(32).as_str(), &"0".repeat(65)] {
+            let mut m = r.metadata().clone();
+            m.insert(KEY_LOOKUP, bad.parse().unwrap());
+            assert_eq!(Cluster::key_lookup(&m), None, "{bad}");
+        }
     }
 
     #[test]

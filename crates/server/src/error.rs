@@ -81,6 +81,14 @@ pub enum ServiceError {
     /// The replica that holds the job is listed but could not be reached: retry.
     #[error("cannot reach replica {replica}, which holds {about}: {error}; retry")]
     ReplicaUnreachable { about: String, replica: String, error: String },
+    /// No job of this idempotency key here (the answer of a replica asked whether it holds
+    /// one; see `crate::cluster`).
+    #[error("no job of idempotency key '{0}' here")]
+    KeyNotHeld(String),
+    /// Another replica's refusal of a call made on this one's behalf, passed on as it came
+    /// (its code and message).
+    #[error("{}", .0.message())]
+    Relayed(Status),
     /// A bug or an unexpected failure (e.g. a panic in a worker).
     #[error("internal error: {0}")]
     Internal(String),
@@ -120,9 +128,11 @@ impl ServiceError {
             }
             ServiceError::Stalled { .. } => Code::DeadlineExceeded,
             ServiceError::Draining | ServiceError::ReplicaUnreachable { .. } => Code::Unavailable,
-            ServiceError::NotFound(_) | ServiceError::Expired { .. } | ServiceError::ReplicaGone { .. } => {
-                Code::NotFound
-            }
+            ServiceError::NotFound(_)
+            | ServiceError::Expired { .. }
+            | ServiceError::ReplicaGone { .. }
+            | ServiceError::KeyNotHeld(_) => Code::NotFound,
+            ServiceError::Relayed(s) => s.code(),
             ServiceError::AlreadyExists { .. } => Code::AlreadyExists,
             ServiceError::Cancelled(_) => Code::Cancelled,
             ServiceError::Internal(_) => Code::Internal,
@@ -188,6 +198,9 @@ pub fn connection_failure(s: &Status) -> Option<String> {
 
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
+        if let ServiceError::Relayed(s) = e {
+            return s;
+        }
         let mut status = Status::new(e.code(), e.to_string());
         if let ServiceError::QueueFull { retry_after_s, .. }
         | ServiceError::QueueMemory { retry_after_s, .. }
@@ -243,6 +256,8 @@ mod tests {
             (ServiceError::MessageTooLarge { bytes: 70 << 20, limit: 64 << 20 }, Code::InvalidArgument),
             (ServiceError::Draining, Code::Unavailable),
             (ServiceError::NotFound("j".into()), Code::NotFound),
+            (ServiceError::KeyNotHeld("k".into()), Code::NotFound),
+            (ServiceError::Relayed(Status::already_exists("key 'k' is used by job 'j@10.0.0.9:50051'")), Code::AlreadyExists),
             (ServiceError::ReplicaGone { about: "job 'j@10.0.0.9:50051'".into(), replica: "10.0.0.9:50051".into() }, Code::NotFound),
             (
                 ServiceError::ReplicaUnreachable { about: "job 'j'".into(), replica: "10.0.0.9:50051".into(), error: "refused".into() },

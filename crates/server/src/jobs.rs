@@ -138,6 +138,10 @@ pub trait JobQueue: Send + Sync + 'static {
     fn reserve(&self, bytes: usize, key: &str) -> Result<Reservation, ServiceError>;
     /// Queues a job, or returns the job its idempotency key already names.
     fn submit(&self, job: NewJob) -> Result<Submitted, ServiceError>;
+    /// The job idempotency key `key` names here, as [`JobQueue::submit`] would return it for a
+    /// request of `fingerprint` (`AlreadyExists` for another one); `None` when the key names
+    /// no job here. Answers while draining too: the job is still here to be watched.
+    fn find_key(&self, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Submitted>, ServiceError>;
     /// The next job a worker on `device` can run, by priority then arrival; waits up to `timeout`.
     /// `accept` is asked about that next job only: when it says no, nothing is taken (a job
     /// behind it is never taken first, so no job waits behind later ones for long).
@@ -462,6 +466,17 @@ fn job_id(seq: u64) -> String {
     d[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The job key `key` names, as a submission of `fingerprint` gets it (see [`JobQueue::find_key`]).
+fn keyed(inner: &Inner, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Submitted>, ServiceError> {
+    let Some(id) = inner.keys.get(key) else { return Ok(None) };
+    let Some(e) = inner.jobs.get(id) else { return Ok(None) };
+    if e.key.as_ref().map(|k| &k.1) != Some(fingerprint) {
+        return Err(ServiceError::AlreadyExists { key: key.to_string(), job_id: id.clone() });
+    }
+    let position = inner.queue.iter().position(|q| q == id).unwrap_or(0) as u32;
+    Ok(Some(Submitted { id: id.clone(), existing: true, state: e.state, position }))
+}
+
 impl JobQueue for MemoryQueue {
     fn reserve(&self, bytes: usize, key: &str) -> Result<Reservation, ServiceError> {
         let inner = self.lock();
@@ -490,21 +505,8 @@ impl JobQueue for MemoryQueue {
         }
         self.evict(&mut inner);
         if let Some((key, fp)) = &job.idempotency {
-            if let Some(id) = inner.keys.get(key) {
-                let e = &inner.jobs[id];
-                if e.key.as_ref().map(|k| &k.1) != Some(fp) {
-                    return Err(ServiceError::AlreadyExists {
-                        key: key.clone(),
-                        job_id: id.clone(),
-                    });
-                }
-                let position = inner.queue.iter().position(|q| q == id).unwrap_or(0) as u32;
-                return Ok(Submitted {
-                    id: id.clone(),
-                    existing: true,
-                    state: e.state,
-                    position,
-                });
+            if let Some(existing) = keyed(&inner, key, fp)? {
+                return Ok(existing);
             }
         }
         let bytes = image_bytes(&job);
@@ -569,6 +571,12 @@ impl JobQueue for MemoryQueue {
             state: JobState::Queued,
             position: position as u32,
         })
+    }
+
+    fn find_key(&self, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Submitted>, ServiceError> {
+        let mut inner = self.lock();
+        self.evict(&mut inner);
+        keyed(&inner, key, fingerprint)
     }
 
     fn take(&self, device: DeviceSpec, timeout: Duration, accept: &dyn Fn(&NewJob) -> bool) -> Take {
@@ -878,6 +886,22 @@ mod tests {
             Take::Job(c) => assert_eq!(c.id, first),
             other => panic!("expected the first job, got {other:?}"),
         }
+        assert_eq!(q.stats().queued, 1);
+    }
+
+    /// A key's job is found without a new job (another replica's question, or a retry before
+    /// its image is decoded), also while draining; another request's fingerprint is refused.
+    #[test]
+    fn keys_are_found_as_a_submission_would_find_them() {
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        assert!(q.find_key("k", &[7; 32]).unwrap().is_none());
+        let first = q.submit(job(0, DeviceSpec::Auto, Some("k"))).unwrap();
+        q.drain();
+        let found = q.find_key("k", &[7; 32]).unwrap().expect("the key's job");
+        assert_eq!((found.id.as_str(), found.existing, found.state), (first.id.as_str(), true, JobState::Queued));
+        let e = q.find_key("k", &[8; 32]).unwrap_err();
+        assert!(matches!(&e, ServiceError::AlreadyExists { job_id, .. } if *job_id == first.id), "{e}");
+        assert!(q.find_key("other", &[7; 32]).unwrap().is_none());
         assert_eq!(q.stats().queued, 1);
     }
 

@@ -13,12 +13,12 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::cluster::{self, Cluster};
 use crate::config::DefaultsConfig;
 use crate::error::ServiceError;
-use crate::jobs::{is_outcome, JobQueue, NewJob, Watch};
+use crate::jobs::{is_outcome, JobQueue, NewJob, Submitted, Watch};
 use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event, segmenter_client::SegmenterClient, segmenter_server::Segmenter, JobState};
 use crate::telemetry::{record_status, TraceContext};
@@ -78,6 +78,16 @@ pub struct SegmenterService {
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
+/// A request checked by [`SegmenterService::admit`], its image not yet decoded.
+struct Admitted {
+    image: Vec<u8>,
+    o: pb::Options,
+    fit: FitOptions,
+    device: DeviceSpec,
+    window: Option<Window>,
+    idempotency: Option<(String, [u8; 32])>,
+}
+
 impl SegmenterService {
     pub fn new(
         queue: Arc<dyn JobQueue>,
@@ -131,6 +141,56 @@ impl SegmenterService {
         .instrument(span.clone())
         .await;
         forwarded(span, &self.metrics, method, r)
+    }
+
+    /// The job another replica holds for idempotency key `key` and a request of `fingerprint`
+    /// (`Relayed` ALREADY_EXISTS when it holds one for another request), asked of every other
+    /// replica at once ([`cluster::KEY_LOOKUP`]); `None` when none holds it. A replica that
+    /// does not answer in time is passed over, with a warning: its share of the keys is
+    /// rarely the one asked about, and a submission is not refused for it.
+    async fn find_key_elsewhere(
+        &self,
+        c: &Cluster,
+        key: &str,
+        fingerprint: &[u8; 32],
+        deadline: Option<Duration>,
+        span: &tracing::Span,
+    ) -> Result<Option<Submitted>, ServiceError> {
+        // Within half of what is left of the caller's deadline (the other half is the
+        // decode's and the queue's), and at most a few seconds.
+        let wait = Some(deadline.map_or(KEY_WAIT, |d| d.mul_f64(0.5).min(KEY_WAIT)));
+        let about = format!("the job of idempotency key '{key}'");
+        let calls = c.others().await.into_iter().map(|addr| {
+            let m = pb::SubmitJobRequest { image: Vec::new(), options: None, idempotency_key: key.to_string() };
+            let about = &about;
+            async move {
+                let ask = |mut cl: SegmenterClient<tonic::transport::Channel>, mut q: Request<pb::SubmitJobRequest>| async move {
+                    Cluster::ask_for_key(&mut q, fingerprint);
+                    cl.submit_job(q).await
+                };
+                (addr, self.forward(span, "KeyLookup", (c, addr), about, m, wait, ask).await)
+            }
+        });
+        let mut found = None;
+        for (addr, out) in futures_util::future::join_all(calls).await {
+            match out {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let state = JobState::try_from(r.state).unwrap_or(JobState::Unspecified);
+                    // Two replicas holding one key (each queued it while the other could
+                    // not be asked): the same one every time.
+                    if found.as_ref().is_none_or(|f: &Submitted| r.job_id < f.id) {
+                        found = Some(Submitted { id: r.job_id, existing: true, state, position: r.queue_position });
+                    }
+                }
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) if s.code() == tonic::Code::AlreadyExists => return Err(ServiceError::Relayed(s)),
+                Err(s) => span.in_scope(|| {
+                    warn!(replica = %addr, code = ?s.code(), error = s.message(), "cannot tell whether this replica holds the idempotency key's job; queued here unless another does")
+                }),
+            }
+        }
+        Ok(found)
     }
 
     /// The cluster and the replica that holds job `id`, when that is another one.
@@ -217,6 +277,13 @@ impl SegmenterService {
         options: Option<pb::Options>,
         key: &str,
     ) -> Result<NewJob, ServiceError> {
+        let admitted = self.admit(image, options, key)?;
+        self.load(admitted).await
+    }
+
+    /// A request's options checked, and its idempotency fingerprint, before anything is
+    /// decoded: a request whose key names a job already needs no decode at all.
+    fn admit(&self, image: Vec<u8>, options: Option<pb::Options>, key: &str) -> Result<Admitted, ServiceError> {
         let o = options.unwrap_or_default();
         let fit = fit_options(&o, &self.defaults)?;
         let device: DeviceSpec = o.device.parse()?;
@@ -247,6 +314,14 @@ impl SegmenterService {
             h.update(format!("{device}|{window:?}|{}|{}", o.frame, o.priority));
             (key.to_string(), <[u8; 32]>::from(h.finalize()))
         });
+        Ok(Admitted { image, o, fit, device, window, idempotency })
+    }
+
+    /// An admitted request's image probed, its bytes reserved from the queue's budget, and
+    /// decoded (on the blocking pool): the job to submit.
+    async fn load(&self, a: Admitted) -> Result<NewJob, ServiceError> {
+        let Admitted { image, o, fit, device, window, idempotency } = a;
+        let key = idempotency.as_ref().map_or("", |(k, _)| k.as_str());
         let decode = DecodeOptions {
             frame: o.frame,
             ..Default::default()
@@ -666,7 +741,8 @@ impl Segmenter for SegmenterService {
         // (or, sent on to the replica that keeps its idempotency key, until that one answers).
         let held = self.upload_hold(&req).take();
         let home = match self.cluster.as_deref() {
-            Some(c) => c.key_home(&req.get_ref().idempotency_key, req.metadata()).await.map(|h| (c, h)),
+            // In the call's span: a warning of the resolver's names the call.
+            Some(c) => c.key_home(&req.get_ref().idempotency_key, req.metadata()).instrument(span.clone()).await.map(|h| (c, h)),
             None => None,
         };
         if let Some(to) = home {
@@ -680,9 +756,36 @@ impl Segmenter for SegmenterService {
             }
             return out;
         }
+        let deadline = grpc_timeout(req.metadata());
+        let lookup = Cluster::key_lookup(req.metadata());
         let r = req.into_inner();
+        if let Some(fingerprint) = lookup {
+            // Another replica asks whether the key's job is here: answered from this queue only.
+            drop(held);
+            let _in = span.enter();
+            return match self.queue.find_key(&r.idempotency_key, &fingerprint) {
+                Ok(Some(sub)) => Ok(Response::new(submitted(sub))),
+                Ok(None) => Err(ServiceError::KeyNotHeld(r.idempotency_key).into()),
+                Err(e) => Err(e.into()),
+            };
+        }
         async {
-            let job = self.prepare(r.image, r.options, &r.idempotency_key).await;
+            let admitted = self.admit(r.image, r.options, &r.idempotency_key)?;
+            if let Some((key, fingerprint)) = &admitted.idempotency {
+                let found = match self.queue.find_key(key, fingerprint)? {
+                    Some(sub) => Some(sub),
+                    None => match self.cluster.as_deref() {
+                        Some(c) => self.find_key_elsewhere(c, key, fingerprint, deadline, &span).await?,
+                        None => None,
+                    },
+                };
+                if let Some(sub) = found {
+                    tracing::Span::current().record("job_id", sub.id.as_str());
+                    info!(existing = true, "job submitted");
+                    return Ok(Response::new(submitted(sub)));
+                }
+            }
+            let job = self.load(admitted).await;
             drop(held);
             let job = job?;
             let sub = self.queue.submit(job)?;
@@ -692,12 +795,7 @@ impl Segmenter for SegmenterService {
                 position = sub.position,
                 "job submitted"
             );
-            Ok(Response::new(pb::SubmitJobResponse {
-                job_id: sub.id,
-                existing: sub.existing,
-                state: sub.state as i32,
-                queue_position: sub.position,
-            }))
+            Ok(Response::new(submitted(sub)))
         }
         .instrument(span.clone())
         .await
@@ -825,6 +923,15 @@ impl Segmenter for SegmenterService {
 
 /// The longest a clustered `ListJobs` waits for the other replicas' lists.
 const LIST_WAIT: Duration = Duration::from_secs(5);
+
+/// The longest a keyed `SubmitJob` waits for the other replicas to say whether they hold its
+/// key (see [`SegmenterService::find_key_elsewhere`]).
+const KEY_WAIT: Duration = Duration::from_secs(2);
+
+/// A submission's answer.
+fn submitted(sub: Submitted) -> pb::SubmitJobResponse {
+    pb::SubmitJobResponse { job_id: sub.id, existing: sub.existing, state: sub.state as i32, queue_position: sub.position }
+}
 
 #[cfg(test)]
 mod tests {

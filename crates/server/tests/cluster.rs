@@ -158,6 +158,8 @@ async fn only_the_listed_replicas_are_ever_called() {
     let m = scrape(b.metrics_addr().unwrap()).await;
     assert_series(&m, &[("s3net_forwarded_calls_total{method=\"GetJob\",code=\"Unavailable\"}", 1.0)]);
     assert!(!m.keys().any(|k| k.contains("SubmitJob")), "nothing was sent to the replica that is down");
+    // Each new key was looked for there first: it could not answer, and the job was queued here.
+    assert_series(&m, &[("s3net_forwarded_calls_total{method=\"KeyLookup\",code=\"Unavailable\"}", 8.0)]);
     b.shutdown().await.unwrap();
 }
 
@@ -266,6 +268,13 @@ async fn an_idempotency_key_finds_its_job_whichever_replica_is_asked() {
     // Each key went through the replica that is not its own twice (once new, once with
     // another image), and its other submissions stayed home: 12 × 2 forwarded in all.
     assert_eq!(sent(&ma, "Ok") + sent(&mb, "Ok") + sent(&ma, "AlreadyExists") + sent(&mb, "AlreadyExists"), 24.0);
+    // Each key's home asked the other replica about it once, when it was new there; a key it
+    // held was answered without asking.
+    let looked = |m: &std::collections::HashMap<String, f64>, code: &str| {
+        m.get(&format!("s3net_forwarded_calls_total{{method=\"KeyLookup\",code=\"{code}\"}}")).copied().unwrap_or(0.0)
+    };
+    assert_eq!(looked(&ma, "NotFound") + looked(&mb, "NotFound"), 12.0);
+    assert!(!ma.keys().chain(mb.keys()).any(|k| k.contains("KeyLookup") && !k.contains("NotFound")), "{ma:?} {mb:?}");
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
@@ -287,4 +296,55 @@ async fn a_replica_reached_under_two_addresses_lists_its_jobs_once() {
     let m = scrape(s.metrics_addr().unwrap()).await;
     assert_series(&m, &[("s3net_forwarded_calls_total{method=\"ListJobs\",code=\"Ok\"}", 1.0)]);
     s.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_are_found_where_their_jobs_are_after_a_replica_joins() {
+    // A scale-out: B is listed but not up yet, so A queues every key's job, those of B's keys
+    // too. Then B comes up and becomes the home of its keys, whose jobs stay on A.
+    let (pa, pb_) = (free_port(), free_port());
+    let (a, url_a) = start(replica(pa, &[pa, pb_])).await;
+    let mut ca = conn(&url_a).client().await.unwrap();
+    let request = |key: &str, image: Vec<u8>| pb::SubmitJobRequest { image, options: Some(quick()), idempotency_key: key.into() };
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let sub = ca.submit_job(request(&format!("study-{i}"), disk(40, 40))).await.unwrap().into_inner();
+        assert!(!sub.existing && sub.job_id.ends_with(&format!("@127.0.0.1:{pa}")), "{sub:?}");
+        ids.push(sub.job_id);
+    }
+    let (b, url_b) = start(replica(pb_, &[pa, pb_])).await;
+    let mut cb = conn(&url_b).client().await.unwrap();
+    // A's last health check of B (when it was down) is trusted for a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Sent again through either replica, each key finds its job on A: none is queued twice.
+    for (i, id) in ids.iter().enumerate() {
+        let key = format!("study-{i}");
+        for c in [&mut cb, &mut ca] {
+            let again = c.submit_job(request(&key, disk(40, 40))).await.unwrap().into_inner();
+            assert!(again.existing, "{key}: {again:?}");
+            assert_eq!(&again.job_id, id, "{key}");
+        }
+        // Another image under the key is refused, naming A's job.
+        let e = cb.submit_job(request(&key, disk(44, 44))).await.unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+        assert!(e.message().contains(id.as_str()), "{e:?}");
+    }
+    let listed = cb.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.jobs.len(), 12, "{listed:?}");
+    assert!(listed.jobs.iter().all(|j| j.job_id.ends_with(&format!("@127.0.0.1:{pa}"))), "{listed:?}");
+
+    // B is the home of some of the keys, and found their jobs by asking A; a call that asks
+    // is not one a client can make B forward on (it is answered from B's own jobs).
+    let m = scrape(b.metrics_addr().unwrap()).await;
+    let found = m.get("s3net_forwarded_calls_total{method=\"KeyLookup\",code=\"Ok\"}").copied().unwrap_or(0.0);
+    assert!(found >= 2.0, "{m:?}");
+    let mut ask = tonic::Request::new(pb::SubmitJobRequest { image: Vec::new(), options: None, idempotency_key: "study-0".into() });
+    ask.metadata_mut().insert(FORWARDED_BY, "127.0.0.9:1".parse().unwrap());
+    s3net_server::cluster::Cluster::ask_for_key(&mut ask, &[0; 32]);
+    let e = cb.submit_job(ask).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().starts_with("no job of idempotency key 'study-0' here"), "{e:?}");
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
 }
