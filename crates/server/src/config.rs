@@ -53,8 +53,8 @@ pub struct ServerConfig {
     pub request_idle_timeout_s: u64,
     /// Connections that may be open at once; one more is closed as soon as it is accepted
     /// (its client sees UNAVAILABLE and retries). Why: each connection may hold memory outside
-    /// `max_upload_bytes_in_flight` (data the server has not read yet, up to its 1 MiB HTTP/2
-    /// window, and its streams' state), so this bounds what clients can pin.
+    /// `max_upload_bytes_in_flight` (data the server has not read yet, up to
+    /// `http2_window_bytes`, and its streams' state), so this bounds what clients can pin.
     pub max_connections: usize,
     /// Seconds a new connection has to send its first bytes (HTTP/2's preface, or TLS's
     /// ClientHello) and, with TLS, to finish the TLS handshake; else it is closed. Why: under
@@ -70,6 +70,14 @@ pub struct ServerConfig {
     /// Seconds a connection past `max_connection_age_s` may keep its open calls before it is
     /// closed under them (0: as long as they last; a Segment call lasts as long as its job).
     pub max_connection_age_grace_s: u64,
+    /// Bytes a client may send on a connection, and on each of its calls, before the server
+    /// has read them (HTTP/2's initial connection and stream windows). Why: a client can send
+    /// no faster than one window per round trip, so hyper's default of 1 MiB capped an upload
+    /// at about 25 MiB/s over a 40 ms link whatever its bandwidth; the window should cover the
+    /// clients' bandwidth × round trip (8 MiB: 1 Gbit/s up to about 65 ms). It is also what a
+    /// connection can make the server buffer before its requests are read (and, for a request
+    /// refused at its first bytes, discard).
+    pub http2_window_bytes: u32,
     /// Concurrent calls (HTTP/2 streams) one connection may have open; a client's further
     /// calls wait in the client until one ends. Bounds the state a single connection can make
     /// the server keep (a few KiB per stream).
@@ -96,6 +104,7 @@ impl Default for ServerConfig {
             max_connection_age_s: 0,
             max_connection_age_grace_s: 0,
             max_streams_per_connection: 256,
+            http2_window_bytes: 8 << 20,
             auth_token: None,
             tls: None,
         }
@@ -457,6 +466,11 @@ impl Config {
         anyhow::ensure!(
             self.server.max_connections >= 1 && self.server.max_streams_per_connection >= 1,
             "server.max_connections and server.max_streams_per_connection must be at least 1"
+        );
+        anyhow::ensure!(
+            (65_535..=(1 << 31) - 1).contains(&self.server.http2_window_bytes),
+            "server.http2_window_bytes must be in 65535..=2147483647 (HTTP/2's smallest and largest window), got {}",
+            self.server.http2_window_bytes
         );
         anyhow::ensure!(self.server.handshake_timeout_s >= 1, "server.handshake_timeout_s must be at least 1");
         anyhow::ensure!(

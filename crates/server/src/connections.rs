@@ -2,7 +2,7 @@
 //!
 //! Why a bound: every connection may hold memory the byte budget of requests
 //! ([`crate::uploads`]) never sees — up to its HTTP/2 window of data the server has not read
-//! yet (1 MiB), and a few KiB for each of its open streams — so without one a client that
+//! yet (`server.http2_window_bytes`), and a few KiB for each of its open streams — so without one a client that
 //! opens connections in a loop grows the server until the kernel kills it, jobs and all. A
 //! connection beyond the bound is closed as soon as it is accepted: its client gets
 //! UNAVAILABLE at once, which gRPC clients retry with backoff, instead of hanging in the

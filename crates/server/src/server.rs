@@ -225,6 +225,8 @@ impl Server {
         let keepalive = (cfg.server.keepalive_interval_s > 0).then(|| Duration::from_secs(cfg.server.keepalive_interval_s));
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.server.max_streams_per_connection)
+            .initial_stream_window_size(cfg.server.http2_window_bytes)
+            .initial_connection_window_size(cfg.server.http2_window_bytes)
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(Duration::from_secs(cfg.server.keepalive_timeout_s.max(1))));
         if cfg.server.max_connection_age_s > 0 {

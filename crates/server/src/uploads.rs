@@ -10,8 +10,9 @@
 //! many bytes from the shared [`UploadBudget`] *before* the message's bytes are collected; one
 //! that does not fit ends the request with `RESOURCE_EXHAUSTED` (reason `upload_memory`). So a
 //! refused request costs at most what HTTP/2 flow control lets a connection send unasked
-//! (hyper's 1 MiB window). The server accepts no compressed messages, so a prefix's length is
-//! what its message takes once collected. What a request holds lives in its [`UploadHold`],
+//! (`server.http2_window_bytes`), and only until it arrives: it is discarded then. The server
+//! accepts no compressed messages, so a prefix's length is what its message takes once
+//! collected. What a request holds lives in its [`UploadHold`],
 //! which the handler finds in the request's extensions: a unary call takes it and keeps it
 //! until its image is decoded; `SegmentUpload` adds the image it assembles
 //! ([`UploadHold::claim`]) and gives back each message it has copied out

@@ -308,6 +308,22 @@ fn upload_budget_holds_the_largest_upload() {
     Config::load(None, &[("server.max_upload_bytes_in_flight", (335544320u64).to_string())]).expect("exactly enough");
 }
 
+/// HTTP/2's window: 8 MiB unless set, from the environment too, and within what HTTP/2 allows.
+#[test]
+fn the_http2_window_loads_and_is_checked() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    assert_eq!(Config::load(None, &[]).unwrap().server.http2_window_bytes, 8 << 20);
+    std::env::set_var("S3NET__SERVER__HTTP2_WINDOW_BYTES", "2097152");
+    let c = Config::load(None, &[]);
+    std::env::remove_var("S3NET__SERVER__HTTP2_WINDOW_BYTES");
+    assert_eq!(c.unwrap().server.http2_window_bytes, 2 << 20);
+    for bad in ["1000", "2147483648"] {
+        let err = Config::load(None, &[("server.http2_window_bytes", bad.into())]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("server.http2_window_bytes"), "{bad}: {msg}");
+    }
+}
+
 /// `[defaults]`: fit options for the requests that leave them unset, from the file or the
 /// environment, checked when the configuration loads.
 #[test]

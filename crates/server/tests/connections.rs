@@ -360,3 +360,33 @@ fn a_connection_past_its_age_is_asked_to_end() {
         }
     });
 }
+
+#[test]
+fn a_client_may_send_a_window_of_data_before_the_server_reads_it() {
+    // What a call may send at once (server.http2_window_bytes, for the connection and for each
+    // call): an upload's speed is at most one window per round trip.
+    for (env, window) in [(None, 8 << 20), (Some("2097152"), 2 << 20)] {
+        let env: Vec<(&str, &str)> = env.map(|w| ("S3NET__SERVER__HTTP2_WINDOW_BYTES", w)).into_iter().collect();
+        let server = serve(&env);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            // (h2's client would buffer at most 400 KiB of a call's data.)
+            let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+            let (send, conn) = h2::client::Builder::new().max_send_buffer_size(64 << 20).handshake(tcp).await.unwrap();
+            tokio::spawn(conn);
+            let (_response, mut body) = partial_call(&send, &server.addr, "/s3net.v1.Segmenter/SubmitJob", 60 << 20, 0).await;
+            body.reserve_capacity(60 << 20);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut granted = 0;
+            // The message's 5-byte prefix went first.
+            let window = window - 5;
+            while granted < window && Instant::now() < deadline {
+                let next = tokio::time::timeout(Duration::from_millis(100), std::future::poll_fn(|cx| body.poll_capacity(cx))).await;
+                if let Ok(Some(Ok(n))) = next {
+                    granted = n;
+                }
+            }
+            assert_eq!(granted, window, "bytes the call may send unasked");
+        });
+    }
+}
