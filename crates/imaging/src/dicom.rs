@@ -6,8 +6,8 @@
 //! here, so that every case is checked and errors stay free of element values.
 
 use dicom_core::header::HasLength;
-use dicom_core::value::Value;
-use dicom_core::Tag;
+use dicom_core::value::{PixelFragmentSequence, Value};
+use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::file::ReadPreamble;
@@ -92,14 +92,27 @@ pub(crate) fn probe_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, 
     })
 }
 
+/// Transfer syntaxes decoded by codecs that change a colour image's samples or need checks of
+/// their own (see where they are used).
+const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
+const JPEG_2000_LOSSLESS: &str = "1.2.840.10008.1.2.4.90";
+const JPEG_2000: &str = "1.2.840.10008.1.2.4.91";
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+
 pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
-    let obj = open(bytes, false)?;
+    let mut obj = open(bytes, false)?;
     let ts_uid = clean_uid(obj.meta().transfer_syntax());
     let Some(pixel_element) = obj.element_opt(tags::PIXEL_DATA).ok().flatten() else {
         return Err(ImagingError::NoPixelData);
     };
     let (rows, cols, frames) = geometry(&obj, opts)?;
     match TransferSyntaxRegistry.get(&ts_uid) {
+        // The codec has a decoder for High-Throughput JPEG 2000 too, but no file of it has
+        // been decoded here: refused until one is.
+        Some(ts) if ts_uid.starts_with("1.2.840.10008.1.2.4.20") => {
+            return Err(ImagingError::UnsupportedTransferSyntax { uid: ts_uid, name: ts.name().to_string() })
+        }
         Some(ts) if ts.can_decode_all() => {}
         Some(ts) => {
             return Err(ImagingError::UnsupportedTransferSyntax {
@@ -114,8 +127,22 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             })
         }
     }
-    if let Value::PixelSequence(seq) = pixel_element.value() {
-        dicom_guard::check_jpeg_fragments(seq.fragments(), rows, cols)?;
+    let j2k = matches!(ts_uid.as_str(), JPEG_2000_LOSSLESS | JPEG_2000);
+    let cleared = match pixel_element.value() {
+        Value::PixelSequence(seq) => {
+            dicom_guard::check_fragments(seq.fragments(), rows, cols, j2k)?;
+            if ts_uid == RLE_LOSSLESS {
+                let samples = optional_u32(&obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1) as usize;
+                let bytes = optional_u32(&obj, tags::BITS_ALLOCATED)?.unwrap_or(8).div_ceil(8) as usize;
+                dicom_guard::check_rle_fragments(seq.fragments(), rows, cols, samples * bytes)?;
+            }
+            dicom_guard::lossless_jpeg_tables_cleared(seq.fragments())
+                .map(|fragments| PixelFragmentSequence::new(seq.offset_table().to_vec(), fragments))
+        }
+        _ => None,
+    };
+    if let Some(seq) = cleared {
+        obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(seq)));
     }
     let (slope, intercept) = rescale(&obj)?;
     let file_window = file_window(&obj);
@@ -207,6 +234,14 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         }
     };
 
+    // Whether a colour image's decoded samples are YBR_FULL. dicom-pixeldata calls the output
+    // of every codec RGB, but only the lossy JPEG codec converts (JPEG's own YCbCr, which a
+    // DICOM file calls YBR_FULL or YBR_FULL_422); RLE, lossless JPEG and JPEG 2000 without its
+    // colour transform give the samples as the file stores them, and for those the file's
+    // YBR_FULL still holds. (JPEG 2000's own transforms, YBR_RCT and YBR_ICT, are undone by its
+    // codec.)
+    let ybr = pi == PhotometricInterpretation::YbrFull
+        || (file_pi == "YBR_FULL" && !matches!(ts_uid.as_str(), JPEG_BASELINE | JPEG_EXTENDED));
     let px = w as usize * h as usize;
     let n = px * usize::from(channels);
     let raw = pixels.frame_data(0).map_err(|_| {
@@ -272,7 +307,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             for (c, value) in rgb.iter_mut().enumerate() {
                 *value = read(if planar { c * px + i } else { i * 3 + c });
             }
-            if pi == PhotometricInterpretation::YbrFull {
+            if ybr {
                 rgb = ybr_full_to_rgb(rgb, eff_bits);
             }
             for c in 0..3 {

@@ -191,8 +191,9 @@ pub(crate) fn check_element_lengths(body: &[u8]) -> Result<(), ImagingError> {
     Ok(())
 }
 
-/// Width and height from the first SOF segment of a JPEG stream starting at SOI.
-fn jpeg_frame_size(b: &[u8]) -> Option<(u32, u32)> {
+/// The first SOF segment of a JPEG stream starting at SOI: its marker (0xC0–0xCF) and the
+/// offset of its length field.
+fn jpeg_sof(b: &[u8]) -> Option<(u8, usize)> {
     if b.get(0..2)? != [0xFF, 0xD8] {
         return None;
     }
@@ -211,23 +212,73 @@ fn jpeg_frame_size(b: &[u8]) -> Option<(u32, u32)> {
             0xD9 | 0xDA => return None,
             _ => {}
         }
-        let len = usize::from(u16::from_be_bytes([*b.get(pos)?, *b.get(pos + 1)?]));
         if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
-            let h = u16::from_be_bytes([*b.get(pos + 3)?, *b.get(pos + 4)?]);
-            let w = u16::from_be_bytes([*b.get(pos + 5)?, *b.get(pos + 6)?]);
-            return Some((u32::from(w), u32::from(h)));
+            return Some((marker, pos));
         }
-        pos += len;
+        pos += usize::from(u16::from_be_bytes([*b.get(pos)?, *b.get(pos + 1)?]));
     }
 }
 
-/// Rejects encapsulated JPEG streams whose frame header is larger than
-/// Rows × Columns (the codec would allocate, then fail or overrun).
-pub(crate) fn check_jpeg_fragments(
-    fragments: &[Vec<u8>],
-    rows: u32,
-    cols: u32,
-) -> Result<(), ImagingError> {
+/// Width and height from the first SOF segment of a JPEG stream starting at SOI.
+fn jpeg_frame_size(b: &[u8]) -> Option<(u32, u32)> {
+    let (_, pos) = jpeg_sof(b)?;
+    let h = u16::from_be_bytes([*b.get(pos + 3)?, *b.get(pos + 4)?]);
+    let w = u16::from_be_bytes([*b.get(pos + 5)?, *b.get(pos + 6)?]);
+    Some((u32::from(w), u32::from(h)))
+}
+
+/// What a JPEG 2000 codestream's SIZ segment declares.
+struct J2kSize {
+    width: u64,
+    height: u64,
+    components: u16,
+    tiles: u64,
+    /// Every component's subsampling factors are at least 1.
+    sampling_ok: bool,
+}
+
+/// The SIZ segment of the JPEG 2000 codestream `b` starts with (SOC, then SIZ, as DICOM stores
+/// a frame), or of the one in the JP2 file it starts with (which some encoders write).
+fn j2k_size(b: &[u8]) -> Option<J2kSize> {
+    const SOC_SIZ: [u8; 4] = [0xFF, 0x4F, 0xFF, 0x51];
+    const JP2: [u8; 8] = [0, 0, 0, 0x0C, 0x6A, 0x50, 0x20, 0x20];
+    // Not anywhere else: compressed data may hold these bytes too.
+    let at = if b.starts_with(&SOC_SIZ) {
+        2
+    } else if b.starts_with(&JP2) {
+        b.windows(4).take(1 << 16).position(|w| w == SOC_SIZ)? + 2
+    } else {
+        return None;
+    };
+    let u16_at = |o: usize| Some(u16::from_be_bytes(b.get(at + o..at + o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u64::from(u32::from_be_bytes(b.get(at + o..at + o + 4)?.try_into().ok()?)));
+    let (x, y, x0, y0) = (u32_at(6)?, u32_at(10)?, u32_at(14)?, u32_at(18)?);
+    let (tw, th, tx0, ty0) = (u32_at(22)?, u32_at(26)?, u32_at(30)?, u32_at(34)?);
+    let components = u16_at(38)?;
+    let mut sampling_ok = true;
+    for c in 0..usize::from(components.min(16)) {
+        let (dx, dy) = (*b.get(at + 41 + 3 * c)?, *b.get(at + 42 + 3 * c)?);
+        sampling_ok &= dx >= 1 && dy >= 1;
+    }
+    if x <= x0 || y <= y0 || tw == 0 || th == 0 || tx0 > x0 || ty0 > y0 {
+        return Some(J2kSize { width: 0, height: 0, components, tiles: 0, sampling_ok: false });
+    }
+    let tiles = (x - tx0).div_ceil(tw) * (y - ty0).div_ceil(th);
+    Some(J2kSize { width: x - x0, height: y - y0, components, tiles, sampling_ok })
+}
+
+/// The most tiles a JPEG 2000 codestream may declare. Why: the codec sets up every tile's
+/// coding parameters before it decodes any (a few KiB each), so a tiny codestream declaring
+/// 1×1-pixel tiles over a large image would cost gigabytes; real files use one tile, or tiles
+/// of hundreds of pixels (a 16384² image in 256² tiles has 4096).
+const MAX_J2K_TILES: u64 = 4096;
+
+/// Rejects encapsulated frames whose codec header declares more than the data set does: a
+/// JPEG or JPEG 2000 image larger than Rows × Columns (the codec would allocate for it, then
+/// fail or overrun), a JPEG 2000 codestream with more than 4 components, more than
+/// [`MAX_J2K_TILES`] tiles, or a zero size or subsampling, or JPEG 2000 data (`j2k`: its
+/// transfer syntax) without a codestream.
+pub(crate) fn check_fragments(fragments: &[Vec<u8>], rows: u32, cols: u32, j2k: bool) -> Result<(), ImagingError> {
     let all: Vec<u8> = fragments.concat();
     let mut start = 0;
     for f in fragments {
@@ -242,5 +293,121 @@ pub(crate) fn check_jpeg_fragments(
         }
         start += f.len();
     }
+    if !j2k {
+        return Ok(());
+    }
+    // Every frame's codestream starts a fragment; the first non-empty fragment is one.
+    let mut found = false;
+    let mut start = 0;
+    for f in fragments {
+        let head = &all[start..(start + f.len() + 256).min(all.len())];
+        start += f.len();
+        let Some(siz) = j2k_size(head) else { continue };
+        found = true;
+        let (w, h) = (siz.width, siz.height);
+        if w > u64::from(cols) || h > u64::from(rows) {
+            return Err(bad(&format!(
+                "the embedded JPEG 2000 image is {w}×{h} pixels but Rows/Columns say {cols}×{rows}"
+            )));
+        }
+        if w == 0 || h == 0 || !siz.sampling_ok {
+            return Err(bad("the embedded JPEG 2000 codestream declares an empty image or a zero subsampling"));
+        }
+        if !(1..=4).contains(&siz.components) {
+            return Err(bad(&format!("the embedded JPEG 2000 codestream has {} components (1 to 4 allowed)", siz.components)));
+        }
+        if siz.tiles > MAX_J2K_TILES {
+            return Err(bad(&format!(
+                "the embedded JPEG 2000 codestream is cut into {} tiles (at most {MAX_J2K_TILES} allowed)",
+                siz.tiles
+            )));
+        }
+    }
+    if !found {
+        return Err(bad("the pixel data holds no JPEG 2000 codestream"));
+    }
     Ok(())
+}
+
+/// Rejects RLE Lossless frames (one fragment each) that do not hold `segments` segments
+/// (samples per pixel × bytes per sample) each decoding to at least `rows` × `cols` bytes,
+/// or whose header or runs point past the fragment. Why: dicom-rs's RLE decoder indexes and
+/// unwraps without checking, and panics on such data (the panic is caught, but it is a bug's
+/// path, and it was reached by a single changed byte in most damaged files tried).
+pub(crate) fn check_rle_fragments(fragments: &[Vec<u8>], rows: u32, cols: u32, segments: usize) -> Result<(), ImagingError> {
+    let need = u64::from(rows) * u64::from(cols);
+    for f in fragments {
+        let word = |i: usize| f.get(4 * i..4 * i + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let count = word(0).ok_or_else(|| bad("an RLE frame is shorter than its 64-byte header"))?;
+        if f.len() < 64 || count < segments || count > 15 {
+            return Err(bad(&format!(
+                "an RLE frame has {count} segments where the image needs {segments} (1 to 15 allowed)"
+            )));
+        }
+        let mut offsets: Vec<usize> = (1..=count).filter_map(word).collect();
+        offsets.push(f.len());
+        if offsets[0] < 64 || offsets.windows(2).any(|w| w[0] > w[1]) {
+            return Err(bad("an RLE frame's segment offsets are out of order or past its end"));
+        }
+        for w in offsets.windows(2).take(segments) {
+            if packbits_len(&f[w[0]..w[1]], need) < need {
+                return Err(bad("an RLE segment decodes to fewer bytes than Rows × Columns, or a run in it is cut short"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes a PackBits segment decodes to, counted up to `enough` and only over runs whose bytes
+/// are all there (a run cut short ends the count).
+fn packbits_len(seg: &[u8], enough: u64) -> u64 {
+    let (mut out, mut i) = (0u64, 0usize);
+    while out < enough && i < seg.len() {
+        let n = seg[i] as i8;
+        i += 1;
+        match n {
+            0..=127 => {
+                let len = n as usize + 1;
+                if i + len > seg.len() {
+                    return out;
+                }
+                i += len;
+                out += len as u64;
+            }
+            -128 => {}
+            _ => {
+                if i >= seg.len() {
+                    return out;
+                }
+                i += 1;
+                out += (1 - i64::from(n)) as u64;
+            }
+        }
+    }
+    out
+}
+
+/// The fragments with the quantization-table selectors of their lossless JPEG frames (SOF3,
+/// SOF7, SOF11, SOF15) set to 0, or `None` when none names another table. Why: lossless JPEG
+/// has no quantization, and the standard says the selector shall be 0, but the IJG-based
+/// encoders that GDCM and DCMTK use write 1 for a colour image's second and third
+/// components, which `jpeg-decoder` refuses ("invalid quantization table index 1").
+pub(crate) fn lossless_jpeg_tables_cleared(fragments: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    let mut out: Option<Vec<Vec<u8>>> = None;
+    for (i, f) in fragments.iter().enumerate() {
+        let Some((marker, pos)) = jpeg_sof(f) else { continue };
+        if !matches!(marker, 0xC3 | 0xC7 | 0xCB | 0xCF) {
+            continue;
+        }
+        let Some(&n) = f.get(pos + 7) else { continue };
+        let selectors: Vec<usize> = (0..usize::from(n)).map(|c| pos + 8 + 3 * c + 2).filter(|&at| at < f.len()).collect();
+        if selectors.iter().all(|&at| f[at] == 0) {
+            continue;
+        }
+        let frags = out.get_or_insert_with(|| fragments.to_vec());
+        for at in selectors {
+            frags[i][at] = 0;
+        }
+    }
+    out
 }

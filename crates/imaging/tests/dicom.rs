@@ -331,6 +331,9 @@ fn truncated_and_corrupted_dicom_never_panics() {
         "dicom/CT_small.dcm",
         "dicom/MR_small.dcm",
         "dicom/SC_rgb_jpeg_dcmtk.dcm",
+        "dicom/CT_small_j2k.dcm",
+        "dicom/CT_small_rle.dcm",
+        "dicom/SC_rgb_jpeg_lossless.dcm",
     ] {
         let full = data(name);
         let mut cut = 0;
@@ -407,19 +410,126 @@ fn errors_do_not_leak_patient_data() {
 
 #[test]
 fn unsupported_transfer_syntax() {
+    // JPEG-LS, written by GDCM (tools/make_dicom_codecs.py).
+    let err = dec(&data("dicom/CT_small_jpegls.dcm")).unwrap_err();
+    match &err {
+        ImagingError::UnsupportedTransferSyntax { uid, .. } => {
+            assert_eq!(uid, "1.2.840.10008.1.2.4.80")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains("JPEG-LS"), "{err}");
+    assert!(err.to_string().contains("JPEG 2000"), "the supported ones are named: {err}");
+    // High-Throughput JPEG 2000: no file of it has been decoded here.
     let bytes = build(Spec {
-        ts: "1.2.840.10008.1.2.4.90",
+        ts: "1.2.840.10008.1.2.4.201",
         pixels: Pixels::Fragments(vec![vec![0xFF, 0x4F, 0xFF, 0x51, 0, 0]]),
         ..Default::default()
     });
     let err = dec(&bytes).unwrap_err();
-    match &err {
-        ImagingError::UnsupportedTransferSyntax { uid, .. } => {
-            assert_eq!(uid, "1.2.840.10008.1.2.4.90")
-        }
-        other => panic!("unexpected {other:?}"),
+    assert!(matches!(&err, ImagingError::UnsupportedTransferSyntax { uid, .. } if uid == "1.2.840.10008.1.2.4.201"), "{err}");
+}
+
+/// Compressed files written by GDCM from the uncompressed ones (tools/make_dicom_codecs.py):
+/// the lossless ones give exactly their source's samples, in HU for the CT.
+#[test]
+fn compressed_files_decode_to_their_sources_samples() {
+    let ct = dec(&data("dicom/CT_small.dcm")).unwrap();
+    for (name, ts) in [
+        ("CT_small_jpeg_lossless", "1.2.840.10008.1.2.4.70"),
+        ("CT_small_rle", "1.2.840.10008.1.2.5"),
+        ("CT_small_j2k", "1.2.840.10008.1.2.4.90"),
+    ] {
+        let d = dec(&data(&format!("dicom/{name}.dcm"))).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((d.width, d.height, d.channels, d.bit_depth), (128, 128, 1, 16), "{name}");
+        assert!(d.samples == ct.samples, "{name}: the samples differ from CT_small's");
+        let info = d.dicom.unwrap();
+        assert_eq!(info.transfer_syntax, ts, "{name}");
+        // (GDCM writes the spacing back as 0.661467999999999.)
+        let [r, c] = info.pixel_spacing_mm.unwrap();
+        assert!((r - 0.661468).abs() < 1e-9 && (c - 0.661468).abs() < 1e-9, "{name}");
     }
-    assert!(err.to_string().contains("JPEG 2000"), "{err}");
+    // Lossy JPEG 2000 (the irreversible wavelet, 20:1): close, in HU.
+    let d = dec(&data("dicom/CT_small_j2k_lossy.dcm")).unwrap();
+    let n = ct.samples.len() as f64;
+    let rms = (d.samples.iter().zip(&ct.samples).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>() / n).sqrt();
+    let mean = ct.samples.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    eprintln!("lossy JPEG 2000: {rms:.1} HU rms error");
+    assert!(rms > 0.0 && rms < 30.0, "{rms} HU rms (mean {mean:.0} HU)");
+
+    // Colour, stored as YBR_FULL (RLE, lossless JPEG, JPEG 2000 without its colour transform)
+    // or RGB: the colours of the JPEG baseline source (±2 for the two decoders' rounding).
+    let sc = dec(&data("dicom/SC_rgb_jpeg_dcmtk.dcm")).unwrap();
+    for name in ["SC_rgb_rle", "SC_rgb_jpeg_lossless", "SC_rgb_j2k", "SC_rgb_j2k_rgb"] {
+        let d = dec(&data(&format!("dicom/{name}.dcm"))).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((d.width, d.height, d.channels, d.kind), (100, 100, 3, ImageKind::Colour), "{name}");
+        let worst = d.samples.iter().zip(&sc.samples).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 2.0, "{name}: a sample is {worst} away from the source's");
+    }
+}
+
+/// A JPEG 2000 codestream is checked against the data set before the codec sees it.
+#[test]
+fn jpeg_2000_headers_are_checked_first() {
+    let j2k = data("dicom/CT_small_j2k.dcm");
+    let siz = j2k.windows(4).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51]).unwrap() + 2;
+    let patched = |at: usize, bytes: &[u8]| {
+        let mut d = j2k.clone();
+        d[siz + at..siz + at + bytes.len()].copy_from_slice(bytes);
+        d
+    };
+    let t = std::time::Instant::now();
+    // 60000×60000 (Xsiz, Ysiz).
+    let err = dec(&patched(6, &[0, 0, 0xEA, 0x60, 0, 0, 0xEA, 0x60])).unwrap_err();
+    assert!(err.to_string().contains("JPEG 2000 image is 60000×60000 pixels but Rows/Columns say 128×128"), "{err}");
+    // 1×1-pixel tiles: 16384 of them.
+    let err = dec(&patched(22, &[0, 0, 0, 1, 0, 0, 0, 1])).unwrap_err();
+    assert!(err.to_string().contains("16384 tiles"), "{err}");
+    // A zero subsampling.
+    let err = dec(&patched(41, &[0])).unwrap_err();
+    assert!(err.to_string().contains("zero subsampling"), "{err}");
+    assert!(t.elapsed().as_millis() < 500, "{:?}", t.elapsed());
+    // JPEG 2000's transfer syntax, and no codestream.
+    let bytes = build(Spec {
+        ts: "1.2.840.10008.1.2.4.90",
+        pixels: Pixels::Fragments(vec![vec![0x12; 64]]),
+        ..Default::default()
+    });
+    let err = dec(&bytes).unwrap_err();
+    assert!(err.to_string().contains("no JPEG 2000 codestream"), "{err}");
+}
+
+/// Damage inside the compressed pixel data, where the codecs read: an error or an image, never
+/// a panic, and quickly.
+#[test]
+fn damaged_compressed_pixel_data_never_panics() {
+    for name in ["CT_small_j2k", "CT_small_j2k_lossy", "CT_small_rle", "CT_small_jpeg_lossless", "SC_rgb_j2k", "SC_rgb_jpeg_lossless", "SC_rgb_rle"] {
+        let full = data(&format!("dicom/{name}.dcm"));
+        // The pixel data element's value: the last (7FE0,0010) tag.
+        let from = full.windows(4).rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00]).unwrap() + 12;
+        let mut state = 0x2545F4914F6CDD1Du64;
+        let (mut failed, t) = (0, std::time::Instant::now());
+        for round in 0..300 {
+            let mut bytes = full.clone();
+            for _ in 0..1 + round % 4 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let i = from + (state as usize) % (bytes.len() - from);
+                bytes[i] = (state >> 40) as u8;
+            }
+            match dec(&bytes) {
+                Err(ImagingError::DecoderPanicked { .. }) => panic!("{name}: the codec panicked (round {round})"),
+                Err(e) => {
+                    assert_private(&e.to_string());
+                    failed += 1;
+                }
+                Ok(d) => assert_eq!(d.samples.len(), (d.width * d.height) as usize * usize::from(d.channels)),
+            }
+        }
+        eprintln!("{name}: 300 damaged copies, {failed} refused, {:?}", t.elapsed());
+        assert!(t.elapsed().as_secs() < 60, "{name}: {:?}", t.elapsed());
+    }
 }
 
 #[test]

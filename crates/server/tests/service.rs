@@ -25,6 +25,10 @@ async fn happy_path_for_each_format() {
         ("ct", data("dicom/CT_small.dcm")),
         ("mr", data("dicom/MR_small.dcm")),
         ("rgb-jpeg-dicom", data("dicom/SC_rgb_jpeg_dcmtk.dcm")),
+        // Compressed as PACS archives often store them (GDCM, tools/make_dicom_codecs.py).
+        ("ct-jpeg-2000", data("dicom/CT_small_j2k.dcm")),
+        ("ct-jpeg-lossless", data("dicom/CT_small_jpeg_lossless.dcm")),
+        ("rgb-rle-dicom", data("dicom/SC_rgb_rle.dcm")),
         // Stored 96×72 with Exif orientation 6: segmented as shown, 72×96.
         ("exif-jpeg", data("raster/IMD002-exif6.jpg")),
         // Page 0 of a two-page TIFF (its page 1, signed 32-bit HU, is `frame: 1` below).
@@ -97,6 +101,21 @@ async fn happy_path_for_each_format() {
     let r = completed(&segment_events(&mut c, data("raster/two-pages.tif"), page1).await);
     assert_eq!((r.width, r.height), (64, 64));
     server.shutdown().await.unwrap();
+}
+
+/// A CT stored compressed, losslessly (JPEG 2000, JPEG lossless, RLE), is the same image: with
+/// the same seed its fit gives the labels and the mask of the uncompressed file, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_losslessly_compressed_ct_segments_like_its_source() {
+    let (_s, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let o = pb::Options { seed: Some(11), iterations: Some(5), size: Some(64), ..quick() };
+    let source = completed(&segment_events(&mut c, data("dicom/CT_small.dcm"), o.clone()).await);
+    for name in ["CT_small_j2k", "CT_small_jpeg_lossless", "CT_small_rle"] {
+        let r = completed(&segment_events(&mut c, data(&format!("dicom/{name}.dcm")), o.clone()).await);
+        assert!(r.labels_png == source.labels_png && r.mask_png == source.mask_png, "{name}");
+        assert_eq!(r.foreground_area_mm2.map(|a| a.round()), source.foreground_area_mm2.map(|a| a.round()), "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
