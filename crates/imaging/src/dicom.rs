@@ -99,6 +99,12 @@ const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
 const JPEG_2000_LOSSLESS: &str = "1.2.840.10008.1.2.4.90";
 const JPEG_2000: &str = "1.2.840.10008.1.2.4.91";
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+const EXPLICIT_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
+
+/// A transfer syntax's name for a message, or its UID where the registry does not know it.
+fn transfer_syntax_name(uid: &str) -> String {
+    TransferSyntaxRegistry.get(uid).map_or_else(|| uid.to_string(), |ts| ts.name().to_string())
+}
 
 pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
     let mut obj = open(bytes, false)?;
@@ -127,21 +133,60 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             })
         }
     }
+    let file_pi = match obj
+        .element_opt(tags::PHOTOMETRIC_INTERPRETATION)
+        .ok()
+        .flatten()
+        .and_then(|e| {
+            e.to_str()
+                .ok()
+                .map(|s| PhotometricInterpretation::from(s.trim_end_matches(['\0', ' '])))
+        }) {
+        Some(PhotometricInterpretation::Other(_)) | None => "unrecognised".to_string(),
+        Some(p) => p.as_str().to_string(),
+    };
+
     let j2k = matches!(ts_uid.as_str(), JPEG_2000_LOSSLESS | JPEG_2000);
-    let cleared = match pixel_element.value() {
+    let lossy_jpeg = matches!(ts_uid.as_str(), JPEG_BASELINE | JPEG_EXTENDED);
+    let bits_allocated = optional_u32(&obj, tags::BITS_ALLOCATED)?.unwrap_or(8);
+    if file_pi == "YBR_FULL_422" && !lossy_jpeg {
+        // Only a JPEG codec undoes YBR_FULL_422's halved chroma.
+        return Err(unsupported(format!(
+            "photometric interpretation YBR_FULL_422 is supported in JPEG-compressed files only, not in {}",
+            transfer_syntax_name(&ts_uid)
+        )));
+    }
+    if ts_uid == RLE_LOSSLESS && bits_allocated > 16 {
+        return Err(unsupported(format!("RLE Lossless with Bits Allocated {bits_allocated} is not supported (8 or 16)")));
+    }
+    let repaired = match pixel_element.value() {
         Value::PixelSequence(seq) => {
             dicom_guard::check_fragments(seq.fragments(), rows, cols, j2k)?;
             if ts_uid == RLE_LOSSLESS {
                 let samples = optional_u32(&obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1) as usize;
-                let bytes = optional_u32(&obj, tags::BITS_ALLOCATED)?.unwrap_or(8).div_ceil(8) as usize;
+                let bytes = bits_allocated.div_ceil(8) as usize;
                 dicom_guard::check_rle_fragments(seq.fragments(), rows, cols, samples * bytes)?;
             }
-            dicom_guard::lossless_jpeg_tables_cleared(seq.fragments())
-                .map(|fragments| PixelFragmentSequence::new(seq.offset_table().to_vec(), fragments))
+            if let Some(bits) = dicom_guard::jpeg_precision_over_8(seq.fragments()).filter(|_| lossy_jpeg) {
+                return Err(unsupported(format!(
+                    "{bits}-bit lossy JPEG (JPEG Extended, process 4) is not supported: only 8-bit lossy \
+                     JPEG is (lossless JPEG, JPEG 2000 and RLE take up to 16 bits)"
+                )));
+            }
+            let cleared = dicom_guard::lossless_jpeg_tables_cleared(seq.fragments());
+            let fragments = cleared.as_deref().unwrap_or(seq.fragments());
+            let marked = (lossy_jpeg && file_pi == "RGB")
+                .then(|| dicom_guard::rgb_jpeg_marked(fragments, seq.offset_table()))
+                .flatten();
+            match (marked, cleared) {
+                (Some((table, fragments)), _) => Some(PixelFragmentSequence::new(table, fragments)),
+                (None, Some(fragments)) => Some(PixelFragmentSequence::new(seq.offset_table().to_vec(), fragments)),
+                (None, None) => None,
+            }
         }
         _ => None,
     };
-    if let Some(seq) = cleared {
+    if let Some(seq) = repaired {
         obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(seq)));
     }
     let (slope, intercept) = rescale(&obj)?;
@@ -177,19 +222,6 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     let signed = pixels.pixel_representation() == PixelRepresentation::Signed;
     let planar = pixels.planar_configuration() == PlanarConfiguration::PixelFirst;
     let pi = pixels.photometric_interpretation().clone();
-
-    let file_pi = match obj
-        .element_opt(tags::PHOTOMETRIC_INTERPRETATION)
-        .ok()
-        .flatten()
-        .and_then(|e| {
-            e.to_str()
-                .ok()
-                .map(|s| PhotometricInterpretation::from(s.trim_end_matches(['\0', ' '])))
-        }) {
-        Some(PhotometricInterpretation::Other(_)) | None => "unrecognised".to_string(),
-        Some(p) => p.as_str().to_string(),
-    };
 
     // Sample layout.
     let (bytes_per_sample, eff_bits, shift) = match bits_allocated {
@@ -252,6 +284,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             "the pixel data is shorter than Rows × Columns × Samples per Pixel",
         ));
     }
+    let words_swapped = ts_uid == EXPLICIT_BIG_ENDIAN && bytes_per_sample == 4;
     let read = |i: usize| -> f64 {
         let o = i * bytes_per_sample;
         let v: u32 = match bytes_per_sample {
@@ -259,6 +292,9 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             2 => u32::from(u16::from_ne_bytes([raw[o], raw[o + 1]])),
             _ => u32::from_ne_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]),
         };
+        // 32-bit samples of a big-endian file arrive with their two 16-bit halves swapped
+        // (the data set's words are turned to this machine's order, not its samples).
+        let v = if words_swapped { v.rotate_left(16) } else { v };
         let v = v >> shift;
         let mask = if eff_bits >= 32 {
             u32::MAX

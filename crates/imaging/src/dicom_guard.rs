@@ -191,13 +191,21 @@ pub(crate) fn check_element_lengths(body: &[u8]) -> Result<(), ImagingError> {
     Ok(())
 }
 
-/// The first SOF segment of a JPEG stream starting at SOI: its marker (0xC0–0xCF) and the
-/// offset of its length field.
-fn jpeg_sof(b: &[u8]) -> Option<(u8, usize)> {
+/// What the header of a JPEG stream starting at SOI says, up to its first SOF segment.
+struct JpegHeader {
+    /// The SOF marker (0xC0–0xCF) and the offset of its length field.
+    sof: (u8, usize),
+    /// A JFIF APP0 segment came first (it means YCbCr), or an Adobe APP14 one (it names the
+    /// colour transform).
+    jfif: bool,
+    adobe: bool,
+}
+
+fn jpeg_header(b: &[u8]) -> Option<JpegHeader> {
     if b.get(0..2)? != [0xFF, 0xD8] {
         return None;
     }
-    let mut pos = 2;
+    let (mut pos, mut jfif, mut adobe) = (2, false, false);
     loop {
         if *b.get(pos)? != 0xFF {
             return None;
@@ -213,10 +221,28 @@ fn jpeg_sof(b: &[u8]) -> Option<(u8, usize)> {
             _ => {}
         }
         if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
-            return Some((marker, pos));
+            return Some(JpegHeader { sof: (marker, pos), jfif, adobe });
         }
+        jfif |= marker == 0xE0 && b.get(pos + 2..pos + 7) == Some(b"JFIF\0");
+        adobe |= marker == 0xEE && b.get(pos + 2..pos + 7) == Some(b"Adobe");
         pos += usize::from(u16::from_be_bytes([*b.get(pos)?, *b.get(pos + 1)?]));
     }
+}
+
+/// The first SOF segment of a JPEG stream starting at SOI: its marker (0xC0–0xCF) and the
+/// offset of its length field.
+fn jpeg_sof(b: &[u8]) -> Option<(u8, usize)> {
+    jpeg_header(b).map(|h| h.sof)
+}
+
+/// The sample precision of the first lossy JPEG frame among the fragments, when it is more than
+/// 8 bits (12-bit JPEG Extended, which `jpeg-decoder` cannot decode).
+pub(crate) fn jpeg_precision_over_8(fragments: &[Vec<u8>]) -> Option<u8> {
+    fragments.iter().find_map(|f| {
+        let (marker, pos) = jpeg_sof(f)?;
+        let bits = *f.get(pos + 2)?;
+        (!matches!(marker, 0xC3 | 0xC7 | 0xCB | 0xCF) && bits > 8).then_some(bits)
+    })
 }
 
 /// Width and height from the first SOF segment of a JPEG stream starting at SOI.
@@ -407,6 +433,39 @@ pub(crate) fn lossless_jpeg_tables_cleared(fragments: &[Vec<u8>]) -> Option<Vec<
         let frags = out.get_or_insert_with(|| fragments.to_vec());
         for at in selectors {
             frags[i][at] = 0;
+        }
+    }
+    out
+}
+
+/// An Adobe APP14 segment saying "no colour transform" (transform flag 0).
+const APP14_NO_TRANSFORM: [u8; 16] = [0xFF, 0xEE, 0, 14, b'A', b'd', b'o', b'b', b'e', 0, 100, 0, 0, 0, 0, 0];
+
+/// The fragments of a lossy JPEG image whose data set says RGB, with an Adobe APP14 segment
+/// saying "no colour transform" inserted after SOI where the stream says nothing of its colour
+/// (no JFIF or Adobe segment, component ids other than 1, 2, 3), and the offset table moved to
+/// match; `None` when no fragment needs it. Why: DICOM's RGB means the JPEG was compressed
+/// without a colour transform, but `jpeg-decoder`, told nothing, takes three components for
+/// YCbCr (a whole-slide tile came out with colours up to 137 off).
+pub(crate) fn rgb_jpeg_marked(fragments: &[Vec<u8>], table: &[u32]) -> Option<(Vec<u32>, Vec<Vec<u8>>)> {
+    let mut out: Option<(Vec<u32>, Vec<Vec<u8>>)> = None;
+    let mut at = 0u64; // where fragment i's item starts, from the first fragment's
+    for (i, f) in fragments.iter().enumerate() {
+        let start = at;
+        at += 8 + f.len() as u64;
+        let Some(h) = jpeg_header(f) else { continue };
+        let (marker, pos) = h.sof;
+        let ids: Vec<u8> = (0..3).filter_map(|c| f.get(pos + 8 + 3 * c).copied()).collect();
+        let three = f.get(pos + 7) == Some(&3);
+        if h.jfif || h.adobe || !three || ids == [1, 2, 3] || !matches!(marker, 0xC0 | 0xC1) {
+            continue;
+        }
+        let (t, frags) = out.get_or_insert_with(|| (table.to_vec(), fragments.to_vec()));
+        frags[i].splice(2..2, APP14_NO_TRANSFORM);
+        for e in t.iter_mut() {
+            if u64::from(*e) > start {
+                *e += APP14_NO_TRANSFORM.len() as u32;
+            }
         }
     }
     out

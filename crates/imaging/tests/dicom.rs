@@ -334,6 +334,8 @@ fn truncated_and_corrupted_dicom_never_panics() {
         "dicom/CT_small_j2k.dcm",
         "dicom/CT_small_rle.dcm",
         "dicom/SC_rgb_jpeg_lossless.dcm",
+        "dicom/SC_jpeg_no_color_transform.dcm",
+        "dicom/GDCMJ2K_TextGBR.dcm",
     ] {
         let full = data(name);
         let mut cut = 0;
@@ -805,4 +807,45 @@ fn deflated_is_reported_unsupported() {
         "{err}"
     );
     assert!(err.to_string().contains("1.2.840.10008.1.2.1.99"), "{err}");
+}
+
+/// Files other toolkits wrote, from pydicom's test set (MIT): read as pydicom 3.0 reads them.
+#[test]
+fn files_from_other_toolkits_read_as_pydicom_reads_them() {
+    let sum = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>();
+    // JPEG 2000, irreversible, signed samples (NEMA WG04's NM1_J2KI, edited).
+    let d = dec(&data("dicom/JPEG2000.dcm")).unwrap();
+    assert_eq!((d.width, d.height, d.channels), (256, 1024, 1));
+    let min = d.samples.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = d.samples.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    assert_eq!((sum(&d.samples), min, max), (3527976.0, -30.0, 245.0));
+    // JPEG 2000 with its reversible colour transform (YBR_RCT), from GDCM: undone by the codec.
+    let d = dec(&data("dicom/GDCMJ2K_TextGBR.dcm")).unwrap();
+    assert_eq!((d.width, d.height, d.channels), (400, 400, 3));
+    let px = 400 * 400;
+    let planes: Vec<f64> = (0..3).map(|c| sum(&d.samples[c * px..(c + 1) * px])).collect();
+    assert_eq!(planes, [19605686.0, 20227141.0, 19896396.0]);
+    // An RGB JPEG with no colour marker at all (a whole-slide tile): RGB, as DICOM says (it
+    // came out up to 137 off when taken for YCbCr). pydicom's sums of its planes, ±1 a pixel
+    // at most for the two decoders' rounding.
+    let d = dec(&data("dicom/SC_jpeg_no_color_transform.dcm")).unwrap();
+    let px = 256 * 256;
+    for (c, want) in [15989165.0, 15989249.0, 15988353.0].into_iter().enumerate() {
+        let got = sum(&d.samples[c * px..(c + 1) * px]);
+        assert!((got - want).abs() < 300.0, "plane {c}: {got} against {want}");
+    }
+    // 32-bit samples, big endian as little endian (the dose grid of an RT Dose).
+    let le = dec(&data("dicom/rtdose_1frame.dcm")).unwrap();
+    let be = dec(&data("dicom/rtdose_expb_1frame.dcm")).unwrap();
+    assert!(be.samples == le.samples);
+    assert_eq!(le.samples.iter().copied().fold(0.0f32, f32::max), 1254000.0);
+    // What cannot be read is named.
+    for (name, says) in [
+        ("JPGExtended", "12-bit lossy JPEG (JPEG Extended, process 4) is not supported"),
+        ("SC_ybr_full_422_uncompressed", "YBR_FULL_422 is supported in JPEG-compressed files only, not in Explicit VR Little Endian"),
+        ("SC_rgb_rle_32bit", "RLE Lossless with Bits Allocated 32 is not supported"),
+    ] {
+        let e = dec(&data(&format!("dicom/{name}.dcm"))).unwrap_err();
+        assert!(e.to_string().contains(says), "{name}: {e}");
+    }
 }
