@@ -1,5 +1,6 @@
 """Writes the compressed DICOM test files of tests/data/dicom from the uncompressed ones there,
-with GDCM (a toolkit PACS software uses; `pip install python-gdcm pydicom numpy`):
+with GDCM (a toolkit PACS software uses; `pip install python-gdcm pydicom numpy`), and an
+Enhanced CT with pydicom:
 
     python tools/make_dicom_codecs.py tests/data/dicom
 
@@ -13,7 +14,9 @@ from pathlib import Path
 import gdcm
 import numpy as np
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 TS = gdcm.TransferSyntax
 
@@ -40,6 +43,47 @@ def transcode(src: Path, dst: Path, ts, lossy: bool = False) -> None:
     print(f"{dst.name}: {ds.file_meta.TransferSyntaxUID} {ds.PhotometricInterpretation}, {dst.stat().st_size} bytes")
 
 
+def enhanced_ct(src: Path, dst: Path) -> None:
+    """A three-frame Enhanced CT (pydicom), as modern scanners export: Rescale, Window and Pixel
+    Spacing only in the functional groups. Frame k holds CT_small's pixels (every other one)
+    stored with intercept (-1024, -1000, 0)[k], so every frame is the same image in HU; Pixel
+    Spacing is shared, the rescale and the window are per frame."""
+    ct = pydicom.dcmread(src)
+    hu = ct.pixel_array[::2, ::2].astype(np.int32) + int(ct.RescaleIntercept)
+    intercepts, windows = (-1024, -1000, 0), ((40, 400), (-600, 1500), (300, 1500))
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = hu.shape
+    ds.NumberOfFrames = 3
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    measures = Dataset()
+    measures.PixelSpacing = [0.5, 0.75]
+    measures.SliceThickness = 1.0
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for b, (c, w) in zip(intercepts, windows):
+        t = Dataset()
+        t.RescaleIntercept, t.RescaleSlope, t.RescaleType = b, 1, "HU"
+        v = Dataset()
+        v.WindowCenter, v.WindowWidth = c, w
+        f = Dataset()
+        f.PixelValueTransformationSequence = Sequence([t])
+        f.FrameVOILUTSequence = Sequence([v])
+        frames.append(f)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = np.stack([hu - b for b in intercepts]).astype(np.int16).tobytes()
+    ds.save_as(dst, enforce_file_format=True)
+    print(f"{dst.name}: Enhanced CT, 3 frames, {dst.stat().st_size} bytes")
+
+
 def main(d: Path) -> None:
     ct, sc = d / "CT_small.dcm", d / "SC_rgb_jpeg_dcmtk.dcm"
     transcode(ct, d / "CT_small_jpeg_lossless.dcm", TS.JPEGLosslessProcess14_1)
@@ -50,6 +94,7 @@ def main(d: Path) -> None:
     transcode(sc, d / "SC_rgb_rle.dcm", TS.RLELossless)
     transcode(sc, d / "SC_rgb_jpeg_lossless.dcm", TS.JPEGLosslessProcess14_1)
     transcode(sc, d / "SC_rgb_j2k.dcm", TS.JPEG2000Lossless)
+    enhanced_ct(ct, d / "CT_small_enhanced_3frames.dcm")
     # The colour image as plain RGB samples first.
     ds = pydicom.dcmread(sc)
     rgb = ds.pixel_array  # pydicom converts YBR_FULL to RGB

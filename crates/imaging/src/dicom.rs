@@ -11,6 +11,7 @@ use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::file::ReadPreamble;
+use dicom_object::mem::InMemElement;
 use dicom_object::{DefaultDicomObject, OpenFileOptions, ReadError};
 use dicom_pixeldata::{
     PhotometricInterpretation, PixelDecoder, PixelRepresentation, PlanarConfiguration,
@@ -189,8 +190,8 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     if let Some(seq) = repaired {
         obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(seq)));
     }
-    let (slope, intercept) = rescale(&obj)?;
-    let file_window = file_window(&obj);
+    let (slope, intercept) = rescale(&obj, opts.frame)?;
+    let file_window = file_window(&obj, opts.frame);
     let modality = obj
         .element_opt(tags::MODALITY)
         .ok()
@@ -376,7 +377,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             transfer_syntax: ts_uid,
             frames,
             bits_stored,
-            pixel_spacing_mm: pixel_spacing(&obj),
+            pixel_spacing_mm: pixel_spacing(&obj, opts.frame),
         }),
         orientation: 1,
     })
@@ -428,25 +429,41 @@ fn required_u32(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<u32, I
         .ok_or_else(|| malformed(&format!("the required attribute {name} is missing")))
 }
 
-/// Pixel Spacing (0028,0030): the rows' and the columns' spacing in mm, when the file gives
-/// two positive numbers. Imager Pixel Spacing (at the detector of a projection radiograph, not
-/// in the patient) is not taken for it.
-fn pixel_spacing(obj: &DefaultDicomObject) -> Option<[f64; 2]> {
-    let e = obj.element_opt(tags::PIXEL_SPACING).ok().flatten()?;
+/// Attribute `tag` of frame `frame`, looked up where an enhanced multi-frame object (Enhanced
+/// CT, MR, …) keeps it: in functional group `group` of that frame (Per-Frame Functional Groups
+/// Sequence), else of all frames (Shared Functional Groups Sequence), else in the data set
+/// itself, as classic objects have it. Why: such objects have no top-level Rescale, Window or
+/// Pixel Spacing, and their frames may each have their own.
+fn frame_attribute(obj: &DefaultDicomObject, frame: u32, group: Tag, tag: Tag) -> Option<&InMemElement> {
+    let in_groups = |sequence: Tag, item: usize| {
+        let functional = obj.element_opt(sequence).ok()??.items()?.get(item)?;
+        functional.element_opt(group).ok()??.items()?.first()?.element_opt(tag).ok()?
+    };
+    in_groups(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, frame as usize)
+        .or_else(|| in_groups(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, 0))
+        .or_else(|| obj.element_opt(tag).ok().flatten())
+}
+
+/// Pixel Spacing (0028,0030) of frame `frame`: the rows' and the columns' spacing in mm, when
+/// the file gives two positive numbers. Imager Pixel Spacing (at the detector of a projection
+/// radiograph, not in the patient) is not taken for it.
+fn pixel_spacing(obj: &DefaultDicomObject, frame: u32) -> Option<[f64; 2]> {
+    let e = frame_attribute(obj, frame, tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING)?;
     match e.to_multi_float64().ok()?.as_slice() {
         [r, c, ..] if r.is_finite() && c.is_finite() && *r > 0.0 && *c > 0.0 => Some([*r, *c]),
         _ => None,
     }
 }
 
-fn first_f64(obj: &DefaultDicomObject, tag: Tag) -> Option<f64> {
-    let e = obj.element_opt(tag).ok().flatten()?;
-    e.to_multi_float64().ok()?.first().copied()
+fn first_f64(e: Option<&InMemElement>) -> Option<f64> {
+    e?.to_multi_float64().ok()?.first().copied()
 }
 
-fn rescale(obj: &DefaultDicomObject) -> Result<(f64, f64), ImagingError> {
-    let slope = first_f64(obj, tags::RESCALE_SLOPE).unwrap_or(1.0);
-    let intercept = first_f64(obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0);
+/// Rescale Slope and Intercept of frame `frame` (1 and 0 when absent).
+fn rescale(obj: &DefaultDicomObject, frame: u32) -> Result<(f64, f64), ImagingError> {
+    let of = |tag| first_f64(frame_attribute(obj, frame, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tag));
+    let slope = of(tags::RESCALE_SLOPE).unwrap_or(1.0);
+    let intercept = of(tags::RESCALE_INTERCEPT).unwrap_or(0.0);
     if !slope.is_finite() || !intercept.is_finite() || slope == 0.0 {
         return Err(malformed(
             "Rescale Slope/Intercept are not finite numbers with a non-zero slope",
@@ -455,8 +472,8 @@ fn rescale(obj: &DefaultDicomObject) -> Result<(f64, f64), ImagingError> {
     Ok((slope, intercept))
 }
 
-fn file_window(obj: &DefaultDicomObject) -> Option<Window> {
-    let center = first_f64(obj, tags::WINDOW_CENTER)?;
-    let width = first_f64(obj, tags::WINDOW_WIDTH)?;
-    Window::new(center, width).ok()
+/// The first Window Center/Width of frame `frame`, in rescaled units.
+fn file_window(obj: &DefaultDicomObject, frame: u32) -> Option<Window> {
+    let of = |tag| first_f64(frame_attribute(obj, frame, tags::FRAME_VOILUT_SEQUENCE, tag));
+    Window::new(of(tags::WINDOW_CENTER)?, of(tags::WINDOW_WIDTH)?).ok()
 }

@@ -849,3 +849,21 @@ fn files_from_other_toolkits_read_as_pydicom_reads_them() {
         assert!(e.to_string().contains(says), "{name}: {e}");
     }
 }
+
+/// An Enhanced CT (tools/make_dicom_codecs.py): its Rescale and Window are in each frame's
+/// functional group, its Pixel Spacing in the shared one. Each frame stores the same image with
+/// its own intercept, so each decodes to the same Hounsfield units, with its own window.
+#[test]
+fn enhanced_multi_frame_attributes_come_from_the_functional_groups() {
+    let ct = dec(&data("dicom/CT_small.dcm")).unwrap();
+    let hu: Vec<f32> = (0..64 * 64).map(|i| ct.samples[(i / 64) * 2 * 128 + (i % 64) * 2]).collect();
+    let bytes = data("dicom/CT_small_enhanced_3frames.dcm");
+    for (frame, (center, width)) in [(40.0, 400.0), (-600.0, 1500.0), (300.0, 1500.0)].into_iter().enumerate() {
+        let d = decode(&bytes, &DecodeOptions { frame: frame as u32, ..Default::default() }).unwrap();
+        assert_eq!((d.width, d.height), (64, 64));
+        assert!(d.samples == hu, "frame {frame}: not CT_small's Hounsfield units");
+        assert_eq!(d.window, Some(Window { center, width }), "frame {frame}");
+        let info = d.dicom.unwrap();
+        assert_eq!((info.frames, info.pixel_spacing_mm), (3, Some([0.5, 0.75])), "frame {frame}");
+    }
+}
