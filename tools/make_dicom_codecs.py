@@ -55,7 +55,7 @@ def enhanced_ct(src: Path, dst: Path) -> None:
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["s3net", "enhanced CT"])
     ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
     ds.Modality = "CT"
     ds.Rows, ds.Columns = hu.shape
@@ -84,6 +84,23 @@ def enhanced_ct(src: Path, dst: Path) -> None:
     print(f"{dst.name}: Enhanced CT, 3 frames, {dst.stat().st_size} bytes")
 
 
+def palette_crop(dst: Path) -> None:
+    """pydicom's own PALETTE COLOR example (an ultrasound: 8-bit indices, 16-bit LUT entries),
+    cut to the 200×120 pixels from row 0, column 140, where most of its colours are."""
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_color_lut
+
+    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    crop = np.ascontiguousarray(ds.pixel_array[0:120, 140:340])
+    ds.Rows, ds.Columns = crop.shape
+    ds.PixelData = crop.tobytes()
+    ds.save_as(dst, enforce_file_format=True)
+    rgb = apply_color_lut(pydicom.dcmread(dst).pixel_array, ds)
+    print(f"{dst.name}: PALETTE COLOR, {dst.stat().st_size} bytes; pydicom's RGB (16-bit) plane sums:",
+          rgb.reshape(-1, 3).astype(np.int64).sum(0).tolist(), "of the high bytes:",
+          (rgb >> 8).reshape(-1, 3).astype(np.int64).sum(0).tolist())
+
+
 def main(d: Path) -> None:
     ct, sc = d / "CT_small.dcm", d / "SC_rgb_jpeg_dcmtk.dcm"
     transcode(ct, d / "CT_small_jpeg_lossless.dcm", TS.JPEGLosslessProcess14_1)
@@ -95,6 +112,7 @@ def main(d: Path) -> None:
     transcode(sc, d / "SC_rgb_jpeg_lossless.dcm", TS.JPEGLosslessProcess14_1)
     transcode(sc, d / "SC_rgb_j2k.dcm", TS.JPEG2000Lossless)
     enhanced_ct(ct, d / "CT_small_enhanced_3frames.dcm")
+    palette_crop(d / "US_palette.dcm")
     # The colour image as plain RGB samples first.
     ds = pydicom.dcmread(sc)
     rgb = ds.pixel_array  # pydicom converts YBR_FULL to RGB

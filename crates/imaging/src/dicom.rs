@@ -157,6 +157,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             transfer_syntax_name(&ts_uid)
         )));
     }
+    let palette = (file_pi == "PALETTE COLOR").then(|| Palette::read(&obj)).transpose()?;
     if ts_uid == RLE_LOSSLESS && bits_allocated > 16 {
         return Err(unsupported(format!("RLE Lossless with Bits Allocated {bits_allocated} is not supported (8 or 16)")));
     }
@@ -253,6 +254,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     let channels: u8 = match (&pi, spp) {
         (PhotometricInterpretation::Monochrome1 | PhotometricInterpretation::Monochrome2, 1) => 1,
         (PhotometricInterpretation::Rgb | PhotometricInterpretation::YbrFull, 3) => 3,
+        (PhotometricInterpretation::PaletteColor, 1) if palette.is_some() => 3,
         (PhotometricInterpretation::Other(_), _) => {
             return Err(unsupported(
                 "the photometric interpretation is not recognised".into(),
@@ -261,7 +263,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         (p, s) => {
             return Err(unsupported(format!(
                 "photometric interpretation {} with {s} sample(s) per pixel is not supported \
-                 (supported: MONOCHROME1, MONOCHROME2, RGB, YBR_FULL)",
+                 (supported: MONOCHROME1, MONOCHROME2, RGB, YBR_FULL, PALETTE COLOR)",
                 p.as_str()
             )))
         }
@@ -280,7 +282,8 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     let raw = pixels.frame_data(0).map_err(|_| {
         malformed("the pixel data is shorter than Rows × Columns × Samples per Pixel")
     })?;
-    if raw.len() < n * bytes_per_sample {
+    let stored = if palette.is_some() { px } else { n };
+    if raw.len() < stored * bytes_per_sample {
         return Err(malformed(
             "the pixel data is shorter than Rows × Columns × Samples per Pixel",
         ));
@@ -337,6 +340,14 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             }
         }
         s
+    } else if let Some(palette) = &palette {
+        let mut out = vec![0.0f32; n];
+        for i in 0..px {
+            for (c, v) in palette.rgb(read(i)).into_iter().enumerate() {
+                out[c * px + i] = v as f32;
+            }
+        }
+        out
     } else {
         let mut out = vec![0.0f32; n];
         for i in 0..px {
@@ -360,7 +371,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         channels,
         samples,
         format: F,
-        bit_depth: if bits_allocated == 1 {
+        bit_depth: if bits_allocated == 1 || palette.is_some() {
             8
         } else {
             bits_allocated as u8
@@ -381,6 +392,59 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         }),
         orientation: 1,
     })
+}
+
+/// A PALETTE COLOR image's lookup tables: each stored value, an index, names an RGB colour.
+struct Palette {
+    /// The stored value of the tables' first entry (values below it take the first, values
+    /// beyond the last entry the last).
+    first: i64,
+    /// Red, green and blue entries, 8-bit (16-bit tables give their high bytes, as viewers
+    /// show them).
+    tables: [Vec<u8>; 3],
+}
+
+impl Palette {
+    /// The tables of `obj` (Red/Green/Blue Palette Color Lookup Table Descriptor and Data).
+    fn read(obj: &DefaultDicomObject) -> Result<Palette, ImagingError> {
+        if obj.element_opt(tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA).ok().flatten().is_some() {
+            return Err(unsupported("a segmented PALETTE COLOR lookup table is not supported".into()));
+        }
+        let missing = || malformed("a PALETTE COLOR lookup table is missing or malformed");
+        let mut first = 0;
+        let mut tables: [Vec<u8>; 3] = Default::default();
+        let colours = [
+            (tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+            (tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+            (tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+        ];
+        for (table, (descriptor, data)) in tables.iter_mut().zip(colours) {
+            let d = obj.element_opt(descriptor).ok().flatten().ok_or_else(missing)?;
+            let d = d.to_multi_int::<i64>().map_err(|_| missing())?;
+            let [entries, start, bits] = d[..] else { return Err(missing()) };
+            // 0 entries means 65536 (the count does not fit the descriptor's 16 bits); the
+            // first mapped value may be written as unsigned where it is meant signed.
+            let entries = if entries == 0 { 65536 } else { (entries & 0xFFFF) as usize };
+            first = start;
+            let words = obj.element_opt(data).ok().flatten().ok_or_else(missing)?;
+            let words = words.to_multi_int::<u16>().map_err(|_| missing())?;
+            *table = match bits {
+                16 if words.len() >= entries => words[..entries].iter().map(|w| (w >> 8) as u8).collect(),
+                // 8-bit entries: one per 16-bit word, or two packed in each.
+                8 if words.len() >= entries => words[..entries].iter().map(|w| (w & 0xFF) as u8).collect(),
+                8 if words.len() * 2 >= entries => words.iter().flat_map(|w| w.to_le_bytes()).take(entries).collect(),
+                _ => return Err(missing()),
+            };
+        }
+        Ok(Palette { first, tables })
+    }
+
+    fn rgb(&self, value: f64) -> [f64; 3] {
+        self.tables.each_ref().map(|t| {
+            let i = (value as i64 - self.first).clamp(0, t.len() as i64 - 1) as usize;
+            f64::from(t[i])
+        })
+    }
 }
 
 /// YBR_FULL (JPEG-style full-range YCbCr) to RGB, clamped to the sample range.

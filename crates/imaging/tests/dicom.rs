@@ -336,6 +336,8 @@ fn truncated_and_corrupted_dicom_never_panics() {
         "dicom/SC_rgb_jpeg_lossless.dcm",
         "dicom/SC_jpeg_no_color_transform.dcm",
         "dicom/GDCMJ2K_TextGBR.dcm",
+        "dicom/US_palette.dcm",
+        "dicom/CT_small_enhanced_3frames.dcm",
     ] {
         let full = data(name);
         let mut cut = 0;
@@ -866,4 +868,16 @@ fn enhanced_multi_frame_attributes_come_from_the_functional_groups() {
         let info = d.dicom.unwrap();
         assert_eq!((info.frames, info.pixel_spacing_mm), (3, Some([0.5, 0.75])), "frame {frame}");
     }
+}
+
+/// PALETTE COLOR (an ultrasound's, cut from pydicom's example; tools/make_dicom_codecs.py): each
+/// index through its lookup tables, to the high bytes of pydicom's colours.
+#[test]
+fn palette_colour_goes_through_its_lookup_tables() {
+    let d = dec(&data("dicom/US_palette.dcm")).unwrap();
+    assert_eq!((d.width, d.height, d.channels, d.kind, d.bit_depth), (200, 120, 3, ImageKind::Colour, 8));
+    let px = 200 * 120;
+    let planes: Vec<f64> = (0..3).map(|c| d.samples[c * px..(c + 1) * px].iter().map(|&v| f64::from(v)).sum()).collect();
+    assert_eq!(planes, [678328.0, 980097.0, 1367323.0]);
+    assert_eq!(d.dicom.unwrap().photometric, "PALETTE COLOR");
 }

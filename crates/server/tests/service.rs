@@ -29,6 +29,8 @@ async fn happy_path_for_each_format() {
         ("ct-jpeg-2000", data("dicom/CT_small_j2k.dcm")),
         ("ct-jpeg-lossless", data("dicom/CT_small_jpeg_lossless.dcm")),
         ("rgb-rle-dicom", data("dicom/SC_rgb_rle.dcm")),
+        ("ultrasound-palette", data("dicom/US_palette.dcm")),
+        ("enhanced-ct-frame-0", data("dicom/CT_small_enhanced_3frames.dcm")),
         // Stored 96×72 with Exif orientation 6: segmented as shown, 72×96.
         ("exif-jpeg", data("raster/IMD002-exif6.jpg")),
         // Page 0 of a two-page TIFF (its page 1, signed 32-bit HU, is `frame: 1` below).
