@@ -40,6 +40,20 @@ if [ ! -f "$nvcc_stamp" ] && [ -z "${S3OPS_NO_CUDA:-}" ]; then
     touch "$nvcc_stamp"
   fi
 fi
+# CMake for the JPEG-LS codec (CharLS, C++) that crates/imaging builds; Cargo finds it through
+# the `.cmake` link (CMAKE in .cargo/config.toml), so no system CMake is needed.
+cmake_stamp="$VENV/.s3net-cmake-ok"
+if [ ! -f "$cmake_stamp" ]; then
+  exec 9>"$CACHE/.lock"
+  flock 9
+  if [ ! -f "$cmake_stamp" ]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "cmake==3.31.6"
+    touch "$cmake_stamp"
+  fi
+fi
+if [ "$(readlink "$ROOT/.cmake" 2>/dev/null || true)" != "$VENV/bin/cmake" ]; then
+  ln -sfn "$VENV/bin/cmake" "$ROOT/.cmake"
+fi
 site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 torch_dir="$site/torch"
 [ -f "$torch_dir/lib/libtorch_cpu.so" ] || { echo "setup-torch: $torch_dir/lib/libtorch_cpu.so missing" >&2; exit 1; }

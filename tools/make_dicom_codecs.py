@@ -5,7 +5,7 @@ Enhanced CT with pydicom:
     python tools/make_dicom_codecs.py tests/data/dicom
 
 CT_small (16-bit signed CT) as JPEG Lossless SV1, RLE Lossless, JPEG 2000 lossless and lossy,
-and JPEG-LS (which s3net refuses); SC_rgb (8-bit colour, YBR_FULL) as RLE, JPEG Lossless and
+and JPEG-LS; SC_rgb (8-bit colour, YBR_FULL) as RLE, JPEG Lossless and
 JPEG 2000 (GDCM writes its samples as they are: YBR_FULL), and as RGB samples in JPEG 2000. The lossless ones must decode to exactly the samples of their source.
 """
 import sys

@@ -193,7 +193,7 @@ pub(crate) fn check_element_lengths(body: &[u8]) -> Result<(), ImagingError> {
 
 /// What the header of a JPEG stream starting at SOI says, up to its first SOF segment.
 struct JpegHeader {
-    /// The SOF marker (0xC0–0xCF) and the offset of its length field.
+    /// The SOF marker (0xC0–0xCF, or JPEG-LS's 0xF7) and the offset of its length field.
     sof: (u8, usize),
     /// A JFIF APP0 segment came first (it means YCbCr), or an Adobe APP14 one (it names the
     /// colour transform).
@@ -220,7 +220,8 @@ fn jpeg_header(b: &[u8]) -> Option<JpegHeader> {
             0xD9 | 0xDA => return None,
             _ => {}
         }
-        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+        // SOF0–SOF15, and JPEG-LS's SOF55 (same layout).
+        if (matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC)) || marker == 0xF7 {
             return Some(JpegHeader { sof: (marker, pos), jfif, adobe });
         }
         jfif |= marker == 0xE0 && b.get(pos + 2..pos + 7) == Some(b"JFIF\0");
@@ -229,7 +230,7 @@ fn jpeg_header(b: &[u8]) -> Option<JpegHeader> {
     }
 }
 
-/// The first SOF segment of a JPEG stream starting at SOI: its marker (0xC0–0xCF) and the
+/// The first SOF segment of a JPEG (or JPEG-LS) stream starting at SOI: its marker and the
 /// offset of its length field.
 fn jpeg_sof(b: &[u8]) -> Option<(u8, usize)> {
     jpeg_header(b).map(|h| h.sof)
@@ -241,7 +242,7 @@ pub(crate) fn jpeg_precision_over_8(fragments: &[Vec<u8>]) -> Option<u8> {
     fragments.iter().find_map(|f| {
         let (marker, pos) = jpeg_sof(f)?;
         let bits = *f.get(pos + 2)?;
-        (!matches!(marker, 0xC3 | 0xC7 | 0xCB | 0xCF) && bits > 8).then_some(bits)
+        (!matches!(marker, 0xC3 | 0xC7 | 0xCB | 0xCF | 0xF7) && bits > 8).then_some(bits)
     })
 }
 
@@ -300,7 +301,7 @@ fn j2k_size(b: &[u8]) -> Option<J2kSize> {
 const MAX_J2K_TILES: u64 = 4096;
 
 /// Rejects encapsulated frames whose codec header declares more than the data set does: a
-/// JPEG or JPEG 2000 image larger than Rows × Columns (the codec would allocate for it, then
+/// JPEG, JPEG-LS or JPEG 2000 image larger than Rows × Columns (the codec would allocate for it, then
 /// fail or overrun), a JPEG 2000 codestream with more than 4 components, more than
 /// [`MAX_J2K_TILES`] tiles, or a zero size or subsampling, or JPEG 2000 data (`j2k`: its
 /// transfer syntax) without a codestream.
