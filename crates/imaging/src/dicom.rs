@@ -110,9 +110,9 @@ fn transfer_syntax_name(uid: &str) -> String {
 pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
     let mut obj = open(bytes, false)?;
     let ts_uid = clean_uid(obj.meta().transfer_syntax());
-    let Some(pixel_element) = obj.element_opt(tags::PIXEL_DATA).ok().flatten() else {
+    if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         return Err(ImagingError::NoPixelData);
-    };
+    }
     let (rows, cols, frames) = geometry(&obj, opts)?;
     match TransferSyntaxRegistry.get(&ts_uid) {
         // The codec has a decoder for High-Throughput JPEG 2000 too, but no file of it has
@@ -147,7 +147,6 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         Some(p) => p.as_str().to_string(),
     };
 
-    let j2k = matches!(ts_uid.as_str(), JPEG_2000_LOSSLESS | JPEG_2000);
     let lossy_jpeg = matches!(ts_uid.as_str(), JPEG_BASELINE | JPEG_EXTENDED);
     let bits_allocated = optional_u32(&obj, tags::BITS_ALLOCATED)?.unwrap_or(8);
     if file_pi == "YBR_FULL_422" && !lossy_jpeg {
@@ -161,36 +160,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     if ts_uid == RLE_LOSSLESS && bits_allocated > 16 {
         return Err(unsupported(format!("RLE Lossless with Bits Allocated {bits_allocated} is not supported (8 or 16)")));
     }
-    let repaired = match pixel_element.value() {
-        Value::PixelSequence(seq) => {
-            dicom_guard::check_fragments(seq.fragments(), rows, cols, j2k)?;
-            if ts_uid == RLE_LOSSLESS {
-                let samples = optional_u32(&obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1) as usize;
-                let bytes = bits_allocated.div_ceil(8) as usize;
-                dicom_guard::check_rle_fragments(seq.fragments(), rows, cols, samples * bytes)?;
-            }
-            if let Some(bits) = dicom_guard::jpeg_precision_over_8(seq.fragments()).filter(|_| lossy_jpeg) {
-                return Err(unsupported(format!(
-                    "{bits}-bit lossy JPEG (JPEG Extended, process 4) is not supported: only 8-bit lossy \
-                     JPEG is (lossless JPEG, JPEG 2000 and RLE take up to 16 bits)"
-                )));
-            }
-            let cleared = dicom_guard::lossless_jpeg_tables_cleared(seq.fragments());
-            let fragments = cleared.as_deref().unwrap_or(seq.fragments());
-            let marked = (lossy_jpeg && file_pi == "RGB")
-                .then(|| dicom_guard::rgb_jpeg_marked(fragments, seq.offset_table()))
-                .flatten();
-            match (marked, cleared) {
-                (Some((table, fragments)), _) => Some(PixelFragmentSequence::new(table, fragments)),
-                (None, Some(fragments)) => Some(PixelFragmentSequence::new(seq.offset_table().to_vec(), fragments)),
-                (None, None) => None,
-            }
-        }
-        _ => None,
-    };
-    if let Some(seq) = repaired {
-        obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(seq)));
-    }
+    check_and_repair_fragments(&mut obj, &ts_uid, &file_pi, (rows, cols), bits_allocated)?;
     let (slope, intercept) = rescale(&obj, opts.frame)?;
     let file_window = file_window(&obj, opts.frame);
     let modality = obj
@@ -276,7 +246,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     // YBR_FULL still holds. (JPEG 2000's own transforms, YBR_RCT and YBR_ICT, are undone by its
     // codec.)
     let ybr = pi == PhotometricInterpretation::YbrFull
-        || (file_pi == "YBR_FULL" && !matches!(ts_uid.as_str(), JPEG_BASELINE | JPEG_EXTENDED));
+        || (file_pi == "YBR_FULL" && !lossy_jpeg);
     let px = w as usize * h as usize;
     let n = px * usize::from(channels);
     let raw = pixels.frame_data(0).map_err(|_| {
@@ -392,6 +362,46 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         }),
         orientation: 1,
     })
+}
+
+/// Checks an encapsulated (compressed) frame's codec header against the data set before its
+/// codec sees it, and mends what real encoders write that the codecs would misread (see
+/// `dicom_guard`): lossless JPEG's quantization-table selectors, RGB lossy JPEG without a
+/// colour marker. Nothing to do for native pixel data.
+fn check_and_repair_fragments(
+    obj: &mut DefaultDicomObject,
+    ts_uid: &str,
+    file_pi: &str,
+    (rows, cols): (u32, u32),
+    bits_allocated: u32,
+) -> Result<(), ImagingError> {
+    let lossy_jpeg = matches!(ts_uid, JPEG_BASELINE | JPEG_EXTENDED);
+    let samples = optional_u32(obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1) as usize;
+    let Some(Value::PixelSequence(seq)) = obj.element_opt(tags::PIXEL_DATA).ok().flatten().map(|e| e.value()) else {
+        return Ok(());
+    };
+    dicom_guard::check_fragments(seq.fragments(), rows, cols, matches!(ts_uid, JPEG_2000_LOSSLESS | JPEG_2000))?;
+    if ts_uid == RLE_LOSSLESS {
+        dicom_guard::check_rle_fragments(seq.fragments(), rows, cols, samples * bits_allocated.div_ceil(8) as usize)?;
+    }
+    if let Some(bits) = dicom_guard::jpeg_precision_over_8(seq.fragments()).filter(|_| lossy_jpeg) {
+        return Err(unsupported(format!(
+            "{bits}-bit lossy JPEG (JPEG Extended, process 4) is not supported: only 8-bit lossy \
+             JPEG is (lossless JPEG, JPEG-LS, JPEG 2000 and RLE take up to 16 bits)"
+        )));
+    }
+    let cleared = dicom_guard::lossless_jpeg_tables_cleared(seq.fragments());
+    let fragments = cleared.as_deref().unwrap_or(seq.fragments());
+    let marked = (lossy_jpeg && file_pi == "RGB")
+        .then(|| dicom_guard::rgb_jpeg_marked(fragments, seq.offset_table()))
+        .flatten();
+    let repaired = match (marked, cleared) {
+        (Some((table, fragments)), _) => PixelFragmentSequence::new(table, fragments),
+        (None, Some(fragments)) => PixelFragmentSequence::new(seq.offset_table().to_vec(), fragments),
+        (None, None) => return Ok(()),
+    };
+    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(repaired)));
+    Ok(())
 }
 
 /// A PALETTE COLOR image's lookup tables: each stored value, an index, names an RGB colour.
