@@ -1,12 +1,13 @@
 """Writes the compressed DICOM test files of tests/data/dicom from the uncompressed ones there,
-with GDCM (a toolkit PACS software uses; `pip install python-gdcm pydicom numpy`), and an
-Enhanced CT with pydicom:
+with GDCM (a toolkit PACS software uses; `pip install python-gdcm pydicom numpy imagecodecs`),
+High-Throughput JPEG 2000 with OpenJPH (imagecodecs), and an Enhanced CT with pydicom:
 
     python tools/make_dicom_codecs.py tests/data/dicom
 
 CT_small (16-bit signed CT) as JPEG Lossless SV1, RLE Lossless, JPEG 2000 lossless and lossy,
-and JPEG-LS; SC_rgb (8-bit colour, YBR_FULL) as RLE, JPEG Lossless and
-JPEG 2000 (GDCM writes its samples as they are: YBR_FULL), and as RGB samples in JPEG 2000. The lossless ones must decode to exactly the samples of their source.
+JPEG-LS and High-Throughput JPEG 2000; SC_rgb (8-bit colour, YBR_FULL) as RLE, JPEG Lossless and
+JPEG 2000 (GDCM writes its samples as they are: YBR_FULL), and as RGB samples in JPEG 2000.
+The lossless ones must decode to exactly the samples of their source.
 """
 import sys
 from pathlib import Path
@@ -101,6 +102,22 @@ def palette_crop(dst: Path) -> None:
           (rgb >> 8).reshape(-1, 3).astype(np.int64).sum(0).tolist())
 
 
+def htj2k(src: Path, dst: Path) -> None:
+    """High-Throughput JPEG 2000, lossless, by OpenJPH (through imagecodecs; GDCM writes none)."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import HTJ2KLossless
+
+    ds = pydicom.dcmread(src)
+    stream = imagecodecs.htj2k_encode(ds.pixel_array, level=0)
+    assert np.array_equal(imagecodecs.htj2k_decode(stream), ds.pixel_array)
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    ds.save_as(dst, enforce_file_format=True)
+    print(f"{dst.name}: {HTJ2KLossless}, {dst.stat().st_size} bytes")
+
+
 def main(d: Path) -> None:
     ct, sc = d / "CT_small.dcm", d / "SC_rgb_jpeg_dcmtk.dcm"
     transcode(ct, d / "CT_small_jpeg_lossless.dcm", TS.JPEGLosslessProcess14_1)
@@ -108,6 +125,7 @@ def main(d: Path) -> None:
     transcode(ct, d / "CT_small_j2k.dcm", TS.JPEG2000Lossless)
     transcode(ct, d / "CT_small_j2k_lossy.dcm", TS.JPEG2000, lossy=True)
     transcode(ct, d / "CT_small_jpegls.dcm", TS.JPEGLSLossless)
+    htj2k(ct, d / "CT_small_htj2k.dcm")
     transcode(sc, d / "SC_rgb_rle.dcm", TS.RLELossless)
     transcode(sc, d / "SC_rgb_jpeg_lossless.dcm", TS.JPEGLosslessProcess14_1)
     transcode(sc, d / "SC_rgb_j2k.dcm", TS.JPEG2000Lossless)

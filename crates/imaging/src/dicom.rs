@@ -99,6 +99,8 @@ const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
 const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
 const JPEG_2000_LOSSLESS: &str = "1.2.840.10008.1.2.4.90";
 const JPEG_2000: &str = "1.2.840.10008.1.2.4.91";
+/// High-Throughput JPEG 2000: lossless, lossless with RPCL progression, and lossy.
+const HTJ2K: [&str; 3] = ["1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"];
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 const EXPLICIT_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
 
@@ -115,11 +117,6 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     }
     let (rows, cols, frames) = geometry(&obj, opts)?;
     match TransferSyntaxRegistry.get(&ts_uid) {
-        // The codec has a decoder for High-Throughput JPEG 2000 too, but no file of it has
-        // been decoded here: refused until one is.
-        Some(ts) if ts_uid.starts_with("1.2.840.10008.1.2.4.20") => {
-            return Err(ImagingError::UnsupportedTransferSyntax { uid: ts_uid, name: ts.name().to_string() })
-        }
         Some(ts) if ts.can_decode_all() => {}
         Some(ts) => {
             return Err(ImagingError::UnsupportedTransferSyntax {
@@ -380,7 +377,8 @@ fn check_and_repair_fragments(
     let Some(Value::PixelSequence(seq)) = obj.element_opt(tags::PIXEL_DATA).ok().flatten().map(|e| e.value()) else {
         return Ok(());
     };
-    dicom_guard::check_fragments(seq.fragments(), rows, cols, matches!(ts_uid, JPEG_2000_LOSSLESS | JPEG_2000))?;
+    let j2k = matches!(ts_uid, JPEG_2000_LOSSLESS | JPEG_2000) || HTJ2K.contains(&ts_uid);
+    dicom_guard::check_fragments(seq.fragments(), rows, cols, j2k)?;
     if ts_uid == RLE_LOSSLESS {
         dicom_guard::check_rle_fragments(seq.fragments(), rows, cols, samples * bits_allocated.div_ceil(8) as usize)?;
     }

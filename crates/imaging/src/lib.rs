@@ -311,7 +311,7 @@ pub enum ImagingError {
     #[error(
         "DICOM transfer syntax {uid} ({name}) cannot be decoded; supported: implicit/explicit \
          VR little endian, explicit VR big endian, JPEG baseline/extended/lossless, RLE lossless, \
-         JPEG-LS, JPEG 2000"
+         JPEG-LS, JPEG 2000 (also High-Throughput)"
     )]
     UnsupportedTransferSyntax { uid: String, name: String },
     #[error("invalid window {input:?}: {reason}")]
@@ -410,9 +410,9 @@ pub fn probe(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, ImagingError>
 /// (1.2.840.10008.1.2), explicit VR little endian (1.2.840.10008.1.2.1), explicit VR
 /// big endian (1.2.840.10008.1.2.2), JPEG baseline (…1.2.4.50), JPEG extended
 /// (…1.2.4.51), JPEG lossless (…1.2.4.57, …1.2.4.70), RLE lossless (…1.2.5), JPEG-LS
-/// (…1.2.4.80, …1.2.4.81; CharLS, the one C++ codec) and JPEG 2000 (…1.2.4.90, …1.2.4.91).
-/// Deflated explicit VR little endian, High-Throughput JPEG 2000, JPEG XL and video syntaxes
-/// return [`ImagingError::UnsupportedTransferSyntax`] (see `DICOM.md`).
+/// (…1.2.4.80, …1.2.4.81; CharLS, the one C++ codec) and JPEG 2000 (…1.2.4.90, …1.2.4.91,
+/// and High-Throughput, …1.2.4.201–203). Deflated explicit VR little endian, JPEG XL and video
+/// syntaxes return [`ImagingError::UnsupportedTransferSyntax`] (see `DICOM.md`).
 pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
     if bytes.is_empty() {
         return Err(ImagingError::EmptyInput);

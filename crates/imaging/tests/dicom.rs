@@ -414,15 +414,15 @@ fn errors_do_not_leak_patient_data() {
 
 #[test]
 fn unsupported_transfer_syntax() {
-    // High-Throughput JPEG 2000: no file of it has been decoded here.
+    // Video (MPEG-2).
     let bytes = build(Spec {
-        ts: "1.2.840.10008.1.2.4.201",
-        pixels: Pixels::Fragments(vec![vec![0xFF, 0x4F, 0xFF, 0x51, 0, 0]]),
+        ts: "1.2.840.10008.1.2.4.100",
+        pixels: Pixels::Fragments(vec![vec![0, 0, 1, 0xB3, 0, 0]]),
         ..Default::default()
     });
     let err = dec(&bytes).unwrap_err();
-    assert!(matches!(&err, ImagingError::UnsupportedTransferSyntax { uid, .. } if uid == "1.2.840.10008.1.2.4.201"), "{err}");
-    assert!(err.to_string().contains("JPEG-LS, JPEG 2000"), "the supported ones are named: {err}");
+    assert!(matches!(&err, ImagingError::UnsupportedTransferSyntax { uid, .. } if uid == "1.2.840.10008.1.2.4.100"), "{err}");
+    assert!(err.to_string().contains("JPEG-LS, JPEG 2000 (also High-Throughput)"), "the supported ones are named: {err}");
 }
 
 /// Compressed files written by GDCM from the uncompressed ones (tools/make_dicom_codecs.py):
@@ -435,6 +435,7 @@ fn compressed_files_decode_to_their_sources_samples() {
         ("CT_small_rle", "1.2.840.10008.1.2.5"),
         ("CT_small_j2k", "1.2.840.10008.1.2.4.90"),
         ("CT_small_jpegls", "1.2.840.10008.1.2.4.80"),
+        ("CT_small_htj2k", "1.2.840.10008.1.2.4.201"),
     ] {
         let d = dec(&data(&format!("dicom/{name}.dcm"))).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((d.width, d.height, d.channels, d.bit_depth), (128, 128, 1, 16), "{name}");
@@ -510,7 +511,7 @@ fn jpeg_2000_headers_are_checked_first() {
 /// a panic, and quickly.
 #[test]
 fn damaged_compressed_pixel_data_never_panics() {
-    for name in ["CT_small_j2k", "CT_small_j2k_lossy", "CT_small_rle", "CT_small_jpeg_lossless", "CT_small_jpegls", "SC_rgb_j2k", "SC_rgb_jpeg_lossless", "SC_rgb_rle"] {
+    for name in ["CT_small_j2k", "CT_small_j2k_lossy", "CT_small_htj2k", "CT_small_rle", "CT_small_jpeg_lossless", "CT_small_jpegls", "SC_rgb_j2k", "SC_rgb_jpeg_lossless", "SC_rgb_rle"] {
         let full = data(&format!("dicom/{name}.dcm"));
         // The pixel data element's value: the last (7FE0,0010) tag.
         let from = full.windows(4).rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00]).unwrap() + 12;

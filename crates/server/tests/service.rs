@@ -105,7 +105,7 @@ async fn happy_path_for_each_format() {
     server.shutdown().await.unwrap();
 }
 
-/// A CT stored compressed, losslessly (JPEG 2000, JPEG lossless, RLE), is the same image: with
+/// A CT stored compressed, losslessly (JPEG 2000, HTJ2K, JPEG lossless, JPEG-LS, RLE), is the same image: with
 /// the same seed its fit gives the labels and the mask of the uncompressed file, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_losslessly_compressed_ct_segments_like_its_source() {
@@ -113,7 +113,7 @@ async fn a_losslessly_compressed_ct_segments_like_its_source() {
     let mut c = client(&url).await;
     let o = pb::Options { seed: Some(11), iterations: Some(5), size: Some(64), ..quick() };
     let source = completed(&segment_events(&mut c, data("dicom/CT_small.dcm"), o.clone()).await);
-    for name in ["CT_small_j2k", "CT_small_jpeg_lossless", "CT_small_rle"] {
+    for name in ["CT_small_j2k", "CT_small_htj2k", "CT_small_jpeg_lossless", "CT_small_jpegls", "CT_small_rle"] {
         let r = completed(&segment_events(&mut c, data(&format!("dicom/{name}.dcm")), o.clone()).await);
         assert!(r.labels_png == source.labels_png && r.mask_png == source.mask_png, "{name}");
         assert_eq!(r.foreground_area_mm2.map(|a| a.round()), source.foreground_area_mm2.map(|a| a.round()), "{name}");
