@@ -17,7 +17,7 @@
 //!
 //! Supported formats: PNG, JPEG, BMP, TIFF (through the `image` crate; TIFF pages after the
 //! first and sample formats it does not read through the `tiff` crate) and DICOM
-//! Part 10 (through `dicom-object` / `dicom-pixeldata`, pure-Rust codecs only; see
+//! Part 10 (through `dicom-object` / `dicom-pixeldata`, Rust codecs and CharLS for JPEG-LS; see
 //! `DICOM.md` and [`decode`] for the transfer syntaxes that decode).
 
 mod dicom;
@@ -406,7 +406,7 @@ pub fn probe(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, ImagingError>
 /// Slope/Intercept (defaults 1/0), MONOCHROME1 is inverted so that higher always
 /// means brighter, `YBR_FULL` is converted to RGB, and frame `opts.frame` is picked.
 ///
-/// DICOM transfer syntaxes that decode (all pure Rust): implicit VR little endian
+/// DICOM transfer syntaxes that decode (Rust codecs, but CharLS for JPEG-LS): implicit VR little endian
 /// (1.2.840.10008.1.2), explicit VR little endian (1.2.840.10008.1.2.1), explicit VR
 /// big endian (1.2.840.10008.1.2.2), JPEG baseline (…1.2.4.50), JPEG extended
 /// (…1.2.4.51), JPEG lossless (…1.2.4.57, …1.2.4.70), RLE lossless (…1.2.5), JPEG-LS
