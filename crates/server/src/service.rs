@@ -842,9 +842,9 @@ impl Segmenter for SegmenterService {
         let span = rpc_span!("GetJob", req, job_id = %req.get_ref().job_id, forwarded_to = tracing::field::Empty);
         if let Some((cluster, owner)) = self.elsewhere(&req.get_ref().job_id, req.metadata()) {
             let deadline = grpc_timeout(req.metadata());
-            let id = req.into_inner().job_id;
-            let m = pb::GetJobRequest { job_id: id.clone() };
-            return self.forward(&span, "GetJob", (cluster, owner), &format!("job '{id}'"), m, deadline, |mut c, r| async move { c.get_job(r).await }).await;
+            let m = req.into_inner();
+            let about = format!("job '{}'", m.job_id);
+            return self.forward(&span, "GetJob", (cluster, owner), &about, m, deadline, |mut c, r| async move { c.get_job(r).await }).await;
         }
         let _in = span.enter();
         let id = req.into_inner().job_id;
@@ -858,9 +858,9 @@ impl Segmenter for SegmenterService {
         let span = rpc_span!("CancelJob", req, job_id = %req.get_ref().job_id, forwarded_to = tracing::field::Empty);
         if let Some((cluster, owner)) = self.elsewhere(&req.get_ref().job_id, req.metadata()) {
             let deadline = grpc_timeout(req.metadata());
-            let id = req.into_inner().job_id;
-            let m = pb::CancelJobRequest { job_id: id.clone() };
-            return self.forward(&span, "CancelJob", (cluster, owner), &format!("job '{id}'"), m, deadline, |mut c, r| async move { c.cancel_job(r).await }).await;
+            let m = req.into_inner();
+            let about = format!("job '{}'", m.job_id);
+            return self.forward(&span, "CancelJob", (cluster, owner), &about, m, deadline, |mut c, r| async move { c.cancel_job(r).await }).await;
         }
         let _in = span.enter();
         let id = req.into_inner().job_id;
