@@ -306,11 +306,16 @@ const MAX_J2K_TILES: u64 = 4096;
 /// [`MAX_J2K_TILES`] tiles, or a zero size or subsampling, or JPEG 2000 data (`j2k`: its
 /// transfer syntax) without a codestream.
 pub(crate) fn check_fragments(fragments: &[Vec<u8>], rows: u32, cols: u32, j2k: bool) -> Result<(), ImagingError> {
-    let all: Vec<u8> = fragments.concat();
+    // The fragments joined, made only for a JPEG header that runs past its fragment's end
+    // (each frame's header is read from its own fragment otherwise: joining them all copied a
+    // multi-frame file's whole pixel data on every decode).
+    let mut all: Option<Vec<u8>> = None;
     let mut start = 0;
     for f in fragments {
         if f.starts_with(&[0xFF, 0xD8]) {
-            if let Some((w, h)) = jpeg_frame_size(&all[start..]) {
+            let size = jpeg_frame_size(f)
+                .or_else(|| jpeg_frame_size(&all.get_or_insert_with(|| fragments.concat())[start..]));
+            if let Some((w, h)) = size {
                 if w > cols || h > rows {
                     return Err(bad(&format!(
                         "the embedded JPEG is {w}×{h} pixels but Rows/Columns say {cols}×{rows}"
@@ -323,13 +328,10 @@ pub(crate) fn check_fragments(fragments: &[Vec<u8>], rows: u32, cols: u32, j2k: 
     if !j2k {
         return Ok(());
     }
-    // Every frame's codestream starts a fragment; the first non-empty fragment is one.
+    // Every frame's codestream starts a fragment, its SIZ segment (a few dozen bytes) with it.
     let mut found = false;
-    let mut start = 0;
     for f in fragments {
-        let head = &all[start..(start + f.len() + 256).min(all.len())];
-        start += f.len();
-        let Some(siz) = j2k_size(head) else { continue };
+        let Some(siz) = j2k_size(f) else { continue };
         found = true;
         let (w, h) = (siz.width, siz.height);
         if w > u64::from(cols) || h > u64::from(rows) {
@@ -470,4 +472,23 @@ pub(crate) fn rgb_jpeg_marked(fragments: &[Vec<u8>], table: &[u32]) -> Option<(V
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JPEG frame header is read from its own fragment, or across the next ones when it runs
+    /// past its fragment's end.
+    #[test]
+    fn jpeg_headers_are_read_within_and_across_fragments() {
+        // SOI, then an SOF0 of 60000×60000 with one component.
+        let jpeg = [0xFF, 0xD8, 0xFF, 0xC0, 0, 11, 8, 0xEA, 0x60, 0xEA, 0x60, 1, 1, 0x11, 0].to_vec();
+        let whole = check_fragments(std::slice::from_ref(&jpeg), 512, 512, false).unwrap_err();
+        let split = check_fragments(&[jpeg[..6].to_vec(), jpeg[6..].to_vec()], 512, 512, false).unwrap_err();
+        for e in [whole, split] {
+            assert!(e.to_string().contains("60000×60000 pixels but Rows/Columns say 512×512"), "{e}");
+        }
+        assert!(check_fragments(&[jpeg[..6].to_vec(), jpeg[6..].to_vec()], 60000, 60000, false).is_ok());
+    }
 }
