@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use s3net_imaging::{DecodeOptions, Window};
+use s3net_imaging::{DecodeOptions, Header, Window};
 use s3net_model::{DeviceSpec, FitOptions, Preset};
 use sha2::Digest;
 use prost::Message as _;
@@ -86,6 +86,8 @@ struct Admitted {
     device: DeviceSpec,
     window: Option<Window>,
     idempotency: Option<(String, [u8; 32])>,
+    /// The image's size and type from its headers (`s3net_imaging::probe`).
+    header: Header,
 }
 
 impl SegmenterService {
@@ -277,13 +279,15 @@ impl SegmenterService {
         options: Option<pb::Options>,
         key: &str,
     ) -> Result<NewJob, ServiceError> {
-        let admitted = self.admit(image, options, key)?;
+        let admitted = self.admit(image, options, key).await?;
         self.load(admitted).await
     }
 
-    /// A request's options checked, and its idempotency fingerprint, before anything is
-    /// decoded: a request whose key names a job already needs no decode at all.
-    fn admit(&self, image: Vec<u8>, options: Option<pb::Options>, key: &str) -> Result<Admitted, ServiceError> {
+    /// A request's options checked, its image's headers read and its idempotency fingerprint
+    /// made, before anything is decoded: a request whose key names a job already needs no
+    /// decode at all. The fingerprint (a SHA-256 of the whole image, tens of milliseconds for
+    /// a large one) and the probe run in one trip to the blocking pool, off the runtime's threads.
+    async fn admit(&self, image: Vec<u8>, options: Option<pb::Options>, key: &str) -> Result<Admitted, ServiceError> {
         let o = options.unwrap_or_default();
         let fit = fit_options(&o, &self.defaults)?;
         let device: DeviceSpec = o.device.parse()?;
@@ -307,20 +311,35 @@ impl SegmenterService {
             .window
             .map(|w| Window::new(w.center, w.width))
             .transpose()?;
-        let idempotency = (!key.is_empty()).then(|| {
-            let mut h = sha2::Sha256::new();
-            h.update(&image);
-            h.update(serde_json::to_vec(&fit).unwrap_or_default());
-            h.update(format!("{device}|{window:?}|{}|{}", o.frame, o.priority));
-            (key.to_string(), <[u8; 32]>::from(h.finalize()))
+        let decode = DecodeOptions {
+            frame: o.frame,
+            ..Default::default()
+        };
+        // Everything the fingerprint covers besides the image, made here where `o` is.
+        let described = (!key.is_empty()).then(|| {
+            let mut d = serde_json::to_vec(&fit).unwrap_or_default();
+            d.extend_from_slice(format!("{device}|{window:?}|{}|{}", o.frame, o.priority).as_bytes());
+            (key.to_string(), d)
         });
-        Ok(Admitted { image, o, fit, device, window, idempotency })
+        let (image, header, idempotency) = tokio::task::spawn_blocking(move || {
+            let idempotency = described.map(|(key, described)| {
+                let mut h = sha2::Sha256::new();
+                h.update(&image);
+                h.update(&described);
+                (key, <[u8; 32]>::from(h.finalize()))
+            });
+            let header = s3net_imaging::probe(&image, &decode);
+            (image, header, idempotency)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))?;
+        Ok(Admitted { image, o, fit, device, window, idempotency, header: header? })
     }
 
-    /// An admitted request's image probed, its bytes reserved from the queue's budget, and
-    /// decoded (on the blocking pool): the job to submit.
+    /// An admitted request's bytes reserved from the queue's budget and its image decoded
+    /// (on the blocking pool): the job to submit.
     async fn load(&self, a: Admitted) -> Result<NewJob, ServiceError> {
-        let Admitted { image, o, fit, device, window, idempotency } = a;
+        let Admitted { image, o, fit, device, window, idempotency, header } = a;
         let key = idempotency.as_ref().map_or("", |(k, _)| k.as_str());
         let decode = DecodeOptions {
             frame: o.frame,
@@ -328,13 +347,6 @@ impl SegmenterService {
         };
         // What the image will cost, from its headers: refused for the fit's memory or the
         // queue's budget before a decode spends a few times its size (see `Reservation`).
-        let (image, header) = tokio::task::spawn_blocking(move || {
-            let header = s3net_imaging::probe(&image, &decode);
-            (image, header)
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))?;
-        let header = header?;
         self.check_memory(&fit, device, Some((header.width, header.height)))?;
         let reservation = self.queue.reserve(usize::try_from(header.image_bytes()).unwrap_or(usize::MAX), key)?;
         let (image, applied_window, orientation, pixel_spacing) = tokio::task::spawn_blocking(move || {
@@ -770,7 +782,7 @@ impl Segmenter for SegmenterService {
             };
         }
         async {
-            let admitted = self.admit(r.image, r.options, &r.idempotency_key)?;
+            let admitted = self.admit(r.image, r.options, &r.idempotency_key).await?;
             if let Some((key, fingerprint)) = &admitted.idempotency {
                 let found = match self.queue.find_key(key, fingerprint)? {
                     Some(sub) => Some(sub),
