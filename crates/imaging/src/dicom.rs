@@ -50,7 +50,7 @@ fn clean_uid(uid: &str) -> String {
 
 /// The data set, after the guards against hostile lengths; up to the pixel data (not read)
 /// when `until_pixels`.
-fn open(bytes: &[u8], until_pixels: bool) -> Result<DefaultDicomObject, ImagingError> {
+pub(crate) fn open(bytes: &[u8], until_pixels: bool) -> Result<DefaultDicomObject, ImagingError> {
     let body = bytes
         .get(128..)
         .ok_or_else(|| malformed("shorter than the 128-byte preamble"))?;
@@ -506,7 +506,7 @@ fn required_u32(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<u32, I
 /// Sequence), else of all frames (Shared Functional Groups Sequence), else in the data set
 /// itself, as classic objects have it. Why: such objects have no top-level Rescale, Window or
 /// Pixel Spacing, and their frames may each have their own.
-fn frame_attribute(obj: &DefaultDicomObject, frame: u32, group: Tag, tag: Tag) -> Option<&InMemElement> {
+pub(crate) fn frame_attribute(obj: &DefaultDicomObject, frame: u32, group: Tag, tag: Tag) -> Option<&InMemElement> {
     let in_groups = |sequence: Tag, item: usize| {
         let functional = obj.element_opt(sequence).ok()??.items()?.get(item)?;
         functional.element_opt(group).ok()??.items()?.first()?.element_opt(tag).ok()?

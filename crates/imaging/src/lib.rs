@@ -22,6 +22,7 @@
 
 mod dicom;
 mod dicom_guard;
+mod dicom_seg;
 mod masks;
 mod raster;
 mod tiff_reader;
@@ -33,6 +34,7 @@ pub use masks::{
     decode_mask, dilate_square, encode_grey_png16, encode_labels_png, encode_mask_png,
     resize_mask_nearest,
 };
+pub use dicom_seg::{dicom_source, encode_segmentation, Algorithm, DicomSource, SEGMENTATION_SOP_CLASS};
 pub use window::{auto_window, auto_window_percentiles};
 
 /// A container format recognised from its magic bytes.
@@ -320,6 +322,14 @@ pub enum ImagingError {
         "the {format} decoder failed unexpectedly on this input (the file is probably malformed)"
     )]
     DecoderPanicked { format: Format },
+    /// A DICOM Segmentation was asked of an image it cannot be made for (see
+    /// [`dicom_source`]).
+    #[error("cannot make a DICOM Segmentation of this image: {reason}")]
+    NotSegmentable { reason: String },
+    /// A failure of this crate or of a library under it, not of the input (e.g. the DICOM
+    /// writer failing on an object this crate built).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Checks header dimensions against `limits`, before anything is allocated.

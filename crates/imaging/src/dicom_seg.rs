@@ -1,0 +1,528 @@
+//! The foreground mask as a DICOM Segmentation object (PS3.3 A.51, binary), for a PACS.
+//!
+//! A mask PNG is of no use to a PACS: it cannot file it under the patient, and a viewer cannot
+//! lay it over the slice it came from. A Segmentation instance can: it carries the source's
+//! patient and study, a new series in that study, a reference to the source instance (and
+//! frame), and, where the source has them, the frame of reference and the plane's position and
+//! orientation, so that a viewer places it on the slice.
+//!
+//! Two pure steps, so that the server keeps only the few attributes it needs while the fit runs
+//! (not the whole upload): [`dicom_source`] reads them from the source file's header, and
+//! [`encode_segmentation`] writes the Segmentation once the mask exists.
+
+use std::fmt;
+
+use dicom_core::value::{DataSetSequence, PrimitiveValue};
+use dicom_core::header::{HasLength, Header};
+use dicom_core::{dicom_value, DataElement, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::mem::{InMemDicomObject, InMemElement};
+use dicom_object::{DefaultDicomObject, FileMetaTableBuilder};
+
+use crate::dicom::{frame_attribute, open};
+use crate::ImagingError;
+
+/// Segmentation Storage.
+pub const SEGMENTATION_SOP_CLASS: &str = "1.2.840.10008.5.1.4.1.1.66.4";
+const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
+/// This implementation's class UID (a UUID-derived root, PS3.5 B.2): constant, so that a PACS
+/// can tell which software wrote a file.
+const IMPLEMENTATION_CLASS_UID: &str = "2.25.215497069380316154880815734939813466883";
+
+/// The source's attributes a Segmentation copies, in the order of the modules that hold them:
+/// Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study, Frame of
+/// Reference (dropped again when its UID is not one). Only
+/// these are copied (and only with plain values): nothing else of the source reaches the new
+/// object.
+const COPIED: [Tag; 32] = [
+    tags::SPECIFIC_CHARACTER_SET,
+    tags::PATIENT_NAME,
+    tags::PATIENT_ID,
+    tags::ISSUER_OF_PATIENT_ID,
+    tags::PATIENT_BIRTH_DATE,
+    tags::PATIENT_BIRTH_TIME,
+    tags::PATIENT_SEX,
+    tags::OTHER_PATIENT_NAMES,
+    tags::PATIENT_COMMENTS,
+    tags::PATIENT_IDENTITY_REMOVED,
+    tags::DEIDENTIFICATION_METHOD,
+    tags::CLINICAL_TRIAL_SPONSOR_NAME,
+    tags::CLINICAL_TRIAL_PROTOCOL_ID,
+    tags::CLINICAL_TRIAL_PROTOCOL_NAME,
+    tags::CLINICAL_TRIAL_SITE_ID,
+    tags::CLINICAL_TRIAL_SITE_NAME,
+    tags::CLINICAL_TRIAL_SUBJECT_ID,
+    tags::CLINICAL_TRIAL_SUBJECT_READING_ID,
+    tags::STUDY_INSTANCE_UID,
+    tags::STUDY_DATE,
+    tags::STUDY_TIME,
+    tags::REFERRING_PHYSICIAN_NAME,
+    tags::STUDY_ID,
+    tags::ACCESSION_NUMBER,
+    tags::STUDY_DESCRIPTION,
+    tags::PATIENT_AGE,
+    tags::PATIENT_SIZE,
+    tags::PATIENT_WEIGHT,
+    tags::CLINICAL_TRIAL_TIME_POINT_ID,
+    tags::CLINICAL_TRIAL_TIME_POINT_DESCRIPTION,
+    tags::FRAME_OF_REFERENCE_UID,
+    tags::POSITION_REFERENCE_INDICATOR,
+];
+
+/// Attributes of type 2 in the modules above: present in every Segmentation, empty where the
+/// source lacks them.
+const REQUIRED_EMPTY: [Tag; 9] = [
+    tags::PATIENT_NAME,
+    tags::PATIENT_ID,
+    tags::PATIENT_BIRTH_DATE,
+    tags::PATIENT_SEX,
+    tags::STUDY_DATE,
+    tags::STUDY_TIME,
+    tags::REFERRING_PHYSICIAN_NAME,
+    tags::STUDY_ID,
+    tags::ACCESSION_NUMBER,
+];
+
+/// What a Segmentation needs of its source image: read by [`dicom_source`], kept while the fit
+/// runs, written by [`encode_segmentation`].
+///
+/// It holds patient-identifying attributes, so its `Debug` shows none of them: it may reach a
+/// log.
+#[derive(Clone, PartialEq)]
+pub struct DicomSource {
+    /// The elements of [`COPIED`] the source has, verbatim.
+    copied: Vec<InMemElement>,
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    series_instance_uid: String,
+    /// 1-based, for a multi-frame source; None for a single frame.
+    frame_number: Option<u32>,
+    rows: u32,
+    columns: u32,
+    /// The frame's Pixel Spacing and Slice Thickness, when given (written only together).
+    pixel_spacing: Option<InMemElement>,
+    slice_thickness: Option<InMemElement>,
+    /// The frame's Image Position and Orientation (Patient), kept only with a Frame of
+    /// Reference UID (without one they place the plane in no known space).
+    image_position: Option<InMemElement>,
+    image_orientation: Option<InMemElement>,
+}
+
+impl fmt::Debug for DicomSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DicomSource")
+            .field("sop_class_uid", &self.sop_class_uid)
+            .field("frame_number", &self.frame_number)
+            .field("rows", &self.rows)
+            .field("columns", &self.columns)
+            .field("placed", &self.image_position.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DicomSource {
+    /// Rows and Columns of the source: a mask written against it must have this size.
+    pub fn size(&self) -> (u32, u32) {
+        (self.columns, self.rows)
+    }
+
+    /// Whether the Segmentation will carry the plane's position and orientation in the
+    /// patient (the source has a Frame of Reference and both attributes).
+    pub fn is_placed(&self) -> bool {
+        self.image_position.is_some() && self.image_orientation.is_some()
+    }
+}
+
+/// Who made the segmentation, recorded in the Segmentation's equipment and algorithm
+/// attributes.
+#[derive(Debug, Clone, Copy)]
+pub struct Algorithm<'a> {
+    /// Software Versions and Algorithm Version, e.g. the crate's version.
+    pub version: &'a str,
+    /// Algorithm Parameters (LT): the fit's options, as JSON. Cut at 10240 characters.
+    pub parameters: &'a str,
+}
+
+fn not_segmentable(reason: impl Into<String>) -> ImagingError {
+    ImagingError::NotSegmentable { reason: reason.into() }
+}
+
+/// A UID the source must have, checked as a UID (digits and dots, at most 64 characters):
+/// it goes into the new object as a reference.
+fn required_uid(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<String, ImagingError> {
+    let value = obj
+        .element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+        .unwrap_or_default();
+    if value.is_empty() {
+        return Err(not_segmentable(format!("the source has no {name}, which the Segmentation must reference")));
+    }
+    if !is_uid(&value) {
+        return Err(not_segmentable(format!("the source's {name} is not a valid UID")));
+    }
+    Ok(value)
+}
+
+fn is_uid(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.split('.').all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && (c == "0" || !c.starts_with('0')))
+}
+
+/// An element with a plain value (not a sequence, not pixel data).
+fn plain(e: &InMemElement) -> bool {
+    e.value().primitive().is_some()
+}
+
+/// Reads what a Segmentation of frame `frame` (0-based) of a DICOM file needs, from the data
+/// set up to its pixel data (which is not read). Fails, naming what is missing, for a file a
+/// Segmentation cannot reference: one without SOP Class, SOP Instance, Study or Series
+/// Instance UID.
+pub fn dicom_source(bytes: &[u8], frame: u32) -> Result<DicomSource, ImagingError> {
+    let obj = open(bytes, true)?;
+    let sop_class_uid = required_uid(&obj, tags::SOP_CLASS_UID, "SOP Class UID")?;
+    let sop_instance_uid = required_uid(&obj, tags::SOP_INSTANCE_UID, "SOP Instance UID")?;
+    required_uid(&obj, tags::STUDY_INSTANCE_UID, "Study Instance UID")?;
+    let series_instance_uid = required_uid(&obj, tags::SERIES_INSTANCE_UID, "Series Instance UID")?;
+    let number = |tag| obj.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<u32>().ok());
+    let rows = number(tags::ROWS).ok_or_else(|| not_segmentable("the source has no Rows"))?;
+    let columns = number(tags::COLUMNS).ok_or_else(|| not_segmentable("the source has no Columns"))?;
+    let frames = number(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    if frame >= frames {
+        return Err(ImagingError::FrameOutOfRange { format: crate::Format::Dicom, frame, frames });
+    }
+    let copied: Vec<InMemElement> = COPIED
+        .iter()
+        .filter_map(|&tag| obj.element_opt(tag).ok().flatten())
+        .filter(|e| plain(e))
+        .cloned()
+        .collect();
+    let has_frame_of_reference = copied
+        .iter()
+        .any(|e| e.tag() == tags::FRAME_OF_REFERENCE_UID && e.to_str().is_ok_and(|s| is_uid(s.trim_end_matches(['\0', ' ']))));
+    let of_frame = |group, tag| frame_attribute(&obj, frame, group, tag).filter(|e| plain(e) && !e.is_empty()).cloned();
+    let placed = |group, tag| if has_frame_of_reference { of_frame(group, tag) } else { None };
+    let image_position = placed(tags::PLANE_POSITION_SEQUENCE, tags::IMAGE_POSITION_PATIENT)
+        .filter(|e| e.to_multi_float64().is_ok_and(|v| v.len() == 3 && v.iter().all(|x| x.is_finite())));
+    let image_orientation = placed(tags::PLANE_ORIENTATION_SEQUENCE, tags::IMAGE_ORIENTATION_PATIENT)
+        .filter(|e| e.to_multi_float64().is_ok_and(|v| v.len() == 6 && v.iter().all(|x| x.is_finite())));
+    let positive = |e: &InMemElement, n: usize| e.to_multi_float64().is_ok_and(|v| v.len() == n && v.iter().all(|x| x.is_finite() && *x > 0.0));
+    Ok(DicomSource {
+        copied: if has_frame_of_reference {
+            copied
+        } else {
+            copied.into_iter().filter(|e| e.tag() != tags::FRAME_OF_REFERENCE_UID && e.tag() != tags::POSITION_REFERENCE_INDICATOR).collect()
+        },
+        sop_class_uid,
+        sop_instance_uid,
+        series_instance_uid,
+        frame_number: (frames > 1).then_some(frame + 1),
+        rows,
+        columns,
+        pixel_spacing: of_frame(tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING).filter(|e| positive(e, 2)),
+        slice_thickness: of_frame(tags::PIXEL_MEASURES_SEQUENCE, tags::SLICE_THICKNESS).filter(|e| positive(e, 1)),
+        image_position: image_position.filter(|_| image_orientation.is_some()),
+        image_orientation,
+    })
+}
+
+/// A new UID under 2.25 (PS3.5 B.2): 128 random bits in decimal, unique without a registered
+/// root.
+fn new_uid() -> Result<String, ImagingError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| ImagingError::Internal(format!("no random source for a UID: {e}")))?;
+    Ok(format!("2.25.{}", u128::from_be_bytes(bytes)))
+}
+
+/// Date (YYYYMMDD) and time (HHMMSS) in UTC of `unix_seconds`.
+fn dicom_date_time(unix_seconds: u64) -> (String, String) {
+    let days = (unix_seconds / 86_400) as i64;
+    let secs = unix_seconds % 86_400;
+    // Civil date from days since 1970-01-01 (the proleptic Gregorian calendar, eras of 400 years).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        format!("{year:04}{month:02}{day:02}"),
+        format!("{:02}{:02}{:02}", secs / 3600, secs / 60 % 60, secs % 60),
+    )
+}
+
+fn str_element(tag: Tag, vr: VR, value: &str) -> InMemElement {
+    DataElement::new(tag, vr, PrimitiveValue::from(value))
+}
+
+fn sequence(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
+    DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
+}
+
+fn item(elements: impl IntoIterator<Item = InMemElement>) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter(elements)
+}
+
+/// A Code Sequence Macro item.
+fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
+    item([
+        str_element(tags::CODE_VALUE, VR::SH, value),
+        str_element(tags::CODING_SCHEME_DESIGNATOR, VR::SH, scheme),
+        str_element(tags::CODE_MEANING, VR::LO, meaning),
+    ])
+}
+
+/// Bits in the order DICOM packs them: pixel after pixel, the first in each byte's lowest bit,
+/// with no padding at row ends; the whole padded to an even length.
+fn pack_bits(mask: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; mask.len().div_ceil(8).next_multiple_of(2)];
+    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
+        out[i / 8] |= 1 << (i % 8);
+    }
+    out
+}
+
+/// The mask (`width` × `height`, row after row, true = foreground) as a DICOM Segmentation
+/// Part 10 file: binary, one segment ("Foreground", made by an automatic algorithm), in a new
+/// series of the source's study, referencing the source instance (and frame).
+///
+/// Fails when the mask is not the source's size.
+pub fn encode_segmentation(
+    source: &DicomSource,
+    width: u32,
+    height: u32,
+    mask: &[bool],
+    algorithm: &Algorithm<'_>,
+) -> Result<Vec<u8>, ImagingError> {
+    if (width, height) != source.size() || mask.len() as u64 != u64::from(width) * u64::from(height) {
+        return Err(not_segmentable(format!(
+            "the mask is {width}×{height} ({} pixels) but the source image is {}×{}",
+            mask.len(),
+            source.columns,
+            source.rows
+        )));
+    }
+    let sop_instance_uid = new_uid()?;
+    let series_instance_uid = new_uid()?;
+    let dimension_organization_uid = new_uid()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (date, time) = dicom_date_time(now);
+
+    let mut obj = InMemDicomObject::new_empty();
+    for &tag in &REQUIRED_EMPTY {
+        obj.put(DataElement::new(tag, tag_vr(tag), PrimitiveValue::Empty));
+    }
+    for e in &source.copied {
+        obj.put(e.clone());
+    }
+    let put = |obj: &mut InMemDicomObject, tag, vr, value: &str| {
+        obj.put(str_element(tag, vr, value));
+    };
+    obj.put(DataElement::new(tags::IMAGE_TYPE, VR::CS, dicom_value!(Strs, ["DERIVED", "PRIMARY"])));
+    put(&mut obj, tags::INSTANCE_CREATION_DATE, VR::DA, &date);
+    put(&mut obj, tags::INSTANCE_CREATION_TIME, VR::TM, &time);
+    put(&mut obj, tags::SOP_CLASS_UID, VR::UI, SEGMENTATION_SOP_CLASS);
+    put(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, &sop_instance_uid);
+    put(&mut obj, tags::SERIES_DATE, VR::DA, &date);
+    put(&mut obj, tags::SERIES_TIME, VR::TM, &time);
+    put(&mut obj, tags::CONTENT_DATE, VR::DA, &date);
+    put(&mut obj, tags::CONTENT_TIME, VR::TM, &time);
+    put(&mut obj, tags::MODALITY, VR::CS, "SEG");
+    put(&mut obj, tags::MANUFACTURER, VR::LO, "s3net");
+    put(&mut obj, tags::TIMEZONE_OFFSET_FROM_UTC, VR::SH, "+0000");
+    put(&mut obj, tags::SERIES_DESCRIPTION, VR::LO, "S3-Net foreground");
+    put(&mut obj, tags::MANUFACTURER_MODEL_NAME, VR::LO, "s3net");
+    put(&mut obj, tags::DEVICE_SERIAL_NUMBER, VR::LO, "s3net");
+    put(&mut obj, tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version);
+    put(&mut obj, tags::SERIES_INSTANCE_UID, VR::UI, &series_instance_uid);
+    put(&mut obj, tags::SERIES_NUMBER, VR::IS, "1000");
+    put(&mut obj, tags::INSTANCE_NUMBER, VR::IS, "1");
+    obj.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)));
+    put(&mut obj, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
+    put(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, "1");
+    for (tag, value) in [
+        (tags::ROWS, height as u16),
+        (tags::COLUMNS, width as u16),
+        (tags::BITS_ALLOCATED, 1),
+        (tags::BITS_STORED, 1),
+        (tags::HIGH_BIT, 0),
+        (tags::PIXEL_REPRESENTATION, 0),
+    ] {
+        obj.put(DataElement::new(tag, VR::US, PrimitiveValue::from(value)));
+    }
+    put(&mut obj, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
+    put(&mut obj, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
+    put(&mut obj, tags::CONTENT_LABEL, VR::CS, "S3NET_FOREGROUND");
+    put(&mut obj, tags::CONTENT_DESCRIPTION, VR::LO, "Foreground of a self-supervised clustering (S3-Net)");
+    obj.put(DataElement::new(tags::CONTENT_CREATOR_NAME, VR::PN, PrimitiveValue::Empty));
+    put(&mut obj, tags::SEGMENTS_OVERLAP, VR::CS, "NO");
+
+    let parameters: String = algorithm.parameters.chars().take(10_240).collect();
+    let algorithm_identification = item([
+        sequence(tags::ALGORITHM_FAMILY_CODE_SEQUENCE, vec![code("123109", "DCM", "Artificial Intelligence")]),
+        str_element(tags::ALGORITHM_NAME, VR::LO, "S3-Net"),
+        str_element(tags::ALGORITHM_VERSION, VR::LO, algorithm.version),
+        str_element(tags::ALGORITHM_PARAMETERS, VR::LT, &parameters),
+    ]);
+    let segment = item([
+        sequence(tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE, vec![code("85756007", "SCT", "Tissue")]),
+        DataElement::new(tags::SEGMENT_NUMBER, VR::US, PrimitiveValue::from(1u16)),
+        str_element(tags::SEGMENT_LABEL, VR::LO, "Foreground"),
+        sequence(tags::SEGMENTATION_ALGORITHM_IDENTIFICATION_SEQUENCE, vec![algorithm_identification]),
+        str_element(tags::SEGMENT_ALGORITHM_TYPE, VR::CS, "AUTOMATIC"),
+        str_element(tags::SEGMENT_ALGORITHM_NAME, VR::LO, "S3-Net"),
+        sequence(tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, vec![code("85756007", "SCT", "Tissue")]),
+    ]);
+    obj.put(sequence(tags::SEGMENT_SEQUENCE, vec![segment]));
+
+    // Multi-frame Dimension: frames are indexed by segment, and by position where there is one.
+    obj.put(sequence(
+        tags::DIMENSION_ORGANIZATION_SEQUENCE,
+        vec![item([str_element(tags::DIMENSION_ORGANIZATION_UID, VR::UI, &dimension_organization_uid)])],
+    ));
+    let dimension = |pointer: Tag, group: Tag, label: &str| {
+        item([
+            str_element(tags::DIMENSION_ORGANIZATION_UID, VR::UI, &dimension_organization_uid),
+            DataElement::new(tags::DIMENSION_INDEX_POINTER, VR::AT, dicom_value!(Tags, [pointer])),
+            DataElement::new(tags::FUNCTIONAL_GROUP_POINTER, VR::AT, dicom_value!(Tags, [group])),
+            str_element(tags::DIMENSION_DESCRIPTION_LABEL, VR::LO, label),
+        ])
+    };
+    let mut dimensions = vec![dimension(tags::REFERENCED_SEGMENT_NUMBER, tags::SEGMENT_IDENTIFICATION_SEQUENCE, "ReferencedSegmentNumber")];
+    if source.is_placed() {
+        dimensions.push(dimension(tags::IMAGE_POSITION_PATIENT, tags::PLANE_POSITION_SEQUENCE, "ImagePositionPatient"));
+    }
+    obj.put(sequence(tags::DIMENSION_INDEX_SEQUENCE, dimensions));
+
+    // Shared functional groups: the source frame's pixel measures and plane orientation.
+    let mut shared = InMemDicomObject::new_empty();
+    // Both or neither: readers (highdicom among them) take a Pixel Measures item only whole.
+    if let (Some(spacing), Some(thickness)) = (&source.pixel_spacing, &source.slice_thickness) {
+        shared.put(sequence(tags::PIXEL_MEASURES_SEQUENCE, vec![item([spacing.clone(), thickness.clone()])]));
+    }
+    if let (Some(orientation), true) = (&source.image_orientation, source.is_placed()) {
+        shared.put(sequence(tags::PLANE_ORIENTATION_SEQUENCE, vec![item([orientation.clone()])]));
+    }
+    obj.put(sequence(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
+
+    // The one frame: derived from the source (image and frame), of segment 1, at its position.
+    let mut referenced = vec![
+        str_element(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &source.sop_class_uid),
+        str_element(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &source.sop_instance_uid),
+    ];
+    if let Some(n) = source.frame_number {
+        referenced.push(str_element(tags::REFERENCED_FRAME_NUMBER, VR::IS, &n.to_string()));
+    }
+    let mut source_image = item(referenced.clone());
+    // The mask is on the source frame's own pixel grid.
+    source_image.put(str_element(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"));
+    source_image.put(sequence(
+        tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+        vec![code("121322", "DCM", "Source image for image processing operation")],
+    ));
+    let derivation = item([
+        sequence(tags::DERIVATION_CODE_SEQUENCE, vec![code("113076", "DCM", "Segmentation")]),
+        sequence(tags::SOURCE_IMAGE_SEQUENCE, vec![source_image]),
+    ]);
+    let index: Vec<u32> = if source.is_placed() { vec![1, 1] } else { vec![1] };
+    let mut per_frame = item([
+        sequence(tags::DERIVATION_IMAGE_SEQUENCE, vec![derivation]),
+        sequence(
+            tags::FRAME_CONTENT_SEQUENCE,
+            vec![item([DataElement::new(tags::DIMENSION_INDEX_VALUES, VR::UL, PrimitiveValue::U32(index.into()))])],
+        ),
+        sequence(
+            tags::SEGMENT_IDENTIFICATION_SEQUENCE,
+            vec![item([DataElement::new(tags::REFERENCED_SEGMENT_NUMBER, VR::US, PrimitiveValue::from(1u16))])],
+        ),
+    ]);
+    if let (Some(position), true) = (&source.image_position, source.is_placed()) {
+        per_frame.put(sequence(tags::PLANE_POSITION_SEQUENCE, vec![item([position.clone()])]));
+    }
+    obj.put(sequence(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, vec![per_frame]));
+
+    // Common Instance Reference: the source's series and instance.
+    obj.put(sequence(
+        tags::REFERENCED_SERIES_SEQUENCE,
+        vec![item([
+            sequence(tags::REFERENCED_INSTANCE_SEQUENCE, vec![item(referenced.into_iter().take(2))]),
+            str_element(tags::SERIES_INSTANCE_UID, VR::UI, &source.series_instance_uid),
+        ])],
+    ));
+
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::U8(dicom_core::smallvec::SmallVec::from_vec(pack_bits(mask))),
+    ));
+
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(SEGMENTATION_SOP_CLASS)
+        .media_storage_sop_instance_uid(sop_instance_uid.as_str())
+        .transfer_syntax(EXPLICIT_VR_LITTLE_ENDIAN)
+        .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+        .implementation_version_name(format!("S3NET_{}", algorithm.version).chars().take(16).collect::<String>())
+        .build()
+        .map_err(|e| ImagingError::Internal(format!("cannot build the Segmentation's file meta group: {e}")))?;
+    let mut out = Vec::with_capacity(pack_bits_len(mask.len()) + 8192);
+    obj.with_exact_meta(meta)
+        .write_all(&mut out)
+        .map_err(|e| ImagingError::Internal(format!("cannot write the Segmentation: {e}")))?;
+    Ok(out)
+}
+
+fn pack_bits_len(pixels: usize) -> usize {
+    pixels.div_ceil(8).next_multiple_of(2)
+}
+
+/// The VR of the type-2 attributes written empty.
+fn tag_vr(tag: Tag) -> VR {
+    match tag {
+        tags::PATIENT_NAME | tags::REFERRING_PHYSICIAN_NAME => VR::PN,
+        tags::PATIENT_ID => VR::LO,
+        tags::PATIENT_BIRTH_DATE | tags::STUDY_DATE => VR::DA,
+        tags::STUDY_TIME => VR::TM,
+        tags::STUDY_ID | tags::ACCESSION_NUMBER => VR::SH,
+        _ => VR::CS,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_the_civil_calendar_in_utc() {
+        assert_eq!(dicom_date_time(0), ("19700101".into(), "000000".into()));
+        // 2026-11-28 11:00:12 UTC.
+        assert_eq!(dicom_date_time(1_795_863_612), ("20261128".into(), "110012".into()));
+        // A leap day.
+        assert_eq!(dicom_date_time(951_782_400 + 86_399), ("20000229".into(), "235959".into()));
+    }
+
+    #[test]
+    fn bits_are_packed_lowest_first_without_row_padding() {
+        let mask = [true, false, false, false, false, false, false, false, false, true, true];
+        assert_eq!(pack_bits(&mask), vec![0b0000_0001, 0b0000_0110]);
+        assert_eq!(pack_bits(&[true; 9]).len(), 2);
+        assert_eq!(pack_bits(&[true; 17]).len(), 4, "padded to an even length");
+        assert_eq!(pack_bits_len(17), 4);
+    }
+
+    #[test]
+    fn uids_are_uids() {
+        let a = new_uid().unwrap();
+        assert!(a.starts_with("2.25.") && is_uid(&a), "{a}");
+        assert_ne!(a, new_uid().unwrap());
+        assert!(is_uid(IMPLEMENTATION_CLASS_UID));
+        assert!(!is_uid("1.02.3") && !is_uid("1..2") && !is_uid("1.2a") && !is_uid(""));
+    }
+}
