@@ -198,6 +198,10 @@ pub struct RemoteFitArgs {
     /// float32 | bfloat16: the number format of the network's activations.
     #[arg(long)]
     pub precision: Option<String>,
+    /// Also write the mask as a DICOM Segmentation, STEM.seg.dcm (DICOM inputs only), for a
+    /// PACS to store next to the source.
+    #[arg(long)]
+    pub dicom_seg: bool,
 }
 
 impl RemoteFitArgs {
@@ -226,6 +230,7 @@ impl RemoteFitArgs {
             features: self.features,
             frame: self.frame,
             precision: self.precision.clone().unwrap_or_default(),
+            dicom_seg: self.dicom_seg,
         })
     }
 }
@@ -728,7 +733,8 @@ pub async fn follow_events(
     anyhow::bail!("Unavailable: the event stream ended without an outcome")
 }
 
-/// Writes STEM.labels.png, STEM.mask.png and STEM.json: for `s3net client segment` and for
+/// Writes STEM.labels.png, STEM.mask.png, STEM.json and, with a DICOM Segmentation in the
+/// result, STEM.seg.dcm: for `s3net client segment` and for
 /// `s3net segment`, which builds the same result message locally, so both report alike.
 pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Result<()> {
     let write = |name: String, bytes: &[u8]| {
@@ -737,6 +743,9 @@ pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Resul
     };
     write(format!("{stem}.labels.png"), &r.labels_png)?;
     write(format!("{stem}.mask.png"), &r.mask_png)?;
+    if !r.mask_dicom.is_empty() {
+        write(format!("{stem}.seg.dcm"), &r.mask_dicom)?;
+    }
     let l = r.losses.unwrap_or_default();
     let t = r.timings.unwrap_or_default();
     let options: serde_json::Value = r

@@ -111,6 +111,7 @@ impl ServiceError {
     /// The gRPC code of this error: the one place that decides it.
     pub fn code(&self) -> Code {
         match self {
+            ServiceError::Imaging(ImagingError::Internal(_)) => Code::Internal,
             ServiceError::Imaging(_) | ServiceError::InvalidArgument(_) | ServiceError::MessageTooLarge { .. } => {
                 Code::InvalidArgument
             }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use s3net_imaging::Image;
+use s3net_imaging::{DicomSource, Image};
 use s3net_model::{DeviceSpec, FitOptions};
 use tokio::sync::broadcast;
 
@@ -36,6 +36,9 @@ pub struct NewJob {
     pub trace: TraceContext,
     /// The image's pixel spacing in mm ([rows, columns]), when its file gives one.
     pub pixel_spacing: Option<[f64; 2]>,
+    /// What the DICOM Segmentation of the result needs of its source, when one was asked for
+    /// (`Options.dicom_seg`).
+    pub dicom_seg: Option<Arc<DicomSource>>,
     /// The queue budget held for this job since before its image was decoded
     /// ([`JobQueue::reserve`]); submitting the job takes it over.
     pub reservation: Option<Arc<Reservation>>,
@@ -735,6 +738,7 @@ impl JobQueue for MemoryQueue {
                 if let Some(r) = &mut j.result {
                     r.labels_png.clear();
                     r.mask_png.clear();
+                    r.mask_dicom.clear();
                 }
                 j
             })
@@ -810,6 +814,7 @@ mod tests {
             idempotency: key.map(|k| (k.to_string(), [7; 32])),
             trace: TraceContext::default(),
             pixel_spacing: None,
+            dicom_seg: None,
             reservation: None,
         }
     }

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use s3net_imaging::{DecodeOptions, Header, Window};
+use s3net_imaging::{DecodeOptions, Format, Header, Window};
 use s3net_model::{DeviceSpec, FitOptions, Preset};
 use sha2::Digest;
 use prost::Message as _;
@@ -318,7 +318,7 @@ impl SegmenterService {
         // Everything the fingerprint covers besides the image, made here where `o` is.
         let described = (!key.is_empty()).then(|| {
             let mut d = serde_json::to_vec(&fit).unwrap_or_default();
-            d.extend_from_slice(format!("{device}|{window:?}|{}|{}", o.frame, o.priority).as_bytes());
+            d.extend_from_slice(format!("{device}|{window:?}|{}|{}|{}", o.frame, o.priority, o.dicom_seg).as_bytes());
             (key.to_string(), d)
         });
         let (image, header, idempotency) = tokio::task::spawn_blocking(move || {
@@ -333,7 +333,15 @@ impl SegmenterService {
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))?;
-        Ok(Admitted { image, o, fit, device, window, idempotency, header: header? })
+        let header = header?;
+        if o.dicom_seg && header.format != Format::Dicom {
+            return Err(ServiceError::InvalidArgument(format!(
+                "dicom_seg asks for the mask as a DICOM Segmentation, which must reference a DICOM \
+                 source image; this image is {}",
+                header.format.to_string().to_uppercase()
+            )));
+        }
+        Ok(Admitted { image, o, fit, device, window, idempotency, header })
     }
 
     /// An admitted request's bytes reserved from the queue's budget and its image decoded
@@ -349,12 +357,15 @@ impl SegmenterService {
         // queue's budget before a decode spends a few times its size (see `Reservation`).
         self.check_memory(&fit, device, Some((header.width, header.height)))?;
         let reservation = self.queue.reserve(usize::try_from(header.image_bytes()).unwrap_or(usize::MAX), key)?;
-        let (image, applied_window, orientation, pixel_spacing) = tokio::task::spawn_blocking(move || {
+        let dicom_seg = o.dicom_seg;
+        let (image, applied_window, orientation, pixel_spacing, dicom_seg) = tokio::task::spawn_blocking(move || {
+            // Read first: a file the Segmentation cannot reference is refused before its decode.
+            let source = dicom_seg.then(|| s3net_imaging::dicom_source(&image, decode.frame)).transpose()?;
             let d = s3net_imaging::decode(&image, &decode)?;
             let applied = d.given_window(window);
             let spacing = d.dicom.as_ref().and_then(|i| i.pixel_spacing_mm);
             let orientation = d.orientation;
-            Ok::<_, ServiceError>((d.into_image(window), applied, orientation, spacing))
+            Ok::<_, ServiceError>((d.into_image(window), applied, orientation, spacing, source.map(Arc::new)))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;
@@ -368,6 +379,7 @@ impl SegmenterService {
             idempotency,
             trace: TraceContext::current(),
             pixel_spacing,
+            dicom_seg,
             reservation: Some(Arc::new(reservation)),
         })
     }

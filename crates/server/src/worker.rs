@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use s3net_imaging::{encode_labels_png, encode_mask_png, Image};
+use s3net_imaging::{encode_labels_png, encode_mask_png, encode_segmentation, Algorithm, DicomSource, Image};
 use s3net_model::{refit_options, Batch, DeviceSpec, FitJob, FitOptions, ModelError, Progress, Segmentation};
 use tracing::{info, info_span, warn};
 
@@ -475,6 +475,11 @@ fn finish(mut r: Running, outcome: Result<Segmentation, ServiceError>, metrics: 
     let img = &c.job.image;
     let event = span.in_scope(|| match outcome {
         Ok(seg) => {
+            let mask_dicom = match c.job.dicom_seg.as_deref().map(|source| dicom_segmentation(source, img, &seg, &c.job.applied)) {
+                Some(Err(e)) => return failed(span, e),
+                Some(Ok(bytes)) => bytes,
+                None => Vec::new(),
+            };
             let fit_s = r.started.elapsed().as_secs_f64();
             span.record("iterations", seg.fit.iterations as i64);
             span.record("labels", seg.fit.n_labels as i64);
@@ -482,6 +487,7 @@ fn finish(mut r: Running, outcome: Result<Segmentation, ServiceError>, metrics: 
             span.record("outcome", "completed");
             metrics.fit_completed(fit_s, seg.fit.iterations);
             let mut res = segmentation_result(img, &seg, c.job.applied.clone(), c.job.pixel_spacing);
+            res.mask_dicom = mask_dicom;
             res.timings = Some(pb::Timings {
                 queued_seconds: c.queued_for.as_secs_f64(),
                 fit_seconds: fit_s,
@@ -535,6 +541,13 @@ fn losses(l: &s3net_model::LossTerms) -> pb::LossTerms {
     }
 }
 
+/// The foreground mask as a DICOM Segmentation of `source` (`Options.dicom_seg`), its
+/// algorithm parameters the fit's options as the result reports them (`applied`).
+pub fn dicom_segmentation(source: &DicomSource, img: &Image, seg: &Segmentation, applied: &pb::AppliedOptions) -> Result<Vec<u8>, ServiceError> {
+    let algorithm = Algorithm { version: env!("CARGO_PKG_VERSION"), parameters: &applied.options_json };
+    Ok(encode_segmentation(source, img.width, img.height, &seg.mask, &algorithm)?)
+}
+
 /// The result message: PNGs, per-cluster statistics and the applied options; with the pixel
 /// spacing, the foreground's area. Also what `s3net segment` writes (through
 /// [`crate::cli::write_result`]), so that a local and a remote segmentation report alike.
@@ -558,6 +571,7 @@ pub fn segmentation_result(img: &Image, seg: &Segmentation, applied: pb::Applied
         pixel_spacing: spacing.map(|[row_mm, column_mm]| pb::PixelSpacing { row_mm, column_mm }),
         foreground_area_mm2: spacing.map(|[r, c]| fg_pixels * r * c),
         refits: seg.refits as u32,
+        mask_dicom: Vec::new(),
     }
 }
 
@@ -639,6 +653,7 @@ mod tests {
             idempotency: None,
             trace: Default::default(),
             pixel_spacing: None,
+            dicom_seg: None,
             reservation: None,
         }
     }

@@ -120,6 +120,72 @@ async fn a_losslessly_compressed_ct_segments_like_its_source() {
     }
 }
 
+/// `dicom_seg`: the mask also comes back as a DICOM Segmentation of the source, which this
+/// crate's decoder reads back as the mask PNG's pixels; not asked, not sent, nor in ListJobs;
+/// asked of an image it cannot reference, refused by name before anything is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dicom_input_comes_back_as_a_segmentation_for_its_pacs() {
+    use dicom_dictionary_std::tags;
+    let (server, url) = start(config()).await;
+    let mut c = client(&url).await;
+    let seg = pb::Options { dicom_seg: true, ..quick() };
+    for name in ["CT_small", "CT_small_jpegls", "SC_rgb_rle", "US_palette"] {
+        let r = completed(&segment_events(&mut c, data(&format!("dicom/{name}.dcm")), seg.clone()).await);
+        let (w, h, mask) = s3net_imaging::decode_mask(&r.mask_png).unwrap();
+        let back = s3net_imaging::decode(&r.mask_dicom, &Default::default()).unwrap();
+        assert_eq!((back.width, back.height), (w, h), "{name}");
+        assert_eq!(back.samples.iter().map(|&v| v > 0.0).collect::<Vec<_>>(), mask, "{name}");
+        let obj = dicom_object::OpenFileOptions::new()
+            .read_preamble(dicom_object::file::ReadPreamble::Never)
+            .from_reader(&r.mask_dicom[128..])
+            .unwrap();
+        let text = |tag| obj.element(tag).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
+        assert_eq!(text(tags::SOP_CLASS_UID), s3net_imaging::SEGMENTATION_SOP_CLASS, "{name}");
+        // The fit's options are recorded with the algorithm.
+        let options = r.options.as_ref().unwrap().options_json.clone();
+        let segment = &obj.element(tags::SEGMENT_SEQUENCE).unwrap().items().unwrap()[0];
+        let algorithm = &segment.element(tags::SEGMENTATION_ALGORITHM_IDENTIFICATION_SEQUENCE).unwrap().items().unwrap()[0];
+        assert_eq!(algorithm.element(tags::ALGORITHM_PARAMETERS).unwrap().to_str().unwrap().trim_end(), options.trim_end(), "{name}");
+    }
+    // Not asked: not sent.
+    let r = completed(&segment_events(&mut c, data("dicom/CT_small.dcm"), quick()).await);
+    assert!(r.mask_dicom.is_empty());
+    // Kept with the job for GetJob; left out of ListJobs, as the PNGs are.
+    let id = submit(&mut c, data("dicom/MR_small.dcm"), seg.clone()).await;
+    let job = wait_final(&mut c, &id, Duration::from_secs(60)).await;
+    assert!(!job.result.unwrap().mask_dicom.is_empty());
+    let listed = c.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    assert!(listed.iter().filter_map(|j| j.result.as_ref()).all(|r| r.mask_dicom.is_empty() && r.mask_png.is_empty()));
+    // Refused by name: a PNG, a DICOM file without the UIDs to reference.
+    let err = c.segment(pb::SegmentRequest { image: disk(32, 32), options: Some(seg.clone()) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("DICOM Segmentation") && err.message().contains("PNG"), "{err:?}");
+    let enhanced = pb::Options { frame: 2, ..seg.clone() };
+    let err = c.segment(pb::SegmentRequest { image: data("dicom/CT_small_enhanced_3frames.dcm"), options: Some(enhanced) }).await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().contains("no Study Instance UID"), "{err:?}");
+    let mut no_uid = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Never)
+        .from_reader(&data("dicom/CT_small.dcm")[128..])
+        .unwrap();
+    no_uid.remove_element(tags::SERIES_INSTANCE_UID);
+    let mut bytes = Vec::new();
+    no_uid.write_all(&mut bytes).unwrap();
+    let err = c.submit_job(pb::SubmitJobRequest { image: bytes.clone(), options: Some(seg.clone()), idempotency_key: String::new() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("Series Instance UID") && !err.message().contains("CompressedSamples"), "{err:?}");
+    // Without dicom_seg the same file is fine; an idempotency key tells the two requests apart.
+    let keyed = |dicom_seg| pb::SubmitJobRequest {
+        image: data("dicom/CT_small.dcm"),
+        options: Some(pb::Options { dicom_seg, ..quick() }),
+        idempotency_key: "seg-or-not".into(),
+    };
+    c.submit_job(keyed(false)).await.unwrap();
+    let err = c.submit_job(keyed(true)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    quick_job_completes(&mut c).await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arrive_in_order() {
     let (server, url) = start(config()).await;

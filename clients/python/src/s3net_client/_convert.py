@@ -42,6 +42,7 @@ OPTION_NAMES = (
     "features",
     "frame",
     "precision",
+    "dicom_seg",
 )
 
 
@@ -156,6 +157,7 @@ def result_from_pb(job_id: str, r: pb.SegmentationResult) -> SegmentationResult:
             r.foreground_area_mm2 if r.HasField("foreground_area_mm2") else None
         ),
         refits=r.refits,
+        mask_dicom=r.mask_dicom,
     )
 
 

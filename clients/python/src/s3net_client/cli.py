@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--precision", choices=["float32", "bfloat16"], help="number format of the activations"
     )
+    f.add_argument(
+        "--dicom-seg",
+        action="store_const",
+        const=True,
+        help="also write the mask as a DICOM Segmentation, STEM.seg.dcm (DICOM inputs only)",
+    )
 
     p = argparse.ArgumentParser(
         prog="s3net-client", description="Segment images with an s3net server (the Python client)."

@@ -139,6 +139,9 @@ class SegmentationResult:
     #: How many times the fit was made again with another seed because its foreground came
     #: out empty (the server's ``workers.foreground_refits``); 0 for most images.
     refits: int = 0
+    #: With the option ``dicom_seg=True``: the mask as a DICOM Segmentation (a Part 10 file, in
+    #: a new series of the source's study, referencing the source image) for a PACS; b"" else.
+    mask_dicom: bytes = b""
 
     def to_dict(self) -> Dict[str, Any]:
         """The report `s3net segment` writes as STEM.json (everything but the images)."""
@@ -170,7 +173,8 @@ class SegmentationResult:
 
     def save(self, out_dir: Union[str, Path], stem: str) -> Tuple[Path, Path, Path]:
         """Writes STEM.labels.png, STEM.mask.png and STEM.json into ``out_dir`` (created if
-        missing), the same three files as ``s3net segment``; returns their paths."""
+        missing), the same three files as ``s3net segment``, and STEM.seg.dcm when the result
+        has a DICOM Segmentation (``mask_dicom``); returns the three files' paths."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         labels, mask, report = (
@@ -180,6 +184,8 @@ class SegmentationResult:
         )
         labels.write_bytes(self.labels_png)
         mask.write_bytes(self.mask_png)
+        if self.mask_dicom:
+            (out / f"{stem}.seg.dcm").write_bytes(self.mask_dicom)
         report.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return labels, mask, report
 
