@@ -12,6 +12,7 @@ import pytest
 
 from deploy_common import (
     DEPLOY,
+    GRAFANA_PORT,
     GRPC_PORT,
     JAEGER_UI_PORT,
     METRICS_PORT,
@@ -108,7 +109,7 @@ def test_compose_cli_accepts_and_merges_the_files():
 
 
 def test_all_services_present(compose):
-    assert set(compose["services"]) == {"s3net", "otel-collector", "jaeger", "prometheus"}
+    assert set(compose["services"]) == {"s3net", "otel-collector", "jaeger", "prometheus", "grafana"}
 
 
 def test_s3net_env_uses_real_config_keys_and_agreed_ports(compose):
@@ -185,9 +186,10 @@ def test_collector_pipeline_is_complete_and_exports_to_jaeger(compose, collector
     assert compose["services"]["otel-collector"]["command"] == [f"--config={mounted[1]}"]
 
 
-def test_jaeger_and_prometheus_uis_published_on_loopback(compose):
+def test_jaeger_prometheus_and_grafana_uis_published_on_loopback(compose):
     assert published(compose["services"]["jaeger"]) == {JAEGER_UI_PORT: "127.0.0.1"}
     assert published(compose["services"]["prometheus"]) == {PROMETHEUS_PORT: "127.0.0.1"}
+    assert published(compose["services"]["grafana"]) == {GRAFANA_PORT: "127.0.0.1"}
 
 
 def test_prometheus_scrapes_the_services_metrics_port(compose, prometheus):
