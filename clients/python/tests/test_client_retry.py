@@ -3,6 +3,7 @@ retry-after hint; an unreachable server (UNAVAILABLE) with exponential backoff."
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import threading
@@ -281,3 +282,78 @@ def test_connections_past_their_age_move_without_losing_calls() -> None:
                 time.sleep(0.4)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("client_kind", ["sync", "async"])
+def test_a_job_its_server_shut_down_on_is_sent_again(client_kind: str) -> None:
+    """A rolling update or `docker compose restart` mid-job: the server drains, its grace runs
+    out, and it cancels the job as `retryable`. segment() sends the same request again once a
+    server answers on the address (here the replacement, on the same port) and returns its
+    result; a submitted job's wait() cannot (it has no image) and raises Cancelled with
+    ``retryable`` set, for its caller to submit again."""
+    from s3net_client import Cancelled
+
+    grace = {"S3NET__SERVER__SHUTDOWN_GRACE_S": "1"}
+    first = start_server("--cpu-workers", "1", env=grace)
+    addr = first.addr
+    second = None
+    try:
+        with Client(addr, timeout=120, retries=30, backoff=0.2, max_backoff=0.5) as client:
+            events: list = []
+            outcome: list = []
+            # Long enough to outlive the 1 s grace, short enough to finish on the second server.
+            work = dict(size=64, iterations=300, min_labels=0, seed=7)
+
+            def call() -> None:
+                try:
+                    if client_kind == "sync":
+                        outcome.append(client.segment(CT, progress=events.append, **work))
+                    else:
+                        outcome.append(asyncio.run(segment_async(addr, events.append, work)))
+                except Exception as e:  # the outcome under test
+                    outcome.append(e)
+
+            t = threading.Thread(target=call, daemon=True)
+            t.start()
+            wait_until(lambda: any(type(e).__name__ == "Progress" for e in events), timeout=60)
+            queued = client.submit(CT, **work)  # waits behind it on the one worker
+            waited: list = []
+            watching: list = []
+
+            def wait() -> None:
+                try:
+                    waited.append(client.wait(queued.job_id, progress=watching.append, timeout=60))
+                except Exception as e:  # the outcome under test
+                    waited.append(e)
+
+            w = threading.Thread(target=wait, daemon=True)
+            w.start()
+            wait_until(lambda: watching, timeout=10)  # its stream is open: the replay came
+            first.proc.send_signal(signal.SIGTERM)
+            assert first.proc.wait(30) == 0
+            w.join(30)
+            assert len(waited) == 1 and isinstance(waited[0], Cancelled), waited
+            assert waited[0].retryable and "shutting down" in waited[0].details
+            second = start_server("--cpu-workers", "1", "--addr", addr, env=grace)
+            t.join(120)
+            assert not t.is_alive() and len(outcome) == 1, outcome
+            result = outcome[0]
+            assert not isinstance(result, Exception), result
+            assert result.iterations == 300 and result.mask.shape == (128, 128)
+            kinds = [type(e).__name__ for e in events]
+            lost = kinds.index("Cancelled")
+            assert events[lost].retryable and "shutting down" in events[lost].reason
+            # Then the new job, from its start, on the second server.
+            assert kinds[lost + 1] == "Queued" and kinds[-1] == "Completed", kinds
+            assert events[lost + 1].job_id != events[lost].job_id
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+async def segment_async(addr: str, progress, work: dict):
+    from s3net_client import AsyncClient
+
+    async with AsyncClient(addr, timeout=120, retries=30, backoff=0.2, max_backoff=0.5) as client:
+        return await client.segment(CT, progress=progress, **work)

@@ -726,6 +726,9 @@ pub async fn follow_events(
                 return c.result.context("Completed event without a result");
             }
             Some(Event::Failed(f)) => anyhow::bail!("{}: {}", code_name(f.code), f.message),
+            Some(Event::Cancelled(c)) if c.retryable => {
+                anyhow::bail!("Cancelled: {} (nothing of the job was kept: run the command again)", c.reason)
+            }
             Some(Event::Cancelled(c)) => anyhow::bail!("Cancelled: {}", c.reason),
             None => {}
         }

@@ -160,7 +160,8 @@ pub trait JobQueue: Send + Sync + 'static {
     fn list(&self, state: Option<JobState>, limit: usize) -> Vec<pb::Job>;
     /// Refuses new work from now on ([`ServiceError::Draining`]).
     fn drain(&self);
-    /// Cancels every queued and running job.
+    /// Cancels every queued and running job because the server stops: their outcomes say
+    /// `retryable` (the same request may be sent again; our clients' Segment calls do).
     fn cancel_all(&self, reason: &str);
     /// Queued plus running jobs.
     fn active(&self) -> usize;
@@ -204,7 +205,8 @@ struct Entry {
     job: Option<NewJob>,
     device: DeviceSpec,
     cancel: Arc<AtomicBool>,
-    cancel_reason: Option<String>,
+    /// Why it was asked to stop, for the outcome its worker reports (set once).
+    cancel_reason: Option<pb::Cancelled>,
     key: Option<(String, [u8; 32])>,
     trace: TraceContext,
     width: u32,
@@ -369,6 +371,34 @@ impl MemoryQueue {
         }
     }
 
+    /// Cancels a queued job at once (its outcome `why`), or asks a running one to stop at its
+    /// next step (its worker's outcome says `why`, the first reason it was given).
+    fn cancel_as(&self, id: &str, why: pb::Cancelled) -> Result<JobState, ServiceError> {
+        let mut inner = self.lock();
+        let Some(e) = inner.jobs.get_mut(id) else {
+            return Err(self.missing(&inner, id));
+        };
+        match e.state {
+            JobState::Queued => {
+                let bytes = e.job.as_ref().map_or(0, image_bytes);
+                inner.queued_bytes = inner.queued_bytes.saturating_sub(bytes);
+                inner.queue.retain(|q| q != id);
+                // Its one outcome line (a job that ran gets it from its worker).
+                tracing::info!(job_id = %id, reason = why.reason, "job cancelled while queued");
+                self.finish(&mut inner, id, Event::Cancelled(why));
+                Ok(JobState::Cancelled)
+            }
+            JobState::Running => {
+                if e.cancel_reason.is_none() {
+                    e.cancel_reason = Some(why);
+                }
+                e.cancel.store(true, Ordering::SeqCst);
+                Ok(JobState::Running)
+            }
+            s => Ok(s),
+        }
+    }
+
     /// Sets the outcome of a job, broadcasts it and closes its channel.
     fn finish(&self, inner: &mut Inner, id: &str, outcome: Event) {
         let Some(e) = inner.jobs.get_mut(id) else {
@@ -379,12 +409,9 @@ impl MemoryQueue {
         }
         let was_running = e.state == JobState::Running;
         let outcome = match outcome {
-            Event::Cancelled(c) if c.reason.is_empty() => Event::Cancelled(pb::Cancelled {
-                reason: e
-                    .cancel_reason
-                    .clone()
-                    .unwrap_or_else(|| "cancelled".into()),
-            }),
+            Event::Cancelled(c) if c.reason.is_empty() => Event::Cancelled(
+                e.cancel_reason.clone().unwrap_or_else(|| pb::Cancelled { reason: "cancelled".into(), retryable: false }),
+            ),
             o => o,
         };
         e.state = match &outcome {
@@ -691,35 +718,7 @@ impl JobQueue for MemoryQueue {
     }
 
     fn cancel(&self, id: &str, reason: &str) -> Result<JobState, ServiceError> {
-        let mut inner = self.lock();
-        let Some(e) = inner.jobs.get_mut(id) else {
-            return Err(self.missing(&inner, id));
-        };
-        match e.state {
-            JobState::Queued => {
-                let bytes = e.job.as_ref().map_or(0, image_bytes);
-                inner.queued_bytes = inner.queued_bytes.saturating_sub(bytes);
-                inner.queue.retain(|q| q != id);
-                // Its one outcome line (a job that ran gets it from its worker).
-                tracing::info!(job_id = %id, reason, "job cancelled while queued");
-                self.finish(
-                    &mut inner,
-                    id,
-                    Event::Cancelled(pb::Cancelled {
-                        reason: reason.to_string(),
-                    }),
-                );
-                Ok(JobState::Cancelled)
-            }
-            JobState::Running => {
-                if e.cancel_reason.is_none() {
-                    e.cancel_reason = Some(reason.to_string());
-                }
-                e.cancel.store(true, Ordering::SeqCst);
-                Ok(JobState::Running)
-            }
-            s => Ok(s),
-        }
+        self.cancel_as(id, pb::Cancelled { reason: reason.to_string(), retryable: false })
     }
 
     fn list(&self, state: Option<JobState>, limit: usize) -> Vec<pb::Job> {
@@ -760,7 +759,7 @@ impl JobQueue for MemoryQueue {
                 .collect()
         };
         for id in ids {
-            let _ = self.cancel(&id, reason);
+            let _ = self.cancel_as(&id, pb::Cancelled { reason: reason.to_string(), retryable: true });
         }
     }
 

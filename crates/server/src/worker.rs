@@ -499,9 +499,7 @@ fn finish(mut r: Running, outcome: Result<Segmentation, ServiceError>, metrics: 
         Err(ServiceError::Model(ModelError::Cancelled)) => {
             span.record("outcome", "cancelled");
             info!("job cancelled");
-            Event::Cancelled(pb::Cancelled {
-                reason: String::new(),
-            })
+            Event::Cancelled(pb::Cancelled::default())
         }
         Err(e) => failed(span, e),
     });

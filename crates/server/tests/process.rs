@@ -52,7 +52,7 @@ fn cancelled_at_shutdown(
         last = e.event;
     }
     match last {
-        Some(Event::Cancelled(c)) => assert_eq!(c.reason, "server shutting down"),
+        Some(Event::Cancelled(c)) => assert_eq!((c.reason.as_str(), c.retryable), ("server shutting down", true)),
         other => panic!("{other:?}"),
     }
     let out = child.wait_with_output().unwrap();

@@ -501,7 +501,8 @@ async fn cancel_job_frees_the_worker() {
     assert_eq!(state, JobState::Running as i32);
     let j = wait_final(&mut c, &id, Duration::from_secs(10)).await;
     assert_eq!(j.state, JobState::Cancelled as i32);
-    assert_eq!(j.cancellation.unwrap().reason, "cancelled by CancelJob");
+    let why = j.cancellation.unwrap();
+    assert_eq!((why.reason.as_str(), why.retryable), ("cancelled by CancelJob", false), "the caller's cancel: not to be sent again");
     assert!(t.elapsed() < Duration::from_secs(5));
     // Watching the cancelled job ends with Cancelled.
     let mut w = c
@@ -523,7 +524,7 @@ async fn client_disconnect_frees_the_worker() {
     drop(s);
     let j = wait_final(&mut c, &id, Duration::from_secs(10)).await;
     assert_eq!(j.state, JobState::Cancelled as i32);
-    assert_eq!(j.cancellation.unwrap().reason, "client disconnected");
+    assert_eq!(j.cancellation.map(|c| (c.reason, c.retryable)), Some(("client disconnected".into(), false)));
     quick_job_completes(&mut c).await;
     server.shutdown().await.unwrap();
 }
@@ -991,7 +992,7 @@ async fn graceful_shutdown_drains_then_cancels() {
         last = e.event;
     }
     match last {
-        Some(Event::Cancelled(c)) => assert_eq!(c.reason, "server shutting down"),
+        Some(Event::Cancelled(c)) => assert_eq!((c.reason.as_str(), c.retryable), ("server shutting down", true)),
         other => panic!("{other:?}"),
     }
     stopping.await.unwrap().unwrap();

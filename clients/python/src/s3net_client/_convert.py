@@ -188,7 +188,7 @@ def event_from_pb(ev: pb.JobEvent) -> Optional[JobEvent]:
     if kind == "failed":
         return Failed(job_id=j, code=status_code(ev.failed.code), message=ev.failed.message)
     if kind == "cancelled":
-        return Cancelled(job_id=j, reason=ev.cancelled.reason)
+        return Cancelled(job_id=j, reason=ev.cancelled.reason, retryable=ev.cancelled.retryable)
     return None
 
 
@@ -212,7 +212,7 @@ def job_from_pb(m: pb.Job) -> Job:
             else None
         ),
         cancellation=(
-            Cancelled(job_id=j, reason=m.cancellation.reason)
+            Cancelled(job_id=j, reason=m.cancellation.reason, retryable=m.cancellation.retryable)
             if m.HasField("cancellation")
             else None
         ),

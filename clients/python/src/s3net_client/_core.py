@@ -254,10 +254,24 @@ class Upload:
             yield pb.UploadChunk(data=bytes(view[start : start + chunk_size]))
 
 
-class Follower:
-    """Consumes one job's event stream: shows progress, returns the result, raises failures."""
+class Resubmit(Exception):
+    """A Segment call's job was cancelled by its server shutting down (``Cancelled.retryable``):
+    the caller sends the same request again, as it would retry one refused as UNAVAILABLE."""
 
-    def __init__(self, progress: ProgressArg, label: Optional[str] = None) -> None:
+    def __init__(self, error: S3NetError) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.as_unavailable = Unavailable(f"job {error.job_id} cancelled: {error.details}")
+
+
+class Follower:
+    """Consumes one job's event stream: shows progress, returns the result, raises failures.
+
+    With ``resubmit`` (a Segment call, which holds its image), a job its server cancelled
+    because it was shutting down raises :class:`Resubmit` instead of the cancellation."""
+
+    def __init__(self, progress: ProgressArg, label: Optional[str] = None, *, resubmit: bool = False) -> None:
+        self.resubmit = resubmit
         self.callback: Optional[Callable[[JobEvent], Any]] = None
         self.bar = None
         if callable(progress):
@@ -284,6 +298,9 @@ class Follower:
         if isinstance(event, Completed):
             self.close()
             return event.result
+        if isinstance(event, Cancelled) and event.retryable and self.resubmit:
+            self.events = 0  # the next call's job is a new one
+            raise Resubmit(event.error())
         if isinstance(event, (Failed, Cancelled)):
             self.close()
             raise event.error()

@@ -14,6 +14,7 @@ from ._core import (
     Follower,
     PemSource,
     ProgressArg,
+    Resubmit,
     Settings,
     Upload,
     remaining,
@@ -106,16 +107,16 @@ class AsyncClient:
         deadline = s.deadline(timeout)
         if up.chunked(s, upload):
             start = up.upload_call(stub, s, s.chunk_size)
-            return await self._follow(start, Follower(progress, up.stem), deadline)
+            return await self._follow(start, Follower(progress, up.stem, resubmit=True), deadline)
         try:
             start = up.segment_call(stub, s)
-            return await self._follow(start, Follower(progress, up.stem), deadline)
+            return await self._follow(start, Follower(progress, up.stem, resubmit=True), deadline)
         except InvalidArgument as e:
             size = up.fallback_chunk_size(e, s, upload)
             if size is None:
                 raise
             start = up.upload_call(stub, s, size)
-            return await self._follow(start, Follower(progress, up.stem), deadline)
+            return await self._follow(start, Follower(progress, up.stem, resubmit=True), deadline)
 
     async def submit(
         self,
@@ -234,6 +235,11 @@ class AsyncClient:
                     delay = None if follower.events else s.retry_delay(attempt, err, deadline)
                     if delay is None:
                         raise err from None
+                except Resubmit as r:
+                    # Its server shut down before the job ended: the same request again.
+                    delay = s.retry_delay(attempt, r.as_unavailable, deadline)
+                    if delay is None:
+                        raise r.error from None
                 finally:
                     call.cancel()
                 await asyncio.sleep(delay)

@@ -13,6 +13,7 @@ from ._core import (
     Follower,
     PemSource,
     ProgressArg,
+    Resubmit,
     Settings,
     Upload,
     remaining,
@@ -139,15 +140,15 @@ class Client:
         deadline = s.deadline(timeout)
         if up.chunked(s, upload):
             start = up.upload_call(stub, s, s.chunk_size)
-            return self._follow(start, Follower(progress, up.stem), deadline)
+            return self._follow(start, Follower(progress, up.stem, resubmit=True), deadline)
         try:
-            return self._follow(up.segment_call(stub, s), Follower(progress, up.stem), deadline)
+            return self._follow(up.segment_call(stub, s), Follower(progress, up.stem, resubmit=True), deadline)
         except InvalidArgument as e:
             size = up.fallback_chunk_size(e, s, upload)
             if size is None:
                 raise
             start = up.upload_call(stub, s, size)
-            return self._follow(start, Follower(progress, up.stem), deadline)
+            return self._follow(start, Follower(progress, up.stem, resubmit=True), deadline)
 
     # -- asynchronous jobs ----------------------------------------------------------------
 
@@ -273,6 +274,11 @@ class Client:
                     delay = None if follower.events else s.retry_delay(attempt, err, deadline)
                     if delay is None:
                         raise err from None
+                except Resubmit as r:
+                    # Its server shut down before the job ended: the same request again.
+                    delay = s.retry_delay(attempt, r.as_unavailable, deadline)
+                    if delay is None:
+                        raise r.error from None
                 finally:
                     call.cancel()  # a no-op after the outcome; cancels the job otherwise
                 time.sleep(delay)

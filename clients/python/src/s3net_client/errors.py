@@ -97,9 +97,14 @@ class Unavailable(S3NetError):
 
 
 class Cancelled(S3NetError):
-    """The job was cancelled (CancelJob, shutdown, …); ``details`` gives the reason."""
+    """The job was cancelled (CancelJob, shutdown, …); ``details`` gives the reason.
+
+    ``retryable`` is True when the server cancelled the job itself because it was shutting
+    down: the same request may be sent again (``segment`` does so by itself, within its
+    retries and deadline; a job of ``submit`` must be submitted again by its caller)."""
 
     code = grpc.StatusCode.CANCELLED
+    retryable = False
 
 
 class DeadlineExceeded(S3NetError):

@@ -268,9 +268,14 @@ class Failed(JobEvent):
 class Cancelled(JobEvent):
     #: "cancelled by CancelJob", "client disconnected", "deadline exceeded", …
     reason: str
+    #: True when the server cancelled the job itself because it was shutting down: the same
+    #: request may be sent again (``segment`` does so by itself).
+    retryable: bool = False
 
     def error(self) -> S3NetError:
-        return _CancelledError(self.reason, job_id=self.job_id)
+        e = _CancelledError(self.reason, job_id=self.job_id)
+        e.retryable = self.retryable
+        return e
 
 
 @dataclass(frozen=True, eq=False)

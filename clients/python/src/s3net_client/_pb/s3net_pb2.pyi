@@ -247,10 +247,12 @@ class Failed(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Cancelled(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "retryable")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    retryable: bool
+    def __init__(self, reason: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
 
 class SegmentationResult(_message.Message):
     __slots__ = ("labels_png", "mask_png", "width", "height", "labels_used", "clusters", "iterations", "losses", "timings", "options", "device", "foreground_fraction", "pixel_spacing", "foreground_area_mm2", "refits", "mask_dicom")
