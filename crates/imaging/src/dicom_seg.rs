@@ -95,6 +95,9 @@ pub struct DicomSource {
     sop_class_uid: String,
     sop_instance_uid: String,
     series_instance_uid: String,
+    /// Instance Number (0020,0013), when the source has one: the Segmentation takes it, so that
+    /// a viewer sorts a series' Segmentations as it sorts their slices.
+    instance_number: Option<u32>,
     /// 1-based, for a multi-frame source; None for a single frame.
     frame_number: Option<u32>,
     rows: u32,
@@ -219,6 +222,7 @@ pub fn dicom_source(bytes: &[u8], frame: u32) -> Result<DicomSource, ImagingErro
         sop_class_uid,
         sop_instance_uid,
         series_instance_uid,
+        instance_number: number(tags::INSTANCE_NUMBER),
         frame_number: (frames > 1).then_some(frame + 1),
         rows,
         columns,
@@ -235,6 +239,19 @@ fn new_uid() -> Result<String, ImagingError> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| ImagingError::Internal(format!("no random source for a UID: {e}")))?;
     Ok(format!("2.25.{}", u128::from_be_bytes(bytes)))
+}
+
+/// The Series Instance UID of this version's Segmentations of source series `source_series`:
+/// a 2.25 UID made of the first 128 bits of a SHA-256 of both. Why derived, not random: a CT
+/// series arrives one slice per request, and each slice's Segmentation must land in one series
+/// (a viewer shows one series per UID, not 300), with no request knowing of the others; a
+/// new version's Segmentations form a series of their own beside the old one.
+fn series_uid_for(source_series: &str, version: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("s3net {version} DICOM Segmentation of series {source_series}"));
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    format!("2.25.{}", u128::from_be_bytes(bytes))
 }
 
 /// Date (YYYYMMDD) and time (HHMMSS) in UTC of `unix_seconds`.
@@ -289,8 +306,9 @@ fn pack_bits(mask: &[bool]) -> Vec<u8> {
 }
 
 /// The mask (`width` × `height`, row after row, true = foreground) as a DICOM Segmentation
-/// Part 10 file: binary, one segment ("Foreground", made by an automatic algorithm), in a new
-/// series of the source's study, referencing the source instance (and frame).
+/// Part 10 file: binary, one segment ("Foreground", made by an automatic algorithm), in the
+/// source's study, in a series of its own shared by every Segmentation of the source's series
+/// (see `series_uid_for`), referencing the source instance (and frame).
 ///
 /// Fails when the mask is not the source's size.
 pub fn encode_segmentation(
@@ -309,7 +327,7 @@ pub fn encode_segmentation(
         )));
     }
     let sop_instance_uid = new_uid()?;
-    let series_instance_uid = new_uid()?;
+    let series_instance_uid = series_uid_for(&source.series_instance_uid, algorithm.version);
     let dimension_organization_uid = new_uid()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -344,7 +362,7 @@ pub fn encode_segmentation(
     put(&mut obj, tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version);
     put(&mut obj, tags::SERIES_INSTANCE_UID, VR::UI, &series_instance_uid);
     put(&mut obj, tags::SERIES_NUMBER, VR::IS, "1000");
-    put(&mut obj, tags::INSTANCE_NUMBER, VR::IS, "1");
+    put(&mut obj, tags::INSTANCE_NUMBER, VR::IS, &source.instance_number.unwrap_or(1).to_string());
     obj.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)));
     put(&mut obj, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
     put(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, "1");
@@ -521,6 +539,10 @@ mod tests {
     fn uids_are_uids() {
         let a = new_uid().unwrap();
         assert!(a.starts_with("2.25.") && is_uid(&a), "{a}");
+        let series = series_uid_for("1.2.3", "0.1.0");
+        assert!(is_uid(&series) && series == series_uid_for("1.2.3", "0.1.0"), "{series}");
+        assert_ne!(series, series_uid_for("1.2.4", "0.1.0"));
+        assert_ne!(series, series_uid_for("1.2.3", "0.2.0"));
         assert_ne!(a, new_uid().unwrap());
         assert!(is_uid(IMPLEMENTATION_CLASS_UID));
         assert!(!is_uid("1.02.3") && !is_uid("1..2") && !is_uid("1.2a") && !is_uid(""));

@@ -74,6 +74,17 @@ fn a_ct_slice_segmentation_is_filed_with_its_source_and_placed_on_it() {
     for tag in [tags::SERIES_INSTANCE_UID, tags::SOP_INSTANCE_UID] {
         assert_ne!(string(&obj, tag), string(&source_obj, tag), "{tag}");
     }
+    assert_eq!(string(&obj, tags::INSTANCE_NUMBER), string(&source_obj, tags::INSTANCE_NUMBER));
+    // Another slice of the series (here the same one again, losslessly compressed): a new
+    // instance in the same Segmentation series. Another series: another one.
+    let again = data("dicom/CT_small_jpegls.dcm");
+    let again = read(&encode_segmentation(&dicom_source(&again, 0).unwrap(), w, h, &mask, &ALGORITHM).unwrap());
+    assert_eq!(string(&again, tags::SERIES_INSTANCE_UID), string(&obj, tags::SERIES_INSTANCE_UID));
+    assert_ne!(string(&again, tags::SOP_INSTANCE_UID), string(&obj, tags::SOP_INSTANCE_UID));
+    let mr = data("dicom/MR_small.dcm");
+    let (mw, mh, mr_mask) = mask_of(&mr, 0);
+    let other = read(&encode_segmentation(&dicom_source(&mr, 0).unwrap(), mw, mh, &mr_mask, &ALGORITHM).unwrap());
+    assert_ne!(string(&other, tags::SERIES_INSTANCE_UID), string(&obj, tags::SERIES_INSTANCE_UID));
     assert_eq!(string(&obj, tags::SOP_INSTANCE_UID), obj.meta().media_storage_sop_instance_uid().trim_end_matches('\0'));
     // The source instance, referenced from the frame and from the series.
     let per_frame = item(&obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
