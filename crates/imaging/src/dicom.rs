@@ -6,7 +6,7 @@
 //! here, so that every case is checked and errors stay free of element values.
 
 use dicom_core::header::HasLength;
-use dicom_core::value::{PixelFragmentSequence, Value};
+use dicom_core::value::{PixelFragmentSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
@@ -157,7 +157,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     if ts_uid == RLE_LOSSLESS && bits_allocated > 16 {
         return Err(unsupported(format!("RLE Lossless with Bits Allocated {bits_allocated} is not supported (8 or 16)")));
     }
-    check_and_repair_fragments(&mut obj, &ts_uid, &file_pi, (rows, cols), bits_allocated)?;
+    let frame = check_and_repair_fragments(&mut obj, &ts_uid, &file_pi, (rows, cols, frames), bits_allocated, opts.frame)?;
     let (slope, intercept) = rescale(&obj, opts.frame)?;
     let file_window = file_window(&obj, opts.frame);
     let modality = obj
@@ -176,7 +176,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
                     .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_' || b == b' ')
         });
 
-    let pixels = obj.decode_pixel_data_frame(opts.frame).map_err(|_| {
+    let pixels = obj.decode_pixel_data_frame(frame).map_err(|_| {
         malformed("the pixel data could not be decoded (corrupt, truncated or inconsistent with the image attributes)")
     })?;
 
@@ -364,18 +364,22 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
 /// Checks an encapsulated (compressed) frame's codec header against the data set before its
 /// codec sees it, and mends what real encoders write that the codecs would misread (see
 /// `dicom_guard`): lossless JPEG's quantization-table selectors, RGB lossy JPEG without a
-/// colour marker. Nothing to do for native pixel data.
+/// colour marker. A 12-bit lossy JPEG frame, which no codec of dicom-pixeldata reads, is
+/// decoded here (`jpeg12`) and put in the data set as native pixel data, alone. Returns the
+/// index the requested `frame` has then (0 after such a decode). Nothing to do for native pixel
+/// data.
 fn check_and_repair_fragments(
     obj: &mut DefaultDicomObject,
     ts_uid: &str,
     file_pi: &str,
-    (rows, cols): (u32, u32),
+    (rows, cols, frames): (u32, u32, u32),
     bits_allocated: u32,
-) -> Result<(), ImagingError> {
+    frame: u32,
+) -> Result<u32, ImagingError> {
     let lossy_jpeg = matches!(ts_uid, JPEG_BASELINE | JPEG_EXTENDED);
     let samples = optional_u32(obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1) as usize;
     let Some(Value::PixelSequence(seq)) = obj.element_opt(tags::PIXEL_DATA).ok().flatten().map(|e| e.value()) else {
-        return Ok(());
+        return Ok(frame);
     };
     let j2k = matches!(ts_uid, JPEG_2000_LOSSLESS | JPEG_2000) || HTJ2K.contains(&ts_uid);
     dicom_guard::check_fragments(seq.fragments(), rows, cols, j2k)?;
@@ -383,10 +387,18 @@ fn check_and_repair_fragments(
         dicom_guard::check_rle_fragments(seq.fragments(), rows, cols, samples * bits_allocated.div_ceil(8) as usize)?;
     }
     if let Some(bits) = dicom_guard::jpeg_precision_over_8(seq.fragments()).filter(|_| lossy_jpeg) {
-        return Err(unsupported(format!(
-            "{bits}-bit lossy JPEG (JPEG Extended, process 4) is not supported: only 8-bit lossy \
-             JPEG is (lossless JPEG, JPEG-LS, JPEG 2000 and RLE take up to 16 bits)"
-        )));
+        if bits != 12 || bits_allocated != 16 || samples != 1 {
+            return Err(unsupported(format!(
+                "{bits}-bit lossy JPEG with {samples} sample(s) of {bits_allocated} bits is not supported \
+                 (12-bit greyscale in 16-bit samples and 8-bit lossy JPEG are)"
+            )));
+        }
+        let data = frame_bytes(seq, frames, frame)?;
+        let samples = crate::jpeg12::decode(&data, cols, rows)?;
+        obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(samples.into())));
+        obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("1")));
+        obj.meta_mut().set_transfer_syntax(&dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN);
+        return Ok(0);
     }
     let cleared = dicom_guard::lossless_jpeg_tables_cleared(seq.fragments());
     let fragments = cleared.as_deref().unwrap_or(seq.fragments());
@@ -396,10 +408,41 @@ fn check_and_repair_fragments(
     let repaired = match (marked, cleared) {
         (Some((table, fragments)), _) => PixelFragmentSequence::new(table, fragments),
         (None, Some(fragments)) => PixelFragmentSequence::new(seq.offset_table().to_vec(), fragments),
-        (None, None) => return Ok(()),
+        (None, None) => return Ok(frame),
     };
     obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(repaired)));
-    Ok(())
+    Ok(frame)
+}
+
+/// The compressed bytes of frame `frame` of `frames`: all the fragments of a single frame, the
+/// frame's own fragment when there is one per frame, else the fragments the Basic Offset Table
+/// gives it.
+fn frame_bytes(seq: &PixelFragmentSequence<Vec<u8>>, frames: u32, frame: u32) -> Result<Vec<u8>, ImagingError> {
+    let fragments = seq.fragments();
+    if frames == 1 {
+        return Ok(fragments.concat());
+    }
+    if fragments.len() == frames as usize {
+        return Ok(fragments[frame as usize].clone());
+    }
+    let table = seq.offset_table();
+    if table.len() != frames as usize {
+        return Err(malformed("the fragments of a multi-frame image cannot be told apart (no Basic Offset Table)"));
+    }
+    let (start, end) = (u64::from(table[frame as usize]), table.get(frame as usize + 1).map_or(u64::MAX, |&o| u64::from(o)));
+    // Each fragment is an item: an 8-byte header, then its bytes.
+    let mut at = 0u64;
+    let mut out = Vec::new();
+    for f in fragments {
+        if at >= start && at < end {
+            out.extend_from_slice(f);
+        }
+        at += 8 + f.len() as u64;
+    }
+    if out.is_empty() {
+        return Err(malformed("the Basic Offset Table names no fragment for the frame"));
+    }
+    Ok(out)
 }
 
 /// A PALETTE COLOR image's lookup tables: each stored value, an index, names an RGB colour.

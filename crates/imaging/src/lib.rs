@@ -23,6 +23,7 @@
 mod dicom;
 mod dicom_guard;
 mod dicom_seg;
+mod jpeg12;
 mod masks;
 mod raster;
 mod tiff_reader;

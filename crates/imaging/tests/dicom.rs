@@ -511,7 +511,7 @@ fn jpeg_2000_headers_are_checked_first() {
 /// a panic, and quickly.
 #[test]
 fn damaged_compressed_pixel_data_never_panics() {
-    for name in ["CT_small_j2k", "CT_small_j2k_lossy", "CT_small_htj2k", "CT_small_rle", "CT_small_jpeg_lossless", "CT_small_jpegls", "SC_rgb_j2k", "SC_rgb_jpeg_lossless", "SC_rgb_rle"] {
+    for name in ["CT_small_j2k", "CT_small_j2k_lossy", "CT_small_htj2k", "CT_small_rle", "CT_small_jpeg_lossless", "CT_small_jpegls", "SC_rgb_j2k", "SC_rgb_jpeg_lossless", "SC_rgb_rle", "CT_small_jpeg12_2frames", "JPGExtended"] {
         let full = data(&format!("dicom/{name}.dcm"));
         // The pixel data element's value: the last (7FE0,0010) tag.
         let from = full.windows(4).rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00]).unwrap() + 12;
@@ -847,12 +847,51 @@ fn files_from_other_toolkits_read_as_pydicom_reads_them() {
     assert_eq!(le.samples.iter().copied().fold(0.0f32, f32::max), 1254000.0);
     // What cannot be read is named.
     for (name, says) in [
-        ("JPGExtended", "12-bit lossy JPEG (JPEG Extended, process 4) is not supported"),
         ("SC_ybr_full_422_uncompressed", "YBR_FULL_422 is supported in JPEG-compressed files only, not in Explicit VR Little Endian"),
         ("SC_rgb_rle_32bit", "RLE Lossless with Bits Allocated 32 is not supported"),
     ] {
         let e = dec(&data(&format!("dicom/{name}.dcm"))).unwrap_err();
         assert!(e.to_string().contains(says), "{name}: {e}");
+    }
+}
+
+/// 12-bit lossy JPEG (JPEG Extended, process 4; our decoder, `jpeg12.rs`) against libjpeg-turbo
+/// 3's decode of the same frames (tools/make_dicom_jpeg12.py): libjpeg-turbo from IJG's codec,
+/// pydicom's JPGExtended.dcm from another encoder, and the same image with a scan header that
+/// says Se = 0 (JPEG-lossy.dcm), which sequential decoders ignore.
+#[test]
+fn twelve_bit_lossy_jpeg_decodes_as_libjpeg_turbo_does() {
+    for (file, frame, reference, intercept) in [
+        ("CT_small_jpeg12_2frames", 0, "CT_small_jpeg12_2frames.frame0", -1024.0),
+        ("CT_small_jpeg12_2frames", 1, "CT_small_jpeg12_2frames.frame1", -1024.0),
+        ("JPGExtended", 0, "JPGExtended.frame0", 0.0),
+        ("JPEG-lossy", 0, "JPGExtended.frame0", 0.0),
+    ] {
+        let d = decode(&data(&format!("dicom/{file}.dcm")), &DecodeOptions { frame, ..Default::default() }).unwrap();
+        let r = dec(&data(&format!("dicom/{reference}.libjpeg.png"))).unwrap();
+        assert_eq!((d.width, d.height, d.channels), (r.width, r.height, 1), "{file}");
+        let diff: Vec<f32> = d.samples.iter().zip(&r.samples).map(|(a, b)| (a - intercept - b).abs()).collect();
+        let max = diff.iter().copied().fold(0.0, f32::max);
+        let off = diff.iter().filter(|&&x| x > 0.0).count();
+        eprintln!("{file} frame {frame}: max {max}, {off} of {} samples differ", diff.len());
+        assert!(max <= 1.0, "{file} frame {frame}: {max}");
+        assert_eq!(d.dicom.as_ref().unwrap().transfer_syntax, "1.2.840.10008.1.2.4.51");
+    }
+    // Lossy, but the slice: within a few HU of the uncompressed CT (the second frame is it
+    // upside down).
+    let ct = dec(&data("dicom/CT_small.dcm")).unwrap();
+    for frame in 0..2 {
+        let d = decode(&data("dicom/CT_small_jpeg12_2frames.dcm"), &DecodeOptions { frame, ..Default::default() }).unwrap();
+        let mean = (0..128 * 128)
+            .map(|i| {
+                let (y, x) = (i / 128, i % 128);
+                let y = if frame == 0 { y } else { 127 - y };
+                f64::from((d.samples[i] - ct.samples[y * 128 + x]).abs())
+            })
+            .sum::<f64>()
+            / (128.0 * 128.0);
+        assert!(mean < 10.0, "frame {frame}: {mean} HU off on average");
+        eprintln!("frame {frame}: {mean:.2} HU off on average");
     }
 }
 
