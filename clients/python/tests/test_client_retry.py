@@ -357,3 +357,39 @@ async def segment_async(addr: str, progress, work: dict):
 
     async with AsyncClient(addr, timeout=120, retries=30, backoff=0.2, max_backoff=0.5) as client:
         return await client.segment(CT, progress=progress, **work)
+
+
+def test_the_rust_cli_sends_a_job_its_server_shut_down_on_again(tmp_path) -> None:
+    """`s3net client segment` does what the Python client's segment does (the test above): the
+    job cancelled by its server's shutdown is sent again to the server that replaces it."""
+    import subprocess
+
+    from pyclient_support import BIN
+
+    grace = {"S3NET__SERVER__SHUTDOWN_GRACE_S": "1"}
+    first = start_server("--cpu-workers", "1", env=grace)
+    addr, second = first.addr, None
+    try:
+        cli = subprocess.Popen(
+            [str(BIN), "client", "segment", "--addr", f"http://{addr}", str(CT), "--out", str(tmp_path)]
+            + ["--size", "64", "--iterations", "300", "--min-labels", "0", "--seed", "7"]
+            + ["--retries", "30", "--backoff", "0.2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: list = []
+        threading.Thread(target=lambda: lines.extend(cli.stderr), daemon=True).start()
+        wait_until(lambda: any("started" in line for line in lines), timeout=60)
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(30) == 0
+        second = start_server("--cpu-workers", "1", "--addr", addr, env=grace)
+        out, _ = cli.communicate(timeout=120)
+        log = "".join(lines)
+        assert cli.returncode == 0, log
+        assert "server shutting down (nothing of the job was kept" in log and "sending the image again" in log, log
+        assert "300 iterations" in out and (tmp_path / "CT_small.mask.png").exists()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

@@ -514,37 +514,51 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "image".into());
             let client = conn.client().await?;
-            let stream = retry
-                .run(|| {
-                    let (mut client, options) = (client.clone(), options.clone());
-                    let image = &image;
-                    async move {
-                        if upload || image.len() > 48 << 20 {
-                            let mut chunks = vec![pb::UploadChunk {
-                                part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
-                                    options: Some(options),
-                                    total_bytes: image.len() as u64,
-                                })),
-                            }];
-                            chunks.extend(image.chunks(1 << 20).map(|c| pb::UploadChunk {
-                                part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
-                            }));
-                            client.segment_upload(with_deadline(tokio_stream::iter(chunks), deadline)).await
-                        } else {
-                            let request = pb::SegmentRequest { image: image.clone(), options: Some(options) };
-                            client.segment(with_deadline(request, deadline)).await
+            // A job its server cancelled while shutting down is sent again, as a refused call
+            // would be (within --retries).
+            let mut resubmitted = 0;
+            let result = loop {
+                let stream = retry
+                    .run(|| {
+                        let (mut client, options) = (client.clone(), options.clone());
+                        let image = &image;
+                        async move {
+                            if upload || image.len() > 48 << 20 {
+                                let mut chunks = vec![pb::UploadChunk {
+                                    part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
+                                        options: Some(options),
+                                        total_bytes: image.len() as u64,
+                                    })),
+                                }];
+                                chunks.extend(image.chunks(1 << 20).map(|c| pb::UploadChunk {
+                                    part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
+                                }));
+                                client.segment_upload(with_deadline(tokio_stream::iter(chunks), deadline)).await
+                            } else {
+                                let request = pb::SegmentRequest { image: image.clone(), options: Some(options) };
+                                client.segment(with_deadline(request, deadline)).await
+                            }
                         }
+                    })
+                    .await;
+                let events = follow_events(stream.map_err(status_error)?.into_inner(), true);
+                let outcome = match deadline {
+                    // The server ends the stream at the deadline; this is for a server that
+                    // stopped answering altogether.
+                    Some(d) => tokio::time::timeout(d + Duration::from_secs(5), events)
+                        .await
+                        .map_err(|_| anyhow::anyhow!("DeadlineExceeded: no outcome within {:.1} s (--timeout)", d.as_secs_f64()))?,
+                    None => events.await,
+                };
+                match outcome {
+                    Err(e) if e.is::<ServerShutDown>() => {
+                        let Some(wait) = retry.delay(resubmitted, &Status::unavailable(e.to_string())) else { return Err(e) };
+                        eprintln!("{e}; sending the image again in {:.1} s", wait.as_secs_f64());
+                        tokio::time::sleep(wait).await;
+                        resubmitted += 1;
                     }
-                })
-                .await;
-            let events = follow_events(stream.map_err(status_error)?.into_inner(), true);
-            let result = match deadline {
-                // The server ends the stream at the deadline; this is for a server that
-                // stopped answering altogether.
-                Some(d) => tokio::time::timeout(d + Duration::from_secs(5), events)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("DeadlineExceeded: no outcome within {:.1} s (--timeout)", d.as_secs_f64()))??,
-                None => events.await?,
+                    other => break other?,
+                }
             };
             write_result(&out, &stem, &result)?;
             println!(
@@ -684,7 +698,14 @@ fn print_job(j: &pb::Job) {
     println!("{line}");
 }
 
-/// Shows a job's events on stderr and returns its result, or its failure as an error.
+/// A job its server cancelled because it was shutting down (`Cancelled.retryable`): nothing of it
+/// was kept, and the same request may be sent again.
+#[derive(Debug, thiserror::Error)]
+#[error("Cancelled: {0} (nothing of the job was kept: the same request may be sent again)")]
+pub struct ServerShutDown(pub String);
+
+/// Shows a job's events on stderr and returns its result, or its failure as an error
+/// ([`ServerShutDown`] for a job its server gave up while shutting down).
 pub async fn follow_events(
     mut s: tonic::Streaming<pb::JobEvent>,
     quiet_progress: bool,
@@ -726,9 +747,7 @@ pub async fn follow_events(
                 return c.result.context("Completed event without a result");
             }
             Some(Event::Failed(f)) => anyhow::bail!("{}: {}", code_name(f.code), f.message),
-            Some(Event::Cancelled(c)) if c.retryable => {
-                anyhow::bail!("Cancelled: {} (nothing of the job was kept: run the command again)", c.reason)
-            }
+            Some(Event::Cancelled(c)) if c.retryable => return Err(ServerShutDown(c.reason).into()),
             Some(Event::Cancelled(c)) => anyhow::bail!("Cancelled: {}", c.reason),
             None => {}
         }
