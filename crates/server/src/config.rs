@@ -40,6 +40,11 @@ pub struct ServerConfig {
     pub progress_interval_ms: u64,
     /// On SIGTERM/SIGINT, how long running jobs may go on before they are cancelled.
     pub shutdown_grace_s: u64,
+    /// On SIGTERM/SIGINT, cancel the jobs that have not started at once (as retryable: our
+    /// clients send them again, to another replica) instead of letting them wait through the
+    /// grace for a worker. For several replicas, whose others take them at once; a lone server
+    /// had better run what it can before it stops.
+    pub shutdown_cancels_queued: bool,
     /// Seconds between HTTP/2 pings on a connection (0: none). A client that stops answering
     /// (power lost, network cut, no FIN or RST ever sent) is disconnected after
     /// `keepalive_timeout_s` more, and the jobs its streams own are cancelled.
@@ -96,6 +101,7 @@ impl Default for ServerConfig {
             max_upload_bytes_in_flight: 1 << 30,
             progress_interval_ms: 100,
             shutdown_grace_s: 30,
+            shutdown_cancels_queued: false,
             keepalive_interval_s: 30,
             keepalive_timeout_s: 20,
             request_idle_timeout_s: 60,

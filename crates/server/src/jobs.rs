@@ -163,6 +163,8 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Cancels every queued and running job because the server stops: their outcomes say
     /// `retryable` (the same request may be sent again; our clients' Segment calls do).
     fn cancel_all(&self, reason: &str);
+    /// [`JobQueue::cancel_all`] for the jobs not started yet.
+    fn cancel_queued(&self, reason: &str);
     /// Queued plus running jobs.
     fn active(&self) -> usize;
     /// Queued and running jobs, separately (for the metrics).
@@ -396,6 +398,17 @@ impl MemoryQueue {
                 Ok(JobState::Running)
             }
             s => Ok(s),
+        }
+    }
+
+    /// Cancels the jobs `which` picks as `retryable` (the server is stopping).
+    fn cancel_retryable(&self, reason: &str, which: impl Fn(&Entry) -> bool) {
+        let ids: Vec<String> = {
+            let inner = self.lock();
+            inner.jobs.iter().filter(|(_, e)| which(e)).map(|(id, _)| id.clone()).collect()
+        };
+        for id in ids {
+            let _ = self.cancel_as(&id, pb::Cancelled { reason: reason.to_string(), retryable: true });
         }
     }
 
@@ -749,18 +762,11 @@ impl JobQueue for MemoryQueue {
     }
 
     fn cancel_all(&self, reason: &str) {
-        let ids: Vec<String> = {
-            let inner = self.lock();
-            inner
-                .jobs
-                .iter()
-                .filter(|(_, e)| e.outcome.is_none())
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
-        for id in ids {
-            let _ = self.cancel_as(&id, pb::Cancelled { reason: reason.to_string(), retryable: true });
-        }
+        self.cancel_retryable(reason, |e| e.outcome.is_none());
+    }
+
+    fn cancel_queued(&self, reason: &str) {
+        self.cancel_retryable(reason, |e| e.state == JobState::Queued);
     }
 
     fn active(&self) -> usize {

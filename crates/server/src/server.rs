@@ -55,6 +55,8 @@ pub struct Server {
     stop: oneshot::Sender<()>,
     serving: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
+    /// `server.shutdown_cancels_queued`.
+    cancel_queued: bool,
     metrics: Option<MetricsEndpoint>,
     /// Turned true when the server stops: ends the event streams relayed from other replicas.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -274,6 +276,7 @@ impl Server {
             stop,
             serving,
             grace: Duration::from_secs(cfg.server.shutdown_grace_s),
+            cancel_queued: cfg.server.shutdown_cancels_queued,
             metrics: metrics_endpoint,
             stopping,
         })
@@ -295,7 +298,8 @@ impl Server {
     }
 
     /// Drains and stops: health NOT_SERVING and new work UNAVAILABLE at once, then running and
-    /// queued jobs get the grace period, then the rest is cancelled and the server stops.
+    /// queued jobs get the grace period (queued ones are cancelled at once with
+    /// `server.shutdown_cancels_queued`), then the rest is cancelled and the server stops.
     pub async fn shutdown(self) -> Result<()> {
         self.shutdown_or(std::future::pending()).await
     }
@@ -315,6 +319,9 @@ impl Server {
             .set_service_status("", ServingStatus::NotServing)
             .await;
         self.queue.drain();
+        if self.cancel_queued {
+            self.queue.cancel_queued("server shutting down");
+        }
         let until = Instant::now() + self.grace;
         let drained = async {
             while self.queue.active() > 0 && Instant::now() < until {

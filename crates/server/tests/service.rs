@@ -1007,6 +1007,32 @@ async fn graceful_shutdown_drains_then_cancels() {
     );
 }
 
+/// `server.shutdown_cancels_queued`: at shutdown the jobs not started are handed back at once
+/// (cancelled as retryable, for clients to send to another replica) while the running one
+/// keeps its grace; without it, a queued job waits through the grace (the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_are_handed_back_at_once_when_configured() {
+    let mut cfg = config();
+    cfg.server.shutdown_grace_s = 5;
+    cfg.server.shutdown_cancels_queued = true;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let running = submit_running(&mut c, disk(48, 48), slow()).await;
+    let queued = submit(&mut c, disk(40, 40), quick()).await;
+    let t = Instant::now();
+    let stopping = tokio::spawn(server.shutdown());
+    let job = wait_final(&mut c, &queued, Duration::from_secs(3)).await;
+    let handed_back = t.elapsed();
+    let why = job.cancellation.expect("cancelled");
+    assert_eq!((why.reason.as_str(), why.retryable), ("server shutting down", true));
+    // The running job is still in its grace meanwhile.
+    let r = c.get_job(pb::GetJobRequest { job_id: running.clone() }).await.unwrap().into_inner();
+    assert_eq!(r.state, JobState::Running as i32, "{handed_back:?}");
+    assert!(handed_back < Duration::from_secs(2), "{handed_back:?}");
+    stopping.await.unwrap().unwrap();
+    assert!(t.elapsed() >= Duration::from_secs(4), "the running job had its grace: {:?}", t.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_expire() {
     let mut cfg = config();
