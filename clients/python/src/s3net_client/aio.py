@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+import collections
+from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Iterable, Optional, Tuple, Union
 
 import grpc
 import grpc.aio
@@ -23,6 +24,7 @@ from ._pb import s3net_pb2 as pb
 from ._pb.s3net_pb2_grpc import SegmenterStub
 from .errors import InvalidArgument, from_rpc_error
 from .images import ImageInput
+from .client import _END, _bar
 from .results import Job, JobEvent, JobList, JobState, SegmentationResult, Submitted
 
 
@@ -117,6 +119,53 @@ class AsyncClient:
                 raise
             start = up.upload_call(stub, s, size)
             return await self._follow(start, Follower(progress, up.stem, resubmit=True), deadline)
+
+    async def segment_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        concurrency: int = 8,
+        progress: bool = False,
+        timeout: Optional[float] = UNSET,
+        upload: Optional[bool] = None,
+        **options: Any,
+    ) -> AsyncIterator[Tuple[ImageInput, Union[SegmentationResult, Exception]]]:
+        """See ``Client.segment_many``: an async iterator of ``(image, result or error)``
+        in the order of ``images``, up to ``concurrency`` fits in flight."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+
+        async def one(image: ImageInput) -> Union[SegmentationResult, Exception]:
+            try:
+                return await self.segment(image, timeout=timeout, upload=upload, **options)
+            except Exception as e:  # yielded with its image, for the caller to handle
+                return e
+
+        bar = _bar(images) if progress else None
+        pending: Deque[Tuple[ImageInput, "asyncio.Future[Any]"]] = collections.deque()
+        source = iter(images)
+        try:
+            while True:
+                while len(pending) < concurrency:
+                    image = next(source, _END)
+                    if image is _END:
+                        break
+                    pending.append((image, asyncio.ensure_future(one(image))))
+                if not pending:
+                    return
+                image, task = pending.popleft()
+                outcome = await task
+                if bar is not None:
+                    bar.update(1)
+                yield image, outcome
+        finally:
+            # Cancelling a segment task cancels its job on the server.
+            for _, task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+            if bar is not None:
+                bar.close()
 
     async def submit(
         self,

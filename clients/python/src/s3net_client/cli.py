@@ -79,9 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "segment",
         parents=[conn, fit],
-        help="segment one image, write STEM.labels.png, STEM.mask.png, STEM.json",
+        help="segment images, write STEM.labels.png, STEM.mask.png, STEM.json for each",
     )
-    s.add_argument("file", type=Path)
+    s.add_argument("file", type=Path, nargs="+")
+    s.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="with several files: how many fits to keep in flight at once (default 4)",
+    )
     s.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     s.add_argument("--upload", action="store_true", help="use the chunked SegmentUpload call")
     s = sub.add_parser("submit", parents=[conn, fit], help="queue an image, print the job id")
@@ -124,6 +130,15 @@ def _describe(ev: JobEvent) -> Optional[str]:
     return None
 
 
+def _report(path: Path, r: Any, out: Path) -> None:
+    r.save(out, path.stem)
+    print(
+        f"{path}: {r.labels_used} labels, {r.iterations} iterations, "
+        f"{r.timings.fit_seconds:.2f} s on {r.device}",
+        flush=True,
+    )
+
+
 def _job_line(j: Job) -> str:
     line = f"{j.job_id} {j.state.name} {j.width}x{j.height}"
     if j.progress is not None:
@@ -155,14 +170,29 @@ def _run(a: argparse.Namespace) -> int:
                     if isinstance(ev, (Queued, Started)):
                         print(_describe(ev), file=sys.stderr)
 
-            r = client.segment(
-                a.file, progress=progress, upload=True if a.upload else None, **_fit_options(a)
-            )
-            r.save(a.out, a.file.stem)
-            print(
-                f"{a.file}: {r.labels_used} labels, {r.iterations} iterations, "
-                f"{r.timings.fit_seconds:.2f} s on {r.device}"
-            )
+            upload = True if a.upload else None
+            if len(a.file) == 1:
+                (path,) = a.file
+                r = client.segment(path, progress=progress, upload=upload, **_fit_options(a))
+                _report(path, r, a.out)
+            else:
+                failed = 0
+                outcomes = client.segment_many(
+                    a.file,
+                    concurrency=a.concurrency,
+                    progress=sys.stderr.isatty(),
+                    upload=upload,
+                    **_fit_options(a),
+                )
+                for path, outcome in outcomes:
+                    if isinstance(outcome, Exception):
+                        failed += 1
+                        print(f"error: {path}: {outcome}", file=sys.stderr)
+                    else:
+                        _report(path, outcome, a.out)
+                if failed:
+                    print(f"{failed} of {len(a.file)} image(s) failed", file=sys.stderr)
+                    return 1
         elif a.command == "submit":
             sub = client.submit(a.file, idempotency_key=a.idempotency_key, **_fit_options(a))
             print(sub.job_id)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Deque, Iterable, Iterator, Optional, Tuple, TypeVar, Union
 
 import grpc
 
@@ -23,6 +26,10 @@ from ._pb.s3net_pb2_grpc import SegmenterStub
 from .errors import InvalidArgument, from_rpc_error
 from .images import ImageInput
 from .results import Job, JobEvent, JobList, JobState, SegmentationResult, Submitted
+
+#: What ``segment_many`` yields for each image: the image as given, and its result or the
+#: exception its segmentation raised.
+Outcome = Tuple[ImageInput, Union[SegmentationResult, Exception]]
 
 T = TypeVar("T")
 
@@ -149,6 +156,67 @@ class Client:
                 raise
             start = up.upload_call(stub, s, size)
             return self._follow(start, Follower(progress, up.stem, resubmit=True), deadline)
+
+    def segment_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        concurrency: int = 8,
+        progress: bool = False,
+        timeout: Optional[float] = UNSET,
+        upload: Optional[bool] = None,
+        **options: Any,
+    ) -> Iterator[Outcome]:
+        """Segments many images (a series' slices, a folder) with up to ``concurrency`` fits
+        in flight at once, and yields ``(image, result)`` for each, in the order of ``images``.
+
+        Why: one call at a time leaves all but one of the server's workers idle, and a GPU
+        worker trains the jobs waiting together in one stack; keeping several in flight is
+        what makes a series fast. An image that fails yields ``(image, error)`` (the exception
+        ``segment`` would raise: an S3NetError, or e.g. FileNotFoundError for a missing path)
+        and the others go on. ``images`` is read as the fits go (a generator of thousands of
+        paths is fine); ``timeout`` applies to each image; ``progress=True`` shows one bar over
+        the images. Leaving the loop early (break, an exception) cancels the fits in flight.
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        stop = threading.Event()
+
+        def stopped(_event: JobEvent) -> None:
+            if stop.is_set():
+                raise _Stopped()
+
+        def one(image: ImageInput) -> Union[SegmentationResult, Exception]:
+            try:
+                return self.segment(image, progress=stopped, timeout=timeout, upload=upload, **options)
+            except Exception as e:  # yielded with its image, for the caller to handle
+                return e
+
+        bar = _bar(images) if progress else None
+        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3net-segment")
+        pending: Deque[Tuple[ImageInput, Future]] = collections.deque()
+        source = iter(images)
+        try:
+            while True:
+                while len(pending) < concurrency:
+                    image = next(source, _END)
+                    if image is _END:
+                        break
+                    pending.append((image, pool.submit(one, image)))
+                if not pending:
+                    return
+                image, future = pending.popleft()
+                outcome = future.result()
+                if bar is not None:
+                    bar.update(1)
+                yield image, outcome
+        finally:
+            # Fits still in flight stop at their next event (the job is cancelled); those
+            # not started do not start.
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            if bar is not None:
+                bar.close()
 
     # -- asynchronous jobs ----------------------------------------------------------------
 
@@ -285,3 +353,17 @@ class Client:
                 attempt += 1
         finally:
             follower.close()
+
+
+class _Stopped(Exception):
+    """Raised in a fit's progress callback to cancel it: its ``segment_many`` was left."""
+
+
+_END = object()
+
+
+def _bar(images: Iterable[Any]) -> Any:
+    from tqdm.auto import tqdm
+
+    total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
+    return tqdm(total=total, unit="image", desc="s3net", leave=True)
