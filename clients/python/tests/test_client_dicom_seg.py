@@ -57,6 +57,26 @@ def test_a_ct_slices_mask_comes_back_filed_and_placed_on_its_slice(client: Clien
     np.testing.assert_allclose(np.linalg.norm(volume.affine[:3, 2]), column)
 
 
+def test_the_clusters_come_back_as_a_segmentation_of_their_own(client: Client) -> None:
+    r = client.segment(CT, dicom_seg=True, dicom_seg_clusters=True, **FAST)
+    source = pydicom.dcmread(CT)
+    clusters, foreground = read_seg(r.labels_dicom), read_seg(r.mask_dicom)
+    assert clusters.SeriesInstanceUID not in (foreground.SeriesInstanceUID, source.SeriesInstanceUID)
+    assert clusters.StudyInstanceUID == source.StudyInstanceUID
+    assert [s.SegmentLabel for s in clusters.SegmentSequence] == [
+        f"Cluster {label}" for label in range(r.labels_used)
+    ]
+    # Each cluster's segment is the label map's pixels of that label; they do not overlap.
+    numbers = list(range(1, r.labels_used + 1))
+    pixels = clusters.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=numbers)
+    for label in range(r.labels_used):
+        np.testing.assert_array_equal(pixels[0, :, :, label].astype(bool), r.labels == label)
+    assert clusters.SegmentsOverlap == "NO"
+    # Either may be asked alone.
+    alone = client.segment(CT, dicom_seg_clusters=True, **FAST)
+    assert alone.labels_dicom and alone.mask_dicom == b""
+
+
 def test_a_secondary_capture_is_referenced_but_not_placed(client: Client) -> None:
     path = DATA / "dicom" / "SC_rgb_rle.dcm"
     r = client.segment(path, dicom_seg=True, **FAST)
@@ -73,10 +93,12 @@ def test_not_asked_not_sent_and_refused_for_other_formats(client: Client) -> Non
     assert client.segment(CT, **FAST).mask_dicom == b""
     with pytest.raises(InvalidArgument, match="DICOM Segmentation.*this image is PNG"):
         client.segment(DATA / "ph2" / "IMD002.png", dicom_seg=True, **FAST)
+    with pytest.raises(InvalidArgument, match="dicom_seg_clusters asks for the clusters as a DICOM"):
+        client.segment(DATA / "ph2" / "IMD002.png", dicom_seg_clusters=True, **FAST)
 
 
 def test_both_clis_and_the_local_segment_write_it(server, tmp_path: Path) -> None:
-    fit = ["--size", "64", "--iterations", "2", "--seed", "7", "--dicom-seg"]
+    fit = ["--size", "64", "--iterations", "2", "--seed", "7", "--dicom-seg", "--dicom-seg-clusters"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "clients" / "python" / "src")}
     env.pop("S3NET_TOKEN", None)
     runs = {
@@ -97,6 +119,7 @@ def test_both_clis_and_the_local_segment_write_it(server, tmp_path: Path) -> Non
         assert sorted(f.name for f in out.iterdir()) == [
             "CT_small.json",
             "CT_small.labels.png",
+            "CT_small.labels.seg.dcm",
             "CT_small.mask.png",
             "CT_small.seg.dcm",
         ], name

@@ -83,7 +83,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let mut rows = Vec::new();
     println!("{:<22} {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} | {:>4} {:>4} {:>6}", "image", "paper", "oracle", "auto", "merge", "oracleF", "autoF", "lab", "it", "sec");
     for name in &names {
-        let image = load_image(&a.images.join(name), 0, window, false)?.image;
+        let image = load_image(&a.images.join(name), 0, window, (false, false))?.image;
         let mpath = a.masks.join(name);
         let mbytes = std::fs::read(&mpath).with_context(|| format!("cannot read mask {}", mpath.display()))?;
         let (mw, mh, gt) = decode_mask(&mbytes).with_context(|| format!("cannot decode mask {}", mpath.display()))?;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use s3net_imaging::{DecodeOptions, DicomSource, Format, Image, Window};
+use s3net_imaging::{DecodeOptions, Format, Image, Window};
+use s3net_server::jobs::DicomOutputs;
 use s3net_model::{DeviceSpec, FitOptions, Progress, Segmentation};
 
 use crate::fitargs::FitArgs;
@@ -27,6 +28,10 @@ pub struct SegmentArgs {
     /// inputs only), for a PACS to store next to it.
     #[arg(long)]
     pub dicom_seg: bool,
+    /// Also write the cluster map as a DICOM Segmentation, STEM.labels.seg.dcm (one segment
+    /// per cluster; DICOM inputs only).
+    #[arg(long)]
+    pub dicom_seg_clusters: bool,
     #[command(flatten)]
     pub fit: FitArgs,
 }
@@ -41,22 +46,26 @@ pub struct Loaded {
     pub pixel_spacing_mm: Option<[f64; 2]>,
     /// The window applied: the one asked for, else the file's (a DICOM's Window Center/Width).
     pub window: Option<Window>,
-    /// What a DICOM Segmentation of the result needs of the file, when one was asked for.
-    pub dicom_source: Option<DicomSource>,
+    /// The DICOM Segmentations asked for, with what they need of the file.
+    pub dicom_seg: Option<DicomOutputs>,
 }
 
 /// Reads and decodes an image file (`frame`: of a multi-frame DICOM or multi-page TIFF), with
 /// the path in every error; with `dicom_seg`, also what a DICOM Segmentation of it needs (an
-/// error for a file of another format, or one a Segmentation cannot reference).
-pub fn load_image(path: &Path, frame: u32, window: Option<Window>, dicom_seg: bool) -> Result<Loaded> {
+/// error for a file of another format, or one a Segmentation cannot reference): `dicom_seg`
+/// is (the foreground's, the clusters').
+pub fn load_image(path: &Path, frame: u32, window: Option<Window>, (foreground, clusters): (bool, bool)) -> Result<Loaded> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let dicom_source = match (dicom_seg, s3net_imaging::sniff(&bytes)) {
+    let dicom_seg = match (foreground || clusters, s3net_imaging::sniff(&bytes)) {
         (false, _) => None,
-        (true, Some(Format::Dicom)) => Some(
-            s3net_imaging::dicom_source(&bytes, frame).with_context(|| format!("--dicom-seg: {}", path.display()))?,
-        ),
+        (true, Some(Format::Dicom)) => Some(DicomOutputs {
+            source: Arc::new(s3net_imaging::dicom_source(&bytes, frame).with_context(|| format!("a DICOM Segmentation of {}", path.display()))?),
+            foreground,
+            clusters,
+        }),
         (true, format) => anyhow::bail!(
-            "--dicom-seg needs a DICOM input, to reference it; {} is {}",
+            "{} needs a DICOM input, to reference it; {} is {}",
+            if foreground { "--dicom-seg" } else { "--dicom-seg-clusters" },
             path.display(),
             format.map_or("not an image format this tool reads".into(), |f| f.to_string().to_uppercase())
         ),
@@ -65,7 +74,7 @@ pub fn load_image(path: &Path, frame: u32, window: Option<Window>, dicom_seg: bo
     let decoded = s3net_imaging::decode(&bytes, &opts).with_context(|| format!("cannot decode {}", path.display()))?;
     let (orientation, pixel_spacing_mm) = (decoded.orientation, decoded.dicom.as_ref().and_then(|d| d.pixel_spacing_mm));
     let applied = decoded.given_window(window);
-    Ok(Loaded { image: Arc::new(decoded.into_image(window)), orientation, pixel_spacing_mm, window: applied, dicom_source })
+    Ok(Loaded { image: Arc::new(decoded.into_image(window)), orientation, pixel_spacing_mm, window: applied, dicom_seg })
 }
 
 /// A one-line progress display on stderr, only when stderr is a terminal.
@@ -107,7 +116,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let mut failures = 0;
     for path in &a.images {
-        match segment_file(path, &a.out, (a.frame, a.dicom_seg), &opts, device, window) {
+        match segment_file(path, &a.out, (a.frame, (a.dicom_seg, a.dicom_seg_clusters)), &opts, device, window) {
             Ok(summary) => println!("{summary}"),
             Err(e) => {
                 failures += 1;
@@ -121,7 +130,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     Ok(())
 }
 
-fn segment_file(path: &Path, out: &Path, (frame, dicom_seg): (u32, bool), opts: &FitOptions, device: DeviceSpec, window: Option<Window>) -> Result<String> {
+fn segment_file(path: &Path, out: &Path, (frame, dicom_seg): (u32, (bool, bool)), opts: &FitOptions, device: DeviceSpec, window: Option<Window>) -> Result<String> {
     let loaded = load_image(path, frame, window, dicom_seg)?;
     let image = &loaded.image;
     if let Some(w) = memory_warning(opts, device, image, s3net_server::config::host_memory_bytes()) {
@@ -166,13 +175,13 @@ pub fn memory_warning(opts: &FitOptions, device: DeviceSpec, image: &Image, host
 /// `s3net client segment` uses: a local and a remote segmentation report the same keys.
 pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation, opts: &FitOptions, device: DeviceSpec) -> Result<()> {
     let applied = s3net_server::service::applied_options(opts, device, loaded.window, 0, loaded.orientation);
-    let mask_dicom = loaded
-        .dicom_source
+    let dicom = loaded
+        .dicom_seg
         .as_ref()
-        .map(|source| s3net_server::worker::dicom_segmentation(source, &loaded.image, seg, &applied))
+        .map(|out| s3net_server::worker::dicom_segmentations(out, &loaded.image, seg, &applied))
         .transpose()?;
     let mut result = s3net_server::worker::segmentation_result(&loaded.image, seg, applied, loaded.pixel_spacing_mm);
-    result.mask_dicom = mask_dicom.unwrap_or_default();
+    (result.mask_dicom, result.labels_dicom) = dicom.unwrap_or_default();
     result.timings = Some(s3net_server::pb::Timings {
         queued_seconds: 0.0,
         fit_seconds: seg.fit.fit_seconds,

@@ -241,14 +241,15 @@ fn new_uid() -> Result<String, ImagingError> {
     Ok(format!("2.25.{}", u128::from_be_bytes(bytes)))
 }
 
-/// The Series Instance UID of this version's Segmentations of source series `source_series`:
+/// The Series Instance UID of this version's Segmentations of kind `kind` (foreground,
+/// clusters) of source series `source_series`:
 /// a 2.25 UID made of the first 128 bits of a SHA-256 of both. Why derived, not random: a CT
 /// series arrives one slice per request, and each slice's Segmentation must land in one series
 /// (a viewer shows one series per UID, not 300), with no request knowing of the others; a
 /// new version's Segmentations form a series of their own beside the old one.
-fn series_uid_for(source_series: &str, version: &str) -> String {
+fn series_uid_for(source_series: &str, version: &str, kind: &str) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("s3net {version} DICOM Segmentation of series {source_series}"));
+    let digest = sha2::Sha256::digest(format!("s3net {version} DICOM Segmentation ({kind}) of series {source_series}"));
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     format!("2.25.{}", u128::from_be_bytes(bytes))
@@ -295,15 +296,41 @@ fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
     ])
 }
 
-/// Bits in the order DICOM packs them: pixel after pixel, the first in each byte's lowest bit,
-/// with no padding at row ends; the whole padded to an even length.
-fn pack_bits(mask: &[bool]) -> Vec<u8> {
-    let mut out = vec![0u8; mask.len().div_ceil(8).next_multiple_of(2)];
-    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
-        out[i / 8] |= 1 << (i % 8);
+/// `frames` frames of `pixels` bits (pixel `i` of frame `f` set when `set(f, i)`) in the
+/// order DICOM packs them: pixel after pixel, the first in each byte's lowest bit, with no
+/// padding at row or frame ends; the whole padded to an even length.
+fn pack_bits(frames: usize, pixels: usize, set: impl Fn(usize, usize) -> bool) -> Vec<u8> {
+    let mut out = vec![0u8; pack_bits_len(frames * pixels)];
+    for f in 0..frames {
+        for i in (0..pixels).filter(|&i| set(f, i)) {
+            let bit = f * pixels + i;
+            out[bit / 8] |= 1 << (bit % 8);
+        }
     }
     out
 }
+
+/// What one kind of Segmentation holds and how it is filed.
+struct Kind {
+    /// Series Description, Series Number, Content Label, Content Description.
+    series: (&'static str, &'static str, &'static str, &'static str),
+    /// Part of what its series UID is derived from (see `series_uid_for`).
+    name: &'static str,
+    /// Whether its segments may overlap (Segments Overlap).
+    overlap: bool,
+}
+
+const FOREGROUND: Kind = Kind {
+    series: ("S3-Net foreground", "1000", "S3NET_FOREGROUND", "Foreground of a self-supervised clustering (S3-Net)"),
+    name: "foreground",
+    overlap: false,
+};
+
+const CLUSTERS: Kind = Kind {
+    series: ("S3-Net clusters", "1001", "S3NET_CLUSTERS", "Clusters of a self-supervised clustering (S3-Net)"),
+    name: "clusters",
+    overlap: false,
+};
 
 /// The mask (`width` × `height`, row after row, true = foreground) as a DICOM Segmentation
 /// Part 10 file: binary, one segment ("Foreground", made by an automatic algorithm), in the
@@ -318,21 +345,59 @@ pub fn encode_segmentation(
     mask: &[bool],
     algorithm: &Algorithm<'_>,
 ) -> Result<Vec<u8>, ImagingError> {
-    if (width, height) != source.size() || mask.len() as u64 != u64::from(width) * u64::from(height) {
+    if mask.len() as u64 != u64::from(width) * u64::from(height) {
+        return Err(not_segmentable(format!("the mask has {} pixels, not {width}×{height}", mask.len())));
+    }
+    encode(source, (width, height), &FOREGROUND, &["Foreground".to_string()], |_, i| mask[i], algorithm)
+}
+
+/// The label map (clusters numbered 0.. by decreasing area, as the result's PNG has them) as a
+/// DICOM Segmentation like [`encode_segmentation`]'s, in a series of its own beside it: one
+/// segment per cluster ("Cluster 0", …; segment number = label + 1), which do not overlap.
+///
+/// Fails when the map is not the source's size.
+pub fn encode_cluster_segmentation(
+    source: &DicomSource,
+    labels: &crate::LabelMap,
+    algorithm: &Algorithm<'_>,
+) -> Result<Vec<u8>, ImagingError> {
+    let (w, h) = (labels.width, labels.height);
+    if labels.data.len() as u64 != u64::from(w) * u64::from(h) {
+        return Err(not_segmentable(format!("the label map has {} pixels, not {w}×{h}", labels.data.len())));
+    }
+    let clusters = labels.data.iter().copied().max().map_or(0, |m| usize::from(m) + 1);
+    let names: Vec<String> = (0..clusters).map(|l| format!("Cluster {l}")).collect();
+    encode(source, (w, h), &CLUSTERS, &names, |frame, i| usize::from(labels.data[i]) == frame, algorithm)
+}
+
+/// A Segmentation of `source` of one frame per segment (`segments`, their labels), pixel `i`
+/// of frame `f` (0-based) set when `set(f, i)`.
+fn encode(
+    source: &DicomSource,
+    (width, height): (u32, u32),
+    kind: &Kind,
+    segments: &[String],
+    set: impl Fn(usize, usize) -> bool,
+    algorithm: &Algorithm<'_>,
+) -> Result<Vec<u8>, ImagingError> {
+    if (width, height) != source.size() {
         return Err(not_segmentable(format!(
-            "the mask is {width}×{height} ({} pixels) but the source image is {}×{}",
-            mask.len(),
-            source.columns,
-            source.rows
+            "the mask is {width}×{height} but the source image is {}×{}",
+            source.columns, source.rows
         )));
     }
+    if segments.is_empty() || segments.len() > usize::from(u16::MAX) {
+        return Err(not_segmentable(format!("{} segments", segments.len())));
+    }
+    let (description, series_number, content_label, content_description) = kind.series;
     let sop_instance_uid = new_uid()?;
-    let series_instance_uid = series_uid_for(&source.series_instance_uid, algorithm.version);
+    let series_instance_uid = series_uid_for(&source.series_instance_uid, algorithm.version, kind.name);
     let dimension_organization_uid = new_uid()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (date, time) = dicom_date_time(now);
+    let pixels = width as usize * height as usize;
 
     let mut obj = InMemDicomObject::new_empty();
     for &tag in &REQUIRED_EMPTY {
@@ -356,16 +421,16 @@ pub fn encode_segmentation(
     put(&mut obj, tags::MODALITY, VR::CS, "SEG");
     put(&mut obj, tags::MANUFACTURER, VR::LO, "s3net");
     put(&mut obj, tags::TIMEZONE_OFFSET_FROM_UTC, VR::SH, "+0000");
-    put(&mut obj, tags::SERIES_DESCRIPTION, VR::LO, "S3-Net foreground");
+    put(&mut obj, tags::SERIES_DESCRIPTION, VR::LO, description);
     put(&mut obj, tags::MANUFACTURER_MODEL_NAME, VR::LO, "s3net");
     put(&mut obj, tags::DEVICE_SERIAL_NUMBER, VR::LO, "s3net");
     put(&mut obj, tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version);
     put(&mut obj, tags::SERIES_INSTANCE_UID, VR::UI, &series_instance_uid);
-    put(&mut obj, tags::SERIES_NUMBER, VR::IS, "1000");
+    put(&mut obj, tags::SERIES_NUMBER, VR::IS, series_number);
     put(&mut obj, tags::INSTANCE_NUMBER, VR::IS, &source.instance_number.unwrap_or(1).to_string());
     obj.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)));
     put(&mut obj, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
-    put(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, "1");
+    put(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, &segments.len().to_string());
     for (tag, value) in [
         (tags::ROWS, height as u16),
         (tags::COLUMNS, width as u16),
@@ -378,10 +443,10 @@ pub fn encode_segmentation(
     }
     put(&mut obj, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
     put(&mut obj, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
-    put(&mut obj, tags::CONTENT_LABEL, VR::CS, "S3NET_FOREGROUND");
-    put(&mut obj, tags::CONTENT_DESCRIPTION, VR::LO, "Foreground of a self-supervised clustering (S3-Net)");
+    put(&mut obj, tags::CONTENT_LABEL, VR::CS, content_label);
+    put(&mut obj, tags::CONTENT_DESCRIPTION, VR::LO, content_description);
     obj.put(DataElement::new(tags::CONTENT_CREATOR_NAME, VR::PN, PrimitiveValue::Empty));
-    put(&mut obj, tags::SEGMENTS_OVERLAP, VR::CS, "NO");
+    put(&mut obj, tags::SEGMENTS_OVERLAP, VR::CS, if kind.overlap { "YES" } else { "NO" });
 
     let parameters: String = algorithm.parameters.chars().take(10_240).collect();
     let algorithm_identification = item([
@@ -390,16 +455,19 @@ pub fn encode_segmentation(
         str_element(tags::ALGORITHM_VERSION, VR::LO, algorithm.version),
         str_element(tags::ALGORITHM_PARAMETERS, VR::LT, &parameters),
     ]);
-    let segment = item([
-        sequence(tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE, vec![code("85756007", "SCT", "Tissue")]),
-        DataElement::new(tags::SEGMENT_NUMBER, VR::US, PrimitiveValue::from(1u16)),
-        str_element(tags::SEGMENT_LABEL, VR::LO, "Foreground"),
-        sequence(tags::SEGMENTATION_ALGORITHM_IDENTIFICATION_SEQUENCE, vec![algorithm_identification]),
-        str_element(tags::SEGMENT_ALGORITHM_TYPE, VR::CS, "AUTOMATIC"),
-        str_element(tags::SEGMENT_ALGORITHM_NAME, VR::LO, "S3-Net"),
-        sequence(tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, vec![code("85756007", "SCT", "Tissue")]),
-    ]);
-    obj.put(sequence(tags::SEGMENT_SEQUENCE, vec![segment]));
+    let segment = |number: u16, label: &str| {
+        item([
+            sequence(tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE, vec![code("85756007", "SCT", "Tissue")]),
+            DataElement::new(tags::SEGMENT_NUMBER, VR::US, PrimitiveValue::from(number)),
+            str_element(tags::SEGMENT_LABEL, VR::LO, label),
+            sequence(tags::SEGMENTATION_ALGORITHM_IDENTIFICATION_SEQUENCE, vec![algorithm_identification.clone()]),
+            str_element(tags::SEGMENT_ALGORITHM_TYPE, VR::CS, "AUTOMATIC"),
+            str_element(tags::SEGMENT_ALGORITHM_NAME, VR::LO, "S3-Net"),
+            sequence(tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, vec![code("85756007", "SCT", "Tissue")]),
+        ])
+    };
+    let numbered = || segments.iter().enumerate().map(|(i, label)| (i as u16 + 1, label));
+    obj.put(sequence(tags::SEGMENT_SEQUENCE, numbered().map(|(n, label)| segment(n, label)).collect()));
 
     // Multi-frame Dimension: frames are indexed by segment, and by position where there is one.
     obj.put(sequence(
@@ -431,7 +499,7 @@ pub fn encode_segmentation(
     }
     obj.put(sequence(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
 
-    // The one frame: derived from the source (image and frame), of segment 1, at its position.
+    // A frame per segment: derived from the source (image and frame), at its position.
     let mut referenced = vec![
         str_element(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &source.sop_class_uid),
         str_element(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &source.sop_instance_uid),
@@ -450,22 +518,25 @@ pub fn encode_segmentation(
         sequence(tags::DERIVATION_CODE_SEQUENCE, vec![code("113076", "DCM", "Segmentation")]),
         sequence(tags::SOURCE_IMAGE_SEQUENCE, vec![source_image]),
     ]);
-    let index: Vec<u32> = if source.is_placed() { vec![1, 1] } else { vec![1] };
-    let mut per_frame = item([
-        sequence(tags::DERIVATION_IMAGE_SEQUENCE, vec![derivation]),
-        sequence(
-            tags::FRAME_CONTENT_SEQUENCE,
-            vec![item([DataElement::new(tags::DIMENSION_INDEX_VALUES, VR::UL, PrimitiveValue::U32(index.into()))])],
-        ),
-        sequence(
-            tags::SEGMENT_IDENTIFICATION_SEQUENCE,
-            vec![item([DataElement::new(tags::REFERENCED_SEGMENT_NUMBER, VR::US, PrimitiveValue::from(1u16))])],
-        ),
-    ]);
-    if let (Some(position), true) = (&source.image_position, source.is_placed()) {
-        per_frame.put(sequence(tags::PLANE_POSITION_SEQUENCE, vec![item([position.clone()])]));
-    }
-    obj.put(sequence(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, vec![per_frame]));
+    let frame = |number: u16| {
+        let index: Vec<u32> = if source.is_placed() { vec![u32::from(number), 1] } else { vec![u32::from(number)] };
+        let mut per_frame = item([
+            sequence(tags::DERIVATION_IMAGE_SEQUENCE, vec![derivation.clone()]),
+            sequence(
+                tags::FRAME_CONTENT_SEQUENCE,
+                vec![item([DataElement::new(tags::DIMENSION_INDEX_VALUES, VR::UL, PrimitiveValue::U32(index.into()))])],
+            ),
+            sequence(
+                tags::SEGMENT_IDENTIFICATION_SEQUENCE,
+                vec![item([DataElement::new(tags::REFERENCED_SEGMENT_NUMBER, VR::US, PrimitiveValue::from(number))])],
+            ),
+        ]);
+        if let (Some(position), true) = (&source.image_position, source.is_placed()) {
+            per_frame.put(sequence(tags::PLANE_POSITION_SEQUENCE, vec![item([position.clone()])]));
+        }
+        per_frame
+    };
+    obj.put(sequence(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, numbered().map(|(n, _)| frame(n)).collect()));
 
     // Common Instance Reference: the source's series and instance.
     obj.put(sequence(
@@ -479,7 +550,7 @@ pub fn encode_segmentation(
     obj.put(DataElement::new(
         tags::PIXEL_DATA,
         VR::OB,
-        PrimitiveValue::U8(dicom_core::smallvec::SmallVec::from_vec(pack_bits(mask))),
+        PrimitiveValue::U8(dicom_core::smallvec::SmallVec::from_vec(pack_bits(segments.len(), pixels, &set))),
     ));
 
     let meta = FileMetaTableBuilder::new()
@@ -490,7 +561,7 @@ pub fn encode_segmentation(
         .implementation_version_name(format!("S3NET_{}", algorithm.version).chars().take(16).collect::<String>())
         .build()
         .map_err(|e| ImagingError::Internal(format!("cannot build the Segmentation's file meta group: {e}")))?;
-    let mut out = Vec::with_capacity(pack_bits_len(mask.len()) + 8192);
+    let mut out = Vec::with_capacity(pack_bits_len(segments.len() * pixels) + 8192);
     obj.with_exact_meta(meta)
         .write_all(&mut out)
         .map_err(|e| ImagingError::Internal(format!("cannot write the Segmentation: {e}")))?;
@@ -529,9 +600,11 @@ mod tests {
     #[test]
     fn bits_are_packed_lowest_first_without_row_padding() {
         let mask = [true, false, false, false, false, false, false, false, false, true, true];
-        assert_eq!(pack_bits(&mask), vec![0b0000_0001, 0b0000_0110]);
-        assert_eq!(pack_bits(&[true; 9]).len(), 2);
-        assert_eq!(pack_bits(&[true; 17]).len(), 4, "padded to an even length");
+        assert_eq!(pack_bits(1, 11, |_, i| mask[i]), vec![0b0000_0001, 0b0000_0110]);
+        assert_eq!(pack_bits(1, 9, |_, _| true).len(), 2);
+        assert_eq!(pack_bits(1, 17, |_, _| true).len(), 4, "padded to an even length");
+        // Frames follow each other bit after bit: frame 1 of 5-pixel frames starts at bit 5.
+        assert_eq!(pack_bits(2, 5, |f, i| f == 1 && i == 0), vec![0b0010_0000, 0]);
         assert_eq!(pack_bits_len(17), 4);
     }
 
@@ -539,10 +612,11 @@ mod tests {
     fn uids_are_uids() {
         let a = new_uid().unwrap();
         assert!(a.starts_with("2.25.") && is_uid(&a), "{a}");
-        let series = series_uid_for("1.2.3", "0.1.0");
-        assert!(is_uid(&series) && series == series_uid_for("1.2.3", "0.1.0"), "{series}");
-        assert_ne!(series, series_uid_for("1.2.4", "0.1.0"));
-        assert_ne!(series, series_uid_for("1.2.3", "0.2.0"));
+        let series = series_uid_for("1.2.3", "0.1.0", "foreground");
+        assert!(is_uid(&series) && series == series_uid_for("1.2.3", "0.1.0", "foreground"), "{series}");
+        assert_ne!(series, series_uid_for("1.2.4", "0.1.0", "foreground"));
+        assert_ne!(series, series_uid_for("1.2.3", "0.2.0", "foreground"));
+        assert_ne!(series, series_uid_for("1.2.3", "0.1.0", "clusters"));
         assert_ne!(a, new_uid().unwrap());
         assert!(is_uid(IMPLEMENTATION_CLASS_UID));
         assert!(!is_uid("1.02.3") && !is_uid("1..2") && !is_uid("1.2a") && !is_uid(""));

@@ -35,7 +35,7 @@ pub use masks::{
     decode_mask, dilate_square, encode_grey_png16, encode_labels_png, encode_mask_png,
     resize_mask_nearest,
 };
-pub use dicom_seg::{dicom_source, encode_segmentation, Algorithm, DicomSource, SEGMENTATION_SOP_CLASS};
+pub use dicom_seg::{dicom_source, encode_cluster_segmentation, encode_segmentation, Algorithm, DicomSource, SEGMENTATION_SOP_CLASS};
 pub use window::{auto_window, auto_window_percentiles};
 
 /// A container format recognised from its magic bytes.

@@ -222,3 +222,40 @@ fn sources_a_segmentation_cannot_reference_are_refused_by_name() {
     // Its Debug shows no patient attribute.
     assert!(!format!("{source:?}").contains("CompressedSamples"));
 }
+
+#[test]
+fn the_clusters_are_a_segmentation_of_their_own_one_segment_each() {
+    let bytes = data("dicom/CT_small.dcm");
+    let d = decode(&bytes, &DecodeOptions::default()).unwrap();
+    // Three clusters by intensity, numbered 0.. as the result's label map is.
+    let labels = LabelMap {
+        width: d.width,
+        height: d.height,
+        data: d.samples.iter().map(|&v| if v < -200.0 { 0 } else if v < 40.0 { 1 } else { 2 }).collect(),
+    };
+    let source = dicom_source(&bytes, 0).unwrap();
+    let seg = encode_cluster_segmentation(&source, &labels, &ALGORITHM).unwrap();
+    for frame in 0..3u32 {
+        let back = decode(&seg, &DecodeOptions { frame, ..Default::default() }).unwrap();
+        let want: Vec<bool> = labels.data.iter().map(|&l| u32::from(l) == frame).collect();
+        assert_eq!(back.samples.iter().map(|&v| v > 0.0).collect::<Vec<_>>(), want, "cluster {frame}");
+    }
+    let obj = read(&seg);
+    assert_eq!(string(&obj, tags::NUMBER_OF_FRAMES), "3");
+    assert_eq!(string(&obj, tags::SERIES_DESCRIPTION), "S3-Net clusters");
+    let segments = obj.element(tags::SEGMENT_SEQUENCE).unwrap().items().unwrap();
+    let names: Vec<String> = segments.iter().map(|s| string(s, tags::SEGMENT_LABEL)).collect();
+    assert_eq!(names, ["Cluster 0", "Cluster 1", "Cluster 2"]);
+    let frames = obj.element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        let number = item(f, tags::SEGMENT_IDENTIFICATION_SEQUENCE).element(tags::REFERENCED_SEGMENT_NUMBER).unwrap();
+        assert_eq!(number.to_int::<usize>().unwrap(), i + 1);
+        let index = item(f, tags::FRAME_CONTENT_SEQUENCE).element(tags::DIMENSION_INDEX_VALUES).unwrap();
+        assert_eq!(index.to_multi_int::<usize>().unwrap(), vec![i + 1, 1]);
+    }
+    // A series of its own, beside the foreground's.
+    let (w, h, mask) = mask_of(&bytes, 0);
+    let foreground = read(&encode_segmentation(&source, w, h, &mask, &ALGORITHM).unwrap());
+    assert_ne!(string(&obj, tags::SERIES_INSTANCE_UID), string(&foreground, tags::SERIES_INSTANCE_UID));
+    assert_eq!(string(&obj, tags::STUDY_INSTANCE_UID), string(&foreground, tags::STUDY_INSTANCE_UID));
+}

@@ -202,6 +202,10 @@ pub struct RemoteFitArgs {
     /// PACS to store next to the source.
     #[arg(long)]
     pub dicom_seg: bool,
+    /// Also write the cluster map as a DICOM Segmentation, STEM.labels.seg.dcm (one segment per
+    /// cluster; DICOM inputs only).
+    #[arg(long)]
+    pub dicom_seg_clusters: bool,
 }
 
 impl RemoteFitArgs {
@@ -231,6 +235,7 @@ impl RemoteFitArgs {
             frame: self.frame,
             precision: self.precision.clone().unwrap_or_default(),
             dicom_seg: self.dicom_seg,
+            dicom_seg_clusters: self.dicom_seg_clusters,
         })
     }
 }
@@ -755,8 +760,8 @@ pub async fn follow_events(
     anyhow::bail!("Unavailable: the event stream ended without an outcome")
 }
 
-/// Writes STEM.labels.png, STEM.mask.png, STEM.json and, with a DICOM Segmentation in the
-/// result, STEM.seg.dcm: for `s3net client segment` and for
+/// Writes STEM.labels.png, STEM.mask.png, STEM.json and, with DICOM Segmentations in the
+/// result, STEM.seg.dcm (the mask's) and STEM.labels.seg.dcm (the clusters'): for `s3net client segment` and for
 /// `s3net segment`, which builds the same result message locally, so both report alike.
 pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Result<()> {
     let write = |name: String, bytes: &[u8]| {
@@ -767,6 +772,9 @@ pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Resul
     write(format!("{stem}.mask.png"), &r.mask_png)?;
     if !r.mask_dicom.is_empty() {
         write(format!("{stem}.seg.dcm"), &r.mask_dicom)?;
+    }
+    if !r.labels_dicom.is_empty() {
+        write(format!("{stem}.labels.seg.dcm"), &r.labels_dicom)?;
     }
     let l = r.losses.unwrap_or_default();
     let t = r.timings.unwrap_or_default();

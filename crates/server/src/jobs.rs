@@ -36,12 +36,22 @@ pub struct NewJob {
     pub trace: TraceContext,
     /// The image's pixel spacing in mm ([rows, columns]), when its file gives one.
     pub pixel_spacing: Option<[f64; 2]>,
-    /// What the DICOM Segmentation of the result needs of its source, when one was asked for
-    /// (`Options.dicom_seg`).
-    pub dicom_seg: Option<Arc<DicomSource>>,
+    /// The DICOM Segmentations asked for (`Options.dicom_seg`, `.dicom_seg_clusters`), with
+    /// what they need of the source.
+    pub dicom_seg: Option<DicomOutputs>,
     /// The queue budget held for this job since before its image was decoded
     /// ([`JobQueue::reserve`]); submitting the job takes it over.
     pub reservation: Option<Arc<Reservation>>,
+}
+
+/// The DICOM Segmentations a job's result is to carry, and what they need of its source image.
+#[derive(Debug, Clone)]
+pub struct DicomOutputs {
+    pub source: Arc<DicomSource>,
+    /// The foreground mask's (`mask_dicom`).
+    pub foreground: bool,
+    /// The cluster map's (`labels_dicom`).
+    pub clusters: bool,
 }
 
 /// Bytes of the queue's image-memory budget held for a request from before its image is
@@ -751,6 +761,7 @@ impl JobQueue for MemoryQueue {
                     r.labels_png.clear();
                     r.mask_png.clear();
                     r.mask_dicom.clear();
+                    r.labels_dicom.clear();
                 }
                 j
             })

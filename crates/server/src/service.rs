@@ -18,7 +18,7 @@ use tracing::{info, warn, Instrument};
 use crate::cluster::{self, Cluster};
 use crate::config::DefaultsConfig;
 use crate::error::ServiceError;
-use crate::jobs::{is_outcome, JobQueue, NewJob, Submitted, Watch};
+use crate::jobs::{is_outcome, DicomOutputs, JobQueue, NewJob, Submitted, Watch};
 use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event, segmenter_client::SegmenterClient, segmenter_server::Segmenter, JobState};
 use crate::telemetry::{record_status, TraceContext};
@@ -318,7 +318,7 @@ impl SegmenterService {
         // Everything the fingerprint covers besides the image, made here where `o` is.
         let described = (!key.is_empty()).then(|| {
             let mut d = serde_json::to_vec(&fit).unwrap_or_default();
-            d.extend_from_slice(format!("{device}|{window:?}|{}|{}|{}", o.frame, o.priority, o.dicom_seg).as_bytes());
+            d.extend_from_slice(format!("{device}|{window:?}|{}|{}|{}|{}", o.frame, o.priority, o.dicom_seg, o.dicom_seg_clusters).as_bytes());
             (key.to_string(), d)
         });
         let (image, header, idempotency) = tokio::task::spawn_blocking(move || {
@@ -334,9 +334,10 @@ impl SegmenterService {
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))?;
         let header = header?;
-        if o.dicom_seg && header.format != Format::Dicom {
+        if (o.dicom_seg || o.dicom_seg_clusters) && header.format != Format::Dicom {
+            let (option, what) = if o.dicom_seg { ("dicom_seg", "the mask") } else { ("dicom_seg_clusters", "the clusters") };
             return Err(ServiceError::InvalidArgument(format!(
-                "dicom_seg asks for the mask as a DICOM Segmentation, which must reference a DICOM \
+                "{option} asks for {what} as a DICOM Segmentation, which must reference a DICOM \
                  source image; this image is {}",
                 header.format.to_string().to_uppercase()
             )));
@@ -357,10 +358,10 @@ impl SegmenterService {
         // queue's budget before a decode spends a few times its size (see `Reservation`).
         self.check_memory(&fit, device, Some((header.width, header.height)))?;
         let reservation = self.queue.reserve(usize::try_from(header.image_bytes()).unwrap_or(usize::MAX), key)?;
-        let dicom_seg = o.dicom_seg;
-        let (image, applied_window, orientation, pixel_spacing, dicom_seg) = tokio::task::spawn_blocking(move || {
+        let (foreground, clusters) = (o.dicom_seg, o.dicom_seg_clusters);
+        let (image, applied_window, orientation, pixel_spacing, source) = tokio::task::spawn_blocking(move || {
             // Read first: a file the Segmentation cannot reference is refused before its decode.
-            let source = dicom_seg.then(|| s3net_imaging::dicom_source(&image, decode.frame)).transpose()?;
+            let source = (foreground || clusters).then(|| s3net_imaging::dicom_source(&image, decode.frame)).transpose()?;
             let d = s3net_imaging::decode(&image, &decode)?;
             let applied = d.given_window(window);
             let spacing = d.dicom.as_ref().and_then(|i| i.pixel_spacing_mm);
@@ -379,7 +380,7 @@ impl SegmenterService {
             idempotency,
             trace: TraceContext::current(),
             pixel_spacing,
-            dicom_seg,
+            dicom_seg: source.map(|source| DicomOutputs { source, foreground, clusters }),
             reservation: Some(Arc::new(reservation)),
         })
     }

@@ -8,12 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use s3net_imaging::{encode_labels_png, encode_mask_png, encode_segmentation, Algorithm, DicomSource, Image};
+use s3net_imaging::{encode_cluster_segmentation, encode_labels_png, encode_mask_png, encode_segmentation, Algorithm, Image};
 use s3net_model::{refit_options, Batch, DeviceSpec, FitJob, FitOptions, ModelError, Progress, Segmentation};
 use tracing::{info, info_span, warn};
 
 use crate::error::ServiceError;
-use crate::jobs::{Claimed, JobQueue, NewJob, Take};
+use crate::jobs::{Claimed, DicomOutputs, JobQueue, NewJob, Take};
 use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event};
 
@@ -475,10 +475,10 @@ fn finish(mut r: Running, outcome: Result<Segmentation, ServiceError>, metrics: 
     let img = &c.job.image;
     let event = span.in_scope(|| match outcome {
         Ok(seg) => {
-            let mask_dicom = match c.job.dicom_seg.as_deref().map(|source| dicom_segmentation(source, img, &seg, &c.job.applied)) {
+            let (mask_dicom, labels_dicom) = match c.job.dicom_seg.as_ref().map(|out| dicom_segmentations(out, img, &seg, &c.job.applied)) {
                 Some(Err(e)) => return failed(span, e),
-                Some(Ok(bytes)) => bytes,
-                None => Vec::new(),
+                Some(Ok(files)) => files,
+                None => Default::default(),
             };
             let fit_s = r.started.elapsed().as_secs_f64();
             span.record("iterations", seg.fit.iterations as i64);
@@ -488,6 +488,7 @@ fn finish(mut r: Running, outcome: Result<Segmentation, ServiceError>, metrics: 
             metrics.fit_completed(fit_s, seg.fit.iterations);
             let mut res = segmentation_result(img, &seg, c.job.applied.clone(), c.job.pixel_spacing);
             res.mask_dicom = mask_dicom;
+            res.labels_dicom = labels_dicom;
             res.timings = Some(pb::Timings {
                 queued_seconds: c.queued_for.as_secs_f64(),
                 fit_seconds: fit_s,
@@ -539,11 +540,14 @@ fn losses(l: &s3net_model::LossTerms) -> pb::LossTerms {
     }
 }
 
-/// The foreground mask as a DICOM Segmentation of `source` (`Options.dicom_seg`), its
-/// algorithm parameters the fit's options as the result reports them (`applied`).
-pub fn dicom_segmentation(source: &DicomSource, img: &Image, seg: &Segmentation, applied: &pb::AppliedOptions) -> Result<Vec<u8>, ServiceError> {
+/// The DICOM Segmentations `out` asks for (`Options.dicom_seg`, `.dicom_seg_clusters`): the
+/// foreground mask's and the cluster map's (each empty when not asked for), their algorithm
+/// parameters the fit's options as the result reports them (`applied`).
+pub fn dicom_segmentations(out: &DicomOutputs, img: &Image, seg: &Segmentation, applied: &pb::AppliedOptions) -> Result<(Vec<u8>, Vec<u8>), ServiceError> {
     let algorithm = Algorithm { version: env!("CARGO_PKG_VERSION"), parameters: &applied.options_json };
-    Ok(encode_segmentation(source, img.width, img.height, &seg.mask, &algorithm)?)
+    let mask = if out.foreground { encode_segmentation(&out.source, img.width, img.height, &seg.mask, &algorithm)? } else { Vec::new() };
+    let labels = if out.clusters { encode_cluster_segmentation(&out.source, &seg.fit.labels, &algorithm)? } else { Vec::new() };
+    Ok((mask, labels))
 }
 
 /// The result message: PNGs, per-cluster statistics and the applied options; with the pixel
@@ -570,6 +574,7 @@ pub fn segmentation_result(img: &Image, seg: &Segmentation, applied: pb::Applied
         foreground_area_mm2: spacing.map(|[r, c]| fg_pixels * r * c),
         refits: seg.refits as u32,
         mask_dicom: Vec::new(),
+        labels_dicom: Vec::new(),
     }
 }
 

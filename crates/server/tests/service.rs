@@ -151,13 +151,23 @@ async fn a_dicom_input_comes_back_as_a_segmentation_for_its_pacs() {
     }
     // Not asked: not sent.
     let r = completed(&segment_events(&mut c, data("dicom/CT_small.dcm"), quick()).await);
+    assert!(r.mask_dicom.is_empty() && r.labels_dicom.is_empty());
+    // The clusters: one frame per cluster, each the label map's pixels of its label.
+    let clusters = pb::Options { dicom_seg_clusters: true, ..quick() };
+    let r = completed(&segment_events(&mut c, data("dicom/CT_small.dcm"), clusters).await);
     assert!(r.mask_dicom.is_empty());
+    let labels = s3net_imaging::decode(&r.labels_png, &Default::default()).unwrap();
+    for label in 0..r.labels_used {
+        let frame = s3net_imaging::decode(&r.labels_dicom, &s3net_imaging::DecodeOptions { frame: label, ..Default::default() }).unwrap();
+        let want: Vec<bool> = labels.samples.iter().map(|&v| v == label as f32).collect();
+        assert_eq!(frame.samples.iter().map(|&v| v > 0.0).collect::<Vec<_>>(), want, "cluster {label}");
+    }
     // Kept with the job for GetJob; left out of ListJobs, as the PNGs are.
     let id = submit(&mut c, data("dicom/MR_small.dcm"), seg.clone()).await;
     let job = wait_final(&mut c, &id, Duration::from_secs(60)).await;
     assert!(!job.result.unwrap().mask_dicom.is_empty());
     let listed = c.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner().jobs;
-    assert!(listed.iter().filter_map(|j| j.result.as_ref()).all(|r| r.mask_dicom.is_empty() && r.mask_png.is_empty()));
+    assert!(listed.iter().filter_map(|j| j.result.as_ref()).all(|r| r.mask_dicom.is_empty() && r.labels_dicom.is_empty() && r.mask_png.is_empty()));
     // Refused by name: a PNG, a DICOM file without the UIDs to reference.
     let err = c.segment(pb::SegmentRequest { image: disk(32, 32), options: Some(seg.clone()) }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");

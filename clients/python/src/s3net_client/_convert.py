@@ -43,6 +43,7 @@ OPTION_NAMES = (
     "frame",
     "precision",
     "dicom_seg",
+    "dicom_seg_clusters",
 )
 
 
@@ -158,6 +159,7 @@ def result_from_pb(job_id: str, r: pb.SegmentationResult) -> SegmentationResult:
         ),
         refits=r.refits,
         mask_dicom=r.mask_dicom,
+        labels_dicom=r.labels_dicom,
     )
 
 

@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         const=True,
         help="also write the mask as a DICOM Segmentation, STEM.seg.dcm (DICOM inputs only)",
     )
+    f.add_argument(
+        "--dicom-seg-clusters",
+        action="store_const",
+        const=True,
+        help="also write the cluster map as a DICOM Segmentation, STEM.labels.seg.dcm",
+    )
 
     p = argparse.ArgumentParser(
         prog="s3net-client", description="Segment images with an s3net server (the Python client)."

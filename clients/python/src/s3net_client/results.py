@@ -142,6 +142,9 @@ class SegmentationResult:
     #: With the option ``dicom_seg=True``: the mask as a DICOM Segmentation (a Part 10 file, in
     #: a new series of the source's study, referencing the source image) for a PACS; b"" else.
     mask_dicom: bytes = b""
+    #: With ``dicom_seg_clusters=True``: the cluster map as a DICOM Segmentation, one segment
+    #: per cluster, in a series of its own beside ``mask_dicom``'s; b"" else.
+    labels_dicom: bytes = b""
 
     def to_dict(self) -> Dict[str, Any]:
         """The report `s3net segment` writes as STEM.json (everything but the images)."""
@@ -173,8 +176,9 @@ class SegmentationResult:
 
     def save(self, out_dir: Union[str, Path], stem: str) -> Tuple[Path, Path, Path]:
         """Writes STEM.labels.png, STEM.mask.png and STEM.json into ``out_dir`` (created if
-        missing), the same three files as ``s3net segment``, and STEM.seg.dcm when the result
-        has a DICOM Segmentation (``mask_dicom``); returns the three files' paths."""
+        missing), the same three files as ``s3net segment``, and STEM.seg.dcm and
+        STEM.labels.seg.dcm when the result has those DICOM Segmentations (``mask_dicom``,
+        ``labels_dicom``); returns the three files' paths."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         labels, mask, report = (
@@ -186,6 +190,8 @@ class SegmentationResult:
         mask.write_bytes(self.mask_png)
         if self.mask_dicom:
             (out / f"{stem}.seg.dcm").write_bytes(self.mask_dicom)
+        if self.labels_dicom:
+            (out / f"{stem}.labels.seg.dcm").write_bytes(self.labels_dicom)
         report.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return labels, mask, report
 

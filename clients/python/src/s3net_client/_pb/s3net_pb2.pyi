@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class Options(_message.Message):
-    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "device", "window", "priority", "features", "frame", "precision", "dicom_seg")
+    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "device", "window", "priority", "features", "frame", "precision", "dicom_seg", "dicom_seg_clusters")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Options(_message.Message):
     FRAME_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
+    DICOM_SEG_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     preset: str
     iterations: int
     min_labels: int
@@ -48,7 +49,8 @@ class Options(_message.Message):
     frame: int
     precision: str
     dicom_seg: bool
-    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., features: _Optional[int] = ..., frame: _Optional[int] = ..., precision: _Optional[str] = ..., dicom_seg: _Optional[bool] = ...) -> None: ...
+    dicom_seg_clusters: bool
+    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., features: _Optional[int] = ..., frame: _Optional[int] = ..., precision: _Optional[str] = ..., dicom_seg: _Optional[bool] = ..., dicom_seg_clusters: _Optional[bool] = ...) -> None: ...
 
 class Window(_message.Message):
     __slots__ = ("center", "width")
@@ -255,7 +257,7 @@ class Cancelled(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
 
 class SegmentationResult(_message.Message):
-    __slots__ = ("labels_png", "mask_png", "width", "height", "labels_used", "clusters", "iterations", "losses", "timings", "options", "device", "foreground_fraction", "pixel_spacing", "foreground_area_mm2", "refits", "mask_dicom")
+    __slots__ = ("labels_png", "mask_png", "width", "height", "labels_used", "clusters", "iterations", "losses", "timings", "options", "device", "foreground_fraction", "pixel_spacing", "foreground_area_mm2", "refits", "mask_dicom", "labels_dicom")
     LABELS_PNG_FIELD_NUMBER: _ClassVar[int]
     MASK_PNG_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +274,7 @@ class SegmentationResult(_message.Message):
     FOREGROUND_AREA_MM2_FIELD_NUMBER: _ClassVar[int]
     REFITS_FIELD_NUMBER: _ClassVar[int]
     MASK_DICOM_FIELD_NUMBER: _ClassVar[int]
+    LABELS_DICOM_FIELD_NUMBER: _ClassVar[int]
     labels_png: bytes
     mask_png: bytes
     width: int
@@ -288,7 +291,8 @@ class SegmentationResult(_message.Message):
     foreground_area_mm2: float
     refits: int
     mask_dicom: bytes
-    def __init__(self, labels_png: _Optional[bytes] = ..., mask_png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., labels_used: _Optional[int] = ..., clusters: _Optional[_Iterable[_Union[ClusterStats, _Mapping]]] = ..., iterations: _Optional[int] = ..., losses: _Optional[_Union[LossTerms, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[AppliedOptions, _Mapping]] = ..., device: _Optional[str] = ..., foreground_fraction: _Optional[float] = ..., pixel_spacing: _Optional[_Union[PixelSpacing, _Mapping]] = ..., foreground_area_mm2: _Optional[float] = ..., refits: _Optional[int] = ..., mask_dicom: _Optional[bytes] = ...) -> None: ...
+    labels_dicom: bytes
+    def __init__(self, labels_png: _Optional[bytes] = ..., mask_png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., labels_used: _Optional[int] = ..., clusters: _Optional[_Iterable[_Union[ClusterStats, _Mapping]]] = ..., iterations: _Optional[int] = ..., losses: _Optional[_Union[LossTerms, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[AppliedOptions, _Mapping]] = ..., device: _Optional[str] = ..., foreground_fraction: _Optional[float] = ..., pixel_spacing: _Optional[_Union[PixelSpacing, _Mapping]] = ..., foreground_area_mm2: _Optional[float] = ..., refits: _Optional[int] = ..., mask_dicom: _Optional[bytes] = ..., labels_dicom: _Optional[bytes] = ...) -> None: ...
 
 class PixelSpacing(_message.Message):
     __slots__ = ("row_mm", "column_mm")
