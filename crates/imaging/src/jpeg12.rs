@@ -308,7 +308,8 @@ fn decode_scan(
     let mut out = vec![0u16; w * h];
     let basis = basis();
     let mut bits = Bits::new(data, pos);
-    let mut prediction = 0i32;
+    // i64 and f32 from here: hostile data must not overflow (its image is garbage, not a panic).
+    let mut prediction = 0i64;
     let mut restarts = 0u8;
     for block in 0..bw * bh {
         if restart_interval > 0 && block > 0 && block % restart_interval == 0 {
@@ -318,8 +319,8 @@ fn decode_scan(
         }
         let mut coef = [0f32; 64];
         let s = bits.decode(dc)?;
-        prediction += bits.receive_extend(s)?;
-        coef[0] = (prediction * i32::from(q[0])) as f32;
+        prediction = prediction.saturating_add(i64::from(bits.receive_extend(s)?));
+        coef[0] = prediction as f32 * f32::from(q[0]);
         let mut k = 1;
         while k < 64 {
             let rs = bits.decode(ac)?;
@@ -335,7 +336,7 @@ fn decode_scan(
             if k > 63 {
                 return Err(malformed("a block has more than 64 coefficients"));
             }
-            coef[ZIGZAG[k]] = (bits.receive_extend(s)? * i32::from(q[k])) as f32;
+            coef[ZIGZAG[k]] = bits.receive_extend(s)? as f32 * f32::from(q[k]);
             k += 1;
         }
         // Rows, then columns, of the separable inverse DCT.
