@@ -208,6 +208,7 @@ impl Server {
         .with_cpu_job_bytes(cpu_job_bytes)
         .with_upload_budget(uploads.clone())
         .with_defaults(cfg.defaults.clone())
+        .with_max_message_bytes(max)
         .with_cluster(cluster, stopping.subscribe()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);

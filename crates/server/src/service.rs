@@ -70,6 +70,8 @@ pub struct SegmenterService {
     metrics: Arc<Metrics>,
     /// The most host memory one job may need on a CPU worker (see [`Self::with_cpu_job_bytes`]).
     cpu_job_bytes: Option<u64>,
+    /// The largest message sent (see [`Self::with_max_message_bytes`]).
+    max_message_bytes: Option<usize>,
     /// Fit options for the fields a request leaves unset (see [`Self::with_defaults`]).
     defaults: DefaultsConfig,
     /// The other replicas, to which calls about their jobs go (see [`Self::with_cluster`]).
@@ -104,6 +106,7 @@ impl SegmenterService {
             uploads: UploadBudget::new(4 * max_upload_bytes),
             metrics,
             cpu_job_bytes: None,
+            max_message_bytes: None,
             defaults: DefaultsConfig::default(),
             cluster: None,
             stopping: tokio::sync::watch::channel(false).1,
@@ -225,6 +228,13 @@ impl SegmenterService {
         self
     }
 
+    /// The largest message this server sends (`server.max_message_bytes`): a result asked with
+    /// DICOM Segmentations that could outgrow it is refused before it queues (see `admit`).
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = Some(bytes);
+        self
+    }
+
     /// Refuses, before it is queued, a job that may run on a CPU worker and whose options'
     /// memory estimate (`FitOptions::host_memory_estimate`) exceeds `bytes`: on the CPU, a fit
     /// larger than the host's memory ends in the kernel's out-of-memory killer, which takes
@@ -342,7 +352,34 @@ impl SegmenterService {
                 header.format.to_string().to_uppercase()
             )));
         }
+        self.check_segmentation_size(&o, &fit, &header)?;
         Ok(Admitted { image, o, fit, device, window, idempotency, header })
+    }
+
+    /// Refuses DICOM Segmentations that could make the result larger than a message may be:
+    /// its Completed event could not be sent, and the fit would be lost. A Segmentation holds
+    /// a 1-bit frame of the image per segment: one for the foreground, up to `features` for the
+    /// clusters. Refused above half the limit, leaving the rest for the PNGs.
+    fn check_segmentation_size(&self, o: &pb::Options, fit: &FitOptions, header: &Header) -> Result<(), ServiceError> {
+        let Some(max) = self.max_message_bytes else { return Ok(()) };
+        let frame = (u64::from(header.width) * u64::from(header.height)).div_ceil(8);
+        let frames = u64::from(o.dicom_seg) + if o.dicom_seg_clusters { fit.features.max(0) as u64 } else { 0 };
+        let bytes = frame * frames;
+        if bytes > max as u64 / 2 {
+            return Err(ServiceError::InvalidArgument(format!(
+                "the DICOM Segmentations asked for a {}×{} image could take {} (a {} frame for the \
+                 foreground{}), more than half of this server's largest message \
+                 (server.max_message_bytes, {}): ask for fewer features or without \
+                 dicom_seg_clusters, or raise the limit",
+                header.width,
+                header.height,
+                crate::error::size(bytes),
+                crate::error::size(frame),
+                if o.dicom_seg_clusters { format!(" and each of up to {} clusters", fit.features) } else { String::new() },
+                crate::error::size(max as u64),
+            )));
+        }
+        Ok(())
     }
 
     /// An admitted request's bytes reserved from the queue's budget and its image decoded

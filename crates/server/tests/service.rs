@@ -1017,6 +1017,28 @@ async fn graceful_shutdown_drains_then_cancels() {
     );
 }
 
+/// DICOM Segmentations that could make the result larger than the server's messages are
+/// refused before the fit, naming the sizes; within the limit they are made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segmentations_that_could_outgrow_a_message_are_refused_first() {
+    let mut cfg = config();
+    // CT_small (39 KB) still fits a message; its 128² frames are 2 KiB each.
+    cfg.server.max_message_bytes = 64 << 10;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let ct = data("dicom/CT_small.dcm");
+    let many = pb::Options { dicom_seg: true, dicom_seg_clusters: true, features: Some(32), ..quick() };
+    let err = c.segment(pb::SegmentRequest { image: ct.clone(), options: Some(many) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    for needle in ["128×128", "66 KiB", "2 KiB frame", "32 clusters", "server.max_message_bytes, 64 KiB"] {
+        assert!(err.message().contains(needle), "{needle}: {}", err.message());
+    }
+    let fewer = pb::Options { dicom_seg: true, dicom_seg_clusters: true, features: Some(8), ..quick() };
+    let r = completed(&segment_events(&mut c, ct, fewer).await);
+    assert!(!r.mask_dicom.is_empty() && !r.labels_dicom.is_empty());
+    server.shutdown().await.unwrap();
+}
+
 /// `server.shutdown_cancels_queued`: at shutdown the jobs not started are handed back at once
 /// (cancelled as retryable, for clients to send to another replica) while the running one
 /// keeps its grace; without it, a queued job waits through the grace (the test above).
