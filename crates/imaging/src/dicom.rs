@@ -159,7 +159,24 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     }
     let frame = check_and_repair_fragments(&mut obj, &ts_uid, &file_pi, (rows, cols, frames), bits_allocated, opts.frame)?;
     let (slope, intercept) = rescale(&obj, opts.frame)?;
-    let file_window = file_window(&obj, opts.frame);
+    let signed_pixels = optional_u32(&obj, tags::PIXEL_REPRESENTATION)? == Some(1);
+    // A Modality LUT Sequence stands in for Rescale Slope/Intercept, where a file has it and
+    // not them; the VOI LUT Sequence's input range is the window where no Window Center/Width
+    // is given (its shape, a curve within that range, is not applied).
+    let has_rescale = frame_attribute(&obj, opts.frame, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_SLOPE).is_some();
+    let modality_lut = if has_rescale { None } else { lut(&obj, opts.frame, tags::MODALITY_LUT_SEQUENCE, signed_pixels, true) };
+    let file_window = file_window(&obj, opts.frame).or_else(|| {
+        let voi = lut(&obj, opts.frame, tags::VOILUT_SEQUENCE, signed_pixels, false)?;
+        Window::new(voi.first as f64 + voi.entries as f64 / 2.0, voi.entries as f64).ok()
+    });
+    // Presentation LUT Shape INVERSE: a MONOCHROME2 image shown inverted, as MONOCHROME1 is
+    // (for MONOCHROME1 it is the usual declaration, not a second inversion).
+    let inverse = obj
+        .element_opt(tags::PRESENTATION_LUT_SHAPE)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches(['\0', ' ']) == "INVERSE"))
+        .unwrap_or(false);
     let modality = obj
         .element_opt(tags::MODALITY)
         .ok()
@@ -282,11 +299,12 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
 
     let mut window = None;
     let samples: Vec<f32> = if channels == 1 {
-        let mut s: Vec<f32> = (0..px)
-            .map(|i| (read(i) * slope + intercept) as f32)
-            .collect();
+        let mut s: Vec<f32> = match &modality_lut {
+            Some(lut) => (0..px).map(|i| lut.map(read(i)) as f32).collect(),
+            None => (0..px).map(|i| (read(i) * slope + intercept) as f32).collect(),
+        };
         window = file_window;
-        if pi == PhotometricInterpretation::Monochrome1 {
+        if pi == PhotometricInterpretation::Monochrome1 || inverse {
             // Invert within the frame's own range, so values stay in the same units'
             // span and higher means brighter, like every other image.
             let (mn, mx) = s
@@ -585,6 +603,48 @@ fn rescale(obj: &DefaultDicomObject, frame: u32) -> Result<(f64, f64), ImagingEr
         ));
     }
     Ok((slope, intercept))
+}
+
+/// The first item of a Modality or VOI LUT Sequence (`sequence`) of frame `frame`: its LUT
+/// Descriptor (entries, the first value mapped, read as signed for `signed` data) and, with
+/// `with_data`, its LUT Data. None for one that is absent or inconsistent (its data not of the
+/// entries it declares).
+fn lut(obj: &DefaultDicomObject, frame: u32, sequence: Tag, signed: bool, with_data: bool) -> Option<Lut> {
+    let group = if sequence == tags::VOILUT_SEQUENCE { tags::FRAME_VOILUT_SEQUENCE } else { tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE };
+    let item = frame_attribute(obj, frame, group, sequence)?.items()?.first()?;
+    let descriptor = item.element_opt(tags::LUT_DESCRIPTOR).ok()??.to_multi_int::<i64>().ok()?;
+    let [entries, first, ..] = descriptor[..] else { return None };
+    let entries = if entries == 0 { 65536 } else { entries };
+    let first = if signed && first >= 32768 { first - 65536 } else { first };
+    if !(1..=65536).contains(&entries) {
+        return None;
+    }
+    let data = if with_data {
+        let data = item.element_opt(tags::LUT_DATA).ok()??.to_multi_int::<u32>().ok()?;
+        if data.len() != entries as usize {
+            return None;
+        }
+        data.into_iter().map(f64::from).collect()
+    } else {
+        Vec::new()
+    };
+    Some(Lut { entries, first, data })
+}
+
+/// A lookup table (see [`lut`]).
+struct Lut {
+    entries: i64,
+    /// The stored value the first entry maps; values below it take the first entry, values
+    /// past the last the last.
+    first: i64,
+    data: Vec<f64>,
+}
+
+impl Lut {
+    fn map(&self, value: f64) -> f64 {
+        let i = (value as i64).saturating_sub(self.first).clamp(0, self.entries - 1) as usize;
+        self.data.get(i).copied().unwrap_or(0.0)
+    }
 }
 
 /// The first Window Center/Width of frame `frame`, in rescaled units.

@@ -924,3 +924,60 @@ fn palette_colour_goes_through_its_lookup_tables() {
     assert_eq!(planes, [678328.0, 980097.0, 1367323.0]);
     assert_eq!(d.dicom.unwrap().photometric, "PALETTE COLOR");
 }
+
+/// `bytes` with `elements` added (sequences of one item each, given as their elements).
+fn with_elements(bytes: &[u8], elements: Vec<DataElement<InMemDicomObject>>) -> Vec<u8> {
+    let mut obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Never)
+        .from_reader(&bytes[128..])
+        .unwrap();
+    for e in elements {
+        obj.put(e);
+    }
+    let mut out = Vec::new();
+    obj.write_all(&mut out).unwrap();
+    out
+}
+
+fn lut_sequence(tag: dicom_core::Tag, descriptor: [u16; 3], data: Option<Vec<u16>>) -> DataElement<InMemDicomObject> {
+    let mut item = InMemDicomObject::new_empty();
+    item.put(DataElement::new(tags::LUT_DESCRIPTOR, VR::US, PrimitiveValue::U16(descriptor.to_vec().into())));
+    if let Some(d) = data {
+        item.put(DataElement::new(tags::LUT_DATA, VR::US, PrimitiveValue::U16(d.into())));
+    }
+    DataElement::new(tag, VR::SQ, dicom_core::value::DataSetSequence::from(vec![item]))
+}
+
+/// The LUTs a DICOM file may carry instead of, or beside, Rescale and Window: a Modality LUT
+/// Sequence maps the stored values (values outside its range take its end entries), a VOI LUT
+/// Sequence's input range is the window where Window Center/Width are absent, and Presentation
+/// LUT Shape INVERSE shows a MONOCHROME2 image inverted.
+#[test]
+fn modality_voi_and_presentation_luts() {
+    let plain = build(Spec::default()); // 2×3, values 0..5
+    let modality = with_elements(&plain, vec![lut_sequence(tags::MODALITY_LUT_SEQUENCE, [4, 1, 16], Some(vec![100, 200, 300, 400]))]);
+    assert_eq!(dec(&modality).unwrap().samples, [100.0, 100.0, 200.0, 300.0, 400.0, 400.0]);
+    // Rescale Slope/Intercept, where present, win (the two may not be used together).
+    let both = with_elements(
+        &build(Spec { rescale: Some(("-10", "2")), ..Spec::default() }),
+        vec![lut_sequence(tags::MODALITY_LUT_SEQUENCE, [4, 1, 16], Some(vec![100, 200, 300, 400]))],
+    );
+    assert_eq!(dec(&both).unwrap().samples, [-10.0, -8.0, -6.0, -4.0, -2.0, 0.0]);
+    // A LUT whose data are not of the length it declares is ignored.
+    let short = with_elements(&plain, vec![lut_sequence(tags::MODALITY_LUT_SEQUENCE, [4, 1, 16], Some(vec![100, 200]))]);
+    assert_eq!(dec(&short).unwrap().samples, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    // The VOI LUT's input range: 1000 values from 200.
+    let voi = with_elements(&plain, vec![lut_sequence(tags::VOILUT_SEQUENCE, [1000, 200, 12], None)]);
+    assert_eq!(dec(&voi).unwrap().window, Some(Window { center: 700.0, width: 1000.0 }));
+    // Window Center/Width win over it.
+    let windowed = with_elements(
+        &build(Spec { window: Some(("40", "400")), ..Spec::default() }),
+        vec![lut_sequence(tags::VOILUT_SEQUENCE, [1000, 200, 12], None)],
+    );
+    assert_eq!(dec(&windowed).unwrap().window, Some(Window { center: 40.0, width: 400.0 }));
+    // INVERSE: inverted within the image's range, as MONOCHROME1 is.
+    let inverse = with_elements(&plain, vec![text(tags::PRESENTATION_LUT_SHAPE, VR::CS, "INVERSE")]);
+    assert_eq!(dec(&inverse).unwrap().samples, [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]);
+    let identity = with_elements(&plain, vec![text(tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY")]);
+    assert_eq!(dec(&identity).unwrap().samples, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+}
