@@ -430,6 +430,8 @@ fn encode(
     put(&mut obj, tags::INSTANCE_NUMBER, VR::IS, &source.instance_number.unwrap_or(1).to_string());
     obj.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)));
     put(&mut obj, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
+    // Said, as highdicom says it: a reader that honours the shape shows set pixels bright.
+    put(&mut obj, tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY");
     put(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, &segments.len().to_string());
     for (tag, value) in [
         (tags::ROWS, height as u16),

@@ -66,6 +66,7 @@ fn a_ct_slice_segmentation_is_filed_with_its_source_and_placed_on_it() {
     assert_eq!(string(&obj, tags::SOP_CLASS_UID), SEGMENTATION_SOP_CLASS);
     assert_eq!(string(&obj, tags::MODALITY), "SEG");
     assert_eq!(string(&obj, tags::SEGMENTATION_TYPE), "BINARY");
+    assert_eq!(string(&obj, tags::PRESENTATION_LUT_SHAPE), "IDENTITY");
     assert_eq!(obj.element(tags::BITS_ALLOCATED).unwrap().to_int::<u16>().unwrap(), 1);
     // Same patient and study, a new series and instance.
     for tag in [tags::PATIENT_NAME, tags::PATIENT_ID, tags::STUDY_INSTANCE_UID, tags::STUDY_DATE, tags::FRAME_OF_REFERENCE_UID, tags::SPECIFIC_CHARACTER_SET] {
