@@ -64,7 +64,7 @@ pub(crate) fn open(bytes: &[u8], until_pixels: bool) -> Result<DefaultDicomObjec
 
 /// Rows and Columns (checked against the limits) and Number of Frames (with `opts.frame`
 /// among them).
-fn geometry(obj: &DefaultDicomObject, opts: &DecodeOptions) -> Result<(u32, u32, u32), ImagingError> {
+pub(crate) fn geometry(obj: &DefaultDicomObject, opts: &DecodeOptions) -> Result<(u32, u32, u32), ImagingError> {
     let rows = required_u32(obj, tags::ROWS, "Rows")?;
     let cols = required_u32(obj, tags::COLUMNS, "Columns")?;
     check_dims(u64::from(cols), u64::from(rows), &opts.limits)?;
@@ -580,7 +580,7 @@ pub(crate) fn frame_attribute(obj: &DefaultDicomObject, frame: u32, group: Tag, 
 /// Pixel Spacing (0028,0030) of frame `frame`: the rows' and the columns' spacing in mm, when
 /// the file gives two positive numbers. Imager Pixel Spacing (at the detector of a projection
 /// radiograph, not in the patient) is not taken for it.
-fn pixel_spacing(obj: &DefaultDicomObject, frame: u32) -> Option<[f64; 2]> {
+pub(crate) fn pixel_spacing(obj: &DefaultDicomObject, frame: u32) -> Option<[f64; 2]> {
     let e = frame_attribute(obj, frame, tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING)?;
     match e.to_multi_float64().ok()?.as_slice() {
         [r, c, ..] if r.is_finite() && c.is_finite() && *r > 0.0 && *c > 0.0 => Some([*r, *c]),

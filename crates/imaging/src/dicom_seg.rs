@@ -19,8 +19,8 @@ use dicom_dictionary_std::tags;
 use dicom_object::mem::{InMemDicomObject, InMemElement};
 use dicom_object::{DefaultDicomObject, FileMetaTableBuilder};
 
-use crate::dicom::{frame_attribute, open};
-use crate::ImagingError;
+use crate::dicom::{frame_attribute, geometry, open, pixel_spacing};
+use crate::{DecodeOptions, ImagingError};
 
 /// Segmentation Storage.
 pub const SEGMENTATION_SOP_CLASS: &str = "1.2.840.10008.5.1.4.1.1.66.4";
@@ -71,16 +71,16 @@ const COPIED: [Tag; 32] = [
 
 /// Attributes of type 2 in the modules above: present in every Segmentation, empty where the
 /// source lacks them.
-const REQUIRED_EMPTY: [Tag; 9] = [
-    tags::PATIENT_NAME,
-    tags::PATIENT_ID,
-    tags::PATIENT_BIRTH_DATE,
-    tags::PATIENT_SEX,
-    tags::STUDY_DATE,
-    tags::STUDY_TIME,
-    tags::REFERRING_PHYSICIAN_NAME,
-    tags::STUDY_ID,
-    tags::ACCESSION_NUMBER,
+const REQUIRED_EMPTY: [(Tag, VR); 9] = [
+    (tags::PATIENT_NAME, VR::PN),
+    (tags::PATIENT_ID, VR::LO),
+    (tags::PATIENT_BIRTH_DATE, VR::DA),
+    (tags::PATIENT_SEX, VR::CS),
+    (tags::STUDY_DATE, VR::DA),
+    (tags::STUDY_TIME, VR::TM),
+    (tags::REFERRING_PHYSICIAN_NAME, VR::PN),
+    (tags::STUDY_ID, VR::SH),
+    (tags::ACCESSION_NUMBER, VR::SH),
 ];
 
 /// What a Segmentation needs of its source image: read by [`dicom_source`], kept while the fit
@@ -190,13 +190,7 @@ pub fn dicom_source(bytes: &[u8], frame: u32) -> Result<DicomSource, ImagingErro
     let sop_instance_uid = required_uid(&obj, tags::SOP_INSTANCE_UID, "SOP Instance UID")?;
     required_uid(&obj, tags::STUDY_INSTANCE_UID, "Study Instance UID")?;
     let series_instance_uid = required_uid(&obj, tags::SERIES_INSTANCE_UID, "Series Instance UID")?;
-    let number = |tag| obj.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<u32>().ok());
-    let rows = number(tags::ROWS).ok_or_else(|| not_segmentable("the source has no Rows"))?;
-    let columns = number(tags::COLUMNS).ok_or_else(|| not_segmentable("the source has no Columns"))?;
-    let frames = number(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
-    if frame >= frames {
-        return Err(ImagingError::FrameOutOfRange { format: crate::Format::Dicom, frame, frames });
-    }
+    let (rows, columns, frames) = geometry(&obj, &DecodeOptions { frame, ..Default::default() })?;
     let copied: Vec<InMemElement> = COPIED
         .iter()
         .filter_map(|&tag| obj.element_opt(tag).ok().flatten())
@@ -212,7 +206,6 @@ pub fn dicom_source(bytes: &[u8], frame: u32) -> Result<DicomSource, ImagingErro
         .filter(|e| e.to_multi_float64().is_ok_and(|v| v.len() == 3 && v.iter().all(|x| x.is_finite())));
     let image_orientation = placed(tags::PLANE_ORIENTATION_SEQUENCE, tags::IMAGE_ORIENTATION_PATIENT)
         .filter(|e| e.to_multi_float64().is_ok_and(|v| v.len() == 6 && v.iter().all(|x| x.is_finite())));
-    let positive = |e: &InMemElement, n: usize| e.to_multi_float64().is_ok_and(|v| v.len() == n && v.iter().all(|x| x.is_finite() && *x > 0.0));
     Ok(DicomSource {
         copied: if has_frame_of_reference {
             copied
@@ -222,12 +215,14 @@ pub fn dicom_source(bytes: &[u8], frame: u32) -> Result<DicomSource, ImagingErro
         sop_class_uid,
         sop_instance_uid,
         series_instance_uid,
-        instance_number: number(tags::INSTANCE_NUMBER),
+        instance_number: obj.element_opt(tags::INSTANCE_NUMBER).ok().flatten().and_then(|e| e.to_int::<u32>().ok()),
         frame_number: (frames > 1).then_some(frame + 1),
         rows,
         columns,
-        pixel_spacing: of_frame(tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING).filter(|e| positive(e, 2)),
-        slice_thickness: of_frame(tags::PIXEL_MEASURES_SEQUENCE, tags::SLICE_THICKNESS).filter(|e| positive(e, 1)),
+        // As the decoder takes it (two positive numbers), kept as the file writes it.
+        pixel_spacing: pixel_spacing(&obj, frame).and(of_frame(tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING)),
+        slice_thickness: of_frame(tags::PIXEL_MEASURES_SEQUENCE, tags::SLICE_THICKNESS)
+            .filter(|e| e.to_float64().is_ok_and(|x| x.is_finite() && x > 0.0)),
         image_position: image_position.filter(|_| image_orientation.is_some()),
         image_orientation,
     })
@@ -316,20 +311,16 @@ struct Kind {
     series: (&'static str, &'static str, &'static str, &'static str),
     /// Part of what its series UID is derived from (see `series_uid_for`).
     name: &'static str,
-    /// Whether its segments may overlap (Segments Overlap).
-    overlap: bool,
 }
 
 const FOREGROUND: Kind = Kind {
     series: ("S3-Net foreground", "1000", "S3NET_FOREGROUND", "Foreground of a self-supervised clustering (S3-Net)"),
     name: "foreground",
-    overlap: false,
 };
 
 const CLUSTERS: Kind = Kind {
     series: ("S3-Net clusters", "1001", "S3NET_CLUSTERS", "Clusters of a self-supervised clustering (S3-Net)"),
     name: "clusters",
-    overlap: false,
 };
 
 /// The mask (`width` × `height`, row after row, true = foreground) as a DICOM Segmentation
@@ -400,8 +391,8 @@ fn encode(
     let pixels = width as usize * height as usize;
 
     let mut obj = InMemDicomObject::new_empty();
-    for &tag in &REQUIRED_EMPTY {
-        obj.put(DataElement::new(tag, tag_vr(tag), PrimitiveValue::Empty));
+    for (tag, vr) in REQUIRED_EMPTY {
+        obj.put(DataElement::new(tag, vr, PrimitiveValue::Empty));
     }
     for e in &source.copied {
         obj.put(e.clone());
@@ -448,7 +439,8 @@ fn encode(
     put(&mut obj, tags::CONTENT_LABEL, VR::CS, content_label);
     put(&mut obj, tags::CONTENT_DESCRIPTION, VR::LO, content_description);
     obj.put(DataElement::new(tags::CONTENT_CREATOR_NAME, VR::PN, PrimitiveValue::Empty));
-    put(&mut obj, tags::SEGMENTS_OVERLAP, VR::CS, if kind.overlap { "YES" } else { "NO" });
+    // The foreground is one segment, and clusters partition the image.
+    put(&mut obj, tags::SEGMENTS_OVERLAP, VR::CS, "NO");
 
     let parameters: String = algorithm.parameters.chars().take(10_240).collect();
     let algorithm_identification = item([
@@ -572,18 +564,6 @@ fn encode(
 
 fn pack_bits_len(pixels: usize) -> usize {
     pixels.div_ceil(8).next_multiple_of(2)
-}
-
-/// The VR of the type-2 attributes written empty.
-fn tag_vr(tag: Tag) -> VR {
-    match tag {
-        tags::PATIENT_NAME | tags::REFERRING_PHYSICIAN_NAME => VR::PN,
-        tags::PATIENT_ID => VR::LO,
-        tags::PATIENT_BIRTH_DATE | tags::STUDY_DATE => VR::DA,
-        tags::STUDY_TIME => VR::TM,
-        tags::STUDY_ID | tags::ACCESSION_NUMBER => VR::SH,
-        _ => VR::CS,
-    }
 }
 
 #[cfg(test)]
