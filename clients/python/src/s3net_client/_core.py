@@ -3,13 +3,14 @@ and the handling of a job's event stream. Only the waiting differs between the t
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Generic, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import grpc
 
@@ -252,6 +253,43 @@ class Upload:
         view = memoryview(self.image)
         for start in range(0, len(view), chunk_size):
             yield pb.UploadChunk(data=bytes(view[start : start + chunk_size]))
+
+
+H = TypeVar("H")
+
+
+class InOrder(Generic[H]):
+    """The images of a ``segment_many``, up to ``concurrency`` of them started at once (``start``
+    turns an image into a handle: a future, a task) and handed back in their own order, each
+    image's turn topping the started ones up again. Shared by the blocking and asyncio clients,
+    which differ only in how they wait for a handle."""
+
+    def __init__(self, images: Iterable[Any], concurrency: int, start: Callable[[Any], H]) -> None:
+        self.source = iter(images)
+        self.concurrency = concurrency
+        self.start = start
+        self.pending: Deque[Tuple[Any, H]] = collections.deque()
+
+    def next(self) -> Optional[Tuple[Any, H]]:
+        """The next image in order with its handle, once the started ones are topped up; None
+        when every image has been handed back."""
+        while len(self.pending) < self.concurrency:
+            image = next(self.source, _END)
+            if image is _END:
+                break
+            self.pending.append((image, self.start(image)))
+        return self.pending.popleft() if self.pending else None
+
+
+_END = object()
+
+
+def progress_bar(images: Iterable[Any]) -> Any:
+    """One tqdm bar over ``images`` (of known length when it has one)."""
+    from tqdm.auto import tqdm
+
+    total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
+    return tqdm(total=total, unit="image", desc="s3net", leave=True)
 
 
 class Resubmit(Exception):

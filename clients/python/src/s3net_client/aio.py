@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import collections
-from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Iterable, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Tuple, Union
 
 import grpc
 import grpc.aio
@@ -13,18 +12,19 @@ from . import _convert
 from ._core import (
     UNSET,
     Follower,
+    InOrder,
     PemSource,
     ProgressArg,
     Resubmit,
     Settings,
     Upload,
+    progress_bar,
     remaining,
 )
 from ._pb import s3net_pb2 as pb
 from ._pb.s3net_pb2_grpc import SegmenterStub
 from .errors import InvalidArgument, from_rpc_error
 from .images import ImageInput
-from .client import _END, _bar
 from .results import Job, JobEvent, JobList, JobState, SegmentationResult, Submitted
 
 
@@ -141,29 +141,21 @@ class AsyncClient:
             except Exception as e:  # yielded with its image, for the caller to handle
                 return e
 
-        bar = _bar(images) if progress else None
-        pending: Deque[Tuple[ImageInput, "asyncio.Future[Any]"]] = collections.deque()
-        source = iter(images)
+        bar = progress_bar(images) if progress else None
+        window: InOrder[asyncio.Future] = InOrder(images, concurrency, lambda image: asyncio.ensure_future(one(image)))
         try:
-            while True:
-                while len(pending) < concurrency:
-                    image = next(source, _END)
-                    if image is _END:
-                        break
-                    pending.append((image, asyncio.ensure_future(one(image))))
-                if not pending:
-                    return
-                image, task = pending.popleft()
+            while (started := window.next()) is not None:
+                image, task = started
                 outcome = await task
                 if bar is not None:
                     bar.update(1)
                 yield image, outcome
         finally:
             # Cancelling a segment task cancels its job on the server.
-            for _, task in pending:
+            for _, task in window.pending:
                 task.cancel()
-            if pending:
-                await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+            if window.pending:
+                await asyncio.gather(*(t for _, t in window.pending), return_exceptions=True)
             if bar is not None:
                 bar.close()
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Deque, Iterable, Iterator, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple, TypeVar, Union
 
 import grpc
 
@@ -14,11 +13,13 @@ from . import _convert
 from ._core import (
     UNSET,
     Follower,
+    InOrder,
     PemSource,
     ProgressArg,
     Resubmit,
     Settings,
     Upload,
+    progress_bar,
     remaining,
 )
 from ._pb import s3net_pb2 as pb
@@ -192,20 +193,12 @@ class Client:
             except Exception as e:  # yielded with its image, for the caller to handle
                 return e
 
-        bar = _bar(images) if progress else None
+        bar = progress_bar(images) if progress else None
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3net-segment")
-        pending: Deque[Tuple[ImageInput, Future]] = collections.deque()
-        source = iter(images)
+        window: InOrder[Future] = InOrder(images, concurrency, lambda image: pool.submit(one, image))
         try:
-            while True:
-                while len(pending) < concurrency:
-                    image = next(source, _END)
-                    if image is _END:
-                        break
-                    pending.append((image, pool.submit(one, image)))
-                if not pending:
-                    return
-                image, future = pending.popleft()
+            while (started := window.next()) is not None:
+                image, future = started
                 outcome = future.result()
                 if bar is not None:
                     bar.update(1)
@@ -358,12 +351,3 @@ class Client:
 class _Stopped(Exception):
     """Raised in a fit's progress callback to cancel it: its ``segment_many`` was left."""
 
-
-_END = object()
-
-
-def _bar(images: Iterable[Any]) -> Any:
-    from tqdm.auto import tqdm
-
-    total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
-    return tqdm(total=total, unit="image", desc="s3net", leave=True)
