@@ -76,11 +76,23 @@ fn serve(env: &[(&str, &str)]) -> ServerProcess {
 }
 
 /// A raw HTTP/2 connection: the calls below stop part-way, which no gRPC client does.
+///
+/// Returned once the server's first SETTINGS have arrived: until then h2 knows no limit of
+/// open streams and would open calls beyond the server's, which the server refuses
+/// (REFUSED_STREAM) instead of the client queueing them.
 async fn h2_connection(addr: &str) -> h2::client::SendRequest<bytes::Bytes> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (send, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
-    send.ready().await.unwrap()
+    let send = send.ready().await.unwrap();
+    // The server tells the client its limit of open calls (server.max_streams_per_connection)
+    // in its first SETTINGS.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while send.current_max_send_streams() != 256 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(send.current_max_send_streams(), 256, "the server's SETTINGS within 10 s");
+    send
 }
 
 /// Starts a call of `path` whose message announces `announced` bytes and sends `sent` of them,
@@ -143,14 +155,8 @@ fn unfinished_health_and_reflection_calls_hold_little() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let before = server.rss();
+        // (h2_connection checks the server's limit of open calls per connection.)
         let send = h2_connection(&server.addr).await;
-        // The server tells the client its limit of open calls (server.max_streams_per_connection)
-        // in its first SETTINGS.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while send.current_max_send_streams() != 256 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(send.current_max_send_streams(), 256);
 
         // A message announced as 4 MiB (tonic's default limit) to the health check or to
         // reflection is refused at its length prefix: 100 of them once held 400 MB.
