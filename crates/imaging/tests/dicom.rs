@@ -496,7 +496,8 @@ fn jpeg_2000_headers_are_checked_first() {
     // A zero subsampling.
     let err = dec(&patched(41, &[0])).unwrap_err();
     assert!(err.to_string().contains("zero subsampling"), "{err}");
-    assert!(t.elapsed().as_millis() < 500, "{:?}", t.elapsed());
+    // (Decoding any of them would take far longer; the bound leaves room for a loaded machine.)
+    assert!(t.elapsed().as_millis() < 2000, "{:?}", t.elapsed());
     // JPEG 2000's transfer syntax, and no codestream.
     let bytes = build(Spec {
         ts: "1.2.840.10008.1.2.4.90",
@@ -746,7 +747,7 @@ fn declared_lengths_beyond_the_file_fail_fast() {
     evil.extend_from_slice(&[0u8; 64]);
     let t = std::time::Instant::now();
     let err = dec(&evil).unwrap_err();
-    assert!(t.elapsed().as_millis() < 200, "took {:?}", t.elapsed());
+    assert!(t.elapsed().as_millis() < 2000, "took {:?}", t.elapsed());
     assert!(
         matches!(
             err,
@@ -789,7 +790,7 @@ fn jpeg_header_larger_than_rows_columns_is_rejected() {
     d[sof + 5..sof + 9].copy_from_slice(&[0xEA, 0x60, 0xEA, 0x60]);
     let t = std::time::Instant::now();
     let err = dec(&d).unwrap_err();
-    assert!(t.elapsed().as_millis() < 500);
+    assert!(t.elapsed().as_millis() < 2000, "{:?}", t.elapsed());
     assert!(err.to_string().contains("60000×60000"), "{err}");
 }
 

@@ -683,7 +683,8 @@ async fn full_queue_is_resource_exhausted_at_once() {
     );
     let t = Instant::now();
     let err = c.submit_job(submit()).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(1));
+    // At once, not once the running job (1000 steps: far longer) has made room.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("retry in"), "{}", err.message());
     let retry: u64 = err
