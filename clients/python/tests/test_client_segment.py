@@ -167,6 +167,21 @@ def test_float_array_with_window(client: Client) -> None:
 def test_window_on_integer_images_goes_to_the_server(client: Client) -> None:
     r = client.segment(LUNG, window=(424.0, 1500.0), **FAST)
     assert (r.options.window.center, r.options.window.width) == (424.0, 1500.0)
+    assert r.options.window_function == "LINEAR"
+
+
+def test_a_dicom_files_own_window_function_is_applied_and_named(client: Client) -> None:
+    """An X-ray's VOI LUT Sequence (its curve over 500..3499) and a sigmoid window are applied
+    as the file says, and named; a window in the request is linear, whatever the file's."""
+    table = client.segment(DATA / "dicom" / "DX_voi_lut.dcm", **FAST)
+    assert table.options.window_function == "TABLE"
+    assert (table.options.window.center, table.options.window.width) == (2000.0, 3000.0)
+    sigmoid = client.segment(DATA / "dicom" / "DX_sigmoid.dcm", **FAST)
+    assert sigmoid.options.window_function == "SIGMOID"
+    assert (sigmoid.options.window.center, sigmoid.options.window.width) == (2000.0, 1500.0)
+    asked = client.segment(DATA / "dicom" / "DX_sigmoid.dcm", window=(2000.0, 1500.0), **FAST)
+    assert asked.options.window_function == "LINEAR"
+    assert client.segment(PH2, **FAST).options.window_function == ""
 
 
 def test_integer_arrays_go_in_their_own_units(client: Client) -> None:

@@ -44,8 +44,9 @@ pub struct Loaded {
     pub orientation: u8,
     /// DICOM Pixel Spacing in mm, [rows, columns], when the file gives it.
     pub pixel_spacing_mm: Option<[f64; 2]>,
-    /// The window applied: the one asked for, else the file's (a DICOM's Window Center/Width).
-    pub window: Option<Window>,
+    /// The window applied: the one asked for, else the file's (a DICOM's Window Center/Width or
+    /// VOI LUT), with the name of its function (`WindowFunction::name`).
+    pub window: Option<(Window, &'static str)>,
     /// The DICOM Segmentations asked for, with what they need of the file.
     pub dicom_seg: Option<DicomOutputs>,
 }
@@ -73,7 +74,7 @@ pub fn load_image(path: &Path, frame: u32, window: Option<Window>, (foreground, 
     let opts = DecodeOptions { frame, ..Default::default() };
     let decoded = s3net_imaging::decode(&bytes, &opts).with_context(|| format!("cannot decode {}", path.display()))?;
     let (orientation, pixel_spacing_mm) = (decoded.orientation, decoded.dicom.as_ref().and_then(|d| d.pixel_spacing_mm));
-    let applied = decoded.given_window(window);
+    let applied = decoded.given_window(window).map(|(w, f)| (w, f.name()));
     Ok(Loaded { image: Arc::new(decoded.into_image(window)), orientation, pixel_spacing_mm, window: applied, dicom_seg })
 }
 

@@ -65,6 +65,19 @@ fn segment_writes_labels_mask_and_report_at_original_size() {
         assert_eq!(report["timings"]["queued_seconds"], 0.0);
         assert_eq!(report["timings"]["fit_seconds"], report["fit_seconds"]);
         assert_eq!(report["options"]["size"], 32);
+        // None of these has a window of its own.
+        assert!(report["window"].is_null(), "{rel}: {}", report["window"]);
+    }
+    // The window applied is reported: a DICOM file's own with its function, or the one asked for.
+    let img = data("dicom/DX_sigmoid.dcm");
+    for (window, want) in [(None, (2000.0, 1500.0, "SIGMOID")), (Some("100,50"), (100.0, 50.0, "LINEAR"))] {
+        let mut args = vec!["segment", img.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu"];
+        args.extend(FAST);
+        args.extend(window.map(|w| ["--window", w]).into_iter().flatten());
+        let o = s3net(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("DX_sigmoid.json")).unwrap()).unwrap();
+        assert_eq!(report["window"], serde_json::json!({"center": want.0, "width": want.1, "function": want.2}));
     }
 }
 

@@ -21,7 +21,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use crate::dicom_guard;
 use crate::{
     check_dims, DecodeOptions, Decoded, DicomInfo, Format, Header, ImageKind, ImagingError,
-    Window,
+    Window, WindowFunction,
 };
 
 const F: Format = Format::Dicom;
@@ -146,10 +146,11 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
 
     let lossy_jpeg = matches!(ts_uid.as_str(), JPEG_BASELINE | JPEG_EXTENDED);
     let bits_allocated = optional_u32(&obj, tags::BITS_ALLOCATED)?.unwrap_or(8);
-    if file_pi == "YBR_FULL_422" && !lossy_jpeg {
-        // Only a JPEG codec undoes YBR_FULL_422's halved chroma.
+    let encapsulated = matches!(obj.element_opt(tags::PIXEL_DATA).ok().flatten().map(|e| e.value()), Some(Value::PixelSequence(_)));
+    if file_pi == "YBR_FULL_422" && !lossy_jpeg && encapsulated {
+        // Only a JPEG codec undoes YBR_FULL_422's halved chroma (and here, for native data).
         return Err(unsupported(format!(
-            "photometric interpretation YBR_FULL_422 is supported in JPEG-compressed files only, not in {}",
+            "photometric interpretation YBR_FULL_422 is supported in JPEG-compressed and uncompressed files only, not in {}",
             transfer_syntax_name(&ts_uid)
         )));
     }
@@ -158,17 +159,14 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         return Err(unsupported(format!("RLE Lossless with Bits Allocated {bits_allocated} is not supported (8 or 16)")));
     }
     let frame = check_and_repair_fragments(&mut obj, &ts_uid, &file_pi, (rows, cols, frames), bits_allocated, opts.frame)?;
+    let frame = if file_pi == "YBR_FULL_422" && !encapsulated { expand_ybr_full_422(&mut obj, (rows, cols, frames), bits_allocated, frame)? } else { frame };
     let (slope, intercept) = rescale(&obj, opts.frame)?;
     let signed_pixels = optional_u32(&obj, tags::PIXEL_REPRESENTATION)? == Some(1);
     // A Modality LUT Sequence stands in for Rescale Slope/Intercept, where a file has it and
-    // not them; the VOI LUT Sequence's input range is the window where no Window Center/Width
-    // is given (its shape, a curve within that range, is not applied).
+    // not them.
     let has_rescale = frame_attribute(&obj, opts.frame, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_SLOPE).is_some();
     let modality_lut = if has_rescale { None } else { lut(&obj, opts.frame, tags::MODALITY_LUT_SEQUENCE, signed_pixels, true) };
-    let file_window = file_window(&obj, opts.frame).or_else(|| {
-        let voi = lut(&obj, opts.frame, tags::VOILUT_SEQUENCE, signed_pixels, false)?;
-        Window::new(voi.first as f64 + voi.entries as f64 / 2.0, voi.entries as f64).ok()
-    });
+    let (file_window, file_window_function) = voi(&obj, opts.frame, signed_pixels);
     // Presentation LUT Shape INVERSE: a MONOCHROME2 image shown inverted, as MONOCHROME1 is
     // (for MONOCHROME1 it is the usual declaration, not a second inversion).
     let inverse = obj
@@ -297,13 +295,14 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         }
     };
 
-    let mut window = None;
+    let (mut window, mut window_function) = (None, WindowFunction::Linear);
     let samples: Vec<f32> = if channels == 1 {
         let mut s: Vec<f32> = match &modality_lut {
             Some(lut) => (0..px).map(|i| lut.map(read(i)) as f32).collect(),
             None => (0..px).map(|i| (read(i) * slope + intercept) as f32).collect(),
         };
         window = file_window;
+        window_function = file_window_function;
         if pi == PhotometricInterpretation::Monochrome1 || inverse {
             // Invert within the frame's own range, so values stay in the same units'
             // span and higher means brighter, like every other image.
@@ -322,6 +321,13 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
                     center: sum - w.center,
                     width: w.width,
                 });
+                // A sigmoid turns with its center; a table's value v is now sum − v, so it is
+                // read backwards from the other end, and gives the inverse grey.
+                if let WindowFunction::Table { first, grey } = &mut window_function {
+                    *first = sum - (*first + grey.len() as f64 - 1.0);
+                    grey.reverse();
+                    grey.iter_mut().for_each(|g| *g = 1.0 - *g);
+                }
             }
         }
         s
@@ -367,6 +373,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             ImageKind::Colour
         },
         window,
+        window_function,
         dicom: Some(DicomInfo {
             modality,
             photometric: file_pi,
@@ -430,6 +437,40 @@ fn check_and_repair_fragments(
     };
     obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(repaired)));
     Ok(frame)
+}
+
+/// Uncompressed YBR_FULL_422 (each two neighbouring pixels of a row stored as Y₁ Y₂ Cb Cr, the
+/// chroma shared) widened to YBR_FULL, one Cb Cr per pixel, for frame `frame` alone: the
+/// decoder's codecs read only full-chroma native data, and the YBR_FULL path converts it to
+/// RGB. Returns the frame's index then (0). 8-bit samples, interleaved, with an even number of
+/// columns, as PS3.3 C.7.6.3.1.2 has them; anything else is refused by name.
+fn expand_ybr_full_422(obj: &mut DefaultDicomObject, (rows, cols, frames): (u32, u32, u32), bits_allocated: u32, frame: u32) -> Result<u32, ImagingError> {
+    if bits_allocated != 8 || optional_u32(obj, tags::SAMPLES_PER_PIXEL)? != Some(3) {
+        return Err(unsupported(format!(
+            "uncompressed YBR_FULL_422 is supported with 3 samples of 8 bits, not {} of {bits_allocated}",
+            optional_u32(obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1)
+        )));
+    }
+    if optional_u32(obj, tags::PLANAR_CONFIGURATION)?.unwrap_or(0) != 0 || cols % 2 != 0 {
+        return Err(malformed("uncompressed YBR_FULL_422 needs interleaved samples (Planar Configuration 0) and an even number of Columns"));
+    }
+    let (row_bytes, rows) = (cols as usize * 2, rows as usize);
+    let frame_len = row_bytes * rows;
+    let pixel_data = obj.element(tags::PIXEL_DATA).map_err(|_| malformed("the Pixel Data is missing"))?.to_bytes().map_err(|_| malformed("the Pixel Data is not a byte string"))?;
+    let start = frame as usize * frame_len;
+    let stored = pixel_data
+        .get(start..start + frame_len)
+        .filter(|_| frame < frames)
+        .ok_or_else(|| malformed("the pixel data is shorter than Rows × Columns × 2 bytes per frame, as YBR_FULL_422 stores them"))?;
+    let mut full = Vec::with_capacity(frame_len / 2 * 3);
+    for pair in stored.chunks_exact(4) {
+        let [y1, y2, cb, cr] = [pair[0], pair[1], pair[2], pair[3]];
+        full.extend_from_slice(&[y1, cb, cr, y2, cb, cr]);
+    }
+    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(full.into())));
+    obj.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("YBR_FULL")));
+    obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("1")));
+    Ok(0)
 }
 
 /// The compressed bytes of frame `frame` of `frames`: all the fragments of a single frame, the
@@ -645,6 +686,29 @@ impl Lut {
         let i = (value as i64).saturating_sub(self.first).clamp(0, self.entries - 1) as usize;
         self.data.get(i).copied().unwrap_or(0.0)
     }
+}
+
+/// The file's own window of frame `frame` and how it maps values to grey: Window Center/Width
+/// with its VOI LUT Function (SIGMOID, else linear); else a VOI LUT Sequence's table over its
+/// input range (a linear window over that range where the table's data are missing, of
+/// another length than it declares, or flat); else none. Where a file has both, the window
+/// is taken, as most viewers show first.
+fn voi(obj: &DefaultDicomObject, frame: u32, signed: bool) -> (Option<Window>, WindowFunction) {
+    if let Some(w) = file_window(obj, frame) {
+        let function = frame_attribute(obj, frame, tags::FRAME_VOILUT_SEQUENCE, tags::VOILUT_FUNCTION)
+            .and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches(['\0', ' ']) == "SIGMOID"));
+        return (Some(w), if function == Some(true) { WindowFunction::Sigmoid } else { WindowFunction::Linear });
+    }
+    let Some(lut) = lut(obj, frame, tags::VOILUT_SEQUENCE, signed, true).or_else(|| lut(obj, frame, tags::VOILUT_SEQUENCE, signed, false)) else {
+        return (None, WindowFunction::Linear);
+    };
+    let window = Window::new(lut.first as f64 + lut.entries as f64 / 2.0, lut.entries as f64).ok();
+    let (lo, hi) = lut.data.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    if lut.data.is_empty() || hi <= lo {
+        return (window, WindowFunction::Linear);
+    }
+    let grey = lut.data.iter().map(|&v| ((v - lo) / (hi - lo)) as f32).collect();
+    (window, WindowFunction::Table { first: lut.first as f64, grey })
 }
 
 /// The first Window Center/Width of frame `frame`, in rescaled units.

@@ -196,6 +196,37 @@ impl std::str::FromStr for Window {
     }
 }
 
+/// How a DICOM file's own window maps its values to grey (VOI LUT Function (0028,1056), or the
+/// curve of a VOI LUT Sequence). Why: an X-ray's vendor curve or a mammogram's sigmoid is the
+/// contrast its modality meant; a straight ramp over the same range is another image. Only the
+/// file's window has a shape: a window asked for in a request is linear.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum WindowFunction {
+    /// `center - width/2` to black, `center + width/2` to white (LINEAR and LINEAR_EXACT alike:
+    /// their half-value offsets are below a grey level of a 16-bit range).
+    #[default]
+    Linear,
+    /// `1 / (1 + exp(-4 (x - center) / width))` (PS3.3 C.11.2.1.3.1).
+    Sigmoid,
+    /// A VOI LUT Sequence's table: value `first + i` (and values between it and the next)
+    /// takes `grey[i]`; values before `first` the first entry, values past the end the last.
+    /// The entries are stretched to [0, 1] over the table's own smallest and largest (what a
+    /// segmentation needs is the curve's shape, not the display's brightness; many files
+    /// declare 16 output bits for 12-bit data).
+    Table { first: f64, grey: Vec<f32> },
+}
+
+impl WindowFunction {
+    /// Its name as a result reports it: `"LINEAR"`, `"SIGMOID"` or `"TABLE"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WindowFunction::Linear => "LINEAR",
+            WindowFunction::Sigmoid => "SIGMOID",
+            WindowFunction::Table { .. } => "TABLE",
+        }
+    }
+}
+
 /// The few DICOM attributes worth reporting to a caller.
 ///
 /// Deliberately carries no patient-identifying attribute (names, IDs, dates,
@@ -234,9 +265,12 @@ pub struct Decoded {
     /// TIFFs); Bits Allocated for DICOM (8, 16 or 32; 1-bit DICOM is expanded to 8).
     pub bit_depth: u8,
     pub kind: ImageKind,
-    /// The file's own display window (DICOM Window Center/Width, first value), in
-    /// the same units as `samples`.
+    /// The file's own display window (DICOM Window Center/Width, first value, or a VOI LUT
+    /// Sequence's input range), in the same units as `samples`.
     pub window: Option<Window>,
+    /// How `window` maps values to grey: [`WindowFunction::Linear`] but for a DICOM file that
+    /// says otherwise.
+    pub window_function: WindowFunction,
     pub dicom: Option<DicomInfo>,
     /// The EXIF orientation (1–8) the file carried (JPEG's Exif, TIFF's Orientation tag, PNG's
     /// eXIf) and that has been applied: `width`, `height` and `samples` are the image as viewers
@@ -454,26 +488,33 @@ pub fn normalize(decoded: &Decoded, window: Option<Window>) -> Image {
         width: decoded.width,
         height: decoded.height,
         channels: decoded.channels,
-        data: window::apply_window(&decoded.samples, decoded.window_for(window)),
+        data: {
+            let (w, f) = decoded.window_for(window);
+            window::apply_window(&decoded.samples, w, f)
+        },
         kind: decoded.kind,
     }
 }
 
 impl Decoded {
-    /// The window a result reports as applied: `asked` when valid, else the file's (a DICOM's
-    /// Window Center/Width); None when [`normalize`] picks one itself (8-bit range, or
+    /// The window a result reports as applied and how it maps values to grey: `asked` when
+    /// valid (linear), else the file's (a DICOM's Window Center/Width or VOI LUT, with its
+    /// [`WindowFunction`]); None when [`normalize`] picks one itself (8-bit range, or
     /// [`auto_window`]).
-    pub fn given_window(&self, asked: Option<Window>) -> Option<Window> {
-        asked.filter(Window::is_valid).or(self.window.filter(Window::is_valid))
+    pub fn given_window(&self, asked: Option<Window>) -> Option<(Window, &WindowFunction)> {
+        match asked.filter(Window::is_valid) {
+            Some(w) => Some((w, &WindowFunction::Linear)),
+            None => self.window.filter(Window::is_valid).map(|w| (w, &self.window_function)),
+        }
     }
 
-    /// The window [`normalize`] applies: [`Self::given_window`], else the full 8-bit range for
-    /// 8-bit rasters, else [`auto_window`].
-    fn window_for(&self, asked: Option<Window>) -> Window {
+    /// The window [`normalize`] applies and its function: [`Self::given_window`], else the full
+    /// 8-bit range for 8-bit rasters, else [`auto_window`] (linear, those two).
+    fn window_for(&self, asked: Option<Window>) -> (Window, &WindowFunction) {
         match self.given_window(asked) {
-            Some(w) => w,
-            None if self.format != Format::Dicom && self.bit_depth == 8 => Window { center: 127.5, width: 255.0 },
-            None => auto_window(&self.samples),
+            Some(given) => given,
+            None if self.format != Format::Dicom && self.bit_depth == 8 => (Window { center: 127.5, width: 255.0 }, &WindowFunction::Linear),
+            None => (auto_window(&self.samples), &WindowFunction::Linear),
         }
     }
 
@@ -481,8 +522,9 @@ impl Decoded {
     /// decoded samples and the image together, two image-sized f32 buffers (2.4 GB for a
     /// 10000² colour image); read what else the caller needs from the `Decoded` first.
     pub fn into_image(mut self, window: Option<Window>) -> Image {
-        let w = self.window_for(window);
-        window::apply_window_in_place(&mut self.samples, w);
+        let (w, f) = self.window_for(window);
+        let f = f.clone();
+        window::apply_window_in_place(&mut self.samples, w, &f);
         Image { width: self.width, height: self.height, channels: self.channels, data: self.samples, kind: self.kind }
     }
 }

@@ -100,6 +100,7 @@ pub(crate) fn decode_raster(
             ImageKind::Colour
         },
         window: None,
+        window_function: crate::WindowFunction::Linear,
         dicom: None,
         orientation: orientation.to_exif(),
     })

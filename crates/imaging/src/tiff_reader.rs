@@ -100,6 +100,7 @@ pub(crate) fn decode_tiff(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded,
         bit_depth: bits,
         kind: if channels == 1 { ImageKind::Grey } else { ImageKind::Colour },
         window: None,
+        window_function: crate::WindowFunction::Linear,
         dicom: None,
         orientation,
     })

@@ -1,6 +1,6 @@
 //! Automatic windowing and window application.
 
-use crate::Window;
+use crate::{Window, WindowFunction};
 
 /// Number of histogram bins used to locate a percentile before the exact selection.
 const BINS: usize = 4096;
@@ -108,20 +108,37 @@ fn select_ranks(samples: &[f32], n: usize, min: f32, max: f32, ranks: [usize; 2]
     out
 }
 
-/// Linear windowing into `[0, 1]`; NaN maps to 0.
-pub(crate) fn apply_window(samples: &[f32], w: Window) -> Vec<f32> {
+/// Windowing into `[0, 1]` by `function` (see [`WindowFunction`]); NaN maps to 0.
+pub(crate) fn apply_window(samples: &[f32], w: Window, function: &WindowFunction) -> Vec<f32> {
     let mut out = samples.to_vec();
-    apply_window_in_place(&mut out, w);
+    apply_window_in_place(&mut out, w, function);
     out
 }
 
 /// [`apply_window`] over the samples' own buffer (no second image-sized buffer).
-pub(crate) fn apply_window_in_place(samples: &mut [f32], w: Window) {
-    let lo = w.center - w.width / 2.0;
-    let inv = 1.0 / w.width;
-    for v in samples {
-        let x = ((f64::from(*v) - lo) * inv) as f32;
-        *v = if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) };
+pub(crate) fn apply_window_in_place(samples: &mut [f32], w: Window, function: &WindowFunction) {
+    // One loop per function, each with its own closure inlined (no call per pixel).
+    fn map(samples: &mut [f32], grey: impl Fn(f64) -> f64) {
+        for v in samples {
+            let x = grey(f64::from(*v)) as f32;
+            *v = if x.is_nan() || v.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) };
+        }
+    }
+    match function {
+        WindowFunction::Linear => {
+            let lo = w.center - w.width / 2.0;
+            let inv = 1.0 / w.width;
+            map(samples, |x| (x - lo) * inv)
+        }
+        WindowFunction::Sigmoid => {
+            let k = -4.0 / w.width;
+            map(samples, |x| 1.0 / (1.0 + (k * (x - w.center)).exp()))
+        }
+        WindowFunction::Table { first, grey } if !grey.is_empty() => {
+            let last = (grey.len() - 1) as f64;
+            map(samples, |x| f64::from(grey[(x - first).floor().clamp(0.0, last) as usize]))
+        }
+        WindowFunction::Table { .. } => map(samples, |_| 0.0),
     }
 }
 
@@ -199,13 +216,16 @@ mod tests {
 
     #[test]
     fn applies_and_clamps() {
-        let out = apply_window(
-            &[-10.0, 0.0, 50.0, 100.0, 200.0, f32::NAN],
-            Window {
-                center: 50.0,
-                width: 100.0,
-            },
-        );
+        let w = Window { center: 50.0, width: 100.0 };
+        let out = apply_window(&[-10.0, 0.0, 50.0, 100.0, 200.0, f32::NAN], w, &WindowFunction::Linear);
         assert_eq!(out, vec![0.0, 0.0, 0.5, 1.0, 1.0, 0.0]);
+        // The sigmoid: one half at the center, 1/(1+e²) a half-width below it.
+        let out = apply_window(&[50.0, 0.0, 100.0, f32::NAN], w, &WindowFunction::Sigmoid);
+        let e2 = (1.0 / (1.0 + 2f64.exp())) as f32;
+        assert_eq!(out, vec![0.5, e2, 1.0 - e2, 0.0]);
+        // A table from 10: below it its first entry, past it its last, between entries the lower.
+        let table = WindowFunction::Table { first: 10.0, grey: vec![0.0, 0.25, 1.0] };
+        let out = apply_window(&[-5.0, 10.0, 11.0, 11.9, 12.0, 99.0, f32::NAN], w, &table);
+        assert_eq!(out, vec![0.0, 0.0, 0.25, 0.25, 1.0, 1.0, 0.0]);
     }
 }

@@ -847,13 +847,36 @@ fn files_from_other_toolkits_read_as_pydicom_reads_them() {
     assert!(be.samples == le.samples);
     assert_eq!(le.samples.iter().copied().fold(0.0f32, f32::max), 1254000.0);
     // What cannot be read is named.
-    for (name, says) in [
-        ("SC_ybr_full_422_uncompressed", "YBR_FULL_422 is supported in JPEG-compressed files only, not in Explicit VR Little Endian"),
-        ("SC_rgb_rle_32bit", "RLE Lossless with Bits Allocated 32 is not supported"),
+    let e = dec(&data("dicom/SC_rgb_rle_32bit.dcm")).unwrap_err();
+    assert!(e.to_string().contains("RLE Lossless with Bits Allocated 32 is not supported"), "{e}");
+}
+
+/// Uncompressed YBR_FULL_422 (two pixels' Y, then their shared Cb and Cr): pydicom's test file
+/// gives the RGB pydicom 3 gives (tools/make_dicom_display.py), to within the two converters'
+/// rounding; what the layout cannot be is refused by name.
+#[test]
+fn uncompressed_ybr_full_422() {
+    let bytes = data("dicom/SC_ybr_full_422_uncompressed.dcm");
+    let d = dec(&bytes).unwrap();
+    assert_eq!((d.width, d.height, d.channels, d.kind), (100, 100, 3, ImageKind::Colour));
+    assert_eq!(d.dicom.as_ref().unwrap().photometric, "YBR_FULL_422");
+    let r = dec(&data("dicom/SC_ybr_full_422_uncompressed.pydicom.png")).unwrap();
+    let max = d.samples.iter().zip(&r.samples).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    eprintln!("at most {max} from pydicom's RGB");
+    assert!(max <= 1.0, "{max}");
+    // The same bytes with an odd number of columns, planar, or 16-bit, or too few of them:
+    // refused, not misread.
+    for (tag, value, says) in [
+        (tags::COLUMNS, PrimitiveValue::from(99u16), "an even number of Columns"),
+        (tags::PLANAR_CONFIGURATION, PrimitiveValue::from(1u16), "Planar Configuration 0"),
+        (tags::BITS_ALLOCATED, PrimitiveValue::from(16u16), "3 samples of 8 bits, not 3 of 16"),
     ] {
-        let e = dec(&data(&format!("dicom/{name}.dcm"))).unwrap_err();
-        assert!(e.to_string().contains(says), "{name}: {e}");
+        let e = dec(&with_elements(&bytes, vec![DataElement::new(tag, VR::US, value)])).unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
     }
+    let short = DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(vec![0u8; 1000].into()));
+    let e = dec(&with_elements(&bytes, vec![short])).unwrap_err();
+    assert!(e.to_string().contains("shorter than"), "{e}");
 }
 
 /// 12-bit lossy JPEG (JPEG Extended, process 4; our decoder, `jpeg12.rs`) against libjpeg-turbo
@@ -967,9 +990,46 @@ fn modality_voi_and_presentation_luts() {
     // A LUT whose data are not of the length it declares is ignored.
     let short = with_elements(&plain, vec![lut_sequence(tags::MODALITY_LUT_SEQUENCE, [4, 1, 16], Some(vec![100, 200]))]);
     assert_eq!(dec(&short).unwrap().samples, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
-    // The VOI LUT's input range: 1000 values from 200.
+    // The VOI LUT's input range: 1000 values from 200; without its data, a linear window over it.
     let voi = with_elements(&plain, vec![lut_sequence(tags::VOILUT_SEQUENCE, [1000, 200, 12], None)]);
-    assert_eq!(dec(&voi).unwrap().window, Some(Window { center: 700.0, width: 1000.0 }));
+    let d = dec(&voi).unwrap();
+    assert_eq!((d.window, &d.window_function), (Some(Window { center: 700.0, width: 1000.0 }), &WindowFunction::Linear));
+    // With data, its curve, stretched over its own range: values 1..4 to 10, 40, 20, 30.
+    let table = with_elements(&plain, vec![lut_sequence(tags::VOILUT_SEQUENCE, [4, 1, 16], Some(vec![10, 40, 20, 30]))]);
+    let d = dec(&table).unwrap();
+    assert_eq!(d.window_function, WindowFunction::Table { first: 1.0, grey: vec![0.0, 1.0, 1.0 / 3.0, 2.0 / 3.0] });
+    assert_eq!(d.given_window(None).map(|(_, f)| f.name()), Some("TABLE"));
+    assert_eq!(normalize(&d, None).data, [0.0, 0.0, 1.0, 1.0 / 3.0, 2.0 / 3.0, 2.0 / 3.0]);
+    // A window asked for is linear, whatever the file's function.
+    let asked = Window { center: 2.5, width: 5.0 };
+    assert_eq!(d.given_window(Some(asked)).map(|(_, f)| f.name()), Some("LINEAR"));
+    assert_eq!(normalize(&d, Some(asked)).data, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]);
+    // A flat table, or one of another length than declared: a linear window over its range.
+    for data in [vec![7, 7, 7, 7], vec![10, 40]] {
+        let d = dec(&with_elements(&plain, vec![lut_sequence(tags::VOILUT_SEQUENCE, [4, 1, 16], Some(data))])).unwrap();
+        assert_eq!((d.window, &d.window_function), (Some(Window { center: 3.0, width: 4.0 }), &WindowFunction::Linear));
+    }
+    // MONOCHROME1 (or INVERSE): the table read backwards and its greys inverted.
+    let mono1 = with_elements(
+        &build(Spec { pi: "MONOCHROME1", ..Spec::default() }),
+        vec![lut_sequence(tags::VOILUT_SEQUENCE, [4, 1, 16], Some(vec![10, 40, 20, 30]))],
+    );
+    let grey = normalize(&dec(&mono1).unwrap(), None).data;
+    let want = [1.0, 1.0, 0.0, 2.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0];
+    assert!(grey.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{grey:?}");
+    // VOI LUT Function SIGMOID goes with Window Center/Width; LINEAR_EXACT is linear.
+    let sigmoid = with_elements(
+        &build(Spec { window: Some(("2", "4")), ..Spec::default() }),
+        vec![text(tags::VOILUT_FUNCTION, VR::CS, "SIGMOID")],
+    );
+    let d = dec(&sigmoid).unwrap();
+    assert_eq!(d.window_function, WindowFunction::Sigmoid);
+    assert_eq!(normalize(&d, None).data[2], 0.5);
+    let exact = with_elements(
+        &build(Spec { window: Some(("2", "4")), ..Spec::default() }),
+        vec![text(tags::VOILUT_FUNCTION, VR::CS, "LINEAR_EXACT")],
+    );
+    assert_eq!(dec(&exact).unwrap().window_function, WindowFunction::Linear);
     // Window Center/Width win over it.
     let windowed = with_elements(
         &build(Spec { window: Some(("40", "400")), ..Spec::default() }),
@@ -981,4 +1041,21 @@ fn modality_voi_and_presentation_luts() {
     assert_eq!(dec(&inverse).unwrap().samples, [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]);
     let identity = with_elements(&plain, vec![text(tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY")]);
     assert_eq!(dec(&identity).unwrap().samples, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+}
+
+/// X-ray files with a VOI LUT Sequence's curve (on MONOCHROME2 and MONOCHROME1 data) and with
+/// VOI LUT Function SIGMOID (`tools/make_dicom_voi.py`) give the greys pydicom's
+/// `apply_voi_lut` gives, stretched to 0..1 as documented (references: 16-bit PNGs).
+#[test]
+fn voi_lut_curves_and_sigmoid_match_pydicom() {
+    for (file, function) in [("DX_voi_lut", "TABLE"), ("DX_voi_lut_mono1", "TABLE"), ("DX_sigmoid", "SIGMOID")] {
+        let d = dec(&data(&format!("dicom/{file}.dcm"))).unwrap();
+        assert_eq!(d.given_window(None).map(|(_, f)| f.name()), Some(function), "{file}");
+        let grey = d.into_image(None).data;
+        let r = dec(&data(&format!("dicom/{file}.voi.png"))).unwrap();
+        assert_eq!(grey.len(), r.samples.len(), "{file}");
+        let max = grey.iter().zip(&r.samples).map(|(a, b)| (a - b / 65535.0).abs()).fold(0.0, f32::max);
+        eprintln!("{file}: at most {max:e} from pydicom's grey");
+        assert!(max <= 1.0 / 65535.0, "{file}: {max}");
+    }
 }

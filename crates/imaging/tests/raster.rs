@@ -377,6 +377,7 @@ fn window_precedence() {
             center: 100.0,
             width: 100.0,
         }),
+        window_function: WindowFunction::Linear,
         dicom: None,
         orientation: 1,
     };

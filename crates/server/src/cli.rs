@@ -793,10 +793,16 @@ pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Resul
         .collect();
     // 0 from a server older than the field: it applied no orientation.
     let orientation = r.options.as_ref().map_or(1, |o| o.orientation.max(1));
+    // The window applied (the request's, or the DICOM file's with its function), null if none.
+    let window = r.options.as_ref().and_then(|o| {
+        let w = o.window?;
+        Some(json!({"center": w.center, "width": w.width, "function": o.window_function}))
+    });
     let report = json!({
         "width": r.width,
         "height": r.height,
         "orientation": orientation,
+        "window": window,
         "pixel_spacing_mm": r.pixel_spacing.map(|s| [s.row_mm, s.column_mm]),
         "foreground_area_mm2": r.foreground_area_mm2,
         "labels_used": r.labels_used,

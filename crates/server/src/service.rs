@@ -400,7 +400,7 @@ impl SegmenterService {
             // Read first: a file the Segmentation cannot reference is refused before its decode.
             let source = (foreground || clusters).then(|| s3net_imaging::dicom_source(&image, decode.frame)).transpose()?;
             let d = s3net_imaging::decode(&image, &decode)?;
-            let applied = d.given_window(window);
+            let applied = d.given_window(window).map(|(w, f)| (w, f.name()));
             let spacing = d.dicom.as_ref().and_then(|i| i.pixel_spacing_mm);
             let orientation = d.orientation;
             Ok::<_, ServiceError>((d.into_image(window), applied, orientation, spacing, source.map(Arc::new)))
@@ -465,9 +465,9 @@ impl SegmenterService {
 }
 
 /// What a result says was applied: the fit options, the device asked for, the window used (the
-/// request's or the file's), and the orientation the decoder applied. Also built by
-/// `s3net segment` for its report.
-pub fn applied_options(fit: &FitOptions, device: DeviceSpec, window: Option<Window>, priority: i32, orientation: u8) -> pb::AppliedOptions {
+/// request's or the file's, with the name of its [`s3net_imaging::WindowFunction`]), and the
+/// orientation the decoder applied. Also built by `s3net segment` for its report.
+pub fn applied_options(fit: &FitOptions, device: DeviceSpec, window: Option<(Window, &str)>, priority: i32, orientation: u8) -> pb::AppliedOptions {
     pb::AppliedOptions {
         preset: fit.preset.to_string(),
         iterations: fit.iterations as u32,
@@ -476,7 +476,8 @@ pub fn applied_options(fit: &FitOptions, device: DeviceSpec, window: Option<Wind
         seed: fit.seed,
         features: fit.features as u32,
         device: device.to_string(),
-        window: window.map(|w| pb::Window { center: w.center, width: w.width }),
+        window: window.map(|(w, _)| pb::Window { center: w.center, width: w.width }),
+        window_function: window.map(|(_, f)| f.to_string()).unwrap_or_default(),
         priority,
         options_json: serde_json::to_string(fit).unwrap_or_default(),
         orientation: u32::from(orientation),

@@ -31,8 +31,12 @@ async fn happy_path_for_each_format() {
         // 12-bit lossy JPEG (JPEG Extended, process 4), as older archives hold CT.
         ("ct-jpeg-12-bit", data("dicom/CT_small_jpeg12_2frames.dcm")),
         ("rgb-rle-dicom", data("dicom/SC_rgb_rle.dcm")),
+        ("ybr-422-dicom", data("dicom/SC_ybr_full_422_uncompressed.dcm")),
         ("ultrasound-palette", data("dicom/US_palette.dcm")),
         ("enhanced-ct-frame-0", data("dicom/CT_small_enhanced_3frames.dcm")),
+        // X-rays windowed as their files say: a VOI LUT Sequence's curve, a sigmoid.
+        ("x-ray-voi-table", data("dicom/DX_voi_lut.dcm")),
+        ("x-ray-voi-sigmoid", data("dicom/DX_sigmoid.dcm")),
         // Stored 96×72 with Exif orientation 6: segmented as shown, 72×96.
         ("exif-jpeg", data("raster/IMD002-exif6.jpg")),
         // Page 0 of a two-page TIFF (its page 1, signed 32-bit HU, is `frame: 1` below).
@@ -87,6 +91,15 @@ async fn happy_path_for_each_format() {
             .filter(|w| w.is_valid())
             .map(|w| (w.center, w.width));
         assert_eq!(o.window.map(|w| (w.center, w.width)), want_window, "{name}");
+        let want_function = want.given_window(None).map_or("", |(_, f)| f.name());
+        assert_eq!(o.window_function, want_function, "{name}");
+        match name {
+            "x-ray-voi-table" => assert_eq!(want_function, "TABLE"),
+            "x-ray-voi-sigmoid" => assert_eq!(want_function, "SIGMOID"),
+            "mr" => assert_eq!(want_function, "LINEAR"),
+            "ct" | "ph2" => assert_eq!(want_function, ""),
+            _ => {}
+        }
         assert_eq!(o.orientation, u32::from(want.orientation), "{name}");
         // The file's pixel spacing, and the mask's area with it; neither for other formats.
         let spacing = want.dicom.as_ref().and_then(|d| d.pixel_spacing_mm);

@@ -146,6 +146,7 @@ def result_from_pb(job_id: str, r: pb.SegmentationResult) -> SegmentationResult:
             all=everything,
             # 0 from a server older than the field: it applied no orientation.
             orientation=o.orientation or 1,
+            window_function=o.window_function,
         ),
         device=r.device,
         foreground_fraction=r.foreground_fraction,

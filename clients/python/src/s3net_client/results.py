@@ -105,6 +105,10 @@ class AppliedOptions:
     #: by a quarter, width and height swapped; Pillow's ``ImageOps.exif_transpose`` gives the
     #: same picture). 1: none.
     orientation: int = 1
+    #: How ``window`` mapped values to grey: ``"LINEAR"`` (always for a window you gave), or for
+    #: a DICOM file's own window ``"SIGMOID"`` (its VOI LUT Function) or ``"TABLE"`` (its VOI
+    #: LUT Sequence's curve over the window's range). ``""`` when no window was applied.
+    window_function: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,6 +156,15 @@ class SegmentationResult:
             "width": self.width,
             "height": self.height,
             "orientation": self.options.orientation,
+            "window": (
+                {
+                    "center": self.options.window.center,
+                    "width": self.options.window.width,
+                    "function": self.options.window_function,
+                }
+                if self.options.window
+                else None
+            ),
             "pixel_spacing_mm": list(self.pixel_spacing) if self.pixel_spacing else None,
             "foreground_area_mm2": self.foreground_area_mm2,
             "labels_used": self.labels_used,

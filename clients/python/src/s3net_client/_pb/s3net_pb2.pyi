@@ -337,7 +337,7 @@ class Timings(_message.Message):
     def __init__(self, queued_seconds: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class AppliedOptions(_message.Message):
-    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "features", "device", "window", "priority", "options_json", "orientation")
+    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "features", "device", "window", "priority", "options_json", "orientation", "window_function")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +349,7 @@ class AppliedOptions(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     ORIENTATION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     preset: str
     iterations: int
     min_labels: int
@@ -360,4 +361,5 @@ class AppliedOptions(_message.Message):
     priority: int
     options_json: str
     orientation: int
-    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., features: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., options_json: _Optional[str] = ..., orientation: _Optional[int] = ...) -> None: ...
+    window_function: str
+    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., features: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., options_json: _Optional[str] = ..., orientation: _Optional[int] = ..., window_function: _Optional[str] = ...) -> None: ...
