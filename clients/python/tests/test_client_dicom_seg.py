@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,24 @@ def test_both_clis_and_the_local_segment_write_it(server, tmp_path: Path) -> Non
         timeout=300,
     )
     assert p.returncode != 0 and "--dicom-seg needs a DICOM input" in p.stderr, p.stderr
+
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) is not installed; CI installs it where apt can")
+def test_dciodvfy_finds_no_error_in_either_segmentation(client: Client, tmp_path: Path) -> None:
+    """David Clunie's validator of DICOM objects against the standard's IOD tables, on both
+    Segmentations of a CT (placed on its slice), an MR, an X-ray, an ultrasound palette image
+    and a secondary capture (neither placed: they carry Patient Orientation instead). Warnings
+    are the source's (a zero Patient's Weight, Study Date missing for a DICOMDIR)."""
+    for name in ("CT_small", "MR_small", "DX_voi_lut", "US_palette", "SC_rgb_jpeg_dcmtk"):
+        r = client.segment(DATA / "dicom" / f"{name}.dcm", dicom_seg=True, dicom_seg_clusters=True, **FAST)
+        for kind, data in (("seg", r.mask_dicom), ("labels.seg", r.labels_dicom)):
+            path = tmp_path / f"{name}.{kind}.dcm"
+            path.write_bytes(data)
+            out = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+            said = (out.stdout + out.stderr).splitlines()
+            assert "Segmentation" in said, f"{path.name}: {said}"
+            errors = [line for line in said if line.startswith("Error")]
+            assert not errors, f"{path.name}: {errors}"

@@ -109,6 +109,10 @@ pub struct DicomSource {
     /// Reference UID (without one they place the plane in no known space).
     image_position: Option<InMemElement>,
     image_orientation: Option<InMemElement>,
+    /// The source's Patient Orientation (0020,0020), the directions of its rows and columns
+    /// (two values such as `A\F`), when it has a plain one: an unplaced Segmentation must carry
+    /// the attribute (type 2C), and the pixel grid is the source's.
+    patient_orientation: Option<InMemElement>,
 }
 
 impl fmt::Debug for DicomSource {
@@ -225,6 +229,12 @@ pub fn dicom_source(bytes: &[u8], frame: u32) -> Result<DicomSource, ImagingErro
             .filter(|e| e.to_float64().is_ok_and(|x| x.is_finite() && x > 0.0)),
         image_position: image_position.filter(|_| image_orientation.is_some()),
         image_orientation,
+        patient_orientation: obj
+            .element_opt(tags::PATIENT_ORIENTATION)
+            .ok()
+            .flatten()
+            .filter(|e| plain(e) && e.to_multi_str().is_ok_and(|v| v.len() == 2))
+            .cloned(),
     })
 }
 
@@ -433,6 +443,11 @@ fn encode(
         (tags::PIXEL_REPRESENTATION, 0),
     ] {
         obj.put(DataElement::new(tag, VR::US, PrimitiveValue::from(value)));
+    }
+    if !source.is_placed() {
+        // Type 2C: where no plane orientation says where rows and columns run, this does (or
+        // says, empty, that it is not known).
+        obj.put(source.patient_orientation.clone().unwrap_or_else(|| DataElement::new(tags::PATIENT_ORIENTATION, VR::CS, PrimitiveValue::Empty)));
     }
     put(&mut obj, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
     put(&mut obj, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");

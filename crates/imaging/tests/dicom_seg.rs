@@ -142,8 +142,21 @@ fn an_image_without_a_frame_of_reference_is_referenced_but_not_placed() {
     let content = item(per_frame, tags::FRAME_CONTENT_SEQUENCE);
     assert_eq!(content.element(tags::DIMENSION_INDEX_VALUES).unwrap().to_multi_int::<u32>().unwrap(), vec![1]);
     assert_eq!(obj.element(tags::DIMENSION_INDEX_SEQUENCE).unwrap().items().unwrap().len(), 1);
-    // Type 2 attributes the source lacks are there, empty.
+    // Type 2 attributes the source lacks are there, empty; so is Patient Orientation, which an
+    // unplaced image must carry (type 2C: dciodvfy calls its absence an error).
     assert!(obj.element(tags::ACCESSION_NUMBER).is_ok());
+    assert!(obj.element(tags::PATIENT_ORIENTATION).unwrap().to_str().unwrap().is_empty());
+    // A source's own Patient Orientation is the Segmentation's: the same rows and columns.
+    let mut oriented = read(&bytes);
+    oriented.put(DataElement::new(tags::PATIENT_ORIENTATION, VR::CS, dicom_core::dicom_value!(Strs, ["A", "F"])));
+    let oriented = write(oriented);
+    let seg = encode_segmentation(&dicom_source(&oriented, 0).unwrap(), w, h, &mask, &ALGORITHM).unwrap();
+    assert_eq!(read(&seg).element(tags::PATIENT_ORIENTATION).unwrap().to_multi_str().unwrap().to_vec(), ["A", "F"]);
+    // A placed one has none: its plane orientation says it.
+    let ct = data("dicom/CT_small.dcm");
+    let (w, h, mask) = mask_of(&ct, 0);
+    let seg = encode_segmentation(&dicom_source(&ct, 0).unwrap(), w, h, &mask, &ALGORITHM).unwrap();
+    assert!(read(&seg).element(tags::PATIENT_ORIENTATION).is_err());
 }
 
 #[test]
