@@ -49,11 +49,15 @@ fn clean_uid(uid: &str) -> String {
 }
 
 /// The data set, after the guards against hostile lengths; up to the pixel data (not read)
-/// when `until_pixels`.
+/// when `until_pixels`. A deflated one is inflated first (see [`dicom_guard::inflate`]), and
+/// its file meta then says Explicit VR Little Endian (`dicom_guard::transfer_syntax` gives the
+/// file's own).
 pub(crate) fn open(bytes: &[u8], until_pixels: bool) -> Result<DefaultDicomObject, ImagingError> {
     let body = bytes
         .get(128..)
         .ok_or_else(|| malformed("shorter than the 128-byte preamble"))?;
+    let inflated = dicom_guard::inflate(body)?;
+    let body = inflated.as_deref().unwrap_or(body);
     dicom_guard::check_element_lengths(body)?;
     let mut options = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
     if until_pixels {
@@ -112,6 +116,8 @@ fn transfer_syntax_name(uid: &str) -> String {
 pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
     let mut obj = open(bytes, false)?;
     let ts_uid = clean_uid(obj.meta().transfer_syntax());
+    // What the file says, for its description (a deflated one's data set is read inflated).
+    let file_ts = clean_uid(bytes.get(128..).map_or("", dicom_guard::transfer_syntax));
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         return Err(ImagingError::NoPixelData);
     }
@@ -377,7 +383,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
         dicom: Some(DicomInfo {
             modality,
             photometric: file_pi,
-            transfer_syntax: ts_uid,
+            transfer_syntax: file_ts,
             frames,
             bits_stored,
             pixel_spacing_mm: pixel_spacing(&obj, opts.frame),

@@ -15,6 +15,14 @@ use crate::{Format, ImagingError};
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 const PIXEL_DATA: Tag = Tag(0x7FE0, 0x0010);
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+const EXPLICIT_LE: &[u8; 20] = b"1.2.840.10008.1.2.1\0";
+
+/// The most a deflated data set may inflate to (64 MiB). Why a fixed bound: its declared
+/// lengths cannot be checked before it is inflated, and deflate reaches 1000:1, so a 1 MB
+/// upload could otherwise become a gigabyte. The standard meant the syntax for data sets with
+/// no or small pixel data; this holds a 4096² 16-bit image or 250 frames of a 512² one.
+pub(crate) const MAX_INFLATED: usize = 64 << 20;
 
 fn bad(reason: &str) -> ImagingError {
     ImagingError::Malformed {
@@ -84,42 +92,104 @@ fn explicit_header(c: &Cursor, pos: usize) -> Option<(VR, u32, usize)> {
     }
 }
 
+/// The file meta group of `body` (which starts at the `DICM` magic; always explicit VR little
+/// endian): each element's offset, header length and value length, in order, up to the first
+/// header that cannot be read (left for the parser to report). Fails for an element longer
+/// than the file.
+fn meta_elements(body: &[u8]) -> Result<Vec<(usize, usize, usize)>, ImagingError> {
+    let meta = Cursor { b: body, big: false };
+    let mut pos = 4;
+    let mut out = Vec::new();
+    while meta.u16(pos) == Some(0x0002) {
+        let Some((_, len, hdr)) = explicit_header(&meta, pos) else { break };
+        let end = (pos + hdr)
+            .checked_add(len as usize)
+            .filter(|&e| len != UNDEFINED && e <= body.len())
+            .ok_or_else(|| bad("a file meta element is longer than the file"))?;
+        out.push((pos, hdr, len as usize));
+        pos = end;
+    }
+    Ok(out)
+}
+
+/// The Transfer Syntax UID among the file meta `elements` of `body`, padding removed; empty
+/// where there is none.
+fn transfer_syntax_of<'a>(body: &'a [u8], elements: &[(usize, usize, usize)]) -> &'a str {
+    let c = Cursor { b: body, big: false };
+    elements
+        .iter()
+        .find(|&&(pos, _, _)| c.u16(pos + 2) == Some(0x0010))
+        .and_then(|&(pos, hdr, len)| std::str::from_utf8(&body[pos + hdr..pos + hdr + len]).ok())
+        .map_or("", |s| s.trim_end_matches(['\0', ' ']))
+}
+
+/// The Transfer Syntax UID of the file meta group of `body` (from the `DICM` magic), padding
+/// removed; empty where there is none or the group cannot be read.
+pub(crate) fn transfer_syntax(body: &[u8]) -> &str {
+    meta_elements(body).map_or("", |elements| transfer_syntax_of(body, &elements))
+}
+
+/// For a file (`body`, from the `DICM` magic) in Deflated Explicit VR Little Endian: the same
+/// file with its data set inflated and its file meta saying Explicit VR Little Endian, which
+/// the length checks and the parser then read as any other file. None for other syntaxes.
+/// Fails, naming why, for a data set that inflates past [`MAX_INFLATED`] (it stops there) or
+/// that is not a raw deflate stream (PS3.5 A.5: no zlib header).
+pub(crate) fn inflate(body: &[u8]) -> Result<Option<Vec<u8>>, ImagingError> {
+    use std::io::Read;
+    if transfer_syntax(body) != DEFLATED {
+        return Ok(None);
+    }
+    let c = Cursor { b: body, big: false };
+    let elements = meta_elements(body)?;
+    // The file meta, its transfer syntax rewritten and its group length made to match.
+    let mut out = b"DICM".to_vec();
+    let mut group_length_at = None;
+    for &(pos, hdr, len) in &elements {
+        match c.u16(pos + 2) {
+            Some(0x0010) => {
+                out.extend_from_slice(&body[pos..pos + 6]);
+                out.extend_from_slice(&(EXPLICIT_LE.len() as u16).to_le_bytes());
+                out.extend_from_slice(EXPLICIT_LE);
+            }
+            Some(0x0000) if hdr == 8 && len == 4 => {
+                out.extend_from_slice(&body[pos..pos + 8]);
+                group_length_at = Some(out.len());
+                out.extend_from_slice(&[0; 4]);
+            }
+            _ => out.extend_from_slice(&body[pos..pos + hdr + len]),
+        }
+    }
+    if let Some(at) = group_length_at {
+        let length = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&length.to_le_bytes());
+    }
+    let meta_end = elements.last().map_or(4, |&(pos, hdr, len)| pos + hdr + len);
+    let meta_len = out.len();
+    flate2::read::DeflateDecoder::new(&body[meta_end..])
+        .take(MAX_INFLATED as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|_| bad("the deflated data set cannot be inflated (corrupt or truncated, or not raw deflate)"))?;
+    if out.len() - meta_len > MAX_INFLATED {
+        return Err(ImagingError::Unsupported {
+            format: Format::Dicom,
+            reason: format!("a deflated data set that inflates past {} MiB is not supported", MAX_INFLATED >> 20),
+        });
+    }
+    Ok(Some(out))
+}
+
 /// Checks that every declared element and item length fits in the bytes that
 /// follow it. `body` starts at the `DICM` magic. Truncated headers are left for
 /// the parser to report.
 pub(crate) fn check_element_lengths(body: &[u8]) -> Result<(), ImagingError> {
-    let meta = Cursor {
-        b: body,
-        big: false,
-    };
-    let mut pos = 4;
-    let mut ts: &[u8] = b"";
-    // File meta group: always explicit VR little endian.
-    while meta.u16(pos) == Some(0x0002) {
-        let Some((_, len, hdr)) = explicit_header(&meta, pos) else {
-            return Ok(());
-        };
-        let start = pos + hdr;
-        let end = start
-            .checked_add(len as usize)
-            .filter(|&e| len != UNDEFINED && e <= body.len());
-        let Some(end) = end else {
-            return Err(bad("a file meta element is longer than the file"));
-        };
-        if meta.u16(pos + 2) == Some(0x0010) {
-            ts = &body[start..end];
-        }
-        pos = end;
-    }
-    let ts = std::str::from_utf8(ts)
-        .unwrap_or("")
-        .trim_end_matches(['\0', ' ']);
-    let (explicit, big) = match ts {
+    let elements = meta_elements(body)?;
+    let mut pos = elements.last().map_or(4, |&(at, hdr, len)| at + hdr + len);
+    let (explicit, big) = match transfer_syntax_of(body, &elements) {
         "1.2.840.10008.1.2" => (false, false),
         "1.2.840.10008.1.2.2" => (true, true),
-        // Deflated data cannot be checked without inflating it; the deflate codec
-        // is not enabled, so dicom-object rejects it before reading any element.
-        "1.2.840.10008.1.2.1.99" => return Ok(()),
+        // Deflated data cannot be checked without inflating it: [`inflate`] does that first,
+        // and dicom-object (its deflate codec not enabled) refuses what reaches it deflated.
+        DEFLATED => return Ok(()),
         _ => (true, false),
     };
     let c = Cursor { b: body, big };

@@ -794,26 +794,77 @@ fn jpeg_header_larger_than_rows_columns_is_rejected() {
     assert!(err.to_string().contains("60000×60000"), "{err}");
 }
 
-#[test]
-fn deflated_is_reported_unsupported() {
-    // Write explicit VR little endian, then relabel it deflated (same UID length
-    // is not possible, so patch the meta group by rebuilding only the header).
-    let plain = build(Spec::default());
+/// `plain` (explicit VR little endian, as `build` writes it) in Deflated Explicit VR Little
+/// Endian: the meta's transfer syntax relabelled, the data set after it raw-deflated (or left
+/// as it is, without `deflate`).
+fn relabel_deflated(plain: &[u8], deflate: bool) -> Vec<u8> {
     let uid = b"1.2.840.10008.1.2.1\0";
     let at = plain.windows(uid.len()).position(|w| w == uid).unwrap();
     let mut d = plain[..at - 2].to_vec();
     d.extend_from_slice(&22u16.to_le_bytes());
     d.extend_from_slice(b"1.2.840.10008.1.2.1.99");
-    d.extend_from_slice(&plain[at + uid.len()..]);
-    // Fix the meta group length (0002,0000) UL at offset 140.
-    let gl = u32::from_le_bytes([d[140], d[141], d[142], d[143]]) + 2;
-    d[140..144].copy_from_slice(&gl.to_le_bytes());
-    let err = dec(&d).unwrap_err();
-    assert!(
-        matches!(err, ImagingError::UnsupportedTransferSyntax { .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("1.2.840.10008.1.2.1.99"), "{err}");
+    // The meta group length (0002,0000) UL at offset 140 counts what follows it.
+    let gl = u32::from_le_bytes([plain[140], plain[141], plain[142], plain[143]]);
+    let meta_end = 144 + gl as usize;
+    d.extend_from_slice(&plain[at + uid.len()..meta_end]);
+    d[140..144].copy_from_slice(&(gl + 2).to_le_bytes());
+    if deflate {
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut z, &plain[meta_end..]).unwrap();
+        d.extend_from_slice(&z.finish().unwrap());
+    } else {
+        d.extend_from_slice(&plain[meta_end..]);
+    }
+    d
+}
+
+/// Deflated Explicit VR Little Endian: inflated (at most 64 MiB) before the length checks and
+/// the parser see the data set. DCMTK's `dcmconv +td` of CT_small gives exactly its samples;
+/// pydicom's own deflated test file gives what pydicom reads.
+#[test]
+fn deflated_data_sets_are_inflated_within_a_bound() {
+    let ct = dec(&data("dicom/CT_small.dcm")).unwrap();
+    let bytes = data("dicom/CT_small_deflated.dcm");
+    let d = dec(&bytes).unwrap();
+    assert!(d.samples == ct.samples && d.window == ct.window);
+    assert_eq!(d.dicom.as_ref().unwrap().transfer_syntax, "1.2.840.10008.1.2.1.99");
+    assert_eq!(probe(&bytes, &DecodeOptions::default()).unwrap(), probe(&data("dicom/CT_small.dcm"), &DecodeOptions::default()).unwrap());
+    assert_eq!(dicom_source(&bytes, 0).unwrap().size(), (128, 128));
+    // pydicom's image_dfl.dcm (512² 8-bit): its sum and three pixels as pydicom 3 reads them.
+    let d = dec(&data("dicom/image_dfl.dcm")).unwrap();
+    assert_eq!((d.width, d.height), (512, 512));
+    assert_eq!(d.samples.iter().map(|&v| v as u64).sum::<u64>(), 33322688);
+    assert_eq!([d.samples[0], d.samples[256 * 512 + 256], d.samples[100 * 512 + 400]], [213.0, 65.0, 70.0]);
+    // Ours, through the same path: the synthetic 2×3 image.
+    let plain = build(Spec::default());
+    assert_eq!(dec(&relabel_deflated(&plain, true)).unwrap().samples, dec(&plain).unwrap().samples);
+    // Said to be deflated but not: refused by name.
+    let err = dec(&relabel_deflated(&plain, false)).unwrap_err();
+    assert!(err.to_string().contains("deflated data set cannot be inflated"), "{err}");
+    // A bomb: 65 MiB of pixel data in 65 KB. Refused once 64 MiB are inflated, not held whole.
+    let big = build(Spec { rows: 4096, cols: 8200, pixels: Pixels::U16(vec![0; 4096 * 8200]), ..Spec::default() });
+    let bomb = relabel_deflated(&big, true);
+    assert!(bomb.len() < 100_000, "{}", bomb.len());
+    let err = dec(&bomb).unwrap_err();
+    assert!(err.to_string().contains("a deflated data set that inflates past 64 MiB is not supported"), "{err}");
+    let err = probe(&bomb, &DecodeOptions::default()).unwrap_err();
+    assert!(matches!(err, ImagingError::Unsupported { .. }), "{err}");
+    // Damaged deflate streams: an error or an image, never a panic (which `decode` would turn
+    // into DecoderPanicked).
+    let mut state = 0x9E3779B97F4A7C15u64;
+    for _ in 0..300 {
+        let mut b = bytes.clone();
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let i = 400 + (state as usize) % (b.len() - 400);
+            b[i] = (state >> 40) as u8;
+        }
+        if let Err(e) = dec(&b) {
+            assert!(!matches!(e, ImagingError::DecoderPanicked { .. }), "{e}");
+        }
+    }
 }
 
 /// Files other toolkits wrote, from pydicom's test set (MIT): read as pydicom 3.0 reads them.

@@ -28,6 +28,8 @@ async fn happy_path_for_each_format() {
         // Compressed as PACS archives often store them (GDCM, tools/make_dicom_codecs.py).
         ("ct-jpeg-2000", data("dicom/CT_small_j2k.dcm")),
         ("ct-jpeg-lossless", data("dicom/CT_small_jpeg_lossless.dcm")),
+        // Deflated Explicit VR Little Endian (DCMTK's dcmconv +td).
+        ("ct-deflated", data("dicom/CT_small_deflated.dcm")),
         // 12-bit lossy JPEG (JPEG Extended, process 4), as older archives hold CT.
         ("ct-jpeg-12-bit", data("dicom/CT_small_jpeg12_2frames.dcm")),
         ("rgb-rle-dicom", data("dicom/SC_rgb_rle.dcm")),
