@@ -1095,7 +1095,7 @@ fn modality_voi_and_presentation_luts() {
 }
 
 /// X-ray files with a VOI LUT Sequence's curve (on MONOCHROME2 and MONOCHROME1 data) and with
-/// VOI LUT Function SIGMOID (`tools/make_dicom_voi.py`) give the greys pydicom's
+/// VOI LUT Function SIGMOID (`tools/make_dicom_display.py`) give the greys pydicom's
 /// `apply_voi_lut` gives, stretched to 0..1 as documented (references: 16-bit PNGs).
 #[test]
 fn voi_lut_curves_and_sigmoid_match_pydicom() {
