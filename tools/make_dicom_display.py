@@ -24,6 +24,12 @@ decoder documents it (a table over its own smallest and largest entry; a sigmoid
 SC_ybr_full_422_uncompressed.dcm (pydicom's test file, already here: 100×100, 8-bit,
 uncompressed YBR_FULL_422): its RGB as pydicom 3's `pixel_array` gives it, as an 8-bit PNG
 (*.pydicom.png).
+
+US_segmented_palette.dcm: a 96×96 8-bit PALETTE COLOR ultrasound image whose three 256-entry
+16-bit tables are segmented (PS3.3 C.7.9.2): red a discrete run then a linear ramp, green
+linear segments with an indirect one copying two earlier segments, blue discrete values and a
+flat linear run. Its reference is pydicom 3's `apply_color_lut`, high bytes, as an 8-bit RGB
+PNG (*.pydicom.png).
 """
 import sys
 from pathlib import Path
@@ -32,7 +38,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 SIDE = 96
@@ -88,6 +94,33 @@ def save(ds: Dataset, path: Path, grey: np.ndarray) -> None:
     Image.fromarray(np.round(np.clip(grey, 0, 1) * 65535).astype(np.uint16)).save(path.with_suffix(".voi.png"))
 
 
+def segmented_palette(out: Path) -> None:
+    indices = np.add.outer(np.arange(SIDE), np.arange(SIDE)) * 255 // (2 * SIDE - 2)
+    ds = dataset(indices.astype(np.uint8), "PALETTE COLOR")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
+    ds.Modality = "US"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = indices.astype(np.uint8).tobytes()
+    red = [0, 3, 0, 9000, 18000] + [1, 253, 65535]
+    # One value; linear to 40000 over 49, back to 10000 over 50; those two linear segments
+    # again (indirect: 2 segments from index 3 of the data); then flat.
+    green = [0, 1, 500] + [1, 49, 40000] + [1, 50, 10000] + [2, 2, 3, 0] + [1, 57, 10000]
+    blue = [0, 6, 65535, 60000, 50000, 40000, 30000, 20000] + [1, 250, 20000]
+    for colour, segments in (("Red", red), ("Green", green), ("Blue", blue)):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        ds[f"{colour}PaletteColorLookupTableDescriptor"].VR = "US"
+        setattr(ds, f"Segmented{colour}PaletteColorLookupTableData", np.asarray(segments, np.uint16).tobytes())
+        ds[f"Segmented{colour}PaletteColorLookupTableData"].VR = "OW"
+    path = out / "US_segmented_palette.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    rgb = apply_color_lut(back.pixel_array, back)
+    assert rgb.shape == (SIDE, SIDE, 3) and rgb.dtype == np.uint16, (rgb.shape, rgb.dtype)
+    for c, segments in enumerate((red, green, blue)):
+        assert len(np.unique(rgb[..., c])) > 20 or c == 2, c
+    Image.fromarray((rgb >> 8).astype(np.uint8)).save(path.with_suffix(".pydicom.png"))
+
+
 def main(out: Path) -> None:
     v = stored()
 
@@ -115,6 +148,8 @@ def main(out: Path) -> None:
     rgb = pydicom.dcmread(ybr).pixel_array
     assert rgb.shape == (100, 100, 3) and rgb.dtype == np.uint8, (rgb.shape, rgb.dtype)
     Image.fromarray(rgb).save(ybr.with_suffix(".pydicom.png"))
+
+    segmented_palette(out)
 
 
 if __name__ == "__main__":

@@ -523,18 +523,15 @@ struct Palette {
 impl Palette {
     /// The tables of `obj` (Red/Green/Blue Palette Color Lookup Table Descriptor and Data).
     fn read(obj: &DefaultDicomObject) -> Result<Palette, ImagingError> {
-        if obj.element_opt(tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA).ok().flatten().is_some() {
-            return Err(unsupported("a segmented PALETTE COLOR lookup table is not supported".into()));
-        }
         let missing = || malformed("a PALETTE COLOR lookup table is missing or malformed");
         let mut first = 0;
         let mut tables: [Vec<u8>; 3] = Default::default();
         let colours = [
-            (tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA),
-            (tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA),
-            (tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+            (tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA, tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+            (tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA, tags::SEGMENTED_GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+            (tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA, tags::SEGMENTED_BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA),
         ];
-        for (table, (descriptor, data)) in tables.iter_mut().zip(colours) {
+        for (table, (descriptor, data, segmented)) in tables.iter_mut().zip(colours) {
             let d = obj.element_opt(descriptor).ok().flatten().ok_or_else(missing)?;
             let d = d.to_multi_int::<i64>().map_err(|_| missing())?;
             let [entries, start, bits] = d[..] else { return Err(missing()) };
@@ -542,6 +539,17 @@ impl Palette {
             // first mapped value may be written as unsigned where it is meant signed.
             let entries = if entries == 0 { 65536 } else { (entries & 0xFFFF) as usize };
             first = start;
+            if let Some(e) = obj.element_opt(segmented).ok().flatten() {
+                // Segmented (PS3.3 C.7.9.2): 16-bit entries in 16-bit words, 8-bit ones in bytes.
+                let values: Vec<u32> = match bits {
+                    16 => e.to_multi_int::<u16>().map_err(|_| missing())?.into_iter().map(u32::from).collect(),
+                    8 => e.to_bytes().map_err(|_| missing())?.iter().map(|&b| u32::from(b)).collect(),
+                    _ => return Err(missing()),
+                };
+                let expanded = expand_segmented(&values, bits == 8, entries)?;
+                *table = expanded.iter().map(|&v| if bits == 16 { (v >> 8) as u8 } else { v as u8 }).collect();
+                continue;
+            }
             let words = obj.element_opt(data).ok().flatten().ok_or_else(missing)?;
             let words = words.to_multi_int::<u16>().map_err(|_| missing())?;
             *table = match bits {
@@ -561,6 +569,75 @@ impl Palette {
             f64::from(t[i])
         })
     }
+}
+
+/// A segmented palette table (PS3.3 C.7.9.2) expanded to its `entries` values. Segments: discrete
+/// (0, n, then n values), linear (1, n, y₁: n values from the last one towards y₁, the last
+/// being y₁, rounded half to even, as pydicom does) and indirect (2, n, then a 32-bit offset,
+/// two 16-bit words low first or four bytes little-endian for 8-bit tables: the n segments
+/// found at that index of the data again, as pydicom reads it; not nested). Fails, naming why, for a table that is not of its
+/// declared length or cannot be expanded, and stops at `entries` values: a few bytes of
+/// segments can describe millions.
+fn expand_segmented(data: &[u32], bytes: bool, entries: usize) -> Result<Vec<u32>, ImagingError> {
+    fn expand(data: &[u32], at: usize, segments: Option<usize>, bytes: bool, nested: bool, out: &mut Vec<u32>, entries: usize) -> Result<(), ImagingError> {
+        let bad = |why: &str| malformed(&format!("a segmented PALETTE COLOR lookup table {why}"));
+        let mut at = at;
+        let mut read = 0;
+        // `at + 1 <`: a trailing pad value is not a segment (every segment is longer than two).
+        while at + 1 < data.len() && segments.is_none_or(|n| read < n) {
+            let (opcode, n) = (data[at], data[at + 1] as usize);
+            at += 2;
+            match opcode {
+                0 => {
+                    let values = data.get(at..at + n).ok_or_else(|| bad("runs past its data"))?;
+                    out.extend_from_slice(values);
+                    at += n;
+                }
+                1 => {
+                    let y0 = f64::from(*out.last().ok_or_else(|| bad("starts with a linear segment"))?);
+                    let y1 = f64::from(*data.get(at).ok_or_else(|| bad("runs past its data"))?);
+                    at += 1;
+                    let start = y0 + (y1 - y0) / n.max(1) as f64;
+                    let delta = if n > 1 { (y1 - start) / (n - 1) as f64 } else { 0.0 };
+                    for k in 0..n.min(entries + 1) {
+                        let v = if k + 1 == n { y1 } else { start + k as f64 * delta };
+                        out.push(v.round_ties_even() as u32);
+                    }
+                }
+                2 if !nested => {
+                    if out.is_empty() {
+                        return Err(bad("starts with an indirect segment"));
+                    }
+                    let offset = if bytes {
+                        let b = data.get(at..at + 4).ok_or_else(|| bad("runs past its data"))?;
+                        at += 4;
+                        (b[3] << 24 | b[2] << 16 | b[1] << 8 | b[0]) as usize
+                    } else {
+                        let w = data.get(at..at + 2).ok_or_else(|| bad("runs past its data"))?;
+                        at += 2;
+                        (w[1] << 16 | w[0]) as usize
+                    };
+                    expand(data, offset, Some(n), bytes, true, out, entries)?;
+                }
+                2 => return Err(bad("has an indirect segment within an indirect one")),
+                _ => return Err(bad("has a segment of unknown type")),
+            }
+            read += 1;
+            if out.len() > entries {
+                return Err(bad(&format!("expands past the {entries} entries its descriptor declares")));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::with_capacity(entries);
+    expand(data, 0, None, bytes, false, &mut out, entries)?;
+    if out.len() != entries {
+        return Err(malformed(&format!(
+            "a segmented PALETTE COLOR lookup table expands to {} entries, not the {entries} its descriptor declares",
+            out.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// YBR_FULL (JPEG-style full-range YCbCr) to RGB, clamped to the sample range.

@@ -1000,6 +1000,38 @@ fn palette_colour_goes_through_its_lookup_tables() {
     assert_eq!(d.dicom.unwrap().photometric, "PALETTE COLOR");
 }
 
+/// Segmented PALETTE COLOR tables (discrete, linear and indirect segments;
+/// tools/make_dicom_display.py) give pydicom 3's colours, high bytes, exactly; tables that do
+/// not expand to their declared length, or cannot be expanded, are refused by name.
+#[test]
+fn segmented_palette_tables_are_expanded() {
+    let bytes = data("dicom/US_segmented_palette.dcm");
+    let d = dec(&bytes).unwrap();
+    assert_eq!((d.width, d.height, d.channels), (96, 96, 3));
+    let r = dec(&data("dicom/US_segmented_palette.pydicom.png")).unwrap();
+    assert!(d.samples == r.samples, "not pydicom's colours");
+    let red = |segments: &[u16]| {
+        let words: Vec<u8> = segments.iter().flat_map(|w| w.to_le_bytes()).collect();
+        with_elements(&bytes, vec![DataElement::new(tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA, VR::OW, PrimitiveValue::U8(words.into()))])
+    };
+    for (segments, says) in [
+        (vec![0, 3, 1, 2, 3], "expands to 3 entries, not the 256"),
+        (vec![0, 3, 1, 2, 3, 1, 300, 9], "expands past the 256 entries"),
+        (vec![1, 256, 9], "starts with a linear segment"),
+        (vec![2, 1, 0, 0], "starts with an indirect segment"),
+        (vec![0, 1, 5, 2, 1, 3, 0], "indirect segment within an indirect one"),
+        (vec![0, 1, 5, 7, 1, 1], "segment of unknown type"),
+        (vec![0, 300, 1], "runs past its data"),
+    ] {
+        let e = dec(&red(&segments)).unwrap_err();
+        assert!(e.to_string().contains(says), "{segments:?}: {e}");
+    }
+    // A few words can describe many entries (a linear segment of 65535): expansion stops past
+    // the declared count.
+    let e = dec(&red(&[0, 1, 0, 1, 65535, 9])).unwrap_err();
+    assert!(e.to_string().contains("expands past"), "{e}");
+}
+
 /// `bytes` with `elements` added (sequences of one item each, given as their elements).
 fn with_elements(bytes: &[u8], elements: Vec<DataElement<InMemDicomObject>>) -> Vec<u8> {
     let mut obj = dicom_object::OpenFileOptions::new()

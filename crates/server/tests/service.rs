@@ -35,6 +35,7 @@ async fn happy_path_for_each_format() {
         ("rgb-rle-dicom", data("dicom/SC_rgb_rle.dcm")),
         ("ybr-422-dicom", data("dicom/SC_ybr_full_422_uncompressed.dcm")),
         ("ultrasound-palette", data("dicom/US_palette.dcm")),
+        ("ultrasound-segmented-palette", data("dicom/US_segmented_palette.dcm")),
         ("enhanced-ct-frame-0", data("dicom/CT_small_enhanced_3frames.dcm")),
         // X-rays windowed as their files say: a VOI LUT Sequence's curve, a sigmoid.
         ("x-ray-voi-table", data("dicom/DX_voi_lut.dcm")),
