@@ -116,8 +116,12 @@ fn transfer_syntax_name(uid: &str) -> String {
 pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
     let mut obj = open(bytes, false)?;
     let ts_uid = clean_uid(obj.meta().transfer_syntax());
-    // What the file says, for its description (a deflated one's data set is read inflated).
-    let file_ts = clean_uid(bytes.get(128..).map_or("", dicom_guard::transfer_syntax));
+    // What the file says, for its description (a deflated one's data set is read inflated);
+    // the parser's where the guard's walk of the file meta finds none.
+    let file_ts = match bytes.get(128..).map_or("", dicom_guard::transfer_syntax) {
+        "" => ts_uid.clone(),
+        ts => clean_uid(ts),
+    };
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         return Err(ImagingError::NoPixelData);
     }
