@@ -106,6 +106,8 @@ const JPEG_2000: &str = "1.2.840.10008.1.2.4.91";
 /// High-Throughput JPEG 2000: lossless, lossless with RPCL progression, and lossy.
 const HTJ2K: [&str; 3] = ["1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"];
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+/// JPEG XL: lossless, JPEG recompression, and lossy (2024).
+const JPEG_XL: [&str; 3] = ["1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.111", "1.2.840.10008.1.2.4.112"];
 const EXPLICIT_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
 
 /// A transfer syntax's name for a message, or its UID where the registry does not know it.
@@ -128,6 +130,8 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     let (rows, cols, frames) = geometry(&obj, opts)?;
     match TransferSyntaxRegistry.get(&ts_uid) {
         Some(ts) if ts.can_decode_all() => {}
+        // Decoded here (`jpegxl`), not by a codec of the registry.
+        Some(_) if JPEG_XL.contains(&ts_uid.as_str()) => {}
         Some(ts) => {
             return Err(ImagingError::UnsupportedTransferSyntax {
                 uid: ts_uid,
@@ -155,12 +159,15 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     };
 
     let lossy_jpeg = matches!(ts_uid.as_str(), JPEG_BASELINE | JPEG_EXTENDED);
+    // Codecs that give RGB whatever colour space they stored (JPEG's YCbCr, JPEG XL's).
+    let codec_gives_rgb = lossy_jpeg || JPEG_XL.contains(&ts_uid.as_str());
     let bits_allocated = optional_u32(&obj, tags::BITS_ALLOCATED)?.unwrap_or(8);
     let encapsulated = matches!(obj.element_opt(tags::PIXEL_DATA).ok().flatten().map(|e| e.value()), Some(Value::PixelSequence(_)));
-    if file_pi == "YBR_FULL_422" && !lossy_jpeg && encapsulated {
-        // Only a JPEG codec undoes YBR_FULL_422's halved chroma (and here, for native data).
+    if file_pi == "YBR_FULL_422" && !codec_gives_rgb && encapsulated {
+        // Only a JPEG or JPEG XL codec undoes YBR_FULL_422's halved chroma (and here, for
+        // native data).
         return Err(unsupported(format!(
-            "photometric interpretation YBR_FULL_422 is supported in JPEG-compressed and uncompressed files only, not in {}",
+            "photometric interpretation YBR_FULL_422 is supported in JPEG- or JPEG XL-compressed and uncompressed files only, not in {}",
             transfer_syntax_name(&ts_uid)
         )));
     }
@@ -268,7 +275,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     // YBR_FULL still holds. (JPEG 2000's own transforms, YBR_RCT and YBR_ICT, are undone by its
     // codec.)
     let ybr = pi == PhotometricInterpretation::YbrFull
-        || (file_pi == "YBR_FULL" && !lossy_jpeg);
+        || (file_pi == "YBR_FULL" && !codec_gives_rgb);
     let px = w as usize * h as usize;
     let n = px * usize::from(channels);
     let raw = pixels.frame_data(0).map_err(|_| {
@@ -432,6 +439,28 @@ fn check_and_repair_fragments(
         let samples = crate::jpeg12::decode(&data, cols, rows)?;
         obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(samples.into())));
         obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("1")));
+        obj.meta_mut().set_transfer_syntax(&dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN);
+        return Ok(0);
+    }
+    if JPEG_XL.contains(&ts_uid) {
+        // Decoded here (`jpegxl`), as 12-bit lossy JPEG is, into native samples of this frame.
+        if !matches!(bits_allocated, 8 | 16) || !matches!(samples, 1 | 3) {
+            return Err(unsupported(format!("JPEG XL with {samples} sample(s) of {bits_allocated} bits is not supported (1 or 3 of 8 or 16)")));
+        }
+        let bits_stored = optional_u32(obj, tags::BITS_STORED)?.unwrap_or(bits_allocated).clamp(1, bits_allocated);
+        let data = frame_bytes(seq, frames, frame)?;
+        let decoded = crate::jpegxl::decode(&data, cols, rows, samples, (1u32 << bits_stored) - 1)?;
+        let pixels = if bits_allocated == 8 {
+            DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(decoded.into_iter().map(|v| v as u8).collect()))
+        } else {
+            DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(decoded.into()))
+        };
+        obj.put(pixels);
+        obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("1")));
+        if samples == 3 {
+            obj.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("RGB")));
+            obj.put(DataElement::new(tags::PLANAR_CONFIGURATION, VR::US, PrimitiveValue::from(0u16)));
+        }
         obj.meta_mut().set_transfer_syntax(&dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN);
         return Ok(0);
     }

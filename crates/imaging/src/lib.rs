@@ -24,6 +24,7 @@ mod dicom;
 mod dicom_guard;
 mod dicom_seg;
 mod jpeg12;
+mod jpegxl;
 mod masks;
 mod raster;
 mod tiff_reader;
@@ -456,9 +457,9 @@ pub fn probe(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, ImagingError>
 /// big endian (1.2.840.10008.1.2.2), JPEG baseline (…1.2.4.50), JPEG extended
 /// (…1.2.4.51), JPEG lossless (…1.2.4.57, …1.2.4.70), RLE lossless (…1.2.5), JPEG-LS
 /// (…1.2.4.80, …1.2.4.81; CharLS, the one C++ codec) and JPEG 2000 (…1.2.4.90, …1.2.4.91,
-/// and High-Throughput, …1.2.4.201–203), and deflated explicit VR little endian (…1.2.1.99,
-/// inflated first, at most 64 MiB). JPEG XL and video syntaxes return
-/// [`ImagingError::UnsupportedTransferSyntax`] (see `DICOM.md`).
+/// and High-Throughput, …1.2.4.201–203), JPEG XL (…1.2.4.110–112, jxl-oxide), and deflated
+/// explicit VR little endian (…1.2.1.99, inflated first, at most 64 MiB). Video syntaxes
+/// return [`ImagingError::UnsupportedTransferSyntax`] (see `DICOM.md`).
 pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {
     if bytes.is_empty() {
         return Err(ImagingError::EmptyInput);

@@ -1142,3 +1142,51 @@ fn voi_lut_curves_and_sigmoid_match_pydicom() {
         assert!(max <= 1.0 / 65535.0, "{file}: {max}");
     }
 }
+
+/// JPEG XL (DICOM's transfer syntaxes of 2024; libjxl's codestreams, tools/make_dicom_jpegxl.py):
+/// lossless gives exactly its source's samples, 12-bit grey over two frames and 8-bit RGB; lossy
+/// is within one level of libjxl's own decode; a codestream of another size than Rows/Columns,
+/// or damaged, is refused by name, never a panic.
+#[test]
+fn jpeg_xl_decodes() {
+    let ct = dec(&data("dicom/CT_small.dcm")).unwrap();
+    let bytes = data("dicom/CT_small_jxl.dcm");
+    for frame in 0..2 {
+        let d = decode(&bytes, &DecodeOptions { frame, ..Default::default() }).unwrap();
+        let flipped = |i: usize| if frame == 0 { i } else { (127 - i / 128) * 128 + i % 128 };
+        assert!((0..128 * 128).all(|i| d.samples[i] == ct.samples[flipped(i)]), "frame {frame}");
+        assert_eq!(d.dicom.as_ref().unwrap().transfer_syntax, "1.2.840.10008.1.2.4.110");
+    }
+    // SC_rgb_rle's YBR_FULL samples as pydicom turned them to RGB (rounded, where ours are
+    // not): within half a level of ours.
+    let rgb = dec(&data("dicom/SC_rgb_rle.dcm")).unwrap();
+    let d = dec(&data("dicom/SC_rgb_jxl.dcm")).unwrap();
+    assert_eq!((d.channels, d.kind), (3, ImageKind::Colour));
+    let max = d.samples.iter().zip(&rgb.samples).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(max <= 0.5 && d.samples.iter().all(|v| v.fract() == 0.0), "{max}");
+    // Lossy: libjxl's decode of the same codestream, as a 16-bit PNG of the stored values.
+    let d = dec(&data("dicom/CT_small_jxl_lossy.dcm")).unwrap();
+    let r = dec(&data("dicom/CT_small_jxl_lossy.libjxl.png")).unwrap();
+    let intercept = -1024.0;
+    let max = d.samples.iter().zip(&r.samples).map(|(a, b)| (a - intercept - b).abs()).fold(0.0, f32::max);
+    eprintln!("lossy JPEG XL: at most {max} from libjxl's decode");
+    assert!(max <= 1.0, "{max}");
+    // Rows/Columns that are not the codestream's.
+    let e = dec(&with_elements(&bytes, vec![us(tags::ROWS, 64)])).unwrap_err();
+    assert!(e.to_string().contains("the JPEG XL image is 128×128 pixels but Rows/Columns say 64×128"), "{e}");
+    // Damaged codestreams: errors or images, no panic.
+    let mut state = 0x2545F4914F6CDD1Du64;
+    for _ in 0..300 {
+        let mut b = bytes.clone();
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let i = 2000 + (state as usize) % (b.len() - 2000);
+            b[i] = (state >> 40) as u8;
+        }
+        if let Err(e) = dec(&b) {
+            assert!(!matches!(e, ImagingError::DecoderPanicked { .. }), "{e}");
+        }
+    }
+}

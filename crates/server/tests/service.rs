@@ -28,6 +28,8 @@ async fn happy_path_for_each_format() {
         // Compressed as PACS archives often store them (GDCM, tools/make_dicom_codecs.py).
         ("ct-jpeg-2000", data("dicom/CT_small_j2k.dcm")),
         ("ct-jpeg-lossless", data("dicom/CT_small_jpeg_lossless.dcm")),
+        // JPEG XL Lossless (libjxl), the newest transfer syntax.
+        ("ct-jpeg-xl", data("dicom/CT_small_jxl.dcm")),
         // Deflated Explicit VR Little Endian (DCMTK's dcmconv +td).
         ("ct-deflated", data("dicom/CT_small_deflated.dcm")),
         // 12-bit lossy JPEG (JPEG Extended, process 4), as older archives hold CT.
