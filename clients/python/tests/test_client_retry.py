@@ -289,7 +289,8 @@ def test_a_job_its_server_shut_down_on_is_sent_again(client_kind: str) -> None:
     """A rolling update or `docker compose restart` mid-job: the server drains, its grace runs
     out, and it cancels the job as `retryable`. segment() sends the same request again once a
     server answers on the address (here the replacement, on the same port) and returns its
-    result; a submitted job's wait() cannot (it has no image) and raises Cancelled with
+    result; a submitted job's wait() given what submit() returned submits it again the same
+    way, while wait() given only its id cannot (it has no image) and raises Cancelled with
     ``retryable`` set, for its caller to submit again."""
     from s3net_client import Cancelled
 
@@ -329,6 +330,22 @@ def test_a_job_its_server_shut_down_on_is_sent_again(client_kind: str) -> None:
             w = threading.Thread(target=wait, daemon=True)
             w.start()
             wait_until(lambda: watching, timeout=10)  # its stream is open: the replay came
+            # The same job followed from its handle, which holds the submission.
+            resent: list = []
+            following: list = []
+
+            def wait_handle() -> None:
+                try:
+                    if client_kind == "sync":
+                        resent.append(client.wait(queued, progress=following.append, timeout=120))
+                    else:
+                        resent.append(asyncio.run(wait_async(addr, queued, following.append)))
+                except Exception as e:  # the outcome under test
+                    resent.append(e)
+
+            h = threading.Thread(target=wait_handle, daemon=True)
+            h.start()
+            wait_until(lambda: following, timeout=10)
             first.proc.send_signal(signal.SIGTERM)
             assert first.proc.wait(30) == 0
             w.join(30)
@@ -346,10 +363,27 @@ def test_a_job_its_server_shut_down_on_is_sent_again(client_kind: str) -> None:
             # Then the new job, from its start, on the second server.
             assert kinds[lost + 1] == "Queued" and kinds[-1] == "Completed", kinds
             assert events[lost + 1].job_id != events[lost].job_id
+            # The handle's wait: its job cancelled, then sent again and followed to its result.
+            h.join(120)
+            assert not h.is_alive() and len(resent) == 1, resent
+            again = resent[0]
+            assert not isinstance(again, Exception), again
+            assert again.iterations == 300 and again.job_id != queued.job_id
+            kinds = [type(e).__name__ for e in following]
+            gone = kinds.index("Cancelled")
+            assert following[gone].retryable and following[gone].job_id == queued.job_id
+            assert kinds[gone + 1] == "Queued" and following[gone + 1].job_id == again.job_id
     finally:
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def wait_async(addr: str, submitted, progress):
+    from s3net_client import AsyncClient
+
+    async with AsyncClient(addr, timeout=120, retries=30, backoff=0.2, max_backoff=0.5) as client:
+        return await client.wait(submitted, progress=progress)
 
 
 async def segment_async(addr: str, progress, work: dict):

@@ -228,12 +228,13 @@ def job_from_pb(m: pb.Job) -> Job:
     )
 
 
-def submitted_from_pb(m: pb.SubmitJobResponse) -> Submitted:
+def submitted_from_pb(m: pb.SubmitJobResponse, request: Optional[pb.SubmitJobRequest] = None) -> Submitted:
     return Submitted(
         job_id=m.job_id,
         existing=m.existing,
         state=state_from_pb(m.state),
         queue_position=m.queue_position,
+        request=request,
     )
 
 

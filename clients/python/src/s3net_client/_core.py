@@ -310,6 +310,8 @@ class Follower:
 
     def __init__(self, progress: ProgressArg, label: Optional[str] = None, *, resubmit: bool = False) -> None:
         self.resubmit = resubmit
+        #: Set when it raised Resubmit: the job is gone, the next call must make a new one.
+        self.lost = False
         self.callback: Optional[Callable[[JobEvent], Any]] = None
         self.bar = None
         if callable(progress):
@@ -338,6 +340,7 @@ class Follower:
             return event.result
         if isinstance(event, Cancelled) and event.retryable and self.resubmit:
             self.events = 0  # the next call's job is a new one
+            self.lost = True
             raise Resubmit(event.error())
         if isinstance(event, (Failed, Cancelled)):
             self.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Tuple, Union
 
 import grpc
@@ -164,6 +165,7 @@ class AsyncClient:
         image: ImageInput,
         *,
         idempotency_key: Optional[str] = None,
+        resubmit: bool = True,
         timeout: Optional[float] = UNSET,
         **options: Any,
     ) -> Submitted:
@@ -173,7 +175,7 @@ class AsyncClient:
             image=up.image, options=up.options, idempotency_key=idempotency_key or ""
         )
         m = await self._unary(self._stub.SubmitJob, request, timeout)
-        return _convert.submitted_from_pb(m)
+        return _convert.submitted_from_pb(m, request if resubmit else None)
 
     async def watch(
         self, job_id: str, *, timeout: Optional[float] = UNSET
@@ -204,16 +206,25 @@ class AsyncClient:
             attempt += 1
 
     async def wait(
-        self, job_id: str, *, progress: ProgressArg = False, timeout: Optional[float] = UNSET
+        self,
+        job: Union[str, Submitted],
+        *,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = UNSET,
     ) -> SegmentationResult:
         """See ``Client.wait``."""
         s = self._settings
-        request = pb.WatchJobRequest(job_id=job_id)
+        again = job.request if isinstance(job, Submitted) else None
+        follower = Follower(progress, job if isinstance(job, str) else job.job_id, resubmit=again is not None)
+        current = [job if isinstance(job, str) else job.job_id]
 
-        def start(t: Optional[float]) -> Any:
-            return self._stub.WatchJob(request, timeout=t, metadata=s.metadata)
+        async def start(t: Optional[float]) -> Any:
+            if follower.lost:
+                follower.lost = False
+                current[0] = (await self._unary(self._stub.SubmitJob, again, t)).job_id
+            return self._stub.WatchJob(pb.WatchJobRequest(job_id=current[0]), timeout=t, metadata=s.metadata)
 
-        return await self._follow(start, Follower(progress, job_id), s.deadline(timeout))
+        return await self._follow(start, follower, s.deadline(timeout))
 
     async def get(self, job_id: str, *, timeout: Optional[float] = UNSET) -> Job:
         """See ``Client.get``."""
@@ -265,6 +276,8 @@ class AsyncClient:
         try:
             while True:
                 call = start(remaining(deadline))
+                if inspect.isawaitable(call):  # a start that submits first (``wait``)
+                    call = await call
                 try:
                     async for message in call:
                         result = follower.feed(message)

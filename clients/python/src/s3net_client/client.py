@@ -218,6 +218,7 @@ class Client:
         image: ImageInput,
         *,
         idempotency_key: Optional[str] = None,
+        resubmit: bool = True,
         timeout: Optional[float] = UNSET,
         **options: Any,
     ) -> Submitted:
@@ -225,12 +226,17 @@ class Client:
 
         With ``idempotency_key``, submitting the same image and options again returns the
         same job (``existing=True``), which also makes retried submits safe.
+
+        The returned ``Submitted`` keeps the submission (the image's bytes), so that
+        ``wait(submitted)`` can send it again if the job's server shuts down before the job
+        ends; ``resubmit=False`` keeps only the id (a caller holding many jobs' handles).
         """
         up = Upload.of(image, options)
         request = pb.SubmitJobRequest(
             image=up.image, options=up.options, idempotency_key=idempotency_key or ""
         )
-        return _convert.submitted_from_pb(self._unary(self._stub.SubmitJob, request, timeout))
+        m = self._unary(self._stub.SubmitJob, request, timeout)
+        return _convert.submitted_from_pb(m, request if resubmit else None)
 
     def watch(self, job_id: str, *, timeout: Optional[float] = UNSET) -> Iterator[JobEvent]:
         """Yields a job's events: its state so far, then live ones up to the outcome event
@@ -260,16 +266,31 @@ class Client:
             attempt += 1
 
     def wait(
-        self, job_id: str, *, progress: ProgressArg = False, timeout: Optional[float] = UNSET
+        self,
+        job: Union[str, Submitted],
+        *,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = UNSET,
     ) -> SegmentationResult:
-        """Follows a submitted job to its result, like ``segment`` does (raises on failure)."""
+        """Follows a submitted job to its result, like ``segment`` does (raises on failure).
+
+        Given what ``submit`` returned (not only its id), a job its server cancelled because it
+        was shutting down (``Cancelled.retryable``) is submitted again, within this client's
+        retries and the deadline, and the new job followed: the result's ``job_id`` is then
+        the new one. Given an id, that cancellation is raised, for the caller to submit again.
+        """
         s = self._settings
-        request = pb.WatchJobRequest(job_id=job_id)
+        again = job.request if isinstance(job, Submitted) else None
+        follower = Follower(progress, job if isinstance(job, str) else job.job_id, resubmit=again is not None)
+        current = [job if isinstance(job, str) else job.job_id]
 
         def start(t: Optional[float]) -> Any:
-            return self._stub.WatchJob(request, timeout=t, metadata=s.metadata)
+            if follower.lost:
+                follower.lost = False
+                current[0] = self._unary(self._stub.SubmitJob, again, t).job_id
+            return self._stub.WatchJob(pb.WatchJobRequest(job_id=current[0]), timeout=t, metadata=s.metadata)
 
-        return self._follow(start, Follower(progress, job_id), s.deadline(timeout))
+        return self._follow(start, follower, s.deadline(timeout))
 
     def get(self, job_id: str, *, timeout: Optional[float] = UNSET) -> Job:
         """The job's state, with its result once completed (NotFound once it expired)."""

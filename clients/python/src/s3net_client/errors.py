@@ -101,7 +101,8 @@ class Cancelled(S3NetError):
 
     ``retryable`` is True when the server cancelled the job itself because it was shutting
     down: the same request may be sent again (``segment`` does so by itself, within its
-    retries and deadline; a job of ``submit`` must be submitted again by its caller)."""
+    retries and deadline, and so does ``wait`` given what ``submit`` returned; ``wait`` given
+    only a job id raises it, for its caller to submit again)."""
 
     code = grpc.StatusCode.CANCELLED
     retryable = False

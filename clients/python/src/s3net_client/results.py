@@ -224,13 +224,20 @@ class JobState(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Submitted:
-    """What ``submit`` returns: the job id and where the job stands."""
+    """What ``submit`` returns: the job id and where the job stands.
+
+    Passed to ``wait`` instead of its id, it lets ``wait`` send the submission again when the
+    job's server shuts down before the job ends (``Cancelled.retryable``), as ``segment`` does:
+    it keeps the submission (the image's bytes) for that, unless ``submit`` was told
+    ``resubmit=False``."""
 
     job_id: str
     #: True when an idempotency key matched an existing job.
     existing: bool
     state: JobState
     queue_position: int
+    #: The submission, for ``wait`` to send again; None when not kept.
+    request: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
