@@ -42,6 +42,32 @@ pub struct NewJob {
     /// The queue budget held for this job since before its image was decoded
     /// ([`JobQueue::reserve`]); submitting the job takes it over.
     pub reservation: Option<Arc<Reservation>>,
+    /// What its image was, for the job's span and log lines.
+    pub input: InputSummary,
+}
+
+/// What a job's image was, as its file said: fields of the job's span, so that an operator
+/// reading a failed or slow fit sees what came in. Nothing that identifies a patient: the
+/// format, and for DICOM the modality and the transfer syntax.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InputSummary {
+    /// `png`, `jpeg`, `bmp`, `tiff` or `dicom`.
+    pub format: String,
+    /// Modality (0008,0060), e.g. `CT`, when the DICOM file gives a well-formed one.
+    pub modality: Option<String>,
+    /// Transfer Syntax UID of a DICOM file.
+    pub transfer_syntax: Option<String>,
+}
+
+impl InputSummary {
+    /// The summary of a decoded image.
+    pub fn of(d: &s3net_imaging::Decoded) -> InputSummary {
+        InputSummary {
+            format: d.format.to_string(),
+            modality: d.dicom.as_ref().and_then(|i| i.modality.clone()),
+            transfer_syntax: d.dicom.as_ref().map(|i| i.transfer_syntax.clone()),
+        }
+    }
 }
 
 /// The DICOM Segmentations a job's result is to carry, and what they need of its source image.
@@ -832,6 +858,7 @@ mod tests {
             pixel_spacing: None,
             dicom_seg: None,
             reservation: None,
+            input: InputSummary::default(),
         }
     }
 

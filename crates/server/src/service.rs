@@ -18,7 +18,7 @@ use tracing::{info, warn, Instrument};
 use crate::cluster::{self, Cluster};
 use crate::config::DefaultsConfig;
 use crate::error::ServiceError;
-use crate::jobs::{is_outcome, DicomOutputs, JobQueue, NewJob, Submitted, Watch};
+use crate::jobs::{is_outcome, DicomOutputs, InputSummary, JobQueue, NewJob, Submitted, Watch};
 use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event, segmenter_client::SegmenterClient, segmenter_server::Segmenter, JobState};
 use crate::telemetry::{record_status, TraceContext};
@@ -396,14 +396,15 @@ impl SegmenterService {
         self.check_memory(&fit, device, Some((header.width, header.height)))?;
         let reservation = self.queue.reserve(usize::try_from(header.image_bytes()).unwrap_or(usize::MAX), key)?;
         let (foreground, clusters) = (o.dicom_seg, o.dicom_seg_clusters);
-        let (image, applied_window, orientation, pixel_spacing, source) = tokio::task::spawn_blocking(move || {
+        let (image, applied_window, orientation, pixel_spacing, source, input) = tokio::task::spawn_blocking(move || {
             // Read first: a file the Segmentation cannot reference is refused before its decode.
             let source = (foreground || clusters).then(|| s3net_imaging::dicom_source(&image, decode.frame)).transpose()?;
             let d = s3net_imaging::decode(&image, &decode)?;
             let applied = d.given_window(window).map(|(w, f)| (w, f.name()));
             let spacing = d.dicom.as_ref().and_then(|i| i.pixel_spacing_mm);
             let orientation = d.orientation;
-            Ok::<_, ServiceError>((d.into_image(window), applied, orientation, spacing, source.map(Arc::new)))
+            let input = InputSummary::of(&d);
+            Ok::<_, ServiceError>((d.into_image(window), applied, orientation, spacing, source.map(Arc::new), input))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;
@@ -419,6 +420,7 @@ impl SegmenterService {
             pixel_spacing,
             dicom_seg: source.map(|source| DicomOutputs { source, foreground, clusters }),
             reservation: Some(Arc::new(reservation)),
+            input,
         })
     }
 

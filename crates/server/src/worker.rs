@@ -371,7 +371,7 @@ fn refuse_all(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, why: &str, metrics: 
 /// The job's span: identifiers, sizes, counts and the outcome, never anything read from the
 /// image. Integers as i64: OpenTelemetry has no unsigned attribute (u64 would become text).
 fn job_span(slot: &WorkerSlot, c: &Claimed) -> tracing::Span {
-    let (img, o) = (&c.job.image, &c.job.options);
+    let (img, o, input) = (&c.job.image, &c.job.options, &c.job.input);
     let span = info_span!(
         "job",
         job_id = %c.id,
@@ -380,6 +380,9 @@ fn job_span(slot: &WorkerSlot, c: &Claimed) -> tracing::Span {
         width = img.width as i64,
         height = img.height as i64,
         channels = img.channels as i64,
+        format = input.format.as_str(),
+        modality = input.modality.as_deref(),
+        transfer_syntax = input.transfer_syntax.as_deref(),
         preset = %o.preset,
         size = o.size,
         max_iterations = o.iterations as i64,
@@ -658,6 +661,7 @@ mod tests {
             pixel_spacing: None,
             dicom_seg: None,
             reservation: None,
+            input: Default::default(),
         }
     }
 

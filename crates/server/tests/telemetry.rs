@@ -282,6 +282,11 @@ fn spans_reach_the_collector() {
         (int_attr(job, "width"), int_attr(job, "height")),
         (128, 128)
     );
+    // What came in: a DICOM CT, uncompressed (nothing of the patient).
+    assert_eq!(
+        (str_attr(job, "format"), str_attr(job, "modality"), str_attr(job, "transfer_syntax")),
+        ("dicom", "CT", "1.2.840.10008.1.2.1")
+    );
     assert_eq!(int_attr(job, "iterations"), iterations1 as i64);
     assert_eq!(int_attr(job, "max_iterations"), 3);
     assert_eq!(int_attr(job, "size"), 32);
@@ -305,6 +310,9 @@ fn spans_reach_the_collector() {
     let job2 = find("job", t2);
     assert_eq!(hex(&job2.parent_span_id), hex(&submit.span_id));
     assert_eq!(str_attr(job2, "job_id"), id2);
+    // A PNG: its format, and no DICOM fields.
+    assert_eq!(str_attr(job2, "format"), "png");
+    assert!(attr(&job2.attributes, "modality").is_none() && attr(&job2.attributes, "transfer_syntax").is_none());
     let watch = find("s3net.v1.Segmenter/WatchJob", t3);
     assert_eq!(hex(&watch.parent_span_id), p3);
     assert!(
