@@ -1,8 +1,9 @@
 """The DICOM Segmentations stored into a real PACS, Orthanc, over the DICOM network (C-STORE),
 found there by a query (C-FIND) and read back: what a PACS-side bridge does with
-``mask_dicom`` and ``labels_dicom``. Orthanc runs here as a child process with a config of its
-own (storage in a temporary folder, loopback ports); where it is not installed the test skips
-and says so (`.ci/run` installs Debian's package where apt can)."""
+``mask_dicom`` and ``labels_dicom``; and the client's own bridge (``s3net-pacs-bridge``)
+between Orthanc and a server, end to end. Orthanc runs here as a child process with a config of
+its own (storage in a temporary folder, loopback ports); where it is not installed the tests
+skip and say so (`.ci/run` installs Debian's package where apt can)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import urllib.request
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pydicom
 import pytest
@@ -22,6 +23,7 @@ from pynetdicom.sop_class import CTImageStorage, SegmentationStorage, StudyRootQ
 
 from pyclient_support import DATA, FAST, wait_until
 from s3net_client import Client
+from s3net_client.bridge import Bridge, Node
 
 # Debian installs it in /usr/sbin, which a user's PATH may not hold.
 ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if os.access(p, os.X_OK)), None)
@@ -37,19 +39,28 @@ def free_port() -> int:
 
 
 class Orthanc:
-    def __init__(self, http: int, dicom: int) -> None:
-        self.http, self.dicom = http, dicom
+    def __init__(self, http: int, dicom: int, bridge: int) -> None:
+        self.http, self.dicom, self.bridge = http, dicom, bridge
 
     def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
-            body = r.read()
-        return json.loads(body) if r.headers.get_content_type() == "application/json" else body
+        return self.post(path, None)
+
+    def post(self, path: str, body, method: Optional[str] = None):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=body, method=method)
+        with urllib.request.urlopen(request, timeout=30) as r:
+            answer = r.read()
+        return json.loads(answer) if r.headers.get_content_type() == "application/json" else answer
+
+    def empty(self) -> None:
+        """Deletes every study: each test starts from an empty PACS."""
+        for study in self.get("/studies"):
+            self.post(f"/studies/{study}", None, method="DELETE")
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
     home = tmp_path_factory.mktemp("orthanc")
-    http, dicom = free_port(), free_port()
+    http, dicom, bridge = free_port(), free_port(), free_port()
     config = {
         "Name": "s3net-test",
         "StorageDirectory": str(home / "db"),
@@ -62,12 +73,14 @@ def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
         "DicomCheckCalledAet": True,
         "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowFind": True,
+        # The bridge under test, which Orthanc sends images to.
+        "DicomModalities": {"bridge": ["S3NET", "127.0.0.1", bridge]},
         "Plugins": [],
     }
     (home / "orthanc.json").write_text(json.dumps(config))
     log = open(home / "orthanc.log", "wb")
     process = subprocess.Popen([ORTHANC, str(home / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    pacs = Orthanc(http, dicom)
+    pacs = Orthanc(http, dicom, bridge)
 
     def up() -> bool:
         try:
@@ -122,6 +135,7 @@ def find_series(pacs: Orthanc, study_uid: str, modality: str) -> list:
 def test_both_segmentations_are_stored_into_a_pacs_beside_their_source_and_found_there(
     client: Client, orthanc: Orthanc
 ) -> None:
+    orthanc.empty()
     r = client.segment(CT, dicom_seg=True, dicom_seg_clusters=True, **FAST)
     source = pydicom.dcmread(CT)
     mask, labels = (pydicom.dcmread(io.BytesIO(b)) for b in (r.mask_dicom, r.labels_dicom))
@@ -147,3 +161,51 @@ def test_both_segmentations_are_stored_into_a_pacs_beside_their_source_and_found
         assert back.PixelData == sent.PixelData and back.NumberOfFrames == sent.NumberOfFrames
         assert back.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         assert len(back.SegmentSequence) == len(sent.SegmentSequence)
+
+
+def test_the_bridge_segments_what_a_pacs_sends_it_and_stores_the_segmentations_back(
+    server, orthanc: Orthanc
+) -> None:
+    """Orthanc sends a CT slice and an MR slice to `s3net-pacs-bridge` (its DICOM modality
+    "bridge") by C-STORE; the bridge has the server segment each and stores both
+    Segmentations of each back into Orthanc, where they join their source's study. Something
+    the service cannot segment (an instance without pixel data) is counted as failed and the
+    bridge goes on."""
+    orthanc.empty()
+    with Client(server.addr) as client:
+        bridge = Bridge(
+            client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), ae_title="S3NET", host="127.0.0.1",
+            port=orthanc.bridge, clusters=True, options=FAST,
+        ).start()
+        try:
+            sources = {}
+            for name in ("CT_small", "MR_small"):
+                uploaded = orthanc.post("/instances", (DATA / "dicom" / f"{name}.dcm").read_bytes())
+                sources[name] = uploaded
+                job = orthanc.post("/modalities/bridge/store", uploaded["ID"].encode())
+                assert job.get("FailedInstancesCount", 0) == 0, job
+
+            def both_segmented() -> bool:
+                studies = [orthanc.get(f"/studies/{s['ParentStudy']}") for s in sources.values()]
+                return all(len(study["Series"]) == 3 for study in studies)
+
+            wait_until(both_segmented, timeout=120)
+            for name, uploaded in sources.items():
+                source = pydicom.dcmread(DATA / "dicom" / f"{name}.dcm")
+                study = orthanc.get(f"/studies/{uploaded['ParentStudy']}")
+                series = [orthanc.get(f"/series/{s}") for s in study["Series"]]
+                segs = [s for s in series if s["MainDicomTags"]["Modality"] == "SEG"]
+                assert len(segs) == 2, name
+                for seg_series in segs:
+                    (instance,) = seg_series["Instances"]
+                    seg = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{instance}/file")))
+                    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+                    assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID, name
+            # A structured report (made by Orthanc), no pixel data: not an image to segment.
+            report = {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.11", "Modality": "SR", "PatientName": "NO^PIXELS"}
+            empty = orthanc.post("/tools/create-dicom", json.dumps({"Tags": report}).encode())
+            orthanc.post("/modalities/bridge/store", empty["ID"].encode())
+            wait_until(lambda: bridge.failed == 1, timeout=60)
+        finally:
+            bridge.stop()
+        assert (bridge.received, bridge.stored, bridge.failed) == (3, 2, 1)
