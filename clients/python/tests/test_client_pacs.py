@@ -209,3 +209,33 @@ def test_the_bridge_segments_what_a_pacs_sends_it_and_stores_the_segmentations_b
         finally:
             bridge.stop()
         assert (bridge.received, bridge.stored, bridge.failed) == (3, 2, 1)
+
+
+def test_the_bridge_refuses_images_past_its_pending_bound_for_the_pacs_to_retry(
+    server, orthanc: Orthanc
+) -> None:
+    """Sent more images at once than it lets wait (here 1, one fit at a time), the bridge
+    answers the extra C-STOREs "out of resources" (0xA700), which a PACS retries later, and
+    segments and stores every image it accepted."""
+    orthanc.empty()
+    ct = pydicom.dcmread(CT)
+    with Client(server.addr) as client:
+        bridge = Bridge(
+            client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), host="127.0.0.1", port=orthanc.bridge,
+            # Fits of about a second: the six C-STOREs all arrive during the first.
+            concurrency=1, max_pending=1, options=dict(size=64, iterations=100, min_labels=0, seed=7),
+        ).start()
+        try:
+            ae = AE(ae_title="PACS")
+            ae.add_requested_context(CTImageStorage)
+            association = ae.associate("127.0.0.1", orthanc.bridge, ae_title="S3NET")
+            assert association.is_established
+            try:
+                statuses = [association.send_c_store(ct).Status for _ in range(6)]
+            finally:
+                association.release()
+        finally:
+            bridge.stop()
+    assert set(statuses) == {0x0000, 0xA700}, statuses
+    accepted = statuses.count(0x0000)
+    assert (bridge.received, bridge.stored, bridge.failed) == (accepted, accepted, 0)

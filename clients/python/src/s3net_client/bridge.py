@@ -84,7 +84,11 @@ class Bridge:
     """Receives images by C-STORE on ``port`` as ``ae_title``, segments each with ``client``'s
     server (``options``: fit options, as ``Client.segment`` takes them) and stores the
     Segmentations to ``destination``. ``start`` returns once it listens; ``stop`` ends it
-    after the fits in progress. ``received``, ``stored`` and ``failed`` count images."""
+    after the fits in progress. ``received``, ``stored`` and ``failed`` count images.
+
+    At most ``max_pending`` images wait for a fit: past that a C-STORE is answered "out of
+    resources" (0xA700), which a PACS retries later, instead of the bridge holding every image
+    a PACS sends at once."""
 
     def __init__(
         self,
@@ -96,6 +100,7 @@ class Bridge:
         port: int = 11112,
         clusters: bool = False,
         concurrency: int = 2,
+        max_pending: int = 64,
         options: Optional[Dict[str, Any]] = None,
     ) -> None:
         try:
@@ -107,7 +112,7 @@ class Bridge:
         self.clusters, self.options = clusters, dict(options or {})
         self.received = self.stored = self.failed = 0
         self._lock = threading.Lock()
-        self._work: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._work: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=max(1, max_pending))
         self._workers = [threading.Thread(target=self._run, daemon=True, name=f"s3net-bridge-{i}") for i in range(max(1, concurrency))]
         self._ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
@@ -128,7 +133,7 @@ class Bridge:
         if self._server is not None:
             self._server.shutdown()
         for _ in self._workers:
-            self._work.put(None)
+            self._work.put(None)  # after the images waiting: each worker ends on one
         for w in self._workers:
             w.join()
 
@@ -138,7 +143,11 @@ class Bridge:
 
     def _on_store(self, event: Any) -> int:
         # Answered before the fit: the image is kept as the Part 10 file it arrived as.
-        self._work.put(bytes(event.encoded_dataset(include_meta=True)))
+        try:
+            self._work.put_nowait(bytes(event.encoded_dataset(include_meta=True)))
+        except queue.Full:
+            log.warning("%d images wait for a fit already: C-STORE refused (out of resources)", self._work.maxsize)
+            return 0xA700
         self._count("received")
         return 0x0000
 
@@ -151,7 +160,12 @@ class Bridge:
                 log.warning("not segmented: %s", e)
                 continue
             segmentations = [result.mask_dicom] + ([result.labels_dicom] if self.clusters else [])
-            if self._send(segmentations):
+            try:
+                stored = self._send(segmentations)
+            except Exception:  # a worker must outlive any one image
+                log.exception("job %s: its Segmentations could not be sent", result.job_id)
+                stored = False
+            if stored:
                 self._count("stored")
                 log.info("job %s: %d Segmentation(s) stored to %s", result.job_id, len(segmentations), self.destination.ae_title)
             else:
@@ -192,6 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--destination", required=True, type=Node.parse, help="where Segmentations go: AE@HOST:PORT")
     p.add_argument("--clusters", action="store_true", help="also store the cluster map's Segmentation")
     p.add_argument("--concurrency", type=int, default=2, help="fits in flight (default 2)")
+    p.add_argument("--max-pending", type=int, default=64, help="images waiting for a fit before C-STOREs are refused (default 64)")
     p.add_argument("--iterations", type=int, help="maximum SGD steps (unset: the server's)")
     p.add_argument("--size", type=int, help="grid side (unset: the server's)")
     args = p.parse_args(argv)
@@ -203,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with Client(args.addr, token=args.token or os.environ.get("S3NET_TOKEN")) as client:
         bridge = Bridge(
             client, args.destination, ae_title=args.ae_title, host=args.host, port=args.port,
-            clusters=args.clusters, concurrency=args.concurrency, options=options,
+            clusters=args.clusters, concurrency=args.concurrency, max_pending=args.max_pending, options=options,
         ).start()
         stopping.wait()
         log.info("stopping: finishing the fits in progress")
