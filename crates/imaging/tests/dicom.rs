@@ -16,6 +16,23 @@ fn dec(bytes: &[u8]) -> Result<Decoded, ImagingError> {
     decode(bytes, &DecodeOptions::default())
 }
 
+/// Copies of `full` with bytes changed at random (xorshift from `seed`) at or after `from`:
+/// `changes(k)` of them in the k-th copy. What the "never a panic" tests feed the decoder.
+fn damaged<'a>(full: &'a [u8], from: usize, seed: u64, changes: impl Fn(usize) -> usize + 'a) -> impl Iterator<Item = Vec<u8>> + 'a {
+    let mut state = seed;
+    (0..).map(move |k| {
+        let mut bytes = full.to_vec();
+        for _ in 0..changes(k) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let i = from + (state as usize) % (bytes.len() - from);
+            bytes[i] = (state >> 40) as u8;
+        }
+        bytes
+    })
+}
+
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 const PATIENT: &str = "SECRETNAME^JOHN";
@@ -348,16 +365,7 @@ fn truncated_and_corrupted_dicom_never_panics() {
             cut += if cut < 1024 { 7 } else { 997 };
         }
         // Flip bytes all over the file.
-        let mut state = 0x9E3779B97F4A7C15u64;
-        for _ in 0..200 {
-            let mut bytes = full.clone();
-            for _ in 0..8 {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let i = 132 + (state as usize) % (bytes.len() - 132);
-                bytes[i] = (state >> 40) as u8;
-            }
+        for bytes in damaged(&full, 132, 0x9E3779B97F4A7C15, |_| 8).take(200) {
             let _ = dec(&bytes);
         }
     }
@@ -512,21 +520,12 @@ fn jpeg_2000_headers_are_checked_first() {
 /// a panic, and quickly.
 #[test]
 fn damaged_compressed_pixel_data_never_panics() {
-    for name in ["CT_small_j2k", "CT_small_j2k_lossy", "CT_small_htj2k", "CT_small_rle", "CT_small_jpeg_lossless", "CT_small_jpegls", "SC_rgb_j2k", "SC_rgb_jpeg_lossless", "SC_rgb_rle", "CT_small_jpeg12_2frames", "JPGExtended"] {
+    for name in ["CT_small_j2k", "CT_small_j2k_lossy", "CT_small_htj2k", "CT_small_rle", "CT_small_jpeg_lossless", "CT_small_jpegls", "SC_rgb_j2k", "SC_rgb_jpeg_lossless", "SC_rgb_rle", "CT_small_jpeg12_2frames", "JPGExtended", "CT_small_jxl", "CT_small_jxl_lossy", "SC_rgb_jxl"] {
         let full = data(&format!("dicom/{name}.dcm"));
         // The pixel data element's value: the last (7FE0,0010) tag.
         let from = full.windows(4).rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00]).unwrap() + 12;
-        let mut state = 0x2545F4914F6CDD1Du64;
         let (mut failed, t) = (0, std::time::Instant::now());
-        for round in 0..300 {
-            let mut bytes = full.clone();
-            for _ in 0..1 + round % 4 {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let i = from + (state as usize) % (bytes.len() - from);
-                bytes[i] = (state >> 40) as u8;
-            }
+        for (round, bytes) in damaged(&full, from, 0x2545F4914F6CDD1D, |round| 1 + round % 4).take(300).enumerate() {
             match dec(&bytes) {
                 Err(ImagingError::DecoderPanicked { .. }) => panic!("{name}: the codec panicked (round {round})"),
                 Err(e) => {
@@ -762,16 +761,7 @@ fn declared_lengths_beyond_the_file_fail_fast() {
     // Corrupting the real files must stay fast too.
     bytes = data("dicom/CT_small.dcm");
     let t = std::time::Instant::now();
-    let mut state = 0x2545F4914F6CDD1Du64;
-    for _ in 0..100 {
-        let mut b = bytes.clone();
-        for _ in 0..8 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let i = 132 + (state as usize) % (b.len() - 132);
-            b[i] = (state >> 40) as u8;
-        }
+    for b in damaged(&bytes, 132, 0x2545F4914F6CDD1D, |_| 8).take(100) {
         let _ = dec(&b);
     }
     assert!(
@@ -851,16 +841,7 @@ fn deflated_data_sets_are_inflated_within_a_bound() {
     assert!(matches!(err, ImagingError::Unsupported { .. }), "{err}");
     // Damaged deflate streams: an error or an image, never a panic (which `decode` would turn
     // into DecoderPanicked).
-    let mut state = 0x9E3779B97F4A7C15u64;
-    for _ in 0..300 {
-        let mut b = bytes.clone();
-        for _ in 0..4 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let i = 400 + (state as usize) % (b.len() - 400);
-            b[i] = (state >> 40) as u8;
-        }
+    for b in damaged(&bytes, 400, 0x9E3779B97F4A7C15, |_| 4).take(300) {
         if let Err(e) = dec(&b) {
             assert!(!matches!(e, ImagingError::DecoderPanicked { .. }), "{e}");
         }
@@ -1145,8 +1126,8 @@ fn voi_lut_curves_and_sigmoid_match_pydicom() {
 
 /// JPEG XL (DICOM's transfer syntaxes of 2024; libjxl's codestreams, tools/make_dicom_jpegxl.py):
 /// lossless gives exactly its source's samples, 12-bit grey over two frames and 8-bit RGB; lossy
-/// is within one level of libjxl's own decode; a codestream of another size than Rows/Columns,
-/// or damaged, is refused by name, never a panic.
+/// is within one level of libjxl's own decode; a codestream of another size than Rows/Columns
+/// is refused by name (damaged ones: `damaged_compressed_pixel_data_never_panics`).
 #[test]
 fn jpeg_xl_decodes() {
     let ct = dec(&data("dicom/CT_small.dcm")).unwrap();
@@ -1174,19 +1155,5 @@ fn jpeg_xl_decodes() {
     // Rows/Columns that are not the codestream's.
     let e = dec(&with_elements(&bytes, vec![us(tags::ROWS, 64)])).unwrap_err();
     assert!(e.to_string().contains("the JPEG XL image is 128×128 pixels but Rows/Columns say 64×128"), "{e}");
-    // Damaged codestreams: errors or images, no panic.
-    let mut state = 0x2545F4914F6CDD1Du64;
-    for _ in 0..300 {
-        let mut b = bytes.clone();
-        for _ in 0..4 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let i = 2000 + (state as usize) % (b.len() - 2000);
-            b[i] = (state >> 40) as u8;
-        }
-        if let Err(e) = dec(&b) {
-            assert!(!matches!(e, ImagingError::DecoderPanicked { .. }), "{e}");
-        }
-    }
+    // Damaged codestreams: in `damaged_compressed_pixel_data_never_panics`.
 }
