@@ -130,8 +130,10 @@ class Bridge:
 
     def stop(self) -> None:
         """Stops listening, then waits for the images received to be segmented and stored."""
-        if self._server is not None:
-            self._server.shutdown()
+        if self._server is None:
+            return  # never started
+        self._server.shutdown()
+        self._server = None
         for _ in self._workers:
             self._work.put(None)  # after the images waiting: each worker ends on one
         for w in self._workers:
