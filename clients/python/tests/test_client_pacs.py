@@ -239,3 +239,34 @@ def test_the_bridge_refuses_images_past_its_pending_bound_for_the_pacs_to_retry(
     assert set(statuses) == {0x0000, 0xA700}, statuses
     accepted = statuses.count(0x0000)
     assert (bridge.received, bridge.stored, bridge.failed) == (accepted, accepted, 0)
+
+
+def test_a_spooled_bridge_loses_nothing_a_pacs_was_told_is_stored(server, orthanc: Orthanc, tmp_path) -> None:
+    """With a spool, an image is on disk before its C-STORE is answered. A bridge whose s3net
+    server cannot be reached keeps the images it took (deferred, still in the spool); a bridge
+    started later on the same spool, with a server, takes them up, and their Segmentations
+    reach the PACS; the spool is then empty."""
+    orthanc.empty()
+    spool = tmp_path / "spool"
+    destination = Node("ORTHANC", "127.0.0.1", orthanc.dicom)
+    sources = [DATA / "dicom" / f"{n}.dcm" for n in ("CT_small", "MR_small")]
+    with Client(f"127.0.0.1:{free_port()}", retries=0, timeout=5) as nowhere:
+        down = Bridge(nowhere, destination, host="127.0.0.1", port=orthanc.bridge, spool=spool, options=FAST).start()
+        try:
+            for path in sources:
+                uploaded = orthanc.post("/instances", path.read_bytes())
+                orthanc.post("/modalities/bridge/store", uploaded["ID"].encode())
+            wait_until(lambda: down.deferred == 2, timeout=60)
+        finally:
+            down.stop()
+    assert (down.received, down.stored, down.failed, down.deferred) == (2, 0, 0, 2)
+    assert len(list(spool.glob("*.dcm"))) == 2
+    with Client(server.addr) as client:
+        up = Bridge(client, destination, host="127.0.0.1", port=orthanc.bridge, spool=spool, options=FAST).start()
+        try:
+            wait_until(lambda: up.stored == 2, timeout=120)
+        finally:
+            up.stop()
+    assert list(spool.iterdir()) == []
+    seg_series = [s for s in map(lambda i: orthanc.get(f"/series/{i}"), orthanc.get("/series")) if s["MainDicomTags"]["Modality"] == "SEG"]
+    assert len(seg_series) == 2

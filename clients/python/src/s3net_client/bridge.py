@@ -14,12 +14,18 @@ Images the service refuses (a structured report, a format it does not read) are 
 counted, never retried; a destination that cannot be reached is retried a few times, then the
 Segmentation is dropped with an error in the log. Ctrl-C or SIGTERM stops taking images and
 ends after the fits in progress.
+
+With ``--spool DIR`` each image is written to DIR before its C-STORE is answered and removed
+once its Segmentations are stored: images that were waiting when the bridge stopped or
+crashed, or whose server or destination could not be reached, are taken up again when a
+bridge starts on that folder, so none that a PACS was told is stored is lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import logging
 import os
 import queue
@@ -27,10 +33,11 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
 
 from .client import Client
-from .errors import S3NetError
+from .errors import Aborted, Cancelled, DeadlineExceeded, ResourceExhausted, S3NetError, Unavailable
 
 log = logging.getLogger("s3net_client.bridge")
 
@@ -80,6 +87,14 @@ class Node:
         return node
 
 
+def transient(e: S3NetError) -> bool:
+    """Whether a failed segment call may succeed later unchanged: the server was unreachable,
+    full or too slow, or shut down mid-job; not a refusal of the image."""
+    if isinstance(e, Cancelled):
+        return e.retryable
+    return isinstance(e, (Unavailable, ResourceExhausted, DeadlineExceeded, Aborted))
+
+
 class Bridge:
     """Receives images by C-STORE on ``port`` as ``ae_title``, segments each with ``client``'s
     server (``options``: fit options, as ``Client.segment`` takes them) and stores the
@@ -88,7 +103,12 @@ class Bridge:
 
     At most ``max_pending`` images wait for a fit: past that a C-STORE is answered "out of
     resources" (0xA700), which a PACS retries later, instead of the bridge holding every image
-    a PACS sends at once."""
+    a PACS sends at once.
+
+    With ``spool`` (a folder), each image is written there before its C-STORE is answered and
+    removed once its Segmentations are stored, or once the service refused it for good; one
+    whose server or destination could not be reached stays (``deferred`` counts them), and
+    ``start`` takes up whatever the folder holds."""
 
     def __init__(
         self,
@@ -101,6 +121,7 @@ class Bridge:
         clusters: bool = False,
         concurrency: int = 2,
         max_pending: int = 64,
+        spool: Union[str, Path, None] = None,
         options: Optional[Dict[str, Any]] = None,
     ) -> None:
         try:
@@ -110,9 +131,13 @@ class Bridge:
             raise RuntimeError("the PACS bridge needs pynetdicom: pip install 's3net-client[dicom]'") from None
         self.client, self.destination = client, destination
         self.clusters, self.options = clusters, dict(options or {})
-        self.received = self.stored = self.failed = 0
+        self.received = self.stored = self.failed = self.deferred = 0
         self._lock = threading.Lock()
-        self._work: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=max(1, max_pending))
+        self._work: "queue.Queue[Union[bytes, Path, None]]" = queue.Queue(maxsize=max(1, max_pending))
+        self._spool = Path(spool) if spool is not None else None
+        if self._spool is not None:
+            self._spool.mkdir(parents=True, exist_ok=True)
+        self._names = itertools.count()
         self._workers = [threading.Thread(target=self._run, daemon=True, name=f"s3net-bridge-{i}") for i in range(max(1, concurrency))]
         self._ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
@@ -124,6 +149,12 @@ class Bridge:
     def start(self) -> "Bridge":
         for w in self._workers:
             w.start()
+        if self._spool is not None:
+            left = sorted(self._spool.glob("*.dcm"))
+            if left:
+                log.info("%d image(s) left in %s: taken up again", len(left), self._spool)
+                # Fed as the workers make room, before any new image can be refused for it.
+                threading.Thread(target=lambda: [self._work.put(p) for p in left], daemon=True).start()
         self._server = self._ae.start_server(self._address, block=False, evt_handlers=self._handlers)
         log.info("listening on %s:%d as %s; Segmentations to %s", *self._address, self._ae.ae_title, self.destination)
         return self
@@ -144,36 +175,67 @@ class Bridge:
             setattr(self, name, getattr(self, name) + 1)
 
     def _on_store(self, event: Any) -> int:
-        # Answered before the fit: the image is kept as the Part 10 file it arrived as.
-        try:
-            self._work.put_nowait(bytes(event.encoded_dataset(include_meta=True)))
-        except queue.Full:
+        # Answered before the fit: the image is kept as the Part 10 file it arrived as (on disk
+        # first, with a spool: a success tells the PACS it may forget the image).
+        if self._work.full():
             log.warning("%d images wait for a fit already: C-STORE refused (out of resources)", self._work.maxsize)
+            return 0xA700
+        image: Union[bytes, Path] = bytes(event.encoded_dataset(include_meta=True))
+        if self._spool is not None:
+            path = self._spool / f"{time.time_ns()}-{os.getpid()}-{next(self._names)}.dcm"
+            part = path.with_suffix(".part")
+            with open(part, "wb") as f:
+                f.write(image)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, path)
+            image = path
+        try:
+            self._work.put_nowait(image)
+        except queue.Full:  # filled meanwhile: the file stays for the next start
+            log.warning("%d images wait for a fit already: C-STORE refused (out of resources)", self._work.maxsize)
+            if isinstance(image, Path):
+                image.unlink()
             return 0xA700
         self._count("received")
         return 0x0000
 
     def _run(self) -> None:
-        while (image := self._work.get()) is not None:
+        while (item := self._work.get()) is not None:
             try:
-                result = self.client.segment(image, dicom_seg=True, dicom_seg_clusters=self.clusters, **self.options)
-            except S3NetError as e:
-                self._count("failed")
-                log.warning("not segmented: %s", e)
-                continue
-            segmentations = [result.mask_dicom] + ([result.labels_dicom] if self.clusters else [])
-            try:
-                stored = self._send(segmentations)
+                self._process(item)
             except Exception:  # a worker must outlive any one image
-                log.exception("job %s: its Segmentations could not be sent", result.job_id)
-                stored = False
-            if stored:
-                self._count("stored")
-                log.info("job %s: %d Segmentation(s) stored to %s", result.job_id, len(segmentations), self.destination.ae_title)
-            else:
+                log.exception("an image could not be handled")
                 self._count("failed")
 
+    def _process(self, item: Union[bytes, Path]) -> None:
+        spooled = item if isinstance(item, Path) else None
+        image = spooled.read_bytes() if spooled is not None else item
+        try:
+            result = self.client.segment(image, dicom_seg=True, dicom_seg_clusters=self.clusters, **self.options)
+        except S3NetError as e:
+            if transient(e) and spooled is not None:
+                self._settle(spooled, "deferred")
+                log.warning("not segmented now (%s): kept in the spool", e)
+            else:
+                self._settle(spooled, "failed", remove=True)
+                log.warning("not segmented: %s", e)
+            return
+        segmentations = [result.mask_dicom] + ([result.labels_dicom] if self.clusters else [])
+        if self._send(segmentations):
+            self._settle(spooled, "stored", remove=True)
+            log.info("job %s: %d Segmentation(s) stored to %s", result.job_id, len(segmentations), self.destination.ae_title)
+        else:
+            self._settle(spooled, "deferred" if spooled is not None else "failed")
+
+    def _settle(self, spooled: Optional[Path], outcome: str, remove: bool = False) -> None:
+        """Counts an image's outcome; removes its spool file when it is done with for good."""
+        if remove and spooled is not None:
+            spooled.unlink(missing_ok=True)
+        self._count(outcome)
+
     def _send(self, segmentations: List[bytes], attempts: int = 3) -> bool:
+        """C-STOREs `segmentations` to the destination; whether it stored them all."""
         import pydicom
         from pynetdicom import AE
         from pynetdicom.sop_class import SegmentationStorage
@@ -194,7 +256,7 @@ class Bridge:
                 return False
             log.warning("cannot reach %s (attempt %d of %d)", d, attempt + 1, attempts)
             time.sleep(1.0 * (attempt + 1))
-        log.error("Segmentation dropped: %s cannot be reached", d)
+        log.error("%s cannot be reached", d)
         return False
 
 
@@ -209,6 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clusters", action="store_true", help="also store the cluster map's Segmentation")
     p.add_argument("--concurrency", type=int, default=2, help="fits in flight (default 2)")
     p.add_argument("--max-pending", type=int, default=64, help="images waiting for a fit before C-STOREs are refused (default 64)")
+    p.add_argument("--spool", type=Path, help="folder that keeps each image until its Segmentations are stored")
     p.add_argument("--iterations", type=int, help="maximum SGD steps (unset: the server's)")
     p.add_argument("--size", type=int, help="grid side (unset: the server's)")
     args = p.parse_args(argv)
@@ -220,12 +283,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     with Client(args.addr, token=args.token or os.environ.get("S3NET_TOKEN")) as client:
         bridge = Bridge(
             client, args.destination, ae_title=args.ae_title, host=args.host, port=args.port,
-            clusters=args.clusters, concurrency=args.concurrency, max_pending=args.max_pending, options=options,
+            clusters=args.clusters, concurrency=args.concurrency, max_pending=args.max_pending,
+            spool=args.spool, options=options,
         ).start()
         stopping.wait()
         log.info("stopping: finishing the fits in progress")
         bridge.stop()
-    log.info("received %d, stored %d, failed %d", bridge.received, bridge.stored, bridge.failed)
+    log.info("received %d, stored %d, failed %d, deferred %d", bridge.received, bridge.stored, bridge.failed, bridge.deferred)
     return 0
 
 
