@@ -245,7 +245,8 @@ def test_a_spooled_bridge_loses_nothing_a_pacs_was_told_is_stored(server, orthan
     """With a spool, an image is on disk before its C-STORE is answered. A bridge whose s3net
     server cannot be reached keeps the images it took (deferred, still in the spool); a bridge
     started later on the same spool, with a server, takes them up, and their Segmentations
-    reach the PACS; the spool is then empty."""
+    reach the PACS; the spool is then empty (a half-written image, whose C-STORE was never
+    answered, is removed: its PACS sends it again)."""
     orthanc.empty()
     spool = tmp_path / "spool"
     destination = Node("ORTHANC", "127.0.0.1", orthanc.dicom)
@@ -261,6 +262,8 @@ def test_a_spooled_bridge_loses_nothing_a_pacs_was_told_is_stored(server, orthan
             down.stop()
     assert (down.received, down.stored, down.failed, down.deferred) == (2, 0, 0, 2)
     assert len(list(spool.glob("*.dcm"))) == 2
+    # What a bridge that died while writing an image leaves: never answered, so not kept.
+    (spool / "1-2-3.part").write_bytes(b"half an image")
     with Client(server.addr) as client:
         up = Bridge(client, destination, host="127.0.0.1", port=orthanc.bridge, spool=spool, options=FAST).start()
         try:

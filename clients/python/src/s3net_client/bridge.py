@@ -150,6 +150,10 @@ class Bridge:
         for w in self._workers:
             w.start()
         if self._spool is not None:
+            # A .part file is an image whose C-STORE was never answered (the bridge died while
+            # writing it): its PACS still has it and will send it again.
+            for part in self._spool.glob("*.part"):
+                part.unlink(missing_ok=True)
             left = sorted(self._spool.glob("*.dcm"))
             if left:
                 log.info("%d image(s) left in %s: taken up again", len(left), self._spool)
