@@ -437,10 +437,7 @@ fn check_and_repair_fragments(
         }
         let data = frame_bytes(seq, frames, frame)?;
         let samples = crate::jpeg12::decode(&data, cols, rows)?;
-        obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(samples.into())));
-        obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("1")));
-        obj.meta_mut().set_transfer_syntax(&dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN);
-        return Ok(0);
+        return Ok(put_native_frame(obj, DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(samples.into()))));
     }
     if JPEG_XL.contains(&ts_uid) {
         // Decoded here (`jpegxl`), as 12-bit lossy JPEG is, into native samples of this frame.
@@ -455,14 +452,11 @@ fn check_and_repair_fragments(
         } else {
             DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(decoded.into()))
         };
-        obj.put(pixels);
-        obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("1")));
         if samples == 3 {
             obj.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("RGB")));
             obj.put(DataElement::new(tags::PLANAR_CONFIGURATION, VR::US, PrimitiveValue::from(0u16)));
         }
-        obj.meta_mut().set_transfer_syntax(&dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN);
-        return Ok(0);
+        return Ok(put_native_frame(obj, pixels));
     }
     let cleared = dicom_guard::lossless_jpeg_tables_cleared(seq.fragments());
     let fragments = cleared.as_deref().unwrap_or(seq.fragments());
@@ -506,10 +500,18 @@ fn expand_ybr_full_422(obj: &mut DefaultDicomObject, (rows, cols, frames): (u32,
         let [y1, y2, cb, cr] = [pair[0], pair[1], pair[2], pair[3]];
         full.extend_from_slice(&[y1, cb, cr, y2, cb, cr]);
     }
-    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(full.into())));
     obj.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("YBR_FULL")));
+    Ok(put_native_frame(obj, DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(full.into()))))
+}
+
+/// Puts `pixels`, one frame decoded here (12-bit lossy JPEG, JPEG XL) or widened (YBR_FULL_422),
+/// in `obj` as its only frame of native pixel data, in explicit VR little endian, so that the
+/// rest of the decoder reads it as any uncompressed image. Returns that frame's index (0).
+fn put_native_frame(obj: &mut DefaultDicomObject, pixels: InMemElement) -> u32 {
+    obj.put(pixels);
     obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("1")));
-    Ok(0)
+    obj.meta_mut().set_transfer_syntax(&dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN);
+    0
 }
 
 /// The compressed bytes of frame `frame` of `frames`: all the fragments of a single frame, the
