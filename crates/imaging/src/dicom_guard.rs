@@ -136,11 +136,12 @@ pub(crate) fn transfer_syntax(body: &[u8]) -> &str {
 /// that is not a raw deflate stream (PS3.5 A.5: no zlib header).
 pub(crate) fn inflate(body: &[u8]) -> Result<Option<Vec<u8>>, ImagingError> {
     use std::io::Read;
-    if transfer_syntax(body) != DEFLATED {
+    // A file meta that cannot be walked is left for `check_element_lengths` to report.
+    let Ok(elements) = meta_elements(body) else { return Ok(None) };
+    if transfer_syntax_of(body, &elements) != DEFLATED {
         return Ok(None);
     }
     let c = Cursor { b: body, big: false };
-    let elements = meta_elements(body)?;
     // The file meta, its transfer syntax rewritten and its group length made to match.
     let mut out = b"DICM".to_vec();
     let mut group_length_at = None;
