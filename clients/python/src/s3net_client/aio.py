@@ -215,8 +215,8 @@ class AsyncClient:
         """See ``Client.wait``."""
         s = self._settings
         again = job.request if isinstance(job, Submitted) else None
-        follower = Follower(progress, job if isinstance(job, str) else job.job_id, resubmit=again is not None)
-        current = [job if isinstance(job, str) else job.job_id]
+        current = [job if isinstance(job, str) else job.job_id]  # the job followed now
+        follower = Follower(progress, current[0], resubmit=again is not None)
 
         async def start(t: Optional[float]) -> Any:
             if follower.lost:

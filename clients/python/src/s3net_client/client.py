@@ -281,8 +281,8 @@ class Client:
         """
         s = self._settings
         again = job.request if isinstance(job, Submitted) else None
-        follower = Follower(progress, job if isinstance(job, str) else job.job_id, resubmit=again is not None)
-        current = [job if isinstance(job, str) else job.job_id]
+        current = [job if isinstance(job, str) else job.job_id]  # the job followed now
+        follower = Follower(progress, current[0], resubmit=again is not None)
 
         def start(t: Optional[float]) -> Any:
             if follower.lost:
