@@ -9,6 +9,8 @@ parallel runs and other servers on the machine never collide. Tests keep fits ti
 from __future__ import annotations
 
 import collections
+import datetime
+import ipaddress
 import json
 import os
 import re
@@ -124,3 +126,85 @@ def wait_until(predicate, timeout: float = 30.0, every: float = 0.05):
         if time.monotonic() > until:
             pytest.fail(f"condition not met within {timeout} s")
         time.sleep(every)
+
+
+def make_pki(folder: Path) -> Dict[str, Path]:
+    """Certificates for the TLS tests, made with `cryptography`: a CA; a server certificate for
+    127.0.0.1/localhost and a client certificate, signed by it; and two DICOM nodes'
+    certificates ("orthanc", "bridge"), each both server and client (DICOM's secure
+    transport: a node accepts associations and opens its own), for 127.0.0.1/localhost."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key, path: Path) -> Path:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return path
+
+    def write_cert(cert, path: Path) -> Path:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("s3net test CA"))
+        .issuer_name(name("s3net test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(cn: str, usages, sans=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+        )
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return key, b.sign(ca_key, hashes.SHA256())
+
+    loopback = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server_key, server_cert = leaf("localhost", [ExtendedKeyUsageOID.SERVER_AUTH], loopback)
+    client_key, client_cert = leaf("s3net test client", [ExtendedKeyUsageOID.CLIENT_AUTH])
+    both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    nodes = {}
+    for node in ("orthanc", "bridge"):
+        node_key, node_cert = leaf(f"{node} DICOM node", both, loopback)
+        nodes[f"{node}_cert"] = write_cert(node_cert, folder / f"{node}.pem")
+        nodes[f"{node}_key"] = write_key(node_key, folder / f"{node}.key")
+    return {
+        **nodes,
+        "ca": write_cert(ca, folder / "ca.pem"),
+        "server_cert": write_cert(server_cert, folder / "server.pem"),
+        "server_key": write_key(server_key, folder / "server.key"),
+        "client_cert": write_cert(client_cert, folder / "client.pem"),
+        "client_key": write_key(client_key, folder / "client.key"),
+    }

@@ -7,21 +7,27 @@ skip and say so (`.ci/run` installs Debian's package where apt can)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
+import sys
+import urllib.error
 import urllib.request
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
 
 import pydicom
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, SegmentationStorage, StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import CTImageStorage, SegmentationStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
-from pyclient_support import DATA, FAST, wait_until
+from pyclient_support import DATA, FAST, REPO, make_pki, start_server, wait_until
 from s3net_client import Client
 from s3net_client.bridge import Bridge, Node
 
@@ -57,11 +63,15 @@ class Orthanc:
             self.post(f"/studies/{study}", None, method="DELETE")
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
-    home = tmp_path_factory.mktemp("orthanc")
-    http, dicom, bridge = free_port(), free_port(), free_port()
-    config = {
+@contextlib.contextmanager
+def run_orthanc(home: Path, bridge: int, tls: Optional[Dict[str, Path]] = None) -> Iterator[Orthanc]:
+    """An Orthanc on loopback ports with its storage in `home`, which knows the bridge under
+    test as its modality "bridge" (AE S3NET on port `bridge`). With `tls` (from `make_pki`)
+    its DICOM port speaks TLS only, requires a certificate signed by the test CA, and it sends
+    to the bridge over TLS."""
+    http, dicom = free_port(), free_port()
+    modality: Any = ["S3NET", "127.0.0.1", bridge]
+    config: Dict[str, Any] = {
         "Name": "s3net-test",
         "StorageDirectory": str(home / "db"),
         "IndexDirectory": str(home / "db"),
@@ -73,10 +83,20 @@ def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
         "DicomCheckCalledAet": True,
         "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowFind": True,
-        # The bridge under test, which Orthanc sends images to.
-        "DicomModalities": {"bridge": ["S3NET", "127.0.0.1", bridge]},
+        "DicomAlwaysAllowEcho": True,
         "Plugins": [],
     }
+    if tls is not None:
+        modality = {"AET": "S3NET", "Host": "127.0.0.1", "Port": bridge, "UseDicomTls": True}
+        config.update(
+            DicomTlsEnabled=True,
+            DicomTlsCertificate=str(tls["orthanc_cert"]),
+            DicomTlsPrivateKey=str(tls["orthanc_key"]),
+            DicomTlsTrustedCertificates=str(tls["ca"]),
+            DicomTlsRemoteCertificateRequired=True,
+        )
+    # The bridge under test, which Orthanc sends images to.
+    config["DicomModalities"] = {"bridge": modality}
     (home / "orthanc.json").write_text(json.dumps(config))
     log = open(home / "orthanc.log", "wb")
     process = subprocess.Popen([ORTHANC, str(home / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
@@ -95,6 +115,12 @@ def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
+    with run_orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as pacs:
+        yield pacs
 
 
 def store(pacs: Orthanc, datasets) -> list:
@@ -273,3 +299,219 @@ def test_a_spooled_bridge_loses_nothing_a_pacs_was_told_is_stored(server, orthan
     assert list(spool.iterdir()) == []
     seg_series = [s for s in map(lambda i: orthanc.get(f"/series/{i}"), orthanc.get("/series")) if s["MainDicomTags"]["Modality"] == "SEG"]
     assert len(seg_series) == 2
+
+
+def echo(port: int, calling: str, tls=None) -> Optional[int]:
+    """A C-ECHO to the bridge on `port` from AE `calling`: its status, or None if the
+    association was refused or failed."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    association = ae.associate("127.0.0.1", port, ae_title="S3NET", tls_args=tls)
+    if not association.is_established:
+        return None
+    try:
+        return association.send_c_echo().Status
+    finally:
+        association.release()
+
+
+def store_to(port: int, calling: str, datasets) -> list:
+    """C-STOREs each data set to the bridge on `port` from AE `calling`; their statuses."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage)
+    association = ae.associate("127.0.0.1", port, ae_title="S3NET")
+    assert association.is_established, "no association with the bridge"
+    try:
+        return [association.send_c_store(ds).Status for ds in datasets]
+    finally:
+        association.release()
+
+
+def seg_series(pacs: Orthanc) -> list:
+    return [s for s in (pacs.get(f"/series/{i}") for i in pacs.get("/series")) if s["MainDicomTags"]["Modality"] == "SEG"]
+
+
+def seg_instances(pacs: Orthanc) -> int:
+    return sum(len(s["Instances"]) for s in seg_series(pacs))
+
+
+def metrics_of(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.headers.get_content_type() == "text/plain"
+        return r.read().decode()
+
+
+def test_the_bridge_answers_echo_takes_only_the_ae_titles_it_allows_and_shows_its_counters(
+    server, orthanc: Orthanc
+) -> None:
+    """A PACS administrator's first step with a new node is "echo" (C-ECHO): the bridge
+    answers it. With an allow-list of calling AE titles, an association from any other is
+    refused (counted), and those allowed are served as before. Its counters are served in
+    Prometheus's format."""
+    orthanc.empty()
+    with Client(server.addr) as client:
+        bridge = Bridge(
+            client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), host="127.0.0.1", port=orthanc.bridge,
+            allowed=["ORTHANC", "PACS"], options=FAST,
+        ).start()
+        metrics = bridge.serve_metrics("127.0.0.1", 0)
+        try:
+            # Orthanc's own "test this modality" (its AE is allowed): HTTP 200, else an error.
+            assert orthanc.post("/modalities/bridge/echo", b"{}") == {}
+            assert echo(orthanc.bridge, "PACS") == 0x0000
+            assert echo(orthanc.bridge, "STRANGER") is None
+            wait_until(lambda: bridge.rejected == 1)
+            assert store_to(orthanc.bridge, "PACS", [pydicom.dcmread(CT)]) == [0x0000]
+            wait_until(lambda: bridge.stored == 1, timeout=120)
+            text = metrics_of(metrics.server_address[1])
+            for line in (
+                's3net_bridge_images_total{outcome="received"} 1',
+                's3net_bridge_images_total{outcome="stored"} 1',
+                's3net_bridge_images_total{outcome="failed"} 0',
+                "s3net_bridge_rejected_associations_total 1",
+                "s3net_bridge_waiting 0",
+                "s3net_bridge_in_flight 0",
+                "s3net_bridge_max_pending 64",
+            ):
+                assert line in text.splitlines(), (line, text)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics.server_address[1]}/other", timeout=10)
+            assert e.value.code == 404
+        finally:
+            metrics.shutdown()
+            bridge.stop()
+    assert len(seg_series(orthanc)) == 1
+
+
+def test_the_bridge_retries_while_it_runs_and_keeps_made_segmentations_for_their_destination(
+    server, orthanc: Orthanc, tmp_path
+) -> None:
+    """(1) The s3net server is down when an image arrives and comes up later: the bridge,
+    still running, tries again and stores the image's Segmentation. (2) The destination is
+    down: the Segmentation, made once, is kept in the spool beside its image, and a bridge
+    started later on that spool stores it with no s3net server at all (no second fit)."""
+    orthanc.empty()
+    ct = pydicom.dcmread(CT)
+    destination = Node("ORTHANC", "127.0.0.1", orthanc.dicom)
+    port = free_port()
+    late = None
+    with Client(f"127.0.0.1:{port}", retries=0, timeout=30) as client:
+        bridge = Bridge(client, destination, host="127.0.0.1", port=orthanc.bridge, retry_interval=0.5, options=FAST).start()
+        try:
+            assert store_to(orthanc.bridge, "PACS", [ct]) == [0x0000]
+            wait_until(lambda: bridge.deferred >= 2, timeout=60)  # tried, and tried again
+            assert bridge.stored == 0 and bridge.waiting == 1
+            late = start_server("--cpu-workers", "1", "--addr", f"127.0.0.1:{port}")
+            wait_until(lambda: bridge.stored == 1, timeout=120)
+        finally:
+            bridge.stop()
+            if late is not None:
+                late.stop()
+    assert (bridge.received, bridge.stored, bridge.failed, bridge.waiting) == (1, 1, 0, 0)
+    assert seg_instances(orthanc) == 1
+
+    spool = tmp_path / "spool"
+    with Client(server.addr) as client:
+        down = Bridge(
+            client, Node("ORTHANC", "127.0.0.1", free_port()), host="127.0.0.1", port=orthanc.bridge,
+            spool=spool, retry_interval=600, options=FAST,
+        ).start()
+        try:
+            assert store_to(orthanc.bridge, "PACS", [ct]) == [0x0000]
+            wait_until(lambda: down.deferred == 1, timeout=120)
+        finally:
+            down.stop()
+    (image,) = spool.glob("*.dcm")
+    (seg,) = (spool / f"{image.stem}.segs").glob("*.dcm")
+    assert pydicom.dcmread(seg).Modality == "SEG"
+    with Client(f"127.0.0.1:{free_port()}", retries=0, timeout=5) as nowhere:
+        up = Bridge(nowhere, destination, host="127.0.0.1", port=orthanc.bridge, spool=spool, options=FAST).start()
+        try:
+            wait_until(lambda: up.stored == 1, timeout=60)
+        finally:
+            up.stop()
+    assert (up.failed, up.deferred) == (0, 0)
+    assert list(spool.iterdir()) == []
+    assert seg_instances(orthanc) == 2  # the slice's Segmentation series, with both fits' instances
+
+
+def test_the_bridge_command_over_dicom_tls_and_mutual_tls_to_its_server(tmp_path) -> None:
+    """`s3net-pacs-bridge` as an integrator runs it, everything encrypted: a TLS Orthanc that
+    requires client certificates echoes the bridge and sends it a CT slice over TLS; the
+    bridge has a server that requires mutual TLS and a token segment it, and stores the
+    Segmentation back into Orthanc over TLS. A plain association to the bridge fails. SIGTERM
+    ends it with its counts."""
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    token = "bridge-test-token"
+    secure = start_server(
+        "--cpu-workers", "1",
+        env={
+            "S3NET__SERVER__TLS__CERT": str(pki["server_cert"]),
+            "S3NET__SERVER__TLS__KEY": str(pki["server_key"]),
+            "S3NET__SERVER__TLS__CLIENT_CA": str(pki["ca"]),
+            "S3NET__SERVER__AUTH_TOKEN": token,
+        },
+    )
+    bridge_port, metrics_port = free_port(), free_port()
+    (tmp_path / "orthanc").mkdir()
+    try:
+        with run_orthanc(tmp_path / "orthanc", bridge_port, tls=pki) as pacs:
+            log = open(tmp_path / "bridge.log", "w+")
+            command = [
+                sys.executable, "-m", "s3net_client.bridge",
+                "--addr", secure.addr, "--ca", str(pki["ca"]), "--cert", str(pki["client_cert"]),
+                "--key", str(pki["client_key"]), "--host", "127.0.0.1", "--port", str(bridge_port),
+                "--destination", f"ORTHANC@127.0.0.1:{pacs.dicom}", "--allow", "ORTHANC",
+                "--dicom-tls-cert", str(pki["bridge_cert"]), "--dicom-tls-key", str(pki["bridge_key"]),
+                "--dicom-tls-ca", str(pki["ca"]), "--destination-tls",
+                "--metrics-listen", f"127.0.0.1:{metrics_port}", "--size", "64", "--iterations", "2",
+            ]
+            env = {**os.environ, "S3NET_TOKEN": token, "PYTHONPATH": str(REPO / "clients" / "python" / "src")}
+            bridge = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            silent: Optional[socket.socket] = None
+            try:
+
+                def listening() -> bool:
+                    try:
+                        return "s3net_bridge_waiting 0" in metrics_of(metrics_port)
+                    except OSError:
+                        assert bridge.poll() is None, "the bridge exited"
+                        return False
+
+                wait_until(listening, timeout=30)
+                # A caller that connects and says nothing holds up no one (TLS handshakes
+                # happen in each association's thread, not in the one that accepts them).
+                silent = socket.create_connection(("127.0.0.1", bridge_port))
+                assert pacs.post("/modalities/bridge/echo", b"{}") == {}
+                uploaded = pacs.post("/instances", CT.read_bytes())
+                job = pacs.post("/modalities/bridge/store", uploaded["ID"].encode())
+                assert job.get("FailedInstancesCount", 0) == 0, job
+                wait_until(lambda: len(seg_series(pacs)) == 1, timeout=120)
+                (seg,) = seg_series(pacs)[0]["Instances"]
+                seg = pydicom.dcmread(io.BytesIO(pacs.get(f"/instances/{seg}/file")))
+                referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+                assert referenced.ReferencedSOPInstanceUID == pydicom.dcmread(CT).SOPInstanceUID
+                # Without TLS, or over TLS without a certificate the CA signed, no association;
+                # with one, an echo.
+                assert echo(bridge_port, "ORTHANC") is None
+                anonymous = ssl.create_default_context(cafile=str(pki["ca"]))
+                assert echo(bridge_port, "ORTHANC", tls=(anonymous, "127.0.0.1")) is None
+                signed = ssl.create_default_context(cafile=str(pki["ca"]))
+                signed.load_cert_chain(str(pki["orthanc_cert"]), str(pki["orthanc_key"]))
+                assert echo(bridge_port, "ORTHANC", tls=(signed, "127.0.0.1")) == 0x0000
+                # Counted once its C-STORE is answered, which Orthanc files first.
+                wait_until(lambda: 's3net_bridge_images_total{outcome="stored"} 1' in metrics_of(metrics_port))
+            finally:
+                if silent is not None:
+                    silent.close()
+                bridge.send_signal(signal.SIGTERM)
+                rc = bridge.wait(timeout=60)
+            log.seek(0)
+            output = log.read()
+            assert rc == 0, output
+            assert "listening on 127.0.0.1:%d as S3NET (TLS)" % bridge_port in output, output
+            assert "received 1, stored 1, failed 0" in output, output
+    finally:
+        secure.stop()

@@ -1,102 +1,23 @@
 """TLS, mutual TLS and the bearer token against a server that requires all three.
 
-The certificates are made here with `cryptography`: a CA, a server certificate for
-127.0.0.1/localhost and a client certificate, all signed by that CA.
+The certificates are made by `pyclient_support.make_pki` with `cryptography`: a CA, a server
+certificate for 127.0.0.1/localhost and a client certificate, all signed by that CA.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-from pathlib import Path
-from typing import Dict
-
 import grpc
 import pytest
 
-from pyclient_support import DATA, FAST, start_server
+from pyclient_support import DATA, FAST, make_pki, start_server
 from s3net_client import AsyncClient, Client, S3NetError, Unauthenticated, Unavailable
 
 TOKEN = "s3cr3t-test-token"
 
 
-def _make_pki(folder: Path) -> Dict[str, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write_key(key, path: Path) -> Path:
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        return path
-
-    def write_cert(cert, path: Path) -> Path:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return path
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("s3net test CA"))
-        .issuer_name(name("s3net test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(cn: str, usage, sans=None):
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if sans:
-            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return key, b.sign(ca_key, hashes.SHA256())
-
-    server_key, server_cert = leaf(
-        "localhost",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-    client_key, client_cert = leaf("s3net test client", ExtendedKeyUsageOID.CLIENT_AUTH)
-    return {
-        "ca": write_cert(ca, folder / "ca.pem"),
-        "server_cert": write_cert(server_cert, folder / "server.pem"),
-        "server_key": write_key(server_key, folder / "server.key"),
-        "client_cert": write_cert(client_cert, folder / "client.pem"),
-        "client_key": write_key(client_key, folder / "client.key"),
-    }
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
-    pki = _make_pki(tmp_path_factory.mktemp("pki"))
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
     s = start_server(
         "--cpu-workers",
         "1",
