@@ -66,6 +66,14 @@ pub struct ServerConfig {
     /// `max_connections`, silent sockets (a port scanner's, a stuck client's) would otherwise
     /// hold their places for ever.
     pub handshake_timeout_s: u64,
+    /// Seconds a connection may stay open with no call on it (0: for ever); then it is closed,
+    /// and its client connects again for its next call (gRPC clients do so on their own). Why:
+    /// under `max_connections`, a connection that has made its handshake and then idles (a
+    /// pipeline between batches, a client that leaks channels) holds a place that a working
+    /// client may need, and HTTP/2 pings keep it alive for ever. A call in progress, however
+    /// long (a Segment call lasts as long as its job, a WatchJob as long as it follows one),
+    /// keeps its connection open.
+    pub max_connection_idle_s: u64,
     /// Seconds after which a connection is asked to end (HTTP/2 GOAWAY; 0: never): its open
     /// calls go on, and the client makes its next calls on a new connection. Why: gRPC clients
     /// keep one connection for as long as it lives, so replicas added by a scale-out (the HPA
@@ -107,6 +115,7 @@ impl Default for ServerConfig {
             request_idle_timeout_s: 60,
             max_connections: 256,
             handshake_timeout_s: 10,
+            max_connection_idle_s: 600,
             max_connection_age_s: 0,
             max_connection_age_grace_s: 0,
             max_streams_per_connection: 256,

@@ -15,14 +15,30 @@
 //! HTTP/2 client's connection preface; a TLS client's ClientHello is longer, and tonic's TLS
 //! handshake has the same timeout). A port scanner's or a stuck client's silent socket is
 //! closed then, instead of holding its place for ever.
+//!
+//! Nor may a connection hold its place for ever once it has said hello: one with no call open
+//! for `server.max_connection_idle_s` is closed (its client connects again for its next call,
+//! as gRPC clients do on their own). HTTP/2 pings keep an idle connection alive, so the clock
+//! counts calls, not bytes: each call is counted open on its connection ([`Tracked`], by the
+//! client's address, which no two open connections share) until its response has been sent
+//! or dropped, and the connection's reader, woken when its last call ends, closes it once the
+//! time is up. Never within [`READ_GRACE`] of its last bytes: a call whose first bytes have
+//! been read may not have reached its handler, and so its count, yet.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tonic::body::Body;
+use tonic::server::NamedService;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -44,6 +60,13 @@ pub const GREETING_BYTES: usize = 24;
 /// file descriptors, say): accepting again at once would spin on the same error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
+/// How long after a connection's last bytes arrived it is not closed for idleness, whatever
+/// its calls: a call whose first bytes were read may not have reached its handler yet (hyper
+/// runs it on a task of its own, which counts it when first polled: microseconds later, or a
+/// few milliseconds on a loaded machine). Short, since every byte restarts it, a keepalive
+/// ping's answer too (server pings are at least a second apart).
+pub const READ_GRACE: Duration = Duration::from_millis(250);
+
 /// The open connections, counted against their bound. Cloned into the metrics, which read it
 /// when scraped.
 #[derive(Clone, Debug)]
@@ -52,11 +75,67 @@ pub struct ConnectionLimit {
     max: usize,
     /// How long a new connection has to send its first [`GREETING_BYTES`] bytes.
     handshake: Duration,
+    /// How long a connection may have no call open (None: for ever).
+    idle: Option<Duration>,
+    /// Each open connection's calls, by the client's address.
+    live: Arc<Mutex<HashMap<SocketAddr, Arc<Activity>>>>,
+}
+
+/// What a connection's reader and its calls share.
+#[derive(Debug)]
+struct Activity {
+    /// Calls open now.
+    open: AtomicUsize,
+    /// When the last call ended (or the connection opened).
+    idle_since: Mutex<Instant>,
+    /// The reader, to wake when the last call ends: it then starts the idle clock.
+    reader: Mutex<Option<Waker>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A call counted open on its connection until this is dropped (with the call's response).
+#[derive(Debug)]
+pub struct OpenCall(Arc<Activity>);
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.0.idle_since) = Instant::now();
+            if let Some(reader) = lock(&self.0.reader).take() {
+                reader.wake();
+            }
+        }
+    }
 }
 
 impl ConnectionLimit {
     pub fn new(max: usize, handshake: Duration) -> ConnectionLimit {
-        ConnectionLimit { slots: Arc::new(Semaphore::new(max)), max, handshake }
+        ConnectionLimit {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            handshake,
+            idle: None,
+            live: Arc::default(),
+        }
+    }
+
+    /// Closes connections with no call open for `idle` (`server.max_connection_idle_s`; None:
+    /// never). Calls are counted only on services wrapped in [`Tracked`].
+    pub fn with_idle_timeout(mut self, idle: Option<Duration>) -> ConnectionLimit {
+        self.idle = idle;
+        self
+    }
+
+    /// Counts a call open on the connection from `peer` until the returned value is dropped;
+    /// None when no idle timeout is set or the connection is not (or no longer) known.
+    pub fn call_opened(&self, peer: SocketAddr) -> Option<OpenCall> {
+        self.idle?;
+        let activity = lock(&self.live).get(&peer)?.clone();
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        Some(OpenCall(activity))
     }
 
     /// `server.max_connections`.
@@ -79,6 +158,56 @@ pub struct Admitted {
     greeting: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
     peer: SocketAddr,
     metrics: Arc<Metrics>,
+    /// With an idle timeout: the timeout, its clock, the calls it watches, when bytes last
+    /// arrived, and where this connection is listed (left when it is dropped).
+    idle: Option<IdleClock>,
+}
+
+struct IdleClock {
+    timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    activity: Arc<Activity>,
+    last_read: Instant,
+    live: Arc<Mutex<HashMap<SocketAddr, Arc<Activity>>>>,
+}
+
+impl IdleClock {
+    fn new(timeout: Duration, peer: SocketAddr, live: &Arc<Mutex<HashMap<SocketAddr, Arc<Activity>>>>) -> IdleClock {
+        let now = Instant::now();
+        let activity = Arc::new(Activity { open: AtomicUsize::new(0), idle_since: Mutex::new(now), reader: Mutex::new(None) });
+        lock(live).insert(peer, activity.clone());
+        IdleClock {
+            timeout,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            activity,
+            last_read: now,
+            live: live.clone(),
+        }
+    }
+
+    /// Whether the connection has had no call open for its timeout (and no bytes for
+    /// [`READ_GRACE`]); else arranges to be polled again when that may have changed.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        // Registered before the count is read: a call ending after the read wakes this.
+        *lock(&self.activity.reader) = Some(cx.waker().clone());
+        if self.activity.open.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let since = *lock(&self.activity.idle_since);
+        let deadline = tokio::time::Instant::from_std((since + self.timeout).max(self.last_read + READ_GRACE));
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl Drop for IdleClock {
+    fn drop(&mut self) {
+        let mut live = lock(&self.live);
+        // Only its own entry: a new connection from the same address may have replaced it.
+        live.retain(|_, a| !Arc::ptr_eq(a, &self.activity));
+    }
 }
 
 /// Accepts connections from `listener` for as long as the stream is polled, admitting each one
@@ -101,7 +230,15 @@ pub fn incoming(
                             // when it is written, not after the previous one's ACK.
                             let _ = tcp.set_nodelay(true);
                             let deadline = Box::pin(tokio::time::sleep(limit.handshake));
-                            let conn = Admitted { tcp, _slot: slot, greeting: Some((GREETING_BYTES, deadline)), peer, metrics: metrics.clone() };
+                            let idle = limit.idle.map(|t| IdleClock::new(t, peer, &limit.live));
+                            let conn = Admitted {
+                                tcp,
+                                _slot: slot,
+                                greeting: Some((GREETING_BYTES, deadline)),
+                                peer,
+                                metrics: metrics.clone(),
+                                idle,
+                            };
                             return Some((Ok(conn), (listener, limit, metrics, warnings)));
                         }
                         Err(_) => {
@@ -201,27 +338,47 @@ impl AsyncRead for Admitted {
         let this = self.get_mut();
         let before = buf.filled().len();
         let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
-        let Some((left, deadline)) = &mut this.greeting else {
-            return read;
-        };
         match read {
             Poll::Ready(Ok(())) => {
-                *left = left.saturating_sub(buf.filled().len() - before);
-                if *left == 0 {
-                    this.greeting = None;
+                let got = buf.filled().len() - before;
+                if let Some(clock) = &mut this.idle {
+                    if got > 0 {
+                        clock.last_read = Instant::now();
+                    }
+                }
+                if let Some((left, _)) = &mut this.greeting {
+                    *left = left.saturating_sub(got);
+                    if *left == 0 {
+                        this.greeting = None;
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
-            // Waiting for more: the deadline wakes this read if nothing comes in time.
-            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
-                debug!(client = %this.peer, "connection closed: it sent no HTTP/2 or TLS handshake within server.handshake_timeout_s");
-                this.metrics.connection_timed_out();
-                // Once: the connection is done with.
-                this.greeting = None;
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no handshake within server.handshake_timeout_s",
-                )))
+            Poll::Pending => {
+                if let Some((_, deadline)) = &mut this.greeting {
+                    // Waiting for more: the deadline wakes this read if nothing comes in time.
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        debug!(client = %this.peer, "connection closed: it sent no HTTP/2 or TLS handshake within server.handshake_timeout_s");
+                        this.metrics.connection_timed_out();
+                        // Once: the connection is done with.
+                        this.greeting = None;
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no handshake within server.handshake_timeout_s",
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+                if let Some(clock) = &mut this.idle {
+                    if clock.expired(cx) {
+                        debug!(client = %this.peer, "connection closed: no call on it for server.max_connection_idle_s");
+                        this.metrics.connection_idle_closed();
+                        // Once: the end of its input, which closes the connection.
+                        this.idle = None;
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Pending
             }
             other => other,
         }
@@ -247,6 +404,84 @@ impl AsyncWrite for Admitted {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// The client's address, from tonic's connection info (plain TCP, or TCP under TLS).
+pub(crate) fn peer(ext: &http::Extensions) -> Option<SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|t| t.get_ref().remote_addr()))
+}
+
+/// A service whose calls count as open on their connection (see the module's doc) from the
+/// moment the service is called until their response has been sent or dropped.
+#[derive(Clone)]
+pub struct Tracked<S> {
+    inner: S,
+    limit: ConnectionLimit,
+}
+
+impl<S> Tracked<S> {
+    pub fn new(inner: S, limit: ConnectionLimit) -> Self {
+        Tracked { inner, limit }
+    }
+}
+
+impl<S: NamedService> NamedService for Tracked<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower_service::Service<http::Request<Body>> for Tracked<S>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let open = peer(req.extensions()).and_then(|p| self.limit.call_opened(p));
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(match open {
+                // Boxed first: tonic's body is Unpin, whatever the inner service's.
+                Some(open) => response.map(|body| Body::new(CountedBody { inner: Body::new(body), _open: open })),
+                None => response.map(Body::new),
+            })
+        })
+    }
+}
+
+/// A response body that keeps its call counted open until it is dropped.
+struct CountedBody {
+    inner: Body,
+    _open: OpenCall,
+}
+
+impl HttpBody for CountedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

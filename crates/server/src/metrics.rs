@@ -93,6 +93,7 @@ pub struct Metrics {
     connections_limit: Gauge,
     connections_refused: Counter,
     connections_timed_out: Counter,
+    connections_idle_closed: Counter,
     /// Read when scraped (see [`Metrics::watch_connections`]).
     connection_limit: std::sync::OnceLock<ConnectionLimit>,
     jobs: Family<OutcomeLabel, Counter>,
@@ -181,6 +182,13 @@ impl Metrics {
             "Connections closed because they sent no HTTP/2 preface (or TLS ClientHello) within \
              server.handshake_timeout_s",
             connections_timed_out.clone(),
+        );
+        let connections_idle_closed = Counter::default();
+        registry.register(
+            "connections_idle_closed",
+            "Connections closed because no call was open on them for \
+             server.max_connection_idle_s",
+            connections_idle_closed.clone(),
         );
         let jobs = Family::<OutcomeLabel, Counter>::default();
         for o in OUTCOMES {
@@ -310,6 +318,7 @@ impl Metrics {
             connections_limit,
             connections_refused,
             connections_timed_out,
+            connections_idle_closed,
             connection_limit: std::sync::OnceLock::new(),
             jobs,
             queue_wait,
@@ -415,6 +424,11 @@ impl Metrics {
     /// A connection was closed for saying nothing within `server.handshake_timeout_s`.
     pub fn connection_timed_out(&self) {
         self.connections_timed_out.inc();
+    }
+
+    /// A connection was closed with no call open on it for `server.max_connection_idle_s`.
+    pub fn connection_idle_closed(&self) {
+        self.connections_idle_closed.inc();
     }
 
     /// The exposition, after reading the state gauges. `openmetrics` picks the OpenMetrics

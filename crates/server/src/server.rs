@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::connections::ConnectionLimit;
+use crate::connections::{ConnectionLimit, Tracked};
 use crate::jobs::{JobQueue, MemoryQueue, QueueLimits};
 use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::pb::segmenter_server::SegmenterServer;
@@ -248,13 +248,15 @@ impl Server {
             }
             builder = builder.tls_config(t).context("invalid TLS configuration")?;
         }
-        let connections = ConnectionLimit::new(cfg.server.max_connections, handshake);
+        let idle = (cfg.server.max_connection_idle_s > 0).then(|| Duration::from_secs(cfg.server.max_connection_idle_s));
+        let connections = ConnectionLimit::new(cfg.server.max_connections, handshake).with_idle_timeout(idle);
         metrics.watch_connections(connections.clone());
         let (stop, stopped) = oneshot::channel::<()>();
+        // Every call counts as open on its connection while it runs (the idle timeout).
         let router = builder
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(segmenter);
+            .add_service(Tracked::new(health_service, connections.clone()))
+            .add_service(Tracked::new(reflection, connections.clone()))
+            .add_service(Tracked::new(segmenter, connections.clone()));
         let serving = tokio::spawn(router.serve_with_incoming_shutdown(
             crate::connections::incoming(listener, connections, metrics.clone()),
             async {

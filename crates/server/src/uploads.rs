@@ -35,6 +35,7 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::Status;
 
+use crate::connections::peer;
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
 
@@ -218,14 +219,6 @@ struct ChargedBody {
     /// for each wait), cleared when a frame arrives.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     waiting: bool,
-}
-
-/// The client's address, from tonic's connection info (plain TCP, or TCP under TLS).
-fn peer(ext: &http::Extensions) -> Option<std::net::SocketAddr> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    ext.get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|t| t.get_ref().remote_addr()))
 }
 
 impl ChargedBody {

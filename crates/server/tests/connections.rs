@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use s3net_server::cli::{wait_serving, RetryArgs};
+use s3net_server::pb::{self, job_event::Event};
 use tokio::io::AsyncReadExt;
 
 /// The server process of the tests below (this test binary, run again).
@@ -395,4 +396,51 @@ fn a_client_may_send_a_window_of_data_before_the_server_reads_it() {
             assert_eq!(granted, window, "bytes the call may send unasked");
         });
     }
+}
+
+#[test]
+fn a_connection_with_no_call_open_is_closed_after_the_idle_timeout() {
+    let server = serve(&[("S3NET__SERVER__MAX_CONNECTION_IDLE_S", "1"), ("S3NET__SERVER__KEEPALIVE_INTERVAL_S", "1")]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        assert_series(&connections_open(&server, 0.0).await, &[("s3net_connections", 0.0)]);
+        // A raw HTTP/2 connection that makes no call, though it answers the server's pings
+        // (one a second here): closed after its idle second, between two pings.
+        let t = Instant::now();
+        let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        let (_send, conn) = h2::client::handshake(tcp).await.unwrap();
+        let conn = tokio::spawn(conn);
+        tokio::time::timeout(Duration::from_secs(15), conn).await.expect("the connection ended").unwrap().ok();
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(6), "ended after {waited:?}");
+
+        // A call with nothing to say for longer than that keeps its connection: a WatchJob of a
+        // job queued behind another (the one worker busy), on the connection of client `y`.
+        let mut x = client(&server.url()).await;
+        let a = submit_running(&mut x, disk(64, 64), slow()).await;
+        let mut y = client(&server.url()).await;
+        let b = submit(&mut y, disk(64, 64), slow()).await;
+        let mut watch = y.watch_job(pb::WatchJobRequest { job_id: b.clone() }).await.expect("watch").into_inner();
+        let first = watch.message().await.expect("an event").expect("the stream goes on");
+        assert!(matches!(first.event, Some(Event::Queued(_))), "{first:?}");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        // `x` made no call for 4 s: its connection was closed, and its channel connects again
+        // by itself.
+        assert_eq!(value(&scrape(server.metrics).await, "s3net_connections_idle_closed_total"), 2.0);
+        x.cancel_job(pb::CancelJobRequest { job_id: a.clone() }).await.expect("cancel on a new connection");
+        // `b` starts: `y`'s stream, open all along, goes on.
+        let started = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(e) = watch.message().await.expect("the watch stream, uninterrupted") {
+                if matches!(e.event, Some(Event::Progress(_))) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("b ran within 60 s");
+        assert!(started, "the watch stream ended before b ran");
+        y.cancel_job(pb::CancelJobRequest { job_id: b }).await.expect("cancel");
+        quick_job_completes(&mut y).await;
+    });
 }
