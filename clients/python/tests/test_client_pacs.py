@@ -319,7 +319,8 @@ def echo(port: int, calling: str, tls=None) -> Optional[int]:
 def store_to(port: int, calling: str, datasets) -> list:
     """C-STOREs each data set to the bridge on `port` from AE `calling`; their statuses."""
     ae = AE(ae_title=calling)
-    ae.add_requested_context(CTImageStorage)
+    for sop_class in {ds.SOPClassUID for ds in datasets}:
+        ae.add_requested_context(sop_class)
     association = ae.associate("127.0.0.1", port, ae_title="S3NET")
     assert association.is_established, "no association with the bridge"
     try:
@@ -515,3 +516,35 @@ def test_the_bridge_command_over_dicom_tls_and_mutual_tls_to_its_server(tmp_path
             assert "received 1, stored 1, failed 0" in output, output
     finally:
         secure.stop()
+
+
+def test_the_bridge_segments_every_frame_of_a_multi_frame_image_when_asked(server, orthanc: Orthanc) -> None:
+    """An enhanced CT of three frames sent to a bridge with `all_frames`: three jobs, and three
+    Segmentations in Orthanc, in one series, each referencing its frame of the source."""
+    orthanc.empty()
+    volume = pydicom.dcmread(DATA / "dicom" / "CT_small_enhanced_3frames.dcm")
+    # The test file was made without a study and series (which a PACS would not take either).
+    volume.StudyInstanceUID = pydicom.uid.generate_uid()
+    volume.SeriesInstanceUID = pydicom.uid.generate_uid()
+    with Client(server.addr) as client:
+        bridge = Bridge(
+            client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), host="127.0.0.1", port=orthanc.bridge,
+            all_frames=True, options=FAST,
+        ).start()
+        try:
+            assert store_to(orthanc.bridge, "PACS", [volume]) == [0x0000]
+            wait_until(lambda: bridge.stored + bridge.failed == 1, timeout=120)
+            assert bridge.stored == 1
+        finally:
+            bridge.stop()
+    (series,) = seg_series(orthanc)
+    frames = []
+    for instance in series["Instances"]:
+        seg = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{instance}/file")))
+        referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == volume.SOPInstanceUID
+        # The segment's frame is derived from the source's frame it names.
+        derived = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+        assert derived.ReferencedSOPInstanceUID == volume.SOPInstanceUID
+        frames.append(int(derived.ReferencedFrameNumber))
+    assert sorted(frames) == [1, 2, 3]

@@ -15,7 +15,8 @@ counted, never retried. An image whose server could not be reached (down, full, 
 or whose destination could not take its Segmentations, is kept and tried again, after
 ``--retry-interval`` seconds and then twice as long each time, for up to ``--retry-for``
 seconds; Segmentations already made are kept with it, so only their C-STORE is repeated.
-Ctrl-C or SIGTERM stops taking images and ends after the fits in progress.
+Ctrl-C or SIGTERM stops taking images and ends after the fits in progress. A multi-frame
+image is segmented on its first frame, or with ``--all-frames`` on each.
 
 With ``--spool DIR`` each image is written to DIR before its C-STORE is answered and removed
 once its Segmentations are stored: images that were waiting when the bridge stopped or
@@ -203,7 +204,11 @@ class Bridge:
 
     ``scp_tls`` (an ``ssl.SSLContext``, see ``dicom_tls``) makes the port speak TLS only;
     ``destination_tls`` stores over TLS. ``allowed`` (AE titles) refuses associations from
-    any other calling AE."""
+    any other calling AE.
+
+    A multi-frame image (an enhanced CT or MR volume, a cine loop) is segmented on its first
+    frame, or with ``all_frames`` on every frame, one job and one Segmentation each (all in
+    the source's Segmentation series, each referencing its frame)."""
 
     def __init__(
         self,
@@ -223,6 +228,7 @@ class Bridge:
         allowed: Optional[List[str]] = None,
         scp_tls: Optional[ssl.SSLContext] = None,
         destination_tls: Optional[ssl.SSLContext] = None,
+        all_frames: bool = False,
     ) -> None:
         try:
             from pynetdicom import AE, evt
@@ -231,7 +237,7 @@ class Bridge:
         except ImportError:
             raise RuntimeError("the PACS bridge needs pynetdicom: pip install 's3net-client[dicom]'") from None
         self.client, self.destination = client, destination
-        self.clusters, self.options = clusters, dict(options or {})
+        self.clusters, self.options, self.all_frames = clusters, dict(options or {}), all_frames
         self.retry_interval, self.retry_for = retry_interval, retry_for
         self.received = self.stored = self.failed = self.deferred = self.refused = self.rejected = 0
         self._lock = threading.Lock()
@@ -385,17 +391,24 @@ class Bridge:
         image.tries += 1
         if image.segmentations is None:
             data = image.spooled.read_bytes() if image.spooled is not None else image.data
-            try:
-                result = self.client.segment(data, dicom_seg=True, dicom_seg_clusters=self.clusters, **self.options)
-            except S3NetError as e:
-                if transient(e):
-                    self._later(image, f"not segmented now ({e})")
-                else:
-                    log.warning("image %s not segmented: %s", image.uid, e)
-                    self._done(image, "failed")
-                return
-            image.segmentations = [result.mask_dicom] + ([result.labels_dicom] if self.clusters else [])
-            log.info("image %s: job %s done", image.uid, result.job_id)
+            frames = _frame_count(data) if self.all_frames else 1
+            made: List[bytes] = []
+            for frame in range(frames):
+                try:
+                    result = self.client.segment(
+                        data, dicom_seg=True, dicom_seg_clusters=self.clusters,
+                        **({**self.options, "frame": frame} if frames > 1 else self.options),
+                    )
+                except S3NetError as e:
+                    if transient(e):
+                        self._later(image, f"not segmented now ({e})")
+                    else:
+                        log.warning("image %s not segmented: %s", image.uid, e)
+                        self._done(image, "failed")
+                    return
+                made += [result.mask_dicom] + ([result.labels_dicom] if self.clusters else [])
+                log.info("image %s%s: job %s done", image.uid, f" frame {frame + 1} of {frames}" if frames > 1 else "", result.job_id)
+            image.segmentations = made
         outcome = self._send(image.segmentations)
         if outcome == "stored":
             log.info("image %s: %d Segmentation(s) stored to %s", image.uid, len(image.segmentations), self.destination.ae_title)
@@ -570,6 +583,17 @@ def _uid_of(path: Path) -> str:
         return "?"
 
 
+def _frame_count(data: bytes) -> int:
+    """An image's Number of Frames (1 if absent or unreadable: the service then says why)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except Exception:
+        return 1
+
+
 def _hex(code: Optional[int]) -> str:
     return "no answer" if code is None else f"0x{code:04X}"
 
@@ -592,6 +616,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--key", type=Path, help="PEM client key (mutual TLS)")
     g.add_argument("--iterations", type=int, help="maximum SGD steps (unset: the server's)")
     g.add_argument("--size", type=int, help="grid side (unset: the server's)")
+    g.add_argument("--priority", type=int, help="queue priority of the bridge's jobs: higher runs first (default 0)")
     d = p.add_argument_group("DICOM")
     d.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
     d.add_argument("--port", type=int, default=11112, help="DICOM port to listen on (default 11112)")
@@ -599,6 +624,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--allow", action="append", metavar="AE", help="accept associations only from this calling AE title (repeatable; default any)")
     d.add_argument("--destination", required=True, type=Node.parse, help="where Segmentations go: AE@HOST:PORT")
     d.add_argument("--clusters", action="store_true", help="also store the cluster map's Segmentation")
+    d.add_argument("--all-frames", action="store_true", help="segment every frame of a multi-frame image (one job each), not only the first")
     d.add_argument("--dicom-tls-cert", type=Path, help="PEM certificate of this node: its port speaks TLS only")
     d.add_argument("--dicom-tls-key", type=Path, help="PEM key of that certificate")
     d.add_argument("--dicom-tls-ca", type=Path, help="PEM CAs: callers must present a certificate they signed; checks the destination's")
@@ -619,7 +645,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         scp_tls, client_tls = dicom_tls(args.dicom_tls_cert, args.dicom_tls_key, args.dicom_tls_ca)
     except ValueError as e:
         p.error(str(e))
-    options = {k: v for k, v in (("iterations", args.iterations), ("size", args.size)) if v is not None}
+    options = {k: v for k, v in (("iterations", args.iterations), ("size", args.size), ("priority", args.priority)) if v is not None}
     stopping = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stopping.set())
@@ -634,7 +660,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             clusters=args.clusters, concurrency=args.concurrency, max_pending=args.max_pending,
             spool=args.spool, options=options, retry_interval=args.retry_interval,
             retry_for=args.retry_for, allowed=args.allow, scp_tls=scp_tls,
-            destination_tls=client_tls if args.destination_tls else None,
+            destination_tls=client_tls if args.destination_tls else None, all_frames=args.all_frames,
         )
         try:
             metrics = bridge.serve_metrics(*args.metrics_listen) if args.metrics_listen else None
