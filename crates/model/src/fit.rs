@@ -57,7 +57,9 @@ pub struct FitOutput {
     /// The same clusters on the S×S grid the network ran on (same numbering; a cluster too
     /// small to survive the resize to the original size appears here only, numbered ≥ n_labels).
     pub grid_labels: LabelMap,
-    /// The input as the network saw it: S×S, grey (channel mean), in [0, 1].
+    /// The input as the network saw it, as the foreground rule reads it: S×S, in [0, 1]; a
+    /// grey image's values, a colour photograph's channel mean or blue channel
+    /// ([`crate::foreground::rule_intensity`]).
     pub grid_intensity: Vec<f32>,
     pub n_labels: usize,
     pub iterations: usize,
@@ -841,12 +843,24 @@ fn labels_in_use(target: &Tensor, k: i64) -> Tensor {
     counts.view([m, k]).gt(0).sum_dim_intlist([1].as_slice(), false, Kind::Int64)
 }
 
+/// What the foreground rule reads of the input `x` (1×C×S×S, in [0, 1]): its channel mean,
+/// or for a colour photograph that or its blue channel ([`crate::foreground::rule_intensity`]).
+fn rule_intensity(x: &Tensor, kind: s3net_imaging::ImageKind) -> Result<Vec<f32>, ModelError> {
+    let plane = |t: Tensor| Vec::<f32>::try_from(t.flatten(0, -1).to_device(Device::Cpu));
+    let grey = plane(x.mean_dim(1, false, Kind::Float))?;
+    let blue = match kind == s3net_imaging::ImageKind::Colour && x.size().get(1) == Some(&3) {
+        true => Some(plane(x.select(1, 2).to_kind(Kind::Float))?),
+        false => None,
+    };
+    Ok(crate::foreground::rule_intensity(grey, blue))
+}
+
 /// The result of slot `j` from the step that finished it.
 fn output<T>(slot: &Slot<'_, T>, out: &Launched, j: usize, losses: LossTerms, device: Device) -> Result<FitOutput, ModelError> {
     let j = j as i64;
     let (image, opts) = (&*slot.job.image, &slot.job.opts);
     let (grid_labels, labels, n) = read_labels(&out.response.narrow(0, j, 1), &out.target.narrow(0, j, 1), image, opts);
-    let grid_intensity = Vec::<f32>::try_from(slot.x.mean_dim(1, false, Kind::Float).flatten(0, -1).to_device(Device::Cpu))?;
+    let grid_intensity = rule_intensity(&slot.x, image.kind)?;
     Ok(FitOutput {
         labels,
         grid_labels,

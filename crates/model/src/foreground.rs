@@ -7,6 +7,9 @@
 //!
 //! 1. **Dark clusters.** A cluster is dark when its mean intensity lies below Otsu's threshold
 //!    of the image the network saw. Merging whole clusters keeps the network's boundaries.
+//!    "Intensity" is a grey scan's value; for a colour photograph, its channel mean or its
+//!    blue channel, whichever Otsu's threshold separates better ([`rule_intensity`]: a
+//!    lesion's pale rim is darker than skin in blue only).
 //! 2. **Components.** The union of the dark clusters is split into 8-connected components.
 //!    * Colour photographs (dermoscopy): dark corners of the lens vignette and hair touch the
 //!      border away from the centre; a lesion is central, but large lesions touch the border
@@ -149,13 +152,19 @@ pub fn dark_pieces(labels: &[u16], intensity: &[f32], w: usize, h: usize) -> Vec
 
 /// Otsu's threshold of values in [0, 1] (256 bins).
 pub fn otsu(values: &[f32]) -> f32 {
+    otsu_split(values).0
+}
+
+/// Otsu's threshold of values in [0, 1] (256 bins), and its *effectiveness*: the share of the
+/// values' variance that lies between the two classes it makes (0: one class, 1: two spikes).
+fn otsu_split(values: &[f32]) -> (f32, f64) {
     let mut hist = [0u64; 256];
     for &v in values {
         hist[(v.clamp(0.0, 1.0) * 255.0).round() as usize] += 1;
     }
     let total: u64 = hist.iter().sum();
     if total == 0 {
-        return 0.5;
+        return (0.5, 0.0);
     }
     let sum_all: f64 = hist.iter().enumerate().map(|(i, &c)| i as f64 * c as f64).sum();
     let (mut w0, mut sum0, mut best, mut best_t) = (0u64, 0f64, -1f64, 127usize);
@@ -174,7 +183,30 @@ pub fn otsu(values: &[f32]) -> f32 {
             best_t = t;
         }
     }
-    (best_t as f32 + 0.5) / 255.0
+    let n = total as f64;
+    let mean = sum_all / n;
+    let variance: f64 = hist.iter().enumerate().map(|(i, &c)| c as f64 * (i as f64 - mean).powi(2)).sum::<f64>() / n;
+    let effectiveness = if variance > 0.0 && best > 0.0 { best / (n * n) / variance } else { 0.0 };
+    ((best_t as f32 + 0.5) / 255.0, effectiveness)
+}
+
+/// The grey image the rule reads, on the grid: a grey scan's `grey`; for a colour photograph
+/// (`blue` given), its channel mean `grey` or its blue channel, whichever Otsu's threshold
+/// separates better (the larger [effectiveness](otsu_split)).
+///
+/// Why blue: pigment (melanin, haemoglobin) absorbs short wavelengths most, so the pale brown
+/// rim of a skin lesion, which the channel mean puts level with the surrounding skin, is still
+/// darker than it in blue (the classic dermoscopy threshold works on the blue channel). Why
+/// not always: a blue-grey lesion (a blue-white veil, a melanoma's sign) on reddish skin is no
+/// darker than the skin in blue; its blue histogram is then the less bimodal of the two.
+/// Measured on the PH2 dev images (README, "The foreground rule"): the returned mask's Dice
+/// rose by 2.6 ± 1.0 points over 60 fits, against 2.4 ± 1.3 with blue alone, which lost one
+/// blue-grey lesion from 88 to 52–58.
+pub fn rule_intensity(grey: Vec<f32>, blue: Option<Vec<f32>>) -> Vec<f32> {
+    match blue {
+        Some(blue) if otsu_split(&blue).1 > otsu_split(&grey).1 => blue,
+        _ => grey,
+    }
 }
 
 /// A connected component's statistics.
@@ -411,6 +443,22 @@ fn snap_border(mask: &[bool], w: usize, h: usize, band: usize, dark: impl Fn(usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_colour_photograph_is_read_in_the_plane_otsu_separates_better() {
+        // Two spikes: all of the variance lies between the classes; one value: none.
+        let spikes: Vec<f32> = (0..100).map(|i| if i < 30 { 0.2 } else { 0.8 }).collect();
+        let (t, e) = otsu_split(&spikes);
+        assert!((0.2..0.8).contains(&t) && (e - 1.0).abs() < 1e-9, "{t} {e}");
+        assert_eq!(otsu_split(&[0.5; 10]).1, 0.0);
+        // A ramp (no two classes) against a lesion on skin.
+        let ramp: Vec<f32> = (0..100).map(|i| i as f32 / 99.0).collect();
+        let lesion: Vec<f32> = (0..100).map(|i| if i % 4 == 0 { 0.3 + (i % 3) as f32 * 0.01 } else { 0.7 + (i % 5) as f32 * 0.01 }).collect();
+        assert!(otsu_split(&lesion).1 > otsu_split(&ramp).1);
+        assert_eq!(rule_intensity(ramp.clone(), Some(lesion.clone())), lesion, "blue separates better");
+        assert_eq!(rule_intensity(lesion.clone(), Some(ramp.clone())), lesion, "the mean separates better");
+        assert_eq!(rule_intensity(ramp.clone(), None), ramp, "a grey scan is read as it is");
+    }
 
     fn disc(w: usize, h: usize, cx: f32, cy: f32, r: f32) -> Vec<bool> {
         (0..w * h).map(|p| ((p % w) as f32 - cx).hypot((p / w) as f32 - cy) <= r).collect()
