@@ -102,8 +102,11 @@ pub struct OpenCall(Arc<Activity>);
 
 impl Drop for OpenCall {
     fn drop(&mut self) {
+        // The time first: a reader that sees no call open must see when the last one ended,
+        // not a time from before it (which could close the connection under the response's
+        // last frames).
+        *lock(&self.0.idle_since) = Instant::now();
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *lock(&self.0.idle_since) = Instant::now();
             if let Some(reader) = lock(&self.0.reader).take() {
                 reader.wake();
             }
