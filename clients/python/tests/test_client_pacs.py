@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, Optional
 import pydicom
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, SegmentationStorage, StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from pyclient_support import DATA, FAST, REPO, make_pki, start_server, wait_until
 from s3net_client import Client
@@ -123,13 +123,14 @@ def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
         yield pacs
 
 
-def store(pacs: Orthanc, datasets) -> list:
-    """C-STORE each data set in one association; their statuses."""
-    ae = AE(ae_title="S3NET")
-    for sop_class in (CTImageStorage, SegmentationStorage):
+def c_store(port: int, datasets, calling: str = "S3NET", called: str = "S3NET") -> list:
+    """C-STOREs each data set to the node on `port` (AE `called`) from AE `calling`, in one
+    association; their statuses."""
+    ae = AE(ae_title=calling)
+    for sop_class in {ds.SOPClassUID for ds in datasets}:
         ae.add_requested_context(sop_class)
-    association = ae.associate("127.0.0.1", pacs.dicom, ae_title="ORTHANC")
-    assert association.is_established, "no association with Orthanc"
+    association = ae.associate("127.0.0.1", port, ae_title=called)
+    assert association.is_established, f"no association with {called}"
     try:
         return [association.send_c_store(ds).Status for ds in datasets]
     finally:
@@ -166,7 +167,7 @@ def test_both_segmentations_are_stored_into_a_pacs_beside_their_source_and_found
     source = pydicom.dcmread(CT)
     mask, labels = (pydicom.dcmread(io.BytesIO(b)) for b in (r.mask_dicom, r.labels_dicom))
     # The PACS accepts all three (status 0x0000, Success).
-    assert store(orthanc, [source, mask, labels]) == [0x0000, 0x0000, 0x0000]
+    assert c_store(orthanc.dicom, [source, mask, labels], called="ORTHANC") == [0x0000, 0x0000, 0x0000]
     # Filed in the source's study, each Segmentation a series of its own.
     studies = orthanc.get("/studies")
     assert len(studies) == 1
@@ -252,14 +253,7 @@ def test_the_bridge_refuses_images_past_its_pending_bound_for_the_pacs_to_retry(
             concurrency=1, max_pending=1, options=dict(size=64, iterations=100, min_labels=0, seed=7),
         ).start()
         try:
-            ae = AE(ae_title="PACS")
-            ae.add_requested_context(CTImageStorage)
-            association = ae.associate("127.0.0.1", orthanc.bridge, ae_title="S3NET")
-            assert association.is_established
-            try:
-                statuses = [association.send_c_store(ct).Status for _ in range(6)]
-            finally:
-                association.release()
+            statuses = c_store(orthanc.bridge, [ct] * 6, calling="PACS")
         finally:
             bridge.stop()
     assert set(statuses) == {0x0000, 0xA700}, statuses
@@ -316,19 +310,6 @@ def echo(port: int, calling: str, tls=None) -> Optional[int]:
         association.release()
 
 
-def store_to(port: int, calling: str, datasets) -> list:
-    """C-STOREs each data set to the bridge on `port` from AE `calling`; their statuses."""
-    ae = AE(ae_title=calling)
-    for sop_class in {ds.SOPClassUID for ds in datasets}:
-        ae.add_requested_context(sop_class)
-    association = ae.associate("127.0.0.1", port, ae_title="S3NET")
-    assert association.is_established, "no association with the bridge"
-    try:
-        return [association.send_c_store(ds).Status for ds in datasets]
-    finally:
-        association.release()
-
-
 def seg_series(pacs: Orthanc) -> list:
     return [s for s in (pacs.get(f"/series/{i}") for i in pacs.get("/series")) if s["MainDicomTags"]["Modality"] == "SEG"]
 
@@ -363,7 +344,7 @@ def test_the_bridge_answers_echo_takes_only_the_ae_titles_it_allows_and_shows_it
             assert echo(orthanc.bridge, "PACS") == 0x0000
             assert echo(orthanc.bridge, "STRANGER") is None
             wait_until(lambda: bridge.rejected == 1)
-            assert store_to(orthanc.bridge, "PACS", [pydicom.dcmread(CT)]) == [0x0000]
+            assert c_store(orthanc.bridge, [pydicom.dcmread(CT)], calling="PACS") == [0x0000]
             wait_until(lambda: bridge.stored == 1, timeout=120)
             text = metrics_of(metrics.server_address[1])
             for line in (
@@ -400,7 +381,7 @@ def test_the_bridge_retries_while_it_runs_and_keeps_made_segmentations_for_their
     with Client(f"127.0.0.1:{port}", retries=0, timeout=30) as client:
         bridge = Bridge(client, destination, host="127.0.0.1", port=orthanc.bridge, retry_interval=0.5, options=FAST).start()
         try:
-            assert store_to(orthanc.bridge, "PACS", [ct]) == [0x0000]
+            assert c_store(orthanc.bridge, [ct], calling="PACS") == [0x0000]
             wait_until(lambda: bridge.deferred >= 2, timeout=60)  # tried, and tried again
             assert bridge.stored == 0 and bridge.waiting == 1
             late = start_server("--cpu-workers", "1", "--addr", f"127.0.0.1:{port}")
@@ -419,7 +400,7 @@ def test_the_bridge_retries_while_it_runs_and_keeps_made_segmentations_for_their
             spool=spool, retry_interval=600, options=FAST,
         ).start()
         try:
-            assert store_to(orthanc.bridge, "PACS", [ct]) == [0x0000]
+            assert c_store(orthanc.bridge, [ct], calling="PACS") == [0x0000]
             wait_until(lambda: down.deferred == 1, timeout=120)
         finally:
             down.stop()
@@ -532,7 +513,7 @@ def test_the_bridge_segments_every_frame_of_a_multi_frame_image_when_asked(serve
             all_frames=True, options=FAST,
         ).start()
         try:
-            assert store_to(orthanc.bridge, "PACS", [volume]) == [0x0000]
+            assert c_store(orthanc.bridge, [volume], calling="PACS") == [0x0000]
             wait_until(lambda: bridge.stored + bridge.failed == 1, timeout=120)
             assert bridge.stored == 1
         finally:
