@@ -1,8 +1,8 @@
 """What the alerting rules and the Grafana dashboard read, checked against what the server
 exports: PromQL parsed with promql-parser, the series of a running server's /metrics.
 
-Shared by test_deploy_alerts.py and test_deploy_grafana.py: a renamed metric or label fails
-there instead of silencing an alert or emptying a panel."""
+Shared by test_deploy_alerts.py, test_deploy_bridge_alerts.py and test_deploy_grafana.py: a
+renamed metric or label fails there instead of silencing an alert or emptying a panel."""
 
 from __future__ import annotations
 
@@ -51,6 +51,25 @@ def grouping_labels(node) -> set[str]:
     for arg in getattr(node, "args", None) or []:
         found |= grouping_labels(arg)
     return found
+
+
+def check_rule(rule: dict, name_pattern: str) -> None:
+    """One alerting rule is as an operator can load it: a name matching `name_pattern`, only
+    Prometheus's keys, an expression that parses, a `for` in whole units, a severity we page or
+    ticket by, a summary and a description worth reading, templates reading only the alert's
+    labels and value."""
+    name = rule["alert"]
+    assert re.fullmatch(name_pattern, name), name
+    assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, name
+    promql_parser.parse(rule["expr"])  # raises on a syntax error
+    if "for" in rule:
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), (name, rule["for"])
+    assert rule["labels"]["severity"] in {"critical", "warning"}, name
+    a = rule["annotations"]
+    assert a["summary"].strip() and len(a["description"].split()) >= 10, name
+    for text in a.values():
+        for ref in re.findall(r"\{\{(.*?)\}\}", text):
+            assert re.match(r"\s*\$(labels\.\w+|value)\b", ref), (name, ref)
 
 
 def exported(text: str) -> dict[str, dict[str, set[str]]]:

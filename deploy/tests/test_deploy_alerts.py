@@ -9,12 +9,8 @@ do once loaded (firing on real trouble) is not tested. Needs target/release/s3ne
 
 from __future__ import annotations
 
-import re
-
-import promql_parser
-
 from deploy_common import DEPLOY, ROOT, load_yaml
-from promql_support import check_reads
+from promql_support import check_reads, check_rule
 
 ALERTS = DEPLOY / "alerts.yml"
 
@@ -28,19 +24,7 @@ def test_rules_are_well_formed():
     assert len(names) == len(set(names)), names
     assert len(names) >= 10
     for r in rules():
-        name = r["alert"]
-        assert re.fullmatch(r"S3net[A-Z][A-Za-z]+", name), name
-        assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}, name
-        promql_parser.parse(r["expr"])  # raises on a syntax error
-        if "for" in r:
-            assert re.fullmatch(r"\d+[smh]", r["for"]), (name, r["for"])
-        assert r["labels"]["severity"] in {"critical", "warning"}, name
-        a = r["annotations"]
-        assert a["summary"].strip() and len(a["description"].split()) >= 10, name
-        # Templates read only the alert's labels and value.
-        for text in a.values():
-            for ref in re.findall(r"\{\{(.*?)\}\}", text):
-                assert re.match(r"\s*\$(labels\.\w+|value)\b", ref), (name, ref)
+        check_rule(r, r"S3net[A-Z][A-Za-z]+")
 
 
 def test_prometheus_of_compose_loads_them():

@@ -5,14 +5,13 @@ bridge listening on loopback). Prometheus itself does not run here."""
 
 from __future__ import annotations
 
-import re
 import sys
 import urllib.request
 
 import pytest
 
 from deploy_common import DEPLOY, ROOT, free_port, load_yaml
-from promql_support import check_reads, exported
+from promql_support import check_reads, check_rule, exported
 
 ALERTS = DEPLOY / "bridge-alerts.yml"
 
@@ -22,25 +21,12 @@ def rules() -> list[dict]:
 
 
 def test_rules_are_well_formed():
-    import promql_parser
-
     names = [r["alert"] for r in rules()]
     assert len(names) == len(set(names)) >= 5, names
     server_rules = {r["alert"] for g in load_yaml(DEPLOY / "alerts.yml")["groups"] for r in g["rules"]}
     assert not set(names) & server_rules, "names shared with alerts.yml"
     for r in rules():
-        name = r["alert"]
-        assert re.fullmatch(r"S3netBridge[A-Z][A-Za-z]+", name), name
-        assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}, name
-        promql_parser.parse(r["expr"])
-        if "for" in r:
-            assert re.fullmatch(r"\d+[smh]", r["for"]), (name, r["for"])
-        assert r["labels"]["severity"] in {"critical", "warning"}, name
-        a = r["annotations"]
-        assert a["summary"].strip() and len(a["description"].split()) >= 10, name
-        for text in a.values():
-            for ref in re.findall(r"\{\{(.*?)\}\}", text):
-                assert re.match(r"\s*\$(labels\.\w+|value)\b", ref), (name, ref)
+        check_rule(r, r"S3netBridge[A-Z][A-Za-z]+")
 
 
 def test_every_metric_and_label_they_read_is_exported_by_a_bridge():
