@@ -78,8 +78,12 @@ pub struct ConnectionLimit {
     /// How long a connection may have no call open (None: for ever).
     idle: Option<Duration>,
     /// Each open connection's calls, by the client's address.
-    live: Arc<Mutex<HashMap<SocketAddr, Arc<Activity>>>>,
+    live: Live,
 }
+
+/// Each open connection's [`Activity`], by the client's address (no two open connections share
+/// one).
+type Live = Arc<Mutex<HashMap<SocketAddr, Arc<Activity>>>>;
 
 /// What a connection's reader and its calls share.
 #[derive(Debug)]
@@ -171,11 +175,11 @@ struct IdleClock {
     timer: Pin<Box<tokio::time::Sleep>>,
     activity: Arc<Activity>,
     last_read: Instant,
-    live: Arc<Mutex<HashMap<SocketAddr, Arc<Activity>>>>,
+    live: Live,
 }
 
 impl IdleClock {
-    fn new(timeout: Duration, peer: SocketAddr, live: &Arc<Mutex<HashMap<SocketAddr, Arc<Activity>>>>) -> IdleClock {
+    fn new(timeout: Duration, peer: SocketAddr, live: &Live) -> IdleClock {
         let now = Instant::now();
         let activity = Arc::new(Activity { open: AtomicUsize::new(0), idle_since: Mutex::new(now), reader: Mutex::new(None) });
         lock(live).insert(peer, activity.clone());
