@@ -341,7 +341,7 @@ impl MemoryQueue {
     /// finish, the jobs running at once over the mean fit (Little's law). Why not per worker:
     /// a GPU worker stacks many jobs into one batch, each taking longer than alone, so jobs
     /// ahead per worker times the mean fit overstated the wait by the stacks' size (an H200 with
-    /// 64 jobs queued behind two stacks of 16 hinted 33 s; they ran in about 9).
+    /// 64 jobs queued behind two stacks of 16 hinted 33 s; at its 7 images/s they run in 9).
     fn retry_after_s(&self, inner: &Inner) -> u64 {
         let at_once = inner.running.max(self.limits.workers).max(1) as f64;
         let ahead = (inner.queue.len() + inner.running) as f64;
