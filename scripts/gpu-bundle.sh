@@ -33,22 +33,21 @@ for line in sys.stdin:
 strip "$out/s3net" "$out"/*-test
 cp crates/model/tests/data/deform_golden.json "$out/golden/"
 cp scripts/gpu-check.sh scripts/trace-summary.py scripts/ab-summary.py "$out/"
-# This build with pixel_losses' CUDA kernel switched on (off by default until it has passed a GPU
-# check), as a binary of its own for the steps that compare binaries:
-# AB_BASE=./s3net-pixel-losses STEPS="tests ab evalab".
-# Likewise with the depthwise kernels' column layout (S3NET_DW_COLUMNS=1, off by default until a
-# check has timed it), with both, with the split reductions' own kernel (S3NET_SPLIT_K_KERNEL=1,
-# likewise) and with all three.
+# This build with each kernel choice of the environment the other way from its default, as a
+# binary of its own for the steps that compare binaries (AB_BASE="./s3net-libtorch-losses
+# ./s3net-cublas-split ./s3net-dw-columns" STEPS="ab evalab"): the loss terms as libtorch's
+# ops (S3NET_CUDA_PIXEL_LOSSES=0), cuBLAS's copied chunk products for float32 split reductions
+# (S3NET_SPLIT_K_KERNEL=0), the depthwise kernels' column layout (S3NET_DW_COLUMNS=1; 1.4 %
+# slower in bfloat16 on an H200, 2026-11-28).
 wrapper() {  # name, then the environment it sets
   local name=$1; shift
   printf '#!/bin/sh\n%s exec "$(dirname "$0")/s3net" "$@"\n' "$*" > "$out/$name"
   chmod +x "$out/$name"
 }
-wrapper s3net-pixel-losses S3NET_CUDA_PIXEL_LOSSES=1
+rm -f "$out"/s3net-*  # wrappers of earlier bundles
+wrapper s3net-libtorch-losses S3NET_CUDA_PIXEL_LOSSES=0
+wrapper s3net-cublas-split S3NET_SPLIT_K_KERNEL=0
 wrapper s3net-dw-columns S3NET_DW_COLUMNS=1
-wrapper s3net-both S3NET_CUDA_PIXEL_LOSSES=1 S3NET_DW_COLUMNS=1
-wrapper s3net-split-kernel S3NET_SPLIT_K_KERNEL=1
-wrapper s3net-all S3NET_CUDA_PIXEL_LOSSES=1 S3NET_DW_COLUMNS=1 S3NET_SPLIT_K_KERNEL=1
 # This build with the affine term's gradient through T(x), as the default preset had it before
 # it took the one backward pass (`--affine-gradient transformed`, a flag of `bench fit` and
 # `eval`: for the ab and evalab steps only).

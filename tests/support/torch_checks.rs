@@ -43,15 +43,20 @@ pub fn on_emulated_kernels<R>(body: impl FnOnce() -> R) -> R {
 /// child itself sees the variables set: a test calling this should do its own check there and
 /// return.
 pub fn rerun_with_env(vars: &[&str], filters: &[&str], expect: &str) {
+    let set: Vec<(&str, &str)> = vars.iter().map(|v| (*v, "1")).collect();
+    rerun_with(&set, filters, expect);
+}
+
+/// [`rerun_with_env`] with each variable set to its own value.
+#[allow(dead_code)] // each test file that includes this module uses its own part of it
+pub fn rerun_with(vars: &[(&str, &str)], filters: &[&str], expect: &str) {
     let exe = std::env::current_exe().unwrap();
     let mut child = std::process::Command::new(exe);
     child.args(filters).args(["--test-threads", "1"]);
-    for v in vars {
-        child.env(v, "1");
-    }
+    child.envs(vars.iter().copied());
     let o = child.output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && out.contains(expect), "{vars:?}=1: {out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && out.contains(expect), "{vars:?}: {out}{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// A test file's emulated and CUDA tests again with the depthwise kernels' column layout

@@ -119,11 +119,23 @@ fn assert_same_fit(name: &str, a: &(Vec<LossTerms>, FitOutput), b: &Outcome, tol
     let out = b.1.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(a.0.len(), b.0.len(), "{name}: steps");
     assert_eq!(a.1.iterations, out.iterations, "{name}: iterations");
-    for (s, (x, y)) in a.0.iter().zip(&b.0).enumerate() {
-        let t = if s == 0 { tol.first } else { tol.later };
-        for (u, v) in [(x.total, y.total), (x.ce, y.ce), (x.affine, y.affine), (x.spatial, y.spatial)] {
-            assert!((u - v).abs() <= t * (1.0 + u.abs()), "{name} step {}: alone {x:?}, batched {y:?}", s + 1);
-        }
+    // Each step's largest difference against its allowance, all of them in a failure's message:
+    // whether the two fits parted at once (a wrong step) or drifted after a flip (rounding).
+    let gaps: Vec<(f64, f64)> = a
+        .0
+        .iter()
+        .zip(&b.0)
+        .enumerate()
+        .map(|(s, (x, y))| {
+            let t = if s == 0 { tol.first } else { tol.later };
+            let pairs = [(x.total, y.total), (x.ce, y.ce), (x.affine, y.affine), (x.spatial, y.spatial)];
+            let worst = pairs.iter().map(|&(u, v)| (u - v).abs() / (1.0 + u.abs())).fold(0.0, f64::max);
+            (worst, t)
+        })
+        .collect();
+    if let Some(s) = gaps.iter().position(|&(g, t)| g > t) {
+        let all: Vec<String> = gaps.iter().enumerate().map(|(i, (g, t))| format!("step {}: {g:.1e} of {t:.0e}", i + 1)).collect();
+        panic!("{name} step {}: alone {:?}, batched {:?}; relative gaps {}", s + 1, a.0[s], b.0[s], all.join(", "));
     }
     let same = a.1.labels.data.iter().zip(&out.labels.data).filter(|(p, q)| p == q).count();
     let frac = same as f64 / a.1.labels.data.len() as f64;
@@ -216,9 +228,15 @@ fn cuda_each_job_as_if_alone() {
         each_job_as_if_alone(Preset::Default, cuda, gpu, pipelined);
         each_job_as_if_alone(Preset::Paper, cuda, gpu, pipelined);
     }
-    for preset in [Preset::Default, Preset::Paper] {
-        other_side_as_if_alone(preset, cuda, gpu);
-    }
+    other_side_as_if_alone(Preset::Default, cuda, gpu);
+    // The paper's preset with the gradient through x moves each random warp's labels back along
+    // its inverse grid, a second nearest-pixel lookup whose ties flip with the rounding too: on
+    // an H200 (2026-11-28) its first job's largest relative gap per step was 3.7e-7, 7.8e-4,
+    // 1.2e-2, 3.2e-2 (the first step exact, the second at TF32's rounding, then growing about
+    // threefold a step as flipped targets steer the two fits apart). A wrong batched step
+    // shows on the first step, which keeps the tolerance above; the later ones get twice the
+    // other cases' (measured once: not re-run on a GPU with it).
+    other_side_as_if_alone(Preset::Paper, cuda, Tol { later: 2.0 * gpu.later, ..gpu });
 }
 
 /// bfloat16 jobs stack too, each as if alone: on the CPU as closely as float32 ones (measured:
@@ -265,8 +283,8 @@ fn emulated_gpu_paths_each_job_as_if_alone() {
 
 /// The GPU paths at 96², where the weight gradients' reductions over more than 8192 pixels are
 /// split into chunks (the stacked 1×1 convs' and the deformable conv's): two jobs, float32 and
-/// bfloat16, each as if alone. With the kernels in waiting (below) the chunks' products are
-/// our own split kernel's.
+/// bfloat16, each as if alone. The float32 chunks' products are our own split kernel's by default;
+/// with it switched off (below), cuBLAS's (emulated by libtorch's CPU GEMMs).
 #[test]
 fn emulated_gpu_paths_split_reductions() {
     for precision in [Precision::Float32, Precision::Bfloat16] {
@@ -290,19 +308,31 @@ fn emulated_jobs_as_if_alone(tag: &str, jobs: &[(Image, FitOptions)]) {
     }
 }
 
-/// The same two tests with the kernels that wait for a GPU check switched on (the loss op's
-/// CUDA kernel, `S3NET_CUDA_PIXEL_LOSSES=1`, the depthwise kernels' column layout,
-/// `S3NET_DW_COLUMNS=1`, and the split reductions' kernel, `S3NET_SPLIT_K_KERNEL=1`, each read
-/// once per process), in a child process: whole fits through them, on the emulation.
+/// The same two tests in child processes with each kernel choice of the environment the other
+/// way from its default, read once per process: all on (the loss op's CUDA kernel,
+/// `S3NET_CUDA_PIXEL_LOSSES`, and the split reductions' kernel, `S3NET_SPLIT_K_KERNEL`, as by
+/// default, and the depthwise kernels' column layout, `S3NET_DW_COLUMNS`, which is off by
+/// default), then the two on by default off (libtorch's losses and cuBLAS's chunk products):
+/// whole fits through each, on the emulation.
 #[test]
-fn emulated_gpu_paths_with_the_kernels_in_waiting() {
-    if std::env::var_os("S3NET_DW_COLUMNS").is_some() {
-        let on = s3net_ops::depthwise_columns() && s3net_ops::cuda_pixel_losses() && s3net_ops::split_k_kernel();
-        assert!(on, "the variables did not switch the kernels on");
-        return; // this is the child
+fn emulated_gpu_paths_with_each_kernel_choice() {
+    match std::env::var("S3NET_SPLIT_K_KERNEL").as_deref() {
+        Ok("1") => {
+            let on = s3net_ops::depthwise_columns() && s3net_ops::cuda_pixel_losses() && s3net_ops::split_k_kernel();
+            assert!(on, "the variables did not switch the kernels on");
+            return; // this is a child
+        }
+        Ok(_) => {
+            let off = !s3net_ops::cuda_pixel_losses() && !s3net_ops::split_k_kernel();
+            assert!(off, "the variables did not switch the kernels off");
+            return;
+        }
+        Err(_) => {}
     }
-    let vars = ["S3NET_CUDA_PIXEL_LOSSES", "S3NET_DW_COLUMNS", "S3NET_SPLIT_K_KERNEL"];
-    checks::rerun_with_env(&vars, &["emulated_gpu_paths"], "emulated_gpu_paths_split_reductions ... ok");
+    let expect = "emulated_gpu_paths_split_reductions ... ok";
+    let on = [("S3NET_CUDA_PIXEL_LOSSES", "1"), ("S3NET_DW_COLUMNS", "1"), ("S3NET_SPLIT_K_KERNEL", "1")];
+    checks::rerun_with(&on, &["emulated_gpu_paths"], expect);
+    checks::rerun_with(&[("S3NET_CUDA_PIXEL_LOSSES", "0"), ("S3NET_SPLIT_K_KERNEL", "0")], &["emulated_gpu_paths"], expect);
 }
 
 /// On a GPU a small steady stack runs its steps as CUDA graph replays (from step 3): the same

@@ -413,18 +413,21 @@ void* kernel_stream(const at::Tensor& t) {
   return nullptr;
 }
 
-// A process-wide on/off setting for a kernel that waits for a GPU check before it becomes the
-// default: off unless its environment variable is "1" (read at first use), or set.
+// A process-wide on/off setting for a kernel choice: its default unless its environment
+// variable is "1" (on) or "0" (off), read at first use, or set.
 class Switch {
  public:
-  explicit constexpr Switch(const char* var) : var_(var) {}
+  constexpr Switch(const char* var, bool by_default) : var_(var), default_(by_default) {}
   bool on() {
     int v = state_.load(std::memory_order_relaxed);
     if (v < 0) {
       const char* e = std::getenv(var_);
+      const bool want = e && std::strcmp(e, "1") == 0   ? true
+                        : e && std::strcmp(e, "0") == 0 ? false
+                                                        : default_;
       int unset = -1;
       // Another thread may have decided meanwhile: keep theirs.
-      state_.compare_exchange_strong(unset, e && std::strcmp(e, "1") == 0 ? 1 : 0);
+      state_.compare_exchange_strong(unset, want ? 1 : 0);
       v = state_.load(std::memory_order_relaxed);
     }
     return v == 1;
@@ -433,16 +436,20 @@ class Switch {
 
  private:
   const char* var_;
+  bool default_;
   std::atomic<int> state_{-1};  // -1: not read yet
 };
 
 // The settings s3ops_switch reads and sets, by index: pixel_losses' CUDA kernel (read by the
-// Rust side before it calls the op), the depthwise CUDA kernels' column layout for the I-LKA
-// block's geometries (S3DepthwiseDims::columns; see depthwise_cuda.cu), and the split
-// reductions' own kernel in place of cuBLAS's chunk products when their layout is left to
-// choose (gemm_nt_split_k; split_k_cuda.cu).
-Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES"), Switch("S3NET_DW_COLUMNS"),
-                       Switch("S3NET_SPLIT_K_KERNEL")};
+// Rust side before it calls the op; on: 13 % more bfloat16 and 8 % more float32 batched fits per
+// second on an H200, 2026-11-28), the depthwise CUDA kernels' column layout for the I-LKA
+// block's geometries (S3DepthwiseDims::columns; see depthwise_cuda.cu; off: 1.4 % slower in
+// bfloat16 and no faster in float32 there), and the split reductions' own kernel in place of
+// cuBLAS's chunk products for 32- and 64-bit operands when their layout is left to choose
+// (gemm_nt_split_k; split_k_cuda.cu; on: 5–6 % more float32 fits per second, while for bfloat16
+// it was 10–12 % slower than the strided GEMMs, which auto keeps for 16-bit operands).
+Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES", true), Switch("S3NET_DW_COLUMNS", false),
+                       Switch("S3NET_SPLIT_K_KERNEL", true)};
 constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2;
 
 bool dw_columns() { return g_switches[kSwitchDwColumns].on(); }
@@ -1121,11 +1128,12 @@ int64_t reduction_chunk(int64_t K) {
 //  * kernel: our own kernel (split_k_cuda.cu), every chunk of every image in one launch, the
 //    operands read where they are; float32, float64 and bfloat16 operands on the kernels' path
 //    (the others take auto's choice);
-//  * auto (the default): strided for 16-bit operands, copied for the rest. Measured on an
-//    H200 (batched fits of 16 and 32 networks, two runs): bfloat16 strided 6 % faster than
-//    copied, float32 strided 3 % slower (its copies are cheaper than its extra launches
-//    relative to the GEMMs' time; 16-bit copies are relatively dearer). The kernel instead
-//    when S3NET_SPLIT_K_KERNEL=1 (g_switches): it waits for a GPU to time it.
+//  * auto (the default): strided for 16-bit operands, our kernel for the rest (copied where the
+//    kernel does not take them or S3NET_SPLIT_K_KERNEL=0, g_switches). Measured on an H200
+//    (batched fits of 16 and 32 networks): bfloat16 strided 6 % faster than copied and 10–12 %
+//    faster than the kernel; float32 strided 3 % slower than copied (its copies are cheaper
+//    than its extra launches relative to the GEMMs' time; 16-bit copies are relatively
+//    dearer), the kernel 5–6 % faster than copied (2026-11-28).
 enum SplitK : int { kSplitAuto = 0, kSplitCopied = 1, kSplitStrided = 2, kSplitKernel = 3 };
 std::atomic<int> g_split_k{kSplitAuto};
 
@@ -1140,7 +1148,8 @@ at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
   const int64_t B = a.size(0), P = a.size(1), K = a.size(2), Q = b.size(1);
   const int64_t L = reduction_chunk(K), S = K / L;
   const int mode = g_split_k.load(std::memory_order_relaxed);
-  const bool ours = mode == kSplitKernel || (mode == kSplitAuto && g_switches[kSwitchSplitKKernel].on());
+  const bool ours = mode == kSplitKernel ||
+                    (mode == kSplitAuto && a.element_size() >= 4 && g_switches[kSwitchSplitKKernel].on());
   if (S > 1 && ours && kernels_take(a)) {
     const auto ac = a.contiguous(), bc = b.contiguous();
     KernelGuard guard(a);

@@ -212,9 +212,10 @@ pub fn set_cuda_memory_fraction(device: usize, fraction: f64) -> Result<(), OpEr
 /// format (see [`set_split_k`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SplitK {
-    /// `Strided` for 16-bit operands, `Copied` for the rest: the faster of the two for each
-    /// on an H200 (bfloat16 strided 6 % faster in batched fits, float32 3 % slower). `Kernel`
-    /// instead where [`split_k_kernel`] is on.
+    /// `Strided` for 16-bit operands, `Kernel` for the rest (`Copied` where
+    /// [`split_k_kernel`] is off): the fastest for each on an H200 (batched fits: bfloat16
+    /// strided 6 % faster than copied and 10–12 % faster than the kernel; float32 strided 3 %
+    /// slower than copied, the kernel 5–6 % faster).
     #[default]
     Auto,
     /// The operands are copied into chunk-major order and one batched GEMM runs every chunk of
@@ -802,7 +803,7 @@ pub struct PixelLosses {
 /// run.
 pub fn pixel_losses(logits: &Tensor, target: Option<&Tensor>, continuity: bool) -> Result<PixelLosses, OpError> {
     if gpu_paths(logits.device()) && !cuda_pixel_losses() {
-        return Err(OpError("pixel_losses: the CUDA kernel is off (S3NET_CUDA_PIXEL_LOSSES=1 turns it on)".into()));
+        return Err(OpError("pixel_losses: the CUDA kernel is off (S3NET_CUDA_PIXEL_LOSSES=0 or set_cuda_pixel_losses)".into()));
     }
     let mut outs = [std::ptr::null_mut(); 3];
     let mut err = std::ptr::null_mut();
@@ -821,10 +822,11 @@ pub fn pixel_losses(logits: &Tensor, target: Option<&Tensor>, continuity: bool) 
     }
 }
 
-/// Whether [`pixel_losses`] runs its CUDA kernel: only when asked, until it has passed its
-/// tests on a GPU (it was written when no GPU was at hand; it passes them on the CPU emulation
-/// of [`emulated_cuda`], but has not run on a GPU yet: README, "Not done yet"). The environment variable `S3NET_CUDA_PIXEL_LOSSES=1` asks for it
-/// (read once), or [`set_cuda_pixel_losses`]. CPU tensors always take the op.
+/// Whether [`pixel_losses`] runs its CUDA kernel: yes unless switched off, by the environment
+/// variable `S3NET_CUDA_PIXEL_LOSSES=0` (read once) or [`set_cuda_pixel_losses`]; the losses
+/// then run as libtorch's ops. On by default since it passed its tests on an H200 and made
+/// batched fits 13 % faster in bfloat16 and 8 % in float32 there (2026-11-28). CPU tensors
+/// always take the op.
 pub fn cuda_pixel_losses() -> bool {
     switch(Switch::PixelLosses, None)
 }
@@ -833,9 +835,11 @@ pub fn cuda_pixel_losses() -> bool {
 /// 7×7 dilated 3) give each thread 16 outputs down a column instead of 4 outputs in each of 4
 /// rows: a kernel column's values, read once from shared memory, then serve all its rows, 2.8×
 /// fewer shared-memory read cycles per multiply-add in the 7×7 one, which bound the strips
-/// (`csrc/depthwise_cuda.cu`). Off until a GPU check has timed it (README, "Not done yet"); the
-/// environment variable `S3NET_DW_COLUMNS=1` (read once) or [`set_depthwise_columns`] turns it
-/// on. The same values up to rounding (sums in another order).
+/// (`csrc/depthwise_cuda.cu`). Off by default: timed on an H200 (2026-11-28) it made batched
+/// fits 1.4 % slower in bfloat16 and no faster in float32 (the strips' shared-memory reads were
+/// not what bound the step after all); the environment variable `S3NET_DW_COLUMNS=1` (read
+/// once) or [`set_depthwise_columns`] turns it on. The same values up to rounding (sums in
+/// another order).
 pub fn depthwise_columns() -> bool {
     switch(Switch::DwColumns, None)
 }
@@ -847,9 +851,10 @@ pub fn set_depthwise_columns(on: bool) {
 }
 
 /// Whether [`SplitK::Auto`] picks our own kernel for the weight gradients' split reductions
-/// ([`SplitK::Kernel`]). Off unless `S3NET_SPLIT_K_KERNEL=1` or [`set_split_k_kernel`]: it was
-/// written without a GPU and waits for a check to time it against cuBLAS (it passes its tests
-/// on the emulation of the kernels).
+/// ([`SplitK::Kernel`]) of 32- and 64-bit operands (16-bit ones keep cuBLAS's strided chunk
+/// products). On unless `S3NET_SPLIT_K_KERNEL=0` or [`set_split_k_kernel`]: on an H200
+/// (2026-11-28) it made batched float32 fits 5–6 % faster than cuBLAS's copied layout, and
+/// bfloat16 ones 10–12 % slower than the strided one.
 pub fn split_k_kernel() -> bool {
     switch(Switch::SplitKKernel, None)
 }
@@ -859,8 +864,8 @@ pub fn set_split_k_kernel(on: bool) {
     switch(Switch::SplitKKernel, Some(on));
 }
 
-/// The process-wide settings of kernels that wait for a GPU check (ops.cpp's `g_switches`,
-/// in its order): each off unless its environment variable is "1" (read at first use) or set.
+/// The process-wide kernel choices (ops.cpp's `g_switches`, in its order): each at its default
+/// unless its environment variable is "1" (on) or "0" (off), read at first use, or set.
 #[derive(Clone, Copy)]
 enum Switch {
     PixelLosses = 0,

@@ -165,7 +165,7 @@ fn either_term_alone_takes_its_own_gradient() {
     }
 }
 
-/// The same on a GPU, when one is present and the CUDA kernel is switched on; the float32 CUDA
+/// The same on a GPU, when one is present (the CUDA kernel on, as by default); the float32 CUDA
 /// results against the CPU's as well.
 #[test]
 fn cuda_matches_libtorch_when_present() {
@@ -188,7 +188,7 @@ fn cuda_matches_libtorch_when_present() {
 #[test]
 fn emulated_cuda_kernels_match_libtorch() {
     tch::manual_seed(45);
-    s3net_ops::set_cuda_pixel_losses(true); // as on a GPU, the kernel runs only when asked
+    s3net_ops::set_cuda_pixel_losses(true); // as on a GPU by default
     let before = s3net_ops::emulated_launches();
     checks::on_emulated_kernels(|| {
         cases(Device::Cpu, Kind::Double, 1e-10);
