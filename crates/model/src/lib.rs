@@ -9,7 +9,7 @@
 //! * [`deform`] — the modulated deformable convolution (torchvision semantics)
 //! * [`net`] — the network; [`loss`] — the loss terms; [`affine`] — random transforms
 //! * [`fit`] — the training loop, for one image or a [`Batch`] of many; [`foreground`] — the ground-truth-free foreground rule
-//! * [`options`] — every knob, and the presets
+//! * [`options`] — every knob, and the presets; [`warm`] — a worker's warm-up before its first job
 
 pub mod affine;
 pub mod deform;
@@ -19,11 +19,13 @@ pub mod loss;
 pub mod net;
 pub mod options;
 pub mod rng;
+pub mod warm;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use fit::{fit, panic_message, set_cuda_graphs, Batch, FitJob, FitOutput, LossTerms, Progress};
+pub use warm::warm_up;
 pub use options::{cuda_device_count, set_cuda_memory_fraction, DeviceSpec, FitOptions, Preset};
 pub use s3net_imaging::{Image, ImageKind, LabelMap};
 

@@ -201,6 +201,13 @@ pub struct WorkersConfig {
     /// has is not an error but the kernel's out-of-memory killer, which ends the server and
     /// every job in it.
     pub max_job_bytes: Option<u64>,
+    /// Whether each worker first runs a few steps of tiny fits on its device
+    /// (`s3net_model::warm_up`), with health NOT_SERVING until every worker has (unset: true).
+    /// Why: the first steps on a fresh thread and GPU load every kernel and make cuBLAS's and
+    /// cuDNN's handles; without it the first jobs of each worker pay about a second for that
+    /// on a GPU (0.1 s on a CPU) while others queue behind them. Jobs that arrive meanwhile
+    /// are queued.
+    pub warm_up: Option<bool>,
 }
 
 /// The process's own memory before any job: libtorch loaded, the server running (measured

@@ -2,6 +2,7 @@
 //! the metrics endpoint.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::pb::segmenter_server::SegmenterServer;
 use crate::service::SegmenterService;
 use crate::uploads::{Budgeted, UploadBudget};
-use crate::worker::{self, WorkerSlot};
+use crate::worker::{self, Warming, WorkerSlot};
 
 /// What to say when the service listens beyond loopback unprotected: without TLS, whatever
 /// crosses the network (images, results, the token) can be read on the way; without a token or
@@ -60,6 +61,34 @@ pub struct Server {
     metrics: Option<MetricsEndpoint>,
     /// Turned true when the server stops: ends the event streams relayed from other replicas.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Set before the drain reports NOT_SERVING, so the end of the workers' warm-up does not
+    /// report SERVING after it (see [`serving_once_warm`]).
+    draining: Arc<AtomicBool>,
+}
+
+/// Sets the health of the server as a whole ("") and of the Segmenter service.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    match status {
+        ServingStatus::Serving => health.set_serving::<SegmenterServer<SegmenterService>>().await,
+        _ => health.set_not_serving::<SegmenterServer<SegmenterService>>().await,
+    }
+    health.set_service_status("", status).await;
+}
+
+/// Reports SERVING once every worker has warmed up, unless the server began to drain
+/// meanwhile. `draining` is read again after the write: a drain that reported NOT_SERVING
+/// between the first read and the write set the flag before it, and is restored.
+async fn serving_once_warm(warming: Warming, health: HealthReporter, draining: Arc<AtomicBool>) {
+    warming.done().await;
+    if draining.load(Ordering::SeqCst) {
+        return;
+    }
+    set_health(&health, ServingStatus::Serving).await;
+    if draining.load(Ordering::SeqCst) {
+        set_health(&health, ServingStatus::NotServing).await;
+    } else {
+        info!("every worker warmed up: serving");
+    }
 }
 
 /// The bearer-token check: a no-op unless a token is configured.
@@ -172,12 +201,19 @@ impl Server {
             Some(l) => Some(MetricsEndpoint::start(l, metrics.clone(), queue.clone()).await?),
             None => None,
         };
+        // The workers warm up with the options of a job that sets none.
+        let warming = cfg.workers.warm_up.unwrap_or(true).then(|| {
+            let opts = crate::service::fit_options(&Default::default(), &cfg.defaults).unwrap_or_default();
+            Warming::new(slots.len(), opts)
+        });
+        let draining = Arc::new(AtomicBool::new(false));
         let workers = worker::spawn(
             queue.clone(),
             &slots,
             Duration::from_millis(cfg.server.progress_interval_ms),
             cfg.workers.foreground_refits.unwrap_or(s3net_model::FOREGROUND_REFITS),
             metrics.clone(),
+            warming.as_ref(),
         );
 
         // Health checks and reflection queries are a few bytes; tonic would collect up to its
@@ -185,10 +221,13 @@ impl Server {
         // calls that stopped just short of that held 400 MB of the server's memory).
         let (health, health_service) = tonic_health::server::health_reporter();
         let health_service = health_service.max_decoding_message_size(SMALL_REQUEST_BYTES);
-        health
-            .set_serving::<SegmenterServer<SegmenterService>>()
-            .await;
-        health.set_service_status("", ServingStatus::Serving).await;
+        match warming {
+            None => set_health(&health, ServingStatus::Serving).await,
+            Some(w) => {
+                set_health(&health, ServingStatus::NotServing).await;
+                tokio::spawn(serving_once_warm(w, health.clone(), draining.clone()));
+            }
+        }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -282,6 +321,7 @@ impl Server {
             cancel_queued: cfg.server.shutdown_cancels_queued,
             metrics: metrics_endpoint,
             stopping,
+            draining,
         })
     }
 
@@ -315,12 +355,8 @@ impl Server {
             active = self.queue.active(),
             "draining"
         );
-        self.health
-            .set_not_serving::<SegmenterServer<SegmenterService>>()
-            .await;
-        self.health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        self.draining.store(true, Ordering::SeqCst);
+        set_health(&self.health, ServingStatus::NotServing).await;
         self.queue.drain();
         if self.cancel_queued {
             self.queue.cancel_queued("server shutting down");

@@ -59,26 +59,80 @@ pub fn plan(
 
 /// Starts one thread per slot; they exit once the queue is closed and their jobs are done.
 /// `refits`: how many times a job whose foreground comes out empty is fitted again with another
-/// seed (`s3net_model::refit_options`).
+/// seed (`s3net_model::refit_options`). With `warming`, each worker first warms its device up
+/// (`s3net_model::warm_up`) and then counts itself off.
 pub fn spawn(
     queue: Arc<dyn JobQueue>,
     slots: &[WorkerSlot],
     progress_interval: Duration,
     refits: usize,
     metrics: Arc<Metrics>,
+    warming: Option<&Warming>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     slots
         .iter()
         .map(|slot| {
             let (queue, slot, metrics) = (queue.clone(), slot.clone(), metrics.clone());
+            let mut warm = warming.map(|w| Warm(w.clone()));
             std::thread::Builder::new()
                 .name(format!("s3net-{}", slot.name))
                 .spawn(move || {
-                    supervise(&slot.name, RESTART_PAUSE, || serve(&queue, &slot, progress_interval, refits, &metrics))
+                    supervise(&slot.name, RESTART_PAUSE, || serve(&queue, &slot, progress_interval, refits, &metrics, &mut warm))
                 })
                 .expect("cannot spawn a worker thread")
         })
         .collect()
+}
+
+/// The workers still warming up, and the options they warm up with. Why a count: the server
+/// reports ready (health SERVING) only once every worker can run a job at full speed.
+#[derive(Clone, Debug)]
+pub struct Warming {
+    left: Arc<tokio::sync::watch::Sender<usize>>,
+    opts: Arc<FitOptions>,
+}
+
+impl Warming {
+    /// `workers` workers, none warm yet, to warm up with `opts` (those of a job that sets none).
+    pub fn new(workers: usize, opts: FitOptions) -> Self {
+        Warming { left: Arc::new(tokio::sync::watch::Sender::new(workers)), opts: Arc::new(opts) }
+    }
+
+    /// Resolves once no worker is warming up.
+    pub async fn done(&self) {
+        let mut rx = self.left.subscribe();
+        // The sender lives in `self`, so the wait cannot fail.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// How many workers are still warming up.
+    pub fn left(&self) -> usize {
+        *self.left.borrow()
+    }
+}
+
+/// One worker's place in [`Warming`], given up when dropped: after its warm-up, when its device
+/// cannot be used, or when its thread ends in any other way, so the count always reaches zero.
+struct Warm(Warming);
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        self.0.left.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Warms `device` up for `slot` with `opts` (see `s3net_model::warm_up`; stacks of jobs only
+/// where the slot makes them); a failure is logged and the worker goes on: its jobs then fail
+/// or succeed on their own.
+fn warm_up(slot: &WorkerSlot, device: tch::Device, opts: &FitOptions) {
+    match std::panic::catch_unwind(|| s3net_model::warm_up(device, opts, slot.batch > 1)) {
+        Ok(Ok(took)) => info!(worker = %slot.name, seconds = took.as_secs_f64(), "worker warmed up"),
+        Ok(Err(e)) => warn!(worker = %slot.name, error = %e, "the warm-up failed; the worker takes jobs anyway"),
+        Err(p) => {
+            let what = s3net_model::panic_message(&*p).unwrap_or("");
+            warn!(worker = %slot.name, panic = what, "the warm-up panicked; the worker takes jobs anyway");
+        }
+    }
 }
 
 /// How long a worker waits before it starts again after a panic (see [`supervise`]).
@@ -188,11 +242,20 @@ enum Back {
 /// worker's thread, that time held up every other job of its stack, and on a GPU left the
 /// device idle. (The labels' read-off at full size stays in the batch's step: it needs the
 /// response on the device.)
-fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Duration, refits: usize, metrics: &Arc<Metrics>) {
+///
+/// `warm`: this worker's place among those warming up, taken (and given up) by its first run.
+fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Duration, refits: usize, metrics: &Arc<Metrics>, warm: &mut Option<Warm>) {
     let device = match slot.device.resolve() {
         Ok(d) => d,
-        Err(e) => return refuse_all(queue, slot, &e.to_string(), metrics),
+        Err(e) => {
+            drop(warm.take());
+            return refuse_all(queue, slot, &e.to_string(), metrics);
+        }
     };
+    if let Some(w) = warm.take() {
+        warm_up(slot, device, &w.0.opts);
+        drop(w);
+    }
     let (to_finisher, ended) = std::sync::mpsc::channel::<Ended>();
     let (answer, back) = std::sync::mpsc::channel::<Back>();
     let finisher = {
@@ -662,6 +725,30 @@ mod tests {
             dicom_seg: None,
             reservation: None,
             input: Default::default(),
+        }
+    }
+
+    /// Every worker counts itself off the warm-up: one that warmed its device up and one whose
+    /// device cannot be used (no such GPU), so a server never stays NOT_SERVING for ever.
+    #[test]
+    fn every_worker_counts_itself_off_the_warm_up() {
+        use crate::jobs::{MemoryQueue, QueueLimits};
+        let limits = QueueLimits { capacity: 4, retention: Duration::from_secs(60), retention_bytes: 1 << 20, queued_bytes: 1 << 20, workers: 2 };
+        let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::new(limits));
+        let slot = |name: &str, device| WorkerSlot { name: name.into(), device, batch: 1 };
+        let slots = [slot("cpu-0", DeviceSpec::Cpu), slot("cuda:99-0", DeviceSpec::Cuda(99))];
+        let small = FitOptions { size: 32, features: 8, ..FitOptions::default() };
+        let warming = Warming::new(slots.len(), small);
+        let threads = spawn(queue.clone(), &slots, Duration::ZERO, 0, Arc::new(Metrics::default()), Some(&warming));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while warming.left() > 0 {
+            assert!(Instant::now() < deadline, "{} workers still warming up", warming.left());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(warming.done());
+        queue.close();
+        for t in threads {
+            t.join().unwrap();
         }
     }
 

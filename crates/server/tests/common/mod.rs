@@ -57,6 +57,9 @@ pub fn config() -> Config {
     // `disk` is a bright disk on a dark field: nothing dark inside anything, so its foreground
     // is empty, and by default every such job would be fitted twice (tests/refit.rs covers that).
     c.workers.foreground_refits = Some(0);
+    // The workers' warm-up (0.1 s each here) would hold every test server NOT_SERVING for its
+    // while; tests/warm_up.rs covers it.
+    c.workers.warm_up = Some(false);
     // Many servers run at once in a test binary: each gets its own metrics port.
     c.metrics.listen = "127.0.0.1:0".into();
     c

@@ -1,0 +1,49 @@
+//! Through the service: with `workers.warm_up` (the default) health reports NOT_SERVING while
+//! the workers warm their devices up (`s3net_model::warm_up`), then SERVING; a job submitted
+//! meanwhile waits in the queue and completes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use s3net_server::pb;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_serving_until_the_workers_are_warm() {
+    let mut cfg = config();
+    cfg.workers.warm_up = None; // the default: on
+    let (server, url) = start(cfg).await;
+    let ch = tonic::transport::Channel::from_shared(url.clone()).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(ch);
+    let mut status = async |service: &str| {
+        let r = health.check(HealthCheckRequest { service: service.into() }).await;
+        r.expect("health check").into_inner().status
+    };
+    // The warm-up takes about 0.1 s here; the first checks come within milliseconds.
+    assert_eq!(status("").await, NOT_SERVING);
+    assert_eq!(status("s3net.v1.Segmenter").await, NOT_SERVING);
+
+    // A job submitted now waits for its worker's warm-up, then runs.
+    let mut c = client(&url).await;
+    let id = submit(&mut c, disk(24, 20), quick()).await;
+
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        match status("").await {
+            SERVING => break,
+            s => assert_eq!(s, NOT_SERVING, "only NOT_SERVING comes before SERVING"),
+        }
+        assert!(Instant::now() < until, "still NOT_SERVING after 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(status("s3net.v1.Segmenter").await, SERVING);
+    let j = wait_final(&mut c, &id, Duration::from_secs(60)).await;
+    assert_eq!(j.state, pb::JobState::Completed as i32);
+
+    server.shutdown().await.unwrap();
+}
