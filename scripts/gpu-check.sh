@@ -87,7 +87,9 @@ serve_jobs() {  # tag, then extra `s3net serve` flags
   S3NET__QUEUE__CAPACITY=${S3NET__QUEUE__CAPACITY:-1024} \
     ./s3net serve --addr 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 "$@" > "$log" 2>&1 &
   local pid=$!
+  # SERVING once every worker has warmed up (workers.warm_up): the clock starts after that.
   for _ in $(seq 60); do ./s3net client health > /dev/null 2>&1 && break; sleep 0.5; done
+  grep -h "worker warmed up" "$log" | sed 's/.*worker=/warm-up: worker=/' >> "$S"
   local t0 t1 n=0 ok subs=() watchers=()
   t0=$(date +%s.%N)
   for seed in ${JOB_SEEDS:-1 2}; do
