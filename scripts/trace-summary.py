@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Adds up an operator-level trace (`s3net bench fit --trace FILE`, a Kineto Chrome trace) per op.
 
-On a GPU: every CUDA kernel's time is charged to the aten op that launched it (the trace links
-them by "External id"), grouped by that op, its input shapes and types, and the autograd node
-it ran in (its backward, or "forward"). On the CPU (no kernels in the trace): each op's self
+On a GPU: every CUDA kernel's time is charged to the op that launched it (the trace links them
+by "External id": an aten op, or one of ours, `s3net::…`, whose scope ops.cpp opens), grouped by
+that op, its input shapes and types, and the autograd node it ran in (its backward, or
+"forward"). On the CPU (no kernels in the trace): each op's self
 time (its duration less its children's), grouped the same way. Prints the top groups, then the
 kernels of the top ones: what a per-kernel profile (ncu) cannot say is which op asked for a
 copy or an add.

@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
@@ -2732,11 +2733,17 @@ at::Tensor cat_per_model(const std::vector<at::Tensor>& parts, int64_t models) {
 }  // namespace
 extern "C" {
 
+// Each op below opens a profiler scope named s3net::<op> (RECORD_FUNCTION; free when no profiler
+// runs), so an operator-level trace (`s3net bench fit --trace`) charges the kernels our ops
+// launch in their forward to them: without it, a GPU trace left 31 % of a step's kernel time
+// to no op (2026-11-28). Their backward runs inside the autograd node the engine records.
+
 // Returns 0 and a new tensor in *out, or non-zero and a malloc'd message in *err.
 int s3ops_depthwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
                            const at::Tensor* bias, int64_t pad, int64_t dil, at::Tensor** out,
                            char** err) {
   S3_PROTECT({
+    RECORD_FUNCTION("s3net::depthwise_conv2d", std::vector<c10::IValue>({*input, *weight}));
     *out = nullptr;
     *err = nullptr;
     *out = new at::Tensor(depthwise_any(*input, *weight, bias, pad, dil));
@@ -2750,6 +2757,7 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
                              const at::Tensor* const* biases, const int64_t* geometry,
                              int64_t models, at::Tensor** out, char** err) {
   S3_PROTECT({
+    RECORD_FUNCTION("s3net::depthwise_branches", std::vector<c10::IValue>({*input}));
     *out = nullptr;
     *err = nullptr;
     const char* nm = "depthwise_branches: ";
@@ -2806,6 +2814,7 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
 int s3ops_pointwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
                            const at::Tensor* bias, int64_t models, at::Tensor** out, char** err) {
   S3_PROTECT({
+    RECORD_FUNCTION("s3net::pointwise_conv2d", std::vector<c10::IValue>({*input, *weight}));
     *out = nullptr;
     *err = nullptr;
     std::optional<at::Tensor> b;
@@ -2821,6 +2830,7 @@ int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const
                         const at::Tensor* weight, const at::Tensor* bias, const int64_t* geometry,
                         at::Tensor** out, char** err) {
   S3_PROTECT({
+    RECORD_FUNCTION("s3net::deform_conv2d", std::vector<c10::IValue>({*input, *offset, *weight}));
     *out = nullptr;
     *err = nullptr;
     // On CUDA, bfloat16 features stay bfloat16 (the kernels read and write them, the GEMMs run
@@ -2847,6 +2857,7 @@ int s3ops_deform_conv2d(const at::Tensor* input, const at::Tensor* offset, const
 int s3ops_pixel_losses(const at::Tensor* logits, const at::Tensor* target, int continuity,
                        at::Tensor** outs, char** err) {
   S3_PROTECT({
+    RECORD_FUNCTION("s3net::pixel_losses", std::vector<c10::IValue>({*logits}));
     outs[0] = outs[1] = outs[2] = nullptr;
     *err = nullptr;
     const char* nm = "pixel_losses: ";
@@ -2888,6 +2899,7 @@ int s3ops_pixel_losses(const at::Tensor* logits, const at::Tensor* target, int c
 // libtorch's. Never part of a graph (an argmax has no gradient).
 int s3ops_argmax_channels(const at::Tensor* input, at::Tensor** out, char** err) {
   S3_PROTECT({
+    RECORD_FUNCTION("s3net::argmax_channels", std::vector<c10::IValue>({*input}));
     *out = nullptr;
     *err = nullptr;
     const at::Tensor& x = *input;
@@ -2906,6 +2918,7 @@ int s3ops_argmax_channels(const at::Tensor* input, at::Tensor** out, char** err)
 int s3ops_plane_norm(const at::Tensor* input, const at::Tensor* gamma, const at::Tensor* beta,
                      double eps, at::Tensor** out, char** err) {
   S3_PROTECT({
+    RECORD_FUNCTION("s3net::plane_norm", std::vector<c10::IValue>({*input}));
     *out = nullptr;
     *err = nullptr;
     const char* nm = "plane_norm: ";
@@ -2939,6 +2952,7 @@ int s3ops_plane_norm(const at::Tensor* input, const at::Tensor* gamma, const at:
 int s3ops_sgd_step(const at::Tensor* const* params, const at::Tensor* const* velocity, int64_t n,
                    double lr, double momentum, char** err) {
   S3_PROTECT({
+    RECORD_FUNCTION("s3net::sgd_step", std::vector<c10::IValue>());
     *err = nullptr;
     at::NoGradGuard no_grad;
     std::vector<at::Tensor> p, v, g;
