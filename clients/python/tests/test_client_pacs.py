@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -529,3 +530,70 @@ def test_the_bridge_segments_every_frame_of_a_multi_frame_image_when_asked(serve
         assert derived.ReferencedSOPInstanceUID == volume.SOPInstanceUID
         frames.append(int(derived.ReferencedFrameNumber))
     assert sorted(frames) == [1, 2, 3]
+
+
+class Destination:
+    """A pynetdicom storage SCP as the bridge's destination: counts the associations it
+    accepts and the Segmentations it stores, and closes an association that sends nothing
+    for `idle` seconds, as a PACS does."""
+
+    def __init__(self, idle: float) -> None:
+        from pynetdicom import evt
+        from pynetdicom.sop_class import SegmentationStorage
+
+        self.accepted = self.stored = 0
+        ae = AE(ae_title="DEST")
+        ae.add_supported_context(SegmentationStorage)
+        ae.network_timeout = idle
+
+        def accepted(_event: Any) -> None:
+            self.accepted += 1
+
+        def store(_event: Any) -> int:
+            self.stored += 1
+            return 0x0000
+
+        self.port = free_port()
+        handlers = [(evt.EVT_ACCEPTED, accepted), (evt.EVT_C_STORE, store)]
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def test_the_bridge_keeps_its_association_to_the_destination_between_images(server) -> None:
+    """(1) Three images sent one after another: their Segmentations go over one association
+    (kept open `keep_association` seconds after each store), counted in the metrics. (2) A
+    destination that closes the kept association when idle: the next image's Segmentation goes
+    over a new one at once, without a retry. (3) `keep_association=0`: one association per
+    image, as before it was kept."""
+    ct = pydicom.dcmread(CT)
+    patient, hasty = Destination(idle=60), Destination(idle=1)
+    try:
+        with Client(server.addr) as client:
+            for destination, keep in ((patient, 30.0), (hasty, 30.0), (patient, 0.0)):
+                port = free_port()
+                bridge = Bridge(
+                    client, Node("DEST", "127.0.0.1", destination.port), host="127.0.0.1", port=port,
+                    keep_association=keep, options=FAST,
+                ).start()
+                before = destination.accepted
+                try:
+                    for n in (1, 2, 3) if destination is patient else (1, 2):
+                        if destination is hasty and n == 2:
+                            time.sleep(3)  # the destination closes the idle association
+                        assert c_store(port, [ct], calling="PACS") == [0x0000]
+                        wait_until(lambda: bridge.stored == n, timeout=120)
+                    made = destination.accepted - before
+                    if destination is patient and keep > 0:
+                        assert made == 1
+                        assert "s3net_bridge_destination_associations_total 1\n" in bridge.metrics_text()
+                    else:
+                        assert made == bridge.stored, (keep, made)
+                    assert bridge.deferred == 0 and bridge.failed == 0
+                finally:
+                    bridge.stop()
+        assert (patient.stored, hasty.stored) == (6, 2)
+    finally:
+        patient.stop()
+        hasty.stop()

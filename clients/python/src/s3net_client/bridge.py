@@ -177,6 +177,83 @@ class _Image:
         return self.data if isinstance(self.data, Path) else None
 
 
+class _Outbound:
+    """The association to the destination, kept open for ``keep`` seconds after its last
+    C-STORE, so that the images of a series share one instead of negotiating one each (with
+    ``destination_tls``, a TLS handshake each). The bridge's workers take turns on it: a store
+    takes milliseconds, a fit about a second. A kept association the destination closed
+    meanwhile (a PACS closes idle ones after its own timeout) is replaced at once, and the
+    Segmentations it did not answer for are sent again on the new one."""
+
+    def __init__(self, node: "Node", ae_title: str, tls: Optional[ssl.SSLContext], keep: float) -> None:
+        self.node, self.ae_title, self.keep = node, ae_title, keep
+        self._tls = (tls, node.host) if tls is not None else None
+        self._lock = threading.Lock()
+        self._association: Any = None
+        self._timer: Optional[threading.Timer] = None
+        self._stores = 0  # calls of store(): an idle timer that fired late sees it has moved
+        self.associations = 0  # associations established so far
+
+    def store(self, datasets: List[Any]) -> Optional[List[Optional[int]]]:
+        """C-STOREs ``datasets``; their status codes (None: no answer), or None when no
+        association could be established."""
+        with self._lock:
+            self._stores += 1
+            if self._timer is not None:
+                self._timer.cancel()
+            reused = self._association is not None and self._association.is_established
+            association = self._association if reused else self._open()
+            if association is None:
+                return None
+            codes = [getattr(association.send_c_store(ds), "Status", None) for ds in datasets]
+            if reused and any(c is None for c in codes) and not association.is_established:
+                # Closed by the destination while it was kept: once more on a new one.
+                log.info("the kept association to %s was closed; associating again", self.node.ae_title)
+                association = self._open()
+                if association is not None:
+                    for i, ds in enumerate(datasets):
+                        if codes[i] is None:
+                            codes[i] = getattr(association.send_c_store(ds), "Status", None)
+            if self._association is not None and self._association.is_established and self.keep > 0:
+                self._timer = threading.Timer(self.keep, self._release_if_idle, args=(self._stores,))
+                self._timer.daemon = True
+                self._timer.start()
+            else:
+                self._release()
+            return codes
+
+    def close(self) -> None:
+        """Releases the kept association, if any."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._release()
+
+    def _open(self) -> Any:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import SegmentationStorage
+
+        self._release()
+        ae = AE(ae_title=self.ae_title)
+        ae.add_requested_context(SegmentationStorage, "1.2.840.10008.1.2.1")
+        association = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, tls_args=self._tls)
+        if not association.is_established:
+            return None
+        self.associations += 1
+        self._association = association
+        return association
+
+    def _release(self) -> None:
+        if self._association is not None and self._association.is_established:
+            self._association.release()
+        self._association = None
+
+    def _release_if_idle(self, stores: int) -> None:
+        with self._lock:
+            if self._stores == stores:  # no store since this timer was armed
+                self._release()
+
+
 def _segs_dir(image: Path) -> Path:
     return image.with_suffix(".segs")
 
@@ -203,7 +280,8 @@ class Bridge:
     whatever the folder holds.
 
     ``scp_tls`` (an ``ssl.SSLContext``, see ``dicom_tls``) makes the port speak TLS only;
-    ``destination_tls`` stores over TLS. ``allowed`` (AE titles) refuses associations from
+    ``destination_tls`` stores over TLS. The association to the destination stays open
+    ``keep_association`` seconds after a store, for the next image's (0: one per image). ``allowed`` (AE titles) refuses associations from
     any other calling AE.
 
     A multi-frame image (an enhanced CT or MR volume, a cine loop) is segmented on its first
@@ -229,6 +307,7 @@ class Bridge:
         scp_tls: Optional[ssl.SSLContext] = None,
         destination_tls: Optional[ssl.SSLContext] = None,
         all_frames: bool = False,
+        keep_association: float = 5.0,
     ) -> None:
         try:
             from pynetdicom import AE, evt
@@ -262,6 +341,7 @@ class Bridge:
             self._ae.require_calling_aet = list(allowed)
         self._address = (host, port)
         self._scp_tls, self._destination_tls = scp_tls, destination_tls
+        self._outbound = _Outbound(destination, ae_title, destination_tls, keep_association)
         self._handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
         self._server: Any = None
 
@@ -303,6 +383,7 @@ class Bridge:
             self._work.put(None)  # after the images queued: each worker ends on one
         for w in self._workers:
             w.join()
+        self._outbound.close()
         kept = [i for i in self._retry if i.spooled is not None]
         lost = len(self._retry) - len(kept)
         if kept:
@@ -469,24 +550,15 @@ class Bridge:
         os.replace(part, final)
 
     def _send(self, segmentations: List[bytes]) -> str:
-        """C-STOREs `segmentations` to the destination in one association: "stored", "later"
-        (unreachable, busy, or the connection dropped) or "failed" (a refusal of the data)."""
+        """C-STOREs `segmentations` to the destination: "stored", "later" (unreachable, busy,
+        or the connection dropped) or "failed" (a refusal of the data)."""
         import pydicom
-        from pynetdicom import AE
-        from pynetdicom.sop_class import SegmentationStorage
 
         d = self.destination
-        tls = (self._destination_tls, d.host) if self._destination_tls is not None else None
+        datasets = [pydicom.dcmread(io.BytesIO(s)) for s in segmentations]
         for attempt in range(CONNECT_ATTEMPTS):
-            ae = AE(ae_title=self._ae.ae_title)
-            ae.add_requested_context(SegmentationStorage, "1.2.840.10008.1.2.1")
-            association = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=tls)
-            if association.is_established:
-                try:
-                    statuses = [association.send_c_store(pydicom.dcmread(io.BytesIO(s))) for s in segmentations]
-                finally:
-                    association.release()
-                codes = [getattr(s, "Status", None) for s in statuses]
+            codes = self._outbound.store(datasets)
+            if codes is not None:
                 if all(c == 0x0000 for c in codes):
                     return "stored"
                 # No answer (the connection dropped) or "out of resources" (0xA7xx): try later.
@@ -518,6 +590,7 @@ class Bridge:
             values = dict(
                 deferred=self.deferred, refused=self.refused, rejected=self.rejected,
                 waiting=self._waiting, held=len(self._retry), in_flight=self._in_flight,
+                associations=self._outbound.associations,
             )
         lines = [
             "# HELP s3net_bridge_images_total Images received by C-STORE, and what became of them.",
@@ -532,6 +605,9 @@ class Bridge:
             "# HELP s3net_bridge_rejected_associations_total Associations refused: calling AE title not allowed.",
             "# TYPE s3net_bridge_rejected_associations_total counter",
             f"s3net_bridge_rejected_associations_total {values['rejected']}",
+            "# HELP s3net_bridge_destination_associations_total Associations established to the destination (kept open between images: --keep-association).",
+            "# TYPE s3net_bridge_destination_associations_total counter",
+            f"s3net_bridge_destination_associations_total {values['associations']}",
             "# HELP s3net_bridge_waiting Images waiting for a fit or a retry.",
             "# TYPE s3net_bridge_waiting gauge",
             f"s3net_bridge_waiting {values['waiting']}",
@@ -629,6 +705,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--dicom-tls-key", type=Path, help="PEM key of that certificate")
     d.add_argument("--dicom-tls-ca", type=Path, help="PEM CAs: callers must present a certificate they signed; checks the destination's")
     d.add_argument("--destination-tls", action="store_true", help="store to the destination over TLS")
+    d.add_argument("--keep-association", type=float, default=5.0, metavar="S", help="seconds the association to the destination stays open after a store, for the next image's (default 5; 0: one per image)")
     q = p.add_argument_group("queue")
     q.add_argument("--concurrency", type=int, default=2, help="fits in flight (default 2)")
     q.add_argument("--max-pending", type=int, default=64, help="images waiting (for a fit or a retry) before C-STOREs are refused (default 64)")
@@ -661,6 +738,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             spool=args.spool, options=options, retry_interval=args.retry_interval,
             retry_for=args.retry_for, allowed=args.allow, scp_tls=scp_tls,
             destination_tls=client_tls if args.destination_tls else None, all_frames=args.all_frames,
+            keep_association=args.keep_association,
         )
         try:
             metrics = bridge.serve_metrics(*args.metrics_listen) if args.metrics_listen else None
