@@ -597,3 +597,25 @@ def test_the_bridge_keeps_its_association_to_the_destination_between_images(serv
     finally:
         patient.stop()
         hasty.stop()
+
+
+def test_a_spooled_images_retry_clock_counts_from_its_arrival_not_from_the_start(tmp_path) -> None:
+    """An image left in the spool two days ago (its file's name says when it came) is given up
+    at its first failed try by a bridge started now with a day's `retry_for`; one that came a
+    minute ago is kept for a retry."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    now = time.time_ns()
+    old, recent = spool / f"{now - 2 * 86400 * 10**9}-1-0.dcm", spool / f"{now - 60 * 10**9}-1-1.dcm"
+    for path in (old, recent):
+        shutil.copy(CT, path)
+    with Client(f"127.0.0.1:{free_port()}", retries=0, timeout=5) as nowhere:
+        bridge = Bridge(
+            nowhere, Node("DEST", "127.0.0.1", free_port()), host="127.0.0.1", port=free_port(),
+            spool=spool, retry_interval=600, retry_for=86400, options=FAST,
+        ).start()
+        try:
+            wait_until(lambda: bridge.failed == 1 and bridge.deferred == 1, timeout=60)
+        finally:
+            bridge.stop()
+    assert not old.exists() and recent.exists()

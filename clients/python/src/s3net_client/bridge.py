@@ -409,7 +409,9 @@ class Bridge:
         for path in sorted(self._spool.glob("*.dcm")):
             segs_dir = _segs_dir(path)
             segs = [p.read_bytes() for p in sorted(segs_dir.glob("*.dcm"))] if segs_dir.is_dir() else None
-            left.append(_Image(0.0, next(self._names), path, _uid_of(path), segs or None))
+            image = _Image(0.0, next(self._names), path, _uid_of(path), segs or None)
+            image.received = _received(path)
+            left.append(image)
         if left:
             ready = sum(1 for i in left if i.segmentations)
             log.info("%d image(s) left in %s taken up again (%d with their Segmentations made)", len(left), self._spool, ready)
@@ -647,6 +649,18 @@ class Bridge:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True, name="s3net-bridge-metrics").start()
         return server
+
+
+def _received(path: Path) -> float:
+    """When a spooled image arrived, on ``time.monotonic``'s clock: its file's name starts with
+    the wall-clock time it was written (nanoseconds), so ``retry_for`` counts from its arrival,
+    not from the bridge's last start (a bridge restarted daily would otherwise keep an image
+    its destination never takes for ever). Now, for a name that does not say."""
+    try:
+        written = int(path.name.split("-", 1)[0]) / 1e9
+    except ValueError:
+        return time.monotonic()
+    return time.monotonic() - max(0.0, time.time() - written)
 
 
 def _uid_of(path: Path) -> str:
