@@ -46,6 +46,7 @@ class Server:
         self.log: collections.deque = collections.deque(maxlen=400)
         self.addr: Optional[str] = None
         self.proc: Optional[subprocess.Popen] = None
+        self.warm = threading.Event()
 
     def start(self, timeout: float = 60.0) -> "Server":
         if not BIN.exists():
@@ -70,6 +71,11 @@ class Server:
         if not ready.wait(timeout) or self.addr is None:
             self.stop()
             raise RuntimeError("s3net serve did not start:\n" + "\n".join(self.log))
+        # Ready as a client that heeds health sees it: after the workers' warm-up (unless it is
+        # switched off), so no test's first jobs wait behind it.
+        if env.get("S3NET__WORKERS__WARM_UP", "true") != "false" and not self.warm.wait(timeout):
+            self.stop()
+            raise RuntimeError("s3net serve did not warm up:\n" + "\n".join(self.log))
         return self
 
     def _read(self, ready: threading.Event) -> None:
@@ -83,7 +89,10 @@ class Server:
                     m = _ADDR.search(line)
                     self.addr = m.group(1) if m else None
                 ready.set()
+            if "every worker warmed up" in line:
+                self.warm.set()
         ready.set()  # the process ended (before serving, or at shutdown)
+        self.warm.set()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -79,10 +79,17 @@ def test_leaving_early_cancels_the_fits_in_flight(two_workers) -> None:
         def ours():
             return [j for j in client.list_jobs() if j.submitted_at >= started]
 
-        # The two fits in flight are cancelled (at their next step); the three not yet sent
-        # never were.
-        jobs = wait_until(lambda: all(j.state == JobState.CANCELLED for j in ours()) and ours(), timeout=30)
-    assert len(jobs) == 2, jobs
+        # The fits in flight are cancelled (at their next step); the three not yet sent never
+        # were. In flight: the two PH2 calls beside the refused one, of which the second may
+        # have been cancelled while its 0.7 MB request was still on its way, before the server
+        # made it a job (seen in a CI run): one or two jobs, all cancelled, and no more later.
+        def settled():
+            return all(j.state == JobState.CANCELLED for j in ours()) and ours()
+
+        wait_until(settled, timeout=30)
+        time.sleep(1.0)  # a request still on its way when the call was cancelled
+        jobs = wait_until(settled, timeout=30)
+    assert 1 <= len(jobs) <= 2, jobs
 
 
 def test_the_async_client_does_the_same(two_workers) -> None:
