@@ -280,26 +280,6 @@ fn device_sync(dev: tch::Device) -> impl Fn() {
     }
 }
 
-/// A deterministic test card: a dark disc with soft edges on a textured background.
-pub fn synthetic_image(size: u32, grey: bool) -> Image {
-    let c = if grey { 1 } else { 3 };
-    let n = (size * size) as usize;
-    let mut data = vec![0f32; n * c];
-    for y in 0..size {
-        for x in 0..size {
-            let (fx, fy) = (x as f32 / size as f32 - 0.5, y as f32 / size as f32 - 0.45);
-            let r = (fx * fx + fy * fy).sqrt();
-            let disc = 1.0 / (1.0 + ((r - 0.25) * 40.0).exp());
-            let tex = 0.05 * ((x as f32 * 0.3).sin() * (y as f32 * 0.2).cos());
-            for ch in 0..c {
-                let base = 0.8 - 0.1 * ch as f32;
-                data[ch * n + (y * size + x) as usize] = (base - 0.55 * disc + tex).clamp(0.0, 1.0);
-            }
-        }
-    }
-    Image { width: size, height: size, channels: c as u8, data, kind: if grey { ImageKind::Grey } else { ImageKind::Colour } }
-}
-
 fn fit(b: FitBench) -> Result<()> {
     let mut opts = b.fit.options()?;
     // Time every step: no early stop.
@@ -309,7 +289,7 @@ fn fit(b: FitBench) -> Result<()> {
     if b.emulate_cuda && resolved != tch::Device::Cpu {
         anyhow::bail!("--emulate-cuda runs the GPU's code paths on the CPU: use it with --device cpu");
     }
-    let image = Arc::new(synthetic_image(opts.size as u32, b.grey));
+    let image = Arc::new(s3net_model::warm::test_card(opts.size as u32, b.grey));
     s3net_ops::set_split_k(b.split_k.into());
     let (per_fit, per_iter, dev_name) = if b.batch_only {
         (Vec::new(), Vec::new(), s3net_model::fit::device_name(resolved))

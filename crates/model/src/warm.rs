@@ -64,28 +64,37 @@ fn run(device: Device, jobs: Vec<(usize, FitJob<'static>)>) -> Result<(), ModelE
     }
 }
 
-/// A 48×40 image of a disc on a textured background with `channels` channels: something for
-/// the clustering to find, so the fit takes its usual branches.
+/// A warm-up job on [`test_card`] with `channels` channels (1 or 3).
 fn job(channels: u8, opts: FitOptions) -> FitJob<'static> {
-    let (w, h) = (48u32, 40u32);
-    let n = (w * h) as usize;
-    let mut data = vec![0f32; n * channels as usize];
-    for y in 0..h {
-        for x in 0..w {
-            let (fx, fy) = (x as f32 / w as f32 - 0.5, y as f32 / h as f32 - 0.5);
-            let v = if fx * fx + fy * fy < 0.06 { 0.3 } else { 0.7 } + 0.05 * ((x * 5 + y * 3) % 7) as f32 / 7.0;
-            for c in 0..channels as usize {
-                data[c * n + (y * w + x) as usize] = v - 0.05 * c as f32;
-            }
-        }
-    }
-    let kind = if channels == 1 { ImageKind::Grey } else { ImageKind::Colour };
     FitJob {
-        image: Arc::new(Image { width: w, height: h, channels, data, kind }),
+        image: Arc::new(test_card(48, channels == 1)),
         opts,
         progress: Box::new(|_| {}),
         cancel: Box::new(|| false),
     }
+}
+
+/// A deterministic test card, `size`² pixels, grey or colour: a dark disc with soft edges on a
+/// textured background, something for the clustering to find, so a fit takes its usual
+/// branches. The warm-up's input, and `s3net bench fit`'s.
+pub fn test_card(size: u32, grey: bool) -> Image {
+    let c = if grey { 1 } else { 3 };
+    let n = (size * size) as usize;
+    let mut data = vec![0f32; n * c];
+    for y in 0..size {
+        for x in 0..size {
+            let (fx, fy) = (x as f32 / size as f32 - 0.5, y as f32 / size as f32 - 0.45);
+            let r = (fx * fx + fy * fy).sqrt();
+            let disc = 1.0 / (1.0 + ((r - 0.25) * 40.0).exp());
+            let tex = 0.05 * ((x as f32 * 0.3).sin() * (y as f32 * 0.2).cos());
+            for ch in 0..c {
+                let base = 0.8 - 0.1 * ch as f32;
+                data[ch * n + (y * size + x) as usize] = (base - 0.55 * disc + tex).clamp(0.0, 1.0);
+            }
+        }
+    }
+    let kind = if grey { ImageKind::Grey } else { ImageKind::Colour };
+    Image { width: size, height: size, channels: c as u8, data, kind }
 }
 
 #[cfg(test)]
