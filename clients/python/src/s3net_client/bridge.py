@@ -190,17 +190,14 @@ class _Outbound:
         self._tls = (tls, node.host) if tls is not None else None
         self._lock = threading.Lock()
         self._association: Any = None
-        self._timer: Optional[threading.Timer] = None
-        self._stores = 0  # calls of store(): an idle timer that fired late sees it has moved
+        self._timer: Optional[threading.Timer] = None  # one at a time, while an association is kept
+        self._last = 0.0  # when the last store ended (time.monotonic)
         self.associations = 0  # associations established so far
 
     def store(self, datasets: List[Any]) -> Optional[List[Optional[int]]]:
         """C-STOREs ``datasets``; their status codes (None: no answer), or None when no
         association could be established."""
         with self._lock:
-            self._stores += 1
-            if self._timer is not None:
-                self._timer.cancel()
             reused = self._association is not None and self._association.is_established
             association = self._association if reused else self._open()
             if association is None:
@@ -214,10 +211,10 @@ class _Outbound:
                     for i, ds in enumerate(datasets):
                         if codes[i] is None:
                             codes[i] = getattr(association.send_c_store(ds), "Status", None)
+            self._last = time.monotonic()
             if self._association is not None and self._association.is_established and self.keep > 0:
-                self._timer = threading.Timer(self.keep, self._release_if_idle, args=(self._stores,))
-                self._timer.daemon = True
-                self._timer.start()
+                if self._timer is None:
+                    self._arm(self.keep)
             else:
                 self._release()
             return codes
@@ -227,6 +224,7 @@ class _Outbound:
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
+                self._timer = None
             self._release()
 
     def _open(self) -> Any:
@@ -248,10 +246,21 @@ class _Outbound:
             self._association.release()
         self._association = None
 
-    def _release_if_idle(self, stores: int) -> None:
+    def _arm(self, delay: float) -> None:
+        self._timer = threading.Timer(delay, self._release_if_idle)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _release_if_idle(self) -> None:
+        """Releases the association once it has been idle ``keep`` seconds; a store since the
+        timer was armed sets it again for the rest of that time."""
         with self._lock:
-            if self._stores == stores:  # no store since this timer was armed
+            self._timer = None
+            idle = time.monotonic() - self._last
+            if idle >= self.keep:
                 self._release()
+            elif self._association is not None:
+                self._arm(self.keep - idle)
 
 
 def _segs_dir(image: Path) -> Path:
