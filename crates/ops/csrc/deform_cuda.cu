@@ -42,7 +42,8 @@ __device__ __forceinline__ Corners<T> corners(T y, T x, int64_t H, int64_t W) {
     r.idx[q] = 0;
     r.w[q] = r.cy[q] = r.cx[q] = T(0);
   }
-  if (y <= T(-1) || y >= T(H) || x <= T(-1) || x >= T(W)) return r;
+  // Written so that a NaN position reads nothing too (its corners would be garbage indices).
+  if (!(y > T(-1) && y < T(H) && x > T(-1) && x < T(W))) return r;
   const T yf = floor(y), xf = floor(x);
   const int64_t yl = (int64_t)yf, xl = (int64_t)xf;
   const T ly = y - yf, lx = x - xf, hy = T(1) - ly, hx = T(1) - lx;

@@ -704,6 +704,17 @@ fn bilinear(p: &[f64], h: usize, w: usize, y: f64, x: f64) -> f64 {
 /// same selects as any other.
 #[test]
 fn samples_on_and_beyond_the_edges() {
+    edge_samples();
+}
+
+/// The same edge samples through the CUDA kernels, on their emulation: a NaN position read
+/// garbage corner indices there before (2026-11-28), and the backward added to them.
+#[test]
+fn emulated_samples_on_and_beyond_the_edges() {
+    checks::on_emulated_kernels(edge_samples);
+}
+
+fn edge_samples() {
     let (c, h, w, o) = (3usize, 5usize, 6usize, 2usize);
     let opts = (Kind::Double, Device::Cpu);
     tch::manual_seed(21);
