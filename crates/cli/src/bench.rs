@@ -139,6 +139,11 @@ pub struct OpBench {
     /// Print only the JSON object.
     #[arg(long)]
     pub json: bool,
+    /// `bench deform` only: the standard deviation, in pixels, of the random offsets (2, a few
+    /// pixels, as the shape has them; a fit's free offsets stay under 0.01 pixel, so
+    /// 0.01 times the samples as a fit lays them out).
+    #[arg(long, default_value_t = 2.0)]
+    pub offset_std: f64,
 }
 
 impl OpBench {
@@ -481,7 +486,7 @@ fn deform(b: OpBench) -> Result<()> {
     let (c, s) = (b.channels, b.size);
     tch::manual_seed(0);
     let x = Tensor::randn([1, c, s, s], o).set_requires_grad(true);
-    let off = (Tensor::randn([1, 18, s, s], o) * 2.0).set_requires_grad(true);
+    let off = (Tensor::randn([1, 18, s, s], o) * b.offset_std).set_requires_grad(true);
     let mask = Tensor::rand([1, 9, s, s], o).set_requires_grad(true);
     let w = (Tensor::randn([c, c, 3, 3], o) * 0.05).set_requires_grad(true);
     let bias = Tensor::zeros([c], o).set_requires_grad(true);
@@ -499,7 +504,7 @@ fn deform(b: OpBench) -> Result<()> {
         "tensor_ops": time(&tensor_ops)?,
         "device": format!("{dev:?}"),
         "fused_cuda_kernel_built": s3net_ops::cuda_compiled(),
-        "shape": { "input": [1, c, s, s], "kernel": [3, 3], "padding": 1 },
+        "shape": { "input": [1, c, s, s], "kernel": [3, 3], "padding": 1, "offset_std": b.offset_std },
     });
     print_op_bench(out, "deformable conv", &b)
 }

@@ -142,6 +142,150 @@ __global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
   }
 }
 
+// The input gradient summed in shared memory first (`col2im_tiled`, S3NET_DEFORM_TILED=1): the
+// same three gradients as col2im_kernel, but a block takes a tile of kTileW × kTileH outputs of
+// one image, and the four corners' contributions that fall in the input region its samples
+// reach when every offset is under a pixel (the tile's span plus one pixel around) are added
+// in shared memory, for a chunk of channels at a time; the region is then added to the input
+// gradient with one global atomic per region value. Why: col2im adds 4 atomics per column value
+// into global memory (36 per input value for a 3×3 kernel), and a fit's free offsets stay far
+// under a pixel (max 0.005 after 50 steps on PH2), so nearly every sample lands in its tile's
+// region: about 1.5 global atomics per input value instead of 36. On an H100, col2im took 8 %
+// of a 16-network bfloat16 step (723 µs a launch, docs/gpu-checks/2026-11-27-h100-fusions),
+// about what L2 sustains in float atomics. Corners outside the region (larger offsets) still
+// go to global memory directly, so any offsets give the same sums up to their order.
+//
+// The offset and mask gradients are each thread's own, as in col2im: its pixel's taps, summed
+// over a chunk's channels and added to what earlier chunks wrote.
+constexpr int kTileW = 32, kTileH = 4, kTileThreads = kTileW * kTileH;
+
+// The region of input rows and columns the tile at output (ho0, wo0) samples with offsets
+// under a pixel: base positions from ho0·sh − ph to (ho0 + kTileH − 1)·sh − ph + (kh − 1)·dh, a
+// corner at most one pixel below the first (an offset in (−1, 0)) and one past the last.
+struct Region {
+  int64_t y0, x0, rows, cols;
+};
+
+__host__ __device__ inline Region tile_region(const S3DeformDims& d, int64_t ho0, int64_t wo0) {
+  return {ho0 * d.sh - d.ph - 1, wo0 * d.sw - d.pw - 1, (kTileH - 1) * d.sh + (d.kh - 1) * d.dh + 3,
+          (kTileW - 1) * d.sw + (d.kw - 1) * d.dw + 3};
+}
+
+// Shared memory the tiled kernel may take (under the 48 KiB a kernel gets without opting in),
+// and the channels of a chunk: as many region planes as fit, 0 when not even one does.
+constexpr int64_t kTileSharedLimit = 40 << 10;
+
+__host__ __device__ inline int64_t tile_chunk(const S3DeformDims& d, int64_t acc_size) {
+  const Region r = tile_region(d, 0, 0);
+  const int64_t fit = kTileSharedLimit / (r.rows * r.cols * acc_size);
+  return fit < d.C ? fit : d.C;
+}
+
+template <typename S, typename P>
+__global__ void __launch_bounds__(kTileThreads)
+    col2im_tiled_kernel(S3DeformDims d, int64_t chunk, const S* __restrict__ x,
+                        const P* __restrict__ off, const P* __restrict__ mask,
+                        const S* __restrict__ gcols, P* __restrict__ gi, P* __restrict__ goff,
+                        P* __restrict__ gmask) {
+  S3_DYNAMIC_SHARED(shm_raw);
+  P* acc = reinterpret_cast<P*>(shm_raw);
+  const int64_t HWo = d.Ho * d.Wo, HW = d.H * d.W;
+  const int64_t tiles_x = (d.Wo + kTileW - 1) / kTileW;
+  const int64_t ho0 = (int64_t)(blockIdx.x / tiles_x) * kTileH;
+  const int64_t wo0 = (int64_t)(blockIdx.x % tiles_x) * kTileW;
+  const Region rg = tile_region(d, ho0, wo0);
+  const int64_t area = rg.rows * rg.cols;
+  const int t = threadIdx.x;
+  const int64_t ho = ho0 + t / kTileW, wo = wo0 + t % kTileW;
+  const bool mine = ho < d.Ho && wo < d.Wo;
+  const int64_t p = ho * d.Wo + wo;
+  const bool coord = goff != nullptr || gmask != nullptr;
+  for (int64_t n = blockIdx.y; n < d.N; n += gridDim.y) {
+    const S* xn = x + n * d.C * HW;
+    P* gin = gi ? gi + n * d.C * HW : nullptr;
+    for (int64_t c0 = 0; c0 < d.C; c0 += chunk) {
+      const int64_t cc = d.C - c0 < chunk ? d.C - c0 : chunk;
+      if (gin) {
+        for (int64_t r = t; r < cc * area; r += kTileThreads) acc[r] = P(0);
+        __syncthreads();
+      }
+      if (mine) {
+        for (int64_t kk = 0; kk < d.K; ++kk) {
+          const Site s{n, kk, p};
+          P y, xx;
+          sample_point(d, off, s, y, xx);
+          const Corners<P> cr = corners(y, xx, d.H, d.W);
+          const P m = mask ? mask[(n * d.K + kk) * HWo + p] : P(1);
+          // Each corner's place in the region (-1: outside it, added to global memory).
+          // A sample outside the image (or NaN) has four zero weights and is skipped below; its
+          // position may be past the int range, so it is not converted.
+          const bool inside = y > P(-1) && y < P(d.H) && xx > P(-1) && xx < P(d.W);
+          const int yl = inside ? (int)floor(y) - (int)rg.y0 : -8;
+          const int xl = inside ? (int)floor(xx) - (int)rg.x0 : -8;
+          int local[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int ry = yl + (q >> 1), rx = xl + (q & 1);
+            local[q] = ry >= 0 && ry < (int)rg.rows && rx >= 0 && rx < (int)rg.cols ? ry * (int)rg.cols + rx : -1;
+          }
+          const S* g = gcols + (n * d.K + kk) * d.C * HWo + p;
+          P s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+          for (int64_t c = c0; c < c0 + cc; ++c) {
+            const P gc = widen(g[c * HWo]);
+            const int64_t base = c * HW;
+            if (coord) {
+              s0 += gc * widen(xn[base + cr.idx[0]]);
+              s1 += gc * widen(xn[base + cr.idx[1]]);
+              s2 += gc * widen(xn[base + cr.idx[2]]);
+              s3 += gc * widen(xn[base + cr.idx[3]]);
+            }
+            if (gin) {
+              P* plane = acc + (c - c0) * area;
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                if (cr.w[q] == P(0)) continue;
+                const P v = m * cr.w[q] * gc;
+                if (local[q] >= 0) {
+                  atomicAdd(plane + local[q], v);
+                } else {
+                  atomicAdd(gin + base + cr.idx[q], v);
+                }
+              }
+            }
+          }
+          if (gmask) {
+            P* gm = gmask + (n * d.K + kk) * HWo + p;
+            const P v = cr.w[0] * s0 + cr.w[1] * s1 + cr.w[2] * s2 + cr.w[3] * s3;
+            *gm = c0 == 0 ? v : *gm + v;
+          }
+          if (goff) {
+            P* o = goff + (n * 2 * d.K + 2 * kk) * HWo + p;
+            const P vy = m * (cr.cy[0] * s0 + cr.cy[1] * s1 + cr.cy[2] * s2 + cr.cy[3] * s3);
+            const P vx = m * (cr.cx[0] * s0 + cr.cx[1] * s1 + cr.cx[2] * s2 + cr.cx[3] * s3);
+            o[0] = c0 == 0 ? vy : o[0] + vy;
+            o[HWo] = c0 == 0 ? vx : o[HWo] + vx;
+          }
+        }
+      }
+      if (gin) {
+        __syncthreads();
+        // The region's sums, one atomic each (rows of the region are rows of the plane, so
+        // neighbouring threads add to neighbouring values); zeros and what lies outside the
+        // image are left out.
+        for (int64_t r = t; r < cc * area; r += kTileThreads) {
+          const P v = acc[r];
+          const int64_t c = c0 + r / area, l = r % area;
+          const int64_t yy = rg.y0 + l / rg.cols, xw = rg.x0 + l % rg.cols;
+          if (v != P(0) && yy >= 0 && yy < d.H && xw >= 0 && xw < d.W) {
+            atomicAdd(gin + c * HW + yy * d.W + xw, v);
+          }
+        }
+        __syncthreads();  // before the next chunk clears the region
+      }
+    }
+  }
+}
+
 constexpr int kThreads = 256;
 
 unsigned grid_for(const S3DeformDims& d) {
@@ -197,6 +341,40 @@ int S3_ENTRY(deform_col2im)(int dtype, const S3DeformDims* d, const void* x, con
   } else if (dtype == 2) {
     S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<Bf16, float>)(
         *d, (const Bf16*)x, (const float*)off, (const float*)mask, (const Bf16*)gcols,
+        (float*)gi, (float*)goff, (float*)gmask);
+  } else {
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+// col2im_tiled_kernel (see there): the same arguments and results as deform_col2im. Returns
+// cudaErrorInvalidConfiguration when not even one channel's region fits its shared memory (a
+// large dilation; the caller then runs deform_col2im).
+int S3_ENTRY(deform_col2im_tiled)(int dtype, const S3DeformDims* d, const void* x,
+                                   const void* off, const void* mask, const void* gcols, void* gi,
+                                   void* goff, void* gmask, void* stream) {
+  if (d->N * d->K * d->Ho * d->Wo == 0 || d->C == 0) return 0;
+  const cudaStream_t st = (cudaStream_t)stream;
+  const int64_t acc = dtype == 1 ? 8 : 4;
+  const int64_t chunk = tile_chunk(*d, acc);
+  if (chunk < 1) return (int)cudaErrorInvalidConfiguration;
+  const Region r = tile_region(*d, 0, 0);
+  const size_t shm = gi ? (size_t)(chunk * r.rows * r.cols * acc) : 0;
+  const int64_t tiles = ((d->Ho + kTileH - 1) / kTileH) * ((d->Wo + kTileW - 1) / kTileW);
+  if (tiles > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)tiles, grid_rows(d->N));
+  if (dtype == 0) {
+    S3_LAUNCH(grid, kTileThreads, shm, st, col2im_tiled_kernel<float, float>)(
+        *d, chunk, (const float*)x, (const float*)off, (const float*)mask, (const float*)gcols,
+        (float*)gi, (float*)goff, (float*)gmask);
+  } else if (dtype == 1) {
+    S3_LAUNCH(grid, kTileThreads, shm, st, col2im_tiled_kernel<double, double>)(
+        *d, chunk, (const double*)x, (const double*)off, (const double*)mask,
+        (const double*)gcols, (double*)gi, (double*)goff, (double*)gmask);
+  } else if (dtype == 2) {
+    S3_LAUNCH(grid, kTileThreads, shm, st, col2im_tiled_kernel<Bf16, float>)(
+        *d, chunk, (const Bf16*)x, (const float*)off, (const float*)mask, (const Bf16*)gcols,
         (float*)gi, (float*)goff, (float*)gmask);
   } else {
     return (int)cudaErrorInvalidValue;

@@ -449,9 +449,12 @@ class Switch {
 // cuBLAS's chunk products for 32- and 64-bit operands when their layout is left to choose
 // (gemm_nt_split_k; split_k_cuda.cu; on: 5–6 % more float32 fits per second, while for bfloat16
 // it was 10–12 % slower than the strided GEMMs, which auto keeps for 16-bit operands).
+// The fourth: the deformable conv's input gradient summed per tile in shared memory
+// (deform_cuda.cu's col2im_tiled_kernel) instead of with four global atomics per column value;
+// off until a GPU has timed it.
 Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES", true), Switch("S3NET_DW_COLUMNS", false),
-                       Switch("S3NET_SPLIT_K_KERNEL", true)};
-constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2;
+                       Switch("S3NET_SPLIT_K_KERNEL", true), Switch("S3NET_DEFORM_TILED", false)};
+constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2, kSwitchDeformTiled = 3;
 
 bool dw_columns() { return g_switches[kSwitchDwColumns].on(); }
 
@@ -489,6 +492,10 @@ bool dw_cuda_fits(const at::Tensor& in, int64_t k, int64_t p, int64_t d) {
   return kn.dw_shared_bytes(&dims, sum_bytes) <= (int64_t(48) << 10) &&
          blocks < (int64_t(1) << 31);
 }
+
+// cudaErrorInvalidConfiguration, which a launcher returns when it declines a shape before
+// launching (this file does not include the CUDA runtime's headers in every build).
+constexpr int cudaErrorInvalidConfigurationCode = 9;
 
 // Turns a kernel launcher's status into an exception naming the op and the kernel (`t`: a tensor
 // on the device it ran for).
@@ -2196,10 +2203,22 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
       auto Wt = per_image ? Wg.narrow(0, n0, nb).transpose(1, 2) : Wg.t();
       auto gcols = at::matmul(Wt, g).contiguous();  // (nb, KC, HWo)
       const DeformShape d = sub(s, nb);
-      const int rc = kernels(x).deform_col2im(
-          dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W), ptr_or_null(off, n0, 2 * s.K * HWo),
-          ptr_or_null(mask, n0, s.K * HWo), gcols.data_ptr(), ptr_or_null(gi, n0, s.C * s.H * s.W),
-          ptr_or_null(goff, n0, 2 * s.K * HWo), ptr_or_null(gmask, n0, s.K * HWo), st);
+      const void* xp = ptr_or_null(x, n0, s.C * s.H * s.W);
+      const void* op = ptr_or_null(off, n0, 2 * s.K * HWo);
+      const void* mp = ptr_or_null(mask, n0, s.K * HWo);
+      void* gip = ptr_or_null(gi, n0, s.C * s.H * s.W);
+      void* gop = ptr_or_null(goff, n0, 2 * s.K * HWo);
+      void* gmp = ptr_or_null(gmask, n0, s.K * HWo);
+      // The tiled kernel declines (invalid configuration, before launching) when not even one
+      // channel's region fits its shared memory; col2im takes any geometry.
+      int rc = cudaErrorInvalidConfigurationCode;
+      if (g_switches[kSwitchDeformTiled].on()) {
+        rc = kernels(x).deform_col2im_tiled(dtype, &d, xp, op, mp, gcols.data_ptr(), gip, gop,
+                                            gmp, st);
+      }
+      if (rc == cudaErrorInvalidConfigurationCode) {
+        rc = kernels(x).deform_col2im(dtype, &d, xp, op, mp, gcols.data_ptr(), gip, gop, gmp, st);
+      }
       kernel_check("deform_conv2d", rc, "col2im", x);
     }
   }

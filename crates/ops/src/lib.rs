@@ -864,6 +864,25 @@ pub fn set_split_k_kernel(on: bool) {
     switch(Switch::SplitKKernel, Some(on));
 }
 
+/// Whether the deformable conv's backward on a GPU sums the input gradient per tile of outputs
+/// in shared memory and adds each tile's input region to global memory once
+/// (`csrc/deform_cuda.cu`, `col2im_tiled_kernel`), rather than with four global atomics per
+/// column value (36 per input value for a 3×3 kernel): those atomics were 8 % of a 16-network
+/// bfloat16 step on an H100, about what its L2 sustains, and a fit's free offsets stay far
+/// under a pixel, so nearly every sample lands in its tile's region. The offset and mask
+/// gradients come from the same kernel. Off until a GPU has timed it: the environment variable
+/// `S3NET_DEFORM_TILED=1` (read once) or [`set_deform_tiled`] turns it on. The same values up
+/// to rounding (sums in another order). Geometries whose region does not fit shared memory
+/// (a dilation in the tens) keep the atomics.
+pub fn deform_tiled() -> bool {
+    switch(Switch::DeformTiled, None)
+}
+
+/// Turns [`deform_tiled`] on or off for this process (overrides the environment).
+pub fn set_deform_tiled(on: bool) {
+    switch(Switch::DeformTiled, Some(on));
+}
+
 /// The process-wide kernel choices (ops.cpp's `g_switches`, in its order): each at its default
 /// unless its environment variable is "1" (on) or "0" (off), read at first use, or set.
 #[derive(Clone, Copy)]
@@ -871,6 +890,7 @@ enum Switch {
     PixelLosses = 0,
     DwColumns = 1,
     SplitKKernel = 2,
+    DeformTiled = 3,
 }
 
 /// Reads a [`Switch`], setting it first when `set` says so.
