@@ -37,6 +37,9 @@ pub struct FitArgs {
     // Tuning knobs, hidden from --help's first screen but documented in the README.
     #[arg(long, hide = true)]
     pub lr: Option<f64>,
+    /// The free offsets' and mask's learning rate as a multiple of --lr.
+    #[arg(long, hide = true)]
+    pub offset_lr: Option<f64>,
     #[arg(long, hide = true)]
     pub blocks: Option<usize>,
     #[arg(long, hide = true)]
@@ -78,6 +81,7 @@ impl FitArgs {
         if let Some(v) = self.seed { o.seed = v; }
         if let Some(v) = self.features { o.features = v; }
         if let Some(v) = self.lr { o.lr = v; }
+        if let Some(v) = self.offset_lr { o.offset_lr = v; }
         if let Some(v) = self.blocks { o.blocks = v; }
         if let Some(v) = self.w_ce { o.weights.ce = v; }
         if let Some(v) = self.w_affine { o.weights.affine = v; }

@@ -810,11 +810,32 @@ fn step_tensors(
     // Per job; their sum trains each network on its own loss alone.
     let total = &l_ce * w.ce + &l_at * w.affine + &l_sp * w.spatial;
     total.sum(Kind::Float).backward();
-    s3net_ops::sgd_step(&net.parameters(), velocity, opts.lr, opts.momentum)?;
+    sgd_step(net, velocity, opts)?;
 
     let labels = labels_in_use(&target, k);
     let stats = Tensor::stack(&[&total, &l_ce, &l_at, &l_sp, &labels.to_kind(Kind::Float)], 1).detach();
     Ok([r.detach(), target, stats])
+}
+
+/// One momentum-SGD step of every parameter at `lr`, the free offsets and mask at
+/// `lr · offset_lr` (two groups of multi-tensor launches; one when their rate is the same).
+fn sgd_step(net: &S3Net, velocity: &[Tensor], opts: &FitOptions) -> Result<(), ModelError> {
+    let params = net.parameters();
+    let Some(own) = net.free_sampling_params().filter(|_| opts.offset_lr != 1.0) else {
+        return Ok(s3net_ops::sgd_step(&params, velocity, opts.lr, opts.momentum)?);
+    };
+    let (mut rest, mut rest_v, mut sampling, mut sampling_v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, (p, v)) in params.into_iter().zip(velocity).enumerate() {
+        if own.contains(&i) {
+            sampling.push(p);
+            sampling_v.push(v.shallow_clone());
+        } else {
+            rest.push(p);
+            rest_v.push(v.shallow_clone());
+        }
+    }
+    s3net_ops::sgd_step(&rest, &rest_v, opts.lr, opts.momentum)?;
+    Ok(s3net_ops::sgd_step(&sampling, &sampling_v, opts.lr * opts.offset_lr, opts.momentum)?)
 }
 
 /// The affine term's prediction: the auxiliary head's output on T(x), whose target (the
@@ -973,6 +994,7 @@ pub fn nearest(m: &LabelMap, w: u32, h: u32) -> LabelMap {
 mod tests {
     use super::*;
     use s3net_imaging::ImageKind;
+    use crate::options::OffsetMode;
 
     /// What a client reads of a libtorch failure: the message, not the C++ backtrace after it,
     /// in either of libtorch's two formats.
@@ -1015,6 +1037,40 @@ mod tests {
         let opts = FitOptions { size: 16, features: 4, iterations: 2, min_labels: 0, ..FitOptions::default() };
         let out = fit(&image, &opts, Device::Cpu, &mut |_| (), &std::sync::atomic::AtomicBool::new(false));
         assert!(out.is_ok(), "a fit after the failure: {:?}", out.err());
+    }
+
+    /// The free offsets and mask take `lr · offset_lr`, every other parameter `lr`: after one
+    /// step from zero velocity on the same gradients, the offsets and mask have moved
+    /// `offset_lr` times as far as with 1, and the rest exactly as far.
+    #[test]
+    fn free_offsets_train_at_their_own_rate() {
+        let base = FitOptions { size: 16, features: 4, offset_lr: 1.0, ..FitOptions::default() };
+        assert_eq!(base.offsets, OffsetMode::Free);
+        let x = Tensor::rand([1, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let moved = |offset_lr: f64| {
+            let opts = FitOptions { offset_lr, ..base.clone() };
+            let net = S3Net::new(7, Device::Cpu, 3, 4, opts.blocks, opts.offsets, 16, opts.kernels, opts.precision);
+            let before: Vec<Tensor> = net.parameters().iter().map(|p| p.detach().copy()).collect();
+            let velocity: Vec<Tensor> = net.parameters().iter().map(|p| p.zeros_like()).collect();
+            // Non-zero gradients everywhere: a loss that reads every output of the trunk and
+            // the response (the offsets' gradient is not zero from the first step).
+            let out = net.response(&net.trunk(&x));
+            (&out * &out).sum(Kind::Float).backward();
+            sgd_step(&net, &velocity, &opts).unwrap();
+            let own = net.free_sampling_params().unwrap();
+            let deltas: Vec<Tensor> = net.parameters().iter().zip(&before).map(|(p, b)| p.detach() - b).collect();
+            (deltas, own)
+        };
+        let ((d1, own), (d1000, _)) = (moved(1.0), moved(1000.0));
+        assert_eq!(own.len(), 2);
+        for (i, (a, b)) in d1.iter().zip(&d1000).enumerate() {
+            let scale = if own.contains(&i) { 1000.0 } else { 1.0 };
+            let gap = (a * scale - b).abs().max().double_value(&[]);
+            let size = a.abs().max().double_value(&[]) * scale;
+            // (Biases before a BatchNorm get no gradient and stay put.)
+            assert!(size > 0.0 || !own.contains(&i), "free sampling parameter {i} did not move");
+            assert!(gap <= 1e-5 * size, "parameter {i}: moved {gap} away from {scale}× the step at 1 (largest {size})");
+        }
     }
 
     /// A one-pixel cluster on a 4×4 grid vanishes when the logits are resized to the 2×2

@@ -417,6 +417,20 @@ impl S3Net {
         v
     }
 
+    /// Where the free offsets and mask sit in [`parameters`](Self::parameters) (offsets, then
+    /// mask), so that they can train at their own learning rate
+    /// ([`FitOptions::offset_lr`](crate::FitOptions::offset_lr)); None with predicted offsets.
+    pub fn free_sampling_params(&self) -> Option<std::ops::Range<usize>> {
+        match &self.offsets {
+            Offsets::Free { .. } => {
+                let blocks: usize = self.blocks.iter().map(|b| b.params().len()).sum();
+                let before = self.stem.params().len() + self.stem_bn.params().len() + blocks + self.aux.params().len() + self.aux_bn.params().len();
+                Some(before..before + 2)
+            }
+            Offsets::Predicted(_) => None,
+        }
+    }
+
     /// The same tensors as [`parameters`](Self::parameters), in the same order, to replace.
     fn parameters_mut(&mut self) -> Vec<&mut Tensor> {
         let mut v: Vec<&mut Tensor> = Vec::new();

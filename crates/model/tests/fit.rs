@@ -264,6 +264,8 @@ fn bad_options_and_images_are_invalid_arguments() {
     check(FitOptions { iterations: 0, ..tiny(Preset::Default) }, "iterations");
     check(FitOptions { size: 4, ..tiny(Preset::Default) }, "size");
     check(FitOptions { lr: f64::NAN, ..tiny(Preset::Default) }, "lr");
+    check(FitOptions { offset_lr: 0.0, ..tiny(Preset::Default) }, "offset_lr");
+    check(FitOptions { offset_lr: f64::INFINITY, ..tiny(Preset::Default) }, "offset_lr");
     check(FitOptions { min_labels: 99, ..tiny(Preset::Default) }, "min_labels");
     check(FitOptions { precision: Precision::Bfloat16, kernels: Kernels::TensorOps, ..tiny(Preset::Default) }, "bfloat16");
     let broken = Arc::new(Image { data: vec![0.0; 5], ..(*blob(16, 16, false)).clone() });
