@@ -76,6 +76,27 @@ __device__ __forceinline__ void sample_point(const S3DeformDims& d, const T* off
   x = T(wo * d.sw - d.pw + kj * d.dw) + o[HWo];
 }
 
+// Σ_c gcol · x at each corner, over one more channel (`plane`: that channel's input plane): what
+// the offset and mask gradients of a sample are made of.
+template <typename S, typename P>
+__device__ __forceinline__ void add_corner_products(P (&s)[4], P gc, const S* plane,
+                                                    const Corners<P>& cr) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) s[q] += gc * widen(plane[cr.idx[q]]);
+}
+
+// A sample's mask gradient and offset gradients (dy, dx) from its corner products.
+template <typename P>
+struct SampleGrads {
+  P mask, dy, dx;
+};
+template <typename P>
+__device__ __forceinline__ SampleGrads<P> sample_grads(const Corners<P>& cr, const P (&s)[4], P m) {
+  return {cr.w[0] * s[0] + cr.w[1] * s[1] + cr.w[2] * s[2] + cr.w[3] * s[3],
+          m * (cr.cy[0] * s[0] + cr.cy[1] * s[1] + cr.cy[2] * s[2] + cr.cy[3] * s[3]),
+          m * (cr.cx[0] * s[0] + cr.cx[1] * s[1] + cr.cx[2] * s[2] + cr.cx[3] * s[3])};
+}
+
 template <typename S, typename P>
 __global__ void im2col_kernel(S3DeformDims d, const S* __restrict__ x, const P* __restrict__ off,
                               const P* __restrict__ mask, S* __restrict__ cols) {
@@ -114,16 +135,11 @@ __global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
     const S* xn = x + s.n * d.C * HW;
     P* gin = gi ? gi + s.n * d.C * HW : nullptr;
     const S* g = gcols + (s.n * d.K + s.kk) * d.C * HWo + s.p;
-    P s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    P sums[4] = {0, 0, 0, 0};
     for (int64_t c = 0; c < d.C; ++c) {
       const P gc = widen(g[c * HWo]);
       const int64_t base = c * HW;
-      if (coord) {
-        s0 += gc * widen(xn[base + cr.idx[0]]);
-        s1 += gc * widen(xn[base + cr.idx[1]]);
-        s2 += gc * widen(xn[base + cr.idx[2]]);
-        s3 += gc * widen(xn[base + cr.idx[3]]);
-      }
+      if (coord) add_corner_products(sums, gc, xn + base, cr);
       if (gin) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -131,13 +147,14 @@ __global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
         }
       }
     }
-    if (gmask) {
-      gmask[(s.n * d.K + s.kk) * HWo + s.p] = cr.w[0] * s0 + cr.w[1] * s1 + cr.w[2] * s2 + cr.w[3] * s3;
-    }
-    if (goff) {
-      P* o = goff + (s.n * 2 * d.K + 2 * s.kk) * HWo + s.p;
-      o[0] = m * (cr.cy[0] * s0 + cr.cy[1] * s1 + cr.cy[2] * s2 + cr.cy[3] * s3);
-      o[HWo] = m * (cr.cx[0] * s0 + cr.cx[1] * s1 + cr.cx[2] * s2 + cr.cx[3] * s3);
+    if (coord) {
+      const SampleGrads<P> sg = sample_grads(cr, sums, m);
+      if (gmask) gmask[(s.n * d.K + s.kk) * HWo + s.p] = sg.mask;
+      if (goff) {
+        P* o = goff + (s.n * 2 * d.K + 2 * s.kk) * HWo + s.p;
+        o[0] = sg.dy;
+        o[HWo] = sg.dx;
+      }
     }
   }
 }
@@ -229,16 +246,11 @@ __global__ void __launch_bounds__(kTileThreads)
             local[q] = ry >= 0 && ry < (int)rg.rows && rx >= 0 && rx < (int)rg.cols ? ry * (int)rg.cols + rx : -1;
           }
           const S* g = gcols + (n * d.K + kk) * d.C * HWo + p;
-          P s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+          P sums[4] = {0, 0, 0, 0};
           for (int64_t c = c0; c < c0 + cc; ++c) {
             const P gc = widen(g[c * HWo]);
             const int64_t base = c * HW;
-            if (coord) {
-              s0 += gc * widen(xn[base + cr.idx[0]]);
-              s1 += gc * widen(xn[base + cr.idx[1]]);
-              s2 += gc * widen(xn[base + cr.idx[2]]);
-              s3 += gc * widen(xn[base + cr.idx[3]]);
-            }
+            if (coord) add_corner_products(sums, gc, xn + base, cr);
             if (gin) {
               P* plane = acc + (c - c0) * area;
 #pragma unroll
@@ -253,17 +265,18 @@ __global__ void __launch_bounds__(kTileThreads)
               }
             }
           }
-          if (gmask) {
-            P* gm = gmask + (n * d.K + kk) * HWo + p;
-            const P v = cr.w[0] * s0 + cr.w[1] * s1 + cr.w[2] * s2 + cr.w[3] * s3;
-            *gm = c0 == 0 ? v : *gm + v;
-          }
-          if (goff) {
-            P* o = goff + (n * 2 * d.K + 2 * kk) * HWo + p;
-            const P vy = m * (cr.cy[0] * s0 + cr.cy[1] * s1 + cr.cy[2] * s2 + cr.cy[3] * s3);
-            const P vx = m * (cr.cx[0] * s0 + cr.cx[1] * s1 + cr.cx[2] * s2 + cr.cx[3] * s3);
-            o[0] = c0 == 0 ? vy : o[0] + vy;
-            o[HWo] = c0 == 0 ? vx : o[HWo] + vx;
+          if (coord) {
+            // This chunk's share, added to the earlier chunks' (the thread's own values).
+            const SampleGrads<P> sg = sample_grads(cr, sums, m);
+            if (gmask) {
+              P* gm = gmask + (n * d.K + kk) * HWo + p;
+              *gm = c0 == 0 ? sg.mask : *gm + sg.mask;
+            }
+            if (goff) {
+              P* o = goff + (n * 2 * d.K + 2 * kk) * HWo + p;
+              o[0] = c0 == 0 ? sg.dy : o[0] + sg.dy;
+              o[HWo] = c0 == 0 ? sg.dx : o[HWo] + sg.dx;
+            }
           }
         }
       }
