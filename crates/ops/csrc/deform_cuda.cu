@@ -167,10 +167,11 @@ __global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
 // gradient with one global atomic per region value. Why: col2im adds 4 atomics per column value
 // into global memory (36 per input value for a 3×3 kernel), and a fit's free offsets stay far
 // under a pixel (max 0.005 after 50 steps on PH2), so nearly every sample lands in its tile's
-// region: about 1.5 global atomics per input value instead of 36. On an H100, col2im took 8 %
-// of a 16-network bfloat16 step (723 µs a launch, docs/gpu-checks/2026-11-27-h100-fusions),
-// about what L2 sustains in float atomics. Corners outside the region (larger offsets) still
-// go to global memory directly, so any offsets give the same sums up to their order.
+// region: about 2.3 global atomics per input value (an 8×36 region per 32×4 outputs) instead
+// of 36. On an H100, col2im took 8 % of a 16-network bfloat16 step (723 µs a launch,
+// docs/gpu-checks/2026-11-27-h100-fusions), about what L2 sustains in float atomics. Corners
+// outside the region (larger offsets) still go to global memory directly, so any offsets give
+// the same sums up to their order.
 //
 // The offset and mask gradients are each thread's own, as in col2im: its pixel's taps, summed
 // over a chunk's channels and added to what earlier chunks wrote.
@@ -184,8 +185,8 @@ struct Region {
 };
 
 __host__ __device__ inline Region tile_region(const S3DeformDims& d, int64_t ho0, int64_t wo0) {
-  return {ho0 * d.sh - d.ph - 1, wo0 * d.sw - d.pw - 1, (kTileH - 1) * d.sh + (d.kh - 1) * d.dh + 3,
-          (kTileW - 1) * d.sw + (d.kw - 1) * d.dw + 3};
+  return {ho0 * d.sh - d.ph - 1, wo0 * d.sw - d.pw - 1,
+          (kTileH - 1) * d.sh + (d.kh - 1) * d.dh + 3, (kTileW - 1) * d.sw + (d.kw - 1) * d.dw + 3};
 }
 
 // Shared memory the tiled kernel may take (under the 48 KiB a kernel gets without opting in),
@@ -243,7 +244,8 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             const int ry = yl + (q >> 1), rx = xl + (q & 1);
-            local[q] = ry >= 0 && ry < (int)rg.rows && rx >= 0 && rx < (int)rg.cols ? ry * (int)rg.cols + rx : -1;
+            const bool in_region = ry >= 0 && ry < (int)rg.rows && rx >= 0 && rx < (int)rg.cols;
+            local[q] = in_region ? ry * (int)rg.cols + rx : -1;
           }
           const S* g = gcols + (n * d.K + kk) * d.C * HWo + p;
           P sums[4] = {0, 0, 0, 0};
