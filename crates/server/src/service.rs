@@ -512,6 +512,9 @@ pub(crate) fn fit_options(o: &pb::Options, defaults: &DefaultsConfig) -> Result<
         f.features = v as i64;
     }
     f.precision = or_default(&o.precision, &defaults.precision).parse()?;
+    if let Some(v) = defaults.offset_lr {
+        f.offset_lr = v;
+    }
     f.validate()?;
     Ok(f)
 }
@@ -1070,6 +1073,12 @@ mod tests {
         assert_eq!((f.preset, f.iterations, f.size, f.precision), (Preset::Default, 3, 64, Precision::Float32), "the request wins");
         let bad = DefaultsConfig { size: Some(8), ..Default::default() };
         assert!(fit_options(&pb::Options::default(), &bad).unwrap_err().to_string().contains("size must be in 16..=1024"));
+        // No request field sets the free offsets' rate: the server's, else the preset's.
+        assert_eq!(fit_options(&asked, &d).unwrap().offset_lr, 1.0);
+        let moving = DefaultsConfig { offset_lr: Some(3000.0), ..Default::default() };
+        assert_eq!(fit_options(&asked, &moving).unwrap().offset_lr, 3000.0);
+        let bad = DefaultsConfig { offset_lr: Some(-1.0), ..Default::default() };
+        assert!(fit_options(&pb::Options::default(), &bad).unwrap_err().to_string().contains("offset_lr must be in (0, 1e6]"));
     }
 
     #[test]
