@@ -20,9 +20,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+import grpc
 import pydicom
 import pytest
 from pynetdicom import AE
@@ -30,6 +32,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 
 from pyclient_support import DATA, FAST, REPO, make_pki, start_server, wait_until
 from s3net_client import Client
+from s3net_client.errors import Unavailable
 from s3net_client.bridge import Bridge, Node
 
 # Debian installs it in /usr/sbin, which a user's PATH may not hold.
@@ -530,6 +533,47 @@ def test_the_bridge_segments_every_frame_of_a_multi_frame_image_when_asked(serve
         assert derived.ReferencedSOPInstanceUID == volume.SOPInstanceUID
         frames.append(int(derived.ReferencedFrameNumber))
     assert sorted(frames) == [1, 2, 3]
+
+
+class _FailsOnce:
+    """The bridge's client, failing the first call for `frame` with UNAVAILABLE (as a server
+    that went away mid-volume would) and counting the calls per frame; the rest go to the real
+    client and server."""
+
+    def __init__(self, client: Client, frame: int) -> None:
+        self.client, self.frame, self.calls = client, frame, Counter()
+
+    def segment(self, data: Any, **kw: Any) -> Any:
+        frame = kw.get("frame", 0)
+        self.calls[frame] += 1
+        if frame == self.frame and self.calls[frame] == 1:
+            raise Unavailable("the server went away", code=grpc.StatusCode.UNAVAILABLE)
+        return self.client.segment(data, **kw)
+
+
+def test_a_multi_frame_image_is_retried_from_the_frame_that_failed(server, orthanc: Orthanc) -> None:
+    """With `all_frames`, a transient failure on the second of three frames: the retry goes on
+    from that frame, keeping the first frame's Segmentation (three fits, not four), and all
+    three are stored."""
+    orthanc.empty()
+    volume = pydicom.dcmread(DATA / "dicom" / "CT_small_enhanced_3frames.dcm")
+    volume.StudyInstanceUID = pydicom.uid.generate_uid()
+    volume.SeriesInstanceUID = pydicom.uid.generate_uid()
+    with Client(server.addr) as real:
+        client = _FailsOnce(real, frame=1)
+        bridge = Bridge(
+            client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), host="127.0.0.1", port=orthanc.bridge,
+            all_frames=True, options=FAST, retry_interval=0.2,
+        ).start()
+        try:
+            assert c_store(orthanc.bridge, [volume], calling="PACS") == [0x0000]
+            wait_until(lambda: bridge.stored + bridge.failed == 1, timeout=120)
+            assert (bridge.stored, bridge.deferred) == (1, 1)
+        finally:
+            bridge.stop()
+    assert client.calls == Counter({0: 1, 1: 2, 2: 1})
+    (series,) = seg_series(orthanc)
+    assert len(series["Instances"]) == 3
 
 
 class Destination:

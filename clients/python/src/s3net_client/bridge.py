@@ -169,6 +169,10 @@ class _Image:
     uid: str = field(compare=False, default="?")
     #: Made by the service, not yet stored (the destination could not take them).
     segmentations: Optional[List[bytes]] = field(compare=False, default=None)
+    #: With ``all_frames``: the Segmentations of the frames segmented so far, so that a retry
+    #: after a transient failure goes on from the next frame (in memory only: a bridge started
+    #: again on its spool segments every frame again).
+    frames_made: List[List[bytes]] = field(compare=False, default_factory=list)
     received: float = field(compare=False, default_factory=time.monotonic)
     tries: int = field(compare=False, default=0)
 
@@ -295,7 +299,8 @@ class Bridge:
 
     A multi-frame image (an enhanced CT or MR volume, a cine loop) is segmented on its first
     frame, or with ``all_frames`` on every frame, one job and one Segmentation each (all in
-    the source's Segmentation series, each referencing its frame)."""
+    the source's Segmentation series, each referencing its frame); a transient failure on a
+    frame is retried from that frame, the frames before it kept."""
 
     def __init__(
         self,
@@ -484,8 +489,7 @@ class Bridge:
         if image.segmentations is None:
             data = image.spooled.read_bytes() if image.spooled is not None else image.data
             frames = _frame_count(data) if self.all_frames else 1
-            made: List[bytes] = []
-            for frame in range(frames):
+            for frame in range(len(image.frames_made), frames):
                 try:
                     result = self.client.segment(
                         data, dicom_seg=True, dicom_seg_clusters=self.clusters,
@@ -498,9 +502,10 @@ class Bridge:
                         log.warning("image %s not segmented: %s", image.uid, e)
                         self._done(image, "failed")
                     return
-                made += [result.mask_dicom] + ([result.labels_dicom] if self.clusters else [])
+                image.frames_made.append([result.mask_dicom] + ([result.labels_dicom] if self.clusters else []))
                 log.info("image %s%s: job %s done", image.uid, f" frame {frame + 1} of {frames}" if frames > 1 else "", result.job_id)
-            image.segmentations = made
+            image.segmentations = [seg for made in image.frames_made for seg in made]
+            image.frames_made = []
         outcome = self._send(image.segmentations)
         if outcome == "stored":
             log.info("image %s: %d Segmentation(s) stored to %s", image.uid, len(image.segmentations), self.destination.ae_title)
