@@ -1076,7 +1076,11 @@ mod tests {
         // No request field sets the free offsets' rate: the server's, else the preset's.
         assert_eq!(fit_options(&asked, &d).unwrap().offset_lr, 1.0);
         let moving = DefaultsConfig { offset_lr: Some(3000.0), ..Default::default() };
-        assert_eq!(fit_options(&asked, &moving).unwrap().offset_lr, 3000.0);
+        let f = fit_options(&asked, &moving).unwrap();
+        assert_eq!(f.offset_lr, 3000.0);
+        // What ran is in the result's applied options.
+        let json = applied_options(&f, DeviceSpec::Cpu, None, 0, 1).options_json;
+        assert!(json.contains("\"offset_lr\":3000.0"), "{json}");
         let bad = DefaultsConfig { offset_lr: Some(-1.0), ..Default::default() };
         assert!(fit_options(&pb::Options::default(), &bad).unwrap_err().to_string().contains("offset_lr must be in (0, 1e6]"));
     }
