@@ -140,8 +140,8 @@ pub struct OpBench {
     #[arg(long)]
     pub json: bool,
     /// `bench deform` only: the standard deviation, in pixels, of the random offsets (2, a few
-    /// pixels, as the shape has them; a fit's free offsets stay under 0.01 pixel, so
-    /// 0.01 times the samples as a fit lays them out).
+    /// pixels, as the shape has them; 0.01 samples as a fit does, whose free offsets
+    /// stay under 0.01 pixel).
     #[arg(long, default_value_t = 2.0)]
     pub offset_std: f64,
 }
