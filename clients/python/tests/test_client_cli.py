@@ -81,8 +81,8 @@ def test_segment_writes_what_s3net_client_writes(server, tmp_path: Path) -> None
         np.testing.assert_array_equal(a, b)  # same seed, same fit
 
 
-def test_both_clis_pass_the_precision(server, tmp_path: Path) -> None:
-    bf16 = [*FIT, "--precision", "bfloat16"]
+def test_both_clis_pass_the_precision_and_offset_rate(server, tmp_path: Path) -> None:
+    bf16 = [*FIT, "--precision", "bfloat16", "--offset-lr", "300"]
     run("segment", str(CT), "--out", str(tmp_path / "py"), "--addr", server.addr, *bf16)
     subprocess.run(
         [str(BIN), "client", "segment", "--addr", f"http://{server.addr}", str(CT)]
@@ -94,6 +94,7 @@ def test_both_clis_pass_the_precision(server, tmp_path: Path) -> None:
     for side in ("py", "rust"):
         options = json.loads((tmp_path / side / "CT_small.json").read_text())["options"]
         assert '"precision": "bfloat16"' in json.dumps(options), (side, options)
+        assert '"offset_lr": 300.0' in json.dumps(options), (side, options)
     p = run("segment", str(CT), "--out", str(tmp_path), "--precision", "fp8", check=False)
     assert p.returncode == 2 and "invalid choice: 'fp8'" in p.stderr
 

@@ -73,6 +73,17 @@ def test_bfloat16_precision(client: Client) -> None:
         client.segment(PH2, precision="fp8", **FAST)
 
 
+def test_offset_learning_rate(client: Client) -> None:
+    r = client.segment(PH2, offset_lr=3000, **FAST)
+    assert r.options.all["offset_lr"] == 3000.0
+    assert client.segment(PH2, **FAST).options.all["offset_lr"] == 1.0
+    for bad in (0, -1, 2e6, float("nan")):
+        with pytest.raises(InvalidArgument, match=r"offset_lr must be in \(0, 1e6\]"):
+            client.segment(PH2, offset_lr=bad, **FAST)
+    with pytest.raises(ValueError, match="option offset_lr='fast' is invalid"):
+        client.segment(PH2, offset_lr="fast", **FAST)
+
+
 def test_16bit_png_path(client: Client) -> None:
     with Image.open(LUNG) as img:
         assert img.mode.startswith("I")  # the sample really is 16-bit

@@ -206,6 +206,10 @@ pub struct RemoteFitArgs {
     /// cluster; DICOM inputs only).
     #[arg(long)]
     pub dicom_seg_clusters: bool,
+    /// Learning rate of the free offsets and mask, a multiple of the preset's (3000 lets them
+    /// learn: a better mask on the PH2 photographs, a worse best single cluster).
+    #[arg(long)]
+    pub offset_lr: Option<f64>,
 }
 
 impl RemoteFitArgs {
@@ -236,6 +240,7 @@ impl RemoteFitArgs {
             precision: self.precision.clone().unwrap_or_default(),
             dicom_seg: self.dicom_seg,
             dicom_seg_clusters: self.dicom_seg_clusters,
+            offset_lr: self.offset_lr,
         })
     }
 }

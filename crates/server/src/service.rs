@@ -512,7 +512,7 @@ pub(crate) fn fit_options(o: &pb::Options, defaults: &DefaultsConfig) -> Result<
         f.features = v as i64;
     }
     f.precision = or_default(&o.precision, &defaults.precision).parse()?;
-    if let Some(v) = defaults.offset_lr {
+    if let Some(v) = o.offset_lr.or(defaults.offset_lr) {
         f.offset_lr = v;
     }
     f.validate()?;
@@ -1073,11 +1073,19 @@ mod tests {
         assert_eq!((f.preset, f.iterations, f.size, f.precision), (Preset::Default, 3, 64, Precision::Float32), "the request wins");
         let bad = DefaultsConfig { size: Some(8), ..Default::default() };
         assert!(fit_options(&pb::Options::default(), &bad).unwrap_err().to_string().contains("size must be in 16..=1024"));
-        // No request field sets the free offsets' rate: the server's, else the preset's.
+        // The free offsets' rate: the request's, else the server's, else the preset's.
         assert_eq!(fit_options(&asked, &d).unwrap().offset_lr, 1.0);
         let moving = DefaultsConfig { offset_lr: Some(3000.0), ..Default::default() };
         let f = fit_options(&asked, &moving).unwrap();
         assert_eq!(f.offset_lr, 3000.0);
+        let own = pb::Options { offset_lr: Some(30.0), ..asked.clone() };
+        assert_eq!(fit_options(&own, &moving).unwrap().offset_lr, 30.0, "the request wins");
+        assert_eq!(fit_options(&own, &d).unwrap().offset_lr, 30.0);
+        for v in [0.0, -2.0, 2e6, f64::NAN, f64::INFINITY] {
+            let e = fit_options(&pb::Options { offset_lr: Some(v), ..Default::default() }, &d).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{v}: {e:?}");
+            assert!(e.to_string().contains("offset_lr must be in (0, 1e6]"), "{v}: {e}");
+        }
         // What ran is in the result's applied options.
         let json = applied_options(&f, DeviceSpec::Cpu, None, 0, 1).options_json;
         assert!(json.contains("\"offset_lr\":3000.0"), "{json}");

@@ -44,6 +44,7 @@ OPTION_NAMES = (
     "precision",
     "dicom_seg",
     "dicom_seg_clusters",
+    "offset_lr",
 )
 
 

@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         const=True,
         help="also write the cluster map as a DICOM Segmentation, STEM.labels.seg.dcm",
     )
+    f.add_argument(
+        "--offset-lr",
+        type=float,
+        help="learning rate of the free offsets and mask, a multiple of the preset's "
+        "(3000 lets them learn: a better mask on dermoscopy, a worse best single cluster)",
+    )
 
     p = argparse.ArgumentParser(
         prog="s3net-client", description="Segment images with an s3net server (the Python client)."

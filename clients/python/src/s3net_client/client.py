@@ -136,7 +136,8 @@ class Client:
         array (see ``s3net_client.images``). ``options``: the proto's Options fields —
         ``preset``, ``iterations``, ``min_labels``, ``size``, ``seed``, ``device``,
         ``window=(center, width)``, ``priority``, ``features``, ``frame``, ``precision``
-        (``"float32"`` or ``"bfloat16"``); unset ones take the server's preset values. ``progress=True`` shows a tqdm bar; a callable gets
+        (``"float32"`` or ``"bfloat16"``), ``dicom_seg``, ``dicom_seg_clusters``,
+        ``offset_lr``; unset ones take the server's preset values. ``progress=True`` shows a tqdm bar; a callable gets
         every JobEvent. ``upload`` forces (True) or forbids (False) the chunked upload.
 
         Raises S3NetError (InvalidArgument, ResourceExhausted, …) when the server refuses or

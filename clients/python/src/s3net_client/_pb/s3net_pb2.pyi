@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class Options(_message.Message):
-    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "device", "window", "priority", "features", "frame", "precision", "dicom_seg", "dicom_seg_clusters")
+    __slots__ = ("preset", "iterations", "min_labels", "size", "seed", "device", "window", "priority", "features", "frame", "precision", "dicom_seg", "dicom_seg_clusters", "offset_lr")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class Options(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
     DICOM_SEG_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_LR_FIELD_NUMBER: _ClassVar[int]
     preset: str
     iterations: int
     min_labels: int
@@ -50,7 +51,8 @@ class Options(_message.Message):
     precision: str
     dicom_seg: bool
     dicom_seg_clusters: bool
-    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., features: _Optional[int] = ..., frame: _Optional[int] = ..., precision: _Optional[str] = ..., dicom_seg: _Optional[bool] = ..., dicom_seg_clusters: _Optional[bool] = ...) -> None: ...
+    offset_lr: float
+    def __init__(self, preset: _Optional[str] = ..., iterations: _Optional[int] = ..., min_labels: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., priority: _Optional[int] = ..., features: _Optional[int] = ..., frame: _Optional[int] = ..., precision: _Optional[str] = ..., dicom_seg: _Optional[bool] = ..., dicom_seg_clusters: _Optional[bool] = ..., offset_lr: _Optional[float] = ...) -> None: ...
 
 class Window(_message.Message):
     __slots__ = ("center", "width")
