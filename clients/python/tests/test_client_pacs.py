@@ -576,6 +576,52 @@ def test_a_multi_frame_image_is_retried_from_the_frame_that_failed(server, ortha
     assert len(series["Instances"]) == 3
 
 
+def test_a_bridge_started_again_on_its_spool_goes_on_from_the_frame_that_failed(server, orthanc: Orthanc, tmp_path) -> None:
+    """With `all_frames` and a spool, each frame's Segmentation is kept on disk as it is made:
+    a bridge stopped after the second of three frames failed leaves the first frame's in the
+    spool, and a bridge started again on it fits only the other two (a frame's folder left
+    half-written is made again), stores all three, and leaves the spool empty."""
+    orthanc.empty()
+    volume = pydicom.dcmread(DATA / "dicom" / "CT_small_enhanced_3frames.dcm")
+    volume.StudyInstanceUID = pydicom.uid.generate_uid()
+    volume.SeriesInstanceUID = pydicom.uid.generate_uid()
+    spool = tmp_path / "spool"
+    destination = Node("ORTHANC", "127.0.0.1", orthanc.dicom)
+    with Client(server.addr) as real:
+        first = _FailsOnce(real, frame=1)
+        down = Bridge(
+            first, destination, host="127.0.0.1", port=orthanc.bridge,
+            all_frames=True, spool=spool, retry_interval=600, options=FAST,
+        ).start()
+        try:
+            assert c_store(orthanc.bridge, [volume], calling="PACS") == [0x0000]
+            wait_until(lambda: down.deferred == 1, timeout=120)
+        finally:
+            down.stop()
+        assert first.calls == Counter({0: 1, 1: 1})
+        (image,) = spool.glob("*.dcm")
+        frames = spool / f"{image.stem}.frames"
+        assert sorted(p.name for p in frames.iterdir()) == ["0"]
+        assert len(list((frames / "0").glob("*.dcm"))) == 1
+        # What a bridge that died while keeping frame 1 would leave: not whole, so not taken.
+        (frames / "1.part").mkdir()
+        (frames / "1.part" / "0.dcm").write_bytes(b"half a Segmentation")
+        again = _FailsOnce(real, frame=-1)
+        up = Bridge(
+            again, destination, host="127.0.0.1", port=orthanc.bridge,
+            all_frames=True, spool=spool, options=FAST,
+        ).start()
+        try:
+            wait_until(lambda: up.stored + up.failed == 1, timeout=120)
+            assert up.stored == 1
+        finally:
+            up.stop()
+    assert again.calls == Counter({1: 1, 2: 1})
+    assert list(spool.iterdir()) == []
+    (series,) = seg_series(orthanc)
+    assert len(series["Instances"]) == 3
+
+
 class Destination:
     """A pynetdicom storage SCP as the bridge's destination: counts the associations it
     accepts and the Segmentations it stores, and closes an association that sends nothing

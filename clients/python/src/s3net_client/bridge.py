@@ -170,8 +170,8 @@ class _Image:
     #: Made by the service, not yet stored (the destination could not take them).
     segmentations: Optional[List[bytes]] = field(compare=False, default=None)
     #: With ``all_frames``: the Segmentations of the frames segmented so far, so that a retry
-    #: after a transient failure goes on from the next frame (in memory only: a bridge started
-    #: again on its spool segments every frame again).
+    #: after a transient failure goes on from the next frame (a spooled image's are also kept
+    #: on disk, ``NAME.frames/F/``, so a bridge started again on its spool goes on too).
     frames_made: List[List[bytes]] = field(compare=False, default_factory=list)
     received: float = field(compare=False, default_factory=time.monotonic)
     tries: int = field(compare=False, default=0)
@@ -269,6 +269,42 @@ class _Outbound:
 
 def _segs_dir(image: Path) -> Path:
     return image.with_suffix(".segs")
+
+
+def _frames_dir(image: Path) -> Path:
+    """Where a spooled multi-frame image's Segmentations are kept frame by frame (``F/``, one
+    folder per frame, renamed into place whole) until every frame is made."""
+    return image.with_suffix(".frames")
+
+
+def _write_folder(final: Path, files: List[bytes]) -> None:
+    """Writes `files` as 0.dcm, 1.dcm, … into the folder `final`, all or none: into
+    ``final.part`` first (synced), then renamed; an existing `final` is kept as it is."""
+    if final.is_dir():
+        return
+    part = final.with_name(final.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir()
+    for i, data in enumerate(files):
+        with open(part / f"{i}.dcm", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(part, final)
+
+
+def _read_folder(folder: Path) -> List[bytes]:
+    """The files `_write_folder` wrote, in their order."""
+    return [p.read_bytes() for p in sorted(folder.glob("*.dcm"), key=lambda p: int(p.stem))]
+
+
+def _frames_made(image: Path) -> List[List[bytes]]:
+    """The Segmentations a spooled image's frames 0, 1, … were kept with, up to the first
+    frame not kept (a frame folder still ``.part`` was not written whole: made again)."""
+    folder, made = _frames_dir(image), []
+    while (folder / str(len(made))).is_dir():
+        made.append(_read_folder(folder / str(len(made))))
+    return made
 
 
 class Bridge:
@@ -410,25 +446,34 @@ class Bridge:
         assert self._spool is not None
         # A .part file is an image whose C-STORE was never answered (the bridge died while
         # writing it): its PACS still has it and will send it again. A .segs.part folder is
-        # Segmentations not all written: made again.
+        # Segmentations not all written: made again; so is a frame's in a .frames folder.
         for part in self._spool.glob("*.part"):
             if part.is_dir():
                 shutil.rmtree(part, ignore_errors=True)
             else:
                 part.unlink(missing_ok=True)
-        for segs in self._spool.glob("*.segs"):
-            if not segs.with_suffix(".dcm").exists():  # its image was stored, then the bridge died
-                shutil.rmtree(segs, ignore_errors=True)
+        for part in self._spool.glob("*.frames/*.part"):
+            shutil.rmtree(part, ignore_errors=True)
+        for made in [*self._spool.glob("*.segs"), *self._spool.glob("*.frames")]:
+            # Its image was stored, then the bridge died; or its frames' were all kept.
+            if not made.with_suffix(".dcm").exists() or (made.suffix == ".frames" and _segs_dir(made).is_dir()):
+                shutil.rmtree(made, ignore_errors=True)
         left = []
         for path in sorted(self._spool.glob("*.dcm")):
             segs_dir = _segs_dir(path)
-            segs = [p.read_bytes() for p in sorted(segs_dir.glob("*.dcm"))] if segs_dir.is_dir() else None
+            segs = _read_folder(segs_dir) if segs_dir.is_dir() else None
             image = _Image(0.0, next(self._names), path, _uid_of(path), segs or None)
             image.received = _received(path)
+            if image.segmentations is None:
+                image.frames_made = _frames_made(path)
             left.append(image)
         if left:
             ready = sum(1 for i in left if i.segmentations)
-            log.info("%d image(s) left in %s taken up again (%d with their Segmentations made)", len(left), self._spool, ready)
+            partly = sum(1 for i in left if i.frames_made)
+            log.info(
+                "%d image(s) left in %s taken up again (%d with their Segmentations made, %d with some of their frames')",
+                len(left), self._spool, ready, partly,
+            )
         return left
 
     # -- DICOM handlers (pynetdicom's threads) ------------------------------------------------
@@ -489,6 +534,7 @@ class Bridge:
         if image.segmentations is None:
             data = image.spooled.read_bytes() if image.spooled is not None else image.data
             frames = _frame_count(data) if self.all_frames else 1
+            del image.frames_made[frames:]  # kept by a bridge that segmented more frames
             for frame in range(len(image.frames_made), frames):
                 try:
                     result = self.client.segment(
@@ -502,7 +548,12 @@ class Bridge:
                         log.warning("image %s not segmented: %s", image.uid, e)
                         self._done(image, "failed")
                     return
-                image.frames_made.append([result.mask_dicom] + ([result.labels_dicom] if self.clusters else []))
+                made = [result.mask_dicom] + ([result.labels_dicom] if self.clusters else [])
+                if image.spooled is not None and frames > 1:
+                    frames_dir = _frames_dir(image.spooled)
+                    frames_dir.mkdir(exist_ok=True)
+                    _write_folder(frames_dir / str(frame), made)
+                image.frames_made.append(made)
                 log.info("image %s%s: job %s done", image.uid, f" frame {frame + 1} of {frames}" if frames > 1 else "", result.job_id)
             image.segmentations = [seg for made in image.frames_made for seg in made]
             image.frames_made = []
@@ -522,6 +573,7 @@ class Bridge:
         if image.spooled is not None:
             image.spooled.unlink(missing_ok=True)  # first: an image whose file is gone is done
             shutil.rmtree(_segs_dir(image.spooled), ignore_errors=True)
+            shutil.rmtree(_frames_dir(image.spooled), ignore_errors=True)
         self._count(outcome)
 
     def _later(self, image: _Image, why: str) -> None:
@@ -551,19 +603,10 @@ class Bridge:
 
     def _keep_segmentations(self, image: Path, segmentations: List[bytes]) -> None:
         """Writes an image's Segmentations beside it in the spool, all or none (a folder
-        renamed into place), so a retry after a restart only stores them."""
-        final = _segs_dir(image)
-        if final.is_dir():
-            return
-        part = final.with_suffix(".segs.part")
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir()
-        for i, seg in enumerate(segmentations):
-            with open(part / f"{i}.dcm", "wb") as f:
-                f.write(seg)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(part, final)
+        renamed into place), so a retry after a restart only stores them. They supersede the
+        image's frame by frame copies."""
+        _write_folder(_segs_dir(image), segmentations)
+        shutil.rmtree(_frames_dir(image), ignore_errors=True)
 
     def _send(self, segmentations: List[bytes]) -> str:
         """C-STOREs `segmentations` to the destination: "stored", "later" (unreachable, busy,
