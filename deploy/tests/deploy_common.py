@@ -34,6 +34,9 @@ OTLP_GRPC_PORT = 4317
 JAEGER_UI_PORT = 16686
 PROMETHEUS_PORT = 9090
 GRAFANA_PORT = 3000
+# The PACS bridge image: DICOM, and its own metrics beside the server's.
+BRIDGE_DICOM_PORT = 11112
+BRIDGE_METRICS_PORT = 9465
 
 
 def load_yaml(path: Path):

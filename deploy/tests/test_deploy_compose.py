@@ -11,6 +11,8 @@ import tomllib
 import pytest
 
 from deploy_common import (
+    BRIDGE_DICOM_PORT,
+    BRIDGE_METRICS_PORT,
     DEPLOY,
     GRAFANA_PORT,
     GRPC_PORT,
@@ -109,7 +111,25 @@ def test_compose_cli_accepts_and_merges_the_files():
 
 
 def test_all_services_present(compose):
-    assert set(compose["services"]) == {"s3net", "otel-collector", "jaeger", "prometheus", "grafana"}
+    assert set(compose["services"]) == {"s3net", "otel-collector", "jaeger", "prometheus", "grafana", "pacs-bridge"}
+    # Every service but the bridge starts with a plain `docker compose up`.
+    assert {n for n, s in compose["services"].items() if s.get("profiles")} == {"pacs-bridge"}
+
+
+def test_the_pacs_bridge_service_is_wired_to_s3net_and_its_image(compose):
+    bridge = compose["services"]["pacs-bridge"]
+    assert bridge["profiles"] == ["pacs"]
+    assert bridge["build"] == {"context": "./clients/python", "dockerfile": "Dockerfile"}
+    assert (ROOT / "clients" / "python" / "Dockerfile").is_file()
+    assert host_port(bridge["environment"]["S3NET_ADDR"]) == ("s3net", GRPC_PORT)
+    assert bridge["depends_on"] == {"s3net": {"condition": "service_healthy"}}
+    assert bridge["command"][0] == "--destination" and "S3NET_BRIDGE_DESTINATION" in bridge["command"][1]
+    assert published(bridge) == {BRIDGE_DICOM_PORT: "127.0.0.1", BRIDGE_METRICS_PORT: "127.0.0.1"}
+    # The spool is a named volume at the image's spool folder.
+    volume, _, target = bridge["volumes"][0].partition(":")
+    assert volume in compose["volumes"] and target == "/var/lib/s3net-bridge"
+    # Long enough for a fit in progress to finish.
+    assert seconds(bridge["stop_grace_period"]) >= 300
 
 
 def test_s3net_env_uses_real_config_keys_and_agreed_ports(compose):

@@ -13,6 +13,7 @@ import json
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from dockerfile_parse import DockerfileParser
@@ -31,14 +32,14 @@ from deploy_common import (
 DOCKERFILE = ROOT / "Dockerfile"
 
 
-def instructions():
-    return [i for i in DockerfileParser(str(DOCKERFILE)).structure if i["instruction"] != "COMMENT"]
+def instructions(path: Path = DOCKERFILE):
+    return [i for i in DockerfileParser(str(path)).structure if i["instruction"] != "COMMENT"]
 
 
-def global_args() -> dict[str, str]:
+def global_args(path: Path = DOCKERFILE) -> dict[str, str]:
     """ARG defaults declared before the first FROM (they may name base images)."""
     out = {}
-    for i in instructions():
+    for i in instructions(path):
         if i["instruction"] == "FROM":
             break
         if i["instruction"] == "ARG" and "=" in i["value"]:
@@ -47,11 +48,11 @@ def global_args() -> dict[str, str]:
     return out
 
 
-def stages() -> dict[str, list[dict]]:
-    """Stage name -> its instructions (FROM included)."""
+def stages(path: Path = DOCKERFILE) -> dict[str, list[dict]]:
+    """Stage name -> its instructions (FROM included), of the server's Dockerfile or another."""
     out: dict[str, list[dict]] = {}
     current = None
-    for i in instructions():
+    for i in instructions(path):
         if i["instruction"] == "FROM":
             parts = i["value"].split()
             assert len(parts) == 3 and parts[1].upper() == "AS", f"unnamed stage: FROM {i['value']}"
@@ -62,9 +63,9 @@ def stages() -> dict[str, list[dict]]:
     return out
 
 
-def base_image(stage: list[dict]) -> str:
+def base_image(stage: list[dict], path: Path = DOCKERFILE) -> str:
     image = stage[0]["value"].split()[0]
-    for k, v in global_args().items():
+    for k, v in global_args(path).items():
         image = image.replace("${%s}" % k, v).replace("$" + k, v)
     return image
 
@@ -155,13 +156,14 @@ def test_entrypoint_is_the_binary_serving():
     assert json.loads(cmd)[0] == "serve"
 
 
-def dockerignore_patterns() -> list[str]:
-    lines = (ROOT / ".dockerignore").read_text().splitlines()
+def dockerignore_patterns(context: Path = ROOT) -> list[str]:
+    lines = (context / ".dockerignore").read_text().splitlines()
     return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
 
 
-def ignored(path: str) -> bool:
-    for pat in dockerignore_patterns():
+def ignored(path: str, context: Path = ROOT) -> bool:
+    """Whether `path` (relative to the build context) is left out of it by its .dockerignore."""
+    for pat in dockerignore_patterns(context):
         pat = pat.rstrip("/")
         if fnmatch.fnmatch(path, pat) or path.startswith(pat + "/"):
             return True
