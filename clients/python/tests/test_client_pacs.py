@@ -622,6 +622,36 @@ def test_a_bridge_started_again_on_its_spool_goes_on_from_the_frame_that_failed(
     assert len(series["Instances"]) == 3
 
 
+def test_a_spool_that_cannot_keep_a_frame_does_not_lose_the_image(server, orthanc: Orthanc, tmp_path, monkeypatch, caplog) -> None:
+    """Keeping a frame's Segmentations in the spool fails (a full disk, say): the frames made
+    stay in memory, the image is still stored whole, and the log says what was not kept."""
+    import s3net_client.bridge as bridge_module
+
+    def full(*_args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bridge_module, "_write_folder", full)
+    orthanc.empty()
+    volume = pydicom.dcmread(DATA / "dicom" / "CT_small_enhanced_3frames.dcm")
+    volume.StudyInstanceUID = pydicom.uid.generate_uid()
+    volume.SeriesInstanceUID = pydicom.uid.generate_uid()
+    with Client(server.addr) as client:
+        bridge = Bridge(
+            client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), host="127.0.0.1", port=orthanc.bridge,
+            all_frames=True, spool=tmp_path / "spool", options=FAST,
+        ).start()
+        try:
+            assert c_store(orthanc.bridge, [volume], calling="PACS") == [0x0000]
+            wait_until(lambda: bridge.stored + bridge.failed == 1, timeout=120)
+            assert bridge.stored == 1
+        finally:
+            bridge.stop()
+    (series,) = seg_series(orthanc)
+    assert len(series["Instances"]) == 3
+    assert "frame 1's Segmentations not kept in the spool: [Errno 28] No space left on device" in caplog.text
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
 class Destination:
     """A pynetdicom storage SCP as the bridge's destination: counts the associations it
     accepts and the Segmentations it stores, and closes an association that sends nothing

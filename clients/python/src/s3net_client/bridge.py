@@ -295,7 +295,8 @@ def _write_folder(final: Path, files: List[bytes]) -> None:
 
 def _read_folder(folder: Path) -> List[bytes]:
     """The files `_write_folder` wrote, in their order."""
-    return [p.read_bytes() for p in sorted(folder.glob("*.dcm"), key=lambda p: int(p.stem))]
+    files = [p for p in folder.glob("*.dcm") if p.stem.isdigit()]
+    return [p.read_bytes() for p in sorted(files, key=lambda p: int(p.stem))]
 
 
 def _frames_made(image: Path) -> List[List[bytes]]:
@@ -550,9 +551,11 @@ class Bridge:
                     return
                 made = [result.mask_dicom] + ([result.labels_dicom] if self.clusters else [])
                 if image.spooled is not None and frames > 1:
-                    frames_dir = _frames_dir(image.spooled)
-                    frames_dir.mkdir(exist_ok=True)
-                    _write_folder(frames_dir / str(frame), made)
+                    try:
+                        _frames_dir(image.spooled).mkdir(exist_ok=True)
+                        _write_folder(_frames_dir(image.spooled) / str(frame), made)
+                    except OSError as e:  # kept in memory still; only a restart would redo it
+                        log.warning("image %s: frame %d's Segmentations not kept in the spool: %s", image.uid, frame + 1, e)
                 image.frames_made.append(made)
                 log.info("image %s%s: job %s done", image.uid, f" frame {frame + 1} of {frames}" if frames > 1 else "", result.job_id)
             image.segmentations = [seg for made in image.frames_made for seg in made]
