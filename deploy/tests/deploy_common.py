@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -18,6 +19,7 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,3 +187,15 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def rootfs_smoke() -> pytest.MarkDecorator:
+    """The mark of the opt-in tests that rebuild an image's stages in a Debian root without
+    Docker (`S3NET_ROOTFS_SMOKE=1`): root, debootstrap and the built server are needed."""
+    return pytest.mark.skipif(
+        os.environ.get("S3NET_ROOTFS_SMOKE") != "1"
+        or os.geteuid() != 0
+        or shutil.which("debootstrap") is None
+        or not binary_available(),
+        reason="opt-in (S3NET_ROOTFS_SMOKE=1), needs root, debootstrap and target/release/s3net",
+    )

@@ -39,6 +39,7 @@ from deploy_common import (
     binary_available,
     free_port,
     host_port,
+    rootfs_smoke,
 )
 from test_deploy_dockerfile import base_image, env_of, ignored, of, stages
 
@@ -220,15 +221,6 @@ def test_the_images_command_line_bridges_a_pacs_to_a_real_server(tmp_path):
 
 # -- opt-in: the image rebuilt in a Debian root ----------------------------------------------
 
-rootfs_smoke = pytest.mark.skipif(
-    os.environ.get("S3NET_ROOTFS_SMOKE") != "1"
-    or os.geteuid() != 0
-    or shutil.which("debootstrap") is None
-    or not binary_available(),
-    reason="opt-in (S3NET_ROOTFS_SMOKE=1), needs root, debootstrap and target/release/s3net",
-)
-
-
 def sh(script: str) -> None:
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
     assert r.returncode == 0, f"{script[:300]}...\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -243,7 +235,7 @@ def copy_context(dest: Path) -> None:
             shutil.copy2(path, dest / rel)
 
 
-@rootfs_smoke
+@rootfs_smoke()
 def test_the_image_built_in_a_slim_debian_root_bridges_a_pacs(tmp_path_factory, tmp_path):
     pytest.importorskip("pynetdicom")
     base = os.environ.get("S3NET_BRIDGE_ROOTFS_DIR")

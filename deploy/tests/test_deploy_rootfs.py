@@ -34,16 +34,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy_common import BINARY, ROOT, binary_available, free_port
+from deploy_common import BINARY, ROOT, free_port, rootfs_smoke
 from test_deploy_dockerfile import env_of, healthcheck_argv, of, stages
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("S3NET_ROOTFS_SMOKE") != "1"
-    or os.geteuid() != 0
-    or shutil.which("debootstrap") is None
-    or not binary_available(),
-    reason="opt-in (S3NET_ROOTFS_SMOKE=1), needs root, debootstrap and target/release/s3net",
-)
+pytestmark = rootfs_smoke()
 
 
 def sh(script: str, **kw) -> subprocess.CompletedProcess:

@@ -503,25 +503,39 @@ def test_the_bridge_command_over_dicom_tls_and_mutual_tls_to_its_server(tmp_path
         secure.stop()
 
 
+def three_frames() -> pydicom.Dataset:
+    """The enhanced CT of three frames, in a study and series of its own (the test file was
+    made without them, which a PACS would not take either)."""
+    volume = pydicom.dcmread(DATA / "dicom" / "CT_small_enhanced_3frames.dcm")
+    volume.StudyInstanceUID = pydicom.uid.generate_uid()
+    volume.SeriesInstanceUID = pydicom.uid.generate_uid()
+    return volume
+
+
+def bridge_until(client: Any, orthanc: Orthanc, volume: Optional[pydicom.Dataset], done: Any = None, **options: Any) -> Bridge:
+    """Sends `volume` (None: nothing, e.g. for a bridge that takes up its spool) to a bridge
+    with `all_frames` that stores into `orthanc`, and stops the bridge once `done(bridge)`
+    (default: one image stored or failed); the stopped bridge."""
+    bridge = Bridge(
+        client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), host="127.0.0.1", port=orthanc.bridge,
+        all_frames=True, options=FAST, **options,
+    ).start()
+    try:
+        if volume is not None:
+            assert c_store(orthanc.bridge, [volume], calling="PACS") == [0x0000]
+        wait_until(lambda: (done or (lambda b: b.stored + b.failed == 1))(bridge), timeout=120)
+    finally:
+        bridge.stop()
+    return bridge
+
+
 def test_the_bridge_segments_every_frame_of_a_multi_frame_image_when_asked(server, orthanc: Orthanc) -> None:
     """An enhanced CT of three frames sent to a bridge with `all_frames`: three jobs, and three
     Segmentations in Orthanc, in one series, each referencing its frame of the source."""
     orthanc.empty()
-    volume = pydicom.dcmread(DATA / "dicom" / "CT_small_enhanced_3frames.dcm")
-    # The test file was made without a study and series (which a PACS would not take either).
-    volume.StudyInstanceUID = pydicom.uid.generate_uid()
-    volume.SeriesInstanceUID = pydicom.uid.generate_uid()
+    volume = three_frames()
     with Client(server.addr) as client:
-        bridge = Bridge(
-            client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), host="127.0.0.1", port=orthanc.bridge,
-            all_frames=True, options=FAST,
-        ).start()
-        try:
-            assert c_store(orthanc.bridge, [volume], calling="PACS") == [0x0000]
-            wait_until(lambda: bridge.stored + bridge.failed == 1, timeout=120)
-            assert bridge.stored == 1
-        finally:
-            bridge.stop()
+        assert bridge_until(client, orthanc, volume).stored == 1
     (series,) = seg_series(orthanc)
     frames = []
     for instance in series["Instances"]:
@@ -556,21 +570,10 @@ def test_a_multi_frame_image_is_retried_from_the_frame_that_failed(server, ortha
     from that frame, keeping the first frame's Segmentation (three fits, not four), and all
     three are stored."""
     orthanc.empty()
-    volume = pydicom.dcmread(DATA / "dicom" / "CT_small_enhanced_3frames.dcm")
-    volume.StudyInstanceUID = pydicom.uid.generate_uid()
-    volume.SeriesInstanceUID = pydicom.uid.generate_uid()
     with Client(server.addr) as real:
         client = _FailsOnce(real, frame=1)
-        bridge = Bridge(
-            client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), host="127.0.0.1", port=orthanc.bridge,
-            all_frames=True, options=FAST, retry_interval=0.2,
-        ).start()
-        try:
-            assert c_store(orthanc.bridge, [volume], calling="PACS") == [0x0000]
-            wait_until(lambda: bridge.stored + bridge.failed == 1, timeout=120)
-            assert (bridge.stored, bridge.deferred) == (1, 1)
-        finally:
-            bridge.stop()
+        bridge = bridge_until(client, orthanc, three_frames(), retry_interval=0.2)
+        assert (bridge.stored, bridge.deferred) == (1, 1)
     assert client.calls == Counter({0: 1, 1: 2, 2: 1})
     (series,) = seg_series(orthanc)
     assert len(series["Instances"]) == 3
@@ -582,22 +585,10 @@ def test_a_bridge_started_again_on_its_spool_goes_on_from_the_frame_that_failed(
     spool, and a bridge started again on it fits only the other two (a frame's folder left
     half-written is made again), stores all three, and leaves the spool empty."""
     orthanc.empty()
-    volume = pydicom.dcmread(DATA / "dicom" / "CT_small_enhanced_3frames.dcm")
-    volume.StudyInstanceUID = pydicom.uid.generate_uid()
-    volume.SeriesInstanceUID = pydicom.uid.generate_uid()
     spool = tmp_path / "spool"
-    destination = Node("ORTHANC", "127.0.0.1", orthanc.dicom)
     with Client(server.addr) as real:
         first = _FailsOnce(real, frame=1)
-        down = Bridge(
-            first, destination, host="127.0.0.1", port=orthanc.bridge,
-            all_frames=True, spool=spool, retry_interval=600, options=FAST,
-        ).start()
-        try:
-            assert c_store(orthanc.bridge, [volume], calling="PACS") == [0x0000]
-            wait_until(lambda: down.deferred == 1, timeout=120)
-        finally:
-            down.stop()
+        bridge_until(first, orthanc, three_frames(), lambda b: b.deferred == 1, spool=spool, retry_interval=600)
         assert first.calls == Counter({0: 1, 1: 1})
         (image,) = spool.glob("*.dcm")
         frames = spool / f"{image.stem}.frames"
@@ -607,15 +598,7 @@ def test_a_bridge_started_again_on_its_spool_goes_on_from_the_frame_that_failed(
         (frames / "1.part").mkdir()
         (frames / "1.part" / "0.dcm").write_bytes(b"half a Segmentation")
         again = _FailsOnce(real, frame=-1)
-        up = Bridge(
-            again, destination, host="127.0.0.1", port=orthanc.bridge,
-            all_frames=True, spool=spool, options=FAST,
-        ).start()
-        try:
-            wait_until(lambda: up.stored + up.failed == 1, timeout=120)
-            assert up.stored == 1
-        finally:
-            up.stop()
+        assert bridge_until(again, orthanc, None, spool=spool).stored == 1
     assert again.calls == Counter({1: 1, 2: 1})
     assert list(spool.iterdir()) == []
     (series,) = seg_series(orthanc)
@@ -632,20 +615,8 @@ def test_a_spool_that_cannot_keep_a_frame_does_not_lose_the_image(server, orthan
 
     monkeypatch.setattr(bridge_module, "_write_folder", full)
     orthanc.empty()
-    volume = pydicom.dcmread(DATA / "dicom" / "CT_small_enhanced_3frames.dcm")
-    volume.StudyInstanceUID = pydicom.uid.generate_uid()
-    volume.SeriesInstanceUID = pydicom.uid.generate_uid()
     with Client(server.addr) as client:
-        bridge = Bridge(
-            client, Node("ORTHANC", "127.0.0.1", orthanc.dicom), host="127.0.0.1", port=orthanc.bridge,
-            all_frames=True, spool=tmp_path / "spool", options=FAST,
-        ).start()
-        try:
-            assert c_store(orthanc.bridge, [volume], calling="PACS") == [0x0000]
-            wait_until(lambda: bridge.stored + bridge.failed == 1, timeout=120)
-            assert bridge.stored == 1
-        finally:
-            bridge.stop()
+        assert bridge_until(client, orthanc, three_frames(), spool=tmp_path / "spool").stored == 1
     (series,) = seg_series(orthanc)
     assert len(series["Instances"]) == 3
     assert "frame 1's Segmentations not kept in the spool: [Errno 28] No space left on device" in caplog.text
