@@ -10,7 +10,8 @@ No Docker engine runs here (README, "### Deployment"), so:
   minutes): the image rebuilt without Docker: a `debootstrap --variant=minbase bookworm` root
   (debian:bookworm-slim's content), each RUN of the Dockerfile run in it by chroot as written,
   COPY done by hand with the context's .dockerignore, and the same C-STORE round trip with
-  the bridge running in that root as the image's USER.
+  the bridge running in that root as the image's USER. `S3NET_BRIDGE_ROOTFS_DIR` keeps the
+  built root between runs (delete it to build again, e.g. after changing the client).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def round_trip(start: Callable[[List[str], dict], subprocess.Popen], health: Cal
         port, metrics = free_port(), free_port()
         argv = [a.replace(f"0.0.0.0:{BRIDGE_METRICS_PORT}", f"127.0.0.1:{metrics}") for a in entrypoint()]
         argv += ["--destination", f"DEST@127.0.0.1:{destination.port}", "--host", "127.0.0.1",
-                 "--port", str(port), "--iterations", "2", "--size", "64"]
+                 "--port", str(port), "--iterations", "2", "--size", "64", "--features", "16", "--offset-lr", "300"]
         env = env_of(stage())
         env["S3NET_ADDR"] = f"127.0.0.1:{server.grpc_port}"
         bridge = start(argv, env)
@@ -182,6 +183,13 @@ def round_trip(start: Callable[[List[str], dict], subprocess.Popen], health: Cal
         assert c_store(port, ROOT / "tests" / "data" / "dicom" / "CT_small.dcm") == 0x0000
         wait_for(lambda: len(destination.received) == 1, 120, lambda: log.read_text() + server.output())
         assert destination.received[0].Modality == "SEG"
+        # The bridge's fit options reached the server's job.
+        from s3net_client import Client
+
+        with Client(f"127.0.0.1:{server.grpc_port}") as client:
+            (listed,) = client.list_jobs()
+            applied = client.get(listed.job_id).result.options.all
+        assert (applied["iterations"], applied["size"], applied["features"], applied["offset_lr"]) == (2, 64, 16, 300.0)
         wait_for(lambda: spool.is_dir() and not any(spool.iterdir()), 30, lambda: str(list(spool.iterdir())))
     finally:
         if bridge is not None and bridge.poll() is None:

@@ -767,6 +767,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--iterations", type=int, help="maximum SGD steps (unset: the server's)")
     g.add_argument("--size", type=int, help="grid side (unset: the server's)")
     g.add_argument("--priority", type=int, help="queue priority of the bridge's jobs: higher runs first (default 0)")
+    g.add_argument("--preset", help="default | paper | reference (unset: the server's)")
+    g.add_argument("--features", type=int, help="feature channels = clusters (unset: the server's)")
+    g.add_argument("--precision", choices=["float32", "bfloat16"], help="number format of the activations (unset: the server's)")
+    g.add_argument("--offset-lr", type=float, help="learning rate of the free offsets and mask, a multiple of the preset's (unset: the server's)")
     d = p.add_argument_group("DICOM")
     d.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
     d.add_argument("--port", type=int, default=11112, help="DICOM port to listen on (default 11112)")
@@ -796,7 +800,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         scp_tls, client_tls = dicom_tls(args.dicom_tls_cert, args.dicom_tls_key, args.dicom_tls_ca)
     except ValueError as e:
         p.error(str(e))
-    options = {k: v for k, v in (("iterations", args.iterations), ("size", args.size), ("priority", args.priority)) if v is not None}
+    fit = ("iterations", "size", "priority", "preset", "features", "precision", "offset_lr")
+    options = {k: getattr(args, k) for k in fit if getattr(args, k) is not None}
     stopping = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stopping.set())
