@@ -710,3 +710,24 @@ def test_a_spooled_images_retry_clock_counts_from_its_arrival_not_from_the_start
         finally:
             bridge.stop()
     assert not old.exists() and recent.exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--offset-lr", "0", "argument --offset-lr: must be above 0, got '0'"),
+        ("--offset-lr", "nan", "argument --offset-lr: must be above 0, got 'nan'"),
+        ("--features", "-3", "argument --features: must be above 0, got '-3'"),
+        ("--iterations", "many", "argument --iterations: expected a number, got 'many'"),
+        ("--precision", "fp8", "argument --precision: invalid choice: 'fp8'"),
+    ],
+)
+def test_the_bridge_command_refuses_a_bad_fit_option_at_start(flag: str, value: str, message: str, capsys) -> None:
+    """A fit option no server would take stops the command at start (exit 2, naming it),
+    rather than failing every image the bridge is sent."""
+    from s3net_client.bridge import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--destination", "PACS@127.0.0.1:104", flag, value])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

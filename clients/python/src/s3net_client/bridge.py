@@ -48,7 +48,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .client import Client
 from .errors import Aborted, Cancelled, DeadlineExceeded, ResourceExhausted, S3NetError, Unavailable
@@ -748,6 +748,22 @@ def _hex(code: Optional[int]) -> str:
     return "no answer" if code is None else f"0x{code:04X}"
 
 
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type for a fit option that must be above 0: refused at start rather than by
+    the server for every image (the server checks the upper bounds, naming the option)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+        return value
+
+    return parse
+
+
 def _host_port(text: str) -> Tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
@@ -764,13 +780,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--ca", type=Path, help="PEM CA bundle to verify the server with (TLS)")
     g.add_argument("--cert", type=Path, help="PEM client certificate (mutual TLS)")
     g.add_argument("--key", type=Path, help="PEM client key (mutual TLS)")
-    g.add_argument("--iterations", type=int, help="maximum SGD steps (unset: the server's)")
-    g.add_argument("--size", type=int, help="grid side (unset: the server's)")
+    g.add_argument("--iterations", type=_positive(int), help="maximum SGD steps (unset: the server's)")
+    g.add_argument("--size", type=_positive(int), help="grid side (unset: the server's)")
     g.add_argument("--priority", type=int, help="queue priority of the bridge's jobs: higher runs first (default 0)")
     g.add_argument("--preset", help="default | paper | reference (unset: the server's)")
-    g.add_argument("--features", type=int, help="feature channels = clusters (unset: the server's)")
+    g.add_argument("--features", type=_positive(int), help="feature channels = clusters (unset: the server's)")
     g.add_argument("--precision", choices=["float32", "bfloat16"], help="number format of the activations (unset: the server's)")
-    g.add_argument("--offset-lr", type=float, help="learning rate of the free offsets and mask, a multiple of the preset's (unset: the server's)")
+    g.add_argument("--offset-lr", type=_positive(float), help="learning rate of the free offsets and mask, a multiple of the preset's (unset: the server's)")
     d = p.add_argument_group("DICOM")
     d.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
     d.add_argument("--port", type=int, default=11112, help="DICOM port to listen on (default 11112)")
