@@ -327,8 +327,8 @@ pub struct DefaultsConfig {
     /// "float32" or "bfloat16".
     pub precision: Option<String>,
     /// The free offsets' learning rate as a multiple of the preset's (`FitOptions::offset_lr`)
-    /// for requests that do not set `offset_lr`: 3000 trades single-cluster Dice for a better returned mask
-    /// (README, "Choosing the default").
+    /// for requests that do not set `offset_lr`: 3000 trades single-cluster Dice for a better
+    /// returned mask (README, "Choosing the default").
     pub offset_lr: Option<f64>,
 }
 
