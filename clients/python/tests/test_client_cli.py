@@ -154,3 +154,20 @@ def test_a_job_that_started_over_says_so() -> None:
     assert (again.attempt, first.attempt, old.attempt) == (2, 1, 1)
     assert _describe(again) == "step 3/50 labels 7 loss 1.250 (attempt 2)"
     assert _describe(first) == "step 3/50 labels 7 loss 1.250"
+
+
+def test_all_frames_segments_every_page_and_says_how_many(server, tmp_path: Path) -> None:
+    """`--all-frames`: frame 0's result says how many the file has (`frames`, also in the
+    report), then every other is fitted, each written as STEM.frameN.*; a one-frame file keeps
+    its plain names; it cannot be combined with --frame."""
+    tif = DATA / "raster" / "two-pages.tif"
+    p = run("segment", str(tif), str(CT), "--out", str(tmp_path), "--addr", server.addr, "--all-frames", *FIT)
+    assert f"{tif} frame 1 of 2:" in p.stdout, p.stdout
+    for frame, size in ((0, (96, 72)), (1, (64, 64))):
+        with Image.open(tmp_path / f"two-pages.frame{frame}.mask.png") as m:
+            assert m.size == size
+        assert json.loads((tmp_path / f"two-pages.frame{frame}.json").read_text())["frames"] == 2
+    assert json.loads((tmp_path / "CT_small.json").read_text())["frames"] == 1
+    assert not (tmp_path / "two-pages.mask.png").exists()
+    p = run("segment", str(tif), "--out", str(tmp_path), "--addr", server.addr, "--all-frames", "--frame", "1", check=False)
+    assert p.returncode == 2 and "--all-frames cannot be used with --frame" in p.stderr

@@ -22,8 +22,13 @@ pub struct SegmentArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Frame of a multi-frame DICOM, or page of a multi-page TIFF (0-based), for every image.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "all_frames")]
     pub frame: u32,
+    /// Segment every frame of a multi-frame DICOM (every page of a TIFF), one fit each, written
+    /// as STEM.frameN.* (N zero-padded to the file's frame count); single-frame files as
+    /// without it.
+    #[arg(long)]
+    pub all_frames: bool,
     /// Also write the mask as a DICOM Segmentation, STEM.seg.dcm, referencing its source (DICOM
     /// inputs only), for a PACS to store next to it.
     #[arg(long)]
@@ -49,6 +54,8 @@ pub struct Loaded {
     pub window: Option<(Window, &'static str)>,
     /// The DICOM Segmentations asked for, with what they need of the file.
     pub dicom_seg: Option<DicomOutputs>,
+    /// Frames (pages) of the file (`Header::frames`).
+    pub frames: u32,
 }
 
 /// Reads and decodes an image file (`frame`: of a multi-frame DICOM or multi-page TIFF), with
@@ -72,10 +79,11 @@ pub fn load_image(path: &Path, frame: u32, window: Option<Window>, (foreground, 
         ),
     };
     let opts = DecodeOptions { frame, ..Default::default() };
+    let frames = s3net_imaging::probe(&bytes, &opts).with_context(|| format!("cannot decode {}", path.display()))?.frames;
     let decoded = s3net_imaging::decode(&bytes, &opts).with_context(|| format!("cannot decode {}", path.display()))?;
     let (orientation, pixel_spacing_mm) = (decoded.orientation, decoded.dicom.as_ref().and_then(|d| d.pixel_spacing_mm));
     let applied = decoded.given_window(window).map(|(w, f)| (w, f.name()));
-    Ok(Loaded { image: Arc::new(decoded.into_image(window)), orientation, pixel_spacing_mm, window: applied, dicom_seg })
+    Ok(Loaded { image: Arc::new(decoded.into_image(window)), orientation, pixel_spacing_mm, window: applied, dicom_seg, frames })
 }
 
 /// A one-line progress display on stderr, only when stderr is a terminal.
@@ -115,34 +123,79 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let device = a.fit.device()?;
     let window = a.fit.window()?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
-    let mut failures = 0;
-    for path in &a.images {
-        match segment_file(path, &a.out, (a.frame, (a.dicom_seg, a.dicom_seg_clusters)), &opts, device, window) {
+    let dicom_seg = (a.dicom_seg, a.dicom_seg_clusters);
+    let (mut fits, mut failures) = (0, 0);
+    let mut report = |r: Result<String>| {
+        fits += 1;
+        match r {
             Ok(summary) => println!("{summary}"),
             Err(e) => {
                 failures += 1;
                 eprintln!("error: {e:#}");
             }
         }
+    };
+    for path in &a.images {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        if !a.all_frames {
+            report(segment_file(path, &a.out, &stem, (a.frame, 1), dicom_seg, &opts, device, window));
+            continue;
+        }
+        match frame_count(path) {
+            Ok(1) => report(segment_file(path, &a.out, &stem, (0, 1), dicom_seg, &opts, device, window)),
+            Ok(frames) => {
+                for frame in 0..frames {
+                    let stem = frame_stem(&stem, frame, frames);
+                    report(segment_file(path, &a.out, &stem, (frame, frames), dicom_seg, &opts, device, window));
+                }
+            }
+            Err(e) => report(Err(e)),
+        }
     }
     if failures > 0 {
-        anyhow::bail!("{failures} of {} image(s) failed", a.images.len());
+        anyhow::bail!("{failures} of {fits} fit(s) failed");
     }
     Ok(())
 }
 
-fn segment_file(path: &Path, out: &Path, (frame, dicom_seg): (u32, (bool, bool)), opts: &FitOptions, device: DeviceSpec, window: Option<Window>) -> Result<String> {
+/// The frames (pages) of an image file, from its headers.
+fn frame_count(path: &Path) -> Result<u32> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let header = s3net_imaging::probe(&bytes, &DecodeOptions::default()).with_context(|| format!("cannot decode {}", path.display()))?;
+    Ok(header.frames)
+}
+
+/// `STEM.frameN`, N zero-padded to the digits of the last frame's number, so that a folder's
+/// files sort in frame order.
+pub fn frame_stem(stem: &str, frame: u32, frames: u32) -> String {
+    let digits = frames.saturating_sub(1).max(1).to_string().len();
+    format!("{stem}.frame{frame:0digits$}")
+}
+
+/// Fits frame `frame` of `path` and writes its outputs as `stem`; `frames` (1, or the file's
+/// count when every frame is segmented) only shows in the summary line.
+#[allow(clippy::too_many_arguments)]
+fn segment_file(
+    path: &Path,
+    out: &Path,
+    stem: &str,
+    (frame, frames): (u32, u32),
+    dicom_seg: (bool, bool),
+    opts: &FitOptions,
+    device: DeviceSpec,
+    window: Option<Window>,
+) -> Result<String> {
     let loaded = load_image(path, frame, window, dicom_seg)?;
     let image = &loaded.image;
     if let Some(w) = memory_warning(opts, device, image, s3net_server::config::host_memory_bytes()) {
         eprintln!("warning: {}: {w}", path.display());
     }
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-    let seg = segment_one(image, opts, device, &stem).with_context(|| format!("fit failed for {}", path.display()))?;
-    write_outputs(out, &stem, &loaded, &seg, opts, device)?;
+    let seg = segment_one(image, opts, device, stem).with_context(|| format!("fit failed for {}", path.display()))?;
+    write_outputs(out, stem, &loaded, &seg, opts, device)?;
     Ok(format!(
-        "{}: {} labels, {} iterations, {:.2} s on {}",
+        "{}{}: {} labels, {} iterations, {:.2} s on {}",
         path.display(),
+        if frames > 1 { format!(" frame {frame} of {frames}") } else { String::new() },
         seg.fit.n_labels,
         seg.fit.iterations,
         seg.fit.fit_seconds,
@@ -183,6 +236,7 @@ pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation
         .transpose()?;
     let mut result = s3net_server::worker::segmentation_result(&loaded.image, seg, applied, loaded.pixel_spacing_mm);
     (result.mask_dicom, result.labels_dicom) = dicom.unwrap_or_default();
+    result.frames = loaded.frames;
     result.timings = Some(s3net_server::pb::Timings {
         queued_seconds: 0.0,
         fit_seconds: seg.fit.fit_seconds,
@@ -194,6 +248,15 @@ pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_stems_sort_in_frame_order() {
+        assert_eq!(frame_stem("ct", 0, 2), "ct.frame0");
+        assert_eq!(frame_stem("ct", 7, 10), "ct.frame7");
+        assert_eq!(frame_stem("ct", 7, 11), "ct.frame07");
+        assert_eq!(frame_stem("ct", 120, 300), "ct.frame120");
+        assert_eq!(frame_stem("ct", 5, 300), "ct.frame005");
+    }
 
     #[test]
     fn warns_only_when_a_cpu_fit_may_not_fit_the_host() {

@@ -99,6 +99,41 @@ fn frame_picks_a_tiff_page() {
     assert!(!o.status.success() && err.contains("frame 2 was requested but the tiff file has 2 page(s)"), "{err}");
 }
 
+/// `--all-frames` fits every page of a TIFF and every frame of an enhanced CT, each written as
+/// STEM.frameN.*, with a DICOM Segmentation per frame referencing that frame; a single-frame
+/// file keeps its plain names; it cannot be combined with `--frame`.
+#[test]
+fn all_frames_segments_every_frame_and_page() {
+    let out = tmpdir("all-frames");
+    let (tif, ct, png) = (data("raster/two-pages.tif"), data("dicom/CT_small_enhanced_3frames.dcm"), data("ph2/IMD002.png"));
+    let mut args = vec!["segment", tif.to_str().unwrap(), png.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu", "--all-frames"];
+    args.extend(FAST);
+    let o = s3net(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("two-pages.tif frame 1 of 2:"), "{said}");
+    assert_eq!(png_size(&out.join("two-pages.frame0.mask.png")), (96, 72));
+    assert_eq!(png_size(&out.join("two-pages.frame1.mask.png")), (64, 64));
+    assert!(out.join("IMD002.mask.png").is_file() && !out.join("two-pages.mask.png").exists());
+    // The enhanced CT was made without a study and series, which a Segmentation must reference:
+    // its frames are segmented, and the Segmentations refused, one error per frame.
+    let mut args = vec!["segment", ct.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu", "--all-frames"];
+    args.extend(FAST);
+    let o = s3net(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in 0..3 {
+        assert!(out.join(format!("CT_small_enhanced_3frames.frame{f}.labels.png")).is_file(), "frame {f}");
+    }
+    let mut args = vec!["segment", ct.to_str().unwrap(), "--out", out.to_str().unwrap(), "--all-frames", "--dicom-seg"];
+    args.extend(FAST);
+    let o = s3net(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.matches("Study Instance UID").count() == 3 && err.contains("3 of 3 fit(s) failed"), "{err}");
+    let o = s3net(&["segment", tif.to_str().unwrap(), "--out", out.to_str().unwrap(), "--all-frames", "--frame", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cannot be used with"), "{err}");
+}
+
 #[test]
 fn eval_writes_a_report_with_all_three_protocols() {
     let dir = tmpdir("eval");

@@ -87,13 +87,14 @@ pub(crate) fn geometry(obj: &DefaultDicomObject, opts: &DecodeOptions) -> Result
 /// data, which is not read (see [`crate::probe`]).
 pub(crate) fn probe_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, ImagingError> {
     let obj = open(bytes, true)?;
-    let (rows, cols, _) = geometry(&obj, opts)?;
+    let (rows, cols, frames) = geometry(&obj, opts)?;
     let samples = optional_u32(&obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1);
     Ok(Header {
         format: Format::Dicom,
         width: cols,
         height: rows,
         channels: if samples >= 3 { 3 } else { 1 },
+        frames,
     })
 }
 

@@ -413,6 +413,9 @@ pub struct Header {
     pub height: u32,
     /// 1 (grey) or 3 (colour), as [`Decoded::channels`].
     pub channels: u8,
+    /// Frames of a multi-frame DICOM (Number of Frames), pages of a TIFF, else 1: what
+    /// [`DecodeOptions::frame`] may pick from (0-based).
+    pub frames: u32,
 }
 
 impl Header {

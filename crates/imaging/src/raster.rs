@@ -46,7 +46,7 @@ pub(crate) fn probe_raster(bytes: &[u8], format: Format, limits: &Limits) -> Res
     let decoder = header_decoder(bytes, format, limits)?;
     let (width, height) = decoder.dimensions();
     let channels = if decoder.color_type().channel_count() >= 3 { 3 } else { 1 };
-    Ok(Header { format, width, height, channels })
+    Ok(Header { format, width, height, channels, frames: 1 })
 }
 
 pub(crate) fn decode_raster(

@@ -42,14 +42,20 @@ fn open_page<'a>(bytes: &'a [u8], opts: &DecodeOptions) -> Result<(PageDecoder<'
     Ok((dec, width, height))
 }
 
-/// The size and channels of page `opts.frame` (see [`crate::probe`]).
+/// The size and channels of page `opts.frame`, and the pages of the file (see
+/// [`crate::probe`]; the pages after it are counted by reading their directories only).
 pub(crate) fn probe_tiff(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, ImagingError> {
     let (mut dec, width, height) = open_page(bytes, opts)?;
     let channels = match dec.colortype().map_err(tiff_error)? {
         ColorType::Gray(_) | ColorType::GrayA(_) => 1,
         _ => 3,
     };
-    Ok(Header { format: Format::Tiff, width, height, channels })
+    let mut frames = opts.frame + 1;
+    while dec.more_images() {
+        dec.next_image().map_err(tiff_error)?;
+        frames += 1;
+    }
+    Ok(Header { format: Format::Tiff, width, height, channels, frames })
 }
 
 pub(crate) fn decode_tiff(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded, ImagingError> {

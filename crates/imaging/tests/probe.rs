@@ -36,6 +36,27 @@ fn probe_agrees_with_decode() {
     }
 }
 
+/// The frames or pages a file has, whichever one was asked for: what a caller that segments
+/// every frame loops over.
+#[test]
+fn probe_counts_frames_and_pages() {
+    let files = [
+        ("ph2/IMD002.png", 0, 1),
+        ("raster/IMD002-progressive.jpg", 0, 1),
+        ("dicom/CT_small.dcm", 0, 1),
+        ("dicom/CT_small_enhanced_3frames.dcm", 0, 3),
+        ("dicom/CT_small_enhanced_3frames.dcm", 2, 3),
+        ("dicom/CT_small_jpeg12_2frames.dcm", 1, 2),
+        ("raster/IMD002-grey-orient8.tif", 0, 1),
+        ("raster/two-pages.tif", 0, 2),
+        ("raster/two-pages.tif", 1, 2),
+    ];
+    for (rel, frame, frames) in files {
+        let h = probe(&data(rel), &DecodeOptions { frame, ..Default::default() }).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert_eq!(h.frames, frames, "{rel} frame {frame}");
+    }
+}
+
 /// The errors a header shows come from the probe, before any pixel is decoded.
 #[test]
 fn probe_refuses_what_the_headers_show() {

@@ -816,6 +816,7 @@ pub fn write_result(out: &Path, stem: &str, r: &pb::SegmentationResult) -> Resul
         "fit_seconds": t.fit_seconds,
         "device": r.device,
         "refits": r.refits,
+        "frames": r.frames.max(1),
         "foreground_fraction": r.foreground_fraction,
         "options": options,
         "clusters": clusters,

@@ -57,6 +57,8 @@ pub struct InputSummary {
     pub modality: Option<String>,
     /// Transfer Syntax UID of a DICOM file.
     pub transfer_syntax: Option<String>,
+    /// Frames (pages) of the file, of which the job fits one (`Header::frames`).
+    pub frames: u32,
 }
 
 impl InputSummary {
@@ -66,6 +68,7 @@ impl InputSummary {
             format: d.format.to_string(),
             modality: d.dicom.as_ref().and_then(|i| i.modality.clone()),
             transfer_syntax: d.dicom.as_ref().map(|i| i.transfer_syntax.clone()),
+            frames: 1,
         }
     }
 }

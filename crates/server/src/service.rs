@@ -403,7 +403,7 @@ impl SegmenterService {
             let applied = d.given_window(window).map(|(w, f)| (w, f.name()));
             let spacing = d.dicom.as_ref().and_then(|i| i.pixel_spacing_mm);
             let orientation = d.orientation;
-            let input = InputSummary::of(&d);
+            let input = InputSummary { frames: header.frames, ..InputSummary::of(&d) };
             Ok::<_, ServiceError>((d.into_image(window), applied, orientation, spacing, source.map(Arc::new), input))
         })
         .await

@@ -555,6 +555,7 @@ fn finish(mut r: Running, outcome: Result<Segmentation, ServiceError>, metrics: 
             let mut res = segmentation_result(img, &seg, c.job.applied.clone(), c.job.pixel_spacing);
             res.mask_dicom = mask_dicom;
             res.labels_dicom = labels_dicom;
+            res.frames = c.job.input.frames;
             res.timings = Some(pb::Timings {
                 queued_seconds: c.queued_for.as_secs_f64(),
                 fit_seconds: fit_s,
@@ -639,6 +640,7 @@ pub fn segmentation_result(img: &Image, seg: &Segmentation, applied: pb::Applied
         pixel_spacing: spacing.map(|[row_mm, column_mm]| pb::PixelSpacing { row_mm, column_mm }),
         foreground_area_mm2: spacing.map(|[r, c]| fg_pixels * r * c),
         refits: seg.refits as u32,
+        frames: 1,
         mask_dicom: Vec::new(),
         labels_dicom: Vec::new(),
     }

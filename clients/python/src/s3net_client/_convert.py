@@ -160,6 +160,7 @@ def result_from_pb(job_id: str, r: pb.SegmentationResult) -> SegmentationResult:
             r.foreground_area_mm2 if r.HasField("foreground_area_mm2") else None
         ),
         refits=r.refits,
+        frames=max(r.frames, 1),
         mask_dicom=r.mask_dicom,
         labels_dicom=r.labels_dicom,
     )

@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     s.add_argument("--upload", action="store_true", help="use the chunked SegmentUpload call")
+    s.add_argument(
+        "--all-frames",
+        action="store_true",
+        help="segment every frame of a multi-frame DICOM (page of a TIFF), one fit each, "
+        "written as STEM.frameN.*; not with --frame",
+    )
     s = sub.add_parser("submit", parents=[conn, fit], help="queue an image, print the job id")
     s.add_argument("file", type=Path)
     s.add_argument("--idempotency-key")
@@ -142,13 +148,47 @@ def _describe(ev: JobEvent) -> Optional[str]:
     return None
 
 
-def _report(path: Path, r: Any, out: Path) -> None:
-    r.save(out, path.stem)
+def _report(path: Path, r: Any, out: Path, frame: Optional[int] = None) -> None:
+    """Writes a result as STEM.* (STEM.frameN.* for a frame of several) and prints its line."""
+    which = "" if frame is None else f" frame {frame} of {r.frames}"
+    r.save(out, path.stem if frame is None else frame_stem(path.stem, frame, r.frames))
     print(
-        f"{path}: {r.labels_used} labels, {r.iterations} iterations, "
+        f"{path}{which}: {r.labels_used} labels, {r.iterations} iterations, "
         f"{r.timings.fit_seconds:.2f} s on {r.device}",
         flush=True,
     )
+
+
+def frame_stem(stem: str, frame: int, frames: int) -> str:
+    """STEM.frameN, N zero-padded to the digits of the last frame's number (as ``s3net
+    segment --all-frames`` names them), so that a folder's files sort in frame order."""
+    return f"{stem}.frame{frame:0{len(str(max(frames - 1, 1)))}d}"
+
+
+def _segment_all_frames(client: Client, paths: List[Path], a: argparse.Namespace, upload: Optional[bool]) -> int:
+    """Every frame of each file, one fit each: frame 0 first, whose result says how many the
+    file has, then the others. Failures are printed and counted; the rest go on."""
+    options = _fit_options(a)
+    fits = failed = 0
+    for path in paths:
+        frame, frames = 0, 1
+        while frame < frames:
+            fits += 1
+            try:
+                r = client.segment(path, upload=upload, **{**options, "frame": frame})
+            except Exception as e:
+                failed += 1
+                print(f"error: {path} frame {frame}: {e}", file=sys.stderr)
+                if frame == 0:
+                    break  # how many frames it has is not known
+            else:
+                frames = r.frames
+                _report(path, r, a.out, frame if frames > 1 else None)
+            frame += 1
+    if failed:
+        print(f"{failed} of {fits} fit(s) failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _job_line(j: Job) -> str:
@@ -183,6 +223,11 @@ def _run(a: argparse.Namespace) -> int:
                         print(_describe(ev), file=sys.stderr)
 
             upload = True if a.upload else None
+            if a.all_frames:
+                if a.frame is not None:
+                    print("error: --all-frames cannot be used with --frame", file=sys.stderr)
+                    return 2
+                return _segment_all_frames(client, a.file, a, upload)
             if len(a.file) == 1:
                 (path,) = a.file
                 r = client.segment(path, progress=progress, upload=upload, **_fit_options(a))

@@ -143,6 +143,10 @@ class SegmentationResult:
     #: How many times the fit was made again with another seed because its foreground came
     #: out empty (the server's ``workers.foreground_refits``); 0 for most images.
     refits: int = 0
+    #: Frames of the input (a multi-frame DICOM's, a TIFF's pages; 1 for other formats); this
+    #: result is of the one the ``frame`` option named. A client segmenting every frame asks
+    #: for the others next (``s3net-client segment --all-frames``).
+    frames: int = 1
     #: With the option ``dicom_seg=True``: the mask as a DICOM Segmentation (a Part 10 file, in
     #: a new series of the source's study, referencing the source image) for a PACS; b"" else.
     mask_dicom: bytes = b""
@@ -173,6 +177,7 @@ class SegmentationResult:
             "fit_seconds": self.timings.fit_seconds,
             "device": self.device,
             "refits": self.refits,
+            "frames": self.frames,
             "foreground_fraction": self.foreground_fraction,
             "options": self.options.all or None,
             "clusters": [

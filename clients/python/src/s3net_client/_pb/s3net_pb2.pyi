@@ -259,7 +259,7 @@ class Cancelled(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
 
 class SegmentationResult(_message.Message):
-    __slots__ = ("labels_png", "mask_png", "width", "height", "labels_used", "clusters", "iterations", "losses", "timings", "options", "device", "foreground_fraction", "pixel_spacing", "foreground_area_mm2", "refits", "mask_dicom", "labels_dicom")
+    __slots__ = ("labels_png", "mask_png", "width", "height", "labels_used", "clusters", "iterations", "losses", "timings", "options", "device", "foreground_fraction", "pixel_spacing", "foreground_area_mm2", "refits", "mask_dicom", "labels_dicom", "frames")
     LABELS_PNG_FIELD_NUMBER: _ClassVar[int]
     MASK_PNG_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,7 @@ class SegmentationResult(_message.Message):
     REFITS_FIELD_NUMBER: _ClassVar[int]
     MASK_DICOM_FIELD_NUMBER: _ClassVar[int]
     LABELS_DICOM_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     labels_png: bytes
     mask_png: bytes
     width: int
@@ -294,7 +295,8 @@ class SegmentationResult(_message.Message):
     refits: int
     mask_dicom: bytes
     labels_dicom: bytes
-    def __init__(self, labels_png: _Optional[bytes] = ..., mask_png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., labels_used: _Optional[int] = ..., clusters: _Optional[_Iterable[_Union[ClusterStats, _Mapping]]] = ..., iterations: _Optional[int] = ..., losses: _Optional[_Union[LossTerms, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[AppliedOptions, _Mapping]] = ..., device: _Optional[str] = ..., foreground_fraction: _Optional[float] = ..., pixel_spacing: _Optional[_Union[PixelSpacing, _Mapping]] = ..., foreground_area_mm2: _Optional[float] = ..., refits: _Optional[int] = ..., mask_dicom: _Optional[bytes] = ..., labels_dicom: _Optional[bytes] = ...) -> None: ...
+    frames: int
+    def __init__(self, labels_png: _Optional[bytes] = ..., mask_png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., labels_used: _Optional[int] = ..., clusters: _Optional[_Iterable[_Union[ClusterStats, _Mapping]]] = ..., iterations: _Optional[int] = ..., losses: _Optional[_Union[LossTerms, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[AppliedOptions, _Mapping]] = ..., device: _Optional[str] = ..., foreground_fraction: _Optional[float] = ..., pixel_spacing: _Optional[_Union[PixelSpacing, _Mapping]] = ..., foreground_area_mm2: _Optional[float] = ..., refits: _Optional[int] = ..., mask_dicom: _Optional[bytes] = ..., labels_dicom: _Optional[bytes] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class PixelSpacing(_message.Message):
     __slots__ = ("row_mm", "column_mm")
