@@ -171,3 +171,20 @@ def test_all_frames_segments_every_page_and_says_how_many(server, tmp_path: Path
     assert not (tmp_path / "two-pages.mask.png").exists()
     p = run("segment", str(tif), "--out", str(tmp_path), "--addr", server.addr, "--all-frames", "--frame", "1", check=False)
     assert p.returncode == 2 and "--all-frames cannot be used with --frame" in p.stderr
+    # The Rust client does the same, and writes the same files.
+    rust = tmp_path / "rust"
+    r = subprocess.run(
+        [str(BIN), "client", "segment", "--addr", f"http://{server.addr}", str(tif), "--out", str(rust), "--all-frames", *FIT],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"{tif} frame 1 of 2:" in r.stdout, r.stdout
+    for frame in (0, 1):
+        a = np.asarray(Image.open(tmp_path / f"two-pages.frame{frame}.labels.png"))
+        b = np.asarray(Image.open(rust / f"two-pages.frame{frame}.labels.png"))
+        np.testing.assert_array_equal(a, b)  # same seed, same fit
+    r = subprocess.run(
+        [str(BIN), "client", "segment", str(tif), "--out", str(rust), "--all-frames", "--frame", "1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2 and "cannot be used with" in r.stderr, r.stderr

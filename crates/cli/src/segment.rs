@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use s3net_imaging::{DecodeOptions, Format, Image, Window};
+use s3net_server::cli::frame_stem;
 use s3net_server::jobs::DicomOutputs;
 use s3net_model::{DeviceSpec, FitOptions, Progress, Segmentation};
 
@@ -165,13 +166,6 @@ fn frame_count(path: &Path) -> Result<u32> {
     Ok(header.frames)
 }
 
-/// `STEM.frameN`, N zero-padded to the digits of the last frame's number, so that a folder's
-/// files sort in frame order.
-pub fn frame_stem(stem: &str, frame: u32, frames: u32) -> String {
-    let digits = frames.saturating_sub(1).max(1).to_string().len();
-    format!("{stem}.frame{frame:0digits$}")
-}
-
 /// Fits frame `frame` of `path` and writes its outputs as `stem`; `frames` (1, or the file's
 /// count when every frame is segmented) only shows in the summary line.
 #[allow(clippy::too_many_arguments)]
@@ -248,15 +242,6 @@ pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn frame_stems_sort_in_frame_order() {
-        assert_eq!(frame_stem("ct", 0, 2), "ct.frame0");
-        assert_eq!(frame_stem("ct", 7, 10), "ct.frame7");
-        assert_eq!(frame_stem("ct", 7, 11), "ct.frame07");
-        assert_eq!(frame_stem("ct", 120, 300), "ct.frame120");
-        assert_eq!(frame_stem("ct", 5, 300), "ct.frame005");
-    }
 
     #[test]
     fn warns_only_when_a_cpu_fit_may_not_fit_the_host() {

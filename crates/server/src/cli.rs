@@ -245,6 +245,74 @@ impl RemoteFitArgs {
     }
 }
 
+/// `STEM.frameN`, N zero-padded to the digits of the last frame's number, so that a folder's
+/// files sort in frame order: the names `--all-frames` writes (`s3net segment` and `s3net
+/// client segment`, and the Python client's command).
+pub fn frame_stem(stem: &str, frame: u32, frames: u32) -> String {
+    let digits = frames.saturating_sub(1).max(1).to_string().len();
+    format!("{stem}.frame{frame:0digits$}")
+}
+
+/// One `s3net client segment` call: its image sent (in one message or in chunks), its events
+/// followed to the result; refused calls and a job its server cancelled while shutting down
+/// are sent again within `retry`.
+struct Segmentation<'a> {
+    client: &'a Client,
+    image: &'a Vec<u8>,
+    upload: bool,
+    deadline: Option<Duration>,
+    retry: &'a RetryArgs,
+}
+
+impl Segmentation<'_> {
+    async fn run(&self, options: &pb::Options) -> Result<pb::SegmentationResult> {
+        let (client, image, upload, deadline, retry) = (self.client, self.image, self.upload, self.deadline, self.retry);
+        let mut resubmitted = 0;
+        loop {
+            let stream = retry
+                .run(|| {
+                    let (mut client, options) = (client.clone(), options.clone());
+                    async move {
+                        if upload || image.len() > 48 << 20 {
+                            let mut chunks = vec![pb::UploadChunk {
+                                part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
+                                    options: Some(options),
+                                    total_bytes: image.len() as u64,
+                                })),
+                            }];
+                            chunks.extend(image.chunks(1 << 20).map(|c| pb::UploadChunk {
+                                part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
+                            }));
+                            client.segment_upload(with_deadline(tokio_stream::iter(chunks), deadline)).await
+                        } else {
+                            let request = pb::SegmentRequest { image: image.clone(), options: Some(options) };
+                            client.segment(with_deadline(request, deadline)).await
+                        }
+                    }
+                })
+                .await;
+            let events = follow_events(stream.map_err(status_error)?.into_inner(), true);
+            let outcome = match deadline {
+                // The server ends the stream at the deadline; this is for a server that
+                // stopped answering altogether.
+                Some(d) => tokio::time::timeout(d + Duration::from_secs(5), events)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("DeadlineExceeded: no outcome within {:.1} s (--timeout)", d.as_secs_f64()))?,
+                None => events.await,
+            };
+            match outcome {
+                Err(e) if e.is::<ServerShutDown>() => {
+                    let Some(wait) = retry.delay(resubmitted, &Status::unavailable(e.to_string())) else { return Err(e) };
+                    eprintln!("{e}; sending the image again in {:.1} s", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                    resubmitted += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// `s3net client …`
 #[derive(Subcommand, Debug, Clone)]
 pub enum ClientCommand {
@@ -264,6 +332,10 @@ pub enum ClientCommand {
         /// the job when they pass, and the command fails with DeadlineExceeded). Unset: none.
         #[arg(long)]
         timeout: Option<f64>,
+        /// Segment every frame of a multi-frame DICOM (page of a TIFF), one job each after
+        /// the other (frame 0's result says how many), written as STEM.frameN.*.
+        #[arg(long, conflicts_with = "frame")]
+        all_frames: bool,
         #[command(flatten)]
         retry: RetryArgs,
         #[command(flatten)]
@@ -507,6 +579,7 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
             out,
             upload,
             timeout,
+            all_frames,
             retry,
             fit,
         } => {
@@ -516,7 +589,7 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
                 Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
             };
             let image = read(&file)?;
-            let options = fit.options()?;
+            let mut options = fit.options()?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
             let stem = file
@@ -524,62 +597,30 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "image".into());
             let client = conn.client().await?;
-            // A job its server cancelled while shutting down is sent again, as a refused call
-            // would be (within --retries).
-            let mut resubmitted = 0;
-            let result = loop {
-                let stream = retry
-                    .run(|| {
-                        let (mut client, options) = (client.clone(), options.clone());
-                        let image = &image;
-                        async move {
-                            if upload || image.len() > 48 << 20 {
-                                let mut chunks = vec![pb::UploadChunk {
-                                    part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
-                                        options: Some(options),
-                                        total_bytes: image.len() as u64,
-                                    })),
-                                }];
-                                chunks.extend(image.chunks(1 << 20).map(|c| pb::UploadChunk {
-                                    part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
-                                }));
-                                client.segment_upload(with_deadline(tokio_stream::iter(chunks), deadline)).await
-                            } else {
-                                let request = pb::SegmentRequest { image: image.clone(), options: Some(options) };
-                                client.segment(with_deadline(request, deadline)).await
-                            }
-                        }
-                    })
-                    .await;
-                let events = follow_events(stream.map_err(status_error)?.into_inner(), true);
-                let outcome = match deadline {
-                    // The server ends the stream at the deadline; this is for a server that
-                    // stopped answering altogether.
-                    Some(d) => tokio::time::timeout(d + Duration::from_secs(5), events)
-                        .await
-                        .map_err(|_| anyhow::anyhow!("DeadlineExceeded: no outcome within {:.1} s (--timeout)", d.as_secs_f64()))?,
-                    None => events.await,
+            let call = Segmentation { client: &client, image: &image, upload, deadline, retry: &retry };
+            let (mut frame, mut frames) = (options.frame, 1);
+            loop {
+                options.frame = frame;
+                let result = call.run(&options).await?;
+                frames = if all_frames { result.frames.max(1) } else { frames };
+                let (stem, which) = match frames {
+                    1 => (stem.clone(), String::new()),
+                    n => (frame_stem(&stem, frame, n), format!(" frame {frame} of {n}")),
                 };
-                match outcome {
-                    Err(e) if e.is::<ServerShutDown>() => {
-                        let Some(wait) = retry.delay(resubmitted, &Status::unavailable(e.to_string())) else { return Err(e) };
-                        eprintln!("{e}; sending the image again in {:.1} s", wait.as_secs_f64());
-                        tokio::time::sleep(wait).await;
-                        resubmitted += 1;
-                    }
-                    other => break other?,
+                write_result(&out, &stem, &result)?;
+                println!(
+                    "{}{which}: {} labels, {} iterations, {:.2} s on {}",
+                    file.display(),
+                    result.labels_used,
+                    result.iterations,
+                    result.timings.map(|t| t.fit_seconds).unwrap_or(0.0),
+                    result.device
+                );
+                frame += 1;
+                if frame >= frames {
+                    return Ok(());
                 }
-            };
-            write_result(&out, &stem, &result)?;
-            println!(
-                "{}: {} labels, {} iterations, {:.2} s on {}",
-                file.display(),
-                result.labels_used,
-                result.iterations,
-                result.timings.map(|t| t.fit_seconds).unwrap_or(0.0),
-                result.device
-            );
-            Ok(())
+            }
         }
         ClientCommand::Submit {
             conn,
@@ -857,6 +898,15 @@ pub async fn wait_serving(conn: &ConnectArgs, timeout: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_stems_sort_in_frame_order() {
+        assert_eq!(frame_stem("ct", 0, 2), "ct.frame0");
+        assert_eq!(frame_stem("ct", 7, 10), "ct.frame7");
+        assert_eq!(frame_stem("ct", 7, 11), "ct.frame07");
+        assert_eq!(frame_stem("ct", 120, 300), "ct.frame120");
+        assert_eq!(frame_stem("ct", 5, 300), "ct.frame005");
+    }
 
     #[test]
     fn fresh_keys_differ() {

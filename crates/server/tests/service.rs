@@ -1165,6 +1165,7 @@ fn cli_client_retries_a_full_queue() {
         out: dir.path().join("out"),
         upload: false,
         timeout: None,
+        all_frames: false,
         retry: RetryArgs { retries, backoff: 0.05 },
         fit: RemoteFitArgs { iterations: Some(3), size: Some(32), features: Some(8), device: Some("cpu".into()), ..Default::default() },
     };
@@ -1209,6 +1210,7 @@ fn cli_client_segment_writes_the_three_files() {
         out: out.clone(),
         upload: false,
         timeout: None,
+        all_frames: false,
         retry: Default::default(),
         fit: fit.clone(),
     };
@@ -1236,6 +1238,7 @@ fn cli_client_segment_writes_the_three_files() {
         out: out2.clone(),
         upload: true,
         timeout: None,
+        all_frames: false,
         retry: Default::default(),
         fit: fit.clone(),
     };
@@ -1254,6 +1257,7 @@ fn cli_client_segment_writes_the_three_files() {
         out: out.clone(),
         upload: false,
         timeout: None,
+        all_frames: false,
         retry: Default::default(),
         fit,
     };
@@ -1275,6 +1279,7 @@ fn cli_client_segment_writes_the_three_files() {
         out: out.clone(),
         upload: false,
         timeout: Some(1.0),
+        all_frames: false,
         retry: Default::default(),
         fit: RemoteFitArgs { iterations: Some(1000), min_labels: Some(0), size: Some(64), ..Default::default() },
     };
