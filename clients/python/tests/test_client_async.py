@@ -76,3 +76,20 @@ def test_async_cancel_and_errors(server) -> None:
             assert job.state == JobState.CANCELLED
 
     asyncio.run(main())
+
+
+def test_async_segment_frames(server) -> None:
+    """Every page of a two-page TIFF, in order, frame 0's result saying how many; a one-frame
+    image yields one; frame= is refused."""
+    tif = DATA / "raster" / "two-pages.tif"
+
+    async def main() -> None:
+        async with AsyncClient(server.addr) as client:
+            got = [(f, r.frames, r.width, r.height) async for f, r in client.segment_frames(tif, **FAST)]
+            assert got == [(0, 2, 96, 72), (1, 2, 64, 64)]
+            assert [f async for f, _ in client.segment_frames(CT, **FAST)] == [0]
+            with pytest.raises(TypeError, match="no frame= option"):
+                async for _ in client.segment_frames(tif, frame=1, **FAST):
+                    pass
+
+    asyncio.run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from s3net_client import (
     NotFound,
     S3NetError,
     SegmentationResult,
+    Unavailable,
     encode_png,
     encode_tiff,
     events,
@@ -82,6 +84,38 @@ def test_offset_learning_rate(client: Client) -> None:
             client.segment(PH2, offset_lr=bad, **FAST)
     with pytest.raises(ValueError, match="option offset_lr='fast' is invalid"):
         client.segment(PH2, offset_lr="fast", **FAST)
+
+
+def test_segment_frames_yields_every_page_in_order(client: Client) -> None:
+    """Frame 0's result says how many frames there are; the others follow in order, each the
+    size of its own page; a failing frame is yielded with its error and the rest go on."""
+    tif = DATA / "raster" / "two-pages.tif"
+    got = [(f, r.frames, r.width, r.height) for f, r in client.segment_frames(tif, concurrency=2, **FAST)]
+    assert got == [(0, 2, 96, 72), (1, 2, 64, 64)]
+    assert [f for f, _ in client.segment_frames(PH2, **FAST)] == [0]
+    # Frame 0's error is raised: how many frames there are is then unknown.
+    with pytest.raises(InvalidArgument, match="window"):
+        next(client.segment_frames(tif, window=(0, 0), **FAST))
+    with pytest.raises(TypeError, match="no frame= option"):
+        next(client.segment_frames(tif, frame=1, **FAST))
+
+
+def test_segment_frames_yields_a_later_frames_error_and_goes_on(client: Client, monkeypatch) -> None:
+    """A frame after the first that fails (here frame 1 of 3, made to fail UNAVAILABLE past its
+    retries) is yielded with its error; frame 2 is still segmented."""
+    volume = DATA / "dicom" / "CT_small_enhanced_3frames.dcm"
+    real = client.segment
+
+    def flaky(image: Any, **kw: Any) -> Any:
+        if kw.get("frame") == 1:
+            raise Unavailable("the server went away", code=grpc.StatusCode.UNAVAILABLE)
+        return real(image, **kw)
+
+    monkeypatch.setattr(client, "segment", flaky)
+    got = list(client.segment_frames(volume, **FAST))
+    assert [f for f, _ in got] == [0, 1, 2]
+    assert isinstance(got[1][1], Unavailable)
+    assert got[0][1].frames == 3 and got[2][1].frames == 3
 
 
 def test_16bit_png_path(client: Client) -> None:

@@ -133,24 +133,62 @@ class AsyncClient:
     ) -> AsyncIterator[Tuple[ImageInput, Union[SegmentationResult, Exception]]]:
         """See ``Client.segment_many``: an async iterator of ``(image, result or error)``
         in the order of ``images``, up to ``concurrency`` fits in flight."""
+        def call(image: ImageInput) -> Awaitable[SegmentationResult]:
+            return self.segment(image, timeout=timeout, upload=upload, **options)
+
+        async for outcome in self._in_flight(images, call, concurrency, progress):
+            yield outcome
+
+    async def segment_frames(
+        self,
+        image: ImageInput,
+        *,
+        concurrency: int = 8,
+        timeout: Optional[float] = UNSET,
+        upload: Optional[bool] = None,
+        **options: Any,
+    ) -> AsyncIterator[Tuple[int, Union[SegmentationResult, Exception]]]:
+        """See ``Client.segment_frames``: ``(frame, result or error)`` for every frame of the
+        image in frame order, frame 0 first (its error raised), then the others with up to
+        ``concurrency`` in flight."""
+        if "frame" in options:
+            raise TypeError("segment_frames segments every frame; it takes no frame= option")
+        first = await self.segment(image, timeout=timeout, upload=upload, frame=0, **options)
+        yield 0, first
+        def call(frame: int) -> Awaitable[SegmentationResult]:
+            return self.segment(image, timeout=timeout, upload=upload, frame=frame, **options)
+
+        async for outcome in self._in_flight(range(1, first.frames), call, concurrency, False):
+            yield outcome
+
+    async def _in_flight(
+        self,
+        items: Iterable[Any],
+        call: Callable[[Any], Awaitable[SegmentationResult]],
+        concurrency: int,
+        progress: bool,
+    ) -> AsyncIterator[Tuple[Any, Union[SegmentationResult, Exception]]]:
+        """``await call(item)`` for each item, up to ``concurrency`` at once, yielded as
+        ``(item, result or error)`` in the items' order; leaving the loop early cancels the
+        fits in flight."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
 
-        async def one(image: ImageInput) -> Union[SegmentationResult, Exception]:
+        async def one(item: Any) -> Union[SegmentationResult, Exception]:
             try:
-                return await self.segment(image, timeout=timeout, upload=upload, **options)
-            except Exception as e:  # yielded with its image, for the caller to handle
+                return await call(item)
+            except Exception as e:  # yielded with its item, for the caller to handle
                 return e
 
-        bar = progress_bar(images) if progress else None
-        window: InOrder[asyncio.Future] = InOrder(images, concurrency, lambda image: asyncio.ensure_future(one(image)))
+        bar = progress_bar(items) if progress else None
+        window: InOrder[asyncio.Future] = InOrder(items, concurrency, lambda item: asyncio.ensure_future(one(item)))
         try:
             while (started := window.next()) is not None:
-                image, task = started
+                item, task = started
                 outcome = await task
                 if bar is not None:
                     bar.update(1)
-                yield image, outcome
+                yield item, outcome
         finally:
             # Cancelling a segment task cancels its job on the server.
             for _, task in window.pending:

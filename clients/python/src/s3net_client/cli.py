@@ -166,25 +166,23 @@ def frame_stem(stem: str, frame: int, frames: int) -> str:
 
 
 def _segment_all_frames(client: Client, paths: List[Path], a: argparse.Namespace, upload: Optional[bool]) -> int:
-    """Every frame of each file, one fit each: frame 0 first, whose result says how many the
-    file has, then the others. Failures are printed and counted; the rest go on."""
-    options = _fit_options(a)
+    """Every frame of each file, one fit each (``Client.segment_frames``: frame 0 first, whose
+    result says how many the file has, then the others, ``--concurrency`` at once). Failures
+    are printed and counted; the rest go on."""
     fits = failed = 0
     for path in paths:
-        frame, frames = 0, 1
-        while frame < frames:
+        try:
+            for frame, outcome in client.segment_frames(path, concurrency=a.concurrency, upload=upload, **_fit_options(a)):
+                fits += 1
+                if isinstance(outcome, Exception):
+                    failed += 1
+                    print(f"error: {path} frame {frame}: {outcome}", file=sys.stderr)
+                else:
+                    _report(path, outcome, a.out, frame if outcome.frames > 1 else None)
+        except Exception as e:  # frame 0's: how many frames the file has is not known
             fits += 1
-            try:
-                r = client.segment(path, upload=upload, **{**options, "frame": frame})
-            except Exception as e:
-                failed += 1
-                print(f"error: {path} frame {frame}: {e}", file=sys.stderr)
-                if frame == 0:
-                    break  # how many frames it has is not known
-            else:
-                frames = r.frames
-                _report(path, r, a.out, frame if frames > 1 else None)
-            frame += 1
+            failed += 1
+            print(f"error: {path}: {e}", file=sys.stderr)
     if failed:
         print(f"{failed} of {fits} fit(s) failed", file=sys.stderr)
         return 1

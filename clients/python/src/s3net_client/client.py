@@ -180,6 +180,53 @@ class Client:
         paths is fine); ``timeout`` applies to each image; ``progress=True`` shows one bar over
         the images. Leaving the loop early (break, an exception) cancels the fits in flight.
         """
+        return self._in_flight(
+            images,
+            lambda image, stopped: self.segment(image, progress=stopped, timeout=timeout, upload=upload, **options),
+            concurrency,
+            progress,
+        )
+
+    def segment_frames(
+        self,
+        image: ImageInput,
+        *,
+        concurrency: int = 8,
+        timeout: Optional[float] = UNSET,
+        upload: Optional[bool] = None,
+        **options: Any,
+    ) -> Iterator[Tuple[int, Union[SegmentationResult, Exception]]]:
+        """Segments every frame of a multi-frame DICOM (every page of a TIFF), one fit each,
+        and yields ``(frame, result)`` in frame order; a one-frame image yields one.
+
+        Frame 0 goes first: its result says how many frames the file has (``frames``); the
+        others follow with up to ``concurrency`` in flight, as in ``segment_many``. A frame that
+        fails yields ``(frame, error)`` and the others go on; frame 0's error is raised (how
+        many frames there are is then unknown). ``frame=`` is not an option here.
+        """
+        if "frame" in options:
+            raise TypeError("segment_frames segments every frame; it takes no frame= option")
+        first = self.segment(image, timeout=timeout, upload=upload, frame=0, **options)
+        yield 0, first
+        yield from self._in_flight(
+            range(1, first.frames),
+            lambda frame, stopped: self.segment(
+                image, progress=stopped, timeout=timeout, upload=upload, frame=frame, **options
+            ),
+            concurrency,
+            False,
+        )
+
+    def _in_flight(
+        self,
+        items: Iterable[Any],
+        call: Callable[[Any, Callable[[JobEvent], None]], SegmentationResult],
+        concurrency: int,
+        progress: bool,
+    ) -> Iterator[Tuple[Any, Union[SegmentationResult, Exception]]]:
+        """``call(item, stopped)`` for each item on a pool of ``concurrency`` threads, yielded
+        as ``(item, result or error)`` in the items' order; leaving the loop early cancels the
+        fits in flight (``stopped`` is their progress callback, which ends them)."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         stop = threading.Event()
@@ -188,22 +235,22 @@ class Client:
             if stop.is_set():
                 raise _Stopped()
 
-        def one(image: ImageInput) -> Union[SegmentationResult, Exception]:
+        def one(item: Any) -> Union[SegmentationResult, Exception]:
             try:
-                return self.segment(image, progress=stopped, timeout=timeout, upload=upload, **options)
-            except Exception as e:  # yielded with its image, for the caller to handle
+                return call(item, stopped)
+            except Exception as e:  # yielded with its item, for the caller to handle
                 return e
 
-        bar = progress_bar(images) if progress else None
+        bar = progress_bar(items) if progress else None
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3net-segment")
-        window: InOrder[Future] = InOrder(images, concurrency, lambda image: pool.submit(one, image))
+        window: InOrder[Future] = InOrder(items, concurrency, lambda item: pool.submit(one, item))
         try:
             while (started := window.next()) is not None:
-                image, future = started
+                item, future = started
                 outcome = future.result()
                 if bar is not None:
                     bar.update(1)
-                yield image, outcome
+                yield item, outcome
         finally:
             # Fits still in flight stop at their next event (the job is cancelled); those
             # not started do not start.
