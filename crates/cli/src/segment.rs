@@ -55,8 +55,6 @@ pub struct Loaded {
     pub window: Option<(Window, &'static str)>,
     /// The DICOM Segmentations asked for, with what they need of the file.
     pub dicom_seg: Option<DicomOutputs>,
-    /// Frames (pages) of the file (`Header::frames`).
-    pub frames: u32,
 }
 
 /// Reads and decodes an image file (`frame`: of a multi-frame DICOM or multi-page TIFF), with
@@ -80,11 +78,10 @@ pub fn load_image(path: &Path, frame: u32, window: Option<Window>, (foreground, 
         ),
     };
     let opts = DecodeOptions { frame, ..Default::default() };
-    let frames = s3net_imaging::probe(&bytes, &opts).with_context(|| format!("cannot decode {}", path.display()))?.frames;
     let decoded = s3net_imaging::decode(&bytes, &opts).with_context(|| format!("cannot decode {}", path.display()))?;
     let (orientation, pixel_spacing_mm) = (decoded.orientation, decoded.dicom.as_ref().and_then(|d| d.pixel_spacing_mm));
     let applied = decoded.given_window(window).map(|(w, f)| (w, f.name()));
-    Ok(Loaded { image: Arc::new(decoded.into_image(window)), orientation, pixel_spacing_mm, window: applied, dicom_seg, frames })
+    Ok(Loaded { image: Arc::new(decoded.into_image(window)), orientation, pixel_spacing_mm, window: applied, dicom_seg })
 }
 
 /// A one-line progress display on stderr, only when stderr is a terminal.
@@ -139,15 +136,15 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     for path in &a.images {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
         if !a.all_frames {
-            report(segment_file(path, &a.out, &stem, (a.frame, 1), dicom_seg, &opts, device, window));
+            report(segment_file(path, &a.out, &stem, (a.frame, None), dicom_seg, &opts, device, window));
             continue;
         }
         match frame_count(path) {
-            Ok(1) => report(segment_file(path, &a.out, &stem, (0, 1), dicom_seg, &opts, device, window)),
+            Ok(1) => report(segment_file(path, &a.out, &stem, (0, Some(1)), dicom_seg, &opts, device, window)),
             Ok(frames) => {
                 for frame in 0..frames {
                     let stem = frame_stem(&stem, frame, frames);
-                    report(segment_file(path, &a.out, &stem, (frame, frames), dicom_seg, &opts, device, window));
+                    report(segment_file(path, &a.out, &stem, (frame, Some(frames)), dicom_seg, &opts, device, window));
                 }
             }
             Err(e) => report(Err(e)),
@@ -166,14 +163,15 @@ fn frame_count(path: &Path) -> Result<u32> {
     Ok(header.frames)
 }
 
-/// Fits frame `frame` of `path` and writes its outputs as `stem`; `frames` (1, or the file's
-/// count when every frame is segmented) only shows in the summary line.
+/// Fits frame `frame` of `path` and writes its outputs as `stem`. `frames`: the file's frame
+/// count when the caller already read it (`--all-frames`, whose summary lines name the frame),
+/// else None and it is read here, for the report.
 #[allow(clippy::too_many_arguments)]
 fn segment_file(
     path: &Path,
     out: &Path,
     stem: &str,
-    (frame, frames): (u32, u32),
+    (frame, frames): (u32, Option<u32>),
     dicom_seg: (bool, bool),
     opts: &FitOptions,
     device: DeviceSpec,
@@ -184,12 +182,17 @@ fn segment_file(
     if let Some(w) = memory_warning(opts, device, image, s3net_server::config::host_memory_bytes()) {
         eprintln!("warning: {}: {w}", path.display());
     }
+    let all_frames = frames.is_some();
+    let frames = match frames {
+        Some(n) => n,
+        None => frame_count(path)?,
+    };
     let seg = segment_one(image, opts, device, stem).with_context(|| format!("fit failed for {}", path.display()))?;
-    write_outputs(out, stem, &loaded, &seg, opts, device)?;
+    write_outputs(out, stem, &loaded, &seg, opts, device, frames)?;
     Ok(format!(
         "{}{}: {} labels, {} iterations, {:.2} s on {}",
         path.display(),
-        if frames > 1 { format!(" frame {frame} of {frames}") } else { String::new() },
+        if all_frames && frames > 1 { format!(" frame {frame} of {frames}") } else { String::new() },
         seg.fit.n_labels,
         seg.fit.iterations,
         seg.fit.fit_seconds,
@@ -218,10 +221,10 @@ pub fn memory_warning(opts: &FitOptions, device: DeviceSpec, image: &Image, host
 }
 
 /// Writes STEM.labels.png, STEM.mask.png, STEM.json (and STEM.seg.dcm with a DICOM source
-/// asked for one) from the result message the service
+/// asked for one; `frames`: the file's frame count, for the report) from the result message the service
 /// would send for this fit (`s3net_server::worker::segmentation_result`), through the writer
 /// `s3net client segment` uses: a local and a remote segmentation report the same keys.
-pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation, opts: &FitOptions, device: DeviceSpec) -> Result<()> {
+pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation, opts: &FitOptions, device: DeviceSpec, frames: u32) -> Result<()> {
     let applied = s3net_server::service::applied_options(opts, device, loaded.window, 0, loaded.orientation);
     let dicom = loaded
         .dicom_seg
@@ -230,7 +233,7 @@ pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation
         .transpose()?;
     let mut result = s3net_server::worker::segmentation_result(&loaded.image, seg, applied, loaded.pixel_spacing_mm);
     (result.mask_dicom, result.labels_dicom) = dicom.unwrap_or_default();
-    result.frames = loaded.frames;
+    result.frames = frames;
     result.timings = Some(s3net_server::pb::Timings {
         queued_seconds: 0.0,
         fit_seconds: seg.fit.fit_seconds,

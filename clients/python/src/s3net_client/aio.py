@@ -155,6 +155,7 @@ class AsyncClient:
             raise TypeError("segment_frames segments every frame; it takes no frame= option")
         first = await self.segment(image, timeout=timeout, upload=upload, frame=0, **options)
         yield 0, first
+
         def call(frame: int) -> Awaitable[SegmentationResult]:
             return self.segment(image, timeout=timeout, upload=upload, frame=frame, **options)
 

@@ -222,9 +222,6 @@ def _run(a: argparse.Namespace) -> int:
 
             upload = True if a.upload else None
             if a.all_frames:
-                if a.frame is not None:
-                    print("error: --all-frames cannot be used with --frame", file=sys.stderr)
-                    return 2
                 return _segment_all_frames(client, a.file, a, upload)
             if len(a.file) == 1:
                 (path,) = a.file
@@ -281,7 +278,10 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "all_frames", False) and args.frame is not None:
+        parser.error("--all-frames cannot be used with --frame")  # exits 2, before connecting
     try:
         return _run(args)
     except S3NetError as e:
