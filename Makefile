@@ -28,7 +28,7 @@ run: build
 test: setup setup-python
 	$(CARGO) test --release --locked --workspace
 	$(CARGO) build --release --locked -p s3net-cli
-	PYTHONDONTWRITEBYTECODE=1 $(PY)/bin/python -m pytest -q -p no:cacheprovider $(wildcard clients/python/tests deploy/tests)
+	PYTHONDONTWRITEBYTECODE=1 $(PY)/bin/python -m pytest -q -p no:cacheprovider $(wildcard clients/python/tests deploy/tests scripts/tests)
 
 ## What a GPU check carries to a machine with a GPU but no Rust → .gpu/ and .gpu.tar.xz (README, "GPU checks").
 gpu-bundle: setup

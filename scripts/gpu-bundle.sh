@@ -32,7 +32,7 @@ for line in sys.stdin:
 ' "$out"
 strip "$out/s3net" "$out"/*-test
 cp crates/model/tests/data/deform_golden.json "$out/golden/"
-cp scripts/gpu-check.sh scripts/trace-summary.py scripts/ab-summary.py "$out/"
+cp scripts/gpu-check.sh scripts/trace-summary.py scripts/ab-summary.py scripts/ncu-summary.py "$out/"
 # This build with each kernel choice of the environment the other way from its default, as a
 # binary of its own for the steps that compare binaries (AB_BASE="./s3net-libtorch-losses
 # ./s3net-cublas-split ./s3net-dw-columns ./s3net-deform-tiled" STEPS="ab evalab"): the loss

@@ -15,6 +15,7 @@
 # dev data's accuracy nearly holds on the CPU: see the README's "Smaller grids"), "ab" (this
 # build's batched fits against an earlier binary's, ./s3net-base, alternately), "evalab" (their accuracy over seeds) and "trace" (an
 # operator-level trace of a batch's steps: kernels charged to the ops that launched them)
+# and "kernels" (ncu's sections and stall reasons for each of our own kernels: what bounds it)
 # (PROFILE_ARGS adds `s3net bench fit` flags to the profiled run, e.g. "--precision bfloat16").
 # "tf32" repeats the fit benches and the eval with cuBLAS's matmuls in TF32
 # (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; cuDNN's convolutions run in TF32 by default either way),
@@ -292,6 +293,41 @@ for n, v in tot.most_common(40):
     print(f'{v / s * 100:5.1f}% {v:9.0f} us  n={cnt[n]:4d}  {n}')
 PY
   head -20 "$OUT/ncu-batch16.txt"
+}
+
+step_kernels() {
+  # What bounds each of our own kernels: ncu's Speed Of Light, occupancy, launch, compute,
+  # memory and warp-state sections plus the warps' stall reasons, for KERNELS_COUNT (default
+  # 60, about a step's worth) launches of the kernels named in KERNELS_REGEX, after skipping
+  # KERNELS_SKIP (default 900, about 20 steps) of them, in a 16-network batch (PROFILE_ARGS:
+  # more `s3net bench fit` flags, e.g. "--precision bfloat16"). The timing profile above says
+  # where the time goes; this says why, per kernel. kernels.txt is ncu-summary.py's table
+  # (one line per kernel), kernels.csv.gz the whole report. Each launch is replayed once per
+  # group of counters: a few seconds per kernel.
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)
+  local regex=${KERNELS_REGEX:-correlate_|weight_grad_|im2col|col2im|plane_|bias_|losses_|stats_|chunk_products}
+  local sections=(--section SpeedOfLight --section Occupancy --section LaunchStats
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats)
+  local stalls=(--metrics 'regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$')
+  profile_kernels() {
+    timeout "${KERNELS_SECS:-240}" "$NCU" --csv --page details --clock-control none \
+      --kernel-name "regex:$regex" --launch-skip "${KERNELS_SKIP:-900}" \
+      --launch-count "${KERNELS_COUNT:-60}" "${sections[@]}" "$@" \
+      ./s3net bench fit --device cuda --repeats 1 --batch 16 --batch-only ${PROFILE_ARGS:-} \
+      > "$OUT/kernels.csv" 2> "$OUT/kernels.err"
+  }
+  profile_kernels "${stalls[@]}"
+  echo "kernels rc=$?"
+  if ! grep -q '"Metric Name"' "$OUT/kernels.csv"; then
+    # This ncu refused the stall metrics' pattern: the sections alone.
+    echo "no table with the stall metrics ($(tail -1 "$OUT/kernels.err")); again without them"
+    mv "$OUT/kernels.err" "$OUT/kernels-stalls.err"
+    profile_kernels
+    echo "kernels rc=$?"
+  fi
+  python3 ncu-summary.py "$OUT/kernels.csv" > "$OUT/kernels.txt" 2>&1
+  gzip -f "$OUT/kernels.csv"
+  cut -c1-220 "$OUT/kernels.txt" | head -25
 }
 
 for step in $STEPS; do
