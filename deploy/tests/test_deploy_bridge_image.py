@@ -5,7 +5,8 @@ No Docker engine runs here (README, "### Deployment"), so:
   owning only the spool, the ports, the health check, a build context of the package alone;
 * the image's command line (ENTRYPOINT, then a `--destination`) is run here with its ENV, on
   this checkout's bridge, against a real `s3net serve` and a real DICOM destination: one
-  C-STORE in, its Segmentation out, the HEALTHCHECK command answering, SIGTERM exiting 0;
+  C-STORE in, its Segmentation out, the HEALTHCHECK command answering on the port the
+  environment names (and failing on another), SIGTERM exiting 0;
 * opt-in (`S3NET_ROOTFS_SMOKE=1`, root, debootstrap and Debian's and PyPI's servers; a few
   minutes): the image rebuilt without Docker: a `debootstrap --variant=minbase bookworm` root
   (debian:bookworm-slim's content), each RUN of the Dockerfile run in it by chroot as written,
@@ -88,8 +89,11 @@ def test_exposes_the_dicom_and_metrics_ports_and_checks_health_on_metrics():
     ports = {int(p) for v in of(stage(), "EXPOSE") for p in v.split()}
     assert ports == {BRIDGE_DICOM_PORT, BRIDGE_METRICS_PORT}
     assert entrypoint()[0] == "s3net-pacs-bridge"
-    assert host_port(option(entrypoint(), "--metrics-listen")) == ("0.0.0.0", BRIDGE_METRICS_PORT)
-    assert f"http://127.0.0.1:{BRIDGE_METRICS_PORT}/metrics" in " ".join(healthcheck())
+    # The metrics address is the environment's, which the health check reads too: moving it
+    # with `docker run -e` moves both (a --metrics-listen in ENTRYPOINT would leave it behind).
+    assert "--metrics-listen" not in entrypoint()
+    assert host_port(env_of(stage())["S3NET_BRIDGE_METRICS_LISTEN"]) == ("0.0.0.0", BRIDGE_METRICS_PORT)
+    assert "S3NET_BRIDGE_METRICS_LISTEN" in " ".join(healthcheck())
     (value,) = of(stage(), "HEALTHCHECK")
     assert "--start-period=" in value
     assert of(stage(), "STOPSIGNAL") == ["SIGTERM"]
@@ -152,21 +156,23 @@ def wait_for(what: Callable[[], bool], timeout: float, why: Callable[[], str]) -
         time.sleep(0.2)
 
 
-def round_trip(start: Callable[[List[str], dict], subprocess.Popen], health: Callable[[List[str]], int],
+def round_trip(start: Callable[[List[str], dict], subprocess.Popen], health: Callable[[List[str], dict], int],
                spool: Path, log: Path) -> None:
     """Runs the image's command line through `start(argv, env)` against a real server and
-    destination: health answers, one C-STORE's Segmentation arrives, SIGTERM exits 0."""
+    destination: health (`health(argv, env)`) answers, and fails once the environment names
+    another port; one C-STORE's Segmentation arrives, SIGTERM exits 0."""
     server = Server(["serve"], {})
     destination = Destination()
     bridge = None
     try:
         server.wait_healthy([str(BINARY), "client", "health", "--addr", server.url])
         port, metrics = free_port(), free_port()
-        argv = [a.replace(f"0.0.0.0:{BRIDGE_METRICS_PORT}", f"127.0.0.1:{metrics}") for a in entrypoint()]
-        argv += ["--destination", f"DEST@127.0.0.1:{destination.port}", "--host", "127.0.0.1",
+        argv = entrypoint() + ["--destination", f"DEST@127.0.0.1:{destination.port}", "--host", "127.0.0.1",
                  "--port", str(port), "--iterations", "2", "--size", "64", "--features", "16", "--offset-lr", "300"]
         env = env_of(stage())
         env["S3NET_ADDR"] = f"127.0.0.1:{server.grpc_port}"
+        # As `docker run -e` would move it (and loopback: this is the host's network).
+        env["S3NET_BRIDGE_METRICS_LISTEN"] = f"127.0.0.1:{metrics}"
         bridge = start(argv, env)
 
         def up() -> bool:
@@ -178,8 +184,9 @@ def round_trip(start: Callable[[List[str], dict], subprocess.Popen], health: Cal
                 return False
 
         wait_for(up, 60, log.read_text)
-        probe = [a.replace(f":{BRIDGE_METRICS_PORT}/", f":{metrics}/") for a in healthcheck()]
-        assert health(probe) == 0, "the image's HEALTHCHECK command fails on a running bridge"
+        assert health(healthcheck(), env) == 0, "the image's HEALTHCHECK command fails on a running bridge"
+        elsewhere = {**env, "S3NET_BRIDGE_METRICS_LISTEN": f"0.0.0.0:{free_port()}"}
+        assert health(healthcheck(), elsewhere) != 0, "the health check does not read the bridge's metrics address"
         assert c_store(port, ROOT / "tests" / "data" / "dicom" / "CT_small.dcm") == 0x0000
         wait_for(lambda: len(destination.received) == 1, 120, lambda: log.read_text() + server.output())
         assert destination.received[0].Modality == "SEG"
@@ -220,9 +227,11 @@ def test_the_images_command_line_bridges_a_pacs_to_a_real_server(tmp_path):
             return subprocess.Popen([sys.executable, "-m", "s3net_client.bridge", *argv[1:]], env=child,
                                     stdout=out, stderr=subprocess.STDOUT)
 
-    def health(argv: List[str]) -> int:
+    def health(argv: List[str], env: dict) -> int:
         assert argv[0] == "python3"
-        return subprocess.run([sys.executable, *argv[1:]], timeout=30).returncode
+        child = {**os.environ, **{k: v for k, v in env.items() if k != "PATH"}}
+        return subprocess.run([sys.executable, *argv[1:]], env=child, timeout=30,
+                              stderr=subprocess.DEVNULL).returncode
 
     round_trip(start, health, spool, log)
 
@@ -248,7 +257,6 @@ def test_the_image_built_in_a_slim_debian_root_bridges_a_pacs(tmp_path_factory, 
     pytest.importorskip("pynetdicom")
     base = os.environ.get("S3NET_BRIDGE_ROOTFS_DIR")
     root = Path(base) if base else tmp_path_factory.mktemp("bridge-rootfs") / "bookworm"
-    env = env_of(stage())
     if not (root / "opt" / "s3net-bridge" / "bin" / "s3net-pacs-bridge").exists():
         # From scratch: the RUNs are not meant to run twice over a build that stopped halfway.
         shutil.rmtree(root, ignore_errors=True)
@@ -283,8 +291,8 @@ def test_the_image_built_in_a_slim_debian_root_bridges_a_pacs(tmp_path_factory, 
         with open(log, "w") as out:
             return subprocess.Popen(inside(argv, run_env), stdout=out, stderr=subprocess.STDOUT)
 
-    def health(argv: List[str]) -> int:
-        return subprocess.run(inside(argv, env), timeout=30).returncode
+    def health(argv: List[str], run_env: dict) -> int:
+        return subprocess.run(inside(argv, run_env), timeout=30, stderr=subprocess.DEVNULL).returncode
 
     assert re.fullmatch(r"\d+:\d+", user)
     round_trip(start, health, spool, log)

@@ -806,7 +806,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     q.add_argument("--spool", type=Path, help="folder that keeps each image until its Segmentations are stored")
     q.add_argument("--retry-interval", type=float, default=30.0, help="seconds before an image whose server or destination was unreachable is tried again, doubling up to 16x (default 30)")
     q.add_argument("--retry-for", type=float, default=86400.0, help="seconds after which such an image is given up (default 86400)")
-    q.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    metrics_env = os.environ.get("S3NET_BRIDGE_METRICS_LISTEN") or None
+    q.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
+                   default=metrics_env,  # a string default goes through `type` too: a bad one is a usage error
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics [$S3NET_BRIDGE_METRICS_LISTEN]")
     p.add_argument("--verbose", action="store_true", help="log pynetdicom's lines on each association and message too")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
