@@ -5,6 +5,9 @@
 //! * round-trip latency p50/p99 of a 1-iteration job on a 64×64 image, and the part of it
 //!   that is not the fit (decode, queue, events, PNG encoding, transport);
 //! * throughput and peak memory with 8 and 32 concurrent clients on 256×256 images;
+//! * 160 clients at once against a queue with room for 32, on a fresh server and after 8
+//!   fits: the refused retry after the server's hint; throughput, and how often they were
+//!   refused (`--burst-only 1` runs these alone);
 //! * the cost of progress streaming (every step vs. none) on a 20-step fit;
 //! * the time to upload 32 MiB over a link with a round trip of 10 and 40 ms (a proxy that
 //!   delays every byte), with HTTP/2 windows of 1 MiB (hyper's default) and 8 MiB (ours).
@@ -13,6 +16,7 @@
 
 use std::time::{Duration, Instant};
 
+use s3net_server::cli::RetryArgs;
 use s3net_server::pb::{self, job_event::Event, segmenter_client::SegmenterClient};
 use s3net_server::{Config, Server};
 use tonic::transport::Channel;
@@ -55,15 +59,32 @@ async fn segment(
     img: Vec<u8>,
     o: pb::Options,
 ) -> (Duration, f64, usize) {
+    let (d, fit, n, _) = segment_retrying(c, img, o, None).await;
+    (d, fit, n)
+}
+
+/// [`segment`], the call sent again after each refusal `retry` allows (as `s3net client`
+/// does: no sooner than the server's `retry-after` hint); also returns the refusals.
+async fn segment_retrying(
+    c: &mut SegmenterClient<Channel>,
+    img: Vec<u8>,
+    o: pb::Options,
+    retry: Option<&RetryArgs>,
+) -> (Duration, f64, usize, u32) {
     let t = Instant::now();
-    let mut s = c
-        .segment(pb::SegmentRequest {
-            image: img,
-            options: Some(o),
-        })
-        .await
-        .expect("segment")
-        .into_inner();
+    let mut refused = 0;
+    let mut s = loop {
+        let call = c.segment(pb::SegmentRequest { image: img.clone(), options: Some(o.clone()) }).await;
+        match (call, retry) {
+            (Ok(s), _) => break s.into_inner(),
+            (Err(e), Some(r)) => {
+                let wait = r.delay(refused, &e).unwrap_or_else(|| panic!("segment: {e}"));
+                refused += 1;
+                tokio::time::sleep(wait).await;
+            }
+            (Err(e), None) => panic!("segment: {e}"),
+        }
+    };
     let (mut fit, mut n) = (0.0, 0);
     while let Some(e) = s.message().await.expect("stream") {
         n += 1;
@@ -78,7 +99,7 @@ async fn segment(
             _ => {}
         }
     }
-    (t.elapsed(), fit, n)
+    (t.elapsed(), fit, n, refused)
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -112,7 +133,26 @@ async fn start_with(workers: usize, progress_ms: u64, set: impl FnOnce(&mut Conf
     set(&mut c);
     let s = Server::start(&c).await.expect("server");
     let url = format!("http://{}", s.local_addr());
+    serving(&url).await;
     (s, url)
+}
+
+/// Waits until the server reports SERVING, i.e. its workers have warmed up: a job sent
+/// before waits for that, which would count the warm-up into the first rows' throughput (it
+/// did from the warm-up's arrival until 2026-11-29: 8 clients 3.0 jobs/s instead of 5).
+async fn serving(url: &str) {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let ch = Channel::from_shared(url.to_string()).expect("url").connect().await.expect("connect");
+    let mut health = HealthClient::new(ch);
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = health.check(HealthCheckRequest { service: String::new() }).await.expect("health check");
+        if r.into_inner().status == ServingStatus::Serving as i32 {
+            return;
+        }
+        assert!(Instant::now() < until, "not SERVING after 120 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn client(url: &str) -> SegmenterClient<Channel> {
@@ -182,12 +222,56 @@ async fn upload_seconds(window: u32, rtt: Duration, runs: usize) -> f64 {
     pct(&mut v, 0.5)
 }
 
+/// 160 clients at once where 32 jobs may wait, on a server that has first run `warm` fits one
+/// after another (its retry hint's mean fit learnt from them; 0: a fresh server's guess). The
+/// others are refused with RESOURCE_EXHAUSTED and a retry hint, wait it out and come back, as
+/// `s3net client` does: the hint is good if the worker never runs dry meanwhile (the jobs per
+/// second match the rows of 8 and 32 clients) and nobody is refused over and over.
+async fn burst(workers: usize, warm: usize) {
+    let (clients, room) = (160usize, 32usize);
+    let (server, url) = start_with(workers, 100, |c| c.queue.capacity = room).await;
+    let mut c = client(&url).await;
+    for _ in 0..warm {
+        segment(&mut c, image(256), options(5)).await;
+    }
+    let retry = RetryArgs { retries: 50, backoff: 0.5 };
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (url, retry) = (url.clone(), retry.clone());
+            tokio::spawn(async move {
+                let mut c = client(&url).await;
+                segment_retrying(&mut c, image(256), options(5), Some(&retry)).await.3
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for t in tasks {
+        refused.push(t.await.expect("client"));
+    }
+    let s = t.elapsed().as_secs_f64();
+    let (total, most) = (refused.iter().sum::<u32>(), refused.iter().copied().max().unwrap_or(0));
+    let again = refused.iter().filter(|&&r| r > 1).count();
+    let server_was = if warm == 0 { "a fresh server".to_string() } else { format!("after {warm} fits") };
+    println!(
+        "| {clients} clients × 1 job at once, queue of {room}, {server_was}, the refused retrying after the server's hint | {:.2} jobs/s, all {clients} done; {total} refusals, {again} clients refused more than once (at most {most} times) |",
+        clients as f64 / s
+    );
+    server.shutdown().await.expect("shutdown");
+}
+
 #[tokio::main]
 async fn main() {
     s3net_model::tune_allocator();
     let runs = arg("--runs", 50);
     let workers = arg("--workers", 1);
     println!("| measurement | value |\n|---|---|");
+    if arg("--burst-only", 0) == 1 {
+        for warm in [0, 8] {
+            burst(workers, warm).await;
+        }
+        return;
+    }
 
     // Latency of a 1-iteration job on 64×64.
     let (server, url) = start(workers, 100).await;
@@ -239,6 +323,11 @@ async fn main() {
             peak_rss_mib()
         );
         server.shutdown().await.expect("shutdown");
+    }
+
+    // A burst past the queue, on a fresh server and on one that has run a few fits.
+    for warm in [0, 8] {
+        burst(workers, warm).await;
     }
 
     // Progress streaming: every step vs. none, 20 steps.
