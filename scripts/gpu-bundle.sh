@@ -35,11 +35,14 @@ cp crates/model/tests/data/deform_golden.json "$out/golden/"
 cp scripts/gpu-check.sh scripts/trace-summary.py scripts/ab-summary.py scripts/ncu-summary.py "$out/"
 # This build with each kernel choice of the environment the other way from its default, as a
 # binary of its own for the steps that compare binaries (AB_BASE="./s3net-libtorch-losses
-# ./s3net-cublas-split ./s3net-dw-columns ./s3net-deform-tiled" STEPS="ab evalab"): the loss
+# ./s3net-cublas-split ./s3net-dw-columns ./s3net-deform-tiled ./s3net-unfused-epilogues"
+# STEPS="ab evalab"): the loss
 # terms as libtorch's ops (S3NET_CUDA_PIXEL_LOSSES=0), cuBLAS's copied chunk products for
 # float32 split reductions (S3NET_SPLIT_K_KERNEL=0), the depthwise kernels' column layout
 # (S3NET_DW_COLUMNS=1; 1.4 % slower in bfloat16 on an H200, 2026-11-28), the deformable conv's
-# input gradient summed per tile in shared memory (S3NET_DEFORM_TILED=1; not timed yet).
+# input gradient summed per tile in shared memory (S3NET_DEFORM_TILED=1; not timed yet), the
+# I-LKA block's gate and residual add as ops of their own after the 1×1 convs
+# (S3NET_FUSED_EPILOGUES=0; the fused epilogues are the same bits and were not timed on a GPU).
 wrapper() {  # name, then the environment it sets
   local name=$1; shift
   printf '#!/bin/sh\n%s exec "$(dirname "$0")/s3net" "$@"\n' "$*" > "$out/$name"
@@ -50,6 +53,7 @@ wrapper s3net-libtorch-losses S3NET_CUDA_PIXEL_LOSSES=0
 wrapper s3net-cublas-split S3NET_SPLIT_K_KERNEL=0
 wrapper s3net-dw-columns S3NET_DW_COLUMNS=1
 wrapper s3net-deform-tiled S3NET_DEFORM_TILED=1
+wrapper s3net-unfused-epilogues S3NET_FUSED_EPILOGUES=0
 # This build with the affine term's gradient through T(x), as the default preset had it before
 # it took the one backward pass (`--affine-gradient transformed`, a flag of `bench fit` and
 # `eval`: for the ab and evalab steps only).

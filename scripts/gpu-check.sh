@@ -305,7 +305,7 @@ step_kernels() {
   # (one line per kernel), kernels.csv.gz the whole report. Each launch is replayed once per
   # group of counters: a few seconds per kernel.
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)
-  local regex=${KERNELS_REGEX:-correlate_|weight_grad_|im2col|col2im|plane_|bias_|losses_|stats_|chunk_products}
+  local regex=${KERNELS_REGEX:-correlate_|weight_grad_|im2col|col2im|plane_|bias_|gate_grad|losses_|stats_|chunk_products}
   local sections=(--section SpeedOfLight --section Occupancy --section LaunchStats
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats)
   local stalls=(--metrics 'regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$')

@@ -13,6 +13,7 @@
 //! M networks then costs the kernel launches of one (its arithmetic still grows with M: see
 //! the README, "Batching jobs").
 
+use s3net_ops::Then;
 use tch::{Device, Kind, Tensor};
 
 use crate::deform::{deform_conv2d, ConvGeometry};
@@ -124,6 +125,29 @@ impl Conv {
         self.forward(x, models)
     }
 
+    /// [`Conv::forward_with`], then `then` (`r + y` or `u · y`): one op where this 1×1 conv
+    /// runs as ours and the switch allows (`s3net_ops::pointwise_conv2d_then`, the same bits),
+    /// else the conv and libtorch's add or multiply.
+    fn forward_then(&self, x: &Tensor, then: Then, kernels: Kernels, models: i64) -> Tensor {
+        let ws = self.w.size();
+        let pointwise = self.groups == 1 && ws[2] == 1 && ws[3] == 1;
+        if kernels == Kernels::Fused
+            && pointwise
+            && ((models > 1 && s3net_ops::gpu_paths(x.device())) || cpu_pointwise(x))
+            && s3net_ops::fused_epilogues()
+        {
+            let (w, b) = self.wb(x);
+            if let Ok(y) = s3net_ops::pointwise_conv2d_then(x, &w, Some(&b), models, Some(then)) {
+                return y;
+            }
+        }
+        let y = self.forward_with(x, kernels, models);
+        match then {
+            Then::Residual(r) => r + y,
+            Then::Gate(u) => u * y,
+        }
+    }
+
     fn params(&self) -> [&Tensor; 2] {
         [&self.w, &self.b]
     }
@@ -197,7 +221,7 @@ impl Ilka {
     }
     fn forward(&self, u: &Tensor, k: Kernels, m: i64) -> Tensor {
         let a = self.dw.forward_with(u, k, m);
-        u * self.mix.forward_with(&self.branches(&a, k, m), k, m)
+        self.mix.forward_then(&self.branches(&a, k, m), Then::Gate(u), k, m)
     }
 
     /// The three parallel depthwise convs, concatenated per network: one op with the fused
@@ -252,8 +276,8 @@ struct Block {
 impl Block {
     fn forward(&self, x: &Tensor, k: Kernels, m: i64) -> Tensor {
         let y = self.pw1.forward_with(x, k, m).gelu("none");
-        let y = self.pw2.forward_with(&self.ilka.forward(&y, k, m), k, m);
-        self.bn.forward(&(x + y), k)
+        let y = self.pw2.forward_then(&self.ilka.forward(&y, k, m), Then::Residual(x), k, m);
+        self.bn.forward(&y, k)
     }
     fn params(&self) -> Vec<&Tensor> {
         let mut v: Vec<&Tensor> = self.pw1.params().into();

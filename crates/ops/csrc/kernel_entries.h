@@ -17,8 +17,11 @@ S3_KERNEL(int, dw_weight_grad, (int dtype, const S3DepthwiseDims* d, const void*
                                 const void* go, void* partial, void* stream))
 // bias_cuda.cu
 S3_KERNEL(int64_t, bias_grad_chunks, (int64_t elems))
-S3_KERNEL(int, bias_add, (int dtype, void* y, const void* bias, int64_t planes, int64_t elems,
-                          int64_t channels, void* stream))
+S3_KERNEL(int, bias_add, (int dtype, void* y, const void* bias, const void* other, void* out,
+                          int then, int64_t planes, int64_t elems, int64_t channels,
+                          void* stream))
+S3_KERNEL(int, gate_grad, (int dtype, const void* g, const void* u, const void* z, void* gz,
+                           void* gu, int64_t n, void* stream))
 S3_KERNEL(int, bias_grad, (int dtype, const void* go, void* partial, int64_t planes,
                            int64_t elems, int64_t channels, void* stream))
 // norm_cuda.cu

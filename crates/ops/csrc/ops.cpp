@@ -452,8 +452,11 @@ class Switch {
 // The fourth: the deformable conv's input gradient summed per tile in shared memory
 // (deform_cuda.cu's col2im_tiled_kernel) instead of with four global atomics per column value;
 // off until a GPU has timed it.
+// The fifth: the I-LKA block's gate and residual add folded into the 1×1 convs before them
+// (PointwiseFn's epilogue), read by the Rust side; the same bits either way.
 Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES", true), Switch("S3NET_DW_COLUMNS", false),
-                       Switch("S3NET_SPLIT_K_KERNEL", true), Switch("S3NET_DEFORM_TILED", false)};
+                       Switch("S3NET_SPLIT_K_KERNEL", true), Switch("S3NET_DEFORM_TILED", false),
+                       Switch("S3NET_FUSED_EPILOGUES", true)};
 constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2, kSwitchDeformTiled = 3;
 
 bool dw_columns() { return g_switches[kSwitchDwColumns].on(); }
@@ -508,14 +511,34 @@ void kernel_check(const char* op, int rc, const char* what, const at::Tensor& t)
 // float32, float64 or bfloat16, contiguous.
 bool bias_cuda_ok(const at::Tensor& t) { return kernels_take(t) && t.is_contiguous(); }
 
-// y (planes of `elems` values, plane q of channel q mod C) += bias (C), in place, one pass.
-void bias_add_cuda(at::Tensor& y, const at::Tensor& bias, int64_t elems) {
+// What the bias kernel does after the bias (bias_cuda.cu's kThen*; PointwiseFn's epilogue):
+// nothing, `other + y`, or `out = other · y` with y kept.
+enum BiasThen : int { kThenNothing = 0, kThenResidual = 1, kThenGate = 2 };
+
+// y (planes of `elems` values, plane q of channel q mod C) += bias (C), in place, one pass;
+// then `then` with `other` (y's layout, contiguous) and, for a gate, into `out` (the same).
+void bias_add_cuda(at::Tensor& y, const at::Tensor& bias, int64_t elems,
+                   BiasThen then = kThenNothing, const at::Tensor& other = at::Tensor(),
+                   at::Tensor* out = nullptr) {
   KernelGuard guard(y);
   const auto b = bias.contiguous();
   const int64_t C = b.numel(), planes = elems > 0 ? y.numel() / elems : 0;
-  const int rc = kernels(y).bias_add(dw_cuda_dtype(y), y.data_ptr(), b.data_ptr(), planes, elems,
-                                     C, kernel_stream(y));
+  const int rc = kernels(y).bias_add(dw_cuda_dtype(y), y.data_ptr(), b.data_ptr(),
+                                     other.defined() ? other.data_ptr() : nullptr,
+                                     out ? out->data_ptr() : nullptr, then, planes, elems, C,
+                                     kernel_stream(y));
   kernel_check("bias", rc, "add", y);
+}
+
+// The gate's backward on the kernels' path: (g · u, g · z), each rounded once; all contiguous.
+std::pair<at::Tensor, at::Tensor> gate_grad_cuda(const at::Tensor& g, const at::Tensor& u,
+                                                 const at::Tensor& z) {
+  KernelGuard guard(g);
+  auto gz = at::empty_like(g), gu = at::empty_like(g);
+  const int rc = kernels(g).gate_grad(dw_cuda_dtype(g), g.data_ptr(), u.data_ptr(), z.data_ptr(),
+                                      gz.data_ptr(), gu.data_ptr(), g.numel(), kernel_stream(g));
+  kernel_check("pointwise_conv2d", rc, "gate gradient", g);
+  return {gz, gu};
 }
 
 // The bias gradient (C) from go (planes of `elems` values, plane q of channel q mod C): one
@@ -1216,9 +1239,53 @@ at::Tensor gemm_nt_split_k(const at::Tensor& a, const at::Tensor& b) {
 // order: the same sum whatever the block, thread or vector width.
 constexpr int64_t kPwBlock = 128;
 
+// What follows a 1×1 conv's sum (PointwiseFn's epilogue; kThen* above): nothing, `other + y`,
+// or z = y kept and `other · y` returned. `other` and `z` lie like y (null when unused).
+template <typename T>
+struct PwThen {
+  BiasThen then;
+  const T* other;
+  T* z;
+  // The same, `at` values further on (a tile's or a block's place in y).
+  PwThen at(int64_t at) const {
+    return {then, other ? other + at : nullptr, z ? z + at : nullptr};
+  }
+};
+
+// Writes a 1×1 conv's vector `v` at y[i] through the epilogue: other + v (the add it stands
+// for, whose operands come in this order), or z[i] = v and other · v. The vector type is
+// Vec<T, VB>::type named as such: passed as a template argument (deduced, explicit, or through
+// std::conditional) it loses its typedef's alignment of one element, and the stores became
+// aligned ones that fault on a plane's unaligned vectors.
+template <typename T, int VB>
+S3_INLINE void pw_store(T* __restrict y, int64_t i, const typename Vec<T, VB>::type& value,
+                        const PwThen<T>& then) {
+  using V = typename Vec<T, VB>::type;
+  V v = value;  // by reference: a 32-byte vector by value draws GCC's note on its ABI
+  if (then.then == kThenResidual) {
+    v = *(const V*)(then.other + i) + v;
+  } else if (then.then == kThenGate) {
+    *(V*)(then.z + i) = v;
+    v = *(const V*)(then.other + i) * v;
+  }
+  *(V*)(y + i) = v;
+}
+
+// The same for a single value.
+template <typename T>
+S3_INLINE void pw_store_one(T* __restrict y, int64_t i, T v, const PwThen<T>& then) {
+  if (then.then == kThenResidual) {
+    v = then.other[i] + v;
+  } else if (then.then == kThenGate) {
+    then.z[i] = v;
+    v = then.other[i] * v;
+  }
+  y[i] = v;
+}
+
 template <typename T, int VB, int RO, int RP>
 S3_INLINE void pw_tile(const T* __restrict pack, int64_t C, const T* __restrict w,
-                       const T* bias, T* __restrict y, int64_t P) {
+                       const T* bias, T* __restrict y, int64_t P, const PwThen<T>& then) {
   using V = typename Vec<T, VB>::type;
   constexpr int L = Vec<T, VB>::lanes;
   V acc[RO][RP];
@@ -1233,14 +1300,15 @@ S3_INLINE void pw_tile(const T* __restrict pack, int64_t C, const T* __restrict 
     }
   }
   for (int r = 0; r < RO; ++r)
-    for (int q = 0; q < RP; ++q) *(V*)(y + r * P + q * L) = acc[r][q];
+    for (int q = 0; q < RP; ++q) pw_store<T, VB>(y, r * P + q * L, acc[r][q], then);
 }
 
 // One block of `len` (≤ kPwBlock) pixels from p0 of one image and network: x (C, P), w (O, C),
-// bias (O) or null, y (O, P); `pack` holds C·kPwBlock values.
+// bias (O) or null, y (O, P) and the epilogue's planes laid out like it; `pack` holds
+// C·kPwBlock values.
 template <typename T, int VB, int RO, int RP>
 S3_INLINE void pw_block(const T* x, int64_t P, int64_t C, const T* w, const T* bias, int64_t O,
-                        T* y, int64_t p0, int64_t len, T* pack) {
+                        T* y, int64_t p0, int64_t len, T* pack, const PwThen<T>& then) {
   constexpr int64_t step = RP * Vec<T, VB>::lanes;
   for (int64_t c = 0; c < C; ++c) std::memcpy(pack + c * kPwBlock, x + c * P + p0, len * sizeof(T));
   // The next block's C row pieces, one per plane, P values apart: more streams than the
@@ -1259,43 +1327,51 @@ S3_INLINE void pw_block(const T* x, int64_t P, int64_t C, const T* w, const T* b
   int64_t o = 0;
   for (; o + RO <= O; o += RO) {
     for (int64_t p = 0; p < full; p += step)
-      pw_tile<T, VB, RO, RP>(pack + p, C, w + o * C, bias ? bias + o : nullptr, y + o * P + p0 + p, P);
+      pw_tile<T, VB, RO, RP>(pack + p, C, w + o * C, bias ? bias + o : nullptr, y + o * P + p0 + p,
+                             P, then.at(o * P + p0 + p));
   }
   for (; o < O; ++o) {
     for (int64_t p = 0; p < full; p += step)
-      pw_tile<T, VB, 1, RP>(pack + p, C, w + o * C, bias ? bias + o : nullptr, y + o * P + p0 + p, P);
+      pw_tile<T, VB, 1, RP>(pack + p, C, w + o * C, bias ? bias + o : nullptr, y + o * P + p0 + p,
+                            P, then.at(o * P + p0 + p));
   }
   for (o = 0; o < O; ++o) {
     for (int64_t p = full; p < len; ++p) {
       T sum = bias ? bias[o] : T(0);
       for (int64_t c = 0; c < C; ++c) sum += w[o * C + c] * pack[c * kPwBlock + p];
-      y[o * P + p0 + p] = sum;
+      pw_store_one(y, o * P + p0 + p, sum, then);
     }
   }
 }
 
+#define S3_PW_ARGS                                                                            \
+  const T *x, int64_t P, int64_t C, const T *w, const T *bias, int64_t O, T *y, int64_t p0,     \
+      int64_t len, T *pack, const PwThen<T> &then
+#define S3_PW_PASS x, P, C, w, bias, O, y, p0, len, pack, then
 template <typename T>
-void pw_block_base(const T* x, int64_t P, int64_t C, const T* w, const T* bias, int64_t O, T* y,
-                   int64_t p0, int64_t len, T* pack) {
-  pw_block<T, 16, 4, 2>(x, P, C, w, bias, O, y, p0, len, pack);
-}
+void pw_block_base(S3_PW_ARGS) { pw_block<T, 16, 4, 2>(S3_PW_PASS); }
 template <typename T>
-S3_AVX2 void pw_block_avx2(const T* x, int64_t P, int64_t C, const T* w, const T* bias, int64_t O,
-                           T* y, int64_t p0, int64_t len, T* pack) {
-  pw_block<T, 32, 8, 1>(x, P, C, w, bias, O, y, p0, len, pack);
-}
+S3_AVX2 void pw_block_avx2(S3_PW_ARGS) { pw_block<T, 32, 8, 1>(S3_PW_PASS); }
 template <typename T>
-S3_AVX512 void pw_block_avx512(const T* x, int64_t P, int64_t C, const T* w, const T* bias,
-                               int64_t O, T* y, int64_t p0, int64_t len, T* pack) {
-  pw_block<T, 32, 8, 2>(x, P, C, w, bias, O, y, p0, len, pack);
-}
+S3_AVX512 void pw_block_avx512(S3_PW_ARGS) { pw_block<T, 32, 8, 2>(S3_PW_PASS); }
 
-// x (N, M, C, P) contiguous, w (M, O, C) contiguous, bias (M·O) or undefined → (N, M, O, P).
-at::Tensor pointwise_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+// x (N, M, C, P) contiguous, w (M, O, C) contiguous, bias (M·O) or undefined → (N, M, O, P);
+// then `then` with `other` (N, M, O, P, contiguous; undefined for nothing): for a gate, the
+// value before it goes to `*z` (made here) and other · value is returned.
+at::Tensor pointwise_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                         BiasThen then = kThenNothing, const at::Tensor& other = at::Tensor(),
+                         at::Tensor* z = nullptr) {
   const int64_t N = x.size(0), M = x.size(1), C = x.size(2), P = x.size(3), O = w.size(1);
   auto y = at::empty({N, M, O, P}, x.options());
+  if (then == kThenGate) *z = at::empty_like(y);
   if (y.numel() == 0) return y;
-  if (C == 0) return bias.defined() ? y.copy_(bias.view({1, M, O, 1}).expand_as(y)) : y.zero_();
+  if (C == 0) {
+    // No sum: the bias alone (or zeros), then the epilogue as libtorch's op.
+    auto v = bias.defined() ? y.copy_(bias.view({1, M, O, 1}).expand_as(y)) : y.zero_();
+    if (then == kThenResidual) return other + v;
+    if (then == kThenGate) return other * z->copy_(v);
+    return v;
+  }
   const int64_t blocks = (P + kPwBlock - 1) / kPwBlock;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s3net_pointwise", [&] {
     using T = scalar_t;
@@ -1303,6 +1379,8 @@ at::Tensor pointwise_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
     const T* wp = w.data_ptr<T>();
     const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
     T* yp = y.data_ptr<T>();
+    const PwThen<T> all{then, then != kThenNothing ? other.data_ptr<T>() : nullptr,
+                        then == kThenGate ? z->data_ptr<T>() : nullptr};
     auto fn = cpu_has_avx512() ? &pw_block_avx512<T>
               : cpu_has_avx2() ? &pw_block_avx2<T>
                                : &pw_block_base<T>;
@@ -1311,7 +1389,7 @@ at::Tensor pointwise_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t nm = i / blocks, j = nm % M, p0 = (i % blocks) * kPwBlock;
         fn(xp + nm * C * P, P, C, wp + j * O * C, bp ? bp + j * O : nullptr, O, yp + nm * O * P,
-           p0, std::min(kPwBlock, P - p0), pack.data());
+           p0, std::min(kPwBlock, P - p0), pack.data(), all.at(nm * O * P));
       }
     });
   });
@@ -1423,24 +1501,52 @@ at::Tensor pointwise_wgrad_cpu(const at::Tensor& go, const at::Tensor& x) {
   return gw;
 }
 
+// The epilogue of a 1×1 conv on the kernels' path, after at::matmul's y (N, M, O, HW): the
+// bias and `then` in one pass of the bias kernel; without a bias or off the kernels, the
+// libtorch ops the epilogue stands for. Returns the output; for a gate, y becomes z.
+at::Tensor pointwise_then(at::Tensor& y, const std::optional<at::Tensor>& bias, int64_t HW,
+                          BiasThen then, const at::Tensor& other) {
+  if (bias && bias_cuda_ok(y) && bias->scalar_type() == y.scalar_type() &&
+      (then == kThenNothing || bias_cuda_ok(other))) {
+    at::Tensor out = then == kThenGate ? at::empty_like(y) : at::Tensor();
+    bias_add_cuda(y, *bias, HW, then, other, then == kThenGate ? &out : nullptr);
+    return then == kThenGate ? out : y;
+  }
+  if (bias) add_bias(y, *bias, HW);
+  if (then == kThenResidual) return other + y;
+  if (then == kThenGate) return other * y;
+  return y;
+}
+
 struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
+  // `other` and `then`: what follows the conv (BiasThen; s3ops_pointwise_conv2d): the output is
+  // conv + other (a residual) or other · conv (a gate), with the bits of the conv followed by
+  // libtorch's add or multiply, and their gradients.
   static at::Tensor forward(AutogradContext* ctx, at::Tensor input, at::Tensor weight,
-                            std::optional<at::Tensor> bias, int64_t models) {
+                            std::optional<at::Tensor> bias, int64_t models,
+                            std::optional<at::Tensor> other, int64_t then_code) {
     const int64_t N = input.size(0), M = models, C = input.size(1) / M;
     const int64_t H = input.size(2), W = input.size(3), O = weight.size(0) / M;
+    const auto then = static_cast<BiasThen>(then_code);
     auto x = input.contiguous().view({N, M, C, H * W});
     auto w = weight.contiguous().view({M, O, C});
-    at::Tensor y;  // (N, M, O, HW)
+    const at::Tensor o = then == kThenNothing ? at::Tensor() : other->contiguous().view({N, M, O, H * W});
+    at::Tensor y, z;  // (N, M, O, HW); z: a gate's input
     if (cpu_kernels_take(x)) {
-      y = pointwise_cpu(x, w, bias ? bias->contiguous() : at::Tensor());
+      y = pointwise_cpu(x, w, bias ? bias->contiguous() : at::Tensor(), then, o, &z);
     } else {
-      y = at::matmul(w, x);
-      if (bias) add_bias(y, *bias, H * W);
+      z = at::matmul(w, x);
+      y = pointwise_then(z, bias, H * W, then, o);
     }
+    const bool gate = then == kThenGate;
     ctx->save_for_backward({weight.requires_grad() ? x : at::Tensor(),
-                            input.requires_grad() ? w : at::Tensor()});
+                            input.requires_grad() ? w : at::Tensor(),
+                            gate && other->requires_grad() ? z : at::Tensor(),
+                            gate ? o : at::Tensor()});
     ctx->saved_data["shape"] = std::vector<int64_t>{N, M, C, O, H, W};
     ctx->saved_data["need_b"] = bias && bias->requires_grad();
+    ctx->saved_data["then"] = then_code;
+    ctx->saved_data["need_other"] = then != kThenNothing && other->requires_grad();
     return y.view({N, M * O, H, W});
   }
 
@@ -1448,7 +1554,25 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
     auto sv = ctx->get_saved_variables();
     auto d = ctx->saved_data["shape"].toIntVector();
     const int64_t N = d[0], M = d[1], C = d[2], O = d[3], H = d[4], W = d[5], HW = H * W;
+    const auto then = static_cast<BiasThen>(ctx->saved_data["then"].toInt());
+    const bool need_other = ctx->saved_data["need_other"].toBool();
     auto go = grads[0].contiguous().view({N, M, O, HW});
+    at::Tensor g_other;
+    if (then == kThenResidual && need_other) {
+      g_other = grads[0];
+    } else if (then == kThenGate) {
+      // y = u · z: the conv's gradient g · u, the gate's g · z (as libtorch's multiply).
+      const at::Tensor& u = sv[3];
+      const at::Tensor& z = sv[2];
+      if (need_other && bias_cuda_ok(go) && bias_cuda_ok(u) && bias_cuda_ok(z)) {
+        auto [gz, gu] = gate_grad_cuda(go, u, z);
+        go = gz;
+        g_other = gu.view({N, M * O, H, W});
+      } else {
+        if (need_other) g_other = (go * z).view({N, M * O, H, W});
+        go = go * u;
+      }
+    }
     at::Tensor gi, gw, gb;
     if (sv[1].defined()) {
       const auto wt = sv[1].transpose(1, 2);  // (M, C, O)
@@ -1468,7 +1592,7 @@ struct PointwiseFn : public torch::autograd::Function<PointwiseFn> {
       gw = g.view({N, M * O, C}).sum(0).to(go.scalar_type()).view({M * O, C, 1, 1});
     }
     if (ctx->saved_data["need_b"].toBool()) gb = bias_grad(go, HW, M * O, go.scalar_type());
-    return {gi, gw, gb, at::Tensor()};
+    return {gi, gw, gb, at::Tensor(), g_other, at::Tensor()};
   }
 };
 
@@ -2830,16 +2954,35 @@ int s3ops_depthwise_branches(const at::Tensor* input, const at::Tensor* const* w
   })
 }
 
+// `then`: 0 the conv alone, 1 other + conv, 2 other · conv (BiasThen); `other` (the output's
+// shape, dtype and device) for 1 and 2, else null.
 int s3ops_pointwise_conv2d(const at::Tensor* input, const at::Tensor* weight,
-                           const at::Tensor* bias, int64_t models, at::Tensor** out, char** err) {
+                           const at::Tensor* bias, int64_t models, const at::Tensor* other,
+                           int then, at::Tensor** out, char** err) {
   S3_PROTECT({
     RECORD_FUNCTION("s3net::pointwise_conv2d", std::vector<c10::IValue>({*input, *weight}));
     *out = nullptr;
     *err = nullptr;
-    std::optional<at::Tensor> b;
+    std::optional<at::Tensor> b, o;
     if (bias) b = *bias;
+    if (other) o = *other;
     pointwise_check(*input, *weight, b, models);
-    at::Tensor r = PointwiseFn::apply(*input, *weight, b, models);
+    const char* nm = "pointwise_conv2d: ";
+    TORCH_CHECK(then >= kThenNothing && then <= kThenGate, nm, "unknown epilogue ", then);
+    TORCH_CHECK((then == kThenNothing) == !o, nm,
+                then == kThenNothing ? "a tensor to add or multiply by needs an epilogue"
+                                     : "the epilogue needs its tensor");
+    if (o) {
+      const std::vector<int64_t> shape{input->size(0), weight->size(0), input->size(2),
+                                       input->size(3)};
+      TORCH_CHECK(o->sizes() == at::IntArrayRef(shape), nm, "the ",
+                  then == kThenResidual ? "residual" : "gate", " must be shaped like the output ",
+                  at::IntArrayRef(shape), ", got ", o->sizes());
+      TORCH_CHECK(o->scalar_type() == input->scalar_type() && o->device() == input->device(), nm,
+                  "the ", then == kThenResidual ? "residual" : "gate",
+                  "'s dtype/device must match the input");
+    }
+    at::Tensor r = PointwiseFn::apply(*input, *weight, b, models, o, then);
     *out = new at::Tensor(std::move(r));
     return 0;
   })

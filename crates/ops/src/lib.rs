@@ -8,7 +8,9 @@
 //! * [`depthwise_branches`] — the I-LKA block's three parallel depthwise convolutions,
 //!   concatenated, as one op (no concatenation's copies).
 //! * [`pointwise_conv2d`] — a stack of independent 1×1 convolutions with a GPU-friendly weight
-//!   gradient, and a CPU kernel on NCHW planes (no layout reorders).
+//!   gradient, and a CPU kernel on NCHW planes (no layout reorders);
+//!   [`pointwise_conv2d_then`] the same with a residual added or a gate applied in the same
+//!   pass.
 //! * [`plane_norm`] — BatchNorm with each image's own statistics.
 //! * [`argmax_channels`] — the argmax over the channel axis (a fit's clustering).
 //! * [`pixel_losses`] — per image, cross-entropy against a target or the map's own argmax and
@@ -56,11 +58,14 @@ extern "C" {
         out: *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> i32;
+    #[allow(clippy::too_many_arguments)]
     fn s3ops_pointwise_conv2d(
         input: *const c_void,
         weight: *const c_void,
         bias: *const c_void,
         models: i64,
+        other: *const c_void,
+        then: i32,
         out: *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> i32;
@@ -667,13 +672,42 @@ pub fn depthwise_branches(input: &Tensor, branches: [Branch<'_>; 3], models: i64
 /// every map into its blocked layout and back, which cost more than the convolutions
 /// themselves (README "Speed").
 pub fn pointwise_conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, models: i64) -> Result<Tensor, OpError> {
+    pointwise_conv2d_then(input, weight, bias, models, None)
+}
+
+/// What [`pointwise_conv2d_then`] does with the convolution `y` before returning it.
+#[derive(Clone, Copy, Debug)]
+pub enum Then<'a> {
+    /// `r + y`: a residual connection (the I-LKA block's `x + pw2(…)`).
+    Residual(&'a Tensor),
+    /// `u · y`: a gate (the I-LKA block's attention, `u · mix(…)`).
+    Gate(&'a Tensor),
+}
+
+/// [`pointwise_conv2d`], then `then`, as one op: the same values, bit for bit, as the
+/// convolution followed by libtorch's add or multiply (`r + y`, `u * y`), and their gradients.
+/// The tensor `then` names is shaped like the output, in its dtype and on its device.
+///
+/// Why: the add and the multiply were passes of their own over the block's feature maps,
+/// forward and backward; here the CPU kernel applies them as it writes each output vector, and
+/// on a GPU the bias kernel that follows the batched GEMM does, one pass for both (and one
+/// kernel for the gate's two gradients). Off with the environment variable
+/// `S3NET_FUSED_EPILOGUES=0` or [`set_fused_epilogues`], for the model (this op does as told).
+pub fn pointwise_conv2d_then(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, models: i64, then: Option<Then>) -> Result<Tensor, OpError> {
     const NAME: &str = "pointwise_conv2d";
-    check_floats(NAME, input, &[("weight", Some(weight)), ("bias", bias)])?;
+    let (other, code, what) = match then {
+        None => (None, 0, ""),
+        Some(Then::Residual(r)) => (Some(r), 1, "residual"),
+        Some(Then::Gate(u)) => (Some(u), 2, "gate"),
+    };
+    check_floats(NAME, input, &[("weight", Some(weight)), ("bias", bias), (what, other)])?;
     let mut out = std::ptr::null_mut();
     let mut err = std::ptr::null_mut();
     // SAFETY: the tensor pointers are valid for the call; the C side checks shapes and copies
     // what it keeps.
-    let rc = unsafe { s3ops_pointwise_conv2d(ptr(Some(input)), ptr(Some(weight)), ptr(bias), models, &mut out, &mut err) };
+    let rc = unsafe {
+        s3ops_pointwise_conv2d(ptr(Some(input)), ptr(Some(weight)), ptr(bias), models, ptr(other), code, &mut out, &mut err)
+    };
     finish(rc, out, err)
 }
 
@@ -883,6 +917,20 @@ pub fn set_deform_tiled(on: bool) {
     switch(Switch::DeformTiled, Some(on));
 }
 
+/// Whether the model folds the I-LKA block's gate and residual add into the 1×1 convs before
+/// them ([`pointwise_conv2d_then`]) where those run as our op (every 1×1 conv on the CPU in
+/// float32 and float64, a stack's on a GPU). On unless `S3NET_FUSED_EPILOGUES=0` or
+/// [`set_fused_epilogues`]: the same bits either way, one pass fewer over the block's maps
+/// for each (README, "Speed").
+pub fn fused_epilogues() -> bool {
+    switch(Switch::FusedEpilogues, None)
+}
+
+/// Turns [`fused_epilogues`] on or off for this process (overrides the environment).
+pub fn set_fused_epilogues(on: bool) {
+    switch(Switch::FusedEpilogues, Some(on));
+}
+
 /// The process-wide kernel choices (ops.cpp's `g_switches`, in its order): each at its default
 /// unless its environment variable is "1" (on) or "0" (off), read at first use, or set.
 #[derive(Clone, Copy)]
@@ -891,6 +939,7 @@ enum Switch {
     DwColumns = 1,
     SplitKKernel = 2,
     DeformTiled = 3,
+    FusedEpilogues = 4,
 }
 
 /// Reads a [`Switch`], setting it first when `set` says so.

@@ -2,9 +2,10 @@
 //! conv2d(groups = M): forward and every gradient, float64, float32 and bfloat16, on the CPU
 //! and (when present) CUDA; planes whose pixel count spans several reduction chunks, with a
 //! remainder; the CPU kernel's register tiles with leftover outputs and pixels, in each of
-//! its instruction sets.
+//! its instruction sets. And `pointwise_conv2d_then` (a residual added, a gate applied)
+//! against the conv followed by libtorch's add or multiply: the same bits.
 
-use s3net_ops::pointwise_conv2d;
+use s3net_ops::{pointwise_conv2d, pointwise_conv2d_then, Then};
 use tch::{Device, Kind, Tensor};
 
 #[path = "../../../tests/support/torch_checks.rs"]
@@ -85,8 +86,8 @@ fn matches_grouped_conv_on_cpu() {
 }
 
 /// The CPU 1×1 kernel's AVX2 and baseline x86-64 loops (the AVX-512 one runs above wherever
-/// the CPU has it): the comparison again in child processes with `S3OPS_NO_AVX512=1` and with
-/// `S3OPS_NO_AVX2=1`, which the kernels read once.
+/// the CPU has it): the comparisons (and the epilogues') again in child processes with
+/// `S3OPS_NO_AVX512=1` and with `S3OPS_NO_AVX2=1`, which the kernels read once.
 #[test]
 fn narrower_loops_match_grouped_conv_too() {
     if std::env::var_os("S3OPS_NO_AVX512").is_some() || std::env::var_os("S3OPS_NO_AVX2").is_some() {
@@ -94,6 +95,8 @@ fn narrower_loops_match_grouped_conv_too() {
     }
     for var in ["S3OPS_NO_AVX512", "S3OPS_NO_AVX2"] {
         checks::rerun_with_env(&[var], &["matches_grouped_conv_on_cpu", "--exact"], "1 passed");
+        // The epilogues' stores in each instruction set's tiles.
+        checks::rerun_with_env(&[var], &["epilogues_are_the_add_and_multiply_they_replace", "--exact"], "1 passed");
     }
 }
 
@@ -208,4 +211,97 @@ fn rounded_once_on(dev: Device) {
         let half_step = 2f64.powi(e.abs().log2().floor() as i32 - 8);
         assert!((g - e).abs() <= half_step * 1.01 + 1e-3, "{dev:?}: weight gradient {g}, exact sum {e}");
     }
+}
+
+/// `pointwise_conv2d_then` on `dev` in `kind` against `pointwise_conv2d` followed by libtorch's
+/// `r + y` or `u * y` on the same leaves: the output and every gradient (input, weight, bias,
+/// and the residual's or gate's) with the same bits.
+fn then_matches(dev: Device, kind: Kind, (n, m, c, o, h, w): (i64, i64, i64, i64, i64, i64), gate: bool) {
+    let draw = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, dev)).to_kind(kind);
+    let (x0, w0, b0, r0) = (draw(&[n, m * c, h, w]), draw(&[m * o, c, 1, 1]), draw(&[m * o]), draw(&[n, m * o, h, w]));
+    let leaves = || [&x0, &w0, &b0, &r0].map(|t| t.copy().set_requires_grad(true));
+    let ([x1, w1, b1, r1], [x2, w2, b2, r2]) = (leaves(), leaves());
+    let then = if gate { Then::Gate(&r1) } else { Then::Residual(&r1) };
+    let y1 = pointwise_conv2d_then(&x1, &w1, Some(&b1), m, Some(then)).unwrap();
+    let conv = pointwise_conv2d(&x2, &w2, Some(&b2), m).unwrap();
+    let y2 = if gate { &r2 * conv } else { &r2 + conv };
+    let tag = format!("{dev:?} {kind:?} N={n} M={m} C={c} O={o} {h}x{w} {}", if gate { "gate" } else { "residual" });
+    assert!(y1.equal(&y2), "{tag}: forward differs by {}", max_abs_diff(&y1, &y2));
+    let g = draw(&y2.size());
+    (&y1 * &g).sum(Kind::Float).backward();
+    (&y2 * &g).sum(Kind::Float).backward();
+    for (name, a, b) in [("input", &x1, &x2), ("weight", &w1, &w2), ("bias", &b1, &b2), ("other", &r1, &r2)] {
+        let (ga, gb) = (a.grad(), b.grad());
+        assert!(ga.equal(&gb), "{tag}: the {name}'s gradient differs by {}", max_abs_diff(&ga, &gb));
+    }
+}
+
+/// One network and a stack; the CPU kernel's leftover outputs and pixels (13×37); the mix's
+/// 96 → 32; planes of 63 values (the GPU kernels' element path) and of 64 (their vectors).
+const THEN_SHAPES: [(i64, i64, i64, i64, i64, i64); 5] =
+    [(1, 1, 4, 3, 9, 7), (2, 3, 5, 5, 8, 8), (1, 1, 32, 32, 13, 37), (2, 2, 96, 32, 13, 37), (1, 2, 8, 8, 64, 64)];
+
+#[test]
+fn epilogues_are_the_add_and_multiply_they_replace() {
+    tch::manual_seed(21);
+    // float32 and float64 take the CPU kernel; bfloat16 on the CPU libtorch's GEMM and ops.
+    for kind in [Kind::Double, Kind::Float, Kind::BFloat16] {
+        for shape in THEN_SHAPES {
+            for gate in [false, true] {
+                then_matches(Device::Cpu, kind, shape, gate);
+            }
+        }
+    }
+    if let Some(cuda) = checks::cuda_device() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for shape in THEN_SHAPES.into_iter().chain([(2, 16, 32, 32, 256, 256)]) {
+                for gate in [false, true] {
+                    then_matches(cuda, kind, shape, gate);
+                }
+            }
+        }
+    }
+}
+
+/// The same on the GPU's code path with the kernels emulated: the bias kernel's residual and
+/// gate modes (vectors and single values) and the gate's gradient kernel, which did run (one
+/// launch more than the conv and libtorch's multiply).
+#[test]
+fn emulated_cuda_epilogues() {
+    tch::manual_seed(22);
+    checks::on_emulated_kernels(|| {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for shape in THEN_SHAPES {
+                for gate in [false, true] {
+                    then_matches(Device::Cpu, kind, shape, gate);
+                }
+            }
+        }
+    });
+    let launches = |fused: bool| {
+        let before = s3net_ops::emulated_launches();
+        s3net_ops::emulated_cuda(|| {
+            let (x, w, b, u) = (Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)), Tensor::randn([4, 2, 1, 1], (Kind::Float, Device::Cpu)).set_requires_grad(true), Tensor::randn([4], (Kind::Float, Device::Cpu)), Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true));
+            let y = if fused {
+                pointwise_conv2d_then(&x, &w, Some(&b), 2, Some(Then::Gate(&u))).unwrap()
+            } else {
+                &u * pointwise_conv2d(&x, &w, Some(&b), 2).unwrap()
+            };
+            y.sum(Kind::Float).backward();
+        });
+        s3net_ops::emulated_launches() - before
+    };
+    assert_eq!(launches(true), launches(false) + 1, "the gate's gradient kernel did not run");
+}
+
+#[test]
+fn epilogue_arguments_are_checked() {
+    let x = Tensor::randn([1, 4, 5, 5], (Kind::Float, Device::Cpu));
+    let w = Tensor::randn([6, 2, 1, 1], (Kind::Float, Device::Cpu));
+    let wrong = Tensor::randn([1, 4, 5, 5], (Kind::Float, Device::Cpu));
+    let e = pointwise_conv2d_then(&x, &w, None, 2, Some(Then::Residual(&wrong))).unwrap_err().to_string();
+    assert!(e.contains("residual must be shaped like the output [1, 6, 5, 5], got [1, 4, 5, 5]"), "{e}");
+    let other_kind = Tensor::randn([1, 6, 5, 5], (Kind::Double, Device::Cpu));
+    let e = pointwise_conv2d_then(&x, &w, None, 2, Some(Then::Gate(&other_kind))).unwrap_err().to_string();
+    assert!(e.contains("gate"), "{e}");
 }
