@@ -8,6 +8,7 @@
 //! * 160 clients at once against a queue with room for 32, on a fresh server and after 8
 //!   fits: the refused retry after the server's hint; throughput, and how often they were
 //!   refused (`--burst-only 1` runs these alone);
+//! * resident memory after each quarter of 1000 one-step jobs (`--soak-only 1` alone);
 //! * the cost of progress streaming (every step vs. none) on a 20-step fit;
 //! * the time to upload 32 MiB over a link with a round trip of 10 and 40 ms (a proxy that
 //!   delays every byte), with HTTP/2 windows of 1 MiB (hyper's default) and 8 MiB (ours).
@@ -108,14 +109,57 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// A memory line of /proc/self/status, in MiB.
+fn status_mib(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Memory over many jobs: 4 clients send 1000 one-step jobs on 64×64 images, a quarter at a
+/// time, to a server that keeps finished results for 5 s (so that what it keeps stops
+/// growing); the process's resident memory (server and clients) after each quarter. A leak
+/// of a job's memory shows as growth from quarter to quarter.
+async fn soak(workers: usize) {
+    let (clients, quarter) = (4usize, 250usize);
+    let (server, url) = start_with(workers, 100, |c| c.queue.retention_s = 5).await;
+    let img = image(64);
+    let mut rss = Vec::new();
+    for _ in 0..4 {
+        let tasks: Vec<_> = (0..clients)
+            .map(|k| {
+                let (url, img) = (url.clone(), img.clone());
+                tokio::spawn(async move {
+                    let mut c = client(&url).await;
+                    for _ in (k..quarter).step_by(clients) {
+                        segment(&mut c, img.clone(), options(1)).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("client");
+        }
+        rss.push(format!("{:.0}", rss_mib()));
+    }
+    println!(
+        "| {} one-step 64×64 jobs by {clients} clients, results kept 5 s: resident memory after each {quarter} | {} MiB |",
+        4 * quarter,
+        rss.join(" / ")
+    );
+    server.shutdown().await.expect("shutdown");
 }
 
 async fn start(workers: usize, progress_ms: u64) -> (Server, String) {
@@ -272,6 +316,10 @@ async fn main() {
         }
         return;
     }
+    if arg("--soak-only", 0) == 1 {
+        soak(workers).await;
+        return;
+    }
 
     // Latency of a 1-iteration job on 64×64.
     let (server, url) = start(workers, 100).await;
@@ -329,6 +377,8 @@ async fn main() {
     for warm in [0, 8] {
         burst(workers, warm).await;
     }
+
+    soak(workers).await;
 
     // Progress streaming: every step vs. none, 20 steps.
     for (label, ms) in [("every step", 0u64), ("none", 3_600_000)] {
