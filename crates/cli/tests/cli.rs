@@ -293,9 +293,17 @@ fn serve_takes_the_global_threads_flag() {
         }
         log.push_str(&line);
     }
+    // The client reaches it by a bare HOST:PORT, as the Python client and the bridge take
+    // it (SERVING, or NOT_SERVING while the worker warms up: either way it connected).
+    let health = Command::new(env!("CARGO_BIN_EXE_s3net"))
+        .args(["client", "health", "--addr", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
     let _ = child.kill();
     let _ = child.wait();
     assert!(log.contains("torch_threads=1"), "{log}");
+    let said = String::from_utf8_lossy(&health.stdout).to_string() + &String::from_utf8_lossy(&health.stderr);
+    assert!(said.contains("SERVING"), "{said}");
 }
 
 #[test]

@@ -147,7 +147,8 @@ async fn shutdown_signal() {
 /// How to reach the server.
 #[derive(Args, Debug, Clone)]
 pub struct ConnectArgs {
-    /// Server URL (https:// for TLS).
+    /// Server URL, or HOST:PORT as the Python client and the PACS bridge take it (https://,
+    /// --ca or --cert for TLS).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub addr: String,
     /// Bearer token, when the server requires one [default: $S3NET_TOKEN].
@@ -477,14 +478,27 @@ impl tonic::service::Interceptor for TokenInterceptor {
 pub type Client = SegmenterClient<InterceptedService<Channel, TokenInterceptor>>;
 
 impl ConnectArgs {
+    /// `--addr` as a URL: as given when it names a scheme, else `HOST:PORT` with https:// when
+    /// --ca or --cert asks for TLS and http:// otherwise. Before, a bare `HOST:PORT` (what
+    /// `S3NET_ADDR` holds for the bridge, and what the Python client takes) failed with
+    /// "invalid URL, scheme is missing".
+    pub fn url(&self) -> String {
+        if self.addr.contains("://") {
+            return self.addr.clone();
+        }
+        let tls = self.ca.is_some() || self.cert.is_some();
+        format!("{}://{}", if tls { "https" } else { "http" }, self.addr)
+    }
+
     pub async fn channel(&self) -> Result<Channel> {
+        let url = self.url();
         // Pings while a call is open, as the Python client does: a server that froze or dropped
         // off the network fails the call as unavailable instead of leaving it waiting.
-        let mut ep = Endpoint::from_shared(self.addr.clone())
+        let mut ep = Endpoint::from_shared(url.clone())
             .with_context(|| format!("bad --addr '{}'", self.addr))?
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
-        if self.ca.is_some() || self.cert.is_some() || self.addr.starts_with("https://") {
+        if self.ca.is_some() || self.cert.is_some() || url.starts_with("https://") {
             let mut tls = ClientTlsConfig::new().with_enabled_roots();
             if let Some(ca) = &self.ca {
                 tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
@@ -906,6 +920,18 @@ mod tests {
         assert_eq!(frame_stem("ct", 7, 11), "ct.frame07");
         assert_eq!(frame_stem("ct", 120, 300), "ct.frame120");
         assert_eq!(frame_stem("ct", 5, 300), "ct.frame005");
+    }
+
+    /// `--addr` takes HOST:PORT as the Python client does: http://, or https:// when a CA or a
+    /// client certificate asks for TLS; a URL as it is.
+    #[test]
+    fn bare_addresses_get_a_scheme() {
+        let args = |addr: &str, ca: Option<&str>| ConnectArgs { addr: addr.into(), token: None, ca: ca.map(PathBuf::from), cert: None, key: None };
+        assert_eq!(args("127.0.0.1:50051", None).url(), "http://127.0.0.1:50051");
+        assert_eq!(args("s3net.example.org:50051", Some("ca.pem")).url(), "https://s3net.example.org:50051");
+        assert_eq!(args("[::1]:50051", None).url(), "http://[::1]:50051");
+        assert_eq!(args("https://s3net:50051", None).url(), "https://s3net:50051");
+        assert_eq!(args("http://s3net:50051", Some("ca.pem")).url(), "http://s3net:50051", "a URL is taken as written");
     }
 
     #[test]
