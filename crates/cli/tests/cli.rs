@@ -294,16 +294,21 @@ fn serve_takes_the_global_threads_flag() {
         log.push_str(&line);
     }
     // The client reaches it by a bare HOST:PORT, as the Python client and the bridge take
-    // it (SERVING, or NOT_SERVING while the worker warms up: either way it connected).
-    let health = Command::new(env!("CARGO_BIN_EXE_s3net"))
-        .args(["client", "health", "--addr", &format!("127.0.0.1:{port}")])
-        .output()
-        .unwrap();
+    // it, given as --addr or in $S3NET_ADDR (SERVING, or NOT_SERVING while the worker warms
+    // up: either way it connected).
+    let bare = format!("127.0.0.1:{port}");
+    let health = [
+        Command::new(env!("CARGO_BIN_EXE_s3net")).args(["client", "health", "--addr", &bare]).env_remove("S3NET_ADDR").output(),
+        Command::new(env!("CARGO_BIN_EXE_s3net")).args(["client", "health"]).env("S3NET_ADDR", &bare).output(),
+    ];
     let _ = child.kill();
     let _ = child.wait();
     assert!(log.contains("torch_threads=1"), "{log}");
-    let said = String::from_utf8_lossy(&health.stdout).to_string() + &String::from_utf8_lossy(&health.stderr);
-    assert!(said.contains("SERVING"), "{said}");
+    for out in health {
+        let out = out.unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("SERVING"), "{said}");
+    }
 }
 
 #[test]

@@ -144,12 +144,18 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// `--addr`'s default: `$S3NET_ADDR` (as the Python client and the PACS bridge read it), else
+/// the local server's default address.
+fn default_addr() -> String {
+    std::env::var("S3NET_ADDR").ok().filter(|a| !a.is_empty()).unwrap_or_else(|| "http://127.0.0.1:50051".into())
+}
+
 /// How to reach the server.
 #[derive(Args, Debug, Clone)]
 pub struct ConnectArgs {
     /// Server URL, or HOST:PORT as the Python client and the PACS bridge take it (https://,
-    /// --ca or --cert for TLS).
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    /// --ca or --cert for TLS) [default: $S3NET_ADDR, else http://127.0.0.1:50051].
+    #[arg(long, default_value_t = default_addr(), hide_default_value = true)]
     pub addr: String,
     /// Bearer token, when the server requires one [default: $S3NET_TOKEN].
     #[arg(long)]
