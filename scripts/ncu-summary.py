@@ -76,17 +76,33 @@ def read(path):
     except StopIteration:
         sys.exit(f"{path}: no ncu details table (a header with 'Kernel Name' and 'Metric Name')")
     h = rows[head]
-    col = {name: h.index(name) for name in ("ID", "Kernel Name", "Section Name", "Metric Name",
-                                             "Metric Unit", "Metric Value")}
+    # "ID" (the launch) and "Section Name" are read where this ncu writes them: without an ID
+    # a launch ends where its kernel's name changes or one of its metrics comes again.
+    col = {name: h.index(name) for name in h if name in ("ID", "Kernel Name", "Section Name",
+                                                         "Metric Name", "Metric Unit", "Metric Value")}
+    need = ("Kernel Name", "Metric Name", "Metric Value")
+    if any(n not in col for n in need):
+        sys.exit(f"{path}: the details table lacks {[n for n in need if n not in col]}")
+    field = lambda r, name: r[col[name]] if name in col else ""
     launches = collections.OrderedDict()
+    current = None
     for r in rows[head + 1:]:
         if len(r) <= max(col.values()):
             continue
         value = number(r[col["Metric Value"]])
         if value is None:
             continue
-        _, metrics = launches.setdefault(r[col["ID"]], (r[col["Kernel Name"]], {}))
-        metrics[(r[col["Section Name"]], r[col["Metric Name"]])] = (value, r[col["Metric Unit"]])
+        kernel = r[col["Kernel Name"]]
+        key = (field(r, "Section Name"), r[col["Metric Name"]])
+        if "ID" in col:
+            launch = r[col["ID"]]
+        elif current is None or launches[current][0] != kernel or key in launches[current][1]:
+            launch = len(launches)
+        else:
+            launch = current
+        current = launch
+        _, metrics = launches.setdefault(launch, (kernel, {}))
+        metrics[key] = (value, field(r, "Metric Unit"))
     return launches
 
 

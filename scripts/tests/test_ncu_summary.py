@@ -38,17 +38,20 @@ def launch(i, kernel, duration, unit, sm, mem, stalls):
              "0", "9.0", *r] for r in rows]
 
 
-def report(tmp_path):
+def report(tmp_path, drop=()):
+    """The report, less the columns named in `drop` (an ncu that writes fewer)."""
     buf = io.StringIO()
     buf.write("==PROF== Connected to process 4242 (/tmp/.gpu/s3net)\n")
     w = csv.writer(buf, quoting=csv.QUOTE_ALL)
-    w.writerow(HEADER)
+    keep = [i for i, name in enumerate(HEADER) if name not in drop]
+    w.writerow([HEADER[i] for i in keep])
     stalls = {"barrier": 0.4, "long_scoreboard": 2.5, "mio_throttle": 1.5, "short_scoreboard": 0.9,
               "math_pipe_throttle": 0.1}
-    w.writerows(launch(0, CORRELATE, "430.5", "usecond", "41.0", "20.0", stalls))
-    w.writerows(launch(1, IM2COL, "1.2", "msecond", "12.0", "88.0", {"lg_throttle": 3.0}))
-    w.writerows(launch(2, CORRELATE, "431.5", "usecond", "43.0", "22.0", stalls))
-    w.writerows(launch(3, CORRELATE, "1,100.0", "usecond", "45.0", "24.0", stalls))
+    for rows in [launch(0, CORRELATE, "430.5", "usecond", "41.0", "20.0", stalls),
+                 launch(1, IM2COL, "1.2", "msecond", "12.0", "88.0", {"lg_throttle": 3.0}),
+                 launch(2, CORRELATE, "431.5", "usecond", "43.0", "22.0", stalls),
+                 launch(3, CORRELATE, "1,100.0", "usecond", "45.0", "24.0", stalls)]:
+        w.writerows([[row[i] for i in keep] for row in rows])
     path = tmp_path / "kernels.csv"
     path.write_text(buf.getvalue())
     return path
@@ -86,3 +89,16 @@ def test_a_file_without_the_table_says_so(tmp_path):
     p.write_text("==ERROR== Profiling failed\n")
     r = subprocess.run([sys.executable, str(SCRIPT), str(p)], capture_output=True, text=True)
     assert r.returncode != 0 and "no ncu details table" in r.stderr
+
+
+def test_without_launch_ids_launches_split_where_a_metric_comes_again(tmp_path):
+    rows = ncu.summarize(ncu.read(report(tmp_path, drop=("ID",))))
+    assert [(r["kernel"], r["n"]) for r in rows] == [("correlate_fixed<Bf16, 7, 3, false, float>", 3),
+                                                     ("im2col_kernel<Bf16, float>", 1)]
+    assert rows[0]["median_us"] == 431.5
+
+
+def test_a_table_without_metric_values_says_what_it_lacks(tmp_path):
+    p = report(tmp_path, drop=("Metric Value",))
+    r = subprocess.run([sys.executable, str(SCRIPT), str(p)], capture_output=True, text=True)
+    assert r.returncode != 0 and "lacks ['Metric Value']" in r.stderr
