@@ -108,11 +108,10 @@ impl Conv {
         if kernels == Kernels::Fused {
             let ws = self.w.size();
             let depthwise = self.groups > 1 && self.groups * models == ws[0];
-            let pointwise = self.groups == 1 && ws[2] == 1 && ws[3] == 1;
             let ours = if depthwise && (x.device() == Device::Cpu || s3net_ops::cuda_compiled()) {
                 let (w, b) = self.wb(x);
                 Some(s3net_ops::depthwise_conv2d(x, &w, Some(&b), self.padding, self.dilation))
-            } else if pointwise && ((models > 1 && s3net_ops::gpu_paths(x.device())) || cpu_pointwise(x)) {
+            } else if self.our_pointwise(x, models) {
                 let (w, b) = self.wb(x);
                 Some(s3net_ops::pointwise_conv2d(x, &w, Some(&b), models))
             } else {
@@ -125,17 +124,19 @@ impl Conv {
         self.forward(x, models)
     }
 
+    /// Whether this conv of `x` is a 1×1 conv that runs as `s3net_ops::pointwise_conv2d` (with
+    /// the fused kernels): a stack's on a GPU, every one on the CPU (see [`cpu_pointwise`]).
+    fn our_pointwise(&self, x: &Tensor, models: i64) -> bool {
+        let ws = self.w.size();
+        let pointwise = self.groups == 1 && ws[2] == 1 && ws[3] == 1;
+        pointwise && ((models > 1 && s3net_ops::gpu_paths(x.device())) || cpu_pointwise(x))
+    }
+
     /// [`Conv::forward_with`], then `then` (`r + y` or `u · y`): one op where this 1×1 conv
     /// runs as ours and the switch allows (`s3net_ops::pointwise_conv2d_then`, the same bits),
     /// else the conv and libtorch's add or multiply.
     fn forward_then(&self, x: &Tensor, then: Then, kernels: Kernels, models: i64) -> Tensor {
-        let ws = self.w.size();
-        let pointwise = self.groups == 1 && ws[2] == 1 && ws[3] == 1;
-        if kernels == Kernels::Fused
-            && pointwise
-            && ((models > 1 && s3net_ops::gpu_paths(x.device())) || cpu_pointwise(x))
-            && s3net_ops::fused_epilogues()
-        {
+        if kernels == Kernels::Fused && self.our_pointwise(x, models) && s3net_ops::fused_epilogues() {
             let (w, b) = self.wb(x);
             if let Ok(y) = s3net_ops::pointwise_conv2d_then(x, &w, Some(&b), models, Some(then)) {
                 return y;

@@ -941,10 +941,7 @@ mod tests {
         for _ in 0..8 {
             q.submit(job(0, DeviceSpec::Auto, None)).unwrap();
         }
-        let hint = |q: &MemoryQueue| match q.submit(job(0, DeviceSpec::Auto, None)) {
-            Err(ServiceError::QueueFull { retry_after_s, .. }) => retry_after_s,
-            other => panic!("expected a full queue, got {:?}", other.map(|s| s.id)),
-        };
+        let hint = full_queue_hint;
         // One worker, nothing running yet, a mean fit of 1 s: 8 jobs ahead, 8 s.
         assert_eq!(hint(&q), 8);
         // The worker stacks four of them: 4 queued + 4 running finish four at a time.
