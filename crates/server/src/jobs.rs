@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use s3net_imaging::{DicomSource, Image};
-use s3net_model::{DeviceSpec, FitOptions};
+use s3net_model::{DeviceSpec, FitOptions, StepCost};
 use tokio::sync::broadcast;
 
 use crate::error::ServiceError;
@@ -206,6 +206,9 @@ pub trait JobQueue: Send + Sync + 'static {
     fn cancel_queued(&self, reason: &str);
     /// Queued plus running jobs.
     fn active(&self) -> usize;
+    /// What a worker's warm-up measured a step to cost on its device: until a fit has ended,
+    /// the hints given to refused callers go by it.
+    fn warmed_up(&self, cost: StepCost);
     /// Queued and running jobs, separately (for the metrics).
     fn stats(&self) -> QueueStats;
     /// Wakes the workers and makes [`JobQueue::take`] return [`Take::Closed`].
@@ -287,6 +290,9 @@ struct Inner {
     fits_seen: u32,
     /// When the last refused caller was told to come back (see `MemoryQueue::retry_after_s`).
     promised: Option<Instant>,
+    /// The mean of the workers' warm-up step costs (see `JobQueue::warmed_up`), and how many.
+    step_cost: Option<StepCost>,
+    costs_seen: u32,
 }
 
 const EXPIRED_MEMORY: usize = 100_000;
@@ -356,21 +362,44 @@ impl MemoryQueue {
     /// together, 32 found room, the rest were refused again, and the worker waited between
     /// the waves (a CPU server after 8 fits of 0.2 s, 160 clients at once, a queue of 32:
     /// 4.2 jobs/s against 5.5 without refusals; README, "Refusals and retry hints"). Before
-    /// any fit has ended the mean is a guess (1 s): then every caller is told the time the
-    /// jobs ahead take by that guess, since a line of promises spaced by a wrong guess would
-    /// hold them all to it.
+    /// any fit has ended, the fit's time is the workers' warm-up measure of a step times the
+    /// queued jobs' steps (see [`MemoryQueue::expected_fit_s`]). Without that either (no
+    /// warm-up), it is a guess of 1 s, and then every caller is told the time the jobs ahead
+    /// take by that guess, since a line of promises spaced by a wrong guess would hold them all
+    /// to it.
     fn retry_after_s(&self, inner: &mut Inner) -> u64 {
         let at_once = inner.running.max(self.limits.workers).max(1) as f64;
-        let opening = inner.mean_fit_s / at_once;
-        if inner.fits_seen == 0 {
+        let Some(fit_s) = Self::expected_fit_s(inner) else {
             let ahead = (inner.queue.len() + inner.running) as f64;
-            return (ahead * opening).ceil().max(1.0) as u64;
-        }
+            return (ahead * inner.mean_fit_s / at_once).ceil().max(1.0) as u64;
+        };
+        let opening = fit_s / at_once;
         let now = Instant::now();
         let after = inner.promised.filter(|&p| p > now).unwrap_or(now);
         let at = after + Duration::from_secs_f64(opening.clamp(0.0, 3600.0));
         inner.promised = Some(at);
         (at - now).as_secs_f64().ceil().max(1.0) as u64
+    }
+
+    /// Seconds a fit takes, by the best the queue knows: the mean of the fits that ended (see
+    /// [`MemoryQueue::learn_fit`]); before any has, the mean over the queued jobs of their
+    /// steps at the warm-up's cost of a step on their grid; `None` without either.
+    ///
+    /// Why the queued jobs' own steps and grids: a fresh CPU server whose warm-up measured
+    /// 0.15 s a step on the default 256² grid would otherwise have told callers of five-step
+    /// 64² jobs to wait out 50 such steps.
+    fn expected_fit_s(inner: &Inner) -> Option<f64> {
+        if inner.fits_seen > 0 {
+            return Some(inner.mean_fit_s);
+        }
+        let cost = inner.step_cost?;
+        let fits: Vec<f64> = inner
+            .queue
+            .iter()
+            .filter_map(|id| inner.jobs.get(id)?.job.as_ref())
+            .map(|j| cost.fit_s(j.options.iterations, j.options.size))
+            .collect();
+        (!fits.is_empty()).then(|| fits.iter().sum::<f64>() / fits.len() as f64)
     }
 
     /// Adds a finished fit's seconds to the mean the retry hint uses: the plain mean of the
@@ -852,6 +881,15 @@ impl JobQueue for MemoryQueue {
         inner.queue.len() + inner.running
     }
 
+    fn warmed_up(&self, cost: StepCost) {
+        let mut inner = self.lock();
+        inner.costs_seen = inner.costs_seen.saturating_add(1);
+        let weight = 1.0 / f64::from(inner.costs_seen);
+        let mean = inner.step_cost.get_or_insert(cost);
+        mean.fixed_s += weight * (cost.fixed_s - mean.fixed_s);
+        mean.per_pixel_s += weight * (cost.per_pixel_s - mean.per_pixel_s);
+    }
+
     fn stats(&self) -> QueueStats {
         let inner = self.lock();
         QueueStats {
@@ -1019,6 +1057,32 @@ mod tests {
         }
         let stacked: Vec<u64> = (0..5).map(|_| full_queue_hint(&q)).collect();
         assert_eq!(stacked, [1, 1, 1, 2, 2], "0.3 s apart");
+    }
+
+    /// Before any fit has ended, the workers' warm-up cost of a step, over the queued jobs'
+    /// own steps and grids, spaces the refused callers; the fits that end take over from it.
+    #[test]
+    fn a_fresh_queue_spaces_refused_callers_by_the_warm_up() {
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        let small = |iterations, size| NewJob {
+            options: FitOptions { iterations, size, ..FitOptions::default() },
+            ..job(0, DeviceSpec::Auto, None)
+        };
+        for _ in 0..4 {
+            q.submit(small(5, 64)).unwrap();
+            q.submit(small(10, 128)).unwrap();
+        }
+        // Two workers measured 0.1 and 0.3 s of fixed cost, 2e-6 and 4e-6 s a pixel: 0.2 +
+        // 3e-6·S² a step. Five steps at 64² take 1.06 s, ten at 128² 2.49 s: 1.78 s apart.
+        q.warmed_up(StepCost { fixed_s: 0.1, per_pixel_s: 2e-6 });
+        q.warmed_up(StepCost { fixed_s: 0.3, per_pixel_s: 4e-6 });
+        let fresh: Vec<u64> = (0..4).map(|_| full_queue_hint(&q)).collect();
+        assert_eq!(fresh, [2, 4, 6, 8], "1.78 s apart, rounded up");
+        // The first fit's time replaces the estimate; its promises start after those made.
+        end_fit(&q, 0.5);
+        q.submit(small(5, 64)).expect("the ended job's place");
+        let hint = full_queue_hint(&q);
+        assert_eq!(hint, 8, "after the 7.1 s promised, 0.5 s on");
     }
 
     #[test]
