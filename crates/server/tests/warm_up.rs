@@ -47,3 +47,36 @@ async fn not_serving_until_the_workers_are_warm() {
 
     server.shutdown().await.unwrap();
 }
+
+/// The hint of a full queue before any fit has ended: from the warm-up's measure of a step,
+/// times the queued job's steps on its grid; without a warm-up, the jobs ahead at a guessed
+/// 1 s each (a running job and a queued one: 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_servers_retry_hint_comes_from_the_warm_up() {
+    for warm_up in [false, true] {
+        let mut cfg = config();
+        cfg.workers.warm_up = Some(warm_up);
+        cfg.queue.capacity = 1;
+        let (server, url) = start(cfg).await;
+        let mut c = client(&url).await;
+        // 1000 steps on a 64² grid each: no fit ends during the test.
+        let running = submit_running(&mut c, disk(48, 48), slow()).await;
+        let queued = submit(&mut c, disk(48, 48), slow()).await;
+        let req = pb::SubmitJobRequest { image: disk(32, 32), options: Some(quick()), idempotency_key: String::new() };
+        let err = c.submit_job(req).await.expect_err("the queue is full");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        let hint: u64 = err.metadata().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).expect("a retry-after hint");
+        if warm_up {
+            // 1000 of the warm-up's 64² steps (its own width, F = 32, on one thread): seconds
+            // on any CPU, more than the guess's 2.
+            assert!((3..3600).contains(&hint), "{hint} s");
+        } else {
+            assert_eq!(hint, 2, "the guess: two jobs ahead at 1 s");
+        }
+        for id in [queued, running] {
+            c.cancel_job(pb::CancelJobRequest { job_id: id.clone() }).await.expect("cancel");
+            wait_final(&mut c, &id, Duration::from_secs(30)).await;
+        }
+        server.shutdown().await.unwrap();
+    }
+}
