@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +104,7 @@ pub struct Metrics {
     workers_active: Family<DeviceLabel, Gauge>,
     jobs_training: Family<DeviceLabel, Gauge>,
     jobs_finishing: Family<DeviceLabel, Gauge>,
+    warm_up_step: Family<DeviceLabel, Gauge<f64, AtomicU64>>,
     rejected: Family<ReasonLabel, Counter>,
     restarted: Counter,
     refitted: Counter,
@@ -251,6 +253,13 @@ impl Metrics {
             "Configured worker threads, per device",
             workers_total.clone(),
         );
+        let warm_up_step = Family::<DeviceLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "warm_up_step_seconds",
+            "Seconds per SGD step of a lone fit on the default grid, as the device's workers \
+             measured it warming up (the last one's)",
+            warm_up_step.clone(),
+        );
         let rejected = Family::<ReasonLabel, Counter>::default();
         for r in REJECT_REASONS {
             let _ = rejected.get_or_create(&ReasonLabel { reason: r.into() });
@@ -327,6 +336,7 @@ impl Metrics {
             workers_active,
             jobs_training,
             jobs_finishing,
+            warm_up_step,
             rejected,
             restarted,
             refitted,
@@ -365,6 +375,13 @@ impl Metrics {
     /// `delta` more (or fewer) jobs of a worker on `device` wait for, or are in, its finisher.
     pub fn jobs_finishing(&self, device: DeviceSpec, delta: i64) {
         add(&self.jobs_finishing, device, delta);
+    }
+
+    /// A worker on `device` warmed up and measured `step_s` seconds per step of a lone fit on
+    /// the default grid. Why an operator wants it: a device slower than it should be (a
+    /// throttled CPU, a GPU shared with another process) shows here at start, before its jobs.
+    pub fn warmed_up(&self, device: DeviceSpec, step_s: f64) {
+        self.warm_up_step.get_or_create(&DeviceLabel { device: device.to_string() }).set(step_s);
     }
 
     /// Marks a worker on `device` busy until the returned guard drops (also on a panic).

@@ -122,14 +122,15 @@ impl Drop for Warm {
 }
 
 /// Warms `device` up for `slot` with `opts` (see `s3net_model::warm_up`; stacks of jobs only
-/// where the slot makes them) and tells `queue` what a step cost; a failure is logged and the
-/// worker goes on: its jobs then fail or succeed on their own.
-fn warm_up(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, device: tch::Device, opts: &FitOptions) {
+/// where the slot makes them) and tells `queue` and `metrics` what a step cost; a failure is
+/// logged and the worker goes on: its jobs then fail or succeed on their own.
+fn warm_up(queue: &Arc<dyn JobQueue>, metrics: &Metrics, slot: &WorkerSlot, device: tch::Device, opts: &FitOptions) {
     match std::panic::catch_unwind(|| s3net_model::warm_up(device, opts, slot.batch > 1)) {
         Ok(Ok(w)) => {
             let step_s = w.cost.fit_s(1, opts.size);
             info!(worker = %slot.name, seconds = w.took.as_secs_f64(), step_seconds = step_s, grid = opts.size, "worker warmed up");
             queue.warmed_up(w.cost);
+            metrics.warmed_up(slot.device, step_s);
         }
         Ok(Err(e)) => warn!(worker = %slot.name, error = %e, "the warm-up failed; the worker takes jobs anyway"),
         Err(p) => {
@@ -257,7 +258,7 @@ fn serve(queue: &Arc<dyn JobQueue>, slot: &WorkerSlot, progress_interval: Durati
         }
     };
     if let Some(w) = warm.take() {
-        warm_up(queue, slot, device, &w.0.opts);
+        warm_up(queue, metrics, slot, device, &w.0.opts);
         drop(w);
     }
     let (to_finisher, ended) = std::sync::mpsc::channel::<Ended>();

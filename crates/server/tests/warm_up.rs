@@ -42,6 +42,10 @@ async fn not_serving_until_the_workers_are_warm() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(status("s3net.v1.Segmenter").await, SERVING);
+    // What the warm-up measured a step to take, for the operator.
+    let m = scrape(server.metrics_addr().expect("metrics")).await;
+    let step = value(&m, r#"s3net_warm_up_step_seconds{device="cpu"}"#);
+    assert!(step > 0.0 && step < 60.0, "{step} s a step");
     let j = wait_final(&mut c, &id, Duration::from_secs(60)).await;
     assert_eq!(j.state, pb::JobState::Completed as i32);
 
