@@ -94,9 +94,14 @@ impl StepCost {
         StepCost { fixed_s, per_pixel_s }
     }
 
+    /// Seconds one step of a lone fit on a `side`² grid takes by this cost.
+    pub fn step_s(&self, side: i64) -> f64 {
+        self.fixed_s + self.per_pixel_s * (side * side) as f64
+    }
+
     /// Seconds a lone fit of `iterations` steps on a `side`² grid takes by this cost.
     pub fn fit_s(&self, iterations: usize, side: i64) -> f64 {
-        iterations as f64 * (self.fixed_s + self.per_pixel_s * (side * side) as f64)
+        iterations as f64 * self.step_s(side)
     }
 }
 

@@ -393,13 +393,12 @@ impl MemoryQueue {
             return Some(inner.mean_fit_s);
         }
         let cost = inner.step_cost?;
-        let fits: Vec<f64> = inner
+        let (n, total) = inner
             .queue
             .iter()
             .filter_map(|id| inner.jobs.get(id)?.job.as_ref())
-            .map(|j| cost.fit_s(j.options.iterations, j.options.size))
-            .collect();
-        (!fits.is_empty()).then(|| fits.iter().sum::<f64>() / fits.len() as f64)
+            .fold((0usize, 0.0), |(n, t), j| (n + 1, t + cost.fit_s(j.options.iterations, j.options.size)));
+        (n > 0).then(|| total / n as f64)
     }
 
     /// Adds a finished fit's seconds to the mean the retry hint uses: the plain mean of the

@@ -127,7 +127,7 @@ impl Drop for Warm {
 fn warm_up(queue: &Arc<dyn JobQueue>, metrics: &Metrics, slot: &WorkerSlot, device: tch::Device, opts: &FitOptions) {
     match std::panic::catch_unwind(|| s3net_model::warm_up(device, opts, slot.batch > 1)) {
         Ok(Ok(w)) => {
-            let step_s = w.cost.fit_s(1, opts.size);
+            let step_s = w.cost.step_s(opts.size);
             info!(worker = %slot.name, seconds = w.took.as_secs_f64(), step_seconds = step_s, grid = opts.size, "worker warmed up");
             queue.warmed_up(w.cost);
             metrics.warmed_up(slot.device, step_s);
