@@ -89,11 +89,19 @@ pub(crate) fn probe_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, 
     let obj = open(bytes, true)?;
     let (rows, cols, frames) = geometry(&obj, opts)?;
     let samples = optional_u32(&obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1);
+    // A PALETTE COLOR image stores one index per pixel and decodes to RGB through its tables:
+    // counted as one channel, an ultrasound's queue budget was a third of its decode.
+    let palette = obj
+        .element_opt(tags::PHOTOMETRIC_INTERPRETATION)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches(['\0', ' ']) == "PALETTE COLOR"))
+        .unwrap_or(false);
     Ok(Header {
         format: Format::Dicom,
         width: cols,
         height: rows,
-        channels: if samples >= 3 { 3 } else { 1 },
+        channels: if samples >= 3 || palette { 3 } else { 1 },
         frames,
     })
 }

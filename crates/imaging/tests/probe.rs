@@ -7,33 +7,47 @@ fn data(rel: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
 }
 
-/// Every test file, and page 1 of the two-page TIFF: the same format, size (up to an
-/// orientation's quarter turn) and channels as the decode, and the image bytes a queue counts.
+/// Every image under tests/data (DICOM in every codec, raster, TIFF), every frame or page of
+/// each: the same format, size (up to an orientation's quarter turn) and channels as the
+/// decode, and the image bytes a queue counts. (A list of a dozen files missed PALETTE COLOR:
+/// the probe said one channel for an image that decodes to three, found by `fuzz/`.)
 #[test]
 fn probe_agrees_with_decode() {
-    let files = [
-        ("ph2/IMD002.png", 0),
-        ("ph2/IMD002.mask.png", 0),
-        ("lung/ID_0000_Z_0142.png", 0),
-        ("dicom/CT_small.dcm", 0),
-        ("dicom/MR_small.dcm", 0),
-        ("dicom/SC_rgb_jpeg_dcmtk.dcm", 0),
-        ("raster/IMD002-progressive.jpg", 0),
-        ("raster/IMD002-restart.jpg", 0),
-        ("raster/IMD002-exif6.jpg", 0),
-        ("raster/IMD002-grey-orient8.tif", 0),
-        ("raster/two-pages.tif", 0),
-        ("raster/two-pages.tif", 1),
-    ];
-    for (rel, frame) in files {
-        let bytes = data(rel);
-        let opts = DecodeOptions { frame, ..Default::default() };
-        let h = probe(&bytes, &opts).unwrap_or_else(|e| panic!("{rel}: {e}"));
-        let d = decode(&bytes, &opts).unwrap();
-        let size = if d.orientation >= 5 { (d.height, d.width) } else { (d.width, d.height) };
-        assert_eq!((h.format, (h.width, h.height), h.channels), (d.format, size, d.channels), "{rel} frame {frame}");
-        assert_eq!(h.image_bytes(), normalize(&d, None).data.len() as u64 * 4, "{rel}");
+    // Test files whose decode is refused by name (their own tests say why).
+    const REFUSED: [&str; 1] = ["dicom/SC_rgb_rle_32bit.dcm"];
+    let root = format!("{}/../../tests/data", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<String> = Vec::new();
+    for dir in ["dicom", "raster", "ph2", "lung"] {
+        for entry in std::fs::read_dir(format!("{root}/{dir}")).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if [".dcm", ".png", ".jpg", ".tif", ".bmp"].iter().any(|e| name.ends_with(e)) {
+                files.push(format!("{dir}/{name}"));
+            }
+        }
     }
+    files.sort();
+    let (mut checked, mut frames_checked) = (0, 0);
+    for rel in &files {
+        let bytes = data(rel);
+        let frames = probe(&bytes, &DecodeOptions::default()).map_or(1, |h| h.frames);
+        for frame in 0..frames {
+            let opts = DecodeOptions { frame, ..Default::default() };
+            let h = probe(&bytes, &opts).unwrap_or_else(|e| panic!("{rel}: {e}"));
+            let d = match decode(&bytes, &opts) {
+                Err(e) if REFUSED.contains(&rel.as_str()) => {
+                    eprintln!("{rel}: refused, as it should be ({e})");
+                    continue;
+                }
+                other => other.unwrap_or_else(|e| panic!("{rel} frame {frame}: {e}")),
+            };
+            let size = if d.orientation >= 5 { (d.height, d.width) } else { (d.width, d.height) };
+            assert_eq!((h.format, (h.width, h.height), h.channels), (d.format, size, d.channels), "{rel} frame {frame}");
+            assert_eq!(h.image_bytes(), normalize(&d, None).data.len() as u64 * 4, "{rel} frame {frame}");
+            frames_checked += 1;
+        }
+        checked += 1;
+    }
+    assert!(checked >= 50 && frames_checked > checked, "{checked} files, {frames_checked} frames");
 }
 
 /// The frames or pages a file has, whichever one was asked for: what a caller that segments
