@@ -179,6 +179,23 @@ pub(crate) fn inflate(body: &[u8]) -> Result<Option<Vec<u8>>, ImagingError> {
     Ok(Some(out))
 }
 
+/// The size of one value of a binary VR with fixed-size values, whose length must be a
+/// multiple of it (PS3.5 6.2).
+///
+/// Why it is checked: dicom-parser reads `length / width` values and then counts `length`
+/// bytes as read, so a 2-byte SL value leaves its stream 2 bytes short of where it counts
+/// itself. Everything after is read out of step: the fuzzer (`fuzz/`) turned one such element
+/// in a 30 KB file into an element length of 0xFFFF0000, which the parser then allocated and
+/// zero-filled (4 GiB) before finding the file too short.
+fn value_width(vr: VR) -> Option<u32> {
+    match vr {
+        VR::SS | VR::US | VR::OW => Some(2),
+        VR::SL | VR::UL | VR::FL | VR::AT | VR::OF | VR::OL => Some(4),
+        VR::FD | VR::SV | VR::UV | VR::OD | VR::OV => Some(8),
+        _ => None,
+    }
+}
+
 /// Checks that every declared element and item length fits in the bytes that
 /// follow it. `body` starts at the `DICM` magic. Truncated headers are left for
 /// the parser to report.
@@ -256,6 +273,15 @@ pub(crate) fn check_element_lengths(body: &[u8]) -> Result<(), ImagingError> {
             return Err(bad(
                 "an element's declared length runs past the end of the file",
             ));
+        }
+        if let Some(width) = value_width(vr).filter(|w| len % w != 0) {
+            return Err(ImagingError::Malformed {
+                format: Format::Dicom,
+                reason: format!(
+                    "element ({group:04X},{element:04X}) of VR {} has a length of {len} bytes, not a multiple of {width}",
+                    vr.to_string()
+                ),
+            });
         }
         pos += hdr + if vr == VR::SQ { 0 } else { len as usize };
     }
