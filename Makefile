@@ -8,7 +8,7 @@ SHARED ?= ../shared/data
 # The Python test venv (scripts/setup-python.sh): the client and the pinned test requirements.
 PY ?= $(or $(S3NET_CACHE),$(HOME)/.cache/s3net)/py
 
-.PHONY: setup setup-python build run test bench eval golden gpu-bundle clean-cache
+.PHONY: setup setup-python build run test bench eval golden gpu-bundle fuzz clean-cache
 
 setup:
 	@bash scripts/setup-torch.sh >/dev/null
@@ -43,6 +43,10 @@ eval: build
 	mkdir -p eval-out
 	$(BIN) eval --images $(SHARED)/ph2-dev/images --masks $(SHARED)/ph2-dev/masks --report eval-out/ph2.json
 	$(BIN) eval --images $(SHARED)/lung-dev/images --masks $(SHARED)/lung-dev/masks --report eval-out/lung.json
+
+## Coverage-guided fuzzing of the decoders (nightly + cargo-fuzz, installed once): FUZZ_SECONDS (600), FUZZ_JOBS (1).
+fuzz: setup
+	bash scripts/fuzz.sh
 
 ## Regenerate the deformable-conv golden values with torchvision (needs network for pip).
 golden: setup
