@@ -91,12 +91,7 @@ pub(crate) fn probe_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Header, 
     let samples = optional_u32(&obj, tags::SAMPLES_PER_PIXEL)?.unwrap_or(1);
     // A PALETTE COLOR image stores one index per pixel and decodes to RGB through its tables:
     // counted as one channel, an ultrasound's queue budget was a third of its decode.
-    let palette = obj
-        .element_opt(tags::PHOTOMETRIC_INTERPRETATION)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches(['\0', ' ']) == "PALETTE COLOR"))
-        .unwrap_or(false);
+    let palette = code_string(&obj, tags::PHOTOMETRIC_INTERPRETATION).as_deref() == Some("PALETTE COLOR");
     Ok(Header {
         format: Format::Dicom,
         width: cols,
@@ -154,15 +149,7 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
             })
         }
     }
-    let file_pi = match obj
-        .element_opt(tags::PHOTOMETRIC_INTERPRETATION)
-        .ok()
-        .flatten()
-        .and_then(|e| {
-            e.to_str()
-                .ok()
-                .map(|s| PhotometricInterpretation::from(s.trim_end_matches(['\0', ' '])))
-        }) {
+    let file_pi = match code_string(&obj, tags::PHOTOMETRIC_INTERPRETATION).map(|s| PhotometricInterpretation::from(s.as_str())) {
         Some(PhotometricInterpretation::Other(_)) | None => "unrecognised".to_string(),
         Some(p) => p.as_str().to_string(),
     };
@@ -195,27 +182,12 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<Decoded
     let (file_window, file_window_function) = voi(&obj, opts.frame, signed_pixels);
     // Presentation LUT Shape INVERSE: a MONOCHROME2 image shown inverted, as MONOCHROME1 is
     // (for MONOCHROME1 it is the usual declaration, not a second inversion).
-    let inverse = obj
-        .element_opt(tags::PRESENTATION_LUT_SHAPE)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches(['\0', ' ']) == "INVERSE"))
-        .unwrap_or(false);
-    let modality = obj
-        .element_opt(tags::MODALITY)
-        .ok()
-        .flatten()
-        .and_then(|e| {
-            e.to_str()
-                .ok()
-                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-        })
-        .filter(|s| {
-            !s.is_empty()
-                && s.len() <= 16
-                && s.bytes()
-                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_' || b == b' ')
-        });
+    let inverse = code_string(&obj, tags::PRESENTATION_LUT_SHAPE).as_deref() == Some("INVERSE");
+    let modality = code_string(&obj, tags::MODALITY).filter(|s| {
+        !s.is_empty()
+            && s.len() <= 16
+            && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_' || b == b' ')
+    });
 
     let pixels = obj.decode_pixel_data_frame(frame).map_err(|_| {
         malformed("the pixel data could not be decoded (corrupt, truncated or inconsistent with the image attributes)")
@@ -712,6 +684,13 @@ fn read_error(e: ReadError) -> ImagingError {
         }
         _ => malformed("the DICOM data set could not be parsed (corrupt or truncated file)"),
     }
+}
+
+/// A text attribute (a code string: Photometric Interpretation, Modality, …) without its
+/// trailing padding; None when absent or not text.
+fn code_string(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
+    let e = obj.element_opt(tag).ok().flatten()?;
+    Some(e.to_str().ok()?.trim_end_matches(['\0', ' ']).to_string())
 }
 
 fn optional_u32(obj: &DefaultDicomObject, tag: Tag) -> Result<Option<u32>, ImagingError> {
