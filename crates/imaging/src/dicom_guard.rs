@@ -232,11 +232,27 @@ pub(crate) fn check_element_lengths(body: &[u8]) -> Result<(), ImagingError> {
                     // Pixel fragments are opaque bytes; other items hold elements.
                     pos += 8 + if in_pixel_sequence { len as usize } else { 0 };
                 }
-                0xE0DD => {
-                    in_pixel_sequence = false;
+                0xE000 => pos += 8,
+                // Delimiters have no value (PS3.5 7.5). dicom-parser reads any other tag of
+                // this group, or a delimiter where it expects an element, as an element of
+                // that length: a 3 KB file with (FFFE,000D) of length 0xE0000000 made it
+                // allocate 3.5 GiB (found by fuzzing).
+                0xE00D | 0xE0DD if len == 0 => {
+                    in_pixel_sequence &= element != 0xE0DD;
                     pos += 8;
                 }
-                _ => pos += 8,
+                0xE00D | 0xE0DD => {
+                    return Err(ImagingError::Malformed {
+                        format: Format::Dicom,
+                        reason: format!("the delimiter (FFFE,{element:04X}) has a length of {len} bytes, not 0"),
+                    })
+                }
+                _ => {
+                    return Err(ImagingError::Malformed {
+                        format: Format::Dicom,
+                        reason: format!("the tag (FFFE,{element:04X}) is not an item or a delimiter, the only tags of group FFFE"),
+                    })
+                }
             }
             continue;
         }
@@ -587,5 +603,46 @@ mod tests {
             assert!(e.to_string().contains("60000×60000 pixels but Rows/Columns say 512×512"), "{e}");
         }
         assert!(check_fragments(&[jpeg[..6].to_vec(), jpeg[6..].to_vec()], 60000, 60000, false).is_ok());
+    }
+
+    /// `DICM`, a file meta of explicit VR little endian, then `data`.
+    fn explicit_le(data: &[u8]) -> Vec<u8> {
+        let mut b = b"DICM\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\0".to_vec();
+        b.extend_from_slice(data);
+        b
+    }
+
+    /// Where dicom-parser would read out of step or take a length for an element's, the walk
+    /// refuses by name: a fixed-width value of a length that is not a multiple of its size, a
+    /// delimiter with a length, a tag of group FFFE that is neither an item nor a delimiter.
+    /// What is well formed passes.
+    #[test]
+    fn elements_the_parser_would_misread_are_refused() {
+        // (0028,0103) US 2 bytes; a sequence (0008,1115) of undefined length holding one item
+        // of undefined length with (0008,1150) UI, then the item and sequence delimiters.
+        let good: Vec<u8> = [
+            &b"\x28\x00\x03\x01US\x02\x00\x00\x00"[..],
+            b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff",
+            b"\xfe\xff\x00\xe0\xff\xff\xff\xff",
+            b"\x08\x00\x50\x11UI\x02\x001\0",
+            b"\xfe\xff\x0d\xe0\x00\x00\x00\x00",
+            b"\xfe\xff\xdd\xe0\x00\x00\x00\x00",
+        ]
+        .concat();
+        assert_eq!(check_element_lengths(&explicit_le(&good)), Ok(()));
+        let cases: [(&[u8], &[u8], &str); 5] = [
+            (b"\x28\x00\x03\x01US", b"\x28\x00\x03\x01SL", "element (0028,0103) of VR SL has a length of 2 bytes, not a multiple of 4"),
+            (b"US\x02\x00\x00\x00", b"US\x03\x00\x00\x00", "VR US has a length of 3 bytes, not a multiple of 2"),
+            (b"\x0d\xe0\x00\x00\x00\x00", b"\x0d\xe0\x00\x00\x00\xe0", "the delimiter (FFFE,E00D) has a length of 3758096384 bytes, not 0"),
+            (b"\xdd\xe0\x00\x00\x00\x00", b"\xdd\xe0\x04\x00\x00\x00", "the delimiter (FFFE,E0DD) has a length of 4 bytes, not 0"),
+            (b"\x0d\xe0\x00\x00\x00\x00", b"\x0d\x00\x00\x00\x00\xe0", "the tag (FFFE,000D) is not an item or a delimiter"),
+        ];
+        for (from, to, says) in cases {
+            let at = good.windows(from.len()).position(|w| w == from).unwrap();
+            let mut bad = good.clone();
+            bad[at..at + to.len()].copy_from_slice(to);
+            let e = check_element_lengths(&explicit_le(&bad)).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 }

@@ -38,10 +38,13 @@ fn data(rel: &str) -> Vec<u8> {
 }
 
 /// (file under tests/data/fuzz, what the error must say).
-const FINDINGS: [(&str, &str); 1] = [
+const FINDINGS: [(&str, &str); 2] = [
     // GDCMJ2K_TextGBR.dcm with Pixel Representation's VR turned from US into SL (2 bytes, not
     // a multiple of 4): dicom-parser fell out of step and allocated and zero-filled 4 GiB.
     ("dicom-sl-short-value.dcm", "element (0028,0103) of VR SL has a length of 2 bytes, not a multiple of 4"),
+    // JPEG2000.dcm with an item delimiter (FFFE,E00D) turned into (FFFE,000D) of length
+    // 0xE0000000: dicom-parser read it as an element of that length and allocated 3.5 GiB.
+    ("dicom-item-tag-length.dcm", "the tag (FFFE,000D) is not an item or a delimiter"),
 ];
 
 /// One test, so no other test's allocations share the peak.
