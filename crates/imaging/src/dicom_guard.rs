@@ -241,17 +241,11 @@ pub(crate) fn check_element_lengths(body: &[u8]) -> Result<(), ImagingError> {
                     in_pixel_sequence &= element != 0xE0DD;
                     pos += 8;
                 }
-                0xE00D | 0xE0DD => {
-                    return Err(ImagingError::Malformed {
-                        format: Format::Dicom,
-                        reason: format!("the delimiter (FFFE,{element:04X}) has a length of {len} bytes, not 0"),
-                    })
-                }
+                0xE00D | 0xE0DD => return Err(bad(&format!("the delimiter (FFFE,{element:04X}) has a length of {len} bytes, not 0"))),
                 _ => {
-                    return Err(ImagingError::Malformed {
-                        format: Format::Dicom,
-                        reason: format!("the tag (FFFE,{element:04X}) is not an item or a delimiter, the only tags of group FFFE"),
-                    })
+                    return Err(bad(&format!(
+                        "the tag (FFFE,{element:04X}) is not an item or a delimiter, the only tags of group FFFE"
+                    )))
                 }
             }
             continue;
@@ -291,13 +285,9 @@ pub(crate) fn check_element_lengths(body: &[u8]) -> Result<(), ImagingError> {
             ));
         }
         if let Some(width) = value_width(vr).filter(|w| len % w != 0) {
-            return Err(ImagingError::Malformed {
-                format: Format::Dicom,
-                reason: format!(
-                    "element ({group:04X},{element:04X}) of VR {} has a length of {len} bytes, not a multiple of {width}",
-                    vr.to_string()
-                ),
-            });
+            return Err(bad(&format!(
+                "element ({group:04X},{element:04X}) of VR {vr} has a length of {len} bytes, not a multiple of {width}"
+            )));
         }
         pos += hdr + if vr == VR::SQ { 0 } else { len as usize };
     }
