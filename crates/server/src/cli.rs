@@ -766,6 +766,9 @@ fn print_job(j: &pb::Job) {
     if let Some(c) = &j.cancellation {
         line += &format!(" ({})", c.reason);
     }
+    if !j.caller.is_empty() {
+        line += &format!(" by {}", j.caller);
+    }
     println!("{line}");
 }
 

@@ -9,7 +9,7 @@
 //! With `[cluster]` configured, every job id ends with the address of its replica
 //! (`3f9c0a7be41d2c55@10.1.2.3:50051`), and a replica asked about another's job forwards the
 //! call there, as the same client would have made it: the same deadline, the caller's trace,
-//! the service's token. Only to an address that `cluster.peers` resolves to: the id comes from
+//! the caller's token (the service's for a caller without one; see `crate::callers`). Only to an address that `cluster.peers` resolves to: the id comes from
 //! the client, and the call carries the token, so an id naming any other address is NOT_FOUND
 //! and nothing is sent (else a client could make the server hand its token to a host of the
 //! client's choosing). A `SubmitJob` with an idempotency key goes to the key's own replica
@@ -28,6 +28,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Request, Status};
 use tracing::warn;
 
+use crate::callers::Caller;
 use crate::config::{ClusterConfig, TlsConfig};
 use crate::error::ServiceError;
 use crate::pb::segmenter_client::SegmenterClient;
@@ -314,16 +315,20 @@ impl Cluster {
         Ok(all)
     }
 
-    /// `message` as a call forwarded from this replica: the caller's remaining deadline, the
-    /// current span's trace context, the service's token and the mark of a forwarded call.
-    pub fn request<T>(&self, message: T, deadline: Option<Duration>) -> Request<T> {
+    /// `message` as a call forwarded from this replica for `caller`: the caller's remaining
+    /// deadline, the current span's trace context, the caller's own token (the replica that
+    /// answers then knows the same caller, whose jobs alone it may show; the service's token
+    /// for a caller without one) and the mark of a forwarded call.
+    pub fn request<T>(&self, message: T, deadline: Option<Duration>, caller: &Caller) -> Request<T> {
         let mut req = Request::new(message);
         if let Some(d) = deadline {
             req.set_timeout(d);
         }
         let meta = req.metadata_mut();
         TraceContext::current().insert_into(meta);
-        if let Some(t) = &self.token {
+        if let Some(b) = &caller.bearer {
+            meta.insert("authorization", b.clone());
+        } else if let Some(t) = &self.token {
             if let Ok(v) = MetadataValue::try_from(format!("Bearer {t}")) {
                 meta.insert("authorization", v);
             }
@@ -421,18 +426,22 @@ mod tests {
     #[test]
     fn a_forwarded_call_carries_the_token_the_deadline_and_the_mark() {
         let c = cluster("10.0.0.1:6000", &["s3net-peers:50051"]);
-        let r = c.request((), Some(Duration::from_millis(1500)));
+        let r = c.request((), Some(Duration::from_millis(1500)), &Caller::anonymous());
         let m = r.metadata();
         assert_eq!(m.get("authorization").unwrap(), "Bearer secret");
         assert_eq!(m.get(FORWARDED_BY).unwrap(), "10.0.0.1:6000");
         assert!(m.get("grpc-timeout").is_some());
+        // A named caller's call goes on with its own token: the other replica knows it too.
+        let research = Caller { bearer: Some("Bearer r-token".parse().unwrap()), ..Caller::anonymous() };
+        let r = c.request((), None, &research);
+        assert_eq!(r.metadata().get("authorization").unwrap(), "Bearer r-token");
     }
 
     #[test]
     fn a_key_lookup_is_a_forwarded_call_with_a_fingerprint() {
         let fp: [u8; 32] = std::array::from_fn(|i| (i * 37) as u8);
         let c = cluster("10.0.0.1", &["s3net-peers:50051"]);
-        let mut r = c.request((), None);
+        let mut r = c.request((), None, &Caller::anonymous());
         Cluster::ask_for_key(&mut r, &fp);
         assert_eq!(Cluster::key_lookup(r.metadata()), Some(fp));
         // Not forwarded (a client's own header), or malformed: a plain submission.

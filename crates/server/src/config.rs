@@ -2,6 +2,7 @@
 //! `S3NET__SECTION__KEY` environment variables and command-line flags, in that order of
 //! increasing precedence.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -95,9 +96,31 @@ pub struct ServerConfig {
     /// calls wait in the client until one ends. Bounds the state a single connection can make
     /// the server keep (a few KiB per stream).
     pub max_streams_per_connection: u32,
-    /// When set, every Segmenter call must carry `authorization: Bearer <token>`.
+    /// When set, every Segmenter call must carry `authorization: Bearer <token>`: this one
+    /// or a caller's. Its calls are the caller `service` (`crate::callers::SERVICE`), which
+    /// sees every job; the replicas of a cluster share it.
     pub auth_token: Option<String>,
     pub tls: Option<TlsConfig>,
+    /// Named callers, each with its own bearer token (`[server.callers.NAME]`): a job belongs
+    /// to the caller that submitted it, who alone (with the operators) may see it, and each
+    /// caller's queued and running jobs can be bounded (see `crate::callers`). Empty: one
+    /// token or none, as `auth_token` says.
+    pub callers: BTreeMap<String, CallerConfig>,
+}
+
+/// One named caller (`[server.callers.NAME]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerConfig {
+    /// Its bearer token (`authorization: Bearer <token>`).
+    pub token: String,
+    /// Jobs it may have queued and running at once; one more is RESOURCE_EXHAUSTED with a
+    /// retry hint (0: no limit but the queue's).
+    #[serde(default)]
+    pub max_active_jobs: u32,
+    /// Sees, watches, reads and cancels every caller's jobs, not only its own.
+    #[serde(default)]
+    pub operator: bool,
 }
 
 impl Default for ServerConfig {
@@ -122,6 +145,7 @@ impl Default for ServerConfig {
             http2_window_bytes: 8 << 20,
             auth_token: None,
             tls: None,
+            callers: BTreeMap::new(),
         }
     }
 }
@@ -456,14 +480,19 @@ impl Config {
     }
 
     /// The configuration as a TOML file that loads back to it, every key that has a value
-    /// written out (the unset ones, which the server decides at start, left out), the token
-    /// replaced by `"<redacted>"` (`s3net serve --print-config`). Why: the effective
+    /// written out (the unset ones, which the server decides at start, left out), the tokens
+    /// replaced by `"<redacted>"` and `"<redacted server.callers.NAME.token>"` (`s3net serve
+    /// --print-config`). Why: the effective
     /// settings come from defaults, a file, `S3NET__…` variables and flags; an operator who
     /// wonders which one won needs to see the result, without a secret in the terminal.
     pub fn to_toml(&self) -> Result<String> {
         let mut c = self.clone();
         if c.server.auth_token.is_some() {
             c.server.auth_token = Some("<redacted>".into());
+        }
+        // Each its own placeholder: a file with two equal tokens would not load.
+        for (name, caller) in c.server.callers.iter_mut() {
+            caller.token = format!("<redacted server.callers.{name}.token>");
         }
         toml::to_string(&c).context("cannot write the configuration as TOML")
     }
@@ -551,7 +580,35 @@ impl Config {
             !self.telemetry.service_name.trim().is_empty(),
             "telemetry.service_name must not be empty"
         );
+        self.validate_callers()?;
         self.validate_cluster()
+    }
+
+    /// Caller names that read the same in a TOML file and in `S3NET__SERVER__CALLERS__NAME__…`
+    /// variables (which the loader lowercases), tokens that name one caller each.
+    fn validate_callers(&self) -> Result<()> {
+        let mut tokens: Vec<(&str, &str)> = self.server.auth_token.iter().map(|t| (crate::callers::SERVICE, t.as_str())).collect();
+        for (name, c) in &self.server.callers {
+            let well_formed = name.chars().next().is_some_and(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit())
+                && name.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-');
+            anyhow::ensure!(
+                well_formed,
+                "server.callers: a caller's name must be lowercase letters, digits, '_' and '-', \
+                 starting with a letter or digit, got {name:?}"
+            );
+            anyhow::ensure!(
+                name != crate::callers::SERVICE,
+                "server.callers: \"{}\" is the name of server.auth_token's caller; choose another",
+                crate::callers::SERVICE
+            );
+            anyhow::ensure!(!c.token.trim().is_empty(), "server.callers.{name}.token must not be empty");
+            if let Some((other, _)) = tokens.iter().find(|(_, t)| *t == c.token) {
+                let key = if *other == crate::callers::SERVICE { "server.auth_token".to_string() } else { format!("server.callers.{other}.token") };
+                anyhow::bail!("server.callers.{name}.token is the same as {key}: each token must name one caller");
+            }
+            tokens.push((name, &c.token));
+        }
+        Ok(())
     }
 
     fn validate_cluster(&self) -> Result<()> {

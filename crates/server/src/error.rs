@@ -19,6 +19,18 @@ pub enum ServiceError {
     /// A request field is malformed or out of range.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The caller has `max_active_jobs` queued and running already (see `crate::callers`).
+    #[error(
+        "caller '{caller}' has {active} jobs queued or running, its limit \
+         (server.callers.{caller}.max_active_jobs = {limit}); retry in about {retry_after_s} s"
+    )]
+    CallerQuota { caller: String, active: usize, limit: usize, retry_after_s: u64 },
+    /// The job belongs to another caller, and this one is not an operator.
+    #[error(
+        "job '{0}' was submitted by another caller: only that caller and the operators \
+         (server.callers.NAME.operator) may watch, read or cancel it"
+    )]
+    PermissionDenied(String),
     /// The queue holds `capacity` jobs already.
     #[error("queue is full ({waiting} jobs waiting); retry in about {retry_after_s} s")]
     QueueFull { waiting: usize, retry_after_s: u64 },
@@ -124,9 +136,11 @@ impl ServiceError {
                 ModelError::OutOfMemory(_) => Code::ResourceExhausted,
                 ModelError::Torch(_) => Code::Internal,
             },
-            ServiceError::QueueFull { .. } | ServiceError::QueueMemory { .. } | ServiceError::UploadsFull { .. } => {
-                Code::ResourceExhausted
-            }
+            ServiceError::QueueFull { .. }
+            | ServiceError::QueueMemory { .. }
+            | ServiceError::UploadsFull { .. }
+            | ServiceError::CallerQuota { .. } => Code::ResourceExhausted,
+            ServiceError::PermissionDenied(_) => Code::PermissionDenied,
             ServiceError::Stalled { .. } => Code::DeadlineExceeded,
             ServiceError::Draining | ServiceError::ReplicaUnreachable { .. } => Code::Unavailable,
             ServiceError::NotFound(_)
@@ -143,14 +157,15 @@ impl ServiceError {
 
 impl ServiceError {
     /// Why a request was refused, as `s3net_rejected_total{reason}` counts it: the gRPC code's
-    /// name in snake case, except `queue_full`, `queue_memory` and `upload_memory`
-    /// (RESOURCE_EXHAUSTED), `stalled` (DEADLINE_EXCEEDED) and `draining` (UNAVAILABLE), which
-    /// say what to do about it.
+    /// name in snake case, except `queue_full`, `queue_memory`, `upload_memory` and
+    /// `caller_quota` (RESOURCE_EXHAUSTED), `stalled` (DEADLINE_EXCEEDED) and `draining`
+    /// (UNAVAILABLE), which say what to do about it.
     pub fn reason(&self) -> &'static str {
         match self {
             ServiceError::QueueFull { .. } => "queue_full",
             ServiceError::QueueMemory { .. } => "queue_memory",
             ServiceError::UploadsFull { .. } => "upload_memory",
+            ServiceError::CallerQuota { .. } => "caller_quota",
             ServiceError::Stalled { .. } => "stalled",
             ServiceError::Draining => "draining",
             e => code_reason(e.code()),
@@ -165,6 +180,7 @@ pub fn code_reason(code: Code) -> &'static str {
         Code::ResourceExhausted => "queue_full",
         Code::Unavailable => "draining",
         Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "permission_denied",
         Code::AlreadyExists => "already_exists",
         Code::NotFound => "not_found",
         Code::Cancelled => "cancelled",
@@ -205,7 +221,8 @@ impl From<ServiceError> for Status {
         let mut status = Status::new(e.code(), e.to_string());
         if let ServiceError::QueueFull { retry_after_s, .. }
         | ServiceError::QueueMemory { retry_after_s, .. }
-        | ServiceError::UploadsFull { retry_after_s, .. } = e
+        | ServiceError::UploadsFull { retry_after_s, .. }
+        | ServiceError::CallerQuota { retry_after_s, .. } = e
         {
             if let Ok(v) = retry_after_s.to_string().parse() {
                 status.metadata_mut().insert("retry-after", v);
@@ -254,6 +271,8 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (ServiceError::Stalled { idle_s: 60 }, Code::DeadlineExceeded),
+            (ServiceError::CallerQuota { caller: "research".into(), active: 4, limit: 4, retry_after_s: 3 }, Code::ResourceExhausted),
+            (ServiceError::PermissionDenied("j".into()), Code::PermissionDenied),
             (ServiceError::MessageTooLarge { bytes: 70 << 20, limit: 64 << 20 }, Code::InvalidArgument),
             (ServiceError::Draining, Code::Unavailable),
             (ServiceError::NotFound("j".into()), Code::NotFound),
@@ -292,6 +311,14 @@ mod tests {
         assert_eq!(s.metadata().get("retry-after").unwrap(), "7");
         assert_eq!(ServiceError::Draining.reason(), "draining");
         assert_eq!(ServiceError::Stalled { idle_s: 60 }.reason(), "stalled");
+        let quota = ServiceError::CallerQuota { caller: "research".into(), active: 4, limit: 4, retry_after_s: 3 };
+        assert_eq!(quota.reason(), "caller_quota");
+        assert_eq!(
+            quota.to_string(),
+            "caller 'research' has 4 jobs queued or running, its limit (server.callers.research.max_active_jobs = 4); retry in about 3 s"
+        );
+        assert_eq!(Status::from(quota).metadata().get("retry-after").unwrap(), "3");
+        assert_eq!(ServiceError::PermissionDenied("j".into()).reason(), "permission_denied");
         let big = Status::from(ServiceError::MessageTooLarge { bytes: 70 << 20, limit: 64 << 20 });
         assert_eq!(big.metadata().get("max-message-bytes").unwrap(), "67108864");
         assert_eq!(

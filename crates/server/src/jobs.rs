@@ -15,6 +15,7 @@ use s3net_imaging::{DicomSource, Image};
 use s3net_model::{DeviceSpec, FitOptions, StepCost};
 use tokio::sync::broadcast;
 
+use crate::callers::Caller;
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event, JobState};
@@ -44,6 +45,9 @@ pub struct NewJob {
     pub reservation: Option<Arc<Reservation>>,
     /// What its image was, for the job's span and log lines.
     pub input: InputSummary,
+    /// Who submitted it: the job is theirs to see, and counts against their
+    /// `max_active_jobs` (see `crate::callers`).
+    pub caller: Caller,
 }
 
 /// What a job's image was, as its file said: fields of the job's span, so that an operator
@@ -175,15 +179,20 @@ pub struct QueueStats {
 /// [`JobQueue::take`], which only worker threads call.
 pub trait JobQueue: Send + Sync + 'static {
     /// Holds `bytes` (a decoded image's, from its headers) of the queued-image budget for a
-    /// request about to decode it, or refuses it now, as [`JobQueue::submit`] would refuse the
-    /// job. A request whose idempotency key names a job already gets an empty reservation.
-    fn reserve(&self, bytes: usize, key: &str) -> Result<Reservation, ServiceError>;
-    /// Queues a job, or returns the job its idempotency key already names.
+    /// request of `caller` about to decode it, or refuses it now, as [`JobQueue::submit`]
+    /// would refuse the job. A request whose idempotency key names a job already gets an empty
+    /// reservation.
+    fn reserve(&self, bytes: usize, key: &str, caller: &Caller) -> Result<Reservation, ServiceError>;
+    /// Queues a job, or returns the job its idempotency key already names. Refused when the
+    /// queue is full, or its caller has `max_active_jobs` queued and running already.
     fn submit(&self, job: NewJob) -> Result<Submitted, ServiceError>;
-    /// The job idempotency key `key` names here, as [`JobQueue::submit`] would return it for a
-    /// request of `fingerprint` (`AlreadyExists` for another one); `None` when the key names
-    /// no job here. Answers while draining too: the job is still here to be watched.
-    fn find_key(&self, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Submitted>, ServiceError>;
+    /// The job idempotency key `key` of caller `caller` names here (each caller's keys are its
+    /// own), as [`JobQueue::submit`] would return it for a request of `fingerprint`
+    /// (`AlreadyExists` for another one); `None` when the key names no job here. Answers while
+    /// draining too: the job is still here to be watched.
+    fn find_key(&self, caller: &str, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Submitted>, ServiceError>;
+    /// The caller that submitted job `id`, while the queue knows the job.
+    fn owner(&self, id: &str) -> Option<Arc<str>>;
     /// The next job a worker on `device` can run, by priority then arrival; waits up to `timeout`.
     /// `accept` is asked about that next job only: when it says no, nothing is taken (a job
     /// behind it is never taken first, so no job waits behind later ones for long).
@@ -195,8 +204,8 @@ pub trait JobQueue: Send + Sync + 'static {
     fn get(&self, id: &str) -> Result<pb::Job, ServiceError>;
     /// Cancels a queued job now or flags a running one; returns the state after the call.
     fn cancel(&self, id: &str, reason: &str) -> Result<JobState, ServiceError>;
-    /// Newest first, results without their images.
-    fn list(&self, state: Option<JobState>, limit: usize) -> Vec<pb::Job>;
+    /// Newest first, results without their images; only `owner`'s jobs when given.
+    fn list(&self, state: Option<JobState>, limit: usize, owner: Option<&str>) -> Vec<pb::Job>;
     /// Refuses new work from now on ([`ServiceError::Draining`]).
     fn drain(&self);
     /// Cancels every queued and running job because the server stops: their outcomes say
@@ -251,7 +260,10 @@ struct Entry {
     cancel: Arc<AtomicBool>,
     /// Why it was asked to stop, for the outcome its worker reports (set once).
     cancel_reason: Option<pb::Cancelled>,
+    /// The idempotency key, scoped to the caller (see [`scoped_key`]), and its fingerprint.
     key: Option<(String, [u8; 32])>,
+    /// Who submitted it.
+    caller: Arc<str>,
     trace: TraceContext,
     width: u32,
     height: u32,
@@ -431,6 +443,31 @@ impl MemoryQueue {
         Ok(())
     }
 
+    /// Refuses a job of `caller` when it has `max_active_jobs` queued and running already.
+    /// Its hint is the time one of its jobs takes to end, as the queue's own hint reckons it
+    /// ([`MemoryQueue::retry_after_s`]); the caller's jobs may wait behind others', so it
+    /// may be refused again, each time told to come back a little later.
+    fn check_caller(&self, inner: &mut Inner, caller: &Caller) -> Result<(), ServiceError> {
+        let limit = caller.max_active_jobs as usize;
+        if limit == 0 {
+            return Ok(());
+        }
+        let active = inner
+            .jobs
+            .values()
+            .filter(|e| *e.caller == *caller.name && matches!(e.state, JobState::Queued | JobState::Running))
+            .count();
+        if active < limit {
+            return Ok(());
+        }
+        Err(ServiceError::CallerQuota {
+            caller: caller.name.to_string(),
+            active,
+            limit,
+            retry_after_s: self.retry_after_s(inner),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the maps inconsistent in a way that
         // matters more than refusing all further work would.
@@ -537,11 +574,12 @@ impl MemoryQueue {
             Event::Failed(_) => JobState::Failed,
             _ => JobState::Cancelled,
         };
-        self.metrics.job_finished(match e.state {
+        let outcome_name = match e.state {
             JobState::Completed => "completed",
             JobState::Failed => "failed",
             _ => "cancelled",
-        });
+        };
+        self.metrics.job_finished(outcome_name, &e.caller);
         let fit_s = match &outcome {
             Event::Completed(c) => c
                 .result
@@ -581,6 +619,7 @@ impl MemoryQueue {
             width: e.width,
             height: e.height,
             progress: e.progress,
+            caller: e.caller.to_string(),
             ..Default::default()
         };
         match &e.outcome {
@@ -614,9 +653,20 @@ fn job_id(seq: u64) -> String {
     d[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The job key `key` names, as a submission of `fingerprint` gets it (see [`JobQueue::find_key`]).
-fn keyed(inner: &Inner, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Submitted>, ServiceError> {
-    let Some(id) = inner.keys.get(key) else { return Ok(None) };
+/// The queue's key for `caller`'s idempotency key `key`: each caller's keys are its own, so
+/// that two clients that happen to use the same key (a study's UID) never meet.
+fn scoped_key(caller: &str, key: &str) -> String {
+    if caller.is_empty() {
+        key.to_string()
+    } else {
+        format!("{caller}\u{0}{key}")
+    }
+}
+
+/// The job `caller`'s key `key` names, as a submission of `fingerprint` gets it (see
+/// [`JobQueue::find_key`]).
+fn keyed(inner: &Inner, caller: &str, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Submitted>, ServiceError> {
+    let Some(id) = inner.keys.get(&scoped_key(caller, key)) else { return Ok(None) };
     let Some(e) = inner.jobs.get(id) else { return Ok(None) };
     if e.key.as_ref().map(|k| &k.1) != Some(fingerprint) {
         return Err(ServiceError::AlreadyExists { key: key.to_string(), job_id: id.clone() });
@@ -626,15 +676,16 @@ fn keyed(inner: &Inner, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Subm
 }
 
 impl JobQueue for MemoryQueue {
-    fn reserve(&self, bytes: usize, key: &str) -> Result<Reservation, ServiceError> {
+    fn reserve(&self, bytes: usize, key: &str, caller: &Caller) -> Result<Reservation, ServiceError> {
         let mut inner = self.lock();
         if inner.draining || inner.closed {
             return Err(ServiceError::Draining);
         }
         let empty = || Reservation { bytes: AtomicUsize::new(0), pending: self.pending.clone() };
-        if !key.is_empty() && inner.keys.contains_key(key) {
+        if !key.is_empty() && inner.keys.contains_key(&scoped_key(&caller.name, key)) {
             return Ok(empty());
         }
+        self.check_caller(&mut inner, caller)?;
         if inner.queue.len() >= self.limits.capacity {
             return Err(ServiceError::QueueFull {
                 waiting: inner.queue.len(),
@@ -653,10 +704,11 @@ impl JobQueue for MemoryQueue {
         }
         self.evict(&mut inner);
         if let Some((key, fp)) = &job.idempotency {
-            if let Some(existing) = keyed(&inner, key, fp)? {
+            if let Some(existing) = keyed(&inner, &job.caller.name, key, fp)? {
                 return Ok(existing);
             }
         }
+        self.check_caller(&mut inner, &job.caller)?;
         let bytes = image_bytes(&job);
         if inner.queue.len() >= self.limits.capacity {
             return Err(ServiceError::QueueFull {
@@ -684,7 +736,9 @@ impl JobQueue for MemoryQueue {
             .unwrap_or(inner.queue.len());
         inner.queue.insert(position, id.clone());
         inner.queued_bytes += bytes;
-        if let Some((key, _)) = &job.idempotency {
+        let caller_name = job.caller.name.clone();
+        let key = job.idempotency.as_ref().map(|(k, fp)| (scoped_key(&caller_name, k), *fp));
+        if let Some((key, _)) = &key {
             inner.keys.insert(key.clone(), id.clone());
         }
         let entry = Entry {
@@ -694,7 +748,8 @@ impl JobQueue for MemoryQueue {
             device: job.device,
             cancel: Arc::new(AtomicBool::new(false)),
             cancel_reason: None,
-            key: job.idempotency.clone(),
+            key,
+            caller: job.caller.name.clone(),
             trace: job.trace.clone(),
             width: job.image.width,
             height: job.image.height,
@@ -712,6 +767,7 @@ impl JobQueue for MemoryQueue {
         };
         inner.jobs.insert(id.clone(), entry);
         drop(inner);
+        self.metrics.job_submitted(&caller_name);
         self.wake.notify_all();
         Ok(Submitted {
             id,
@@ -721,10 +777,14 @@ impl JobQueue for MemoryQueue {
         })
     }
 
-    fn find_key(&self, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Submitted>, ServiceError> {
+    fn find_key(&self, caller: &str, key: &str, fingerprint: &[u8; 32]) -> Result<Option<Submitted>, ServiceError> {
         let mut inner = self.lock();
         self.evict(&mut inner);
-        keyed(&inner, key, fingerprint)
+        keyed(&inner, caller, key, fingerprint)
+    }
+
+    fn owner(&self, id: &str) -> Option<Arc<str>> {
+        self.lock().jobs.get(id).map(|e| e.caller.clone())
     }
 
     fn take(&self, device: DeviceSpec, timeout: Duration, accept: &dyn Fn(&NewJob) -> bool) -> Take {
@@ -839,13 +899,13 @@ impl JobQueue for MemoryQueue {
         self.cancel_as(id, pb::Cancelled { reason: reason.to_string(), retryable: false })
     }
 
-    fn list(&self, state: Option<JobState>, limit: usize) -> Vec<pb::Job> {
+    fn list(&self, state: Option<JobState>, limit: usize, owner: Option<&str>) -> Vec<pb::Job> {
         let mut inner = self.lock();
         self.evict(&mut inner);
         let mut v: Vec<(&String, &Entry)> = inner
             .jobs
             .iter()
-            .filter(|(_, e)| state.is_none_or(|s| e.state == s))
+            .filter(|(_, e)| state.is_none_or(|s| e.state == s) && owner.is_none_or(|o| *e.caller == *o))
             .collect();
         v.sort_by_key(|(_, e)| std::cmp::Reverse(e.seq));
         v.into_iter()
@@ -937,6 +997,7 @@ mod tests {
             dicom_seg: None,
             reservation: None,
             input: InputSummary::default(),
+            caller: Caller::anonymous(),
         }
     }
 
@@ -1113,6 +1174,65 @@ mod tests {
         ));
     }
 
+    fn caller(name: &str, max_active_jobs: u32) -> Caller {
+        Caller { name: Arc::from(name), max_active_jobs, operator: false, bearer: None }
+    }
+
+    fn job_of(who: &Caller, key: Option<&str>) -> NewJob {
+        NewJob { caller: who.clone(), ..job(0, DeviceSpec::Auto, key) }
+    }
+
+    /// A caller with `max_active_jobs` queued and running is refused, with a hint, until one of
+    /// its jobs ends; other callers are not. A key it used already is still found.
+    #[test]
+    fn a_callers_active_jobs_are_bounded() {
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        let (research, clinic) = (caller("research", 2), caller("clinic", 0));
+        let first = q.submit(job_of(&research, Some("k1"))).unwrap().id;
+        let _second = q.submit(job_of(&research, None)).unwrap();
+        let Take::Job(running) = q.take(DeviceSpec::Cpu, Duration::ZERO, &|_| true) else { panic!("no job") };
+        assert_eq!(running.id, first, "a running job counts too");
+        for refused in [q.submit(job_of(&research, None)).map(|s| s.id), q.reserve(64, "", &research).map(|_| String::new())] {
+            match refused {
+                Err(ServiceError::CallerQuota { caller, active: 2, limit: 2, retry_after_s }) => {
+                    assert_eq!(caller, "research");
+                    assert!(retry_after_s >= 1);
+                }
+                other => panic!("expected the caller's quota, got {other:?}"),
+            }
+        }
+        // The same request sent again finds its job: not a new one, so not refused.
+        assert!(q.submit(job_of(&research, Some("k1"))).unwrap().existing);
+        for _ in 0..3 {
+            q.submit(job_of(&clinic, None)).expect("another caller keeps its room");
+        }
+        q.submit(job(0, DeviceSpec::Auto, None)).expect("the anonymous caller has no quota");
+        complete(&q, &first, 10);
+        q.submit(job_of(&research, None)).expect("one of its jobs ended: room again");
+        assert!(matches!(q.submit(job_of(&research, None)), Err(ServiceError::CallerQuota { .. })));
+    }
+
+    /// Each caller's idempotency keys are its own; listings and owners follow the callers.
+    #[test]
+    fn callers_keep_their_keys_and_jobs_apart() {
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        let (a, b) = (caller("a", 0), caller("b", 0));
+        let ja = q.submit(job_of(&a, Some("study-1"))).unwrap();
+        let jb = q.submit(NewJob { idempotency: Some(("study-1".into(), [9; 32])), ..job_of(&b, None) }).unwrap();
+        assert!(!jb.existing && ja.id != jb.id, "b's key is not a's, even for another image");
+        assert_eq!(q.find_key("a", "study-1", &[7; 32]).unwrap().unwrap().id, ja.id);
+        assert_eq!(q.find_key("b", "study-1", &[9; 32]).unwrap().unwrap().id, jb.id);
+        assert!(q.find_key("c", "study-1", &[7; 32]).unwrap().is_none());
+        assert!(q.find_key("", "study-1", &[7; 32]).unwrap().is_none());
+        assert_eq!(q.owner(&ja.id).as_deref(), Some("a"));
+        assert_eq!(q.owner("nope"), None);
+        let ids = |owner| q.list(None, 10, owner).into_iter().map(|j| (j.job_id, j.caller)).collect::<Vec<_>>();
+        assert_eq!(ids(Some("b")), vec![(jb.id.clone(), "b".to_string())]);
+        assert_eq!(ids(None).len(), 2);
+        assert!(ids(Some("c")).is_empty());
+        assert_eq!(q.get(&ja.id).unwrap().caller, "a");
+    }
+
     /// A batching worker asks whether the next job fits its batch: when not, nothing is
     /// taken, not even a later job that would fit (it must not overtake the first).
     #[test]
@@ -1134,14 +1254,14 @@ mod tests {
     #[test]
     fn keys_are_found_as_a_submission_would_find_them() {
         let q = queue(Duration::from_secs(60), 1 << 20);
-        assert!(q.find_key("k", &[7; 32]).unwrap().is_none());
+        assert!(q.find_key("", "k", &[7; 32]).unwrap().is_none());
         let first = q.submit(job(0, DeviceSpec::Auto, Some("k"))).unwrap();
         q.drain();
-        let found = q.find_key("k", &[7; 32]).unwrap().expect("the key's job");
+        let found = q.find_key("", "k", &[7; 32]).unwrap().expect("the key's job");
         assert_eq!((found.id.as_str(), found.existing, found.state), (first.id.as_str(), true, JobState::Queued));
-        let e = q.find_key("k", &[8; 32]).unwrap_err();
+        let e = q.find_key("", "k", &[8; 32]).unwrap_err();
         assert!(matches!(&e, ServiceError::AlreadyExists { job_id, .. } if *job_id == first.id), "{e}");
-        assert!(q.find_key("other", &[7; 32]).unwrap().is_none());
+        assert!(q.find_key("", "other", &[7; 32]).unwrap().is_none());
         assert_eq!(q.stats().queued, 1);
     }
 
@@ -1237,24 +1357,24 @@ mod tests {
     fn reservations_hold_the_budget_until_submit_or_drop() {
         // The budget: 1 MiB; each test job's image is 64 bytes.
         let q = queue(Duration::from_secs(60), 1 << 20);
-        let first = q.reserve(700_000, "").expect("nothing queued: always let in");
+        let first = q.reserve(700_000, "", &Caller::anonymous()).expect("nothing queued: always let in");
         assert_eq!(q.pending.load(Ordering::SeqCst), 700_000);
-        match q.reserve(400_000, "") {
+        match q.reserve(400_000, "", &Caller::anonymous()) {
             Err(ServiceError::QueueMemory { image_bytes: 400_000, held_bytes: 700_000, budget_bytes: 1_048_576, .. }) => {}
             other => panic!("{other:?}"),
         }
-        let small = q.reserve(300_000, "").expect("fits beside the first");
+        let small = q.reserve(300_000, "", &Caller::anonymous()).expect("fits beside the first");
         drop(first);
         assert_eq!(q.pending.load(Ordering::SeqCst), 300_000);
 
         // Submitting with its reservation: the job's bytes are queued, the reservation is spent.
-        let r = Arc::new(q.reserve(64, "k").unwrap());
+        let r = Arc::new(q.reserve(64, "k", &Caller::anonymous()).unwrap());
         let id = q.submit(NewJob { reservation: Some(r.clone()), ..job(0, DeviceSpec::Auto, Some("k")) }).unwrap().id;
         assert_eq!((r.bytes(), q.pending.load(Ordering::SeqCst), q.lock().queued_bytes), (0, 300_000, 64));
         drop(r);
         assert_eq!(q.pending.load(Ordering::SeqCst), 300_000, "a spent reservation gives nothing back");
         // The same key again: its job exists, so no budget is held for it.
-        let again = q.reserve(1 << 30, "k").expect("an existing key is never refused");
+        let again = q.reserve(1 << 30, "k", &Caller::anonymous()).expect("an existing key is never refused");
         assert_eq!(again.bytes(), 0);
         assert_eq!(q.submit(job(0, DeviceSpec::Auto, Some("k"))).unwrap().id, id);
         drop(small);
@@ -1264,8 +1384,8 @@ mod tests {
         for _ in 0..7 {
             q.submit(job(0, DeviceSpec::Auto, None)).unwrap();
         }
-        assert!(matches!(q.reserve(64, ""), Err(ServiceError::QueueFull { waiting: 8, .. })));
+        assert!(matches!(q.reserve(64, "", &Caller::anonymous()), Err(ServiceError::QueueFull { waiting: 8, .. })));
         q.drain();
-        assert!(matches!(q.reserve(64, ""), Err(ServiceError::Draining)));
+        assert!(matches!(q.reserve(64, "", &Caller::anonymous()), Err(ServiceError::Draining)));
     }
 }

@@ -15,8 +15,10 @@
 //! * [`metrics`] — Prometheus metrics and their `/metrics` endpoint
 //! * [`telemetry`] — log lines and OpenTelemetry traces (OTLP export, `traceparent`)
 //! * [`cluster`] — replicas that forward calls about each other's jobs
+//! * [`callers`] — who calls: bearer tokens, each job's owner, per-caller quotas
 //! * [`cli`] — `serve` and `client` subcommands for the `s3net` binary
 
+pub mod callers;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -35,14 +35,16 @@ use crate::uploads::UploadBudget;
 pub const OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
 
 /// Refusal reasons as counted by `s3net_rejected_total{reason}`.
-pub const REJECT_REASONS: [&str; 8] = [
+pub const REJECT_REASONS: [&str; 10] = [
     "invalid_argument",
     "queue_full",
     "queue_memory",
     "upload_memory",
+    "caller_quota",
     "stalled",
     "draining",
     "unauthenticated",
+    "permission_denied",
     "already_exists",
 ];
 
@@ -60,6 +62,17 @@ struct ReasonLabel {
 struct ForwardLabel {
     method: String,
     code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerLabel {
+    caller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerOutcomeLabel {
+    caller: String,
+    outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +111,8 @@ pub struct Metrics {
     /// Read when scraped (see [`Metrics::watch_connections`]).
     connection_limit: std::sync::OnceLock<ConnectionLimit>,
     jobs: Family<OutcomeLabel, Counter>,
+    caller_submitted: Family<CallerLabel, Counter>,
+    caller_jobs: Family<CallerOutcomeLabel, Counter>,
     queue_wait: Histogram,
     fit_seconds: Histogram,
     fit_iterations: Histogram,
@@ -269,6 +284,19 @@ impl Metrics {
             "Requests refused before a job was queued, by reason",
             rejected.clone(),
         );
+        let caller_submitted = Family::<CallerLabel, Counter>::default();
+        registry.register(
+            "caller_jobs_submitted",
+            "Jobs queued, per named caller (server.callers; server.auth_token's is \"service\")",
+            caller_submitted.clone(),
+        );
+        let caller_jobs = Family::<CallerOutcomeLabel, Counter>::default();
+        registry.register(
+            "caller_jobs",
+            "Jobs finished, per named caller and outcome (completed, failed, cancelled); \
+             submitted less finished is what a caller has queued and running",
+            caller_jobs.clone(),
+        );
         let restarted = Counter::default();
         registry.register(
             "jobs_restarted",
@@ -330,6 +358,8 @@ impl Metrics {
             connections_idle_closed,
             connection_limit: std::sync::OnceLock::new(),
             jobs,
+            caller_submitted,
+            caller_jobs,
             queue_wait,
             fit_seconds,
             fit_iterations,
@@ -347,13 +377,24 @@ impl Metrics {
         }
     }
 
-    /// A job reached its outcome (`completed`, `failed` or `cancelled`).
-    pub fn job_finished(&self, outcome: &str) {
+    /// A job reached its outcome (`completed`, `failed` or `cancelled`); `caller` submitted it
+    /// (empty: a server without tokens, whose callers are not told apart).
+    pub fn job_finished(&self, outcome: &str, caller: &str) {
         self.jobs
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.into(),
             })
             .inc();
+        if !caller.is_empty() {
+            self.caller_jobs.get_or_create(&CallerOutcomeLabel { caller: caller.into(), outcome: outcome.into() }).inc();
+        }
+    }
+
+    /// A job of `caller` was queued (nothing is counted for the anonymous caller).
+    pub fn job_submitted(&self, caller: &str) {
+        if !caller.is_empty() {
+            self.caller_submitted.get_or_create(&CallerLabel { caller: caller.into() }).inc();
+        }
     }
 
     /// A worker took a job that waited `wait`.

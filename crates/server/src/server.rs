@@ -10,11 +10,11 @@ use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-use tonic::{Request, Status};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use crate::callers::Callers;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connections::{ConnectionLimit, Tracked};
@@ -89,37 +89,6 @@ async fn serving_once_warm(warming: Warming, health: HealthReporter, draining: A
     } else {
         info!("every worker warmed up: serving");
     }
-}
-
-/// The bearer-token check: a no-op unless a token is configured.
-#[derive(Clone)]
-pub struct BearerAuth {
-    expected: Option<Arc<str>>,
-    metrics: Arc<Metrics>,
-}
-
-impl tonic::service::Interceptor for BearerAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.expected else {
-            return Ok(req);
-        };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(req),
-            _ => {
-                self.metrics.rejected("unauthenticated");
-                Err(Status::unauthenticated("missing or wrong bearer token"))
-            }
-        }
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Server {
@@ -251,10 +220,7 @@ impl Server {
         .with_cluster(cluster, stopping.subscribe()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-        let auth = BearerAuth {
-            expected: cfg.server.auth_token.as_deref().map(Arc::from),
-            metrics: metrics.clone(),
-        };
+        let auth = Callers::new(cfg.server.auth_token.as_deref(), &cfg.server.callers, metrics.clone());
         // Outside the token check, whose refusal reads no body: a caller without the token
         // holds nothing of the budget.
         let idle = (cfg.server.request_idle_timeout_s > 0).then(|| Duration::from_secs(cfg.server.request_idle_timeout_s));
@@ -306,7 +272,7 @@ impl Server {
         info!(%addr, workers = ?names, torch_threads = threads, "s3net serving");
         let tls = cfg.server.tls.as_ref();
         let mtls = tls.is_some_and(|t| t.client_ca.is_some());
-        if let Some(w) = exposure_warning(addr, tls.is_some(), mtls, cfg.server.auth_token.is_some()) {
+        if let Some(w) = exposure_warning(addr, tls.is_some(), mtls, cfg.server.auth_token.is_some() || !cfg.server.callers.is_empty()) {
             warn!(%addr, "{w}");
         }
         Ok(Server {

@@ -15,6 +15,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn, Instrument};
 
+use crate::callers::Caller;
 use crate::cluster::{self, Cluster};
 use crate::config::DefaultsConfig;
 use crate::error::ServiceError;
@@ -38,8 +39,12 @@ macro_rules! rpc_span {
             rpc.grpc.status_code = tracing::field::Empty,
             client.address = tracing::field::Empty,
             client.port = tracing::field::Empty,
+            caller = tracing::field::Empty,
             $($($fields)*)?
         );
+        if let Some(c) = $req.extensions().get::<crate::callers::Caller>().filter(|c| !c.name.is_empty()) {
+            span.record("caller", &*c.name);
+        }
         if let Some(peer) = $req.remote_addr() {
             span.record("client.address", peer.ip().to_string());
             span.record("client.port", i64::from(peer.port()));
@@ -122,7 +127,8 @@ impl SegmenterService {
     }
 
     /// Forwards `method`'s call about `about` ("job '…'") to the replica `to` names (`message`, the
-    /// caller's remaining `deadline`), counts it, and records it on the call's `span`.
+    /// caller's remaining `deadline`, the `caller` it is made for), counts it, and records it on
+    /// the call's `span`.
     #[allow(clippy::too_many_arguments)]
     async fn forward<M, R, F, Fut>(
         &self,
@@ -130,7 +136,7 @@ impl SegmenterService {
         method: &'static str,
         (cluster, owner): (&Cluster, std::net::SocketAddr),
         about: &str,
-        message: M,
+        (message, caller): (M, &Caller),
         deadline: Option<Duration>,
         call: F,
     ) -> Result<Response<R>, Status>
@@ -141,7 +147,7 @@ impl SegmenterService {
         span.record("forwarded_to", owner.to_string());
         let r = async {
             let c = cluster.client(owner, about).await.map_err(Status::from)?;
-            call(c, cluster.request(message, deadline)).await.map_err(|s| cluster::failure(owner, about, s))
+            call(c, cluster.request(message, deadline, caller)).await.map_err(|s| cluster::failure(owner, about, s))
         }
         .instrument(span.clone())
         .await;
@@ -156,7 +162,7 @@ impl SegmenterService {
     async fn find_key_elsewhere(
         &self,
         c: &Cluster,
-        key: &str,
+        (key, caller): (&str, &Caller),
         fingerprint: &[u8; 32],
         deadline: Option<Duration>,
         span: &tracing::Span,
@@ -173,7 +179,7 @@ impl SegmenterService {
                     Cluster::ask_for_key(&mut q, fingerprint);
                     cl.submit_job(q).await
                 };
-                (addr, self.forward(span, "KeyLookup", (c, addr), about, m, wait, ask).await)
+                (addr, self.forward(span, "KeyLookup", (c, addr), about, (m, caller), wait, ask).await)
             }
         });
         let mut found = None;
@@ -196,6 +202,20 @@ impl SegmenterService {
             }
         }
         Ok(found)
+    }
+
+    /// Refuses a call of `caller` about job `id` when the job is another caller's and `caller`
+    /// is no operator (see `crate::callers`): counted and logged as a refusal, in `span`. An id
+    /// this queue does not know passes, for the queue to answer NOT_FOUND or expired.
+    fn check_owner(&self, span: &tracing::Span, caller: &Caller, id: &str) -> Result<(), Status> {
+        match self.queue.owner(id) {
+            Some(owner) if !caller.may_see(&owner) => {
+                let status = self.refuse(span, ServiceError::PermissionDenied(id.to_string()));
+                record_status(span, &status);
+                Err(status)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The cluster and the replica that holds job `id`, when that is another one.
@@ -287,10 +307,10 @@ impl SegmenterService {
         &self,
         image: Vec<u8>,
         options: Option<pb::Options>,
-        key: &str,
+        caller: &Caller,
     ) -> Result<NewJob, ServiceError> {
-        let admitted = self.admit(image, options, key).await?;
-        self.load(admitted).await
+        let admitted = self.admit(image, options, "").await?;
+        self.load(admitted, caller).await
     }
 
     /// A request's options checked, its image's headers read and its idempotency fingerprint
@@ -384,7 +404,7 @@ impl SegmenterService {
 
     /// An admitted request's bytes reserved from the queue's budget and its image decoded
     /// (on the blocking pool): the job to submit.
-    async fn load(&self, a: Admitted) -> Result<NewJob, ServiceError> {
+    async fn load(&self, a: Admitted, caller: &Caller) -> Result<NewJob, ServiceError> {
         let Admitted { image, o, fit, device, window, idempotency, header } = a;
         let key = idempotency.as_ref().map_or("", |(k, _)| k.as_str());
         let decode = DecodeOptions {
@@ -394,7 +414,7 @@ impl SegmenterService {
         // What the image will cost, from its headers: refused for the fit's memory or the
         // queue's budget before a decode spends a few times its size (see `Reservation`).
         self.check_memory(&fit, device, Some((header.width, header.height)))?;
-        let reservation = self.queue.reserve(usize::try_from(header.image_bytes()).unwrap_or(usize::MAX), key)?;
+        let reservation = self.queue.reserve(usize::try_from(header.image_bytes()).unwrap_or(usize::MAX), key, caller)?;
         let (foreground, clusters) = (o.dicom_seg, o.dicom_seg_clusters);
         let (image, applied_window, orientation, pixel_spacing, source, input) = tokio::task::spawn_blocking(move || {
             // Read first: a file the Segmentation cannot reference is refused before its decode.
@@ -421,6 +441,7 @@ impl SegmenterService {
             dicom_seg: source.map(|source| DicomOutputs { source, foreground, clusters }),
             reservation: Some(Arc::new(reservation)),
             input,
+            caller: caller.clone(),
         })
     }
 
@@ -431,10 +452,10 @@ impl SegmenterService {
         &self,
         image: Vec<u8>,
         options: Option<pb::Options>,
-        deadline: Option<Duration>,
+        (deadline, caller): (Option<Duration>, &Caller),
         span: tracing::Span,
     ) -> Result<EventStream, ServiceError> {
-        let job = self.prepare(image, options, "").await?;
+        let job = self.prepare(image, options, caller).await?;
         let sub = self.queue.submit(job)?;
         tracing::Span::current().record("job_id", sub.id.as_str());
         info!(job_id = %sub.id, position = sub.position, "job queued");
@@ -700,9 +721,10 @@ impl Segmenter for SegmenterService {
         );
         // The message's bytes, held since they began to arrive, until its image is decoded.
         let held = self.upload_hold(&req).take();
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         let events = self
-            .run_owned(r.image, r.options, deadline, span.clone())
+            .run_owned(r.image, r.options, (deadline, &caller), span.clone())
             .instrument(span.clone())
             .await;
         drop(held);
@@ -732,6 +754,7 @@ impl Segmenter for SegmenterService {
         // by the body), then the image assembled from them; given back when the image has been
         // decoded (or the call ends).
         let hold = self.upload_hold(&req);
+        let caller = Caller::of(&req);
         let mut chunks = req.into_inner();
         let stream = async {
             let first = match chunks.next().await {
@@ -782,7 +805,7 @@ impl Segmenter for SegmenterService {
             }
             tracing::Span::current().record("bytes", image.len() as i64);
             let events = self
-                .run_owned(image, header.options, deadline, tracing::Span::current())
+                .run_owned(image, header.options, (deadline, &caller), tracing::Span::current())
                 .await
                 .map_err(|e| self.refuse(&span, e));
             drop(hold.take());
@@ -808,6 +831,7 @@ impl Segmenter for SegmenterService {
         // The message's bytes, held since they began to arrive, until its image is decoded
         // (or, sent on to the replica that keeps its idempotency key, until that one answers).
         let held = self.upload_hold(&req).take();
+        let caller = Caller::of(&req);
         let home = match self.cluster.as_deref() {
             // In the call's span: a warning of the resolver's names the call.
             Some(c) => c.key_home(&req.get_ref().idempotency_key, req.metadata()).instrument(span.clone()).await.map(|h| (c, h)),
@@ -817,7 +841,7 @@ impl Segmenter for SegmenterService {
             let deadline = grpc_timeout(req.metadata());
             let r = req.into_inner();
             let about = format!("the job of idempotency key '{}'", r.idempotency_key);
-            let out = self.forward(&span, "SubmitJob", to, &about, r, deadline, |mut c, r| async move { c.submit_job(r).await }).await;
+            let out = self.forward(&span, "SubmitJob", to, &about, (r, &caller), deadline, |mut c, r| async move { c.submit_job(r).await }).await;
             drop(held);
             if let Ok(sub) = &out {
                 span.record("job_id", sub.get_ref().job_id.as_str());
@@ -831,7 +855,7 @@ impl Segmenter for SegmenterService {
             // Another replica asks whether the key's job is here: answered from this queue only.
             drop(held);
             let _in = span.enter();
-            return match self.queue.find_key(&r.idempotency_key, &fingerprint) {
+            return match self.queue.find_key(&caller.name, &r.idempotency_key, &fingerprint) {
                 Ok(Some(sub)) => Ok(Response::new(submitted(sub))),
                 Ok(None) => Err(ServiceError::KeyNotHeld(r.idempotency_key).into()),
                 Err(e) => Err(e.into()),
@@ -840,10 +864,10 @@ impl Segmenter for SegmenterService {
         async {
             let admitted = self.admit(r.image, r.options, &r.idempotency_key).await?;
             if let Some((key, fingerprint)) = &admitted.idempotency {
-                let found = match self.queue.find_key(key, fingerprint)? {
+                let found = match self.queue.find_key(&caller.name, key, fingerprint)? {
                     Some(sub) => Some(sub),
                     None => match self.cluster.as_deref() {
-                        Some(c) => self.find_key_elsewhere(c, key, fingerprint, deadline, &span).await?,
+                        Some(c) => self.find_key_elsewhere(c, (key, &caller), fingerprint, deadline, &span).await?,
                         None => None,
                     },
                 };
@@ -853,7 +877,7 @@ impl Segmenter for SegmenterService {
                     return Ok(Response::new(submitted(sub)));
                 }
             }
-            let job = self.load(admitted).await;
+            let job = self.load(admitted, &caller).await;
             drop(held);
             let job = job?;
             let sub = self.queue.submit(job)?;
@@ -879,16 +903,18 @@ impl Segmenter for SegmenterService {
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let span = rpc_span!("WatchJob", req, job_id = %req.get_ref().job_id, forwarded_to = tracing::field::Empty);
+        let caller = Caller::of(&req);
         if let Some((cluster, owner)) = self.elsewhere(&req.get_ref().job_id, req.metadata()) {
             let deadline = grpc_timeout(req.metadata());
             let id = req.into_inner().job_id;
             let m = pb::WatchJobRequest { job_id: id.clone() };
             let about = format!("job '{id}'");
-            let r = self.forward(&span, "WatchJob", (cluster, owner), &about, m, deadline, |mut c, r| async move { c.watch_job(r).await });
+            let r = self.forward(&span, "WatchJob", (cluster, owner), &about, (m, &caller), deadline, |mut c, r| async move { c.watch_job(r).await });
             let r = r.await?;
             return Ok(Response::new(relay(r.into_inner(), owner, id, self.stopping.clone(), span)));
         }
         let id = req.into_inner().job_id;
+        self.check_owner(&span, &caller, &id)?;
         let watch = self.queue.watch(&id).map_err(|e| {
             let status = Status::from(e);
             record_status(&span, &status);
@@ -908,14 +934,16 @@ impl Segmenter for SegmenterService {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let span = rpc_span!("GetJob", req, job_id = %req.get_ref().job_id, forwarded_to = tracing::field::Empty);
+        let caller = Caller::of(&req);
         if let Some((cluster, owner)) = self.elsewhere(&req.get_ref().job_id, req.metadata()) {
             let deadline = grpc_timeout(req.metadata());
             let m = req.into_inner();
             let about = format!("job '{}'", m.job_id);
-            return self.forward(&span, "GetJob", (cluster, owner), &about, m, deadline, |mut c, r| async move { c.get_job(r).await }).await;
+            return self.forward(&span, "GetJob", (cluster, owner), &about, (m, &caller), deadline, |mut c, r| async move { c.get_job(r).await }).await;
         }
-        let _in = span.enter();
         let id = req.into_inner().job_id;
+        self.check_owner(&span, &caller, &id)?;
+        let _in = span.enter();
         Ok(Response::new(self.queue.get(&id)?))
     }
 
@@ -924,14 +952,16 @@ impl Segmenter for SegmenterService {
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let span = rpc_span!("CancelJob", req, job_id = %req.get_ref().job_id, forwarded_to = tracing::field::Empty);
+        let caller = Caller::of(&req);
         if let Some((cluster, owner)) = self.elsewhere(&req.get_ref().job_id, req.metadata()) {
             let deadline = grpc_timeout(req.metadata());
             let m = req.into_inner();
             let about = format!("job '{}'", m.job_id);
-            return self.forward(&span, "CancelJob", (cluster, owner), &about, m, deadline, |mut c, r| async move { c.cancel_job(r).await }).await;
+            return self.forward(&span, "CancelJob", (cluster, owner), &about, (m, &caller), deadline, |mut c, r| async move { c.cancel_job(r).await }).await;
         }
-        let _in = span.enter();
         let id = req.into_inner().job_id;
+        self.check_owner(&span, &caller, &id)?;
+        let _in = span.enter();
         let state = self.queue.cancel(&id, "cancelled by CancelJob")?;
         info!(job_id = %id, "cancel requested");
         Ok(Response::new(pb::CancelJobResponse {
@@ -947,6 +977,7 @@ impl Segmenter for SegmenterService {
         let deadline = grpc_timeout(req.metadata());
         // The other replicas' lists too, unless this call was sent here by one of them.
         let cluster = self.cluster.as_deref().filter(|_| !req.metadata().contains_key(cluster::FORWARDED_BY));
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         let state = match JobState::try_from(r.state) {
             Ok(JobState::Unspecified) => None,
@@ -958,7 +989,9 @@ impl Segmenter for SegmenterService {
             }
         };
         let limit = if r.limit == 0 { 100 } else { r.limit as usize };
-        let mut jobs = self.queue.list(state, limit);
+        // A caller's own jobs only, unless it is an operator (see `crate::callers`); the
+        // other replicas, asked with its token, show it the same.
+        let mut jobs = self.queue.list(state, limit, caller.listing());
         let mut unreachable_replicas = Vec::new();
         if let Some(c) = cluster {
             // Within the caller's deadline (what is left of it when the answers come back),
@@ -967,9 +1000,9 @@ impl Segmenter for SegmenterService {
             let wait = Some(deadline.map_or(LIST_WAIT, |d| d.mul_f64(0.8).min(LIST_WAIT)));
             let calls = c.others().await.into_iter().map(|addr| {
                 let m = pb::ListJobsRequest { state: r.state, limit: limit as u32 };
-                let span = &span;
+                let (span, caller) = (&span, &caller);
                 async move {
-                    let out = self.forward(span, "ListJobs", (c, addr), "its list of jobs", m, wait, |mut cl, q| async move { cl.list_jobs(q).await });
+                    let out = self.forward(span, "ListJobs", (c, addr), "its list of jobs", (m, caller), wait, |mut cl, q| async move { cl.list_jobs(q).await });
                     (addr, out.await)
                 }
             });

@@ -455,6 +455,7 @@ fn job_span(slot: &WorkerSlot, c: &Claimed) -> tracing::Span {
         size = o.size,
         max_iterations = o.iterations as i64,
         priority = c.job.priority,
+        caller = (!c.job.caller.name.is_empty()).then_some(&*c.job.caller.name),
         queued_s = c.queued_for.as_secs_f64(),
         batch_jobs = tracing::field::Empty,
         iterations = tracing::field::Empty,
@@ -732,6 +733,7 @@ mod tests {
             dicom_seg: None,
             reservation: None,
             input: Default::default(),
+            caller: crate::callers::Caller::anonymous(),
         }
     }
 

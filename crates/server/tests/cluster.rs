@@ -348,3 +348,69 @@ async fn keys_are_found_where_their_jobs_are_after_a_replica_joins() {
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// Named callers in a cluster: a forwarded call carries its caller's own token, so the replica
+/// that holds the job knows the caller as the first one did. A caller lists its own jobs of
+/// every replica, is PERMISSION_DENIED another's wherever it asks, and its idempotency keys
+/// are its own on every replica; an operator sees and cancels all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_are_known_on_every_replica() {
+    use s3net_server::config::CallerConfig;
+    let (pa, pb_) = (free_port(), free_port());
+    let with_callers = |port| {
+        let mut c = replica(port, &[pa, pb_]);
+        c.server.auth_token = None;
+        for (name, token, operator) in [("clinic", "c-tok", false), ("research", "r-tok", false), ("ops", "o-tok", true)] {
+            c.server.callers.insert(name.into(), CallerConfig { token: token.into(), max_active_jobs: 0, operator });
+        }
+        c
+    };
+    let (a, url_a) = start(with_callers(pa)).await;
+    let (b, url_b) = start(with_callers(pb_)).await;
+    let as_caller = |url: &str, token: &str| ConnectArgs { token: Some(token.into()), ..plain_conn(url) };
+    let mut clinic_a = as_caller(&url_a, "c-tok").client().await.unwrap();
+    let mut research_a = as_caller(&url_a, "r-tok").client().await.unwrap();
+    let mut research_b = as_caller(&url_b, "r-tok").client().await.unwrap();
+    let mut ops_b = as_caller(&url_b, "o-tok").client().await.unwrap();
+
+    let clinic_job = submit_via(&mut clinic_a, disk(48, 48), slow()).await;
+    let research_on_a = submit_via(&mut research_a, disk(40, 40), quick()).await;
+    let research_on_b = submit_via(&mut research_b, disk(40, 40), quick()).await;
+    assert!(clinic_job.ends_with(&format!(":{pa}")) && research_on_b.ends_with(&format!(":{pb_}")));
+
+    // Through B, about A's jobs: the clinic's is refused by A, which knows the caller.
+    for e in [
+        research_b.get_job(pb::GetJobRequest { job_id: clinic_job.clone() }).await.map(drop).unwrap_err(),
+        research_b.cancel_job(pb::CancelJobRequest { job_id: clinic_job.clone() }).await.map(drop).unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    }
+    let own = research_b.get_job(pb::GetJobRequest { job_id: research_on_a.clone() }).await.unwrap().into_inner();
+    assert_eq!(own.caller, "research");
+
+    let listed = |l: pb::ListJobsResponse| {
+        assert!(l.unreachable_replicas.is_empty());
+        let mut v: Vec<String> = l.jobs.into_iter().map(|j| j.job_id).collect();
+        v.sort();
+        v
+    };
+    let mut mine = vec![research_on_a.clone(), research_on_b.clone()];
+    mine.sort();
+    assert_eq!(listed(research_b.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner()), mine);
+    assert_eq!(listed(ops_b.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner()).len(), 3);
+
+    // One key, two callers, two images: two jobs, whichever replica each key's home is.
+    let keyed = |image| pb::SubmitJobRequest { image, options: Some(quick()), idempotency_key: "study-7".into() };
+    let first = clinic_a.submit_job(keyed(disk(36, 36))).await.unwrap().into_inner();
+    let second = research_b.submit_job(keyed(disk(44, 44))).await.unwrap().into_inner();
+    assert!(!first.existing && !second.existing && first.job_id != second.job_id, "{first:?} {second:?}");
+    let again = research_a.submit_job(keyed(disk(44, 44))).await.unwrap().into_inner();
+    assert!(again.existing && again.job_id == second.job_id, "{again:?}");
+
+    // The operator cancels the clinic's job through B.
+    ops_b.cancel_job(pb::CancelJobRequest { job_id: clinic_job.clone() }).await.unwrap();
+    let mut w = clinic_a.watch_job(pb::WatchJobRequest { job_id: clinic_job.clone() }).await.unwrap().into_inner();
+    assert!(matches!(last_event(&mut w).await, Some(Event::Cancelled(_))));
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

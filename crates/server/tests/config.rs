@@ -417,3 +417,70 @@ fn cluster_keys_load_and_are_checked() {
         assert!(format!("{err:#}").contains(key), "{peers:?} {advertise:?}: {err:#}");
     }
 }
+
+/// `[server.callers]` from a file and from `S3NET__SERVER__CALLERS__NAME__…` variables (the
+/// Kubernetes Secret's way), checked, and printed without their tokens.
+#[test]
+fn callers_load_from_file_and_environment_and_are_checked() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s3net.toml");
+    std::fs::write(
+        &file,
+        "[server.callers.pacs-bridge]\ntoken = \"bridge-secret\"\n\
+         [server.callers.research]\ntoken = \"file-token\"\nmax_active_jobs = 8\n",
+    )
+    .unwrap();
+    std::env::set_var("S3NET__SERVER__CALLERS__RESEARCH__TOKEN", "env-token");
+    std::env::set_var("S3NET__SERVER__CALLERS__ON_CALL__TOKEN", "ops-secret");
+    std::env::set_var("S3NET__SERVER__CALLERS__ON_CALL__OPERATOR", "true");
+    let c = Config::load(Some(&file), &[]);
+    for v in ["S3NET__SERVER__CALLERS__RESEARCH__TOKEN", "S3NET__SERVER__CALLERS__ON_CALL__TOKEN", "S3NET__SERVER__CALLERS__ON_CALL__OPERATOR"] {
+        std::env::remove_var(v);
+    }
+    let c = c.unwrap();
+    let names: Vec<&str> = c.server.callers.keys().map(String::as_str).collect();
+    assert_eq!(names, ["on_call", "pacs-bridge", "research"]);
+    let research = &c.server.callers["research"];
+    assert_eq!((research.token.as_str(), research.max_active_jobs, research.operator), ("env-token", 8, false), "the variable beats the file");
+    assert!(c.server.callers["on_call"].operator);
+    assert_eq!(c.server.callers["pacs-bridge"].max_active_jobs, 0, "no limit unless set");
+
+    let text = c.to_toml().unwrap();
+    for secret in ["bridge-secret", "env-token", "ops-secret"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &text).unwrap();
+    assert!(text.contains("token = \"<redacted server.callers.research.token>\""), "{text}");
+    let back = Config::load(Some(&printed), &[]).unwrap();
+    let mut redacted = c.clone();
+    for (name, caller) in redacted.server.callers.iter_mut() {
+        caller.token = format!("<redacted server.callers.{name}.token>");
+    }
+    assert_eq!(back, redacted, "{text}");
+
+    let check = |edit: &dyn Fn(&mut Config)| {
+        let mut c = Config::default();
+        c.server.callers.insert("research".into(), s3net_server::config::CallerConfig { token: "t1".into(), max_active_jobs: 0, operator: false });
+        edit(&mut c);
+        c.validate().map_err(|e| format!("{e:#}"))
+    };
+    check(&|_| {}).unwrap();
+    fn add(c: &mut Config, name: &str, token: &str) {
+        c.server.callers.insert(name.into(), s3net_server::config::CallerConfig { token: token.into(), max_active_jobs: 0, operator: false });
+    }
+    type Edit = fn(&mut Config);
+    let cases: [(Edit, &str); 6] = [
+        (|c| add(c, "Research", "t2"), "a caller's name must be lowercase letters"),
+        (|c| add(c, "-x", "t2"), "starting with a letter or digit, got \"-x\""),
+        (|c| add(c, "service", "t2"), "\"service\" is the name of server.auth_token's caller"),
+        (|c| add(c, "clinic", " "), "server.callers.clinic.token must not be empty"),
+        (|c| add(c, "clinic", "t1"), "server.callers.research.token is the same as server.callers.clinic.token"),
+        (|c| c.server.auth_token = Some("t1".into()), "server.callers.research.token is the same as server.auth_token"),
+    ];
+    for (edit, expected) in cases {
+        let e = check(&edit).unwrap_err();
+        assert!(e.contains(expected), "{e}");
+    }
+}

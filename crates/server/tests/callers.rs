@@ -1,0 +1,160 @@
+//! Named callers (`[server.callers]`) through a real server on loopback: each token names its
+//! caller, a caller sees and manages its own jobs only (an operator all), its idempotency keys
+//! are its own, and `max_active_jobs` bounds its queued and running jobs without touching the
+//! other callers' room.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use s3net_server::config::CallerConfig;
+use s3net_server::pb;
+use tonic::{Code, Request};
+
+const CLINIC: &str = "clinic-token";
+const RESEARCH: &str = "research-token";
+const OPS: &str = "ops-token";
+
+fn as_caller<T>(message: T, token: &str) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn callers_config() -> s3net_server::Config {
+    let mut cfg = config();
+    let caller = |token: &str, max_active_jobs, operator| CallerConfig { token: token.into(), max_active_jobs, operator };
+    cfg.server.callers.insert("clinic".into(), caller(CLINIC, 0, false));
+    cfg.server.callers.insert("research".into(), caller(RESEARCH, 1, false));
+    cfg.server.callers.insert("ops".into(), caller(OPS, 0, true));
+    cfg
+}
+
+fn submit_as(image: Vec<u8>, options: pb::Options, key: &str, token: &str) -> Request<pb::SubmitJobRequest> {
+    as_caller(pb::SubmitJobRequest { image, options: Some(options), idempotency_key: key.into() }, token)
+}
+
+async fn list_as(c: &mut Client, token: &str) -> Vec<(String, String)> {
+    let r = c.list_jobs(as_caller(pb::ListJobsRequest::default(), token)).await.expect("list").into_inner();
+    let mut v: Vec<(String, String)> = r.jobs.into_iter().map(|j| (j.job_id, j.caller)).collect();
+    v.sort();
+    v
+}
+
+async fn final_as(c: &mut Client, id: &str, token: &str) -> pb::Job {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = c.get_job(as_caller(pb::GetJobRequest { job_id: id.into() }, token)).await.expect("get").into_inner();
+        if j.state >= pb::JobState::Completed as i32 {
+            return j;
+        }
+        assert!(Instant::now() < until, "job {id} not finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_caller_sees_its_own_jobs_and_keeps_its_room() {
+    let (server, url) = start(callers_config()).await;
+    let mut c = client(&url).await;
+
+    // No token, or one nobody has: refused before anything is read.
+    for token in [None, Some("nobody")] {
+        let m = pb::ListJobsRequest::default();
+        let r = match token {
+            Some(t) => c.list_jobs(as_caller(m, t)).await,
+            None => c.list_jobs(m).await,
+        };
+        assert_eq!(r.unwrap_err().code(), Code::Unauthenticated, "{token:?}");
+    }
+
+    // Research's one job runs on the only worker; a second one is over its quota.
+    let research_job = c.submit_job(submit_as(disk(48, 48), slow(), "", RESEARCH)).await.unwrap().into_inner().job_id;
+    let over = c.submit_job(submit_as(disk(40, 40), quick(), "", RESEARCH)).await.unwrap_err();
+    assert_eq!(over.code(), Code::ResourceExhausted);
+    assert!(
+        over.message().starts_with("caller 'research' has 1 jobs queued or running, its limit (server.callers.research.max_active_jobs = 1); retry in about"),
+        "{}",
+        over.message()
+    );
+    assert!(over.metadata().get("retry-after").is_some(), "a hint comes with it");
+    let seg = c.segment(as_caller(pb::SegmentRequest { image: disk(40, 40), options: Some(quick()) }, RESEARCH)).await;
+    assert_eq!(seg.unwrap_err().code(), Code::ResourceExhausted, "a Segment call counts the same");
+
+    // The clinic is not held back by research's quota.
+    let clinic_job = c.submit_job(submit_as(disk(36, 36), quick(), "study-1", CLINIC)).await.unwrap().into_inner().job_id;
+
+    // Research may not look at, follow or cancel the clinic's job; the clinic may not touch
+    // research's either.
+    let denied = |r: Result<(), tonic::Status>| {
+        let s = r.unwrap_err();
+        assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+        assert!(s.message().contains("was submitted by another caller"), "{}", s.message());
+    };
+    denied(c.get_job(as_caller(pb::GetJobRequest { job_id: clinic_job.clone() }, RESEARCH)).await.map(drop));
+    denied(c.cancel_job(as_caller(pb::CancelJobRequest { job_id: clinic_job.clone() }, RESEARCH)).await.map(drop));
+    denied(c.watch_job(as_caller(pb::WatchJobRequest { job_id: clinic_job.clone() }, RESEARCH)).await.map(drop));
+    denied(c.cancel_job(as_caller(pb::CancelJobRequest { job_id: research_job.clone() }, CLINIC)).await.map(drop));
+    // An unknown id is still NOT_FOUND, whoever asks.
+    let unknown = c.get_job(as_caller(pb::GetJobRequest { job_id: "0123456789abcdef".into() }, RESEARCH)).await;
+    assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+
+    // Each lists its own; the operator lists both, with their callers.
+    assert_eq!(list_as(&mut c, RESEARCH).await, vec![(research_job.clone(), "research".to_string())]);
+    assert_eq!(list_as(&mut c, CLINIC).await, vec![(clinic_job.clone(), "clinic".to_string())]);
+    let mut both = vec![(research_job.clone(), "research".to_string()), (clinic_job.clone(), "clinic".to_string())];
+    both.sort();
+    assert_eq!(list_as(&mut c, OPS).await, both);
+
+    // The same idempotency key from another caller is another job (another image, too).
+    let theirs = c.submit_job(submit_as(disk(44, 44), quick(), "study-1", OPS)).await.unwrap().into_inner();
+    assert!(!theirs.existing && theirs.job_id != clinic_job);
+    let again = c.submit_job(submit_as(disk(36, 36), quick(), "study-1", CLINIC)).await.unwrap().into_inner();
+    assert!(again.existing && again.job_id == clinic_job, "the clinic's own key still finds its job");
+
+    // The operator cancels research's job: the clinic's runs, and research has room again.
+    let state = c.cancel_job(as_caller(pb::CancelJobRequest { job_id: research_job.clone() }, OPS)).await.unwrap().into_inner().state;
+    assert_eq!(state, pb::JobState::Running as i32);
+    assert_eq!(final_as(&mut c, &research_job, RESEARCH).await.state, pb::JobState::Cancelled as i32);
+    let done = final_as(&mut c, &clinic_job, CLINIC).await;
+    assert_eq!(done.state, pb::JobState::Completed as i32);
+    assert_eq!(done.caller, "clinic");
+    let next = c.submit_job(submit_as(disk(40, 40), quick(), "", RESEARCH)).await.expect("room again").into_inner().job_id;
+    assert_eq!(final_as(&mut c, &next, RESEARCH).await.state, pb::JobState::Completed as i32);
+
+    // Counted for the operator: refusals by reason, jobs by caller.
+    let m = scrape(server.metrics_addr().expect("metrics endpoint")).await;
+    assert_series(
+        &m,
+        &[
+            ("s3net_rejected_total{reason=\"caller_quota\"}", 2.0),
+            ("s3net_rejected_total{reason=\"permission_denied\"}", 4.0),
+            ("s3net_rejected_total{reason=\"unauthenticated\"}", 2.0),
+            ("s3net_caller_jobs_submitted_total{caller=\"research\"}", 2.0),
+            ("s3net_caller_jobs_submitted_total{caller=\"clinic\"}", 1.0),
+            ("s3net_caller_jobs_submitted_total{caller=\"ops\"}", 1.0),
+            ("s3net_caller_jobs_total{caller=\"research\",outcome=\"cancelled\"}", 1.0),
+            ("s3net_caller_jobs_total{caller=\"research\",outcome=\"completed\"}", 1.0),
+            ("s3net_caller_jobs_total{caller=\"clinic\",outcome=\"completed\"}", 1.0),
+        ],
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// The service's own token (`server.auth_token`) beside named callers: its caller is
+/// `service`, which sees every job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_token_is_an_operator() {
+    let mut cfg = callers_config();
+    cfg.server.auth_token = Some("service-token".into());
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let mine = c.submit_job(submit_as(disk(36, 36), quick(), "", "service-token")).await.unwrap().into_inner().job_id;
+    let theirs = c.submit_job(submit_as(disk(36, 36), quick(), "", CLINIC)).await.unwrap().into_inner().job_id;
+    assert_eq!(final_as(&mut c, &theirs, "service-token").await.caller, "clinic");
+    assert_eq!(final_as(&mut c, &mine, "service-token").await.caller, "service");
+    let denied = c.get_job(as_caller(pb::GetJobRequest { job_id: mine }, CLINIC)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    server.shutdown().await.unwrap();
+}
