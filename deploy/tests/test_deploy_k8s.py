@@ -3,6 +3,7 @@ consistent with the server (config keys, ports, drain time, metric names) and th
 
 from __future__ import annotations
 
+import re
 import tomllib
 
 import kubernetes_validate
@@ -229,3 +230,17 @@ def test_pdb_covers_the_pods_and_never_blocks_a_single_replica():
     pdb = one("PodDisruptionBudget", "s3net")
     assert selects_the_pods(pdb["spec"]["selector"]["matchLabels"])
     assert "minAvailable" not in pdb["spec"] and pdb["spec"]["maxUnavailable"] >= 1
+
+
+def test_named_callers_come_from_an_optional_secret():
+    """[server.callers] from a Secret whose keys are S3NET__SERVER__CALLERS__… variables: every
+    replica the same ones, and a cluster without the Secret still starts."""
+    (source,) = container()["envFrom"]
+    assert source["secretRef"] == {"name": "s3net-callers", "optional": True}
+    # The Secret the manifest's comment shows how to make sets keys the server has.
+    text = (K8S / "deployment.yaml").read_text(encoding="utf-8")
+    shown = re.findall(r"--from-literal=(S3NET__SERVER__CALLERS__\w+)=", text)
+    assert len(shown) >= 2, shown
+    keys = documented_config_keys()
+    for variable in shown:
+        assert env_to_key(variable) in keys, f"{variable} is not a key of config.example.toml"

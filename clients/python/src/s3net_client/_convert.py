@@ -227,6 +227,7 @@ def job_from_pb(m: pb.Job) -> Job:
         width=m.width,
         height=m.height,
         progress=_progress(j, m.progress) if m.HasField("progress") else None,
+        caller=m.caller,
     )
 
 

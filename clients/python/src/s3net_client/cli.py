@@ -197,6 +197,8 @@ def _job_line(j: Job) -> str:
         line += f" {j.failure.code.name}: {j.failure.message}"
     if j.cancellation is not None:
         line += f" ({j.cancellation.reason})"
+    if j.caller:
+        line += f" by {j.caller}"
     return line
 
 

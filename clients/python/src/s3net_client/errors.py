@@ -82,8 +82,9 @@ class AlreadyExists(S3NetError):
 
 
 class ResourceExhausted(S3NetError):
-    """The queue is full (by job count, or by the memory of its decoded images): ``retry_after``
-    says when to try again (retried automatically); or,
+    """The queue is full (by job count, or by the memory of its decoded images), or the caller
+    has as many jobs queued and running as the server lets it (``[server.callers]``'s
+    ``max_active_jobs``): ``retry_after`` says when to try again (retried automatically); or,
     as a job's Failed event, the job ran out of memory on its own device (not retried: ask for
     a smaller ``size`` or fewer ``features``, or try again when the server is less busy)."""
 

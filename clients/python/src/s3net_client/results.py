@@ -328,6 +328,9 @@ class Job:
     width: int
     height: int
     progress: Optional[Progress]
+    #: The caller that submitted it: its name in the server's ``[server.callers]``,
+    #: ``"service"`` for ``server.auth_token``, empty on a server without tokens.
+    caller: str = ""
 
 
 class JobList(List[Job]):

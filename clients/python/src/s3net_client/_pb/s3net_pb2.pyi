@@ -149,7 +149,7 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., unreachable_replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "queue_position", "result", "failure", "cancellation", "submitted_at", "started_at", "finished_at", "width", "height", "progress")
+    __slots__ = ("job_id", "state", "queue_position", "result", "failure", "cancellation", "submitted_at", "started_at", "finished_at", "width", "height", "progress", "caller")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class Job(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     queue_position: int
@@ -174,7 +175,8 @@ class Job(_message.Message):
     width: int
     height: int
     progress: Progress
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ..., result: _Optional[_Union[SegmentationResult, _Mapping]] = ..., failure: _Optional[_Union[Failed, _Mapping]] = ..., cancellation: _Optional[_Union[Cancelled, _Mapping]] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+    caller: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ..., result: _Optional[_Union[SegmentationResult, _Mapping]] = ..., failure: _Optional[_Union[Failed, _Mapping]] = ..., cancellation: _Optional[_Union[Cancelled, _Mapping]] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., caller: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "queued", "started", "progress", "completed", "failed", "cancelled")
