@@ -9,6 +9,9 @@
 //!   fits: the refused retry after the server's hint; throughput, and how often they were
 //!   refused (`--burst-only 1` runs these alone);
 //! * resident memory after each quarter of 1000 one-step jobs (`--soak-only 1` alone);
+//! * a bulk caller's 48 clients sending 3 jobs each and a clinic's 8 jobs one after another,
+//!   with and without the bulk caller's `max_active_jobs` and the clinic's priority
+//!   (`--callers-only 1` alone);
 //! * the cost of progress streaming (every step vs. none) on a 20-step fit;
 //! * the time to upload 32 MiB over a link with a round trip of 10 and 40 ms (a proxy that
 //!   delays every byte), with HTTP/2 windows of 1 MiB (hyper's default) and 8 MiB (ours).
@@ -60,22 +63,28 @@ async fn segment(
     img: Vec<u8>,
     o: pb::Options,
 ) -> (Duration, f64, usize) {
-    let (d, fit, n, _) = segment_retrying(c, img, o, None).await;
+    let (d, fit, n, _) = segment_retrying(c, img, o, None, None).await;
     (d, fit, n)
 }
 
 /// [`segment`], the call sent again after each refusal `retry` allows (as `s3net client`
-/// does: no sooner than the server's `retry-after` hint); also returns the refusals.
+/// does: no sooner than the server's `retry-after` hint), as the caller of `token`; also
+/// returns the refusals.
 async fn segment_retrying(
     c: &mut SegmenterClient<Channel>,
     img: Vec<u8>,
     o: pb::Options,
     retry: Option<&RetryArgs>,
+    token: Option<&str>,
 ) -> (Duration, f64, usize, u32) {
     let t = Instant::now();
     let mut refused = 0;
     let mut s = loop {
-        let call = c.segment(pb::SegmentRequest { image: img.clone(), options: Some(o.clone()) }).await;
+        let mut req = tonic::Request::new(pb::SegmentRequest { image: img.clone(), options: Some(o.clone()) });
+        if let Some(t) = token {
+            req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().expect("token"));
+        }
+        let call = c.segment(req).await;
         match (call, retry) {
             (Ok(s), _) => break s.into_inner(),
             (Err(e), Some(r)) => {
@@ -292,7 +301,7 @@ async fn burst(workers: usize, warm: usize) {
             let (url, retry) = (url.clone(), retry.clone());
             tokio::spawn(async move {
                 let mut c = client(&url).await;
-                segment_retrying(&mut c, image(256), options(5), Some(&retry)).await.3
+                segment_retrying(&mut c, image(256), options(5), Some(&retry), None).await.3
             })
         })
         .collect();
@@ -311,6 +320,69 @@ async fn burst(workers: usize, warm: usize) {
     server.shutdown().await.expect("shutdown");
 }
 
+/// Two callers of one server (`[server.callers]`): a bulk pipeline of 48 clients, each sending
+/// 3 jobs one after another and retrying after the server's hints, keeps a queue with room for
+/// 32 full; half a second in, a clinic sends 8 jobs one after another, as a PACS bridge sends a
+/// study's slices. Without a limit the clinic's jobs are refused until a place opens and then
+/// wait behind the bulk jobs; with the bulk caller's `max_active_jobs` the queue has room and a
+/// clinic job waits behind at most that many, and with a higher priority for the running job
+/// only. Last, the bulk pipeline as it should be sent to such a server: 4 clients of 36 jobs,
+/// as many as its limit, never refused. The clinic's time per job (from its first attempt to its result) and its refusals,
+/// and when the bulk caller's last job ended.
+async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u32, clinic_priority: i32) {
+    use s3net_server::config::CallerConfig;
+    let (clinic_jobs, room) = (8usize, 32usize);
+    let (server, url) = start_with(workers, 100, |c| {
+        c.queue.capacity = room;
+        c.server.callers.insert("research".into(), CallerConfig { token: "r".into(), max_active_jobs: bulk_limit, operator: false });
+        c.server.callers.insert("clinic".into(), CallerConfig { token: "c".into(), max_active_jobs: 0, operator: false });
+    })
+    .await;
+    let mut c = client(&url).await;
+    for _ in 0..4 {
+        segment_retrying(&mut c, image(256), options(5), None, Some("c")).await;
+    }
+    let retry = RetryArgs { retries: 1000, backoff: 0.5 };
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..bulk)
+        .map(|_| {
+            let (url, retry) = (url.clone(), retry.clone());
+            tokio::spawn(async move {
+                let mut c = client(&url).await;
+                for _ in 0..per_bulk {
+                    segment_retrying(&mut c, image(256), options(5), Some(&retry), Some("r")).await;
+                }
+                t.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut waits, mut refused) = (Vec::new(), 0);
+    let urgent = pb::Options { priority: clinic_priority, ..options(5) };
+    for _ in 0..clinic_jobs {
+        let (d, _, _, r) = segment_retrying(&mut c, image(256), urgent.clone(), Some(&retry), Some("c")).await;
+        waits.push(d.as_secs_f64());
+        refused += r;
+    }
+    let mut bulk_done: f64 = 0.0;
+    for task in tasks {
+        bulk_done = bulk_done.max(task.await.expect("client"));
+    }
+    let mut limit = if bulk_limit == 0 { "no per-caller limit".to_string() } else { format!("the bulk caller's max_active_jobs = {bulk_limit}") };
+    if clinic_priority != 0 {
+        limit += &format!(", the clinic's priority {clinic_priority}");
+    }
+    println!(
+        "| a bulk caller's {bulk} clients × {per_bulk} jobs and a clinic's {clinic_jobs} jobs one after another, queue of {room}, 256×256, 5 steps, {limit} | clinic: {:.2} s a job (median; longest {:.2} s), {refused} refusals; the bulk caller's last job done after {bulk_done:.1} s |",
+        pct(&mut waits.clone(), 0.5),
+        waits.iter().copied().fold(0.0, f64::max),
+    );
+    server.shutdown().await.expect("shutdown");
+}
+
+/// [`callers`]' cases: the bulk clients × their jobs, its `max_active_jobs`, the clinic's priority.
+const CALLER_CASES: [((usize, usize), u32, i32); 5] = [((48, 3), 0, 0), ((48, 3), 4, 0), ((48, 3), 0, 10), ((48, 3), 4, 10), ((4, 36), 4, 10)];
+
 #[tokio::main]
 async fn main() {
     s3net_model::tune_allocator();
@@ -325,6 +397,12 @@ async fn main() {
     }
     if arg("--soak-only", 0) == 1 {
         soak(workers).await;
+        return;
+    }
+    if arg("--callers-only", 0) == 1 {
+        for (bulk, limit, priority) in CALLER_CASES {
+            callers(workers, bulk, limit, priority).await;
+        }
         return;
     }
 
@@ -386,6 +464,10 @@ async fn main() {
     }
 
     soak(workers).await;
+
+    for (bulk, limit, priority) in CALLER_CASES {
+        callers(workers, bulk, limit, priority).await;
+    }
 
     // Progress streaming: every step vs. none, 20 steps.
     for (label, ms) in [("every step", 0u64), ("none", 3_600_000)] {
