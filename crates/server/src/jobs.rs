@@ -302,6 +302,9 @@ struct Inner {
     fits_seen: u32,
     /// When the last refused caller was told to come back (see `MemoryQueue::retry_after_s`).
     promised: Option<Instant>,
+    /// The same for each named caller refused for its `max_active_jobs` (see
+    /// `MemoryQueue::caller_retry_after_s`).
+    caller_promised: HashMap<Arc<str>, Instant>,
     /// The mean of the workers' warm-up step costs (see `JobQueue::warmed_up`), and how many.
     step_cost: Option<StepCost>,
     costs_seen: u32,
@@ -443,10 +446,36 @@ impl MemoryQueue {
         Ok(())
     }
 
-    /// Refuses a job of `caller` when it has `max_active_jobs` queued and running already.
-    /// Its hint is the time one of its jobs takes to end, as the queue's own hint reckons it
-    /// ([`MemoryQueue::retry_after_s`]); the caller's jobs may wait behind others', so it
-    /// may be refused again, each time told to come back a little later.
+    /// Seconds after which `caller`, refused for its `max_active_jobs`, may have room: when
+    /// its first job should end (a running one in half a fit, on average; else its first
+    /// queued one, after the jobs ahead of it and its own fit), each of its refused clients one
+    /// opening (a fit over the jobs running at once) after the last one promised, as
+    /// [`MemoryQueue::retry_after_s`] spaces a full queue's. Why not that hint itself: room in
+    /// the queue is not what this caller waits for, and its refusals would have pushed the
+    /// promises to the callers refused for a full queue later and later.
+    fn caller_retry_after_s(&self, inner: &mut Inner, caller: &Arc<str>) -> u64 {
+        let at_once = inner.running.max(self.limits.workers).max(1) as f64;
+        let fit_s = Self::expected_fit_s(inner).unwrap_or(inner.mean_fit_s).clamp(0.0, 3600.0);
+        let opening = Duration::from_secs_f64(fit_s / at_once);
+        let mine = |e: &Entry| *e.caller == **caller;
+        let first_end = if inner.jobs.values().any(|e| mine(e) && e.state == JobState::Running) {
+            fit_s / 2.0
+        } else {
+            let ahead = inner.queue.iter().position(|id| inner.jobs.get(id).is_some_and(mine)).unwrap_or(0);
+            (ahead as f64 + 1.0) * opening.as_secs_f64() + fit_s
+        };
+        let now = Instant::now();
+        let first = now + Duration::from_secs_f64(first_end);
+        let at = match inner.caller_promised.get(caller) {
+            Some(&p) if p + opening > first => p + opening,
+            _ => first,
+        };
+        inner.caller_promised.insert(caller.clone(), at);
+        (at - now).as_secs_f64().ceil().max(1.0) as u64
+    }
+
+    /// Refuses a job of `caller` when it has `max_active_jobs` queued and running already,
+    /// with [`MemoryQueue::caller_retry_after_s`]'s hint.
     fn check_caller(&self, inner: &mut Inner, caller: &Caller) -> Result<(), ServiceError> {
         let limit = caller.max_active_jobs as usize;
         if limit == 0 {
@@ -464,7 +493,7 @@ impl MemoryQueue {
             caller: caller.name.to_string(),
             active,
             limit,
-            retry_after_s: self.retry_after_s(inner),
+            retry_after_s: self.caller_retry_after_s(inner, &caller.name),
         })
     }
 
@@ -653,10 +682,13 @@ fn job_id(seq: u64) -> String {
     d[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The queue's key for `caller`'s idempotency key `key`: each caller's keys are its own, so
-/// that two clients that happen to use the same key (a study's UID) never meet.
+/// The queue's key for `caller`'s idempotency key `key`: each named caller's keys are its own,
+/// so that two clients that happen to use the same key (a study's UID) never meet. The
+/// anonymous caller's and the service token's (never both on one server) stay as they were
+/// before named callers, so that replicas of both versions find each other's keys during a
+/// rolling upgrade.
 fn scoped_key(caller: &str, key: &str) -> String {
-    if caller.is_empty() {
+    if caller.is_empty() || caller == crate::callers::SERVICE {
         key.to_string()
     } else {
         format!("{caller}\u{0}{key}")
@@ -1210,6 +1242,33 @@ mod tests {
         complete(&q, &first, 10);
         q.submit(job_of(&research, None)).expect("one of its jobs ended: room again");
         assert!(matches!(q.submit(job_of(&research, None)), Err(ServiceError::CallerQuota { .. })));
+    }
+
+    /// A caller over its quota is told when its first job should end, its refused clients one
+    /// opening apart; the full queue's promises are not moved by it.
+    #[test]
+    fn a_caller_over_its_quota_is_told_when_its_own_jobs_end() {
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        let research = caller("research", 1);
+        {
+            let mut inner = q.lock();
+            inner.mean_fit_s = 4.0;
+            inner.fits_seen = 10;
+        }
+        let queued = q.submit(job_of(&research, None)).unwrap().id;
+        let hint = |q: &MemoryQueue| match q.submit(job_of(&research, None)) {
+            Err(ServiceError::CallerQuota { retry_after_s, .. }) => retry_after_s,
+            other => panic!("expected the caller's quota, got {other:?}"),
+        };
+        // Its job is first in line: one opening (4 s, one worker) to start, 4 s to fit.
+        assert_eq!(hint(&q), 8);
+        assert_eq!(hint(&q), 12, "the next refused client: one opening later");
+        assert!(q.lock().promised.is_none(), "the full queue's promises are its own");
+        // Once its job runs: half a fit, on average (after the promises already made).
+        let Take::Job(c) = q.take(DeviceSpec::Cpu, Duration::ZERO, &|_| true) else { panic!("no job") };
+        assert_eq!(c.id, queued);
+        q.lock().caller_promised.clear();
+        assert_eq!(hint(&q), 2);
     }
 
     /// Each caller's idempotency keys are its own; listings and owners follow the callers.
