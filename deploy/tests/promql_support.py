@@ -12,7 +12,7 @@ import urllib.request
 import promql_parser
 import pytest
 
-from deploy_common import BINARY, SERVER_SRC, Server, free_port
+from deploy_common import BINARY, ROOT, SERVER_SRC, Server, free_port
 
 # Metrics only a server with a GPU registers (crates/server/src/metrics.rs), with their labels.
 GPU_ONLY = {"s3net_gpu_memory_used_bytes": {"device"}, "s3net_gpu_memory_total_bytes": {"device"}}
@@ -87,9 +87,9 @@ def exported(text: str) -> dict[str, dict[str, set[str]]]:
 
 
 def running_server_series() -> dict[str, dict[str, set[str]]]:
-    """The series a real server exports once it has refused a request and failed a call
-    forwarded to a replica that is down (so that the labels those read have values), plus
-    Prometheus's own `up`. Needs target/release/s3net."""
+    """The series a real server exports once it has refused a request, failed a call
+    forwarded to a replica that is down and completed a named caller's job (so that the
+    labels those read have values), plus Prometheus's own `up`. Needs target/release/s3net."""
     from s3net_client import Client
 
     for name in GPU_ONLY:
@@ -101,17 +101,21 @@ def running_server_series() -> dict[str, dict[str, set[str]]]:
             "S3NET__WORKERS__CPU_WORKERS": "1",
             "S3NET__CLUSTER__PEERS": f"127.0.0.1:{down}",
             "S3NET__CLUSTER__ADVERTISE_ADDR": "127.0.0.1",
+            "S3NET__SERVER__CALLERS__DASHBOARD__TOKEN": "dashboard-token",
         },
     )
     try:
         server.wait_healthy([str(BINARY), "client", "health", "--addr", server.url])
-        with Client(f"127.0.0.1:{server.grpc_port}", timeout=30, retries=0) as c:
+        with Client(f"127.0.0.1:{server.grpc_port}", timeout=60, retries=0, token="dashboard-token") as c:
             # A refusal (s3net_rejected_total{reason}) and a call forwarded to the replica
             # that is down (s3net_forwarded_calls_total{method,code="Unavailable"}).
             with pytest.raises(Exception):
                 c.submit(b"not an image")
             with pytest.raises(Exception):
                 c.get(f"0123456789abcdef@127.0.0.1:{down}")
+            # A job of the caller (s3net_caller_jobs_submitted_total{caller},
+            # s3net_caller_jobs_total{caller,outcome}).
+            c.segment(ROOT / "tests" / "data" / "ph2" / "IMD002.png", size=32, iterations=1, features=4)
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
             series = exported(r.read().decode())
     finally:
