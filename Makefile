@@ -8,7 +8,7 @@ SHARED ?= ../shared/data
 # The Python test venv (scripts/setup-python.sh): the client and the pinned test requirements.
 PY ?= $(or $(S3NET_CACHE),$(HOME)/.cache/s3net)/py
 
-.PHONY: setup setup-python build run test bench eval golden gpu-bundle fuzz clean-cache
+.PHONY: setup setup-python build run test bench eval golden gpu-bundle fuzz sass clean-cache
 
 setup:
 	@bash scripts/setup-torch.sh >/dev/null
@@ -47,6 +47,10 @@ eval: build
 ## Coverage-guided fuzzing of the decoders (nightly + cargo-fuzz, installed once): FUZZ_SECONDS (600), FUZZ_JOBS (1).
 fuzz: setup
 	bash scripts/fuzz.sh
+
+## What the CUDA kernels compile to (registers, spills, instruction mix), no GPU needed.
+sass: setup
+	bash scripts/sass.sh
 
 ## Regenerate the deformable-conv golden values with torchvision (needs network for pip).
 golden: setup
