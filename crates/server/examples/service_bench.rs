@@ -334,8 +334,8 @@ async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u
     let (clinic_jobs, room) = (8usize, 32usize);
     let (server, url) = start_with(workers, 100, |c| {
         c.queue.capacity = room;
-        c.server.callers.insert("research".into(), CallerConfig { token: "r".into(), max_active_jobs: bulk_limit, operator: false });
-        c.server.callers.insert("clinic".into(), CallerConfig { token: "c".into(), max_active_jobs: 0, operator: false });
+        c.server.callers.insert("research".into(), CallerConfig { token: "r".into(), max_active_jobs: bulk_limit, operator: false, max_priority: None });
+        c.server.callers.insert("clinic".into(), CallerConfig { token: "c".into(), max_active_jobs: 0, operator: false, max_priority: None });
     })
     .await;
     let mut c = client(&url).await;

@@ -37,6 +37,8 @@ pub struct Caller {
     pub max_active_jobs: u32,
     /// Whether it sees and manages every caller's jobs.
     pub operator: bool,
+    /// The highest queue priority its jobs get (`None`: any).
+    pub max_priority: Option<i32>,
     /// The `authorization` value the call came with: a call forwarded to another replica
     /// carries it, so that the replica that holds the job knows the same caller.
     pub bearer: Option<MetadataValue<Ascii>>,
@@ -45,7 +47,7 @@ pub struct Caller {
 impl Caller {
     /// The caller of a server that asks for no token: sees everything, no quota.
     pub fn anonymous() -> Caller {
-        Caller { name: Arc::from(""), max_active_jobs: 0, operator: true, bearer: None }
+        Caller { name: Arc::from(""), max_active_jobs: 0, operator: true, max_priority: None, bearer: None }
     }
 
     /// The caller a request carries (left by [`Callers`]); anonymous for a service served
@@ -57,6 +59,13 @@ impl Caller {
     /// Whether this caller may see and act on a job `owner` submitted.
     pub fn may_see(&self, owner: &str) -> bool {
         self.operator || *self.name == *owner
+    }
+
+    /// The priority a job of this caller that asks for `asked` gets: at most its
+    /// `max_priority`. Why: a priority puts a job before every job of a lower one, so a bulk
+    /// client that asked for a high one would go before the clinic's studies again.
+    pub fn priority(&self, asked: i32) -> i32 {
+        self.max_priority.map_or(asked, |m| asked.min(m))
     }
 
     /// The owner whose jobs a listing shows: `None` (all) for an operator.
@@ -80,10 +89,16 @@ impl Callers {
     pub fn new(service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>, metrics: Arc<Metrics>) -> Callers {
         let mut tokens = Vec::new();
         if let Some(t) = service_token {
-            tokens.push((t.as_bytes().to_vec(), Caller { name: Arc::from(SERVICE), max_active_jobs: 0, operator: true, bearer: None }));
+            tokens.push((t.as_bytes().to_vec(), Caller { name: Arc::from(SERVICE), max_active_jobs: 0, operator: true, max_priority: None, bearer: None }));
         }
         for (name, c) in callers {
-            let caller = Caller { name: Arc::from(name.as_str()), max_active_jobs: c.max_active_jobs, operator: c.operator, bearer: None };
+            let caller = Caller {
+                name: Arc::from(name.as_str()),
+                max_active_jobs: c.max_active_jobs,
+                operator: c.operator,
+                max_priority: c.max_priority,
+                bearer: None,
+            };
             tokens.push((c.token.as_bytes().to_vec(), caller));
         }
         Callers { tokens: Arc::new(tokens), metrics }
@@ -134,8 +149,8 @@ mod tests {
 
     fn callers() -> Callers {
         let mut m = BTreeMap::new();
-        m.insert("clinic".to_string(), CallerConfig { token: "c-token".into(), max_active_jobs: 0, operator: false });
-        m.insert("research".to_string(), CallerConfig { token: "r-token".into(), max_active_jobs: 4, operator: false });
+        m.insert("clinic".to_string(), CallerConfig { token: "c-token".into(), max_active_jobs: 0, operator: false, max_priority: None });
+        m.insert("research".to_string(), CallerConfig { token: "r-token".into(), max_active_jobs: 4, operator: false, max_priority: Some(-1) });
         Callers::new(Some("s-token"), &m, Arc::new(Metrics::default()))
     }
 
@@ -152,6 +167,7 @@ mod tests {
         let mut c = callers();
         let r = call(&mut c, Some("r-token")).unwrap();
         assert_eq!((&*r.name, r.max_active_jobs, r.operator), ("research", 4, false));
+        assert_eq!((r.priority(10), r.priority(-5)), (-1, -5), "at most its max_priority");
         assert_eq!(r.bearer.unwrap(), "Bearer r-token");
         assert_eq!(&*call(&mut c, Some("c-token")).unwrap().name, "clinic");
         let s = call(&mut c, Some("s-token")).unwrap();
@@ -167,7 +183,8 @@ mod tests {
         let a = call(&mut c, None).unwrap();
         assert!(a.name.is_empty() && a.operator && a.max_active_jobs == 0);
         assert!(a.may_see("anyone") && a.listing().is_none());
-        let r = Caller { name: Arc::from("research"), max_active_jobs: 0, operator: false, bearer: None };
+        let r = Caller { name: Arc::from("research"), max_active_jobs: 0, operator: false, max_priority: None, bearer: None };
+        assert_eq!(r.priority(10), 10);
         assert!(r.may_see("research") && !r.may_see("clinic") && !r.may_see(""));
         assert_eq!(r.listing(), Some("research"));
     }

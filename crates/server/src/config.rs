@@ -121,6 +121,10 @@ pub struct CallerConfig {
     /// Sees, watches, reads and cancels every caller's jobs, not only its own.
     #[serde(default)]
     pub operator: bool,
+    /// The highest queue priority its jobs get: a request asking for more runs at this one
+    /// (its result's applied options say so). Unset: any.
+    #[serde(default)]
+    pub max_priority: Option<i32>,
 }
 
 impl Default for ServerConfig {

@@ -1207,7 +1207,7 @@ mod tests {
     }
 
     fn caller(name: &str, max_active_jobs: u32) -> Caller {
-        Caller { name: Arc::from(name), max_active_jobs, operator: false, bearer: None }
+        Caller { name: Arc::from(name), max_active_jobs, operator: false, max_priority: None, bearer: None }
     }
 
     fn job_of(who: &Caller, key: Option<&str>) -> NewJob {

@@ -428,12 +428,14 @@ impl SegmenterService {
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("decoder task failed: {e}")))??;
-        let applied = applied_options(&fit, device, applied_window, o.priority, orientation);
+        // At most the caller's `max_priority`; the result says what ran.
+        let priority = caller.priority(o.priority);
+        let applied = applied_options(&fit, device, applied_window, priority, orientation);
         Ok(NewJob {
             image: Arc::new(image),
             options: fit,
             device,
-            priority: o.priority,
+            priority,
             applied,
             idempotency,
             trace: TraceContext::current(),

@@ -24,9 +24,9 @@ fn as_caller<T>(message: T, token: &str) -> Request<T> {
 
 fn callers_config() -> s3net_server::Config {
     let mut cfg = config();
-    let caller = |token: &str, max_active_jobs, operator| CallerConfig { token: token.into(), max_active_jobs, operator };
+    let caller = |token: &str, max_active_jobs, operator| CallerConfig { token: token.into(), max_active_jobs, operator, max_priority: None };
     cfg.server.callers.insert("clinic".into(), caller(CLINIC, 0, false));
-    cfg.server.callers.insert("research".into(), caller(RESEARCH, 1, false));
+    cfg.server.callers.insert("research".into(), CallerConfig { max_priority: Some(0), ..caller(RESEARCH, 1, false) });
     cfg.server.callers.insert("ops".into(), caller(OPS, 0, true));
     cfg
 }
@@ -120,8 +120,12 @@ async fn each_caller_sees_its_own_jobs_and_keeps_its_room() {
     let done = final_as(&mut c, &clinic_job, CLINIC).await;
     assert_eq!(done.state, pb::JobState::Completed as i32);
     assert_eq!(done.caller, "clinic");
-    let next = c.submit_job(submit_as(disk(40, 40), quick(), "", RESEARCH)).await.expect("room again").into_inner().job_id;
-    assert_eq!(final_as(&mut c, &next, RESEARCH).await.state, pb::JobState::Completed as i32);
+    // Asking for priority 50, research gets its max_priority (0), as its result says.
+    let urgent = pb::Options { priority: 50, ..quick() };
+    let next = c.submit_job(submit_as(disk(40, 40), urgent, "", RESEARCH)).await.expect("room again").into_inner().job_id;
+    let done = final_as(&mut c, &next, RESEARCH).await;
+    assert_eq!(done.state, pb::JobState::Completed as i32);
+    assert_eq!(done.result.and_then(|r| r.options).map(|o| o.priority), Some(0));
 
     // Counted for the operator: refusals by reason, jobs by caller.
     let m = scrape(server.metrics_addr().expect("metrics endpoint")).await;

@@ -428,7 +428,7 @@ fn callers_load_from_file_and_environment_and_are_checked() {
     std::fs::write(
         &file,
         "[server.callers.pacs-bridge]\ntoken = \"bridge-secret\"\n\
-         [server.callers.research]\ntoken = \"file-token\"\nmax_active_jobs = 8\n",
+         [server.callers.research]\ntoken = \"file-token\"\nmax_active_jobs = 8\nmax_priority = -1\n",
     )
     .unwrap();
     std::env::set_var("S3NET__SERVER__CALLERS__RESEARCH__TOKEN", "env-token");
@@ -445,6 +445,7 @@ fn callers_load_from_file_and_environment_and_are_checked() {
     assert_eq!((research.token.as_str(), research.max_active_jobs, research.operator), ("env-token", 8, false), "the variable beats the file");
     assert!(c.server.callers["on_call"].operator);
     assert_eq!(c.server.callers["pacs-bridge"].max_active_jobs, 0, "no limit unless set");
+    assert_eq!((research.max_priority, c.server.callers["pacs-bridge"].max_priority), (Some(-1), None));
 
     let text = c.to_toml().unwrap();
     for secret in ["bridge-secret", "env-token", "ops-secret"] {
@@ -462,13 +463,13 @@ fn callers_load_from_file_and_environment_and_are_checked() {
 
     let check = |edit: &dyn Fn(&mut Config)| {
         let mut c = Config::default();
-        c.server.callers.insert("research".into(), s3net_server::config::CallerConfig { token: "t1".into(), max_active_jobs: 0, operator: false });
+        c.server.callers.insert("research".into(), s3net_server::config::CallerConfig { token: "t1".into(), max_active_jobs: 0, operator: false, max_priority: None });
         edit(&mut c);
         c.validate().map_err(|e| format!("{e:#}"))
     };
     check(&|_| {}).unwrap();
     fn add(c: &mut Config, name: &str, token: &str) {
-        c.server.callers.insert(name.into(), s3net_server::config::CallerConfig { token: token.into(), max_active_jobs: 0, operator: false });
+        c.server.callers.insert(name.into(), s3net_server::config::CallerConfig { token: token.into(), max_active_jobs: 0, operator: false, max_priority: None });
     }
     type Edit = fn(&mut Config);
     let cases: [(Edit, &str); 6] = [
