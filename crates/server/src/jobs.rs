@@ -305,6 +305,9 @@ struct Inner {
     /// The same for each named caller refused for its `max_active_jobs` (see
     /// `MemoryQueue::caller_retry_after_s`).
     caller_promised: HashMap<Arc<str>, Instant>,
+    /// Queued and running jobs per caller (`max_active_jobs`); counted as jobs are submitted
+    /// and finish, so that a submission does not walk every job the queue keeps.
+    active: HashMap<Arc<str>, usize>,
     /// The mean of the workers' warm-up step costs (see `JobQueue::warmed_up`), and how many.
     step_cost: Option<StepCost>,
     costs_seen: u32,
@@ -481,11 +484,7 @@ impl MemoryQueue {
         if limit == 0 {
             return Ok(());
         }
-        let active = inner
-            .jobs
-            .values()
-            .filter(|e| *e.caller == *caller.name && matches!(e.state, JobState::Queued | JobState::Running))
-            .count();
+        let active = inner.active.get(&caller.name).copied().unwrap_or(0);
         if active < limit {
             return Ok(());
         }
@@ -592,6 +591,7 @@ impl MemoryQueue {
             return;
         }
         let was_running = e.state == JobState::Running;
+        let caller = e.caller.clone();
         let outcome = match outcome {
             Event::Cancelled(c) if c.reason.is_empty() => Event::Cancelled(
                 e.cancel_reason.clone().unwrap_or_else(|| pb::Cancelled { reason: "cancelled".into(), retryable: false }),
@@ -628,6 +628,12 @@ impl MemoryQueue {
         let bytes = e.result_bytes;
         if was_running {
             inner.running = inner.running.saturating_sub(1);
+        }
+        if let Some(n) = inner.active.get_mut(&caller) {
+            *n -= 1;
+            if *n == 0 {
+                inner.active.remove(&caller);
+            }
         }
         if let Some(s) = fit_s {
             Self::learn_fit(inner, s);
@@ -798,6 +804,7 @@ impl JobQueue for MemoryQueue {
             job: Some(job),
         };
         inner.jobs.insert(id.clone(), entry);
+        *inner.active.entry(caller_name.clone()).or_default() += 1;
         drop(inner);
         self.metrics.job_submitted(&caller_name);
         self.wake.notify_all();
