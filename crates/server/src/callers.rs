@@ -27,8 +27,9 @@ use crate::metrics::Metrics;
 /// and its operators, which sees every job and has no quota.
 pub const SERVICE: &str = "service";
 
-/// The caller of a request, as its token named it.
-#[derive(Debug, Clone)]
+/// The caller of a request, as its token named it. Its `Debug` leaves the token out: jobs
+/// carry their caller, and a job may be printed.
+#[derive(Clone)]
 pub struct Caller {
     /// `[server.callers]`'s name, [`SERVICE`] for `server.auth_token`, empty when the server
     /// asks for no token (everyone is the same anonymous caller then).
@@ -44,6 +45,18 @@ pub struct Caller {
     pub bearer: Option<MetadataValue<Ascii>>,
 }
 
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("name", &self.name)
+            .field("max_active_jobs", &self.max_active_jobs)
+            .field("operator", &self.operator)
+            .field("max_priority", &self.max_priority)
+            .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 impl Caller {
     /// The caller of a server that asks for no token: sees everything, no quota.
     pub fn anonymous() -> Caller {
@@ -54,6 +67,12 @@ impl Caller {
     /// without the check (tests that run the bare service).
     pub fn of<T>(req: &Request<T>) -> Caller {
         req.extensions().get::<Caller>().cloned().unwrap_or_else(Caller::anonymous)
+    }
+
+    /// This caller without its token: what a job keeps of who submitted it (only forwarded
+    /// calls need the token, and a job need not hold a secret for its lifetime).
+    pub fn owner(&self) -> Caller {
+        Caller { bearer: None, ..self.clone() }
     }
 
     /// Whether this caller may see and act on a job `owner` submitted.
@@ -168,7 +187,9 @@ mod tests {
         let r = call(&mut c, Some("r-token")).unwrap();
         assert_eq!((&*r.name, r.max_active_jobs, r.operator), ("research", 4, false));
         assert_eq!((r.priority(10), r.priority(-5)), (-1, -5), "at most its max_priority");
-        assert_eq!(r.bearer.unwrap(), "Bearer r-token");
+        assert_eq!(r.bearer.as_ref().unwrap(), "Bearer r-token");
+        assert!(!format!("{r:?}").contains("r-token"), "{r:?}");
+        assert!(r.owner().bearer.is_none());
         assert_eq!(&*call(&mut c, Some("c-token")).unwrap().name, "clinic");
         let s = call(&mut c, Some("s-token")).unwrap();
         assert_eq!((&*s.name, s.operator), (SERVICE, true));

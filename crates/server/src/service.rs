@@ -443,7 +443,7 @@ impl SegmenterService {
             dicom_seg: source.map(|source| DicomOutputs { source, foreground, clusters }),
             reservation: Some(Arc::new(reservation)),
             input,
-            caller: caller.clone(),
+            caller: caller.owner(),
         })
     }
 
