@@ -326,16 +326,19 @@ async fn burst(workers: usize, warm: usize) {
 /// study's slices. Without a limit the clinic's jobs are refused until a place opens and then
 /// wait behind the bulk jobs; with the bulk caller's `max_active_jobs` the queue has room and a
 /// clinic job waits behind at most that many, and with a higher priority for the running job
-/// only. Last, the bulk pipeline as it should be sent to such a server: 4 clients of 36 jobs,
-/// as many as its limit, never refused. The clinic's time per job (from its first attempt to its result) and its refusals,
-/// and when the bulk caller's last job ended.
-async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u32, clinic_priority: i32) {
+/// only; with the callers taking turns (`queue.fair_share`, the default) a clinic job that got
+/// in is the next one a worker takes, and in arrival order it waits behind the queue. Last, the
+/// bulk pipeline as it should be sent to such a server: 4 clients of 36 jobs, as many as its
+/// limit, never refused. The clinic's time per job (from its first attempt to its result) and
+/// its refusals, and when the bulk caller's last job ended.
+async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u32, clinic_priority: i32, fair: bool) {
     use s3net_server::config::CallerConfig;
     let (clinic_jobs, room) = (8usize, 32usize);
     let (server, url) = start_with(workers, 100, |c| {
         c.queue.capacity = room;
-        c.server.callers.insert("research".into(), CallerConfig { token: "r".into(), max_active_jobs: bulk_limit, operator: false, max_priority: None });
-        c.server.callers.insert("clinic".into(), CallerConfig { token: "c".into(), max_active_jobs: 0, operator: false, max_priority: None });
+        c.queue.fair_share = fair;
+        c.server.callers.insert("research".into(), CallerConfig { token: "r".into(), max_active_jobs: bulk_limit, ..Default::default() });
+        c.server.callers.insert("clinic".into(), CallerConfig { token: "c".into(), ..Default::default() });
     })
     .await;
     let mut c = client(&url).await;
@@ -372,6 +375,7 @@ async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u
     if clinic_priority != 0 {
         limit += &format!(", the clinic's priority {clinic_priority}");
     }
+    limit += if fair { ", callers taking turns" } else { ", arrival order (queue.fair_share = false)" };
     println!(
         "| a bulk caller's {bulk} clients × {per_bulk} jobs and a clinic's {clinic_jobs} jobs one after another, queue of {room}, 256×256, 5 steps, {limit} | clinic: {:.2} s a job (median; longest {:.2} s), {refused} refusals; the bulk caller's last job done after {bulk_done:.1} s |",
         pct(&mut waits.clone(), 0.5),
@@ -380,8 +384,18 @@ async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u
     server.shutdown().await.expect("shutdown");
 }
 
-/// [`callers`]' cases: the bulk clients × their jobs, its `max_active_jobs`, the clinic's priority.
-const CALLER_CASES: [((usize, usize), u32, i32); 5] = [((48, 3), 0, 0), ((48, 3), 4, 0), ((48, 3), 0, 10), ((48, 3), 4, 10), ((4, 36), 4, 10)];
+/// [`callers`]' cases: the bulk clients × their jobs, its `max_active_jobs`, the clinic's
+/// priority, whether the callers take turns.
+type CallerCase = ((usize, usize), u32, i32, bool);
+const CALLER_CASES: [CallerCase; 7] = [
+    ((48, 3), 0, 0, false),
+    ((48, 3), 0, 0, true),
+    ((48, 3), 4, 0, false),
+    ((48, 3), 4, 0, true),
+    ((48, 3), 0, 10, true),
+    ((48, 3), 4, 10, true),
+    ((4, 36), 4, 10, true),
+];
 
 #[tokio::main]
 async fn main() {
@@ -400,8 +414,8 @@ async fn main() {
         return;
     }
     if arg("--callers-only", 0) == 1 {
-        for (bulk, limit, priority) in CALLER_CASES {
-            callers(workers, bulk, limit, priority).await;
+        for (bulk, limit, priority, fair) in CALLER_CASES {
+            callers(workers, bulk, limit, priority, fair).await;
         }
         return;
     }
@@ -465,8 +479,8 @@ async fn main() {
 
     soak(workers).await;
 
-    for (bulk, limit, priority) in CALLER_CASES {
-        callers(workers, bulk, limit, priority).await;
+    for (bulk, limit, priority, fair) in CALLER_CASES {
+        callers(workers, bulk, limit, priority, fair).await;
     }
 
     // Progress streaming: every step vs. none, 20 steps.

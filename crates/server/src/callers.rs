@@ -40,6 +40,8 @@ pub struct Caller {
     pub operator: bool,
     /// The highest queue priority its jobs get (`None`: any).
     pub max_priority: Option<i32>,
+    /// Its share of the workers against other callers' (`queue.fair_share`; at least 1).
+    pub weight: u32,
     /// The `authorization` value the call came with: a call forwarded to another replica
     /// carries it, so that the replica that holds the job knows the same caller.
     pub bearer: Option<MetadataValue<Ascii>>,
@@ -52,6 +54,7 @@ impl std::fmt::Debug for Caller {
             .field("max_active_jobs", &self.max_active_jobs)
             .field("operator", &self.operator)
             .field("max_priority", &self.max_priority)
+            .field("weight", &self.weight)
             .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -60,7 +63,13 @@ impl std::fmt::Debug for Caller {
 impl Caller {
     /// The caller of a server that asks for no token: sees everything, no quota.
     pub fn anonymous() -> Caller {
-        Caller { name: Arc::from(""), max_active_jobs: 0, operator: true, max_priority: None, bearer: None }
+        Caller { name: Arc::from(""), max_active_jobs: 0, operator: true, max_priority: None, weight: 1, bearer: None }
+    }
+
+    /// A caller named `name` with no limits and no rights beyond its own jobs (the
+    /// configuration's fields fill in the rest).
+    pub fn named(name: &str) -> Caller {
+        Caller { name: Arc::from(name), operator: false, ..Caller::anonymous() }
     }
 
     /// The caller a request carries (left by [`Callers`]); anonymous for a service served
@@ -108,15 +117,15 @@ impl Callers {
     pub fn new(service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>, metrics: Arc<Metrics>) -> Callers {
         let mut tokens = Vec::new();
         if let Some(t) = service_token {
-            tokens.push((t.as_bytes().to_vec(), Caller { name: Arc::from(SERVICE), max_active_jobs: 0, operator: true, max_priority: None, bearer: None }));
+            tokens.push((t.as_bytes().to_vec(), Caller { operator: true, ..Caller::named(SERVICE) }));
         }
         for (name, c) in callers {
             let caller = Caller {
-                name: Arc::from(name.as_str()),
                 max_active_jobs: c.max_active_jobs,
                 operator: c.operator,
                 max_priority: c.max_priority,
-                bearer: None,
+                weight: c.weight.max(1),
+                ..Caller::named(name)
             };
             tokens.push((c.token.as_bytes().to_vec(), caller));
         }
@@ -168,8 +177,8 @@ mod tests {
 
     fn callers() -> Callers {
         let mut m = BTreeMap::new();
-        m.insert("clinic".to_string(), CallerConfig { token: "c-token".into(), max_active_jobs: 0, operator: false, max_priority: None });
-        m.insert("research".to_string(), CallerConfig { token: "r-token".into(), max_active_jobs: 4, operator: false, max_priority: Some(-1) });
+        m.insert("clinic".to_string(), CallerConfig { token: "c-token".into(), weight: 3, ..Default::default() });
+        m.insert("research".to_string(), CallerConfig { token: "r-token".into(), max_active_jobs: 4, max_priority: Some(-1), ..Default::default() });
         Callers::new(Some("s-token"), &m, Arc::new(Metrics::default()))
     }
 
@@ -190,7 +199,8 @@ mod tests {
         assert_eq!(r.bearer.as_ref().unwrap(), "Bearer r-token");
         assert!(!format!("{r:?}").contains("r-token"), "{r:?}");
         assert!(r.owner().bearer.is_none());
-        assert_eq!(&*call(&mut c, Some("c-token")).unwrap().name, "clinic");
+        let clinic = call(&mut c, Some("c-token")).unwrap();
+        assert_eq!((&*clinic.name, clinic.weight, r.weight), ("clinic", 3, 1));
         let s = call(&mut c, Some("s-token")).unwrap();
         assert_eq!((&*s.name, s.operator), (SERVICE, true));
         for bad in [None, Some("r-toke"), Some("r-tokenx"), Some("")] {
@@ -204,7 +214,7 @@ mod tests {
         let a = call(&mut c, None).unwrap();
         assert!(a.name.is_empty() && a.operator && a.max_active_jobs == 0);
         assert!(a.may_see("anyone") && a.listing().is_none());
-        let r = Caller { name: Arc::from("research"), max_active_jobs: 0, operator: false, max_priority: None, bearer: None };
+        let r = Caller::named("research");
         assert_eq!(r.priority(10), 10);
         assert!(r.may_see("research") && !r.may_see("clinic") && !r.may_see(""));
         assert_eq!(r.listing(), Some("research"));

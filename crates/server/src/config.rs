@@ -125,6 +125,21 @@ pub struct CallerConfig {
     /// (its result's applied options say so). Unset: any.
     #[serde(default)]
     pub max_priority: Option<i32>,
+    /// Its share of the workers against the other callers' when jobs of several wait at one
+    /// priority (`queue.fair_share`): the next job goes to the caller with the fewest running
+    /// jobs per unit of weight. 1 to 1000; unset: 1.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for CallerConfig {
+    fn default() -> Self {
+        CallerConfig { token: String::new(), max_active_jobs: 0, operator: false, max_priority: None, weight: 1 }
+    }
 }
 
 impl Default for ServerConfig {
@@ -181,6 +196,12 @@ pub struct QueueConfig {
     /// Memory budget for the decoded images of queued jobs (4 bytes per sample), in bytes;
     /// beyond it new work is RESOURCE_EXHAUSTED like a full queue.
     pub max_queued_bytes: usize,
+    /// Among queued jobs of one priority, the next goes to the caller with the fewest running
+    /// jobs per unit of its weight (`server.callers.NAME.weight`), each caller's own in
+    /// arrival order; false: arrival order alone. Why: a caller that queued 60 jobs would
+    /// otherwise hold every worker until they all ran, and another caller's one study would
+    /// wait behind them. One caller (no named callers) is arrival order either way.
+    pub fair_share: bool,
 }
 
 impl Default for QueueConfig {
@@ -191,6 +212,7 @@ impl Default for QueueConfig {
             retention_s: 600,
             retention_bytes: 256 << 20,
             max_queued_bytes: 2 << 30,
+            fair_share: true,
         }
     }
 }
@@ -606,6 +628,11 @@ impl Config {
                 crate::callers::SERVICE
             );
             anyhow::ensure!(!c.token.trim().is_empty(), "server.callers.{name}.token must not be empty");
+            anyhow::ensure!(
+                (1..=1000).contains(&c.weight),
+                "server.callers.{name}.weight must be between 1 and 1000, got {}",
+                c.weight
+            );
             if let Some((other, _)) = tokens.iter().find(|(_, t)| *t == c.token) {
                 let key = if *other == crate::callers::SERVICE { "server.auth_token".to_string() } else { format!("server.callers.{other}.token") };
                 anyhow::bail!("server.callers.{name}.token is the same as {key}: each token must name one caller");

@@ -16,6 +16,7 @@ use s3net_model::{DeviceSpec, FitOptions, StepCost};
 use tokio::sync::broadcast;
 
 use crate::callers::Caller;
+use crate::fair::Turns;
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::pb::{self, job_event::Event, JobState};
@@ -235,6 +236,8 @@ pub struct QueueLimits {
     pub queued_bytes: usize,
     /// Number of workers, to estimate the retry hint.
     pub workers: usize,
+    /// Whether the callers of one priority take turns (`queue.fair_share`, see [`crate::fair`]).
+    pub fair_share: bool,
 }
 
 /// The in-process [`JobQueue`]: one mutex, one condition variable for the workers.
@@ -253,6 +256,9 @@ pub struct MemoryQueue {
 struct Entry {
     state: JobState,
     priority: i32,
+    /// Its start and end tags among the callers' turns (see [`crate::fair`]); 0 without
+    /// `fair_share`.
+    tags: (f64, f64),
     seq: u64,
     /// Present while queued; moved to the worker on take.
     job: Option<NewJob>,
@@ -282,7 +288,8 @@ struct Entry {
 #[derive(Default)]
 struct Inner {
     jobs: HashMap<String, Entry>,
-    /// Queued ids, best first: priority descending, then arrival.
+    /// Queued ids in the order workers take them: priority descending, then the callers'
+    /// turns (see [`crate::fair`]; all even without `fair_share`), then arrival.
     queue: Vec<String>,
     keys: HashMap<String, String>,
     /// Finished ids, oldest first.
@@ -308,6 +315,8 @@ struct Inner {
     /// Queued and running jobs per caller (`max_active_jobs`); counted as jobs are submitted
     /// and finish, so that a submission does not walk every job the queue keeps.
     active: HashMap<Arc<str>, usize>,
+    /// The callers' turns (`queue.fair_share`).
+    turns: Turns,
     /// The mean of the workers' warm-up step costs (see `JobQueue::warmed_up`), and how many.
     step_cost: Option<StepCost>,
     costs_seen: u32,
@@ -591,7 +600,7 @@ impl MemoryQueue {
             return;
         }
         let was_running = e.state == JobState::Running;
-        let caller = e.caller.clone();
+        let (caller, tags) = (e.caller.clone(), e.tags);
         let outcome = match outcome {
             Event::Cancelled(c) if c.reason.is_empty() => Event::Cancelled(
                 e.cancel_reason.clone().unwrap_or_else(|| pb::Cancelled { reason: "cancelled".into(), retryable: false }),
@@ -628,6 +637,12 @@ impl MemoryQueue {
         let bytes = e.result_bytes;
         if was_running {
             inner.running = inner.running.saturating_sub(1);
+        }
+        if !was_running {
+            inner.turns.withdrawn(&caller, tags);
+        }
+        if inner.queue.is_empty() && inner.running == 0 {
+            inner.turns.idle();
         }
         if let Some(n) = inner.active.get_mut(&caller) {
             *n -= 1;
@@ -767,13 +782,14 @@ impl JobQueue for MemoryQueue {
             id = job_id(seq ^ rand_bits()) + &self.id_suffix;
         }
         let (tx, _) = broadcast::channel(64);
-        let position = inner
-            .queue
-            .iter()
-            .position(|q| inner.jobs.get(q).is_some_and(|e| e.priority < job.priority))
-            .unwrap_or(inner.queue.len());
-        inner.queue.insert(position, id.clone());
         inner.queued_bytes += bytes;
+        let priority = job.priority;
+        let tags = if self.limits.fair_share {
+            inner.turns.tag(&job.caller.name, job.options.iterations, job.options.size, job.caller.weight)
+        } else {
+            (0.0, 0.0)
+        };
+        let tag = tags.0;
         let caller_name = job.caller.name.clone();
         let key = job.idempotency.as_ref().map(|(k, fp)| (scoped_key(&caller_name, k), *fp));
         if let Some((key, _)) = &key {
@@ -781,7 +797,8 @@ impl JobQueue for MemoryQueue {
         }
         let entry = Entry {
             state: JobState::Queued,
-            priority: job.priority,
+            priority,
+            tags,
             seq,
             device: job.device,
             cancel: Arc::new(AtomicBool::new(false)),
@@ -804,6 +821,12 @@ impl JobQueue for MemoryQueue {
             job: Some(job),
         };
         inner.jobs.insert(id.clone(), entry);
+        let position = inner
+            .queue
+            .iter()
+            .position(|q| inner.jobs.get(q).is_some_and(|e| e.priority < priority || (e.priority == priority && e.tags.0 > tag)))
+            .unwrap_or(inner.queue.len());
+        inner.queue.insert(position, id.clone());
         *inner.active.entry(caller_name.clone()).or_default() += 1;
         drop(inner);
         self.metrics.job_submitted(&caller_name);
@@ -853,6 +876,7 @@ impl JobQueue for MemoryQueue {
                 let Some(job) = e.job.take() else { continue };
                 e.state = JobState::Running;
                 e.started_at = unix_now();
+                let tag = e.tags.0;
                 let claimed = Claimed {
                     id,
                     cancel: e.cancel.clone(),
@@ -861,6 +885,7 @@ impl JobQueue for MemoryQueue {
                     job,
                 };
                 inner.running += 1;
+                inner.turns.taken(tag);
                 inner.queued_bytes = inner.queued_bytes.saturating_sub(image_bytes(&claimed.job));
                 self.metrics.job_taken(claimed.queued_for);
                 return Take::Job(Box::new(claimed));
@@ -1040,14 +1065,19 @@ mod tests {
         }
     }
 
-    fn queue(retention: Duration, retention_bytes: usize) -> MemoryQueue {
-        MemoryQueue::new(QueueLimits {
+    fn q_limits() -> QueueLimits {
+        QueueLimits {
             capacity: 8,
-            retention,
-            retention_bytes,
+            retention: Duration::from_secs(60),
+            retention_bytes: 1 << 20,
             queued_bytes: 1 << 20,
             workers: 1,
-        })
+            fair_share: true,
+        }
+    }
+
+    fn queue(retention: Duration, retention_bytes: usize) -> MemoryQueue {
+        MemoryQueue::new(QueueLimits { retention, retention_bytes, ..q_limits() })
     }
 
     fn complete(q: &MemoryQueue, id: &str, png_bytes: usize) {
@@ -1214,7 +1244,7 @@ mod tests {
     }
 
     fn caller(name: &str, max_active_jobs: u32) -> Caller {
-        Caller { name: Arc::from(name), max_active_jobs, operator: false, max_priority: None, bearer: None }
+        Caller { max_active_jobs, ..Caller::named(name) }
     }
 
     fn job_of(who: &Caller, key: Option<&str>) -> NewJob {
@@ -1276,6 +1306,49 @@ mod tests {
         assert_eq!(c.id, queued);
         q.lock().caller_promised.clear();
         assert_eq!(hint(&q), 2);
+    }
+
+    fn ids_in_line(q: &MemoryQueue) -> Vec<String> {
+        q.lock().queue.clone()
+    }
+
+    /// Within a priority the callers take turns: a caller with nothing queued is next, even
+    /// when another has a backlog and nothing is running (one worker between jobs); each
+    /// caller's jobs keep their arrival order, a submission is told its place, and a higher
+    /// priority still goes first. Without `fair_share`: arrival order.
+    #[test]
+    fn callers_take_turns_within_a_priority() {
+        let q = queue(Duration::from_secs(60), 1 << 20);
+        let (research, clinic) = (caller("research", 0), caller("clinic", 0));
+        let r: Vec<String> = (0..4).map(|_| q.submit(job_of(&research, None)).unwrap().id).collect();
+        assert_eq!(take_id(&q, DeviceSpec::Cpu).as_deref(), Some(r[0].as_str()));
+        complete(&q, &r[0], 10);
+        let c1 = q.submit(job_of(&clinic, None)).unwrap();
+        assert_eq!(c1.position, 0, "nothing running, research's backlog queued: the clinic is next");
+        let c2 = q.submit(job_of(&clinic, None)).unwrap();
+        assert_eq!(c2.position, 2, "then one each, research's next having come first");
+        assert_eq!(ids_in_line(&q), vec![c1.id.clone(), r[1].clone(), c2.id.clone(), r[2].clone(), r[3].clone()]);
+        assert_eq!(q.get(&c2.id).unwrap().queue_position, 2);
+        let urgent = q.submit(NewJob { priority: 5, ..job_of(&research, None) }).unwrap();
+        assert_eq!(urgent.position, 0, "a priority goes before any turn");
+        for want in [&urgent.id, &c1.id, &r[1], &c2.id, &r[2], &r[3]] {
+            assert_eq!(take_id(&q, DeviceSpec::Cpu).as_deref(), Some(want.as_str()));
+        }
+        // While research's jobs run, its work is remembered: the clinic goes first.
+        let (r5, c3) = (q.submit(job_of(&research, None)).unwrap().id, q.submit(job_of(&clinic, None)).unwrap().id);
+        assert_eq!(ids_in_line(&q), vec![c3.clone(), r5.clone()]);
+        for id in [&urgent.id, &c1.id, &r[1], &c2.id, &r[2], &r[3]] {
+            complete(&q, id, 10);
+        }
+        q.cancel(&r5, "test").unwrap();
+        q.cancel(&c3, "test").unwrap();
+        // An idle server starts everyone afresh: arrival order among newcomers.
+        let again: Vec<String> = [&research, &clinic, &research].iter().map(|c| q.submit(job_of(c, None)).unwrap().id).collect();
+        assert_eq!(ids_in_line(&q), again);
+
+        let q = MemoryQueue::new(QueueLimits { fair_share: false, ..q_limits() });
+        let ids: Vec<String> = [&research, &research, &clinic].iter().map(|c| q.submit(job_of(c, None)).unwrap().id).collect();
+        assert_eq!(ids_in_line(&q), ids, "queue.fair_share = false: arrival order");
     }
 
     /// Each caller's idempotency keys are its own; listings and owners follow the callers.

@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod error;
+pub mod fair;
 pub mod jobs;
 pub mod metrics;
 pub mod server;

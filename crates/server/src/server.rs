@@ -162,6 +162,7 @@ impl Server {
                 retention_bytes: cfg.queue.retention_bytes,
                 queued_bytes: cfg.queue.max_queued_bytes,
                 workers: slots.len(),
+                fair_share: cfg.queue.fair_share,
             },
             metrics.clone(),
         ).with_id_suffix(id_suffix));

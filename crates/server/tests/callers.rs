@@ -24,7 +24,7 @@ fn as_caller<T>(message: T, token: &str) -> Request<T> {
 
 fn callers_config() -> s3net_server::Config {
     let mut cfg = config();
-    let caller = |token: &str, max_active_jobs, operator| CallerConfig { token: token.into(), max_active_jobs, operator, max_priority: None };
+    let caller = |token: &str, max_active_jobs, operator| CallerConfig { token: token.into(), max_active_jobs, operator, ..Default::default() };
     cfg.server.callers.insert("clinic".into(), caller(CLINIC, 0, false));
     cfg.server.callers.insert("research".into(), CallerConfig { max_priority: Some(0), ..caller(RESEARCH, 1, false) });
     cfg.server.callers.insert("ops".into(), caller(OPS, 0, true));
@@ -161,4 +161,51 @@ async fn the_service_token_is_an_operator() {
     let denied = c.get_job(as_caller(pb::GetJobRequest { job_id: mine }, CLINIC)).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     server.shutdown().await.unwrap();
+}
+
+/// With the callers taking turns (`queue.fair_share`, the default), the clinic's one job is the
+/// next a worker takes even behind research's queued jobs, and SubmitJob says so (place 0);
+/// research's own jobs keep their arrival order. In arrival order (`fair_share = false`) the
+/// clinic's job waits behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_take_turns_for_the_worker() {
+    for fair in [true, false] {
+        let mut cfg = callers_config();
+        cfg.queue.fair_share = fair;
+        cfg.server.callers.get_mut("research").unwrap().max_active_jobs = 0;
+        let (server, url) = start(cfg).await;
+        let mut c = client(&url).await;
+        // Research's first job holds the only worker until the operator cancels it.
+        let first = c.submit_job(submit_as(disk(48, 48), slow(), "", RESEARCH)).await.unwrap().into_inner().job_id;
+        let until = Instant::now() + Duration::from_secs(30);
+        while final_state(&mut c, &first).await != pb::JobState::Running as i32 {
+            assert!(Instant::now() < until, "research's first job never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut queued = Vec::new();
+        for i in 0..3 {
+            let r = c.submit_job(submit_as(disk(40, 40), quick(), "", RESEARCH)).await.unwrap().into_inner();
+            assert_eq!(r.queue_position, i, "research's own jobs in arrival order");
+            queued.push(r.job_id);
+        }
+        let clinic = c.submit_job(submit_as(disk(36, 36), quick(), "", CLINIC)).await.unwrap().into_inner();
+        assert_eq!(clinic.queue_position, if fair { 0 } else { 3 }, "fair_share = {fair}");
+        c.cancel_job(as_caller(pb::CancelJobRequest { job_id: first }, OPS)).await.unwrap();
+        let clinic_started = final_as(&mut c, &clinic.job_id, CLINIC).await.started_at;
+        let mut research_started = Vec::new();
+        for id in &queued {
+            research_started.push(final_as(&mut c, id, RESEARCH).await.started_at);
+        }
+        assert!(research_started.windows(2).all(|w| w[0] <= w[1]), "{research_started:?}");
+        if fair {
+            assert!(clinic_started <= research_started[0], "the clinic's job went first: {clinic_started} vs {research_started:?}");
+        } else {
+            assert!(clinic_started >= research_started[2], "arrival order: {clinic_started} vs {research_started:?}");
+        }
+        server.shutdown().await.unwrap();
+    }
+}
+
+async fn final_state(c: &mut Client, id: &str) -> i32 {
+    c.get_job(as_caller(pb::GetJobRequest { job_id: id.into() }, OPS)).await.expect("get").into_inner().state
 }

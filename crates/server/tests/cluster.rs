@@ -361,7 +361,7 @@ async fn callers_are_known_on_every_replica() {
         let mut c = replica(port, &[pa, pb_]);
         c.server.auth_token = None;
         for (name, token, operator) in [("clinic", "c-tok", false), ("research", "r-tok", false), ("ops", "o-tok", true)] {
-            c.server.callers.insert(name.into(), CallerConfig { token: token.into(), max_active_jobs: 0, operator, max_priority: None });
+            c.server.callers.insert(name.into(), CallerConfig { token: token.into(), operator, ..Default::default() });
         }
         c
     };

@@ -463,13 +463,13 @@ fn callers_load_from_file_and_environment_and_are_checked() {
 
     let check = |edit: &dyn Fn(&mut Config)| {
         let mut c = Config::default();
-        c.server.callers.insert("research".into(), s3net_server::config::CallerConfig { token: "t1".into(), max_active_jobs: 0, operator: false, max_priority: None });
+        c.server.callers.insert("research".into(), s3net_server::config::CallerConfig { token: "t1".into(), ..Default::default() });
         edit(&mut c);
         c.validate().map_err(|e| format!("{e:#}"))
     };
     check(&|_| {}).unwrap();
     fn add(c: &mut Config, name: &str, token: &str) {
-        c.server.callers.insert(name.into(), s3net_server::config::CallerConfig { token: token.into(), max_active_jobs: 0, operator: false, max_priority: None });
+        c.server.callers.insert(name.into(), s3net_server::config::CallerConfig { token: token.into(), ..Default::default() });
     }
     type Edit = fn(&mut Config);
     let cases: [(Edit, &str); 6] = [
