@@ -111,3 +111,37 @@ def test_tls_settings_are_checked() -> None:
         Client("localhost:1", ca="/nonexistent/ca.pem")
     with pytest.raises(ValueError, match="contradicts"):
         Client("localhost:1", tls=False, ca=b"x")
+
+
+def test_a_client_certificate_names_the_caller(tmp_path_factory) -> None:
+    """Under mutual TLS the certificate's common name ("s3net test client") names the caller
+    `pacs` (server.callers.pacs.certificate_names): no token needed, and its jobs are its own."""
+    pki = make_pki(tmp_path_factory.mktemp("pki-callers"))
+    s = start_server(
+        "--cpu-workers",
+        "1",
+        env={
+            "S3NET__SERVER__TLS__CERT": str(pki["server_cert"]),
+            "S3NET__SERVER__TLS__KEY": str(pki["server_key"]),
+            "S3NET__SERVER__TLS__CLIENT_CA": str(pki["ca"]),
+            "S3NET__SERVER__CALLERS__PACS__CERTIFICATE_NAMES": "s3net test client",
+            "S3NET__SERVER__CALLERS__OPS__TOKEN": "ops-token",
+            "S3NET__SERVER__CALLERS__OPS__OPERATOR": "true",
+        },
+    )
+    try:
+        with Client(s.addr, ca=pki["ca"], cert=pki["client_cert"], key=pki["client_key"], retries=0) as client:
+            sub = client.submit(DATA / "dicom" / "CT_small.dcm", **FAST)
+            client.wait(sub.job_id)
+            assert client.get(sub.job_id).caller == "pacs"
+            assert [j.job_id for j in client.list_jobs()] == [sub.job_id]
+        # Another certificate's holder (a DICOM node's) is no caller without a token; with the
+        # operator's token it sees the job, and whose it is.
+        with Client(s.addr, ca=pki["ca"], cert=pki["bridge_cert"], key=pki["bridge_key"], retries=0) as client:
+            with pytest.raises(Unauthenticated) as e:
+                client.list_jobs()
+            assert "no client certificate that names a caller" in e.value.details
+        with Client(s.addr, ca=pki["ca"], cert=pki["bridge_cert"], key=pki["bridge_key"], token="ops-token", retries=0) as client:
+            assert [(j.job_id, j.caller) for j in client.list_jobs()] == [(sub.job_id, "pacs")]
+    finally:
+        s.stop()

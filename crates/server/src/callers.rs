@@ -12,9 +12,11 @@
 //! bulk client is paced by its retry hints while the others keep their room.
 //!
 //! [`Callers`] is the check every Segmenter call passes (a tonic interceptor): it finds the
-//! caller by its token and leaves a [`Caller`] in the request's extensions for the handlers.
+//! caller by its token, or under mutual TLS by the names in its verified client certificate
+//! (`certificate_names`), and leaves a [`Caller`] in the request's extensions for the
+//! handlers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tonic::metadata::{Ascii, MetadataValue};
@@ -26,6 +28,11 @@ use crate::metrics::Metrics;
 /// The caller name of `server.auth_token`: the service's own token, shared by its replicas
 /// and its operators, which sees every job and has no quota.
 pub const SERVICE: &str = "service";
+
+/// The header a replica puts on a call it forwards for a caller that has no token (one its
+/// client certificate named, at the first replica): the caller's name. Believed only beside
+/// the service's own token (`server.auth_token`), which the replicas alone hold.
+pub const ON_BEHALF_OF: &str = "s3net-on-behalf-of";
 
 /// The caller of a request, as its token named it. Its `Debug` leaves the token out: jobs
 /// carry their caller, and a job may be printed.
@@ -43,7 +50,8 @@ pub struct Caller {
     /// Its share of the workers against other callers' (`queue.fair_share`; at least 1).
     pub weight: u32,
     /// The `authorization` value the call came with: a call forwarded to another replica
-    /// carries it, so that the replica that holds the job knows the same caller.
+    /// carries it, so that the replica that holds the job knows the same caller. `None` for a
+    /// caller its certificate named: forwarded with the service's token and [`ON_BEHALF_OF`].
     pub bearer: Option<MetadataValue<Ascii>>,
 }
 
@@ -102,13 +110,18 @@ impl Caller {
     }
 }
 
-/// The token check of every Segmenter call: a no-op without tokens; with them, the call's
-/// `authorization: Bearer …` must be `server.auth_token` or one of `[server.callers]`'s, and
-/// its [`Caller`] goes into the request's extensions.
+/// The check of every Segmenter call: a no-op without tokens and certificate names; with
+/// them, the call's `authorization: Bearer …` must be `server.auth_token` or one of
+/// `[server.callers]`'s, or its client certificate must carry one of a caller's
+/// `certificate_names`, and its [`Caller`] goes into the request's extensions.
 #[derive(Clone)]
 pub struct Callers {
     /// Token → caller (without its `bearer`, which each call fills in).
     tokens: Arc<Vec<(Vec<u8>, Caller)>>,
+    /// Certificate name, lowercased → caller.
+    certificates: Arc<HashMap<String, Caller>>,
+    /// Every named caller by name, for the calls replicas forward [`ON_BEHALF_OF`] one.
+    by_name: Arc<HashMap<String, Caller>>,
     metrics: Arc<Metrics>,
 }
 
@@ -119,6 +132,7 @@ impl Callers {
         if let Some(t) = service_token {
             tokens.push((t.as_bytes().to_vec(), Caller { operator: true, ..Caller::named(SERVICE) }));
         }
+        let (mut certificates, mut by_name) = (HashMap::new(), HashMap::new());
         for (name, c) in callers {
             let caller = Caller {
                 max_active_jobs: c.max_active_jobs,
@@ -127,9 +141,15 @@ impl Callers {
                 weight: c.weight.max(1),
                 ..Caller::named(name)
             };
-            tokens.push((c.token.as_bytes().to_vec(), caller));
+            if !c.token.is_empty() {
+                tokens.push((c.token.as_bytes().to_vec(), caller.clone()));
+            }
+            for n in &c.certificate_names {
+                certificates.insert(n.to_ascii_lowercase(), caller.clone());
+            }
+            by_name.insert(name.clone(), caller);
         }
-        Callers { tokens: Arc::new(tokens), metrics }
+        Callers { tokens: Arc::new(tokens), certificates: Arc::new(certificates), by_name: Arc::new(by_name), metrics }
     }
 
     /// The caller whose token `given` is. Every token is compared, each in constant time, so
@@ -143,27 +163,101 @@ impl Callers {
         }
         found
     }
+
+    /// The caller the client certificate of `req` names (its first, the client's own, as
+    /// the TLS handshake verified it against `server.tls.client_ca`): `Ok(None)` without a
+    /// certificate or when none of its names is a caller's; an error when its names are two
+    /// callers'.
+    fn by_certificate<T>(&self, req: &Request<T>) -> Result<Option<&Caller>, String> {
+        if self.certificates.is_empty() {
+            return Ok(None);
+        }
+        let Some(certs) = req.peer_certs() else { return Ok(None) };
+        let Some(leaf) = certs.first() else { return Ok(None) };
+        let mut found: Option<&Caller> = None;
+        for name in certificate_names(leaf.as_ref()) {
+            if let Some(c) = self.certificates.get(&name.to_ascii_lowercase()) {
+                match found {
+                    Some(f) if f.name != c.name => {
+                        return Err(format!("the client certificate names two callers, '{}' and '{}' (server.callers.NAME.certificate_names)", f.name, c.name));
+                    }
+                    _ => found = Some(c),
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Who `req` is, or why it is refused.
+    fn identify<T>(&self, req: &Request<T>) -> Result<Caller, String> {
+        let by_certificate = self.by_certificate(req)?;
+        let header = req.metadata().get("authorization");
+        let Some(header) = header else {
+            return match by_certificate {
+                Some(c) => Ok(c.clone()),
+                None if self.certificates.is_empty() => Err("missing or wrong bearer token".into()),
+                None => Err("missing or wrong bearer token, and no client certificate that names a caller (server.callers.NAME.certificate_names)".into()),
+            };
+        };
+        let given = header.to_str().ok().and_then(|v| v.strip_prefix("Bearer "));
+        let Some(by_token) = given.and_then(|g| self.find(g.as_bytes())) else {
+            return Err("missing or wrong bearer token".into());
+        };
+        if *by_token.name == *SERVICE {
+            if let Some(v) = req.metadata().get(ON_BEHALF_OF) {
+                let name = v.to_str().unwrap_or("");
+                return match self.by_name.get(name) {
+                    Some(c) => Ok(c.clone()),
+                    None => Err(format!("a call forwarded on behalf of caller {name:?}, which this replica does not know: every replica needs the same server.callers")),
+                };
+            }
+            return Ok(Caller { bearer: Some(header.clone()), ..by_token.clone() });
+        }
+        if let Some(c) = by_certificate {
+            if c.name != by_token.name {
+                return Err(format!(
+                    "the client certificate is caller '{}''s and the bearer token caller '{}''s: one call, one caller",
+                    c.name, by_token.name
+                ));
+            }
+        }
+        Ok(Caller { bearer: Some(header.clone()), ..by_token.clone() })
+    }
 }
 
 impl tonic::service::Interceptor for Callers {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if self.tokens.is_empty() {
+        if self.tokens.is_empty() && self.certificates.is_empty() {
             return Ok(req);
         }
-        let header = req.metadata().get("authorization").cloned();
-        let given = header.as_ref().and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        match given.and_then(|g| self.find(g.as_bytes())) {
-            Some(c) => {
-                let caller = Caller { bearer: header, ..c.clone() };
+        match self.identify(&req) {
+            Ok(caller) => {
                 req.extensions_mut().insert(caller);
                 Ok(req)
             }
-            None => {
+            Err(why) => {
                 self.metrics.rejected("unauthenticated");
-                Err(Status::unauthenticated("missing or wrong bearer token"))
+                Err(Status::unauthenticated(why))
             }
         }
     }
+}
+
+/// The names a certificate (DER) carries: its subject's common names and its subject
+/// alternative names that are DNS names, URIs or e-mail addresses. Empty when it does not
+/// parse (it was verified by the TLS handshake, so it does).
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    let mut names: Vec<String> = cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_string).collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(s) | GeneralName::URI(s) | GeneralName::RFC822Name(s) = n {
+                names.push(s.to_string());
+            }
+        }
+    }
+    names
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -206,6 +300,42 @@ mod tests {
         for bad in [None, Some("r-toke"), Some("r-tokenx"), Some("")] {
             assert_eq!(call(&mut c, bad).unwrap_err().code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
+    }
+
+    /// A replica forwards a certificate's caller's call with the service's token and the
+    /// caller's name; the name is believed beside that token only.
+    #[test]
+    fn a_forwarded_call_names_its_caller_beside_the_service_token() {
+        let mut c = callers();
+        let forwarded = |c: &mut Callers, token: &str, name: &str| {
+            let mut req = Request::new(());
+            req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            req.metadata_mut().insert(ON_BEHALF_OF, name.parse().unwrap());
+            c.call(req).map(|r| Caller::of(&r))
+        };
+        let r = forwarded(&mut c, "s-token", "research").unwrap();
+        assert_eq!((&*r.name, r.max_active_jobs, r.operator), ("research", 4, false));
+        assert!(r.bearer.is_none(), "forwarded on again the same way");
+        let e = forwarded(&mut c, "s-token", "nobody").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("\"nobody\", which this replica does not know"), "{}", e.message());
+        assert_eq!(&*forwarded(&mut c, "c-token", "research").unwrap().name, "clinic", "only the service's token may name another");
+    }
+
+    /// The names a certificate carries: its common name, its DNS, URI and e-mail alternative
+    /// names (not its IP addresses).
+    #[test]
+    fn a_certificates_names_are_its_common_name_and_alternative_names() {
+        use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+        let mut p = CertificateParams::new(vec!["pacs-bridge.hospital.example".to_string(), "10.1.2.3".to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "PACS Bridge 01");
+        p.subject_alt_names.push(SanType::URI("spiffe://hospital.example/pacs".try_into().unwrap()));
+        p.subject_alt_names.push(SanType::Rfc822Name("pacs@hospital.example".try_into().unwrap()));
+        let cert = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let mut names = certificate_names(cert.der());
+        names.sort();
+        assert_eq!(names, ["PACS Bridge 01", "pacs-bridge.hospital.example", "pacs@hospital.example", "spiffe://hospital.example/pacs"]);
+        assert!(certificate_names(b"not a certificate").is_empty());
     }
 
     #[test]

@@ -332,6 +332,13 @@ impl Cluster {
             if let Ok(v) = MetadataValue::try_from(format!("Bearer {t}")) {
                 meta.insert("authorization", v);
             }
+            // A caller without a token of its own (its client certificate named it here): the
+            // service's token, and who it is for.
+            if !caller.name.is_empty() && *caller.name != *crate::callers::SERVICE {
+                if let Ok(v) = MetadataValue::try_from(&*caller.name) {
+                    meta.insert(crate::callers::ON_BEHALF_OF, v);
+                }
+            }
         }
         if let Ok(v) = MetadataValue::try_from(self.me.to_string()) {
             meta.insert(FORWARDED_BY, v);
@@ -435,6 +442,11 @@ mod tests {
         let research = Caller { bearer: Some("Bearer r-token".parse().unwrap()), ..Caller::anonymous() };
         let r = c.request((), None, &research);
         assert_eq!(r.metadata().get("authorization").unwrap(), "Bearer r-token");
+        assert!(r.metadata().get(crate::callers::ON_BEHALF_OF).is_none());
+        // One its certificate named has no token: the service's, and its name.
+        let r = c.request((), None, &Caller::named("pacs"));
+        assert_eq!(r.metadata().get("authorization").unwrap(), "Bearer secret");
+        assert_eq!(r.metadata().get(crate::callers::ON_BEHALF_OF).unwrap(), "pacs");
     }
 
     #[test]

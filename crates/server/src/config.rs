@@ -112,8 +112,18 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallerConfig {
-    /// Its bearer token (`authorization: Bearer <token>`).
+    /// Its bearer token (`authorization: Bearer <token>`); may be empty when
+    /// `certificate_names` names it.
+    #[serde(default)]
     pub token: String,
+    /// Names its client certificate carries under mutual TLS (`server.tls.client_ca`): a
+    /// call whose verified certificate has one of them as its subject's common name or as a
+    /// subject alternative name (DNS name, URI, e-mail address) is this caller's, without a
+    /// token. Why: where a hospital's PKI already issues each system its certificate, a
+    /// second secret per client is one more thing to rotate and to leak.
+    /// In a `S3NET__SERVER__CALLERS__NAME__CERTIFICATE_NAMES` variable: comma-separated.
+    #[serde(default, deserialize_with = "names_or_list")]
+    pub certificate_names: Vec<String>,
     /// Jobs it may have queued and running at once; one more is RESOURCE_EXHAUSTED with a
     /// retry hint (0: no limit but the queue's).
     #[serde(default)]
@@ -136,9 +146,24 @@ fn one() -> u32 {
     1
 }
 
+/// A list from a file, or from an environment variable one string of comma-separated names
+/// (the loader parses lists only for keys it knows by name, and a caller's name is not known).
+fn names_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Names::deserialize(d)? {
+        Names::One(s) => s.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
+        Names::Many(v) => v,
+    })
+}
+
 impl Default for CallerConfig {
     fn default() -> Self {
-        CallerConfig { token: String::new(), max_active_jobs: 0, operator: false, max_priority: None, weight: 1 }
+        CallerConfig { token: String::new(), certificate_names: Vec::new(), max_active_jobs: 0, operator: false, max_priority: None, weight: 1 }
     }
 }
 
@@ -518,7 +543,9 @@ impl Config {
         }
         // Each its own placeholder: a file with two equal tokens would not load.
         for (name, caller) in c.server.callers.iter_mut() {
-            caller.token = format!("<redacted server.callers.{name}.token>");
+            if !caller.token.is_empty() {
+                caller.token = format!("<redacted server.callers.{name}.token>");
+            }
         }
         toml::to_string(&c).context("cannot write the configuration as TOML")
     }
@@ -614,6 +641,7 @@ impl Config {
     /// variables (which the loader lowercases), tokens that name one caller each.
     fn validate_callers(&self) -> Result<()> {
         let mut tokens: Vec<(&str, &str)> = self.server.auth_token.iter().map(|t| (crate::callers::SERVICE, t.as_str())).collect();
+        let mut cert_names: Vec<(&str, &str)> = Vec::new();
         for (name, c) in &self.server.callers {
             let well_formed = name.chars().next().is_some_and(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit())
                 && name.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-');
@@ -627,12 +655,35 @@ impl Config {
                 "server.callers: \"{}\" is the name of server.auth_token's caller; choose another",
                 crate::callers::SERVICE
             );
-            anyhow::ensure!(!c.token.trim().is_empty(), "server.callers.{name}.token must not be empty");
+            anyhow::ensure!(
+                c.token.is_empty() || !c.token.trim().is_empty(),
+                "server.callers.{name}.token must not be empty (leave it out where certificate_names names the caller)"
+            );
+            anyhow::ensure!(
+                !c.token.is_empty() || !c.certificate_names.is_empty(),
+                "server.callers.{name} needs a token (server.callers.{name}.token) or the names of its client certificate (server.callers.{name}.certificate_names)"
+            );
+            for cert_name in &c.certificate_names {
+                anyhow::ensure!(!cert_name.trim().is_empty(), "server.callers.{name}.certificate_names: a name must not be empty");
+                anyhow::ensure!(
+                    self.server.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+                    "server.callers.{name}.certificate_names needs mutual TLS (server.tls.client_ca): without it no client certificate is asked for"
+                );
+                if let Some((other, _)) = cert_names.iter().find(|(_, n)| n.eq_ignore_ascii_case(cert_name)) {
+                    anyhow::bail!(
+                        "server.callers.{name}.certificate_names and server.callers.{other}.certificate_names both hold {cert_name:?}: a certificate name must name one caller"
+                    );
+                }
+                cert_names.push((name, cert_name));
+            }
             anyhow::ensure!(
                 (1..=1000).contains(&c.weight),
                 "server.callers.{name}.weight must be between 1 and 1000, got {}",
                 c.weight
             );
+            if c.token.is_empty() {
+                continue;
+            }
             if let Some((other, _)) = tokens.iter().find(|(_, t)| *t == c.token) {
                 let key = if *other == crate::callers::SERVICE { "server.auth_token".to_string() } else { format!("server.callers.{other}.token") };
                 anyhow::bail!("server.callers.{name}.token is the same as {key}: each token must name one caller");
@@ -672,6 +723,13 @@ impl Config {
             "server.tls is set, so the replicas talk TLS to each other: cluster.ca must name the \
              PEM CA bundle that signed their certificates"
         );
+        if let Some((name, _)) = self.server.callers.iter().find(|(_, k)| !k.certificate_names.is_empty()) {
+            anyhow::ensure!(
+                self.server.auth_token.is_some(),
+                "server.callers.{name}.certificate_names in a cluster needs server.auth_token: a replica forwards a \
+                 certificate's caller's calls with it, naming the caller (its certificate stays with the first replica)"
+            );
+        }
         Ok(())
     }
 }

@@ -209,3 +209,73 @@ async fn callers_take_turns_for_the_worker() {
 async fn final_state(c: &mut Client, id: &str) -> i32 {
     c.get_job(as_caller(pb::GetJobRequest { job_id: id.into() }, OPS)).await.expect("get").into_inner().state
 }
+
+/// Under mutual TLS a client certificate names its caller (`certificate_names`: its common
+/// name or a subject alternative name), without a token; a token beside it must be the same
+/// caller's; a certificate that names nobody needs a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_names_its_caller() {
+    use s3net_server::cli::ConnectArgs;
+    use s3net_server::config::TlsConfig;
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("server", &["localhost", "127.0.0.1"]);
+    let mut cfg = callers_config();
+    cfg.server.tls = Some(TlsConfig { cert, key, client_ca: Some(ca.path("ca.pem")) });
+    cfg.server.callers.insert(
+        "pacs".into(),
+        CallerConfig { certificate_names: vec!["pacs-bridge.hospital.example".into()], ..Default::default() },
+    );
+    cfg.server.callers.get_mut("research").unwrap().certificate_names = vec!["Research Pipeline".into()];
+    cfg.validate().expect("a valid configuration");
+    let (server, url) = start(cfg).await;
+    let https = url.replace("http://", "https://");
+    let as_holder = |stem: &str, cn: Option<&str>, names: &[&str], token: Option<&str>| {
+        let (cert, key) = ca.issue_to(stem, cn, names);
+        ConnectArgs { addr: https.clone(), token: token.map(str::to_string), ca: Some(ca.path("ca.pem")), cert: Some(cert), key: Some(key) }
+    };
+    let pacs = as_holder("pacs", Some("PACS Bridge"), &["pacs-bridge.hospital.example"], None);
+    let research = as_holder("research", Some("Research Pipeline"), &["research-host"], None);
+    let stranger = as_holder("stranger", None, &["stranger"], None);
+
+    let mut p = pacs.client().await.unwrap();
+    let submit = |image| pb::SubmitJobRequest { image, options: Some(quick()), idempotency_key: String::new() };
+    let pacs_job = p.submit_job(submit(disk(36, 36))).await.unwrap().into_inner().job_id;
+    let mut r = research.client().await.unwrap();
+    let research_job = r.submit_job(submit(disk(40, 40))).await.unwrap().into_inner().job_id;
+    let own = |l: pb::ListJobsResponse| l.jobs.into_iter().map(|j| (j.job_id, j.caller)).collect::<Vec<_>>();
+    assert_eq!(own(p.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner()), vec![(pacs_job.clone(), "pacs".to_string())]);
+    assert_eq!(own(r.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner()), vec![(research_job.clone(), "research".to_string())]);
+    let e = r.get_job(pb::GetJobRequest { job_id: pacs_job.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // Research's token beside its own certificate is fine; beside the bridge's it is refused.
+    let mut rt = ConnectArgs { token: Some(RESEARCH.into()), ..research.clone() }.client().await.unwrap();
+    assert_eq!(rt.get_job(pb::GetJobRequest { job_id: research_job.clone() }).await.unwrap().into_inner().caller, "research");
+    let mut mixed = ConnectArgs { token: Some(RESEARCH.into()), ..pacs.clone() }.client().await.unwrap();
+    let e = mixed.list_jobs(pb::ListJobsRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(e.message(), "the client certificate is caller 'pacs''s and the bearer token caller 'research''s: one call, one caller");
+
+    // A certificate that names nobody: refused without a token, its token's caller with one.
+    let e = stranger.client().await.unwrap().list_jobs(pb::ListJobsRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("no client certificate that names a caller"), "{}", e.message());
+    let mut ops = ConnectArgs { token: Some(OPS.into()), ..stranger.clone() }.client().await.unwrap();
+    let mut all = own(ops.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner());
+    all.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(all, vec![(pacs_job.clone(), "pacs".to_string()), (research_job.clone(), "research".to_string())]);
+    assert_eq!(final_as_over(&mut p, &pacs_job).await.state, pb::JobState::Completed as i32);
+    server.shutdown().await.unwrap();
+}
+
+async fn final_as_over(c: &mut s3net_server::cli::Client, id: &str) -> pb::Job {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = c.get_job(pb::GetJobRequest { job_id: id.into() }).await.expect("get").into_inner();
+        if j.state >= pb::JobState::Completed as i32 {
+            return j;
+        }
+        assert!(Instant::now() < until, "job {id} not finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

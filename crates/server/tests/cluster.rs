@@ -177,6 +177,11 @@ async fn replicas_with_mutual_tls_forward_over_tls() {
         c.server.tls = Some(tls.clone());
         c.cluster.ca = Some(ca.path("ca.pem"));
         c.cluster.server_name = Some("s3net-peers".into());
+        // Two callers known by their certificates alone.
+        for (name, cert_name) in [("pacs", "pacs-bridge"), ("other", "other-system")] {
+            let caller = s3net_server::config::CallerConfig { certificate_names: vec![cert_name.into()], ..Default::default() };
+            c.server.callers.insert(name.into(), caller);
+        }
         c
     };
     let (a, _) = start(with_tls(pa)).await;
@@ -211,6 +216,32 @@ async fn replicas_with_mutual_tls_forward_over_tls() {
     assert!(matches!(last, Some(Event::Completed(_))), "{last:?}");
     let j = cb.get_job(pb::GetJobRequest { job_id: id }).await.unwrap().into_inner();
     assert_eq!(j.state, JobState::Completed as i32);
+
+    // A caller its certificate names, no token: B forwards its calls about A's job on its
+    // behalf (the service's token and its name), so A knows it as the caller it is.
+    let holder = |stem: &str, port: u16| {
+        let (cert, key) = ca.issue(stem, &[if stem == "pacs" { "pacs-bridge" } else { "other-system" }]);
+        let id = tonic::transport::Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+        let root = tonic::transport::Certificate::from_pem(std::fs::read(ca.path("ca.pem")).unwrap());
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(root).identity(id).domain_name("s3net-peers");
+        async move {
+            let ch = tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{port}")).unwrap().tls_config(tls).unwrap();
+            pb::segmenter_client::SegmenterClient::new(ch.connect().await.unwrap())
+        }
+    };
+    let mut pacs_a = holder("pacs", pa).await;
+    let mut pacs_b = holder("pacs", pb_).await;
+    let mut other_b = holder("other", pb_).await;
+    let submit = pb::SubmitJobRequest { image: disk(40, 40), options: Some(quick()), idempotency_key: String::new() };
+    let id = pacs_a.submit_job(submit).await.unwrap().into_inner().job_id;
+    assert!(id.ends_with(&format!(":{pa}")), "{id}");
+    let mut w = pacs_b.watch_job(pb::WatchJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    assert!(matches!(last_event(&mut w).await, Some(Event::Completed(_))));
+    assert_eq!(pacs_b.get_job(pb::GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner().caller, "pacs");
+    let listed = pacs_b.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), vec![id.as_str()], "its own jobs of every replica");
+    let e = other_b.get_job(pb::GetJobRequest { job_id: id }).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }

@@ -427,20 +427,32 @@ fn callers_load_from_file_and_environment_and_are_checked() {
     let file = dir.path().join("s3net.toml");
     std::fs::write(
         &file,
-        "[server.callers.pacs-bridge]\ntoken = \"bridge-secret\"\n\
+        "[server.tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n\
+         [server.callers.pacs-bridge]\ntoken = \"bridge-secret\"\ncertificate_names = [\"pacs-bridge.hospital.example\"]\nweight = 3\n\
          [server.callers.research]\ntoken = \"file-token\"\nmax_active_jobs = 8\nmax_priority = -1\n",
     )
     .unwrap();
-    std::env::set_var("S3NET__SERVER__CALLERS__RESEARCH__TOKEN", "env-token");
-    std::env::set_var("S3NET__SERVER__CALLERS__ON_CALL__TOKEN", "ops-secret");
-    std::env::set_var("S3NET__SERVER__CALLERS__ON_CALL__OPERATOR", "true");
+    let vars = [
+        ("S3NET__SERVER__CALLERS__RESEARCH__TOKEN", "env-token"),
+        ("S3NET__SERVER__CALLERS__ON_CALL__TOKEN", "ops-secret"),
+        ("S3NET__SERVER__CALLERS__ON_CALL__OPERATOR", "true"),
+        ("S3NET__SERVER__CALLERS__MODALITY__CERTIFICATE_NAMES", "ct-1.hospital.example, CT Scanner 1"),
+        ("S3NET__SERVER__CALLERS__MODALITY__WEIGHT", "2"),
+    ];
+    for (k, v) in vars {
+        std::env::set_var(k, v);
+    }
     let c = Config::load(Some(&file), &[]);
-    for v in ["S3NET__SERVER__CALLERS__RESEARCH__TOKEN", "S3NET__SERVER__CALLERS__ON_CALL__TOKEN", "S3NET__SERVER__CALLERS__ON_CALL__OPERATOR"] {
-        std::env::remove_var(v);
+    for (k, _) in vars {
+        std::env::remove_var(k);
     }
     let c = c.unwrap();
     let names: Vec<&str> = c.server.callers.keys().map(String::as_str).collect();
-    assert_eq!(names, ["on_call", "pacs-bridge", "research"]);
+    assert_eq!(names, ["modality", "on_call", "pacs-bridge", "research"]);
+    let (modality, bridge) = (&c.server.callers["modality"], &c.server.callers["pacs-bridge"]);
+    assert_eq!(modality.certificate_names, ["ct-1.hospital.example", "CT Scanner 1"], "a variable's names, comma-separated");
+    assert_eq!((modality.token.as_str(), modality.weight), ("", 2), "no token: its certificate names it");
+    assert_eq!((bridge.certificate_names.as_slice(), bridge.weight, c.server.callers["research"].weight), (&["pacs-bridge.hospital.example".to_string()][..], 3, 1));
     let research = &c.server.callers["research"];
     assert_eq!((research.token.as_str(), research.max_active_jobs, research.operator), ("env-token", 8, false), "the variable beats the file");
     assert!(c.server.callers["on_call"].operator);
@@ -456,9 +468,10 @@ fn callers_load_from_file_and_environment_and_are_checked() {
     assert!(text.contains("token = \"<redacted server.callers.research.token>\""), "{text}");
     let back = Config::load(Some(&printed), &[]).unwrap();
     let mut redacted = c.clone();
-    for (name, caller) in redacted.server.callers.iter_mut() {
+    for (name, caller) in redacted.server.callers.iter_mut().filter(|(_, c)| !c.token.is_empty()) {
         caller.token = format!("<redacted server.callers.{name}.token>");
     }
+    assert!(!text.contains("<redacted server.callers.modality.token>"), "no token, nothing to redact: {text}");
     assert_eq!(back, redacted, "{text}");
 
     let check = |edit: &dyn Fn(&mut Config)| {
@@ -471,8 +484,41 @@ fn callers_load_from_file_and_environment_and_are_checked() {
     fn add(c: &mut Config, name: &str, token: &str) {
         c.server.callers.insert(name.into(), s3net_server::config::CallerConfig { token: token.into(), ..Default::default() });
     }
+    fn certificates(c: &mut Config, name: &str, names: &[&str]) {
+        let names = names.iter().map(|n| n.to_string()).collect();
+        c.server.callers.insert(name.into(), s3net_server::config::CallerConfig { certificate_names: names, ..Default::default() });
+    }
+    fn mutual_tls(c: &mut Config) {
+        c.server.tls = Some(s3net_server::config::TlsConfig { cert: "s.pem".into(), key: "s.key".into(), client_ca: Some("ca.pem".into()) });
+    }
+    check(&|c| {
+        mutual_tls(c);
+        certificates(c, "pacs", &["pacs-bridge.hospital.example", "PACS Bridge"]);
+        c.server.callers.get_mut("research").unwrap().weight = 1000;
+    })
+    .expect("a caller known by its certificate alone, a weight of 1000");
     type Edit = fn(&mut Config);
-    let cases: [(Edit, &str); 6] = [
+    let cases: [(Edit, &str); 13] = [
+        (|c| add(c, "clinic", ""), "server.callers.clinic needs a token (server.callers.clinic.token) or the names of its client certificate"),
+        (|c| c.server.callers.get_mut("research").unwrap().weight = 0, "server.callers.research.weight must be between 1 and 1000, got 0"),
+        (|c| c.server.callers.get_mut("research").unwrap().weight = 1001, "got 1001"),
+        (|c| certificates(c, "pacs", &["pacs"]), "server.callers.pacs.certificate_names needs mutual TLS (server.tls.client_ca)"),
+        (|c| {
+            mutual_tls(c);
+            certificates(c, "pacs", &[" "]);
+        }, "server.callers.pacs.certificate_names: a name must not be empty"),
+        (|c| {
+            mutual_tls(c);
+            certificates(c, "pacs", &["Bridge"]);
+            certificates(c, "ris", &["bridge"]);
+        }, "server.callers.ris.certificate_names and server.callers.pacs.certificate_names both hold \"bridge\""),
+        (|c| {
+            mutual_tls(c);
+            certificates(c, "pacs", &["bridge"]);
+            c.cluster.peers = vec!["10.0.0.1:50051".into(), "10.0.0.2:50051".into()];
+            c.cluster.advertise_addr = "10.0.0.1".into();
+            c.cluster.ca = Some("ca.pem".into());
+        }, "server.callers.pacs.certificate_names in a cluster needs server.auth_token"),
         (|c| add(c, "Research", "t2"), "a caller's name must be lowercase letters"),
         (|c| add(c, "-x", "t2"), "starting with a letter or digit, got \"-x\""),
         (|c| add(c, "service", "t2"), "\"service\" is the name of server.auth_token's caller"),

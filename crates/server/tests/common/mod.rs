@@ -364,9 +364,19 @@ impl TestCa {
 
     /// A certificate for `names`, signed by this CA: the paths of `{stem}.pem` and `{stem}.key`.
     pub fn issue(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        self.issue_to(stem, None, names)
+    }
+
+    /// [`TestCa::issue`] with a subject common name, as a hospital PKI's client certificates
+    /// often carry their system's name.
+    pub fn issue_to(&self, stem: &str, common_name: Option<&str>, names: &[&str]) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &self.cert, &self.key).unwrap();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        if let Some(cn) = common_name {
+            params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         (self.write(&format!("{stem}.pem"), cert.pem()), self.write(&format!("{stem}.key"), key.serialize_pem()))
     }
 }
