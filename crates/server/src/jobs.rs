@@ -289,7 +289,7 @@ struct Entry {
 struct Inner {
     jobs: HashMap<String, Entry>,
     /// Queued ids in the order workers take them: priority descending, then the callers'
-    /// turns (see [`crate::fair`]; all even without `fair_share`), then arrival.
+    /// turns (see [`crate::fair`]; every tag 0 without `fair_share`), then arrival.
     queue: Vec<String>,
     keys: HashMap<String, String>,
     /// Finished ids, oldest first.
