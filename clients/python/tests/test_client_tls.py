@@ -15,19 +15,19 @@ from s3net_client import AsyncClient, Client, S3NetError, Unauthenticated, Unava
 TOKEN = "s3cr3t-test-token"
 
 
+def _mutual_tls(pki) -> dict:
+    """The server's settings for mutual TLS with the test PKI."""
+    return {
+        "S3NET__SERVER__TLS__CERT": str(pki["server_cert"]),
+        "S3NET__SERVER__TLS__KEY": str(pki["server_key"]),
+        "S3NET__SERVER__TLS__CLIENT_CA": str(pki["ca"]),
+    }
+
+
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
     pki = make_pki(tmp_path_factory.mktemp("pki"))
-    s = start_server(
-        "--cpu-workers",
-        "1",
-        env={
-            "S3NET__SERVER__TLS__CERT": str(pki["server_cert"]),
-            "S3NET__SERVER__TLS__KEY": str(pki["server_key"]),
-            "S3NET__SERVER__TLS__CLIENT_CA": str(pki["ca"]),
-            "S3NET__SERVER__AUTH_TOKEN": TOKEN,
-        },
-    )
+    s = start_server("--cpu-workers", "1", env={**_mutual_tls(pki), "S3NET__SERVER__AUTH_TOKEN": TOKEN})
     yield s, pki
     s.stop()
 
@@ -121,9 +121,7 @@ def test_a_client_certificate_names_the_caller(tmp_path_factory) -> None:
         "--cpu-workers",
         "1",
         env={
-            "S3NET__SERVER__TLS__CERT": str(pki["server_cert"]),
-            "S3NET__SERVER__TLS__KEY": str(pki["server_key"]),
-            "S3NET__SERVER__TLS__CLIENT_CA": str(pki["ca"]),
+            **_mutual_tls(pki),
             "S3NET__SERVER__CALLERS__PACS__CERTIFICATE_NAMES": "s3net test client",
             "S3NET__SERVER__CALLERS__OPS__TOKEN": "ops-token",
             "S3NET__SERVER__CALLERS__OPS__OPERATOR": "true",
