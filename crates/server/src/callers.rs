@@ -17,7 +17,7 @@
 //! handlers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Status};
@@ -113,21 +113,68 @@ impl Caller {
 /// The check of every Segmenter call: a no-op without tokens and certificate names; with
 /// them, the call's `authorization: Bearer …` must be `server.auth_token` or one of
 /// `[server.callers]`'s, or its client certificate must carry one of a caller's
-/// `certificate_names`, and its [`Caller`] goes into the request's extensions.
+/// `certificate_names`, and its [`Caller`] goes into the request's extensions. Its clones share
+/// one table of callers, which [`Callers::replace`] swaps (`SIGHUP`).
 #[derive(Clone)]
 pub struct Callers {
-    /// Token → caller (without its `bearer`, which each call fills in).
-    tokens: Arc<Vec<(Vec<u8>, Caller)>>,
-    /// Certificate name, lowercased → caller.
-    certificates: Arc<HashMap<String, Caller>>,
-    /// Every named caller by name, for the calls replicas forward [`ON_BEHALF_OF`] one.
-    by_name: Arc<HashMap<String, Caller>>,
+    table: Arc<RwLock<Arc<Table>>>,
     metrics: Arc<Metrics>,
+}
+
+/// What the check knows, as one value: a reload swaps it whole, so a call never sees half of
+/// an old table and half of a new one.
+struct Table {
+    /// Token → caller (without its `bearer`, which each call fills in).
+    tokens: Vec<(Vec<u8>, Caller)>,
+    /// Certificate name, lowercased → caller.
+    certificates: HashMap<String, Caller>,
+    /// Every named caller by name, for the calls replicas forward [`ON_BEHALF_OF`] one.
+    by_name: HashMap<String, Caller>,
+}
+
+/// What a [`Callers::replace`] changed, by caller name (tokens are not shown, only whether
+/// something of a caller changed).
+#[derive(Debug, Default, PartialEq)]
+pub struct CallersChange {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
 }
 
 impl Callers {
     /// The check for `server.auth_token` and `server.callers`.
     pub fn new(service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>, metrics: Arc<Metrics>) -> Callers {
+        let table = Table::new(service_token, callers);
+        Callers { table: Arc::new(RwLock::new(Arc::new(table))), metrics }
+    }
+
+    /// Puts `callers` in place of the named callers, for every call from now on: a token
+    /// rotated, a caller added, removed or given other limits, without a restart (and so
+    /// without losing the queue). `service_token` is the running server's (the replicas'
+    /// forwarding uses it; it changes only with a restart). Jobs keep the caller they were
+    /// submitted by; a removed caller's jobs are still there for the operators.
+    pub fn replace(&self, service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>, before: &BTreeMap<String, CallerConfig>) -> CallersChange {
+        let table = Table::new(service_token, callers);
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        let mut change = CallersChange::default();
+        for (name, c) in callers {
+            match before.get(name) {
+                None => change.added.push(name.clone()),
+                Some(b) if b != c => change.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        change.removed = before.keys().filter(|n| !callers.contains_key(*n)).cloned().collect();
+        change
+    }
+
+    fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Table {
+    fn new(service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>) -> Table {
         let mut tokens = Vec::new();
         if let Some(t) = service_token {
             tokens.push((t.as_bytes().to_vec(), Caller { operator: true, ..Caller::named(SERVICE) }));
@@ -149,7 +196,12 @@ impl Callers {
             }
             by_name.insert(name.clone(), caller);
         }
-        Callers { tokens: Arc::new(tokens), certificates: Arc::new(certificates), by_name: Arc::new(by_name), metrics }
+        Table { tokens, certificates, by_name }
+    }
+
+    /// Whether every call passes as the anonymous caller: no token, no certificate name.
+    fn open(&self) -> bool {
+        self.tokens.is_empty() && self.certificates.is_empty()
     }
 
     /// The caller whose token `given` is. Every token is compared, each in constant time, so
@@ -227,10 +279,11 @@ impl Callers {
 
 impl tonic::service::Interceptor for Callers {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if self.tokens.is_empty() && self.certificates.is_empty() {
+        let table = self.table();
+        if table.open() {
             return Ok(req);
         }
-        match self.identify(&req) {
+        match table.identify(&req) {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);
                 Ok(req)
@@ -336,6 +389,35 @@ mod tests {
         names.sort();
         assert_eq!(names, ["PACS Bridge 01", "pacs-bridge.hospital.example", "pacs@hospital.example", "spiffe://hospital.example/pacs"]);
         assert!(certificate_names(b"not a certificate").is_empty());
+    }
+
+    /// A replaced table is what every clone of the check sees from its next call on; the
+    /// service token stays; the change names callers, not tokens.
+    #[test]
+    fn replacing_the_callers_rotates_their_tokens_for_every_clone() {
+        let c = callers();
+        let mut serving = c.clone();
+        let before: BTreeMap<String, CallerConfig> = [
+            ("clinic".to_string(), CallerConfig { token: "c-token".into(), weight: 3, ..Default::default() }),
+            ("research".to_string(), CallerConfig { token: "r-token".into(), max_active_jobs: 4, max_priority: Some(-1), ..Default::default() }),
+        ]
+        .into();
+        let mut after = before.clone();
+        after.get_mut("research").unwrap().token = "r-token-2".into();
+        after.remove("clinic");
+        after.insert("ris".into(), CallerConfig { token: "ris-token".into(), ..Default::default() });
+        let change = c.replace(Some("s-token"), &after, &before);
+        assert_eq!(change, CallersChange { added: vec!["ris".into()], removed: vec!["clinic".into()], changed: vec!["research".into()] });
+        assert!(!format!("{change:?}").contains("token"), "{change:?}");
+        for gone in ["r-token", "c-token"] {
+            assert_eq!(call(&mut serving, Some(gone)).unwrap_err().code(), tonic::Code::Unauthenticated, "{gone}");
+        }
+        assert_eq!(&*call(&mut serving, Some("r-token-2")).unwrap().name, "research");
+        assert_eq!(&*call(&mut serving, Some("ris-token")).unwrap().name, "ris");
+        assert_eq!(&*call(&mut serving, Some("s-token")).unwrap().name, SERVICE);
+        // No callers and no service token: every call is the anonymous caller again.
+        c.replace(None, &BTreeMap::new(), &after);
+        assert!(call(&mut serving, None).unwrap().name.is_empty());
     }
 
     #[test]

@@ -98,7 +98,9 @@ impl ServeArgs {
 }
 
 /// Runs the server until SIGTERM/SIGINT, then drains it (a second signal cuts the grace period
-/// short) and flushes the traces; returns once it has stopped.
+/// short) and flushes the traces; returns once it has stopped. On SIGHUP it loads the
+/// configuration again (file, variables, flags) and puts its `[server.callers]` in force
+/// ([`Server::reload_callers`]); an invalid one is logged and changes nothing.
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let cfg = args.config()?;
     if args.print_config {
@@ -112,7 +114,18 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         let telemetry = Telemetry::init(&cfg)?;
         let served = async {
             let server = Server::start(&cfg).await?;
-            shutdown_signal().await;
+            let reloads = async {
+                #[cfg(unix)]
+                if let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                    while hangups.recv().await.is_some() {
+                        if let Err(e) = args.config().and_then(|c| server.reload_callers(&c)) {
+                            tracing::error!("configuration not reloaded on SIGHUP: {e:#}");
+                        }
+                    }
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! { _ = shutdown_signal() => {}, _ = reloads => {} }
             // A second signal cancels the running jobs at once instead of after the grace
             // period (they still end cleanly: their clients hear "cancelled").
             server.shutdown_or(shutdown_signal()).await

@@ -14,7 +14,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-use crate::callers::Callers;
+use crate::callers::{Callers, CallersChange};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connections::{ConnectionLimit, Tracked};
@@ -64,6 +64,11 @@ pub struct Server {
     /// Set before the drain reports NOT_SERVING, so the end of the workers' warm-up does not
     /// report SERVING after it (see [`serving_once_warm`]).
     draining: Arc<AtomicBool>,
+    /// The check of every call, whose callers [`Server::reload_callers`] replaces.
+    callers: Callers,
+    /// The configuration it started with, and the named callers in force now.
+    started: Config,
+    current_callers: std::sync::Mutex<std::collections::BTreeMap<String, crate::config::CallerConfig>>,
 }
 
 /// Sets the health of the server as a whole ("") and of the Segmenter service.
@@ -225,7 +230,7 @@ impl Server {
         // Outside the token check, whose refusal reads no body: a caller without the token
         // holds nothing of the budget.
         let idle = (cfg.server.request_idle_timeout_s > 0).then(|| Duration::from_secs(cfg.server.request_idle_timeout_s));
-        let segmenter = Budgeted::new(InterceptedService::new(segmenter, auth), uploads, metrics.clone(), max, idle);
+        let segmenter = Budgeted::new(InterceptedService::new(segmenter, auth.clone()), uploads, metrics.clone(), max, idle);
 
         // A new connection's time to say something (crates/server/src/connections.rs).
         let handshake = Duration::from_secs(cfg.server.handshake_timeout_s);
@@ -289,7 +294,38 @@ impl Server {
             metrics: metrics_endpoint,
             stopping,
             draining,
+            callers: auth,
+            started: cfg.clone(),
+            current_callers: std::sync::Mutex::new(cfg.server.callers.clone()),
         })
+    }
+
+    /// Puts `cfg`'s named callers (`[server.callers]`) in place of the running ones, for every
+    /// call from now on (`s3net serve` does it on `SIGHUP`): a leaked token rotated, a caller
+    /// added or given other limits, without a restart, so without losing the queue. They are
+    /// checked as at start against the running server's other settings (its TLS, its
+    /// `server.auth_token`); an invalid set changes nothing. Every other setting takes effect
+    /// at the next start only: when `cfg` changes one, the log says so.
+    pub fn reload_callers(&self, cfg: &Config) -> Result<CallersChange> {
+        let mut merged = self.started.clone();
+        merged.server.callers = cfg.server.callers.clone();
+        merged.validate().context("[server.callers] not reloaded")?;
+        let mut current = self.current_callers.lock().unwrap_or_else(|p| p.into_inner());
+        let change = self.callers.replace(self.started.server.auth_token.as_deref(), &cfg.server.callers, &current);
+        *current = cfg.server.callers.clone();
+        info!(
+            callers = cfg.server.callers.len(),
+            added = ?change.added,
+            removed = ?change.removed,
+            changed = ?change.changed,
+            "[server.callers] reloaded"
+        );
+        let mut others = cfg.clone();
+        others.server.callers = self.started.server.callers.clone();
+        if others != self.started {
+            warn!("the configuration changes settings other than [server.callers]: they take effect at the next start, not on reload");
+        }
+        Ok(change)
     }
 
     /// The address of the `/metrics` endpoint, when enabled.

@@ -279,3 +279,40 @@ async fn final_as_over(c: &mut s3net_server::cli::Client, id: &str) -> pb::Job {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `Server::reload_callers` (what `s3net serve` does on SIGHUP): a rotated token works at
+/// once and the old one no longer does, a removed caller's job stays for the operators, new
+/// limits apply to the next submission, and an invalid set changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_are_replaced_without_a_restart() {
+    let cfg = callers_config();
+    let (server, url) = start(cfg.clone()).await;
+    let mut c = client(&url).await;
+    let clinic_job = c.submit_job(submit_as(disk(36, 36), quick(), "", CLINIC)).await.unwrap().into_inner().job_id;
+    assert_eq!(final_as(&mut c, &clinic_job, CLINIC).await.state, pb::JobState::Completed as i32);
+
+    let mut next = cfg.clone();
+    next.server.callers.remove("clinic");
+    let research = next.server.callers.get_mut("research").unwrap();
+    research.token = "research-token-2".into();
+    research.max_active_jobs = 0;
+    let change = server.reload_callers(&next).expect("a valid set");
+    assert_eq!((change.removed, change.changed), (vec!["clinic".to_string()], vec!["research".to_string()]));
+    for gone in [RESEARCH, CLINIC] {
+        let e = c.list_jobs(as_caller(pb::ListJobsRequest::default(), gone)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{gone}");
+    }
+    // research's limit was 1; now none: two jobs at once.
+    let slow_one = c.submit_job(submit_as(disk(48, 48), slow(), "", "research-token-2")).await.expect("the new token").into_inner().job_id;
+    c.submit_job(submit_as(disk(40, 40), quick(), "", "research-token-2")).await.expect("no limit any more");
+    let all = list_as(&mut c, OPS).await;
+    assert!(all.contains(&(clinic_job.clone(), "clinic".to_string())), "the removed caller's job is kept: {all:?}");
+
+    let mut bad = next.clone();
+    bad.server.callers.get_mut("ops").unwrap().token = "research-token-2".into();
+    let e = server.reload_callers(&bad).unwrap_err();
+    assert!(format!("{e:#}").contains("[server.callers] not reloaded: server.callers.research.token is the same as server.callers.ops.token"), "{e:#}");
+    assert_eq!(list_as(&mut c, OPS).await.len(), 3, "the valid set stays in force");
+    c.cancel_job(as_caller(pb::CancelJobRequest { job_id: slow_one }, OPS)).await.unwrap();
+    server.shutdown().await.unwrap();
+}

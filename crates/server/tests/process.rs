@@ -1,4 +1,5 @@
-//! `run_serve` as a real process: configured from S3NET__… variables, stopped by SIGTERM.
+//! `run_serve` as a real process: configured from S3NET__… variables, stopped by SIGTERM, its
+//! callers reloaded from its file on SIGHUP.
 
 mod common;
 
@@ -19,8 +20,17 @@ fn serve_child() {
 /// `s3net serve` as a child process with `grace_s` of shutdown grace, its log (JSON lines)
 /// piped; returns it and its URL.
 fn serve(grace_s: u32) -> (std::process::Child, String) {
+    serve_with(grace_s, None)
+}
+
+/// [`serve`], with `--config file`.
+fn serve_with(grace_s: u32, file: Option<&std::path::Path>) -> (std::process::Child, String) {
     let port = free_port();
-    let child = Command::new(std::env::current_exe().unwrap())
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if let Some(f) = file {
+        command.env("S3NET_SERVE_CHILD_CONFIG", f);
+    }
+    let child = command
         .args(["serve_child", "--exact", "--ignored", "--nocapture"])
         .env("S3NET_SERVE_CHILD", "1")
         .env("S3NET__SERVER__ADDR", format!("127.0.0.1:{port}"))
@@ -101,4 +111,47 @@ fn a_second_sigterm_cancels_at_once() {
     let log = cancelled_at_shutdown(&rt, w, child);
     assert!(t.elapsed() < Duration::from_secs(30), "stopped {:?} after the second signal", t.elapsed());
     assert!(log.contains("asked again to stop; cancelling now"), "{log}");
+}
+
+/// SIGHUP loads the file again and puts its callers in force: the rotated token works and the
+/// old one does not, the queue and the server go on; an invalid file is logged and changes
+/// nothing.
+#[test]
+fn sighup_reloads_the_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s3net.toml");
+    let callers = |token: &str| format!("[server.callers.pacs]\ntoken = \"{token}\"\n");
+    std::fs::write(&file, callers("first-token")).unwrap();
+    let (child, url) = serve_with(1, Some(&file));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_serving(&plain_conn(&url), Duration::from_secs(60))).unwrap();
+    let list = |token: &str| {
+        let conn = s3net_server::cli::ConnectArgs { token: Some(token.into()), ..plain_conn(&url) };
+        rt.block_on(async { conn.client().await?.list_jobs(pb::ListJobsRequest::default()).await.map_err(anyhow::Error::from) })
+    };
+    list("first-token").expect("the file's token");
+    let hangup = || assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+
+    std::fs::write(&file, callers("second-token")).unwrap();
+    hangup();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while list("second-token").is_err() {
+        assert!(std::time::Instant::now() < until, "the rotated token never worked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(list("first-token").is_err(), "the old token is refused");
+
+    // A caller without a token or certificate names: not reloaded, the last set stays.
+    std::fs::write(&file, "[server.callers.pacs]\nmax_active_jobs = 2\n").unwrap();
+    hangup();
+    std::thread::sleep(Duration::from_millis(500));
+    list("second-token").expect("still in force");
+
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "exit {:?}\n{log}", out.status);
+    assert!(log.contains("[server.callers] reloaded") && log.contains("\"changed\":\"[\\\"pacs\\\"]\""), "{log}");
+    assert!(log.contains("configuration not reloaded on SIGHUP") && log.contains("server.callers.pacs needs a token"), "{log}");
+    assert!(!log.contains("second-token") && !log.contains("first-token"), "no token in the log: {log}");
 }

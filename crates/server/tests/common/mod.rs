@@ -38,7 +38,8 @@ pub fn plain_conn(url: &str) -> s3net_server::cli::ConnectArgs {
 /// with 0 (clean shutdown) or 3.
 pub fn serve_if_child() {
     if std::env::var_os("S3NET_SERVE_CHILD").is_some() {
-        let r = s3net_server::cli::run_serve(s3net_server::cli::ServeArgs::default());
+        let args = s3net_server::cli::ServeArgs { config: std::env::var_os("S3NET_SERVE_CHILD_CONFIG").map(Into::into), ..Default::default() };
+        let r = s3net_server::cli::run_serve(args);
         if let Err(e) = &r {
             eprintln!("serve failed: {e:#}");
         }
