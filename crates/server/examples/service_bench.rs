@@ -331,12 +331,13 @@ async fn burst(workers: usize, warm: usize) {
 /// bulk pipeline as it should be sent to such a server: 4 clients of 36 jobs, as many as its
 /// limit, never refused. The clinic's time per job (from its first attempt to its result) and
 /// its refusals, and when the bulk caller's last job ended.
-async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u32, clinic_priority: i32, fair: bool) {
+async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u32, clinic_priority: i32, fair: bool, share: f64) {
     use s3net_server::config::CallerConfig;
     let (clinic_jobs, room) = (8usize, 32usize);
     let (server, url) = start_with(workers, 100, |c| {
         c.queue.capacity = room;
         c.queue.fair_share = fair;
+        c.queue.max_caller_share = share;
         c.server.callers.insert("research".into(), CallerConfig { token: "r".into(), max_active_jobs: bulk_limit, ..Default::default() });
         c.server.callers.insert("clinic".into(), CallerConfig { token: "c".into(), ..Default::default() });
     })
@@ -376,6 +377,7 @@ async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u
         limit += &format!(", the clinic's priority {clinic_priority}");
     }
     limit += if fair { ", callers taking turns" } else { ", arrival order (queue.fair_share = false)" };
+    limit += &if share < 1.0 { format!(", one caller at most {share} of the queue") } else { ", no share of the queue".to_string() };
     println!(
         "| a bulk caller's {bulk} clients × {per_bulk} jobs and a clinic's {clinic_jobs} jobs one after another, queue of {room}, 256×256, 5 steps, {limit} | clinic: {:.2} s a job (median; longest {:.2} s), {refused} refusals; the bulk caller's last job done after {bulk_done:.1} s |",
         pct(&mut waits.clone(), 0.5),
@@ -385,16 +387,16 @@ async fn callers(workers: usize, (bulk, per_bulk): (usize, usize), bulk_limit: u
 }
 
 /// [`callers`]' cases: the bulk clients × their jobs, its `max_active_jobs`, the clinic's
-/// priority, whether the callers take turns.
-type CallerCase = ((usize, usize), u32, i32, bool);
+/// priority, whether the callers take turns, the most of the queue one caller may hold.
+type CallerCase = ((usize, usize), u32, i32, bool, f64);
 const CALLER_CASES: [CallerCase; 7] = [
-    ((48, 3), 0, 0, false),
-    ((48, 3), 0, 0, true),
-    ((48, 3), 4, 0, false),
-    ((48, 3), 4, 0, true),
-    ((48, 3), 0, 10, true),
-    ((48, 3), 4, 10, true),
-    ((4, 36), 4, 10, true),
+    ((48, 3), 0, 0, false, 1.0),
+    ((48, 3), 0, 0, true, 1.0),
+    ((48, 3), 0, 0, true, 0.75),
+    ((48, 3), 4, 0, false, 1.0),
+    ((48, 3), 4, 0, true, 0.75),
+    ((48, 3), 0, 10, true, 0.75),
+    ((4, 36), 4, 10, true, 0.75),
 ];
 
 #[tokio::main]
@@ -414,8 +416,8 @@ async fn main() {
         return;
     }
     if arg("--callers-only", 0) == 1 {
-        for (bulk, limit, priority, fair) in CALLER_CASES {
-            callers(workers, bulk, limit, priority, fair).await;
+        for (bulk, limit, priority, fair, share) in CALLER_CASES {
+            callers(workers, bulk, limit, priority, fair, share).await;
         }
         return;
     }
@@ -479,8 +481,8 @@ async fn main() {
 
     soak(workers).await;
 
-    for (bulk, limit, priority, fair) in CALLER_CASES {
-        callers(workers, bulk, limit, priority, fair).await;
+    for (bulk, limit, priority, fair, share) in CALLER_CASES {
+        callers(workers, bulk, limit, priority, fair, share).await;
     }
 
     // Progress streaming: every step vs. none, 20 steps.

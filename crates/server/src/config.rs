@@ -227,6 +227,12 @@ pub struct QueueConfig {
     /// otherwise hold every worker until they all ran, and another caller's one study would
     /// wait behind them. One caller (no named callers) is arrival order either way.
     pub fair_share: bool,
+    /// The most of the queue's places one named caller may hold (a fraction of `capacity`;
+    /// 1: no bound but the queue's). Why: turns put another caller's job first once it is
+    /// queued, but a queue one caller filled refuses everyone else's; this keeps room for them
+    /// without a `max_active_jobs` for each caller. Not for the anonymous caller or
+    /// `server.auth_token`'s (each the only caller of its server).
+    pub max_caller_share: f64,
 }
 
 impl Default for QueueConfig {
@@ -238,6 +244,7 @@ impl Default for QueueConfig {
             retention_bytes: 256 << 20,
             max_queued_bytes: 2 << 30,
             fair_share: true,
+            max_caller_share: 0.75,
         }
     }
 }
@@ -632,6 +639,11 @@ impl Config {
         anyhow::ensure!(
             !self.telemetry.service_name.trim().is_empty(),
             "telemetry.service_name must not be empty"
+        );
+        anyhow::ensure!(
+            self.queue.max_caller_share > 0.0 && self.queue.max_caller_share <= 1.0,
+            "queue.max_caller_share must be above 0 and at most 1, got {}",
+            self.queue.max_caller_share
         );
         self.validate_callers()?;
         self.validate_cluster()

@@ -25,6 +25,12 @@ pub enum ServiceError {
          (server.callers.{caller}.max_active_jobs = {limit}); retry in about {retry_after_s} s"
     )]
     CallerQuota { caller: String, active: usize, limit: usize, retry_after_s: u64 },
+    /// The caller holds its share of the queue's places already (see `queue.max_caller_share`).
+    #[error(
+        "caller '{caller}' holds {queued} of the queue's {capacity} places, as many as one caller may \
+         while others may need room (queue.max_caller_share); retry in about {retry_after_s} s"
+    )]
+    CallerShare { caller: String, queued: usize, capacity: usize, retry_after_s: u64 },
     /// The job belongs to another caller, and this one is not an operator.
     #[error(
         "job '{0}' was submitted by another caller: only that caller and the operators \
@@ -139,7 +145,8 @@ impl ServiceError {
             ServiceError::QueueFull { .. }
             | ServiceError::QueueMemory { .. }
             | ServiceError::UploadsFull { .. }
-            | ServiceError::CallerQuota { .. } => Code::ResourceExhausted,
+            | ServiceError::CallerQuota { .. }
+            | ServiceError::CallerShare { .. } => Code::ResourceExhausted,
             ServiceError::PermissionDenied(_) => Code::PermissionDenied,
             ServiceError::Stalled { .. } => Code::DeadlineExceeded,
             ServiceError::Draining | ServiceError::ReplicaUnreachable { .. } => Code::Unavailable,
@@ -157,8 +164,8 @@ impl ServiceError {
 
 impl ServiceError {
     /// Why a request was refused, as `s3net_rejected_total{reason}` counts it: the gRPC code's
-    /// name in snake case, except `queue_full`, `queue_memory`, `upload_memory` and
-    /// `caller_quota` (RESOURCE_EXHAUSTED), `stalled` (DEADLINE_EXCEEDED) and `draining`
+    /// name in snake case, except `queue_full`, `queue_memory`, `upload_memory`,
+    /// `caller_quota` and `caller_share` (RESOURCE_EXHAUSTED), `stalled` (DEADLINE_EXCEEDED) and `draining`
     /// (UNAVAILABLE), which say what to do about it.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -166,6 +173,7 @@ impl ServiceError {
             ServiceError::QueueMemory { .. } => "queue_memory",
             ServiceError::UploadsFull { .. } => "upload_memory",
             ServiceError::CallerQuota { .. } => "caller_quota",
+            ServiceError::CallerShare { .. } => "caller_share",
             ServiceError::Stalled { .. } => "stalled",
             ServiceError::Draining => "draining",
             e => code_reason(e.code()),
@@ -222,7 +230,8 @@ impl From<ServiceError> for Status {
         if let ServiceError::QueueFull { retry_after_s, .. }
         | ServiceError::QueueMemory { retry_after_s, .. }
         | ServiceError::UploadsFull { retry_after_s, .. }
-        | ServiceError::CallerQuota { retry_after_s, .. } = e
+        | ServiceError::CallerQuota { retry_after_s, .. }
+        | ServiceError::CallerShare { retry_after_s, .. } = e
         {
             if let Ok(v) = retry_after_s.to_string().parse() {
                 status.metadata_mut().insert("retry-after", v);
@@ -272,6 +281,7 @@ mod tests {
             ),
             (ServiceError::Stalled { idle_s: 60 }, Code::DeadlineExceeded),
             (ServiceError::CallerQuota { caller: "research".into(), active: 4, limit: 4, retry_after_s: 3 }, Code::ResourceExhausted),
+            (ServiceError::CallerShare { caller: "research".into(), queued: 48, capacity: 64, retry_after_s: 3 }, Code::ResourceExhausted),
             (ServiceError::PermissionDenied("j".into()), Code::PermissionDenied),
             (ServiceError::MessageTooLarge { bytes: 70 << 20, limit: 64 << 20 }, Code::InvalidArgument),
             (ServiceError::Draining, Code::Unavailable),
@@ -318,6 +328,13 @@ mod tests {
             "caller 'research' has 4 jobs queued or running, its limit (server.callers.research.max_active_jobs = 4); retry in about 3 s"
         );
         assert_eq!(Status::from(quota).metadata().get("retry-after").unwrap(), "3");
+        let share = ServiceError::CallerShare { caller: "research".into(), queued: 48, capacity: 64, retry_after_s: 5 };
+        assert_eq!(share.reason(), "caller_share");
+        assert_eq!(
+            share.to_string(),
+            "caller 'research' holds 48 of the queue's 64 places, as many as one caller may while others may need room (queue.max_caller_share); retry in about 5 s"
+        );
+        assert_eq!(Status::from(share).metadata().get("retry-after").unwrap(), "5");
         assert_eq!(ServiceError::PermissionDenied("j".into()).reason(), "permission_denied");
         let big = Status::from(ServiceError::MessageTooLarge { bytes: 70 << 20, limit: 64 << 20 });
         assert_eq!(big.metadata().get("max-message-bytes").unwrap(), "67108864");

@@ -238,6 +238,8 @@ pub struct QueueLimits {
     pub workers: usize,
     /// Whether the callers of one priority take turns (`queue.fair_share`, see [`crate::fair`]).
     pub fair_share: bool,
+    /// The most of `capacity` one named caller may hold queued (`queue.max_caller_share`).
+    pub caller_share: f64,
 }
 
 /// The in-process [`JobQueue`]: one mutex, one condition variable for the workers.
@@ -505,6 +507,28 @@ impl MemoryQueue {
         })
     }
 
+    /// Refuses a job of a named `caller` that holds `queue.max_caller_share` of the queue's
+    /// places already, with [`MemoryQueue::caller_retry_after_s`]'s hint (when its first job
+    /// should end; its first queued one is taken before that). The anonymous caller and the
+    /// service's token are each the only caller of their server: not bounded.
+    fn check_share(&self, inner: &mut Inner, caller: &Caller) -> Result<(), ServiceError> {
+        let capacity = self.limits.capacity;
+        let places = ((capacity as f64 * self.limits.caller_share).floor() as usize).max(1);
+        if places >= capacity || caller.name.is_empty() || *caller.name == *crate::callers::SERVICE {
+            return Ok(());
+        }
+        let queued = inner.queue.iter().filter(|id| inner.jobs.get(*id).is_some_and(|e| e.caller == caller.name)).count();
+        if queued < places {
+            return Ok(());
+        }
+        Err(ServiceError::CallerShare {
+            caller: caller.name.to_string(),
+            queued,
+            capacity,
+            retry_after_s: self.caller_retry_after_s(inner, &caller.name),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the maps inconsistent in a way that
         // matters more than refusing all further work would.
@@ -739,6 +763,7 @@ impl JobQueue for MemoryQueue {
             return Ok(empty());
         }
         self.check_caller(&mut inner, caller)?;
+        self.check_share(&mut inner, caller)?;
         if inner.queue.len() >= self.limits.capacity {
             return Err(ServiceError::QueueFull {
                 waiting: inner.queue.len(),
@@ -762,6 +787,7 @@ impl JobQueue for MemoryQueue {
             }
         }
         self.check_caller(&mut inner, &job.caller)?;
+        self.check_share(&mut inner, &job.caller)?;
         let bytes = image_bytes(&job);
         if inner.queue.len() >= self.limits.capacity {
             return Err(ServiceError::QueueFull {
@@ -1073,6 +1099,7 @@ mod tests {
             queued_bytes: 1 << 20,
             workers: 1,
             fair_share: true,
+            caller_share: 1.0,
         }
     }
 
@@ -1349,6 +1376,37 @@ mod tests {
         let q = MemoryQueue::new(QueueLimits { fair_share: false, ..q_limits() });
         let ids: Vec<String> = [&research, &research, &clinic].iter().map(|c| q.submit(job_of(c, None)).unwrap().id).collect();
         assert_eq!(ids_in_line(&q), ids, "queue.fair_share = false: arrival order");
+    }
+
+    /// A named caller holds at most `max_caller_share` of the queue's places, so that a queue
+    /// it filled still has room for the others; the anonymous and service callers are not
+    /// bounded; a running job frees a place.
+    #[test]
+    fn one_caller_keeps_room_in_the_queue_for_the_others() {
+        let q = MemoryQueue::new(QueueLimits { caller_share: 0.75, ..q_limits() });
+        let (research, clinic) = (caller("research", 0), caller("clinic", 0));
+        for _ in 0..6 {
+            q.submit(job_of(&research, None)).expect("6 of 8 places");
+        }
+        for refused in [q.submit(job_of(&research, None)).map(drop), q.reserve(64, "", &research).map(drop)] {
+            match refused {
+                Err(ServiceError::CallerShare { caller, queued: 6, capacity: 8, retry_after_s }) => {
+                    assert_eq!(caller, "research");
+                    assert!(retry_after_s >= 1);
+                }
+                other => panic!("expected the caller's share, got {other:?}"),
+            }
+        }
+        q.submit(job_of(&clinic, None)).expect("room for another caller");
+        take_id(&q, DeviceSpec::Cpu).expect("a job runs");
+        q.submit(job_of(&research, None)).expect("its running job left the queue: a place again");
+        let q = MemoryQueue::new(QueueLimits { caller_share: 0.75, ..q_limits() });
+        for who in [Caller::anonymous(), Caller::named(crate::callers::SERVICE)] {
+            for _ in 0..4 {
+                q.submit(job_of(&who, None)).expect("not bounded by a share");
+            }
+        }
+        assert!(matches!(q.submit(job(0, DeviceSpec::Auto, None)), Err(ServiceError::QueueFull { .. })));
     }
 
     /// Each caller's idempotency keys are its own; listings and owners follow the callers.

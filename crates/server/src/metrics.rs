@@ -35,12 +35,13 @@ use crate::uploads::UploadBudget;
 pub const OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
 
 /// Refusal reasons as counted by `s3net_rejected_total{reason}`.
-pub const REJECT_REASONS: [&str; 10] = [
+pub const REJECT_REASONS: [&str; 11] = [
     "invalid_argument",
     "queue_full",
     "queue_memory",
     "upload_memory",
     "caller_quota",
+    "caller_share",
     "stalled",
     "draining",
     "unauthenticated",

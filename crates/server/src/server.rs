@@ -168,6 +168,7 @@ impl Server {
                 queued_bytes: cfg.queue.max_queued_bytes,
                 workers: slots.len(),
                 fair_share: cfg.queue.fair_share,
+                caller_share: cfg.queue.max_caller_share,
             },
             metrics.clone(),
         ).with_id_suffix(id_suffix));

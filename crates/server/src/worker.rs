@@ -742,7 +742,7 @@ mod tests {
     #[test]
     fn every_worker_counts_itself_off_the_warm_up() {
         use crate::jobs::{MemoryQueue, QueueLimits};
-        let limits = QueueLimits { capacity: 4, retention: Duration::from_secs(60), retention_bytes: 1 << 20, queued_bytes: 1 << 20, workers: 2, fair_share: true };
+        let limits = QueueLimits { capacity: 4, retention: Duration::from_secs(60), retention_bytes: 1 << 20, queued_bytes: 1 << 20, workers: 2, fair_share: true, caller_share: 1.0 };
         let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::new(limits));
         let slot = |name: &str, device| WorkerSlot { name: name.into(), device, batch: 1 };
         let slots = [slot("cpu-0", DeviceSpec::Cpu), slot("cuda:99-0", DeviceSpec::Cuda(99))];
@@ -765,7 +765,7 @@ mod tests {
     fn a_job_dropped_without_an_outcome_fails_instead_of_running_for_ever() {
         use crate::jobs::{MemoryQueue, QueueLimits};
         use crate::pb::JobState;
-        let limits = QueueLimits { capacity: 4, retention: Duration::from_secs(60), retention_bytes: 1 << 20, queued_bytes: 1 << 20, workers: 1, fair_share: true };
+        let limits = QueueLimits { capacity: 4, retention: Duration::from_secs(60), retention_bytes: 1 << 20, queued_bytes: 1 << 20, workers: 1, fair_share: true, caller_share: 1.0 };
         let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::new(limits));
         let take = || match queue.take(DeviceSpec::Cpu, Duration::from_secs(1), &|_| true) {
             Take::Job(c) => *c,

@@ -316,3 +316,38 @@ async fn callers_are_replaced_without_a_restart() {
     c.cancel_job(as_caller(pb::CancelJobRequest { job_id: slow_one }, OPS)).await.unwrap();
     server.shutdown().await.unwrap();
 }
+
+/// `queue.max_caller_share`: a caller with no `max_active_jobs` still leaves room in the
+/// queue for the others; its refusal says why and when to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_does_not_fill_the_queue() {
+    let mut cfg = callers_config();
+    cfg.queue.capacity = 4;
+    cfg.queue.max_caller_share = 0.5;
+    cfg.server.callers.get_mut("research").unwrap().max_active_jobs = 0;
+    let (server, url) = start(cfg).await;
+    let mut c = client(&url).await;
+    let mut research = Vec::new();
+    for _ in 0..3 {
+        // The first runs (and leaves the queue), two wait.
+        research.push(c.submit_job(submit_as(disk(48, 48), slow(), "", RESEARCH)).await.unwrap().into_inner().job_id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = c.submit_job(submit_as(disk(40, 40), quick(), "", RESEARCH)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().starts_with("caller 'research' holds 2 of the queue's 4 places, as many as one caller may while others may need room (queue.max_caller_share); retry in about"),
+        "{}",
+        e.message()
+    );
+    assert!(e.metadata().get("retry-after").is_some());
+    let clinic = c.submit_job(submit_as(disk(36, 36), quick(), "", CLINIC)).await.expect("room for the clinic").into_inner();
+    assert_eq!(clinic.queue_position, 0, "and its turn first");
+    for id in research {
+        c.cancel_job(as_caller(pb::CancelJobRequest { job_id: id }, OPS)).await.unwrap();
+    }
+    assert_eq!(final_as(&mut c, &clinic.job_id, CLINIC).await.state, pb::JobState::Completed as i32);
+    let m = scrape(server.metrics_addr().expect("metrics endpoint")).await;
+    assert_series(&m, &[("s3net_rejected_total{reason=\"caller_share\"}", 1.0)]);
+    server.shutdown().await.unwrap();
+}

@@ -498,7 +498,9 @@ fn callers_load_from_file_and_environment_and_are_checked() {
     })
     .expect("a caller known by its certificate alone, a weight of 1000");
     type Edit = fn(&mut Config);
-    let cases: [(Edit, &str); 13] = [
+    let cases: [(Edit, &str); 15] = [
+        (|c| c.queue.max_caller_share = 0.0, "queue.max_caller_share must be above 0 and at most 1, got 0"),
+        (|c| c.queue.max_caller_share = 1.5, "got 1.5"),
         (|c| add(c, "clinic", ""), "server.callers.clinic needs a token (server.callers.clinic.token) or the names of its client certificate"),
         (|c| c.server.callers.get_mut("research").unwrap().weight = 0, "server.callers.research.weight must be between 1 and 1000, got 0"),
         (|c| c.server.callers.get_mut("research").unwrap().weight = 1001, "got 1001"),
