@@ -113,10 +113,14 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     rt.block_on(async {
         let telemetry = Telemetry::init(&cfg)?;
         let served = async {
+            // Caught from before the start (a warm-up takes seconds): SIGHUP's default action
+            // would end the process, and a reload sent meanwhile is then done once serving.
+            #[cfg(unix)]
+            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
             let server = Server::start(&cfg).await?;
             let reloads = async {
                 #[cfg(unix)]
-                if let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                if let Ok(mut hangups) = hangups {
                     while hangups.recv().await.is_some() {
                         if let Err(e) = args.config().and_then(|c| server.reload_callers(&c)) {
                             tracing::error!("configuration not reloaded on SIGHUP: {e:#}");
