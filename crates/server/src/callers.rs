@@ -130,6 +130,8 @@ struct Table {
     certificates: HashMap<String, Caller>,
     /// Every named caller by name, for the calls replicas forward [`ON_BEHALF_OF`] one.
     by_name: HashMap<String, Caller>,
+    /// The configuration it was made of, what the next [`Callers::replace`] tells changes by.
+    configs: BTreeMap<String, CallerConfig>,
 }
 
 /// What a [`Callers::replace`] changed, by caller name (tokens are not shown, only whether
@@ -153,9 +155,10 @@ impl Callers {
     /// without losing the queue). `service_token` is the running server's (the replicas'
     /// forwarding uses it; it changes only with a restart). Jobs keep the caller they were
     /// submitted by; a removed caller's jobs are still there for the operators.
-    pub fn replace(&self, service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>, before: &BTreeMap<String, CallerConfig>) -> CallersChange {
-        let table = Table::new(service_token, callers);
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    pub fn replace(&self, service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>) -> CallersChange {
+        let table = Arc::new(Table::new(service_token, callers));
+        let old = std::mem::replace(&mut *self.table.write().unwrap_or_else(|p| p.into_inner()), table);
+        let before = &old.configs;
         let mut change = CallersChange::default();
         for (name, c) in callers {
             match before.get(name) {
@@ -196,7 +199,7 @@ impl Table {
             }
             by_name.insert(name.clone(), caller);
         }
-        Table { tokens, certificates, by_name }
+        Table { tokens, certificates, by_name, configs: callers.clone() }
     }
 
     /// Whether every call passes as the anonymous caller: no token, no certificate name.
@@ -397,16 +400,11 @@ mod tests {
     fn replacing_the_callers_rotates_their_tokens_for_every_clone() {
         let c = callers();
         let mut serving = c.clone();
-        let before: BTreeMap<String, CallerConfig> = [
-            ("clinic".to_string(), CallerConfig { token: "c-token".into(), weight: 3, ..Default::default() }),
-            ("research".to_string(), CallerConfig { token: "r-token".into(), max_active_jobs: 4, max_priority: Some(-1), ..Default::default() }),
-        ]
-        .into();
-        let mut after = before.clone();
+        let mut after = c.table().configs.clone();
         after.get_mut("research").unwrap().token = "r-token-2".into();
         after.remove("clinic");
         after.insert("ris".into(), CallerConfig { token: "ris-token".into(), ..Default::default() });
-        let change = c.replace(Some("s-token"), &after, &before);
+        let change = c.replace(Some("s-token"), &after);
         assert_eq!(change, CallersChange { added: vec!["ris".into()], removed: vec!["clinic".into()], changed: vec!["research".into()] });
         assert!(!format!("{change:?}").contains("token"), "{change:?}");
         for gone in ["r-token", "c-token"] {
@@ -416,7 +414,7 @@ mod tests {
         assert_eq!(&*call(&mut serving, Some("ris-token")).unwrap().name, "ris");
         assert_eq!(&*call(&mut serving, Some("s-token")).unwrap().name, SERVICE);
         // No callers and no service token: every call is the anonymous caller again.
-        c.replace(None, &BTreeMap::new(), &after);
+        assert_eq!(c.replace(None, &BTreeMap::new()).removed, ["research", "ris"]);
         assert!(call(&mut serving, None).unwrap().name.is_empty());
     }
 

@@ -66,9 +66,8 @@ pub struct Server {
     draining: Arc<AtomicBool>,
     /// The check of every call, whose callers [`Server::reload_callers`] replaces.
     callers: Callers,
-    /// The configuration it started with, and the named callers in force now.
+    /// The configuration it started with.
     started: Config,
-    current_callers: std::sync::Mutex<std::collections::BTreeMap<String, crate::config::CallerConfig>>,
 }
 
 /// Sets the health of the server as a whole ("") and of the Segmenter service.
@@ -297,7 +296,6 @@ impl Server {
             draining,
             callers: auth,
             started: cfg.clone(),
-            current_callers: std::sync::Mutex::new(cfg.server.callers.clone()),
         })
     }
 
@@ -311,9 +309,7 @@ impl Server {
         let mut merged = self.started.clone();
         merged.server.callers = cfg.server.callers.clone();
         merged.validate().context("[server.callers] not reloaded")?;
-        let mut current = self.current_callers.lock().unwrap_or_else(|p| p.into_inner());
-        let change = self.callers.replace(self.started.server.auth_token.as_deref(), &cfg.server.callers, &current);
-        *current = cfg.server.callers.clone();
+        let change = self.callers.replace(self.started.server.auth_token.as_deref(), &cfg.server.callers);
         info!(
             callers = cfg.server.callers.len(),
             added = ?change.added,
