@@ -675,12 +675,12 @@ impl Config {
                 !c.token.is_empty() || !c.certificate_names.is_empty(),
                 "server.callers.{name} needs a token (server.callers.{name}.token) or the names of its client certificate (server.callers.{name}.certificate_names)"
             );
+            anyhow::ensure!(
+                c.certificate_names.is_empty() || self.server.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+                "server.callers.{name}.certificate_names needs mutual TLS (server.tls.client_ca): without it no client certificate is asked for"
+            );
             for cert_name in &c.certificate_names {
                 anyhow::ensure!(!cert_name.trim().is_empty(), "server.callers.{name}.certificate_names: a name must not be empty");
-                anyhow::ensure!(
-                    self.server.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
-                    "server.callers.{name}.certificate_names needs mutual TLS (server.tls.client_ca): without it no client certificate is asked for"
-                );
                 if let Some((other, _)) = cert_names.iter().find(|(_, n)| n.eq_ignore_ascii_case(cert_name)) {
                     anyhow::bail!(
                         "server.callers.{name}.certificate_names and server.callers.{other}.certificate_names both hold {cert_name:?}: a certificate name must name one caller"
