@@ -136,8 +136,9 @@ pub struct CallerConfig {
     #[serde(default)]
     pub max_priority: Option<i32>,
     /// Its share of the workers against the other callers' when jobs of several wait at one
-    /// priority (`queue.fair_share`): the next job goes to the caller with the fewest running
-    /// jobs per unit of weight. 1 to 1000; unset: 1.
+    /// priority (`queue.fair_share`): each of its jobs counts as its work (steps × grid
+    /// pixels) divided by this weight, and the caller given the least work so far goes next.
+    /// 1 to 1000; unset: 1.
     #[serde(default = "one")]
     pub weight: u32,
 }
@@ -221,9 +222,9 @@ pub struct QueueConfig {
     /// Memory budget for the decoded images of queued jobs (4 bytes per sample), in bytes;
     /// beyond it new work is RESOURCE_EXHAUSTED like a full queue.
     pub max_queued_bytes: usize,
-    /// Among queued jobs of one priority, the next goes to the caller with the fewest running
-    /// jobs per unit of its weight (`server.callers.NAME.weight`), each caller's own in
-    /// arrival order; false: arrival order alone. Why: a caller that queued 60 jobs would
+    /// Among queued jobs of one priority, the callers take turns by the work each has been
+    /// given over its weight (`server.callers.NAME.weight`; start-time fair queueing, see
+    /// `crate::fair`), each caller's own in arrival order; false: arrival order alone. Why: a caller that queued 60 jobs would
     /// otherwise hold every worker until they all ran, and another caller's one study would
     /// wait behind them. One caller (no named callers) is arrival order either way.
     pub fair_share: bool,
