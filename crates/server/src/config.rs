@@ -100,12 +100,21 @@ pub struct ServerConfig {
     /// or a caller's. Its calls are the caller `service` (`crate::callers::SERVICE`), which
     /// sees every job; the replicas of a cluster share it.
     pub auth_token: Option<String>,
+    /// A file holding `auth_token` (its content, surrounding whitespace left out), e.g. a key
+    /// of a Kubernetes Secret mounted as a volume; instead of `auth_token`, read at start.
+    pub auth_token_file: Option<PathBuf>,
     pub tls: Option<TlsConfig>,
     /// Named callers, each with its own bearer token (`[server.callers.NAME]`): a job belongs
     /// to the caller that submitted it, who alone (with the operators) may see it, and each
     /// caller's queued and running jobs can be bounded (see `crate::callers`). Empty: one
     /// token or none, as `auth_token` says.
     pub callers: BTreeMap<String, CallerConfig>,
+    /// Seconds between two looks at the configuration (its file, the variables and flags, the
+    /// token files); when what they load differs from the last seen, `[server.callers]` is
+    /// reloaded as on `SIGHUP` (0: on `SIGHUP` only). Why: a token rotated in a mounted
+    /// Kubernetes Secret or ConfigMap reaches the pod's files, but no process there gets a
+    /// signal, and a restart would lose the queue.
+    pub reload_interval_s: u64,
 }
 
 /// One named caller (`[server.callers.NAME]`).
@@ -116,6 +125,11 @@ pub struct CallerConfig {
     /// `certificate_names` names it.
     #[serde(default)]
     pub token: String,
+    /// A file holding its token (the content, surrounding whitespace left out), instead of
+    /// `token`: read at start and at each reload, so that a token rotated in the file (a
+    /// mounted Kubernetes Secret's key) is put in force by `SIGHUP` or `server.reload_interval_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
     /// Names its client certificate carries under mutual TLS (`server.tls.client_ca`): a
     /// call whose verified certificate has one of them as its subject's common name or as a
     /// subject alternative name (DNS name, URI, e-mail address) is this caller's, without a
@@ -164,7 +178,7 @@ fn names_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<
 
 impl Default for CallerConfig {
     fn default() -> Self {
-        CallerConfig { token: String::new(), certificate_names: Vec::new(), max_active_jobs: 0, operator: false, max_priority: None, weight: 1 }
+        CallerConfig { token: String::new(), token_file: None, certificate_names: Vec::new(), max_active_jobs: 0, operator: false, max_priority: None, weight: 1 }
     }
 }
 
@@ -189,8 +203,10 @@ impl Default for ServerConfig {
             max_streams_per_connection: 256,
             http2_window_bytes: 8 << 20,
             auth_token: None,
+            auth_token_file: None,
             tls: None,
             callers: BTreeMap::new(),
+            reload_interval_s: 0,
         }
     }
 }
@@ -493,6 +509,21 @@ impl MetricsConfig {
     }
 }
 
+/// The token in `path` (`key` names the setting in errors): its content without the
+/// surrounding whitespace (a file written by `echo` or `kubectl create secret --from-file`
+/// ends with a newline), which must not be empty. The token itself never appears in an error.
+fn read_token(key: &str, path: &Path) -> Result<String> {
+    // A token is a line; anything this long is the wrong file, not to be held in memory.
+    const MAX: u64 = 64 << 10;
+    let len = std::fs::metadata(path).with_context(|| format!("{key}: cannot read {}", path.display()))?.len();
+    anyhow::ensure!(len <= MAX, "{key}: {} holds {len} bytes, more than a token ({MAX} at most)", path.display());
+    let bytes = std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{key}: {} is not UTF-8 text", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(!token.is_empty(), "{key}: {} is empty", path.display());
+    Ok(token.to_string())
+}
+
 /// Whether `s` looks like HOST:PORT (`[v6]:PORT` included); names are resolved at bind time.
 fn is_host_port(s: &str) -> bool {
     if s.parse::<std::net::SocketAddr>().is_ok() {
@@ -530,12 +561,35 @@ impl Config {
         for (k, v) in overrides {
             b = b.set_override(*k, v.clone())?;
         }
-        let c: Config = b
+        let mut c: Config = b
             .build()?
             .try_deserialize()
             .context("invalid configuration")?;
+        c.read_token_files()?;
         c.validate()?;
         Ok(c)
+    }
+
+    /// Reads `server.auth_token_file` and each `server.callers.NAME.token_file` into the
+    /// token beside it, which must be unset: one place for one secret.
+    fn read_token_files(&mut self) -> Result<()> {
+        if let Some(path) = &self.server.auth_token_file {
+            anyhow::ensure!(
+                self.server.auth_token.is_none(),
+                "server.auth_token and server.auth_token_file are both set: give the token one way"
+            );
+            self.server.auth_token = Some(read_token("server.auth_token_file", path)?);
+        }
+        for (name, c) in self.server.callers.iter_mut() {
+            if let Some(path) = &c.token_file {
+                anyhow::ensure!(
+                    c.token.is_empty(),
+                    "server.callers.{name}.token and server.callers.{name}.token_file are both set: give the token one way"
+                );
+                c.token = read_token(&format!("server.callers.{name}.token_file"), path)?;
+            }
+        }
+        Ok(())
     }
 
     /// The configuration as a TOML file that loads back to it, every key that has a value
@@ -546,12 +600,16 @@ impl Config {
     /// wonders which one won needs to see the result, without a secret in the terminal.
     pub fn to_toml(&self) -> Result<String> {
         let mut c = self.clone();
-        if c.server.auth_token.is_some() {
+        if c.server.auth_token_file.is_some() {
+            c.server.auth_token = None;
+        } else if c.server.auth_token.is_some() {
             c.server.auth_token = Some("<redacted>".into());
         }
         // Each its own placeholder: a file with two equal tokens would not load.
         for (name, caller) in c.server.callers.iter_mut() {
-            if !caller.token.is_empty() {
+            if caller.token_file.is_some() {
+                caller.token.clear();
+            } else if !caller.token.is_empty() {
                 caller.token = format!("<redacted server.callers.{name}.token>");
             }
         }

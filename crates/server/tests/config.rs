@@ -533,3 +533,60 @@ fn callers_load_from_file_and_environment_and_are_checked() {
         assert!(e.contains(expected), "{e}");
     }
 }
+
+/// `server.auth_token_file` and `server.callers.NAME.token_file`: a token read from a file
+/// (a mounted Kubernetes Secret's key), trimmed, never printed, and a file that cannot be a
+/// token refused naming the key and the path.
+#[test]
+fn tokens_load_from_files_and_are_checked() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let secret = |name: &str, content: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    };
+    let (pacs, svc) = (secret("pacs", b"pacs-secret\n"), secret("svc", b"  svc-secret \r\n"));
+    let file = dir.path().join("s3net.toml");
+    let write = |text: String| std::fs::write(&file, text).unwrap();
+    write(format!(
+        "[server]\nauth_token_file = {svc:?}\nreload_interval_s = 5\n[server.callers.pacs]\ntoken_file = {pacs:?}\nweight = 2\n"
+    ));
+    let c = Config::load(Some(&file), &[]).unwrap();
+    assert_eq!(c.server.auth_token.as_deref(), Some("svc-secret"), "surrounding whitespace left out");
+    assert_eq!((c.server.callers["pacs"].token.as_str(), c.server.callers["pacs"].weight), ("pacs-secret", 2));
+    assert_eq!(c.server.reload_interval_s, 5);
+    assert_eq!(Config::default().server.reload_interval_s, 0, "on SIGHUP only by default");
+
+    let text = c.to_toml().unwrap();
+    assert!(!text.contains("secret\"") && !text.contains("redacted"), "the files are named, the tokens left out: {text}");
+    assert!(text.contains(&format!("token_file = {pacs:?}")), "{text}");
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &text).unwrap();
+    assert_eq!(Config::load(Some(&printed), &[]).unwrap(), c, "the printed file reads the same files: {text}");
+
+    let refused = |text: String| {
+        write(text);
+        format!("{:#}", Config::load(Some(&file), &[]).unwrap_err())
+    };
+    let caller = |token_file: &std::path::Path| format!("[server.callers.pacs]\ntoken_file = {token_file:?}\n");
+    let missing = dir.path().join("missing");
+    let cases = [
+        (format!("{}token = \"inline-secret\"\n", caller(&pacs)), "server.callers.pacs.token and server.callers.pacs.token_file are both set".to_string()),
+        (format!("[server]\nauth_token = \"inline-secret\"\nauth_token_file = {svc:?}\n"), "server.auth_token and server.auth_token_file are both set".to_string()),
+        (caller(&missing), format!("server.callers.pacs.token_file: cannot read {}", missing.display())),
+        (format!("[server]\nauth_token_file = {missing:?}\n"), format!("server.auth_token_file: cannot read {}", missing.display())),
+        (caller(&secret("blank", b" \n\t\n")), "server.callers.pacs.token_file: ".to_string() + &dir.path().join("blank").display().to_string() + " is empty"),
+        (caller(&secret("binary", &[0xff, 0xfe, 0x00])), " is not UTF-8 text".to_string()),
+        (caller(&secret("huge", &vec![b'x'; 70_000])), "holds 70000 bytes, more than a token (65536 at most)".to_string()),
+        (caller(dir.path()), "server.callers.pacs.token_file: cannot read".to_string()),
+    ];
+    for (text, expected) in cases {
+        let e = refused(text);
+        assert!(e.contains(&expected), "{e}");
+        assert!(!e.contains("secret"), "no token in an error: {e}");
+    }
+    // Read before the checks: a file's token counts as the caller's token there too.
+    let e = refused(format!("[server]\nauth_token_file = {pacs:?}\n{}", caller(&pacs)));
+    assert!(e.contains("server.callers.pacs.token is the same as server.auth_token"), "{e}");
+}
