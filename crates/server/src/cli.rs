@@ -14,6 +14,7 @@ use tonic::{Request, Status};
 
 use crate::config::Config;
 use crate::pb::{self, job_event::Event, segmenter_client::SegmenterClient};
+use crate::reload::{self, Hangups, Reloader};
 use crate::server::Server;
 use crate::telemetry::Telemetry;
 
@@ -98,9 +99,10 @@ impl ServeArgs {
 }
 
 /// Runs the server until SIGTERM/SIGINT, then drains it (a second signal cuts the grace period
-/// short) and flushes the traces; returns once it has stopped. On SIGHUP it loads the
-/// configuration again (file, variables, flags) and puts its `[server.callers]` in force
-/// ([`Server::reload_callers`]); an invalid one is logged and changes nothing.
+/// short) and flushes the traces; returns once it has stopped. On SIGHUP, and every
+/// `server.reload_interval_s` when it changed, it loads the configuration again (file,
+/// variables, flags, token files) and puts its `[server.callers]` in force ([`crate::reload`]);
+/// an invalid one is logged and changes nothing.
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let cfg = args.config()?;
     if args.print_config {
@@ -115,20 +117,10 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         let served = async {
             // Caught from before the start (a warm-up takes seconds): SIGHUP's default action
             // would end the process, and a reload sent meanwhile is then done once serving.
-            #[cfg(unix)]
-            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+            let hangups = Hangups::catch();
             let server = Server::start(&cfg).await?;
-            let reloads = async {
-                #[cfg(unix)]
-                if let Ok(mut hangups) = hangups {
-                    while hangups.recv().await.is_some() {
-                        if let Err(e) = args.config().and_then(|c| server.reload_callers(&c)) {
-                            tracing::error!("configuration not reloaded on SIGHUP: {e:#}");
-                        }
-                    }
-                }
-                std::future::pending::<()>().await
-            };
+            let interval = (cfg.server.reload_interval_s > 0).then(|| Duration::from_secs(cfg.server.reload_interval_s));
+            let reloads = reload::run(&server, Reloader::new(|| args.config(), cfg.clone()), hangups, interval);
             tokio::select! { _ = shutdown_signal() => {}, _ = reloads => {} }
             // A second signal cancels the running jobs at once instead of after the grace
             // period (they still end cleanly: their clients hear "cancelled").

@@ -27,6 +27,7 @@ pub mod error;
 pub mod fair;
 pub mod jobs;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod telemetry;

@@ -49,6 +49,14 @@ pub const REJECT_REASONS: [&str; 11] = [
     "already_exists",
 ];
 
+/// Outcomes of a reload as counted by `s3net_config_reloads_total{outcome}`.
+pub const RELOAD_OUTCOMES: [&str; 2] = ["applied", "refused"];
+
+/// Seconds since 1970, for the timestamp gauges.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: String,
@@ -125,6 +133,9 @@ pub struct Metrics {
     restarted: Counter,
     refitted: Counter,
     forwarded: Family<ForwardLabel, Counter>,
+    reloads: Family<OutcomeLabel, Counter>,
+    reload_ok: Gauge,
+    reload_ok_at: Gauge<f64, AtomicU64>,
     gpu_used: Family<DeviceLabel, Gauge>,
     gpu_total: Family<DeviceLabel, Gauge>,
     gpu: Option<GpuMemory>,
@@ -318,6 +329,35 @@ impl Metrics {
              gRPC code they ended with",
             forwarded.clone(),
         );
+        // As Prometheus reports its own (prometheus_config_last_reload_successful): a file
+        // left invalid is ignored, which the log says once; an alert should say it until mended.
+        let reloads = Family::<OutcomeLabel, Counter>::default();
+        for o in RELOAD_OUTCOMES {
+            let _ = reloads.get_or_create(&OutcomeLabel { outcome: o.into() });
+        }
+        registry.register(
+            "config_reloads",
+            "Reloads of [server.callers] (on SIGHUP, or when server.reload_interval_s found the \
+             configuration changed), by outcome: applied, or refused (the configuration did not \
+             load or was invalid, and the callers in force stayed)",
+            reloads.clone(),
+        );
+        let reload_ok = Gauge::default();
+        reload_ok.set(1);
+        registry.register(
+            "config_last_reload_successful",
+            "1 when the last reload was applied (or none was tried since the start), 0 when it \
+             was refused: the configuration on disk is not the one in force",
+            reload_ok.clone(),
+        );
+        let reload_ok_at = Gauge::<f64, AtomicU64>::default();
+        reload_ok_at.set(unix_now());
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the callers in force were loaded (the start, or the last applied reload), in \
+             seconds since 1970",
+            reload_ok_at.clone(),
+        );
         let gpu = GpuMemory::open(workers);
         let gpu_used = Family::<DeviceLabel, Gauge>::default();
         let gpu_total = Family::<DeviceLabel, Gauge>::default();
@@ -372,9 +412,22 @@ impl Metrics {
             restarted,
             refitted,
             forwarded,
+            reloads,
+            reload_ok,
+            reload_ok_at,
             gpu_used,
             gpu_total,
             gpu,
+        }
+    }
+
+    /// A reload of the callers was applied (`true`) or refused.
+    pub fn config_reloaded(&self, applied: bool) {
+        let outcome = RELOAD_OUTCOMES[usize::from(!applied)];
+        self.reloads.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
+        self.reload_ok.set(i64::from(applied));
+        if applied {
+            self.reload_ok_at.set(unix_now());
         }
     }
 

@@ -68,6 +68,8 @@ pub struct Server {
     callers: Callers,
     /// The configuration it started with.
     started: Config,
+    /// The counts behind `/metrics` (the reloads are counted here).
+    counts: Arc<Metrics>,
 }
 
 /// Sets the health of the server as a whole ("") and of the Segmenter service.
@@ -296,6 +298,7 @@ impl Server {
             draining,
             callers: auth,
             started: cfg.clone(),
+            counts: metrics,
         })
     }
 
@@ -305,10 +308,16 @@ impl Server {
     /// checked as at start against the running server's other settings (its TLS, its
     /// `server.auth_token`); an invalid set changes nothing. Every other setting takes effect
     /// at the next start only: when `cfg` changes one, the log says so.
+    /// Counted in `s3net_config_reloads_total` either way (see [`crate::reload`], which calls
+    /// it on `SIGHUP` and when the configuration's files change).
     pub fn reload_callers(&self, cfg: &Config) -> Result<CallersChange> {
         let mut merged = self.started.clone();
         merged.server.callers = cfg.server.callers.clone();
-        merged.validate().context("[server.callers] not reloaded")?;
+        if let Err(e) = merged.validate() {
+            self.reload_refused();
+            return Err(e.context("[server.callers] not reloaded"));
+        }
+        self.counts.config_reloaded(true);
         let change = self.callers.replace(self.started.server.auth_token.as_deref(), &cfg.server.callers);
         info!(
             callers = cfg.server.callers.len(),
@@ -323,6 +332,12 @@ impl Server {
             warn!("the configuration changes settings other than [server.callers]: they take effect at the next start, not on reload");
         }
         Ok(change)
+    }
+
+    /// Counts a reload refused before [`Server::reload_callers`] (a configuration that did not
+    /// load).
+    pub(crate) fn reload_refused(&self) {
+        self.counts.config_reloaded(false);
     }
 
     /// The address of the `/metrics` endpoint, when enabled.

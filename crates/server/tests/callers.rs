@@ -71,6 +71,13 @@ async fn each_caller_sees_its_own_jobs_and_keeps_its_room() {
 
     // Research's one job runs on the only worker; a second one is over its quota.
     let research_job = c.submit_job(submit_as(disk(48, 48), slow(), "", RESEARCH)).await.unwrap().into_inner().job_id;
+    // Taken by the worker before anything else is queued (on a busy machine its thread may
+    // take a moment): the operator's cancellation below is of a running job.
+    let until = Instant::now() + Duration::from_secs(30);
+    while c.get_job(as_caller(pb::GetJobRequest { job_id: research_job.clone() }, RESEARCH)).await.unwrap().into_inner().state != pb::JobState::Running as i32 {
+        assert!(Instant::now() < until, "research's job never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let over = c.submit_job(submit_as(disk(40, 40), quick(), "", RESEARCH)).await.unwrap_err();
     assert_eq!(over.code(), Code::ResourceExhausted);
     assert!(
@@ -349,5 +356,68 @@ async fn one_caller_does_not_fill_the_queue() {
     assert_eq!(final_as(&mut c, &clinic.job_id, CLINIC).await.state, pb::JobState::Completed as i32);
     let m = scrape(server.metrics_addr().expect("metrics endpoint")).await;
     assert_series(&m, &[("s3net_rejected_total{reason=\"caller_share\"}", 1.0)]);
+    server.shutdown().await.unwrap();
+}
+
+/// `crate::reload`: a token rotated in its file is put in force at the next look, with no
+/// signal; a look that finds nothing changed does nothing; a file gone missing is refused
+/// once (not at every look), shown by `s3net_config_last_reload_successful`, and the callers in
+/// force stay until a valid one comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_file_is_put_in_force() {
+    use s3net_server::reload::{Reload, Reloader, Trigger};
+    let dir = tempfile::tempdir().unwrap();
+    let (file, token) = (dir.path().join("s3net.toml"), dir.path().join("pacs"));
+    std::fs::write(&file, format!("[server.callers.pacs]\ntoken_file = {token:?}\n")).unwrap();
+    // As a Kubernetes volume swaps a Secret's files: a new file renamed over the old.
+    let rotate = |content: &str| {
+        let next = dir.path().join("next");
+        std::fs::write(&next, content).unwrap();
+        std::fs::rename(&next, &token).unwrap();
+    };
+    rotate("first-token\n");
+    let base = config();
+    let load = || -> anyhow::Result<s3net_server::Config> {
+        let loaded = s3net_server::Config::load(Some(&file), &[])?;
+        Ok(s3net_server::Config { server: s3net_server::config::ServerConfig { callers: loaded.server.callers, ..base.server.clone() }, ..base.clone() })
+    };
+    let started = load().unwrap();
+    let (server, url) = start(started.clone()).await;
+    let mut reloader = Reloader::new(load, started);
+    let mut c = client(&url).await;
+    let mut works = async |token: &str| c.list_jobs(as_caller(pb::ListJobsRequest::default(), token)).await.map(|_| ()).map_err(|e| e.code());
+    works("first-token").await.expect("the file's token");
+    assert_eq!(reloader.look(&server, Trigger::Interval), Reload::Unchanged);
+
+    rotate("second-token\n");
+    let change = s3net_server::callers::CallersChange { changed: vec!["pacs".into()], ..Default::default() };
+    assert_eq!(reloader.look(&server, Trigger::Interval), Reload::Applied(change));
+    works("second-token").await.expect("the rotated token");
+    assert_eq!(works("first-token").await, Err(Code::Unauthenticated));
+    assert_eq!(reloader.look(&server, Trigger::Interval), Reload::Unchanged);
+
+    std::fs::remove_file(&token).unwrap();
+    assert_eq!(reloader.look(&server, Trigger::Interval), Reload::Refused);
+    assert_eq!(reloader.look(&server, Trigger::Interval), Reload::Unchanged, "refused once, not at every look");
+    works("second-token").await.expect("the callers in force stay");
+    let m = scrape(server.metrics_addr().expect("metrics endpoint")).await;
+    assert_series(&m, &[
+        ("s3net_config_reloads_total{outcome=\"applied\"}", 1.0),
+        ("s3net_config_reloads_total{outcome=\"refused\"}", 1.0),
+        ("s3net_config_last_reload_successful", 0.0),
+    ]);
+    assert_eq!(reloader.look(&server, Trigger::Hangup), Reload::Refused, "a signal asks again");
+
+    rotate("third-token");
+    assert!(matches!(reloader.look(&server, Trigger::Interval), Reload::Applied(_)));
+    works("third-token").await.expect("the token come back");
+    assert_eq!(reloader.look(&server, Trigger::Hangup), Reload::Applied(Default::default()), "a signal reloads whatever changed");
+    let m = scrape(server.metrics_addr().unwrap()).await;
+    assert_series(&m, &[
+        ("s3net_config_reloads_total{outcome=\"applied\"}", 3.0),
+        ("s3net_config_reloads_total{outcome=\"refused\"}", 2.0),
+        ("s3net_config_last_reload_successful", 1.0),
+    ]);
+    assert!(value(&m, "s3net_config_last_reload_success_timestamp_seconds") > 1.7e9);
     server.shutdown().await.unwrap();
 }

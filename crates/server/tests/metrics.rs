@@ -25,6 +25,9 @@ async fn metrics_count_what_happened() {
     assert_eq!(value(&m, "s3net_jobs_total{outcome=\"completed\"}"), 0.0);
     assert_eq!(value(&m, "s3net_jobs_restarted_total"), 0.0);
     assert_eq!(value(&m, "s3net_jobs_refitted_total"), 0.0);
+    // No reload tried: the callers in force are the start's.
+    assert_eq!(value(&m, "s3net_config_last_reload_successful"), 1.0);
+    assert_eq!(value(&m, "s3net_config_reloads_total{outcome=\"refused\"}"), 0.0);
     // The memory budgets: empty, with their limits (queue.max_queued_bytes and
     // server.max_upload_bytes_in_flight).
     assert_series(

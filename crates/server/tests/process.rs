@@ -155,3 +155,43 @@ fn sighup_reloads_the_callers() {
     assert!(log.contains("configuration not reloaded on SIGHUP") && log.contains("server.callers.pacs needs a token"), "{log}");
     assert!(!log.contains("second-token") && !log.contains("first-token"), "no token in the log: {log}");
 }
+
+/// `server.reload_interval_s`: a token rotated in its file (as a Kubernetes Secret volume
+/// does it, a new file renamed over the old) is in force within the interval, with no signal
+/// and no restart; the token never reaches the log.
+#[test]
+fn a_rotated_token_file_is_reloaded_without_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, token) = (dir.path().join("s3net.toml"), dir.path().join("pacs-token"));
+    let rotate = |content: &str| {
+        let next = dir.path().join("next");
+        std::fs::write(&next, content).unwrap();
+        std::fs::rename(&next, &token).unwrap();
+    };
+    rotate("first-token\n");
+    std::fs::write(&file, format!("[server]\nreload_interval_s = 1\n[server.callers.pacs]\ntoken_file = {token:?}\n")).unwrap();
+    let (child, url) = serve_with(1, Some(&file));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_serving(&plain_conn(&url), Duration::from_secs(60))).unwrap();
+    let list = |token: &str| {
+        let conn = s3net_server::cli::ConnectArgs { token: Some(token.into()), ..plain_conn(&url) };
+        rt.block_on(async { conn.client().await?.list_jobs(pb::ListJobsRequest::default()).await.map_err(anyhow::Error::from) })
+    };
+    list("first-token").expect("the file's token");
+
+    rotate("second-token\n");
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while list("second-token").is_err() {
+        assert!(std::time::Instant::now() < until, "the rotated token never worked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(list("first-token").is_err(), "the old token is refused");
+
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "exit {:?}\n{log}", out.status);
+    assert!(log.contains("the configuration changed: reloading [server.callers]") && log.contains("\"changed\":\"[\\\"pacs\\\"]\""), "{log}");
+    assert_eq!(log.matches("[server.callers] reloaded").count(), 1, "one reload for one change: {log}");
+    assert!(!log.contains("second-token") && !log.contains("first-token"), "no token in the log: {log}");
+}
