@@ -244,3 +244,25 @@ def test_named_callers_come_from_an_optional_secret():
     keys = documented_config_keys()
     for variable in shown:
         assert env_to_key(variable) in keys, f"{variable} is not a key of config.example.toml"
+
+
+def test_caller_tokens_rotate_from_an_optional_secret_volume():
+    """Token files ([server.callers.NAME].token_file) from an optional Secret mounted as a
+    volume, which the kubelet updates in place, and a ConfigMap that has each pod look at its
+    configuration again: a rotated token needs no new pod."""
+    (volume,) = [v for v in deployment()["spec"]["template"]["spec"]["volumes"] if v["name"] == "caller-tokens"]
+    assert volume["secret"]["secretName"] == "s3net-caller-tokens" and volume["secret"]["optional"] is True
+    # Readable by the server's group (fsGroup), by nobody else.
+    assert volume["secret"]["defaultMode"] == 0o440
+    (mount,) = [m for m in container()["volumeMounts"] if m["name"] == "caller-tokens"]
+    assert mount["readOnly"] is True and "subPath" not in mount, "a subPath mount is never updated"
+    text = (K8S / "deployment.yaml").read_text(encoding="utf-8")
+    shown = re.findall(r"S3NET__SERVER__CALLERS__(\w+)__TOKEN_FILE=(\S+)", text)
+    assert shown, "the comment shows a token file"
+    made = re.findall(r"create secret generic s3net-caller-tokens --from-literal=(\w+)=", text)
+    for name, path in shown:
+        assert path == f"{mount['mountPath']}/{name.lower()}", path
+        assert name.lower() in made, (name, made)
+    assert configmap_toml()["server"]["reload_interval_s"] > 0
+    (config_mount,) = [m for m in container()["volumeMounts"] if m["name"] == "config"]
+    assert "subPath" not in config_mount, "the ConfigMap's edits reach the pod"
