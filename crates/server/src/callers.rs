@@ -191,8 +191,8 @@ impl Table {
                 weight: c.weight.max(1),
                 ..Caller::named(name)
             };
-            if !c.token.is_empty() {
-                tokens.push((c.token.as_bytes().to_vec(), caller.clone()));
+            for token in c.tokens() {
+                tokens.push((token.as_bytes().to_vec(), caller.clone()));
             }
             for n in &c.certificate_names {
                 certificates.insert(n.to_ascii_lowercase(), caller.clone());

@@ -125,11 +125,17 @@ pub struct CallerConfig {
     /// `certificate_names` names it.
     #[serde(default)]
     pub token: String,
-    /// A file holding its token (the content, surrounding whitespace left out), instead of
-    /// `token`: read at start and at each reload, so that a token rotated in the file (a
-    /// mounted Kubernetes Secret's key) is put in force by `SIGHUP` or `server.reload_interval_s`.
+    /// A file holding its tokens instead of `token`, one per line (surrounding whitespace and
+    /// blank lines left out): read at start and at each reload, so that a token rotated in the
+    /// file (a mounted Kubernetes Secret's key) is put in force by `SIGHUP` or
+    /// `server.reload_interval_s`. Several lines are several tokens of this one caller, each
+    /// accepted: a new token added beside the old one while the clients move over, the old
+    /// line removed after, is a rotation no call notices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// The tokens read from `token_file` ([`Config::load`] fills them in; never written out).
+    #[serde(skip)]
+    pub file_tokens: Vec<String>,
     /// Names its client certificate carries under mutual TLS (`server.tls.client_ca`): a
     /// call whose verified certificate has one of them as its subject's common name or as a
     /// subject alternative name (DNS name, URI, e-mail address) is this caller's, without a
@@ -176,9 +182,16 @@ fn names_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<
     })
 }
 
+impl CallerConfig {
+    /// Every token that names this caller: `token`, or the lines of `token_file`.
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.token.as_str()).filter(|t| !t.is_empty()).chain(self.file_tokens.iter().map(String::as_str))
+    }
+}
+
 impl Default for CallerConfig {
     fn default() -> Self {
-        CallerConfig { token: String::new(), token_file: None, certificate_names: Vec::new(), max_active_jobs: 0, operator: false, max_priority: None, weight: 1 }
+        CallerConfig { token: String::new(), token_file: None, file_tokens: Vec::new(), certificate_names: Vec::new(), max_active_jobs: 0, operator: false, max_priority: None, weight: 1 }
     }
 }
 
@@ -509,19 +522,25 @@ impl MetricsConfig {
     }
 }
 
-/// The token in `path` (`key` names the setting in errors): its content without the
+/// The tokens in `path` (`key` names the setting in errors), one per line, each without its
 /// surrounding whitespace (a file written by `echo` or `kubectl create secret --from-file`
-/// ends with a newline), which must not be empty. The token itself never appears in an error.
-fn read_token(key: &str, path: &Path) -> Result<String> {
+/// ends with a newline), blank lines and repeats left out; at least one. No token ever appears
+/// in an error.
+fn read_tokens(key: &str, path: &Path) -> Result<Vec<String>> {
     // A token is a line; anything this long is the wrong file, not to be held in memory.
     const MAX: u64 = 64 << 10;
     let len = std::fs::metadata(path).with_context(|| format!("{key}: cannot read {}", path.display()))?.len();
     anyhow::ensure!(len <= MAX, "{key}: {} holds {len} bytes, more than a token ({MAX} at most)", path.display());
     let bytes = std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{key}: {} is not UTF-8 text", path.display()))?;
-    let token = text.trim();
-    anyhow::ensure!(!token.is_empty(), "{key}: {} is empty", path.display());
-    Ok(token.to_string())
+    let mut tokens: Vec<String> = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !tokens.iter().any(|t| t == line) {
+            tokens.push(line.to_string());
+        }
+    }
+    anyhow::ensure!(!tokens.is_empty(), "{key}: {} is empty", path.display());
+    Ok(tokens)
 }
 
 /// Whether `s` looks like HOST:PORT (`[v6]:PORT` included); names are resolved at bind time.
@@ -570,15 +589,24 @@ impl Config {
         Ok(c)
     }
 
-    /// Reads `server.auth_token_file` and each `server.callers.NAME.token_file` into the
-    /// token beside it, which must be unset: one place for one secret.
+    /// Reads `server.auth_token_file` into `server.auth_token` and each
+    /// `server.callers.NAME.token_file` into its `file_tokens`; the token beside a file must be
+    /// unset: one place for one secret.
     fn read_token_files(&mut self) -> Result<()> {
         if let Some(path) = &self.server.auth_token_file {
             anyhow::ensure!(
                 self.server.auth_token.is_none(),
                 "server.auth_token and server.auth_token_file are both set: give the token one way"
             );
-            self.server.auth_token = Some(read_token("server.auth_token_file", path)?);
+            let key = "server.auth_token_file";
+            let mut tokens = read_tokens(key, path)?;
+            anyhow::ensure!(
+                tokens.len() == 1,
+                "{key}: {} holds {} lines: the service's token is one (its replicas send it to each other)",
+                path.display(),
+                tokens.len()
+            );
+            self.server.auth_token = tokens.pop();
         }
         for (name, c) in self.server.callers.iter_mut() {
             if let Some(path) = &c.token_file {
@@ -586,7 +614,7 @@ impl Config {
                     c.token.is_empty(),
                     "server.callers.{name}.token and server.callers.{name}.token_file are both set: give the token one way"
                 );
-                c.token = read_token(&format!("server.callers.{name}.token_file"), path)?;
+                c.file_tokens = read_tokens(&format!("server.callers.{name}.token_file"), path)?;
             }
         }
         Ok(())
@@ -607,9 +635,7 @@ impl Config {
         }
         // Each its own placeholder: a file with two equal tokens would not load.
         for (name, caller) in c.server.callers.iter_mut() {
-            if caller.token_file.is_some() {
-                caller.token.clear();
-            } else if !caller.token.is_empty() {
+            if !caller.token.is_empty() {
                 caller.token = format!("<redacted server.callers.{name}.token>");
             }
         }
@@ -731,8 +757,8 @@ impl Config {
                 "server.callers.{name}.token must not be empty (leave it out where certificate_names names the caller)"
             );
             anyhow::ensure!(
-                !c.token.is_empty() || !c.certificate_names.is_empty(),
-                "server.callers.{name} needs a token (server.callers.{name}.token) or the names of its client certificate (server.callers.{name}.certificate_names)"
+                c.tokens().next().is_some() || !c.certificate_names.is_empty(),
+                "server.callers.{name} needs a token (server.callers.{name}.token or .token_file) or the names of its client certificate (server.callers.{name}.certificate_names)"
             );
             anyhow::ensure!(
                 c.certificate_names.is_empty() || self.server.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
@@ -752,14 +778,19 @@ impl Config {
                 "server.callers.{name}.weight must be between 1 and 1000, got {}",
                 c.weight
             );
-            if c.token.is_empty() {
-                continue;
+            for token in c.tokens() {
+                if let Some((other, _)) = tokens.iter().find(|(_, t)| *t == token) {
+                    let from_file = |n: &str| self.server.callers.get(n).is_some_and(|o| o.token_file.is_some());
+                    let key = |n: &str| match self.server.callers.get(n) {
+                        None => "server.auth_token".to_string(),
+                        Some(_) if from_file(n) => format!("server.callers.{n}.token_file"),
+                        Some(_) => format!("server.callers.{n}.token"),
+                    };
+                    let same = if from_file(name) || from_file(other) { "holds the same token as" } else { "is the same as" };
+                    anyhow::bail!("{} {same} {}: each token must name one caller", key(name), key(other));
+                }
+                tokens.push((name, token));
             }
-            if let Some((other, _)) = tokens.iter().find(|(_, t)| *t == c.token) {
-                let key = if *other == crate::callers::SERVICE { "server.auth_token".to_string() } else { format!("server.callers.{other}.token") };
-                anyhow::bail!("server.callers.{name}.token is the same as {key}: each token must name one caller");
-            }
-            tokens.push((name, &c.token));
         }
         Ok(())
     }

@@ -238,7 +238,7 @@ async fn a_client_certificate_names_its_caller() {
     let https = url.replace("http://", "https://");
     let as_holder = |stem: &str, cn: Option<&str>, names: &[&str], token: Option<&str>| {
         let (cert, key) = ca.issue_to(stem, cn, names);
-        ConnectArgs { addr: https.clone(), token: token.map(str::to_string), ca: Some(ca.path("ca.pem")), cert: Some(cert), key: Some(key) }
+        ConnectArgs { addr: https.clone(), token: token.map(str::to_string), token_file: None, ca: Some(ca.path("ca.pem")), cert: Some(cert), key: Some(key) }
     };
     let pacs = as_holder("pacs", Some("PACS Bridge"), &["pacs-bridge.hospital.example"], None);
     let research = as_holder("research", Some("Research Pipeline"), &["research-host"], None);
@@ -362,7 +362,7 @@ async fn one_caller_does_not_fill_the_queue() {
 /// `crate::reload`: a token rotated in its file is put in force at the next look, with no
 /// signal; a look that finds nothing changed does nothing; a file gone missing is refused
 /// once (not at every look), shown by `s3net_config_last_reload_successful`, and the callers in
-/// force stay until a valid one comes back.
+/// force stay until a valid one comes back; two lines are two tokens of the caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_token_file_is_put_in_force() {
     use s3net_server::reload::{Reload, Reloader, Trigger};
@@ -408,13 +408,20 @@ async fn a_rotated_token_file_is_put_in_force() {
     ]);
     assert_eq!(reloader.look(&server, Trigger::Hangup), Reload::Refused, "a signal asks again");
 
+    // A rotation no client notices: the new token beside the old while the clients move over,
+    // then the old one removed.
+    rotate("second-token\nthird-token\n");
+    assert!(matches!(reloader.look(&server, Trigger::Interval), Reload::Applied(_)));
+    works("second-token").await.expect("the old token, still");
+    works("third-token").await.expect("and the new one");
     rotate("third-token");
     assert!(matches!(reloader.look(&server, Trigger::Interval), Reload::Applied(_)));
-    works("third-token").await.expect("the token come back");
+    works("third-token").await.expect("the new token");
+    assert_eq!(works("second-token").await, Err(Code::Unauthenticated), "the old one removed");
     assert_eq!(reloader.look(&server, Trigger::Hangup), Reload::Applied(Default::default()), "a signal reloads whatever changed");
     let m = scrape(server.metrics_addr().unwrap()).await;
     assert_series(&m, &[
-        ("s3net_config_reloads_total{outcome=\"applied\"}", 3.0),
+        ("s3net_config_reloads_total{outcome=\"applied\"}", 4.0),
         ("s3net_config_reloads_total{outcome=\"refused\"}", 2.0),
         ("s3net_config_last_reload_successful", 1.0),
     ]);

@@ -76,6 +76,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per test: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(clap::Subcommand)]
 enum Command {
     Serve(ServeArgs),
@@ -172,6 +174,7 @@ fn command_line_definitions_are_consistent() {
         &["s3net", "client", "get", "abc", "--out", "d"],
         &["s3net", "client", "cancel", "abc"],
         &["s3net", "client", "list"],
+        &["s3net", "client", "list", "--token-file", "/run/secrets/s3net-token"],
         &[
             "s3net",
             "client",
@@ -188,6 +191,8 @@ fn command_line_definitions_are_consistent() {
     ] {
         Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
     }
+    let both = Cli::try_parse_from(["s3net", "client", "list", "--token", "t", "--token-file", "f"]);
+    assert!(both.is_err(), "--token and --token-file: the token one way or the other");
 }
 
 #[test]
@@ -501,7 +506,7 @@ fn callers_load_from_file_and_environment_and_are_checked() {
     let cases: [(Edit, &str); 15] = [
         (|c| c.queue.max_caller_share = 0.0, "queue.max_caller_share must be above 0 and at most 1, got 0"),
         (|c| c.queue.max_caller_share = 1.5, "got 1.5"),
-        (|c| add(c, "clinic", ""), "server.callers.clinic needs a token (server.callers.clinic.token) or the names of its client certificate"),
+        (|c| add(c, "clinic", ""), "server.callers.clinic needs a token (server.callers.clinic.token or .token_file) or the names of its client certificate"),
         (|c| c.server.callers.get_mut("research").unwrap().weight = 0, "server.callers.research.weight must be between 1 and 1000, got 0"),
         (|c| c.server.callers.get_mut("research").unwrap().weight = 1001, "got 1001"),
         (|c| certificates(c, "pacs", &["pacs"]), "server.callers.pacs.certificate_names needs mutual TLS (server.tls.client_ca)"),
@@ -534,8 +539,9 @@ fn callers_load_from_file_and_environment_and_are_checked() {
     }
 }
 
-/// `server.auth_token_file` and `server.callers.NAME.token_file`: a token read from a file
-/// (a mounted Kubernetes Secret's key), trimmed, never printed, and a file that cannot be a
+/// `server.auth_token_file` and `server.callers.NAME.token_file`: tokens read from a file
+/// (a mounted Kubernetes Secret's key), one per line, trimmed, never printed (a caller's file
+/// may hold several, each the caller's, as during a rotation), and a file that cannot be a
 /// token refused naming the key and the path.
 #[test]
 fn tokens_load_from_files_and_are_checked() {
@@ -546,7 +552,7 @@ fn tokens_load_from_files_and_are_checked() {
         std::fs::write(&p, content).unwrap();
         p
     };
-    let (pacs, svc) = (secret("pacs", b"pacs-secret\n"), secret("svc", b"  svc-secret \r\n"));
+    let (pacs, svc) = (secret("pacs", b"pacs-secret\n\n  pacs-next-secret \r\npacs-secret\n"), secret("svc", b"  svc-secret \r\n"));
     let file = dir.path().join("s3net.toml");
     let write = |text: String| std::fs::write(&file, text).unwrap();
     write(format!(
@@ -554,7 +560,9 @@ fn tokens_load_from_files_and_are_checked() {
     ));
     let c = Config::load(Some(&file), &[]).unwrap();
     assert_eq!(c.server.auth_token.as_deref(), Some("svc-secret"), "surrounding whitespace left out");
-    assert_eq!((c.server.callers["pacs"].token.as_str(), c.server.callers["pacs"].weight), ("pacs-secret", 2));
+    let p = &c.server.callers["pacs"];
+    assert_eq!((p.token.as_str(), p.file_tokens.as_slice(), p.weight), ("", &["pacs-secret".to_string(), "pacs-next-secret".to_string()][..], 2), "a token a line, blank lines and repeats left out");
+    assert_eq!(p.tokens().collect::<Vec<_>>(), ["pacs-secret", "pacs-next-secret"]);
     assert_eq!(c.server.reload_interval_s, 5);
     assert_eq!(Config::default().server.reload_interval_s, 0, "on SIGHUP only by default");
 
@@ -580,6 +588,8 @@ fn tokens_load_from_files_and_are_checked() {
         (caller(&secret("binary", &[0xff, 0xfe, 0x00])), " is not UTF-8 text".to_string()),
         (caller(&secret("huge", &vec![b'x'; 70_000])), "holds 70000 bytes, more than a token (65536 at most)".to_string()),
         (caller(dir.path()), "server.callers.pacs.token_file: cannot read".to_string()),
+        (format!("[server]\nauth_token_file = {pacs:?}\n"), "server.auth_token_file: ".to_string() + &pacs.display().to_string() + " holds 2 lines: the service's token is one"),
+        (format!("{}[server.callers.ris]\ntoken_file = {:?}\n", caller(&pacs), secret("ris", b"ris-secret\npacs-next-secret\n")), "server.callers.ris.token_file holds the same token as server.callers.pacs.token_file".to_string()),
     ];
     for (text, expected) in cases {
         let e = refused(text);
@@ -587,6 +597,6 @@ fn tokens_load_from_files_and_are_checked() {
         assert!(!e.contains("secret"), "no token in an error: {e}");
     }
     // Read before the checks: a file's token counts as the caller's token there too.
-    let e = refused(format!("[server]\nauth_token_file = {pacs:?}\n{}", caller(&pacs)));
-    assert!(e.contains("server.callers.pacs.token is the same as server.auth_token"), "{e}");
+    let e = refused(format!("[server]\nauth_token_file = {:?}\n{}", secret("shared", b"pacs-next-secret"), caller(&pacs)));
+    assert!(e.contains("server.callers.pacs.token_file holds the same token as server.auth_token"), "{e}");
 }
