@@ -169,6 +169,10 @@ pub struct ConnectArgs {
     /// Bearer token, when the server requires one [default: $S3NET_TOKEN].
     #[arg(long)]
     pub token: Option<String>,
+    /// A file holding the bearer token instead (one line), so that it is in no command line
+    /// that `ps` shows [default: $S3NET_TOKEN_FILE].
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// PEM CA bundle to verify the server with (TLS).
     #[arg(long)]
     pub ca: Option<PathBuf>,
@@ -528,12 +532,32 @@ impl ConnectArgs {
             .with_context(|| format!("cannot connect to {}", self.addr))
     }
 
+    /// The bearer token: `--token` or `--token-file`, else `$S3NET_TOKEN` or
+    /// `$S3NET_TOKEN_FILE` (both set is an error, as both flags are).
+    fn bearer_token(&self) -> Result<Option<String>> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let (token, file) = match (&self.token, &self.token_file) {
+            (None, None) => (env("S3NET_TOKEN"), env("S3NET_TOKEN_FILE").map(PathBuf::from)),
+            (t, f) => (t.clone(), f.clone()),
+        };
+        match (token, file) {
+            (Some(_), Some(_)) => anyhow::bail!("S3NET_TOKEN and S3NET_TOKEN_FILE are both set: give the token one way"),
+            (Some(t), None) => Ok(Some(t)),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(&f).with_context(|| format!("token file {}: cannot read it", f.display()))?;
+                let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+                match lines.as_slice() {
+                    [one] => Ok(Some(one.to_string())),
+                    [] => anyhow::bail!("token file {}: empty", f.display()),
+                    more => anyhow::bail!("token file {}: {} lines, a client sends one token", f.display(), more.len()),
+                }
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
     pub async fn client(&self) -> Result<Client> {
-        let token = match self
-            .token
-            .clone()
-            .or_else(|| std::env::var("S3NET_TOKEN").ok())
-        {
+        let token = match self.bearer_token()? {
             Some(t) => Some(
                 format!("Bearer {t}")
                     .parse()
@@ -944,12 +968,33 @@ mod tests {
     /// client certificate asks for TLS; a URL as it is.
     #[test]
     fn bare_addresses_get_a_scheme() {
-        let args = |addr: &str, ca: Option<&str>| ConnectArgs { addr: addr.into(), token: None, ca: ca.map(PathBuf::from), cert: None, key: None };
+        let args = |addr: &str, ca: Option<&str>| ConnectArgs { addr: addr.into(), token: None, token_file: None, ca: ca.map(PathBuf::from), cert: None, key: None };
         assert_eq!(args("127.0.0.1:50051", None).url(), "http://127.0.0.1:50051");
         assert_eq!(args("s3net.example.org:50051", Some("ca.pem")).url(), "https://s3net.example.org:50051");
         assert_eq!(args("[::1]:50051", None).url(), "http://[::1]:50051");
         assert_eq!(args("https://s3net:50051", None).url(), "https://s3net:50051");
         assert_eq!(args("http://s3net:50051", Some("ca.pem")).url(), "http://s3net:50051", "a URL is taken as written");
+    }
+
+    /// `--token-file`: the file's one line, trimmed; an empty or several-line file, or none,
+    /// is an error naming it (and not the token).
+    #[test]
+    fn a_token_file_holds_one_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |content: Option<&str>| {
+            let path = dir.path().join("token");
+            let _ = std::fs::remove_file(&path);
+            if let Some(c) = content {
+                std::fs::write(&path, c).unwrap();
+            }
+            let args = ConnectArgs { addr: "127.0.0.1:1".into(), token: None, token_file: Some(path), ca: None, cert: None, key: None };
+            args.bearer_token().map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(with(Some("  the-secret \n\n")).unwrap().as_deref(), Some("the-secret"));
+        for (content, why) in [(Some(" \n"), "empty"), (Some("a-secret\nb-secret\n"), "2 lines, a client sends one token"), (None, "cannot read it")] {
+            let e = with(content).unwrap_err();
+            assert!(e.starts_with("token file ") && e.contains(why) && !e.contains("secret"), "{e}");
+        }
     }
 
     #[test]

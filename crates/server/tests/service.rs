@@ -1397,6 +1397,7 @@ async fn tls_and_mutual_tls() {
     let conn = ConnectArgs {
         addr: https.clone(),
         token: None,
+        token_file: None,
         ca: Some(ca.path("ca.pem")),
         cert: Some(client_cert),
         key: Some(client_key),

@@ -7,7 +7,9 @@ import collections
 import os
 import random
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Generic, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
@@ -57,6 +59,83 @@ def _pem(source: PemSource, what: str) -> Optional[bytes]:
         raise ValueError(f"cannot read the {what} {path}: {e.strerror}") from None
 
 
+class TokenFile:
+    """A bearer token kept in a file that is replaced under a running client (a mounted
+    Kubernetes Secret, a file a secrets agent rewrites): read again whenever the file changed,
+    so that a rotated token is sent from the next call on without a restart.
+
+    The file holds one token (surrounding whitespace and blank lines left out). One that cannot
+    be read at construction is a ``ValueError`` naming the path; one that cannot be read later
+    (mid-rotation) leaves the last token in use, with a warning, rather than failing calls.
+    The token never appears in an error or a warning.
+    """
+
+    _MAX = 64 << 10
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        try:
+            self._stamp = self._stat()
+        except OSError as e:
+            raise ValueError(f"token file {self.path}: cannot read it ({e.strerror or e})") from None
+        self._token = self._read()
+        self._warned: Optional[str] = None
+
+    def _stat(self) -> Tuple[int, int, int]:
+        st = os.stat(self.path)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _read(self) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(self._MAX + 1)
+        except OSError as e:
+            raise ValueError(f"token file {self.path}: cannot read it ({e.strerror or e})") from None
+        if len(data) > self._MAX:
+            raise ValueError(f"token file {self.path}: more than {self._MAX} bytes, not a token")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"token file {self.path}: not UTF-8 text") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"token file {self.path}: empty")
+        if len(lines) > 1:
+            raise ValueError(f"token file {self.path}: {len(lines)} lines, a client sends one token")
+        return lines[0]
+
+    def token(self) -> str:
+        """The token, read again if the file changed since the last read."""
+        with self._lock:
+            try:
+                stamp = self._stat()
+                if stamp != self._stamp:
+                    self._token, self._stamp = self._read(), stamp
+                    self._warned = None
+            except (OSError, ValueError) as e:
+                why = str(e) if isinstance(e, ValueError) else f"token file {self.path}: cannot read it ({e.strerror or e})"
+                if why != self._warned:
+                    warnings.warn(f"{why}; sending the token read before", RuntimeWarning, stacklevel=3)
+                    self._warned = why
+            return self._token
+
+
+def bearer_args(
+    token: Optional[str], token_file: Optional[str], environ: Optional[Dict[str, str]] = None
+) -> Dict[str, Optional[str]]:
+    """The ``token=``/``token_file=`` of a command line's ``--token``/``--token-file``, else of
+    ``$S3NET_TOKEN``/``$S3NET_TOKEN_FILE``; a ``ValueError`` when one level gives both."""
+    env = os.environ if environ is None else environ
+    if token is None and token_file is None:
+        token, token_file = env.get("S3NET_TOKEN") or None, env.get("S3NET_TOKEN_FILE") or None
+        if token is not None and token_file is not None:
+            raise ValueError("S3NET_TOKEN and S3NET_TOKEN_FILE are both set: give the token one way")
+    elif token is not None and token_file is not None:
+        raise ValueError("--token and --token-file: give the token one way")
+    return {"token": token, "token_file": token_file}
+
+
 @dataclass
 class Settings:
     """Everything a client is constructed with, checked once."""
@@ -65,13 +144,21 @@ class Settings:
     tls: bool
     credentials: Optional[grpc.ChannelCredentials]
     channel_options: List[Tuple[str, Any]]
-    metadata: Tuple[Tuple[str, str], ...]
+    fixed_metadata: Tuple[Tuple[str, str], ...]
     timeout: Optional[float]
     retries: int
     backoff: float
     max_backoff: float
     upload_threshold: int
     chunk_size: int
+    token_file: Optional[TokenFile] = None
+
+    @property
+    def metadata(self) -> Tuple[Tuple[str, str], ...]:
+        """The metadata of every call: the bearer token, from its file as it is now."""
+        if self.token_file is not None:
+            return (("authorization", f"Bearer {self.token_file.token()}"),)
+        return self.fixed_metadata
 
     @classmethod
     def build(
@@ -93,6 +180,7 @@ class Settings:
         keepalive: Optional[float] = 30.0,
         keepalive_timeout: float = 20.0,
         load_balancing: Optional[str] = None,
+        token_file: Union[str, "os.PathLike[str]", None] = None,
     ) -> "Settings":
         address = target
         scheme_tls = None
@@ -146,8 +234,11 @@ class Settings:
                 ("grpc.http2.ping_timeout_ms", int(keepalive_timeout * 1000)),
             ]
         metadata: Tuple[Tuple[str, str], ...] = ()
+        if token and token_file is not None:
+            raise ValueError("give the token one way: token= or token_file=")
         if token:
             metadata = (("authorization", f"Bearer {token}"),)
+        tokens = TokenFile(token_file) if token_file is not None else None
         if retries < 0:
             raise ValueError("retries must be >= 0")
         if chunk_size <= 0:
@@ -157,7 +248,8 @@ class Settings:
             tls=use_tls,
             credentials=credentials,
             channel_options=options,
-            metadata=metadata,
+            fixed_metadata=metadata,
+            token_file=tokens,
             timeout=timeout,
             retries=retries,
             backoff=backoff,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Tuple, Union
 
 import grpc
@@ -56,6 +57,7 @@ class AsyncClient:
         keepalive: Optional[float] = 30.0,
         keepalive_timeout: float = 20.0,
         load_balancing: Optional[str] = None,
+        token_file: Union[str, "os.PathLike[str]", None] = None,
     ) -> None:
         self._settings = s = Settings.build(
             target,
@@ -74,6 +76,7 @@ class AsyncClient:
             keepalive=keepalive,
             keepalive_timeout=keepalive_timeout,
             load_balancing=load_balancing,
+            token_file=token_file,
         )
         if s.credentials is not None:
             self._channel = grpc.aio.secure_channel(

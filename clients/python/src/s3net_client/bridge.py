@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from ._core import bearer_args
 from .client import Client
 from .errors import Aborted, Cancelled, DeadlineExceeded, ResourceExhausted, S3NetError, Unavailable
 
@@ -777,6 +778,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     g = p.add_argument_group("s3net server")
     g.add_argument("--addr", default=os.environ.get("S3NET_ADDR", "127.0.0.1:50051"), help="s3net server HOST:PORT, https:// for TLS [$S3NET_ADDR]")
     g.add_argument("--token", default=None, help="bearer token [$S3NET_TOKEN]")
+    g.add_argument("--token-file", default=None, help="file holding the bearer token, read again when it changes (a rotated Secret) [$S3NET_TOKEN_FILE]")
     g.add_argument("--ca", type=Path, help="PEM CA bundle to verify the server with (TLS)")
     g.add_argument("--cert", type=Path, help="PEM client certificate (mutual TLS)")
     g.add_argument("--key", type=Path, help="PEM client key (mutual TLS)")
@@ -824,9 +826,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     stopping = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stopping.set())
-    token = args.token or os.environ.get("S3NET_TOKEN") or None
     try:
-        client = Client(args.addr, token=token, ca=args.ca, cert=args.cert, key=args.key)
+        client = Client(args.addr, **bearer_args(args.token, args.token_file), ca=args.ca, cert=args.cert, key=args.key)
     except ValueError as e:
         p.error(str(e))
     with client:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ._convert import OPTION_NAMES
+from ._core import bearer_args
 from .client import Client
 from .errors import S3NetError
 from .results import Cancelled, Completed, Failed, Job, JobEvent, Progress, Queued, Started
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         help="server HOST:PORT, https:// for TLS [$S3NET_ADDR, else 127.0.0.1:50051]",
     )
     g.add_argument("--token", default=None, help="bearer token [$S3NET_TOKEN]")
+    g.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the bearer token, read again when it changes [$S3NET_TOKEN_FILE]",
+    )
     g.add_argument("--ca", type=Path, help="PEM CA bundle to verify the server with (TLS)")
     g.add_argument("--cert", type=Path, help="PEM client certificate (mutual TLS)")
     g.add_argument("--key", type=Path, help="PEM client key (mutual TLS)")
@@ -205,7 +211,7 @@ def _job_line(j: Job) -> str:
 def _run(a: argparse.Namespace) -> int:
     client = Client(
         a.addr,
-        token=a.token or os.environ.get("S3NET_TOKEN") or None,
+        **bearer_args(a.token, a.token_file),
         ca=a.ca,
         cert=a.cert,
         key=a.key,

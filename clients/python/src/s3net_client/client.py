@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +43,9 @@ class Client:
     ``cert``, ``key``) turns TLS on, with the system's roots unless ``ca`` (a PEM path or
     bytes) is given; ``cert`` and ``key`` add a client certificate for mutual TLS, and
     ``server_name`` overrides the name checked against the server's certificate. ``token``
-    is sent as ``authorization: Bearer …`` on every call.
+    is sent as ``authorization: Bearer …`` on every call; ``token_file`` instead names a file
+    holding it (one line), read again whenever the file changes, so that a token rotated
+    there (a mounted Kubernetes Secret) is sent from the next call on.
 
     ``timeout`` is the default deadline of a call in seconds (None: none), covering its
     retries; every method takes its own ``timeout=`` too. Calls that fail with UNAVAILABLE or
@@ -82,6 +85,7 @@ class Client:
         keepalive: Optional[float] = 30.0,
         keepalive_timeout: float = 20.0,
         load_balancing: Optional[str] = None,
+        token_file: Union[str, "os.PathLike[str]", None] = None,
     ) -> None:
         self._settings = s = Settings.build(
             target,
@@ -100,6 +104,7 @@ class Client:
             keepalive=keepalive,
             keepalive_timeout=keepalive_timeout,
             load_balancing=load_balancing,
+            token_file=token_file,
         )
         if s.credentials is not None:
             self._channel = grpc.secure_channel(s.target, s.credentials, options=s.channel_options)

@@ -27,6 +27,7 @@ pub fn plain_conn(url: &str) -> s3net_server::cli::ConnectArgs {
     s3net_server::cli::ConnectArgs {
         addr: url.to_string(),
         token: None,
+        token_file: None,
         ca: None,
         cert: None,
         key: None,
