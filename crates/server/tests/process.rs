@@ -113,6 +113,29 @@ fn a_second_sigterm_cancels_at_once() {
     assert!(log.contains("asked again to stop; cancelling now"), "{log}");
 }
 
+/// [`serve_with`] `file`, once it serves; with a runtime to call it from.
+fn serve_ready(file: &std::path::Path) -> (std::process::Child, String, tokio::runtime::Runtime) {
+    let (child, url) = serve_with(1, Some(file));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_serving(&plain_conn(&url), Duration::from_secs(60))).unwrap();
+    (child, url, rt)
+}
+
+/// `ListJobs` on `url` with `token`: `Ok` when the server takes the token.
+fn list_with(rt: &tokio::runtime::Runtime, url: &str, token: &str) -> anyhow::Result<()> {
+    let conn = s3net_server::cli::ConnectArgs { token: Some(token.into()), ..plain_conn(url) };
+    rt.block_on(async { conn.client().await?.list_jobs(pb::ListJobsRequest::default()).await.map(drop).map_err(anyhow::Error::from) })
+}
+
+/// Waits (30 s at most) until `list` takes `token`: a reload's moment is the server's.
+fn wait_accepted(list: &dyn Fn(&str) -> anyhow::Result<()>, token: &str) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while list(token).is_err() {
+        assert!(std::time::Instant::now() < until, "the token {token} never worked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// SIGHUP loads the file again and puts its callers in force: the rotated token works and the
 /// old one does not, the queue and the server go on; an invalid file is logged and changes
 /// nothing.
@@ -122,23 +145,14 @@ fn sighup_reloads_the_callers() {
     let file = dir.path().join("s3net.toml");
     let callers = |token: &str| format!("[server.callers.pacs]\ntoken = \"{token}\"\n");
     std::fs::write(&file, callers("first-token")).unwrap();
-    let (child, url) = serve_with(1, Some(&file));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(wait_serving(&plain_conn(&url), Duration::from_secs(60))).unwrap();
-    let list = |token: &str| {
-        let conn = s3net_server::cli::ConnectArgs { token: Some(token.into()), ..plain_conn(&url) };
-        rt.block_on(async { conn.client().await?.list_jobs(pb::ListJobsRequest::default()).await.map_err(anyhow::Error::from) })
-    };
+    let (child, url, rt) = serve_ready(&file);
+    let list = |token: &str| list_with(&rt, &url, token);
     list("first-token").expect("the file's token");
     let hangup = || assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
 
     std::fs::write(&file, callers("second-token")).unwrap();
     hangup();
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while list("second-token").is_err() {
-        assert!(std::time::Instant::now() < until, "the rotated token never worked");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_accepted(&list, "second-token");
     assert!(list("first-token").is_err(), "the old token is refused");
 
     // A caller without a token or certificate names: not reloaded, the last set stays.
@@ -170,21 +184,12 @@ fn a_rotated_token_file_is_reloaded_without_a_signal() {
     };
     rotate("first-token\n");
     std::fs::write(&file, format!("[server]\nreload_interval_s = 1\n[server.callers.pacs]\ntoken_file = {token:?}\n")).unwrap();
-    let (child, url) = serve_with(1, Some(&file));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(wait_serving(&plain_conn(&url), Duration::from_secs(60))).unwrap();
-    let list = |token: &str| {
-        let conn = s3net_server::cli::ConnectArgs { token: Some(token.into()), ..plain_conn(&url) };
-        rt.block_on(async { conn.client().await?.list_jobs(pb::ListJobsRequest::default()).await.map_err(anyhow::Error::from) })
-    };
+    let (child, url, rt) = serve_ready(&file);
+    let list = |token: &str| list_with(&rt, &url, token);
     list("first-token").expect("the file's token");
 
     rotate("second-token\n");
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while list("second-token").is_err() {
-        assert!(std::time::Instant::now() < until, "the rotated token never worked");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_accepted(&list, "second-token");
     assert!(list("first-token").is_err(), "the old token is refused");
 
     sigterm(&child);
