@@ -144,22 +144,27 @@ pub struct CallersChange {
 }
 
 impl Callers {
-    /// The check for `server.auth_token` and `server.callers`.
-    pub fn new(service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>, metrics: Arc<Metrics>) -> Callers {
-        let table = Table::new(service_token, callers);
+    /// The check for the service's tokens (`server.auth_token` and the others its file
+    /// holds, see [`crate::config::ServerConfig::service_tokens`]) and `server.callers`.
+    pub fn new(service_tokens: &[&str], callers: &BTreeMap<String, CallerConfig>, metrics: Arc<Metrics>) -> Callers {
+        let table = Table::new(service_tokens, callers);
         Callers { table: Arc::new(RwLock::new(Arc::new(table))), metrics }
     }
 
     /// Puts `callers` in place of the named callers, for every call from now on: a token
     /// rotated, a caller added, removed or given other limits, without a restart (and so
-    /// without losing the queue). `service_token` is the running server's (the replicas'
-    /// forwarding uses it; it changes only with a restart). Jobs keep the caller they were
-    /// submitted by; a removed caller's jobs are still there for the operators.
-    pub fn replace(&self, service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>) -> CallersChange {
-        let table = Arc::new(Table::new(service_token, callers));
+    /// without losing the queue); `service_tokens` likewise (the caller `service`, listed as
+    /// changed when they did). Jobs keep the caller they were submitted by; a removed caller's
+    /// jobs are still there for the operators.
+    pub fn replace(&self, service_tokens: &[&str], callers: &BTreeMap<String, CallerConfig>) -> CallersChange {
+        let table = Arc::new(Table::new(service_tokens, callers));
+        let service_changed = table.service_tokens() != self.table().service_tokens();
         let old = std::mem::replace(&mut *self.table.write().unwrap_or_else(|p| p.into_inner()), table);
         let before = &old.configs;
         let mut change = CallersChange::default();
+        if service_changed {
+            change.changed.push(SERVICE.to_string());
+        }
         for (name, c) in callers {
             match before.get(name) {
                 None => change.added.push(name.clone()),
@@ -177,9 +182,9 @@ impl Callers {
 }
 
 impl Table {
-    fn new(service_token: Option<&str>, callers: &BTreeMap<String, CallerConfig>) -> Table {
+    fn new(service_tokens: &[&str], callers: &BTreeMap<String, CallerConfig>) -> Table {
         let mut tokens = Vec::new();
-        if let Some(t) = service_token {
+        for t in service_tokens {
             tokens.push((t.as_bytes().to_vec(), Caller { operator: true, ..Caller::named(SERVICE) }));
         }
         let (mut certificates, mut by_name) = (HashMap::new(), HashMap::new());
@@ -200,6 +205,11 @@ impl Table {
             by_name.insert(name.clone(), caller);
         }
         Table { tokens, certificates, by_name, configs: callers.clone() }
+    }
+
+    /// The service's tokens, in order (what a replace compares).
+    fn service_tokens(&self) -> Vec<&[u8]> {
+        self.tokens.iter().filter(|(_, c)| *c.name == *SERVICE).map(|(t, _)| t.as_slice()).collect()
     }
 
     /// Whether every call passes as the anonymous caller: no token, no certificate name.
@@ -329,7 +339,7 @@ mod tests {
         let mut m = BTreeMap::new();
         m.insert("clinic".to_string(), CallerConfig { token: "c-token".into(), weight: 3, ..Default::default() });
         m.insert("research".to_string(), CallerConfig { token: "r-token".into(), max_active_jobs: 4, max_priority: Some(-1), ..Default::default() });
-        Callers::new(Some("s-token"), &m, Arc::new(Metrics::default()))
+        Callers::new(&["s-token"], &m, Arc::new(Metrics::default()))
     }
 
     fn call(c: &mut Callers, token: Option<&str>) -> Result<Caller, Status> {
@@ -395,7 +405,7 @@ mod tests {
     }
 
     /// A replaced table is what every clone of the check sees from its next call on; the
-    /// service token stays; the change names callers, not tokens.
+    /// service token stays unless replaced too; the change names callers, not tokens.
     #[test]
     fn replacing_the_callers_rotates_their_tokens_for_every_clone() {
         let c = callers();
@@ -404,7 +414,7 @@ mod tests {
         after.get_mut("research").unwrap().token = "r-token-2".into();
         after.remove("clinic");
         after.insert("ris".into(), CallerConfig { token: "ris-token".into(), ..Default::default() });
-        let change = c.replace(Some("s-token"), &after);
+        let change = c.replace(&["s-token"], &after);
         assert_eq!(change, CallersChange { added: vec!["ris".into()], removed: vec!["clinic".into()], changed: vec!["research".into()] });
         assert!(!format!("{change:?}").contains("token"), "{change:?}");
         for gone in ["r-token", "c-token"] {
@@ -413,14 +423,21 @@ mod tests {
         assert_eq!(&*call(&mut serving, Some("r-token-2")).unwrap().name, "research");
         assert_eq!(&*call(&mut serving, Some("ris-token")).unwrap().name, "ris");
         assert_eq!(&*call(&mut serving, Some("s-token")).unwrap().name, SERVICE);
+        // The service's tokens: the one sent to the other replicas and one more accepted, as
+        // in the middle of a rotation; the change names the caller `service`.
+        let change = c.replace(&["s-token-2", "s-token"], &after);
+        assert_eq!(change, CallersChange { changed: vec![SERVICE.into()], ..Default::default() });
+        for token in ["s-token", "s-token-2"] {
+            assert_eq!(&*call(&mut serving, Some(token)).unwrap().name, SERVICE, "{token}");
+        }
         // No callers and no service token: every call is the anonymous caller again.
-        assert_eq!(c.replace(None, &BTreeMap::new()).removed, ["research", "ris"]);
+        assert_eq!(c.replace(&[], &BTreeMap::new()).removed, ["research", "ris"]);
         assert!(call(&mut serving, None).unwrap().name.is_empty());
     }
 
     #[test]
     fn without_tokens_everyone_is_the_anonymous_operator() {
-        let mut c = Callers::new(None, &BTreeMap::new(), Arc::new(Metrics::default()));
+        let mut c = Callers::new(&[], &BTreeMap::new(), Arc::new(Metrics::default()));
         let a = call(&mut c, None).unwrap();
         assert!(a.name.is_empty() && a.operator && a.max_active_jobs == 0);
         assert!(a.may_see("anyone") && a.listing().is_none());

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -61,7 +61,8 @@ pub struct Cluster {
     channels: Mutex<HashMap<SocketAddr, Channel>>,
     /// The last health check of each replica a key's job was sent to, and when.
     health: Mutex<HashMap<SocketAddr, (Instant, bool)>>,
-    token: Option<String>,
+    /// The service's token sent to the other replicas; a reload replaces it ([`Cluster::set_token`]).
+    token: RwLock<Option<String>>,
     tls: Option<ClientTlsConfig>,
     connect_timeout: Duration,
     max_message_bytes: usize,
@@ -117,7 +118,7 @@ impl Cluster {
             known: Mutex::new(Known::default()),
             channels: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
-            token: token.map(str::to_string),
+            token: RwLock::new(token.map(str::to_string)),
             tls,
             connect_timeout: Duration::from_secs(cfg.connect_timeout_s.max(1)),
             max_message_bytes,
@@ -315,6 +316,11 @@ impl Cluster {
         Ok(all)
     }
 
+    /// Sends `token` as the service's from now on (a reload of `server.auth_token`).
+    pub fn set_token(&self, token: Option<&str>) {
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = token.map(str::to_string);
+    }
+
     /// `message` as a call forwarded from this replica for `caller`: the caller's remaining
     /// deadline, the current span's trace context, the caller's own token (the replica that
     /// answers then knows the same caller, whose jobs alone it may show; the service's token
@@ -328,7 +334,7 @@ impl Cluster {
         TraceContext::current().insert_into(meta);
         if let Some(b) = &caller.bearer {
             meta.insert("authorization", b.clone());
-        } else if let Some(t) = &self.token {
+        } else if let Some(t) = &*self.token.read().unwrap_or_else(|p| p.into_inner()) {
             if let Ok(v) = MetadataValue::try_from(format!("Bearer {t}")) {
                 meta.insert("authorization", v);
             }
@@ -447,6 +453,10 @@ mod tests {
         let r = c.request((), None, &Caller::named("pacs"));
         assert_eq!(r.metadata().get("authorization").unwrap(), "Bearer secret");
         assert_eq!(r.metadata().get(crate::callers::ON_BEHALF_OF).unwrap(), "pacs");
+        // A reload's new service token, from the next call on.
+        c.set_token(Some("secret-2"));
+        let r = c.request((), None, &Caller::named("pacs"));
+        assert_eq!(r.metadata().get("authorization").unwrap(), "Bearer secret-2");
     }
 
     #[test]

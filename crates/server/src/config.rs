@@ -100,9 +100,15 @@ pub struct ServerConfig {
     /// or a caller's. Its calls are the caller `service` (`crate::callers::SERVICE`), which
     /// sees every job; the replicas of a cluster share it.
     pub auth_token: Option<String>,
-    /// A file holding `auth_token` (its content, surrounding whitespace left out), e.g. a key
-    /// of a Kubernetes Secret mounted as a volume; instead of `auth_token`, read at start.
+    /// A file holding `auth_token` instead (surrounding whitespace left out), e.g. a key of a
+    /// Kubernetes Secret mounted as a volume, read at start and at each reload. Its first line
+    /// is the token this replica sends to the others; further lines are tokens accepted as the
+    /// service's too. Why: the replicas of a cluster call each other with it, so rotating it
+    /// replica by replica needs a time when every replica accepts both the old and the new.
     pub auth_token_file: Option<PathBuf>,
+    /// The tokens of `auth_token_file`'s further lines ([`Config::load`] fills them in).
+    #[serde(skip)]
+    pub auth_tokens_accepted: Vec<String>,
     pub tls: Option<TlsConfig>,
     /// Named callers, each with its own bearer token (`[server.callers.NAME]`): a job belongs
     /// to the caller that submitted it, who alone (with the operators) may see it, and each
@@ -195,6 +201,14 @@ impl Default for CallerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Every token of the caller `service`: `auth_token` (the one sent to the other replicas)
+    /// and `auth_tokens_accepted`.
+    pub fn service_tokens(&self) -> Vec<&str> {
+        self.auth_token.iter().chain(&self.auth_tokens_accepted).map(String::as_str).collect()
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -217,6 +231,7 @@ impl Default for ServerConfig {
             http2_window_bytes: 8 << 20,
             auth_token: None,
             auth_token_file: None,
+            auth_tokens_accepted: Vec::new(),
             tls: None,
             callers: BTreeMap::new(),
             reload_interval_s: 0,
@@ -253,9 +268,10 @@ pub struct QueueConfig {
     pub max_queued_bytes: usize,
     /// Among queued jobs of one priority, the callers take turns by the work each has been
     /// given over its weight (`server.callers.NAME.weight`; start-time fair queueing, see
-    /// `crate::fair`), each caller's own in arrival order; false: arrival order alone. Why: a caller that queued 60 jobs would
-    /// otherwise hold every worker until they all ran, and another caller's one study would
-    /// wait behind them. One caller (no named callers) is arrival order either way.
+    /// `crate::fair`), each caller's own in arrival order; false: arrival order alone. Why: a
+    /// caller that queued 60 jobs would otherwise hold every worker until they all ran, and
+    /// another caller's one study would wait behind them. One caller (no named callers) is
+    /// arrival order either way.
     pub fair_share: bool,
     /// The most of the queue's places one named caller may hold (a fraction of `capacity`;
     /// 1: no bound but the queue's). Why: turns put another caller's job first once it is
@@ -589,7 +605,8 @@ impl Config {
         Ok(c)
     }
 
-    /// Reads `server.auth_token_file` into `server.auth_token` and each
+    /// Reads `server.auth_token_file` into `server.auth_token` (its first line) and
+    /// `server.auth_tokens_accepted` (the others), and each
     /// `server.callers.NAME.token_file` into its `file_tokens`; the token beside a file must be
     /// unset: one place for one secret.
     fn read_token_files(&mut self) -> Result<()> {
@@ -598,15 +615,9 @@ impl Config {
                 self.server.auth_token.is_none(),
                 "server.auth_token and server.auth_token_file are both set: give the token one way"
             );
-            let key = "server.auth_token_file";
-            let mut tokens = read_tokens(key, path)?;
-            anyhow::ensure!(
-                tokens.len() == 1,
-                "{key}: {} holds {} lines: the service's token is one (its replicas send it to each other)",
-                path.display(),
-                tokens.len()
-            );
-            self.server.auth_token = tokens.pop();
+            let mut tokens = read_tokens("server.auth_token_file", path)?.into_iter();
+            self.server.auth_token = tokens.next();
+            self.server.auth_tokens_accepted = tokens.collect();
         }
         for (name, c) in self.server.callers.iter_mut() {
             if let Some(path) = &c.token_file {
@@ -622,7 +633,8 @@ impl Config {
 
     /// The configuration as a TOML file that loads back to it, every key that has a value
     /// written out (the unset ones, which the server decides at start, left out), the tokens
-    /// replaced by `"<redacted>"` and `"<redacted server.callers.NAME.token>"` (`s3net serve
+    /// replaced by `"<redacted>"` and `"<redacted server.callers.NAME.token>"` and those read
+    /// from files left out (the files are named; `s3net serve
     /// --print-config`). Why: the effective
     /// settings come from defaults, a file, `S3NET__…` variables and flags; an operator who
     /// wonders which one won needs to see the result, without a secret in the terminal.
@@ -737,7 +749,7 @@ impl Config {
     /// Caller names that read the same in a TOML file and in `S3NET__SERVER__CALLERS__NAME__…`
     /// variables (which the loader lowercases), tokens that name one caller each.
     fn validate_callers(&self) -> Result<()> {
-        let mut tokens: Vec<(&str, &str)> = self.server.auth_token.iter().map(|t| (crate::callers::SERVICE, t.as_str())).collect();
+        let mut tokens: Vec<(&str, &str)> = self.server.service_tokens().into_iter().map(|t| (crate::callers::SERVICE, t)).collect();
         let mut cert_names: Vec<(&str, &str)> = Vec::new();
         for (name, c) in &self.server.callers {
             let well_formed = name.chars().next().is_some_and(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit())
@@ -782,11 +794,13 @@ impl Config {
                 if let Some((other, _)) = tokens.iter().find(|(_, t)| *t == token) {
                     let from_file = |n: &str| self.server.callers.get(n).is_some_and(|o| o.token_file.is_some());
                     let key = |n: &str| match self.server.callers.get(n) {
+                        None if self.server.auth_token_file.is_some() => "server.auth_token_file".to_string(),
                         None => "server.auth_token".to_string(),
                         Some(_) if from_file(n) => format!("server.callers.{n}.token_file"),
                         Some(_) => format!("server.callers.{n}.token"),
                     };
-                    let same = if from_file(name) || from_file(other) { "holds the same token as" } else { "is the same as" };
+                    let service_file = *other == crate::callers::SERVICE && self.server.auth_token_file.is_some();
+                    let same = if from_file(name) || from_file(other) || service_file { "holds the same token as" } else { "is the same as" };
                     anyhow::bail!("{} {same} {}: each token must name one caller", key(name), key(other));
                 }
                 tokens.push((name, token));

@@ -70,6 +70,8 @@ pub struct Server {
     started: Config,
     /// The counts behind `/metrics` (the reloads are counted here).
     counts: Arc<Metrics>,
+    /// The other replicas, whose forwarded calls carry the service's token (a reload swaps it).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Sets the health of the server as a whole ("") and of the Segmenter service.
@@ -95,6 +97,14 @@ async fn serving_once_warm(warming: Warming, health: HealthReporter, draining: A
     } else {
         info!("every worker warmed up: serving");
     }
+}
+
+/// Puts `from`'s callers and service tokens into `into`: what a reload changes.
+fn take_tokens(into: &mut Config, from: &Config) {
+    into.server.callers = from.server.callers.clone();
+    into.server.auth_token = from.server.auth_token.clone();
+    into.server.auth_token_file = from.server.auth_token_file.clone();
+    into.server.auth_tokens_accepted = from.server.auth_tokens_accepted.clone();
 }
 
 impl Server {
@@ -225,10 +235,10 @@ impl Server {
         .with_upload_budget(uploads.clone())
         .with_defaults(cfg.defaults.clone())
         .with_max_message_bytes(max)
-        .with_cluster(cluster, stopping.subscribe()))
+        .with_cluster(cluster.clone(), stopping.subscribe()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-        let auth = Callers::new(cfg.server.auth_token.as_deref(), &cfg.server.callers, metrics.clone());
+        let auth = Callers::new(&cfg.server.service_tokens(), &cfg.server.callers, metrics.clone());
         // Outside the token check, whose refusal reads no body: a caller without the token
         // holds nothing of the budget.
         let idle = (cfg.server.request_idle_timeout_s > 0).then(|| Duration::from_secs(cfg.server.request_idle_timeout_s));
@@ -299,26 +309,32 @@ impl Server {
             callers: auth,
             started: cfg.clone(),
             counts: metrics,
+            cluster,
         })
     }
 
-    /// Puts `cfg`'s named callers (`[server.callers]`) in place of the running ones, for every
-    /// call from now on (`s3net serve` does it on `SIGHUP`): a leaked token rotated, a caller
-    /// added or given other limits, without a restart, so without losing the queue. They are
-    /// checked as at start against the running server's other settings (its TLS, its
-    /// `server.auth_token`); an invalid set changes nothing. Every other setting takes effect
-    /// at the next start only: when `cfg` changes one, the log says so.
+    /// Puts `cfg`'s named callers (`[server.callers]`) and the service's tokens
+    /// (`server.auth_token`, or its file's lines) in place of the running ones, for every call
+    /// from now on (`s3net serve` does it on `SIGHUP`): a leaked token rotated, a caller added
+    /// or given other limits, without a restart, so without losing the queue; the replicas'
+    /// forwarded calls carry the new service token. They are checked as at start against the
+    /// running server's other settings (its TLS, its cluster); an invalid set changes nothing.
+    /// Every other setting takes effect at the next start only: when `cfg` changes one, the
+    /// log says so.
     /// Counted in `s3net_config_reloads_total` either way (see [`crate::reload`], which calls
     /// it on `SIGHUP` and when the configuration's files change).
     pub fn reload_callers(&self, cfg: &Config) -> Result<CallersChange> {
         let mut merged = self.started.clone();
-        merged.server.callers = cfg.server.callers.clone();
+        take_tokens(&mut merged, cfg);
         if let Err(e) = merged.validate() {
             self.reload_refused();
             return Err(e.context("[server.callers] not reloaded"));
         }
         self.counts.config_reloaded(true);
-        let change = self.callers.replace(self.started.server.auth_token.as_deref(), &cfg.server.callers);
+        let change = self.callers.replace(&merged.server.service_tokens(), &cfg.server.callers);
+        if let Some(c) = &self.cluster {
+            c.set_token(merged.server.auth_token.as_deref());
+        }
         info!(
             callers = cfg.server.callers.len(),
             added = ?change.added,
@@ -327,9 +343,9 @@ impl Server {
             "[server.callers] reloaded"
         );
         let mut others = cfg.clone();
-        others.server.callers = self.started.server.callers.clone();
+        take_tokens(&mut others, &self.started);
         if others != self.started {
-            warn!("the configuration changes settings other than [server.callers]: they take effect at the next start, not on reload");
+            warn!("the configuration changes settings other than [server.callers] and server.auth_token: they take effect at the next start, not on reload");
         }
         Ok(change)
     }

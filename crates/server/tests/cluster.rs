@@ -445,3 +445,36 @@ async fn callers_are_known_on_every_replica() {
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// `server.auth_token` reloaded on every replica, one step at a time as a rotation goes (each
+/// replica accepting both tokens, then sending the new one, then accepting it alone): the calls
+/// about a job on the other replica keep working throughout, and the old token ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_service_token_is_rotated_replica_by_replica() {
+    const NEXT: &str = "s3cret-2";
+    let (pa, pb_) = (free_port(), free_port());
+    let (a, url_a) = start(replica(pa, &[pa, pb_])).await;
+    let (b, url_b) = start(replica(pb_, &[pa, pb_])).await;
+    let id = submit_via(&mut conn(&url_a).client().await.unwrap(), disk(40, 40), quick()).await;
+    let via_b = async |token: &str| {
+        let mut c = ConnectArgs { token: Some(token.into()), ..plain_conn(&url_b) }.client().await.unwrap();
+        c.get_job(pb::GetJobRequest { job_id: id.clone() }).await.map(|r| r.into_inner().job_id).map_err(|e| e.code())
+    };
+    assert_eq!(via_b(NEXT).await, Err(Code::Unauthenticated));
+    for (sent, also) in [(TOKEN, Some(NEXT)), (NEXT, Some(TOKEN)), (NEXT, None)] {
+        for (replica_, port) in [(&a, pa), (&b, pb_)] {
+            let mut c = replica(port, &[pa, pb_]);
+            c.server.auth_token = Some(sent.into());
+            c.server.auth_tokens_accepted = also.iter().map(|t| t.to_string()).collect();
+            assert_eq!(replica_.reload_callers(&c).expect("a valid set").changed, ["service"]);
+        }
+        let step = format!("{sent} sent, {also:?} also");
+        assert_eq!(via_b(NEXT).await.as_deref(), Ok(id.as_str()), "the new token, forwarded to A ({step})");
+        match also {
+            Some(_) => assert_eq!(via_b(TOKEN).await.as_deref(), Ok(id.as_str()), "the old token, still ({step})"),
+            None => assert_eq!(via_b(TOKEN).await, Err(Code::Unauthenticated), "the old token ended"),
+        }
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -588,7 +588,7 @@ fn tokens_load_from_files_and_are_checked() {
         (caller(&secret("binary", &[0xff, 0xfe, 0x00])), " is not UTF-8 text".to_string()),
         (caller(&secret("huge", &vec![b'x'; 70_000])), "holds 70000 bytes, more than a token (65536 at most)".to_string()),
         (caller(dir.path()), "server.callers.pacs.token_file: cannot read".to_string()),
-        (format!("[server]\nauth_token_file = {pacs:?}\n"), "server.auth_token_file: ".to_string() + &pacs.display().to_string() + " holds 2 lines: the service's token is one"),
+        (format!("[server]\nauth_token_file = {:?}\n{}", secret("service", b"service-secret\npacs-secret\n"), caller(&pacs)), "server.callers.pacs.token_file holds the same token as server.auth_token_file".to_string()),
         (format!("{}[server.callers.ris]\ntoken_file = {:?}\n", caller(&pacs), secret("ris", b"ris-secret\npacs-next-secret\n")), "server.callers.ris.token_file holds the same token as server.callers.pacs.token_file".to_string()),
     ];
     for (text, expected) in cases {
@@ -596,7 +596,12 @@ fn tokens_load_from_files_and_are_checked() {
         assert!(e.contains(&expected), "{e}");
         assert!(!e.contains("secret"), "no token in an error: {e}");
     }
+    // The service's file: its first line sent to the other replicas, every line accepted.
+    write(format!("[server]\nauth_token_file = {:?}\n", secret("rotating", b"next-secret\nsvc-secret\n")));
+    let c = Config::load(Some(&file), &[]).unwrap();
+    assert_eq!((c.server.auth_token.as_deref(), c.server.auth_tokens_accepted.as_slice()), (Some("next-secret"), &["svc-secret".to_string()][..]));
+    assert_eq!(c.server.service_tokens(), ["next-secret", "svc-secret"]);
     // Read before the checks: a file's token counts as the caller's token there too.
     let e = refused(format!("[server]\nauth_token_file = {:?}\n{}", secret("shared", b"pacs-next-secret"), caller(&pacs)));
-    assert!(e.contains("server.callers.pacs.token_file holds the same token as server.auth_token"), "{e}");
+    assert!(e.contains("server.callers.pacs.token_file holds the same token as server.auth_token_file"), "{e}");
 }
