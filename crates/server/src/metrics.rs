@@ -90,6 +90,11 @@ struct DeviceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabel {
+    certificate: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: String,
 }
@@ -136,6 +141,7 @@ pub struct Metrics {
     reloads: Family<OutcomeLabel, Counter>,
     reload_ok: Gauge,
     reload_ok_at: Gauge<f64, AtomicU64>,
+    certificates: Family<CertificateLabel, Gauge<f64, AtomicU64>>,
     gpu_used: Family<DeviceLabel, Gauge>,
     gpu_total: Family<DeviceLabel, Gauge>,
     gpu: Option<GpuMemory>,
@@ -358,6 +364,16 @@ impl Metrics {
              seconds since 1970",
             reload_ok_at.clone(),
         );
+        // A certificate that expires under a running server ends its TLS calls (or the
+        // replicas' calls to each other); it is read at start, so the alert must come first.
+        let certificates = Family::<CertificateLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the earliest certificate of each PEM file the server loaded at start expires, \
+             in seconds since 1970: server (server.tls.cert's chain), client_ca \
+             (server.tls.client_ca), cluster_ca (cluster.ca); present with TLS only",
+            certificates.clone(),
+        );
         let gpu = GpuMemory::open(workers);
         let gpu_used = Family::<DeviceLabel, Gauge>::default();
         let gpu_total = Family::<DeviceLabel, Gauge>::default();
@@ -415,10 +431,17 @@ impl Metrics {
             reloads,
             reload_ok,
             reload_ok_at,
+            certificates,
             gpu_used,
             gpu_total,
             gpu,
         }
+    }
+
+    /// The earliest certificate of the PEM file `which` (server, client_ca, cluster_ca)
+    /// expires at `at` (seconds since 1970).
+    pub fn certificate_expires(&self, which: &str, at: i64) {
+        self.certificates.get_or_create(&CertificateLabel { certificate: which.into() }).set(at as f64);
     }
 
     /// A reload of the callers was applied (`true`) or refused.

@@ -25,6 +25,33 @@ use crate::service::SegmenterService;
 use crate::uploads::{Budgeted, UploadBudget};
 use crate::worker::{self, Warming, WorkerSlot};
 
+/// When the earliest certificate in a PEM bundle expires (seconds since 1970): a chain stops
+/// verifying when any of its certificates does. `None` when it holds no certificate that
+/// parses (the TLS setup reports that itself).
+pub fn earliest_expiry(pem: &[u8]) -> Option<i64> {
+    x509_parser::pem::Pem::iter_from_buffer(pem)
+        .filter_map(|p| p.ok())
+        .filter_map(|p| p.parse_x509().ok().map(|c| c.validity().not_after.timestamp()))
+        .min()
+}
+
+/// Puts the expiry of the certificates in the PEM files the server loaded (`(name, path)`)
+/// into the metrics, and warns of one that has expired or expires within 30 days: it is read
+/// at start only, so a renewed certificate needs a restart to be served.
+fn watch_expiry(metrics: &Metrics, files: &[(&str, &std::path::Path)]) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    for (name, path) in files {
+        let Some(at) = std::fs::read(path).ok().and_then(|pem| earliest_expiry(&pem)) else { continue };
+        metrics.certificate_expires(name, at);
+        let days = (at - now) / 86_400;
+        if at <= now {
+            warn!(certificate = name, file = %path.display(), "a certificate of {} has expired: TLS calls that need it fail until it is renewed and the server restarted", path.display());
+        } else if days < 30 {
+            warn!(certificate = name, file = %path.display(), days, "a certificate of {} expires in {days} days: renew it, then restart the server (certificates are read at start)", path.display());
+        }
+    }
+}
+
 /// What to say when the service listens beyond loopback unprotected: without TLS, whatever
 /// crosses the network (images, results, the token) can be read on the way; without a token or
 /// client certificates, whoever reaches the port can send images and read every result. Inside
@@ -271,6 +298,12 @@ impl Server {
             }
             builder = builder.tls_config(t).context("invalid TLS configuration")?;
         }
+        if let Some(tls) = &cfg.server.tls {
+            let mut files = vec![("server", tls.cert.as_path())];
+            files.extend(tls.client_ca.as_deref().map(|p| ("client_ca", p)));
+            files.extend(cfg.cluster.ca.as_deref().filter(|_| cfg.cluster.enabled()).map(|p| ("cluster_ca", p)));
+            watch_expiry(&metrics, &files);
+        }
         let idle = (cfg.server.max_connection_idle_s > 0).then(|| Duration::from_secs(cfg.server.max_connection_idle_s));
         let connections = ConnectionLimit::new(cfg.server.max_connections, handshake).with_idle_timeout(idle);
         metrics.watch_connections(connections.clone());
@@ -436,6 +469,22 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bundle's expiry is its earliest certificate's: a chain stops verifying with it.
+    #[test]
+    fn a_bundle_expires_with_its_earliest_certificate() {
+        let cert = |year| {
+            let mut p = rcgen::CertificateParams::new(vec!["s3net".to_string()]).unwrap();
+            p.not_after = rcgen::date_time_ymd(year, 1, 1);
+            p.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem()
+        };
+        let at = |year: i32| (year as i64 - 1970) * 365 * 86_400 + (1970..year).filter(|y| y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)).count() as i64 * 86_400;
+        assert_eq!(earliest_expiry(cert(2030).as_bytes()), Some(at(2030)));
+        let chain = format!("{}{}{}", cert(2031), cert(2028), cert(2035));
+        assert_eq!(earliest_expiry(chain.as_bytes()), Some(at(2028)));
+        assert_eq!(earliest_expiry(b"not a certificate"), None);
+        assert_eq!(earliest_expiry(b""), None);
+    }
 
     #[test]
     fn exposure_is_warned_about_beyond_loopback_only() {

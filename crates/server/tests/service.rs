@@ -1387,6 +1387,7 @@ async fn tls_and_mutual_tls() {
     let (server_cert, server_key) = ca.issue("server", &["localhost", "127.0.0.1"]);
     let (client_cert, client_key) = ca.issue("client", &["client"]);
     let mut cfg = config();
+    let cfg_cert = server_cert.clone();
     cfg.server.tls = Some(TlsConfig {
         cert: server_cert,
         key: server_key,
@@ -1452,6 +1453,12 @@ async fn tls_and_mutual_tls() {
     }
     .await;
     assert!(refused.is_err());
+    // The certificates' expiry, for an alert before they end the TLS calls.
+    let m = scrape(server.metrics_addr().expect("metrics endpoint")).await;
+    for (which, file) in [("server", cfg_cert.clone()), ("client_ca", ca.path("ca.pem"))] {
+        let expected = s3net_server::server::earliest_expiry(&std::fs::read(&file).unwrap()).expect("a certificate");
+        assert_eq!(value(&m, &format!("s3net_tls_certificate_expiry_timestamp_seconds{{certificate=\"{which}\"}}")), expected as f64, "{which}");
+    }
     server.shutdown().await.unwrap();
 }
 
