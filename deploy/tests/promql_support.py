@@ -16,6 +16,10 @@ from deploy_common import BINARY, ROOT, SERVER_SRC, Server, free_port
 
 # Metrics only a server with a GPU registers (crates/server/src/metrics.rs), with their labels.
 GPU_ONLY = {"s3net_gpu_memory_used_bytes": {"device"}, "s3net_gpu_memory_total_bytes": {"device"}}
+# Metrics with series only on a server with TLS (the test server has none; crates/server/tests
+# /service.rs checks them on one that has), with their labels.
+TLS_ONLY = {"s3net_tls_certificate_expiry_timestamp_seconds": {"certificate"}}
+SOMETIMES = {**GPU_ONLY, **TLS_ONLY}
 # Labels Prometheus adds to every scraped series, and its own `up` series.
 TARGET_LABELS = {"instance", "job"}
 
@@ -92,7 +96,7 @@ def running_server_series() -> dict[str, dict[str, set[str]]]:
     labels those read have values), plus Prometheus's own `up`. Needs target/release/s3net."""
     from s3net_client import Client
 
-    for name in GPU_ONLY:
+    for name in SOMETIMES:
         assert name.removeprefix("s3net_") in (SERVER_SRC / "metrics.rs").read_text(), name
     down = free_port()
     server = Server(
@@ -131,8 +135,8 @@ def check_reads(where: str, expr: str, series: dict[str, dict[str, set[str]]]) -
     read = selectors(tree)
     assert read, where
     for name, matchers in read:
-        if name in GPU_ONLY:
-            labels = {k: None for k in GPU_ONLY[name]}
+        if name in SOMETIMES:
+            labels = {k: None for k in SOMETIMES[name]}
         else:
             assert name in series, f"{where}: {name} is not exported"
             labels = series[name]
@@ -147,6 +151,6 @@ def check_reads(where: str, expr: str, series: dict[str, dict[str, set[str]]]) -
                 known = (SERVER_SRC / "error.rs").read_text()
                 for reason in m.value.split("|"):
                     assert f'"{reason}"' in known, f"{where}: unknown reason {reason}"
-    everything = set(TARGET_LABELS).union(*(set(l) for n, _ in read for l in [series.get(n, GPU_ONLY.get(n, {}))]))
+    everything = set(TARGET_LABELS).union(*(set(l) for n, _ in read for l in [series.get(n, SOMETIMES.get(n, {}))]))
     assert grouping_labels(tree) <= everything, where
     return [name for name, _ in read]
