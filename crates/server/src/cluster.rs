@@ -63,9 +63,29 @@ pub struct Cluster {
     health: Mutex<HashMap<SocketAddr, (Instant, bool)>>,
     /// The service's token sent to the other replicas; a reload replaces it ([`Cluster::set_token`]).
     token: RwLock<Option<String>>,
-    tls: Option<ClientTlsConfig>,
+    /// TLS to the other replicas (with this replica's certificate where they ask for one); a
+    /// reload of `[server.tls]` replaces it ([`Cluster::set_tls`]).
+    tls: RwLock<Option<ClientTlsConfig>>,
     connect_timeout: Duration,
     max_message_bytes: usize,
+}
+
+/// TLS to the other replicas: `cluster.ca` verifies them, and where they ask for a client
+/// certificate (`server.tls.client_ca`), this replica's own is it. None without `server.tls`.
+fn client_tls(cfg: &ClusterConfig, peers: &[String], server_tls: Option<&TlsConfig>) -> Result<Option<ClientTlsConfig>> {
+    let Some(server) = server_tls else { return Ok(None) };
+    let read = crate::config::read_file;
+    let ca = cfg.ca.as_deref().context("cluster.ca is required with server.tls")?;
+    let name = match &cfg.server_name {
+        Some(n) => n.clone(),
+        None => host_of(&peers[0]).to_string(),
+    };
+    let mut t = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)).domain_name(name);
+    if server.client_ca.is_some() {
+        // The other replicas ask for a client certificate: ours.
+        t = t.identity(Identity::from_pem(read(&server.cert)?, read(&server.key)?));
+    }
+    Ok(Some(t))
 }
 
 /// The addresses `cluster.peers` resolved to.
@@ -95,23 +115,7 @@ impl Cluster {
         }
         let me = cfg.advertised(port)?;
         let peers: Vec<String> = cfg.peers.iter().map(|p| p.trim().to_string()).collect();
-        let tls = match server_tls {
-            None => None,
-            Some(server) => {
-                let read = crate::config::read_file;
-                let ca = cfg.ca.as_deref().context("cluster.ca is required with server.tls")?;
-                let name = match &cfg.server_name {
-                    Some(n) => n.clone(),
-                    None => host_of(&peers[0]).to_string(),
-                };
-                let mut t = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)).domain_name(name);
-                if server.client_ca.is_some() {
-                    // The other replicas ask for a client certificate: ours.
-                    t = t.identity(Identity::from_pem(read(&server.cert)?, read(&server.key)?));
-                }
-                Some(t)
-            }
-        };
+        let tls = RwLock::new(client_tls(cfg, &peers, server_tls)?);
         Ok(Some(Cluster {
             me,
             peers,
@@ -167,6 +171,19 @@ impl Cluster {
         Ok(SegmenterClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    /// The TLS to call the other replicas with `server_tls`'s certificate and `cfg`'s CA (a
+    /// reload of renewed certificates), for [`Cluster::install_tls`]; an error names the file.
+    pub fn load_tls(&self, cfg: &ClusterConfig, server_tls: Option<&TlsConfig>) -> Result<Option<ClientTlsConfig>> {
+        client_tls(cfg, &self.peers, server_tls)
+    }
+
+    /// Calls the other replicas with `tls` from now on: the channels made with the old one are
+    /// dropped, and the next call to each replica connects anew.
+    pub fn install_tls(&self, tls: Option<ClientTlsConfig>) {
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// The channel to replica `addr`, made on first use (it connects when a call needs it).
@@ -242,7 +259,8 @@ impl Cluster {
     }
 
     fn endpoint(&self, addr: SocketAddr) -> Result<Endpoint, tonic::transport::Error> {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let tls = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
@@ -251,8 +269,8 @@ impl Cluster {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(false);
-        if let Some(t) = &self.tls {
-            e = e.tls_config(t.clone())?;
+        if let Some(t) = tls {
+            e = e.tls_config(t)?;
         }
         Ok(e)
     }

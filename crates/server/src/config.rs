@@ -110,16 +110,22 @@ pub struct ServerConfig {
     #[serde(skip)]
     pub auth_tokens_accepted: Vec<String>,
     pub tls: Option<TlsConfig>,
+    /// A digest of the TLS files' contents (`[server.tls]`'s and `cluster.ca`) as
+    /// [`Config::load`] found them: a renewed certificate changes the configuration, which a
+    /// reload then puts in force. Not the contents themselves: a configuration may be printed.
+    #[serde(skip)]
+    pub tls_files: Option<[u8; 32]>,
     /// Named callers, each with its own bearer token (`[server.callers.NAME]`): a job belongs
     /// to the caller that submitted it, who alone (with the operators) may see it, and each
     /// caller's queued and running jobs can be bounded (see `crate::callers`). Empty: one
     /// token or none, as `auth_token` says.
     pub callers: BTreeMap<String, CallerConfig>,
     /// Seconds between two looks at the configuration (its file, the variables and flags, the
-    /// token files); when what they load differs from the last seen, `[server.callers]` is
-    /// reloaded as on `SIGHUP` (0: on `SIGHUP` only). Why: a token rotated in a mounted
-    /// Kubernetes Secret or ConfigMap reaches the pod's files, but no process there gets a
-    /// signal, and a restart would lose the queue.
+    /// token files, the TLS files); when what they load differs from the last seen, the callers,
+    /// `auth_token` and `[server.tls]`'s files are reloaded as on `SIGHUP` (0: on `SIGHUP`
+    /// only). Why: a token rotated in a mounted Kubernetes Secret, a renewed certificate or an
+    /// edited ConfigMap reaches the pod's files, but no process there gets a signal, and a
+    /// restart would lose the queue.
     pub reload_interval_s: u64,
 }
 
@@ -233,6 +239,7 @@ impl Default for ServerConfig {
             auth_token_file: None,
             auth_tokens_accepted: Vec::new(),
             tls: None,
+            tls_files: None,
             callers: BTreeMap::new(),
             reload_interval_s: 0,
         }
@@ -601,8 +608,24 @@ impl Config {
             .try_deserialize()
             .context("invalid configuration")?;
         c.read_token_files()?;
+        c.server.tls_files = c.tls_files();
         c.validate()?;
         Ok(c)
+    }
+
+    /// The digest of [`ServerConfig::tls_files`]: each file's bytes, or why it could not be
+    /// read (the server's start or the reload reports that, naming the file).
+    fn tls_files(&self) -> Option<[u8; 32]> {
+        use sha2::Digest;
+        let tls = self.server.tls.as_ref()?;
+        let mut h = sha2::Sha256::new();
+        for path in [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref(), self.cluster.ca.as_ref()].into_iter().flatten() {
+            match std::fs::read(path) {
+                Ok(bytes) => h.update(sha2::Sha256::digest(&bytes)),
+                Err(e) => h.update(format!("{}: {e}", path.display()).as_bytes()),
+            }
+        }
+        Some(h.finalize().into())
     }
 
     /// Reads `server.auth_token_file` into `server.auth_token` (its first line) and

@@ -217,6 +217,39 @@ impl Drop for IdleClock {
     }
 }
 
+/// [`incoming`]'s connections through the TLS handshake of `tls` (the configuration in force
+/// when each arrives, see [`crate::tls`]), many at once so that a slow client holds up no
+/// other: the TLS streams as their handshakes finish. A handshake that fails or times out
+/// drops its connection, and with it its place under `server.max_connections`.
+pub fn tls_incoming(
+    plain: impl Stream<Item = io::Result<Admitted>> + Send + 'static,
+    tls: Arc<crate::tls::ServerTls>,
+) -> impl Stream<Item = io::Result<tokio_rustls::server::TlsStream<Admitted>>> + Send + 'static {
+    type Handshake = Pin<Box<dyn Future<Output = io::Result<tokio_rustls::server::TlsStream<Admitted>>> + Send>>;
+    let plain: Pin<Box<dyn Stream<Item = io::Result<Admitted>> + Send>> = Box::pin(plain);
+    let handshakes: futures_util::stream::FuturesUnordered<Handshake> = futures_util::stream::FuturesUnordered::new();
+    futures_util::stream::unfold((plain, tls, handshakes, false), |(mut plain, tls, mut handshakes, mut ended)| async move {
+        use futures_util::StreamExt;
+        loop {
+            tokio::select! {
+                next = plain.next(), if !ended => match next {
+                    Some(Ok(conn)) => {
+                        let tls = tls.clone();
+                        handshakes.push(Box::pin(async move { tls.accept(conn).await }));
+                    }
+                    Some(Err(e)) => return Some((Err(e), (plain, tls, handshakes, ended))),
+                    None => ended = true,
+                },
+                Some(done) = handshakes.next(), if !handshakes.is_empty() => match done {
+                    Ok(stream) => return Some((Ok(stream), (plain, tls, handshakes, ended))),
+                    Err(e) => debug!("TLS handshake failed: {e}"),
+                },
+                else => return None,
+            }
+        }
+    })
+}
+
 /// Accepts connections from `listener` for as long as the stream is polled, admitting each one
 /// that finds room under `limit` and closing the others (see the module's doc). Errors of
 /// `accept` itself are logged and never end the stream.

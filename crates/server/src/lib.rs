@@ -31,6 +31,7 @@ pub mod reload;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod tls;
 pub mod uploads;
 pub mod worker;
 

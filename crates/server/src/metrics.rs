@@ -365,13 +365,14 @@ impl Metrics {
             reload_ok_at.clone(),
         );
         // A certificate that expires under a running server ends its TLS calls (or the
-        // replicas' calls to each other); it is read at start, so the alert must come first.
+        // replicas' calls to each other): a renewal that did not happen, or did not reach the
+        // server's files, must be seen before.
         let certificates = Family::<CertificateLabel, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "tls_certificate_expiry_timestamp_seconds",
-            "When the earliest certificate of each PEM file the server loaded at start expires, \
-             in seconds since 1970: server (server.tls.cert's chain), client_ca \
-             (server.tls.client_ca), cluster_ca (cluster.ca); present with TLS only",
+            "When the earliest certificate of each PEM file the server has loaded (at start or \
+             at the last reload) expires, in seconds since 1970: server (server.tls.cert's \
+             chain), client_ca (server.tls.client_ca), cluster_ca (cluster.ca); present with TLS only",
             certificates.clone(),
         );
         let gpu = GpuMemory::open(workers);

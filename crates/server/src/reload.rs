@@ -1,10 +1,11 @@
-//! Putting a changed `[server.callers]` in force while serving: on `SIGHUP`, and every
-//! `server.reload_interval_s` when the configuration as it loads now (its file, the variables
-//! and flags, the token files) differs from the last one loaded.
+//! Putting a changed `[server.callers]`, `server.auth_token` and `[server.tls]` (renewed
+//! certificates) in force while serving: on `SIGHUP`, and every `server.reload_interval_s`
+//! when the configuration as it loads now (its file, the variables and flags, the token files,
+//! a digest of the TLS files) differs from the last one loaded.
 //!
 //! Why both: an operator on a host sends a signal when an edit is done; in Kubernetes a
-//! rotated Secret or an edited ConfigMap reaches the pod's mounted files and no process there
-//! is told, so the server looks. Looking is loading: a Kubernetes volume swaps its files by
+//! rotated Secret, a certificate cert-manager renewed or an edited ConfigMap reaches the pod's
+//! mounted files and no process there is told, so the server looks. Looking is loading: a Kubernetes volume swaps its files by
 //! renaming a symlink, which no single file's modification time shows, and loading a small
 //! TOML file and a few tokens every few seconds costs nothing a server notices.
 

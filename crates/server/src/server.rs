@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::callers::{Callers, CallersChange};
 use crate::cluster::Cluster;
+use crate::tls::ServerTls;
 use crate::config::Config;
 use crate::connections::{ConnectionLimit, Tracked};
 use crate::jobs::{JobQueue, MemoryQueue, QueueLimits};
@@ -36,8 +36,8 @@ pub fn earliest_expiry(pem: &[u8]) -> Option<i64> {
 }
 
 /// Puts the expiry of the certificates in the PEM files the server loaded (`(name, path)`)
-/// into the metrics, and warns of one that has expired or expires within 30 days: it is read
-/// at start only, so a renewed certificate needs a restart to be served.
+/// into the metrics, and warns of one that has expired or expires within 30 days: a renewal
+/// that did not happen, or did not reach this server's files.
 fn watch_expiry(metrics: &Metrics, files: &[(&str, &std::path::Path)]) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     for (name, path) in files {
@@ -45,9 +45,9 @@ fn watch_expiry(metrics: &Metrics, files: &[(&str, &std::path::Path)]) {
         metrics.certificate_expires(name, at);
         let days = (at - now) / 86_400;
         if at <= now {
-            warn!(certificate = name, file = %path.display(), "a certificate of {} has expired: TLS calls that need it fail until it is renewed and the server restarted", path.display());
+            warn!(certificate = name, file = %path.display(), "a certificate of {} has expired: TLS calls that need it fail until it is renewed", path.display());
         } else if days < 30 {
-            warn!(certificate = name, file = %path.display(), days, "a certificate of {} expires in {days} days: renew it, then restart the server (certificates are read at start)", path.display());
+            warn!(certificate = name, file = %path.display(), days, "a certificate of {} expires in {days} days: renew it (a renewed file is served after SIGHUP, or at the next look with server.reload_interval_s)", path.display());
         }
     }
 }
@@ -99,6 +99,10 @@ pub struct Server {
     counts: Arc<Metrics>,
     /// The other replicas, whose forwarded calls carry the service's token (a reload swaps it).
     cluster: Option<Arc<Cluster>>,
+    /// `[server.tls]`, whose certificate a reload replaces.
+    tls: Option<Arc<ServerTls>>,
+    /// The digest of the TLS files in force ([`crate::config::ServerConfig::tls_files`]).
+    tls_files: std::sync::Mutex<Option<[u8; 32]>>,
 }
 
 /// Sets the health of the server as a whole ("") and of the Segmenter service.
@@ -126,12 +130,17 @@ async fn serving_once_warm(warming: Warming, health: HealthReporter, draining: A
     }
 }
 
-/// Puts `from`'s callers and service tokens into `into`: what a reload changes.
-fn take_tokens(into: &mut Config, from: &Config) {
+/// Puts `from`'s callers, service tokens and, where both have TLS, its TLS files into `into`:
+/// what a reload changes (turning TLS on or off takes a restart).
+fn take_reloadable(into: &mut Config, from: &Config) {
     into.server.callers = from.server.callers.clone();
     into.server.auth_token = from.server.auth_token.clone();
     into.server.auth_token_file = from.server.auth_token_file.clone();
     into.server.auth_tokens_accepted = from.server.auth_tokens_accepted.clone();
+    if into.server.tls.is_some() && from.server.tls.is_some() {
+        into.server.tls = from.server.tls.clone();
+        into.server.tls_files = from.server.tls_files;
+    }
 }
 
 impl Server {
@@ -288,16 +297,8 @@ impl Server {
                 builder = builder.max_connection_age_grace(Duration::from_secs(cfg.server.max_connection_age_grace_s));
             }
         }
-        if let Some(tls) = &cfg.server.tls {
-            let read = crate::config::read_file;
-            let mut t = ServerTlsConfig::new()
-                .timeout(handshake)
-                .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
-            if let Some(ca) = &tls.client_ca {
-                t = t.client_ca_root(Certificate::from_pem(read(ca)?));
-            }
-            builder = builder.tls_config(t).context("invalid TLS configuration")?;
-        }
+        // Our own TLS rather than tonic's, so that a reload can replace the certificate.
+        let tls = cfg.server.tls.as_ref().map(|t| ServerTls::new(t, handshake)).transpose()?.map(Arc::new);
         if let Some(tls) = &cfg.server.tls {
             let mut files = vec![("server", tls.cert.as_path())];
             files.extend(tls.client_ca.as_deref().map(|p| ("client_ca", p)));
@@ -313,16 +314,17 @@ impl Server {
             .add_service(Tracked::new(health_service, connections.clone()))
             .add_service(Tracked::new(reflection, connections.clone()))
             .add_service(Tracked::new(segmenter, connections.clone()));
-        let serving = tokio::spawn(router.serve_with_incoming_shutdown(
-            crate::connections::incoming(listener, connections, metrics.clone()),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let incoming = crate::connections::incoming(listener, connections, metrics.clone());
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        let serving = match &tls {
+            Some(t) => tokio::spawn(router.serve_with_incoming_shutdown(crate::connections::tls_incoming(incoming, t.clone()), stopped)),
+            None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped)),
+        };
         let names: Vec<&str> = slots.iter().map(|s| s.name.as_str()).collect();
         info!(%addr, workers = ?names, torch_threads = threads, "s3net serving");
-        let tls = cfg.server.tls.as_ref();
-        let mtls = tls.is_some_and(|t| t.client_ca.is_some());
+        let mtls = cfg.server.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         if let Some(w) = exposure_warning(addr, tls.is_some(), mtls, cfg.server.auth_token.is_some() || !cfg.server.callers.is_empty()) {
             warn!(%addr, "{w}");
         }
@@ -343,27 +345,63 @@ impl Server {
             started: cfg.clone(),
             counts: metrics,
             cluster,
+            tls,
+            tls_files: std::sync::Mutex::new(cfg.server.tls_files),
         })
     }
 
-    /// Puts `cfg`'s named callers (`[server.callers]`) and the service's tokens
-    /// (`server.auth_token`, or its file's lines) in place of the running ones, for every call
-    /// from now on (`s3net serve` does it on `SIGHUP`): a leaked token rotated, a caller added
-    /// or given other limits, without a restart, so without losing the queue; the replicas'
-    /// forwarded calls carry the new service token. They are checked as at start against the
-    /// running server's other settings (its TLS, its cluster); an invalid set changes nothing.
+    /// Puts `cfg`'s named callers (`[server.callers]`), the service's tokens
+    /// (`server.auth_token`, or its file's lines) and `[server.tls]`'s files in place of the
+    /// running ones, for every call and new connection from now on (`s3net serve` does it on
+    /// `SIGHUP`): a leaked token rotated, a caller added or given other limits, a renewed
+    /// certificate served, without a restart, so without losing the queue; the replicas'
+    /// forwarded calls carry the new service token and certificate. They are checked as at
+    /// start; an invalid set, or TLS files that do not load, change nothing (turning TLS on or
+    /// off takes a restart).
     /// Every other setting takes effect at the next start only: when `cfg` changes one, the
     /// log says so.
     /// Counted in `s3net_config_reloads_total` either way (see [`crate::reload`], which calls
     /// it on `SIGHUP` and when the configuration's files change).
     pub fn reload_callers(&self, cfg: &Config) -> Result<CallersChange> {
         let mut merged = self.started.clone();
-        take_tokens(&mut merged, cfg);
+        take_reloadable(&mut merged, cfg);
         if let Err(e) = merged.validate() {
             self.reload_refused();
             return Err(e.context("[server.callers] not reloaded"));
         }
+        // Renewed certificates: read (both the served and the one the replicas call each other
+        // with) before anything is put in force, so that a file missing mid-rotation changes
+        // nothing; unchanged files are not read again.
+        let tls_changed = merged.server.tls_files.is_none() || merged.server.tls_files != *self.tls_files.lock().unwrap_or_else(|p| p.into_inner());
+        let renewed = match (&self.tls, &merged.server.tls) {
+            (Some(_), Some(new)) if tls_changed => {
+                let loaded = ServerTls::load(new).and_then(|served| {
+                    let cluster = self.cluster.as_ref().map(|c| c.load_tls(&merged.cluster, Some(new))).transpose()?;
+                    Ok((served, cluster))
+                });
+                match loaded {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        self.reload_refused();
+                        return Err(e.context("[server.tls] not reloaded"));
+                    }
+                }
+            }
+            _ => None,
+        };
         self.counts.config_reloaded(true);
+        if let (Some((served, cluster)), Some(tls), Some(new)) = (renewed, &self.tls, &merged.server.tls) {
+            tls.install(served);
+            if let (Some(c), Some(t)) = (&self.cluster, cluster) {
+                c.install_tls(t);
+            }
+            *self.tls_files.lock().unwrap_or_else(|p| p.into_inner()) = merged.server.tls_files;
+            let mut files = vec![("server", new.cert.as_path())];
+            files.extend(new.client_ca.as_deref().map(|p| ("client_ca", p)));
+            files.extend(merged.cluster.ca.as_deref().filter(|_| merged.cluster.enabled()).map(|p| ("cluster_ca", p)));
+            watch_expiry(&self.counts, &files);
+            info!(cert = %new.cert.display(), "[server.tls] reloaded: new connections get its certificate");
+        }
         let change = self.callers.replace(&merged.server.service_tokens(), &cfg.server.callers);
         if let Some(c) = &self.cluster {
             c.set_token(merged.server.auth_token.as_deref());
@@ -376,7 +414,7 @@ impl Server {
             "[server.callers] reloaded"
         );
         let mut others = cfg.clone();
-        take_tokens(&mut others, &self.started);
+        take_reloadable(&mut others, &self.started);
         if others != self.started {
             warn!("the configuration changes settings other than [server.callers] and server.auth_token: they take effect at the next start, not on reload");
         }

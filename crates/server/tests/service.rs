@@ -1639,3 +1639,55 @@ async fn server_defaults_apply_to_unset_options() {
     assert_eq!((applied.size, applied.iterations, json["precision"].as_str()), (32, 3, Some("float32")));
     server.shutdown().await.unwrap();
 }
+
+/// `[server.tls]` renewed on disk (as cert-manager rewrites a Secret's files) is served from
+/// the next connection on after a look at the configuration, with no restart; a key that does
+/// not go with its certificate (files caught mid-rotation) is refused and the certificate in
+/// force stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    use s3net_server::cli::ConnectArgs;
+    use s3net_server::reload::{Reload, Reloader, Trigger};
+    let (old_ca, new_ca) = (TestCa::new(), TestCa::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"), dir.path().join("s3net.toml"));
+    let install = |ca: &TestCa, stem: &str| {
+        let (c, k) = ca.issue(stem, &["localhost", "127.0.0.1"]);
+        std::fs::copy(k, &key).unwrap();
+        std::fs::copy(c, &cert).unwrap();
+    };
+    install(&old_ca, "first");
+    std::fs::write(&file, format!("[server.tls]\ncert = {cert:?}\nkey = {key:?}\n")).unwrap();
+    let base = config();
+    let load = || -> anyhow::Result<s3net_server::Config> {
+        let loaded = s3net_server::Config::load(Some(&file), &[])?;
+        let mut c = base.clone();
+        (c.server.tls, c.server.tls_files) = (loaded.server.tls, loaded.server.tls_files);
+        Ok(c)
+    };
+    let started = load().unwrap();
+    let (server, url) = start(started.clone()).await;
+    let mut reloader = Reloader::new(load, started);
+    let https = url.replace("http://", "https://");
+    let trusting = async |ca: &TestCa| {
+        let conn = ConnectArgs { addr: https.clone(), ca: Some(ca.path("ca.pem")), ..plain_conn(&https) };
+        conn.client().await?.list_jobs(pb::ListJobsRequest::default()).await.map(drop).map_err(anyhow::Error::from)
+    };
+    trusting(&old_ca).await.expect("the first certificate");
+    assert!(trusting(&new_ca).await.is_err(), "not yet the renewed one");
+    assert_eq!(reloader.look(&server, Trigger::Interval), Reload::Unchanged);
+
+    install(&new_ca, "renewed");
+    assert!(matches!(reloader.look(&server, Trigger::Interval), Reload::Applied(_)));
+    trusting(&new_ca).await.expect("the renewed certificate, no restart");
+    assert!(trusting(&old_ca).await.is_err(), "the first one no longer served");
+
+    // Caught mid-rotation: the next certificate beside the renewed one's key.
+    let (next, _) = old_ca.issue("next", &["localhost", "127.0.0.1"]);
+    std::fs::copy(next, &cert).unwrap();
+    assert_eq!(reloader.look(&server, Trigger::Interval), Reload::Refused);
+    trusting(&new_ca).await.expect("the renewed certificate stays");
+    let m = scrape(server.metrics_addr().unwrap()).await;
+    assert_series(&m, &[("s3net_config_last_reload_successful", 0.0)]);
+    server.shutdown().await.unwrap();
+}
