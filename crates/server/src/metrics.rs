@@ -439,10 +439,14 @@ impl Metrics {
         }
     }
 
-    /// The earliest certificate of the PEM file `which` (server, client_ca, cluster_ca)
-    /// expires at `at` (seconds since 1970).
-    pub fn certificate_expires(&self, which: &str, at: i64) {
-        self.certificates.get_or_create(&CertificateLabel { certificate: which.into() }).set(at as f64);
+    /// The earliest certificate of each PEM file loaded (`(which, at)`: server, client_ca,
+    /// cluster_ca; seconds since 1970), in place of those loaded before (a file a reload left
+    /// out is no longer reported).
+    pub fn certificates_expire(&self, expiries: &[(&str, i64)]) {
+        self.certificates.clear();
+        for (which, at) in expiries {
+            self.certificates.get_or_create(&CertificateLabel { certificate: (*which).into() }).set(*at as f64);
+        }
     }
 
     /// A reload of the callers was applied (`true`) or refused.

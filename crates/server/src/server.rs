@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::callers::{Callers, CallersChange};
 use crate::cluster::Cluster;
 use crate::tls::ServerTls;
-use crate::config::Config;
+use crate::config::{ClusterConfig, Config, TlsConfig};
 use crate::connections::{ConnectionLimit, Tracked};
 use crate::jobs::{JobQueue, MemoryQueue, QueueLimits};
 use crate::metrics::{Metrics, MetricsEndpoint};
@@ -35,14 +35,19 @@ pub fn earliest_expiry(pem: &[u8]) -> Option<i64> {
         .min()
 }
 
-/// Puts the expiry of the certificates in the PEM files the server loaded (`(name, path)`)
-/// into the metrics, and warns of one that has expired or expires within 30 days: a renewal
-/// that did not happen, or did not reach this server's files.
-fn watch_expiry(metrics: &Metrics, files: &[(&str, &std::path::Path)]) {
+/// Puts the expiry of the certificates in the PEM files the server has loaded, `tls`'s and,
+/// in a cluster, `cluster.ca`, into the metrics (in place of those loaded before), and warns of
+/// one that has expired or expires within 30 days: a renewal that did not happen, or did not
+/// reach this server's files.
+fn watch_expiry(metrics: &Metrics, tls: &TlsConfig, cluster: &ClusterConfig) {
+    let mut files = vec![("server", tls.cert.as_path())];
+    files.extend(tls.client_ca.as_deref().map(|p| ("client_ca", p)));
+    files.extend(cluster.ca.as_deref().filter(|_| cluster.enabled()).map(|p| ("cluster_ca", p)));
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    for (name, path) in files {
-        let Some(at) = std::fs::read(path).ok().and_then(|pem| earliest_expiry(&pem)) else { continue };
-        metrics.certificate_expires(name, at);
+    let found: Vec<(&str, &std::path::Path, i64)> =
+        files.into_iter().filter_map(|(name, path)| Some((name, path, earliest_expiry(&std::fs::read(path).ok()?)?))).collect();
+    metrics.certificates_expire(&found.iter().map(|(name, _, at)| (*name, *at)).collect::<Vec<_>>());
+    for (name, path, at) in found {
         let days = (at - now) / 86_400;
         if at <= now {
             warn!(certificate = name, file = %path.display(), "a certificate of {} has expired: TLS calls that need it fail until it is renewed", path.display());
@@ -300,10 +305,7 @@ impl Server {
         // Our own TLS rather than tonic's, so that a reload can replace the certificate.
         let tls = cfg.server.tls.as_ref().map(|t| ServerTls::new(t, handshake)).transpose()?.map(Arc::new);
         if let Some(tls) = &cfg.server.tls {
-            let mut files = vec![("server", tls.cert.as_path())];
-            files.extend(tls.client_ca.as_deref().map(|p| ("client_ca", p)));
-            files.extend(cfg.cluster.ca.as_deref().filter(|_| cfg.cluster.enabled()).map(|p| ("cluster_ca", p)));
-            watch_expiry(&metrics, &files);
+            watch_expiry(&metrics, tls, &cfg.cluster);
         }
         let idle = (cfg.server.max_connection_idle_s > 0).then(|| Duration::from_secs(cfg.server.max_connection_idle_s));
         let connections = ConnectionLimit::new(cfg.server.max_connections, handshake).with_idle_timeout(idle);
@@ -396,10 +398,7 @@ impl Server {
                 c.install_tls(t);
             }
             *self.tls_files.lock().unwrap_or_else(|p| p.into_inner()) = merged.server.tls_files;
-            let mut files = vec![("server", new.cert.as_path())];
-            files.extend(new.client_ca.as_deref().map(|p| ("client_ca", p)));
-            files.extend(merged.cluster.ca.as_deref().filter(|_| merged.cluster.enabled()).map(|p| ("cluster_ca", p)));
-            watch_expiry(&self.counts, &files);
+            watch_expiry(&self.counts, new, &merged.cluster);
             info!(cert = %new.cert.display(), "[server.tls] reloaded: new connections get its certificate");
         }
         let change = self.callers.replace(&merged.server.service_tokens(), &cfg.server.callers);

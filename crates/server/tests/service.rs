@@ -1681,6 +1681,10 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     assert!(matches!(reloader.look(&server, Trigger::Interval), Reload::Applied(_)));
     trusting(&new_ca).await.expect("the renewed certificate, no restart");
     assert!(trusting(&old_ca).await.is_err(), "the first one no longer served");
+    let m = scrape(server.metrics_addr().unwrap()).await;
+    let renewed = s3net_server::server::earliest_expiry(&std::fs::read(&cert).unwrap()).unwrap();
+    assert_eq!(value(&m, "s3net_tls_certificate_expiry_timestamp_seconds{certificate=\"server\"}"), renewed as f64, "the renewed one's expiry");
+    assert!(!m.keys().any(|k| k.contains("client_ca")), "no client CA, no series: {m:?}");
 
     // Caught mid-rotation: the next certificate beside the renewed one's key.
     let (next, _) = old_ca.issue("next", &["localhost", "127.0.0.1"]);
