@@ -64,7 +64,7 @@ pub struct Cluster {
     /// The service's token sent to the other replicas; a reload replaces it ([`Cluster::set_token`]).
     token: RwLock<Option<String>>,
     /// TLS to the other replicas (with this replica's certificate where they ask for one); a
-    /// reload of `[server.tls]` replaces it ([`Cluster::set_tls`]).
+    /// reload of `[server.tls]` replaces it ([`Cluster::install_tls`]).
     tls: RwLock<Option<ClientTlsConfig>>,
     connect_timeout: Duration,
     max_message_bytes: usize,
