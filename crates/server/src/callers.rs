@@ -158,11 +158,10 @@ impl Callers {
     /// jobs are still there for the operators.
     pub fn replace(&self, service_tokens: &[&str], callers: &BTreeMap<String, CallerConfig>) -> CallersChange {
         let table = Arc::new(Table::new(service_tokens, callers));
-        let service_changed = table.service_tokens() != self.table().service_tokens();
-        let old = std::mem::replace(&mut *self.table.write().unwrap_or_else(|p| p.into_inner()), table);
+        let old = std::mem::replace(&mut *self.table.write().unwrap_or_else(|p| p.into_inner()), table.clone());
         let before = &old.configs;
         let mut change = CallersChange::default();
-        if service_changed {
+        if table.service_tokens() != old.service_tokens() {
             change.changed.push(SERVICE.to_string());
         }
         for (name, c) in callers {
