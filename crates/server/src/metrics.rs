@@ -53,7 +53,7 @@ pub const REJECT_REASONS: [&str; 11] = [
 pub const RELOAD_OUTCOMES: [&str; 2] = ["applied", "refused"];
 
 /// Seconds since 1970, for the timestamp gauges.
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 

@@ -43,7 +43,7 @@ fn watch_expiry(metrics: &Metrics, tls: &TlsConfig, cluster: &ClusterConfig) {
     let mut files = vec![("server", tls.cert.as_path())];
     files.extend(tls.client_ca.as_deref().map(|p| ("client_ca", p)));
     files.extend(cluster.ca.as_deref().filter(|_| cluster.enabled()).map(|p| ("cluster_ca", p)));
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let now = crate::metrics::unix_now() as i64;
     let found: Vec<(&str, &std::path::Path, i64)> =
         files.into_iter().filter_map(|(name, path)| Some((name, path, earliest_expiry(&std::fs::read(path).ok()?)?))).collect();
     metrics.certificates_expire(&found.iter().map(|(name, _, at)| (*name, *at)).collect::<Vec<_>>());
@@ -133,6 +133,13 @@ async fn serving_once_warm(warming: Warming, health: HealthReporter, draining: A
     } else {
         info!("every worker warmed up: serving");
     }
+}
+
+/// Renewed TLS files as loaded by a reload, before they are installed.
+struct RenewedTls {
+    served: Arc<rustls::ServerConfig>,
+    /// For the replicas' calls to each other (None without a cluster).
+    cluster: Option<Option<tonic::transport::ClientTlsConfig>>,
 }
 
 /// Puts `from`'s callers, service tokens and, where both have TLS, its TLS files into `into`:
@@ -365,36 +372,17 @@ impl Server {
     /// Counted in `s3net_config_reloads_total` either way (see [`crate::reload`], which calls
     /// it on `SIGHUP` and when the configuration's files change).
     pub fn reload_callers(&self, cfg: &Config) -> Result<CallersChange> {
-        let mut merged = self.started.clone();
-        take_reloadable(&mut merged, cfg);
-        if let Err(e) = merged.validate() {
-            self.reload_refused();
-            return Err(e.context("[server.callers] not reloaded"));
-        }
-        // Renewed certificates: read (both the served and the one the replicas call each other
-        // with) before anything is put in force, so that a file missing mid-rotation changes
-        // nothing; unchanged files are not read again.
-        let tls_changed = merged.server.tls_files.is_none() || merged.server.tls_files != *self.tls_files.lock().unwrap_or_else(|p| p.into_inner());
-        let renewed = match (&self.tls, &merged.server.tls) {
-            (Some(_), Some(new)) if tls_changed => {
-                let loaded = ServerTls::load(new).and_then(|served| {
-                    let cluster = self.cluster.as_ref().map(|c| c.load_tls(&merged.cluster, Some(new))).transpose()?;
-                    Ok((served, cluster))
-                });
-                match loaded {
-                    Ok(l) => Some(l),
-                    Err(e) => {
-                        self.reload_refused();
-                        return Err(e.context("[server.tls] not reloaded"));
-                    }
-                }
+        let (merged, renewed) = match self.prepare_reload(cfg) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                self.reload_refused();
+                return Err(e);
             }
-            _ => None,
         };
         self.counts.config_reloaded(true);
-        if let (Some((served, cluster)), Some(tls), Some(new)) = (renewed, &self.tls, &merged.server.tls) {
-            tls.install(served);
-            if let (Some(c), Some(t)) = (&self.cluster, cluster) {
+        if let (Some(r), Some(tls), Some(new)) = (renewed, &self.tls, &merged.server.tls) {
+            tls.install(r.served);
+            if let (Some(c), Some(t)) = (&self.cluster, r.cluster) {
                 c.install_tls(t);
             }
             *self.tls_files.lock().unwrap_or_else(|p| p.into_inner()) = merged.server.tls_files;
@@ -415,9 +403,32 @@ impl Server {
         let mut others = cfg.clone();
         take_reloadable(&mut others, &self.started);
         if others != self.started {
-            warn!("the configuration changes settings other than [server.callers] and server.auth_token: they take effect at the next start, not on reload");
+            warn!("the configuration changes settings other than [server.callers], server.auth_token and [server.tls]'s files: they take effect at the next start, not on reload");
         }
         Ok(change)
+    }
+
+    /// The running configuration with `cfg`'s reloadable settings, checked, and, when the TLS
+    /// files changed, what they load (both the certificate served and the one the replicas call
+    /// each other with), all before anything is put in force: a file missing mid-rotation
+    /// changes nothing. Unchanged TLS files are not read again.
+    fn prepare_reload(&self, cfg: &Config) -> Result<(Config, Option<RenewedTls>)> {
+        let mut merged = self.started.clone();
+        take_reloadable(&mut merged, cfg);
+        merged.validate().context("[server.callers] not reloaded")?;
+        let in_force = *self.tls_files.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = merged.server.tls_files.is_none() || merged.server.tls_files != in_force;
+        let renewed = match (&self.tls, &merged.server.tls) {
+            (Some(_), Some(new)) if changed => {
+                let load = || -> Result<RenewedTls> {
+                    let cluster = self.cluster.as_ref().map(|c| c.load_tls(&merged.cluster, Some(new))).transpose()?;
+                    Ok(RenewedTls { served: ServerTls::load(new)?, cluster })
+                };
+                Some(load().context("[server.tls] not reloaded")?)
+            }
+            _ => None,
+        };
+        Ok((merged, renewed))
     }
 
     /// Counts a reload refused before [`Server::reload_callers`] (a configuration that did not
