@@ -1,6 +1,7 @@
-//! Compiles `csrc/ops.cpp` against the libtorch headers and links it into this crate, and, when
-//! a CUDA compiler is found, the CUDA kernels (`csrc/*_cuda.cu`) with nvcc for sm_80 and sm_90
-//! (plus PTX for newer GPUs).
+//! Compiles the ops' C++ (`csrc/*.cpp`: one file per op, `common.h` what they share) against the
+//! libtorch headers and links it into this crate, and, when a CUDA compiler is found, the CUDA
+//! kernels (`csrc/*_cuda.cu`) with nvcc for sm_80 and sm_90 (plus PTX for newer GPUs). The
+//! files compile side by side, as many at once as cargo's jobs allow.
 //!
 //! Flags are deliberately portable: `-O3` without `-march`, so the library runs on any x86-64.
 //! The hot loops get AVX2/FMA clones selected at run time inside the C++ (`__builtin_cpu_supports`).
@@ -63,27 +64,53 @@ fn find_cuda(libtorch: &Path) -> Option<Cuda> {
     Some(Cuda { nvcc, include: root.join("include"), lib })
 }
 
-/// Compiles each CUDA source to an object file linked into the crate's library.
+/// Compiles each CUDA source to an object file linked into the crate's library, on cargo's
+/// `NUM_JOBS` less one threads (at least one): the host compiler has the remaining job meanwhile.
 fn compile_cuda(cuda: &Cuda, out: &Path) -> Vec<PathBuf> {
-    CUDA_SOURCES
-        .iter()
-        .map(|src| {
-            let stem = Path::new(src).file_stem().expect("a file name").to_string_lossy();
-            let obj = out.join(format!("{stem}.o"));
-            let status = Command::new(&cuda.nvcc)
-                .args(["-c", src, "-o"])
-                .arg(&obj)
-                .args(["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-w"])
-                .args(["-gencode", "arch=compute_80,code=sm_80"])
-                .args(["-gencode", "arch=compute_90,code=sm_90"])
-                .args(["-gencode", "arch=compute_90,code=compute_90"])
-                .status()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", cuda.nvcc.display()));
-            assert!(status.success(), "nvcc failed on {src}");
-            obj
-        })
-        .collect()
+    let jobs = std::env::var("NUM_JOBS").ok().and_then(|j| j.parse::<usize>().ok()).unwrap_or(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.saturating_sub(1).clamp(1, CUDA_SOURCES.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(src) = CUDA_SOURCES.get(i) else { break };
+                nvcc(cuda, src, &cuda_object(out, src));
+            });
+        }
+    });
+    CUDA_SOURCES.iter().map(|src| cuda_object(out, src)).collect()
 }
+
+fn cuda_object(out: &Path, src: &str) -> PathBuf {
+    let stem = Path::new(src).file_stem().expect("a file name").to_string_lossy();
+    out.join(format!("{stem}.o"))
+}
+
+fn nvcc(cuda: &Cuda, src: &str, obj: &Path) {
+    let status = Command::new(&cuda.nvcc)
+        .args(["-c", src, "-o"])
+        .arg(obj)
+        .args(["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-w"])
+        .args(["-gencode", "arch=compute_80,code=sm_80"])
+        .args(["-gencode", "arch=compute_90,code=sm_90"])
+        .args(["-gencode", "arch=compute_90,code=compute_90"])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cuda.nvcc.display()));
+    assert!(status.success(), "nvcc failed on {src}");
+}
+
+/// The ops' C++, one file per op (`common.cpp`: the host side of the kernels several of them
+/// share), compiled against libtorch as one translation unit, `csrc/ops.cpp`, which includes
+/// them all (see there why).
+const CPP_SOURCES: [&str; 7] = [
+    "csrc/common.cpp",
+    "csrc/deform.cpp",
+    "csrc/depthwise.cpp",
+    "csrc/losses.cpp",
+    "csrc/norm.cpp",
+    "csrc/pointwise.cpp",
+    "csrc/runtime.cpp",
+];
 
 const CUDA_SOURCES: [&str; 6] = [
     "csrc/bias_cuda.cu",
@@ -124,7 +151,9 @@ fn compile_simt(out: &Path) {
 
 fn main() {
     libtorch_link_args();
-    println!("cargo:rerun-if-changed=csrc/ops.cpp");
+    for src in CPP_SOURCES.iter().chain(&["csrc/ops.cpp", "csrc/common.h"]) {
+        println!("cargo:rerun-if-changed={src}");
+    }
     println!("cargo:rerun-if-changed=csrc/kernel_dims.h");
     println!("cargo:rerun-if-changed=csrc/cuda_common.cuh");
     println!("cargo:rerun-if-changed=csrc/kernel_entries.h");
@@ -156,10 +185,18 @@ fn main() {
         .debug(false);
     let cuda = find_cuda(&libtorch).filter(|_| libtorch.join("lib/libc10_cuda.so").exists());
     if let Some(cuda) = &cuda {
-        build.define("S3OPS_CUDA", "1").include(&cuda.include).objects(compile_cuda(cuda, &out));
+        build.define("S3OPS_CUDA", "1").include(&cuda.include);
     }
-    build.compile("s3net_ops");
-    compile_simt(&out);
+    // nvcc on threads of its own while the host compiler builds the ops and the emulated
+    // kernels: nvcc is most of this crate's build time (the depthwise kernels alone 25 s here).
+    std::thread::scope(|s| {
+        let nvcc = cuda.as_ref().map(|cuda| s.spawn(|| compile_cuda(cuda, &out)));
+        let ops = build.compile_intermediates();
+        compile_simt(&out);
+        let kernels = nvcc.map(|t| t.join().expect("an nvcc thread panicked")).unwrap_or_default();
+        let mut lib = cc::Build::new();
+        lib.cpp(true).objects(ops).objects(kernels).compile("s3net_ops");
+    });
     // OpenMP runtime: resolved at run time to libtorch's bundled libgomp.so.1 (same soname).
     println!("cargo:rustc-link-lib=dylib=gomp");
     println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
