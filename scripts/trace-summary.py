@@ -2,7 +2,7 @@
 """Adds up an operator-level trace (`s3net bench fit --trace FILE`, a Kineto Chrome trace) per op.
 
 On a GPU: every CUDA kernel's time is charged to the op that launched it (the trace links them
-by "External id": an aten op, or one of ours, `s3net::…`, whose scope ops.cpp opens), grouped by
+by "External id": an aten op, or one of ours, `s3net::…`, whose scope the ops' C entry points open), grouped by
 that op, its input shapes and types, and the autograd node it ran in (its backward, or
 "forward"). On the CPU (no kernels in the trace): each op's self
 time (its duration less its children's), grouped the same way. Prints the top groups, then the
@@ -14,11 +14,14 @@ copy or an add.
 import argparse
 import collections
 import json
+import re
 
 
 def short(name):
-    """An autograd node's name without the C++ wrapper around our own functions."""
-    return name.replace("torch::autograd::CppNode<(anonymous namespace)::", "").rstrip(">")
+    """An autograd node's name without the C++ wrapper around our own functions (in namespace
+    s3ops since 2026-11-29; earlier traces have them at the top level)."""
+    wrapper = re.match(r"torch::autograd::CppNode<(?:s3ops::)?\(anonymous namespace\)::(.*)>$", name)
+    return wrapper.group(1) if wrapper else name
 
 
 def shapes(args):

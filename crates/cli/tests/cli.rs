@@ -230,9 +230,9 @@ fn bench_fit_writes_an_operator_trace() {
     let ops: Vec<&str> = t["traceEvents"].as_array().unwrap().iter().filter(|e| e["cat"] == "cpu_op").filter_map(|e| e["name"].as_str()).collect();
     // A libtorch op's backward (the stem's convolution), one of our ops' autograd nodes (the
     // CPU BatchNorm, ours since 2026-11-27), the SGD update's multi-tensor op, and our ops' own
-    // scopes (RECORD_FUNCTION in ops.cpp), which a GPU trace charges their forward kernels to.
+    // scopes (RECORD_FUNCTION in their C entry points, `csrc/<op>.cpp`), which a GPU trace charges their forward kernels to.
     let ours = ["s3net::plane_norm", "s3net::depthwise_branches", "s3net::deform_conv2d", "s3net::pointwise_conv2d", "s3net::pixel_losses", "s3net::sgd_step"];
-    for name in ["aten::convolution_backward", "torch::autograd::CppNode<(anonymous namespace)::PlaneNormFn>", "aten::_foreach_add_"].into_iter().chain(ours) {
+    for name in ["aten::convolution_backward", "torch::autograd::CppNode<s3ops::(anonymous namespace)::PlaneNormFn>", "aten::_foreach_add_"].into_iter().chain(ours) {
         assert!(ops.contains(&name), "{name} missing from the trace's {} ops", ops.len());
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/trace-summary.py");

@@ -1,7 +1,7 @@
 // CUDA kernels of the deformable convolution (DCNv2, torchvision.ops.deform_conv2d semantics).
 //
 // Only the two gather/scatter steps live here; the GEMMs around them are libtorch's (cuBLAS),
-// called from ops.cpp, which also owns autograd, argument checks and the current stream:
+// called from deform.cpp, which also owns autograd, argument checks and the current stream:
 //  * im2col: cols[n][kk*C + c][p] = mask · bilinear(x[n][c], p + tap kk + offset)   (forward,
 //    and again in backward for the weight gradient);
 //  * col2im: from gcols = W2ᵀ·grad_out, the input gradient (atomicAdd into the four bilinear

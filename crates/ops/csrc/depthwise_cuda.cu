@@ -16,12 +16,12 @@
 //    registers; its k² weights sit in registers too. (The previous kernels, one output per
 //    shared load, ran at about a tenth of the GPU's arithmetic rate: H200 profile in
 //    docs/gpu-checks/2026-11-26-h200-depthwise.) The input gradient is the same correlation of the
-//    output gradient with the flipped kernel and padding (k−1)·d − p (ops.cpp flips it).
+//    output gradient with the flipped kernel and padding (k−1)·d − p (depthwise.cpp flips it).
 //  * weight gradient: a block walks two tiles down a column of the plane, each thread adding
 //    go · in into k² register sums over its 32 outputs, and go alone into one more (the bias
 //    gradient, which thus costs no extra pass over go), then reduces them across the block
 //    (warp shuffles, then the 8 warps) and writes one partial per (plane, block, tap) plus the
-//    bias's; ops.cpp sums the partials with libtorch. No atomics: the result is deterministic.
+//    bias's; depthwise.cpp sums the partials with libtorch. No atomics: the result is deterministic.
 // The network's geometries — k = 3, 5, 7 with dilations 1, 2, 3 as the I-LKA block uses them —
 // are compiled with their kernel size and dilation fixed (the strips' register indices must be
 // known at compile time); any other geometry runs a generic kernel reading shared memory tap
@@ -34,7 +34,7 @@
 // Planes need not be contiguous: S3DepthwiseDims can place them in groups (the I-LKA block's
 // branches write, and read their gradients from, slices of one concatenated tensor), and the
 // correlation can add to what its output holds (the branches' input gradients summed in place).
-// ops.cpp's BranchesFn uses both.
+// depthwise.cpp's BranchesFn uses both.
 
 #include <cuda_runtime.h>
 
@@ -553,10 +553,10 @@ extern "C" {
 // column the bias gradient's.
 int64_t S3_ENTRY(dw_partials_per_plane)(const S3DepthwiseDims* d) { return weight_grad_blocks(*d); }
 
-// Blocks per plane of the larger of the two kernels' grids, so ops.cpp can keep the grid 1-D.
+// Blocks per plane of the larger of the two kernels' grids, so depthwise.cpp can keep the grid 1-D.
 int64_t S3_ENTRY(dw_blocks_per_plane)(const S3DepthwiseDims* d) { return correlate_tiles(*d); }
 
-// Shared memory one block needs (the larger of the two kernels), so ops.cpp can decline shapes
+// Shared memory one block needs (the larger of the two kernels), so depthwise.cpp can decline shapes
 // whose dilated kernel does not fit (48 KiB without opting in) and use libtorch's instead.
 // `elem`: bytes of the sums' type (4 for float32 and bfloat16, 8 for float64).
 int64_t S3_ENTRY(dw_shared_bytes)(const S3DepthwiseDims* d, int64_t elem) {

@@ -1,5 +1,5 @@
 // Shapes and geometry of the ops whose kernels live in the .cu files, shared by the C++
-// (ops.cpp) and CUDA (deform_cuda.cu, depthwise_cuda.cu) halves. Plain data: they cross the
+// (csrc/<op>.cpp) and CUDA (deform_cuda.cu, depthwise_cuda.cu) halves. Plain data: they cross the
 // boundary between the two compilers by pointer.
 #pragma once
 #include <cstdint>

@@ -1,5 +1,5 @@
 // The entry points of the kernels in csrc/*_cuda.cu, one line each:
-// S3_KERNEL(return type, name, (parameters)). ops.cpp reads this list with S3_KERNEL defined
+// S3_KERNEL(return type, name, (parameters)). common.h reads this list with S3_KERNEL defined
 // three ways: to declare s3ops_cuda_<name> (the GPU build, nvcc) and s3ops_simt_<name> (the
 // same sources on the CPU emulation of simt.h), and to make the table of either that the ops'
 // host code calls through. No include guard: it is meant to be read more than once.

@@ -1,7 +1,7 @@
-// CUDA kernels of pixel_losses (ops.cpp): per image of a map of logits (M, K, H, W), the
+// CUDA kernels of pixel_losses (losses.cpp): per image of a map of logits (M, K, H, W), the
 // cross-entropy against a target or against the map's own argmax, and the continuity term
 // (mean L1 of vertical and horizontal neighbour differences); and the gradient of both at
-// once. See ops.cpp for the definitions and why one op.
+// once. See losses.cpp for the definitions and why one op.
 //
 // A block owns a row (image m, row y): each thread a pixel of it, looping over the K channels
 // (each channel's read is a warp's consecutive pixels). Forward: the maximum and argmax over

@@ -2,7 +2,7 @@
 // have no GPU, and a kernel that has never run is a kernel nobody knows to be right.
 //
 // build.rs compiles each csrc/*_cuda.cu a second time with the host C++ compiler, this header
-// first, its entry points renamed s3ops_simt_* (cuda_common.cuh's S3_ENTRY). ops.cpp then runs
+// first, its entry points renamed s3ops_simt_* (cuda_common.cuh's S3_ENTRY). The ops' C++ then runs
 // the same host code it runs for CUDA tensors on CPU tensors, with these kernels, on a thread
 // that asked for it (`s3ops_set_simt`, s3net_ops::simt in Rust). What it emulates:
 //  * a launch runs its blocks one after another; a block's threads are fibers of the calling

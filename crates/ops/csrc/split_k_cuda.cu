@@ -1,4 +1,4 @@
-// CUDA kernel of the split reductions behind the weight gradients (ops.cpp, gemm_nt_split_k):
+// CUDA kernel of the split reductions behind the weight gradients (pointwise.cpp, gemm_nt_split_k):
 //
 //   parts[b][s][i][j] = Σ_{l < L} a[b][i][s·L + l] · c[b][j][s·L + l]
 //
