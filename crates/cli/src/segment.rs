@@ -187,15 +187,19 @@ fn segment_file(
         Some(n) => n,
         None => frame_count(path)?,
     };
+    // Every attempt's time, with the foreground's read-off: what the service reports as a job's
+    // fit time (a refit made this file's fit take twice the last attempt's seconds).
+    let started = std::time::Instant::now();
     let seg = segment_one(image, opts, device, stem).with_context(|| format!("fit failed for {}", path.display()))?;
-    write_outputs(out, stem, &loaded, &seg, opts, device, frames)?;
+    let seconds = started.elapsed().as_secs_f64();
+    write_outputs(out, stem, &loaded, &seg, opts, device, frames, seconds)?;
     Ok(format!(
         "{}{}: {} labels, {} iterations, {:.2} s on {}",
         path.display(),
         if all_frames && frames > 1 { format!(" frame {frame} of {frames}") } else { String::new() },
         seg.fit.n_labels,
         seg.fit.iterations,
-        seg.fit.fit_seconds,
+        seconds,
         seg.fit.device
     ))
 }
@@ -224,7 +228,9 @@ pub fn memory_warning(opts: &FitOptions, device: DeviceSpec, image: &Image, host
 /// asked for one; `frames`: the file's frame count, for the report) from the result message the service
 /// would send for this fit (`s3net_server::worker::segmentation_result`), through the writer
 /// `s3net client segment` uses: a local and a remote segmentation report the same keys.
-pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation, opts: &FitOptions, device: DeviceSpec, frames: u32) -> Result<()> {
+/// `seconds`: the segmentation's time, every attempt included (the report's fit and total time).
+#[allow(clippy::too_many_arguments)]
+pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation, opts: &FitOptions, device: DeviceSpec, frames: u32, seconds: f64) -> Result<()> {
     let applied = s3net_server::service::applied_options(opts, device, loaded.window, 0, loaded.orientation);
     let dicom = loaded
         .dicom_seg
@@ -236,8 +242,8 @@ pub fn write_outputs(out: &Path, stem: &str, loaded: &Loaded, seg: &Segmentation
     result.frames = frames;
     result.timings = Some(s3net_server::pb::Timings {
         queued_seconds: 0.0,
-        fit_seconds: seg.fit.fit_seconds,
-        total_seconds: seg.fit.fit_seconds,
+        fit_seconds: seconds,
+        total_seconds: seconds,
     });
     s3net_server::cli::write_result(out, stem, &result)
 }

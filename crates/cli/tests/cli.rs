@@ -83,6 +83,41 @@ fn segment_writes_labels_mask_and_report_at_original_size() {
 
 /// `--frame` picks the page of a multi-page TIFF (here a 96×72 photo, then a 64×64 CT slice in
 /// signed 32-bit Hounsfield units); past the last page it fails naming the page count.
+/// A 16-bit grey PNG of a bright disk on a dark field: nothing dark lies inside anything, so
+/// the foreground rule finds nothing whatever the clusters (as `crates/model/tests/fit.rs`'s).
+fn bright_disk_png(side: u32) -> Vec<u8> {
+    let values: Vec<u16> = (0..side * side)
+        .map(|p| {
+            let (fx, fy) = ((p % side) as f32 / side as f32 - 0.5, (p / side) as f32 / side as f32 - 0.5);
+            let v = if fx * fx + fy * fy < 0.09 { 0.8 } else { 0.15 } + 0.04 * ((p * 7) % 5) as f32 / 5.0;
+            (v * 65535.0) as u16
+        })
+        .collect();
+    s3net_imaging::encode_grey_png16(side, side, &values)
+}
+
+/// An image whose foreground comes out empty is fitted again (see the README, "The foreground
+/// rule"); its report's fit and total time are one measurement of the whole segmentation, both
+/// fits, as the service reports a job's (before, the last fit's alone), and the summary line
+/// says the same seconds.
+#[test]
+fn a_refitted_image_reports_the_time_of_both_fits() {
+    let out = tmpdir("refit");
+    let img = out.join("disk.png");
+    std::fs::write(&img, bright_disk_png(40)).unwrap();
+    let mut args = vec!["segment", img.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu"];
+    args.extend(["--iterations", "4", "--size", "32", "--features", "8", "--min-labels", "0"]);
+    let o = s3net(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("disk.json")).unwrap()).unwrap();
+    assert_eq!(report["refits"], 1, "the disk's empty foreground is fitted again");
+    assert_eq!(report["foreground_fraction"], 0.0);
+    let seconds = report["timings"]["fit_seconds"].as_f64().unwrap();
+    assert_eq!(report["timings"]["total_seconds"].as_f64(), Some(seconds));
+    let line = String::from_utf8_lossy(&o.stdout);
+    assert!(line.contains(&format!("{seconds:.2} s on cpu")), "the summary line says {seconds:.2} s: {line}");
+}
+
 #[test]
 fn frame_picks_a_tiff_page() {
     let out = tmpdir("frame");
