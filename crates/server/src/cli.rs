@@ -654,7 +654,11 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
             let (mut frame, mut frames) = (options.frame, 1);
             loop {
                 options.frame = frame;
-                let result = call.run(&options).await?;
+                // The file (and frame) in the error: "FILE: InvalidArgument: …".
+                let result = call.run(&options).await.with_context(|| match frames {
+                    1 => file.display().to_string(),
+                    n => format!("{} frame {frame} of {n}", file.display()),
+                })?;
                 frames = if all_frames { result.frames.max(1) } else { frames };
                 let (stem, which) = match frames {
                     1 => (stem.clone(), String::new()),

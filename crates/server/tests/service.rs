@@ -1171,7 +1171,7 @@ fn cli_client_retries_a_full_queue() {
     };
     let cmd = segment(0);
     let err = std::thread::spawn(move || run_client(cmd)).join().unwrap().unwrap_err();
-    assert!(err.to_string().starts_with("ResourceExhausted: queue is full (1 jobs waiting); retry in about"), "{err}");
+    assert!(format!("{err:#}").starts_with(&format!("{}: ResourceExhausted: queue is full (1 jobs waiting); retry in about", file.display())), "{err:#}");
 
     // With retries it gets in once the queue has room, and not before the hint (at least 1 s).
     let cmd = segment(5);
@@ -1248,12 +1248,12 @@ fn cli_client_segment_writes_the_three_files() {
         .unwrap();
     assert!(out2.join("scan.mask.png").exists());
 
-    // A failure reads "Code: message".
+    // A failure reads "FILE: Code: message".
     let bad = dir.path().join("bad.png");
     std::fs::write(&bad, b"not an image").unwrap();
     let cmd = ClientCommand::Segment {
         conn: conn.clone(),
-        file: bad,
+        file: bad.clone(),
         out: out.clone(),
         upload: false,
         timeout: None,
@@ -1265,11 +1265,8 @@ fn cli_client_segment_writes_the_three_files() {
         .join()
         .unwrap()
         .unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with("InvalidArgument: unrecognised image format"),
-        "{err}"
-    );
+    let said = format!("{err:#}");
+    assert!(said.starts_with(&format!("{}: InvalidArgument: unrecognised image format", bad.display())), "{said}");
 
     // --timeout: the server cancels a fit that runs past the deadline, and the command says so
     // (a slow fit, 1000 steps, with 1 s).
@@ -1285,7 +1282,7 @@ fn cli_client_segment_writes_the_three_files() {
     };
     let t = std::time::Instant::now();
     let err = std::thread::spawn(move || run_client(cmd)).join().unwrap().unwrap_err();
-    assert!(err.to_string().starts_with("DeadlineExceeded: deadline exceeded; the job was cancelled"), "{err}");
+    assert!(format!("{err:#}").contains(": DeadlineExceeded: deadline exceeded; the job was cancelled"), "{err:#}");
     assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
     // The worker is free again.
     let mut c = rt.block_on(client(&url));
