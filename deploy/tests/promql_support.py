@@ -18,7 +18,10 @@ from deploy_common import BINARY, ROOT, SERVER_SRC, Server, free_port
 GPU_ONLY = {"s3net_gpu_memory_used_bytes": {"device"}, "s3net_gpu_memory_total_bytes": {"device"}}
 # Metrics with series only on a server with TLS (the test server has none; crates/server/tests
 # /service.rs checks them on one that has), with their labels.
-TLS_ONLY = {"s3net_tls_certificate_expiry_timestamp_seconds": {"certificate"}}
+TLS_ONLY = {
+    "s3net_tls_certificate_expiry_timestamp_seconds": {"certificate"},
+    "s3net_tls_handshakes_failed_total": {"reason"},
+}
 SOMETIMES = {**GPU_ONLY, **TLS_ONLY}
 # Labels Prometheus adds to every scraped series, and its own `up` series.
 TARGET_LABELS = {"instance", "job"}
@@ -97,7 +100,7 @@ def running_server_series() -> dict[str, dict[str, set[str]]]:
     from s3net_client import Client
 
     for name in SOMETIMES:
-        assert name.removeprefix("s3net_") in (SERVER_SRC / "metrics.rs").read_text(), name
+        assert name.removeprefix("s3net_").removesuffix("_total") in (SERVER_SRC / "metrics.rs").read_text(), name
     down = free_port()
     server = Server(
         ["serve"],

@@ -220,34 +220,92 @@ impl Drop for IdleClock {
 /// [`incoming`]'s connections through the TLS handshake of `tls` (the configuration in force
 /// when each arrives, see [`crate::tls`]), many at once so that a slow client holds up no
 /// other: the TLS streams as their handshakes finish. A handshake that fails or times out
-/// drops its connection, and with it its place under `server.max_connections`.
+/// drops its connection, and with it its place under `server.max_connections`; it is counted
+/// by [`handshake_failure`]'s reason (`s3net_tls_handshakes_failed_total`), and one a client's
+/// or this server's certificate caused is logged as a warning (each reason at most once per
+/// [`WARN_EVERY`]): the client sees a failed connection, and nothing else on this side would.
 pub fn tls_incoming(
     plain: impl Stream<Item = io::Result<Admitted>> + Send + 'static,
     tls: Arc<crate::tls::ServerTls>,
 ) -> impl Stream<Item = io::Result<tokio_rustls::server::TlsStream<Admitted>>> + Send + 'static {
-    type Handshake = Pin<Box<dyn Future<Output = io::Result<tokio_rustls::server::TlsStream<Admitted>>> + Send>>;
+    type Done = (SocketAddr, Arc<Metrics>, io::Result<tokio_rustls::server::TlsStream<Admitted>>);
+    type Handshake = Pin<Box<dyn Future<Output = Done> + Send>>;
     let plain: Pin<Box<dyn Stream<Item = io::Result<Admitted>> + Send>> = Box::pin(plain);
     let handshakes: futures_util::stream::FuturesUnordered<Handshake> = futures_util::stream::FuturesUnordered::new();
-    futures_util::stream::unfold((plain, tls, handshakes, false), |(mut plain, tls, mut handshakes, mut ended)| async move {
+    let state = (plain, tls, handshakes, false, HandshakeWarnings::default());
+    futures_util::stream::unfold(state, |(mut plain, tls, mut handshakes, mut ended, mut warnings)| async move {
         use futures_util::StreamExt;
         loop {
             tokio::select! {
                 next = plain.next(), if !ended => match next {
                     Some(Ok(conn)) => {
-                        let tls = tls.clone();
-                        handshakes.push(Box::pin(async move { tls.accept(conn).await }));
+                        let (tls, peer, metrics) = (tls.clone(), conn.peer, conn.metrics.clone());
+                        handshakes.push(Box::pin(async move { (peer, metrics, tls.accept(conn).await) }));
                     }
-                    Some(Err(e)) => return Some((Err(e), (plain, tls, handshakes, ended))),
+                    Some(Err(e)) => return Some((Err(e), (plain, tls, handshakes, ended, warnings))),
                     None => ended = true,
                 },
-                Some(done) = handshakes.next(), if !handshakes.is_empty() => match done {
-                    Ok(stream) => return Some((Ok(stream), (plain, tls, handshakes, ended))),
-                    Err(e) => debug!("TLS handshake failed: {e}"),
+                Some((peer, metrics, done)) = handshakes.next(), if !handshakes.is_empty() => match done {
+                    Ok(stream) => return Some((Ok(stream), (plain, tls, handshakes, ended, warnings))),
+                    Err(e) => {
+                        let reason = handshake_failure(&e);
+                        metrics.tls_handshake_failed(reason);
+                        warnings.failed(reason, peer, &e);
+                    }
                 },
                 else => return None,
             }
         }
     })
+}
+
+/// Why a TLS handshake failed, as `s3net_tls_handshakes_failed_total`'s `reason`
+/// (`crate::metrics::TLS_HANDSHAKE_FAILURES`): `client_certificate` (none sent where
+/// `server.tls.client_ca` requires one, or one it does not vouch for), `rejected_by_client`
+/// (the client sent an alert: it refused this server's certificate), `protocol` (what came
+/// was not a TLS handshake this server speaks), `closed` (the client hung up), `timeout`.
+pub fn handshake_failure(e: &io::Error) -> &'static str {
+    if e.kind() == io::ErrorKind::TimedOut {
+        return "timeout";
+    }
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_)) => "client_certificate",
+        Some(rustls::Error::AlertReceived(_)) => "rejected_by_client",
+        Some(_) => "protocol",
+        None if matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+        ) =>
+        {
+            "closed"
+        }
+        None => "protocol",
+    }
+}
+
+/// The TLS handshakes' warnings: the failures a certificate caused, each reason at most once
+/// per [`WARN_EVERY`] (a client retrying with an expired certificate would otherwise log at
+/// its retry rate); the others at debug level (port scanners, clients hanging up).
+#[derive(Default)]
+struct HandshakeWarnings {
+    client_certificate: Quiet,
+    rejected_by_client: Quiet,
+}
+
+impl HandshakeWarnings {
+    fn failed(&mut self, reason: &str, peer: SocketAddr, e: &io::Error) {
+        let (quiet, what) = match reason {
+            "client_certificate" => (&mut self.client_certificate, "the client's certificate was refused"),
+            "rejected_by_client" => (&mut self.rejected_by_client, "the client refused this server's certificate"),
+            _ => {
+                debug!(client.address = %peer.ip(), client.port = peer.port(), reason, "TLS handshake failed: {e}");
+                return;
+            }
+        };
+        if let Some(unlogged) = quiet.tick() {
+            warn!(client.address = %peer.ip(), client.port = peer.port(), reason, unlogged, "TLS handshake failed: {what}: {e}");
+        }
+    }
 }
 
 /// Accepts connections from `listener` for as long as the stream is polled, admitting each one
@@ -528,6 +586,27 @@ impl HttpBody for CountedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reasons come from what tokio-rustls hands back: rustls's error inside an
+    /// `InvalidData` I/O error, the socket's own errors, or the handshake timeout's.
+    #[test]
+    fn handshake_failures_are_told_apart() {
+        use rustls::{AlertDescription, CertificateError, Error as Tls};
+        let tls = |e: Tls| io::Error::new(io::ErrorKind::InvalidData, e);
+        assert_eq!(handshake_failure(&tls(Tls::NoCertificatesPresented)), "client_certificate");
+        assert_eq!(handshake_failure(&tls(Tls::InvalidCertificate(CertificateError::Expired))), "client_certificate");
+        assert_eq!(handshake_failure(&tls(Tls::InvalidCertificate(CertificateError::UnknownIssuer))), "client_certificate");
+        assert_eq!(handshake_failure(&tls(Tls::AlertReceived(AlertDescription::UnknownCA))), "rejected_by_client");
+        assert_eq!(handshake_failure(&tls(Tls::AlertReceived(AlertDescription::CertificateExpired))), "rejected_by_client");
+        assert_eq!(handshake_failure(&tls(Tls::InvalidMessage(rustls::InvalidMessage::InvalidContentType))), "protocol");
+        assert_eq!(handshake_failure(&io::Error::from(io::ErrorKind::UnexpectedEof)), "closed");
+        assert_eq!(handshake_failure(&io::Error::from(io::ErrorKind::ConnectionReset)), "closed");
+        assert_eq!(handshake_failure(&io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")), "timeout");
+        assert_eq!(handshake_failure(&io::Error::other("something else")), "protocol");
+        for reason in ["client_certificate", "rejected_by_client", "protocol", "closed", "timeout"] {
+            assert!(crate::metrics::TLS_HANDSHAKE_FAILURES.contains(&reason), "{reason}");
+        }
+    }
 
     #[test]
     fn quiet_logs_once_per_period_and_counts_the_rest() {

@@ -52,6 +52,9 @@ pub const REJECT_REASONS: [&str; 11] = [
 /// Outcomes of a reload as counted by `s3net_config_reloads_total{outcome}`.
 pub const RELOAD_OUTCOMES: [&str; 2] = ["applied", "refused"];
 
+/// The reasons of `s3net_tls_handshakes_failed_total` (`connections::handshake_failure`).
+pub const TLS_HANDSHAKE_FAILURES: [&str; 5] = ["client_certificate", "rejected_by_client", "protocol", "closed", "timeout"];
+
 /// Seconds since 1970, for the timestamp gauges.
 pub(crate) fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
@@ -142,6 +145,7 @@ pub struct Metrics {
     reload_ok: Gauge,
     reload_ok_at: Gauge<f64, AtomicU64>,
     certificates: Family<CertificateLabel, Gauge<f64, AtomicU64>>,
+    tls_handshakes_failed: Family<ReasonLabel, Counter>,
     gpu_used: Family<DeviceLabel, Gauge>,
     gpu_total: Family<DeviceLabel, Gauge>,
     gpu: Option<GpuMemory>,
@@ -375,6 +379,18 @@ impl Metrics {
              chain), client_ca (server.tls.client_ca), cluster_ca (cluster.ca); present with TLS only",
             certificates.clone(),
         );
+        // A client whose certificate expired, or that does not trust this server's, fails
+        // before any call: nothing else of the service sees it.
+        let tls_handshakes_failed = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "tls_handshakes_failed",
+            "TLS handshakes that failed, by reason: client_certificate (none, or one \
+             server.tls.client_ca does not vouch for: expired, another CA), rejected_by_client (the \
+             client refused this server's certificate: expired, another name, a CA it does not \
+             trust), protocol (not TLS, e.g. plain gRPC to a TLS port), closed (the client hung up), \
+             timeout (not done within server.handshake_timeout_s); present with TLS only",
+            tls_handshakes_failed.clone(),
+        );
         let gpu = GpuMemory::open(workers);
         let gpu_used = Family::<DeviceLabel, Gauge>::default();
         let gpu_total = Family::<DeviceLabel, Gauge>::default();
@@ -433,6 +449,7 @@ impl Metrics {
             reload_ok,
             reload_ok_at,
             certificates,
+            tls_handshakes_failed,
             gpu_used,
             gpu_total,
             gpu,
@@ -447,6 +464,20 @@ impl Metrics {
         for (which, at) in expiries {
             self.certificates.get_or_create(&CertificateLabel { certificate: (*which).into() }).set(*at as f64);
         }
+    }
+
+    /// The server serves TLS: every reason of `s3net_tls_handshakes_failed_total` is exported
+    /// from now on, at 0 until one happens (a rate over a series that appears only with its
+    /// first failure misses that failure).
+    pub fn serving_tls(&self) {
+        for reason in TLS_HANDSHAKE_FAILURES {
+            let _ = self.tls_handshakes_failed.get_or_create(&ReasonLabel { reason: reason.into() });
+        }
+    }
+
+    /// A TLS handshake failed, for `reason` (one of [`TLS_HANDSHAKE_FAILURES`]).
+    pub fn tls_handshake_failed(&self, reason: &str) {
+        self.tls_handshakes_failed.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
     }
 
     /// A reload of the callers was applied (`true`) or refused.

@@ -313,6 +313,7 @@ impl Server {
         let tls = cfg.server.tls.as_ref().map(|t| ServerTls::new(t, handshake)).transpose()?.map(Arc::new);
         if let Some(tls) = &cfg.server.tls {
             watch_expiry(&metrics, tls, &cfg.cluster);
+            metrics.serving_tls();
         }
         let idle = (cfg.server.max_connection_idle_s > 0).then(|| Duration::from_secs(cfg.server.max_connection_idle_s));
         let connections = ConnectionLimit::new(cfg.server.max_connections, handshake).with_idle_timeout(idle);

@@ -1391,6 +1391,12 @@ async fn tls_and_mutual_tls() {
         client_ca: Some(ca.path("ca.pem")),
     });
     let (server, url) = start(cfg).await;
+    // Every reason a handshake fails for is exported from the start, at 0.
+    let failed = |m: &std::collections::HashMap<String, f64>, reason: &str| value(m, &format!("s3net_tls_handshakes_failed_total{{reason=\"{reason}\"}}"));
+    let m = scrape(server.metrics_addr().expect("metrics endpoint")).await;
+    for reason in ["client_certificate", "rejected_by_client", "protocol", "closed", "timeout"] {
+        assert_eq!(failed(&m, reason), 0.0, "{reason}");
+    }
     let https = url.replace("http://", "https://");
     let conn = ConnectArgs {
         addr: https.clone(),
@@ -1450,8 +1456,26 @@ async fn tls_and_mutual_tls() {
     }
     .await;
     assert!(refused.is_err());
+    // A client that does not trust this server's CA refuses its certificate.
+    let other_ca = TestCa::new();
+    let distrusting = ConnectArgs { ca: Some(other_ca.path("ca.pem")), ..conn.clone() };
+    let refused = async { distrusting.client().await?.get_job(pb::GetJobRequest { job_id: "x".into() }).await.map_err(anyhow::Error::from) }.await;
+    assert!(refused.is_err());
+    // Each failure is counted by its reason (the server may count it just after the client
+    // has given up).
+    let mut m = scrape(server.metrics_addr().expect("metrics endpoint")).await;
+    for _ in 0..50 {
+        if ["client_certificate", "protocol", "rejected_by_client"].iter().all(|r| failed(&m, r) >= 1.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        m = scrape(server.metrics_addr().expect("metrics endpoint")).await;
+    }
+    assert!(failed(&m, "client_certificate") >= 1.0, "no client certificate: {m:?}");
+    assert!(failed(&m, "protocol") >= 1.0, "plain text to the TLS port: {m:?}");
+    assert!(failed(&m, "rejected_by_client") >= 1.0, "a client trusting another CA: {m:?}");
+    assert_eq!(failed(&m, "timeout"), 0.0);
     // The certificates' expiry, for an alert before they end the TLS calls.
-    let m = scrape(server.metrics_addr().expect("metrics endpoint")).await;
     for (which, file) in [("server", cfg_cert.clone()), ("client_ca", ca.path("ca.pem"))] {
         let expected = s3net_server::server::earliest_expiry(&std::fs::read(&file).unwrap()).expect("a certificate");
         assert_eq!(value(&m, &format!("s3net_tls_certificate_expiry_timestamp_seconds{{certificate=\"{which}\"}}")), expected as f64, "{which}");
