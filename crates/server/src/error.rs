@@ -13,8 +13,10 @@ pub enum ServiceError {
     /// The image could not be decoded (its message never carries patient data).
     #[error("{0}")]
     Imaging(#[from] ImagingError),
-    /// The engine refused or failed the fit.
-    #[error("{0}")]
+    /// The engine refused or failed the fit. An invalid option reads as the engine's reason
+    /// alone: the gRPC code already says INVALID_ARGUMENT ("INVALID_ARGUMENT: size must be in
+    /// 16..=1024, got 0", not "… invalid argument: size …").
+    #[error("{}", model_message(.0))]
     Model(#[from] ModelError),
     /// A request field is malformed or out of range.
     #[error("{0}")]
@@ -122,6 +124,13 @@ pub fn size(bytes: u64) -> String {
         b if b < MIB => format!("{} KiB", b.div_ceil(KIB)),
         b if b < GIB => format!("{:.1} MiB", b as f64 / MIB as f64),
         b => format!("{:.1} GiB", b as f64 / GIB as f64),
+    }
+}
+
+fn model_message(e: &ModelError) -> String {
+    match e {
+        ModelError::InvalidArgument(m) => m.clone(),
+        e => e.to_string(),
     }
 }
 
@@ -250,6 +259,17 @@ impl From<ServiceError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An invalid option's message is the engine's reason alone (the code says the rest); other
+    /// engine errors keep their own words.
+    #[test]
+    fn an_invalid_option_reads_as_its_reason() {
+        let e: ServiceError = ModelError::InvalidArgument("size must be in 16..=1024, got 0".into()).into();
+        let status = Status::from(e);
+        assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "size must be in 16..=1024, got 0"));
+        let e: ServiceError = ModelError::Cancelled.into();
+        assert_eq!(e.to_string(), "fit cancelled");
+    }
 
     #[test]
     fn each_error_has_its_code() {
