@@ -1,7 +1,7 @@
-//! Compiles the ops' C++ (`csrc/*.cpp`: one file per op, `common.h` what they share) against the
-//! libtorch headers and links it into this crate, and, when a CUDA compiler is found, the CUDA
-//! kernels (`csrc/*_cuda.cu`) with nvcc for sm_80 and sm_90 (plus PTX for newer GPUs). The
-//! files compile side by side, as many at once as cargo's jobs allow.
+//! Compiles the ops' C++ (`csrc/*.cpp`: one file per op, `common.h` what they share; one
+//! translation unit, `csrc/ops.cpp`) against the libtorch headers and links it into this crate,
+//! and, when a CUDA compiler is found, the CUDA kernels (`csrc/*_cuda.cu`) with nvcc for sm_80
+//! and sm_90 (plus PTX for newer GPUs), on threads of their own beside the host compiler.
 //!
 //! Flags are deliberately portable: `-O3` without `-march`, so the library runs on any x86-64.
 //! The hot loops get AVX2/FMA clones selected at run time inside the C++ (`__builtin_cpu_supports`).
