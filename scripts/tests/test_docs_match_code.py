@@ -1,7 +1,9 @@
-"""Every setting of the server's configuration (the serde fields of `crates/server/src/config.rs`)
-has its row in the README's configuration table and a line in `crates/server/config.example.toml`
-(set, or commented out where it has no default): a key added to the struct without its
-documentation fails here, as does a documented key the struct no longer has."""
+"""The documentation against the code. Every setting of the server's configuration (the serde
+fields of `crates/server/src/config.rs`) has its row in the README's configuration table and a
+line in `crates/server/config.example.toml` (set, or commented out where it has no default), and
+every metric `crates/server/src/metrics.rs` registers has its row in the README's metrics table:
+a key or metric added without its documentation fails here, as does a documented one the code no
+longer has."""
 import pathlib
 import re
 
@@ -75,3 +77,15 @@ def test_every_setting_is_in_the_example_file():
     fields, example = struct_keys(), example_keys()
     assert fields - example == set(), "settings missing from config.example.toml"
     assert example - fields == set(), "config.example.toml keys the struct does not have"
+
+
+def test_every_metric_is_in_the_readme_table():
+    source = (ROOT / "crates/server/src/metrics.rs").read_text()
+    registered = {"s3net_" + n for n in re.findall(r'registry\.register\(\s*"(\w+)"', source)}
+    rows = re.findall(r"^\| (`s3net_[^|]*)\|", (ROOT / "README.md").read_text(), flags=re.M)
+    documented = {re.sub(r"\{.*", "", n) for r in rows for n in re.findall(r"`(s3net_[^`]+)`", r)}
+    # A counter is exported with `_total`, registered without it.
+    documented = {n.removesuffix("_total") for n in documented}
+    assert len(registered) > 30
+    assert registered - documented == set(), "metrics without a README row"
+    assert documented - registered == set(), "README rows for metrics the server does not register"
