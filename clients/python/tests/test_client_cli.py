@@ -131,6 +131,23 @@ def test_failures_exit_1_with_the_code(server, tmp_path: Path) -> None:
     assert p.returncode == 1 and "missing.png" in p.stderr
 
 
+def test_inputs_with_one_stem_are_refused_by_all_three_clis(server, tmp_path: Path) -> None:
+    """`a/CT_small.dcm` and `b/CT_small.dcm` would both be written as `out/CT_small.*`, the
+    second over the first: each command refuses them, naming both, before any fit."""
+    (tmp_path / "b").mkdir()
+    twin = tmp_path / "b" / CT.name
+    twin.write_bytes(CT.read_bytes())
+    out = tmp_path / "out"
+    p = run("segment", str(CT), str(twin), "--out", str(out), "--addr", server.addr, check=False)
+    assert p.returncode == 1 and "would both be written as" in p.stderr and str(twin) in p.stderr, p.stderr
+    for cmd in (["client", "segment", "--addr", f"http://{server.addr}"], ["segment"]):
+        r = subprocess.run(
+            [str(BIN), *cmd, str(CT), str(twin), "--out", str(out), *FIT], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 1 and "would both be written as" in r.stderr and str(twin) in r.stderr, (cmd, r.stderr)
+    assert not out.exists(), "nothing written"
+
+
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "s3net-client"
     p = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)

@@ -120,6 +120,8 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let opts = a.fit.options()?;
     let device = a.fit.device()?;
     let window = a.fit.window()?;
+    // Two inputs with one stem would write the same files: refused before any fit.
+    let stems = s3net_server::cli::output_stems(&a.images, &a.out)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let dicom_seg = (a.dicom_seg, a.dicom_seg_clusters);
     let (mut fits, mut failures) = (0, 0);
@@ -133,8 +135,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
             }
         }
     };
-    for path in &a.images {
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    for (path, stem) in a.images.iter().zip(stems) {
         if !a.all_frames {
             report(segment_file(path, &a.out, &stem, (a.frame, None), dicom_seg, &opts, device, window));
             continue;

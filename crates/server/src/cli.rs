@@ -282,11 +282,13 @@ struct Segmentation<'a> {
     upload: bool,
     deadline: Option<Duration>,
     retry: &'a RetryArgs,
+    show: Show,
 }
 
 impl Segmentation<'_> {
     async fn run(&self, options: &pb::Options) -> Result<pb::SegmentationResult> {
         let (client, image, upload, deadline, retry) = (self.client, self.image, self.upload, self.deadline, self.retry);
+        let show = self.show;
         let mut resubmitted = 0;
         loop {
             let stream = retry
@@ -311,7 +313,7 @@ impl Segmentation<'_> {
                     }
                 })
                 .await;
-            let events = follow_events(stream.map_err(status_error)?.into_inner(), true);
+            let events = follow_events(stream.map_err(status_error)?.into_inner(), show);
             let outcome = match deadline {
                 // The server ends the stream at the deadline; this is for a server that
                 // stopped answering altogether.
@@ -323,7 +325,9 @@ impl Segmentation<'_> {
             match outcome {
                 Err(e) if e.is::<ServerShutDown>() => {
                     let Some(wait) = retry.delay(resubmitted, &Status::unavailable(e.to_string())) else { return Err(e) };
-                    eprintln!("{e}; sending the image again in {:.1} s", wait.as_secs_f64());
+                    if show != Show::Nothing {
+                        eprintln!("{e}; sending the image again in {:.1} s", wait.as_secs_f64());
+                    }
                     tokio::time::sleep(wait).await;
                     resubmitted += 1;
                 }
@@ -336,12 +340,18 @@ impl Segmentation<'_> {
 /// `s3net client …`
 #[derive(Subcommand, Debug, Clone)]
 pub enum ClientCommand {
-    /// Segment one image remotely and write STEM.labels.png, STEM.mask.png and STEM.json.
+    /// Segment images remotely and write STEM.labels.png, STEM.mask.png and STEM.json for each.
     Segment {
         #[command(flatten)]
         conn: ConnectArgs,
-        /// Image file (PNG, JPEG, BMP, TIFF, DICOM).
-        file: PathBuf,
+        /// Image files (PNG, JPEG, BMP, TIFF, DICOM); with several, up to --concurrency fits in
+        /// flight at once, and a failed one does not stop the others.
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// With several files: how many fits to keep in flight at once (a GPU server trains the
+        /// jobs waiting together, so a series goes faster with several).
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
         /// Output folder (created if missing).
         #[arg(long)]
         out: PathBuf,
@@ -612,6 +622,74 @@ fn fresh_key() -> String {
     format!("s3net-client-{:016x}{:016x}", a.finish(), b)
 }
 
+/// One file of `s3net client segment`: what every file's fits share.
+struct SegmentFile<'a> {
+    client: &'a Client,
+    out: &'a Path,
+    upload: bool,
+    deadline: Option<Duration>,
+    all_frames: bool,
+    retry: &'a RetryArgs,
+    options: &'a pb::Options,
+}
+
+impl SegmentFile<'_> {
+    /// Segments `file` (each of its frames with `all_frames`, one after the other) into
+    /// `out/stem.*`, and returns a summary line per fit. An error names the file (and frame):
+    /// "FILE: InvalidArgument: …".
+    async fn run(&self, file: &Path, stem: &str, show: Show) -> Result<Vec<String>> {
+        let image = read(file)?;
+        let call = Segmentation { client: self.client, image: &image, upload: self.upload, deadline: self.deadline, retry: self.retry, show };
+        let mut options = self.options.clone();
+        let (mut frame, mut frames, mut lines) = (options.frame, 1, Vec::new());
+        loop {
+            options.frame = frame;
+            let result = call.run(&options).await.with_context(|| match frames {
+                1 => file.display().to_string(),
+                n => format!("{} frame {frame} of {n}", file.display()),
+            })?;
+            frames = if self.all_frames { result.frames.max(1) } else { frames };
+            let (stem, which) = match frames {
+                1 => (stem.to_string(), String::new()),
+                n => (frame_stem(stem, frame, n), format!(" frame {frame} of {n}")),
+            };
+            write_result(self.out, &stem, &result)?;
+            lines.push(format!(
+                "{}{which}: {} labels, {} iterations, {:.2} s on {}",
+                file.display(),
+                result.labels_used,
+                result.iterations,
+                result.timings.map(|t| t.fit_seconds).unwrap_or(0.0),
+                result.device
+            ));
+            frame += 1;
+            if frame >= frames {
+                return Ok(lines);
+            }
+        }
+    }
+}
+
+/// The stem each input's outputs are written under (`out/STEM.labels.png`, …): its file name
+/// without the extension. Two inputs with one stem (`a/IM1.dcm`, `b/IM1.dcm`) would write the
+/// same files, the second over the first: an error naming both, before anything runs.
+pub fn output_stems(files: &[PathBuf], out: &Path) -> Result<Vec<String>> {
+    let stems: Vec<String> =
+        files.iter().map(|f| f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into())).collect();
+    let mut first = std::collections::HashMap::new();
+    for (file, stem) in files.iter().zip(&stems) {
+        if let Some(other) = first.insert(stem.as_str(), file) {
+            anyhow::bail!(
+                "{} and {} would both be written as {}: segment them into different --out folders",
+                other.display(),
+                file.display(),
+                out.join(format!("{stem}.*")).display()
+            );
+        }
+    }
+    Ok(stems)
+}
+
 fn code_name(code: i32) -> String {
     format!("{:?}", tonic::Code::from_i32(code))
 }
@@ -628,7 +706,8 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
     match cmd {
         ClientCommand::Segment {
             conn,
-            file,
+            files,
+            concurrency,
             out,
             upload,
             timeout,
@@ -641,43 +720,39 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
                 Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
                 Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
             };
-            let image = read(&file)?;
-            let mut options = fit.options()?;
+            anyhow::ensure!(concurrency >= 1, "--concurrency must be at least 1");
+            let options = fit.options()?;
+            let stems = output_stems(&files, &out)?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
-            let stem = file
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "image".into());
             let client = conn.client().await?;
-            let call = Segmentation { client: &client, image: &image, upload, deadline, retry: &retry };
-            let (mut frame, mut frames) = (options.frame, 1);
-            loop {
-                options.frame = frame;
-                // The file (and frame) in the error: "FILE: InvalidArgument: …".
-                let result = call.run(&options).await.with_context(|| match frames {
-                    1 => file.display().to_string(),
-                    n => format!("{} frame {frame} of {n}", file.display()),
-                })?;
-                frames = if all_frames { result.frames.max(1) } else { frames };
-                let (stem, which) = match frames {
-                    1 => (stem.clone(), String::new()),
-                    n => (frame_stem(&stem, frame, n), format!(" frame {frame} of {n}")),
-                };
-                write_result(&out, &stem, &result)?;
-                println!(
-                    "{}{which}: {} labels, {} iterations, {:.2} s on {}",
-                    file.display(),
-                    result.labels_used,
-                    result.iterations,
-                    result.timings.map(|t| t.fit_seconds).unwrap_or(0.0),
-                    result.device
-                );
-                frame += 1;
-                if frame >= frames {
-                    return Ok(());
+            let one = SegmentFile { client: &client, out: &out, upload, deadline, all_frames, retry: &retry, options: &options };
+            if let [file] = files.as_slice() {
+                // One image: its events on stderr as they come, its error as the command's.
+                for line in one.run(file, &stems[0], Show::Milestones).await? {
+                    println!("{line}");
+                }
+                return Ok(());
+            }
+            // Several: each image's lines in the order given, as its fits end; a failure is
+            // reported and the others go on.
+            use futures_util::StreamExt;
+            let one = &one;
+            let mut outcomes = futures_util::stream::iter(files.iter().zip(&stems))
+                .map(|(file, stem)| async move { one.run(file, stem, Show::Nothing).await })
+                .buffered(concurrency);
+            let mut failed = 0;
+            while let Some(outcome) = outcomes.next().await {
+                match outcome {
+                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("error: {e:#}");
+                    }
                 }
             }
+            anyhow::ensure!(failed == 0, "{failed} of {} image(s) failed", files.len());
+            Ok(())
         }
         ClientCommand::Submit {
             conn,
@@ -713,7 +788,7 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
                 .watch_job(pb::WatchJobRequest { job_id })
                 .await
                 .map_err(status_error)?;
-            follow_events(s.into_inner(), false).await.map(|_| ())
+            follow_events(s.into_inner(), Show::Steps).await.map(|_| ())
         }
         ClientCommand::Get { conn, job_id, out } => {
             let j = conn
@@ -815,19 +890,27 @@ fn print_job(j: &pb::Job) {
 #[error("Cancelled: {0} (nothing of the job was kept: the same request may be sent again)")]
 pub struct ServerShutDown(pub String);
 
-/// Shows a job's events on stderr and returns its result, or its failure as an error
-/// ([`ServerShutDown`] for a job its server gave up while shutting down).
-pub async fn follow_events(
-    mut s: tonic::Streaming<pb::JobEvent>,
-    quiet_progress: bool,
-) -> Result<pb::SegmentationResult> {
-    let tty = std::io::stderr().is_terminal();
+/// Which of a job's events [`follow_events`] shows on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Show {
+    /// Queued, started, and every step (on a terminal, one line redrawn).
+    Steps,
+    /// Queued and started; the steps only on a terminal (a log gets the milestones).
+    Milestones,
+    /// Nothing: several jobs at once, whose lines would interleave.
+    Nothing,
+}
+
+/// Shows a job's events on stderr (as `show` says) and returns its result, or its failure as an
+/// error ([`ServerShutDown`] for a job its server gave up while shutting down).
+pub async fn follow_events(mut s: tonic::Streaming<pb::JobEvent>, show: Show) -> Result<pb::SegmentationResult> {
+    let tty = std::io::stderr().is_terminal() && show != Show::Nothing;
     while let Some(ev) = s.message().await.map_err(status_error)? {
         match ev.event {
-            Some(Event::Queued(q)) => {
+            Some(Event::Queued(q)) if show != Show::Nothing => {
                 eprintln!("job {} queued at position {}", ev.job_id, q.position)
             }
-            Some(Event::Started(st)) => {
+            Some(Event::Started(st)) if show != Show::Nothing => {
                 eprintln!("job {} started on {} ({})", ev.job_id, st.worker, st.device)
             }
             Some(Event::Progress(p)) => {
@@ -844,7 +927,7 @@ pub async fn follow_events(
                         p.iteration, p.max_iterations, p.labels, loss
                     );
                     let _ = std::io::stderr().flush();
-                } else if !quiet_progress {
+                } else if show == Show::Steps {
                     eprintln!(
                         "step {}/{} labels {} loss {:.3}{again}",
                         p.iteration, p.max_iterations, p.labels, loss
@@ -860,7 +943,7 @@ pub async fn follow_events(
             Some(Event::Failed(f)) => anyhow::bail!("{}: {}", code_name(f.code), f.message),
             Some(Event::Cancelled(c)) if c.retryable => return Err(ServerShutDown(c.reason).into()),
             Some(Event::Cancelled(c)) => anyhow::bail!("Cancelled: {}", c.reason),
-            None => {}
+            Some(Event::Queued(_) | Event::Started(_)) | None => {}
         }
     }
     anyhow::bail!("Unavailable: the event stream ended without an outcome")

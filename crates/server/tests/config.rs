@@ -112,14 +112,15 @@ fn command_line_definitions_are_consistent() {
     ])
     .unwrap();
     let Command::Client(ClientCommand::Segment {
-        conn, file, fit, retry, ..
+        conn, files, concurrency, fit, retry, ..
     }) = cli.command
     else {
         panic!()
     };
     assert_eq!((retry.retries, retry.backoff), (5, 0.5));
     assert_eq!(conn.addr, "http://10.0.0.1:50051");
-    assert_eq!(file.to_str(), Some("ct.dcm"));
+    assert_eq!(files, [std::path::PathBuf::from("ct.dcm")]);
+    assert_eq!(concurrency, 4, "the Python CLI's default too");
     let o = fit.options().unwrap();
     assert_eq!(
         (o.iterations, o.priority, o.device.as_str()),

@@ -1161,7 +1161,8 @@ fn cli_client_retries_a_full_queue() {
     std::fs::write(&file, disk(36, 28)).unwrap();
     let segment = |retries: u32| ClientCommand::Segment {
         conn: plain_conn(&url),
-        file: file.clone(),
+        files: vec![file.clone()],
+        concurrency: 4,
         out: dir.path().join("out"),
         upload: false,
         timeout: None,
@@ -1206,7 +1207,8 @@ fn cli_client_segment_writes_the_three_files() {
     let out = dir.path().join("out");
     let cmd = ClientCommand::Segment {
         conn: conn.clone(),
-        file: file.clone(),
+        files: vec![file.clone()],
+        concurrency: 4,
         out: out.clone(),
         upload: false,
         timeout: None,
@@ -1234,7 +1236,8 @@ fn cli_client_segment_writes_the_three_files() {
     let out2 = dir.path().join("out2");
     let cmd = ClientCommand::Segment {
         conn: conn.clone(),
-        file: file.clone(),
+        files: vec![file.clone()],
+        concurrency: 4,
         out: out2.clone(),
         upload: true,
         timeout: None,
@@ -1248,12 +1251,47 @@ fn cli_client_segment_writes_the_three_files() {
         .unwrap();
     assert!(out2.join("scan.mask.png").exists());
 
+    // Several files, two at a time: each good one's files written, the bad one reported, the
+    // command failing with the count; nothing stops at the bad one.
+    let (second, bad_too) = (dir.path().join("second.png"), dir.path().join("junk.png"));
+    std::fs::write(&second, disk(30, 30)).unwrap();
+    std::fs::write(&bad_too, b"not an image either").unwrap();
+    let out3 = dir.path().join("out3");
+    let many = |files: Vec<std::path::PathBuf>, out: &std::path::Path| ClientCommand::Segment {
+        conn: conn.clone(),
+        files,
+        concurrency: 2,
+        out: out.to_path_buf(),
+        upload: false,
+        timeout: None,
+        all_frames: false,
+        retry: Default::default(),
+        fit: fit.clone(),
+    };
+    let cmd = many(vec![file.clone(), bad_too.clone(), second.clone()], &out3);
+    let err = std::thread::spawn(move || run_client(cmd)).join().unwrap().unwrap_err();
+    assert_eq!(format!("{err:#}"), "1 of 3 image(s) failed");
+    for f in ["scan.labels.png", "scan.mask.png", "scan.json", "second.labels.png", "second.mask.png", "second.json"] {
+        assert!(out3.join(f).exists(), "{f}");
+    }
+    assert!(!out3.join("junk.json").exists());
+    // Two inputs with one stem would write the same files: refused before anything runs.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("scan.png"), disk(30, 30)).unwrap();
+    let out4 = dir.path().join("out4");
+    let cmd = many(vec![file.clone(), elsewhere.join("scan.png")], &out4);
+    let err = std::thread::spawn(move || run_client(cmd)).join().unwrap().unwrap_err();
+    assert!(format!("{err:#}").contains("would both be written as"), "{err:#}");
+    assert!(!out4.exists(), "nothing written");
+
     // A failure reads "FILE: Code: message".
     let bad = dir.path().join("bad.png");
     std::fs::write(&bad, b"not an image").unwrap();
     let cmd = ClientCommand::Segment {
         conn: conn.clone(),
-        file: bad.clone(),
+        files: vec![bad.clone()],
+        concurrency: 4,
         out: out.clone(),
         upload: false,
         timeout: None,
@@ -1272,7 +1310,8 @@ fn cli_client_segment_writes_the_three_files() {
     // (a slow fit, 1000 steps, with 1 s).
     let cmd = ClientCommand::Segment {
         conn: conn.clone(),
-        file: file.clone(),
+        files: vec![file.clone()],
+        concurrency: 4,
         out: out.clone(),
         upload: false,
         timeout: Some(1.0),

@@ -290,6 +290,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "all_frames", False) and args.frame is not None:
         parser.error("--all-frames cannot be used with --frame")  # exits 2, before connecting
+    if args.command == "segment":
+        # Two inputs with one stem would write the same files, the second over the first.
+        first: dict = {}
+        for path in args.file:
+            other = first.setdefault(path.stem, path)
+            if other is not path:
+                print(
+                    f"error: {other} and {path} would both be written as {args.out / (path.stem + '.*')}: "
+                    "segment them into different --out folders",
+                    file=sys.stderr,
+                )
+                return 1
     try:
         return _run(args)
     except S3NetError as e:
