@@ -688,6 +688,8 @@ impl Config {
             self.server.max_message_bytes >= 1024,
             "server.max_message_bytes must be at least 1024"
         );
+        // 0 would refuse every job as "queue is full (0 jobs waiting)", retry hint and all.
+        anyhow::ensure!(self.queue.capacity >= 1, "queue.capacity must be at least 1 (jobs waiting for a worker)");
         anyhow::ensure!(
             self.server.max_upload_bytes_in_flight
                 >= self.server.max_upload_bytes.saturating_add(self.server.max_message_bytes),

@@ -298,6 +298,15 @@ fn cpu_job_memory_budget() {
     }
 }
 
+/// A queue with no place would refuse every job as full: refused at start, naming the key.
+#[test]
+fn the_queue_has_a_place() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    let err = Config::load(None, &[("queue.capacity", "0".into())]).unwrap_err();
+    assert!(format!("{err:#}").contains("queue.capacity must be at least 1"), "{err:#}");
+    Config::load(None, &[("queue.capacity", "1".into())]).expect("one place");
+}
+
 /// The byte budget of requests in transit has room for the largest upload and one message.
 #[test]
 fn upload_budget_holds_the_largest_upload() {
