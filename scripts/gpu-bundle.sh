@@ -2,7 +2,8 @@
 # Packs what a GPU check carries to a machine that has a GPU and PyTorch 2.11.0 but no Rust
 # (the lent check machines): the release binary, the test binaries with CUDA cases, the
 # torchvision golden file, the dev images and scripts/gpu-check.sh, stripped, into .gpu/
-# (about 65 MB) and .gpu.tar.xz (about 29 MB). Run there: `tar xf .gpu.tar.xz && bash
+# (about 157 MB) and .gpu.tar.xz (about 47 MB on 2026-11-29: each test binary carries the ops'
+# CUDA objects, about 8 MB stripped; a device call carries 64 MiB at most). Run there: `tar xf .gpu.tar.xz && bash
 # .gpu/gpu-check.sh` (see README, "GPU checks").
 set -euo pipefail
 cd "$(dirname "$0")/.."
