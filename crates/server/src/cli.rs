@@ -635,8 +635,9 @@ struct SegmentFile<'a> {
 
 impl SegmentFile<'_> {
     /// Segments `file` (each of its frames with `all_frames`, one after the other) into
-    /// `out/stem.*`, and returns a summary line per fit. An error names the file (and frame):
-    /// "FILE: InvalidArgument: …".
+    /// `out/stem.*`, with a summary line per fit: printed as each fit ends when `show` shows
+    /// events (a lone file), else returned for the caller to print in the files' order. An error
+    /// names the file (and frame): "FILE: InvalidArgument: …".
     async fn run(&self, file: &Path, stem: &str, show: Show) -> Result<Vec<String>> {
         let image = read(file)?;
         let call = Segmentation { client: self.client, image: &image, upload: self.upload, deadline: self.deadline, retry: self.retry, show };
@@ -654,14 +655,18 @@ impl SegmentFile<'_> {
                 n => (frame_stem(stem, frame, n), format!(" frame {frame} of {n}")),
             };
             write_result(self.out, &stem, &result)?;
-            lines.push(format!(
+            let line = format!(
                 "{}{which}: {} labels, {} iterations, {:.2} s on {}",
                 file.display(),
                 result.labels_used,
                 result.iterations,
                 result.timings.map(|t| t.fit_seconds).unwrap_or(0.0),
                 result.device
-            ));
+            );
+            match show {
+                Show::Nothing => lines.push(line),
+                Show::Steps | Show::Milestones => println!("{line}"),
+            }
             frame += 1;
             if frame >= frames {
                 return Ok(lines);
@@ -728,10 +733,9 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
             let client = conn.client().await?;
             let one = SegmentFile { client: &client, out: &out, upload, deadline, all_frames, retry: &retry, options: &options };
             if let [file] = files.as_slice() {
-                // One image: its events on stderr as they come, its error as the command's.
-                for line in one.run(file, &stems[0], Show::Milestones).await? {
-                    println!("{line}");
-                }
+                // One image: its events on stderr and its lines (a frame's each) as they come, its
+                // error as the command's.
+                one.run(file, &stems[0], Show::Milestones).await?;
                 return Ok(());
             }
             // Several: each image's lines in the order given, as its fits end; a failure is
