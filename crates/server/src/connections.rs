@@ -221,7 +221,7 @@ impl Drop for IdleClock {
 /// when each arrives, see [`crate::tls`]), many at once so that a slow client holds up no
 /// other: the TLS streams as their handshakes finish. A handshake that fails or times out
 /// drops its connection, and with it its place under `server.max_connections`; it is counted
-/// by [`handshake_failure`]'s reason (`s3net_tls_handshakes_failed_total`), and one a client's
+/// by its [`HandshakeFailure`] (`s3net_tls_handshakes_failed_total`), and one a client's
 /// or this server's certificate caused is logged as a warning (each reason at most once per
 /// [`WARN_EVERY`]): the client sees a failed connection, and nothing else on this side would.
 pub fn tls_incoming(
@@ -248,9 +248,9 @@ pub fn tls_incoming(
                 Some((peer, metrics, done)) = handshakes.next(), if !handshakes.is_empty() => match done {
                     Ok(stream) => return Some((Ok(stream), (plain, tls, handshakes, ended, warnings))),
                     Err(e) => {
-                        let reason = handshake_failure(&e);
-                        metrics.tls_handshake_failed(reason);
-                        warnings.failed(reason, peer, &e);
+                        let failure = handshake_failure(&e);
+                        metrics.tls_handshake_failed(failure);
+                        warnings.failed(failure, peer, &e);
                     }
                 },
                 else => return None,
@@ -259,27 +259,55 @@ pub fn tls_incoming(
     })
 }
 
-/// Why a TLS handshake failed, as `s3net_tls_handshakes_failed_total`'s `reason`
-/// (`crate::metrics::TLS_HANDSHAKE_FAILURES`): `client_certificate` (none sent where
-/// `server.tls.client_ca` requires one, or one it does not vouch for), `rejected_by_client`
-/// (the client sent an alert: it refused this server's certificate), `protocol` (what came
-/// was not a TLS handshake this server speaks), `closed` (the client hung up), `timeout`.
-pub fn handshake_failure(e: &io::Error) -> &'static str {
+/// Why a TLS handshake failed: `s3net_tls_handshakes_failed_total`'s `reason` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// None sent where `server.tls.client_ca` requires one, or one it does not vouch for.
+    ClientCertificate,
+    /// The client sent an alert: it refused this server's certificate.
+    RejectedByClient,
+    /// What came was not a TLS handshake this server speaks.
+    Protocol,
+    /// The client hung up.
+    Closed,
+    /// Not done within `server.handshake_timeout_s`.
+    Timeout,
+}
+
+impl HandshakeFailure {
+    /// Every reason, each exported from the start on a server with TLS.
+    pub const ALL: [HandshakeFailure; 5] = [Self::ClientCertificate, Self::RejectedByClient, Self::Protocol, Self::Closed, Self::Timeout];
+
+    /// The metric's label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ClientCertificate => "client_certificate",
+            Self::RejectedByClient => "rejected_by_client",
+            Self::Protocol => "protocol",
+            Self::Closed => "closed",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// Why the handshake that ended in `e` failed, from what tokio-rustls hands back: rustls's
+/// error inside the I/O error, the socket's own errors, or [`crate::tls`]'s timeout.
+pub fn handshake_failure(e: &io::Error) -> HandshakeFailure {
     if e.kind() == io::ErrorKind::TimedOut {
-        return "timeout";
+        return HandshakeFailure::Timeout;
     }
     match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_)) => "client_certificate",
-        Some(rustls::Error::AlertReceived(_)) => "rejected_by_client",
-        Some(_) => "protocol",
+        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_)) => HandshakeFailure::ClientCertificate,
+        Some(rustls::Error::AlertReceived(_)) => HandshakeFailure::RejectedByClient,
+        Some(_) => HandshakeFailure::Protocol,
         None if matches!(
             e.kind(),
             io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
         ) =>
         {
-            "closed"
+            HandshakeFailure::Closed
         }
-        None => "protocol",
+        None => HandshakeFailure::Protocol,
     }
 }
 
@@ -293,11 +321,12 @@ struct HandshakeWarnings {
 }
 
 impl HandshakeWarnings {
-    fn failed(&mut self, reason: &str, peer: SocketAddr, e: &io::Error) {
-        let (quiet, what) = match reason {
-            "client_certificate" => (&mut self.client_certificate, "the client's certificate was refused"),
-            "rejected_by_client" => (&mut self.rejected_by_client, "the client refused this server's certificate"),
-            _ => {
+    fn failed(&mut self, failure: HandshakeFailure, peer: SocketAddr, e: &io::Error) {
+        let reason = failure.label();
+        let (quiet, what) = match failure {
+            HandshakeFailure::ClientCertificate => (&mut self.client_certificate, "the client's certificate was refused"),
+            HandshakeFailure::RejectedByClient => (&mut self.rejected_by_client, "the client refused this server's certificate"),
+            HandshakeFailure::Protocol | HandshakeFailure::Closed | HandshakeFailure::Timeout => {
                 debug!(client.address = %peer.ip(), client.port = peer.port(), reason, "TLS handshake failed: {e}");
                 return;
             }
@@ -593,19 +622,19 @@ mod tests {
     fn handshake_failures_are_told_apart() {
         use rustls::{AlertDescription, CertificateError, Error as Tls};
         let tls = |e: Tls| io::Error::new(io::ErrorKind::InvalidData, e);
-        assert_eq!(handshake_failure(&tls(Tls::NoCertificatesPresented)), "client_certificate");
-        assert_eq!(handshake_failure(&tls(Tls::InvalidCertificate(CertificateError::Expired))), "client_certificate");
-        assert_eq!(handshake_failure(&tls(Tls::InvalidCertificate(CertificateError::UnknownIssuer))), "client_certificate");
-        assert_eq!(handshake_failure(&tls(Tls::AlertReceived(AlertDescription::UnknownCA))), "rejected_by_client");
-        assert_eq!(handshake_failure(&tls(Tls::AlertReceived(AlertDescription::CertificateExpired))), "rejected_by_client");
-        assert_eq!(handshake_failure(&tls(Tls::InvalidMessage(rustls::InvalidMessage::InvalidContentType))), "protocol");
-        assert_eq!(handshake_failure(&io::Error::from(io::ErrorKind::UnexpectedEof)), "closed");
-        assert_eq!(handshake_failure(&io::Error::from(io::ErrorKind::ConnectionReset)), "closed");
-        assert_eq!(handshake_failure(&io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")), "timeout");
-        assert_eq!(handshake_failure(&io::Error::other("something else")), "protocol");
-        for reason in ["client_certificate", "rejected_by_client", "protocol", "closed", "timeout"] {
-            assert!(crate::metrics::TLS_HANDSHAKE_FAILURES.contains(&reason), "{reason}");
-        }
+        let reason = |e: &io::Error| handshake_failure(e).label();
+        assert_eq!(reason(&tls(Tls::NoCertificatesPresented)), "client_certificate");
+        assert_eq!(reason(&tls(Tls::InvalidCertificate(CertificateError::Expired))), "client_certificate");
+        assert_eq!(reason(&tls(Tls::InvalidCertificate(CertificateError::UnknownIssuer))), "client_certificate");
+        assert_eq!(reason(&tls(Tls::AlertReceived(AlertDescription::UnknownCA))), "rejected_by_client");
+        assert_eq!(reason(&tls(Tls::AlertReceived(AlertDescription::CertificateExpired))), "rejected_by_client");
+        assert_eq!(reason(&tls(Tls::InvalidMessage(rustls::InvalidMessage::InvalidContentType))), "protocol");
+        assert_eq!(reason(&io::Error::from(io::ErrorKind::UnexpectedEof)), "closed");
+        assert_eq!(reason(&io::Error::from(io::ErrorKind::ConnectionReset)), "closed");
+        assert_eq!(reason(&io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")), "timeout");
+        assert_eq!(reason(&io::Error::other("something else")), "protocol");
+        let labels: Vec<&str> = HandshakeFailure::ALL.iter().map(|f| f.label()).collect();
+        assert_eq!(labels, ["client_certificate", "rejected_by_client", "protocol", "closed", "timeout"]);
     }
 
     #[test]

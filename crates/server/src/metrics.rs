@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
-use crate::connections::ConnectionLimit;
+use crate::connections::{ConnectionLimit, HandshakeFailure};
 use crate::jobs::JobQueue;
 use crate::uploads::UploadBudget;
 
@@ -51,9 +51,6 @@ pub const REJECT_REASONS: [&str; 11] = [
 
 /// Outcomes of a reload as counted by `s3net_config_reloads_total{outcome}`.
 pub const RELOAD_OUTCOMES: [&str; 2] = ["applied", "refused"];
-
-/// The reasons of `s3net_tls_handshakes_failed_total` (`connections::handshake_failure`).
-pub const TLS_HANDSHAKE_FAILURES: [&str; 5] = ["client_certificate", "rejected_by_client", "protocol", "closed", "timeout"];
 
 /// Seconds since 1970, for the timestamp gauges.
 pub(crate) fn unix_now() -> f64 {
@@ -470,14 +467,14 @@ impl Metrics {
     /// from now on, at 0 until one happens (a rate over a series that appears only with its
     /// first failure misses that failure).
     pub fn serving_tls(&self) {
-        for reason in TLS_HANDSHAKE_FAILURES {
-            let _ = self.tls_handshakes_failed.get_or_create(&ReasonLabel { reason: reason.into() });
+        for failure in HandshakeFailure::ALL {
+            let _ = self.tls_handshakes_failed.get_or_create(&ReasonLabel { reason: failure.label().into() });
         }
     }
 
-    /// A TLS handshake failed, for `reason` (one of [`TLS_HANDSHAKE_FAILURES`]).
-    pub fn tls_handshake_failed(&self, reason: &str) {
-        self.tls_handshakes_failed.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    /// A TLS handshake failed, for `failure`.
+    pub fn tls_handshake_failed(&self, failure: HandshakeFailure) {
+        self.tls_handshakes_failed.get_or_create(&ReasonLabel { reason: failure.label().into() }).inc();
     }
 
     /// A reload of the callers was applied (`true`) or refused.
