@@ -273,22 +273,19 @@ pub fn frame_stem(stem: &str, frame: u32, frames: u32) -> String {
     format!("{stem}.frame{frame:0digits$}")
 }
 
-/// One `s3net client segment` call: its image sent (in one message or in chunks), its events
+/// How `s3net client segment` calls: each image sent (in one message or in chunks), its events
 /// followed to the result; refused calls and a job its server cancelled while shutting down
 /// are sent again within `retry`.
 struct Segmentation<'a> {
     client: &'a Client,
-    image: &'a Vec<u8>,
     upload: bool,
     deadline: Option<Duration>,
     retry: &'a RetryArgs,
-    show: Show,
 }
 
 impl Segmentation<'_> {
-    async fn run(&self, options: &pb::Options) -> Result<pb::SegmentationResult> {
-        let (client, image, upload, deadline, retry) = (self.client, self.image, self.upload, self.deadline, self.retry);
-        let show = self.show;
+    async fn run(&self, image: &[u8], options: &pb::Options, show: Show) -> Result<pb::SegmentationResult> {
+        let (client, upload, deadline, retry) = (self.client, self.upload, self.deadline, self.retry);
         let mut resubmitted = 0;
         loop {
             let stream = retry
@@ -307,7 +304,7 @@ impl Segmentation<'_> {
                             }));
                             client.segment_upload(with_deadline(tokio_stream::iter(chunks), deadline)).await
                         } else {
-                            let request = pb::SegmentRequest { image: image.clone(), options: Some(options) };
+                            let request = pb::SegmentRequest { image: image.to_vec(), options: Some(options) };
                             client.segment(with_deadline(request, deadline)).await
                         }
                     }
@@ -624,12 +621,9 @@ fn fresh_key() -> String {
 
 /// One file of `s3net client segment`: what every file's fits share.
 struct SegmentFile<'a> {
-    client: &'a Client,
+    call: Segmentation<'a>,
     out: &'a Path,
-    upload: bool,
-    deadline: Option<Duration>,
     all_frames: bool,
-    retry: &'a RetryArgs,
     options: &'a pb::Options,
 }
 
@@ -640,12 +634,11 @@ impl SegmentFile<'_> {
     /// names the file (and frame): "FILE: InvalidArgument: …".
     async fn run(&self, file: &Path, stem: &str, show: Show) -> Result<Vec<String>> {
         let image = read(file)?;
-        let call = Segmentation { client: self.client, image: &image, upload: self.upload, deadline: self.deadline, retry: self.retry, show };
         let mut options = self.options.clone();
         let (mut frame, mut frames, mut lines) = (options.frame, 1, Vec::new());
         loop {
             options.frame = frame;
-            let result = call.run(&options).await.with_context(|| match frames {
+            let result = self.call.run(&image, &options, show).await.with_context(|| match frames {
                 1 => file.display().to_string(),
                 n => format!("{} frame {frame} of {n}", file.display()),
             })?;
@@ -731,7 +724,8 @@ async fn client_main(cmd: ClientCommand) -> Result<()> {
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
             let client = conn.client().await?;
-            let one = SegmentFile { client: &client, out: &out, upload, deadline, all_frames, retry: &retry, options: &options };
+            let call = Segmentation { client: &client, upload, deadline, retry: &retry };
+            let one = SegmentFile { call, out: &out, all_frames, options: &options };
             if let [file] = files.as_slice() {
                 // One image: its events on stderr and its lines (a frame's each) as they come, its
                 // error as the command's.
