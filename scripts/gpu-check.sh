@@ -43,7 +43,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 step_tests() {
   T=$OUT/cuda-tests.txt; : > "$T"
-  for t in ./*-test; do
+  # TEST_BINS: only these test binaries, in this order (e.g. "model-batch-test ops-tf32-test").
+  local bins=(./*-test)
+  [ -n "${TEST_BINS:-}" ] && read -r -a bins <<< "$(printf './%s ' $TEST_BINS)"
+  for t in "${bins[@]}"; do
     # Every test whose name says cuda or bfloat16 (the bfloat16 ones run on the CPU and, when
     # present, CUDA), plus all of ops-depthwise/pointwise (their CUDA cases compare against
     # libtorch and skip nothing on a GPU); not the CPU emulation of the kernels (make test runs
@@ -65,11 +68,12 @@ step_bench() {
   run ./s3net bench fit --device cuda --repeats 5
   run ./s3net bench fit --device cuda --repeats 2 --batch 4,16,32 --concurrency 2,4
   run ./s3net bench deform --size 256 --channels 32 --device cuda --json
-  # The deformable conv's input gradient summed per tile (off by default until timed), with
-  # the default's offsets of a few pixels, then both ways with a fit's (under 0.01 pixel).
-  run env S3NET_DEFORM_TILED=1 ./s3net bench deform --size 256 --channels 32 --device cuda --json
-  for tiled in 0 1; do
-    run env S3NET_DEFORM_TILED=$tiled ./s3net bench deform --size 256 --channels 32 --offset-std 0.01 --device cuda --json
+  # The deformable conv's gathers with four channels' loads at once (off by default until
+  # timed), with the default's offsets of a few pixels, then both ways with a fit's (under 0.01
+  # pixel).
+  run env S3NET_DEFORM_BATCHED_LOADS=1 ./s3net bench deform --size 256 --channels 32 --device cuda --json
+  for batched in 0 1; do
+    run env S3NET_DEFORM_BATCHED_LOADS=$batched ./s3net bench deform --size 256 --channels 32 --offset-std 0.01 --device cuda --json
   done
   run ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
   # The depthwise kernels' column layout (off by default: 1.4 % slower fits on an H200).
@@ -221,17 +225,17 @@ compared() {
 step_ab() {
   # This build against earlier ones on the same card: AB_BASE (default ./s3net-base, carried
   # beside the bundle; several paths separated by spaces) and ./s3net run the batched fits
-  # alternately, AB_ROUNDS times, in float32 and bfloat16 (AB_ARGS: other `s3net bench fit`
-  # flags).
+  # alternately, AB_ROUNDS times, in float32 and bfloat16 (AB_PRECISIONS), 16 and 32 networks
+  # a batch (AB_BATCH; AB_ARGS: other `s3net bench fit` flags).
   local bins
   compared "${AB_BASE:-./s3net-base}" ab
   [ ${#bins[@]} -gt 1 ] || return
   B=$OUT/bench-ab.txt; : > "$B"
   for round in $(seq "${AB_ROUNDS:-2}"); do
-    for p in float32 bfloat16; do
+    for p in ${AB_PRECISIONS:-float32 bfloat16}; do
       for bin in "${bins[@]}"; do
         echo "### ab round $round $p $bin" >> "$B"
-        timeout 120 "$bin" bench fit --device cuda --repeats 1 --batch 16,32 --batch-only \
+        timeout 120 "$bin" bench fit --device cuda --repeats 1 --batch "${AB_BATCH:-16,32}" --batch-only \
           --precision $p ${AB_ARGS:-} >> "$B" 2>&1; echo "rc=$?" >> "$B"
       done
     done

@@ -296,6 +296,8 @@ pub struct Batch<'a, T> {
     /// Eager steps since the stack or its transforms last changed.
     steady: usize,
     cuda_graphs: bool,
+    /// The largest stack captured into a graph (see [`set_graph_max_models`](Self::set_graph_max_models)).
+    graph_max_models: i64,
 }
 
 /// A step queued on the device whose statistics have not been read back yet.
@@ -344,7 +346,15 @@ impl<'a, T> Batch<'a, T> {
             graph: None,
             steady: 0,
             cuda_graphs: device.is_cuda() && CUDA_GRAPHS.load(Ordering::Relaxed),
+            graph_max_models: graph_max_models(),
         }
+    }
+
+    /// The largest stack whose steps are captured into a CUDA graph: 4 by default, or the
+    /// environment's `S3NET_GRAPH_MAX_MODELS` (see `GRAPH_MAX_MODELS`). A larger stack already
+    /// replaying its graph keeps it until the stack changes.
+    pub fn set_graph_max_models(&mut self, n: usize) {
+        self.graph_max_models = i64::try_from(n).unwrap_or(i64::MAX);
     }
 
     /// Whether small stacks on a GPU run their steps as CUDA graph replays once they are steady
@@ -661,7 +671,7 @@ impl<'a, T> Batch<'a, T> {
 
     /// Runs (queues) the step's tensor work: eagerly, or as a replay of a CUDA graph of it.
     ///
-    /// On a GPU a stack of up to [`GRAPH_MAX_MODELS`] networks whose membership and transforms
+    /// On a GPU a stack of up to [`GRAPH_MAX_MODELS`] networks (see `set_graph_max_models`) whose membership and transforms
     /// have not changed for [`GRAPH_AFTER_STEPS`] steps is captured into a graph (the eager
     /// steps before warm libtorch up: gradients allocated, cuDNN and cuBLAS set up), and each
     /// step from then on is one replay. The replay writes the same output tensors every time,
@@ -681,7 +691,7 @@ impl<'a, T> Batch<'a, T> {
             return replay(g);
         }
         if let (Device::Cuda(index), true) = (device, self.cuda_graphs) {
-            if m <= GRAPH_MAX_MODELS && self.steady >= GRAPH_AFTER_STEPS {
+            if m <= self.graph_max_models && self.steady >= GRAPH_AFTER_STEPS {
                 let velocity = &self.velocity;
                 match CudaGraph::capture(index, || step_tensors(net, velocity, x, grid, opts, m, device)) {
                     Ok((graph, out)) => {
@@ -732,8 +742,17 @@ pub fn set_cuda_graphs(on: bool) {
     CUDA_GRAPHS.store(on, Ordering::Relaxed);
 }
 
-/// Stacks up to this many networks are captured into CUDA graphs (see `Batch::run_step`).
+/// Stacks up to this many networks are captured into CUDA graphs (see `Batch::run_step`),
+/// unless the environment's `S3NET_GRAPH_MAX_MODELS` says otherwise (read once). Why the
+/// variable: the GPU check times larger stacks as graphs against eager ones (their steps launch
+/// about 600 kernels, and a 16-network step's kernels kept an H200 busy 86 % of the time,
+/// 2026-11-30) before the default moves.
 const GRAPH_MAX_MODELS: i64 = 4;
+
+fn graph_max_models() -> i64 {
+    static MAX: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| std::env::var("S3NET_GRAPH_MAX_MODELS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(GRAPH_MAX_MODELS))
+}
 /// Eager steps of an unchanged stack before its capture.
 const GRAPH_AFTER_STEPS: usize = 2;
 

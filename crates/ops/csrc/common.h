@@ -215,15 +215,16 @@ class Switch {
 // cuBLAS's chunk products for 32- and 64-bit operands when their layout is left to choose
 // (gemm_nt_split_k; split_k_cuda.cu; on: 5–6 % more float32 fits per second, while for bfloat16
 // it was 10–12 % slower than the strided GEMMs, which auto keeps for 16-bit operands).
-// The fourth: the deformable conv's input gradient summed per tile in shared memory
-// (deform_cuda.cu's col2im_tiled_kernel) instead of with four global atomics per column value;
-// off until a GPU has timed it.
+// The fourth: the deformable conv's im2col and col2im kernels asking for several channels'
+// corners before using any (deform_cuda.cu's kBatch; the same bits); off until a GPU has timed
+// it. (The slot was the input gradient summed per tile in shared memory, which an H200 timed at
+// 0.86–0.90 of the atomics' fits per second, 2026-11-30, and which is gone.)
 // The fifth: the I-LKA block's gate and residual add folded into the 1×1 convs before them
 // (PointwiseFn's epilogue), read by the Rust side; the same bits either way.
 inline Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES", true), Switch("S3NET_DW_COLUMNS", false),
-                       Switch("S3NET_SPLIT_K_KERNEL", true), Switch("S3NET_DEFORM_TILED", false),
+                       Switch("S3NET_SPLIT_K_KERNEL", true), Switch("S3NET_DEFORM_BATCHED_LOADS", false),
                        Switch("S3NET_FUSED_EPILOGUES", true)};
-inline constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2, kSwitchDeformTiled = 3;
+inline constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2, kSwitchDeformBatchedLoads = 3;
 
 // The depthwise kernels' dtype code, and the type they add in (float32 for bfloat16).
 inline int dw_cuda_dtype(const at::Tensor& t) {
@@ -238,10 +239,6 @@ inline bool kernels_take(const at::Tensor& t) {
 inline at::ScalarType dw_sum_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
-
-// cudaErrorInvalidConfiguration, which a launcher returns when it declines a shape before
-// launching (this file does not include the CUDA runtime's headers in every build).
-inline constexpr int cudaErrorInvalidConfigurationCode = 9;
 
 // Turns a kernel launcher's status into an exception naming the op and the kernel (`t`: a tensor
 // on the device it ran for).

@@ -631,7 +631,8 @@ at::Tensor cuda_cols(const DeformShape& s, const at::Tensor& x, const at::Tensor
   const int dtype = deform_cuda_dtype(x);
   const int rc = kernels(x).deform_im2col(dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
                                           ptr_or_null(off, n0, 2 * s.K * HWo),
-                                          ptr_or_null(mask, n0, s.K * HWo), cols.data_ptr(), st);
+                                          ptr_or_null(mask, n0, s.K * HWo), cols.data_ptr(),
+                                          g_switches[kSwitchDeformBatchedLoads].on(), st);
   kernel_check("deform_conv2d", rc, "im2col", x);
   return cols;
 }
@@ -718,16 +719,8 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
       void* gip = ptr_or_null(gi, n0, s.C * s.H * s.W);
       void* gop = ptr_or_null(goff, n0, 2 * s.K * HWo);
       void* gmp = ptr_or_null(gmask, n0, s.K * HWo);
-      // The tiled kernel declines (invalid configuration, before launching) when not even one
-      // channel's region fits its shared memory; col2im takes any geometry.
-      int rc = cudaErrorInvalidConfigurationCode;
-      if (g_switches[kSwitchDeformTiled].on()) {
-        rc = kernels(x).deform_col2im_tiled(dtype, &d, xp, op, mp, gcols.data_ptr(), gip, gop,
-                                            gmp, st);
-      }
-      if (rc == cudaErrorInvalidConfigurationCode) {
-        rc = kernels(x).deform_col2im(dtype, &d, xp, op, mp, gcols.data_ptr(), gip, gop, gmp, st);
-      }
+      const int rc = kernels(x).deform_col2im(dtype, &d, xp, op, mp, gcols.data_ptr(), gip, gop,
+                                              gmp, g_switches[kSwitchDeformBatchedLoads].on(), st);
       kernel_check("deform_conv2d", rc, "col2im", x);
     }
   }

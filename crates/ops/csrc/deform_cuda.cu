@@ -76,15 +76,6 @@ __device__ __forceinline__ void sample_point(const S3DeformDims& d, const T* off
   x = T(wo * d.sw - d.pw + kj * d.dw) + o[HWo];
 }
 
-// Σ_c gcol · x at each corner, over one more channel (`plane`: that channel's input plane): what
-// the offset and mask gradients of a sample are made of.
-template <typename S, typename P>
-__device__ __forceinline__ void add_corner_products(P (&s)[4], P gc, const S* plane,
-                                                    const Corners<P>& cr) {
-#pragma unroll
-  for (int q = 0; q < 4; ++q) s[q] += gc * widen(plane[cr.idx[q]]);
-}
-
 // A sample's mask gradient and offset gradients (dy, dx) from its corner products.
 template <typename P>
 struct SampleGrads {
@@ -97,7 +88,15 @@ __device__ __forceinline__ SampleGrads<P> sample_grads(const Corners<P>& cr, con
           m * (cr.cx[0] * s[0] + cr.cx[1] * s[1] + cr.cx[2] * s[2] + cr.cx[3] * s[3])};
 }
 
-template <typename S, typename P>
+// U: channels whose corner loads a thread issues before it uses any of them (1, or kBatch with
+// S3NET_DEFORM_BATCHED_LOADS=1). Both kernels wait on their gathers from L2 (ncu on an H200,
+// 2026-11-30: long-scoreboard stalls first in both, 9–15 warps waiting per issued instruction,
+// col2im 30 % and im2col 12 % of our kernels' time in a 16-network bfloat16 step): a thread that
+// asks for four channels' corners at once waits once for them. The same arithmetic in the same
+// order either way, so the same bits.
+constexpr int kBatch = 4;
+
+template <typename S, typename P, int U>
 __global__ void im2col_kernel(S3DeformDims d, const S* __restrict__ x, const P* __restrict__ off,
                               const P* __restrict__ mask, S* __restrict__ cols) {
   const int64_t HWo = d.Ho * d.Wo, HW = d.H * d.W, total = d.N * d.K * HWo;
@@ -111,7 +110,21 @@ __global__ void im2col_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
     const P w0 = m * cr.w[0], w1 = m * cr.w[1], w2 = m * cr.w[2], w3 = m * cr.w[3];
     const S* xn = x + s.n * d.C * HW;
     S* col = cols + (s.n * d.K + s.kk) * d.C * HWo + s.p;
-    for (int64_t c = 0; c < d.C; ++c) {
+    int64_t c = 0;
+    for (; c + U <= d.C; c += U) {
+      P v[U][4];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const S* plane = xn + (c + u) * HW;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[u][q] = widen(plane[cr.idx[q]]);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        col[(c + u) * HWo] = store_as<S>(w0 * v[u][0] + w1 * v[u][1] + w2 * v[u][2] + w3 * v[u][3]);
+      }
+    }
+    for (; c < d.C; ++c) {
       const S* plane = xn + c * HW;
       col[c * HWo] = store_as<S>(w0 * widen(plane[cr.idx[0]]) + w1 * widen(plane[cr.idx[1]]) +
                                  w2 * widen(plane[cr.idx[2]]) + w3 * widen(plane[cr.idx[3]]));
@@ -119,7 +132,24 @@ __global__ void im2col_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
   }
 }
 
+// One channel's share of a sample's backward: the offset and mask gradients' corner products
+// (`coord`) and the input gradient's four atomics (`gin`: the image's input gradient, or null).
 template <typename S, typename P>
+__device__ __forceinline__ void col2im_channel(P (&sums)[4], P gc, const P (&xv)[4], bool coord,
+                                               P* gin, int64_t base, const Corners<P>& cr, P m) {
+  if (coord) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) sums[q] += gc * xv[q];
+  }
+  if (gin) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (cr.w[q] != P(0)) atomicAdd(gin + base + cr.idx[q], m * cr.w[q] * gc);
+    }
+  }
+}
+
+template <typename S, typename P, int U>
 __global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* __restrict__ off,
                               const P* __restrict__ mask, const S* __restrict__ gcols,
                               P* __restrict__ gi, P* __restrict__ goff, P* __restrict__ gmask) {
@@ -136,16 +166,25 @@ __global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
     P* gin = gi ? gi + s.n * d.C * HW : nullptr;
     const S* g = gcols + (s.n * d.K + s.kk) * d.C * HWo + s.p;
     P sums[4] = {0, 0, 0, 0};
-    for (int64_t c = 0; c < d.C; ++c) {
-      const P gc = widen(g[c * HWo]);
-      const int64_t base = c * HW;
-      if (coord) add_corner_products(sums, gc, xn + base, cr);
-      if (gin) {
+    int64_t c = 0;
+    for (; c + U <= d.C; c += U) {
+      P gc[U], xv[U][4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          if (cr.w[q] != P(0)) atomicAdd(gin + base + cr.idx[q], m * cr.w[q] * gc);
-        }
+      for (int u = 0; u < U; ++u) {
+        gc[u] = widen(g[(c + u) * HWo]);
+        const S* plane = xn + (c + u) * HW;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xv[u][q] = coord ? widen(plane[cr.idx[q]]) : P(0);
       }
+#pragma unroll
+      for (int u = 0; u < U; ++u) col2im_channel<S, P>(sums, gc[u], xv[u], coord, gin, (c + u) * HW, cr, m);
+    }
+    for (; c < d.C; ++c) {
+      const S* plane = xn + c * HW;
+      P xv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xv[q] = coord ? widen(plane[cr.idx[q]]) : P(0);
+      col2im_channel<S, P>(sums, widen(g[c * HWo]), xv, coord, gin, c * HW, cr, m);
     }
     if (coord) {
       const SampleGrads<P> sg = sample_grads(cr, sums, m);
@@ -154,148 +193,6 @@ __global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
         P* o = goff + (s.n * 2 * d.K + 2 * s.kk) * HWo + s.p;
         o[0] = sg.dy;
         o[HWo] = sg.dx;
-      }
-    }
-  }
-}
-
-// The input gradient summed in shared memory first (`col2im_tiled`, S3NET_DEFORM_TILED=1): the
-// same three gradients as col2im_kernel, but a block takes a tile of kTileW × kTileH outputs of
-// one image, and the four corners' contributions that fall in the input region its samples
-// reach when every offset is under a pixel (the tile's span plus one pixel around) are added
-// in shared memory, for a chunk of channels at a time; the region is then added to the input
-// gradient with one global atomic per region value. Why: col2im adds 4 atomics per column value
-// into global memory (36 per input value for a 3×3 kernel), and a fit's free offsets stay far
-// under a pixel (max 0.005 after 50 steps on PH2), so nearly every sample lands in its tile's
-// region: about 2.3 global atomics per input value (an 8×36 region per 32×4 outputs) instead
-// of 36. On an H100, col2im took 8 % of a 16-network bfloat16 step (723 µs a launch,
-// docs/gpu-checks/2026-11-27-h100-fusions), about what L2 sustains in float atomics. Corners
-// outside the region (larger offsets) still go to global memory directly, so any offsets give
-// the same sums up to their order.
-//
-// The offset and mask gradients are each thread's own, as in col2im: its pixel's taps, summed
-// over a chunk's channels and added to what earlier chunks wrote.
-constexpr int kTileW = 32, kTileH = 4, kTileThreads = kTileW * kTileH;
-
-// The region of input rows and columns the tile at output (ho0, wo0) samples with offsets
-// under a pixel: base positions from ho0·sh − ph to (ho0 + kTileH − 1)·sh − ph + (kh − 1)·dh, a
-// corner at most one pixel below the first (an offset in (−1, 0)) and one past the last.
-struct Region {
-  int64_t y0, x0, rows, cols;
-};
-
-__host__ __device__ inline Region tile_region(const S3DeformDims& d, int64_t ho0, int64_t wo0) {
-  return {ho0 * d.sh - d.ph - 1, wo0 * d.sw - d.pw - 1,
-          (kTileH - 1) * d.sh + (d.kh - 1) * d.dh + 3, (kTileW - 1) * d.sw + (d.kw - 1) * d.dw + 3};
-}
-
-// Shared memory the tiled kernel may take (under the 48 KiB a kernel gets without opting in),
-// and the channels of a chunk: as many region planes as fit, 0 when not even one does.
-constexpr int64_t kTileSharedLimit = 40 << 10;
-
-__host__ __device__ inline int64_t tile_chunk(const S3DeformDims& d, int64_t acc_size) {
-  const Region r = tile_region(d, 0, 0);
-  const int64_t fit = kTileSharedLimit / (r.rows * r.cols * acc_size);
-  return fit < d.C ? fit : d.C;
-}
-
-template <typename S, typename P>
-__global__ void __launch_bounds__(kTileThreads)
-    col2im_tiled_kernel(S3DeformDims d, int64_t chunk, const S* __restrict__ x,
-                        const P* __restrict__ off, const P* __restrict__ mask,
-                        const S* __restrict__ gcols, P* __restrict__ gi, P* __restrict__ goff,
-                        P* __restrict__ gmask) {
-  S3_DYNAMIC_SHARED(shm_raw);
-  P* acc = reinterpret_cast<P*>(shm_raw);
-  const int64_t HWo = d.Ho * d.Wo, HW = d.H * d.W;
-  const int64_t tiles_x = (d.Wo + kTileW - 1) / kTileW;
-  const int64_t ho0 = (int64_t)(blockIdx.x / tiles_x) * kTileH;
-  const int64_t wo0 = (int64_t)(blockIdx.x % tiles_x) * kTileW;
-  const Region rg = tile_region(d, ho0, wo0);
-  const int64_t area = rg.rows * rg.cols;
-  const int t = threadIdx.x;
-  const int64_t ho = ho0 + t / kTileW, wo = wo0 + t % kTileW;
-  const bool mine = ho < d.Ho && wo < d.Wo;
-  const int64_t p = ho * d.Wo + wo;
-  const bool coord = goff != nullptr || gmask != nullptr;
-  for (int64_t n = blockIdx.y; n < d.N; n += gridDim.y) {
-    const S* xn = x + n * d.C * HW;
-    P* gin = gi ? gi + n * d.C * HW : nullptr;
-    for (int64_t c0 = 0; c0 < d.C; c0 += chunk) {
-      const int64_t cc = d.C - c0 < chunk ? d.C - c0 : chunk;
-      if (gin) {
-        for (int64_t r = t; r < cc * area; r += kTileThreads) acc[r] = P(0);
-        __syncthreads();
-      }
-      if (mine) {
-        for (int64_t kk = 0; kk < d.K; ++kk) {
-          const Site s{n, kk, p};
-          P y, xx;
-          sample_point(d, off, s, y, xx);
-          const Corners<P> cr = corners(y, xx, d.H, d.W);
-          const P m = mask ? mask[(n * d.K + kk) * HWo + p] : P(1);
-          // Each corner's place in the region (-1: outside it, added to global memory).
-          // A sample outside the image (or NaN) has four zero weights and is skipped below; its
-          // position may be past the int range, so it is not converted.
-          const bool inside = y > P(-1) && y < P(d.H) && xx > P(-1) && xx < P(d.W);
-          const int yl = inside ? (int)floor(y) - (int)rg.y0 : -8;
-          const int xl = inside ? (int)floor(xx) - (int)rg.x0 : -8;
-          int local[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int ry = yl + (q >> 1), rx = xl + (q & 1);
-            const bool in_region = ry >= 0 && ry < (int)rg.rows && rx >= 0 && rx < (int)rg.cols;
-            local[q] = in_region ? ry * (int)rg.cols + rx : -1;
-          }
-          const S* g = gcols + (n * d.K + kk) * d.C * HWo + p;
-          P sums[4] = {0, 0, 0, 0};
-          for (int64_t c = c0; c < c0 + cc; ++c) {
-            const P gc = widen(g[c * HWo]);
-            const int64_t base = c * HW;
-            if (coord) add_corner_products(sums, gc, xn + base, cr);
-            if (gin) {
-              P* plane = acc + (c - c0) * area;
-#pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                if (cr.w[q] == P(0)) continue;
-                const P v = m * cr.w[q] * gc;
-                if (local[q] >= 0) {
-                  atomicAdd(plane + local[q], v);
-                } else {
-                  atomicAdd(gin + base + cr.idx[q], v);
-                }
-              }
-            }
-          }
-          if (coord) {
-            // This chunk's share, added to the earlier chunks' (the thread's own values).
-            const SampleGrads<P> sg = sample_grads(cr, sums, m);
-            if (gmask) {
-              P* gm = gmask + (n * d.K + kk) * HWo + p;
-              *gm = c0 == 0 ? sg.mask : *gm + sg.mask;
-            }
-            if (goff) {
-              P* o = goff + (n * 2 * d.K + 2 * kk) * HWo + p;
-              o[0] = c0 == 0 ? sg.dy : o[0] + sg.dy;
-              o[HWo] = c0 == 0 ? sg.dx : o[HWo] + sg.dx;
-            }
-          }
-        }
-      }
-      if (gin) {
-        __syncthreads();
-        // The region's sums, one atomic each (rows of the region are rows of the plane, so
-        // neighbouring threads add to neighbouring values); zeros and what lies outside the
-        // image are left out.
-        for (int64_t r = t; r < cc * area; r += kTileThreads) {
-          const P v = acc[r];
-          const int64_t c = c0 + r / area, l = r % area;
-          const int64_t yy = rg.y0 + l / rg.cols, xw = rg.x0 + l % rg.cols;
-          if (v != P(0) && yy >= 0 && yy < d.H && xw >= 0 && xw < d.W) {
-            atomicAdd(gin + c * HW + yy * d.W + xw, v);
-          }
-        }
-        __syncthreads();  // before the next chunk clears the region
       }
     }
   }
@@ -310,27 +207,49 @@ unsigned grid_for(const S3DeformDims& d) {
   return (unsigned)(blocks < (1 << 20) ? (blocks > 0 ? blocks : 1) : (1 << 20));
 }
 
+// im2col_kernel with `batched` channels' loads at a time or one (see kBatch).
+template <typename S, typename P>
+void launch_im2col(bool batched, unsigned grid, cudaStream_t st, const S3DeformDims& d, const S* x,
+                   const P* off, const P* mask, S* cols) {
+  if (batched) {
+    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<S, P, kBatch>)(d, x, off, mask, cols);
+  } else {
+    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<S, P, 1>)(d, x, off, mask, cols);
+  }
+}
+
+template <typename S, typename P>
+void launch_col2im(bool batched, unsigned grid, cudaStream_t st, const S3DeformDims& d, const S* x,
+                   const P* off, const P* mask, const S* gcols, P* gi, P* goff, P* gmask) {
+  if (batched) {
+    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<S, P, kBatch>)(d, x, off, mask, gcols, gi, goff, gmask);
+  } else {
+    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<S, P, 1>)(d, x, off, mask, gcols, gi, goff, gmask);
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
 // dtype: 0 = float32, 1 = float64, 2 = bfloat16 features (x, cols) with float32 positions (off,
 // mask). Pointers are device pointers of contiguous tensors (mask may be null); `stream` is a
-// cudaStream_t. Returns a cudaError_t (0 = success; cudaErrorInvalidValue for another code).
+// cudaStream_t; `batched` != 0 issues several channels' loads at once (kBatch; the same
+// results). Returns a cudaError_t (0 = success; cudaErrorInvalidValue for another code).
 int S3_ENTRY(deform_im2col)(int dtype, const S3DeformDims* d, const void* x, const void* off,
-                             const void* mask, void* cols, void* stream) {
+                             const void* mask, void* cols, int batched, void* stream) {
   if (d->N * d->K * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
   const unsigned grid = grid_for(*d);
   if (dtype == 0) {
-    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<float, float>)(
-        *d, (const float*)x, (const float*)off, (const float*)mask, (float*)cols);
+    launch_im2col(batched != 0, grid, st, *d, (const float*)x, (const float*)off,
+                  (const float*)mask, (float*)cols);
   } else if (dtype == 1) {
-    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<double, double>)(
-        *d, (const double*)x, (const double*)off, (const double*)mask, (double*)cols);
+    launch_im2col(batched != 0, grid, st, *d, (const double*)x, (const double*)off,
+                  (const double*)mask, (double*)cols);
   } else if (dtype == 2) {
-    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<Bf16, float>)(
-        *d, (const Bf16*)x, (const float*)off, (const float*)mask, (Bf16*)cols);
+    launch_im2col(batched != 0, grid, st, *d, (const Bf16*)x, (const float*)off,
+                  (const float*)mask, (Bf16*)cols);
   } else {
     return (int)cudaErrorInvalidValue;
   }
@@ -341,56 +260,20 @@ int S3_ENTRY(deform_im2col)(int dtype, const S3DeformDims* d, const void* x, con
 // gmask (written) may each be null when not needed. gcols has the features' type.
 int S3_ENTRY(deform_col2im)(int dtype, const S3DeformDims* d, const void* x, const void* off,
                              const void* mask, const void* gcols, void* gi, void* goff,
-                             void* gmask, void* stream) {
+                             void* gmask, int batched, void* stream) {
   if (d->N * d->K * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
   const unsigned grid = grid_for(*d);
+  const bool b = batched != 0;
   if (dtype == 0) {
-    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<float, float>)(
-        *d, (const float*)x, (const float*)off, (const float*)mask, (const float*)gcols,
-        (float*)gi, (float*)goff, (float*)gmask);
+    launch_col2im(b, grid, st, *d, (const float*)x, (const float*)off, (const float*)mask,
+                  (const float*)gcols, (float*)gi, (float*)goff, (float*)gmask);
   } else if (dtype == 1) {
-    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<double, double>)(
-        *d, (const double*)x, (const double*)off, (const double*)mask, (const double*)gcols,
-        (double*)gi, (double*)goff, (double*)gmask);
+    launch_col2im(b, grid, st, *d, (const double*)x, (const double*)off, (const double*)mask,
+                  (const double*)gcols, (double*)gi, (double*)goff, (double*)gmask);
   } else if (dtype == 2) {
-    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<Bf16, float>)(
-        *d, (const Bf16*)x, (const float*)off, (const float*)mask, (const Bf16*)gcols,
-        (float*)gi, (float*)goff, (float*)gmask);
-  } else {
-    return (int)cudaErrorInvalidValue;
-  }
-  return (int)cudaGetLastError();
-}
-
-// col2im_tiled_kernel (see there): the same arguments and results as deform_col2im. Returns
-// cudaErrorInvalidConfiguration when not even one channel's region fits its shared memory (a
-// large dilation; the caller then runs deform_col2im).
-int S3_ENTRY(deform_col2im_tiled)(int dtype, const S3DeformDims* d, const void* x,
-                                   const void* off, const void* mask, const void* gcols, void* gi,
-                                   void* goff, void* gmask, void* stream) {
-  if (d->N * d->K * d->Ho * d->Wo == 0 || d->C == 0) return 0;
-  const cudaStream_t st = (cudaStream_t)stream;
-  const int64_t acc = dtype == 1 ? 8 : 4;
-  const int64_t chunk = tile_chunk(*d, acc);
-  if (chunk < 1) return (int)cudaErrorInvalidConfiguration;
-  const Region r = tile_region(*d, 0, 0);
-  const size_t shm = gi ? (size_t)(chunk * r.rows * r.cols * acc) : 0;
-  const int64_t tiles = ((d->Ho + kTileH - 1) / kTileH) * ((d->Wo + kTileW - 1) / kTileW);
-  if (tiles > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
-  const dim3 grid((unsigned)tiles, grid_rows(d->N));
-  if (dtype == 0) {
-    S3_LAUNCH(grid, kTileThreads, shm, st, col2im_tiled_kernel<float, float>)(
-        *d, chunk, (const float*)x, (const float*)off, (const float*)mask, (const float*)gcols,
-        (float*)gi, (float*)goff, (float*)gmask);
-  } else if (dtype == 1) {
-    S3_LAUNCH(grid, kTileThreads, shm, st, col2im_tiled_kernel<double, double>)(
-        *d, chunk, (const double*)x, (const double*)off, (const double*)mask,
-        (const double*)gcols, (double*)gi, (double*)goff, (double*)gmask);
-  } else if (dtype == 2) {
-    S3_LAUNCH(grid, kTileThreads, shm, st, col2im_tiled_kernel<Bf16, float>)(
-        *d, chunk, (const Bf16*)x, (const float*)off, (const float*)mask, (const Bf16*)gcols,
-        (float*)gi, (float*)goff, (float*)gmask);
+    launch_col2im(b, grid, st, *d, (const Bf16*)x, (const float*)off, (const float*)mask,
+                  (const Bf16*)gcols, (float*)gi, (float*)goff, (float*)gmask);
   } else {
     return (int)cudaErrorInvalidValue;
   }

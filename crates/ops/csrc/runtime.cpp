@@ -69,6 +69,22 @@ int s3ops_switch(int which, int set) {
   return g_switches[which].on() ? 1 : 0;
 }
 
+// Whether cuDNN's float32 convolutions (and RNNs) may round through TF32, libtorch's
+// process-wide precision setting, set first unless `set` is negative (0: full float32, 1: TF32,
+// libtorch's default). Returns the setting before the call (1: TF32). For tests that compare two
+// orders of the same float32 sums: TF32's 2^-11 rounding hides a wrong sum that float32 shows.
+int s3ops_cudnn_tf32(int set) {
+  using at::Float32Backend, at::Float32Op, at::Float32Precision;
+  auto& ctx = at::globalContext();
+  const bool was = ctx.float32Precision(Float32Backend::CUDA, Float32Op::CONV) == Float32Precision::TF32;
+  if (set >= 0) {
+    const Float32Precision p = set ? Float32Precision::TF32 : Float32Precision::IEEE;
+    ctx.setFloat32Precision(Float32Backend::CUDA, Float32Op::CONV, p);
+    ctx.setFloat32Precision(Float32Backend::CUDA, Float32Op::RNN, p);
+  }
+  return was ? 1 : 0;
+}
+
 // 1 when the calling thread emulates the CUDA paths (s3ops_set_simt), else 0.
 int s3ops_simt_on() { return t_simt ? 1 : 0; }
 

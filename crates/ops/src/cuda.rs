@@ -22,6 +22,18 @@ extern "C" {
     fn s3ops_graph_abort(handle: *mut c_void);
     fn s3ops_graph_replay(handle: *mut c_void, err: *mut *mut c_char) -> i32;
     fn s3ops_graph_free(handle: *mut c_void);
+    fn s3ops_cudnn_tf32(set: i32) -> i32;
+}
+
+/// Lets cuDNN's float32 convolutions round through TF32 (`true`, libtorch's default) or not,
+/// process-wide; returns the setting it replaced. Why: a test comparing two float32 paths that
+/// sum in different orders (a stack of networks as grouped convolutions against each network
+/// alone) sees TF32's rounding (2⁻¹¹ relative) grow over steps into label flips, which hides
+/// whether the two paths agree; in full float32 they differ by about 1e-7. Production keeps
+/// libtorch's default.
+pub fn set_cudnn_tf32(on: bool) -> bool {
+    // SAFETY: sets and reads a process-wide setting of libtorch.
+    unsafe { s3ops_cudnn_tf32(i32::from(on)) == 1 }
 }
 
 pub(crate) fn set_stream(device: usize, pool: bool) -> Result<(), OpError> {

@@ -181,21 +181,18 @@ pub fn check_deform_args(
     Ok((ho, wo))
 }
 
-/// Whether the deformable conv's backward on a GPU sums the input gradient per tile of outputs
-/// in shared memory and adds each tile's input region to global memory once
-/// (`csrc/deform_cuda.cu`, `col2im_tiled_kernel`), rather than with four global atomics per
-/// column value (36 per input value for a 3×3 kernel): those atomics were 8 % of a 16-network
-/// bfloat16 step on an H100, about what its L2 sustains, and a fit's free offsets stay far
-/// under a pixel, so nearly every sample lands in its tile's region. The offset and mask
-/// gradients come from the same kernel. Off until a GPU has timed it: the environment variable
-/// `S3NET_DEFORM_TILED=1` (read once) or [`set_deform_tiled`] turns it on. The same values up
-/// to rounding (sums in another order). Geometries whose region does not fit shared memory
-/// (a dilation in the tens) keep the atomics.
-pub fn deform_tiled() -> bool {
-    switch(Switch::DeformTiled, None)
+/// Whether the deformable conv's CUDA gathers (`csrc/deform_cuda.cu`: im2col, and col2im with
+/// the offset and mask gradients) ask for four channels' bilinear corners before using any,
+/// rather than one channel's at a time. Why: both wait on those loads (ncu on an H200: long
+/// scoreboard stalls first, the two kernels 42 % of our kernels' time in a 16-network bfloat16
+/// step, 2026-11-30), and one wait for four is shorter than four waits. The same arithmetic in
+/// the same order, so the same bits. Off until a GPU has timed it: the environment variable
+/// `S3NET_DEFORM_BATCHED_LOADS=1` (read once) or [`set_deform_batched_loads`] turns it on.
+pub fn deform_batched_loads() -> bool {
+    switch(Switch::DeformBatchedLoads, None)
 }
 
-/// Turns [`deform_tiled`] on or off for this process (overrides the environment).
-pub fn set_deform_tiled(on: bool) {
-    switch(Switch::DeformTiled, Some(on));
+/// Turns [`deform_batched_loads`] on or off for this process (overrides the environment).
+pub fn set_deform_batched_loads(on: bool) {
+    switch(Switch::DeformBatchedLoads, Some(on));
 }

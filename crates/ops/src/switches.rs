@@ -12,7 +12,7 @@ pub(crate) enum Switch {
     PixelLosses = 0,
     DwColumns = 1,
     SplitKKernel = 2,
-    DeformTiled = 3,
+    DeformBatchedLoads = 3,
     FusedEpilogues = 4,
 }
 

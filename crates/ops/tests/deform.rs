@@ -789,74 +789,62 @@ fn narrower_loops_match_too() {
     }
 }
 
-/// The deformable conv's input gradient summed per tile in shared memory (`S3NET_DEFORM_TILED=1`,
-/// read once per process; `s3net_ops::deform_tiled`): this file's emulated and CUDA tests again
-/// in a child process with it on, where this test also runs the tiled kernel's own cases on the
-/// emulation against the CPU kernel, every gradient: offsets under a pixel (every corner in its
-/// tile's region) and of several pixels (many outside it), partial tiles, stride, dilation and
-/// padding of 2, a 3×5 kernel, float64 channels in three chunks of the shared memory, per-image
-/// weights, and a dilation whose region does not fit (the atomics then run).
+/// The deformable conv's gathers asking for several channels' corners at once
+/// (`S3NET_DEFORM_BATCHED_LOADS=1`, read once per process; `s3net_ops::deform_batched_loads`):
+/// this file's emulated and CUDA tests again in a child process with it on, where this test also
+/// runs both kernels each way on the emulation and asserts the same bits (the same arithmetic in
+/// the same order), every gradient, for channel counts below, at and past the four a thread
+/// loads at once (the remainder's loop), in float64, float32 and bfloat16 features, with stride,
+/// dilation and padding, and per-image weights.
 #[test]
-fn tiled_input_gradient_cuda_and_emulated() {
-    if std::env::var_os("S3NET_DEFORM_TILED").is_none() {
-        checks::rerun_with_env(&["S3NET_DEFORM_TILED"], &["emulated", "cuda_", "tiled_input_gradient"], "tiled_input_gradient_cuda_and_emulated ... ok");
+fn batched_loads_cuda_and_emulated() {
+    if std::env::var_os("S3NET_DEFORM_BATCHED_LOADS").is_none() {
+        checks::rerun_with_env(&["S3NET_DEFORM_BATCHED_LOADS"], &["emulated", "cuda_", "batched_loads"], "batched_loads_cuda_and_emulated ... ok");
         return;
     }
-    assert!(s3net_ops::deform_tiled(), "S3NET_DEFORM_TILED=1 did not switch the tiled kernel on");
-    struct Case {
-        n: i64,
-        c: i64,
-        hw: (i64, i64),
-        k: (i64, i64),
-        geo: Geo,
-        offsets: f64,
-        kind: Kind,
-        per_image: bool,
-    }
-    let base = Case { n: 2, c: 5, hw: (37, 45), k: (3, 3), geo: ((1, 1), (1, 1), (1, 1)), offsets: 0.45, kind: Kind::Double, per_image: false };
-    let cases = [
-        Case { ..base },
-        Case { kind: Kind::Float, per_image: true, ..base },
-        Case { offsets: 3.0, ..base },
-        Case { geo: ((2, 2), (2, 2), (2, 2)), offsets: 1.5, ..base },
-        Case { k: (3, 5), geo: ((1, 1), (1, 2), (1, 1)), ..base },
-        Case { c: 40, hw: (9, 70), ..base },
-        Case { n: 1, c: 2, hw: (110, 110), geo: ((1, 1), (50, 50), (50, 50)), offsets: 1.0, ..base },
+    assert!(s3net_ops::deform_batched_loads(), "S3NET_DEFORM_BATCHED_LOADS=1 did not switch the batched loads on");
+    let cases: [(i64, Kind, Geo, bool); 7] = [
+        (1, Kind::Double, ((1, 1), (1, 1), (1, 1)), false),
+        (3, Kind::Float, ((1, 1), (1, 1), (1, 1)), false),
+        (4, Kind::Float, ((2, 2), (2, 2), (2, 2)), true),
+        (6, Kind::Double, ((1, 1), (1, 2), (1, 1)), false),
+        (9, Kind::BFloat16, ((1, 1), (1, 1), (1, 1)), false),
+        (8, Kind::BFloat16, ((1, 2), (2, 1), (2, 1)), true),
+        (13, Kind::Float, ((1, 1), (1, 1), (1, 1)), true),
     ];
-    for (i, cs) in cases.iter().enumerate() {
-        tch::manual_seed(40 + i as i64);
-        let o = (cs.kind, Device::Cpu);
-        let ((sh, sw), (ph, pw), (dh, dw)) = cs.geo;
-        let (h, w) = cs.hw;
-        let ho = (h + 2 * ph - dh * (cs.k.0 - 1) - 1) / sh + 1;
-        let wo = (w + 2 * pw - dw * (cs.k.1 - 1) - 1) / sw + 1;
-        let taps = cs.k.0 * cs.k.1;
-        let x = Tensor::randn([cs.n, cs.c, h, w], o);
-        // Uniform in ±offsets (under a pixel for the base case), so that the share of samples
-        // outside the tile's region is set by the case.
-        let off = (Tensor::rand([cs.n, 2 * taps, ho, wo], o) * 2.0 - 1.0) * cs.offsets;
-        let m = Tensor::rand([cs.n, taps, ho, wo], o);
-        let (wt, b) = if cs.per_image {
-            (Tensor::randn([cs.n, 4, cs.c, cs.k.0, cs.k.1], o) * 0.3, Tensor::randn([cs.n, 4], o))
+    for (i, &(c, kind, geo, per_image)) in cases.iter().enumerate() {
+        tch::manual_seed(60 + i as i64);
+        let (n, h, w) = (2, 19, 23);
+        let o = (Kind::Float, Device::Cpu);
+        let ((sh, sw), (ph, pw), (dh, dw)) = geo;
+        let ho = (h + 2 * ph - dh * 2 - 1) / sh + 1;
+        let wo = (w + 2 * pw - dw * 2 - 1) / sw + 1;
+        let x = Tensor::randn([n, c, h, w], o).to_kind(kind);
+        // Offsets of up to two pixels: corners inside, across and outside the image's sides.
+        let off = (Tensor::rand([n, 18, ho, wo], o) * 2.0 - 1.0) * 2.0;
+        let m = Tensor::rand([n, 9, ho, wo], o);
+        let (wt, b) = if per_image {
+            (Tensor::randn([n, 5, c, 3, 3], o) * 0.3, Tensor::randn([n, 5], o))
         } else {
-            (Tensor::randn([4, cs.c, cs.k.0, cs.k.1], o) * 0.3, Tensor::randn([4], o))
+            (Tensor::randn([5, c, 3, 3], o) * 0.3, Tensor::randn([5], o))
         };
-        let go = Tensor::randn([cs.n, 4, ho, wo], o);
-        let run = |emulate: bool| {
+        let (wt, b) = (wt.to_kind(kind), b.to_kind(kind));
+        let (off, m) = if kind == Kind::Double { (off.to_kind(kind), m.to_kind(kind)) } else { (off, m) };
+        let go = Tensor::randn([n, 5, ho, wo], o).to_kind(kind);
+        let run = |batched: bool| {
+            s3net_ops::set_deform_batched_loads(batched);
             let [x, off, m, wt, b] = [&x, &off, &m, &wt, &b].map(|t| t.copy().set_requires_grad(true));
-            let pass = || {
-                let y = deform_conv2d(&x, &off, Some(&m), &wt, Some(&b), cs.geo.0, cs.geo.1, cs.geo.2).unwrap();
+            let y = checks::on_emulated_kernels(|| {
+                let y = deform_conv2d(&x, &off, Some(&m), &wt, Some(&b), geo.0, geo.1, geo.2).unwrap();
                 (&y * &go).sum(y.kind()).backward();
                 y
-            };
-            let y = if emulate { checks::on_emulated_kernels(pass) } else { pass() };
+            });
             [y, x.grad(), off.grad(), m.grad(), wt.grad(), b.grad()]
         };
-        let (cpu, emulated) = (run(false), run(true));
-        let tol = if cs.kind == Kind::Double { 1e-10 } else { 1e-4 };
-        for (name, (a, e)) in ["output", "input", "offset", "mask", "weight", "bias"].iter().zip(cpu.iter().zip(emulated.iter())) {
-            let d = max_abs_diff(a, e);
-            assert!(d <= tol * max_abs(a).max(1.0), "case {i}: the {name} differs by {d}");
+        let (one, four) = (run(false), run(true));
+        s3net_ops::set_deform_batched_loads(true);
+        for (name, (a, e)) in ["output", "input", "offset", "mask", "weight", "bias"].iter().zip(one.iter().zip(four.iter())) {
+            assert!(a.equal(e), "case {i} ({c} channels, {kind:?}): the {name} is not the same bits");
         }
     }
 }
