@@ -323,15 +323,15 @@ fn emulated_jobs_as_if_alone(tag: &str, jobs: &[(Image, FitOptions)]) {
 /// The same two tests in child processes with each kernel choice of the environment the other
 /// way from its default, read once per process: all on (the loss op's CUDA kernel,
 /// `S3NET_CUDA_PIXEL_LOSSES`, and the split reductions' kernel, `S3NET_SPLIT_K_KERNEL`, as by
-/// default, and the depthwise kernels' column layout, `S3NET_DW_COLUMNS`, and the deformable
-/// conv's batched loads, `S3NET_DEFORM_BATCHED_LOADS`, which are off by default), then the two
+/// default, and the depthwise kernels' column layout, `S3NET_DW_COLUMNS`, which is off by
+/// default), then the two
 /// on by default off (libtorch's losses and cuBLAS's chunk products): whole fits through each,
 /// on the emulation.
 #[test]
 fn emulated_gpu_paths_with_each_kernel_choice() {
     match std::env::var("S3NET_SPLIT_K_KERNEL").as_deref() {
         Ok("1") => {
-            let on = s3net_ops::depthwise_columns() && s3net_ops::cuda_pixel_losses() && s3net_ops::split_k_kernel() && s3net_ops::deform_batched_loads();
+            let on = s3net_ops::depthwise_columns() && s3net_ops::cuda_pixel_losses() && s3net_ops::split_k_kernel();
             assert!(on, "the variables did not switch the kernels on");
             return; // this is a child
         }
@@ -343,7 +343,7 @@ fn emulated_gpu_paths_with_each_kernel_choice() {
         Err(_) => {}
     }
     let expect = "emulated_gpu_paths_split_reductions ... ok";
-    let on = [("S3NET_CUDA_PIXEL_LOSSES", "1"), ("S3NET_DW_COLUMNS", "1"), ("S3NET_SPLIT_K_KERNEL", "1"), ("S3NET_DEFORM_BATCHED_LOADS", "1")];
+    let on = [("S3NET_CUDA_PIXEL_LOSSES", "1"), ("S3NET_DW_COLUMNS", "1"), ("S3NET_SPLIT_K_KERNEL", "1")];
     checks::rerun_with(&on, &["emulated_gpu_paths"], expect);
     checks::rerun_with(&[("S3NET_CUDA_PIXEL_LOSSES", "0"), ("S3NET_SPLIT_K_KERNEL", "0")], &["emulated_gpu_paths"], expect);
 }
@@ -384,7 +384,7 @@ fn cuda_graph_replays_match_eager_steps() {
     };
     let lone = vec![(disc(40, 30, 3, 0.5, 0.5), opts(Preset::Default, 1, 12))];
     let pair = vec![(disc(40, 30, 3, 0.5, 0.5), opts(Preset::Default, 1, 12)), (disc(32, 32, 3, 0.3, 0.6), opts(Preset::Default, 2, 5))];
-    // A stack past the default's 4, allowed a graph of its own (`set_graph_max_models`).
+    // A stack of six (graphs took stacks of up to 4 only until 2026-11-30).
     let six: Vec<_> = (0..6).map(|i| (disc(32 + 2 * i, 30, 3, 0.5, 0.5), opts(Preset::Default, 3 + u64::from(i), 6 + i as usize))).collect();
     for jobs in [lone, pair, six] {
         let (eager, graphed) = (run(&jobs, false), run(&jobs, true));

@@ -215,16 +215,12 @@ class Switch {
 // cuBLAS's chunk products for 32- and 64-bit operands when their layout is left to choose
 // (gemm_nt_split_k; split_k_cuda.cu; on: 5–6 % more float32 fits per second, while for bfloat16
 // it was 10–12 % slower than the strided GEMMs, which auto keeps for 16-bit operands).
-// The fourth: the deformable conv's im2col and col2im kernels asking for several channels'
-// corners before using any (deform_cuda.cu's kBatch; the same bits); off until a GPU has timed
-// it. (The slot was the input gradient summed per tile in shared memory, which an H200 timed at
-// 0.86–0.90 of the atomics' fits per second, 2026-11-30, and which is gone.)
-// The fifth: the I-LKA block's gate and residual add folded into the 1×1 convs before them
-// (PointwiseFn's epilogue), read by the Rust side; the same bits either way.
+// The fourth: the I-LKA block's gate and residual add folded into the 1×1 convs before them
+// (PointwiseFn's epilogue), read by the Rust side; the same bits either way, and 1.00–1.02 times
+// the unfused ops' fits per second on an H200 (2026-11-30).
 inline Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES", true), Switch("S3NET_DW_COLUMNS", false),
-                       Switch("S3NET_SPLIT_K_KERNEL", true), Switch("S3NET_DEFORM_BATCHED_LOADS", false),
-                       Switch("S3NET_FUSED_EPILOGUES", true)};
-inline constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2, kSwitchDeformBatchedLoads = 3;
+                       Switch("S3NET_SPLIT_K_KERNEL", true), Switch("S3NET_FUSED_EPILOGUES", true)};
+inline constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2;
 
 // The depthwise kernels' dtype code, and the type they add in (float32 for bfloat16).
 inline int dw_cuda_dtype(const at::Tensor& t) {

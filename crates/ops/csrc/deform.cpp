@@ -631,8 +631,7 @@ at::Tensor cuda_cols(const DeformShape& s, const at::Tensor& x, const at::Tensor
   const int dtype = deform_cuda_dtype(x);
   const int rc = kernels(x).deform_im2col(dtype, &d, ptr_or_null(x, n0, s.C * s.H * s.W),
                                           ptr_or_null(off, n0, 2 * s.K * HWo),
-                                          ptr_or_null(mask, n0, s.K * HWo), cols.data_ptr(),
-                                          g_switches[kSwitchDeformBatchedLoads].on(), st);
+                                          ptr_or_null(mask, n0, s.K * HWo), cols.data_ptr(), st);
   kernel_check("deform_conv2d", rc, "im2col", x);
   return cols;
 }
@@ -720,7 +719,7 @@ std::vector<at::Tensor> deform_backward_cuda(const DeformShape& s, const at::Ten
       void* gop = ptr_or_null(goff, n0, 2 * s.K * HWo);
       void* gmp = ptr_or_null(gmask, n0, s.K * HWo);
       const int rc = kernels(x).deform_col2im(dtype, &d, xp, op, mp, gcols.data_ptr(), gip, gop,
-                                              gmp, g_switches[kSwitchDeformBatchedLoads].on(), st);
+                                              gmp, st);
       kernel_check("deform_conv2d", rc, "col2im", x);
     }
   }

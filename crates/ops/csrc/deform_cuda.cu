@@ -8,6 +8,12 @@
 //    corners) and the offset / mask gradients (dot products over c, no atomics: one thread owns
 //    one (n, tap, pixel)).
 // The column row order kk*C + c matches the weight permuted to (O, kh, kw, C), as on the CPU.
+// Both wait on their gathers from L2 first (ncu on an H200, 2026-11-30, bfloat16, 16 networks:
+// long-scoreboard stalls; col2im 30 % of our kernels' time at 50 % occupancy, im2col 12 %).
+// Two variants timed there lost and are gone: the input gradient summed per 32×4 tile of
+// outputs in shared memory (0.86–0.90 of the fits per second), and four channels' corner loads
+// issued before any use (0.98: col2im then took 113 registers and ran at half the occupancy).
+//
 // This file includes no torch header, so nvcc only needs the CUDA toolkit.
 //
 // Number formats: S stores the features, the columns and their gradient; P the offsets, the
@@ -76,6 +82,15 @@ __device__ __forceinline__ void sample_point(const S3DeformDims& d, const T* off
   x = T(wo * d.sw - d.pw + kj * d.dw) + o[HWo];
 }
 
+// Σ_c gcol · x at each corner, over one more channel (`plane`: that channel's input plane): what
+// the offset and mask gradients of a sample are made of.
+template <typename S, typename P>
+__device__ __forceinline__ void add_corner_products(P (&s)[4], P gc, const S* plane,
+                                                    const Corners<P>& cr) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) s[q] += gc * widen(plane[cr.idx[q]]);
+}
+
 // A sample's mask gradient and offset gradients (dy, dx) from its corner products.
 template <typename P>
 struct SampleGrads {
@@ -88,15 +103,7 @@ __device__ __forceinline__ SampleGrads<P> sample_grads(const Corners<P>& cr, con
           m * (cr.cx[0] * s[0] + cr.cx[1] * s[1] + cr.cx[2] * s[2] + cr.cx[3] * s[3])};
 }
 
-// U: channels whose corner loads a thread issues before it uses any of them (1, or kBatch with
-// S3NET_DEFORM_BATCHED_LOADS=1). Both kernels wait on their gathers from L2 (ncu on an H200,
-// 2026-11-30: long-scoreboard stalls first in both, 9–15 warps waiting per issued instruction,
-// col2im 30 % and im2col 12 % of our kernels' time in a 16-network bfloat16 step): a thread that
-// asks for four channels' corners at once waits once for them. The same arithmetic in the same
-// order either way, so the same bits.
-constexpr int kBatch = 4;
-
-template <typename S, typename P, int U>
+template <typename S, typename P>
 __global__ void im2col_kernel(S3DeformDims d, const S* __restrict__ x, const P* __restrict__ off,
                               const P* __restrict__ mask, S* __restrict__ cols) {
   const int64_t HWo = d.Ho * d.Wo, HW = d.H * d.W, total = d.N * d.K * HWo;
@@ -110,21 +117,7 @@ __global__ void im2col_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
     const P w0 = m * cr.w[0], w1 = m * cr.w[1], w2 = m * cr.w[2], w3 = m * cr.w[3];
     const S* xn = x + s.n * d.C * HW;
     S* col = cols + (s.n * d.K + s.kk) * d.C * HWo + s.p;
-    int64_t c = 0;
-    for (; c + U <= d.C; c += U) {
-      P v[U][4];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const S* plane = xn + (c + u) * HW;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) v[u][q] = widen(plane[cr.idx[q]]);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        col[(c + u) * HWo] = store_as<S>(w0 * v[u][0] + w1 * v[u][1] + w2 * v[u][2] + w3 * v[u][3]);
-      }
-    }
-    for (; c < d.C; ++c) {
+    for (int64_t c = 0; c < d.C; ++c) {
       const S* plane = xn + c * HW;
       col[c * HWo] = store_as<S>(w0 * widen(plane[cr.idx[0]]) + w1 * widen(plane[cr.idx[1]]) +
                                  w2 * widen(plane[cr.idx[2]]) + w3 * widen(plane[cr.idx[3]]));
@@ -132,24 +125,7 @@ __global__ void im2col_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
   }
 }
 
-// One channel's share of a sample's backward: the offset and mask gradients' corner products
-// (`coord`) and the input gradient's four atomics (`gin`: the image's input gradient, or null).
 template <typename S, typename P>
-__device__ __forceinline__ void col2im_channel(P (&sums)[4], P gc, const P (&xv)[4], bool coord,
-                                               P* gin, int64_t base, const Corners<P>& cr, P m) {
-  if (coord) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) sums[q] += gc * xv[q];
-  }
-  if (gin) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      if (cr.w[q] != P(0)) atomicAdd(gin + base + cr.idx[q], m * cr.w[q] * gc);
-    }
-  }
-}
-
-template <typename S, typename P, int U>
 __global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* __restrict__ off,
                               const P* __restrict__ mask, const S* __restrict__ gcols,
                               P* __restrict__ gi, P* __restrict__ goff, P* __restrict__ gmask) {
@@ -166,25 +142,16 @@ __global__ void col2im_kernel(S3DeformDims d, const S* __restrict__ x, const P* 
     P* gin = gi ? gi + s.n * d.C * HW : nullptr;
     const S* g = gcols + (s.n * d.K + s.kk) * d.C * HWo + s.p;
     P sums[4] = {0, 0, 0, 0};
-    int64_t c = 0;
-    for (; c + U <= d.C; c += U) {
-      P gc[U], xv[U][4];
+    for (int64_t c = 0; c < d.C; ++c) {
+      const P gc = widen(g[c * HWo]);
+      const int64_t base = c * HW;
+      if (coord) add_corner_products(sums, gc, xn + base, cr);
+      if (gin) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        gc[u] = widen(g[(c + u) * HWo]);
-        const S* plane = xn + (c + u) * HW;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) xv[u][q] = coord ? widen(plane[cr.idx[q]]) : P(0);
+        for (int q = 0; q < 4; ++q) {
+          if (cr.w[q] != P(0)) atomicAdd(gin + base + cr.idx[q], m * cr.w[q] * gc);
+        }
       }
-#pragma unroll
-      for (int u = 0; u < U; ++u) col2im_channel<S, P>(sums, gc[u], xv[u], coord, gin, (c + u) * HW, cr, m);
-    }
-    for (; c < d.C; ++c) {
-      const S* plane = xn + c * HW;
-      P xv[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) xv[q] = coord ? widen(plane[cr.idx[q]]) : P(0);
-      col2im_channel<S, P>(sums, widen(g[c * HWo]), xv, coord, gin, c * HW, cr, m);
     }
     if (coord) {
       const SampleGrads<P> sg = sample_grads(cr, sums, m);
@@ -207,49 +174,27 @@ unsigned grid_for(const S3DeformDims& d) {
   return (unsigned)(blocks < (1 << 20) ? (blocks > 0 ? blocks : 1) : (1 << 20));
 }
 
-// im2col_kernel with `batched` channels' loads at a time or one (see kBatch).
-template <typename S, typename P>
-void launch_im2col(bool batched, unsigned grid, cudaStream_t st, const S3DeformDims& d, const S* x,
-                   const P* off, const P* mask, S* cols) {
-  if (batched) {
-    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<S, P, kBatch>)(d, x, off, mask, cols);
-  } else {
-    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<S, P, 1>)(d, x, off, mask, cols);
-  }
-}
-
-template <typename S, typename P>
-void launch_col2im(bool batched, unsigned grid, cudaStream_t st, const S3DeformDims& d, const S* x,
-                   const P* off, const P* mask, const S* gcols, P* gi, P* goff, P* gmask) {
-  if (batched) {
-    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<S, P, kBatch>)(d, x, off, mask, gcols, gi, goff, gmask);
-  } else {
-    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<S, P, 1>)(d, x, off, mask, gcols, gi, goff, gmask);
-  }
-}
-
 }  // namespace
 
 extern "C" {
 
 // dtype: 0 = float32, 1 = float64, 2 = bfloat16 features (x, cols) with float32 positions (off,
 // mask). Pointers are device pointers of contiguous tensors (mask may be null); `stream` is a
-// cudaStream_t; `batched` != 0 issues several channels' loads at once (kBatch; the same
-// results). Returns a cudaError_t (0 = success; cudaErrorInvalidValue for another code).
+// cudaStream_t. Returns a cudaError_t (0 = success; cudaErrorInvalidValue for another code).
 int S3_ENTRY(deform_im2col)(int dtype, const S3DeformDims* d, const void* x, const void* off,
-                             const void* mask, void* cols, int batched, void* stream) {
+                             const void* mask, void* cols, void* stream) {
   if (d->N * d->K * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
   const unsigned grid = grid_for(*d);
   if (dtype == 0) {
-    launch_im2col(batched != 0, grid, st, *d, (const float*)x, (const float*)off,
-                  (const float*)mask, (float*)cols);
+    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<float, float>)(
+        *d, (const float*)x, (const float*)off, (const float*)mask, (float*)cols);
   } else if (dtype == 1) {
-    launch_im2col(batched != 0, grid, st, *d, (const double*)x, (const double*)off,
-                  (const double*)mask, (double*)cols);
+    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<double, double>)(
+        *d, (const double*)x, (const double*)off, (const double*)mask, (double*)cols);
   } else if (dtype == 2) {
-    launch_im2col(batched != 0, grid, st, *d, (const Bf16*)x, (const float*)off,
-                  (const float*)mask, (Bf16*)cols);
+    S3_LAUNCH(grid, kThreads, 0, st, im2col_kernel<Bf16, float>)(
+        *d, (const Bf16*)x, (const float*)off, (const float*)mask, (Bf16*)cols);
   } else {
     return (int)cudaErrorInvalidValue;
   }
@@ -260,20 +205,22 @@ int S3_ENTRY(deform_im2col)(int dtype, const S3DeformDims* d, const void* x, con
 // gmask (written) may each be null when not needed. gcols has the features' type.
 int S3_ENTRY(deform_col2im)(int dtype, const S3DeformDims* d, const void* x, const void* off,
                              const void* mask, const void* gcols, void* gi, void* goff,
-                             void* gmask, int batched, void* stream) {
+                             void* gmask, void* stream) {
   if (d->N * d->K * d->Ho * d->Wo == 0) return 0;
   const cudaStream_t st = (cudaStream_t)stream;
   const unsigned grid = grid_for(*d);
-  const bool b = batched != 0;
   if (dtype == 0) {
-    launch_col2im(b, grid, st, *d, (const float*)x, (const float*)off, (const float*)mask,
-                  (const float*)gcols, (float*)gi, (float*)goff, (float*)gmask);
+    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<float, float>)(
+        *d, (const float*)x, (const float*)off, (const float*)mask, (const float*)gcols,
+        (float*)gi, (float*)goff, (float*)gmask);
   } else if (dtype == 1) {
-    launch_col2im(b, grid, st, *d, (const double*)x, (const double*)off, (const double*)mask,
-                  (const double*)gcols, (double*)gi, (double*)goff, (double*)gmask);
+    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<double, double>)(
+        *d, (const double*)x, (const double*)off, (const double*)mask, (const double*)gcols,
+        (double*)gi, (double*)goff, (double*)gmask);
   } else if (dtype == 2) {
-    launch_col2im(b, grid, st, *d, (const Bf16*)x, (const float*)off, (const float*)mask,
-                  (const Bf16*)gcols, (float*)gi, (float*)goff, (float*)gmask);
+    S3_LAUNCH(grid, kThreads, 0, st, col2im_kernel<Bf16, float>)(
+        *d, (const Bf16*)x, (const float*)off, (const float*)mask, (const Bf16*)gcols,
+        (float*)gi, (float*)goff, (float*)gmask);
   } else {
     return (int)cudaErrorInvalidValue;
   }

@@ -44,10 +44,10 @@ S3_KERNEL(int, pixel_losses_grad, (int dtype, const void* x, const int64_t* targ
                                    int64_t M, int64_t K, int64_t H, int64_t W, void* stream))
 // deform_cuda.cu
 S3_KERNEL(int, deform_im2col, (int dtype, const S3DeformDims* d, const void* x, const void* off,
-                               const void* mask, void* cols, int batched, void* stream))
+                               const void* mask, void* cols, void* stream))
 S3_KERNEL(int, deform_col2im, (int dtype, const S3DeformDims* d, const void* x, const void* off,
                                const void* mask, const void* gcols, void* gi, void* goff,
-                               void* gmask, int batched, void* stream))
+                               void* gmask, void* stream))
 // split_k_cuda.cu
 S3_KERNEL(int, split_k_products, (int dtype, const void* a, const void* c, void* parts, int64_t B,
                                   int64_t P, int64_t Q, int64_t K, int64_t L, void* stream))

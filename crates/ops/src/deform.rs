@@ -8,7 +8,6 @@ use tch::{Kind, Tensor};
 
 use crate::args::{check_float, check_kernel_device};
 use crate::ffi::{finish, ptr};
-use crate::switches::{switch, Switch};
 use crate::OpError;
 
 extern "C" {
@@ -181,18 +180,3 @@ pub fn check_deform_args(
     Ok((ho, wo))
 }
 
-/// Whether the deformable conv's CUDA gathers (`csrc/deform_cuda.cu`: im2col, and col2im with
-/// the offset and mask gradients) ask for four channels' bilinear corners before using any,
-/// rather than one channel's at a time. Why: both wait on those loads (ncu on an H200: long
-/// scoreboard stalls first, the two kernels 42 % of our kernels' time in a 16-network bfloat16
-/// step, 2026-11-30), and one wait for four is shorter than four waits. The same arithmetic in
-/// the same order, so the same bits. Off until a GPU has timed it: the environment variable
-/// `S3NET_DEFORM_BATCHED_LOADS=1` (read once) or [`set_deform_batched_loads`] turns it on.
-pub fn deform_batched_loads() -> bool {
-    switch(Switch::DeformBatchedLoads, None)
-}
-
-/// Turns [`deform_batched_loads`] on or off for this process (overrides the environment).
-pub fn set_deform_batched_loads(on: bool) {
-    switch(Switch::DeformBatchedLoads, Some(on));
-}

@@ -43,7 +43,7 @@ mod switches;
 mod trace;
 
 pub use cuda::{cuda_reserved_bytes, set_cuda_memory_fraction, set_cudnn_tf32, use_default_stream, use_pool_stream, CudaGraph, HostCopy};
-pub use deform::{check_deform_args, deform_conv2d, deform_batched_loads, set_deform_batched_loads};
+pub use deform::{check_deform_args, deform_conv2d};
 pub use depthwise::{depthwise_branches, depthwise_columns, depthwise_conv2d, set_depthwise_columns, Branch};
 pub use emulation::{cuda_compiled, emulated_cuda, emulated_launches, emulating_cuda, gpu_paths};
 pub use losses::{argmax_channels, cuda_pixel_losses, pixel_losses, set_cuda_pixel_losses, PixelLosses};

@@ -12,8 +12,7 @@ pub(crate) enum Switch {
     PixelLosses = 0,
     DwColumns = 1,
     SplitKKernel = 2,
-    DeformBatchedLoads = 3,
-    FusedEpilogues = 4,
+    FusedEpilogues = 3,
 }
 
 /// Reads a [`Switch`], setting it first when `set` says so.
