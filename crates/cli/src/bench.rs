@@ -85,8 +85,8 @@ pub struct FitBench {
     pub split_k: SplitLayout,
     /// Writes an operator-level trace (Chrome JSON: every aten op and autograd node with its
     /// shapes, and on a GPU every kernel linked to its op; `s3net_ops::Trace`) of steps
-    /// TRACE_FROM..TRACE_FROM+3 of the first batch of the largest `--batch` size, then goes
-    /// on. `scripts/trace-summary.py FILE` adds up the GPU (or CPU) time per op.
+    /// TRACE_FROM..TRACE_FROM+3 of the first batch of the largest `--batch` size (a warm-up
+    /// batch, run without CUDA graphs so that each kernel keeps its op), then goes on. `scripts/trace-summary.py FILE` adds up the GPU (or CPU) time per op.
     #[arg(long, hide = true)]
     pub trace: Option<std::path::PathBuf>,
     /// The first traced step (see `--trace`).
@@ -418,7 +418,7 @@ fn concurrent(image: &Arc<Image>, opts: &s3net_model::FitOptions, device: Device
 /// `workers` threads each train `repeats` batches of `n` fits of the image (seeds 0..n), after
 /// one warm-up batch each; images per second = all fits / wall time. `trace`: a file and a
 /// first step; the first thread's warm-up batch writes an operator-level trace of three steps
-/// from there (see `--trace`). `emulate`: on the CPU through the GPU's code paths (see
+/// from there (see `--trace`), without CUDA graphs. `emulate`: on the CPU through the GPU's code paths (see
 /// `--emulate-cuda`).
 #[allow(clippy::too_many_arguments)]
 fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, workers: usize, repeats: usize, trace: Option<(&std::path::Path, usize)>, emulate: bool) -> Result<serde_json::Value> {
@@ -427,6 +427,12 @@ fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: u
     // One batch to the end: the seconds of each of its steps.
     let one_batch = |w: usize, r: usize| -> Result<Vec<f64>> {
         let mut b: s3net_model::Batch<usize> = s3net_model::Batch::new(dev);
+        let trace = trace.filter(|_| w == 0 && r == 0);
+        if trace.is_some() {
+            // A graph's replay is one launch to the profiler, its kernels charged to no op: the
+            // traced batch queues its kernels one by one so each op keeps its name.
+            b.set_cuda_graphs(false);
+        }
         for i in 0..n {
             let job = s3net_model::FitJob {
                 image: image.clone(),
@@ -437,7 +443,6 @@ fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: u
             b.add(i, job).map_err(|(_, e)| e)?;
         }
         let mut steps = Vec::new();
-        let trace = trace.filter(|_| w == 0 && r == 0);
         let mut tracing = None;
         // Everything queued is on the device before the profiler stops and flushes.
         let sync = || {

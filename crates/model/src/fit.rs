@@ -261,7 +261,7 @@ struct StackLimit {
 ///
 /// On a GPU the host is what limits a small stack, so there each step is queued before the
 /// previous one's results are read ([`set_pipelined`](Self::set_pipelined)), and a stack of up
-/// to 4 that stays unchanged replays its step as a CUDA graph
+/// to 64 that stays unchanged replays its step as a CUDA graph
 /// ([`set_cuda_graphs`](Self::set_cuda_graphs)). A batch holds
 /// [`CudaGraph::outside_capture`] while it queues steps and adds, drops or reads out jobs, so
 /// that no other batch's capture runs meanwhile.
@@ -350,9 +350,9 @@ impl<'a, T> Batch<'a, T> {
         }
     }
 
-    /// The largest stack whose steps are captured into a CUDA graph: 4 by default, or the
-    /// environment's `S3NET_GRAPH_MAX_MODELS` (see `GRAPH_MAX_MODELS`). A larger stack already
-    /// replaying its graph keeps it until the stack changes.
+    /// The largest stack whose steps are captured into a CUDA graph, for this batch: by default
+    /// the process's ([`set_cuda_graph_max_models`]). A larger stack already replaying its graph
+    /// keeps it until the stack changes.
     pub fn set_graph_max_models(&mut self, n: usize) {
         self.graph_max_models = i64::try_from(n).unwrap_or(i64::MAX);
     }
@@ -675,9 +675,8 @@ impl<'a, T> Batch<'a, T> {
     /// have not changed for [`GRAPH_AFTER_STEPS`] steps is captured into a graph (the eager
     /// steps before warm libtorch up: gradients allocated, cuDNN and cuBLAS set up), and each
     /// step from then on is one replay. The replay writes the same output tensors every time,
-    /// so the response and target are copied out for the step that reads them later. Larger
-    /// stacks keep the GPU busy without one (and would hold twice their memory). A capture that
-    /// fails is logged and the batch stays eager.
+    /// so the response and target are copied out for the step that reads them later. A capture
+    /// that fails is logged and the batch stays eager.
     fn run_step(&mut self, x: &Tensor, grid: Option<&Transform>, opts: &FitOptions, m: i64) -> Result<([Tensor; 2], HostCopy), ModelError> {
         let net = self.net.as_ref().ok_or_else(|| ModelError::Torch("batch has no network".into()))?;
         let device = self.device;
@@ -743,15 +742,32 @@ pub fn set_cuda_graphs(on: bool) {
 }
 
 /// Stacks up to this many networks are captured into CUDA graphs (see `Batch::run_step`),
-/// unless the environment's `S3NET_GRAPH_MAX_MODELS` says otherwise (read once). Why the
-/// variable: the GPU check times larger stacks as graphs against eager ones (their steps launch
-/// about 600 kernels, and a 16-network step's kernels kept an H200 busy 86 % of the time,
-/// 2026-11-30) before the default moves.
-const GRAPH_MAX_MODELS: i64 = 4;
+/// unless [`set_cuda_graph_max_models`] or the environment's `S3NET_GRAPH_MAX_MODELS` (read
+/// once, for the GPU check's binaries) says otherwise. Why 64 and not the 4 it was: a step of a stack launches about 600 kernels however many
+/// networks it holds, and eager ones kept an H200 busy only 86 % of a 16-network bfloat16 step.
+/// Replayed as graphs, stacks of 16, 32 and 64 ran 7.3, 5.6 and 4.9 % more images per second
+/// (2026-11-30, `docs/gpu-checks/2026-11-30-h200-kernels/`); 64 is the largest timed.
+const GRAPH_MAX_MODELS: i64 = 64;
+
+/// The process's graph limit once set (-1: not set, see [`graph_max_models`]).
+static GRAPH_MAX_SET: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+
+/// The largest stack that batches made from now on capture into a CUDA graph (default 64, see
+/// `GRAPH_MAX_MODELS`; 0: none, not even a lone job). Why a setting: a stack that changes every
+/// few steps (a server whose jobs end and start) recaptures its graph each time, and the
+/// server's steady rate with 160 jobs was 4–6 % lower with graphs up to 64 than up to 4 (one
+/// run each, H200, 2026-11-30), so the server passes its own (`workers.cuda_graph_max_jobs`).
+pub fn set_cuda_graph_max_models(n: usize) {
+    GRAPH_MAX_SET.store(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+}
 
 fn graph_max_models() -> i64 {
-    static MAX: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| std::env::var("S3NET_GRAPH_MAX_MODELS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(GRAPH_MAX_MODELS))
+    let set = GRAPH_MAX_SET.load(Ordering::Relaxed);
+    if set >= 0 {
+        return set;
+    }
+    static ENV: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *ENV.get_or_init(|| std::env::var("S3NET_GRAPH_MAX_MODELS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(GRAPH_MAX_MODELS))
 }
 /// Eager steps of an unchanged stack before its capture.
 const GRAPH_AFTER_STEPS: usize = 2;

@@ -315,10 +315,16 @@ pub struct WorkersConfig {
     /// Jobs a GPU worker trains together as one batch (unset: 16): one stack of networks, one
     /// step for all. Only queued jobs with the same network shape join; a lone job runs alone.
     pub gpu_batch: Option<usize>,
-    /// Whether GPU workers replay a lone job's (or a stack of up to 4 jobs') steps as CUDA
-    /// graphs once the stack is steady (unset: true; process-wide, see
+    /// Whether GPU workers replay a stack's steps (a lone job's, or up to
+    /// `cuda_graph_max_jobs` jobs') as CUDA graphs once the stack is steady (unset: true; process-wide, see
     /// `s3net_model::set_cuda_graphs`). Off queues every kernel one by one; same results.
     pub cuda_graphs: Option<bool>,
+    /// The largest stack of jobs a GPU worker replays as a CUDA graph (unset: 4; process-wide,
+    /// see `s3net_model::set_cuda_graph_max_models`). A stack changes whenever one of its jobs
+    /// ends or another joins, and each change costs a new capture: with 160 jobs in stacks of
+    /// 16 the server's steady rate was 4–6 % lower with graphs up to 64 than up to 4 (one run
+    /// each on an H200), while steady batches (`s3net bench fit`) gain 5–7 % from them.
+    pub cuda_graph_max_jobs: Option<usize>,
     /// The most of each GPU's memory this process may hold, in (0, 1] (unset: all of it). A
     /// batch that would need more starts its jobs over in smaller stacks. For a GPU shared
     /// with other services.

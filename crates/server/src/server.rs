@@ -168,6 +168,7 @@ impl Server {
             cfg.workers.gpu_batch.unwrap_or(16),
         );
         s3net_model::set_cuda_graphs(cfg.workers.cuda_graphs.unwrap_or(true));
+        s3net_model::set_cuda_graph_max_models(cfg.workers.cuda_graph_max_jobs.unwrap_or(4));
         if let Some(f) = cfg.workers.gpu_memory_fraction {
             for d in 0..cuda {
                 s3net_model::set_cuda_memory_fraction(d, f)

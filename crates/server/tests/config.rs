@@ -25,6 +25,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     std::env::set_var("S3NET__QUEUE__CAPACITY", "11");
     std::env::set_var("S3NET__SERVER__AUTH_TOKEN", "tok");
     std::env::set_var("S3NET__WORKERS__CUDA_GRAPHS", "false");
+    std::env::set_var("S3NET__WORKERS__CUDA_GRAPH_MAX_JOBS", "64");
     std::env::set_var("S3NET__WORKERS__GPU_MEMORY_FRACTION", "0.4");
     std::env::set_var("S3NET__WORKERS__FOREGROUND_REFITS", "0");
     let args = ServeArgs {
@@ -40,6 +41,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     assert_eq!(c.workers.cpu_workers, Some(3));
     assert_eq!(c.workers.torch_threads, Some(2));
     assert_eq!(c.workers.cuda_graphs, Some(false));
+    assert_eq!(c.workers.cuda_graph_max_jobs, Some(64));
     assert_eq!(c.workers.gpu_memory_fraction, Some(0.4));
     assert_eq!(c.workers.foreground_refits, Some(0));
     let args = ServeArgs {
@@ -57,6 +59,7 @@ fn defaults_file_env_and_flags_layer_in_order() {
     std::env::remove_var("S3NET__QUEUE__CAPACITY");
     std::env::remove_var("S3NET__SERVER__AUTH_TOKEN");
     std::env::remove_var("S3NET__WORKERS__CUDA_GRAPHS");
+    std::env::remove_var("S3NET__WORKERS__CUDA_GRAPH_MAX_JOBS");
     std::env::remove_var("S3NET__WORKERS__GPU_MEMORY_FRACTION");
     std::env::remove_var("S3NET__WORKERS__FOREGROUND_REFITS");
 
