@@ -68,13 +68,8 @@ step_bench() {
   run ./s3net bench fit --device cuda --repeats 5
   run ./s3net bench fit --device cuda --repeats 2 --batch 4,16,32 --concurrency 2,4
   run ./s3net bench deform --size 256 --channels 32 --device cuda --json
-  # The deformable conv's gathers with four channels' loads at once (off by default until
-  # timed), with the default's offsets of a few pixels, then both ways with a fit's (under 0.01
-  # pixel).
-  run env S3NET_DEFORM_BATCHED_LOADS=1 ./s3net bench deform --size 256 --channels 32 --device cuda --json
-  for batched in 0 1; do
-    run env S3NET_DEFORM_BATCHED_LOADS=$batched ./s3net bench deform --size 256 --channels 32 --offset-std 0.01 --device cuda --json
-  done
+  # With a fit's offsets (under 0.01 pixel) rather than the default's few pixels.
+  run ./s3net bench deform --size 256 --channels 32 --offset-std 0.01 --device cuda --json
   run ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
   # The depthwise kernels' column layout (off by default: 1.4 % slower fits on an H200).
   run env S3NET_DW_COLUMNS=1 ./s3net bench depthwise --size 256 --channels 32 --device cuda --json
@@ -121,13 +116,15 @@ serve_jobs() {  # tag, then extra `s3net serve` flags
     grep -E "^s3net_(gpu_memory|workers|fit_seconds_(count|sum)|jobs_total|jobs_restarted)" >> "$S"
   kill -TERM $pid; wait $pid; echo "serve rc=$?" >> "$S"
   grep -E "WARN|ERROR" "$log" | cut -c1-400 | head -5 >> "$S"
+  # The rate of the run's middle, without the first stacks' 50 steps and the last ones' draining.
+  python3 serve-steady.py "$log" >> "$S"
   rm -rf "$work"
   cat "$S"
 }
 
 step_server() {
-  # The defaults (2 GPU workers, gpu_batch 16), then stacks of at most 4 jobs (each one a CUDA
-  # graph once steady) twice: two workers capturing and replaying side by side.
+  # The defaults (2 GPU workers, gpu_batch 16), then stacks of at most 4 jobs twice: two
+  # workers capturing and replaying CUDA graphs side by side, each more often than with 16.
   serve_jobs "" ${SERVE_ARGS:-}
   serve_jobs -b4 --gpu-batch 4
   serve_jobs -b4-again --gpu-batch 4

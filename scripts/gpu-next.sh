@@ -5,16 +5,18 @@
 #
 #   bash scripts/gpu-next.sh
 #
-# Four parts under limits of their own (scripts/gpu-parts.sh; about 7.5 minutes in all, what a
-# session has left of its 15 minutes of device time after one call): the CUDA tests of what
-# changed (full float32 for the batched-vs-alone case, cuDNN's TF32 setting, the deformable
-# conv's batched loads, a stack of six as a graph) and of the two binaries the last call's 60 s
-# cut off; this build's bfloat16 batched fits of 16, 32 and 64 networks against stacks of up to
-# 64 replayed as CUDA graphs and the batched loads, each and both; the server with 160 jobs and
-# graphs for its stacks of 16; what bounds each of our kernels with the batched loads (ncu).
+# Five parts under limits of their own (scripts/gpu-parts.sh; about 9 minutes in all, within a
+# session's 15 of device time with the machine's start): every CUDA test; this build's batched
+# fits against CUDA graphs for stacks of up to 4 only, the library's default until 2026-11-30
+# (+5–7 % for graphs up to 64 then, bfloat16 only: here both formats, on another card); the
+# server with 160 jobs under its default (graphs up to 4 jobs) and with graphs up to 64 (one
+# run each on 2026-11-30 put 64 4–6 % lower; these two are the same machine, minutes apart);
+# an operator-level bfloat16 trace (its batch runs without graphs, so that each kernel is
+# charged to the op that launched it).
 # Its results come back as all.tgz and one log per part; docs/gpu-checks/ keeps them with a summary.
 exec bash "$(dirname "$0")/gpu-parts.sh" \
-  'tests 100 TEST_BINS="model-batch-test ops-tf32-test ops-deform-test ops-sgd-test ops-pointwise-test" STEPS=tests' \
-  'ab 190 AB_BASE="./s3net-deform-batched ./s3net-graphs-64 ./s3net-graphs-64-batched" AB_BATCH=16,32,64 AB_PRECISIONS=bfloat16 STEPS=ab' \
-  'serve 70 S3NET_GRAPH_MAX_MODELS=64 JOB_SEEDS="1 2 3 4 5 6 7 8" STEPS=serve' \
-  'kernels 70 S3NET_DEFORM_BATCHED_LOADS=1 PROFILE_ARGS="--precision bfloat16" STEPS=kernels'
+  'tests 120 STEPS=tests' \
+  'ab 170 AB_BASE=./s3net-graphs-4 AB_BATCH=16,32,64 STEPS=ab' \
+  'serve 80 JOB_SEEDS="1 2 3 4 5 6 7 8" STEPS=serve' \
+  'serve64 80 S3NET__WORKERS__CUDA_GRAPH_MAX_JOBS=64 JOB_SEEDS="1 2 3 4 5 6 7 8" STEPS=serve' \
+  'trace 60 TRACE_ARGS="--precision bfloat16" STEPS=trace'
