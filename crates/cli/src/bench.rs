@@ -86,7 +86,8 @@ pub struct FitBench {
     /// Writes an operator-level trace (Chrome JSON: every aten op and autograd node with its
     /// shapes, and on a GPU every kernel linked to its op; `s3net_ops::Trace`) of steps
     /// TRACE_FROM..TRACE_FROM+3 of the first batch of the largest `--batch` size (a warm-up
-    /// batch, run without CUDA graphs so that each kernel keeps its op), then goes on. `scripts/trace-summary.py FILE` adds up the GPU (or CPU) time per op.
+    /// batch, run without CUDA graphs so that each kernel keeps its op), then goes on.
+    /// `scripts/trace-summary.py FILE` adds up the GPU (or CPU) time per op.
     #[arg(long, hide = true)]
     pub trace: Option<std::path::PathBuf>,
     /// The first traced step (see `--trace`).
@@ -418,8 +419,8 @@ fn concurrent(image: &Arc<Image>, opts: &s3net_model::FitOptions, device: Device
 /// `workers` threads each train `repeats` batches of `n` fits of the image (seeds 0..n), after
 /// one warm-up batch each; images per second = all fits / wall time. `trace`: a file and a
 /// first step; the first thread's warm-up batch writes an operator-level trace of three steps
-/// from there (see `--trace`), without CUDA graphs. `emulate`: on the CPU through the GPU's code paths (see
-/// `--emulate-cuda`).
+/// from there (see `--trace`), without CUDA graphs. `emulate`: on the CPU through the GPU's
+/// code paths (see `--emulate-cuda`).
 #[allow(clippy::too_many_arguments)]
 fn batch(image: &Image, opts: &s3net_model::FitOptions, device: DeviceSpec, n: usize, workers: usize, repeats: usize, trace: Option<(&std::path::Path, usize)>, emulate: bool) -> Result<serde_json::Value> {
     let dev = device.resolve()?;

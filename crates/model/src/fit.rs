@@ -261,8 +261,8 @@ struct StackLimit {
 ///
 /// On a GPU the host is what limits a small stack, so there each step is queued before the
 /// previous one's results are read ([`set_pipelined`](Self::set_pipelined)), and a stack of up
-/// to 64 that stays unchanged replays its step as a CUDA graph
-/// ([`set_cuda_graphs`](Self::set_cuda_graphs)). A batch holds
+/// to 64 (see [`set_cuda_graph_max_models`]) that stays unchanged replays its step as a CUDA
+/// graph ([`set_cuda_graphs`](Self::set_cuda_graphs)). A batch holds
 /// [`CudaGraph::outside_capture`] while it queues steps and adds, drops or reads out jobs, so
 /// that no other batch's capture runs meanwhile.
 ///
@@ -357,7 +357,7 @@ impl<'a, T> Batch<'a, T> {
         self.graph_max_models = i64::try_from(n).unwrap_or(i64::MAX);
     }
 
-    /// Whether small stacks on a GPU run their steps as CUDA graph replays once they are steady
+    /// Whether stacks on a GPU run their steps as CUDA graph replays once they are steady
     /// (default: on for a GPU unless [`set_cuda_graphs`] turned it off; see `run_step`).
     /// Results are the same up to floating-point summation order.
     pub fn set_cuda_graphs(&mut self, on: bool) {
@@ -671,8 +671,9 @@ impl<'a, T> Batch<'a, T> {
 
     /// Runs (queues) the step's tensor work: eagerly, or as a replay of a CUDA graph of it.
     ///
-    /// On a GPU a stack of up to [`GRAPH_MAX_MODELS`] networks (see `set_graph_max_models`) whose membership and transforms
-    /// have not changed for [`GRAPH_AFTER_STEPS`] steps is captured into a graph (the eager
+    /// On a GPU a stack of up to [`GRAPH_MAX_MODELS`] networks (see `set_graph_max_models`)
+    /// whose membership and transforms have not changed for [`GRAPH_AFTER_STEPS`] steps is
+    /// captured into a graph (the eager
     /// steps before warm libtorch up: gradients allocated, cuDNN and cuBLAS set up), and each
     /// step from then on is one replay. The replay writes the same output tensors every time,
     /// so the response and target are copied out for the step that reads them later. A capture
@@ -743,8 +744,9 @@ pub fn set_cuda_graphs(on: bool) {
 
 /// Stacks up to this many networks are captured into CUDA graphs (see `Batch::run_step`),
 /// unless [`set_cuda_graph_max_models`] or the environment's `S3NET_GRAPH_MAX_MODELS` (read
-/// once, for the GPU check's binaries) says otherwise. Why 64 and not the 4 it was: a step of a stack launches about 600 kernels however many
-/// networks it holds, and eager ones kept an H200 busy only 86 % of a 16-network bfloat16 step.
+/// once, for the GPU check's binaries) says otherwise. Why 64 and not the 4 it was: a step of
+/// a stack launches about 600 kernels however many networks it holds, and eager ones kept an
+/// H200 busy only 86 % of a 16-network bfloat16 step.
 /// Replayed as graphs, stacks of 16, 32 and 64 ran 7.3, 5.6 and 4.9 % more images per second
 /// (2026-11-30, `docs/gpu-checks/2026-11-30-h200-kernels/`); 64 is the largest timed.
 const GRAPH_MAX_MODELS: i64 = 64;
@@ -769,6 +771,7 @@ fn graph_max_models() -> i64 {
     static ENV: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     *ENV.get_or_init(|| std::env::var("S3NET_GRAPH_MAX_MODELS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(GRAPH_MAX_MODELS))
 }
+
 /// Eager steps of an unchanged stack before its capture.
 const GRAPH_AFTER_STEPS: usize = 2;
 

@@ -233,9 +233,9 @@ fn cuda_each_job_as_if_alone() {
     // its inverse grid, a second nearest-pixel lookup whose ties flip with the rounding too. In
     // TF32 on an H200 its gaps grew about threefold a step from TF32's rounding on the second
     // (3.7e-7, 7.8e-4, 1.2e-2, 3.2e-2, 2026-11-28) until 94.8 % of a six-step job's labels
-    // agreed (2026-11-30). So it runs in full float32, where the two orders of summation differ
-    // by about 1e-7, under the tolerance of the cases above: a wrong batched step still shows,
-    // and rounding no longer passes for one.
+    // agreed (2026-11-30). So it runs in full float32, where only the order of summation
+    // differs, under the tolerance of the cases above (passed on an H200, 2026-11-30): a wrong
+    // batched step still shows, and rounding no longer passes for one.
     let was = s3net_ops::set_cudnn_tf32(false);
     let restore = Restore(was);
     other_side_as_if_alone(Preset::Paper, cuda, gpu);
@@ -324,9 +324,8 @@ fn emulated_jobs_as_if_alone(tag: &str, jobs: &[(Image, FitOptions)]) {
 /// way from its default, read once per process: all on (the loss op's CUDA kernel,
 /// `S3NET_CUDA_PIXEL_LOSSES`, and the split reductions' kernel, `S3NET_SPLIT_K_KERNEL`, as by
 /// default, and the depthwise kernels' column layout, `S3NET_DW_COLUMNS`, which is off by
-/// default), then the two
-/// on by default off (libtorch's losses and cuBLAS's chunk products): whole fits through each,
-/// on the emulation.
+/// default), then the two on by default off (libtorch's losses and cuBLAS's chunk products):
+/// whole fits through each, on the emulation.
 #[test]
 fn emulated_gpu_paths_with_each_kernel_choice() {
     match std::env::var("S3NET_SPLIT_K_KERNEL").as_deref() {
@@ -348,7 +347,7 @@ fn emulated_gpu_paths_with_each_kernel_choice() {
     checks::rerun_with(&[("S3NET_CUDA_PIXEL_LOSSES", "0"), ("S3NET_SPLIT_K_KERNEL", "0")], &["emulated_gpu_paths"], expect);
 }
 
-/// On a GPU a small steady stack runs its steps as CUDA graph replays (from step 3): the same
+/// On a GPU a steady stack runs its steps as CUDA graph replays (from step 3): the same
 /// losses and labels as eager steps, for a lone job and for a stack that loses a member
 /// (the graph is dropped and a new one captured), and for a stack of six allowed a graph.
 #[test]

@@ -29,8 +29,8 @@ extern "C" {
 /// process-wide; returns the setting it replaced. Why: a test comparing two float32 paths that
 /// sum in different orders (a stack of networks as grouped convolutions against each network
 /// alone) sees TF32's rounding (2⁻¹¹ relative) grow over steps into label flips, which hides
-/// whether the two paths agree; in full float32 they differ by about 1e-7. Production keeps
-/// libtorch's default.
+/// whether the two paths agree; in full float32 only their order of summation differs.
+/// Production keeps libtorch's default.
 pub fn set_cudnn_tf32(on: bool) -> bool {
     // SAFETY: sets and reads a process-wide setting of libtorch.
     unsafe { s3ops_cudnn_tf32(i32::from(on)) == 1 }
