@@ -112,12 +112,13 @@ const CPP_SOURCES: [&str; 7] = [
     "csrc/runtime.cpp",
 ];
 
-const CUDA_SOURCES: [&str; 6] = [
+const CUDA_SOURCES: [&str; 7] = [
     "csrc/bias_cuda.cu",
     "csrc/deform_cuda.cu",
     "csrc/depthwise_cuda.cu",
     "csrc/losses_cuda.cu",
     "csrc/norm_cuda.cu",
+    "csrc/sgd_cuda.cu",
     "csrc/split_k_cuda.cu",
 ];
 

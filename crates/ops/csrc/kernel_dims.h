@@ -29,3 +29,18 @@ struct S3DepthwiseDims {
   // see depthwise_cuda.cu.
   int64_t columns;
 };
+
+// One launch of sgd_cuda.cu's fused momentum-SGD step: up to kSgdMax parameters, each with its
+// velocity and gradient (contiguous, one type for all), and the first block of each
+// (`block_start[i]`; `block_start[n]` is the grid). Passed by value as the kernel's argument
+// (about 2 KB, under the 4 KB a kernel's arguments may take), so a step's pointers need no copy
+// to the GPU and a CUDA graph replays them as captured.
+constexpr int kSgdMax = 48;
+struct S3SgdTensors {
+  int64_t n;
+  void* p[kSgdMax];
+  void* v[kSgdMax];
+  const void* g[kSgdMax];
+  int64_t numel[kSgdMax];
+  int64_t block_start[kSgdMax + 1];
+};

@@ -16,6 +16,50 @@
 
 using namespace s3ops;
 
+namespace s3ops {
+namespace {
+
+// Whether sgd_cuda.cu's kernel takes these parameters: each on the kernels' device (a GPU, or
+// the emulation), contiguous, float32 or float64, its velocity and gradient of its own type and
+// on its device. Anything else (a CPU fit, a strided gradient) keeps libtorch's ops.
+bool fused_sgd_takes(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& v,
+                     const std::vector<at::Tensor>& g) {
+  const at::ScalarType k = p[0].scalar_type();
+  if (k != at::kFloat && k != at::kDouble) return false;
+  for (size_t i = 0; i < p.size(); ++i) {
+    for (const at::Tensor* t : {&p[i], &v[i], &g[i]}) {
+      if (!on_kernels(*t) || t->device() != p[0].device() || t->scalar_type() != k ||
+          !t->is_contiguous() || t->numel() != p[i].numel())
+        return false;
+    }
+  }
+  return true;
+}
+
+// The step as sgd_cuda.cu's kernel, kSgdMax parameters a launch, on the current stream.
+void fused_sgd(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& v,
+               const std::vector<at::Tensor>& g, double lr, double momentum) {
+  const Kernels& k = kernels(p[0]);
+  const KernelGuard guard(p[0]);
+  void* stream = kernel_stream(p[0]);
+  const int dtype = p[0].scalar_type() == at::kDouble ? 1 : 0;
+  for (size_t first = 0; first < p.size(); first += kSgdMax) {
+    S3SgdTensors t{};
+    t.n = (int64_t)std::min(p.size() - first, (size_t)kSgdMax);
+    for (int64_t i = 0; i < t.n; ++i) {
+      t.p[i] = p[first + i].data_ptr();
+      t.v[i] = v[first + i].data_ptr();
+      t.g[i] = g[first + i].data_ptr();
+      t.numel[i] = p[first + i].numel();
+      t.block_start[i + 1] = t.block_start[i] + k.sgd_blocks(t.numel[i]);
+    }
+    kernel_check("sgd_step", k.sgd_step(dtype, &t, lr, momentum, stream), "SGD", p[0]);
+  }
+}
+
+}  // namespace
+}  // namespace s3ops
+
 extern "C" {
 
 // One step of momentum SGD (PyTorch's, without dampening or weight decay) over n parameters:
@@ -40,9 +84,13 @@ int s3ops_sgd_step(const at::Tensor* const* params, const at::Tensor* const* vel
       g.push_back(grad);
     }
     if (p.empty()) return 0;
-    at::_foreach_mul_(v, momentum);
-    at::_foreach_add_(v, g);
-    at::_foreach_sub_(p, at::_foreach_mul(v, lr));
+    if (g_switches[kSwitchFusedSgd].on() && fused_sgd_takes(p, v, g)) {
+      fused_sgd(p, v, g, lr, momentum);
+    } else {
+      at::_foreach_mul_(v, momentum);
+      at::_foreach_add_(v, g);
+      at::_foreach_sub_(p, at::_foreach_mul(v, lr));
+    }
     // Dropped rather than zeroed: the next backward then hands each parameter its gradient
     // as it is, instead of zeroing it here and adding it there (one fill and one add per
     // parameter; for the free offsets of a 16-network stack 113 MB each, on a GPU about 3 % of

@@ -13,6 +13,7 @@ pub(crate) enum Switch {
     DwColumns = 1,
     SplitKKernel = 2,
     FusedEpilogues = 3,
+    FusedSgd = 4,
 }
 
 /// Reads a [`Switch`], setting it first when `set` says so.
