@@ -38,15 +38,16 @@ cp scripts/gpu-check.sh scripts/trace-summary.py scripts/ab-summary.py scripts/n
 # This build with each kernel choice of the environment the other way from its default, as a
 # binary of its own for the steps that compare binaries (AB_BASE="./s3net-libtorch-losses
 # ./s3net-cublas-split ./s3net-dw-columns ./s3net-unfused-epilogues ./s3net-graphs-4
-# ./s3net-fused-sgd"
+# ./s3net-fused-sgd ./s3net-stem-columns"
 # STEPS="ab evalab"): the loss terms as libtorch's ops (S3NET_CUDA_PIXEL_LOSSES=0), cuBLAS's
 # copied chunk products for float32 split reductions (S3NET_SPLIT_K_KERNEL=0), the depthwise
 # kernels' column layout (S3NET_DW_COLUMNS=1; 1.4 % slower in bfloat16 on an H200,
 # 2026-11-28), the I-LKA block's gate and residual add as ops of their own after the 1×1 convs
 # (S3NET_FUSED_EPILOGUES=0; 0.98–1.00 of the fused epilogues' speed on an H200, 2026-11-30),
 # CUDA graphs for stacks of up to 4 networks only, the default until 2026-11-30
-# (S3NET_GRAPH_MAX_MODELS=4; 0.93–0.95 of the graphs for stacks of up to 64 then), and the
-# momentum-SGD step as one kernel of ours (S3NET_FUSED_SGD=1; not timed yet).
+# (S3NET_GRAPH_MAX_MODELS=4; 0.93–0.95 of the graphs for stacks of up to 64 then), the
+# momentum-SGD step as one kernel of ours (S3NET_FUSED_SGD=1; not timed yet), and a stack's
+# stem as im2col's columns and a stacked 1×1 conv (S3NET_STEM_COLUMNS=1; not timed yet).
 wrapper() {  # name, then the environment it sets
   local name=$1; shift
   printf '#!/bin/sh\n%s exec "$(dirname "$0")/s3net" "$@"\n' "$*" > "$out/$name"
@@ -59,6 +60,7 @@ wrapper s3net-dw-columns S3NET_DW_COLUMNS=1
 wrapper s3net-unfused-epilogues S3NET_FUSED_EPILOGUES=0
 wrapper s3net-graphs-4 S3NET_GRAPH_MAX_MODELS=4
 wrapper s3net-fused-sgd S3NET_FUSED_SGD=1
+wrapper s3net-stem-columns S3NET_STEM_COLUMNS=1
 # This build with the affine term's gradient through T(x), as the default preset had it before
 # it took the one backward pass (`--affine-gradient transformed`, a flag of `bench fit` and
 # `eval`: for the ab and evalab steps only).
