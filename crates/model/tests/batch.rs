@@ -323,14 +323,15 @@ fn emulated_jobs_as_if_alone(tag: &str, jobs: &[(Image, FitOptions)]) {
 /// The same two tests in child processes with each kernel choice of the environment the other
 /// way from its default, read once per process: all on (the loss op's CUDA kernel,
 /// `S3NET_CUDA_PIXEL_LOSSES`, and the split reductions' kernel, `S3NET_SPLIT_K_KERNEL`, as by
-/// default, and the depthwise kernels' column layout, `S3NET_DW_COLUMNS`, which is off by
+/// default, and the depthwise kernels' column layout, `S3NET_DW_COLUMNS`, the fused SGD
+/// step, `S3NET_FUSED_SGD`, and the stem as columns, `S3NET_STEM_COLUMNS`, which are off by
 /// default), then the two on by default off (libtorch's losses and cuBLAS's chunk products):
 /// whole fits through each, on the emulation.
 #[test]
 fn emulated_gpu_paths_with_each_kernel_choice() {
     match std::env::var("S3NET_SPLIT_K_KERNEL").as_deref() {
         Ok("1") => {
-            let on = s3net_ops::depthwise_columns() && s3net_ops::cuda_pixel_losses() && s3net_ops::split_k_kernel();
+            let on = s3net_ops::depthwise_columns() && s3net_ops::cuda_pixel_losses() && s3net_ops::split_k_kernel() && s3net_ops::fused_sgd() && s3net_model::stem_columns();
             assert!(on, "the variables did not switch the kernels on");
             return; // this is a child
         }
@@ -342,7 +343,7 @@ fn emulated_gpu_paths_with_each_kernel_choice() {
         Err(_) => {}
     }
     let expect = "emulated_gpu_paths_split_reductions ... ok";
-    let on = [("S3NET_CUDA_PIXEL_LOSSES", "1"), ("S3NET_DW_COLUMNS", "1"), ("S3NET_SPLIT_K_KERNEL", "1")];
+    let on = [("S3NET_CUDA_PIXEL_LOSSES", "1"), ("S3NET_DW_COLUMNS", "1"), ("S3NET_SPLIT_K_KERNEL", "1"), ("S3NET_FUSED_SGD", "1"), ("S3NET_STEM_COLUMNS", "1")];
     checks::rerun_with(&on, &["emulated_gpu_paths"], expect);
     checks::rerun_with(&[("S3NET_CUDA_PIXEL_LOSSES", "0"), ("S3NET_SPLIT_K_KERNEL", "0")], &["emulated_gpu_paths"], expect);
 }
