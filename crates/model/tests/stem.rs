@@ -14,7 +14,11 @@ static SWITCH: Mutex<()> = Mutex::new(());
 
 /// Three networks of 8 features stacked, on 3-channel 20×24 inputs.
 fn stack(precision: Precision) -> S3Net {
-    let net = |seed| S3Net::new(seed, Device::Cpu, 3, 8, 1, OffsetMode::Free, 24, Kernels::Fused, precision);
+    stack_on(Device::Cpu, precision)
+}
+
+fn stack_on(dev: Device, precision: Precision) -> S3Net {
+    let net = |seed| S3Net::new(seed, dev, 3, 8, 1, OffsetMode::Free, 24, Kernels::Fused, precision);
     let mut s = net(1);
     s.stack(net(2));
     s.stack(net(3));
@@ -22,7 +26,7 @@ fn stack(precision: Precision) -> S3Net {
 }
 
 /// The trunk's output (float32) and the stem's weight and bias gradients, and how many kernels
-/// the emulation ran, with the stem as columns or not.
+/// the emulation ran, with the stem as columns or not (CPU tensors: on the emulation).
 fn trunk(net: &S3Net, x: &Tensor, go: &Tensor, columns: bool) -> ([Tensor; 3], u64) {
     s3net_model::set_stem_columns(columns);
     for p in net.parameters() {
@@ -32,14 +36,16 @@ fn trunk(net: &S3Net, x: &Tensor, go: &Tensor, columns: bool) -> ([Tensor; 3], u
         }
     }
     let before = s3net_ops::emulated_launches();
-    let h = s3net_ops::emulated_cuda(|| {
+    let pass = || {
         let h = net.trunk(x).to_kind(Kind::Float);
         (&h * go).sum(Kind::Float).backward();
         h
-    });
+    };
+    let h = if x.device() == Device::Cpu { s3net_ops::emulated_cuda(pass) } else { pass() };
     let launches = s3net_ops::emulated_launches() - before;
     let p = net.parameters();
-    ([h.detach(), p[0].grad().copy(), p[1].grad().copy()], launches)
+    let host = |t: Tensor| t.to_device(Device::Cpu);
+    ([host(h.detach()), host(p[0].grad().copy()), host(p[1].grad().copy())], launches)
 }
 
 /// Largest difference relative to `scale`.
@@ -98,4 +104,30 @@ fn a_lone_network_and_the_cpu_keep_the_convolution() {
     assert_eq!(n_on, n_off, "a lone network's stem ran differently");
     assert!(a.iter().zip(&b).all(|(a, b)| a.equal(b)));
     s3net_model::set_stem_columns(false);
+}
+
+/// The same on a GPU when present, float32 (TF32 off for cuDNN's grouped convolution, so that
+/// both sides sum in full float32): within 1e-4.
+#[test]
+fn cuda_stem_columns_match_the_grouped_conv() {
+    let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: CUDA case skipped");
+        return;
+    }
+    let dev = Device::Cuda(0);
+    let tf32 = s3net_ops::set_cudnn_tf32(false);
+    tch::manual_seed(7);
+    let x = Tensor::rand([1, 9, 20, 24], (Kind::Float, dev));
+    let go = Tensor::randn([1, 24, 20, 24], (Kind::Float, dev));
+    let net = stack_on(dev, Precision::Float32);
+    let (grouped, _) = trunk(&net, &x, &go, false);
+    let (columns, _) = trunk(&net, &x, &go, true);
+    s3net_model::set_stem_columns(false);
+    s3net_ops::set_cudnn_tf32(tf32);
+    let scales = [max_abs(&grouped[0]), max_abs(&grouped[1]), max_abs(&grouped[1])];
+    for (i, name) in ["trunk output", "stem weight gradient", "stem bias gradient"].iter().enumerate() {
+        let r = max_rel(&grouped[i], &columns[i], scales[i]);
+        assert!(r < 1e-4, "CUDA float32: the {name} differs by {r:.1e} of its largest value");
+    }
 }
