@@ -36,6 +36,8 @@ struct S3DepthwiseDims {
 // (about 2 KB, under the 4 KB a kernel's arguments may take), so a step's pointers need no copy
 // to the GPU and a CUDA graph replays them as captured.
 constexpr int kSgdMax = 48;
+// The values of one parameter a block of the kernel takes (256 threads × 4): block_start's steps.
+constexpr int64_t kSgdPerBlock = 1024;
 struct S3SgdTensors {
   int64_t n;
   void* p[kSgdMax];

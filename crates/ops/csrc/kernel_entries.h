@@ -52,7 +52,6 @@ S3_KERNEL(int, deform_col2im, (int dtype, const S3DeformDims* d, const void* x, 
 S3_KERNEL(int, split_k_products, (int dtype, const void* a, const void* c, void* parts, int64_t B,
                                   int64_t P, int64_t Q, int64_t K, int64_t L, void* stream))
 // sgd_cuda.cu
-S3_KERNEL(int64_t, sgd_blocks, (int64_t numel))
 S3_KERNEL(int, sgd_step, (int dtype, const S3SgdTensors* t, double lr, double momentum,
                           void* stream))
 S3_KERNEL(const char*, error_string, (int code))

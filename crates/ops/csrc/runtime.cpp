@@ -51,7 +51,7 @@ void fused_sgd(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& 
       t.v[i] = v[first + i].data_ptr();
       t.g[i] = g[first + i].data_ptr();
       t.numel[i] = p[first + i].numel();
-      t.block_start[i + 1] = t.block_start[i] + k.sgd_blocks(t.numel[i]);
+      t.block_start[i + 1] = t.block_start[i] + (t.numel[i] + kSgdPerBlock - 1) / kSgdPerBlock;
     }
     kernel_check("sgd_step", k.sgd_step(dtype, &t, lr, momentum, stream), "SGD", p[0]);
   }

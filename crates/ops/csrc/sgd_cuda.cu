@@ -24,7 +24,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kPerThread = 4;
-constexpr int64_t kPerBlock = kThreads * kPerThread;
+constexpr int64_t kPerBlock = kSgdPerBlock;
+static_assert(kThreads * kPerThread == kPerBlock, "a block's threads cover its values once");
 
 // Products and sums rounded on their own (nvcc would otherwise fuse v·lr into p − v·lr).
 #ifdef __CUDACC__
@@ -69,11 +70,8 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(S3SgdTensors t, T lr, T m
 
 extern "C" {
 
-// Blocks a parameter of `numel` values takes (S3SgdTensors::block_start's steps).
-int64_t S3_ENTRY(sgd_blocks)(int64_t numel) { return (numel + kPerBlock - 1) / kPerBlock; }
-
-// One step over the parameters of `t` (block_start filled with sgd_blocks; at most 2^31 − 1
-// blocks), dtype 0 float32, 1 float64. lr and momentum are rounded to the parameters' type first,
+// One step over the parameters of `t` (block_start in steps of kSgdPerBlock values; at most
+// 2^31 − 1 blocks), dtype 0 float32, 1 float64. lr and momentum are rounded to the parameters' type first,
 // as libtorch's ops round a scalar. Returns a cudaError_t (0 = success).
 int S3_ENTRY(sgd_step)(int dtype, const S3SgdTensors* t, double lr, double momentum,
                        void* stream) {
