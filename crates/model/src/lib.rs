@@ -25,7 +25,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use fit::{fit, panic_message, set_cuda_graph_max_models, set_cuda_graphs, Batch, FitJob, FitOutput, LossTerms, Progress};
-pub use net::{set_stem_columns, stem_columns};
 pub use warm::{warm_up, StepCost, WarmUp};
 pub use options::{cuda_device_count, set_cuda_memory_fraction, DeviceSpec, FitOptions, Preset};
 pub use s3net_imaging::{Image, ImageKind, LabelMap};

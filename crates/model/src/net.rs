@@ -114,7 +114,7 @@ impl Conv {
             } else if self.our_pointwise(x, models) {
                 let (w, b) = self.wb(x);
                 Some(s3net_ops::pointwise_conv2d(x, &w, Some(&b), models))
-            } else if self.stem_columns(x, models) {
+            } else if self.runs_as_columns(x, models) {
                 self.as_columns(x, models)
             } else {
                 None
@@ -127,12 +127,12 @@ impl Conv {
     }
 
     /// Whether this conv of `x` runs as columns through `s3net_ops::pointwise_conv2d` (see
-    /// [`stem_columns`]): a stack's dense k×k conv on a GPU with few input values per output
-    /// (the stem: 3 channels × 3×3), 'same' size, when the switch is on.
-    fn stem_columns(&self, x: &Tensor, models: i64) -> bool {
+    /// `s3net_ops::stem_columns`): a stack's dense k×k conv on a GPU with few input values per
+    /// output (the stem: 3 channels × 3×3), 'same' size, when the switch is on.
+    fn runs_as_columns(&self, x: &Tensor, models: i64) -> bool {
         let ws = self.w.size();
         let dense_kxk = self.groups == 1 && ws[2] == ws[3] && ws[2] > 1 && 2 * self.padding == self.dilation * (ws[2] - 1);
-        dense_kxk && ws[1] * ws[2] * ws[3] <= STEM_COLUMNS_MAX && models > 1 && s3net_ops::gpu_paths(x.device()) && stem_columns()
+        dense_kxk && ws[1] * ws[2] * ws[3] <= STEM_COLUMNS_MAX && models > 1 && s3net_ops::gpu_paths(x.device()) && s3net_ops::stem_columns()
     }
 
     /// This conv as im2col's columns `(N, M·C·k², S²)` and a stacked 1×1 conv over them: the
@@ -181,37 +181,9 @@ impl Conv {
 }
 
 /// The most input values per output (channels × k²) a conv may have to run as columns (see
-/// [`stem_columns`]): the stem's 27. A wider conv's columns would be large (the predicted
+/// `Conv::runs_as_columns`): the stem's 27. A wider conv's columns would be large (the predicted
 /// offsets' 3×3 conv over 32 channels: 288 values a pixel, 600 MB for 16 networks).
 const STEM_COLUMNS_MAX: i64 = 64;
-
-static STEM_COLUMNS: std::sync::atomic::AtomicI8 = std::sync::atomic::AtomicI8::new(-1);
-
-/// Whether a stack's stem on a GPU runs as im2col's columns and a stacked 1×1 conv
-/// (`s3net_ops::pointwise_conv2d`: one batched GEMM forward, the split weight gradient
-/// backward) rather than cuDNN's grouped convolution. Why: cuDNN ran the stem's grouped 3×3
-/// conv (3 channels in, 32 out per network) as one legacy implicit-GEMM launch per network,
-/// 16 µs each: 0.5 ms of a 16-network bfloat16 step's forward passes and 0.2 ms of its
-/// backward, about 4 % of its GPU time on an H200 (2026-11-30), where the columns are 27
-/// values a pixel and the GEMM reads and writes little more than the output. The same sums in
-/// another order (tested on the emulation). Off until a GPU has timed it:
-/// `S3NET_STEM_COLUMNS=1` (read once) or [`set_stem_columns`] turns it on.
-pub fn stem_columns() -> bool {
-    match STEM_COLUMNS.load(std::sync::atomic::Ordering::Relaxed) {
-        -1 => {
-            let on = std::env::var("S3NET_STEM_COLUMNS").is_ok_and(|v| v.trim() == "1");
-            // Another thread may have decided meanwhile: keep theirs.
-            let _ = STEM_COLUMNS.compare_exchange(-1, i8::from(on), std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed);
-            STEM_COLUMNS.load(std::sync::atomic::Ordering::Relaxed) == 1
-        }
-        v => v == 1,
-    }
-}
-
-/// Turns [`stem_columns`] on or off for this process (overrides the environment).
-pub fn set_stem_columns(on: bool) {
-    STEM_COLUMNS.store(i8::from(on), std::sync::atomic::Ordering::Relaxed);
-}
 
 /// Whether a 1×1 conv of `x` runs as `s3net_ops::pointwise_conv2d`'s CPU kernel: float32 or
 /// float64 maps on the CPU (not the emulated GPU paths). bfloat16 maps stay with oneDNN, whose

@@ -1,5 +1,5 @@
 //! A stack's stem as im2col's columns and a stacked 1×1 conv (`S3NET_STEM_COLUMNS`,
-//! `s3net_model::set_stem_columns`) against the grouped convolution it replaces, on the
+//! `s3net_ops::set_stem_columns`) against the grouped convolution it replaces, on the
 //! emulation of the GPU's paths: the trunk's output and the stem's weight and bias gradients
 //! agree up to the order of the sums, in float32 and bfloat16 activations. Its own test binary:
 //! the switch is the process's.
@@ -8,6 +8,10 @@ use s3net_model::net::S3Net;
 use s3net_model::options::{Kernels, OffsetMode, Precision};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
+
+#[path = "../../../tests/support/torch_checks.rs"]
+mod checks;
+use checks::{max_abs, max_abs_diff};
 
 /// Held by each test: the switch is the process's, and tests run side by side.
 static SWITCH: Mutex<()> = Mutex::new(());
@@ -28,7 +32,7 @@ fn stack_on(dev: Device, precision: Precision) -> S3Net {
 /// The trunk's output (float32) and the stem's weight and bias gradients, and how many kernels
 /// the emulation ran, with the stem as columns or not (CPU tensors: on the emulation).
 fn trunk(net: &S3Net, x: &Tensor, go: &Tensor, columns: bool) -> ([Tensor; 3], u64) {
-    s3net_model::set_stem_columns(columns);
+    s3net_ops::set_stem_columns(columns);
     for p in net.parameters() {
         let mut g = p.grad();
         if g.defined() {
@@ -50,11 +54,7 @@ fn trunk(net: &S3Net, x: &Tensor, go: &Tensor, columns: bool) -> ([Tensor; 3], u
 
 /// Largest difference relative to `scale`.
 fn max_rel(a: &Tensor, b: &Tensor, scale: f64) -> f64 {
-    (a - b).abs().max().double_value(&[]) / scale.max(1e-12)
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs().max().double_value(&[])
+    max_abs_diff(a, b) / scale.max(1e-12)
 }
 
 /// Float32: the same up to the order of the sums. bfloat16: each path rounds on its own (libtorch's
@@ -88,7 +88,7 @@ fn emulated_stem_columns_match_the_grouped_conv() {
         eprintln!("bfloat16 {} against float32: grouped {g:.1e}, columns {c:.1e}", names[i]);
         assert!(c <= 1.5 * g + 1e-3, "bfloat16: the columns' {} is {c:.1e} from float32's, the grouped conv's {g:.1e}", names[i]);
     }
-    s3net_model::set_stem_columns(false);
+    s3net_ops::set_stem_columns(false);
 }
 
 #[test]
@@ -103,7 +103,7 @@ fn a_lone_network_and_the_cpu_keep_the_convolution() {
     let (b, n_on) = trunk(&lone, &x, &go, true);
     assert_eq!(n_on, n_off, "a lone network's stem ran differently");
     assert!(a.iter().zip(&b).all(|(a, b)| a.equal(b)));
-    s3net_model::set_stem_columns(false);
+    s3net_ops::set_stem_columns(false);
 }
 
 /// The same on a GPU when present, float32 (TF32 off for cuDNN's grouped convolution, so that
@@ -111,11 +111,7 @@ fn a_lone_network_and_the_cpu_keep_the_convolution() {
 #[test]
 fn cuda_stem_columns_match_the_grouped_conv() {
     let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-    if !tch::Cuda::is_available() {
-        eprintln!("no CUDA device: CUDA case skipped");
-        return;
-    }
-    let dev = Device::Cuda(0);
+    let Some(dev) = checks::cuda_device() else { return };
     let tf32 = s3net_ops::set_cudnn_tf32(false);
     tch::manual_seed(7);
     let x = Tensor::rand([1, 9, 20, 24], (Kind::Float, dev));
@@ -123,7 +119,7 @@ fn cuda_stem_columns_match_the_grouped_conv() {
     let net = stack_on(dev, Precision::Float32);
     let (grouped, _) = trunk(&net, &x, &go, false);
     let (columns, _) = trunk(&net, &x, &go, true);
-    s3net_model::set_stem_columns(false);
+    s3net_ops::set_stem_columns(false);
     s3net_ops::set_cudnn_tf32(tf32);
     let scales = [max_abs(&grouped[0]), max_abs(&grouped[1]), max_abs(&grouped[1])];
     for (i, name) in ["trunk output", "stem weight gradient", "stem bias gradient"].iter().enumerate() {

@@ -219,10 +219,11 @@ class Switch {
 // (PointwiseFn's epilogue), read by the Rust side; the same bits either way, and 1.00–1.02 times
 // the unfused ops' fits per second on an H200 (2026-11-30).
 // The fifth: the momentum-SGD step as one kernel of our own (sgd_cuda.cu) instead of libtorch's
-// multi-tensor ops; the same bits; off until a GPU has timed it.
+// multi-tensor ops; the same bits; off until a GPU has timed it. The sixth: a stack's stem as
+// im2col's columns and a stacked 1×1 conv (PointwiseFn), read by the Rust side; off until timed.
 inline Switch g_switches[] = {Switch("S3NET_CUDA_PIXEL_LOSSES", true), Switch("S3NET_DW_COLUMNS", false),
                        Switch("S3NET_SPLIT_K_KERNEL", true), Switch("S3NET_FUSED_EPILOGUES", true),
-                       Switch("S3NET_FUSED_SGD", false)};
+                       Switch("S3NET_FUSED_SGD", false), Switch("S3NET_STEM_COLUMNS", false)};
 inline constexpr int kSwitchDwColumns = 1, kSwitchSplitKKernel = 2, kSwitchFusedSgd = 4;
 
 // The depthwise kernels' dtype code, and the type they add in (float32 for bfloat16).

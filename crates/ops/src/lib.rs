@@ -48,7 +48,7 @@ pub use depthwise::{depthwise_branches, depthwise_columns, depthwise_conv2d, set
 pub use emulation::{cuda_compiled, emulated_cuda, emulated_launches, emulating_cuda, gpu_paths};
 pub use losses::{argmax_channels, cuda_pixel_losses, pixel_losses, set_cuda_pixel_losses, PixelLosses};
 pub use norm::plane_norm;
-pub use pointwise::{fused_epilogues, pointwise_conv2d, pointwise_conv2d_then, set_fused_epilogues, set_split_k, set_split_k_kernel, split_k_kernel, SplitK, Then};
+pub use pointwise::{fused_epilogues, pointwise_conv2d, pointwise_conv2d_then, set_fused_epilogues, set_split_k, set_split_k_kernel, set_stem_columns, split_k_kernel, stem_columns, SplitK, Then};
 pub use sgd::{fused_sgd, set_fused_sgd, sgd_step};
 pub use trace::Trace;
 

@@ -92,6 +92,25 @@ pub fn set_fused_epilogues(on: bool) {
     switch(Switch::FusedEpilogues, Some(on));
 }
 
+/// Whether the model runs a stack's stem on a GPU as im2col's columns and a stacked 1×1 conv
+/// ([`pointwise_conv2d`]: one batched GEMM forward, the split weight gradient backward) rather
+/// than cuDNN's grouped convolution. Why: cuDNN ran the stem's grouped 3×3 conv (3 channels
+/// in, 32 out per network) as one legacy implicit-GEMM launch per network, 16 µs each: 0.5 ms
+/// of a 16-network bfloat16 step's forward passes and 0.2 ms of its backward, about 4 % of its
+/// GPU time on an H200 (2026-11-30), where the columns are 27 values a pixel and the GEMM reads
+/// and writes little more than the output. The same sums in another order (tested on the
+/// emulation, `crates/model/tests/stem.rs`). Off until a GPU has timed it:
+/// `S3NET_STEM_COLUMNS=1` (read once) or [`set_stem_columns`] turns it on; read by the model
+/// (this op does as told).
+pub fn stem_columns() -> bool {
+    switch(Switch::StemColumns, None)
+}
+
+/// Turns [`stem_columns`] on or off for this process (overrides the environment).
+pub fn set_stem_columns(on: bool) {
+    switch(Switch::StemColumns, Some(on));
+}
+
 /// How the long reductions of the weight gradients ([`pointwise_conv2d`]'s, and the
 /// deformable conv's on CUDA) read their chunks. A weight gradient sums over every pixel into
 /// a tiny result, so the sum is cut into chunks whose products run side by side. Same results

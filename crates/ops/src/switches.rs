@@ -14,6 +14,7 @@ pub(crate) enum Switch {
     SplitKKernel = 2,
     FusedEpilogues = 3,
     FusedSgd = 4,
+    StemColumns = 5,
 }
 
 /// Reads a [`Switch`], setting it first when `set` says so.
