@@ -296,7 +296,8 @@ pub struct Batch<'a, T> {
     /// Eager steps since the stack or its transforms last changed.
     steady: usize,
     cuda_graphs: bool,
-    /// The largest stack captured into a graph (see [`set_graph_max_models`](Self::set_graph_max_models)).
+    /// The largest stack captured into a graph: the process's when this batch was made
+    /// ([`set_cuda_graph_max_models`]).
     graph_max_models: i64,
 }
 
@@ -348,13 +349,6 @@ impl<'a, T> Batch<'a, T> {
             cuda_graphs: device.is_cuda() && CUDA_GRAPHS.load(Ordering::Relaxed),
             graph_max_models: graph_max_models(),
         }
-    }
-
-    /// The largest stack whose steps are captured into a CUDA graph, for this batch: by default
-    /// the process's ([`set_cuda_graph_max_models`]). A larger stack already replaying its graph
-    /// keeps it until the stack changes.
-    pub fn set_graph_max_models(&mut self, n: usize) {
-        self.graph_max_models = i64::try_from(n).unwrap_or(i64::MAX);
     }
 
     /// Whether stacks on a GPU run their steps as CUDA graph replays once they are steady
@@ -671,7 +665,7 @@ impl<'a, T> Batch<'a, T> {
 
     /// Runs (queues) the step's tensor work: eagerly, or as a replay of a CUDA graph of it.
     ///
-    /// On a GPU a stack of up to [`GRAPH_MAX_MODELS`] networks (see `set_graph_max_models`)
+    /// On a GPU a stack of up to [`GRAPH_MAX_MODELS`] networks (see [`set_cuda_graph_max_models`])
     /// whose membership and transforms have not changed for [`GRAPH_AFTER_STEPS`] steps is
     /// captured into a graph (the eager
     /// steps before warm libtorch up: gradients allocated, cuDNN and cuBLAS set up), and each

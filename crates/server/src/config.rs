@@ -315,8 +315,8 @@ pub struct WorkersConfig {
     /// Jobs a GPU worker trains together as one batch (unset: 16): one stack of networks, one
     /// step for all. Only queued jobs with the same network shape join; a lone job runs alone.
     pub gpu_batch: Option<usize>,
-    /// Whether GPU workers replay a stack's steps (a lone job's, or up to
-    /// `cuda_graph_max_jobs` jobs') as CUDA graphs once the stack is steady (unset: true; process-wide, see
+    /// Whether GPU workers replay a stack's steps (a lone job's, or up to `cuda_graph_max_jobs`
+    /// jobs') as CUDA graphs once the stack is steady (unset: true; process-wide, see
     /// `s3net_model::set_cuda_graphs`). Off queues every kernel one by one; same results.
     pub cuda_graphs: Option<bool>,
     /// The largest stack of jobs a GPU worker replays as a CUDA graph (unset: 4; process-wide,
